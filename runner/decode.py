@@ -1,0 +1,288 @@
+"""Decode and preprocess images.
+
+Per image (in decode threads; OpenCV releases the GIL): read the bytes, check them, decode
+with OpenCV (as Caffe's C++ data layer and cv2.dnn.blobFromImage do), resize and crop to the
+net's input, as uint8 BGR. Per batch (vectorised): float conversion, channel order, scale,
+mean subtraction, NCHW.
+
+A file that cannot be decoded is never an exception here: `load` returns a short reason,
+which the shard records as a failure before going on.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+_INTERP = {
+    "linear": cv2.INTER_LINEAR,
+    "area": cv2.INTER_AREA,
+    "cubic": cv2.INTER_CUBIC,
+    "nearest": cv2.INTER_NEAREST,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+
+# leading bytes of files that are commonly misnamed as images
+_NOT_IMAGE_HINTS = [
+    (b"<!doctype html", "an HTML page"), (b"<html", "an HTML page"), (b"<?xml", "an XML file"),
+    (b"{", "a JSON/text file"), (b"%pdf", "a PDF file"), (b"pk\x03\x04", "a ZIP archive"),
+]
+
+
+class DecodeFailure(Exception):
+    """An image that cannot be used; the message is the recorded reason."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a decoded image goes: resize (stretch or shorter side), then centre crop."""
+    input_hw: Tuple[int, int]
+    resize: str = "stretch"
+    resize_size: Optional[int] = None
+    interpolation: str = "linear"
+
+    def resized_hw(self, h: int, w: int) -> Tuple[int, int]:
+        ih, iw = self.input_hw
+        if self.resize == "stretch":
+            if self.resize_size:
+                return max(self.resize_size, ih), max(self.resize_size, iw)
+            return ih, iw
+        if self.resize == "shorter_side":
+            s = self.resize_size or min(ih, iw)
+            if h <= w:
+                return s, max(iw, int(round(w * s / h)))
+            return max(ih, int(round(h * s / w))), s
+        raise ValueError(f"model.preprocess.resize must be 'stretch' or 'shorter_side', got {self.resize!r}")
+
+
+def sniff_not_image(data: bytes) -> Optional[str]:
+    head = data[:64].lstrip().lower()
+    for magic, what in _NOT_IMAGE_HINTS:
+        if head.startswith(magic):
+            return what
+    if head and all(32 <= c < 127 or c in (9, 10, 13) for c in data[:256]):
+        return "a text file"
+    return None
+
+
+def jpeg_truncated(data: bytes) -> bool:
+    """True when a JPEG ends before its last scan does. (libjpeg only warns on a premature
+    end, and OpenCV then returns a grey-filled image, which must not become a feature row.)
+    Entropy-coded data escapes every 0xFF, so markers cannot appear inside it."""
+    sos = data.rfind(b"\xff\xda")
+    return sos < 0 or data.find(b"\xff\xd9", sos) < 0
+
+
+def header_size(data: bytes) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
+    """(format, (width, height)) from the header only, without decoding pixels."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                return im.format, im.size
+    except Exception:
+        return None, None
+
+
+def _pil_decode(data: bytes, exif_orientation: bool) -> np.ndarray:
+    """Fallback for what OpenCV does not read (e.g. some GIFs): first frame, as BGR uint8."""
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(io.BytesIO(data)) as im:
+            im.seek(0)
+            if exif_orientation:
+                im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float64)
+                arr = np.clip(arr / 257.0, 0, 255).astype(np.uint8)
+                return cv2.cvtColor(arr, cv2.COLOR_GRAY2BGR)
+            rgb = np.asarray(im.convert("RGB"))
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+
+
+class Decoder:
+    """Turns a path into a uint8 BGR image of the geometry's output size, or a failure."""
+
+    def __init__(self, geometry: Geometry, exif_orientation: bool = True,
+                 max_pixels: int = 178956970, reduced_jpeg: bool = False):
+        self.geometry = geometry
+        self.exif_orientation = exif_orientation
+        self.max_pixels = int(max_pixels)
+        self.reduced_jpeg = reduced_jpeg
+        self.interp = _INTERP[geometry.interpolation]
+
+    def read(self, path: bytes) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            if os.path.islink(path):
+                raise DecodeFailure("broken symlink (its target does not exist)")
+            raise DecodeFailure("file not found (deleted after listing?)")
+        except PermissionError:
+            raise DecodeFailure("permission denied")
+        except IsADirectoryError:
+            raise DecodeFailure("is a directory")
+        except OSError as e:
+            raise DecodeFailure(f"read error: {e.strerror or e}")
+        if not data:
+            raise DecodeFailure("empty file (0 bytes)")
+        return data
+
+    def decode(self, data: bytes) -> np.ndarray:
+        fmt, size = header_size(data)
+        if size is not None:
+            w, h = size
+            if w * h > self.max_pixels:
+                raise DecodeFailure(f"too large: {w}x{h} = {w * h} pixels > decode.max_pixels="
+                                    f"{self.max_pixels} (decompression-bomb limit)")
+        if fmt == "JPEG" and jpeg_truncated(data):
+            raise DecodeFailure("truncated JPEG (no end-of-image marker after the last scan)")
+        flags = cv2.IMREAD_COLOR
+        if fmt == "JPEG" and self.reduced_jpeg and size is not None:
+            flags = self._reduced_flag(size)
+        if not self.exif_orientation:
+            flags |= cv2.IMREAD_IGNORE_ORIENTATION
+        buf = np.frombuffer(data, dtype=np.uint8)
+        img = None
+        try:
+            img = cv2.imdecode(buf, flags)
+        except cv2.error:
+            img = None
+        if img is None and fmt is not None:
+            try:
+                img = _pil_decode(data, self.exif_orientation)
+            except Exception as e:
+                raise DecodeFailure(f"cannot decode {fmt} image: {str(e)[:120]}")
+        if img is None:
+            what = sniff_not_image(data)
+            if what:
+                raise DecodeFailure(f"not an image: looks like {what}")
+            raise DecodeFailure("unsupported or corrupt image format (neither OpenCV nor Pillow reads it)")
+        if img.ndim == 2:
+            img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+        if img.shape[0] < 1 or img.shape[1] < 1:
+            raise DecodeFailure("image has no pixels")
+        return img
+
+    def _reduced_flag(self, size: Tuple[int, int]) -> int:
+        w, h = size
+        th, tw = self.geometry.resized_hw(h, w)
+        for k, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                        (2, cv2.IMREAD_REDUCED_COLOR_2)):
+            if h // k >= th and w // k >= tw:
+                return flag
+        return cv2.IMREAD_COLOR
+
+    def fit(self, img: np.ndarray) -> np.ndarray:
+        """Resize and centre-crop a decoded image to the net input (uint8 HxWx3)."""
+        h, w = img.shape[:2]
+        rh, rw = self.geometry.resized_hw(h, w)
+        if (h, w) != (rh, rw):
+            img = cv2.resize(img, (rw, rh), interpolation=self.interp)
+        return center_crop(img, self.geometry.input_hw)
+
+    def load(self, path: bytes) -> Tuple[Optional[np.ndarray], Optional[str]]:
+        try:
+            return self.fit(self.decode(self.read(path))), None
+        except DecodeFailure as e:
+            return None, str(e)
+        except Exception as e:  # never let one image stop a shard
+            return None, f"unexpected {type(e).__name__}: {str(e)[:200]}"
+
+
+def center_crop(img: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
+    h, w = img.shape[:2]
+    ch, cw = hw
+    if (h, w) == (ch, cw):
+        return img
+    if h < ch or w < cw:
+        raise ValueError(f"cannot crop {h}x{w} to {ch}x{cw}")
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return img[y:y + ch, x:x + cw]
+
+
+def load_mean_file(path: str) -> np.ndarray:
+    """Mean image as float32 C x H x W from .npy or Caffe .binaryproto."""
+    if path.endswith(".npy"):
+        arr = np.load(path)
+    else:
+        from caffe.proto import caffe_pb2
+
+        blob = caffe_pb2.BlobProto()
+        with open(path, "rb") as f:
+            blob.ParseFromString(f.read())
+        if blob.HasField("shape") and len(blob.shape.dim):
+            shape = tuple(blob.shape.dim)
+        else:
+            shape = (blob.num, blob.channels, blob.height, blob.width)
+        arr = np.asarray(blob.data, dtype=np.float32).reshape(shape)
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim == 4:
+        arr = arr[0]
+    if arr.ndim == 1:
+        arr = arr[:, None, None]
+    if arr.ndim != 3:
+        raise ValueError(f"mean file {path} has shape {arr.shape}; expected C x H x W")
+    return arr
+
+
+@dataclass
+class BatchTransform:
+    """uint8 BGR NHWC batch -> float32 NCHW net input (vectorised)."""
+    channel_order: str = "BGR"
+    raw_scale: float = 255.0
+    mean: Optional[np.ndarray] = None   # C, or C x H x W, in the net's channel order
+    scale: float = 1.0
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = batch.astype(np.float32)
+        if self.channel_order.upper() == "RGB":
+            x = x[..., ::-1]
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        if self.raw_scale != 255.0:
+            x *= np.float32(self.raw_scale / 255.0)
+        if self.mean is not None:
+            m = self.mean if self.mean.ndim == 3 else self.mean[:, None, None]
+            x -= m
+        if self.scale != 1.0:
+            x *= np.float32(self.scale)
+        return x
+
+
+def fit_mean(mean_img: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A mean image of the pre-crop size gets the same centre crop as the images (Caffe's data
+    layer); of the input size it is used as is; of any other size, its per-channel mean."""
+    c, h, w = mean_img.shape
+    ih, iw = geometry.input_hw
+    if (h, w) == (ih, iw):
+        return mean_img
+    if geometry.resize == "stretch":
+        rh, rw = geometry.resized_hw(ih, iw)
+        if (h, w) == (rh, rw):
+            y, x = (h - ih) // 2, (w - iw) // 2
+            return mean_img[:, y:y + ih, x:x + iw]
+    return mean_img.reshape(c, -1).mean(axis=1)
+
+
+def make_transform(pp, geometry: Geometry, channels: int = 3) -> BatchTransform:
+    if pp.channel_order.upper() not in ("BGR", "RGB"):
+        raise ValueError(f"model.preprocess.channel_order must be BGR or RGB, got {pp.channel_order!r}")
+    mean = None
+    if pp.mean_file:
+        mean = fit_mean(load_mean_file(pp.mean_file), geometry)
+    elif pp.mean is not None:
+        mean = np.asarray(list(pp.mean), dtype=np.float32)
+        if mean.shape != (channels,):
+            raise ValueError(f"model.preprocess.mean has {mean.size} values; the net takes {channels} channels")
+    return BatchTransform(pp.channel_order, float(pp.raw_scale), mean, float(pp.scale))
+

@@ -1,0 +1,17 @@
+"""Errors that say what is wrong and what to do."""
+
+
+class RunnerError(Exception):
+    """Base class: the message names the problem and the fix."""
+
+
+class ConfigError(RunnerError):
+    """Bad configuration or input, detected before any work starts."""
+
+
+class ShardBusyError(RunnerError):
+    """Another process holds the shard (a requeue race): this one stops."""
+
+
+class ShardFailedError(RunnerError):
+    """One or more shards failed; completed shards are kept."""

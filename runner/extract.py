@@ -1,0 +1,245 @@
+"""run_shard(cfg, index): the one shard function both launchers call.
+
+Inside a task: decode threads feed a bounded window of batches, the net runs batch after
+batch in this thread, a writer thread streams results to HDF5 and flushes each batch.
+Memory is bounded by the window (decode.prefetch_batches) and the writer queue, whatever
+the number of images.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from . import log
+from .manifest import load_manifest
+from .rundir import RunDir
+from .shard import TaskIdentity, shard_bounds, task_identity
+from .write import ShardLock, ShardWriter, postprocess, pooled_shape
+
+
+def configure_threads(threads: int) -> None:
+    """BLAS threads must be set before Caffe (OpenBLAS) is loaded into the process."""
+    threads = max(1, int(threads))
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    import cv2
+
+    cv2.setNumThreads(1)  # decode threads are our parallelism; no nested pools
+
+
+def default_threads() -> int:
+    for var in ("CAFFE_RUNNER_THREADS", "SLURM_CPUS_PER_TASK"):
+        v = os.environ.get(var)
+        if v and v.isdigit():
+            return int(v)
+    return len(os.sched_getaffinity(0))
+
+
+class _Progress:
+    """Counts what has been committed to disk; writes heartbeats and, under Slurm, log lines."""
+
+    def __init__(self, rd: RunDir, index: int, num_shards: int, total: int, done: int, ident: TaskIdentity,
+                 heartbeat_s: float, log_interval_s: float, log_path: Optional[str]):
+        self.rd, self.index, self.num_shards = rd, index, num_shards
+        self.total, self.done, self.start_done = total, done, done
+        self.rows = self.failures = 0
+        self.ident = ident
+        self.heartbeat_s, self.log_interval_s = heartbeat_s, log_interval_s
+        self.log_path = log_path
+        self.t0 = time.time()
+        self.last_beat = self.last_log = 0.0
+        self.beat("running", force=True)
+
+    @property
+    def rate(self) -> float:
+        dt = time.time() - self.t0
+        return (self.done - self.start_done) / dt if dt > 0 else 0.0
+
+    def beat(self, state: str, force: bool = False, **extra) -> None:
+        now = time.time()
+        if force or now - self.last_beat >= self.heartbeat_s:
+            self.last_beat = now
+            self.rd.write_heartbeat(self.index, self.num_shards, dict(
+                state=state, shard=self.index, done=self.done, total=self.total, rows=self.rows,
+                failures=self.failures, rate=round(self.rate, 3), host=self.ident.host, pid=self.ident.pid,
+                job_id=self.ident.job_id, started=self.t0, log=self.log_path, **extra))
+        if self.log_interval_s and (now - self.last_log >= self.log_interval_s or state != "running"):
+            self.last_log = now
+            eta = (self.total - self.done) / self.rate if self.rate > 0 else float("nan")
+            log.info("shard %d/%d %s: %d/%d images (%d failed), %.1f img/s, ETA %.0f s", self.index,
+                     self.num_shards, state, self.done, self.total, self.failures, self.rate, eta)
+
+
+def _decode_window(decoder, manifest, items, batch_size: int, workers: int, prefetch: int):
+    """Yield (indices, names, images|None, reasons) per batch, decoding up to `prefetch`
+    batches ahead in `workers` threads (bounded: memory does not grow with the input)."""
+    batches = (items[i:i + batch_size] for i in range(0, len(items), batch_size))
+    if workers <= 0:
+        for b in batches:
+            yield b, [decoder.load(manifest.path_of(n)) for _, n in b]
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        window: deque = deque()
+        for b in batches:
+            window.append((b, [pool.submit(decoder.load, manifest.path_of(n)) for _, n in b]))
+            if len(window) > prefetch:
+                b0, futs = window.popleft()
+                yield b0, [f.result() for f in futs]
+        while window:
+            b0, futs = window.popleft()
+            yield b0, [f.result() for f in futs]
+
+
+class _Writer(threading.Thread):
+    """Drains forward results to HDF5 so the net never waits on the disk."""
+
+    def __init__(self, writer: ShardWriter, progress: _Progress, post: Dict, maxsize: int = 2):
+        super().__init__(name="h5writer", daemon=True)
+        self.writer, self.progress, self.post = writer, progress, post
+        self.q: "queue.Queue" = queue.Queue(maxsize=maxsize)
+        self.error: Optional[BaseException] = None
+
+    def put(self, item) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def run(self):
+        try:
+            while True:
+                item = self.q.get()
+                if item is None:
+                    return
+                n_items, indices, names, feats, failures = item
+                feats = {b: postprocess(v, **self.post) for b, v in feats.items()}
+                self.writer.write_batch(n_items, indices, names, feats, failures)
+                p = self.progress
+                p.done += n_items
+                p.rows += len(indices)
+                p.failures += len(failures)
+                p.beat("running")
+        except BaseException as e:  # surfaced in the forward thread
+            self.error = e
+
+    def close(self) -> None:
+        self.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
+    """Extract shard `index` of the run in cfg.output.dir. Idempotent: a complete shard is
+    skipped, a partial one resumes from its last flushed batch."""
+    from .plan import load_run
+    from .model import load_engine
+
+    if threads is None:
+        threads = default_threads()
+    configure_threads(threads)
+    ident = task_identity()
+    run = load_run(cfg)
+    rd, plan = run.rundir, run.plan
+    num_shards = int(plan["num_shards"])
+    final = rd.shard_path(index, num_shards)
+    if final.exists():
+        log.info("shard %d/%d already complete: %s", index, num_shards, final)
+        return {"shard": index, "skipped": True}
+    rd.shards_dir.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(rd.path)
+    start, stop = shard_bounds(manifest.count, num_shards, index)
+    log_path = os.environ.get("CAFFE_RUNNER_LOG")
+    progress = None
+    try:
+        with ShardLock(rd.lock_path(index, num_shards)):
+            if final.exists():  # finished by the lock's previous holder
+                return {"shard": index, "skipped": True}
+            spec, blobs, decoder, transform, in_shape = run.pipeline_parts()
+            t_load = time.time()
+            engine = load_engine(cfg, spec, blobs, in_shape, threads, gpu_device=0)
+            load_s = time.time() - t_load
+            post = dict(pooling=cfg.output.pooling, gem_p=float(cfg.output.gem_p), l2=bool(cfg.output.l2_normalize))
+            shapes = {b: pooled_shape(engine.blob_shapes[b], cfg.output.pooling) for b in blobs}
+            attrs = dict(run.shard_attrs(), shard=index, num_shards=num_shards, start=start, stop=stop,
+                         host=ident.host, pid=ident.pid, job_id=ident.job_id or "",
+                         visible_gpus=ident.visible_gpus or "", device=engine.device_desc,
+                         blob_shapes=str({b: list(s) for b, s in shapes.items()}))
+            writer = ShardWriter(final, shapes, cfg.output.dtype, attrs, plan["fingerprint"], cfg.batch_size)
+            try:
+                if writer.next:
+                    log.info("shard %d/%d resumes at %d/%d (rows %d, failures %d)", index, num_shards,
+                             writer.next, stop - start, writer.rows, writer.n_failures)
+                slurm = bool(ident.job_id)
+                progress = _Progress(rd, index, num_shards, stop - start, writer.next, ident, cfg.heartbeat_s,
+                                     float(cfg.launcher.get("log_interval_s", 30)) if slurm else 0.0, log_path)
+                progress.rows, progress.failures = writer.rows, writer.n_failures
+                names = manifest.read_slice(start + writer.next, stop)
+                items = list(zip(range(start + writer.next, stop), names))
+                wthread = _Writer(writer, progress, post)
+                wthread.start()
+                busy = 0.0
+                t0 = time.time()
+                for batch, results in _decode_window(decoder, manifest, items, cfg.batch_size,
+                                                     int(cfg.decode.workers), int(cfg.decode.prefetch_batches)):
+                    ok = [(i, n, img) for (i, n), (img, _) in zip(batch, results) if img is not None]
+                    failures = [(i, n, why) for (i, n), (img, why) in zip(batch, results) if img is None]
+                    feats: Dict[str, np.ndarray] = {}
+                    if ok:
+                        x = transform(np.stack([img for _, _, img in ok]))
+                        tf = time.perf_counter()
+                        feats = engine.forward(x)
+                        busy += time.perf_counter() - tf
+                    for i, n, why in failures:
+                        log.warning("shard %d: image %d %r failed: %s", index, i, n, why)
+                    wthread.put((len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures))
+                wthread.close()
+                elapsed = time.time() - t0
+                done_now = len(items)
+                stats = dict(elapsed_s=elapsed, images_per_s=done_now / elapsed if elapsed > 0 else 0.0,
+                             forward_busy_fraction=busy / elapsed if elapsed > 0 else 0.0, load_s=load_s)
+                writer.finish(stats)
+            finally:
+                writer.close()
+            progress.beat("done", force=True, **stats)
+            log.info("shard %d/%d done: %d rows, %d failures -> %s", index, num_shards, progress.rows,
+                     progress.failures, final)
+            return {"shard": index, "rows": progress.rows, "failures": progress.failures, **stats}
+    except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt):
+            tb = traceback.format_exc()
+            beat = dict(state="failed", shard=index, error=f"{type(e).__name__}: {e}", traceback=tb,
+                        host=ident.host, pid=ident.pid, job_id=ident.job_id, log=log_path)
+            if progress is not None:
+                beat.update(done=progress.done, total=progress.total, rows=progress.rows, failures=progress.failures)
+            try:
+                from .errors import ShardBusyError
+                if not isinstance(e, ShardBusyError):
+                    rd.write_heartbeat(index, num_shards, beat)
+            except Exception:
+                pass
+        raise
+
+
+def setup_task_logging(level=logging.INFO) -> None:
+    if not log.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(h)
+    log.setLevel(level)
+    log.propagate = False

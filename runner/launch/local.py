@@ -1,0 +1,177 @@
+"""Local launcher: run_shard over the shards in a multiprocessing.Pool (spawn).
+
+device=gpu: one worker per GPU, each binding its GPU (CUDA_VISIBLE_DEVICES) before Caffe
+initialises. device=cpu: `workers` processes splitting the cores between them.
+Progress comes from the shards' heartbeat files, the same ones `caffe-runner status` reads.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+from .. import log
+from ..errors import ConfigError, ShardFailedError
+from ..plan import Run, plan_summary, prepare_run
+from ..rundir import pid_alive
+from ..shard import shard_bounds
+
+_worker_threads = 1
+
+
+def resolve_gpus(spec) -> List[str]:
+    if spec not in (None, "auto"):
+        if isinstance(spec, str):
+            gpus = [g.strip() for g in spec.split(",") if g.strip()]
+        elif isinstance(spec, int):
+            gpus = [str(spec)]
+        else:  # list / ListConfig
+            gpus = [str(g) for g in spec]
+        if not gpus:
+            raise ConfigError("launcher.gpus is empty: give a list of GPU ids, e.g. launcher.gpus=[0,1]")
+        return gpus
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [g.strip() for g in visible.split(",") if g.strip()]
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+        n = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+        if n:
+            return [str(i) for i in range(n)]
+    raise ConfigError("device=gpu but no GPU is visible (CUDA_VISIBLE_DEVICES unset, nvidia-smi finds none): "
+                      "set launcher.gpus=[0,1,...] or use device=cpu")
+
+
+def worker_plan(cfg) -> Dict:
+    """How many workers, BLAS threads each, and which GPUs: resolved once, here."""
+    cores = len(os.sched_getaffinity(0))
+    lc = cfg.launcher
+    if cfg.device == "gpu":
+        gpus = resolve_gpus(lc.gpus)
+        workers = len(gpus)
+        threads = lc.threads_per_worker or max(1, cores // workers)
+    else:
+        gpus = []
+        workers = lc.workers or max(1, cores // 2)
+        if workers < 1:
+            raise ConfigError(f"launcher.workers={workers}: use 1 or more")
+        threads = lc.threads_per_worker or max(1, cores // workers)
+    return {"workers": workers, "threads": threads, "gpus": gpus}
+
+
+def _init_worker(gpu_queue, threads: int, level: int) -> None:
+    global _worker_threads
+    _worker_threads = threads
+    if gpu_queue is not None:
+        # bind the GPU before anything can initialise CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_queue.get(timeout=30)
+    from ..extract import setup_task_logging
+
+    setup_task_logging(level)
+
+
+def _shard_entry(cfg, index: int):
+    from ..extract import run_shard
+
+    return run_shard(cfg, index, threads=_worker_threads)
+
+
+class _ProgressView:
+    """One bar over all images: completed shards count whole, running ones by heartbeat."""
+
+    def __init__(self, run: Run, todo: List[int], enabled: bool):
+        self.run = run
+        self.sizes = {i: (lambda b: b[1] - b[0])(shard_bounds(run.plan["count"], run.num_shards, i))
+                      for i in range(run.num_shards)}
+        done_before = sum(self.sizes[i] for i in range(run.num_shards) if i not in todo)
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=run.plan["count"], initial=done_before, unit="img", dynamic_ncols=True,
+                            desc=f"{run.num_shards} shards", file=sys.stderr)
+        self.last = done_before
+
+    def update(self, finished: set) -> None:
+        if self.bar is None:
+            return
+        n = 0
+        for i in range(self.run.num_shards):
+            if i in finished or self.run.rundir.shard_path(i, self.run.num_shards).exists():
+                n += self.sizes[i]
+            else:
+                hb = self.run.rundir.read_heartbeat(i, self.run.num_shards)
+                n += int(hb.get("done", 0)) if hb else 0
+        if n > self.last:
+            self.bar.update(n - self.last)
+            self.last = n
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def launch_local(cfg) -> Dict:
+    wp = worker_plan(cfg)
+    run = prepare_run(cfg, default_shards=wp["workers"], explicit_shards=cfg.num_shards)
+    todo = run.rundir.missing_shards(run.num_shards)
+    log.info("%s; local: %d worker(s) x %d thread(s)%s", plan_summary(run), wp["workers"], wp["threads"],
+             f", GPUs {','.join(wp['gpus'])}" if wp["gpus"] else "")
+    t0 = time.time()
+    failed: Dict[int, str] = {}
+    results: Dict[int, Dict] = {}
+    if todo:
+        ctx = mp.get_context("spawn")
+        gpu_queue = None
+        if wp["gpus"]:
+            gpu_queue = ctx.Queue()
+            for g in wp["gpus"]:
+                gpu_queue.put(g)
+        procs = min(wp["workers"], len(todo))
+        view = _ProgressView(run, todo, bool(cfg.launcher.progress) and sys.stderr.isatty())
+        pool = ctx.Pool(processes=procs, initializer=_init_worker,
+                        initargs=(gpu_queue, wp["threads"], log.getEffectiveLevel() or logging.INFO))
+        try:
+            pending = {i: pool.apply_async(_shard_entry, (cfg, i)) for i in todo}
+            while pending:
+                time.sleep(0.25)
+                for i in list(pending):
+                    ar = pending[i]
+                    if ar.ready():
+                        del pending[i]
+                        try:
+                            results[i] = ar.get()
+                        except Exception as e:
+                            failed[i] = f"{type(e).__name__}: {e}"
+                            log.error("shard %d failed: %s\n%s", i, failed[i], getattr(e, "__cause__", "") or "")
+                        continue
+                    # a worker killed from outside (OOM killer, kill -9) never reports back
+                    hb = run.rundir.read_heartbeat(i, run.num_shards)
+                    if hb and hb.get("state") == "running" and hb.get("pid") and not pid_alive(int(hb["pid"])) \
+                            and not run.rundir.shard_path(i, run.num_shards).exists():
+                        del pending[i]
+                        failed[i] = f"worker pid {hb['pid']} died while running the shard (killed?)"
+                        log.error("shard %d: %s", i, failed[i])
+                view.update(set(results))
+        finally:
+            view.close()
+            pool.terminate()
+            pool.join()
+    elapsed = time.time() - t0
+    if failed:
+        raise ShardFailedError(
+            f"{len(failed)} of {run.num_shards} shards failed ({', '.join(f'{i}: {m}' for i, m in sorted(failed.items()))}); "
+            f"completed shards are kept in {run.rundir.shards_dir}: rerun the same command to do only the rest")
+    summary = {"run_dir": str(run.rundir.path), "elapsed_s": elapsed, "shards": results,
+               "num_shards": run.num_shards, "already_complete": run.num_shards - len(todo)}
+    if cfg.output.merge:
+        from ..write import merge
+
+        paths = [run.rundir.shard_path(i, run.num_shards) for i in range(run.num_shards)]
+        summary["merged"] = str(merge(run.rundir.path, paths))
+    return summary

