@@ -104,7 +104,7 @@ def _decode_window(decoder, manifest, items, batch_size: int, workers: int, pref
 class _Writer(threading.Thread):
     """Drains forward results to HDF5 so the net never waits on the disk."""
 
-    def __init__(self, writer: ShardWriter, progress: _Progress, post: Dict, maxsize: int = 2):
+    def __init__(self, writer: ShardWriter, progress: _Progress, post: Dict, maxsize: int = 1):
         super().__init__(name="h5writer", daemon=True)
         self.writer, self.progress, self.post = writer, progress, post
         self.q: "queue.Queue" = queue.Queue(maxsize=maxsize)
@@ -195,11 +195,14 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
                 wthread.start()
                 busy = 0.0
                 t0 = time.time()
+                t_first = None  # pipeline fill: until the first batch is decoded
                 for batch, results in _decode_window(decoder, manifest, items, cfg.batch_size,
                                                      int(cfg.decode.workers), int(cfg.decode.prefetch_batches)):
                     ok = [(i, n, img) for (i, n), (img, _) in zip(batch, results) if img is not None]
                     failures = [(i, n, why) for (i, n), (img, why) in zip(batch, results) if img is None]
                     feats: Dict[str, np.ndarray] = {}
+                    if t_first is None:
+                        t_first = time.time() - t0
                     if ok:
                         x = transform(np.stack([img for _, _, img in ok]))
                         tf = time.perf_counter()
@@ -211,8 +214,11 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
                 wthread.close()
                 elapsed = time.time() - t0
                 done_now = len(items)
+                steady = elapsed - (t_first or 0.0)
                 stats = dict(elapsed_s=elapsed, images_per_s=done_now / elapsed if elapsed > 0 else 0.0,
-                             forward_busy_fraction=busy / elapsed if elapsed > 0 else 0.0, load_s=load_s)
+                             forward_busy_fraction=busy / elapsed if elapsed > 0 else 0.0,
+                             forward_busy_fraction_steady=busy / steady if steady > 0 else 0.0,
+                             first_batch_s=t_first or 0.0, load_s=load_s)
                 writer.finish(stats)
             finally:
                 writer.close()

@@ -171,6 +171,21 @@ class ShardWriter:
                     features: Dict[str, np.ndarray], failures: Sequence[Tuple[int, bytes, str]]) -> None:
         """Append one batch (rows and failures of `n_items` consecutive manifest entries), flush,
         then record the progress: a crash leaves at worst this batch to do again."""
+        try:
+            self._write_batch(n_items, indices, names, features, failures)
+        except (OSError, RuntimeError) as e:
+            text = str(e)
+            if "No space left" in text or getattr(e, "errno", None) == 28:
+                why = "no space left on device"
+            elif "ermission" in text or getattr(e, "errno", None) == 13:
+                why = "permission denied"
+            else:
+                why = text.splitlines()[0][:300] if text else type(e).__name__
+            raise RunnerError(f"cannot write shard file {self.partial} ({why}): free space or fix the output "
+                              f"folder, then rerun the same command: the shard resumes after its last "
+                              f"complete batch ({self.next} images) and completed shards are kept") from e
+
+    def _write_batch(self, n_items, indices, names, features, failures) -> None:
         from .manifest import display_name
 
         f = self.f

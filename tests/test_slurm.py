@@ -1,0 +1,196 @@
+"""Integration tests against a real Slurm cluster (slurm/dev-cluster: munge, slurmctld,
+slurmd with 4 fake GPUs, slurmdbd + MariaDB), brought up once for this module and taken
+down afterwards, also when tests fail."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli, tiny_model_args
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+DEV = REPO / "slurm" / "dev-cluster"
+MAX_ARRAY = 5  # the test cluster's MaxArraySize: a 7-shard run needs two arrays
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    state = tempfile.mkdtemp(prefix="crslurm-", dir="/tmp")
+    env = dict(os.environ, DEV_CLUSTER_MAX_ARRAY_SIZE=str(MAX_ARRAY), CAFFE_RUNNER_SLURM_STATE=state)
+    up = subprocess.run(["bash", str(DEV), "up", "--state-dir", state], capture_output=True, text=True, env=env,
+                        timeout=300)
+    if up.returncode != 0:
+        subprocess.run(["bash", str(DEV), "down", "--state-dir", state, "--wipe"], env=env, timeout=120)
+        raise RuntimeError(f"dev cluster did not come up:\n{up.stdout}\n{up.stderr}")
+    m = re.search(r"export SLURM_CONF=(\S+)", up.stdout)
+    assert m, up.stdout
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = m.group(1)
+    os.environ["CAFFE_RUNNER_SINGLE_NODE"] = "1"
+    try:
+        yield state
+    finally:
+        subprocess.run(["bash", str(DEV), "down", "--state-dir", state, "--wipe"], env=env, timeout=120)
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+
+
+SLURM = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10",
+         "launcher.gpus_per_task=1"]
+
+
+def _h5(path):
+    with h5py.File(path, "r") as f:
+        return f["feats"][:], [bytes(n) for n in f["names_raw"][:]], f["failures/index"][:]
+
+
+def _wait(pred, timeout=180, what="condition"):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _heartbeat_done(run: Path, shard: int, n: int) -> int:
+    p = run / "status" / f"shard-{shard:05d}-of-{n:05d}.json"
+    try:
+        return int(json.loads(p.read_text()).get("done", 0))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _submissions(run: Path):
+    return json.loads((run / "submissions.json").read_text())
+
+
+def test_four_tasks_four_gpus_equal_local(cluster, photos, tmp_path):
+    slurm_run, local_run = tmp_path / "slurm", tmp_path / "local"
+    p = run_cli(f"input.dir={photos}", f"output.dir={slurm_run}", "num_shards=4", *SLURM, "launcher.wait=true")
+    assert "submitted array job" in p.stdout and "caffe-runner status" in p.stdout
+    run_cli(f"input.dir={photos}", f"output.dir={local_run}", "num_shards=4", "launcher.workers=2")
+    gpus = []
+    for i in range(4):
+        with h5py.File(slurm_run / "shards" / f"shard-{i:05d}-of-00004.h5", "r") as f:
+            gpus.append(f.attrs["visible_gpus"])
+            assert f.attrs["job_id"].count("_") == 1
+    assert sorted(gpus) == ["0", "1", "2", "3"], gpus
+    a, b = _h5(slurm_run / "features.h5"), _h5(local_run / "features.h5")
+    assert a[1] == b[1] and len(a[1]) == len(list(photos.rglob("*.*")))
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
+    st = run_cli("status", slurm_run, check=False)
+    assert st.returncode == 0 and "merged" in st.stdout
+    assert run_cli("verify", slurm_run).returncode == 0
+
+
+def test_failing_task_is_reported_and_resubmission_runs_only_it(cluster, tiny_net, photos, tmp_path):
+    run = tmp_path / "run"
+    args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=3", *SLURM, *tiny_model_args(tiny_net)]
+    # shard 1 cannot take its lock: a directory sits where the lock file goes
+    blocker = run / "shards" / "shard-00001-of-00003.lock"
+    blocker.mkdir(parents=True)
+    p = run_cli(*args, "launcher.wait=true", check=False)
+    assert p.returncode != 0
+    assert "shard 1" in p.stderr and "log " in p.stderr and str(run / "logs") in p.stderr
+    assert sorted(x.name for x in (run / "shards").glob("*.h5")) == ["shard-00000-of-00003.h5",
+                                                                      "shard-00002-of-00003.h5"]
+    st = run_cli("status", run, "--no-sacct", check=False)
+    assert "failed" in st.stdout and "log:" in st.stdout
+    kept = {x: x.stat().st_mtime_ns for x in (run / "shards").glob("*.h5")}
+    blocker.rmdir()
+    run_cli(*args, "launcher.wait=true")
+    subs = _submissions(run)
+    assert [t["shard"] for t in subs[-1]["tasks"]] == [1]
+    assert {x: x.stat().st_mtime_ns for x in kept} == kept
+    assert run_cli("verify", run).returncode == 0
+
+
+def _slow(tiny_net):
+    # simulated backend: each batch of 2 takes 0.4 s without using the CPU
+    return [*tiny_model_args(tiny_net), "backend=simulated", "simulated_batch_s=0.4", "batch_size=2",
+            "heartbeat_s=0.2"]
+
+
+def test_scancel_then_resubmit_resumes(cluster, tiny_net, photos, tmp_path):
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    args = [f"input.dir={photos}", "num_shards=2", *_slow(tiny_net)]
+    run_cli(*args, f"output.dir={run}", *SLURM)
+    _wait(lambda: _heartbeat_done(run, 0, 2) >= 4 and _heartbeat_done(run, 1, 2) >= 4, what="progress")
+    array = _submissions(run)[0]["array_job_id"]
+    subprocess.run(["scancel", array], check=True)
+    _wait(lambda: not subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True).stdout.strip(),
+          what="cancellation")
+    assert not list((run / "shards").glob("*.h5")), "cancelled mid-shard: nothing complete yet"
+    partial_done = [_heartbeat_done(run, i, 2) for i in range(2)]
+    run_cli(*args, f"output.dir={run}", *SLURM, "launcher.wait=true")
+    for i in range(2):
+        with h5py.File(run / "shards" / f"shard-{i:05d}-of-00002.h5", "r") as f:
+            assert int(f.attrs.get("resumed", 0)) >= 1, "the shard started over instead of resuming"
+    assert all(d >= 4 for d in partial_done)
+    run_cli(*args, f"output.dir={ref}", "launcher.workers=2")
+    a, b = _h5(run / "features.h5"), _h5(ref / "features.h5")
+    assert a[1] == b[1]
+    np.testing.assert_array_equal(a[0], b[0])
+    assert run_cli("verify", run).returncode == 0
+
+
+def test_requeue_resumes_from_last_batch(cluster, tiny_net, photos, tmp_path):
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    args = [f"input.dir={photos}", "num_shards=1", *_slow(tiny_net)]
+    run_cli(*args, f"output.dir={run}", *SLURM)
+    _wait(lambda: _heartbeat_done(run, 0, 1) >= 6, what="progress")
+    job = _submissions(run)[0]["tasks"][0]["job_id"]
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    time.sleep(1)
+    # a requeued job waits ~2 min before it is eligible again; release it now
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+    _wait(lambda: (run / "features.h5").exists(), timeout=240, what="merged output after requeue")
+    with h5py.File(run / "shards" / "shard-00000-of-00001.h5", "r") as f:
+        assert int(f.attrs.get("resumed", 0)) >= 1
+    run_cli(*args, f"output.dir={ref}", "launcher.workers=1")
+    a, b = _h5(run / "features.h5"), _h5(ref / "features.h5")
+    assert a[1] == b[1]
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_sweep_submits_one_array_per_point(cluster, tiny_net, photos, tmp_path):
+    out = tmp_path / "sweep"
+    t0 = time.time()
+    p = run_cli("-m", f"input.dir={photos}", f"output.dir={out}", "num_shards=2", *SLURM,
+                *tiny_model_args(tiny_net), "output.blobs=[emb],[prob]")
+    assert p.stdout.count("submitted array job") == 2
+    runs = sorted(d for d in out.iterdir() if (d / "submissions.json").exists())
+    assert len(runs) == 2
+    ids = {_submissions(r)[0]["array_job_id"] for r in runs}
+    assert len(ids) == 2
+    _wait(lambda: all((r / "features.h5").exists() for r in runs), timeout=240, what="both sweep points")
+    shapes = []
+    for r in runs:
+        with h5py.File(r / "features.h5", "r") as f:
+            shapes.append(f["feats"].shape[1:])
+    assert sorted(shapes) == [(5,), (16,)]
+    assert time.time() - t0 < 240
+
+
+def test_more_shards_than_max_array_size(cluster, tiny_net, photos, tmp_path):
+    run = tmp_path / "run"
+    p = run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=7", *SLURM, *tiny_model_args(tiny_net),
+                "launcher.gpus_per_task=0", "launcher.wait=true")
+    assert f"MaxArraySize {MAX_ARRAY}" in p.stdout
+    subs = _submissions(run)
+    assert [len(s["tasks"]) for s in subs] == [5, 2]
+    assert sorted(t["shard"] for s in subs for t in s["tasks"]) == list(range(7))
+    assert len(list((run / "shards").glob("*.h5"))) == 7
+    assert run_cli("verify", run).returncode == 0
