@@ -22,6 +22,7 @@ import numpy as np
 
 from . import log
 from .manifest import load_manifest
+from .preprocess import oversample as oversample_crops
 from .rundir import RunDir
 from .shard import TaskIdentity, shard_bounds, task_identity
 from .write import ShardLock, ShardWriter, postprocess, pooled_shape
@@ -171,6 +172,7 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
             if final.exists():  # finished by the lock's previous holder
                 return {"shard": index, "skipped": True}
             spec, blobs, decoder, transform, in_shape = run.pipeline_parts()
+            oversample = bool(cfg.model.preprocess.oversample)
             t_load = time.time()
             engine = load_engine(cfg, spec, blobs, in_shape, threads, gpu_device=0)
             load_s = time.time() - t_load
@@ -204,10 +206,15 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
                     if t_first is None:
                         t_first = time.time() - t0
                     if ok:
-                        x = transform(np.stack([img for _, _, img in ok]))
+                        imgs = np.stack([img for _, _, img in ok])
+                        if oversample:
+                            imgs = oversample_crops(imgs, in_shape[1:])
+                        x = transform(imgs)
                         tf = time.perf_counter()
                         feats = engine.forward(x)
                         busy += time.perf_counter() - tf
+                        if oversample:  # the 10 crops of an image are averaged
+                            feats = {b: v.reshape((len(ok), 10) + v.shape[1:]).mean(axis=1) for b, v in feats.items()}
                     for i, n, why in failures:
                         log.warning("shard %d: image %d %r failed: %s", index, i, n, why)
                     wthread.put((len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures))

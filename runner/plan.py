@@ -53,8 +53,15 @@ def validate(cfg) -> None:
         raise ConfigError(f"device={cfg.device!r}: use cpu or gpu")
     if cfg.decode.workers < 0 or cfg.decode.prefetch_batches < 1:
         raise ConfigError("decode.workers must be >= 0 and decode.prefetch_batches >= 1")
-    if cfg.model.preprocess.mode not in ("opencv", "caffe_io"):
-        raise ConfigError(f"model.preprocess.mode={cfg.model.preprocess.mode!r}: use opencv or caffe_io")
+    pp = cfg.model.preprocess
+    if pp.mode not in ("opencv", "caffe_io"):
+        raise ConfigError(f"model.preprocess.mode={pp.mode!r}: use opencv or caffe_io")
+    if pp.resize not in ("stretch", "shorter_side"):
+        raise ConfigError(f"model.preprocess.resize={pp.resize!r}: use stretch or shorter_side")
+    if pp.oversample and (pp.resize != "stretch" or not pp.resize_size):
+        raise ConfigError("model.preprocess.oversample=true takes 10 crops of a square image, as "
+                          "caffe.Classifier does: set model.preprocess.resize=stretch and "
+                          "model.preprocess.resize_size (e.g. 256)")
 
 
 def identity(cfg, blobs: List[str], model_sha: Dict[str, str], input_source: str) -> Dict:
@@ -104,8 +111,9 @@ class Run:
 
     def pipeline_parts(self):
         """(net spec, blobs, decoder, batch transform, input shape C,H,W) for a task."""
-        from .decode import Decoder, Geometry, make_transform
+        from .decode import Decoder, Geometry
         from .model import parse_prototxt
+        from .preprocess import CaffeIODecoder, make_transform
 
         cfg = self.cfg
         spec = parse_prototxt(cfg.model.prototxt)
@@ -113,7 +121,12 @@ class Run:
         h, w = self.plan["input_hw"]
         pp = cfg.model.preprocess
         geom = Geometry((h, w), pp.resize, pp.resize_size, pp.interpolation)
-        decoder = Decoder(geom, cfg.decode.exif_orientation, cfg.decode.max_pixels, cfg.decode.reduced_jpeg)
+        # oversample: decode to the full resize size; the 10 crops are cut per batch
+        dgeom = Geometry((pp.resize_size,) * 2, "stretch", pp.resize_size, pp.interpolation) if pp.oversample else geom
+        if pp.mode == "caffe_io":
+            decoder = CaffeIODecoder(dgeom)
+        else:
+            decoder = Decoder(dgeom, cfg.decode.exif_orientation, cfg.decode.max_pixels, cfg.decode.reduced_jpeg)
         channels = int(self.plan["channels"])
         return spec, blobs, decoder, make_transform(pp, geom, channels), (channels, h, w)
 

@@ -1,0 +1,87 @@
+"""`caffe-runner inspect [overrides]`: what a run would produce, before running it: the
+net's blobs with shapes, the preprocessing, and the bytes per image for the chosen blobs,
+pooling and dtype (to size the disk for a run of millions)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import List
+
+import numpy as np
+from omegaconf import OmegaConf
+
+
+def compose_config(overrides: List[str]):
+    from hydra import compose, initialize_config_dir
+
+    from .cli import conf_dir, register_resolvers
+    from .config import register_configs
+
+    register_resolvers()
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides) + ["output.dir=/nonexistent"])
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def blob_shapes(spec, end_index: int, weights=None):
+    """Per-image shape of every blob up to layer end_index, from Caffe's own shape inference."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    import caffe
+
+    from .model import truncated_prototxt
+
+    caffe.set_mode_cpu()
+    with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
+        f.write(truncated_prototxt(spec, end_index))
+    try:
+        net = caffe.Net(f.name, caffe.TEST)
+    finally:
+        os.unlink(f.name)
+    return {name: tuple(b.data.shape[1:]) for name, b in net.blobs.items()}
+
+
+def inspect_model(overrides: List[str]) -> str:
+    from .model import check_model_files, input_hw, parse_prototxt
+    from .plan import _blobs
+    from .write import pooled_shape
+
+    cfg = compose_config(overrides)
+    check_model_files(cfg.model)
+    spec = parse_prototxt(cfg.model.prototxt)
+    chosen = _blobs(cfg)
+    for b in chosen:
+        spec.producer(b)
+    end = spec.end_layer(chosen)
+    try:  # every blob of the net when this Caffe knows all its layers
+        shapes = blob_shapes(spec, len(spec.layers) - 1)
+        partial = False
+    except Exception:
+        shapes = blob_shapes(spec, end)
+        partial = True
+    h, w = input_hw(cfg.model, spec)
+    itemsize = np.dtype(cfg.output.dtype).itemsize
+    lines = [f"model {cfg.model.name}", f"  prototxt {cfg.model.prototxt}", f"  weights  {cfg.model.weights}",
+             f"  input    {spec.input_name}: 3 x {h} x {w}", "", "blobs (name <- last layer writing it: shape per image):"]
+    for name in spec.blobs:
+        if name == spec.input_name or name not in shapes:
+            continue
+        layer = spec.layers[spec.producer(name)]
+        mark = "  *" if name in chosen else "   "
+        lines.append(f"{mark} {name:<28} <- {layer.name:<24} {' x '.join(map(str, shapes[name]))}")
+    if partial:
+        lines.append("   (the net was cut after the last chosen blob: later layers are unknown to this Caffe)")
+    pp = OmegaConf.to_container(cfg.model.preprocess)
+    lines += ["", "preprocessing: " + json.dumps(pp), "",
+              f"output ({cfg.output.dtype}, pooling {cfg.output.pooling}, l2_normalize {cfg.output.l2_normalize}):"]
+    total = 0
+    for b in chosen:
+        shp = pooled_shape(shapes[b], cfg.output.pooling)
+        nbytes = int(np.prod(shp)) * itemsize
+        total += nbytes
+        lines.append(f"  {b:<28} {' x '.join(map(str, shp)):<16} {nbytes:>10,d} bytes per image")
+    lines.append(f"  total {total:,d} bytes per image = {total * 1e6 / 1e9:,.1f} GB per million images "
+                 "(plus names and index)")
+    return "\n".join(lines)
