@@ -117,9 +117,10 @@ def test_failing_task_is_reported_and_resubmission_runs_only_it(cluster, tiny_ne
     assert run_cli("verify", run).returncode == 0
 
 
-def _slow(tiny_net):
-    # simulated backend: each batch of 2 takes 0.4 s without using the CPU
-    return [*tiny_model_args(tiny_net), "backend=simulated", "simulated_batch_s=0.4", "batch_size=2",
+def _slow(tiny_net, batch_s=1.0):
+    # simulated backend: each image takes `batch_s` without using the CPU. submitit lets a task
+    # ignore SIGTERM, so scancel/requeue kill it only after KillWait (5 s): shards must be longer.
+    return [*tiny_model_args(tiny_net), "backend=simulated", f"simulated_batch_s={batch_s}", "batch_size=1",
             "heartbeat_s=0.2"]
 
 
@@ -127,7 +128,7 @@ def test_scancel_then_resubmit_resumes(cluster, tiny_net, photos, tmp_path):
     run, ref = tmp_path / "run", tmp_path / "ref"
     args = [f"input.dir={photos}", "num_shards=2", *_slow(tiny_net)]
     run_cli(*args, f"output.dir={run}", *SLURM)
-    _wait(lambda: _heartbeat_done(run, 0, 2) >= 4 and _heartbeat_done(run, 1, 2) >= 4, what="progress")
+    _wait(lambda: _heartbeat_done(run, 0, 2) >= 2 and _heartbeat_done(run, 1, 2) >= 2, what="progress")
     array = _submissions(run)[0]["array_job_id"]
     subprocess.run(["scancel", array], check=True)
     _wait(lambda: not subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True).stdout.strip(),
@@ -138,8 +139,8 @@ def test_scancel_then_resubmit_resumes(cluster, tiny_net, photos, tmp_path):
     for i in range(2):
         with h5py.File(run / "shards" / f"shard-{i:05d}-of-00002.h5", "r") as f:
             assert int(f.attrs.get("resumed", 0)) >= 1, "the shard started over instead of resuming"
-    assert all(d >= 4 for d in partial_done)
-    run_cli(*args, f"output.dir={ref}", "launcher.workers=2")
+    assert all(d >= 2 for d in partial_done)
+    run_cli(f"input.dir={photos}", "num_shards=2", *_slow(tiny_net, 0.0), f"output.dir={ref}", "launcher.workers=2")
     a, b = _h5(run / "features.h5"), _h5(ref / "features.h5")
     assert a[1] == b[1]
     np.testing.assert_array_equal(a[0], b[0])
@@ -150,7 +151,7 @@ def test_requeue_resumes_from_last_batch(cluster, tiny_net, photos, tmp_path):
     run, ref = tmp_path / "run", tmp_path / "ref"
     args = [f"input.dir={photos}", "num_shards=1", *_slow(tiny_net)]
     run_cli(*args, f"output.dir={run}", *SLURM)
-    _wait(lambda: _heartbeat_done(run, 0, 1) >= 6, what="progress")
+    _wait(lambda: _heartbeat_done(run, 0, 1) >= 3, what="progress")
     job = _submissions(run)[0]["tasks"][0]["job_id"]
     subprocess.run(["scontrol", "requeue", job], check=True)
     time.sleep(1)
@@ -159,7 +160,7 @@ def test_requeue_resumes_from_last_batch(cluster, tiny_net, photos, tmp_path):
     _wait(lambda: (run / "features.h5").exists(), timeout=240, what="merged output after requeue")
     with h5py.File(run / "shards" / "shard-00000-of-00001.h5", "r") as f:
         assert int(f.attrs.get("resumed", 0)) >= 1
-    run_cli(*args, f"output.dir={ref}", "launcher.workers=1")
+    run_cli(f"input.dir={photos}", "num_shards=1", *_slow(tiny_net, 0.0), f"output.dir={ref}", "launcher.workers=1")
     a, b = _h5(run / "features.h5"), _h5(ref / "features.h5")
     assert a[1] == b[1]
     np.testing.assert_array_equal(a[0], b[0])
