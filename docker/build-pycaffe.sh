@@ -32,9 +32,9 @@ RECIPE_REV=1
 
 BUILD_DEBS="build-essential cmake libprotobuf-dev protobuf-compiler libgoogle-glog-dev
 libgflags-dev libhdf5-dev libboost-system-dev libboost-thread-dev libboost-filesystem-dev
-libboost-python-dev libboost-regex-dev libopenblas-dev"
+libboost-python-dev libboost-regex-dev libopenblas-dev python3-dev"
 RUNTIME_DEBS="libgoogle-glog0v6 libprotobuf32 libboost-thread1.74.0 libboost-filesystem1.74.0
-libboost-regex1.74.0 libboost-python1.74.0 libhdf5-103-1 libhdf5-hl-100 libopenblas0-pthread"
+libboost-regex1.74.0 libboost-python1.74.0 libhdf5-103-1 libhdf5-hl-100 libopenblas0-pthread python3-venv"
 
 log() { echo "build-pycaffe: $*" >&2; }
 

@@ -191,3 +191,16 @@ def test_verify_finds_a_stale_merge(finished_run):
         f["index"] = np.arange(3)
     p = run_cli("verify", finished_run, check=False)
     assert p.returncode == 1 and "features.h5" in p.stdout
+
+
+def test_merge_by_hand(finished_run):
+    merged = finished_run / "features.h5"
+    want = h5py.File(merged, "r")["feats"][:]
+    merged.unlink()
+    p = run_cli("merge", finished_run)
+    assert p.stdout.strip() == str(merged)
+    with h5py.File(merged, "r") as f:
+        np.testing.assert_array_equal(f["feats"][:], want)
+    (finished_run / "shards" / "shard-00001-of-00003.h5").unlink()
+    p = run_cli("merge", finished_run, check=False)
+    assert p.returncode == 1 and "1 of 3 shards are not complete" in p.stderr

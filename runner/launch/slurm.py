@@ -21,7 +21,7 @@ from .. import log
 from ..errors import ConfigError, ShardFailedError
 from ..plan import Run, plan_summary, prepare_run
 from ..shard import array_chunks
-from .container import wrap_python
+from .container import pyxis_srun_args, wrap_python
 
 DEFAULT_MAX_ARRAY_SIZE = 1001
 
@@ -143,7 +143,10 @@ def launch_slurm(cfg) -> Dict:
     logs = rd.logs_dir / "%j"
     python = wrap_python(cfg, sys.executable)
     ex = submitit.SlurmExecutor(folder=logs, max_num_timeout=int(lc.max_num_timeout), python=python)
-    ex.update_parameters(**executor_parameters(lc))
+    params = executor_parameters(lc)
+    if pyxis_srun_args(cfg):
+        params["srun_args"] = pyxis_srun_args(cfg)
+    ex.update_parameters(**params)
     task = _make_task()
     submissions = []
     all_jobs = []
