@@ -82,6 +82,7 @@ def header_size(data: bytes) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
     """(format, (width, height)) from the header only, without decoding pixels."""
     from PIL import Image
 
+    Image.MAX_IMAGE_PIXELS = None  # our own limit (decode.max_pixels) applies, with a clear reason
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

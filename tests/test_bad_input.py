@@ -1,0 +1,82 @@
+"""End to end on the trouble corpus: every file is accounted for exactly once, as a feature
+row or as a recorded failure with its reason; odd names map back to the exact bytes."""
+import os
+import shutil
+from pathlib import Path
+import subprocess
+import sys
+
+import h5py
+import pytest
+
+from conftest import REPO, run_cli, tiny_model_args
+from corpus import make_corpus
+
+pytestmark = pytest.mark.slow
+
+
+def _accounted(run):
+    with h5py.File(run / "features.h5", "r") as f:
+        rows = [bytes(n) for n in f["names_raw"][:]]
+        fails = dict(zip((bytes(n) for n in f["failures/names_raw"][:]), f["failures/reason"].asstr()[:]))
+        assert len(f["feats"]) == len(rows) == len(f["names"])
+    return rows, fails
+
+
+def test_corpus_every_file_once(tiny_net, tmp_path):
+    root = tmp_path / "in"
+    expect = make_corpus(root)
+    run = tmp_path / "run"
+    p = run_cli(f"input.dir={root}", f"output.dir={run}", *tiny_model_args(tiny_net), "launcher.workers=2",
+                "num_shards=3", "batch_size=4")
+    assert "failed" in p.stdout
+    rows, fails = _accounted(run)
+    assert sorted(rows + list(fails)) == sorted(expect), "every file exactly once"
+    assert len(rows) + len(fails) == len(set(rows) | set(fails))
+    for name, want in expect.items():
+        if want == "ok":
+            assert name in rows, (name, fails.get(name))
+        else:
+            assert want.lower() in fails[name].lower(), (name, fails[name])
+    for name in rows + list(fails):  # the stored name maps back to the exact file
+        assert os.path.lexists(os.path.join(os.fsencode(root), name))
+    assert run_cli("verify", run).returncode == 0
+
+
+def test_file_deleted_after_listing(tiny_net, photos, tmp_path):
+    """The manifest lists a file that is gone when its shard runs."""
+    root = tmp_path / "in"
+    shutil.copytree(photos, root)
+    lst = tmp_path / "list.txt"
+    names = sorted(p.name for p in root.glob("*.jpg"))
+    lst.write_text("\n".join(names) + "\n")
+    (root / names[3]).unlink()
+    run = tmp_path / "run"
+    run_cli(f"input.list={lst}", f"input.root={root}", f"output.dir={run}", *tiny_model_args(tiny_net),
+            "launcher.workers=1")
+    rows, fails = _accounted(run)
+    assert fails == {names[3].encode(): "file not found (deleted after listing?)"}
+    assert len(rows) == len(names) - 1
+
+
+def test_unreadable_file(photos, tmp_path):
+    """chmod 000 stops everyone but root: as root, the decoder runs as user nobody (a real
+    permission denial); otherwise as this user."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="cr-nobody-"))  # pytest's own tmp folders are 0700
+    try:
+        os.chmod(base, 0o755)
+        locked = base / "locked.jpg"
+        shutil.copy(photos / "astronaut.jpg", locked)
+        os.chmod(locked, 0)
+        code = ("import sys; from runner.decode import Decoder, Geometry; "
+                "print(Decoder(Geometry((32, 32))).load(sys.argv[1].encode())[1])")
+        cmd = [sys.executable, "-c", code, str(locked)]
+        if os.geteuid() == 0:
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert p.stdout.strip() == "permission denied"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
