@@ -14,7 +14,7 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
@@ -210,80 +210,4 @@ def center_crop(img: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
         raise ValueError(f"cannot crop {h}x{w} to {ch}x{cw}")
     y, x = (h - ch) // 2, (w - cw) // 2
     return img[y:y + ch, x:x + cw]
-
-
-def load_mean_file(path: str) -> np.ndarray:
-    """Mean image as float32 C x H x W from .npy or Caffe .binaryproto."""
-    if path.endswith(".npy"):
-        arr = np.load(path)
-    else:
-        from caffe.proto import caffe_pb2
-
-        blob = caffe_pb2.BlobProto()
-        with open(path, "rb") as f:
-            blob.ParseFromString(f.read())
-        if blob.HasField("shape") and len(blob.shape.dim):
-            shape = tuple(blob.shape.dim)
-        else:
-            shape = (blob.num, blob.channels, blob.height, blob.width)
-        arr = np.asarray(blob.data, dtype=np.float32).reshape(shape)
-    arr = np.asarray(arr, dtype=np.float32)
-    if arr.ndim == 4:
-        arr = arr[0]
-    if arr.ndim == 1:
-        arr = arr[:, None, None]
-    if arr.ndim != 3:
-        raise ValueError(f"mean file {path} has shape {arr.shape}; expected C x H x W")
-    return arr
-
-
-@dataclass
-class BatchTransform:
-    """uint8 BGR NHWC batch -> float32 NCHW net input (vectorised)."""
-    channel_order: str = "BGR"
-    raw_scale: float = 255.0
-    mean: Optional[np.ndarray] = None   # C, or C x H x W, in the net's channel order
-    scale: float = 1.0
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        x = batch.astype(np.float32)
-        if self.channel_order.upper() == "RGB":
-            x = x[..., ::-1]
-        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-        if self.raw_scale != 255.0:
-            x *= np.float32(self.raw_scale / 255.0)
-        if self.mean is not None:
-            m = self.mean if self.mean.ndim == 3 else self.mean[:, None, None]
-            x -= m
-        if self.scale != 1.0:
-            x *= np.float32(self.scale)
-        return x
-
-
-def fit_mean(mean_img: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """A mean image of the pre-crop size gets the same centre crop as the images (Caffe's data
-    layer); of the input size it is used as is; of any other size, its per-channel mean."""
-    c, h, w = mean_img.shape
-    ih, iw = geometry.input_hw
-    if (h, w) == (ih, iw):
-        return mean_img
-    if geometry.resize == "stretch":
-        rh, rw = geometry.resized_hw(ih, iw)
-        if (h, w) == (rh, rw):
-            y, x = (h - ih) // 2, (w - iw) // 2
-            return mean_img[:, y:y + ih, x:x + iw]
-    return mean_img.reshape(c, -1).mean(axis=1)
-
-
-def make_transform(pp, geometry: Geometry, channels: int = 3) -> BatchTransform:
-    if pp.channel_order.upper() not in ("BGR", "RGB"):
-        raise ValueError(f"model.preprocess.channel_order must be BGR or RGB, got {pp.channel_order!r}")
-    mean = None
-    if pp.mean_file:
-        mean = fit_mean(load_mean_file(pp.mean_file), geometry)
-    elif pp.mean is not None:
-        mean = np.asarray(list(pp.mean), dtype=np.float32)
-        if mean.shape != (channels,):
-            raise ValueError(f"model.preprocess.mean has {mean.size} values; the net takes {channels} channels")
-    return BatchTransform(pp.channel_order, float(pp.raw_scale), mean, float(pp.scale))
 

@@ -15,8 +15,7 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -100,6 +99,52 @@ def _decode_window(decoder, manifest, items, batch_size: int, workers: int, pref
         while window:
             b0, futs = window.popleft()
             yield b0, [f.result() for f in futs]
+
+
+class _Feeder(threading.Thread):
+    """Decoded batches -> ready net inputs (stack, crops, float, mean) in a thread of its own,
+    so the forward thread does nothing but forward: a fast device never waits on numpy."""
+
+    def __init__(self, window, transform, oversample_hw, maxsize: int):
+        super().__init__(name="feeder", daemon=True)
+        self.window, self.transform, self.oversample_hw = window, transform, oversample_hw
+        self.q: "queue.Queue" = queue.Queue(maxsize=maxsize)
+        self.stop = threading.Event()
+
+    def run(self):
+        try:
+            for batch, results in self.window:
+                ok = [(i, n, img) for (i, n), (img, _) in zip(batch, results) if img is not None]
+                failures = [(i, n, why) for (i, n), (img, why) in zip(batch, results) if img is None]
+                x = None
+                if ok:
+                    imgs = np.stack([img for _, _, img in ok])
+                    if self.oversample_hw:
+                        imgs = oversample_crops(imgs, self.oversample_hw)
+                    x = self.transform(imgs)
+                if not self._put(("batch", batch, ok, failures, x)):
+                    return
+            self._put(("end",))
+        except BaseException as e:
+            self._put(("error", e))
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        while True:
+            item = self.q.get()
+            if item[0] == "end":
+                return
+            if item[0] == "error":
+                raise item[1]
+            yield item[1:]
 
 
 class _Writer(threading.Thread):
@@ -197,27 +242,27 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
                 wthread.start()
                 busy = 0.0
                 t0 = time.time()
-                t_first = None  # pipeline fill: until the first batch is decoded
-                for batch, results in _decode_window(decoder, manifest, items, cfg.batch_size,
-                                                     int(cfg.decode.workers), int(cfg.decode.prefetch_batches)):
-                    ok = [(i, n, img) for (i, n), (img, _) in zip(batch, results) if img is not None]
-                    failures = [(i, n, why) for (i, n), (img, why) in zip(batch, results) if img is None]
-                    feats: Dict[str, np.ndarray] = {}
-                    if t_first is None:
-                        t_first = time.time() - t0
-                    if ok:
-                        imgs = np.stack([img for _, _, img in ok])
-                        if oversample:
-                            imgs = oversample_crops(imgs, in_shape[1:])
-                        x = transform(imgs)
-                        tf = time.perf_counter()
-                        feats = engine.forward(x)
-                        busy += time.perf_counter() - tf
-                        if oversample:  # the 10 crops of an image are averaged
-                            feats = {b: v.reshape((len(ok), 10) + v.shape[1:]).mean(axis=1) for b, v in feats.items()}
-                    for i, n, why in failures:
-                        log.warning("shard %d: image %d %r failed: %s", index, i, n, why)
-                    wthread.put((len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures))
+                t_first = None  # pipeline fill: until the first batch is ready
+                window = _decode_window(decoder, manifest, items, cfg.batch_size, int(cfg.decode.workers),
+                                        int(cfg.decode.prefetch_batches))
+                feeder = _Feeder(window, transform, tuple(in_shape[1:]) if oversample else None, maxsize=2)
+                feeder.start()
+                try:
+                    for batch, ok, failures, x in feeder:
+                        feats: Dict[str, np.ndarray] = {}
+                        if t_first is None:
+                            t_first = time.time() - t0
+                        if ok:
+                            tf = time.perf_counter()
+                            feats = engine.forward(x)
+                            busy += time.perf_counter() - tf
+                            if oversample:  # the 10 crops of an image are averaged
+                                feats = {b: v.reshape((len(ok), 10) + v.shape[1:]).mean(axis=1) for b, v in feats.items()}
+                        for i, n, why in failures:
+                            log.warning("shard %d: image %d %r failed: %s", index, i, n, why)
+                        wthread.put((len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures))
+                finally:
+                    feeder.stop.set()
                 wthread.close()
                 elapsed = time.time() - t0
                 done_now = len(items)

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from .. import log
 from ..errors import ConfigError, ShardFailedError

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Build the CPU image here, with podman (no Docker engine, no registry): installs podman if
+# missing, makes a local Debian 12 base image with debootstrap, a wheelhouse on the host
+# (pip cannot reach PyPI inside a build here), then builds localhost/caffe-runner:cpu.
+#
+#   docker/build-image.sh [IMAGE]          (default localhost/caffe-runner:cpu)
+#
+# Elsewhere: `docker build -f docker/Dockerfile -t caffe-runner:cpu .` after
+# `docker/build-image.sh --wheelhouse-only` (or with your own wheelhouse).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+IMAGE=${1:-localhost/caffe-runner:cpu}
+PY=${PYTHON:-python3}
+log() { echo "build-image: $*" >&2; }
+
+wheelhouse() {
+  local wh=docker/wheelhouse
+  mkdir -p "$wh"
+  # the Caffe sdist (sha256-checked by build-pycaffe.sh), the build venv's tools, and every
+  # run-time wheel of the project for the image's Python (Debian 12: CPython 3.11)
+  local sdist=${CAFFE_RUNNER_CACHE:-$HOME/.cache/caffe-runner}/pycaffe/sdist/brocolli-caffe-9.0.2.tar.gz
+  if [ -f "$sdist" ]; then cp -n "$sdist" "$wh/"; else
+    "$PY" -m pip download -q --no-deps --no-binary :all: brocolli-caffe==9.0.2 -d "$wh"; fi
+  "$PY" -m pip download -q -d "$wh" --only-binary :all: --python-version 3.11 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
+    "numpy>=1.26,<3" wheel "setuptools>=64" pip
+  "$PY" -m pip wheel -q -w "$wh" .
+  rm -f "$wh"/caffe_runner-*.whl  # the image installs the project from its own copy of the source
+  log "wheelhouse: $(ls "$wh" | wc -l) files in $wh"
+}
+
+if [ "${1:-}" = "--wheelhouse-only" ]; then wheelhouse; exit 0; fi
+
+pkgs="podman buildah fuse-overlayfs slirp4netns uidmap debootstrap runc"
+missing=$(for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+if [ -n "$missing" ]; then
+  log "installing $(echo $missing)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+# crun fails here ("cgroups in hybrid mode"), setrlimit is not permitted: runc, fixed ulimits
+conf=${CONTAINERS_CONF:-$HOME/.config/caffe-runner/containers.conf}
+mkdir -p "$(dirname "$conf")"
+cat >"$conf" <<'EOF'
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+EOF
+export CONTAINERS_CONF=$conf
+
+if ! podman image exists localhost/debian:bookworm; then
+  mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)
+  [ -n "$mirror" ] || mirror=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list 2>/dev/null)
+  mirror=${mirror:-http://deb.debian.org/debian}
+  rootfs=$(mktemp -d /tmp/debian-rootfs.XXXXXX)
+  log "debootstrap bookworm from $mirror (about a minute)"
+  debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >/tmp/debootstrap.log 2>&1 \
+    || { tail -n 20 /tmp/debootstrap.log >&2; exit 1; }
+  tar -C "$rootfs" -c . | podman import - localhost/debian:bookworm >/dev/null
+  rm -rf "$rootfs"
+fi
+
+wheelhouse
+t0=$SECONDS
+podman build --network host --pull=never --build-arg BASE=localhost/debian:bookworm \
+  --build-arg IMAGE_NAME="$IMAGE" -f docker/Dockerfile -t "$IMAGE" . >&2
+log "built $IMAGE in $((SECONDS - t0)) s ($(podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}'))"
+echo "$IMAGE"
