@@ -35,10 +35,19 @@ demo: setup $(SAMPLES)/.done
 # unit + local end-to-end + integration tests against a real dev Slurm cluster
 test: setup
 	bash slurm/dev-cluster install
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra -m "not container" $(PYTEST_ARGS)
+
+# the CPU image (podman here, ~10 min the first time) and its tests: the demo inside it, and
+# Slurm array tasks running inside it
+image:
+	bash docker/build-image.sh
+
+test-image: setup image
+	bash slurm/dev-cluster install
+	$(PY) -m pytest -ra -m container $(PYTEST_ARGS)
 
 test-unit: setup
-	$(PY) -m pytest -ra -m "not slurm" $(PYTEST_ARGS)
+	$(PY) -m pytest -ra -m "not slurm and not container" $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m runner.bench --out bench/results.json

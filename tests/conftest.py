@@ -3,7 +3,9 @@ to run the real command line."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -85,3 +87,31 @@ def tiny_model_args(tiny_net):
     return [f"model.prototxt={proto}", f"model.weights={weights}", "model.name=tiny",
             "model.input_size=[32,40]", "model.preprocess.mean=[100,110,120]", "model.preprocess.scale=0.02",
             "model.default_blobs=[emb]"]
+
+
+DEV = REPO / "slurm" / "dev-cluster"
+MAX_ARRAY = 5  # the test cluster's MaxArraySize: a 7-shard run needs two arrays
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    state = tempfile.mkdtemp(prefix="crslurm-", dir="/tmp")
+    env = dict(os.environ, DEV_CLUSTER_MAX_ARRAY_SIZE=str(MAX_ARRAY), CAFFE_RUNNER_SLURM_STATE=state)
+    up = subprocess.run(["bash", str(DEV), "up", "--state-dir", state], capture_output=True, text=True, env=env,
+                        timeout=300)
+    if up.returncode != 0:
+        subprocess.run(["bash", str(DEV), "down", "--state-dir", state, "--wipe"], env=env, timeout=120)
+        raise RuntimeError(f"dev cluster did not come up:\n{up.stdout}\n{up.stderr}")
+    m = re.search(r"export SLURM_CONF=(\S+)", up.stdout)
+    assert m, up.stdout
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = m.group(1)
+    os.environ["CAFFE_RUNNER_SINGLE_NODE"] = "1"
+    try:
+        yield state
+    finally:
+        subprocess.run(["bash", str(DEV), "down", "--state-dir", state, "--wipe"], env=env, timeout=120)
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old

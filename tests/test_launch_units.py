@@ -1,6 +1,5 @@
 """Pure pieces of the launchers: sbatch parameters, scontrol parsing, container commands,
 GPU resolution, sweep directory names, config composition."""
-import os
 
 import pytest
 from omegaconf import OmegaConf

@@ -4,10 +4,7 @@ down afterwards, also when tests fail."""
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,35 +12,10 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli, tiny_model_args
+from conftest import run_cli, tiny_model_args
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-DEV = REPO / "slurm" / "dev-cluster"
-MAX_ARRAY = 5  # the test cluster's MaxArraySize: a 7-shard run needs two arrays
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    state = tempfile.mkdtemp(prefix="crslurm-", dir="/tmp")
-    env = dict(os.environ, DEV_CLUSTER_MAX_ARRAY_SIZE=str(MAX_ARRAY), CAFFE_RUNNER_SLURM_STATE=state)
-    up = subprocess.run(["bash", str(DEV), "up", "--state-dir", state], capture_output=True, text=True, env=env,
-                        timeout=300)
-    if up.returncode != 0:
-        subprocess.run(["bash", str(DEV), "down", "--state-dir", state, "--wipe"], env=env, timeout=120)
-        raise RuntimeError(f"dev cluster did not come up:\n{up.stdout}\n{up.stderr}")
-    m = re.search(r"export SLURM_CONF=(\S+)", up.stdout)
-    assert m, up.stdout
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = m.group(1)
-    os.environ["CAFFE_RUNNER_SINGLE_NODE"] = "1"
-    try:
-        yield state
-    finally:
-        subprocess.run(["bash", str(DEV), "down", "--state-dir", state, "--wipe"], env=env, timeout=120)
-        if old is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = old
+from conftest import MAX_ARRAY
 
 
 SLURM = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10",

@@ -1,0 +1,72 @@
+"""The CPU image (docker/build-image.sh builds localhost/caffe-runner:cpu with podman): the demo
+inside it equals a host run, and Slurm array tasks run inside it. Run by `make test-image`,
+which builds the image first."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+IMAGE = os.environ.get("CAFFE_RUNNER_IMAGE", "localhost/caffe-runner:cpu")
+pytestmark = [pytest.mark.container, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def image():
+    if not shutil.which("podman"):
+        pytest.skip("podman is not installed: run `make test-image` (it installs it and builds the image)")
+    conf = Path(os.environ.get("CONTAINERS_CONF", Path.home() / ".config/caffe-runner/containers.conf"))
+    if conf.exists():
+        os.environ["CONTAINERS_CONF"] = str(conf)
+    if subprocess.run(["podman", "image", "exists", IMAGE]).returncode != 0:
+        pytest.skip(f"image {IMAGE} is absent: run `make test-image` (docker/build-image.sh builds it)")
+    return IMAGE
+
+
+def _feats(path):
+    with h5py.File(path, "r") as f:
+        return f["feats"][:], [bytes(n) for n in f["names_raw"][:]], f.attrs.get("container", "")
+
+
+@pytest.fixture(scope="module")
+def host_run(photos, tmp_path_factory):
+    run = tmp_path_factory.mktemp("host") / "run"
+    run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=2")
+    return run
+
+
+def test_demo_inside_the_image_equals_host(image, photos, host_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    p = subprocess.run(["podman", "run", "--rm", "--pull", "never", "-v", f"{photos}:/data:ro", "-v", f"{out}:/out",
+                        image, "input.dir=/data", "output.dir=/out/run", "num_shards=2", "launcher.workers=2"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "images:        20 (20 extracted, 0 failed)" in p.stdout
+    a, na, container = _feats(out / "run" / "features.h5")
+    b, nb, host = _feats(host_run / "features.h5")
+    assert na == nb and host == "" and "Debian 12" in container and IMAGE in container
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_slurm_tasks_run_inside_the_container(image, cluster, photos, host_run, tmp_path):
+    run = tmp_path / "run"
+    p = run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher=slurm",
+                "launcher.cpus_per_task=1", "launcher.mem_gb=2", "launcher.timeout_min=10", "launcher.wait=true",
+                "container.runtime=podman", f"container.image={image}")
+    assert "submitted array job" in p.stdout
+    for i in range(2):
+        with h5py.File(run / "shards" / f"shard-{i:05d}-of-00002.h5", "r") as f:
+            assert IMAGE in f.attrs["container"], "the task ran on the host, not in the image"
+            assert f.attrs["job_id"]
+    a, na, _ = _feats(run / "features.h5")
+    b, nb, _ = _feats(host_run / "features.h5")
+    assert na == nb
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
