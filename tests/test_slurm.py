@@ -126,10 +126,16 @@ def test_requeue_resumes_from_last_batch(cluster, tiny_net, photos, tmp_path):
     _wait(lambda: _heartbeat_done(run, 0, 1) >= 3, what="progress")
     job = _submissions(run)[0]["tasks"][0]["job_id"]
     subprocess.run(["scontrol", "requeue", job], check=True)
-    time.sleep(1)
-    # a requeued job waits ~2 min before it is eligible again; release it now
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
-    _wait(lambda: (run / "features.h5").exists(), timeout=240, what="merged output after requeue")
+
+    def released_and_merged():
+        # a requeued job waits ~2 min before it is eligible again: release it once it is pending
+        # (the task first gets KillWait seconds to stop)
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%t"], capture_output=True, text=True).stdout.strip()
+        if state == "PD":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        return (run / "features.h5").exists()
+
+    _wait(released_and_merged, timeout=240, what="merged output after requeue")
     with h5py.File(run / "shards" / "shard-00000-of-00001.h5", "r") as f:
         assert int(f.attrs.get("resumed", 0)) >= 1
     run_cli(f"input.dir={photos}", "num_shards=1", *_slow(tiny_net, 0.0), f"output.dir={ref}", "launcher.workers=1")
