@@ -154,3 +154,19 @@ def test_local_sweep_makes_one_run_dir_per_point(tiny_net, photos, tmp_path):
         with h5py.File(d / "features.h5", "r") as f:
             shapes.append(f["feats"].shape[1:])
     assert shapes == [(16,), (5,)]
+
+
+def test_local_gpu_workers_bind_one_gpu_each(tiny_net, photos, tmp_path):
+    """device=gpu: one worker per GPU, each bound (CUDA_VISIBLE_DEVICES) before the engine loads.
+    No GPU here: the simulated backend stands in for the device; the binding is real."""
+    run = tmp_path / "run"
+    run_cli(f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net), "device=gpu",
+            "backend=simulated", "simulated_batch_s=0.3", "batch_size=2", "launcher.gpus=[2,5]", "num_shards=4")
+    seen = {}
+    for s in sorted((run / "shards").glob("*.h5")):
+        with h5py.File(s, "r") as f:
+            seen.setdefault(f.attrs["visible_gpus"], set()).add(int(f.attrs["pid"]))
+            assert f.attrs["device"] == "simulated-gpu:0"
+    assert set(seen) == {"2", "5"}, seen
+    # a worker keeps its GPU for every shard it runs: two workers, two GPUs, no sharing
+    assert all(len(pids) == 1 for pids in seen.values()) and len(set.union(*seen.values())) == 2
