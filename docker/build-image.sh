@@ -24,7 +24,7 @@ wheelhouse() {
   "$PY" -m pip download -q -d "$wh" --only-binary :all: --python-version 3.11 --platform manylinux2014_x86_64 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
     "numpy>=1.26,<3" wheel "setuptools>=64" pip
-  "$PY" -m pip wheel -q -w "$wh" .
+  "$PY" -m pip wheel -q -w "$wh" . && rm -rf build
   rm -f "$wh"/caffe_runner-*.whl  # the image installs the project from its own copy of the source
   log "wheelhouse: $(ls "$wh" | wc -l) files in $wh"
 }
