@@ -57,10 +57,6 @@ def conf_dir() -> str:
     return os.path.dirname(importlib.import_module("runner.conf").__file__)
 
 
-def _fmt_rate(x: float) -> str:
-    return f"{x:.1f}"
-
-
 def print_summary(summary) -> None:
     import h5py
 
@@ -86,7 +82,7 @@ def print_summary(summary) -> None:
     el = summary.get("elapsed_s") or 0
     done_now = sum(s.get("rows", 0) + s.get("failures", 0) for s in shards.values())
     if el > 0 and done_now:
-        lines.append(f"throughput:    {_fmt_rate(done_now / el)} images/s over {el:.1f} s (model load included)")
+        lines.append(f"throughput:    {done_now / el:.1f} images/s over {el:.1f} s (model load included)")
     print("\n".join(lines))
 
 

@@ -226,13 +226,6 @@ class ShardWriter:
             self.f = None
 
 
-def read_shard_summary(path: Path) -> Dict[str, object]:
-    with _open(path, "r") as f:
-        return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()
-                if k in ("rows", "n_failures", "next", "complete", "start", "stop", "shard", "num_shards",
-                         "fingerprint")}
-
-
 def merge(run_dir: Path, shard_paths: Sequence[Path], out_name: str = "features.h5") -> Path:
     """All shards as one view in manifest order: features as HDF5 virtual datasets (no copy
     of the big arrays); names, index and failures (small) copied."""
