@@ -22,7 +22,8 @@ def shard_state(run, i: int, now: float) -> Dict:
     start, stop = shard_bounds(run.plan["count"], n, i)
     hb = rd.read_heartbeat(i, n) or {}
     st = {"shard": i, "total": stop - start, "done": int(hb.get("done", 0)), "rate": hb.get("rate"),
-          "host": hb.get("host"), "job_id": hb.get("job_id"), "log": hb.get("log")}
+          "host": hb.get("host"), "pid": hb.get("pid"), "started": float(hb.get("started", 0)),
+          "job_id": hb.get("job_id"), "log": hb.get("log")}
     if rd.shard_path(i, n).exists():
         st.update(state="done", done=stop - start, rows=hb.get("rows"), failures=hb.get("failures"))
     elif hb.get("state") == "failed":

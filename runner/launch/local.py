@@ -18,8 +18,8 @@ from typing import Dict, List
 from .. import log
 from ..errors import ConfigError, ShardFailedError
 from ..plan import Run, plan_summary, prepare_run
-from ..rundir import pid_alive
 from ..shard import shard_bounds
+from ..status import shard_state
 
 _worker_threads = 1
 
@@ -100,32 +100,23 @@ def _shard_entry(cfg, index: int):
 
 
 class _ProgressView:
-    """One bar over all images: completed shards count whole, running ones by heartbeat."""
+    """One bar over all images: shards complete before this launch count whole, the others by
+    their heartbeats."""
 
     def __init__(self, run: Run, todo: List[int], enabled: bool):
-        self.run = run
-        self.sizes = {i: (lambda b: b[1] - b[0])(shard_bounds(run.plan["count"], run.num_shards, i))
-                      for i in range(run.num_shards)}
-        done_before = sum(self.sizes[i] for i in range(run.num_shards) if i not in todo)
+        self.done_before = run.plan["count"] - sum(
+            (lambda b: b[1] - b[0])(shard_bounds(run.plan["count"], run.num_shards, i)) for i in todo)
+        self.last = self.done_before
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=run.plan["count"], initial=done_before, unit="img", dynamic_ncols=True,
+            self.bar = tqdm(total=run.plan["count"], initial=self.done_before, unit="img", dynamic_ncols=True,
                             desc=f"{run.num_shards} shards", file=sys.stderr)
-        self.last = done_before
 
-    def update(self, finished: set) -> None:
-        if self.bar is None:
-            return
-        n = 0
-        for i in range(self.run.num_shards):
-            if i in finished or self.run.rundir.shard_path(i, self.run.num_shards).exists():
-                n += self.sizes[i]
-            else:
-                hb = self.run.rundir.read_heartbeat(i, self.run.num_shards)
-                n += int(hb.get("done", 0)) if hb else 0
-        if n > self.last:
+    def update(self, done_now: int) -> None:
+        n = self.done_before + done_now
+        if self.bar is not None and n > self.last:
             self.bar.update(n - self.last)
             self.last = n
 
@@ -158,6 +149,8 @@ def launch_local(cfg) -> Dict:
             pending = {i: pool.apply_async(_shard_entry, (cfg, i)) for i in todo}
             while pending:
                 time.sleep(0.25)
+                # the same per-shard states `caffe-runner status` shows, read once per poll
+                states = {i: shard_state(run, i, time.time()) for i in todo}
                 for i in list(pending):
                     ar = pending[i]
                     if ar.ready():
@@ -168,19 +161,18 @@ def launch_local(cfg) -> Dict:
                             failed[i] = f"{type(e).__name__}: {e}"
                             log.error("shard %d failed: %s\n%s", i, failed[i], getattr(e, "__cause__", "") or "")
                         continue
-                    # a worker killed from outside (OOM killer, kill -9) never reports back
-                    hb = run.rundir.read_heartbeat(i, run.num_shards)
-                    # (a heartbeat from before this launch is a previous crash's, not news)
-                    if hb and hb.get("state") == "running" and hb.get("pid") and float(hb.get("started", 0)) >= t0 \
-                            and not pid_alive(int(hb["pid"])) \
-                            and not run.rundir.shard_path(i, run.num_shards).exists():
+                    # a worker killed from outside (OOM killer, kill -9) never reports back; its
+                    # heartbeat says running with a dead pid (one from before this launch is a
+                    # previous crash's, not news)
+                    st = states[i]
+                    if st["state"] == "interrupted" and st["started"] >= t0:
                         del pending[i]
-                        failed[i] = f"worker pid {hb['pid']} died while running the shard (killed?)"
+                        failed[i] = f"worker pid {st['pid']} died while running the shard (killed?)"
                         log.error("shard %d: %s", i, failed[i])
                         # Pool never hears of a task whose worker died: settle it, or close/join
                         # would wait for it forever (multiprocessing keeps it in its cache)
                         ar._set(0, (False, ShardFailedError(failed[i])))
-                view.update(set(results))
+                view.update(sum(s["done"] for s in states.values()))
         except BaseException:
             pool.terminate()
             raise

@@ -144,8 +144,9 @@ def launch_slurm(cfg) -> Dict:
     python = wrap_python(cfg, sys.executable)
     ex = submitit.SlurmExecutor(folder=logs, max_num_timeout=int(lc.max_num_timeout), python=python)
     params = executor_parameters(lc)
-    if pyxis_srun_args(cfg):
-        params["srun_args"] = pyxis_srun_args(cfg)
+    srun_args = pyxis_srun_args(cfg)
+    if srun_args:
+        params["srun_args"] = srun_args
     ex.update_parameters(**params)
     task = _make_task()
     submissions = []
