@@ -148,6 +148,12 @@ def caffe_has_gpu() -> bool:
     return b"libcudart" in data or b"cudaGetDevice" in data
 
 
+def require_gpu_caffe() -> None:
+    if not caffe_has_gpu():
+        raise ConfigError("device=gpu but this pycaffe is CPU-only (built by docker/build-pycaffe.sh): use "
+                          "device=cpu, or the CUDA image docker/Dockerfile.gpu on a GPU cluster")
+
+
 def input_hw(model_cfg, spec: NetSpec) -> Tuple[int, int]:
     if model_cfg.input_size:
         h, w = (list(model_cfg.input_size) * 2)[:2]
@@ -174,10 +180,7 @@ class CaffeEngine(Engine):
         import caffe
 
         if device == "gpu":
-            if not caffe_has_gpu():
-                raise ConfigError("device=gpu but this pycaffe is CPU-only (built by "
-                                  "docker/build-pycaffe.sh): use device=cpu, or the CUDA image "
-                                  "docker/Dockerfile.gpu on a GPU cluster")
+            require_gpu_caffe()
             caffe.set_mode_gpu()
             caffe.set_device(gpu_device)
             self.device_desc = f"gpu:{gpu_device}"

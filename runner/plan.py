@@ -155,11 +155,9 @@ def prepare_run(cfg, default_shards: int, explicit_shards: Optional[int] = None)
     if cfg.backend != "simulated":
         check_model_files(cfg.model)
     if cfg.device == "gpu" and cfg.backend == "caffe":
-        from .model import caffe_has_gpu
+        from .model import require_gpu_caffe
 
-        if not caffe_has_gpu():
-            raise ConfigError("device=gpu but this pycaffe is CPU-only (built by docker/build-pycaffe.sh): use "
-                              "device=cpu, or the CUDA image docker/Dockerfile.gpu on a GPU cluster")
+        require_gpu_caffe()
     blobs = _blobs(cfg)
     spec = parse_prototxt(cfg.model.prototxt)
     for b in blobs:
