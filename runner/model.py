@@ -135,25 +135,6 @@ def check_model_files(model_cfg) -> None:
             raise ConfigError(f"model.{key} {p!r} is not readable: fix its permissions")
 
 
-def caffe_has_gpu() -> bool:
-    """A CPU-only pycaffe aborts the process (glog FATAL) on set_mode_gpu + forward, so look
-    at what _caffe.so links to before asking it for a GPU."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("caffe._caffe")
-    if spec is None or not spec.origin:
-        return False
-    with open(spec.origin, "rb") as f:
-        data = f.read()
-    return b"libcudart" in data or b"cudaGetDevice" in data
-
-
-def require_gpu_caffe() -> None:
-    if not caffe_has_gpu():
-        raise ConfigError("device=gpu but this pycaffe is CPU-only (built by docker/build-pycaffe.sh): use "
-                          "device=cpu, or the CUDA image docker/Dockerfile.gpu on a GPU cluster")
-
-
 def input_hw(model_cfg, spec: NetSpec) -> Tuple[int, int]:
     if model_cfg.input_size:
         h, w = (list(model_cfg.input_size) * 2)[:2]
@@ -180,6 +161,8 @@ class CaffeEngine(Engine):
         import caffe
 
         if device == "gpu":
+            from .gpu import require_gpu_caffe
+
             require_gpu_caffe()
             caffe.set_mode_gpu()
             caffe.set_device(gpu_device)

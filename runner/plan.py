@@ -155,7 +155,7 @@ def prepare_run(cfg, default_shards: int, explicit_shards: Optional[int] = None)
     if cfg.backend != "simulated":
         check_model_files(cfg.model)
     if cfg.device == "gpu" and cfg.backend == "caffe":
-        from .model import require_gpu_caffe
+        from .gpu import require_gpu_caffe
 
         require_gpu_caffe()
     blobs = _blobs(cfg)
