@@ -157,17 +157,17 @@ def decode_threads_for(gpu_images_per_s: float, per_thread_images_per_s: float) 
 
 def decode_one_thread(paths: List[str], reduced: bool) -> Dict:
     """Decode + resize to 300x300 in this one thread: images per second of wall time and per
-    second of this thread's CPU time (the second does not drop when other processes share
+    second of this process's CPU time (the second does not drop when other processes share
     the cores, so it is the figure to size decode threads with on a busy machine)."""
     from .decode import Decoder, Geometry
 
     d = Decoder(Geometry((300, 300)), reduced_jpeg=reduced)
-    t0, c0 = time.perf_counter(), time.thread_time()
+    t0, c0 = time.perf_counter(), time.process_time()
     for p in paths:
         img, why = d.load(os.fsencode(p))
         assert why is None, why
     return {"images_per_s": len(paths) / (time.perf_counter() - t0),
-            "images_per_cpu_s": len(paths) / (time.thread_time() - c0)}
+            "images_per_cpu_s": len(paths) / (time.process_time() - c0)}
 
 
 def gpu_forward_only(proto: str, weights: str, blobs: List[str], batch: int, n_batches: int, hw=(300, 300)) -> Dict:
