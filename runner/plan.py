@@ -400,7 +400,7 @@ def _relist(cfg, run: Run, new_stamp: Optional[Dict], default_shards: int) -> Ru
     return run
 
 
-def prepare_run(cfg, default_shards: int, explicit_shards: Optional[int] = None) -> Run:
+def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> Run:
     """Validate, list the input (or reuse the stored manifest), write run.json. The device
     (and for Slurm the GPUs per task) is resolved here and written into cfg, so tasks get
     plain values."""
@@ -456,6 +456,8 @@ def prepare_run(cfg, default_shards: int, explicit_shards: Optional[int] = None)
     stamp = input_stamp(cfg.input)  # before listing: a change during the listing shows up next time
     manifest = build_manifest(run_dir, cfg.input)
     if num_shards is None:
+        # a callable is asked only now, after validate() resolved the device
+        default_shards = default_shards() if callable(default_shards) else default_shards
         num_shards = max(1, min(default_shards, manifest.count))
     elif num_shards > manifest.count:
         raise ConfigError(f"num_shards={num_shards} is more than the {manifest.count} images: "

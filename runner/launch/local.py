@@ -63,15 +63,6 @@ def worker_plan(cfg) -> Dict:
     return {"workers": workers, "threads": threads, "gpus": gpus}
 
 
-def _default_workers(cfg) -> int:
-    """Shards of a new local run when num_shards is not given: one per worker that will run."""
-    from ..plan import resolve_local_device
-
-    if resolve_local_device(cfg) == "gpu":
-        return len(resolve_gpus(cfg.launcher.gpus))
-    return cfg.launcher.workers or max(1, len(os.sched_getaffinity(0)) // 2)
-
-
 def _die_with_parent(poll_s: float = 0.5) -> None:
     """A worker whose launcher was killed must not go on writing. (PR_SET_PDEATHSIG is tied
     to the creating *thread*, and Pool creates replacement workers from a helper thread
@@ -134,7 +125,7 @@ class _ProgressView:
 
 
 def launch_local(cfg) -> Dict:
-    run = prepare_run(cfg, default_shards=_default_workers(cfg), explicit_shards=cfg.num_shards)
+    run = prepare_run(cfg, default_shards=lambda: worker_plan(cfg)["workers"], explicit_shards=cfg.num_shards)
     wp = worker_plan(cfg)  # after prepare_run: cfg.device is resolved there
     todo = run.missing_shards()
     log.info("%s; local: %d worker(s) x %d thread(s)%s", plan_summary(run), wp["workers"], wp["threads"],
