@@ -64,6 +64,9 @@ def _check_ranges(cfg) -> None:
 def _check_preprocess(cfg, hw: Tuple[int, int], channels: int) -> None:
     """Cross-field checks a shard would otherwise hit after the run has started."""
     pp = cfg.model.preprocess
+    if channels != 3:
+        raise ConfigError(f"the net takes {channels} input channels; caffe-runner feeds colour images "
+                          "(3 channels): use a deploy prototxt with a 3-channel input")
     if pp.mean_file:
         if not os.path.isfile(pp.mean_file):
             raise ConfigError(f"model.preprocess.mean_file {pp.mean_file!r} does not exist: give a .binaryproto "
@@ -71,9 +74,6 @@ def _check_preprocess(cfg, hw: Tuple[int, int], channels: int) -> None:
     elif pp.mean is not None and len(pp.mean) != channels:
         raise ConfigError(f"model.preprocess.mean has {len(pp.mean)} values but the net takes {channels} "
                           f"channels: give {channels} values, in the net's channel order ({pp.channel_order})")
-    if channels != 3:
-        raise ConfigError(f"the net takes {channels} input channels; caffe-runner feeds colour images "
-                          "(3 channels): use a deploy prototxt with a 3-channel input")
     if pp.resize_size is not None:
         if pp.resize_size < 1:
             raise ConfigError(f"model.preprocess.resize_size={pp.resize_size}: use a positive size or null")
