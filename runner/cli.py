@@ -156,7 +156,10 @@ def _cmd_status(args) -> int:
 def _cmd_verify(args) -> int:
     from .verify import verify
 
-    problems = verify(Path(args.run_dir))
+    notes = []
+    problems = verify(Path(args.run_dir), notes)
+    for n in notes:
+        print(f"note: {n}")
     if problems:
         for p in problems:
             print(f"FAIL: {p}")

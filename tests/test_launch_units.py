@@ -12,6 +12,8 @@ from runner.launch.container import bind_dirs, container_command, wrap_python
 from runner.launch.local import resolve_gpus
 from runner.launch.slurm import executor_parameters, parse_scontrol_config
 
+pytestmark = pytest.mark.unit
+
 
 def _cfg(**container):
     cfg = OmegaConf.structured(RunConf(model=ModelConf(name="m", prototxt="/models/m/deploy.prototxt",

@@ -61,6 +61,7 @@ def run1000(tmp_path_factory):
     return make_run(tmp_path_factory.mktemp("m") / "run", 2217, 1000, dim=8, fail_every=11)
 
 
+@pytest.mark.slow  # about a minute: 1,000 files written, merged, read and verified
 def test_1000_shards_merge_and_read_back_under_ulimit_256(run1000):
     p = _limited_cli("merge", run1000)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -84,6 +85,7 @@ def test_a_view_within_the_budget_reads_every_row_under_ulimit_256(tmp_path):
     _limited(READ_ALL.format(path=str(run / "features.h5"), rows=rows))
 
 
+@pytest.mark.slow
 def test_a_view_past_the_open_file_limit_is_refused_by_our_readers(tmp_path):
     """HDF5 itself would return NaN for sources past the limit; open_merged refuses first."""
     run = make_run(tmp_path / "run", 400, 300, dim=4, view_max_shards=1000)
@@ -176,4 +178,27 @@ def test_export_of_an_incomplete_run_names_the_missing_shards(tmp_path):
     run = make_run(tmp_path / "run", 30, 3, dim=2)
     os.unlink(shard_file(run, 1, 3))
     p = run_cli("export", run, tmp_path / "o.h5", check=False)
-    assert p.returncode != 0 and "1 of 3 shards are missing" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "1 of 3 shards are missing" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_exit_codes(tmp_path):
+    """status: 0 complete, 3 incomplete, 1 a shard failed; verify 0/1; merge 1 while shards are
+    missing; 2 for a user error (not a run directory)."""
+    run = make_run(tmp_path / "run", 30, 3, dim=2)
+    assert run_cli("status", run, "--no-sacct", check=False).returncode == 0
+    assert run_cli("merge", run).returncode == 0
+    st = run_cli("status", run, "--no-sacct", check=False)
+    assert st.returncode == 0 and "merged" in st.stdout.splitlines()[0]
+    assert run_cli("verify", run, check=False).returncode == 0
+    os.unlink(shard_file(run, 1, 3))
+    assert run_cli("status", run, "--no-sacct", check=False).returncode == 3
+    assert run_cli("verify", run, check=False).returncode == 1
+    m = run_cli("merge", run, check=False)
+    assert m.returncode == 1 and "1 of 3 shards are not complete" in m.stderr
+    load_run_dir(run).write_heartbeat(1, {"state": "failed", "error": "boom"})
+    st = run_cli("status", run, "--no-sacct", check=False)
+    assert st.returncode == 1 and "boom" in st.stdout
+    for cmd in ("status", "verify", "merge", "export"):
+        extra = [tmp_path / "o.h5"] if cmd == "export" else []
+        p = run_cli(cmd, tmp_path, *extra, check=False)
+        assert p.returncode == 2 and "not a caffe-runner run directory" in p.stderr, (cmd, p.stderr)

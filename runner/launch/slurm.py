@@ -103,7 +103,8 @@ def _check_paths_for_nodes(cfg) -> None:
     """Tasks run elsewhere: node-local paths would not exist there."""
     for label, p in (("model.prototxt", cfg.model.prototxt), ("model.weights", cfg.model.weights),
                      ("output.dir", cfg.output.dir), ("input.dir", cfg.input.dir), ("input.list", cfg.input.list)):
-        if p and not os.access(p, os.R_OK):
+        # output.dir may not exist yet: prepare_run checks that it can be written
+        if p and label != "output.dir" and not os.access(p, os.R_OK):
             raise ConfigError(f"{label} {p} is not readable from here; tasks will not read it either")
         if p and str(p).startswith(("/tmp/", "/dev/shm/")) and not os.environ.get("CAFFE_RUNNER_SINGLE_NODE"):
             log.warning("%s %s is under a node-local folder: on a multi-node cluster tasks will not see it", label, p)
