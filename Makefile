@@ -53,8 +53,9 @@ test-image: setup image
 test-unit: setup
 	$(PY) -m pytest -ra -m "$(UNIT)" $(PYTEST_ARGS)
 
+BENCH_ARGS ?=
 bench: setup
-	$(PY) -m runner.bench --out bench/results.json
+	$(PY) bench/bench.py --out bench/results.json $(BENCH_ARGS)
 
 cluster-up:
 	bash slurm/dev-cluster up

@@ -281,6 +281,10 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
         threads = default_threads()
     configure_threads(threads)
     ident = task_identity()
+    if cfg.device == "auto":  # launchers resolve it; a direct caller gets this task's view
+        from .plan import resolve_local_device
+
+        cfg.device = resolve_local_device(cfg)
     run = load_run(cfg)
     num_shards = run.num_shards
     final = run.shard_path(index)

@@ -113,7 +113,7 @@ def resolve_local_device(cfg) -> str:
     from .launch.local import resolve_gpus
 
     try:
-        resolve_gpus(cfg.launcher.gpus)
+        resolve_gpus(cfg.launcher.get("gpus", "auto"))
     except ConfigError:
         return "cpu"
     return "gpu"

@@ -205,7 +205,7 @@ def test_gpus_for_cpu_work_refused_before_submitting(cluster, tiny_net, photos, 
     # allowed: one warning, and the GPUs are bound as requested
     p = run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *SLURM, *tiny_model_args(tiny_net),
                 "launcher.wait=true")
-    assert p.stderr.count("allow_cpu_on_gpu=true") == 1
+    assert (p.stdout + p.stderr).count("allow_cpu_on_gpu=true") == 1
     assert any("--gres=gpu:1" in s for s in _sbatch_scripts(run))
 
 
