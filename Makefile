@@ -51,10 +51,13 @@ demo: setup $(SAMPLES)/.done
 	$(VENV)/bin/caffe-runner input.dir=$(SAMPLES) output.dir=$(DEMO_DIR) launcher.workers=2 num_shards=3 output.overwrite=true
 	$(VENV)/bin/caffe-runner verify $(DEMO_DIR)
 
-# unit + local end-to-end + integration tests against a real dev Slurm cluster
+UNIT := unit and not slow
+
+# the fast layer first, then local end-to-end + integration tests against a real dev Slurm cluster
 test: setup
+	$(PY) -m pytest -ra -m "$(UNIT)" $(PYTEST_ARGS)
 	bash slurm/dev-cluster install
-	$(PY) -m pytest -ra -m "not container and not cuda_build" $(PYTEST_ARGS)
+	$(PY) -m pytest -ra -m "not ($(UNIT)) and not container and not cuda_build" $(PYTEST_ARGS)
 
 # the CUDA wheel only (cached; prints its path)
 cuda-wheel:
@@ -85,8 +88,9 @@ test-image: setup image
 	bash slurm/dev-cluster install
 	$(PY) -m pytest -ra -m container $(PYTEST_ARGS)
 
+# seconds, no pycaffe import and no cluster: schema, device choice, checks, writer resume, merge
 test-unit: setup
-	$(PY) -m pytest -ra -m "not slurm and not container and not cuda_build" $(PYTEST_ARGS)
+	$(PY) -m pytest -ra -m "$(UNIT)" $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m runner.bench --out bench/results.json
