@@ -116,6 +116,13 @@ def resolve_local_device(cfg) -> str:
         resolve_gpus(cfg.launcher.get("gpus", "auto"))
     except ConfigError:
         return "cpu"
+    if cfg.backend == "caffe":
+        from .gpu import cuda_probe
+
+        probe = cuda_probe()
+        if not probe.usable:  # a CUDA build where the driver or devices cannot be used
+            log.info("device=auto: the CPU (CUDA cannot use the GPUs here: %s)", probe.message)
+            return "cpu"
     return "gpu"
 
 
