@@ -9,7 +9,7 @@ DEMO_DIR ?= demo-run
 SAMPLES ?= samples
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-slurm bench image test-image clean cluster-up cluster-down
+.PHONY: setup demo test test-unit test-slurm bench image image-squashfs test-image clean cluster-up cluster-down
 
 # apt run-time libraries, the pycaffe wheel (built once per machine, ~6 min), the venv
 setup: $(VENV)/.setup-done
@@ -42,9 +42,15 @@ test: setup
 image:
 	bash docker/build-image.sh
 
-test-image: setup image
+# the same image as one SquashFS file (Charliecloud, Pyxis/enroot), where a cluster keeps it: on
+# a shared file system, not /tmp (the launcher refuses node-local image paths for Slurm)
+SQUASHFS ?= $(CACHE)/images/caffe-runner-cpu.sqfs
+image-squashfs:
+	bash docker/build-image.sh --squashfs $(SQUASHFS)
+
+test-image: setup image-squashfs
 	bash slurm/dev-cluster install
-	$(PY) -m pytest -ra -m container $(PYTEST_ARGS)
+	CAFFE_RUNNER_SQUASHFS=$(SQUASHFS) $(PY) -m pytest -ra -m container $(PYTEST_ARGS)
 
 test-unit: setup
 	$(PY) -m pytest -ra -m "not slurm and not container" $(PYTEST_ARGS)

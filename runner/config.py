@@ -145,7 +145,7 @@ class SlurmLauncherConf(LauncherConf):
 
 @dataclass
 class ContainerConf:
-    # none | apptainer | podman | docker | pyxis
+    # none | charliecloud | apptainer | podman | docker | pyxis
     runtime: str = "none"
     image: Optional[str] = None
     # extra bind mounts "src:dst"

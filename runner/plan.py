@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from . import __version__, log
 from .errors import ConfigError
 from .manifest import build_manifest, load_manifest
+from .launch.container import check_container, task_container
 from .rundir import RunDir
 
 _POOLING = ("none", "avg", "max", "gem")
@@ -62,6 +63,7 @@ def validate(cfg) -> None:
         raise ConfigError("model.preprocess.oversample=true takes 10 crops of a square image, as "
                           "caffe.Classifier does: set model.preprocess.resize=stretch and "
                           "model.preprocess.resize_size (e.g. 256)")
+    check_container(cfg)  # image exists, readable, visible from the nodes, fits the device
 
 
 def identity(cfg, blobs: List[str], model_sha: Dict[str, str], input_source: str) -> Dict:
@@ -143,7 +145,7 @@ class Run:
             "input_source": p["identity"]["input"],
             "manifest_count": p["count"],
             "config": p["config_yaml"],
-            "container": os.environ.get("CAFFE_RUNNER_CONTAINER", ""),
+            **task_container(),
         }
 
 
@@ -154,7 +156,7 @@ def prepare_run(cfg, default_shards: int, explicit_shards: Optional[int] = None)
     validate(cfg)
     if cfg.backend != "simulated":
         check_model_files(cfg.model)
-    if cfg.device == "gpu" and cfg.backend == "caffe":
+    if cfg.device == "gpu" and cfg.backend == "caffe" and cfg.container.runtime == "none":  # else: the image's Caffe
         from .gpu import require_gpu_caffe
 
         require_gpu_caffe()

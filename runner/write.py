@@ -27,6 +27,7 @@ import numpy as np
 
 from . import log
 from .errors import RunnerError, ShardBusyError
+from .launch.container import image_label
 
 STR = h5py.string_dtype("utf-8")
 RAW = h5py.string_dtype("ascii")  # stored as the exact bytes; HDF5 does not check them
@@ -268,6 +269,11 @@ def merge(run_dir: Path, shard_paths: Sequence[Path], out_name: str = "features.
             o.attrs["rows"] = int(sum(int(f.attrs["rows"]) for f in files))
             o.attrs["n_failures"] = int(sum(int(f.attrs["n_failures"]) for f in files))
             o.attrs["shards"] = json.dumps([os.path.relpath(p, run_dir) for p in shard_paths])
+            # which image each shard ran in ({label: [shard, ...]}; more than one key: mixed images)
+            images: Dict[str, List[int]] = {}
+            for i, f in enumerate(files):
+                images.setdefault(image_label(f.attrs), []).append(int(f.attrs.get("shard", i)))
+            o.attrs["container_images"] = json.dumps(images)
     finally:
         for f in files:
             f.close()
