@@ -175,6 +175,8 @@ def launch_slurm(cfg) -> Dict:
         params = executor_parameters(lc, gres=False)
         params.update(job_name=f"{lc.job_name}-merge", cpus_per_task=1, mem="2048M", time=60,
                       dependency="afterany:" + ":".join(s["array_job_id"] for s in submissions))
+        if pyxis_srun_args(cfg):  # the merge runs in the same image as the tasks
+            params["srun_args"] = pyxis_srun_args(cfg)
         mex.update_parameters(**params)
         mjob = mex.submit(merge_job, str(rd.path))
         merge_id = mjob.job_id
