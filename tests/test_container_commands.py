@@ -20,6 +20,7 @@ Regenerate the golden files after a deliberate change: CAFFE_RUNNER_UPDATE_GOLDE
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -306,3 +307,31 @@ def test_unreadable_image_refused(tmp_path, photos, tiny_net):
         assert "is not readable by you" in line
     finally:
         shutil.rmtree(d)
+
+
+def test_status_and_merged_file_flag_shards_from_different_images(tiny_net, photos, tmp_path):
+    """The image is rebuilt between a run and the rerun of one shard: both the merged file and
+    `status` say which shards came from which image. (The launcher's variables are set by hand
+    here; the real runtimes set them in test_container.py.)"""
+    import h5py
+
+    from conftest import run_cli, tiny_model_args
+
+    run = tmp_path / "run"
+    args = [f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net), "num_shards=2",
+            "launcher.workers=1"]
+    a = {ct.ENV_RUNTIME: "charliecloud", ct.ENV_IMAGE: "/img/cr.sqfs", ct.ENV_IMAGE_ID: "size=1;mtime=A"}
+    run_cli(*args, env=a)
+    label_a = "charliecloud:/img/cr.sqfs (size=1;mtime=A)"
+    assert f"image: {label_a}" in run_cli("status", run).stdout
+    with h5py.File(run / "features.h5") as f:
+        assert json.loads(f.attrs["container_images"]) == {label_a: [0, 1]}
+    (run / "shards" / "shard-00001-of-00002.h5").unlink()
+    run_cli(*args, env=dict(a, **{ct.ENV_IMAGE_ID: "size=2;mtime=B"}))
+    label_b = "charliecloud:/img/cr.sqfs (size=2;mtime=B)"
+    out = run_cli("status", run).stdout
+    assert "WARNING: the shards ran in 2 different images" in out, out
+    assert f"{label_a}: shards 0" in out and f"{label_b}: shards 1" in out
+    with h5py.File(run / "features.h5") as f:
+        assert json.loads(f.attrs["container_images"]) == {label_a: [0], label_b: [1]}
+        assert f.attrs["container_runtime"] == "charliecloud"
