@@ -29,7 +29,7 @@ wheelhouse() {
   # run-time wheel of the project for the image's Python (Debian 12: CPython 3.11)
   local cache=${CAFFE_RUNNER_CACHE:-$HOME/.cache/caffe-runner} sdist
   # build-pycaffe.sh caches it under CACHE/sdist (make setup) or CACHE/pycaffe/sdist (its default)
-  sdist=$(ls "$cache"/sdist/brocolli-caffe-9.0.2.tar.gz "$cache"/pycaffe/sdist/brocolli-caffe-9.0.2.tar.gz 2>/dev/null | head -n1)
+  sdist=$(ls "$cache"/sdist/brocolli-caffe-9.0.2.tar.gz "$cache"/pycaffe/sdist/brocolli-caffe-9.0.2.tar.gz 2>/dev/null | head -n1 || true)
   if [ -n "$sdist" ]; then cp -n "$sdist" "$wh/"; else
     "$PY" -m pip download -q --no-deps --no-binary :all: brocolli-caffe==9.0.2 -d "$wh"; fi
   "$PY" -m pip download -q -d "$wh" --only-binary :all: --python-version 3.11 --platform manylinux2014_x86_64 \
