@@ -19,8 +19,8 @@ from omegaconf import OmegaConf
 
 from . import __version__, log
 from .errors import ConfigError
-from .manifest import build_manifest, load_manifest
 from .launch.container import check_container, task_container
+from .manifest import build_manifest, load_manifest
 from .rundir import RunDir
 
 _POOLING = ("none", "avg", "max", "gem")
