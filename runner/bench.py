@@ -9,7 +9,10 @@ Rows (issue "Throughput"):
  3. the `simulated` device (sleeps per batch, as a GPU would): busy fraction;
  4. peak RSS of one task at N and 10xN images (tiny net, large blob);
  5. manifest build times (1,000,000-line list, 100,000-file tree) and what one task of 1,000 reads;
- 6. backend=opencv vs backend=caffe, end to end.
+ 6. backend=opencv vs backend=caffe, end to end;
+ 7. decode images/s per thread and the decode threads that keep one GPU busy (at an assumed
+    2,000 img/s), checked with the simulated device at that rate;
+ 8. with a usable GPU only: GPU forward-only and end to end (device=gpu).
 Each measurement runs in a fresh spawned process (clean RSS, BLAS threads set before Caffe loads).
 """
 from __future__ import annotations
@@ -136,6 +139,92 @@ def shard_run(cfg_yaml: str, index: int = 0) -> Dict:
     return res
 
 
+# ---- feeding a GPU (issue 10) ---------------------------------------------------------
+# A GPU's forward is tens of times faster than one core's JPEG decoding: how many decode
+# threads keep one GPU busy follows from the decode rate per thread, measured here on the
+# photo-sized JPEGs, and an assumed GPU rate until a GPU node measures it (rows 7-8).
+
+ASSUMED_GPU_IMAGES_PER_S = 2000.0  # res10 to fc7, 300x300, batch 16 on one current GPU (assumed)
+
+
+def decode_threads_for(gpu_images_per_s: float, per_thread_images_per_s: float) -> int:
+    """Decode threads that keep a device of `gpu_images_per_s` busy (decoding scales with
+    threads up to the cores; the net's own thread is not counted)."""
+    import math
+
+    return max(1, math.ceil(gpu_images_per_s / per_thread_images_per_s - 1e-9))
+
+
+def gpu_forward_only(proto: str, weights: str, blobs: List[str], batch: int, n_batches: int, hw=(300, 300)) -> Dict:
+    """forward_only on the GPU (device 0 of CUDA_VISIBLE_DEVICES)."""
+    from .model import CaffeEngine, parse_prototxt
+
+    class M:
+        pass
+
+    m = M()
+    m.weights = weights
+    eng = CaffeEngine(m, parse_prototxt(proto), blobs, (3,) + tuple(hw), device="gpu")
+    x = np.random.default_rng(0).uniform(-120, 120, (batch, 3) + tuple(hw)).astype(np.float32)
+    for _ in range(3):
+        eng.forward(x)  # warm up: cuBLAS handles, allocations
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        eng.forward(x)  # returns host copies of the blobs: the GPU work is done
+    return {"images_per_s": batch * n_batches / (time.perf_counter() - t0)}
+
+
+def gpu_feeding(paths: List[str], threads: int, repeats: int, runner_rate, proto: str, weights: str) -> Dict:
+    """Rows 7-8: decode images/s per thread (default and reduced JPEG decoding), the threads
+    that keep one GPU at ASSUMED_GPU_IMAGES_PER_S busy, the simulated device at that rate with
+    the threads this machine has; and with a usable GPU, its forward-only and end-to-end rates."""
+    from .gpu import caffe_has_gpu, cuda_probe, explain_probe
+
+    out: Dict = {"assumed_gpu_images_per_s": ASSUMED_GPU_IMAGES_PER_S, "threads_here": threads}
+    for mode, reduced in (("default", False), ("reduced_jpeg", True)):
+        one = _median([in_child("decode_only", 1, paths=paths, workers=1, reduced=reduced)["images_per_s"]
+                       for _ in range(repeats)])
+        out[f"decode_per_thread_{mode}"] = one
+        out[f"threads_per_gpu_{mode}"] = decode_threads_for(ASSUMED_GPU_IMAGES_PER_S, one)
+    # the simulated device at the assumed GPU rate, fed by this machine's threads: the pipeline
+    # delivers what decoding allows, which the per-thread figure predicts
+    batch_s = round(16 / ASSUMED_GPU_IMAGES_PER_S, 4)
+    sims = [runner_rate(["backend=simulated", f"simulated_batch_s={batch_s}", "decode.reduced_jpeg=true"],
+                        "sim-gpu") for _ in range(repeats)]
+    out["simulated_gpu_images_per_s"] = _median([r["images_per_s"] for r in sims])
+    out["simulated_gpu_busy_fraction"] = _median([r["forward_busy_fraction"] for r in sims])
+    out["predicted_busy_fraction"] = min(1.0, threads * out["decode_per_thread_reduced_jpeg"] / ASSUMED_GPU_IMAGES_PER_S)
+    probe = cuda_probe() if caffe_has_gpu() else None
+    why = "the CPU build of pycaffe" if probe is None else explain_probe(probe, platform.node(),
+                                                                          os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if why:
+        out["gpu"] = {"skipped": why}
+        return out
+    fwd = [in_child("gpu_forward_only", 1, proto=proto, weights=weights, blobs=["fc7"], batch=16,
+                    n_batches=max(20, len(paths) // 8))["images_per_s"] for _ in range(repeats)]
+    e2e = [runner_rate(["device=gpu", "decode.reduced_jpeg=true"], "gpu")["images_per_s"] for _ in range(repeats)]
+    out["gpu"] = {"forward_only_images_per_s": _median(fwd), "end_to_end_images_per_s": _median(e2e),
+                  "end_to_end_vs_forward": _median(e2e) / _median(fwd),
+                  "threads_per_gpu_measured_reduced_jpeg": decode_threads_for(_median(fwd),
+                                                                              out["decode_per_thread_reduced_jpeg"])}
+    return out
+
+
+def print_gpu_rows(g: Dict) -> None:
+    a = g["assumed_gpu_images_per_s"]
+    print(f"{'7':2} decode per thread, default / reduced JPEG  {g['decode_per_thread_default']:.0f} / "
+          f"{g['decode_per_thread_reduced_jpeg']:.0f} img/s  threads per GPU at {a:.0f} img/s: "
+          f"{g['threads_per_gpu_default']} / {g['threads_per_gpu_reduced_jpeg']}")
+    print(f"{'7':2} simulated GPU at {a:.0f} img/s, {g['threads_here']} threads here  "
+          f"{g['simulated_gpu_images_per_s']:.0f} img/s  busy {g['simulated_gpu_busy_fraction']:.3f} "
+          f"(predicted {g['predicted_busy_fraction']:.3f})")
+    if "skipped" in g["gpu"]:
+        print(f"{'8':2} GPU forward-only / end to end: skipped ({g['gpu']['skipped']})")
+    else:
+        print(f"{'8':2} GPU forward-only / end to end  {g['gpu']['forward_only_images_per_s']:.0f} / "
+              f"{g['gpu']['end_to_end_images_per_s']:.0f} img/s  ({g['gpu']['end_to_end_vs_forward']:.2f} of forward)")
+
+
 # ---- orchestration -------------------------------------------------------------------
 
 def _prepare(run_dir: Path, overrides: List[str], shards: int = 1) -> str:
@@ -163,7 +252,7 @@ def _median(xs):
     return float(statistics.median(xs))
 
 
-def bench(n_images: int, repeats: int, work: Path, threads: int) -> Dict:
+def bench(n_images: int, repeats: int, work: Path, threads: int, gpu_feeding_only: bool = False) -> Dict:
     from .cli import _pkgfile
     from .samples import write_corpus
 
@@ -183,6 +272,9 @@ def bench(n_images: int, repeats: int, work: Path, threads: int) -> Dict:
         cfg_yaml = _prepare(work / f"run-{tag}", base + extra)
         return in_child("shard_run", threads, cfg_yaml=cfg_yaml)
 
+    if gpu_feeding_only:
+        results["gpu_feeding"] = gpu_feeding(paths, threads, repeats, runner_rate, proto, weights)
+        return results
     rows = {"classic": [], "runner": [], "runner_reduced": [], "forward": [], "opencv": []}
     busy, busy_steady, decode_rates = [], [], []
     for r in range(repeats):
@@ -224,6 +316,7 @@ def bench(n_images: int, repeats: int, work: Path, threads: int) -> Dict:
     results["rss"] = rss_ratio(work, threads)
     results["ratios"]["4_peak_rss_10N_over_N"] = results["rss"]["ratio"]
     results["manifest"] = manifest_bench(work)
+    results["gpu_feeding"] = gpu_feeding(paths, threads, repeats, runner_rate, proto, weights)
     return results
 
 
@@ -333,6 +426,8 @@ def print_table(r: Dict) -> None:
     print(f"\n{'#':2} {'what':{w}}  {'median':>22}  ratio")
     for n, what, val, ratio in rows:
         print(f"{n:2} {what:{w}}  {val:>22}  {ratio}")
+    if "gpu_feeding" in r:
+        print_gpu_rows(r["gpu_feeding"])
 
 
 def main() -> None:
@@ -342,14 +437,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "caffe-runner-bench"))
     ap.add_argument("--out", default="bench/results.json")
+    ap.add_argument("--gpu-feeding-only", action="store_true", help="rows 7-8 only (decode vs a GPU)")
     a = ap.parse_args()
     os.environ.setdefault("GLOG_minloglevel", "2")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    r = bench(a.images, a.repeats, work, a.threads)
+    r = bench(a.images, a.repeats, work, a.threads, gpu_feeding_only=a.gpu_feeding_only)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(r, indent=1))
-    print_table(r)
+    if a.gpu_feeding_only:
+        print_gpu_rows(r["gpu_feeding"])
+    else:
+        print_table(r)
     print(f"\nwritten: {a.out}")
     sys.stdout.flush()
 

@@ -134,6 +134,9 @@ def _pyxis(s: ContainerSpec, inner: List[str]) -> Wrapped:
 RUNTIMES: Dict[str, Callable[[ContainerSpec, List[str]], Wrapped]] = {
     "apptainer": _apptainer, "charliecloud": _charliecloud, "podman": _oci, "docker": _oci, "pyxis": _pyxis,
 }
+# what must be on PATH (login and compute nodes alike) for each runtime
+_EXECUTABLES = {"apptainer": "apptainer", "charliecloud": "ch-run", "podman": "podman", "docker": "docker",
+                "pyxis": "srun"}
 # The image is a file or folder here (not a name the runtime pulls)
 _FILE_RUNTIMES = ("apptainer", "charliecloud", "pyxis")
 
@@ -219,17 +222,18 @@ def image_identity(runtime: str, image: str) -> str:
 
 def container_spec(cfg) -> ContainerSpec:
     c = cfg.container
-    if c.runtime not in ("none",) + tuple(RUNTIMES):
-        raise ConfigError(f"container.runtime={c.runtime!r}: use one of none, {', '.join(RUNTIMES)}")
-    if c.runtime != "none" and not c.image:
-        raise ConfigError(f"container.runtime={c.runtime} needs container.image=... (an image file such as "
+    if str(c.runtime) not in ("none",) + tuple(RUNTIMES):
+        raise ConfigError(f"container.runtime={str(c.runtime)!r}: use one of none, {', '.join(RUNTIMES)}")
+    if str(c.runtime) != "none" and not c.image:
+        raise ConfigError(f"container.runtime={str(c.runtime)} needs container.image=... (an image file such as "
                           f"$HOME/images/caffe-runner.sif or .sqfs, or an image name)")
+    runtime = str(c.runtime)  # a ContainerRuntime (str enum) from the schema, or a plain string
     image = str(c.image or "")
-    image = image_path(c.runtime, image) or image
+    image = image_path(runtime, image) or image
     dirs = bind_dirs(cfg)
-    binds = charliecloud_binds(dirs) if c.runtime == "charliecloud" else dirs
-    set_env = ((ENV_RUNTIME, c.runtime), (ENV_IMAGE, image), (ENV_IMAGE_ID, image_identity(c.runtime, image)))
-    return ContainerSpec(runtime=c.runtime, image=image, binds=tuple(binds) + tuple(c.binds), env=TASK_ENV,
+    binds = charliecloud_binds(dirs) if runtime == "charliecloud" else dirs
+    set_env = ((ENV_RUNTIME, runtime), (ENV_IMAGE, image), (ENV_IMAGE_ID, image_identity(runtime, image)))
+    return ContainerSpec(runtime=runtime, image=image, binds=tuple(binds) + tuple(c.binds), env=TASK_ENV,
                          set_env=set_env, gpu=cfg.device == "gpu", extra_args=tuple(c.extra_args), user=_user(),
                          workdir=_abs(cfg.output.dir))
 
@@ -291,34 +295,40 @@ def _has_nvidia_libs(path: str, listing: Optional[List[str]]) -> Optional[bool]:
     return None  # a SquashFS file without squashfs-tools here: cannot tell
 
 
-def check_container(cfg) -> None:
+def check_container(cfg, device: Optional[str] = None) -> None:
     """Refuse, before anything runs, a container setup that would fail in every task: an
-    unknown runtime, a missing or unreadable image file, an image only this node can see
-    (launcher=slurm), a Charliecloud image without the mount points or NVIDIA libraries it
-    needs. One line each, naming the fix."""
+    unknown runtime or one not on PATH, a missing or unreadable image file, an image only this
+    node can see (launcher=slurm), a Charliecloud image without the mount points or NVIDIA
+    libraries it needs. One line each, naming the fix."""
     c = cfg.container
-    if c.runtime == "none":
+    if str(c.runtime) == "none":
         return
     spec = container_spec(cfg)  # unknown runtime, missing image name
-    launcher = cfg.launcher.name
-    if c.runtime == "pyxis" and launcher != "slurm":
+    if spec.runtime == "pyxis" and cfg.launcher.name != "slurm":
         raise ConfigError("container.runtime=pyxis runs through srun: use it with launcher=slurm (locally, use "
                           "charliecloud, apptainer or podman)")
-    path = image_path(c.runtime, str(c.image))
-    if path is None:
-        return
+    path = image_path(spec.runtime, str(c.image))
+    if path is not None:
+        _check_image_file(cfg, spec, path, str(device or cfg.device))
+    exe = _EXECUTABLES[spec.runtime]
+    if not shutil.which(exe):
+        raise ConfigError(f"container.runtime={spec.runtime} but `{exe}` is not on PATH here: load it "
+                          f"(e.g. `module load {exe}`), or choose another container.runtime")
+
+
+def _check_image_file(cfg, spec: ContainerSpec, path: str, device: str) -> None:
     if not os.path.exists(path):
         raise ConfigError(f"container.image {path} does not exist: give the path of the image file "
                           f"(e.g. made by docker/build-image.sh --squashfs OUT or apptainer build)")
     if not os.access(path, os.R_OK) or (os.path.isdir(path) and not os.access(path, os.X_OK)):
         raise ConfigError(f"container.image {path} is not readable by you: fix its permissions (chmod a+r) or "
                           "use a copy you can read")
-    if launcher == "slurm" and _under(os.path.realpath(path), NODE_LOCAL + tuple(
-            t for t in [os.environ.get("TMPDIR")] if t)):
+    node_local = NODE_LOCAL + tuple(t for t in [os.environ.get("TMPDIR")] if t)
+    if cfg.launcher.name == "slurm" and _under(os.path.realpath(path), node_local):
         raise ConfigError(f"container.image {path} is on a folder only this node has ({path.split('/')[1]!r} is "
                           "local to each node): array tasks on other nodes would not find it; copy the image to "
                           "a shared file system (your home, project or scratch folder) and point container.image there")
-    if c.runtime != "charliecloud":
+    if spec.runtime != "charliecloud":
         return
     if os.path.isfile(path) and not _is_squashfs(path):
         raise ConfigError(f"container.image {path} is neither a SquashFS file nor an image directory: make one "
@@ -337,7 +347,7 @@ def check_container(cfg) -> None:
             raise ConfigError(f"container.image {path} has no {dst} to bind the host's {dst} onto (ch-run cannot "
                               f"create mount points in a read-only image): add `RUN mkdir -p {dst}` to the "
                               "Dockerfile and rebuild, or keep input/output/model folders under folders the image has")
-    if cfg.device == "gpu" and _has_nvidia_libs(path, listing) is False:
+    if device == "gpu" and _has_nvidia_libs(path, listing) is False:
         raise ConfigError(f"device=gpu but container.image {path} has no NVIDIA driver libraries (libcuda.so): "
                           "for Charliecloud, unpack the image to a directory (ch-convert IMAGE DIR) and add the "
                           "host's with `ch-fromhost --nvidia DIR`, then use container.image=DIR")
