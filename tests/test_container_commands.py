@@ -307,7 +307,7 @@ def test_unreadable_image_refused(tmp_path, photos, tiny_net):
     img.write_bytes(b"hsqs" + b"\0" * 96)
     img.chmod(0o600)
     try:
-        for p in (tmp_path, photos):  # pytest's folders are root's: let nobody reach them
+        for p in (tmp_path, photos, tiny_net[0].parent):  # pytest's folders are root's: let nobody reach them
             for q in [p, *p.parents]:
                 if str(q).startswith("/tmp/"):
                     q.chmod(q.stat().st_mode | 0o755)
