@@ -26,7 +26,7 @@ else
 $(error CAFFE=$(CAFFE): use CAFFE=cpu (default) or CAFFE=gpu)
 endif
 
-.PHONY: setup demo test test-unit test-slurm bench image test-image clean cluster-up cluster-down \
+.PHONY: setup demo test test-unit test-slurm bench image image-squashfs test-image clean cluster-up cluster-down \
 	cuda-wheel test-cuda-build test-gpu
 
 # apt run-time libraries, the pycaffe wheel (built once per machine, ~6 min), the venv
@@ -84,9 +84,15 @@ test-gpu:
 image:
 	bash docker/build-image.sh
 
-test-image: setup image
+# the same image as one SquashFS file (Charliecloud, Pyxis/enroot), where a cluster keeps it: on
+# a shared file system, not /tmp (the launcher refuses node-local image paths for Slurm)
+SQUASHFS ?= $(CACHE)/images/caffe-runner-cpu.sqfs
+image-squashfs:
+	bash docker/build-image.sh --squashfs $(SQUASHFS)
+
+test-image: setup image-squashfs
 	bash slurm/dev-cluster install
-	$(PY) -m pytest -ra -m container $(PYTEST_ARGS)
+	CAFFE_RUNNER_SQUASHFS=$(SQUASHFS) $(PY) -m pytest -ra -m container $(PYTEST_ARGS)
 
 # seconds, no pycaffe import and no cluster: schema, device choice, checks, writer resume, merge
 test-unit: setup

@@ -232,11 +232,14 @@ class SlurmLauncherConf(LauncherConf):
 
 @dataclass
 class ContainerConf:
-    # where a Slurm task runs (launcher=slurm only)
+    # where each task runs: the host (none) or inside container.image (Slurm array tasks and
+    # local shards alike; pyxis needs launcher=slurm)
     runtime: ContainerRuntime = ContainerRuntime.none
+    # an image file on a shared file system (SIF, SquashFS, image directory) or an image name
     image: Optional[str] = None
     # extra bind mounts "src:dst"
     binds: List[str] = field(default_factory=list)
+    # the runtime's own options, placed before the image
     extra_args: List[str] = field(default_factory=list)
 
 

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from . import log
+from .launch.container import image_label
 from .manifest import load_manifest
 from .preprocess import oversample as oversample_crops
 from .errors import ShardBusyError
@@ -75,7 +76,7 @@ class _Progress:
             self.run.write_heartbeat(self.index, dict(
                 state=state, shard=self.index, done=self.done, total=self.total, rows=self.rows,
                 failures=self.failures, rate=round(self.rate, 3), host=self.ident.host, pid=self.ident.pid,
-                job_id=self.ident.job_id, started=self.t0, log=self.log_path, **extra))
+                job_id=self.ident.job_id, started=self.t0, log=self.log_path, image=image_label(), **extra))
         if self.log_interval_s and (now - self.last_log >= self.log_interval_s or state != "running"):
             self.last_log = now
             eta = (self.total - self.done) / self.rate if self.rate > 0 else float("nan")

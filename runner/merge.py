@@ -29,6 +29,7 @@ import numpy as np
 
 from . import log
 from .errors import RunnerError, ShardFailedError
+from .launch.container import image_label
 from .write import dataset_name
 
 ROW_DATASETS = ("names", "names_raw", "index")
@@ -39,6 +40,7 @@ FAILURE_DATASETS = ("index", "names", "names_raw", "reason")
 # host, pid, range or progress never pass for the run's)
 RUN_ATTRS = ("caffe_runner_version", "model_name", "prototxt", "prototxt_sha256", "weights", "weights_sha256",
              "blobs", "preprocess", "backend", "input_source", "manifest_count", "config", "container",
+             "container_runtime", "container_image", "container_image_id",
              "fingerprint", "format_version", "blob_shapes")
 CHUNK_BYTES = 16 << 20
 NAME_CHUNK_ROWS = 65536
@@ -72,9 +74,11 @@ def _scan(paths: Sequence[Path]) -> Tuple[List[_Source], _Layout]:
         raise RunnerError("nothing to merge: the run has no shard files")
     sources = []
     layout = None
+    images: Dict[str, List[int]] = {}  # which image each shard ran in; more than one key: mixed
     for p in paths:
         with _open(p) as f:
             rows, nf = len(f["index"]), len(f["failures/index"])
+            images.setdefault(image_label(f.attrs), []).append(int(f.attrs.get("shard", len(sources))))
             if layout is None:
                 blobs = json.loads(f.attrs["blobs"])
                 shapes = {dataset_name(b): f[f"features/{dataset_name(b)}"].shape[1:] for b in blobs}
@@ -89,6 +93,7 @@ def _scan(paths: Sequence[Path]) -> Tuple[List[_Source], _Layout]:
                     raise RunnerError(f"{p}: features/{d} has {len(f[f'features/{d}'])} rows but index has "
                                       f"{rows}: the shard is damaged; delete it and rerun the extraction")
         sources.append(_Source(Path(p), rows, nf))
+    layout.attrs["container_images"] = json.dumps(images)
     return sources, layout
 
 

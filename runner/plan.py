@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from . import __version__, log
 from .errors import ConfigError
+from .launch.container import check_container, task_container
 from .manifest import build_manifest, load_manifest
 from .rundir import RunDir, partial_of
 from .shard import shard_bounds
@@ -101,7 +102,7 @@ def gpu_capable(cfg) -> bool:
 
 
 def _in_container(cfg) -> bool:
-    return cfg.launcher.name == "slurm" and cfg.container.runtime != "none"
+    return cfg.container.runtime != "none"
 
 
 def resolve_local_device(cfg) -> str:
@@ -184,22 +185,10 @@ def _check_device(cfg) -> Tuple[str, int]:
     return device, gpus
 
 
-def _check_container(cfg) -> None:
-    c = cfg.container
-    if c.runtime == "none":
-        return
-    if cfg.launcher.name != "slurm":
-        raise ConfigError(f"container.runtime={c.runtime} applies to launcher=slurm (tasks start inside the "
-                          "image); a local run uses this environment: drop container.runtime, or run "
-                          "caffe-runner itself inside the image")
-    from .launch.container import container_command
-
-    container_command(cfg, ["python"])  # raises on a missing image
-    exe = {"apptainer": "apptainer", "podman": "podman", "docker": "docker", "pyxis": "srun",
-           "charliecloud": "ch-run"}.get(str(c.runtime))
-    if exe and not shutil.which(exe):
-        raise ConfigError(f"container.runtime={c.runtime} but `{exe}` is not on PATH here: load it "
-                          f"(e.g. `module load {exe}`), or choose another container.runtime")
+def _check_container(cfg, device: str) -> None:
+    """The runtime is here, the image exists, is readable, is visible from the nodes and fits
+    the device (launch/container.py)."""
+    check_container(cfg, device)
 
 
 def validate(cfg) -> Checked:
@@ -221,7 +210,7 @@ def validate(cfg) -> Checked:
     channels = int(spec.input_shape[1]) if spec.input_shape and len(spec.input_shape) == 4 else 3
     _check_preprocess(cfg, hw, channels)
     device, gpus = _check_device(cfg)
-    _check_container(cfg)
+    _check_container(cfg, device)
     if cfg.launcher.name == "slurm":
         from .launch.slurm import check_slurm
 
@@ -357,7 +346,7 @@ class Run:
             "input_source": p["identity"]["input"],
             "manifest_count": p["count"],
             "config": p["config_yaml"],
-            "container": os.environ.get("CAFFE_RUNNER_CONTAINER", ""),
+            **task_container(),
         }
 
 

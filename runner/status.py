@@ -21,7 +21,7 @@ def shard_state(run, i: int, now: float) -> Dict:
     hb = run.read_heartbeat(i) or {}
     st = {"shard": i, "total": stop - start, "done": int(hb.get("done", 0)), "rate": hb.get("rate"),
           "host": hb.get("host"), "pid": hb.get("pid"), "started": float(hb.get("started", 0)),
-          "job_id": hb.get("job_id"), "log": hb.get("log")}
+          "job_id": hb.get("job_id"), "log": hb.get("log"), "image": hb.get("image")}
     if run.shard_path(i).exists():
         st.update(state="done", done=stop - start, rows=hb.get("rows"), failures=hb.get("failures"))
     elif hb.get("state") == "failed":
@@ -72,6 +72,12 @@ def run_status(run_dir: Path, use_sacct: bool = True) -> Dict:
         state = "merged"
     result = {"run_dir": str(run.rundir.path), "state": state, "images": total, "done": done,
               "rate": rate, "eta_s": eta, "counts": counts, "shards": shards}
+    # which image each shard ran in ("" on the host); shards of one run from several images are flagged
+    images: Dict[str, List[int]] = {}
+    for s in shards:
+        if s["image"] is not None:
+            images.setdefault(s["image"], []).append(s["shard"])
+    result["container_images"] = images
     submissions = run.rundir.path / "submissions.json"
     if use_sacct and submissions.exists():
         jobs = json.loads(submissions.read_text())
@@ -93,6 +99,13 @@ def format_status(st: Dict) -> str:
         if s.get("job_id"):
             line += f"  job {s['job_id']}"
         lines.append(line)
+    images = st.get("container_images") or {}
+    if len(images) > 1:
+        lines.append(f"WARNING: the shards ran in {len(images)} different images (a rebuilt image, or another "
+                     "container.image): " + "; ".join(f"{label or 'the host, no container'}: shards "
+                                                      f"{','.join(map(str, sh))}" for label, sh in images.items()))
+    elif images and next(iter(images)):
+        lines.append(f"image: {next(iter(images))}")
     if st.get("slurm"):
         lines.append("slurm (sacct): " + ", ".join(f"{k} {v}" for k, v in sorted(st["slurm"].items())))
     return "\n".join(lines)

@@ -56,7 +56,7 @@ def test_refused_plan_then_a_good_one(tiny_net, photos, tmp_path):
     ("launcher.workers=-1", "launcher.workers=-1"),
     ("model.preprocess.mean=[1,2]", "model.preprocess.mean has 2 values but the net takes 3 channels"),
     ("model.preprocess.resize_size=20", "resize_size=20 is smaller than the net input 32x40"),
-    ("container.runtime=podman", "container.runtime=podman applies to launcher=slurm"),
+    ("container.runtime=podman", "container.runtime=podman needs container.image="),
     ("backend=opencv device=gpu", "backend=opencv runs on the CPU only"),
 ])
 def test_out_of_range_values(tiny_net, photos, tmp_path, override, expect):

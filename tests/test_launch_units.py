@@ -44,14 +44,14 @@ def test_parse_scontrol_config():
 def test_container_commands():
     assert container_command(_cfg(), ["python"]) == ["python"]
     cmd = container_command(_cfg(runtime="apptainer", image="/images/cr.sif"), ["python"])
-    assert cmd[:2] == ["apptainer", "exec"] and "--nv" not in cmd and cmd[-2:] == ["/images/cr.sif", "python"]
-    assert "/data/imgs:/data/imgs" in cmd and "/scratch/run:/scratch/run" in cmd and "/models/m:/models/m" in cmd
+    assert cmd[:2] == ["sh", "-c"] and "--nv" not in cmd[2] and cmd[2].endswith(' /images/cr.sif python "$@"')
+    assert "--bind /data/imgs:/data/imgs" in cmd[2] and "--bind /scratch/run:/scratch/run" in cmd[2]
     gpu = _cfg(runtime="apptainer", image="x.sif")
     gpu.device = "gpu"
-    assert "--nv" in container_command(gpu, ["python"])
+    assert "--nv" in container_command(gpu, ["python"])[2]
     pod = container_command(_cfg(runtime="podman", image="localhost/caffe-runner:cpu"), ["python"])
     assert pod[:3] == ["podman", "run", "--rm"] and "--pull" in pod and pod[-1] == "localhost/caffe-runner:cpu"
-    assert pod[pod.index("--entrypoint") + 1] == "python" and "SLURM_*" in pod
+    assert pod[pod.index("--entrypoint") + 1] == "python" and "SLURM_ARRAY_TASK_ID" in pod
     assert wrap_python(_cfg(runtime="podman", image="img"), "/venv/bin/python").startswith("podman run")
     with pytest.raises(ConfigError, match="container.image"):
         container_command(_cfg(runtime="docker"), ["python"])

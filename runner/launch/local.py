@@ -99,6 +99,11 @@ def _init_worker(gpu_queue, threads: int, level: int) -> None:
 def _shard_entry(cfg, index: int):
     from ..extract import run_shard
 
+    if cfg.container.runtime != "none":  # the shard runs as a process inside the image
+        from .container import run_shard_in_container
+
+        return run_shard_in_container(cfg, index, _worker_threads)
+
     return run_shard(cfg, index, threads=_worker_threads)
 
 

@@ -110,6 +110,21 @@ def _check_paths_for_nodes(cfg) -> None:
             log.warning("%s %s is under a node-local folder: on a multi-node cluster tasks will not see it", label, p)
 
 
+def array_executor(cfg, folder):
+    """The array's submitit executor: sbatch options from launcher.*, the task's interpreter
+    wrapped by the container runtime (tests/golden/ pins the sbatch scripts it writes)."""
+    import submitit
+
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(cfg.launcher.max_num_timeout),
+                                python=wrap_python(cfg, sys.executable))
+    params = executor_parameters(cfg.launcher)
+    srun_args = pyxis_srun_args(cfg)
+    if srun_args:
+        params["srun_args"] = srun_args
+    ex.update_parameters(**params)
+    return ex
+
+
 def _sinfo_has_partition(name: str) -> Optional[bool]:
     """Whether the cluster has partition `name`; None when sinfo cannot say."""
     if not shutil.which("sinfo"):
@@ -180,13 +195,8 @@ def launch_slurm(cfg) -> Dict:
         return {"submitted": True, "run_dir": str(rd.path), "jobs": []}
 
     logs = rd.logs_dir / "%j"
-    python = wrap_python(cfg, sys.executable)
-    ex = submitit.SlurmExecutor(folder=logs, max_num_timeout=int(lc.max_num_timeout), python=python)
-    params = executor_parameters(lc)
-    srun_args = pyxis_srun_args(cfg)
-    if srun_args:
-        params["srun_args"] = srun_args
-    ex.update_parameters(**params)
+    ex = array_executor(cfg, logs)
+    python = ex.python
     task = _make_task()
     submissions = []
     all_jobs = []
@@ -204,6 +214,8 @@ def launch_slurm(cfg) -> Dict:
         params = executor_parameters(lc, gres=False)
         params.update(job_name=f"{lc.job_name}-merge", cpus_per_task=1, mem="2048M", time=60,
                       dependency="afterany:" + ":".join(s["array_job_id"] for s in submissions))
+        if pyxis_srun_args(cfg):  # the merge runs in the same image as the tasks
+            params["srun_args"] = pyxis_srun_args(cfg)
         mex.update_parameters(**params)
         mjob = mex.submit(merge_job, str(rd.path))
         merge_id = mjob.job_id
