@@ -432,7 +432,7 @@ def _make_synthetic(run_dir: str, rows: int, shards: int, dim: int, view_max_sha
 # label: (rows, shards, view_max_shards). Pairs differ in one thing only: 10x the shards at the
 # same shard size and layout (a copy), or 10x the rows at the same shard size and layout (a view)
 SCALES = {"shards_100": (10_000, 100, 0), "shards_1000": (100_000, 1000, 128),
-          "rows_100k": (100_000, 1, 128), "rows_1M": (1_000_000, 10, 128)}
+          "rows_100k": (100_000, 1, 128), "rows_1M": (1_000_000, 10, 128), "rows_4M": (4_000_000, 40, 128)}
 
 
 def merge_bench(work: Path, dim: int = 64) -> Dict:
@@ -457,7 +457,7 @@ def merge_bench(work: Path, dim: int = 64) -> Dict:
             r["layout"] = str(f.attrs["layout"])
         out[label] = r
     out["rss_ratio"] = {f"{what}_{a}_over_{b}": round(out[a][what]["peak_rss_mb"] / out[b][what]["peak_rss_mb"], 3)
-                        for a, b in (("shards_1000", "shards_100"), ("rows_1M", "rows_100k"))
+                        for a, b in (("shards_1000", "shards_100"), ("rows_1M", "rows_100k"), ("rows_4M", "rows_1M"))
                         for what in ("merge", "verify", "export")}
     return out
 
