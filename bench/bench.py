@@ -438,15 +438,17 @@ def scale_step(run_dir: str, what: str, out: str = "") -> Dict:
     return {"s": time.perf_counter() - t0}
 
 
-def _make_synthetic(run_dir: str, rows: int, shards: int, dim: int) -> Dict:
+def _make_synthetic(run_dir: str, rows: int, shards: int, dim: int, view_max_shards: int) -> Dict:
     from runner.synthetic import make_run
 
-    make_run(Path(run_dir), rows, shards, dim=dim, fail_every=97)
+    make_run(Path(run_dir), rows, shards, dim=dim, fail_every=97, view_max_shards=view_max_shards)
     return {}
 
 
-SCALES = {"shards_100": (10_000, 100), "shards_1000": (100_000, 1000),
-          "rows_100k": (100_000, 10), "rows_1M": (1_000_000, 10)}
+# label: (rows, shards, view_max_shards). Pairs differ in one thing only: 10x the shards at the
+# same shard size and layout (a copy), or 10x the rows at the same shard size and layout (a view)
+SCALES = {"shards_100": (10_000, 100, 0), "shards_1000": (100_000, 1000, 128),
+          "rows_100k": (100_000, 1, 128), "rows_1M": (1_000_000, 10, 128), "rows_4M": (4_000_000, 40, 128)}
 
 
 def merge_bench(work: Path, dim: int = 64) -> Dict:
@@ -454,12 +456,13 @@ def merge_bench(work: Path, dim: int = 64) -> Dict:
     import shutil
 
     out: Dict[str, Dict] = {}
-    for label, (rows, shards) in SCALES.items():
+    for label, (rows, shards, view_max) in SCALES.items():
         run = work / f"scale-{label}"
-        if not (run / ".done").exists():
+        if not (run / ".done").exists() or (run / ".done").read_text() != f"{rows} {shards} {view_max}":
             shutil.rmtree(run, ignore_errors=True)
-            in_child("_make_synthetic", 1, run_dir=str(run), rows=rows, shards=shards, dim=dim)
-            (run / ".done").write_text("ok")
+            in_child("_make_synthetic", 1, run_dir=str(run), rows=rows, shards=shards, dim=dim,
+                     view_max_shards=view_max)
+            (run / ".done").write_text(f"{rows} {shards} {view_max}")
         (run / "features.h5").unlink(missing_ok=True)
         r = {"rows": rows, "shards": shards, "row_bytes": dim * 4}
         for what in ("merge", "verify", "export"):
@@ -470,7 +473,7 @@ def merge_bench(work: Path, dim: int = 64) -> Dict:
             r["layout"] = str(f.attrs["layout"])
         out[label] = r
     out["rss_ratio"] = {f"{what}_{a}_over_{b}": round(out[a][what]["peak_rss_mb"] / out[b][what]["peak_rss_mb"], 3)
-                        for a, b in (("shards_1000", "shards_100"), ("rows_1M", "rows_100k"))
+                        for a, b in (("shards_1000", "shards_100"), ("rows_1M", "rows_100k"), ("rows_4M", "rows_1M"))
                         for what in ("merge", "verify", "export")}
     return out
 
