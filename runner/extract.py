@@ -7,6 +7,7 @@ the number of images.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -15,12 +16,14 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from typing import Dict, Optional
 
 import numpy as np
 
 from . import log
 from .manifest import load_manifest
+from .readers import open_reader
 from .preprocess import oversample as oversample_crops
 from .rundir import RunDir
 from .shard import TaskIdentity, shard_bounds, task_identity
@@ -81,18 +84,27 @@ class _Progress:
                      self.num_shards, state, self.done, self.total, self.failures, self.rate, eta)
 
 
-def _decode_window(decoder, manifest, items, batch_size: int, workers: int, prefetch: int):
-    """Yield (indices, names, images|None, reasons) per batch, decoding up to `prefetch`
+def _batches(items, batch_size: int):
+    it = iter(items)
+    while True:
+        b = list(islice(it, batch_size))
+        if not b:
+            return
+        yield b
+
+
+def _decode_window(items, batch_size: int, workers: int, prefetch: int):
+    """Yield (batch of Items, [(image|None, reason)]) per batch, decoding up to `prefetch`
     batches ahead in `workers` threads (bounded: memory does not grow with the input)."""
-    batches = (items[i:i + batch_size] for i in range(0, len(items), batch_size))
+    batches = _batches(items, batch_size)
     if workers <= 0:
         for b in batches:
-            yield b, [decoder.load(manifest.path_of(n)) for _, n in b]
+            yield b, [it.job() for it in b]
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         window: deque = deque()
         for b in batches:
-            window.append((b, [pool.submit(decoder.load, manifest.path_of(n)) for _, n in b]))
+            window.append((b, [pool.submit(it.job) for it in b]))
             if len(window) > prefetch:
                 b0, futs = window.popleft()
                 yield b0, [f.result() for f in futs]
@@ -114,8 +126,8 @@ class _Feeder(threading.Thread):
     def run(self):
         try:
             for batch, results in self.window:
-                ok = [(i, n, img) for (i, n), (img, _) in zip(batch, results) if img is not None]
-                failures = [(i, n, why) for (i, n), (img, why) in zip(batch, results) if img is None]
+                ok = [(it.index, it.name, img) for it, (img, _) in zip(batch, results) if img is not None]
+                failures = [(it.index, it.name, why) for it, (img, why) in zip(batch, results) if img is None]
                 x = None
                 if ok:
                     imgs = np.stack([img for _, _, img in ok])
@@ -172,9 +184,9 @@ class _Writer(threading.Thread):
                 item = self.q.get()
                 if item is None:
                     return
-                n_items, indices, names, feats, failures = item
+                n_items, indices, names, feats, failures, labels = item
                 feats = {b: postprocess(v, **self.post) for b, v in feats.items()}
-                self.writer.write_batch(n_items, indices, names, feats, failures)
+                self.writer.write_batch(n_items, indices, names, feats, failures, labels)
                 p = self.progress
                 p.done += n_items
                 p.rows += len(indices)
@@ -227,7 +239,9 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
                          host=ident.host, pid=ident.pid, job_id=ident.job_id or "",
                          visible_gpus=ident.visible_gpus or "", device=engine.device_desc,
                          blob_shapes=str({b: list(s) for b, s in shapes.items()}))
-            writer = ShardWriter(final, shapes, cfg.output.dtype, attrs, plan["fingerprint"], cfg.batch_size)
+            reader = open_reader(manifest, decoder)
+            writer = ShardWriter(final, shapes, cfg.output.dtype, attrs, plan["fingerprint"], cfg.batch_size,
+                                 labels=manifest.labels)
             try:
                 if writer.next:
                     log.info("shard %d/%d resumes at %d/%d (rows %d, failures %d)", index, num_shards,
@@ -236,14 +250,14 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
                 progress = _Progress(rd, index, num_shards, stop - start, writer.next, ident, cfg.heartbeat_s,
                                      float(cfg.launcher.get("log_interval_s", 30)) if slurm else 0.0, log_path)
                 progress.rows, progress.failures = writer.rows, writer.n_failures
-                names = manifest.read_slice(start + writer.next, stop)
-                items = list(zip(range(start + writer.next, stop), names))
+                items = reader.items(start + writer.next, stop)
+                n_todo = stop - start - writer.next
                 wthread = _Writer(writer, progress, post)
                 wthread.start()
                 busy = 0.0
                 t0 = time.time()
                 t_first = None  # pipeline fill: until the first batch is ready
-                window = _decode_window(decoder, manifest, items, cfg.batch_size, int(cfg.decode.workers),
+                window = _decode_window(items, cfg.batch_size, int(cfg.decode.workers),
                                         int(cfg.decode.prefetch_batches))
                 feeder = _Feeder(window, transform, tuple(in_shape[1:]) if oversample else None, maxsize=2)
                 feeder.start()
@@ -260,19 +274,22 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
                                 feats = {b: v.reshape((len(ok), 10) + v.shape[1:]).mean(axis=1) for b, v in feats.items()}
                         for i, n, why in failures:
                             log.warning("shard %d: image %d %r failed: %s", index, i, n, why)
-                        wthread.put((len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures))
+                        labels = {it.index: it.label for it in batch}
+                        wthread.put((len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures,
+                                     labels))
                 finally:
                     feeder.stop.set()
                 wthread.close()
                 elapsed = time.time() - t0
-                done_now = len(items)
+                done_now = n_todo
                 steady = elapsed - (t_first or 0.0)
                 stats = dict(elapsed_s=elapsed, images_per_s=done_now / elapsed if elapsed > 0 else 0.0,
                              forward_busy_fraction=busy / elapsed if elapsed > 0 else 0.0,
                              forward_busy_fraction_steady=busy / steady if steady > 0 else 0.0,
                              first_batch_s=t_first or 0.0, load_s=load_s)
-                writer.finish(stats)
+                writer.finish(dict(stats, input_read=json.dumps(reader.stats)) if reader.stats else stats)
             finally:
+                reader.close()
                 writer.close()
             progress.beat("done", force=True, **stats)
             log.info("shard %d/%d done: %d rows, %d failures -> %s", index, num_shards, progress.rows,

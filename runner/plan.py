@@ -54,6 +54,9 @@ def validate(cfg) -> None:
     if cfg.decode.workers < 0 or cfg.decode.prefetch_batches < 1:
         raise ConfigError("decode.workers must be >= 0 and decode.prefetch_batches >= 1")
     pp = cfg.model.preprocess
+    if pp.mode == "caffe_io" and (cfg.input.get("lmdb") or cfg.input.get("tar")):
+        raise ConfigError("model.preprocess.mode=caffe_io reads image files by name; input.lmdb and input.tar "
+                          "are decoded from memory: use model.preprocess.mode=opencv (Caffe's data layer semantics)")
     if pp.mode not in ("opencv", "caffe_io"):
         raise ConfigError(f"model.preprocess.mode={pp.mode!r}: use opencv or caffe_io")
     if pp.resize not in ("stretch", "shorter_side"):
@@ -84,6 +87,10 @@ def _input_source(cfg) -> str:
         return "dir:" + os.path.abspath(os.path.expanduser(cfg.input.dir))
     if cfg.input.list:
         return "list:" + os.path.abspath(os.path.expanduser(cfg.input.list))
+    if cfg.input.get("lmdb"):
+        return "lmdb:" + os.path.abspath(os.path.expanduser(cfg.input.lmdb))
+    if cfg.input.get("tar"):
+        return "tar:" + str(cfg.input.tar)
     raise ConfigError("no input: set input.dir=DIR (a folder of images, listed recursively) or "
                       "input.list=FILE (one path per line)")
 
@@ -153,6 +160,9 @@ def prepare_run(cfg, default_shards: int, explicit_shards: Optional[int] = None)
 
     validate(cfg)
     if cfg.backend != "simulated":
+        from .fetch import ensure_model_files
+
+        ensure_model_files(cfg.model)  # here, on the submitting node: tasks never download
         check_model_files(cfg.model)
     if cfg.device == "gpu" and cfg.backend == "caffe":
         from .gpu import require_gpu_caffe
@@ -208,6 +218,7 @@ def prepare_run(cfg, default_shards: int, explicit_shards: Optional[int] = None)
         "identity": ident,
         "num_shards": num_shards,
         "count": manifest.count,
+        "labels": manifest.labels,
         "blobs": blobs,
         "input_hw": list(hw),
         "channels": channels,
