@@ -86,13 +86,15 @@ def _input_source(cfg) -> str:
     if cfg.input.dir:
         return "dir:" + os.path.abspath(os.path.expanduser(cfg.input.dir))
     if cfg.input.list:
-        return "list:" + os.path.abspath(os.path.expanduser(cfg.input.list))
+        labels = cfg.input.get("list_labels", "auto")
+        return "list:" + os.path.abspath(os.path.expanduser(cfg.input.list)) + ("" if labels == "auto" else
+                                                                                f" labels={labels}")
     if cfg.input.get("lmdb"):
         return "lmdb:" + os.path.abspath(os.path.expanduser(cfg.input.lmdb))
     if cfg.input.get("tar"):
         return "tar:" + str(cfg.input.tar)
-    raise ConfigError("no input: set input.dir=DIR (a folder of images, listed recursively) or "
-                      "input.list=FILE (one path per line)")
+    raise ConfigError("no input: set input.dir=DIR (a folder of images, listed recursively), "
+                      "input.list=FILE (one path per line), input.lmdb=PATH or input.tar=SHARDS")
 
 
 def _check_writable(path: Path) -> None:

@@ -19,7 +19,8 @@ def bind_dirs(cfg) -> List[str]:
     for p in (cfg.input.dir, cfg.input.root, cfg.input.list and os.path.dirname(os.path.abspath(cfg.input.list)),
               cfg.output.dir, os.path.dirname(os.path.abspath(cfg.model.prototxt)),
               cfg.model.weights and os.path.dirname(os.path.abspath(cfg.model.weights)),
-              cfg.model.preprocess.mean_file and os.path.dirname(os.path.abspath(cfg.model.preprocess.mean_file))):
+              cfg.model.preprocess.mean_file and os.path.dirname(os.path.abspath(cfg.model.preprocess.mean_file)),
+              cfg.input.get("lmdb"), cfg.input.get("tar") and os.path.dirname(os.path.abspath(cfg.input.tar))):
         if p:
             dirs.append(os.path.abspath(os.path.expanduser(str(p))))
     out: List[str] = []
