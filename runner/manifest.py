@@ -220,27 +220,18 @@ def input_kinds(input_cfg) -> List[str]:
     return [k for k in ("dir", "list", "lmdb", "tar") if input_cfg.get(k)]
 
 
-def build_manifest(run_dir: Path, input_cfg) -> Manifest:
-    """List the input once (directory, list file, LMDB or tar shards) and store it in the run directory."""
+def _check_one_input(input_cfg) -> None:
     kinds = input_kinds(input_cfg)
     if len(kinds) != 1:
         raise ConfigError("give exactly one of input.dir=DIR (listed recursively), input.list=FILE (one path "
                           "per line, optionally 'path label'), input.lmdb=PATH (Caffe Datum LMDB) or "
                           "input.tar=GLOB (tar shards)" + (f"; got {', '.join('input.' + k for k in kinds)}"
                                                            if kinds else ""))
+
+
+def _list_files(input_cfg) -> Tuple[bytes, List[bytes], str, Optional[List[int]], str]:
+    """(root, names, source, labels, origin) of a directory (sorted) or a list file (its order)."""
     labels = None
-    if input_cfg.get("lmdb"):
-        from .lmdb_input import list_lmdb
-
-        root, names = list_lmdb(input_cfg.lmdb)
-        return _checked_write(run_dir, root, names, f"lmdb:{os.fsdecode(root)}", None, kind="lmdb",
-                              has_labels=True)
-    if input_cfg.get("tar"):
-        from .tar_input import list_tars
-
-        tars, names, samples, labels = list_tars(input_cfg.tar, input_cfg.extensions)
-        return _checked_write(run_dir, b"", names, f"tar:{input_cfg.tar}", labels, kind="tar",
-                              arrays={"samples": samples}, tars=tars)
     if input_cfg.dir:
         root = os.fsencode(os.path.abspath(os.path.expanduser(input_cfg.dir)))
         if not os.path.isdir(root):
@@ -258,10 +249,11 @@ def build_manifest(run_dir: Path, input_cfg) -> Manifest:
         root, names, labels = read_list(lst, r, str(input_cfg.get("list_labels", "auto")))
         source = f"list:{os.fsdecode(lst)}"
         origin = "list"
-    return _checked_write(run_dir, root, names, source, labels, origin=origin, exts=input_cfg.extensions)
+    _check_names(names, source, input_cfg.extensions)
+    return root, names, source, labels, origin
 
 
-def _checked_write(run_dir, root, names, source, labels, exts=(), **kw) -> Manifest:
+def _check_names(names, source, exts=()) -> None:
     if not names:
         what = f" (extensions: {','.join(exts)})" if exts else ""
         raise ConfigError(f"no images found in {source[source.index(':') + 1:]}{what}; "
@@ -270,7 +262,105 @@ def _checked_write(run_dir, root, names, source, labels, exts=(), **kw) -> Manif
     if dups:
         raise ConfigError(f"the input names {dups} image(s) more than once; every image must "
                           "appear once: deduplicate the list (e.g. awk '!seen[$0]++' keeps the order)")
-    return write_manifest(run_dir, root, names, source, labels, **kw)
+
+
+def list_input(input_cfg) -> Tuple[bytes, List[bytes], str]:
+    """(root, names, source) of a folder or a list file (what input.relist re-reads)."""
+    _check_one_input(input_cfg)
+    if input_cfg.get("lmdb") or input_cfg.get("tar"):
+        raise ConfigError("input.relist=true re-lists input.dir or input.list; an LMDB or tar shards are "
+                          "listed once: use a new output.dir for a changed database or new shards")
+    root, names, source, _, _ = _list_files(input_cfg)
+    return root, names, source
+
+
+def build_manifest(run_dir: Path, input_cfg) -> Manifest:
+    """List the input once (directory, list file, LMDB or tar shards) and store it in the run directory."""
+    _check_one_input(input_cfg)
+    if input_cfg.get("lmdb"):
+        from .lmdb_input import list_lmdb
+
+        root, names = list_lmdb(input_cfg.lmdb)
+        source = f"lmdb:{os.fsdecode(root)}"
+        _check_names(names, source)
+        return write_manifest(run_dir, root, names, source, None, kind="lmdb", has_labels=True)
+    if input_cfg.get("tar"):
+        from .tar_input import list_tars
+
+        tars, names, samples, labels = list_tars(input_cfg.tar, input_cfg.extensions)
+        source = f"tar:{input_cfg.tar}"
+        _check_names(names, source)
+        return write_manifest(run_dir, b"", names, source, labels, kind="tar", arrays={"samples": samples},
+                              tars=tars)
+    root, names, source, labels, origin = _list_files(input_cfg)
+    return write_manifest(run_dir, root, names, source, labels, origin=origin)
+
+
+def input_stamp(input_cfg) -> Optional[Dict[str, int]]:
+    """A cheap fingerprint of the input as it is now, to notice a change since listing without
+    a full re-listing: for a folder, how many files match and the newest mtime among them and
+    their folders (an added, removed, renamed or rewritten image changes one of the two); for
+    a list file, its size and mtime. None when the input cannot be read from here."""
+    try:
+        if input_cfg.get("lmdb"):
+            p = os.path.expanduser(input_cfg.lmdb)
+            st = os.stat(os.path.join(p, "data.mdb") if os.path.isdir(p) else p)
+            return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+        if input_cfg.get("tar"):
+            from .tar_input import tar_paths
+
+            sts = [os.stat(p) for p in tar_paths(input_cfg.tar)]
+            return {"count": len(sts), "size": sum(int(st.st_size) for st in sts),
+                    "mtime_ns": max(int(st.st_mtime_ns) for st in sts)}
+        if input_cfg.list:
+            st = os.stat(os.path.expanduser(input_cfg.list))
+            return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+        root = os.fsencode(os.path.abspath(os.path.expanduser(input_cfg.dir)))
+        exts = [e.lower().lstrip(".").encode() for e in input_cfg.extensions]
+        count, newest = 0, os.stat(root).st_mtime_ns
+        stack = [root]
+        while stack:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                        newest = max(newest, entry.stat(follow_symlinks=False).st_mtime_ns)
+                    elif _matches(entry.name, exts) and (
+                            entry.is_file(follow_symlinks=input_cfg.follow_symlinks) or entry.is_symlink()):
+                        count += 1
+                        newest = max(newest, entry.stat(follow_symlinks=False).st_mtime_ns)
+        return {"count": count, "mtime_ns": int(newest)}
+    except (OSError, ConfigError):
+        return None
+
+
+def extend_manifest(run_dir: Path, keep: int, new_names: Sequence[bytes]) -> Manifest:
+    """Keep the first `keep` entries and append `new_names` (input.relist): entries already
+    listed keep their positions, so completed shards stay valid. Each file is replaced whole."""
+    m = load_manifest(run_dir)
+    if m.labels or m.kind != "files":
+        raise ConfigError("input.relist=true does not extend a run with labels (a 'path label' list): "
+                          "use a new output.dir for the longer list")
+    offsets = np.load(m.dir / "offsets.npy", mmap_mode="r")
+    end = int(offsets[keep])
+    new_off = np.empty(keep + len(new_names) + 1, dtype=np.uint64)
+    new_off[:keep + 1] = offsets[:keep + 1]
+    pos = end
+    with open(m.dir / "paths.bin", "r+b") as f:
+        f.truncate(end)
+        f.seek(end)
+        for i, n in enumerate(new_names):
+            f.write(n)
+            pos += len(n)
+            new_off[keep + 1 + i] = pos
+    tmp = m.dir / ".offsets.tmp.npy"
+    np.save(tmp, new_off)
+    os.replace(tmp, m.dir / "offsets.npy")
+    meta = json.loads((m.dir / "meta.json").read_text())
+    meta["count"] = keep + len(new_names)
+    (m.dir / ".meta.tmp").write_text(json.dumps(meta, indent=1))
+    os.replace(m.dir / ".meta.tmp", m.dir / "meta.json")
+    return Manifest(m.dir, m.root, meta["count"], m.kind, m.labels, m.origin, m.tars)
 
 
 def iter_names(m: Manifest, chunk: int = 100_000) -> Iterator[bytes]:
