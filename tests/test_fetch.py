@@ -77,6 +77,7 @@ def _sha(b: bytes) -> str:
     return "sha256:" + hashlib.sha256(b).hexdigest()
 
 
+@pytest.mark.unit
 def test_checksum_mismatch_is_refused(server, tmp_path):
     target = tmp_path / "m" / "w.caffemodel"
     with pytest.raises(FetchError, match=r"checksum mismatch for http://127\.0\.0\.1:\d+/w\.caffemodel"):
@@ -87,6 +88,7 @@ def test_checksum_mismatch_is_refused(server, tmp_path):
     assert target.read_bytes() == server.blob
 
 
+@pytest.mark.unit
 def test_resume_after_an_interrupted_download(server, tmp_path):
     target = tmp_path / "m" / "w.caffemodel"
     server.cut, server.cut_after = 1, 200_000
@@ -109,6 +111,7 @@ def _closed_port() -> int:
     return port
 
 
+@pytest.mark.unit
 def test_offline_fetch_names_url_and_cache(tmp_path):
     url = f"http://127.0.0.1:{_closed_port()}/bvlc_googlenet.caffemodel"
     cache = tmp_path / "models"
@@ -120,6 +123,7 @@ def test_offline_fetch_names_url_and_cache(tmp_path):
     assert not (cache / "bvlc_googlenet" / "bvlc_googlenet.caffemodel").exists()
 
 
+@pytest.mark.unit
 def test_plan_time_fetch_failure_gives_the_command(photos, tmp_path):
     url = f"http://127.0.0.1:{_closed_port()}/bvlc_googlenet.caffemodel"
     p = run_cli(f"input.dir={photos}", f"output.dir={tmp_path / 'run'}", "model=googlenet",
