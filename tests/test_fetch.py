@@ -168,3 +168,36 @@ def test_sweep_res10_and_open_nsfw(photos, tmp_path):
     # `fetch` on the same cache: already there and verified, nothing downloaded again
     p = run_cli("fetch", "open_nsfw", "--quiet", env=env)
     assert "open_nsfw weights: " + str(weights) in p.stdout and "BSD-2-Clause" in p.stdout
+
+
+@pytest.mark.unit
+def test_archive_member_source(tmp_path):
+    """A preset file inside an archive at a URL (the resnet50 kind): the archive is cached in
+    .downloads, the member checked and written under its final name only."""
+    import io
+    import zipfile
+
+    from omegaconf import OmegaConf
+
+    from runner.fetch import fetch_file
+
+    buf = io.BytesIO()
+    member = os.urandom(50_000)
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("models/ResNet-50-model.caffemodel", member)
+        z.writestr("models/other.txt", b"x")
+    s = _Server({"/models.zip": buf.getvalue()})
+    try:
+        spec = OmegaConf.create({"url": s.url + "/models.zip", "member": "ResNet-50-model.caffemodel",
+                                 "hash": _sha(member)})
+        target = tmp_path / "models" / "resnet50" / "ResNet-50-model.caffemodel"
+        assert fetch_file(spec, target, progress=False).read_bytes() == member
+        assert (tmp_path / "models" / ".downloads" / "models.zip").exists()
+        target.unlink()
+        bad = OmegaConf.create(dict(spec, hash=_sha(b"not it")))
+        with pytest.raises(FetchError, match="checksum mismatch for ResNet-50-model.caffemodel in models.zip"):
+            fetch_file(bad, target, progress=False)
+        assert sorted(os.listdir(target.parent)) == []
+        assert len(s.requests) == 1  # the cached archive was reused
+    finally:
+        s.close()
