@@ -26,7 +26,7 @@ else
 $(error CAFFE=$(CAFFE): use CAFFE=cpu (default) or CAFFE=gpu)
 endif
 
-.PHONY: setup demo test test-unit test-slurm bench image test-image clean cluster-up cluster-down \
+.PHONY: setup demo test test-unit test-slurm bench image image-squashfs test-image clean cluster-up cluster-down \
 	cuda-wheel test-cuda-build test-gpu
 
 # apt run-time libraries, the pycaffe wheel (built once per machine, ~6 min), the venv
@@ -51,10 +51,13 @@ demo: setup $(SAMPLES)/.done
 	$(VENV)/bin/caffe-runner input.dir=$(SAMPLES) output.dir=$(DEMO_DIR) launcher.workers=2 num_shards=3 output.overwrite=true
 	$(VENV)/bin/caffe-runner verify $(DEMO_DIR)
 
-# unit + local end-to-end + integration tests against a real dev Slurm cluster
+UNIT := unit and not slow
+
+# the fast layer first, then local end-to-end + integration tests against a real dev Slurm cluster
 test: setup
+	$(PY) -m pytest -ra -m "$(UNIT)" $(PYTEST_ARGS)
 	bash slurm/dev-cluster install
-	$(PY) -m pytest -ra -m "not container and not cuda_build" $(PYTEST_ARGS)
+	$(PY) -m pytest -ra -m "not ($(UNIT)) and not container and not cuda_build" $(PYTEST_ARGS)
 
 # the CUDA wheel only (cached; prints its path)
 cuda-wheel:
@@ -81,15 +84,23 @@ test-gpu:
 image:
 	bash docker/build-image.sh
 
-test-image: setup image
+# the same image as one SquashFS file (Charliecloud, Pyxis/enroot), where a cluster keeps it: on
+# a shared file system, not /tmp (the launcher refuses node-local image paths for Slurm)
+SQUASHFS ?= $(CACHE)/images/caffe-runner-cpu.sqfs
+image-squashfs:
+	bash docker/build-image.sh --squashfs $(SQUASHFS)
+
+test-image: setup image-squashfs
 	bash slurm/dev-cluster install
-	$(PY) -m pytest -ra -m container $(PYTEST_ARGS)
+	CAFFE_RUNNER_SQUASHFS=$(SQUASHFS) $(PY) -m pytest -ra -m container $(PYTEST_ARGS)
 
+# seconds, no pycaffe import and no cluster: schema, device choice, checks, writer resume, merge
 test-unit: setup
-	$(PY) -m pytest -ra -m "not slurm and not container and not cuda_build" $(PYTEST_ARGS)
+	$(PY) -m pytest -ra -m "$(UNIT)" $(PYTEST_ARGS)
 
+BENCH_ARGS ?=
 bench: setup
-	$(PY) -m runner.bench --out bench/results.json
+	$(PY) bench/bench.py --out bench/results.json $(BENCH_ARGS)
 
 cluster-up:
 	bash slurm/dev-cluster up

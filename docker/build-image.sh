@@ -11,11 +11,26 @@
 #   docker/build-image.sh --gpu [IMAGE]    the CUDA image (docker/Dockerfile.gpu, default
 #                                          localhost/caffe-runner:gpu) for CUDA_ARCH (env; default
 #                                          all seven CUDA 13 families, about 30 min on 2 cores)
+#
+#   docker/build-image.sh --squashfs OUT [IMAGE]
+#                                          the same, then the image as one SquashFS file OUT
+#                                          (Charliecloud's ch-run, Pyxis/enroot), for the shared
+#                                          file system of a cluster (with --gpu too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU=0
+SQUASHFS=
 args=()
-for a in "$@"; do if [ "$a" = --gpu ]; then GPU=1; else args+=("$a"); fi; done
+while [ $# -gt 0 ]; do
+  case $1 in
+    --gpu) GPU=1 ;;
+    --squashfs)
+      [ -n "${2:-}" ] || { echo "build-image: --squashfs needs the output file, e.g. --squashfs \$HOME/images/caffe-runner.sqfs" >&2; exit 2; }
+      SQUASHFS=$(realpath -m "$2"); shift ;;
+    *) args+=("$1") ;;
+  esac
+  shift
+done
 set -- "${args[@]+"${args[@]}"}"
 CUDA_ARCH=${CUDA_ARCH:-75 80 86 89 90 100 120}
 if [ "$GPU" = 1 ]; then DOCKERFILE=docker/Dockerfile.gpu; DEFAULT_IMAGE=localhost/caffe-runner:gpu
@@ -30,8 +45,10 @@ wheelhouse() {
   mkdir -p "$wh"
   # the Caffe sdist (sha256-checked by build-pycaffe.sh), the build venv's tools, and every
   # run-time wheel of the project for the image's Python (Debian 12: CPython 3.11)
-  local sdist=${CAFFE_RUNNER_CACHE:-$HOME/.cache/caffe-runner}/pycaffe/sdist/brocolli-caffe-9.0.2.tar.gz
-  if [ -f "$sdist" ]; then cp -n "$sdist" "$wh/"; else
+  local cache=${CAFFE_RUNNER_CACHE:-$HOME/.cache/caffe-runner} sdist
+  # build-pycaffe.sh caches it under CACHE/sdist (make setup) or CACHE/pycaffe/sdist (its default)
+  sdist=$(ls "$cache"/sdist/brocolli-caffe-9.0.2.tar.gz "$cache"/pycaffe/sdist/brocolli-caffe-9.0.2.tar.gz 2>/dev/null | head -n1 || true)
+  if [ -n "$sdist" ]; then cp -n "$sdist" "$wh/"; else
     "$PY" -m pip download -q --no-deps --no-binary :all: brocolli-caffe==9.0.2 -d "$wh"; fi
   "$PY" -m pip download -q -d "$wh" --only-binary :all: --python-version 3.11 --platform manylinux2014_x86_64 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
@@ -53,6 +70,7 @@ wheelhouse() {
 if [ "${1:-}" = "--wheelhouse-only" ]; then wheelhouse; exit 0; fi
 
 pkgs="podman buildah fuse-overlayfs slirp4netns uidmap debootstrap runc"
+[ -z "$SQUASHFS" ] || pkgs="$pkgs charliecloud squashfs-tools"
 missing=$(for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then
   log "installing $(echo $missing)"
@@ -92,4 +110,16 @@ t0=$SECONDS
 podman build --network host --pull=never --build-arg BASE=localhost/debian:bookworm \
   --build-arg IMAGE_NAME="$IMAGE" "${arch_arg[@]}" -f "$DOCKERFILE" -t "$IMAGE" . >&2
 log "built $IMAGE in $((SECONDS - t0)) s ($(podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}'))"
-echo "$IMAGE"
+if [ -z "$SQUASHFS" ]; then echo "$IMAGE"; exit 0; fi
+
+# one file: ch-convert exports the image's file system and its ENV (as /ch/environment, which
+# `ch-run --set-env` reads) and packs them with mksquashfs; written aside, then renamed
+t0=$SECONDS
+mkdir -p "$(dirname "$SQUASHFS")"
+tmp="$(dirname "$SQUASHFS")/.$(basename "$SQUASHFS" .sqfs).$$.sqfs"
+trap 'rm -f "$tmp"' EXIT
+USER=${USER:-$(id -un)} ch-convert -i podman -o squash "$IMAGE" "$tmp" >&2
+chmod a+r "$tmp"
+mv -f "$tmp" "$SQUASHFS"
+log "wrote $SQUASHFS in $((SECONDS - t0)) s ($(du -m "$SQUASHFS" | cut -f1) MB): container.runtime=charliecloud container.image=$SQUASHFS"
+echo "$SQUASHFS"

