@@ -51,10 +51,6 @@ def worker_plan(cfg) -> Dict:
     cores = len(os.sched_getaffinity(0))
     lc = cfg.launcher
     if cfg.device == "gpu":
-        if cfg.backend == "caffe":
-            from ..gpu import require_cuda_device
-
-            require_cuda_device()  # a CUDA build, a driver, a device: else one clear error, before any work
         gpus = resolve_gpus(lc.gpus)
         workers = len(gpus)
         threads = lc.threads_per_worker or max(1, cores // workers)
