@@ -109,6 +109,8 @@ arch_arg=()
 t0=$SECONDS
 podman build --network host --pull=never --build-arg BASE=localhost/debian:bookworm \
   --build-arg IMAGE_NAME="$IMAGE" "${arch_arg[@]}" -f "$DOCKERFILE" -t "$IMAGE" . >&2
+# podman stopped by a signal can exit 0 without an image
+podman image exists "$IMAGE" || { log "podman build did not produce $IMAGE"; exit 1; }
 log "built $IMAGE in $((SECONDS - t0)) s ($(podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}'))"
 if [ -z "$SQUASHFS" ]; then echo "$IMAGE"; exit 0; fi
 
