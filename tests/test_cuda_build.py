@@ -104,7 +104,7 @@ def test_the_probe_asks_the_venvs_runtime(gpu_caffe):
 def test_cpu_mode_features_equal_the_cpu_build(gpu_caffe, photos, tmp_path):
     """res10 fc7 on the sample photos, once with each build, in CPU mode."""
     cpu_run, gpu_run = tmp_path / "cpu", tmp_path / "gpu"
-    args = [f"input.dir={photos}", "launcher.workers=1", "num_shards=1", "batch_size=8"]
+    args = [f"input.dir={photos}", "device=cpu", "launcher.workers=1", "num_shards=1", "batch_size=8"]
     run_cli(*args, f"output.dir={cpu_run}")
     p = subprocess.run([str(GPU_VENV / "bin" / "python"), "-m", "runner", *args, f"output.dir={gpu_run}"],
                        capture_output=True, text=True, env=_clean_env(), cwd=REPO, timeout=900)
