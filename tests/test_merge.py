@@ -202,3 +202,11 @@ def test_exit_codes(tmp_path):
         extra = [tmp_path / "o.h5"] if cmd == "export" else []
         p = run_cli(cmd, tmp_path, *extra, check=False)
         assert p.returncode == 2 and "not a caffe-runner run directory" in p.stderr, (cmd, p.stderr)
+
+
+def test_run_attributes_stay_small_at_any_shard_count():
+    """Per-shard facts kept as run attributes must fit HDF5's 64 KB attribute limit."""
+    from runner.merge import ATTR_BUDGET, _ranges
+
+    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and _ranges([3]) == "3" and _ranges([]) == ""
+    assert len(_ranges(range(50_000))) < ATTR_BUDGET
