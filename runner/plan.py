@@ -180,8 +180,10 @@ def prepare_run(cfg, default_shards: int, explicit_shards: Optional[int] = None)
         same_ident = old.get("identity") == ident
         same_shards = num_shards is None or num_shards == old["num_shards"]
         if same_ident and same_shards:
-            log.info("run directory %s holds this run: resuming (%d of %d shards done)", run_dir,
-                     len(rd.done_shards(old["num_shards"])), old["num_shards"])
+            n_done = len(rd.done_shards(old["num_shards"]))
+            log.info("run directory %s holds this run: %s (%d of %d shards done)", run_dir,
+                     "already complete, nothing to extract" if n_done == old["num_shards"] else "resuming",
+                     n_done, old["num_shards"])
             old["config_yaml"] = OmegaConf.to_yaml(cfg, resolve=True)
             return Run(cfg, rd, old)
         diff = [k for k in ident if old.get("identity", {}).get(k) != ident[k]]
