@@ -225,7 +225,9 @@ def _sweep(overrides: List[str]) -> int:
         cfg = compose(point)
         root = root or cfg.output.dir
         name = _dirname(n, override_dirname(point))
-        point = [o for o in point if not o.startswith("output.dir=")] + [f"output.dir={os.path.join(root, name)}"]
+        where = os.path.join(root, name).replace("\\", "\\\\").replace("'", "\\'")
+        # quoted: a point's name holds '=', ',' and brackets, which the override grammar parses
+        point = [o for o in point if not o.startswith("output.dir=")] + [f"output.dir='{where}'"]
         cfgs.append((name, point))
     print(f"sweep: {len(points)} point(s) under {root}", flush=True)
     failed = []
@@ -237,7 +239,7 @@ def _sweep(overrides: List[str]) -> int:
             failed.append((name, str(e)))
             print(f"caffe-runner: error: sweep point {name}: {e}", file=sys.stderr, flush=True)
     if failed:
-        lines = "\n".join(f"  {name}: {msg.splitlines()[0]}" for name, msg in failed)
+        lines = "\n".join(f"  {name}" for name, _ in failed)  # each one's error was printed when it failed
         print(f"caffe-runner: error: {len(failed)} of {len(cfgs)} sweep points failed (the others are done):\n{lines}",
               file=sys.stderr)
         return EXIT_FAILED

@@ -59,7 +59,10 @@ def launch_lock(path: Path):
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"caffe-runner pid {os.getpid()} on {socket.gethostname()} since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
-        yield
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # released: it names nobody (and a run's files end as they were)
     finally:
         os.close(fd)
 
