@@ -293,6 +293,9 @@ def wait_for(run: Run, jobs, merge_id: Optional[str], poll_s: float = 2.0) -> No
             if all(j.done() for _, j in jobs):
                 break
             time.sleep(poll_s)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"stopped waiting; the Slurm jobs go on (scancel them to stop): "
+                                f"caffe-runner status {run.rundir.path}") from None
     finally:
         if bar is not None:
             bar.close()
