@@ -3,8 +3,10 @@ status / down finding the cluster `up` started, and a failed `up` leaving nothin
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,12 +41,13 @@ def _our_daemons(state: Path):
 
 
 @pytest.fixture
-def home(tmp_path):
-    h = tmp_path / "home"
-    h.mkdir(mode=0o700)
+def home():
+    # short: the state dir holds unix sockets, whose paths the kernel limits to 108 bytes
+    h = Path(tempfile.mkdtemp(prefix="h-", dir="/tmp"))
     os.chmod(h, 0o700)  # as root's is
     yield h
     _dev(h, "down", "--wipe", timeout=120)
+    shutil.rmtree(h, ignore_errors=True)
 
 
 def test_up_under_a_0700_home_with_the_default_state_dir(home):
@@ -83,7 +86,9 @@ def test_failed_up_stops_every_daemon_it_started(home):
 
 
 def test_unusable_state_dir_is_named(home, tmp_path):
-    f = tmp_path / "afile"
+    f = home / "afile"
     f.write_text("x")
     p = _dev(home, "up", "--state-dir", str(f / "sub"))
     assert p.returncode == 2 and "cannot use" in p.stderr and "--state-dir" in p.stderr
+    p = _dev(home, "up", "--state-dir", str(tmp_path / ("long" * 20)))
+    assert p.returncode == 2 and "too long for its sockets" in p.stderr

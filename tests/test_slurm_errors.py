@@ -37,9 +37,10 @@ def test_unknown_partition_is_refused_at_plan_time(cluster, tiny_net, photos, tm
 @pytest.mark.slurm
 def test_sbatch_refusal_is_one_line_with_its_message(cluster, tiny_net, photos, tmp_path):
     run = tmp_path / "run"
+    # more memory than the node has: sbatch refuses at submission
     err = _one_error(run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *SLURM,
-                             "+launcher.additional_parameters.nodes=5", *tiny_model_args(tiny_net), check=False))
-    assert "sbatch refused the array job" in err and "Node count" in err, err
+                             "launcher.mem_gb=100000", *tiny_model_args(tiny_net), check=False))
+    assert "sbatch refused the array job" in err and "Batch job submission failed" in err, err
     assert "submitit" not in err
 
 
