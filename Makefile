@@ -8,19 +8,38 @@ CACHE ?= $(HOME)/.cache/caffe-runner
 DEMO_DIR ?= demo-run
 SAMPLES ?= samples
 PYTEST_ARGS ?=
+# CAFFE=gpu: the CUDA build of pycaffe (GPU clusters; ~30 min on 2 cores, minutes on a login
+# node, cached) instead of the CPU one. CUDA_ARCH: compute capabilities to build for, or
+# `native` (the GPUs nvidia-smi shows here); CUDA_HOME_DIR: a site toolkit instead of the
+# pinned CUDA 13 wheels (needed with drivers older than 580).
+CAFFE ?= cpu
+CUDA_ARCH ?= 75 80 86 89 90 100 120
+CUDA_HOME_DIR ?=
+GPU_VENV ?= .venv-gpu
+ifeq ($(CAFFE),gpu)
+PYCAFFE_ARGS := --cuda --cuda-arch "$(CUDA_ARCH)" $(if $(CUDA_HOME_DIR),--cuda-home $(CUDA_HOME_DIR))
+SETUP_STAMP := $(VENV)/.setup-done-gpu
+else ifeq ($(CAFFE),cpu)
+PYCAFFE_ARGS :=
+SETUP_STAMP := $(VENV)/.setup-done
+else
+$(error CAFFE=$(CAFFE): use CAFFE=cpu (default) or CAFFE=gpu)
+endif
 
-.PHONY: setup demo test test-unit test-slurm bench image test-image clean cluster-up cluster-down
+.PHONY: setup demo test test-unit test-slurm bench image image-squashfs test-image clean cluster-up cluster-down \
+	cuda-wheel test-cuda-build test-gpu
 
 # apt run-time libraries, the pycaffe wheel (built once per machine, ~6 min), the venv
-setup: $(VENV)/.setup-done
+setup: $(SETUP_STAMP)
 
-$(VENV)/.setup-done: pyproject.toml docker/build-pycaffe.sh
+$(SETUP_STAMP): pyproject.toml docker/build-pycaffe.sh
 	@command -v apt-get >/dev/null || { echo "setup needs Debian/Ubuntu (apt-get)"; exit 1; }
-	bash docker/build-pycaffe.sh --apt --python $(PYTHON) --cache $(CACHE) | tail -n 1 > $(VENV).pycaffe-wheel
+	bash docker/build-pycaffe.sh --apt --python $(PYTHON) --cache $(CACHE) $(PYCAFFE_ARGS) | tail -n 1 > $(VENV).pycaffe-wheel
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$$(cat $(VENV).pycaffe-wheel)" -e '.[test]'
 	$(PY) -c "import caffe, cv2, h5py, hydra, submitit; print('pycaffe', caffe.__file__)"
+	rm -f $(VENV)/.setup-done $(VENV)/.setup-done-gpu
 	touch $@
 
 $(SAMPLES)/.done: | setup
@@ -32,25 +51,56 @@ demo: setup $(SAMPLES)/.done
 	$(VENV)/bin/caffe-runner input.dir=$(SAMPLES) output.dir=$(DEMO_DIR) launcher.workers=2 num_shards=3 output.overwrite=true
 	$(VENV)/bin/caffe-runner verify $(DEMO_DIR)
 
-# unit + local end-to-end + integration tests against a real dev Slurm cluster
+UNIT := unit and not slow
+
+# the fast layer first, then local end-to-end + integration tests against a real dev Slurm cluster
 test: setup
+	$(PY) -m pytest -ra -m "$(UNIT)" $(PYTEST_ARGS)
 	bash slurm/dev-cluster install
-	$(PY) -m pytest -ra -m "not container" $(PYTEST_ARGS)
+	$(PY) -m pytest -ra -m "not ($(UNIT)) and not container and not cuda_build" $(PYTEST_ARGS)
+
+# the CUDA wheel only (cached; prints its path)
+cuda-wheel:
+	bash docker/build-pycaffe.sh --apt --python $(PYTHON) --cache $(CACHE) --cuda --cuda-arch "$(CUDA_ARCH)" \
+		$(if $(CUDA_HOME_DIR),--cuda-home $(CUDA_HOME_DIR))
+
+# builds the CUDA wheel into $(GPU_VENV) (not part of `make test`: ~30 min the first time on 2
+# cores) and checks it without a GPU: the fat binary holds every requested architecture,
+# CUDA libraries resolve inside the venv, CPU-mode features equal the CPU build's, device=gpu
+# without a driver is one clear error
+test-cuda-build: setup
+	$(MAKE) setup CAFFE=gpu VENV=$(GPU_VENV)
+	CAFFE_RUNNER_GPU_VENV=$(GPU_VENV) $(PY) -m pytest -ra -m cuda_build $(PYTEST_ARGS)
+
+# tests that need a GPU (skipped with the reason elsewhere), with the CUDA build in
+# $(GPU_VENV); on a GPU node `make test-gpu CUDA_ARCH=native` builds for its GPUs only
+test-gpu:
+	$(MAKE) setup CAFFE=gpu VENV=$(GPU_VENV)
+	bash slurm/dev-cluster install
+	$(GPU_VENV)/bin/python -m pytest -ra -m gpu $(PYTEST_ARGS)
 
 # the CPU image (podman here, ~10 min the first time) and its tests: the demo inside it, and
 # Slurm array tasks running inside it
 image:
 	bash docker/build-image.sh
 
-test-image: setup image
+# the same image as one SquashFS file (Charliecloud, Pyxis/enroot), where a cluster keeps it: on
+# a shared file system, not /tmp (the launcher refuses node-local image paths for Slurm)
+SQUASHFS ?= $(CACHE)/images/caffe-runner-cpu.sqfs
+image-squashfs:
+	bash docker/build-image.sh --squashfs $(SQUASHFS)
+
+test-image: setup image-squashfs
 	bash slurm/dev-cluster install
-	$(PY) -m pytest -ra -m container $(PYTEST_ARGS)
+	CAFFE_RUNNER_SQUASHFS=$(SQUASHFS) $(PY) -m pytest -ra -m container $(PYTEST_ARGS)
 
+# seconds, no pycaffe import and no cluster: schema, device choice, checks, writer resume, merge
 test-unit: setup
-	$(PY) -m pytest -ra -m "not slurm and not container" $(PYTEST_ARGS)
+	$(PY) -m pytest -ra -m "$(UNIT)" $(PYTEST_ARGS)
 
+BENCH_ARGS ?=
 bench: setup
-	$(PY) -m runner.bench --out bench/results.json
+	$(PY) bench/bench.py --out bench/results.json $(BENCH_ARGS)
 
 cluster-up:
 	bash slurm/dev-cluster up

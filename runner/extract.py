@@ -15,16 +15,19 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from . import log
+from .launch.container import image_label
 from .manifest import load_manifest
 from .preprocess import oversample as oversample_crops
-from .rundir import RunDir
-from .shard import TaskIdentity, shard_bounds, task_identity
-from .write import ShardLock, ShardWriter, postprocess, pooled_shape
+from .errors import ShardBusyError
+from .features import FeaturePost, pooled_shape
+from .shard import TaskIdentity, task_identity
+from .write import ShardLock, ShardWriter
 
 
 def configure_threads(threads: int) -> None:
@@ -49,9 +52,9 @@ def default_threads() -> int:
 class _Progress:
     """Counts what has been committed to disk; writes heartbeats and, under Slurm, log lines."""
 
-    def __init__(self, rd: RunDir, index: int, num_shards: int, total: int, done: int, ident: TaskIdentity,
+    def __init__(self, run, index: int, total: int, done: int, ident: TaskIdentity,
                  heartbeat_s: float, log_interval_s: float, log_path: Optional[str]):
-        self.rd, self.index, self.num_shards = rd, index, num_shards
+        self.run, self.index, self.num_shards = run, index, run.num_shards
         self.total, self.done, self.start_done = total, done, done
         self.rows = self.failures = 0
         self.ident = ident
@@ -70,10 +73,10 @@ class _Progress:
         now = time.time()
         if force or now - self.last_beat >= self.heartbeat_s:
             self.last_beat = now
-            self.rd.write_heartbeat(self.index, self.num_shards, dict(
+            self.run.write_heartbeat(self.index, dict(
                 state=state, shard=self.index, done=self.done, total=self.total, rows=self.rows,
                 failures=self.failures, rate=round(self.rate, 3), host=self.ident.host, pid=self.ident.pid,
-                job_id=self.ident.job_id, started=self.t0, log=self.log_path, **extra))
+                job_id=self.ident.job_id, started=self.t0, log=self.log_path, image=image_label(), **extra))
         if self.log_interval_s and (now - self.last_log >= self.log_interval_s or state != "running"):
             self.last_log = now
             eta = (self.total - self.done) / self.rate if self.rate > 0 else float("nan")
@@ -150,7 +153,7 @@ class _Feeder(threading.Thread):
 class _Writer(threading.Thread):
     """Drains forward results to HDF5 so the net never waits on the disk."""
 
-    def __init__(self, writer: ShardWriter, progress: _Progress, post: Dict, maxsize: int = 1):
+    def __init__(self, writer: ShardWriter, progress: _Progress, post: "FeaturePost", maxsize: int = 1):
         super().__init__(name="h5writer", daemon=True)
         self.writer, self.progress, self.post = writer, progress, post
         self.q: "queue.Queue" = queue.Queue(maxsize=maxsize)
@@ -173,7 +176,7 @@ class _Writer(threading.Thread):
                 if item is None:
                     return
                 n_items, indices, names, feats, failures = item
-                feats = {b: postprocess(v, **self.post) for b, v in feats.items()}
+                feats = {b: self.post(v) for b, v in feats.items()}
                 self.writer.write_batch(n_items, indices, names, feats, failures)
                 p = self.progress
                 p.done += n_items
@@ -190,105 +193,136 @@ class _Writer(threading.Thread):
             raise self.error
 
 
+@dataclass
+class _Opened:
+    """A shard ready to run: its writer (resumed or new), engine and the items left to do."""
+    writer: ShardWriter
+    engine: object
+    items: List[Tuple[int, bytes]]
+    start: int
+    stop: int
+    load_s: float
+
+
+def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest) -> _Opened:
+    """Load the engine and open (or resume) the shard's writer."""
+    from .model import load_engine
+
+    cfg, plan = run.cfg, run.plan
+    start, stop = run.shard_range(index)
+    spec, blobs, _, _, in_shape = run.pipeline_parts()
+    t_load = time.time()
+    engine = load_engine(cfg, spec, blobs, in_shape, threads, gpu_device=0)
+    load_s = time.time() - t_load
+    shapes = {b: pooled_shape(engine.blob_shapes[b], cfg.output.pooling) for b in blobs}
+    attrs = dict(run.shard_attrs(), shard=index, num_shards=run.num_shards, start=start, stop=stop,
+                 host=ident.host, pid=ident.pid, job_id=ident.job_id or "",
+                 visible_gpus=ident.visible_gpus or "", device=engine.device_desc,
+                 blob_shapes=str({b: list(s) for b, s in shapes.items()}))
+    writer = ShardWriter(run.shard_path(index), shapes, str(cfg.output.dtype), attrs, plan["fingerprint"],
+                         cfg.batch_size)
+    if writer.next:
+        log.info("shard %d/%d resumes at %d/%d (rows %d, failures %d)", index, run.num_shards,
+                 writer.next, stop - start, writer.rows, writer.n_failures)
+    names = manifest.read_slice(start + writer.next, stop)
+    return _Opened(writer, engine, list(zip(range(start + writer.next, stop), names)), start, stop, load_s)
+
+
+def _forward_loop(run, index: int, op: _Opened, manifest, progress: _Progress) -> Dict[str, float]:
+    """Decode -> forward -> write every item left; returns the timing statistics."""
+    cfg = run.cfg
+    _, _, decoder, transform, in_shape = run.pipeline_parts()
+    oversample = bool(cfg.model.preprocess.oversample)
+    post = FeaturePost(str(cfg.output.pooling), float(cfg.output.gem_p), bool(cfg.output.l2_normalize))
+    wthread = _Writer(op.writer, progress, post)
+    wthread.start()
+    busy = 0.0
+    t0 = time.time()
+    t_first = None  # pipeline fill: until the first batch is ready
+    window = _decode_window(decoder, manifest, op.items, cfg.batch_size, int(cfg.decode.workers),
+                            int(cfg.decode.prefetch_batches))
+    feeder = _Feeder(window, transform, tuple(in_shape[1:]) if oversample else None, maxsize=2)
+    feeder.start()
+    try:
+        for batch, ok, failures, x in feeder:
+            feats: Dict[str, np.ndarray] = {}
+            if t_first is None:
+                t_first = time.time() - t0
+            if ok:
+                tf = time.perf_counter()
+                feats = op.engine.forward(x)
+                busy += time.perf_counter() - tf
+                if oversample:  # the 10 crops of an image are averaged
+                    feats = {b: v.reshape((len(ok), 10) + v.shape[1:]).mean(axis=1) for b, v in feats.items()}
+            for i, n, why in failures:
+                log.warning("shard %d: image %d %r failed: %s", index, i, n, why)
+            wthread.put((len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures))
+    finally:
+        feeder.stop.set()
+    wthread.close()
+    return shard_statistics(time.time() - t0, len(op.items), busy, t_first, op.load_s)
+
+
+def shard_statistics(elapsed: float, done_now: int, busy: float, t_first: Optional[float],
+                     load_s: float) -> Dict[str, float]:
+    """A shard's own speed figures (kept in its file and heartbeat; never a run's attribute)."""
+    steady = elapsed - (t_first or 0.0)
+    return dict(elapsed_s=elapsed, images_per_s=done_now / elapsed if elapsed > 0 else 0.0,
+                forward_busy_fraction=busy / elapsed if elapsed > 0 else 0.0,
+                forward_busy_fraction_steady=busy / steady if steady > 0 else 0.0,
+                first_batch_s=t_first or 0.0, load_s=load_s)
+
+
 def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
     """Extract shard `index` of the run in cfg.output.dir. Idempotent: a complete shard is
     skipped, a partial one resumes from its last flushed batch."""
     from .plan import load_run
-    from .model import load_engine
 
     if threads is None:
         threads = default_threads()
     configure_threads(threads)
     ident = task_identity()
+    if cfg.device == "auto":  # launchers resolve it; a direct caller gets this task's view
+        from .plan import resolve_local_device
+
+        cfg.device = resolve_local_device(cfg)
     run = load_run(cfg)
-    rd, plan = run.rundir, run.plan
-    num_shards = int(plan["num_shards"])
-    final = rd.shard_path(index, num_shards)
+    num_shards = run.num_shards
+    final = run.shard_path(index)
     if final.exists():
         log.info("shard %d/%d already complete: %s", index, num_shards, final)
         return {"shard": index, "skipped": True}
-    rd.shards_dir.mkdir(parents=True, exist_ok=True)
-    manifest = load_manifest(rd.path)
-    start, stop = shard_bounds(manifest.count, num_shards, index)
+    run.rundir.shards_dir.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(run.rundir.path)
     log_path = os.environ.get("CAFFE_RUNNER_LOG")
     progress = None
     try:
-        with ShardLock(rd.lock_path(index, num_shards)):
+        with ShardLock(run.lock_path(index)):
             if final.exists():  # finished by the lock's previous holder
                 return {"shard": index, "skipped": True}
-            spec, blobs, decoder, transform, in_shape = run.pipeline_parts()
-            oversample = bool(cfg.model.preprocess.oversample)
-            t_load = time.time()
-            engine = load_engine(cfg, spec, blobs, in_shape, threads, gpu_device=0)
-            load_s = time.time() - t_load
-            post = dict(pooling=cfg.output.pooling, gem_p=float(cfg.output.gem_p), l2=bool(cfg.output.l2_normalize))
-            shapes = {b: pooled_shape(engine.blob_shapes[b], cfg.output.pooling) for b in blobs}
-            attrs = dict(run.shard_attrs(), shard=index, num_shards=num_shards, start=start, stop=stop,
-                         host=ident.host, pid=ident.pid, job_id=ident.job_id or "",
-                         visible_gpus=ident.visible_gpus or "", device=engine.device_desc,
-                         blob_shapes=str({b: list(s) for b, s in shapes.items()}))
-            writer = ShardWriter(final, shapes, cfg.output.dtype, attrs, plan["fingerprint"], cfg.batch_size)
+            op = _open_shard(run, index, ident, threads, manifest)
             try:
-                if writer.next:
-                    log.info("shard %d/%d resumes at %d/%d (rows %d, failures %d)", index, num_shards,
-                             writer.next, stop - start, writer.rows, writer.n_failures)
                 slurm = bool(ident.job_id)
-                progress = _Progress(rd, index, num_shards, stop - start, writer.next, ident, cfg.heartbeat_s,
+                progress = _Progress(run, index, op.stop - op.start, op.writer.next, ident, cfg.heartbeat_s,
                                      float(cfg.launcher.get("log_interval_s", 30)) if slurm else 0.0, log_path)
-                progress.rows, progress.failures = writer.rows, writer.n_failures
-                names = manifest.read_slice(start + writer.next, stop)
-                items = list(zip(range(start + writer.next, stop), names))
-                wthread = _Writer(writer, progress, post)
-                wthread.start()
-                busy = 0.0
-                t0 = time.time()
-                t_first = None  # pipeline fill: until the first batch is ready
-                window = _decode_window(decoder, manifest, items, cfg.batch_size, int(cfg.decode.workers),
-                                        int(cfg.decode.prefetch_batches))
-                feeder = _Feeder(window, transform, tuple(in_shape[1:]) if oversample else None, maxsize=2)
-                feeder.start()
-                try:
-                    for batch, ok, failures, x in feeder:
-                        feats: Dict[str, np.ndarray] = {}
-                        if t_first is None:
-                            t_first = time.time() - t0
-                        if ok:
-                            tf = time.perf_counter()
-                            feats = engine.forward(x)
-                            busy += time.perf_counter() - tf
-                            if oversample:  # the 10 crops of an image are averaged
-                                feats = {b: v.reshape((len(ok), 10) + v.shape[1:]).mean(axis=1) for b, v in feats.items()}
-                        for i, n, why in failures:
-                            log.warning("shard %d: image %d %r failed: %s", index, i, n, why)
-                        wthread.put((len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures))
-                finally:
-                    feeder.stop.set()
-                wthread.close()
-                elapsed = time.time() - t0
-                done_now = len(items)
-                steady = elapsed - (t_first or 0.0)
-                stats = dict(elapsed_s=elapsed, images_per_s=done_now / elapsed if elapsed > 0 else 0.0,
-                             forward_busy_fraction=busy / elapsed if elapsed > 0 else 0.0,
-                             forward_busy_fraction_steady=busy / steady if steady > 0 else 0.0,
-                             first_batch_s=t_first or 0.0, load_s=load_s)
-                writer.finish(stats)
+                progress.rows, progress.failures = op.writer.rows, op.writer.n_failures
+                stats = _forward_loop(run, index, op, manifest, progress)
+                op.writer.finish(stats)
             finally:
-                writer.close()
+                op.writer.close()
             progress.beat("done", force=True, **stats)
             log.info("shard %d/%d done: %d rows, %d failures -> %s", index, num_shards, progress.rows,
                      progress.failures, final)
             return {"shard": index, "rows": progress.rows, "failures": progress.failures, **stats}
     except BaseException as e:
-        if not isinstance(e, KeyboardInterrupt):
-            tb = traceback.format_exc()
-            beat = dict(state="failed", shard=index, error=f"{type(e).__name__}: {e}", traceback=tb,
-                        host=ident.host, pid=ident.pid, job_id=ident.job_id, log=log_path)
+        if not isinstance(e, (KeyboardInterrupt, ShardBusyError)):
+            beat = dict(state="failed", shard=index, error=f"{type(e).__name__}: {e}",
+                        traceback=traceback.format_exc(), host=ident.host, pid=ident.pid, job_id=ident.job_id,
+                        log=log_path)
             if progress is not None:
                 beat.update(done=progress.done, total=progress.total, rows=progress.rows, failures=progress.failures)
             try:
-                from .errors import ShardBusyError
-                if not isinstance(e, ShardBusyError):
-                    rd.write_heartbeat(index, num_shards, beat)
+                run.write_heartbeat(index, beat)
             except Exception:
                 pass
         raise

@@ -1,22 +1,50 @@
 """What this machine's Caffe and GPUs can do, asked without letting Caffe abort the process.
 
 A CPU-only pycaffe aborts (glog FATAL) on set_mode_gpu + forward, and a CUDA pycaffe aborts
-on set_mode_gpu when no usable driver is there: every question here is answered by looking
-at files or through cheap probes, before Caffe is asked for a GPU.
+(`Check failed: error == cudaSuccess (35 vs. 0)`, core dump) on set_mode_gpu when no usable
+driver is there: every question here is answered by looking at files or through cheap probes,
+before Caffe is asked for a GPU.
+
+cuda_probe() asks the CUDA runtime Caffe itself links (the libcudart that _caffe.so loads
+through its rpath, not whichever one ldconfig knows) for the driver version and the device
+count through ctypes. It runs in a short child process: the CUDA runtime never initialises in
+the launcher (workers are spawned, but a parent holding a CUDA context is still a hazard),
+and whatever happens there cannot take the caller down.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Optional
 
 from .errors import ConfigError
+
+# cudaError_t values the probe explains (cuda_runtime_api.h)
+CUDA_SUCCESS = 0
+CUDA_ERROR_INSUFFICIENT_DRIVER = 35
+CUDA_ERROR_NO_DEVICE = 100
+# the NVIDIA driver branch that first supports CUDA 13 (the pinned toolchain of build-pycaffe.sh --cuda)
+MIN_DRIVER_CUDA13 = 580
+
+
+def caffe_so_path() -> Optional[str]:
+    """The installed caffe/_caffe.so, found without importing caffe."""
+    spec = importlib.util.find_spec("caffe._caffe")
+    return spec.origin if spec is not None and spec.origin else None
 
 
 def caffe_has_gpu() -> bool:
     """Whether the installed _caffe.so was built with CUDA (it links the CUDA runtime)."""
-    spec = importlib.util.find_spec("caffe._caffe")
-    if spec is None or not spec.origin:
+    so = caffe_so_path()
+    if so is None:
         return False
-    with open(spec.origin, "rb") as f:
+    with open(so, "rb") as f:
         data = f.read()
     return b"libcudart" in data or b"cudaGetDevice" in data
 
@@ -24,4 +52,209 @@ def caffe_has_gpu() -> bool:
 def require_gpu_caffe() -> None:
     if not caffe_has_gpu():
         raise ConfigError("device=gpu but this pycaffe is CPU-only (built by docker/build-pycaffe.sh): use "
-                          "device=cpu, or the CUDA image docker/Dockerfile.gpu on a GPU cluster")
+                          "device=cpu, or install the CUDA build (`make setup CAFFE=gpu`, or the image "
+                          "docker/Dockerfile.gpu) on a GPU machine")
+
+
+@dataclass(frozen=True)
+class CudaProbe:
+    # cudaGetDeviceCount's cudaError_t; -1: the runtime could not be asked at all
+    code: int
+    # cudaGetErrorString(code), or why the runtime could not be loaded
+    message: str
+    # devices visible to this process (after CUDA_VISIBLE_DEVICES)
+    devices: int = 0
+    # cudaDriverGetVersion: the CUDA version the driver supports (13000 = 13.0); 0: no driver
+    driver_cuda: int = 0
+    # cudaRuntimeGetVersion: the CUDA version Caffe was built with (13000 = 13.0)
+    runtime_cuda: int = 0
+    # whether libcuda.so.1 (the driver's user-space library) can be loaded here
+    driver_lib: bool = False
+    # the libcudart file that was asked (the one _caffe.so loads)
+    library: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.code == CUDA_SUCCESS and self.devices > 0
+
+
+# Runs in the child: load _caffe.so as Python would (its rpath decides which libcudart comes
+# with it), then take that same already-loaded libcudart by its soname and ask it.
+_PROBE_CHILD = r"""
+import ctypes, json, sys
+so, soname = sys.argv[1], sys.argv[2]
+out = {"code": -1, "message": "", "devices": 0, "driver_cuda": 0, "runtime_cuda": 0,
+       "driver_lib": False, "library": ""}
+try:
+    ctypes.CDLL("libcuda.so.1")
+    out["driver_lib"] = True
+except OSError:
+    pass
+try:
+    ctypes.CDLL(so, mode=ctypes.RTLD_GLOBAL)
+    rt = ctypes.CDLL(soname)
+except OSError as e:
+    out["message"] = str(e)
+    print(json.dumps(out)); sys.exit(0)
+for line in open("/proc/self/maps"):
+    if soname.split(".so")[0] in line and "/" in line:
+        out["library"] = line.split(None, 5)[-1].strip(); break
+v = ctypes.c_int(0)
+if rt.cudaDriverGetVersion(ctypes.byref(v)) == 0:
+    out["driver_cuda"] = v.value
+v = ctypes.c_int(0)
+if rt.cudaRuntimeGetVersion(ctypes.byref(v)) == 0:
+    out["runtime_cuda"] = v.value
+n = ctypes.c_int(0)
+code = rt.cudaGetDeviceCount(ctypes.byref(n))
+rt.cudaGetErrorString.restype = ctypes.c_char_p
+out.update(code=code, devices=n.value if code == 0 else 0,
+           message=(rt.cudaGetErrorString(code) or b"").decode(errors="replace"))
+print(json.dumps(out))
+"""
+
+
+def _cudart_soname(so: str) -> Optional[str]:
+    """The libcudart soname _caffe.so needs (libcudart.so.13 for the CUDA 13 build)."""
+    import re
+
+    with open(so, "rb") as f:
+        m = re.search(rb"libcudart\.so(\.[0-9]+)*", f.read())
+    return m.group(0).decode() if m else None
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_probe(timeout_s: float = 60.0) -> CudaProbe:
+    """Ask the CUDA runtime Caffe links for the driver and the visible devices. Never raises,
+    never aborts the caller; cached per process (devices do not come and go during a run)."""
+    so = caffe_so_path()
+    if so is None:
+        return CudaProbe(-1, "pycaffe is not installed (no caffe._caffe module)")
+    soname = _cudart_soname(so)
+    if soname is None:
+        return CudaProbe(-1, "this pycaffe is CPU-only (its _caffe.so does not link libcudart)")
+    try:
+        p = subprocess.run([sys.executable, "-I", "-c", _PROBE_CHILD, so, soname], capture_output=True,
+                           text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return CudaProbe(-1, f"the CUDA runtime did not answer within {timeout_s:.0f} s (a hung driver?)")
+    try:
+        return CudaProbe(**json.loads(p.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError, TypeError):
+        why = (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]
+        return CudaProbe(-1, f"the CUDA probe failed: {why}")
+
+
+def _ver(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def explain_probe(p: CudaProbe, host: str, visible: Optional[str]) -> Optional[str]:
+    """Why device=gpu cannot run here, with what to do; None when it can. Pure: table-tested."""
+    if p.usable:
+        return None
+    fix = "run on a GPU node (launcher=slurm with a GPU partition) or use device=cpu"
+    seen = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "CUDA_VISIBLE_DEVICES unset"
+    if p.code == -1:
+        return f"device=gpu but the CUDA runtime of this pycaffe cannot be asked on {host}: {p.message}; " \
+               "reinstall the CUDA build (`make setup CAFFE=gpu`) or use device=cpu"
+    if not p.driver_lib or (p.code == CUDA_ERROR_INSUFFICIENT_DRIVER and p.driver_cuda == 0):
+        return f"device=gpu but {host} has no NVIDIA driver (libcuda.so.1 not found; CUDA said: {p.message}): {fix}"
+    if p.code == CUDA_ERROR_INSUFFICIENT_DRIVER or (p.runtime_cuda and p.driver_cuda < p.runtime_cuda):
+        need = _ver(p.runtime_cuda) if p.runtime_cuda else "this runtime"
+        drv = f" >= {MIN_DRIVER_CUDA13}" if p.runtime_cuda >= 13000 else " for it"
+        return (f"device=gpu but the NVIDIA driver on {host} supports CUDA {_ver(p.driver_cuda)} and this pycaffe "
+                f"needs CUDA {need} (a driver{drv}; CUDA said: {p.message}): update the driver, or rebuild pycaffe "
+                "against the site's CUDA (docker/build-pycaffe.sh --cuda --cuda-home $CUDA_HOME), or use device=cpu")
+    if p.code in (CUDA_SUCCESS, CUDA_ERROR_NO_DEVICE):
+        return (f"device=gpu but no GPU is visible on {host} ({seen}; CUDA said: "
+                f"{p.message if p.code else 'no devices'}): check CUDA_VISIBLE_DEVICES and `nvidia-smi`, "
+                f"or {fix}")
+    return f"device=gpu but CUDA cannot use the GPUs on {host} ({seen}; CUDA error {p.code}: {p.message}): " \
+           f"check `nvidia-smi`, or {fix}"
+
+
+def require_cuda_device() -> CudaProbe:
+    """device=gpu: a CUDA pycaffe and a usable driver and device here, or one ConfigError saying
+    which is missing and what to do. Called by the local launcher at plan time and by each
+    task before Caffe touches the GPU (a Slurm login node need not have a GPU)."""
+    require_gpu_caffe()
+    p = cuda_probe()
+    why = explain_probe(p, socket.gethostname(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if why:
+        raise ConfigError(why)
+    return p
+
+
+# ---- What GPU code a library holds (no cuobjdump needed) -------------------------------
+
+_FATBIN_MAGIC = 0xBA55ED50
+_EM_CUDA = 190
+
+
+@dataclass(frozen=True)
+class FatBinary:
+    # SM versions with machine code (cubins), e.g. [75, 80, 90]
+    sm: tuple
+    # virtual architectures with PTX (JIT-compiled by the driver on newer GPUs)
+    ptx: tuple
+
+
+def _elf_section(data: bytes, wanted: bytes) -> Optional[bytes]:
+    import struct
+
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        raise ValueError("not a 64-bit ELF file")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    secs = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names = secs[shstrndx][4]
+    for name, _type, _flags, _addr, off, size in secs:
+        if data[names + name:data.index(b"\0", names + name)] == wanted:
+            return data[off:off + size]
+    return None
+
+
+def fatbin_archs(path: str) -> FatBinary:
+    """The GPU architectures a shared library carries, read from its .nv_fatbin section: each
+    fat binary container (magic 0xBA55ED50) lists entries of kind 1 (PTX) or 2 (cubin) with
+    their SM in the entry header; an uncompressed cubin is an ELF file with e_machine 190
+    (EM_CUDA) whose e_flags bits 8-15 repeat the SM, which is checked too."""
+    import struct
+
+    with open(path, "rb") as f:
+        data = f.read()
+    fb = _elf_section(data, b".nv_fatbin")
+    sm, ptx = set(), set()
+    if fb is None:
+        return FatBinary((), ())
+    pos = 0
+    while pos + 16 <= len(fb):
+        magic, _ver, hsize, fsize = struct.unpack_from("<IHHQ", fb, pos)
+        if magic != _FATBIN_MAGIC:
+            pos += 8  # containers are 8-byte aligned, with padding between them
+            continue
+        e, end = pos + hsize, pos + hsize + fsize
+        while e + 32 <= end:
+            kind, _unk, ehsize, psize = struct.unpack_from("<HHIQ", fb, e)
+            arch, = struct.unpack_from("<I", fb, e + 28)
+            payload = fb[e + ehsize:e + ehsize + 0x34]
+            if kind == 2:
+                if payload[:4] == b"\x7fELF":
+                    machine, = struct.unpack_from("<H", payload, 0x12)
+                    flags, = struct.unpack_from("<I", payload, 0x30)
+                    if machine != _EM_CUDA or (flags >> 8) & 0xFF != arch:
+                        raise ValueError(f"{path}: a cubin's ELF header (machine {machine}, sm "
+                                         f"{(flags >> 8) & 0xFF}) disagrees with its fat binary entry (sm {arch})")
+                sm.add(arch)
+            elif kind == 1:
+                ptx.add(arch)
+            if ehsize == 0:
+                break
+            e += ehsize + psize
+        pos = (max(end, pos + 8) + 7) & ~7
+    return FatBinary(tuple(sorted(sm)), tuple(sorted(ptx)))
+
+
+if __name__ == "__main__":  # python -m runner.gpu: what the probe sees here
+    print(json.dumps(dict(cuda_probe().__dict__, caffe_has_gpu=caffe_has_gpu(), so=caffe_so_path()), indent=1))

@@ -38,7 +38,7 @@ def blob_shapes(spec, end_index: int, weights=None):
 def inspect_model(overrides: List[str]) -> str:
     from .model import check_model_files, input_hw, parse_prototxt
     from .plan import _blobs
-    from .write import pooled_shape
+    from .features import pooled_shape
 
     cfg = compose_config(overrides)
     check_model_files(cfg.model)
@@ -54,7 +54,7 @@ def inspect_model(overrides: List[str]) -> str:
         shapes = blob_shapes(spec, end)
         partial = True
     h, w = input_hw(cfg.model, spec)
-    itemsize = np.dtype(cfg.output.dtype).itemsize
+    itemsize = np.dtype(str(cfg.output.dtype)).itemsize
     lines = [f"model {cfg.model.name}", f"  prototxt {cfg.model.prototxt}", f"  weights  {cfg.model.weights}",
              f"  input    {spec.input_name}: 3 x {h} x {w}", "", "blobs (name <- last layer writing it: shape per image):"]
     for name in spec.blobs:

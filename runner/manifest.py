@@ -15,7 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -134,8 +134,8 @@ def load_manifest(run_dir: Path) -> Manifest:
     return Manifest(mdir, os.fsencode(meta["root"]), int(meta["count"]))
 
 
-def build_manifest(run_dir: Path, input_cfg) -> Manifest:
-    """List the input once (directory or list file) and store it in the run directory."""
+def list_input(input_cfg) -> Tuple[bytes, List[bytes], str]:
+    """(root, sorted names, source) of the input: a directory listed recursively, or a list file."""
     if bool(input_cfg.dir) == bool(input_cfg.list):
         raise ConfigError("give exactly one of input.dir=DIR (listed recursively) or "
                           "input.list=FILE (one path per line)")
@@ -162,7 +162,67 @@ def build_manifest(run_dir: Path, input_cfg) -> Manifest:
     if dups:
         raise ConfigError(f"the input list names {dups} path(s) more than once; every image must "
                           "appear once: deduplicate the list (sort -u)")
+    return root, names, source
+
+
+def build_manifest(run_dir: Path, input_cfg) -> Manifest:
+    """List the input once (directory or list file) and store it in the run directory."""
+    root, names, source = list_input(input_cfg)
     return write_manifest(run_dir, root, names, source)
+
+
+def input_stamp(input_cfg) -> Optional[Dict[str, int]]:
+    """A cheap fingerprint of the input as it is now, to notice a change since listing without
+    a full re-listing: for a folder, how many files match and the newest mtime among them and
+    their folders (an added, removed, renamed or rewritten image changes one of the two); for
+    a list file, its size and mtime. None when the input cannot be read from here."""
+    try:
+        if input_cfg.list:
+            st = os.stat(os.path.expanduser(input_cfg.list))
+            return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+        root = os.fsencode(os.path.abspath(os.path.expanduser(input_cfg.dir)))
+        exts = [e.lower().lstrip(".").encode() for e in input_cfg.extensions]
+        count, newest = 0, os.stat(root).st_mtime_ns
+        stack = [root]
+        while stack:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                        newest = max(newest, entry.stat(follow_symlinks=False).st_mtime_ns)
+                    elif _matches(entry.name, exts) and (
+                            entry.is_file(follow_symlinks=input_cfg.follow_symlinks) or entry.is_symlink()):
+                        count += 1
+                        newest = max(newest, entry.stat(follow_symlinks=False).st_mtime_ns)
+        return {"count": count, "mtime_ns": int(newest)}
+    except OSError:
+        return None
+
+
+def extend_manifest(run_dir: Path, keep: int, new_names: Sequence[bytes]) -> Manifest:
+    """Keep the first `keep` entries and append `new_names` (input.relist): entries already
+    listed keep their positions, so completed shards stay valid. Each file is replaced whole."""
+    m = load_manifest(run_dir)
+    offsets = np.load(m.dir / "offsets.npy", mmap_mode="r")
+    end = int(offsets[keep])
+    new_off = np.empty(keep + len(new_names) + 1, dtype=np.uint64)
+    new_off[:keep + 1] = offsets[:keep + 1]
+    pos = end
+    with open(m.dir / "paths.bin", "r+b") as f:
+        f.truncate(end)
+        f.seek(end)
+        for i, n in enumerate(new_names):
+            f.write(n)
+            pos += len(n)
+            new_off[keep + 1 + i] = pos
+    tmp = m.dir / ".offsets.tmp.npy"
+    np.save(tmp, new_off)
+    os.replace(tmp, m.dir / "offsets.npy")
+    meta = json.loads((m.dir / "meta.json").read_text())
+    meta["count"] = keep + len(new_names)
+    (m.dir / ".meta.tmp").write_text(json.dumps(meta, indent=1))
+    os.replace(m.dir / ".meta.tmp", m.dir / "meta.json")
+    return Manifest(m.dir, m.root, meta["count"])
 
 
 def iter_names(m: Manifest, chunk: int = 100_000) -> Iterator[bytes]:

@@ -161,9 +161,9 @@ class CaffeEngine(Engine):
         import caffe
 
         if device == "gpu":
-            from .gpu import require_gpu_caffe
+            from .gpu import require_cuda_device
 
-            require_gpu_caffe()
+            require_cuda_device()  # Caffe would abort the process (core dump) without a usable driver
             caffe.set_mode_gpu()
             caffe.set_device(gpu_device)
             self.device_desc = f"gpu:{gpu_device}"

@@ -13,18 +13,17 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
 from . import __version__, log
 from .errors import ConfigError
+from .launch.container import check_container, task_container
 from .manifest import build_manifest, load_manifest
-from .rundir import RunDir
+from .rundir import RunDir, partial_of
+from .shard import shard_bounds
 
-_POOLING = ("none", "avg", "max", "gem")
-_DTYPES = ("float32", "float16")
-_BACKENDS = ("caffe", "opencv", "simulated")
 
 
 def _blobs(cfg) -> List[str]:
@@ -37,31 +36,186 @@ def _blobs(cfg) -> List[str]:
     return blobs
 
 
-def validate(cfg) -> None:
+@dataclass(frozen=True)
+class Checked:
+    """What validate() learned from the config and the net, before anything is listed."""
+    blobs: List[str]
+    input_hw: Tuple[int, int]
+    channels: int
+    device: str          # resolved: cpu | gpu
+    gpus_per_task: int   # launcher=slurm: resolved GPUs per task (0 for local)
+
+
+def _check_ranges(cfg) -> None:
     if not isinstance(cfg.batch_size, int) or not 1 <= cfg.batch_size <= 4096:
         raise ConfigError(f"batch_size={cfg.batch_size} is out of range: use 1..4096 (16-64 is typical)")
     if cfg.num_shards is not None and (not isinstance(cfg.num_shards, int) or cfg.num_shards < 1):
         raise ConfigError(f"num_shards={cfg.num_shards} is out of range: use an integer >= 1 "
                           "(one per GPU is typical)")
-    if cfg.output.pooling not in _POOLING:
-        raise ConfigError(f"output.pooling={cfg.output.pooling!r}: use one of {', '.join(_POOLING)}")
-    if cfg.output.dtype not in _DTYPES:
-        raise ConfigError(f"output.dtype={cfg.output.dtype!r}: use one of {', '.join(_DTYPES)}")
-    if cfg.backend not in _BACKENDS:
-        raise ConfigError(f"backend={cfg.backend!r}: use one of {', '.join(_BACKENDS)}")
-    if cfg.device not in ("cpu", "gpu"):
-        raise ConfigError(f"device={cfg.device!r}: use cpu or gpu")
     if cfg.decode.workers < 0 or cfg.decode.prefetch_batches < 1:
         raise ConfigError("decode.workers must be >= 0 and decode.prefetch_batches >= 1")
+    if cfg.output.gem_p <= 0:
+        raise ConfigError(f"output.gem_p={cfg.output.gem_p}: use a positive exponent (3 is typical)")
+    if cfg.output.get("view_max_shards", 0) < 0:
+        raise ConfigError("output.view_max_shards must be >= 0 (0: features.h5 is always a real copy)")
+    if cfg.heartbeat_s <= 0:
+        raise ConfigError(f"heartbeat_s={cfg.heartbeat_s}: use a positive number of seconds")
+
+
+def _check_preprocess(cfg, hw: Tuple[int, int], channels: int) -> None:
+    """Cross-field checks a shard would otherwise hit after the run has started."""
     pp = cfg.model.preprocess
-    if pp.mode not in ("opencv", "caffe_io"):
-        raise ConfigError(f"model.preprocess.mode={pp.mode!r}: use opencv or caffe_io")
-    if pp.resize not in ("stretch", "shorter_side"):
-        raise ConfigError(f"model.preprocess.resize={pp.resize!r}: use stretch or shorter_side")
+    if channels != 3:
+        raise ConfigError(f"the net takes {channels} input channels; caffe-runner feeds colour images "
+                          "(3 channels): use a deploy prototxt with a 3-channel input")
+    if pp.mean_file:
+        if not os.path.isfile(pp.mean_file):
+            raise ConfigError(f"model.preprocess.mean_file {pp.mean_file!r} does not exist: give a .binaryproto "
+                              "or .npy mean image, or per-channel values with model.preprocess.mean=[...]")
+    elif pp.mean is not None and len(pp.mean) != channels:
+        raise ConfigError(f"model.preprocess.mean has {len(pp.mean)} values but the net takes {channels} "
+                          f"channels: give {channels} values, in the net's channel order ({pp.channel_order})")
+    if pp.resize_size is not None:
+        if pp.resize_size < 1:
+            raise ConfigError(f"model.preprocess.resize_size={pp.resize_size}: use a positive size or null")
+        if pp.resize_size < max(hw):
+            raise ConfigError(f"model.preprocess.resize_size={pp.resize_size} is smaller than the net input "
+                              f"{hw[0]}x{hw[1]}: the centre crop would not fit; use resize_size >= {max(hw)} "
+                              "or leave it null (resize straight to the input size)")
     if pp.oversample and (pp.resize != "stretch" or not pp.resize_size):
         raise ConfigError("model.preprocess.oversample=true takes 10 crops of a square image, as "
                           "caffe.Classifier does: set model.preprocess.resize=stretch and "
                           "model.preprocess.resize_size (e.g. 256)")
+    if cfg.model.input_size is not None and len(cfg.model.input_size) not in (1, 2):
+        raise ConfigError(f"model.input_size={list(cfg.model.input_size)}: give [H, W] (or [S] for S x S)")
+
+
+def gpu_capable(cfg) -> bool:
+    """Whether the tasks' engine can compute on a GPU (asked of this environment's Caffe)."""
+    if cfg.backend == "simulated":
+        return True  # stands in for a device in tests and benchmarks
+    if cfg.backend == "opencv":
+        return False
+    from .gpu import caffe_has_gpu
+
+    return caffe_has_gpu()
+
+
+def _in_container(cfg) -> bool:
+    return cfg.container.runtime != "none"
+
+
+def resolve_local_device(cfg) -> str:
+    """device=auto on this machine: the GPU when GPUs are visible here and Caffe has CUDA."""
+    if cfg.device != "auto":
+        return str(cfg.device)
+    if not gpu_capable(cfg):
+        return "cpu"
+    from .launch.local import resolve_gpus
+
+    try:
+        resolve_gpus(cfg.launcher.get("gpus", "auto"))
+    except ConfigError:
+        return "cpu"
+    if cfg.backend == "caffe":
+        from .gpu import cuda_probe
+
+        probe = cuda_probe()
+        if not probe.usable:  # a CUDA build where the driver or devices cannot be used
+            log.info("device=auto: the CPU (CUDA cannot use the GPUs here: %s)", probe.message)
+            return "cpu"
+    return "gpu"
+
+
+def resolve_slurm_device(cfg) -> Tuple[str, int]:
+    """(device, gpus_per_task) of a Slurm task. GPUs are requested only for tasks that will
+    compute on them; holding a GPU while computing on the CPU is refused (allow_cpu_on_gpu)."""
+    lc = cfg.launcher
+    req = lc.gpus_per_task
+    # with a container the image's Caffe runs, not this one: auto trusts this one (documented)
+    capable = gpu_capable(cfg)
+    if req == "auto" or req is None:
+        gpus = 1 if cfg.device == "gpu" or (cfg.device == "auto" and capable) else 0
+    else:
+        try:
+            gpus = int(req)
+        except (TypeError, ValueError):
+            gpus = -1
+        if gpus < 0 or str(req).strip() not in (str(gpus), f"{gpus}.0"):
+            raise ConfigError(f"launcher.gpus_per_task={req!r}: use auto, 0 or a positive integer")
+    device = str(cfg.device)
+    if device == "auto":
+        device = "gpu" if gpus > 0 and capable else "cpu"
+    if device == "gpu" and gpus == 0:
+        raise ConfigError("device=gpu but launcher.gpus_per_task=0: the tasks would get no GPU; set "
+                          "launcher.gpus_per_task=1 (or auto)")
+    if device == "cpu" and gpus > 0:
+        why = ("device=cpu" if cfg.device == "cpu" else
+               f"backend={cfg.backend} computes on the CPU" if cfg.backend == "opencv" else
+               "this pycaffe is CPU-only")
+        if not lc.get("allow_cpu_on_gpu", False):
+            raise ConfigError(
+                f"launcher.gpus_per_task={gpus} requests GPUs, but the tasks would compute on the CPU ({why}): "
+                "use device=gpu with a CUDA build of Caffe (docker/Dockerfile.gpu), or launcher.gpus_per_task=0 "
+                "to run on CPUs (launcher.allow_cpu_on_gpu=true runs anyway, e.g. to check GPU binding)")
+        log.warning("launcher.allow_cpu_on_gpu=true: each task holds %d GPU(s) and computes on the CPU (%s)",
+                    gpus, why)
+    return device, gpus
+
+
+def _check_device(cfg) -> Tuple[str, int]:
+    if cfg.backend == "opencv" and cfg.device == "gpu":
+        raise ConfigError("backend=opencv runs on the CPU only: set device=cpu (or backend=caffe)")
+    if cfg.launcher.name == "slurm":
+        device, gpus = resolve_slurm_device(cfg)
+    else:
+        lc = cfg.launcher
+        for key in ("workers", "threads_per_worker"):
+            if lc.get(key) is not None and int(lc[key]) < 1:
+                raise ConfigError(f"launcher.{key}={lc[key]}: use 1 or more (or null for the default)")
+        device, gpus = resolve_local_device(cfg), 0
+        if device == "gpu":
+            from .launch.local import resolve_gpus
+
+            resolve_gpus(lc.gpus)  # raises when none is visible
+    if device == "gpu" and cfg.backend == "caffe" and not _in_container(cfg):
+        from .gpu import require_gpu_caffe
+
+        require_gpu_caffe()
+    return device, gpus
+
+
+def _check_container(cfg, device: str) -> None:
+    """The runtime is here, the image exists, is readable, is visible from the nodes and fits
+    the device (launch/container.py)."""
+    check_container(cfg, device)
+
+
+def validate(cfg) -> Checked:
+    """Every check that needs no listing: ranges, model files, the net's blobs and channels,
+    preprocessing against the net, device and GPU request, container, Slurm partition and
+    account. Both launchers call it (through prepare_run) before anything is listed, locked
+    or submitted."""
+    from .model import check_model_files, input_hw, parse_prototxt
+
+    _check_ranges(cfg)
+    _input_source(cfg)
+    if cfg.backend != "simulated":
+        check_model_files(cfg.model)
+    blobs = _blobs(cfg)
+    spec = parse_prototxt(cfg.model.prototxt)
+    for b in blobs:
+        spec.producer(b)  # raises, listing the blobs that exist
+    hw = input_hw(cfg.model, spec)
+    channels = int(spec.input_shape[1]) if spec.input_shape and len(spec.input_shape) == 4 else 3
+    _check_preprocess(cfg, hw, channels)
+    device, gpus = _check_device(cfg)
+    _check_container(cfg, device)
+    if cfg.launcher.name == "slurm":
+        from .launch.slurm import check_slurm
+
+        check_slurm(cfg)
+    return Checked(blobs, hw, channels, device, gpus)
 
 
 def identity(cfg, blobs: List[str], model_sha: Dict[str, str], input_source: str) -> Dict:
@@ -99,6 +253,13 @@ def _check_writable(path: Path) -> None:
                           "or fix its permissions") from e
 
 
+def segments(plan: Dict) -> List[Dict]:
+    """The run's shard segments: the first listing split into num_shards, and one more per
+    input.relist that found new images (appended to the manifest, split into new shards)."""
+    return plan.get("segments") or [{"first": 0, "num_shards": int(plan["num_shards"]), "start": 0,
+                                      "count": int(plan["count"])}]
+
+
 @dataclass
 class Run:
     cfg: object
@@ -108,6 +269,48 @@ class Run:
     @property
     def num_shards(self) -> int:
         return int(self.plan["num_shards"])
+
+    # one place for a shard's manifest range and file names (segments included)
+    def _segment(self, i: int) -> Dict:
+        for seg in segments(self.plan):
+            if seg["first"] <= i < seg["first"] + seg["num_shards"]:
+                return seg
+        raise ValueError(f"shard {i} is not in this run of {self.num_shards} shards")
+
+    def shard_range(self, i: int) -> Tuple[int, int]:
+        """[start, stop) of shard i in the manifest."""
+        seg = self._segment(i)
+        a, b = shard_bounds(seg["count"], seg["num_shards"], i - seg["first"])
+        return seg["start"] + a, seg["start"] + b
+
+    def name_total(self, i: int) -> int:
+        """The NNNNN in shard-IIIII-of-NNNNN: shards of a later segment never rename earlier ones."""
+        seg = self._segment(i)
+        return seg["first"] + seg["num_shards"]
+
+    def shard_path(self, i: int) -> Path:
+        return self.rundir.shard_path(i, self.name_total(i))
+
+    def partial_path(self, i: int) -> Path:
+        return partial_of(self.shard_path(i))
+
+    def lock_path(self, i: int) -> Path:
+        return self.rundir.lock_path(i, self.name_total(i))
+
+    def read_heartbeat(self, i: int) -> Optional[Dict]:
+        return self.rundir.read_heartbeat(i, self.name_total(i))
+
+    def write_heartbeat(self, i: int, beat: Dict) -> None:
+        self.rundir.write_heartbeat(i, self.name_total(i), beat)
+
+    def shard_paths(self) -> List[Path]:
+        return [self.shard_path(i) for i in range(self.num_shards)]
+
+    def done_shards(self) -> List[int]:
+        return [i for i in range(self.num_shards) if self.shard_path(i).exists()]
+
+    def missing_shards(self) -> List[int]:
+        return [i for i in range(self.num_shards) if not self.shard_path(i).exists()]
 
     def pipeline_parts(self):
         """(net spec, blobs, decoder, batch transform, input shape C,H,W) for a task."""
@@ -143,27 +346,68 @@ class Run:
             "input_source": p["identity"]["input"],
             "manifest_count": p["count"],
             "config": p["config_yaml"],
-            "container": os.environ.get("CAFFE_RUNNER_CONTAINER", ""),
+            **task_container(),
         }
 
 
-def prepare_run(cfg, default_shards: int, explicit_shards: Optional[int] = None) -> Run:
-    """Validate, list the input (or reuse the stored manifest), write run.json."""
-    from .model import check_model_files, input_hw, parse_prototxt, sha256_file
+def _describe_change(old: Optional[Dict], new: Optional[Dict]) -> str:
+    if old and new and "count" in old and "count" in new and old["count"] != new["count"]:
+        return f"{old['count']} images when listed, {new['count']} now"
+    if old and new and "size" in old and old.get("size") != new.get("size"):
+        return f"the list file was {old['size']} bytes when listed, {new['size']} now"
+    return "files were added, replaced or modified since it was listed"
 
-    validate(cfg)
-    if cfg.backend != "simulated":
-        check_model_files(cfg.model)
-    if cfg.device == "gpu" and cfg.backend == "caffe":
-        from .gpu import require_gpu_caffe
 
-        require_gpu_caffe()
-    blobs = _blobs(cfg)
-    spec = parse_prototxt(cfg.model.prototxt)
-    for b in blobs:
-        spec.producer(b)  # raises, listing the blobs that exist
-    hw = input_hw(cfg.model, spec)
-    channels = int(spec.input_shape[1]) if spec.input_shape and len(spec.input_shape) == 4 else 3
+def _relist(cfg, run: Run, new_stamp: Optional[Dict], default_shards: int) -> Run:
+    """input.relist=true: append images that are new since the listing as new shards; entries
+    already listed keep their positions, complete shards are never touched."""
+    from .manifest import extend_manifest, list_input, load_manifest
+
+    plan, rd = run.plan, run.rundir
+    root, names, _ = list_input(cfg.input)
+    manifest = load_manifest(rd.path)
+    if os.fsencode(os.fsdecode(manifest.root)) != root:
+        raise ConfigError(f"input.relist=true: the input root is now {os.fsdecode(root)!r}, it was "
+                          f"{os.fsdecode(manifest.root)!r}: use a new output.dir")
+    count = int(plan["count"])
+    old = set(manifest.read_slice(0, count))
+    new = [n for n in names if n not in old]
+    gone = len(old) - (len(names) - len(new))
+    if gone:
+        log.warning("input.relist: %d listed image(s) are gone from the input; they stay in the run (rows if "
+                    "already extracted, else recorded as failures)", gone)
+    if not new:
+        log.warning("input.relist: no new images (modified files are not extracted again: use a new output.dir "
+                    "for that); the run goes on as listed")
+        plan["input_stamp"] = new_stamp
+        rd.write_plan(plan)
+        return run
+    segs = segments(plan)
+    per_shard = max(1, -(-segs[0]["count"] // segs[0]["num_shards"]))  # the first listing's shard size
+    k = max(1, -(-len(new) // per_shard))
+    segs = segs + [{"first": int(plan["num_shards"]), "num_shards": k, "start": count, "count": len(new)}]
+    extend_manifest(rd.path, count, new)
+    plan.update(segments=segs, num_shards=int(plan["num_shards"]) + k, count=count + len(new),
+                input_stamp=new_stamp)
+    rd.merged.unlink(missing_ok=True)  # it no longer covers the run
+    rd.write_plan(plan)
+    log.warning("input.relist: %d new image(s) appended to the run as %d new shard(s) (%d..%d); complete "
+                "shards are kept", len(new), k, segs[-1]["first"], segs[-1]["first"] + k - 1)
+    return run
+
+
+def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> Run:
+    """Validate, list the input (or reuse the stored manifest), write run.json. The device
+    (and for Slurm the GPUs per task) is resolved here and written into cfg, so tasks get
+    plain values."""
+    from .manifest import input_stamp
+    from .model import sha256_file
+
+    checked = validate(cfg)
+    cfg.device = checked.device
+    if cfg.launcher.name == "slurm":
+        cfg.launcher.gpus_per_task = checked.gpus_per_task
+    blobs, hw, channels = checked.blobs, checked.input_hw, checked.channels
     source = _input_source(cfg)
     run_dir = Path(os.path.abspath(os.path.expanduser(cfg.output.dir)))
     _check_writable(run_dir)
@@ -178,17 +422,26 @@ def prepare_run(cfg, default_shards: int, explicit_shards: Optional[int] = None)
     num_shards = explicit_shards
     if old is not None:
         same_ident = old.get("identity") == ident
-        same_shards = num_shards is None or num_shards == old["num_shards"]
+        same_shards = num_shards is None or num_shards == segments(old)[0]["num_shards"]
         if same_ident and same_shards:
-            n_done = len(rd.done_shards(old["num_shards"]))
+            run = Run(cfg, rd, old)
+            stamp = input_stamp(cfg.input)
+            if old.get("input_stamp") is not None and stamp is not None and stamp != old["input_stamp"]:
+                what = _describe_change(old["input_stamp"], stamp)
+                if not cfg.input.get("relist", False):
+                    raise ConfigError(f"the input changed since this run listed it ({what}): add input.relist=true "
+                                      "to extend the run with the new images as new shards (complete shards are "
+                                      "kept), or choose a new output.dir for a fresh run")
+                run = _relist(cfg, run, stamp, default_shards)
+            n_done = len(run.done_shards())
             log.info("run directory %s holds this run: %s (%d of %d shards done)", run_dir,
-                     "already complete, nothing to extract" if n_done == old["num_shards"] else "resuming",
-                     n_done, old["num_shards"])
-            old["config_yaml"] = OmegaConf.to_yaml(cfg, resolve=True)
-            return Run(cfg, rd, old)
+                     "already complete, nothing to extract" if n_done == run.num_shards else "resuming",
+                     n_done, run.num_shards)
+            run.plan["config_yaml"] = OmegaConf.to_yaml(cfg, resolve=True)
+            return run
         diff = [k for k in ident if old.get("identity", {}).get(k) != ident[k]]
         if not same_shards:
-            diff.append(f"num_shards ({old['num_shards']} -> {num_shards})")
+            diff.append(f"num_shards ({segments(old)[0]['num_shards']} -> {num_shards})")
         if not cfg.output.overwrite:
             raise ConfigError(f"output.dir {run_dir} holds a run with a different config ({', '.join(diff)}): "
                               "choose another output.dir, or add output.overwrite=true to replace it")
@@ -198,8 +451,11 @@ def prepare_run(cfg, default_shards: int, explicit_shards: Optional[int] = None)
         for f in ("features.h5", "run.json"):
             (run_dir / f).unlink(missing_ok=True)
 
+    stamp = input_stamp(cfg.input)  # before listing: a change during the listing shows up next time
     manifest = build_manifest(run_dir, cfg.input)
     if num_shards is None:
+        # a callable is asked only now, after validate() resolved the device
+        default_shards = default_shards() if callable(default_shards) else default_shards
         num_shards = max(1, min(default_shards, manifest.count))
     elif num_shards > manifest.count:
         raise ConfigError(f"num_shards={num_shards} is more than the {manifest.count} images: "
@@ -210,6 +466,8 @@ def prepare_run(cfg, default_shards: int, explicit_shards: Optional[int] = None)
         "identity": ident,
         "num_shards": num_shards,
         "count": manifest.count,
+        "segments": [{"first": 0, "num_shards": num_shards, "start": 0, "count": manifest.count}],
+        "input_stamp": stamp,
         "blobs": blobs,
         "input_hw": list(hw),
         "channels": channels,
@@ -238,7 +496,7 @@ def load_run_dir(path) -> Run:
 
 def plan_summary(run: Run) -> str:
     p = run.plan
-    done = len(run.rundir.done_shards(run.num_shards))
+    done = len(run.done_shards())
     return (f"run {run.rundir.path}: {p['count']} images, {run.num_shards} shards ({done} done), "
             f"model {p['model']['name']}, blobs {','.join(p['blobs'])}, input {p['input_hw'][0]}x{p['input_hw'][1]}")
 

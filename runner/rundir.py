@@ -23,6 +23,12 @@ from .shard import shard_name
 RUN_JSON = "run.json"
 
 
+def partial_of(final: Path) -> Path:
+    """The name a shard file has while it is written (the one place that spells it)."""
+    final = Path(final)
+    return final.with_name(final.name + ".partial")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
@@ -68,12 +74,6 @@ class RunDir:
     def write_plan(self, plan: Dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path / RUN_JSON, json.dumps(plan, indent=1, sort_keys=True))
-
-    def done_shards(self, num_shards: int) -> List[int]:
-        return [i for i in range(num_shards) if self.shard_path(i, num_shards).exists()]
-
-    def missing_shards(self, num_shards: int) -> List[int]:
-        return [i for i in range(num_shards) if not self.shard_path(i, num_shards).exists()]
 
     def read_heartbeat(self, index: int, num_shards: int) -> Optional[Dict]:
         try:

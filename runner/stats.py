@@ -34,7 +34,7 @@ def collect_stats(run, elapsed_s: Optional[float] = None) -> Dict:
     reasons: Counter = Counter()
     rows = failures = 0
     for i in range(n):
-        path = rd.shard_path(i, n)
+        path = run.shard_path(i)
         if not path.exists():
             shards.append({"shard": i, "complete": False})
             continue

@@ -12,20 +12,18 @@ from typing import Dict, List, Optional
 
 from .plan import load_run_dir
 from .rundir import pid_alive
-from .shard import shard_bounds
 
 STALE_S = 120.0  # a running heartbeat older than this is "stalled"
 
 
 def shard_state(run, i: int, now: float) -> Dict:
-    rd, n = run.rundir, run.num_shards
-    start, stop = shard_bounds(run.plan["count"], n, i)
-    hb = rd.read_heartbeat(i, n) or {}
+    start, stop = run.shard_range(i)
+    hb = run.read_heartbeat(i) or {}
     st = {"shard": i, "total": stop - start, "done": int(hb.get("done", 0)), "rate": hb.get("rate"),
           "rows": int(hb.get("rows") or 0), "failures": int(hb.get("failures") or 0),
           "host": hb.get("host"), "pid": hb.get("pid"), "started": float(hb.get("started", 0)),
-          "job_id": hb.get("job_id"), "log": hb.get("log")}
-    if rd.shard_path(i, n).exists():
+          "job_id": hb.get("job_id"), "log": hb.get("log"), "image": hb.get("image")}
+    if run.shard_path(i).exists():
         st.update(state="done", done=stop - start)
     elif hb.get("state") == "failed":
         st.update(state="failed", error=hb.get("error"))
@@ -33,7 +31,7 @@ def shard_state(run, i: int, now: float) -> Dict:
         age = now - float(hb.get("updated", 0))
         alive = pid_alive(int(hb["pid"])) if hb.get("host") == socket.gethostname() and hb.get("pid") else age < STALE_S
         st.update(state="running" if alive else "interrupted", age_s=round(age, 1))
-    elif rd.shard_path(i, n).with_name(rd.shard_path(i, n).name + ".partial").exists():
+    elif run.partial_path(i).exists():
         st.update(state="interrupted")
     else:
         st.update(state="pending")
@@ -76,6 +74,12 @@ def run_status(run_dir: Path, use_sacct: bool = True) -> Dict:
     result = {"run_dir": str(run.rundir.path), "state": state, "images": total, "done": done,
               "rows": sum(s["rows"] for s in shards), "failures": sum(s["failures"] for s in shards),
               "rate": rate, "eta_s": eta, "counts": counts, "shards": shards}
+    # which image each shard ran in ("" on the host); shards of one run from several images are flagged
+    images: Dict[str, List[int]] = {}
+    for s in shards:
+        if s["image"] is not None:
+            images.setdefault(s["image"], []).append(s["shard"])
+    result["container_images"] = images
     stats_path = run.rundir.path / "stats.json"
     if stats_path.exists():  # written at merge: the failure reasons, grouped
         try:
@@ -107,6 +111,13 @@ def format_status(st: Dict) -> str:
         if s.get("job_id"):
             line += f"  job {s['job_id']}"
         lines.append(line)
+    images = st.get("container_images") or {}
+    if len(images) > 1:
+        lines.append(f"WARNING: the shards ran in {len(images)} different images (a rebuilt image, or another "
+                     "container.image): " + "; ".join(f"{label or 'the host, no container'}: shards "
+                                                      f"{','.join(map(str, sh))}" for label, sh in images.items()))
+    elif images and next(iter(images)):
+        lines.append(f"image: {next(iter(images))}")
     if st.get("slurm"):
         lines.append("slurm (sacct): " + ", ".join(f"{k} {v}" for k, v in sorted(st["slurm"].items())))
     return "\n".join(lines)

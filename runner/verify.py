@@ -2,7 +2,9 @@
 
 Every manifest entry must appear exactly once, as a feature row or a recorded failure,
 under its own name; every shard file must be complete and of this run's config; the
-merged view, when present, must agree with the shards.
+merged file, when present, must agree with the shards (a view's sources all readable);
+and the input must not hold images the run never listed. One shard file open at a time;
+memory bounded by the largest shard's index, not by the run.
 """
 from __future__ import annotations
 
@@ -14,13 +16,12 @@ import numpy as np
 
 from .manifest import load_manifest
 from .plan import load_run_dir
-from .shard import shard_bounds
+from .merge import NAME_CHUNK_ROWS, check_sources
 from .write import dataset_name
 
 
 def _check_shard(path: Path, i: int, run, manifest, problems: List[str]) -> None:
-    n = run.num_shards
-    start, stop = shard_bounds(manifest.count, n, i)
+    start, stop = run.shard_range(i)
     try:
         f = h5py.File(path, "r", locking=False)
     except Exception as e:
@@ -74,6 +75,12 @@ def _check_shard(path: Path, i: int, run, manifest, problems: List[str]) -> None
                     break
 
 
+def _row_digest(x: np.ndarray) -> bytes:
+    import hashlib
+
+    return hashlib.sha1(np.ascontiguousarray(x).tobytes()).digest()
+
+
 def _check_merged(run, problems: List[str]) -> None:
     path = run.rundir.merged
     try:
@@ -82,49 +89,87 @@ def _check_merged(run, problems: List[str]) -> None:
         problems.append(f"features.h5 cannot be opened ({e}): run `caffe-runner merge {run.rundir.path}`")
         return
     with f:
-        idx = f["index"][:]
-        parts, fparts = [], []
+        try:
+            check_sources(path, f)
+        except Exception as e:
+            problems.append(f"features.h5: {e}")
+            return
+        blobs = [dataset_name(b) for b in run.plan["blobs"]]
+        n_rows, n_fail = len(f["index"]), len(f["failures/index"])
+        for ds in blobs:
+            if len(f[f"features/{ds}"]) != n_rows:
+                problems.append(f"features.h5: blob {ds} has a different number of rows than names")
+                return
+        # pass 1, one shard open at a time: its index and failures against the merged ones (in
+        # chunks), and a digest of its last row per blob
+        digests = []
+        pos = fpos = 0
         for i in range(run.num_shards):
-            with h5py.File(run.rundir.shard_path(i, run.num_shards), "r", locking=False) as s:
-                parts.append(s["index"][:])
-                fparts.append(s["failures/index"][:])
-                rows = len(parts[-1])
+            with h5py.File(run.shard_path(i), "r", locking=False) as s:
+                for name, off, total in (("index", pos, n_rows), ("failures/index", fpos, n_fail)):
+                    n = len(s[name])
+                    if off + n > total:
+                        problems.append(f"features.h5: holds fewer {name} entries than the shards "
+                                        f"(stale merge?): rerun `caffe-runner merge {run.rundir.path}`")
+                        return
+                    for a in range(0, n, NAME_CHUNK_ROWS):
+                        b = min(n, a + NAME_CHUNK_ROWS)
+                        if not np.array_equal(s[name][a:b], f[name][off + a:off + b]):
+                            problems.append(f"features.h5: its {name} differs from shard {i}'s (stale merge?): "
+                                            f"rerun `caffe-runner merge {run.rundir.path}`")
+                            return
+                rows = len(s["index"])
                 if rows:
-                    # a virtual dataset silently shows fill values for a missing source: compare data
-                    for b in run.plan["blobs"]:
-                        ds = dataset_name(b)
-                        pos = sum(len(p) for p in parts[:-1])
-                        if not np.array_equal(s[f"features/{ds}"][rows - 1], f[f"features/{ds}"][pos + rows - 1],
-                                              equal_nan=True):
-                            problems.append(f"features.h5: blob {b} does not show shard {i}'s data "
-                                            f"(source missing or moved?): rerun `caffe-runner merge`")
-        want = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        if not np.array_equal(idx, want):
-            problems.append("features.h5: its rows differ from the shards' rows (stale merge?): "
-                            f"rerun `caffe-runner merge {run.rundir.path}`")
-        fwant = np.concatenate(fparts) if fparts else np.zeros(0, np.int64)
-        if not np.array_equal(f["failures/index"][:], fwant):
-            problems.append("features.h5: its failures differ from the shards' failures")
-        for b in run.plan["blobs"]:
-            if len(f[f"features/{dataset_name(b)}"]) != len(idx):
-                problems.append(f"features.h5: blob {b} has a different number of rows than names")
+                    digests.append((i, pos + rows - 1,
+                                    {ds: _row_digest(s[f"features/{ds}"][rows - 1]) for ds in blobs}))
+                pos += rows
+                fpos += len(s["failures/index"])
+        if (pos, fpos) != (n_rows, n_fail):
+            problems.append(f"features.h5: holds {n_rows} rows and {n_fail} failures, the shards {pos} and {fpos} "
+                            f"(stale merge?): rerun `caffe-runner merge {run.rundir.path}`")
+            return
+        # pass 2: the merged file shows each shard's data (a view with a lost source shows NaN)
+        for i, row, want in digests:
+            for ds in blobs:
+                if _row_digest(f[f"features/{ds}"][row]) != want[ds]:
+                    problems.append(f"features.h5: blob {ds} does not show shard {i}'s data "
+                                    f"(source missing or changed?): rerun `caffe-runner merge {run.rundir.path}`")
+                    return
 
 
-def verify(run_dir: Path) -> List[str]:
+def _check_input(run, problems: List[str], notes: List[str]) -> None:
+    """Images added to (or changed in) the input since it was listed are not in the run."""
+    from .manifest import input_stamp
+
+    old = run.plan.get("input_stamp")
+    if old is None:
+        return
+    now = input_stamp(run.cfg.input)
+    if now is None:
+        notes.append("the input is not reachable from here: not checked for images added since listing")
+    elif now != old:
+        from .plan import _describe_change
+
+        problems.append(f"the input changed since it was listed ({_describe_change(old, now)}): the run does not "
+                        "cover it; rerun the extraction with input.relist=true to add new images as new shards")
+
+
+def verify(run_dir: Path, notes: List[str] = None) -> List[str]:
     problems: List[str] = []
+    notes = notes if notes is not None else []
     run = load_run_dir(run_dir)
     manifest = load_manifest(run.rundir.path)
     if manifest.count != run.plan["count"]:
         problems.append(f"manifest holds {manifest.count} entries but run.json says {run.plan['count']}")
         return problems
     for i in range(run.num_shards):
-        p = run.rundir.shard_path(i, run.num_shards)
+        p = run.shard_path(i)
         if not p.exists():
-            partial = p.with_name(p.name + ".partial")
-            state = "in progress or interrupted" if partial.exists() else "missing"
+            state = "in progress or interrupted" if run.partial_path(i).exists() else "missing"
             problems.append(f"shard {i}: {p.name} is {state}: rerun the extraction (same command) to complete it")
             continue
         _check_shard(p, i, run, manifest, problems)
     if not problems and run.rundir.merged.exists():
         _check_merged(run, problems)
+    _check_input(run, problems, notes)
     return problems

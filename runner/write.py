@@ -1,4 +1,4 @@
-"""HDF5 output: one file per shard, streamed batch by batch, and the merged view.
+"""HDF5 output: one file per shard, streamed batch by batch (merge.py joins them).
 
 Shard file (shards/shard-IIIII-of-NNNNN.h5):
   features/<blob>   float32|float16 [rows, ...]   one dataset per blob
@@ -27,6 +27,8 @@ import numpy as np
 
 from . import log
 from .errors import RunnerError, ShardBusyError
+from .features import pooled_shape, postprocess  # noqa: F401  (moved to features.py; old import path)
+from .rundir import partial_of
 
 STR = h5py.string_dtype("utf-8")
 RAW = h5py.string_dtype("ascii")  # stored as the exact bytes; HDF5 does not check them
@@ -36,28 +38,6 @@ FORMAT_VERSION = 1
 def dataset_name(blob: str) -> str:
     """HDF5 names cannot hold '/', which Caffe blob names often do (pool5/7x7_s1)."""
     return blob.replace("/", "__")
-
-
-def postprocess(x: np.ndarray, pooling: str = "none", gem_p: float = 3.0, l2: bool = False) -> np.ndarray:
-    """Pool N x C x H x W over H, W; L2-normalise rows. Vectors pass through pooling unchanged."""
-    if pooling != "none" and x.ndim == 4:
-        if pooling == "avg":
-            x = x.mean(axis=(2, 3))
-        elif pooling == "max":
-            x = x.max(axis=(2, 3))
-        elif pooling == "gem":
-            x = np.power(np.clip(x, 1e-6, None), gem_p).mean(axis=(2, 3)) ** (1.0 / gem_p)
-        else:
-            raise ValueError(f"output.pooling must be none, avg, max or gem, got {pooling!r}")
-    if l2:
-        flat = x.reshape(len(x), -1)
-        norms = np.linalg.norm(flat, axis=1).reshape((-1,) + (1,) * (x.ndim - 1))
-        x = x / np.maximum(norms, 1e-12)
-    return x
-
-
-def pooled_shape(shape: Tuple[int, ...], pooling: str) -> Tuple[int, ...]:
-    return shape[:1] if pooling != "none" and len(shape) == 3 else tuple(shape)
 
 
 class ShardLock:
@@ -98,7 +78,7 @@ class ShardWriter:
     def __init__(self, final_path: Path, blob_shapes: Dict[str, Tuple[int, ...]], dtype: str,
                  attrs: Dict[str, object], fingerprint: str, batch_size: int):
         self.final = Path(final_path)
-        self.partial = self.final.with_name(self.final.name + ".partial")
+        self.partial = partial_of(self.final)
         self.blobs = list(blob_shapes)
         self.dtype = np.dtype(dtype)
         self.fingerprint = fingerprint
@@ -224,52 +204,3 @@ class ShardWriter:
             except Exception:
                 pass
             self.f = None
-
-
-def merge(run_dir: Path, shard_paths: Sequence[Path], out_name: str = "features.h5") -> Path:
-    """All shards as one view in manifest order: features as HDF5 virtual datasets (no copy
-    of the big arrays); names, index and failures (small) copied."""
-    run_dir = Path(run_dir)
-    out = run_dir / out_name
-    tmp = run_dir / (out_name + ".tmp")
-    files = [_open(p, "r") for p in shard_paths]
-    try:
-        first = files[0]
-        # the requested order (the first blob is `feats`), not HDF5's alphabetical one
-        order = [dataset_name(b) for b in json.loads(first.attrs["blobs"])]
-        with _open(tmp, "w") as o:
-            g = o.create_group("features")
-            for ds in order:
-                src0 = first[f"features/{ds}"]
-                total = sum(len(f[f"features/{ds}"]) for f in files)
-                layout = h5py.VirtualLayout(shape=(total,) + src0.shape[1:], dtype=src0.dtype)
-                pos = 0
-                for p, f in zip(shard_paths, files):
-                    n = len(f[f"features/{ds}"])
-                    if n:
-                        # relative: the run directory can be moved or mounted elsewhere
-                        rel = os.path.relpath(p, run_dir)
-                        layout[pos:pos + n] = h5py.VirtualSource(rel, f"features/{ds}", shape=(n,) + src0.shape[1:])
-                    pos += n
-                v = g.create_virtual_dataset(ds, layout, fillvalue=np.nan)
-                v.attrs["blob"] = src0.attrs["blob"]
-            o["feats"] = h5py.SoftLink(f"/features/{order[0]}")
-            for name in ("names", "names_raw", "index"):
-                o.create_dataset(name, data=np.concatenate([f[name][:] for f in files]) if files else [],
-                                 dtype=first[name].dtype)
-            fg = o.create_group("failures")
-            for name in ("index", "names", "names_raw", "reason"):
-                fg.create_dataset(name, data=np.concatenate([f["failures/" + name][:] for f in files]),
-                                  dtype=first["failures/" + name].dtype)
-            for k, v in first.attrs.items():
-                if k not in ("rows", "n_failures", "next", "start", "stop", "shard", "complete", "host", "pid",
-                             "job_id", "visible_gpus", "device", "resumed", "elapsed_s", "images_per_s"):
-                    o.attrs[k] = v
-            o.attrs["rows"] = int(sum(int(f.attrs["rows"]) for f in files))
-            o.attrs["n_failures"] = int(sum(int(f.attrs["n_failures"]) for f in files))
-            o.attrs["shards"] = json.dumps([os.path.relpath(p, run_dir) for p in shard_paths])
-    finally:
-        for f in files:
-            f.close()
-    os.replace(tmp, out)
-    return out

@@ -1,6 +1,7 @@
 """End to end on the trouble corpus: every file is accounted for exactly once, as a feature
 row or as a recorded failure with its reason; odd names map back to the exact bytes."""
 import os
+import re
 import shutil
 from pathlib import Path
 import subprocess
@@ -29,7 +30,9 @@ def test_corpus_every_file_once(tiny_net, tmp_path):
     run = tmp_path / "run"
     p = run_cli(f"input.dir={root}", f"output.dir={run}", *tiny_model_args(tiny_net), "launcher.workers=2",
                 "num_shards=3", "batch_size=4")
-    assert "failed" in p.stdout
+    n_bad = sum(1 for want in expect.values() if want != "ok")
+    m = re.search(r"images:\s+(\d+) \((\d+) extracted, (\d+) failed\)", p.stdout)
+    assert m and tuple(map(int, m.groups())) == (len(expect), len(expect) - n_bad, n_bad), p.stdout
     rows, fails = _accounted(run)
     assert sorted(rows + list(fails)) == sorted(expect), "every file exactly once"
     assert len(rows) + len(fails) == len(set(rows) | set(fails))

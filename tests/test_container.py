@@ -3,6 +3,7 @@ inside it equals a host run, and Slurm array tasks run inside it. Run by `make t
 which builds the image first."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -70,3 +71,87 @@ def test_slurm_tasks_run_inside_the_container(image, cluster, photos, host_run, 
     b, nb, _ = _feats(host_run / "features.h5")
     assert na == nb
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---- Charliecloud on the SquashFS image (docker/build-image.sh --squashfs, make image-squashfs) ----
+
+SQUASHFS = Path(os.environ.get("CAFFE_RUNNER_SQUASHFS",
+                               Path.home() / ".cache/caffe-runner/images/caffe-runner-cpu.sqfs"))
+
+
+@pytest.fixture(scope="module")
+def squashfs():
+    if not shutil.which("ch-run"):
+        pytest.skip("ch-run is absent: run `make test-image` (it installs charliecloud and builds the image)")
+    if not SQUASHFS.is_file():
+        pytest.skip(f"{SQUASHFS} is absent: run `make test-image` (make image-squashfs builds it)")
+    return SQUASHFS
+
+
+def _check_shards_ran_in(run, n, squashfs):
+    from runner.launch.container import image_identity, image_label
+
+    ident = image_identity("charliecloud", str(squashfs))
+    assert ident.startswith("size=")
+    for i in range(n):
+        with h5py.File(run / "shards" / f"shard-{i:05d}-of-{n:05d}.h5", "r") as f:
+            a = f.attrs
+            assert a["container_runtime"] == "charliecloud" and a["container_image"] == str(squashfs)
+            assert a["container_image_id"] == ident
+            # set by the image's own environment (/ch/environment): present only inside it
+            assert "caffe-runner" in a["container"] and "Debian 12" in a["container"], a["container"]
+    label = image_label({"container_runtime": "charliecloud", "container_image": str(squashfs),
+                         "container_image_id": ident})
+    with h5py.File(run / "features.h5", "r") as f:
+        assert json.loads(f.attrs["container_images"]) == {label: list(range(n))}
+    return label
+
+
+def test_charliecloud_slurm_array_equals_host(squashfs, cluster, photos, host_run, tmp_path):
+    """3 array tasks, each `ch-run` on the SquashFS file, submitted from a shell without USER
+    (as under some batch systems and CI; ch-run alone would refuse to start)."""
+    from conftest import CLI, REPO
+
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "USER"}
+    p = subprocess.run(CLI + [f"input.dir={photos}", f"output.dir={run}", "num_shards=3", "launcher=slurm",
+                              "launcher.cpus_per_task=1", "launcher.mem_gb=2", "launcher.timeout_min=10",
+                              "launcher.wait=true", "container.runtime=charliecloud", f"container.image={squashfs}"],
+                       env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-5000:])
+    assert "submitted array job" in p.stdout
+    sbatch = next((run / "logs").rglob("*_submission.sh")).read_text()
+    assert "ch-run" in sbatch and str(squashfs) in sbatch
+    for i in range(3):
+        with h5py.File(run / "shards" / f"shard-{i:05d}-of-00003.h5", "r") as f:
+            assert f.attrs["job_id"], "not a Slurm task"
+    label = _check_shards_ran_in(run, 3, squashfs)
+    a, na, _ = _feats(run / "features.h5")
+    b, nb, _ = _feats(host_run / "features.h5")
+    assert na == nb
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    st = run_cli("status", run).stdout
+    assert f"image: {label}" in st and "WARNING" not in st
+
+
+def test_charliecloud_local_equals_host(squashfs, photos, host_run, tmp_path):
+    from conftest import CLI, REPO
+
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "USER"}
+    p = subprocess.run(CLI + [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=2",
+                              "container.runtime=charliecloud", f"container.image={squashfs}"],
+                       env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-5000:])
+    _check_shards_ran_in(run, 2, squashfs)
+    a, na, _ = _feats(run / "features.h5")
+    b, nb, _ = _feats(host_run / "features.h5")
+    assert na == nb
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_refused_in_the_cpu_image(squashfs, photos, tmp_path):
+    p = run_cli(f"input.dir={photos}", f"output.dir={tmp_path / 'run'}", "device=gpu",
+                "container.runtime=charliecloud", f"container.image={squashfs}", check=False)
+    assert p.returncode == 2 and "caffe-runner: error: device=gpu but container.image" in p.stderr, p.stderr[-2000:]
+    assert "no NVIDIA driver libraries" in p.stderr and "ch-fromhost --nvidia" in p.stderr

@@ -9,6 +9,8 @@ import pytest
 from corpus import make_corpus
 from runner.decode import Decoder, Geometry
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):

@@ -9,6 +9,8 @@ from runner.config import InputConf
 from runner.errors import ConfigError
 from runner.manifest import build_manifest, iter_names, list_dir, load_manifest, read_list
 
+pytestmark = pytest.mark.unit
+
 
 def _touch(p, data=b"x"):
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,8 @@ import pytest
 
 from runner.shard import array_chunks, shard_bounds, shard_name, task_identity
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("n,k,expected", [
     (10, 3, [(0, 4), (4, 7), (7, 10)]),

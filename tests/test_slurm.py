@@ -18,8 +18,10 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 from conftest import MAX_ARRAY
 
 
-SLURM = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10",
-         "launcher.gpus_per_task=1"]
+BASE = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10"]
+# the dev cluster's GPUs are fake and this pycaffe is CPU-only: holding a GPU while computing on
+# the CPU is refused unless allowed (tests of GPU binding)
+SLURM = BASE + ["launcher.gpus_per_task=1", "launcher.allow_cpu_on_gpu=true"]
 
 
 def _h5(path):
@@ -173,3 +175,47 @@ def test_more_shards_than_max_array_size(cluster, tiny_net, photos, tmp_path):
     assert sorted(t["shard"] for s in subs for t in s["tasks"]) == list(range(7))
     assert len(list((run / "shards").glob("*.h5"))) == 7
     assert run_cli("verify", run).returncode == 0
+
+
+def _sbatch_scripts(run: Path):
+    return [p.read_text() for p in (run / "logs").rglob("*_submission.sh")]
+
+
+def test_cpu_only_caffe_default_requests_no_gpu(cluster, tiny_net, photos, tmp_path):
+    """The README's quick start on a CPU partition: no --gres, device cpu, and it completes."""
+    run = tmp_path / "run"
+    p = run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *BASE, *tiny_model_args(tiny_net),
+                "launcher.wait=true")
+    assert "0 GPU" in p.stdout
+    scripts = _sbatch_scripts(run)
+    assert scripts and not any("--gres" in s for s in scripts), scripts[0]
+    for i in range(2):
+        with h5py.File(run / "shards" / f"shard-{i:05d}-of-00002.h5", "r") as f:
+            assert f.attrs["device"] == "cpu" and f.attrs["visible_gpus"] == ""
+    assert run_cli("verify", run).returncode == 0
+
+
+def test_gpus_for_cpu_work_refused_before_submitting(cluster, tiny_net, photos, tmp_path):
+    run = tmp_path / "run"
+    p = run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *BASE, *tiny_model_args(tiny_net),
+                "launcher.gpus_per_task=1", check=False)
+    assert p.returncode == 2 and "this pycaffe is CPU-only" in p.stderr
+    assert "device=gpu" in p.stderr and "launcher.gpus_per_task=0" in p.stderr
+    assert not (run / "manifest").exists() and not (run / "submissions.json").exists()
+    # allowed: one warning, and the GPUs are bound as requested
+    p = run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *SLURM, *tiny_model_args(tiny_net),
+                "launcher.wait=true")
+    assert (p.stdout + p.stderr).count("allow_cpu_on_gpu=true") == 1
+    assert any("--gres=gpu:1" in s for s in _sbatch_scripts(run))
+
+
+def test_unknown_partition_and_account_are_refused(cluster, tiny_net, photos, tmp_path):
+    run = tmp_path / "run"
+    args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *BASE, *tiny_model_args(tiny_net)]
+    p = run_cli(*args, "launcher.partition=nosuch", check=False)
+    assert p.returncode == 2 and "launcher.partition=nosuch: the cluster has no such partition" in p.stderr
+    p = run_cli(*args, "launcher.account=nosuch", check=False)
+    assert p.returncode == 2 and "launcher.account=nosuch" in p.stderr
+    assert not (run / "manifest").exists()
+    p = run_cli(*args, "launcher.partition=debug", "launcher.merge_job=false")
+    assert "submitted array job" in p.stdout

@@ -30,7 +30,7 @@ def test_unknown_partition_is_refused_at_plan_time(cluster, tiny_net, photos, tm
     run = tmp_path / "run"
     err = _one_error(run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *SLURM,
                              "launcher.partition=debgu", *tiny_model_args(tiny_net), check=False))
-    assert "launcher.partition=debgu: no such partition" in err and "did you mean debug?" in err
+    assert "launcher.partition=debgu: the cluster has no such partition" in err and "did you mean debug?" in err
     assert not run.exists(), "nothing is written before the plan is accepted"
 
 

@@ -20,7 +20,6 @@ from typing import Dict, List
 from .. import log
 from ..errors import ConfigError, ShardFailedError
 from ..plan import Run, plan_summary, prepare_run
-from ..shard import shard_bounds
 from ..status import shard_state
 
 _worker_threads = 1
@@ -54,6 +53,10 @@ def worker_plan(cfg) -> Dict:
     cores = len(os.sched_getaffinity(0))
     lc = cfg.launcher
     if cfg.device == "gpu":
+        if cfg.backend == "caffe":
+            from ..gpu import require_cuda_device
+
+            require_cuda_device()  # a CUDA build, a driver, a device: else one clear error, before any work
         gpus = resolve_gpus(lc.gpus)
         workers = len(gpus)
         threads = lc.threads_per_worker or max(1, cores // workers)
@@ -107,6 +110,11 @@ def _init_worker(gpu_queue, threads: int, level: int, log_queue=None) -> None:
 def _shard_entry(cfg, index: int):
     from ..extract import run_shard
 
+    if cfg.container.runtime != "none":  # the shard runs as a process inside the image
+        from .container import run_shard_in_container
+
+        return run_shard_in_container(cfg, index, _worker_threads)
+
     return run_shard(cfg, index, threads=_worker_threads)
 
 
@@ -116,7 +124,7 @@ class _ProgressView:
 
     def __init__(self, run: Run, todo: List[int], enabled: bool):
         self.done_before = run.plan["count"] - sum(
-            (lambda b: b[1] - b[0])(shard_bounds(run.plan["count"], run.num_shards, i)) for i in todo)
+            (lambda b: b[1] - b[0])(run.shard_range(i)) for i in todo)
         self.last = self.done_before
         self.bar = None
         if enabled:
@@ -137,12 +145,12 @@ class _ProgressView:
 
 
 def launch_local(cfg) -> Dict:
-    wp = worker_plan(cfg)
-    run = prepare_run(cfg, default_shards=wp["workers"], explicit_shards=cfg.num_shards)
+    run = prepare_run(cfg, default_shards=lambda: worker_plan(cfg)["workers"], explicit_shards=cfg.num_shards)
+    wp = worker_plan(cfg)  # after prepare_run: cfg.device is resolved there
     from . import plan_accepted
 
     plan_accepted(run)
-    todo = run.rundir.missing_shards(run.num_shards)
+    todo = run.missing_shards()
     log.info("%s; local: %d worker(s) x %d thread(s)%s", plan_summary(run), wp["workers"], wp["threads"],
              f", GPUs {','.join(wp['gpus'])}" if wp["gpus"] else "")
     t0 = time.time()
@@ -192,7 +200,7 @@ def launch_local(cfg) -> Dict:
         except KeyboardInterrupt:
             pool.terminate()
             view.close()
-            done = len(run.rundir.done_shards(run.num_shards))
+            done = len(run.done_shards())
             raise KeyboardInterrupt(
                 f"interrupted: {done} of {run.num_shards} shards are complete and the others keep their last "
                 f"flushed batch in {run.rundir.shards_dir}; rerun the same command to resume") from None
@@ -216,10 +224,9 @@ def launch_local(cfg) -> Dict:
     summary = {"run_dir": str(run.rundir.path), "elapsed_s": elapsed, "shards": results,
                "num_shards": run.num_shards, "already_complete": run.num_shards - len(todo)}
     if cfg.output.merge:
-        from ..write import merge
+        from ..merge import merge_run
 
-        paths = [run.rundir.shard_path(i, run.num_shards) for i in range(run.num_shards)]
-        summary["merged"] = str(merge(run.rundir.path, paths))
+        summary["merged"] = str(merge_run(run))
         summary["blob_shapes"] = _blob_shapes(summary["merged"])
     from ..stats import write_stats
 
@@ -228,7 +235,7 @@ def launch_local(cfg) -> Dict:
 
 
 def _blob_shapes(merged: str) -> Dict:
-    import h5py
+    from ..merge import open_merged
 
-    with h5py.File(merged, "r", locking=False) as f:
+    with open_merged(merged) as f:
         return {f[f"features/{k}"].attrs["blob"]: f[f"features/{k}"].shape[1:] for k in f["features"]}

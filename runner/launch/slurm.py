@@ -83,9 +83,10 @@ def check_partition(lc) -> None:
         import difflib
 
         close = difflib.get_close_matches(str(lc.partition), names, n=1)
-        raise ConfigError(f"launcher.partition={lc.partition}: no such partition on this cluster"
+        raise ConfigError(f"launcher.partition={lc.partition}: the cluster has no such partition"
                           + (f" (did you mean {close[0]}?)" if close else "")
-                          + f"; partitions: {', '.join(sorted(set(names))) or 'none'} (sinfo)")
+                          + f"; its partitions: {', '.join(sorted(set(names))) or 'none'} (sinfo), or leave "
+                          "launcher.partition unset for the default")
     info = parse_scontrol_config(p.stdout.replace(" ", "\n"))
     limit = parse_slurm_minutes(info.get("MaxTime", ""))
     if limit is not None and int(lc.timeout_min) > limit:
@@ -146,22 +147,16 @@ def _make_task():
 def merge_job(run_dir: str) -> str:
     """The dependent job: merge if every shard is complete, else say which are missing."""
     from ..extract import setup_task_logging
+    from ..merge import merge_run
     from ..plan import load_run_dir
-    from ..write import merge
 
     setup_task_logging()
     run = load_run_dir(run_dir)
-    missing = run.rundir.missing_shards(run.num_shards)
-    if missing:
-        raise ShardFailedError(f"{len(missing)} shards did not complete ({missing[:20]}): resubmit the same "
-                               f"command to run only those; `caffe-runner status {run_dir}` shows why")
-    paths = [run.rundir.shard_path(i, run.num_shards) for i in range(run.num_shards)]
-    out = merge(run.rundir.path, paths)
+    out = merge_run(run)
     from ..stats import write_stats
 
     st = write_stats(run)
-    log.info("merged %d shards into %s: %d images, %d extracted, %d failed", run.num_shards, out,
-             st["rows"] + st["failures"], st["rows"], st["failures"])
+    log.info("%d images: %d extracted, %d failed", st["rows"] + st["failures"], st["rows"], st["failures"])
     return str(out)
 
 
@@ -169,28 +164,91 @@ def _check_paths_for_nodes(cfg) -> None:
     """Tasks run elsewhere: node-local paths would not exist there."""
     for label, p in (("model.prototxt", cfg.model.prototxt), ("model.weights", cfg.model.weights),
                      ("output.dir", cfg.output.dir), ("input.dir", cfg.input.dir), ("input.list", cfg.input.list)):
-        if p and not os.access(p, os.R_OK):
+        # output.dir may not exist yet: prepare_run checks that it can be written
+        if p and label != "output.dir" and not os.access(p, os.R_OK):
             raise ConfigError(f"{label} {p} is not readable from here; tasks will not read it either")
         if p and str(p).startswith(("/tmp/", "/dev/shm/")) and not os.environ.get("CAFFE_RUNNER_SINGLE_NODE"):
             log.warning("%s %s is under a node-local folder: on a multi-node cluster tasks will not see it", label, p)
+
+
+def array_executor(cfg, folder):
+    """The array's submitit executor: sbatch options from launcher.*, the task's interpreter
+    wrapped by the container runtime (tests/golden/ pins the sbatch scripts it writes)."""
+    import submitit
+
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(cfg.launcher.max_num_timeout),
+                                python=wrap_python(cfg, sys.executable))
+    params = executor_parameters(cfg.launcher)
+    srun_args = pyxis_srun_args(cfg)
+    if srun_args:
+        params["srun_args"] = srun_args
+    ex.update_parameters(**params)
+    return ex
+
+
+def _sinfo_has_partition(name: str) -> Optional[bool]:
+    """Whether the cluster has partition `name`; None when sinfo cannot say."""
+    if not shutil.which("sinfo"):
+        return None
+    try:
+        p = subprocess.run(["sinfo", "-h", "-a", "-o", "%R"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if p.returncode != 0:
+        return None
+    return name in {line.strip() for line in p.stdout.splitlines()}
+
+
+def _sacctmgr_has_account(name: str) -> Optional[bool]:
+    """Whether accounting knows account `name`; None when sacctmgr cannot say (no accounting)."""
+    if not shutil.which("sacctmgr"):
+        return None
+    try:
+        p = subprocess.run(["sacctmgr", "-n", "-P", "show", "account", name, "format=Account"],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if p.returncode != 0:
+        return None
+    return name.lower() in {line.strip().lower() for line in p.stdout.splitlines()}
+
+
+def check_slurm(cfg) -> None:
+    """Slurm-side checks of validate(): before anything is listed or submitted."""
+    lc = cfg.launcher
+    if cfg.num_shards is None:
+        raise ConfigError("launcher=slurm needs num_shards=N: the number of array tasks (one per GPU is "
+                          "typical; more, smaller shards checkpoint and rebalance better)")
+    if not shutil.which("scontrol"):
+        raise ConfigError("launcher=slurm but `scontrol` is not on PATH: run on a Slurm login node "
+                          "(or `eval $(slurm/dev-cluster env)` for the dev cluster), or use launcher=local")
+    for key in ("timeout_min", "cpus_per_task", "array_parallelism"):
+        if int(lc[key]) < 1:
+            raise ConfigError(f"launcher.{key}={lc[key]}: use 1 or more")
+    if float(lc.mem_gb) <= 0:
+        raise ConfigError(f"launcher.mem_gb={lc.mem_gb}: use a positive number of GB")
+    if lc.partition and _sinfo_has_partition(str(lc.partition)) is False:
+        check_partition(lc)  # raises, naming the closest partition and listing them
+        raise ConfigError(f"launcher.partition={lc.partition}: the cluster has no such partition (`sinfo -s` "
+                          "lists them); set launcher.partition to one of them, or leave it unset for the default")
+    check_partition(lc)  # its MaxTime against launcher.timeout_min
+    if lc.account and _sacctmgr_has_account(str(lc.account)) is False:
+        raise ConfigError(f"launcher.account={lc.account}: Slurm accounting has no such account "
+                          "(`sacctmgr show associations user=$USER` lists yours)")
+    _check_paths_for_nodes(cfg)
 
 
 def launch_slurm(cfg) -> Dict:
     import submitit
 
     lc = cfg.launcher
-    if cfg.num_shards is None:
-        raise ConfigError("launcher=slurm needs num_shards=N: the number of array tasks (one per GPU is "
-                          "typical; more, smaller shards checkpoint and rebalance better)")
     max_size = max_array_size()  # also: is the controller there?
-    check_partition(lc)
     run = prepare_run(cfg, default_shards=cfg.num_shards, explicit_shards=cfg.num_shards)
     from . import plan_accepted
 
     plan_accepted(run)
-    _check_paths_for_nodes(cfg)
     rd = run.rundir
-    todo = rd.missing_shards(run.num_shards)
+    todo = run.missing_shards()
     chunks = array_chunks(todo, max_size)
     print(f"plan: {plan_summary(run)}\n"
           f"  {len(todo)} task(s) to submit in {len(chunks)} array(s) (MaxArraySize {max_size}), "
@@ -203,13 +261,8 @@ def launch_slurm(cfg) -> Dict:
         return {"submitted": True, "run_dir": str(rd.path), "jobs": []}
 
     logs = rd.logs_dir / "%j"
-    python = wrap_python(cfg, sys.executable)
-    ex = submitit.SlurmExecutor(folder=logs, max_num_timeout=int(lc.max_num_timeout), python=python)
-    params = executor_parameters(lc)
-    srun_args = pyxis_srun_args(cfg)
-    if srun_args:
-        params["srun_args"] = srun_args
-    ex.update_parameters(**params)
+    ex = array_executor(cfg, logs)
+    python = ex.python
     task = _make_task()
     submissions = []
     all_jobs = []
@@ -232,6 +285,8 @@ def launch_slurm(cfg) -> Dict:
         params = executor_parameters(lc, gres=False)
         params.update(job_name=f"{lc.job_name}-merge", cpus_per_task=1, mem="2048M", time=60,
                       dependency="afterany:" + ":".join(s["array_job_id"] for s in submissions))
+        if pyxis_srun_args(cfg):  # the merge runs in the same image as the tasks
+            params["srun_args"] = pyxis_srun_args(cfg)
         mex.update_parameters(**params)
         try:
             mjob = mex.submit(merge_job, str(rd.path))
@@ -301,7 +356,7 @@ def wait_for(run: Run, jobs, merge_id: Optional[str], poll_s: float = 2.0) -> No
             bar.close()
     failed = []
     for shard, j in jobs:
-        if not run.rundir.shard_path(shard, run.num_shards).exists():
+        if not run.shard_path(shard).exists():
             failed.append((shard, j.job_id, str(j.paths.stderr), j.state))
     if failed:
         lines = "\n".join(f"  shard {s}: job {jid} {state}, log {path}" for s, jid, path, state in failed)

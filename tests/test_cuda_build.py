@@ -1,0 +1,135 @@
+"""The CUDA build of pycaffe, checked on a machine without a GPU (make test-cuda-build).
+
+The CUDA wheel is installed in its own venv (CAFFE_RUNNER_GPU_VENV, default .venv-gpu);
+these tests run from the CPU venv and drive that one through subprocesses, so each side has
+its own real pycaffe: the fat binary holds every architecture the build asked for, every
+CUDA library resolves inside the venv (not the machine's partial /usr/local/cuda runtime that
+ldconfig knows), CPU-mode features equal the CPU build's, and device=gpu without a driver is
+one clear error, never a Caffe check failure or a core dump.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli
+from runner.gpu import caffe_has_gpu, fatbin_archs
+
+pytestmark = pytest.mark.cuda_build
+
+GPU_VENV = Path(os.environ.get("CAFFE_RUNNER_GPU_VENV", REPO / ".venv-gpu"))
+CUDA_LIBS = ("libcudart", "libcublas", "libcublasLt", "libcurand")
+
+
+def _clean_env(**extra):
+    """No LD_LIBRARY_PATH, no CUDA_HOME: the wheel must find its libraries by itself."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH")}
+    env.update(GLOG_minloglevel="2", **extra)
+    return env
+
+
+def _gpu_py(code: str, check=True):
+    p = subprocess.run([str(GPU_VENV / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                       env=_clean_env(), cwd=REPO, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def gpu_caffe():
+    """(the CUDA _caffe.so, its site-packages, the build's cuda_build.json) in GPU_VENV."""
+    if not (GPU_VENV / "bin" / "python").exists():
+        pytest.skip(f"no CUDA build venv at {GPU_VENV}: `make test-cuda-build` makes it")
+    p = _gpu_py("import importlib.util, sysconfig; print(importlib.util.find_spec('caffe._caffe').origin); "
+                "print(sysconfig.get_paths()['purelib'])")
+    so, site = p.stdout.split()
+    info = Path(so).with_name("cuda_build.json")
+    assert info.is_file(), f"{so} has no cuda_build.json beside it: not a build-pycaffe.sh --cuda wheel"
+    return Path(so), Path(site), json.loads(info.read_text())
+
+
+def test_this_venv_is_the_cpu_build():
+    """The comparisons below need a CPU build here, the CUDA one there."""
+    assert not caffe_has_gpu(), "run these from the CPU venv (make test-cuda-build does)"
+
+
+def test_fat_binary_holds_every_requested_architecture(gpu_caffe):
+    so, _, info = gpu_caffe
+    fat = fatbin_archs(str(so))
+    assert info["sm"], info
+    missing = [a for a in info["sm"] if a not in fat.sm]
+    assert not missing, f"requested sm_{missing} not in {so}: cubins {fat.sm}"
+    assert set(info["ptx"]) <= set(fat.ptx), (info["ptx"], fat.ptx)
+    assert max(info["ptx"]) == max(info["sm"]), "PTX for the newest architecture, so newer GPUs JIT-compile it"
+
+
+def test_cuda_libraries_resolve_inside_the_venv(gpu_caffe):
+    so, site, _ = gpu_caffe
+    ldd = subprocess.run(["ldd", str(so)], capture_output=True, text=True, env=_clean_env(), check=True).stdout
+    assert "not found" not in ldd, ldd
+    resolved = dict(re.findall(r"^\s*(lib[\w.+-]+?)\.so\S*\s+=>\s+(\S+)", ldd, re.M))
+    for lib in CUDA_LIBS:
+        assert lib in resolved, f"{lib} not linked by {so}:\n{ldd}"
+        path = Path(resolved[lib]).resolve()
+        assert str(path).startswith(str(site.resolve())), f"{lib} resolves to {path}, outside {site}"
+
+
+def test_import_without_ld_library_path_loads_the_wheels_runtime(gpu_caffe):
+    """`import caffe` in the venv with no environment help, and the libcudart in the process
+    is the venv's, not the machine's /usr/local/cuda one that ldconfig lists."""
+    _, site, _ = gpu_caffe
+    p = _gpu_py("import caffe; caffe.set_mode_cpu()\n"
+                "print([l.split()[-1] for l in open('/proc/self/maps') if 'libcudart' in l][0])")
+    assert Path(p.stdout.split()[-1]).resolve().is_relative_to(site.resolve()), p.stdout
+
+
+def test_the_probe_asks_the_venvs_runtime(gpu_caffe):
+    _, site, _ = gpu_caffe
+    p = json.loads(_gpu_py("import json; from runner.gpu import cuda_probe; print(json.dumps(cuda_probe().__dict__))")
+                   .stdout)
+    assert p["runtime_cuda"] >= 11000 and p["code"] != -1, p
+    assert Path(p["library"]).resolve().is_relative_to(site.resolve()), p
+
+
+@pytest.mark.slow
+def test_cpu_mode_features_equal_the_cpu_build(gpu_caffe, photos, tmp_path):
+    """res10 fc7 on the sample photos, once with each build, in CPU mode."""
+    cpu_run, gpu_run = tmp_path / "cpu", tmp_path / "gpu"
+    args = [f"input.dir={photos}", "launcher.workers=1", "num_shards=1", "batch_size=8"]
+    run_cli(*args, f"output.dir={cpu_run}")
+    p = subprocess.run([str(GPU_VENV / "bin" / "python"), "-m", "runner", *args, f"output.dir={gpu_run}"],
+                       capture_output=True, text=True, env=_clean_env(), cwd=REPO, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with h5py.File(cpu_run / "features.h5") as a, h5py.File(gpu_run / "features.h5") as b:
+        assert list(a["names"][:]) == list(b["names"][:]) and len(a["names"]) >= 10
+        fa, fb = a["feats"][:].astype(np.float64), b["feats"][:].astype(np.float64)
+    rel = np.abs(fa - fb).max() / np.abs(fa).max()
+    assert fa.shape == fb.shape and rel <= 1e-5, rel
+
+
+def test_device_gpu_without_a_driver_is_one_clear_error(gpu_caffe, photos, tmp_path):
+    """The real CUDA wheel and the real probe on this driverless machine: exit 2 with one line
+    naming what is missing and what to do, before any work (no shard, no Caffe abort)."""
+    probe = json.loads(_gpu_py("import json; from runner.gpu import cuda_probe; print(json.dumps(cuda_probe().__dict__))")
+                       .stdout)
+    if probe["driver_lib"]:
+        pytest.skip(f"this machine has an NVIDIA driver (probe: {probe})")
+    run = tmp_path / "run"
+    p = subprocess.run([str(GPU_VENV / "bin" / "python"), "-m", "runner", f"input.dir={photos}",
+                        f"output.dir={run}", "device=gpu", "launcher.gpus=[0]"],
+                       capture_output=True, text=True, env=_clean_env(), cwd=REPO, timeout=300)
+    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
+    errors = [l for l in p.stderr.splitlines() if l.startswith("caffe-runner: error:")]
+    assert len(errors) == 1, p.stderr
+    assert "has no NVIDIA driver" in errors[0] and "device=cpu" in errors[0], errors[0]
+    assert "Traceback" not in p.stderr and "Check failed" not in p.stderr
+    assert not (run / "shards").exists() or not any((run / "shards").iterdir())
