@@ -108,6 +108,16 @@ def test_a_finished_run_rerun_says_complete_not_resuming(tiny_net, photos, tmp_p
     assert "already complete" in p.stderr and "resuming" not in p.stderr + p.stdout
 
 
+def test_bad_input_error_is_printed_once_and_leaves_no_folder(tmp_path):
+    run = tmp_path / "new-run"
+    p = run_cli(f"input.dir={tmp_path / 'nope'}", f"output.dir={run}", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("caffe-runner: error:") == 1
+    err = p.stderr
+    assert "error" not in p.stdout.lower()
+    assert "is not a directory" in err
+    assert not run.exists(), "a failed command left a folder behind"
+
+
 # ---- results at a glance ----------------------------------------------------------------
 
 def test_summary_stats_and_status_count_every_failure(tiny_net, broken, tmp_path):
