@@ -24,7 +24,7 @@ from . import __version__, log
 from .config import conf_dir, pkgfile as _pkgfile, register_resolvers, sweep_dirname as _dirname  # noqa: F401
 from .errors import ConfigError, FailureShareError, RunBusyError, RunnerError, UsageError
 
-SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export")
+SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch")
 
 # exit codes (also in the README and in --help)
 EXIT_OK = 0
@@ -45,6 +45,7 @@ USAGE = """usage: caffe-runner input.dir=IMAGES output.dir=RUN [key=value ...]  
        caffe-runner status|verify|merge RUN                           inspect a run directory
        caffe-runner export RUN OUT.h5 [--format npy]                  a self-contained copy
        caffe-runner inspect [model=NAME output.blobs=[...] ...]       blobs, shapes, bytes per image
+       caffe-runner fetch NAME                                        download a model preset's files
        caffe-runner --help | --version | --cfg job [key=value ...]"""
 
 # the keys shown on the --help page, in this order (text comes from the schema's comments)
@@ -115,7 +116,8 @@ def help_page() -> str:
               "  verify RUN     check every image appears exactly once; non-zero exit if not",
               "  merge RUN      merge complete shards into RUN/features.h5",
               "  export RUN OUT a self-contained copy of the features (h5, or npy files)",
-              "  inspect [key=value ...]   a model's blobs, shapes and output bytes per image", "",
+              "  inspect [key=value ...]   a model's blobs, shapes and output bytes per image",
+              "  fetch NAME     download a model preset's files (checksum-verified) into $CAFFE_MODELS", "",
               "other options:",
               "  -m, --multirun     run every combination of comma-separated values, one run dir each",
               "  --cfg job          print the resolved config and exit (add overrides to see their effect)",
@@ -324,6 +326,32 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_fetch(args) -> int:
+    from .fetch import fetch_model, file_hash, models_cache
+    from .inspect import compose_config
+
+    names = [a for a in args.items if "=" not in a]
+    overrides = [a for a in args.items if "=" in a]
+    if not names:
+        raise ConfigError("name a model preset: caffe-runner fetch NAME (e.g. open_nsfw)")
+    presets = sorted(p.stem for p in Path(conf_dir(), "model").glob("*.yaml"))
+    for name in names:
+        if name not in presets:
+            close = difflib.get_close_matches(name, presets, n=1)
+            raise ConfigError(f"no model preset {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                              + f": the presets are {', '.join(presets)}")
+        model = compose_config([f"model={name}"] + overrides).model
+        if not model.get("files"):
+            print(f"{name}: nothing to fetch ({model.source or 'its files come with an installed package'})")
+            continue
+        for key, path in fetch_model(model, progress=not args.quiet).items():
+            print(f"{name} {key}: {path} (sha256 {file_hash(path)})")
+        if model.get("license"):
+            print(f"{name} license: {model.license}")
+    print(f"model cache: {models_cache()} (set CAFFE_MODELS to move it)")
+    return EXIT_OK
+
+
 def _cmd_status(args) -> int:
     from .status import format_status, run_status
 
@@ -392,6 +420,12 @@ def _subcommand(argv) -> int:
     x.add_argument("--format", choices=("h5", "npy"), default="h5",
                    help="h5: the features.h5 layout, features copied; npy: one 2-D matrix per blob "
                         "(rows flattened) + index.npy, names.txt, failures.tsv")
+    fe = sub.add_parser("fetch", formatter_class=fmt, description="Download a model preset's files into the model "
+                        "cache ($CAFFE_MODELS), checksum-verified, resuming a partial download.",
+                        epilog="example: caffe-runner fetch open_nsfw\n"
+                               "exit codes: 0 fetched (or nothing to fetch), 1 download failed, 2 unknown preset")
+    fe.add_argument("items", nargs="+", metavar="NAME", help="preset name(s), e.g. open_nsfw; key=value overrides")
+    fe.add_argument("--quiet", action="store_true", help="no progress bar")
     i = sub.add_parser("inspect", formatter_class=fmt, description="A model's blobs with shapes, its preprocessing "
                        "and the bytes per image of the chosen blobs (to size the disk before a run).",
                        epilog="example: caffe-runner inspect model=res10_ssd output.blobs=[fc7] output.pooling=avg\n"
@@ -399,7 +433,7 @@ def _subcommand(argv) -> int:
     i.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=res10_ssd output.pooling=avg")
     args = p.parse_args(argv)
     handler = {"merge": _cmd_merge, "status": _cmd_status, "verify": _cmd_verify, "inspect": _cmd_inspect,
-               "export": _cmd_export}[args.cmd]
+               "export": _cmd_export, "fetch": _cmd_fetch}[args.cmd]
     setup_cli_logging(logging.WARNING)
     return handler(args)
 

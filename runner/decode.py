@@ -120,6 +120,9 @@ class Decoder:
         self.max_pixels = int(max_pixels)
         self.reduced_jpeg = reduced_jpeg
         self.interp = _INTERP[geometry.interpolation]
+        # the reason recorded for a missing file: a listed name that was never there reads
+        # "listed but not found" (set by the reader for list input)
+        self.missing_reason = "file not found (deleted after listing?)"
 
     def read(self, path: bytes) -> bytes:
         try:
@@ -128,7 +131,7 @@ class Decoder:
         except FileNotFoundError:
             if os.path.islink(path):
                 raise DecodeFailure("broken symlink (its target does not exist)")
-            raise DecodeFailure("file not found (deleted after listing?)")
+            raise DecodeFailure(self.missing_reason)
         except PermissionError:
             raise DecodeFailure("permission denied")
         except IsADirectoryError:
@@ -193,8 +196,24 @@ class Decoder:
         return center_crop(img, self.geometry.input_hw)
 
     def load(self, path: bytes) -> Tuple[Optional[np.ndarray], Optional[str]]:
+        return self._guard(lambda: self.fit(self.decode(self.read(path))))
+
+    def load_bytes(self, data: bytes) -> Tuple[Optional[np.ndarray], Optional[str]]:
+        """An encoded image already in memory (an LMDB record, a tar member)."""
+        def run():
+            if not data:
+                raise DecodeFailure("empty image (0 bytes)")
+            return self.fit(self.decode(data))
+        return self._guard(run)
+
+    def load_pixels(self, get_pixels) -> Tuple[Optional[np.ndarray], Optional[str]]:
+        """Pixels that need no decoding (a raw Datum): get_pixels() -> uint8 H x W x 3 BGR."""
+        return self._guard(lambda: self.fit(get_pixels()))
+
+    @staticmethod
+    def _guard(fn) -> Tuple[Optional[np.ndarray], Optional[str]]:
         try:
-            return self.fit(self.decode(self.read(path))), None
+            return fn(), None
         except DecodeFailure as e:
             return None, str(e)
         except Exception as e:  # never let one image stop a shard

@@ -7,6 +7,7 @@ the number of images.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -15,6 +16,7 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -23,6 +25,7 @@ import numpy as np
 from . import log
 from .launch.container import image_label
 from .manifest import load_manifest
+from .readers import open_reader
 from .preprocess import oversample as oversample_crops
 from .errors import ShardBusyError
 from .features import FeaturePost, pooled_shape
@@ -84,18 +87,27 @@ class _Progress:
                      self.num_shards, state, self.done, self.total, self.failures, self.rate, eta)
 
 
-def _decode_window(decoder, manifest, items, batch_size: int, workers: int, prefetch: int):
-    """Yield (indices, names, images|None, reasons) per batch, decoding up to `prefetch`
+def _batches(items, batch_size: int):
+    it = iter(items)
+    while True:
+        b = list(islice(it, batch_size))
+        if not b:
+            return
+        yield b
+
+
+def _decode_window(items, batch_size: int, workers: int, prefetch: int):
+    """Yield (batch of readers.Item, [(image|None, reason)]) per batch, decoding up to `prefetch`
     batches ahead in `workers` threads (bounded: memory does not grow with the input)."""
-    batches = (items[i:i + batch_size] for i in range(0, len(items), batch_size))
+    batches = _batches(items, batch_size)
     if workers <= 0:
         for b in batches:
-            yield b, [decoder.load(manifest.path_of(n)) for _, n in b]
+            yield b, [it.job() for it in b]
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         window: deque = deque()
         for b in batches:
-            window.append((b, [pool.submit(decoder.load, manifest.path_of(n)) for _, n in b]))
+            window.append((b, [pool.submit(it.job) for it in b]))
             if len(window) > prefetch:
                 b0, futs = window.popleft()
                 yield b0, [f.result() for f in futs]
@@ -117,8 +129,8 @@ class _Feeder(threading.Thread):
     def run(self):
         try:
             for batch, results in self.window:
-                ok = [(i, n, img) for (i, n), (img, _) in zip(batch, results) if img is not None]
-                failures = [(i, n, why) for (i, n), (img, why) in zip(batch, results) if img is None]
+                ok = [(it.index, it.name, img) for it, (img, _) in zip(batch, results) if img is not None]
+                failures = [(it.index, it.name, why) for it, (img, why) in zip(batch, results) if img is None]
                 x = None
                 if ok:
                     imgs = np.stack([img for _, _, img in ok])
@@ -175,9 +187,9 @@ class _Writer(threading.Thread):
                 item = self.q.get()
                 if item is None:
                     return
-                n_items, indices, names, feats, failures = item
+                n_items, indices, names, feats, failures, labels = item
                 feats = {b: self.post(v) for b, v in feats.items()}
-                self.writer.write_batch(n_items, indices, names, feats, failures)
+                self.writer.write_batch(n_items, indices, names, feats, failures, labels)
                 p = self.progress
                 p.done += n_items
                 p.rows += len(indices)
@@ -195,10 +207,10 @@ class _Writer(threading.Thread):
 
 @dataclass
 class _Opened:
-    """A shard ready to run: its writer (resumed or new), engine and the items left to do."""
+    """A shard ready to run: its writer (resumed or new), engine and the manifest range left to do."""
     writer: ShardWriter
     engine: object
-    items: List[Tuple[int, bytes]]
+    first: int  # the first manifest entry left (start + what a resumed writer already holds)
     start: int
     stop: int
     load_s: float
@@ -220,18 +232,17 @@ def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest) ->
                  visible_gpus=ident.visible_gpus or "", device=engine.device_desc,
                  blob_shapes=str({b: list(s) for b, s in shapes.items()}))
     writer = ShardWriter(run.shard_path(index), shapes, str(cfg.output.dtype), attrs, plan["fingerprint"],
-                         cfg.batch_size)
+                         cfg.batch_size, labels=manifest.labels)
     if writer.next:
         log.info("shard %d/%d resumes at %d/%d (rows %d, failures %d)", index, run.num_shards,
                  writer.next, stop - start, writer.rows, writer.n_failures)
-    names = manifest.read_slice(start + writer.next, stop)
-    return _Opened(writer, engine, list(zip(range(start + writer.next, stop), names)), start, stop, load_s)
+    return _Opened(writer, engine, start + writer.next, start, stop, load_s)
 
 
-def _forward_loop(run, index: int, op: _Opened, manifest, progress: _Progress) -> Dict[str, float]:
+def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress) -> Dict[str, float]:
     """Decode -> forward -> write every item left; returns the timing statistics."""
     cfg = run.cfg
-    _, _, decoder, transform, in_shape = run.pipeline_parts()
+    _, _, _, transform, in_shape = run.pipeline_parts()
     oversample = bool(cfg.model.preprocess.oversample)
     post = FeaturePost(str(cfg.output.pooling), float(cfg.output.gem_p), bool(cfg.output.l2_normalize))
     wthread = _Writer(op.writer, progress, post)
@@ -239,7 +250,7 @@ def _forward_loop(run, index: int, op: _Opened, manifest, progress: _Progress) -
     busy = 0.0
     t0 = time.time()
     t_first = None  # pipeline fill: until the first batch is ready
-    window = _decode_window(decoder, manifest, op.items, cfg.batch_size, int(cfg.decode.workers),
+    window = _decode_window(reader.items(op.first, op.stop), cfg.batch_size, int(cfg.decode.workers),
                             int(cfg.decode.prefetch_batches))
     feeder = _Feeder(window, transform, tuple(in_shape[1:]) if oversample else None, maxsize=2)
     feeder.start()
@@ -256,11 +267,12 @@ def _forward_loop(run, index: int, op: _Opened, manifest, progress: _Progress) -
                     feats = {b: v.reshape((len(ok), 10) + v.shape[1:]).mean(axis=1) for b, v in feats.items()}
             for i, n, why in failures:
                 log.warning("shard %d: image %d %r failed: %s", index, i, n, why)
-            wthread.put((len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures))
+            labels = {it.index: it.label for it in batch}
+            wthread.put((len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures, labels))
     finally:
         feeder.stop.set()
     wthread.close()
-    return shard_statistics(time.time() - t0, len(op.items), busy, t_first, op.load_s)
+    return shard_statistics(time.time() - t0, op.stop - op.first, busy, t_first, op.load_s)
 
 
 def shard_statistics(elapsed: float, done_now: int, busy: float, t_first: Optional[float],
@@ -301,14 +313,17 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
             if final.exists():  # finished by the lock's previous holder
                 return {"shard": index, "skipped": True}
             op = _open_shard(run, index, ident, threads, manifest)
+            # the decoder is built here once; the reader turns manifest entries into its jobs
+            reader = open_reader(manifest, run.pipeline_parts()[2])
             try:
                 slurm = bool(ident.job_id)
                 progress = _Progress(run, index, op.stop - op.start, op.writer.next, ident, cfg.heartbeat_s,
                                      float(cfg.launcher.get("log_interval_s", 30)) if slurm else 0.0, log_path)
                 progress.rows, progress.failures = op.writer.rows, op.writer.n_failures
-                stats = _forward_loop(run, index, op, manifest, progress)
-                op.writer.finish(stats)
+                stats = _forward_loop(run, index, op, reader, progress)
+                op.writer.finish(dict(stats, input_read=json.dumps(reader.stats)) if reader.stats else stats)
             finally:
+                reader.close()
                 op.writer.close()
             progress.beat("done", force=True, **stats)
             log.info("shard %d/%d done: %d rows, %d failures -> %s", index, num_shards, progress.rows,

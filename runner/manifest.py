@@ -1,10 +1,16 @@
-"""The manifest: the input listed once, sorted, stored in the run directory.
+"""The manifest: the input listed once and stored in the run directory.
+
+A directory is listed sorted; a list file keeps its own order (Caffe lists are ordered:
+labels and splits depend on it); an LMDB is listed in key order; tar shards in tar order.
 
 Layout (run_dir/manifest/):
-  paths.bin    every path relative to the root as raw bytes (file names need not be UTF-8
-               and may hold newlines), concatenated
-  offsets.npy  uint64[n + 1]: path i is paths.bin[offsets[i]:offsets[i + 1]]
-  meta.json    root, count, source
+  paths.bin    every name (path relative to the root, LMDB key, TAR/KEY) as raw bytes (file
+               names need not be UTF-8 and may hold newlines), concatenated
+  offsets.npy  uint64[n + 1]: name i is paths.bin[offsets[i]:offsets[i + 1]]
+  labels.npy   int64[n], only when the labels are known at listing time (list "path label"
+               lines, tar `.cls` members); -1 where a sample has none
+  samples.npy  int64[n, 3], tar input only: (tar number, data offset, size) of the image member
+  meta.json    root, count, source, kind (files | lmdb | tar), labels, tars
 A task reads only its slice of offsets (memory-mapped) and its byte range of paths.bin, so
 what it reads is O(n / num_shards), not O(n).
 """
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +31,33 @@ from .errors import ConfigError
 MANIFEST_DIR = "manifest"
 
 
+NO_LABEL = -1  # a sample without a label (labels dataset)
+
+
 @dataclass(frozen=True)
 class Manifest:
     dir: Path
     root: bytes
     count: int
+    # files (a folder or a list) | lmdb | tar
+    kind: str = "files"
+    # the run has a `labels` dataset (from the list, the tar's .cls members, or the Datums)
+    labels: bool = False
+    # "list" or "dir" for kind=files: a listed file that is missing was never there
+    origin: str = "dir"
+    # tar input: the tar files, numbered as in samples.npy
+    tars: tuple = ()
+
+    def read_labels(self, start: int, stop: int) -> Optional[np.ndarray]:
+        """labels[start:stop] when stored at listing time, else None."""
+        path = self.dir / "labels.npy"
+        if not path.exists():
+            return None
+        return np.array(np.load(path, mmap_mode="r")[start:stop], dtype=np.int64)
+
+    def read_samples(self, start: int, stop: int) -> np.ndarray:
+        """Tar input: (tar number, offset, size) rows [start, stop)."""
+        return np.array(np.load(self.dir / "samples.npy", mmap_mode="r")[start:stop], dtype=np.int64)
 
     def path_of(self, name: bytes) -> bytes:
         return os.path.join(self.root, name) if self.root else name
@@ -81,29 +110,75 @@ def list_dir(root: bytes, extensions: Sequence[str], follow_symlinks: bool = Tru
     return out
 
 
-def read_list(list_file: bytes, root: Optional[bytes]) -> tuple[bytes, List[bytes]]:
-    """Paths from a text file: one per line, or NUL-separated when the file holds a NUL
-    (for names with newlines: `find -print0 > list`). Blank lines and '#' lines are skipped."""
+_LABELLED = re.compile(rb"^(.*?)[ \t]+([+-]?[0-9]+)$")
+
+
+def split_label(line: bytes, labels: str, lineno: int = 0, list_name: str = "") -> Tuple[bytes, Optional[int]]:
+    """One line of a Caffe list: "path label", split at the last blank as Caffe does (paths may
+    hold spaces). labels: "yes" (the last token must be an integer), "no" (the line is the path)."""
+    if labels == "no":
+        return line, None
+    m = _LABELLED.match(line)
+    if m is None:
+        raise ConfigError(f"{list_name} line {lineno}: {line[:200]!r} does not end with an integer label; "
+                          "fix the line, or set input.list_labels=no if the list holds paths only")
+    return m.group(1), int(m.group(2))
+
+
+def read_list(list_file: bytes, root: Optional[bytes], labels: str = "auto"
+              ) -> Tuple[bytes, List[bytes], Optional[List[int]]]:
+    """Paths (and labels) from a text file, in the file's order: one per line, or NUL-separated
+    when the file holds a NUL (for names with newlines: `find -print0 > list`; no labels).
+    Blank lines and '#' lines are skipped.
+
+    labels: "auto" reads Caffe's "path label" lines when every line ends with a blank and an
+    integer and plain paths when none does (a mix is an error that names a line); "yes"
+    requires labels; "no" takes each whole line as a path (for names like "IMG 2019")."""
+    if labels not in ("auto", "yes", "no"):
+        raise ConfigError(f"input.list_labels={labels!r}: use auto, yes or no")
     with open(list_file, "rb") as f:
         data = f.read()
+    shown = os.fsdecode(list_file)
     if b"\0" in data:
-        items = [p for p in data.split(b"\0") if p]
+        if labels == "yes":
+            raise ConfigError(f"input.list {shown} is NUL-separated, which carries no labels: "
+                              "use 'path label' lines, or set input.list_labels=no")
+        items = [(p, 0) for p in data.split(b"\0") if p]
+        labels = "no"
     else:
-        items = [p.rstrip(b"\r") for p in data.split(b"\n")]
-        items = [p for p in items if p.strip() and not p.lstrip().startswith(b"#")]
+        lines = [p.rstrip(b"\r") for p in data.split(b"\n")]
+        items = [(p, i + 1) for i, p in enumerate(lines) if p.strip() and not p.lstrip().startswith(b"#")]
+    if labels == "auto":
+        flags = [_LABELLED.match(p) is not None for p, _ in items]
+        if all(flags):
+            labels = "yes"
+        elif not any(flags):
+            labels = "no"
+        else:
+            bad = next(i for (p, i), f in zip(items, flags) if not f)
+            good = next(i for (p, i), f in zip(items, flags) if f)
+            raise ConfigError(f"input.list {shown}: some lines end with an integer label (line {good}) and "
+                              f"some do not (line {bad}): give every line a label, or set "
+                              "input.list_labels=no to read each whole line as a path")
     base = root if root is not None else os.path.dirname(os.path.abspath(list_file))
     base = os.path.abspath(base)
     prefix = base.rstrip(b"/") + b"/"
-    names = []
-    for p in items:
+    names: List[bytes] = []
+    out_labels: Optional[List[int]] = [] if labels == "yes" else None
+    for line, lineno in items:
+        p, lab = split_label(line, labels, lineno, shown)
         if os.path.isabs(p) and p.startswith(prefix):
             p = p[len(prefix):]
         names.append(p)
-    names.sort()
-    return base, names
+        if out_labels is not None:
+            out_labels.append(lab)
+    return base, names, out_labels
 
 
-def write_manifest(run_dir: Path, root: bytes, names: Sequence[bytes], source: str) -> Manifest:
+def write_manifest(run_dir: Path, root: bytes, names: Sequence[bytes], source: str,
+                   labels: Optional[Sequence[int]] = None, kind: str = "files", origin: str = "dir",
+                   has_labels: Optional[bool] = None, arrays: Optional[Dict[str, np.ndarray]] = None,
+                   tars: Sequence[str] = ()) -> Manifest:
     mdir = Path(run_dir) / MANIFEST_DIR
     tmp = mdir.with_name(MANIFEST_DIR + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -115,13 +190,19 @@ def write_manifest(run_dir: Path, root: bytes, names: Sequence[bytes], source: s
             pos += len(n)
             offsets[i + 1] = pos
     np.save(tmp / "offsets.npy", offsets)
-    meta = {"root": os.fsdecode(root), "count": len(names), "source": source, "version": 1}
+    if labels is not None:
+        np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
+    for name, arr in (arrays or {}).items():
+        np.save(tmp / f"{name}.npy", arr)
+    has_labels = labels is not None if has_labels is None else has_labels
+    meta = {"root": os.fsdecode(root), "count": len(names), "source": source, "version": 1,
+            "kind": kind, "labels": bool(has_labels), "origin": origin, "tars": list(tars)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     # a manifest without a run.json is a listing an earlier attempt left (refused plan, crash)
     if mdir.exists():
         shutil.rmtree(mdir)
     os.replace(tmp, mdir)
-    return Manifest(mdir, root, len(names))
+    return Manifest(mdir, root, len(names), kind, bool(has_labels), origin, tuple(tars))
 
 
 def load_manifest(run_dir: Path) -> Manifest:
@@ -131,14 +212,26 @@ def load_manifest(run_dir: Path) -> Manifest:
     except FileNotFoundError:
         raise ConfigError(f"{run_dir} has no manifest ({mdir}/meta.json): is it a caffe-runner run "
                           "directory? Start a run with `caffe-runner input.dir=... output.dir=...`")
-    return Manifest(mdir, os.fsencode(meta["root"]), int(meta["count"]))
+    return Manifest(mdir, os.fsencode(meta["root"]), int(meta["count"]), meta.get("kind", "files"),
+                    bool(meta.get("labels", False)), meta.get("origin", "dir"), tuple(meta.get("tars", ())))
 
 
-def list_input(input_cfg) -> Tuple[bytes, List[bytes], str]:
-    """(root, sorted names, source) of the input: a directory listed recursively, or a list file."""
-    if bool(input_cfg.dir) == bool(input_cfg.list):
-        raise ConfigError("give exactly one of input.dir=DIR (listed recursively) or "
-                          "input.list=FILE (one path per line)")
+def input_kinds(input_cfg) -> List[str]:
+    return [k for k in ("dir", "list", "lmdb", "tar") if input_cfg.get(k)]
+
+
+def _check_one_input(input_cfg) -> None:
+    kinds = input_kinds(input_cfg)
+    if len(kinds) != 1:
+        raise ConfigError("give exactly one of input.dir=DIR (listed recursively), input.list=FILE (one path "
+                          "per line, optionally 'path label'), input.lmdb=PATH (Caffe Datum LMDB) or "
+                          "input.tar=GLOB (tar shards)" + (f"; got {', '.join('input.' + k for k in kinds)}"
+                                                           if kinds else ""))
+
+
+def _list_files(input_cfg) -> Tuple[bytes, List[bytes], str, Optional[List[int]], str]:
+    """(root, names, source, labels, origin) of a directory (sorted) or a list file (its order)."""
+    labels = None
     if input_cfg.dir:
         root = os.fsencode(os.path.abspath(os.path.expanduser(input_cfg.dir)))
         if not os.path.isdir(root):
@@ -146,29 +239,61 @@ def list_input(input_cfg) -> Tuple[bytes, List[bytes], str]:
                               "(or use input.list=FILE for a list of paths)")
         names = list_dir(root, input_cfg.extensions, input_cfg.follow_symlinks)
         source = f"dir:{os.fsdecode(root)}"
+        origin = "dir"
     else:
         lst = os.fsencode(os.path.abspath(os.path.expanduser(input_cfg.list)))
         if not os.path.isfile(lst):
             raise ConfigError(f"input.list {os.fsdecode(lst)!r} does not exist: give a text file "
                               "with one image path per line")
         r = os.fsencode(os.path.expanduser(input_cfg.root)) if input_cfg.root else None
-        root, names = read_list(lst, r)
+        root, names, labels = read_list(lst, r, str(input_cfg.get("list_labels", "auto")))
         source = f"list:{os.fsdecode(lst)}"
+        origin = "list"
+    _check_names(names, source, input_cfg.extensions)
+    return root, names, source, labels, origin
+
+
+def _check_names(names, source, exts=()) -> None:
     if not names:
-        exts = ",".join(input_cfg.extensions)
-        raise ConfigError(f"no images found in {source[source.index(':') + 1:]} (extensions: {exts}); "
-                          "check the path, or set input.extensions=[...]")
+        what = f" (extensions: {','.join(exts)})" if exts else ""
+        raise ConfigError(f"no images found in {source[source.index(':') + 1:]}{what}; "
+                          "check the path" + (", or set input.extensions=[...]" if exts else ""))
     dups = len(names) - len(set(names))
     if dups:
-        raise ConfigError(f"the input list names {dups} path(s) more than once; every image must "
-                          "appear once: deduplicate the list (sort -u)")
+        raise ConfigError(f"the input names {dups} image(s) more than once; every image must "
+                          "appear once: deduplicate the list (e.g. awk '!seen[$0]++' keeps the order)")
+
+
+def list_input(input_cfg) -> Tuple[bytes, List[bytes], str]:
+    """(root, names, source) of a folder or a list file (what input.relist re-reads)."""
+    _check_one_input(input_cfg)
+    if input_cfg.get("lmdb") or input_cfg.get("tar"):
+        raise ConfigError("input.relist=true re-lists input.dir or input.list; an LMDB or tar shards are "
+                          "listed once: use a new output.dir for a changed database or new shards")
+    root, names, source, _, _ = _list_files(input_cfg)
     return root, names, source
 
 
 def build_manifest(run_dir: Path, input_cfg) -> Manifest:
-    """List the input once (directory or list file) and store it in the run directory."""
-    root, names, source = list_input(input_cfg)
-    return write_manifest(run_dir, root, names, source)
+    """List the input once (directory, list file, LMDB or tar shards) and store it in the run directory."""
+    _check_one_input(input_cfg)
+    if input_cfg.get("lmdb"):
+        from .lmdb_input import list_lmdb
+
+        root, names = list_lmdb(input_cfg.lmdb)
+        source = f"lmdb:{os.fsdecode(root)}"
+        _check_names(names, source)
+        return write_manifest(run_dir, root, names, source, None, kind="lmdb", has_labels=True)
+    if input_cfg.get("tar"):
+        from .tar_input import list_tars
+
+        tars, names, samples, labels = list_tars(input_cfg.tar, input_cfg.extensions)
+        source = f"tar:{input_cfg.tar}"
+        _check_names(names, source)
+        return write_manifest(run_dir, b"", names, source, labels, kind="tar", arrays={"samples": samples},
+                              tars=tars)
+    root, names, source, labels, origin = _list_files(input_cfg)
+    return write_manifest(run_dir, root, names, source, labels, origin=origin)
 
 
 def input_stamp(input_cfg) -> Optional[Dict[str, int]]:
@@ -177,6 +302,16 @@ def input_stamp(input_cfg) -> Optional[Dict[str, int]]:
     their folders (an added, removed, renamed or rewritten image changes one of the two); for
     a list file, its size and mtime. None when the input cannot be read from here."""
     try:
+        if input_cfg.get("lmdb"):
+            p = os.path.expanduser(input_cfg.lmdb)
+            st = os.stat(os.path.join(p, "data.mdb") if os.path.isdir(p) else p)
+            return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+        if input_cfg.get("tar"):
+            from .tar_input import tar_paths
+
+            sts = [os.stat(p) for p in tar_paths(input_cfg.tar)]
+            return {"count": len(sts), "size": sum(int(st.st_size) for st in sts),
+                    "mtime_ns": max(int(st.st_mtime_ns) for st in sts)}
         if input_cfg.list:
             st = os.stat(os.path.expanduser(input_cfg.list))
             return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
@@ -195,7 +330,7 @@ def input_stamp(input_cfg) -> Optional[Dict[str, int]]:
                         count += 1
                         newest = max(newest, entry.stat(follow_symlinks=False).st_mtime_ns)
         return {"count": count, "mtime_ns": int(newest)}
-    except OSError:
+    except (OSError, ConfigError):
         return None
 
 
@@ -203,6 +338,9 @@ def extend_manifest(run_dir: Path, keep: int, new_names: Sequence[bytes]) -> Man
     """Keep the first `keep` entries and append `new_names` (input.relist): entries already
     listed keep their positions, so completed shards stay valid. Each file is replaced whole."""
     m = load_manifest(run_dir)
+    if m.labels or m.kind != "files":
+        raise ConfigError("input.relist=true does not extend a run with labels (a 'path label' list): "
+                          "use a new output.dir for the longer list")
     offsets = np.load(m.dir / "offsets.npy", mmap_mode="r")
     end = int(offsets[keep])
     new_off = np.empty(keep + len(new_names) + 1, dtype=np.uint64)
@@ -222,7 +360,7 @@ def extend_manifest(run_dir: Path, keep: int, new_names: Sequence[bytes]) -> Man
     meta["count"] = keep + len(new_names)
     (m.dir / ".meta.tmp").write_text(json.dumps(meta, indent=1))
     os.replace(m.dir / ".meta.tmp", m.dir / "meta.json")
-    return Manifest(m.dir, m.root, meta["count"])
+    return Manifest(m.dir, m.root, meta["count"], m.kind, m.labels, m.origin, m.tars)
 
 
 def iter_names(m: Manifest, chunk: int = 100_000) -> Iterator[bytes]:

@@ -66,6 +66,7 @@ class _Layout:
     dtypes: Dict[str, np.dtype]           # per dataset path
     attrs: Dict[str, object]
     row_datasets: Tuple[str, ...]
+    fail_datasets: Tuple[str, ...] = FAILURE_DATASETS  # + labels when the shards have them
 
 
 def _scan(paths: Sequence[Path]) -> Tuple[List[_Source], _Layout]:
@@ -85,9 +86,10 @@ def _scan(paths: Sequence[Path]) -> Tuple[List[_Source], _Layout]:
                 rowds = ROW_DATASETS + tuple(d for d in OPTIONAL_ROW_DATASETS if d in f)
                 dtypes = {f"features/{d}": f[f"features/{d}"].dtype for d in shapes}
                 dtypes.update({d: f[d].dtype for d in rowds})
-                dtypes.update({f"failures/{d}": f[f"failures/{d}"].dtype for d in FAILURE_DATASETS})
+                faild = FAILURE_DATASETS + tuple(d for d in OPTIONAL_ROW_DATASETS if f"failures/{d}" in f)
+                dtypes.update({f"failures/{d}": f[f"failures/{d}"].dtype for d in faild})
                 attrs = {k: f.attrs[k] for k in RUN_ATTRS if k in f.attrs}
-                layout = _Layout(blobs, shapes, dtypes, attrs, rowds)
+                layout = _Layout(blobs, shapes, dtypes, attrs, rowds, faild)
             for d in layout.shapes:
                 if len(f[f"features/{d}"]) != rows:
                     raise RunnerError(f"{p}: features/{d} has {len(f[f'features/{d}'])} rows but index has "
@@ -144,14 +146,14 @@ def write_merged(out: Path, paths: Sequence[Path], layout_kind: str, extra_attrs
         for d in lay.row_datasets:
             o.create_dataset(d, shape=(total,), dtype=lay.dtypes[d], chunks=(min(total, NAME_CHUNK_ROWS),) if total else None)
         fg = o.create_group("failures")
-        for d in FAILURE_DATASETS:
+        for d in lay.fail_datasets:
             fg.create_dataset(d, shape=(total_f,), dtype=lay.dtypes[f"failures/{d}"],
                               chunks=(min(total_f, NAME_CHUNK_ROWS),) if total_f else None)
         # one shard file open at a time, each dataset copied in bounded chunks
         rows_ds = [(d, _chunk_rows(shape, lay.dtypes[d])) for d, shape in
                    ([(f"features/{ds}", shape) for ds, shape in lay.shapes.items()] if layout_kind != "view" else [])]
         rows_ds += [(d, NAME_CHUNK_ROWS) for d in lay.row_datasets]
-        fail_ds = [f"failures/{d}" for d in FAILURE_DATASETS]
+        fail_ds = [f"failures/{d}" for d in lay.fail_datasets]
         dst = {d: o[d] for d, _ in rows_ds}
         dst.update({d: o[d] for d in fail_ds})
         pos = fpos = 0

@@ -129,6 +129,8 @@ def check_model_files(model_cfg) -> None:
         p = getattr(model_cfg, key)
         if not p or not os.path.isfile(p):
             hint = f" Such files come from: {model_cfg.source}." if model_cfg.source else ""
+            if model_cfg.get("files"):
+                hint += f" Fetch them with: caffe-runner fetch {model_cfg.name}."
             raise ConfigError(f"model.{key} file not found: {p!r} (model={model_cfg.name}).{hint} "
                               f"Or point model.{key}=/path/to/file at your copy.")
         if not os.access(p, os.R_OK):

@@ -65,6 +65,9 @@ def _check_ranges(cfg) -> None:
 def _check_preprocess(cfg, hw: Tuple[int, int], channels: int) -> None:
     """Cross-field checks a shard would otherwise hit after the run has started."""
     pp = cfg.model.preprocess
+    if pp.mode == "caffe_io" and (cfg.input.get("lmdb") or cfg.input.get("tar")):
+        raise ConfigError("model.preprocess.mode=caffe_io reads image files by name; input.lmdb and input.tar "
+                          "are decoded from memory: use model.preprocess.mode=opencv (Caffe's data layer semantics)")
     if channels != 3:
         raise ConfigError(f"the net takes {channels} input channels; caffe-runner feeds colour images "
                           "(3 channels): use a deploy prototxt with a 3-channel input")
@@ -179,9 +182,12 @@ def _check_device(cfg) -> Tuple[str, int]:
 
             resolve_gpus(lc.gpus)  # raises when none is visible
     if device == "gpu" and cfg.backend == "caffe" and not _in_container(cfg):
-        from .gpu import require_gpu_caffe
+        from .gpu import require_cuda_device, require_gpu_caffe
 
-        require_gpu_caffe()
+        if cfg.launcher.name == "slurm":
+            require_gpu_caffe()  # a login node need not have a GPU: each task probes its own
+        else:
+            require_cuda_device()  # a CUDA build, a driver and a device here
     return device, gpus
 
 
@@ -201,6 +207,9 @@ def validate(cfg) -> Checked:
     _check_ranges(cfg)
     _input_source(cfg)
     if cfg.backend != "simulated":
+        from .fetch import ensure_model_files
+
+        ensure_model_files(cfg.model)  # here, on the submitting node: tasks never download
         check_model_files(cfg.model)
     blobs = _blobs(cfg)
     spec = parse_prototxt(cfg.model.prototxt)
@@ -237,9 +246,15 @@ def _input_source(cfg) -> str:
     if cfg.input.dir:
         return "dir:" + os.path.abspath(os.path.expanduser(cfg.input.dir))
     if cfg.input.list:
-        return "list:" + os.path.abspath(os.path.expanduser(cfg.input.list))
-    raise ConfigError("no input: set input.dir=DIR (a folder of images, listed recursively) or "
-                      "input.list=FILE (one path per line)")
+        labels = cfg.input.get("list_labels", "auto")
+        return "list:" + os.path.abspath(os.path.expanduser(cfg.input.list)) + ("" if labels == "auto" else
+                                                                                f" labels={labels}")
+    if cfg.input.get("lmdb"):
+        return "lmdb:" + os.path.abspath(os.path.expanduser(cfg.input.lmdb))
+    if cfg.input.get("tar"):
+        return "tar:" + str(cfg.input.tar)
+    raise ConfigError("no input: set input.dir=DIR (a folder of images, listed recursively), "
+                      "input.list=FILE (one path per line), input.lmdb=PATH or input.tar=SHARDS")
 
 
 def _check_writable(path: Path) -> None:
@@ -466,6 +481,7 @@ def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> R
         "identity": ident,
         "num_shards": num_shards,
         "count": manifest.count,
+        "labels": manifest.labels,
         "segments": [{"first": 0, "num_shards": num_shards, "start": 0, "count": manifest.count}],
         "input_stamp": stamp,
         "blobs": blobs,

@@ -114,7 +114,7 @@ class CaffeIODecoder:
         try:
             img = caffe.io.load_image(os.fsdecode(path))
         except FileNotFoundError:
-            return None, "file not found"
+            return None, getattr(self, "missing_reason", "file not found")
         except Exception as e:
             return None, f"cannot decode ({type(e).__name__}: {str(e)[:160]})"
         h, w = img.shape[:2]

@@ -48,6 +48,10 @@ def _check_shard(path: Path, i: int, run, manifest, problems: List[str]) -> None
                     problems.append(f"shard {i}: {name} has {len(f[name])} entries but index has {rows}")
             raw = f["names_raw"][:]
             fraw = f["failures/names_raw"][:]
+            if run.plan.get("labels") or "labels" in f:  # aligned with the rows and the failures
+                for name, want in (("labels", rows), ("failures/labels", len(fidx))):
+                    if name not in f or len(f[name]) != want:
+                        problems.append(f"shard {i}: {name} missing or not aligned ({want} expected)")
         except Exception as e:
             problems.append(f"shard {i}: unreadable ({type(e).__name__}: {e})")
             return

@@ -6,6 +6,8 @@ Shard file (shards/shard-IIIII-of-NNNNN.h5):
   names             UTF-8 str [rows]  path relative to the input root (classic h5f['names'][:])
   names_raw         bytes [rows]      the exact path bytes (names need not be UTF-8)
   index             int64 [rows]      the row's position in the manifest
+  labels            int64 [rows]      the image's label (list "path label", Datum, tar .cls; -1: none),
+                                      only when the input has labels; also failures/labels
   failures/{index,names,names_raw,reason}   images that could not be used, and why
   attrs             model files + sha256, blobs, preprocessing, resolved config, progress
 
@@ -76,12 +78,13 @@ def _open(path, mode):
 
 class ShardWriter:
     def __init__(self, final_path: Path, blob_shapes: Dict[str, Tuple[int, ...]], dtype: str,
-                 attrs: Dict[str, object], fingerprint: str, batch_size: int):
+                 attrs: Dict[str, object], fingerprint: str, batch_size: int, labels: bool = False):
         self.final = Path(final_path)
         self.partial = partial_of(self.final)
         self.blobs = list(blob_shapes)
         self.dtype = np.dtype(dtype)
         self.fingerprint = fingerprint
+        self.labels = bool(labels)
         self.f: Optional[h5py.File] = None
         self.rows = self.n_failures = self.next = 0
         if self.partial.exists() and self._try_resume():
@@ -109,13 +112,17 @@ class ShardWriter:
         # anything written after the last committed flush is dropped
         for name in self._row_datasets():
             f[name].resize(self.rows, axis=0)
-        for name in ("index", "names", "names_raw", "reason"):
+        for name in self._failure_datasets():
             f["failures/" + name].resize(self.n_failures, axis=0)
         f.attrs["resumed"] = int(f.attrs.get("resumed", 0)) + 1
         return True
 
     def _row_datasets(self) -> List[str]:
-        return [f"features/{dataset_name(b)}" for b in self.blobs] + ["names", "names_raw", "index"]
+        return [f"features/{dataset_name(b)}" for b in self.blobs] + ["names", "names_raw", "index"] + \
+            (["labels"] if self.labels else [])
+
+    def _failure_datasets(self) -> List[str]:
+        return ["index", "names", "names_raw", "reason"] + (["labels"] if self.labels else [])
 
     def _create(self, blob_shapes, attrs, batch_size):
         self.partial.parent.mkdir(parents=True, exist_ok=True)
@@ -128,10 +135,12 @@ class ShardWriter:
                                      dtype=self.dtype, chunks=(chunk_rows,) + tuple(shape))
             d.attrs["blob"] = b
         f["feats"] = h5py.SoftLink(f"/features/{dataset_name(self.blobs[0])}")
-        for name, dt in (("names", STR), ("names_raw", RAW), ("index", np.int64)):
+        for name, dt in (("names", STR), ("names_raw", RAW), ("index", np.int64)) + ((("labels", np.int64),)
+                                                                                    if self.labels else ()):
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
         fail = f.create_group("failures")
-        for name, dt in (("index", np.int64), ("names", STR), ("names_raw", RAW), ("reason", STR)):
+        for name, dt in (("index", np.int64), ("names", STR), ("names_raw", RAW), ("reason", STR)) + (
+                (("labels", np.int64),) if self.labels else ()):
             fail.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(1024,))
         for k, v in attrs.items():
             f.attrs[k] = v
@@ -148,11 +157,12 @@ class ShardWriter:
         d[n:] = values
 
     def write_batch(self, n_items: int, indices: Sequence[int], names: Sequence[bytes],
-                    features: Dict[str, np.ndarray], failures: Sequence[Tuple[int, bytes, str]]) -> None:
+                    features: Dict[str, np.ndarray], failures: Sequence[Tuple[int, bytes, str]],
+                    labels: Optional[Dict[int, int]] = None) -> None:
         """Append one batch (rows and failures of `n_items` consecutive manifest entries), flush,
         then record the progress: a crash leaves at worst this batch to do again."""
         try:
-            self._write_batch(n_items, indices, names, features, failures)
+            self._write_batch(n_items, indices, names, features, failures, labels or {})
         except (OSError, RuntimeError) as e:
             text = str(e)
             if "No space left" in text or getattr(e, "errno", None) == 28:
@@ -165,7 +175,7 @@ class ShardWriter:
                               f"folder, then rerun the same command: the shard resumes after its last "
                               f"complete batch ({self.next} images) and completed shards are kept") from e
 
-    def _write_batch(self, n_items, indices, names, features, failures) -> None:
+    def _write_batch(self, n_items, indices, names, features, failures, labels) -> None:
         from .manifest import display_name
 
         f = self.f
@@ -175,11 +185,15 @@ class ShardWriter:
             self._append(f["names"], [display_name(n) for n in names])
             self._append(f["names_raw"], list(names))
             self._append(f["index"], np.asarray(indices, np.int64))
+            if self.labels:
+                self._append(f["labels"], np.asarray([labels.get(i, -1) for i in indices], np.int64))
         if failures:
             self._append(f["failures/index"], np.asarray([i for i, _, _ in failures], np.int64))
             self._append(f["failures/names"], [display_name(n) for _, n, _ in failures])
             self._append(f["failures/names_raw"], [n for _, n, _ in failures])
             self._append(f["failures/reason"], [r for _, _, r in failures])
+            if self.labels:
+                self._append(f["failures/labels"], np.asarray([labels.get(i, -1) for i, _, _ in failures], np.int64))
         f.flush()
         self.rows += len(indices)
         self.n_failures += len(failures)

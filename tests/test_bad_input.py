@@ -58,7 +58,7 @@ def test_file_deleted_after_listing(tiny_net, photos, tmp_path):
     run_cli(f"input.list={lst}", f"input.root={root}", f"output.dir={run}", *tiny_model_args(tiny_net),
             "launcher.workers=1")
     rows, fails = _accounted(run)
-    assert fails == {names[3].encode(): "file not found (deleted after listing?)"}
+    assert fails == {names[3].encode(): "listed but not found"}  # a list names it; it was never there
     assert len(rows) == len(names) - 1
 
 

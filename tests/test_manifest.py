@@ -34,16 +34,47 @@ def test_list_dir_keeps_odd_names(tmp_path):
     assert list_dir(os.fsencode(tmp_path), ["jpg"]) == sorted(odd)
 
 
-def test_read_list_relative_absolute_and_nul(tmp_path):
+def test_read_list_keeps_order_relative_absolute_and_nul(tmp_path):
     lst = tmp_path / "list.txt"
     lst.write_bytes(b"# comment\nb.jpg\n\n" + os.fsencode(tmp_path) + b"/a.jpg\n/elsewhere/x.jpg\r\n")
-    root, names = read_list(os.fsencode(lst), None)
+    root, names, labels = read_list(os.fsencode(lst), None)
     assert root == os.fsencode(tmp_path)
-    assert names == [b"/elsewhere/x.jpg", b"a.jpg", b"b.jpg"]
+    assert names == [b"b.jpg", b"a.jpg", b"/elsewhere/x.jpg"] and labels is None  # the list's order
     nul = tmp_path / "list0"
     nul.write_bytes(b"x\ny.jpg\0a.jpg\0")
-    _, names = read_list(os.fsencode(nul), b"/data")
-    assert names == [b"a.jpg", b"x\ny.jpg"]
+    _, names, labels = read_list(os.fsencode(nul), b"/data")
+    assert names == [b"x\ny.jpg", b"a.jpg"] and labels is None
+
+
+def test_read_list_caffe_labels(tmp_path):
+    """Caffe's "path label" lines: split at the last blank (paths may hold spaces)."""
+    lst = tmp_path / "train.txt"
+    lst.write_bytes(b"z/b.jpg 3\nmy photo 2019.jpg 0\na.jpg\t-1\nIMG 2019 7\n")
+    _, names, labels = read_list(os.fsencode(lst), None)
+    assert names == [b"z/b.jpg", b"my photo 2019.jpg", b"a.jpg", b"IMG 2019"]
+    assert labels == [3, 0, -1, 7]
+    # "no": every whole line is a path
+    _, names, labels = read_list(os.fsencode(lst), None, "no")
+    assert names[1] == b"my photo 2019.jpg 0" and labels is None
+    # a mix is ambiguous: say which lines differ and how to decide
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_bytes(b"a.jpg 1\nb.jpg\n")
+    with pytest.raises(ConfigError, match=r"line 1.*line 2.*input.list_labels=no"):
+        read_list(os.fsencode(mixed), None)
+    with pytest.raises(ConfigError, match=r"line 2: b'b.jpg' does not end with an integer label"):
+        read_list(os.fsencode(mixed), None, "yes")
+    _, names, labels = read_list(os.fsencode(mixed), None, "no")
+    assert names == [b"a.jpg 1", b"b.jpg"]
+
+
+def test_manifest_stores_labels_in_list_order(tmp_path):
+    lst = tmp_path / "val.txt"
+    lst.write_text("c.jpg 2\na.jpg 0\nb b.jpg 1\n")
+    m = build_manifest(tmp_path / "run", OmegaConf.structured(InputConf(list=str(lst))))
+    m = load_manifest(tmp_path / "run")
+    assert m.labels and m.origin == "list"
+    assert m.read_slice(0, 3) == [b"c.jpg", b"a.jpg", b"b b.jpg"]
+    assert m.read_labels(1, 3).tolist() == [0, 1]
 
 
 def test_manifest_roundtrip_and_slices(tmp_path):
