@@ -4,6 +4,7 @@
   caffe-runner -m model=a,b output.blobs=[x],[y] ...       sweep: one run dir per point
   caffe-runner merge RUN_DIR | status RUN_DIR | verify RUN_DIR | inspect [overrides]
   caffe-runner export RUN_DIR OUT.h5 [--format npy]         a self-contained copy
+  caffe-runner fetch NAME                                   a model preset's files into $CAFFE_MODELS
 
 Extraction goes through Hydra (overrides, --cfg job, -m sweeps); the run-directory
 commands are plain argparse.
