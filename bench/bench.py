@@ -159,6 +159,21 @@ def decode_threads_for(gpu_images_per_s: float, per_thread_images_per_s: float) 
     return max(1, math.ceil(gpu_images_per_s / per_thread_images_per_s - 1e-9))
 
 
+def decode_one_thread(paths: List[str], reduced: bool) -> Dict:
+    """Decode + resize to 300x300 in this one thread: images per second of wall time and per
+    second of this process's CPU time (the second does not drop when other processes share
+    the cores, so it is the figure to size decode threads with on a busy machine)."""
+    from .decode import Decoder, Geometry
+
+    d = Decoder(Geometry((300, 300)), reduced_jpeg=reduced)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for p in paths:
+        img, why = d.load(os.fsencode(p))
+        assert why is None, why
+    return {"images_per_s": len(paths) / (time.perf_counter() - t0),
+            "images_per_cpu_s": len(paths) / (time.process_time() - c0)}
+
+
 def gpu_forward_only(proto: str, weights: str, blobs: List[str], batch: int, n_batches: int, hw=(300, 300)) -> Dict:
     """forward_only on the GPU (device 0 of CUDA_VISIBLE_DEVICES)."""
     from runner.model import CaffeEngine, parse_prototxt
@@ -186,9 +201,10 @@ def gpu_feeding(paths: List[str], threads: int, repeats: int, runner_rate, proto
 
     out: Dict = {"assumed_gpu_images_per_s": ASSUMED_GPU_IMAGES_PER_S, "threads_here": threads}
     for mode, reduced in (("default", False), ("reduced_jpeg", True)):
-        one = _median([in_child("decode_only", 1, paths=paths, workers=1, reduced=reduced)["images_per_s"]
-                       for _ in range(repeats)])
-        out[f"decode_per_thread_{mode}"] = one
+        runs = [in_child("decode_one_thread", 1, paths=paths, reduced=reduced) for _ in range(repeats)]
+        one = _median([r["images_per_cpu_s"] for r in runs])
+        out[f"decode_per_thread_{mode}"] = one  # per second of CPU time: one core's worth
+        out[f"decode_per_thread_wall_{mode}"] = _median([r["images_per_s"] for r in runs])
         out[f"threads_per_gpu_{mode}"] = decode_threads_for(ASSUMED_GPU_IMAGES_PER_S, one)
     # the simulated device at the assumed GPU rate, fed by this machine's threads: the pipeline
     # delivers what decoding allows, which the per-thread figure predicts
@@ -197,7 +213,7 @@ def gpu_feeding(paths: List[str], threads: int, repeats: int, runner_rate, proto
                         "sim-gpu") for _ in range(repeats)]
     out["simulated_gpu_images_per_s"] = _median([r["images_per_s"] for r in sims])
     out["simulated_gpu_busy_fraction"] = _median([r["forward_busy_fraction"] for r in sims])
-    out["predicted_busy_fraction"] = min(1.0, threads * out["decode_per_thread_reduced_jpeg"] / ASSUMED_GPU_IMAGES_PER_S)
+    out["predicted_busy_fraction"] = min(1.0, threads * out["decode_per_thread_wall_reduced_jpeg"] / ASSUMED_GPU_IMAGES_PER_S)
     probe = cuda_probe() if caffe_has_gpu() else None
     why = "the CPU build of pycaffe" if probe is None else explain_probe(probe, platform.node(),
                                                                           os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -422,15 +438,17 @@ def scale_step(run_dir: str, what: str, out: str = "") -> Dict:
     return {"s": time.perf_counter() - t0}
 
 
-def _make_synthetic(run_dir: str, rows: int, shards: int, dim: int) -> Dict:
+def _make_synthetic(run_dir: str, rows: int, shards: int, dim: int, view_max_shards: int) -> Dict:
     from runner.synthetic import make_run
 
-    make_run(Path(run_dir), rows, shards, dim=dim, fail_every=97)
+    make_run(Path(run_dir), rows, shards, dim=dim, fail_every=97, view_max_shards=view_max_shards)
     return {}
 
 
-SCALES = {"shards_100": (10_000, 100), "shards_1000": (100_000, 1000),
-          "rows_100k": (100_000, 10), "rows_1M": (1_000_000, 10)}
+# label: (rows, shards, view_max_shards). Pairs differ in one thing only: 10x the shards at the
+# same shard size and layout (a copy), or 10x the rows at the same shard size and layout (a view)
+SCALES = {"shards_100": (10_000, 100, 0), "shards_1000": (100_000, 1000, 128),
+          "rows_100k": (100_000, 1, 128), "rows_1M": (1_000_000, 10, 128), "rows_4M": (4_000_000, 40, 128)}
 
 
 def merge_bench(work: Path, dim: int = 64) -> Dict:
@@ -438,12 +456,13 @@ def merge_bench(work: Path, dim: int = 64) -> Dict:
     import shutil
 
     out: Dict[str, Dict] = {}
-    for label, (rows, shards) in SCALES.items():
+    for label, (rows, shards, view_max) in SCALES.items():
         run = work / f"scale-{label}"
-        if not (run / ".done").exists():
+        if not (run / ".done").exists() or (run / ".done").read_text() != f"{rows} {shards} {view_max}":
             shutil.rmtree(run, ignore_errors=True)
-            in_child("_make_synthetic", 1, run_dir=str(run), rows=rows, shards=shards, dim=dim)
-            (run / ".done").write_text("ok")
+            in_child("_make_synthetic", 1, run_dir=str(run), rows=rows, shards=shards, dim=dim,
+                     view_max_shards=view_max)
+            (run / ".done").write_text(f"{rows} {shards} {view_max}")
         (run / "features.h5").unlink(missing_ok=True)
         r = {"rows": rows, "shards": shards, "row_bytes": dim * 4}
         for what in ("merge", "verify", "export"):
@@ -454,7 +473,7 @@ def merge_bench(work: Path, dim: int = 64) -> Dict:
             r["layout"] = str(f.attrs["layout"])
         out[label] = r
     out["rss_ratio"] = {f"{what}_{a}_over_{b}": round(out[a][what]["peak_rss_mb"] / out[b][what]["peak_rss_mb"], 3)
-                        for a, b in (("shards_1000", "shards_100"), ("rows_1M", "rows_100k"))
+                        for a, b in (("shards_1000", "shards_100"), ("rows_1M", "rows_100k"), ("rows_4M", "rows_1M"))
                         for what in ("merge", "verify", "export")}
     return out
 

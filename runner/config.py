@@ -130,8 +130,11 @@ class ModelFileConf:
 
 @dataclass
 class ModelConf:
+    # preset name (conf/model/<name>.yaml), recorded in the output
     name: str = MISSING
+    # deploy prototxt (net definition)
     prototxt: str = MISSING
+    # trained .caffemodel
     weights: str = MISSING
     # where the weights come from, shown when the file is missing
     source: str = ""
@@ -155,6 +158,7 @@ class InputConf:
     # a text file of paths, one per line (relative paths are taken relative to `root`,
     # or to the list file's folder)
     list: Optional[str] = None
+    # root of the list's relative paths (default: the list file's folder)
     root: Optional[str] = None
     # list lines "path label" (Caffe's ImageData / convert_imageset lists; split at the last
     # blank): auto (labels when every line ends with an integer), yes, or no (whole line = path)
@@ -164,7 +168,9 @@ class InputConf:
     # tar shards in the webdataset layout: a glob, a brace range dir/shards-{000000..000099}.tar,
     # or a text file naming one tar per line
     tar: Optional[str] = None
+    # file name extensions of a folder's images (case-insensitive)
     extensions: List[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+    # list symlinked files (symlinked folders are never descended into)
     follow_symlinks: bool = True
     # the input changed since it was listed: extend the run with the new images as new shards
     relist: bool = False
@@ -211,6 +217,7 @@ class DecodeConf:
 
 @dataclass
 class LauncherConf:
+    # local | slurm (set by the launcher group)
     name: str = MISSING
 
 
@@ -223,29 +230,36 @@ class LocalLauncherConf(LauncherConf):
     gpus: Any = "auto"
     # OpenBLAS threads per worker for device=cpu; null: cores // workers
     threads_per_worker: Optional[int] = None
+    # a progress bar on a terminal
     progress: bool = True
 
 
 @dataclass
 class SlurmLauncherConf(LauncherConf):
     name: str = "slurm"
+    # sbatch --partition/--account/--qos/--constraint; unset: the site's defaults
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
+    # wall time per task (a timed-out task is requeued and resumes)
     timeout_min: int = 240
     # GPUs per task (--gres=gpu:N); auto: 1 when the tasks will compute on a GPU (device=gpu,
     # or device=auto with a CUDA Caffe), else 0, so a CPU-only Caffe runs on CPU partitions
     gpus_per_task: Any = "auto"
     # let tasks that hold GPUs compute on the CPU (checking GPU binding with a CPU-only build)
     allow_cpu_on_gpu: bool = False
-    # decode threads + the net; also sets decode.workers when that is left at its default
-    cpus_per_task: int = 4
+    # decode threads + the net; also sets decode.workers when that is left at its default.
+    # 8: one GPU at ~2,000 img/s wants 13 decode threads (make bench row 7), but most GPU nodes
+    # have about 8 cores per GPU and asking for more would leave GPUs idle
+    cpus_per_task: int = 8
+    # memory per task
     mem_gb: float = 16.0
     # how many tasks (GPUs) run at once
     array_parallelism: int = 64
     # shell lines run before the task (module load ..., source venv/bin/activate)
     setup: List[str] = field(default_factory=list)
+    # any other sbatch option, e.g. {exclusive: true}
     additional_parameters: Dict[str, Any] = field(default_factory=dict)
     job_name: str = "caffe-runner"
     # block until the array ends, showing progress
@@ -273,7 +287,9 @@ class ContainerConf:
 
 @dataclass
 class RunConf:
+    # a preset (model=res10_ssd) or model.prototxt=... model.weights=...
     model: ModelConf = MISSING
+    # launcher=local (default) or launcher=slurm
     launcher: LauncherConf = MISSING
     input: InputConf = field(default_factory=InputConf)
     output: OutputConf = field(default_factory=OutputConf)
@@ -281,10 +297,12 @@ class RunConf:
     decode: DecodeConf = field(default_factory=DecodeConf)
     # null: one shard per local worker / GPU; required for Slurm (one task per shard)
     num_shards: Optional[int] = None
+    # images per forward
     batch_size: int = 16
     # auto: the GPU when the task has one (launcher.gpus_per_task / local GPUs) and Caffe was
     # built with CUDA, else the CPU
     device: Device = Device.auto
+    # caffe | opencv (OpenCV DNN, CPU) | simulated (benchmarks, tests)
     backend: Backend = Backend.caffe
     # backend=simulated: seconds one forward of a batch takes (as a GPU would, no CPU used)
     simulated_batch_s: float = 0.05

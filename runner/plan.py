@@ -182,9 +182,12 @@ def _check_device(cfg) -> Tuple[str, int]:
 
             resolve_gpus(lc.gpus)  # raises when none is visible
     if device == "gpu" and cfg.backend == "caffe" and not _in_container(cfg):
-        from .gpu import require_gpu_caffe
+        from .gpu import require_cuda_device, require_gpu_caffe
 
-        require_gpu_caffe()
+        if cfg.launcher.name == "slurm":
+            require_gpu_caffe()  # a login node need not have a GPU: each task probes its own
+        else:
+            require_cuda_device()  # a CUDA build, a driver and a device here
     return device, gpus
 
 

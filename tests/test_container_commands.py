@@ -344,3 +344,14 @@ def test_status_and_merged_file_flag_shards_from_different_images(tiny_net, phot
     with h5py.File(run / "features.h5") as f:
         assert json.loads(f.attrs["container_images"]) == {label_a: [0], label_b: [1]}
         assert f.attrs["container_runtime"] == "charliecloud"
+
+
+def test_bind_dirs_cover_every_input_kind(tmp_path):
+    cfg = _cfg()
+    cfg.input.dir = None
+    cfg.input.lmdb = str(tmp_path / "train_lmdb")
+    (tmp_path / "train_lmdb").mkdir()
+    cfg.input.tar = "/shards/web/part-{000000..000099}.tar"
+    assert ct.bind_dirs(cfg) == ["/models/m", "/scratch/u/run", "/shards/web", str(tmp_path / "train_lmdb")]
+    cfg.input.tar = "/data2/tars.txt"
+    assert "/data2" in ct.bind_dirs(cfg)

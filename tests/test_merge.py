@@ -137,7 +137,7 @@ def test_merge_copies_only_run_attributes(tmp_path):
     for own in ("forward_busy_fraction", "first_batch_s", "load_s", "elapsed_s", "start", "stop", "shard",
                 "host", "pid", "device", "next", "complete", "resumed"):
         assert own not in keys, own
-    assert keys <= set(RUN_ATTRS) | {"rows", "n_failures", "num_shards", "layout"}
+    assert keys <= set(RUN_ATTRS) | {"rows", "n_failures", "num_shards", "layout", "container_images"}
     with h5py.File(run / "features.h5", "r") as f:
         assert f.attrs["rows"] == 32 and f.attrs["n_failures"] == 8 and f.attrs["num_shards"] == 4
         assert json.loads(f.attrs["blobs"]) == ["emb"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import os
 import pwd
+import re
 import shlex
 import shutil
 import subprocess
@@ -148,6 +149,13 @@ def _abs(p) -> str:
 def bind_dirs(cfg) -> List[str]:
     """Folders the task must see, deduplicated, children of another dropped."""
     dirs = []
+    inp = cfg.input
+    lmdb, tar = inp.get("lmdb"), inp.get("tar")
+    if lmdb:
+        dirs.append(_abs(lmdb) if os.path.isdir(_abs(lmdb)) else os.path.dirname(_abs(lmdb)))
+    if tar:  # a glob, a brace range or a list file: the folder before any pattern character
+        head = re.split(r"[*?\[{]", str(tar), maxsplit=1)[0]
+        dirs.append(os.path.dirname(_abs(head)) if not os.path.isdir(_abs(head)) else _abs(head))
     for p in (cfg.input.dir, cfg.input.root, cfg.input.list and os.path.dirname(_abs(cfg.input.list)),
               cfg.output.dir, os.path.dirname(_abs(cfg.model.prototxt)),
               cfg.model.weights and os.path.dirname(_abs(cfg.model.weights)),

@@ -2,7 +2,7 @@
 
 # Parameters
 #SBATCH --array=0-2%3
-#SBATCH --cpus-per-task=4
+#SBATCH --cpus-per-task=8
 #SBATCH --error=/scratch/u/run/logs/%A_%a/%A_%a_0_log.err
 #SBATCH --gres=gpu:1
 #SBATCH --job-name=caffe-runner
