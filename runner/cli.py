@@ -3,6 +3,7 @@
   caffe-runner input.dir=IMAGES output.dir=RUN [key=value ...]   extract
   caffe-runner -m key=a,b ... output.dir=SWEEP                   sweep: one run dir per combination
   caffe-runner status|verify|merge RUN | inspect [key=value ...]
+  caffe-runner export RUN OUT.h5 [--format npy] | fetch NAME
 
 Overrides are Hydra's, composed in config.compose (the Python API composes the same way).
 Errors are raised as RunnerError subclasses and reported here, once, on stderr, as

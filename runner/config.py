@@ -143,7 +143,7 @@ class ModelConf:
     preprocess: PreprocessConf = field(default_factory=PreprocessConf)
     # blobs extracted when output.blobs is not given
     default_blobs: List[str] = field(default_factory=list)
-    # where prototxt / weights / mean_file come from (`caffe-runner fetch NAME`), by key
+    # where prototxt and weights come from (`caffe-runner fetch NAME`), by key
     files: Dict[str, ModelFileConf] = field(default_factory=dict)
     # fetch missing files at plan time (on the submitting node, never in a task)
     auto_fetch: bool = True
