@@ -18,7 +18,7 @@ def _err(*args):
 def _hydra_err(*args):
     """A value outside an Enum field is refused by Hydra while composing, with the allowed list."""
     p = run_cli(*args, check=False)
-    assert p.returncode == 1, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])  # a config error (README)
     assert "expected one of" in p.stderr and "Traceback" not in p.stderr
     return p.stderr
 
