@@ -163,7 +163,7 @@ def decode_one_thread(paths: List[str], reduced: bool) -> Dict:
     """Decode + resize to 300x300 in this one thread: images per second of wall time and per
     second of this process's CPU time (the second does not drop when other processes share
     the cores, so it is the figure to size decode threads with on a busy machine)."""
-    from .decode import Decoder, Geometry
+    from runner.decode import Decoder, Geometry
 
     d = Decoder(Geometry((300, 300)), reduced_jpeg=reduced)
     t0, c0 = time.perf_counter(), time.process_time()

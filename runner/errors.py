@@ -15,3 +15,15 @@ class ShardBusyError(RunnerError):
 
 class ShardFailedError(RunnerError):
     """One or more shards failed; completed shards are kept."""
+
+
+class UsageError(ConfigError):
+    """The command line itself is incomplete (no output.dir, no arguments): usage is shown."""
+
+
+class RunBusyError(RunnerError):
+    """Another caffe-runner process is extracting into the same run directory."""
+
+
+class FailureShareError(RunnerError):
+    """More images failed than run.max_failure_fraction allows (the run itself completed)."""

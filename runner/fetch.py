@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 from . import log
 from .errors import ConfigError, RunnerError
 
-MODEL_KEYS = ("prototxt", "weights", "mean_file")
+MODEL_KEYS = ("prototxt", "weights")  # the keys of a preset's `files:`
 
 
 class FetchError(RunnerError):
@@ -100,6 +100,7 @@ def download(url: str, target: Path, known_hash: Optional[str], progress: bool =
     import pooch
     import requests
 
+    pooch.get_logger().setLevel("WARNING")  # our own progress bar and messages
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
@@ -233,7 +234,7 @@ def ensure_model_files(model_cfg) -> None:
     """Plan time (on the submitting node): fetch the files of a preset that are missing, or
     stop with the exact command to run where the network is reachable."""
     files = model_cfg.get("files") or {}
-    missing = [k for k in files if model_cfg.get(k) and not os.path.isfile(model_cfg[k])]
+    missing = [k for k in MODEL_KEYS if k in files and model_cfg.get(k) and not os.path.isfile(model_cfg[k])]
     if not missing or not model_cfg.get("auto_fetch", True):
         return
     log.info("model %s: fetching %s into %s", model_cfg.name, ", ".join(missing),
@@ -241,6 +242,9 @@ def ensure_model_files(model_cfg) -> None:
     try:
         fetch_model(model_cfg, progress=sys.stderr.isatty(), only_missing=True)
     except RunnerError as e:
-        raise ConfigError(f"model {model_cfg.name}: {', '.join(missing)} missing and not fetched: {e}. Where the "
-                          f"network is reachable, run: caffe-runner fetch {model_cfg.name} (with the same "
-                          f"CAFFE_MODELS={models_cache()})") from e
+        first = missing[0]
+        where = f" Such files come from: {model_cfg.source}." if model_cfg.get("source") else ""
+        raise ConfigError(f"model {model_cfg.name}: model.{first} file not found: {model_cfg[first]!r}, and "
+                          f"fetching it failed: {e}. Where the network is reachable, run: caffe-runner fetch "
+                          f"{model_cfg.name} (with the same CAFFE_MODELS={models_cache()}).{where} Or point "
+                          f"model.{first}=/path/to/file at your copy.") from e

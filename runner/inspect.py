@@ -13,17 +13,9 @@ from omegaconf import OmegaConf
 
 
 def compose_config(overrides: List[str]):
-    from hydra import compose, initialize_config_dir
+    from .config import compose
 
-    from .cli import conf_dir, register_resolvers
-    from .config import register_configs
-
-    register_resolvers()
-    register_configs()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides) + ["output.dir=/nonexistent"])
-    OmegaConf.resolve(cfg)
-    return cfg
+    return compose(list(overrides) + ["output.dir=/nonexistent"])
 
 
 def blob_shapes(spec, end_index: int, weights=None):

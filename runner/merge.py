@@ -44,6 +44,8 @@ RUN_ATTRS = ("caffe_runner_version", "model_name", "prototxt", "prototxt_sha256"
              "fingerprint", "format_version", "blob_shapes")
 CHUNK_BYTES = 16 << 20
 NAME_CHUNK_ROWS = 65536
+# bytes of a JSON attribute before it is written compactly (HDF5's limit is 64 KB)
+ATTR_BUDGET = 32 << 10
 # file descriptors a reader needs beyond the view's sources (Python, h5py, the merged file)
 FD_MARGIN = 64
 
@@ -95,8 +97,24 @@ def _scan(paths: Sequence[Path]) -> Tuple[List[_Source], _Layout]:
                     raise RunnerError(f"{p}: features/{d} has {len(f[f'features/{d}'])} rows but index has "
                                       f"{rows}: the shard is damaged; delete it and rerun the extraction")
         sources.append(_Source(Path(p), rows, nf))
-    layout.attrs["container_images"] = json.dumps(images)
+    text = json.dumps(images)
+    if len(text) > ATTR_BUDGET:  # an HDF5 attribute holds at most 64 KB: ranges, "0-19999,20005"
+        text = json.dumps({k: _ranges(v) for k, v in images.items()})
+    layout.attrs["container_images"] = text
     return sources, layout
+
+
+def _ranges(ix: Sequence[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+    out, ix = [], sorted(ix)
+    i = 0
+    while i < len(ix):
+        j = i
+        while j + 1 < len(ix) and ix[j + 1] == ix[j] + 1:
+            j += 1
+        out.append(str(ix[i]) if i == j else f"{ix[i]}-{ix[j]}")
+        i = j + 1
+    return ",".join(out)
 
 
 def _chunk_rows(shape: Tuple[int, ...], dtype: np.dtype) -> int:

@@ -448,8 +448,10 @@ def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> R
                                       "to extend the run with the new images as new shards (complete shards are "
                                       "kept), or choose a new output.dir for a fresh run")
                 run = _relist(cfg, run, stamp, default_shards)
-            log.info("run directory %s holds this run: resuming (%d of %d shards done)", run_dir,
-                     len(run.done_shards()), run.num_shards)
+            n_done = len(run.done_shards())
+            log.info("run directory %s holds this run: %s (%d of %d shards done)", run_dir,
+                     "already complete, nothing to extract" if n_done == run.num_shards else "resuming",
+                     n_done, run.num_shards)
             run.plan["config_yaml"] = OmegaConf.to_yaml(cfg, resolve=True)
             return run
         diff = [k for k in ident if old.get("identity", {}).get(k) != ident[k]]

@@ -20,10 +20,11 @@ def shard_state(run, i: int, now: float) -> Dict:
     start, stop = run.shard_range(i)
     hb = run.read_heartbeat(i) or {}
     st = {"shard": i, "total": stop - start, "done": int(hb.get("done", 0)), "rate": hb.get("rate"),
+          "rows": int(hb.get("rows") or 0), "failures": int(hb.get("failures") or 0),
           "host": hb.get("host"), "pid": hb.get("pid"), "started": float(hb.get("started", 0)),
           "job_id": hb.get("job_id"), "log": hb.get("log"), "image": hb.get("image")}
     if run.shard_path(i).exists():
-        st.update(state="done", done=stop - start, rows=hb.get("rows"), failures=hb.get("failures"))
+        st.update(state="done", done=stop - start)
     elif hb.get("state") == "failed":
         st.update(state="failed", error=hb.get("error"))
     elif hb.get("state") == "running":
@@ -71,6 +72,7 @@ def run_status(run_dir: Path, use_sacct: bool = True) -> Dict:
     if state == "done" and run.rundir.merged.exists():
         state = "merged"
     result = {"run_dir": str(run.rundir.path), "state": state, "images": total, "done": done,
+              "rows": sum(s["rows"] for s in shards), "failures": sum(s["failures"] for s in shards),
               "rate": rate, "eta_s": eta, "counts": counts, "shards": shards}
     # which image each shard ran in ("" on the host); shards of one run from several images are flagged
     images: Dict[str, List[int]] = {}
@@ -78,6 +80,12 @@ def run_status(run_dir: Path, use_sacct: bool = True) -> Dict:
         if s["image"] is not None:
             images.setdefault(s["image"], []).append(s["shard"])
     result["container_images"] = images
+    stats_path = run.rundir.path / "stats.json"
+    if stats_path.exists():  # written at merge: the failure reasons, grouped
+        try:
+            result["failures_by_reason"] = json.loads(stats_path.read_text()).get("failures_by_reason", {})
+        except (OSError, ValueError):
+            pass
     submissions = run.rundir.path / "submissions.json"
     if use_sacct and submissions.exists():
         jobs = json.loads(submissions.read_text())
@@ -88,10 +96,14 @@ def run_status(run_dir: Path, use_sacct: bool = True) -> Dict:
 
 def format_status(st: Dict) -> str:
     lines = [f"{st['run_dir']}: {st['state']}, {st['done']}/{st['images']} images"
+             + (f" ({st['rows']} extracted, {st['failures']} failed)" if st["done"] else "")
              + (f", {st['rate']:.1f} img/s, ETA {st['eta_s']:.0f} s" if st.get("eta_s") else "")]
+    for why, k in list((st.get("failures_by_reason") or {}).items())[:5]:
+        lines.append(f"  failed: {k:>6} {why}")
     lines.append("shards: " + ", ".join(f"{k} {v}" for k, v in sorted(st["counts"].items())))
     for s in st["shards"]:
-        line = f"  {s['shard']:5d} {s['state']:<11} {s['done']}/{s['total']}"
+        line = f"  {s['shard']:5d} {s['state']:<11} {s['done']}/{s['total']}" + (
+            f" ({s['failures']} failed)" if s.get("failures") else "")
         if s["state"] == "running" and s.get("rate"):
             line += f"  {s['rate']:.1f} img/s on {s.get('host')}"
         if s["state"] == "failed":

@@ -117,7 +117,7 @@ def test_offline_fetch_names_url_and_cache(tmp_path):
     cache = tmp_path / "models"
     p = run_cli("fetch", "googlenet", f"model.files.weights.url={url}", "--quiet", check=False,
                 env={"CAFFE_MODELS": str(cache)})
-    assert p.returncode == 2, p.stderr
+    assert p.returncode == 1, p.stderr  # a runtime failure (README: exit codes)
     assert f"cannot download {url}" in p.stderr and str(cache) in p.stderr
     assert "Traceback" not in p.stderr
     assert not (cache / "bvlc_googlenet" / "bvlc_googlenet.caffemodel").exists()
@@ -168,3 +168,36 @@ def test_sweep_res10_and_open_nsfw(photos, tmp_path):
     # `fetch` on the same cache: already there and verified, nothing downloaded again
     p = run_cli("fetch", "open_nsfw", "--quiet", env=env)
     assert "open_nsfw weights: " + str(weights) in p.stdout and "BSD-2-Clause" in p.stdout
+
+
+@pytest.mark.unit
+def test_archive_member_source(tmp_path):
+    """A preset file inside an archive at a URL (the resnet50 kind): the archive is cached in
+    .downloads, the member checked and written under its final name only."""
+    import io
+    import zipfile
+
+    from omegaconf import OmegaConf
+
+    from runner.fetch import fetch_file
+
+    buf = io.BytesIO()
+    member = os.urandom(50_000)
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("models/ResNet-50-model.caffemodel", member)
+        z.writestr("models/other.txt", b"x")
+    s = _Server({"/models.zip": buf.getvalue()})
+    try:
+        spec = OmegaConf.create({"url": s.url + "/models.zip", "member": "ResNet-50-model.caffemodel",
+                                 "hash": _sha(member)})
+        target = tmp_path / "models" / "resnet50" / "ResNet-50-model.caffemodel"
+        assert fetch_file(spec, target, progress=False).read_bytes() == member
+        assert (tmp_path / "models" / ".downloads" / "models.zip").exists()
+        target.unlink()
+        bad = OmegaConf.create(dict(spec, hash=_sha(b"not it")))
+        with pytest.raises(FetchError, match="checksum mismatch for ResNet-50-model.caffemodel in models.zip"):
+            fetch_file(bad, target, progress=False)
+        assert sorted(os.listdir(target.parent)) == []
+        assert len(s.requests) == 1  # the cached archive was reused
+    finally:
+        s.close()

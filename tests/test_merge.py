@@ -178,7 +178,7 @@ def test_export_of_an_incomplete_run_names_the_missing_shards(tmp_path):
     run = make_run(tmp_path / "run", 30, 3, dim=2)
     os.unlink(shard_file(run, 1, 3))
     p = run_cli("export", run, tmp_path / "o.h5", check=False)
-    assert p.returncode == 2 and "1 of 3 shards are missing" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 1 and "1 of 3 shards are missing" in p.stderr and "Traceback" not in p.stderr  # incomplete run: 1, as merge (README: exit codes)
 
 
 def test_exit_codes(tmp_path):
@@ -202,3 +202,11 @@ def test_exit_codes(tmp_path):
         extra = [tmp_path / "o.h5"] if cmd == "export" else []
         p = run_cli(cmd, tmp_path, *extra, check=False)
         assert p.returncode == 2 and "not a caffe-runner run directory" in p.stderr, (cmd, p.stderr)
+
+
+def test_run_attributes_stay_small_at_any_shard_count():
+    """Per-shard facts kept as run attributes must fit HDF5's 64 KB attribute limit."""
+    from runner.merge import ATTR_BUDGET, _ranges
+
+    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and _ranges([3]) == "3" and _ranges([]) == ""
+    assert len(_ranges(range(50_000))) < ATTR_BUDGET

@@ -139,7 +139,7 @@ def test_full_disk_stops_the_shard_with_a_clear_error(tiny_net, photos, small_di
         os.link(src[i % len(src)], big / f"{i:04d}.jpg")
     p = run_cli(f"input.dir={big}", f"output.dir={run}", "num_shards=2", "launcher.workers=1",
                 *tiny_model_args(tiny_net), "output.blobs=[stage1/conv]", check=False)
-    assert p.returncode == 2
+    assert p.returncode == 1  # a runtime failure (2 is for usage and config errors)
     assert "no space left on device" in p.stderr and "rerun the same command" in p.stderr
     done = list((run / "shards").glob("*.h5"))
     for d in done:  # whatever completed is valid

@@ -1,19 +1,127 @@
-"""Launchers: the same run_shard on this machine (local) or as a Slurm array (slurm)."""
+"""Launchers: the same run_shard on this machine (local) or as a Slurm array (slurm).
+
+launch() is the one entry of the CLI and the Python API. Around the launcher it keeps the
+run directory clean: a non-empty folder that is not a run is refused, one launch at a time
+holds the directory (launch.lock), a command that fails before its plan is accepted leaves
+nothing behind, and the record of the command (.hydra/) is written only once the plan is
+accepted, so a refused command changes nothing in an existing run.
+"""
 from __future__ import annotations
 
-from typing import Dict
+import fcntl
+import logging
+import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
-from ..errors import ConfigError
+from .. import log
+from ..errors import ConfigError, RunBusyError
+
+LOCK_NAME = "launch.lock"
+# what a run directory may hold; anything else in a folder without run.json is someone's data
+_RUN_ENTRIES = {"run.json", "manifest", "shards", "status", "logs", "features.h5", "features.h5.tmp", "stats.json",
+                "submissions.json", ".hydra", LOCK_NAME}
+
+_state: Dict = {"overrides": [], "handler": None}
 
 
-def launch(cfg) -> Dict:
+def check_run_dir(path: Path) -> None:
+    """Refuse a non-empty folder that is not a run directory (naming what is in it)."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ConfigError(f"output.dir {path} is a file: give a folder for the run (it is created if missing)")
+    if (path / "run.json").exists():
+        return
+    foreign = sorted(e.name for e in path.iterdir() if e.name not in _RUN_ENTRIES and not e.name.startswith(".write-test"))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"output.dir {path} is not empty and holds no run ({shown}): give a new or empty "
+                          "folder, e.g. output.dir=" + str(path / "caffe-run"))
+
+
+@contextmanager
+def launch_lock(path: Path):
+    """One launch per run directory at a time; the loser is told who holds it."""
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            raise RunBusyError(f"output.dir {path} is in use by {holder}: wait for it to finish "
+                               f"(caffe-runner status {path}) or use another output.dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"caffe-runner pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # released: it names nobody (and a run's files end as they were)
+    finally:
+        os.close(fd)
+
+
+def plan_accepted(run) -> None:
+    """Called by the launchers once the plan is accepted: record the command (Hydra's
+    .hydra/ layout) and keep a log of launches in logs/launch.log."""
+    from omegaconf import OmegaConf
+
+    d = Path(run.rundir.path)
+    hydra_dir = d / ".hydra"
+    hydra_dir.mkdir(exist_ok=True)
+    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))
+    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(_state["overrides"]))))
+    run.rundir.logs_dir.mkdir(exist_ok=True)
+    if _state["handler"] is None:
+        h = logging.FileHandler(run.rundir.logs_dir / "launch.log")
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(h)
+        _state["handler"] = h
+
+
+def _remove_leftovers(path: Path, existed: bool, before: List[str]) -> None:
+    """A command that failed before its plan was accepted leaves the folder as it found it."""
+    if (path / "run.json").exists() or not path.exists():
+        return
+    if not existed:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for e in path.iterdir():
+        if e.name not in before:
+            shutil.rmtree(e, ignore_errors=True) if e.is_dir() else e.unlink(missing_ok=True)
+
+
+def launch(cfg, overrides: Sequence[str] = ()) -> Dict:
     name = cfg.launcher.name
-    if name == "local":
-        from .local import launch_local
+    if name not in ("local", "slurm"):
+        raise ConfigError(f"launcher={name!r}: use launcher=local or launcher=slurm")
+    path = Path(os.path.abspath(os.path.expanduser(cfg.output.dir)))
+    check_run_dir(path)
+    existed = path.exists()
+    before = [e.name for e in path.iterdir()] if existed else []
+    _state["overrides"] = list(overrides)
+    try:
+        with launch_lock(path):
+            try:
+                if name == "local":
+                    from .local import launch_local
 
-        return launch_local(cfg)
-    if name == "slurm":
-        from .slurm import launch_slurm
+                    return launch_local(cfg)
+                from .slurm import launch_slurm
 
-        return launch_slurm(cfg)
-    raise ConfigError(f"launcher={name!r}: use launcher=local or launcher=slurm")
+                return launch_slurm(cfg)
+            except BaseException:
+                _remove_leftovers(path, existed, before)
+                raise
+    finally:
+        h = _state["handler"]
+        if h is not None:
+            log.removeHandler(h)
+            h.close()
+            _state["handler"] = None

@@ -7,9 +7,11 @@ Progress comes from the shards' heartbeat files, the same ones `caffe-runner sta
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -51,10 +53,6 @@ def worker_plan(cfg) -> Dict:
     cores = len(os.sched_getaffinity(0))
     lc = cfg.launcher
     if cfg.device == "gpu":
-        if cfg.backend == "caffe":
-            from ..gpu import require_cuda_device
-
-            require_cuda_device()  # a CUDA build, a driver, a device: else one clear error, before any work
         gpus = resolve_gpus(lc.gpus)
         workers = len(gpus)
         threads = lc.threads_per_worker or max(1, cores // workers)
@@ -84,13 +82,22 @@ def _die_with_parent(poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _init_worker(gpu_queue, threads: int, level: int) -> None:
+def _init_worker(gpu_queue, threads: int, level: int, log_queue=None) -> None:
     global _worker_threads
     _worker_threads = threads
+    # Ctrl-C reaches the whole process group: the launcher alone handles it (and stops us),
+    # so one line is printed instead of a traceback per worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     if gpu_queue is not None:
         # bind the GPU before anything can initialise CUDA in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_queue.get(timeout=30)
+    if log_queue is not None:
+        # log lines go to the launcher, which prints them above its progress bar
+        log.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
+        log.setLevel(level)
+        log.propagate = False
+        return
     from ..extract import setup_task_logging
 
     setup_task_logging(level)
@@ -136,6 +143,9 @@ class _ProgressView:
 def launch_local(cfg) -> Dict:
     run = prepare_run(cfg, default_shards=lambda: worker_plan(cfg)["workers"], explicit_shards=cfg.num_shards)
     wp = worker_plan(cfg)  # after prepare_run: cfg.device is resolved there
+    from . import plan_accepted
+
+    plan_accepted(run)
     todo = run.missing_shards()
     log.info("%s; local: %d worker(s) x %d thread(s)%s", plan_summary(run), wp["workers"], wp["threads"],
              f", GPUs {','.join(wp['gpus'])}" if wp["gpus"] else "")
@@ -151,8 +161,11 @@ def launch_local(cfg) -> Dict:
                 gpu_queue.put(g)
         procs = min(wp["workers"], len(todo))
         view = _ProgressView(run, todo, bool(cfg.launcher.progress) and sys.stderr.isatty())
+        log_queue = ctx.Queue()
+        listener = logging.handlers.QueueListener(log_queue, *log.handlers, respect_handler_level=True)
+        listener.start()
         pool = ctx.Pool(processes=procs, initializer=_init_worker,
-                        initargs=(gpu_queue, wp["threads"], log.getEffectiveLevel() or logging.INFO))
+                        initargs=(gpu_queue, wp["threads"], log.getEffectiveLevel() or logging.INFO, log_queue))
         try:
             pending = {i: pool.apply_async(_shard_entry, (cfg, i)) for i in todo}
             while pending:
@@ -166,8 +179,8 @@ def launch_local(cfg) -> Dict:
                         try:
                             results[i] = ar.get()
                         except Exception as e:
+                            # reported once, in the error that ends the launch
                             failed[i] = f"{type(e).__name__}: {e}"
-                            log.error("shard %d failed: %s\n%s", i, failed[i], getattr(e, "__cause__", "") or "")
                         continue
                     # a worker killed from outside (OOM killer, kill -9) never reports back; its
                     # heartbeat says running with a dead pid (one from before this launch is a
@@ -176,11 +189,17 @@ def launch_local(cfg) -> Dict:
                     if st["state"] == "interrupted" and st["started"] >= t0:
                         del pending[i]
                         failed[i] = f"worker pid {st['pid']} died while running the shard (killed?)"
-                        log.error("shard %d: %s", i, failed[i])
                         # Pool never hears of a task whose worker died: settle it, or close/join
                         # would wait for it forever (multiprocessing keeps it in its cache)
                         ar._set(0, (False, ShardFailedError(failed[i])))
                 view.update(sum(s["done"] for s in states.values()))
+        except KeyboardInterrupt:
+            pool.terminate()
+            view.close()
+            done = len(run.done_shards())
+            raise KeyboardInterrupt(
+                f"interrupted: {done} of {run.num_shards} shards are complete and the others keep their last "
+                f"flushed batch in {run.rundir.shards_dir}; rerun the same command to resume") from None
         except BaseException:
             pool.terminate()
             raise
@@ -192,6 +211,7 @@ def launch_local(cfg) -> Dict:
             pool.join()
         finally:
             view.close()
+            listener.stop()
     elapsed = time.time() - t0
     if failed:
         raise ShardFailedError(
@@ -203,4 +223,15 @@ def launch_local(cfg) -> Dict:
         from ..merge import merge_run
 
         summary["merged"] = str(merge_run(run))
+        summary["blob_shapes"] = _blob_shapes(summary["merged"])
+    from ..stats import write_stats
+
+    summary["stats"] = write_stats(run, elapsed if todo else None)
     return summary
+
+
+def _blob_shapes(merged: str) -> Dict:
+    from ..merge import open_merged
+
+    with open_merged(merged) as f:
+        return {f[f"features/{k}"].attrs["blob"]: f[f"features/{k}"].shape[1:] for k in f["features"]}

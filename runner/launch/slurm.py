@@ -49,6 +49,61 @@ def max_array_size() -> int:
     return int(value) if value.isdigit() else DEFAULT_MAX_ARRAY_SIZE
 
 
+def parse_slurm_minutes(text: str):
+    """Slurm time ("UNLIMITED", "MM", "HH:MM:SS", "D-HH:MM:SS", "D-HH") -> minutes; None: no limit."""
+    t = text.strip()
+    if not t or t.upper() in ("UNLIMITED", "INFINITE", "NONE"):
+        return None
+    days = 0
+    if "-" in t:
+        d, t = t.split("-", 1)
+        days = int(d)
+        parts = [int(x) for x in t.split(":")] + [0, 0]
+        h, m, sec = parts[:3]
+    else:
+        parts = [int(x) for x in t.split(":")]
+        if len(parts) == 1:
+            h, m, sec = 0, parts[0], 0
+        elif len(parts) == 2:
+            h, m, sec = 0, parts[0], parts[1]
+        else:
+            h, m, sec = parts[:3]
+    return days * 1440 + h * 60 + m + (1 if sec else 0)
+
+
+def check_partition(lc) -> None:
+    """What Slurm can tell before submitting: the partition exists and allows the time limit
+    (a refusal by sbatch would come after the plan was written)."""
+    if not lc.partition or not shutil.which("scontrol"):
+        return
+    p = subprocess.run(["scontrol", "-o", "show", "partition", str(lc.partition)], capture_output=True, text=True,
+                       timeout=60)
+    if p.returncode != 0 or not p.stdout.strip():
+        names = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=60).stdout.split()
+        import difflib
+
+        close = difflib.get_close_matches(str(lc.partition), names, n=1)
+        raise ConfigError(f"launcher.partition={lc.partition}: the cluster has no such partition"
+                          + (f" (did you mean {close[0]}?)" if close else "")
+                          + f"; its partitions: {', '.join(sorted(set(names))) or 'none'} (sinfo), or leave "
+                          "launcher.partition unset for the default")
+    info = parse_scontrol_config(p.stdout.replace(" ", "\n"))
+    limit = parse_slurm_minutes(info.get("MaxTime", ""))
+    if limit is not None and int(lc.timeout_min) > limit:
+        raise ConfigError(f"launcher.timeout_min={lc.timeout_min} is above partition {lc.partition}'s MaxTime "
+                          f"({info.get('MaxTime')} = {limit} min): use launcher.timeout_min<={limit} "
+                          "(a requeued task resumes where it stopped)")
+
+
+def _sbatch_refused(e: Exception, what: str) -> ConfigError:
+    """submitit's error when sbatch refuses: one line with sbatch's own words."""
+    text = str(e)
+    lines = [ln.strip() for ln in text.splitlines() if "error" in ln.lower() and ln.strip()]
+    msg = lines[-1] if lines else (text.strip().splitlines() or [type(e).__name__])[-1]
+    return ConfigError(f"sbatch refused the {what}: {msg[:300]}; check launcher.partition, launcher.account, "
+                       "launcher.qos, launcher.timeout_min and launcher.additional_parameters")
+
+
 def executor_parameters(lc, gres: bool = True) -> Dict:
     """submitit SlurmExecutor parameters from launcher config (pure)."""
     params = dict(job_name=lc.job_name, time=int(lc.timeout_min), cpus_per_task=int(lc.cpus_per_task),
@@ -96,7 +151,13 @@ def merge_job(run_dir: str) -> str:
     from ..plan import load_run_dir
 
     setup_task_logging()
-    return str(merge_run(load_run_dir(run_dir)))
+    run = load_run_dir(run_dir)
+    out = merge_run(run)
+    from ..stats import write_stats
+
+    st = write_stats(run)
+    log.info("%d images: %d extracted, %d failed", st["rows"] + st["failures"], st["rows"], st["failures"])
+    return str(out)
 
 
 def _check_paths_for_nodes(cfg) -> None:
@@ -168,8 +229,10 @@ def check_slurm(cfg) -> None:
     if float(lc.mem_gb) <= 0:
         raise ConfigError(f"launcher.mem_gb={lc.mem_gb}: use a positive number of GB")
     if lc.partition and _sinfo_has_partition(str(lc.partition)) is False:
+        check_partition(lc)  # raises, naming the closest partition and listing them
         raise ConfigError(f"launcher.partition={lc.partition}: the cluster has no such partition (`sinfo -s` "
                           "lists them); set launcher.partition to one of them, or leave it unset for the default")
+    check_partition(lc)  # its MaxTime against launcher.timeout_min
     if lc.account and _sacctmgr_has_account(str(lc.account)) is False:
         raise ConfigError(f"launcher.account={lc.account}: Slurm accounting has no such account "
                           "(`sacctmgr show associations user=$USER` lists yours)")
@@ -180,10 +243,13 @@ def launch_slurm(cfg) -> Dict:
     import submitit
 
     lc = cfg.launcher
+    max_size = max_array_size()  # also: is the controller there?
     run = prepare_run(cfg, default_shards=cfg.num_shards, explicit_shards=cfg.num_shards)
+    from . import plan_accepted
+
+    plan_accepted(run)
     rd = run.rundir
     todo = run.missing_shards()
-    max_size = max_array_size()
     chunks = array_chunks(todo, max_size)
     print(f"plan: {plan_summary(run)}\n"
           f"  {len(todo)} task(s) to submit in {len(chunks)} array(s) (MaxArraySize {max_size}), "
@@ -202,7 +268,12 @@ def launch_slurm(cfg) -> Dict:
     submissions = []
     all_jobs = []
     for chunk in chunks:
-        jobs = ex.map_array(task, [cfg] * len(chunk), chunk)
+        try:
+            jobs = ex.map_array(task, [cfg] * len(chunk), chunk)
+        except Exception as e:  # submitit's FailedJobError and friends carry sbatch's message
+            if submissions:
+                _record_submissions(rd.path, submissions, None)
+            raise _sbatch_refused(e, "array job") from None
         all_jobs.extend(zip(chunk, jobs))
         array_id = jobs[0].job_id.split("_")[0]
         submissions.append({"array_job_id": array_id, "submitted": time.time(),
@@ -218,7 +289,11 @@ def launch_slurm(cfg) -> Dict:
         if pyxis_srun_args(cfg):  # the merge runs in the same image as the tasks
             params["srun_args"] = pyxis_srun_args(cfg)
         mex.update_parameters(**params)
-        mjob = mex.submit(merge_job, str(rd.path))
+        try:
+            mjob = mex.submit(merge_job, str(rd.path))
+        except Exception as e:
+            _record_submissions(rd.path, submissions, None)
+            raise _sbatch_refused(e, "merge job (the array was submitted; `caffe-runner merge` merges by hand)") from None
         merge_id = mjob.job_id
         print(f"submitted merge job {merge_id} (afterany on the array)", flush=True)
     _record_submissions(rd.path, submissions, merge_id)
@@ -228,6 +303,9 @@ def launch_slurm(cfg) -> Dict:
               "merge_job": merge_id}
     if lc.wait:
         wait_for(run, all_jobs, merge_id)
+        from ..stats import collect_stats
+
+        result.update(waited=True, stats=collect_stats(run))
     return result
 
 
@@ -237,6 +315,14 @@ def _record_submissions(run_dir: Path, subs: List[Dict], merge_id: Optional[str]
     for s in subs:
         s["merge_job_id"] = merge_id
     path.write_text(json.dumps(old + subs, indent=1))
+
+
+def progress_line(st: Dict) -> str:
+    """One line of progress for logs (no terminal for a bar)."""
+    pct = 100.0 * st["done"] / st["images"] if st["images"] else 100.0
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(st["counts"].items()))
+    eta = f", ETA {st['eta_s'] / 60:.0f} min" if st.get("eta_s") else ""
+    return f"slurm: {st['done']}/{st['images']} images ({pct:.0f}%), shards: {counts}{eta}"
 
 
 def wait_for(run: Run, jobs, merge_id: Optional[str], poll_s: float = 2.0) -> None:
@@ -259,10 +345,13 @@ def wait_for(run: Run, jobs, merge_id: Optional[str], poll_s: float = 2.0) -> No
                 last = st["done"]
             elif time.time() - last_log > 30:
                 last_log = time.time()
-                log.info("%d/%d images, shards: %s", st["done"], st["images"], st["counts"])
+                log.info("%s", progress_line(st))
             if all(j.done() for _, j in jobs):
                 break
             time.sleep(poll_s)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"stopped waiting; the Slurm jobs go on (scancel them to stop): "
+                                f"caffe-runner status {run.rundir.path}") from None
     finally:
         if bar is not None:
             bar.close()

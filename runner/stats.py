@@ -1,0 +1,118 @@
+"""stats.json: what a run produced, at a glance (images, rows, failures by reason, throughput,
+elapsed, per shard), read from the complete shard files, and the on-screen summary made
+from it. Written when a run is merged (locally, by the Slurm merge job, by `merge`)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .errors import FailureShareError
+from .rundir import atomic_write_text
+
+STATS_JSON = "stats.json"
+TOP_REASONS = 5
+
+
+def reason_kind(reason: str) -> str:
+    """Failure reasons carry details (sizes, library messages): group them by what comes
+    before the first ':' ("too large: 20000x20000 = ..." -> "too large")."""
+    return reason.split(":", 1)[0].strip() or reason
+
+
+def failure_share(images: int, failures: int) -> float:
+    return failures / images if images else 0.0
+
+
+def collect_stats(run, elapsed_s: Optional[float] = None) -> Dict:
+    """Totals and per-shard figures from the run's complete shard files."""
+    import h5py
+
+    rd, n = run.rundir, run.num_shards
+    shards: List[Dict] = []
+    reasons: Counter = Counter()
+    rows = failures = 0
+    for i in range(n):
+        path = run.shard_path(i)
+        if not path.exists():
+            shards.append({"shard": i, "complete": False})
+            continue
+        with h5py.File(path, "r", locking=False) as f:
+            a = f.attrs
+            r, fl = int(a["rows"]), int(a["n_failures"])
+            reasons.update(reason_kind(x) for x in f["failures/reason"].asstr()[:])
+            shards.append({"shard": i, "complete": True, "rows": r, "failures": fl,
+                           "elapsed_s": round(float(a.get("elapsed_s", 0.0)), 3),
+                           "images_per_s": round(float(a.get("images_per_s", 0.0)), 3),
+                           "host": str(a.get("host", "")), "device": str(a.get("device", "")),
+                           "job_id": str(a.get("job_id", ""))})
+        rows += r
+        failures += fl
+    busy = sum(s.get("elapsed_s", 0.0) for s in shards)
+    done = rows + failures
+    return {
+        "run_dir": str(rd.path),
+        "images": int(run.plan["count"]),
+        "rows": rows,
+        "failures": failures,
+        "failure_share": round(failure_share(done, failures), 6),
+        "failures_by_reason": dict(reasons.most_common()),
+        "shards_complete": sum(1 for s in shards if s["complete"]),
+        "num_shards": n,
+        # wall-clock of the launch that finished the run (null when the shards ran elsewhere)
+        "elapsed_s": round(elapsed_s, 3) if elapsed_s else None,
+        "images_per_s": round(done / elapsed_s, 3) if elapsed_s else None,
+        # summed per-shard extraction time (model load excluded)
+        "shard_seconds": round(busy, 3),
+        "shards": shards,
+    }
+
+
+def write_stats(run, elapsed_s: Optional[float] = None) -> Dict:
+    stats = collect_stats(run, elapsed_s)
+    atomic_write_text(Path(run.rundir.path) / STATS_JSON, json.dumps(stats, indent=1))
+    return stats
+
+
+def format_summary(summary: Dict) -> str:
+    """The end-of-run lines: where the result is, every image counted, the top failure reasons."""
+    st = summary.get("stats") or {}
+    lines = [f"run directory: {summary['run_dir']}"]
+    if summary.get("merged"):
+        lines.append(f"features:      {summary['merged']}")
+    if st:
+        lines.append(f"images:        {st['rows'] + st['failures']} ({st['rows']} extracted, {st['failures']} failed)")
+        for b, s in (summary.get("blob_shapes") or {}).items():
+            lines.append(f"blob {b}: {'x'.join(map(str, s))} per image")
+        reasons = list(st["failures_by_reason"].items())
+        for why, k in reasons[:TOP_REASONS]:
+            lines.append(f"  failed: {k:>6} {why}")
+        if len(reasons) > TOP_REASONS:
+            lines.append(f"  failed: {sum(k for _, k in reasons[TOP_REASONS:]):>6} other reasons "
+                         f"({len(reasons) - TOP_REASONS} kinds)")
+        if st["failures"]:
+            lines.append(f"  (names and reasons: failures/names, failures/reason in features.h5; "
+                         f"{Path(summary['run_dir']) / STATS_JSON})")
+    shards = summary.get("shards", {})
+    lines.append(f"shards:        {summary.get('num_shards', len(shards))} ({len(shards)} run now, "
+                 f"{summary.get('already_complete', 0)} already complete)")
+    el = summary.get("elapsed_s") or 0
+    done_now = sum(s.get("rows", 0) + s.get("failures", 0) for s in shards.values())
+    if el > 0 and done_now:
+        lines.append(f"throughput:    {done_now / el:.1f} images/s over {el:.1f} s (model load included)")
+    return "\n".join(lines)
+
+
+def check_failure_share(cfg, stats: Optional[Dict]) -> None:
+    """run.max_failure_fraction: a run where more images failed than that is a failed run."""
+    limit = cfg.run.max_failure_fraction if "run" in cfg else None
+    if limit is None or not stats:
+        return
+    done = stats["rows"] + stats["failures"]
+    share = failure_share(done, stats["failures"])
+    if share > float(limit):
+        top = ", ".join(f"{k} {why}" for why, k in list(stats["failures_by_reason"].items())[:3])
+        raise FailureShareError(
+            f"{stats['failures']} of {done} images failed ({share:.1%} > run.max_failure_fraction={limit}; {top}): "
+            f"the result is kept in {stats['run_dir']}; check the input, or raise run.max_failure_fraction")

@@ -1,0 +1,94 @@
+"""slurm/dev-cluster as a new user meets it: root's 0700 home and the default state dir, env /
+status / down finding the cluster `up` started, and a failed `up` leaving nothing running."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import DEV
+
+pytestmark = pytest.mark.slurm
+
+# a port base of its own, beside the session cluster's (DEV_CLUSTER_PORT_BASE)
+PORT = int(os.environ.get("DEV_CLUSTER_PORT_BASE", "16817")) + 10
+
+
+def _dev(home: Path, *args, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k not in ("CAFFE_RUNNER_SLURM_STATE", "SLURM_CONF")}
+    env.update(HOME=str(home), DEV_CLUSTER_PORT_BASE=str(PORT))
+    return subprocess.run(["bash", str(DEV), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _our_daemons(state: Path):
+    """pids of processes whose command line names this state dir (ours only)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if str(state) in (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    stat = (p / "stat").read_text().rsplit(")", 1)[1].split()
+                    if stat[0] != "Z":
+                        pids.append(int(p.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture
+def home():
+    # short: the state dir holds unix sockets, whose paths the kernel limits to 108 bytes
+    h = Path(tempfile.mkdtemp(prefix="h-", dir="/tmp"))
+    os.chmod(h, 0o700)  # as root's is
+    yield h
+    _dev(h, "down", "--wipe", timeout=120)
+    shutil.rmtree(h, ignore_errors=True)
+
+
+def test_up_under_a_0700_home_with_the_default_state_dir(home):
+    up = _dev(home, "up")
+    assert up.returncode == 0, up.stderr[-3000:]
+    state = home / ".cache" / "caffe-runner" / "slurm-dev"
+    assert f"export SLURM_CONF={state}/etc/slurm.conf" in up.stdout
+    # env, status and down without --state-dir act on the cluster `up` started
+    assert _dev(home, "env").stdout.strip() == f"export SLURM_CONF={state}/etc/slurm.conf"
+    st = _dev(home, "status")
+    assert st.returncode == 0 and "slurmd: running" in st.stdout and "debug" in st.stdout
+    sq = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                        env=dict(os.environ, SLURM_CONF=f"{state}/etc/slurm.conf"))
+    assert sq.stdout.strip() == "idle"
+    assert _our_daemons(state)
+    down = _dev(home, "down")
+    assert down.returncode == 0 and "stopped" in down.stderr
+    assert not _our_daemons(state)
+    assert _dev(home, "status").returncode != 0
+
+
+def test_failed_up_stops_every_daemon_it_started(home):
+    # slurmdbd's port is taken: up fails at slurmdbd, after munged and MariaDB were started
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", PORT + 2))
+    s.listen()
+    try:
+        up = _dev(home, "up")
+    finally:
+        s.close()
+    state = home / ".cache" / "caffe-runner" / "slurm-dev"
+    assert up.returncode != 0
+    assert "slurmdbd did not start" in up.stderr and "stopping the daemons it started" in up.stderr
+    assert not _our_daemons(state), "a failed up left daemons running"
+
+
+def test_unusable_state_dir_is_named(home, tmp_path):
+    f = home / "afile"
+    f.write_text("x")
+    p = _dev(home, "up", "--state-dir", str(f / "sub"))
+    assert p.returncode == 2 and "cannot use" in p.stderr and "--state-dir" in p.stderr
+    p = _dev(home, "up", "--state-dir", str(tmp_path / ("long" * 20)))
+    assert p.returncode == 2 and "too long for its sockets" in p.stderr

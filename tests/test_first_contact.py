@@ -1,0 +1,248 @@
+"""What a new user meets on real runs: run-directory hygiene, the summary and stats.json with
+every failure counted, run.max_failure_fraction, Ctrl-C and a rerun that resumes, a second
+concurrent run, a sweep with a failing point, and the Python API on the same code path."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import CLI, REPO, run_cli, tiny_model_args
+
+pytestmark = pytest.mark.slow
+
+
+def _slow(tiny_net, batch_s=0.25):
+    # the simulated backend takes batch_s per batch of 2 without using the CPU: time to interrupt
+    return [*tiny_model_args(tiny_net), "backend=simulated", f"simulated_batch_s={batch_s}", "batch_size=2",
+            "heartbeat_s=0.1"]
+
+
+def _snapshot(d: Path):
+    """Every file under d (hidden ones included) with its bytes."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _beat_done(run: Path, n: int) -> int:
+    total = 0
+    for i in range(n):
+        try:
+            total += json.loads((run / "status" / f"shard-{i:05d}-of-{n:05d}.json").read_text()).get("done", 0)
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+    return total
+
+
+def _wait(pred, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _h5(path):
+    with h5py.File(path, "r") as f:
+        return f["feats"][:], f["names"].asstr()[:].tolist(), f["failures/names"].asstr()[:].tolist()
+
+
+@pytest.fixture(scope="module")
+def broken(photos, tmp_path_factory):
+    """The sample photos plus 4 files that cannot be used (3 kinds of reason)."""
+    d = tmp_path_factory.mktemp("broken") / "in"
+    shutil.copytree(photos, d)
+    (d / "empty1.jpg").write_bytes(b"")
+    (d / "empty2.jpg").write_bytes(b"")
+    (d / "notes.jpg").write_text("these are my notes, not a photo\n" * 20)
+    (d / "cut.jpg").write_bytes((photos / "astronaut.jpg").read_bytes()[:3000] if (photos / "astronaut.jpg").exists()
+                                else b"\xff\xd8\xff\xe0" + b"\0" * 3000)
+    return d
+
+
+# ---- run-directory hygiene ------------------------------------------------------------
+
+def test_a_folder_that_is_not_a_run_is_refused_and_untouched(tiny_net, photos, tmp_path):
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("\\documentclass{article}")
+    (thesis / "figures").mkdir()
+    before = _snapshot(thesis)
+    p = run_cli(f"input.dir={photos}", f"output.dir={thesis}", *tiny_model_args(tiny_net), check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "is not empty and holds no run" in p.stderr and "thesis.tex" in p.stderr and "figures" in p.stderr
+    assert _snapshot(thesis) == before and sorted(os.listdir(thesis)) == ["figures", "thesis.tex"]
+
+
+def test_a_refused_command_changes_nothing_in_the_run(tiny_net, photos, tmp_path):
+    run = tmp_path / "run"
+    t = tiny_model_args(tiny_net)
+    run_cli(f"input.dir={photos}", f"output.dir={run}", *t, "launcher.workers=1")
+    assert (run / ".hydra" / "config.yaml").exists() and (run / "stats.json").exists()
+    before = _snapshot(run)
+    p = run_cli(f"input.dir={photos}", f"output.dir={run}", *t, "output.blobs=[prob]", check=False)
+    assert p.returncode == 2 and "holds a run with a different config" in p.stderr
+    assert _snapshot(run) == before, "the refused command rewrote files of the run"
+    # an empty folder made by the user is fine, and a failing command leaves it empty
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = run_cli(f"input.dir={photos}", f"output.dir={empty}", *t, "num_shards=500", check=False)
+    assert p.returncode == 2 and os.listdir(empty) == []
+    run_cli(f"input.dir={photos}", f"output.dir={empty}", *t, "launcher.workers=1")
+    assert (empty / "features.h5").exists()
+
+
+def test_a_finished_run_rerun_says_complete_not_resuming(tiny_net, photos, tmp_path):
+    run = tmp_path / "run"
+    args = [f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net), "launcher.workers=1"]
+    run_cli(*args)
+    p = run_cli(*args)
+    assert "already complete" in p.stderr and "resuming" not in p.stderr + p.stdout
+
+
+def test_bad_input_error_is_printed_once_and_leaves_no_folder(tmp_path):
+    run = tmp_path / "new-run"
+    p = run_cli(f"input.dir={tmp_path / 'nope'}", f"output.dir={run}", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("caffe-runner: error:") == 1
+    err = p.stderr
+    assert "error" not in p.stdout.lower()
+    assert "is not a directory" in err
+    assert not run.exists(), "a failed command left a folder behind"
+
+
+# ---- results at a glance ----------------------------------------------------------------
+
+def test_summary_stats_and_status_count_every_failure(tiny_net, broken, tmp_path):
+    run = tmp_path / "run"
+    p = run_cli(f"input.dir={broken}", f"output.dir={run}", *tiny_model_args(tiny_net), "launcher.workers=2",
+                "num_shards=3")
+    n_images = sum(1 for f in broken.rglob("*") if f.is_file())
+    st = json.loads((run / "stats.json").read_text())
+    assert st["images"] == n_images and st["failures"] == 4 and st["rows"] == n_images - 4
+    assert st["failures_by_reason"] == {"empty file (0 bytes)": 2, "not an image": 1,
+                                        **{k: v for k, v in st["failures_by_reason"].items()
+                                           if k not in ("empty file (0 bytes)", "not an image")}}
+    assert sum(st["failures_by_reason"].values()) == 4
+    assert [s["shard"] for s in st["shards"]] == [0, 1, 2] and all(s["complete"] for s in st["shards"])
+    assert sum(s["rows"] for s in st["shards"]) == st["rows"]
+    assert f"images:        {n_images} ({n_images - 4} extracted, 4 failed)" in p.stdout
+    assert "      2 empty file (0 bytes)" in p.stdout and "not an image" in p.stdout
+    s = run_cli("status", run)
+    assert f"{n_images}/{n_images} images ({n_images - 4} extracted, 4 failed)" in s.stdout
+    assert "2 empty file (0 bytes)" in s.stdout
+
+
+def test_max_failure_fraction_fails_the_run_but_keeps_it(tiny_net, broken, tmp_path):
+    run = tmp_path / "run"
+    args = [f"input.dir={broken}", f"output.dir={run}", *tiny_model_args(tiny_net), "launcher.workers=1"]
+    p = run_cli(*args, "run.max_failure_fraction=0.05", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.count("caffe-runner: error:") == 1 and "run.max_failure_fraction=0.05" in p.stderr
+    assert (run / "features.h5").exists()
+    assert run_cli(*args, "run.max_failure_fraction=0.5").returncode == 0
+
+
+# ---- Ctrl-C, and two runs at once --------------------------------------------------------
+
+def _start(args):
+    return subprocess.Popen(CLI + [str(a) for a in args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def test_ctrl_c_stops_with_one_line_and_the_rerun_equals_an_uninterrupted_run(tiny_net, photos, tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    base = [f"input.dir={photos}", "num_shards=2", "launcher.workers=2", *_slow(tiny_net)]
+    run_cli(*base, f"output.dir={ref}")
+    proc = _start([*base, f"output.dir={run}"])
+    _wait(lambda: _beat_done(run, 2) >= 4)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    lines = [ln for ln in err.splitlines() if "interrupted" in ln]
+    assert len(lines) == 1 and "rerun the same command to resume" in lines[0], err
+    assert not (run / "features.h5").exists()
+    time.sleep(0.5)
+    for i in range(2):  # no worker is left writing
+        beat = json.loads((run / "status" / f"shard-{i:05d}-of-00002.json").read_text())
+        pid = beat.get("pid")
+        assert not (pid and Path(f"/proc/{pid}").exists()
+                    and (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"))
+    run_cli(*base, f"output.dir={run}")
+    a, b = _h5(run / "features.h5"), _h5(ref / "features.h5")
+    assert a[1] == b[1] and a[2] == b[2]
+    np.testing.assert_array_equal(a[0], b[0])
+    assert run_cli("verify", run).returncode == 0
+
+
+def test_a_second_concurrent_run_is_told_once_who_holds_it(tiny_net, photos, tmp_path):
+    run = tmp_path / "run"
+    args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=2", *_slow(tiny_net, 0.4)]
+    first = _start(args)
+    try:
+        _wait(lambda: _beat_done(run, 2) >= 2)
+        p = run_cli(*args, check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr
+        assert p.stderr.count("caffe-runner: error:") == 1
+        assert f"in use by caffe-runner pid {first.pid}" in p.stderr and "another output.dir" in p.stderr
+        assert "rerun" not in p.stderr
+        assert "ShardBusyError" not in p.stderr + p.stdout
+    finally:
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert run_cli("verify", run).returncode == 0
+
+
+# ---- sweeps -----------------------------------------------------------------------------
+
+def test_sweep_continues_past_a_failed_point_and_lists_it(tiny_net, photos, tmp_path):
+    out = tmp_path / "sweep"
+    p = run_cli("-m", f"input.dir={photos}", f"output.dir={out}", "launcher.workers=1", *tiny_model_args(tiny_net),
+                "output.blobs=[emb],[nope],[prob]", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    done = sorted(d.name for d in out.iterdir() if (d / "features.h5").exists())
+    assert [d[:2] for d in done] == ["0_", "2_"], sorted(os.listdir(out))
+    assert "output.blobs=[emb]" in done[0] and "output.blobs=[prob]" in done[1]
+    assert sorted(os.listdir(out)) == done, "the failed point left a folder"
+    assert "1 of 3 sweep points failed" in p.stderr
+    failed_lines = [ln for ln in p.stderr.splitlines() if ln.startswith("  ")]
+    assert len(failed_lines) == 1 and failed_lines[0].startswith("  1_") and "output.blobs=[nope]" in failed_lines[0]
+    assert p.stderr.count("blob 'nope' is not in the net") == 1
+
+
+# ---- the Python API -------------------------------------------------------------------------
+
+def test_python_api_same_result_as_the_cli(tiny_net, photos, tmp_path):
+    from runner.api import Run, extract
+    from runner.errors import ConfigError
+
+    cli_run, api_run = tmp_path / "cli", tmp_path / "api"
+    args = [f"input.dir={photos}", *tiny_model_args(tiny_net), "launcher.workers=1", "num_shards=2"]
+    run_cli(*args, f"output.dir={cli_run}")
+    code = ("import sys; from runner.api import extract; r = extract(sys.argv[1:]); "
+            "print(r.status()['state'], r.wait(timeout_s=5).path)")
+    p = subprocess.run([CLI[0], "-c", code, *args, f"output.dir={api_run}"], capture_output=True, text=True,
+                       cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["merged", str(api_run)]
+    r = Run.from_dir(api_run)
+    assert r.status()["state"] == "merged"
+    arrays = r.features(arrays=True)
+    a = _h5(cli_run / "features.h5")
+    assert r.stats()["rows"] == len(a[1]) > 0
+    np.testing.assert_array_equal(arrays["feats"], a[0])
+    assert arrays["names"].tolist() == a[1] and "features/emb" in arrays
+    with r.features() as f:
+        assert f["feats"].shape == a[0].shape
+    with pytest.raises(ConfigError, match="did you mean batch_size"):
+        extract(f"output.dir={tmp_path / 'x'}", "batchsize=3")
+    with pytest.raises(ConfigError, match="not a caffe-runner run directory"):
+        Run.from_dir(tmp_path)
