@@ -151,7 +151,8 @@ def test_charliecloud_local_equals_host(squashfs, photos, host_run, tmp_path):
 
 
 def test_gpu_refused_in_the_cpu_image(squashfs, photos, tmp_path):
-    p = run_cli(f"input.dir={photos}", f"output.dir={tmp_path / 'run'}", "device=gpu",
+    # launcher.gpus names a GPU, so the local GPU check passes and the image's is the one that refuses
+    p = run_cli(f"input.dir={photos}", f"output.dir={tmp_path / 'run'}", "device=gpu", "launcher.gpus=[0]",
                 "container.runtime=charliecloud", f"container.image={squashfs}", check=False)
     assert p.returncode == 2 and "caffe-runner: error: device=gpu but container.image" in p.stderr, p.stderr[-2000:]
     assert "no NVIDIA driver libraries" in p.stderr and "ch-fromhost --nvidia" in p.stderr

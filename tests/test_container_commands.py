@@ -273,11 +273,11 @@ def test_image_label_and_identity(tmp_path):
 
 # ---- the command line: refused before anything is submitted, with one line ----------------
 
-def _refused(tmp_path, photos, tiny_net, image, user=None):
+def _refused(tmp_path, photos, tiny_net, image, user=None, launcher="slurm"):
     from conftest import CLI, REPO, tiny_model_args
 
     run = tmp_path / "run"
-    args = [f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net), "launcher=slurm",
+    args = [f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net), f"launcher={launcher}",
             "num_shards=2", "container.runtime=charliecloud", f"container.image={image}"]
     pre = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
     p = subprocess.run(pre + CLI + args, capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -288,7 +288,9 @@ def _refused(tmp_path, photos, tiny_net, image, user=None):
     return errors[0]
 
 
-def test_bad_images_refused_before_anything_is_submitted(tmp_path, photos, tiny_net):
+@pytest.mark.slurm
+def test_bad_images_refused_before_anything_is_submitted(cluster, tmp_path, photos, tiny_net):
+    """launcher=slurm asks the controller first (MaxArraySize): the dev cluster answers."""
     home = Path(os.environ.get("HOME", "/root"))
     assert "container.image" in _refused(tmp_path, photos, tiny_net, home / "no-such-image.sqfs")
     assert "does not exist" in _refused(tmp_path, photos, tiny_net, home / "no-such-image.sqfs")
@@ -312,7 +314,7 @@ def test_unreadable_image_refused(tmp_path, photos, tiny_net):
                 if str(q).startswith("/tmp/"):
                     q.chmod(q.stat().st_mode | 0o755)
         tmp_path.chmod(0o777)  # the output folder is nobody's to write
-        line = _refused(tmp_path, photos, tiny_net, img, user=65534)
+        line = _refused(tmp_path, photos, tiny_net, img, user=65534, launcher="local")
         assert "is not readable by you" in line
     finally:
         shutil.rmtree(d)
