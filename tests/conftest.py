@@ -28,6 +28,18 @@ def run_cli(*args, check=True, env=None, timeout=600, cwd=None):
     return p
 
 
+def wait_until(pred, timeout=120):
+    """Poll pred() until it holds (a run reaching a point where the test interrupts it)."""
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s")
+
+
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> Path:
     """The real sample photos (scikit-image's), as JPEG/PNG files in nested folders."""

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import CLI, REPO, run_cli, tiny_model_args
+from conftest import CLI, REPO, run_cli, tiny_model_args, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -39,15 +39,6 @@ def _beat_done(run: Path, n: int) -> int:
         except (FileNotFoundError, json.JSONDecodeError):
             pass
     return total
-
-
-def _wait(pred, timeout=120):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def _h5(path):
@@ -162,7 +153,7 @@ def test_ctrl_c_stops_with_one_line_and_the_rerun_equals_an_uninterrupted_run(ti
     base = [f"input.dir={photos}", "num_shards=2", "launcher.workers=2", *_slow(tiny_net)]
     run_cli(*base, f"output.dir={ref}")
     proc = _start([*base, f"output.dir={run}"])
-    _wait(lambda: _beat_done(run, 2) >= 4)
+    wait_until(lambda: _beat_done(run, 2) >= 4)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, (out, err)
@@ -188,7 +179,7 @@ def test_a_second_concurrent_run_is_told_once_who_holds_it(tiny_net, photos, tmp
     args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=2", *_slow(tiny_net, 0.4)]
     first = _start(args)
     try:
-        _wait(lambda: _beat_done(run, 2) >= 2)
+        wait_until(lambda: _beat_done(run, 2) >= 2)
         p = run_cli(*args, check=False)
         assert p.returncode == 1 and "Traceback" not in p.stderr
         assert p.stderr.count("caffe-runner: error:") == 1

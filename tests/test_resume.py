@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import CLI, REPO, run_cli, tiny_model_args
+from conftest import CLI, REPO, run_cli, tiny_model_args, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +29,6 @@ def _beat(run: Path, shard: int, n: int):
         return json.loads((run / "status" / f"shard-{shard:05d}-of-{n:05d}.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
-
-
-def _wait(pred, timeout=120):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def _start(args):
@@ -69,7 +60,7 @@ def test_kill9_one_worker_then_rerun_resumes(tiny_net, photos, tmp_path, referen
     run = tmp_path / "run"
     args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=2", *_slow(tiny_net)]
     proc = _start(args)
-    _wait(lambda: _beat(run, 0, 2).get("done", 0) >= 4)
+    wait_until(lambda: _beat(run, 0, 2).get("done", 0) >= 4)
     victim = int(_beat(run, 0, 2)["pid"])
     os.kill(victim, signal.SIGKILL)
     out, err = proc.communicate(timeout=120)
@@ -88,7 +79,7 @@ def test_kill9_whole_run_at_several_points(tiny_net, photos, tmp_path, reference
     run = tmp_path / "run"
     args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=2", *_slow(tiny_net)]
     proc = _start(args)
-    _wait(lambda: _beat(run, 1, 2).get("done", 0) >= after)
+    wait_until(lambda: _beat(run, 1, 2).get("done", 0) >= after)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     time.sleep(0.5)
