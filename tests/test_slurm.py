@@ -12,16 +12,16 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import run_cli, tiny_model_args
+from conftest import MAX_ARRAY, run_cli, tiny_model_args
+from runner.gpu import caffe_has_gpu
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-from conftest import MAX_ARRAY
 
 
 BASE = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10"]
-# the dev cluster's GPUs are fake and this pycaffe is CPU-only: holding a GPU while computing on
-# the CPU is refused unless allowed (tests of GPU binding)
-SLURM = BASE + ["launcher.gpus_per_task=1", "launcher.allow_cpu_on_gpu=true"]
+# the dev cluster's GPUs are fake: tasks hold one (to check the binding) and compute on the CPU,
+# with a CPU-only and a CUDA build of Caffe alike
+SLURM = BASE + ["device=cpu", "launcher.gpus_per_task=1", "launcher.allow_cpu_on_gpu=true"]
 
 
 def _h5(path):
@@ -181,6 +181,7 @@ def _sbatch_scripts(run: Path):
     return [p.read_text() for p in (run / "logs").rglob("*_submission.sh")]
 
 
+@pytest.mark.skipif(caffe_has_gpu(), reason="with a CUDA build of Caffe, device=auto computes on the GPUs it requests")
 def test_cpu_only_caffe_default_requests_no_gpu(cluster, tiny_net, photos, tmp_path):
     """The README's quick start on a CPU partition: no --gres, device cpu, and it completes."""
     run = tmp_path / "run"
@@ -195,6 +196,7 @@ def test_cpu_only_caffe_default_requests_no_gpu(cluster, tiny_net, photos, tmp_p
     assert run_cli("verify", run).returncode == 0
 
 
+@pytest.mark.skipif(caffe_has_gpu(), reason="with a CUDA build of Caffe, device=auto computes on the GPUs it requests")
 def test_gpus_for_cpu_work_refused_before_submitting(cluster, tiny_net, photos, tmp_path):
     run = tmp_path / "run"
     p = run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *BASE, *tiny_model_args(tiny_net),
