@@ -57,6 +57,8 @@ UNIT := unit and not slow
 test: setup
 	$(PY) -m pytest -ra -m "$(UNIT)" $(PYTEST_ARGS)
 	bash slurm/dev-cluster install
+	@# tmux: the progress-bar test runs the CLI in a real terminal
+	command -v tmux >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; }
 	$(PY) -m pytest -ra -m "not ($(UNIT)) and not container and not cuda_build" $(PYTEST_ARGS)
 
 # the CUDA wheel only (cached; prints its path)
