@@ -21,7 +21,7 @@ def test_log_lines_print_above_one_progress_bar(photos, tiny_net, tmp_path):
     session = f"cr-bar-{tmp_path.name}"[:40]
     done = tmp_path / "exit-code"
     cmd = " ".join([sys.executable, "-m", "runner", f"input.dir={photos}", f"output.dir={tmp_path / 'run'}",
-                    "launcher.workers=2", "num_shards=4", "batch_size=2", *tiny_model_args(tiny_net)])
+                    "launcher.workers=2", "num_shards=4", "batch_size=2", "device=cpu", *tiny_model_args(tiny_net)])
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "60",
                     f"cd {REPO} && {cmd}; echo $? > {done}; sleep 300"], check=True)
     try:
