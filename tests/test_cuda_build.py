@@ -83,6 +83,22 @@ def test_cuda_libraries_resolve_inside_the_venv(gpu_caffe):
         assert str(path).startswith(str(site.resolve())), f"{lib} resolves to {path}, outside {site}"
 
 
+def test_every_nvidia_wheel_in_the_venv_is_pinned_by_the_caffe_wheel(gpu_caffe):
+    """Pinned runtime, nothing newer slipped in through a dependency (cuBLAS requires NVRTC
+    without a version: unpinned, pip takes a newer CUDA minor than the 13.0 runtime)."""
+    _, _, info = gpu_caffe
+    if not info["toolkit"].startswith("pinned wheels"):
+        pytest.skip(f"built against a site toolkit ({info['toolkit']}): no runtime wheels")
+    p = _gpu_py("import json, importlib.metadata as m\n"
+                "print(json.dumps({'requires': m.requires('caffe'), 'nvidia': {d.metadata['Name']: d.version "
+                "for d in m.distributions() if d.metadata['Name'].lower().startswith('nvidia')}}))")
+    got = json.loads(p.stdout)
+    pins = dict(r.split("==") for r in got["requires"] if "==" in r)
+    assert got["nvidia"], "no nvidia runtime wheels installed beside the CUDA build"
+    unpinned = {n: v for n, v in got["nvidia"].items() if pins.get(n) != v}
+    assert not unpinned, f"installed but not pinned (at this version) by the caffe wheel: {unpinned}; pins {pins}"
+
+
 def test_import_without_ld_library_path_loads_the_wheels_runtime(gpu_caffe):
     """`import caffe` in the venv with no environment help, and the libcudart in the process
     is the venv's, not the machine's /usr/local/cuda one that ldconfig lists."""
