@@ -28,7 +28,7 @@ def run_cli(*args, check=True, env=None, timeout=600, cwd=None):
     return p
 
 
-def wait_until(pred, timeout=120):
+def wait_until(pred, timeout=120, what="condition", interval=0.05):
     """Poll pred() until it holds (a run reaching a point where the test interrupts it)."""
     import time
 
@@ -36,8 +36,8 @@ def wait_until(pred, timeout=120):
     while time.time() - t0 < timeout:
         if pred():
             return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s")
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import MAX_ARRAY, run_cli, tiny_model_args
+from conftest import MAX_ARRAY, run_cli, tiny_model_args, wait_until
 from runner.gpu import caffe_has_gpu
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -30,12 +30,7 @@ def _h5(path):
 
 
 def _wait(pred, timeout=180, what="condition"):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    wait_until(pred, timeout=timeout, what=what, interval=0.5)
 
 
 def _heartbeat_done(run: Path, shard: int, n: int) -> int:
