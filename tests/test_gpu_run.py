@@ -40,6 +40,14 @@ def _gpu_ids(n: int):
     return [str(i % count) for i in range(n)]
 
 
+def _devices(run: Path) -> set:
+    out = set()
+    for s in sorted((run / "shards").glob("*.h5")):
+        with h5py.File(s, "r") as f:
+            out.add(str(f.attrs["device"]))
+    return out
+
+
 def _rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
 
@@ -48,15 +56,14 @@ def _rel(a, b):
 def test_local_two_gpu_workers_equal_cpu(photos, tmp_path):
     cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
     args = [f"input.dir={photos}", "num_shards=4", "batch_size=4"]
-    run_cli(*args, f"output.dir={cpu}", "launcher.workers=2")
+    # device=cpu explicitly: on a GPU node device=auto would pick the GPU for the baseline too
+    run_cli(*args, f"output.dir={cpu}", "device=cpu", "launcher.workers=2")
     run_cli(*args, f"output.dir={gpu}", "device=gpu", f"launcher.gpus=[{','.join(_gpu_ids(2))}]")
     a, b = _read(cpu / "features.h5"), _read(gpu / "features.h5")
     assert a[1] == b[1] and len(a[1]) >= 10
     assert a[0].shape == b[0].shape and _rel(a[0], b[0]) <= 1e-4, _rel(a[0], b[0])
-    devices = set()
-    for s in sorted((gpu / "shards").glob("*.h5")):
-        with h5py.File(s, "r") as f:
-            devices.add(f.attrs["device"])
+    assert _devices(cpu) == {"cpu"}
+    devices = _devices(gpu)
     assert devices and all(d.startswith("gpu:") for d in devices), devices
     assert run_cli("verify", gpu).returncode == 0
 
@@ -70,13 +77,14 @@ def test_slurm_array_on_gpus_equals_cpu(cluster, photos, tmp_path):
     if "/dev/nvidia" not in conf:
         pytest.skip(f"the dev cluster's gres/gpu are not this node's GPUs: {conf.strip()}")
     cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
-    run_cli(f"input.dir={photos}", f"output.dir={cpu}", "num_shards=2", "launcher.workers=2")
+    run_cli(f"input.dir={photos}", f"output.dir={cpu}", "num_shards=2", "device=cpu", "launcher.workers=2")
     run_cli(f"input.dir={photos}", f"output.dir={gpu}", "num_shards=2", "device=gpu", "launcher=slurm",
             "launcher.cpus_per_task=2", "launcher.mem_gb=4", "launcher.timeout_min=20", "launcher.gpus_per_task=1",
             "launcher.wait=true")
     a, b = _read(cpu / "features.h5"), _read(gpu / "features.h5")
     assert a[1] == b[1]
     assert _rel(a[0], b[0]) <= 1e-4, _rel(a[0], b[0])
+    assert _devices(cpu) == {"cpu"}
     for i in range(2):
         with h5py.File(gpu / "shards" / f"shard-{i:05d}-of-00002.h5", "r") as f:
             assert f.attrs["device"].startswith("gpu:") and f.attrs["visible_gpus"] != ""
