@@ -8,8 +8,11 @@ no time is spent on layers nobody asked for.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -156,6 +159,33 @@ class Engine:
         raise NotImplementedError
 
 
+# What a CUDA build of Caffe logs, on a machine without a usable GPU, when it makes its per-thread
+# context (cuBLAS handle, cuRAND generator): harmless in CPU mode, alarming to read, and raw
+# writes to fd 2 that tear the local progress bar.
+_CPU_MODE_NOISE = re.compile(r"Cannot create (Cublas handle|Curand generator)\.|Logging before InitGoogleLogging")
+
+
+@contextlib.contextmanager
+def _drop_cuda_noise_on_fd2():
+    """Capture fd 2 (glog writes there from C++) around Caffe's context creation; hand every
+    other line back to stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _CPU_MODE_NOISE.search(ln)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 class CaffeEngine(Engine):
     def __init__(self, model_cfg, spec: NetSpec, blobs: Sequence[str], in_shape: Tuple[int, int, int],
                  device: str = "cpu", gpu_device: int = 0):
@@ -170,7 +200,8 @@ class CaffeEngine(Engine):
             caffe.set_device(gpu_device)
             self.device_desc = f"gpu:{gpu_device}"
         else:
-            caffe.set_mode_cpu()
+            with _drop_cuda_noise_on_fd2():
+                caffe.set_mode_cpu()  # the first Caffe call of this thread makes its context
             self.device_desc = "cpu"
         self.blobs = list(blobs)
         end = spec.end_layer(self.blobs)
