@@ -23,9 +23,9 @@ def blob_shapes(spec, end_index: int, weights=None):
     os.environ.setdefault("GLOG_minloglevel", "2")
     import caffe
 
-    from .model import truncated_prototxt
+    from .model import set_caffe_cpu_mode, truncated_prototxt
 
-    caffe.set_mode_cpu()
+    set_caffe_cpu_mode(caffe)
     with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
         f.write(truncated_prototxt(spec, end_index))
     try:

@@ -186,6 +186,13 @@ def _drop_cuda_noise_on_fd2():
                 sys.stderr.flush()
 
 
+def set_caffe_cpu_mode(caffe) -> None:
+    """caffe.set_mode_cpu() without the CUDA build's harmless no-driver noise (the first Caffe
+    call of a thread makes its context)."""
+    with _drop_cuda_noise_on_fd2():
+        caffe.set_mode_cpu()
+
+
 class CaffeEngine(Engine):
     def __init__(self, model_cfg, spec: NetSpec, blobs: Sequence[str], in_shape: Tuple[int, int, int],
                  device: str = "cpu", gpu_device: int = 0):
@@ -200,8 +207,7 @@ class CaffeEngine(Engine):
             caffe.set_device(gpu_device)
             self.device_desc = f"gpu:{gpu_device}"
         else:
-            with _drop_cuda_noise_on_fd2():
-                caffe.set_mode_cpu()  # the first Caffe call of this thread makes its context
+            set_caffe_cpu_mode(caffe)
             self.device_desc = "cpu"
         self.blobs = list(blobs)
         end = spec.end_layer(self.blobs)

@@ -135,6 +135,13 @@ def test_cpu_mode_features_equal_the_cpu_build(gpu_caffe, photos, tmp_path):
     assert fa.shape == fb.shape and rel <= 1e-5, rel
 
 
+def test_inspect_with_the_cuda_build_prints_no_caffe_noise(gpu_caffe):
+    p = subprocess.run([str(GPU_VENV / "bin" / "python"), "-m", "runner", "inspect"], capture_output=True,
+                       text=True, env=_clean_env(), cwd=REPO, timeout=300)
+    assert p.returncode == 0 and "fc7" in p.stdout, p.stderr[-3000:]
+    assert "Cannot create" not in p.stderr and "InitGoogleLogging" not in p.stderr, p.stderr
+
+
 def test_device_gpu_without_a_driver_is_one_clear_error(gpu_caffe, photos, tmp_path):
     """The real CUDA wheel and the real probe on this driverless machine: exit 2 with one line
     naming what is missing and what to do, before any work (no shard, no Caffe abort)."""
