@@ -170,7 +170,11 @@ def _drop_cuda_noise_on_fd2():
     """Capture fd 2 (glog writes there from C++) around Caffe's context creation; hand every
     other line back to stderr."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (a daemon): nothing to tear
+        yield
+        return
     with tempfile.TemporaryFile() as tmp:
         os.dup2(tmp.fileno(), 2)
         try:

@@ -299,3 +299,18 @@ def test_extend_manifest_keeps_listed_entries(tmp_path):
     m = extend_manifest(tmp_path / "run", 2, [b"e.jpg"])
     assert load_manifest(tmp_path / "run").read_slice(0, m.count) == [b"a.jpg", b"c.jpg", b"e.jpg"]
     assert json.loads((tmp_path / "run/manifest/meta.json").read_text())["count"] == 3
+
+
+# ---- the CUDA build's no-driver noise in CPU mode ------------------------------------------
+
+def test_cpu_mode_noise_is_dropped_and_other_fd2_lines_kept(capfd):
+    """glog writes from C++ straight to fd 2: only Caffe's harmless cuBLAS/cuRAND lines go."""
+    from runner.model import _drop_cuda_noise_on_fd2
+
+    with _drop_cuda_noise_on_fd2():
+        os.write(2, b"WARNING: Logging before InitGoogleLogging() is written to STDERR\n"
+                    b"E1125 21:25:07.239905 23437 common.cpp:117] Cannot create Cublas handle. Cublas won't be available.\n"
+                    b"E1125 21:25:07.240146 23437 common.cpp:124] Cannot create Curand generator. Curand won't be available.\n"
+                    b"F1125 21:25:07.3 net.cpp:1] a real Caffe error\n")
+    err = capfd.readouterr().err
+    assert err == "F1125 21:25:07.3 net.cpp:1] a real Caffe error\n", err
