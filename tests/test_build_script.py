@@ -1,0 +1,90 @@
+"""docker/build-pycaffe.sh's arguments and cache key, checked without building anything
+(--print-key stops where a build would start): bad CUDA arguments are one clear line and
+exit 2, the key follows the toolkit version and the architectures, the CPU key stays put."""
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.unit
+
+SCRIPT = REPO / "docker" / "build-pycaffe.sh"
+
+
+def _script(*args, cache):
+    return subprocess.run(["bash", str(SCRIPT), "--python", sys.executable, "--cache", str(cache), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def _key(*args, cache):
+    p = _script(*args, "--print-key", cache=cache)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
+@pytest.fixture
+def site_toolkit(tmp_path):
+    """A site CUDA 12.4 toolkit as `module load cuda/12.4` shows it: its nvcc reports the version."""
+    tk = tmp_path / "cuda-12.4"
+    (tk / "bin").mkdir(parents=True)
+    nvcc = tk / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+                    "echo 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    nvcc.chmod(0o755)
+    return tk
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cuda-home", "/nonexistent/cuda"], "no such folder"),
+    (["--cuda-home", "/tmp"], "has no bin/nvcc"),
+    (["--cuda-arch", "70"], "CUDA 13 supports 7.5 and newer"),
+    (["--cuda-arch", "sm_90"], "is not a compute capability"),
+    (["--cuda-arch", " "], "empty list"),
+    (["--bogus"], "unknown argument --bogus"),
+])
+def test_bad_cuda_arguments_are_one_line_and_exit_2(tmp_path, args, message):
+    p = _script("--cuda", *args, "--print-key", cache=tmp_path)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    errors = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(errors) == 1 and message in errors[0], p.stderr
+    assert not list(tmp_path.iterdir()), "nothing may be written before the arguments are checked"
+
+
+def test_native_without_a_gpu_says_what_to_do(tmp_path):
+    if shutil.which("nvidia-smi"):
+        pytest.skip("nvidia-smi is here: --cuda-arch native builds for this node's GPUs")
+    p = _script("--cuda-arch", "native", "--print-key", cache=tmp_path)
+    assert p.returncode == 2 and "nvidia-smi shows no GPU" in p.stderr and "--cuda-arch" in p.stderr, p.stderr
+
+
+def test_cache_key_follows_toolkit_and_architectures(tmp_path, site_toolkit):
+    cpu = _key(cache=tmp_path)
+    default = _key("--cuda", cache=tmp_path)
+    sm90 = _key("--cuda-arch", "90", cache=tmp_path)
+    assert len({cpu, default, sm90}) == 3
+    assert _key("--cuda-arch", "90 80", cache=tmp_path) == _key("--cuda-arch", "8.0 9.0", cache=tmp_path)
+    assert _key("--cuda-arch", "75 80 86 89 90 100 120", cache=tmp_path) == default
+    site = _key("--cuda-home", str(site_toolkit), "--cuda-arch", "90", cache=tmp_path)
+    assert site not in (cpu, default, sm90)
+    # CUDA 12 still builds Volta (sm_70), which CUDA 13 dropped
+    assert _key("--cuda-home", str(site_toolkit), "--cuda-arch", "70 90", cache=tmp_path) != site
+
+
+def test_the_cpu_key_is_the_one_ci_caches(tmp_path):
+    """The CPU recipe is untouched by the CUDA work: CI's cached wheel stays valid (this
+    literal changes only with a deliberate RECIPE_REV bump, a new sdist or Python)."""
+    if sys.version_info[:2] != (3, 11) or platform.machine() != "x86_64":
+        pytest.skip("the literal is for CPython 3.11 on x86_64 (Debian 12)")
+    assert _key(cache=tmp_path) == "4bf145cab3138ceb"
+
+
+def test_the_cuda_pins_include_nvrtc():
+    p = subprocess.run(["bash", str(SCRIPT), "--print-cuda-pins"], capture_output=True, text=True, check=True)
+    pins = dict(x.split("==") for x in p.stdout.split())
+    assert pins["nvidia-cuda-nvrtc"].split(".")[:2] == pins["nvidia-cuda-runtime"].split(".")[:2], pins
