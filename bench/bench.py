@@ -78,7 +78,9 @@ def classic_loop(paths: List[str], proto: str, weights: str, layer: str, blob: s
     """The classic recipe: one image at a time through caffe.io, every feature kept in memory."""
     import caffe
 
-    caffe.set_mode_cpu()
+    from runner.model import set_caffe_cpu_mode
+
+    set_caffe_cpu_mode(caffe)
     net = caffe.Net(proto, caffe.TEST, weights=weights)
     net.blobs["data"].reshape(1, 3, 300, 300)
     tr = caffe.io.Transformer({"data": net.blobs["data"].data.shape})
@@ -377,7 +379,9 @@ def rss_ratio(work: Path, threads: int, n: int = 200) -> Dict:
 def _save_tiny(proto: str, weights: str) -> Dict:
     import caffe
 
-    caffe.set_mode_cpu()
+    from runner.model import set_caffe_cpu_mode
+
+    set_caffe_cpu_mode(caffe)
     caffe.Net(proto, caffe.TEST).save(weights)
     return {}
 

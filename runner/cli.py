@@ -12,7 +12,6 @@ Errors are raised as RunnerError subclasses and reported here, once, on stderr, 
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from typing import List, Optional, Tuple
 
 from . import __version__, log
 from .config import conf_dir, pkgfile as _pkgfile, register_resolvers, sweep_dirname as _dirname  # noqa: F401
-from .errors import ConfigError, FailureShareError, RunBusyError, RunnerError, UsageError
+from .errors import ConfigError, FailureShareError, RunBusyError, RunnerError, UsageError, did_you_mean
 
 SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch")
 
@@ -189,14 +188,11 @@ def _parse_flags(argv: List[str]) -> Tuple[dict, List[str]]:
         elif a == "--version":
             flags["version"] = True
         elif a.startswith("-") and "=" not in a:
-            m = difflib.get_close_matches(a, known, n=1, cutoff=0.5)
-            raise UsageError(f"unknown option {a}" + (f" (did you mean {m[0]}?)" if m else "")
-                             + ": `caffe-runner --help` lists the options")
+            raise UsageError(f"unknown option {a}{did_you_mean(a, known)}: `caffe-runner --help` lists the options")
         elif "=" not in a:
             if not overrides and not a.startswith(("+", "~")):
-                m = difflib.get_close_matches(a, SUBCOMMANDS, n=1, cutoff=0.5)
-                raise UsageError(f"unknown command {a!r}" + (f" (did you mean {m[0]}?)" if m else "")
-                                 + f": the commands are {', '.join(SUBCOMMANDS)}, or key=value overrides to extract")
+                raise UsageError(f"unknown command {a!r}{did_you_mean(a, SUBCOMMANDS)}: the commands are "
+                                 f"{', '.join(SUBCOMMANDS)}, or key=value overrides to extract")
             raise UsageError(f"{a!r} is not key=value: write e.g. input.dir={a}")
         else:
             overrides.append(a)
@@ -252,7 +248,7 @@ def _sweep(overrides: List[str]) -> int:
             _extract_one(point)
         except RunnerError as e:
             failed.append((name, str(e)))
-            print(f"caffe-runner: error: sweep point {name}: {e}", file=sys.stderr, flush=True)
+            _error(f"sweep point {name}: {e}", EXIT_FAILED)
     if failed:
         lines = "\n".join(f"  {name}" for name, _ in failed)  # each one's error was printed when it failed
         print(f"caffe-runner: error: {len(failed)} of {len(cfgs)} sweep points failed (the others are done):\n{lines}",
@@ -338,9 +334,8 @@ def _cmd_fetch(args) -> int:
     presets = sorted(p.stem for p in Path(conf_dir(), "model").glob("*.yaml"))
     for name in names:
         if name not in presets:
-            close = difflib.get_close_matches(name, presets, n=1)
-            raise ConfigError(f"no model preset {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
-                              + f": the presets are {', '.join(presets)}")
+            raise ConfigError(f"no model preset {name!r}{did_you_mean(name, presets, cutoff=0.6)}: "
+                              f"the presets are {', '.join(presets)}")
         model = compose_config([f"model={name}"] + overrides).model
         if not model.get("files"):
             print(f"{name}: nothing to fetch ({model.source or 'its files come with an installed package'})")
@@ -395,42 +390,43 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _subcommand(argv) -> int:
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = _Parser(prog="caffe-runner", formatter_class=fmt)
+    p = _Parser(prog="caffe-runner", formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    m = sub.add_parser("merge", formatter_class=fmt, description="Merge the complete shard files of RUN_DIR into "
-                       "RUN_DIR/features.h5 (and stats.json).",
-                       epilog="exit codes: 0 merged, 1 shards missing (rerun the extraction), 2 not a run directory")
-    m.add_argument("run_dir", help="a run's output.dir")
-    s = sub.add_parser("status", formatter_class=fmt, description="Per-shard state of RUN_DIR, failed images, "
-                       "totals and ETA, read from the run directory (works without Slurm accounting).",
-                       epilog="exit codes: 0 done, 1 a shard failed, 2 not a run directory, 3 not finished yet")
-    s.add_argument("run_dir", help="a run's output.dir")
+
+    def command(name, description, epilog, run_dir=True):
+        c = sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, description=description,
+                           epilog=epilog)
+        if run_dir:
+            c.add_argument("run_dir", help="a run's output.dir")
+        return c
+
+    command("merge", "Merge the complete shard files of RUN_DIR into RUN_DIR/features.h5 (and stats.json).",
+            "exit codes: 0 merged, 1 shards missing (rerun the extraction), 2 not a run directory")
+    s = command("status", "Per-shard state of RUN_DIR, failed images, totals and ETA, read from the run directory "
+                "(works without Slurm accounting).",
+                "exit codes: 0 done, 1 a shard failed, 2 not a run directory, 3 not finished yet")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--no-sacct", action="store_true", help="do not ask Slurm accounting")
-    v = sub.add_parser("verify", formatter_class=fmt, description="Check that every manifest entry appears exactly "
-                       "once (a feature row or a recorded failure), shard files are complete and of this run, "
-                       "and the merged view agrees.",
-                       epilog="exit codes: 0 OK, 1 problems found (listed as FAIL: lines), 2 not a run directory")
-    v.add_argument("run_dir", help="a run's output.dir")
-    x = sub.add_parser("export", formatter_class=fmt, description="A self-contained copy of the run's features "
-                       "(features.h5 is a view over shards/ up to output.view_max_shards shards).",
-                       epilog="exit codes: 0 written, 1 shards missing, 2 not a run directory or bad arguments")
-    x.add_argument("run_dir", help="a run's output.dir")
+    command("verify", "Check that every manifest entry appears exactly once (a feature row or a recorded failure), "
+            "shard files are complete and of this run, and the merged view agrees.",
+            "exit codes: 0 OK, 1 problems found (listed as FAIL: lines), 2 not a run directory")
+    x = command("export", "A self-contained copy of the run's features (features.h5 is a view over shards/ up to "
+                "output.view_max_shards shards).",
+                "exit codes: 0 written, 1 shards missing, 2 not a run directory or bad arguments")
     x.add_argument("out", help="OUT.h5 (--format h5) or a folder (--format npy)")
     x.add_argument("--format", choices=("h5", "npy"), default="h5",
                    help="h5: the features.h5 layout, features copied; npy: one 2-D matrix per blob "
                         "(rows flattened) + index.npy, names.txt, failures.tsv")
-    fe = sub.add_parser("fetch", formatter_class=fmt, description="Download a model preset's files into the model "
-                        "cache ($CAFFE_MODELS), checksum-verified, resuming a partial download.",
-                        epilog="example: caffe-runner fetch open_nsfw\n"
-                               "exit codes: 0 fetched (or nothing to fetch), 1 download failed, 2 unknown preset")
+    fe = command("fetch", "Download a model preset's files into the model cache ($CAFFE_MODELS), checksum-verified, "
+                 "resuming a partial download.",
+                 "example: caffe-runner fetch open_nsfw\n"
+                 "exit codes: 0 fetched (or nothing to fetch), 1 download failed, 2 unknown preset", run_dir=False)
     fe.add_argument("items", nargs="+", metavar="NAME", help="preset name(s), e.g. open_nsfw; key=value overrides")
     fe.add_argument("--quiet", action="store_true", help="no progress bar")
-    i = sub.add_parser("inspect", formatter_class=fmt, description="A model's blobs with shapes, its preprocessing "
-                       "and the bytes per image of the chosen blobs (to size the disk before a run).",
-                       epilog="example: caffe-runner inspect model=res10_ssd output.blobs=[fc7] output.pooling=avg\n"
-                              "exit codes: 0 OK, 2 configuration error (unknown model, blob or key)")
+    i = command("inspect", "A model's blobs with shapes, its preprocessing and the bytes per image of the chosen "
+                "blobs (to size the disk before a run).",
+                "example: caffe-runner inspect model=res10_ssd output.blobs=[fc7] output.pooling=avg\n"
+                "exit codes: 0 OK, 2 configuration error (unknown model, blob or key)", run_dir=False)
     i.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=res10_ssd output.pooling=avg")
     args = p.parse_args(argv)
     handler = {"merge": _cmd_merge, "status": _cmd_status, "verify": _cmd_verify, "inspect": _cmd_inspect,

@@ -399,16 +399,9 @@ def _known_keys(cfg, prefix: str = "") -> List[str]:
     return keys
 
 
-def _closest(word: str, choices, n: int = 1) -> str:
-    import difflib
-
-    m = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.5)
-    return f" (did you mean {' or '.join(m)}?)" if m else ""
-
-
 def _override_error(e: Exception, overrides: List[str]) -> "ConfigError":
     """Hydra's composition errors, as one line naming the key or option and the closest valid one."""
-    from .errors import ConfigError
+    from .errors import ConfigError, did_you_mean
 
     msg = str(e).strip()
     groups = config_groups()
@@ -417,7 +410,7 @@ def _override_error(e: Exception, overrides: List[str]) -> "ConfigError":
     m = re.search(r"Could not find '(\w+)/([^']*)'", msg)
     if m and m.group(1) in groups:
         g, opt = m.group(1), m.group(2)
-        return ConfigError(f"{g}={opt}: no such {g}{_closest(opt, groups[g])}; choose one of "
+        return ConfigError(f"{g}={opt}: no such {g}{did_you_mean(opt, groups[g])}; choose one of "
                            f"{', '.join(groups[g])}" + (f" or give model.prototxt=... model.weights=..." if g == "model" else ""))
     m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
     if m:
@@ -427,7 +420,7 @@ def _override_error(e: Exception, overrides: List[str]) -> "ConfigError":
             known = _known_keys(base)
         except Exception:
             known = []
-        return ConfigError(f"unknown key {key}{_closest(key, known)}: `caffe-runner --help` lists the keys, "
+        return ConfigError(f"unknown key {key}{did_you_mean(key, known)}: `caffe-runner --help` lists the keys, "
                            "`caffe-runner --cfg job` shows them all")
     cause = str(e.__cause__ or "").strip()
     m = re.search(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]", cause)
@@ -435,7 +428,7 @@ def _override_error(e: Exception, overrides: List[str]) -> "ConfigError":
     if m:  # an Enum field: the allowed values, and the closest one
         key = k.group(1) if k else "value"
         return ConfigError(f"{key}={m.group(1)}: expected one of [{m.group(2)}]"
-                           f"{_closest(m.group(1), [c.strip() for c in m.group(2).split(',')])}")
+                           f"{did_you_mean(m.group(1), [c.strip() for c in m.group(2).split(',')])}")
     if cause:  # a type error (a word where a number goes, ...): Hydra's own words
         first = cause.splitlines()[0]
         return ConfigError(f"{first}" + (f" ({k.group(1)})" if k else "") + ": see `caffe-runner --cfg job` for the types")

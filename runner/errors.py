@@ -1,4 +1,11 @@
 """Errors that say what is wrong and what to do."""
+import difflib
+
+
+def did_you_mean(word: str, choices, n: int = 1, cutoff: float = 0.5) -> str:
+    """' (did you mean X?)' for the closest of choices, or '' when none is close."""
+    m = difflib.get_close_matches(str(word), list(choices), n=n, cutoff=cutoff)
+    return f" (did you mean {' or '.join(m)}?)" if m else ""
 
 
 class RunnerError(Exception):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .. import log
-from ..errors import ConfigError, ShardFailedError
+from ..errors import ConfigError, ShardFailedError, did_you_mean
 from ..plan import Run, plan_summary, prepare_run
 from ..shard import array_chunks
 from .container import pyxis_srun_args, wrap_python
@@ -80,13 +80,10 @@ def check_partition(lc) -> None:
                        timeout=60)
     if p.returncode != 0 or not p.stdout.strip():
         names = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=60).stdout.split()
-        import difflib
-
-        close = difflib.get_close_matches(str(lc.partition), names, n=1)
         raise ConfigError(f"launcher.partition={lc.partition}: the cluster has no such partition"
-                          + (f" (did you mean {close[0]}?)" if close else "")
-                          + f"; its partitions: {', '.join(sorted(set(names))) or 'none'} (sinfo), or leave "
-                          "launcher.partition unset for the default")
+                          f"{did_you_mean(lc.partition, names, cutoff=0.6)}; its partitions: "
+                          f"{', '.join(sorted(set(names))) or 'none'} (sinfo), or leave launcher.partition unset "
+                          "for the default")
     info = parse_scontrol_config(p.stdout.replace(" ", "\n"))
     limit = parse_slurm_minutes(info.get("MaxTime", ""))
     if limit is not None and int(lc.timeout_min) > limit:
