@@ -14,6 +14,11 @@ Shard file (shards/shard-IIIII-of-NNNNN.h5):
 While it is written the file is named *.h5.partial; each batch is flushed and the attrs
 `next`, `rows`, `n_failures` say how far it got, so a rerun resumes from the last flushed
 batch. It is renamed to *.h5 only when complete: a crash never leaves a complete-looking file.
+
+HDF5 is not crash-safe: a process killed between two flushes (Ctrl-C's terminate, scancel,
+a time limit, the OOM killer) can leave chunks that point at global-heap strings that never
+reached the disk. Writing into such a file again fails ("bad heap index"), so a resume never
+writes into the old file: it reads the committed rows back into a fresh one and swaps it in.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import fcntl
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -71,6 +77,10 @@ class ShardLock:
             self.fd = None
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:300]
+
+
 def _open(path, mode):
     # our own lock guards writers; HDF5's file locking fails on many cluster file systems
     return h5py.File(path, mode, locking=False)
@@ -82,40 +92,77 @@ class ShardWriter:
         self.final = Path(final_path)
         self.partial = partial_of(self.final)
         self.blobs = list(blob_shapes)
+        self.blob_shapes = {b: tuple(s) for b, s in blob_shapes.items()}
         self.dtype = np.dtype(dtype)
         self.fingerprint = fingerprint
+        self.batch_size = batch_size
         self.labels = bool(labels)
         self.f: Optional[h5py.File] = None
         self.rows = self.n_failures = self.next = 0
         if self.partial.exists() and self._try_resume():
             return
-        self._create(blob_shapes, attrs, batch_size)
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self.f = self._create(self.partial, attrs)
 
     def _try_resume(self) -> bool:
+        fresh = self.partial.with_name(self.partial.name + ".resume")
         try:
-            f = _open(self.partial, "r+")
+            src = _open(self.partial, "r")
         except Exception as e:
-            bad = self.partial.with_name(self.partial.name + ".corrupt")
-            log.warning("partial shard %s cannot be opened (%s); moved to %s, starting the shard over",
-                        self.partial, e, bad.name)
-            os.replace(self.partial, bad)
-            return False
-        if f.attrs.get("fingerprint") != self.fingerprint or "next" not in f.attrs:
-            log.warning("partial shard %s was written with another config; starting the shard over", self.partial)
-            f.close()
-            os.unlink(self.partial)
-            return False
-        self.f = f
-        self.rows = int(f.attrs["rows"])
-        self.n_failures = int(f.attrs["n_failures"])
-        self.next = int(f.attrs["next"])
-        # anything written after the last committed flush is dropped
-        for name in self._row_datasets():
-            f[name].resize(self.rows, axis=0)
-        for name in self._failure_datasets():
-            f["failures/" + name].resize(self.n_failures, axis=0)
-        f.attrs["resumed"] = int(f.attrs.get("resumed", 0)) + 1
+            return self._start_over(f"cannot be opened ({_first_line(e)})")
+        try:
+            if src.attrs.get("fingerprint") != self.fingerprint or "next" not in src.attrs:
+                src.close()
+                log.warning("partial shard %s was written with another config; starting the shard over",
+                            self.partial)
+                os.unlink(self.partial)
+                return False
+            t0 = time.perf_counter()
+            counts = self._copy_committed(src, fresh)
+        except Exception as e:
+            src.close()
+            fresh.unlink(missing_ok=True)
+            return self._start_over(f"cannot be read back ({_first_line(e)})")
+        src.close()
+        os.replace(fresh, self.partial)
+        self.rows, self.n_failures, self.next = counts
+        self.f = _open(self.partial, "r+")
+        if self.rows + self.n_failures >= 100_000:  # only worth a line when it took a while
+            log.info("partial shard %s: %d committed rows copied into a fresh file in %.1f s",
+                     self.partial.name, self.rows, time.perf_counter() - t0)
         return True
+
+    def _start_over(self, why: str) -> bool:
+        bad = self.partial.with_name(self.partial.name + ".corrupt")
+        log.warning("partial shard %s %s; moved to %s, starting the shard over", self.partial, why, bad.name)
+        os.replace(self.partial, bad)
+        return False
+
+    def _copy_committed(self, src: h5py.File, dst_path: Path) -> Tuple[int, int, int]:
+        """Copy what the last flush committed (attrs `rows`, `n_failures`) into a new file at
+        dst_path, a bounded slice at a time; anything after it is dropped. Reading every
+        committed row is also the check that the old file is sound."""
+        rows, n_failures, nxt = (int(src.attrs[k]) for k in ("rows", "n_failures", "next"))
+        dst = self._create(dst_path, dict(src.attrs))
+        try:
+            for names, n in ((self._row_datasets(), rows),
+                             (["failures/" + x for x in self._failure_datasets()], n_failures)):
+                for name in names:
+                    s, d = src[name], dst[name]
+                    if len(s) < n:
+                        raise ValueError(f"{name} holds {len(s)} rows, {n} committed")
+                    d.resize(n, axis=0)
+                    row_bytes = max(1, int(np.prod(s.shape[1:], dtype=np.int64)) * s.dtype.itemsize)
+                    step = max(1, (64 << 20) // row_bytes)
+                    for i in range(0, n, step):
+                        j = min(i + step, n)
+                        d[i:j] = s[i:j]
+            dst.attrs.update({"rows": rows, "n_failures": n_failures, "next": nxt,
+                              "resumed": int(src.attrs.get("resumed", 0)) + 1})
+            dst.flush()
+        finally:
+            dst.close()
+        return rows, n_failures, nxt
 
     def _row_datasets(self) -> List[str]:
         return [f"features/{dataset_name(b)}" for b in self.blobs] + ["names", "names_raw", "index"] + \
@@ -124,13 +171,12 @@ class ShardWriter:
     def _failure_datasets(self) -> List[str]:
         return ["index", "names", "names_raw", "reason"] + (["labels"] if self.labels else [])
 
-    def _create(self, blob_shapes, attrs, batch_size):
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
-        f = _open(self.partial, "w")
+    def _create(self, path: Path, attrs: Dict[str, object]) -> h5py.File:
+        f = _open(path, "w")
         feats = f.create_group("features")
-        for b, shape in blob_shapes.items():
+        for b, shape in self.blob_shapes.items():
             row_bytes = max(1, int(np.prod(shape)) * self.dtype.itemsize)
-            chunk_rows = int(max(1, min(max(batch_size, 1) * 4, (1 << 20) // row_bytes)))
+            chunk_rows = int(max(1, min(max(self.batch_size, 1) * 4, (1 << 20) // row_bytes)))
             d = feats.create_dataset(dataset_name(b), shape=(0,) + tuple(shape), maxshape=(None,) + tuple(shape),
                                      dtype=self.dtype, chunks=(chunk_rows,) + tuple(shape))
             d.attrs["blob"] = b
@@ -148,7 +194,7 @@ class ShardWriter:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs.update({"rows": 0, "n_failures": 0, "next": 0, "complete": False})
         f.flush()
-        self.f = f
+        return f
 
     @staticmethod
     def _append(d, values):
@@ -166,14 +212,14 @@ class ShardWriter:
         except (OSError, RuntimeError) as e:
             text = str(e)
             if "No space left" in text or getattr(e, "errno", None) == 28:
-                why = "no space left on device"
+                why, fix = "no space left on device", "free space"
             elif "ermission" in text or getattr(e, "errno", None) == 13:
-                why = "permission denied"
+                why, fix = "permission denied", "fix the output folder's permissions"
             else:
-                why = text.splitlines()[0][:300] if text else type(e).__name__
-            raise RunnerError(f"cannot write shard file {self.partial} ({why}): free space or fix the output "
-                              f"folder, then rerun the same command: the shard resumes after its last "
-                              f"complete batch ({self.next} images) and completed shards are kept") from e
+                why, fix = _first_line(e), "check the output folder's file system"
+            raise RunnerError(f"cannot write shard file {self.partial} ({why}): {fix}, then rerun the same "
+                              f"command: the shard resumes after its last complete batch ({self.next} images) "
+                              f"and completed shards are kept") from e
 
     def _write_batch(self, n_items, indices, names, features, failures, labels) -> None:
         from .manifest import display_name

@@ -92,6 +92,60 @@ def test_kill9_whole_run_at_several_points(tiny_net, photos, tmp_path, reference
     _assert_same(run, reference)
 
 
+# A writer that appends batches of rows, failures and variable-length names in a tight loop and
+# prints how far it got: a kill lands between two flushes, or inside one, as a real one does.
+_WRITER = r"""
+import sys
+import numpy as np
+from runner.write import ShardWriter
+path, total = sys.argv[1], int(sys.argv[2])
+w = ShardWriter(path, {"emb": (64,)}, "float32", {"blobs": '["emb"]'}, "fp", 4)
+i = w.next
+while i < total:
+    n = min(4, total - i)
+    good = [k for k in range(i, i + n) if k % 7 != 3]
+    fails = [(k, b"bad/%d.jpg" % k, "corrupt image %d" % k) for k in range(i, i + n) if k % 7 == 3]
+    feats = np.stack([np.full(64, k, np.float32) for k in good]) if good else np.zeros((0, 64), np.float32)
+    w.write_batch(n, good, [b"dir/img_%06d.jpg" % k for k in good], {"emb": feats}, fails)
+    i += n
+    print(i, flush=True)
+w.finish()
+"""
+
+
+def test_writer_killed_at_random_moments_resumes_to_the_exact_file(tmp_path):
+    """kill -9 (what Pool.terminate after Ctrl-C, scancel and a time limit amount to) at random
+    moments of a shard's writing: every rerun resumes, and the finished file is exactly right.
+    Writing on into the killed file itself failed here with "bad heap index" on every trial."""
+    import random
+    import sys
+
+    path, total, rng = tmp_path / "s.h5", 2000, random.Random(7)
+    cmd = [sys.executable, "-c", _WRITER, str(path), str(total)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    seen = []
+    for _ in range(6):
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        first = int(p.stdout.readline() or 0)  # writing (a resumed writer has copied its rows)
+        time.sleep(rng.uniform(0.05, 0.4))
+        p.kill()
+        err = p.communicate()[1]
+        assert p.returncode == -signal.SIGKILL, err
+        assert "Traceback" not in err and "starting the shard over" not in err, err
+        seen.append(first)
+    assert seen == sorted(seen) and seen[-1] > 4, f"each rerun resumed where the last stopped: {seen}"
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    with h5py.File(path, "r") as f:
+        index, fails = f["index"][:], f["failures/index"][:]
+        assert index.tolist() == [k for k in range(total) if k % 7 != 3]
+        assert fails.tolist() == [k for k in range(total) if k % 7 == 3]
+        np.testing.assert_array_equal(f["features/emb"][:], np.repeat(index[:, None], 64, 1).astype(np.float32))
+        assert [bytes(n) for n in f["names_raw"][:]] == [b"dir/img_%06d.jpg" % k for k in index]
+        assert [r.decode() for r in f["failures/reason"][:]] == [f"corrupt image {k}" for k in fails]
+        assert f.attrs["complete"] and int(f.attrs["resumed"]) == 6
+
+
 def test_second_process_on_a_held_shard_stops(tiny_net, photos, tmp_path):
     from runner.write import ShardLock
 
