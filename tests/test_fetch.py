@@ -19,7 +19,8 @@ from runner.fetch import FetchError, download
 
 class _Server:
     """Serves `files`; honours Range; the first `cut` responses stop after `cut_after` bytes
-    (a dropped connection); records each request's path and Range header."""
+    (a dropped connection); records each request's path and Range header, and the
+    bytes each response sends."""
 
     def __init__(self, files):
         self.files, self.requests, self.cut, self.cut_after, self.sent = files, [], 0, 0, []
@@ -46,14 +47,14 @@ class _Server:
                 if server.cut > 0:
                     server.cut -= 1
                     body = body[:server.cut_after]
+                    server.sent.append(len(body))  # before writing: the client may finish first
                     self.wfile.write(body)
                     self.wfile.flush()
-                    server.sent.append(len(body))
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                self.wfile.write(body)
                 server.sent.append(len(body))
+                self.wfile.write(body)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
