@@ -41,6 +41,8 @@ from .rundir import partial_of
 STR = h5py.string_dtype("utf-8")
 RAW = h5py.string_dtype("ascii")  # stored as the exact bytes; HDF5 does not check them
 FORMAT_VERSION = 1
+# a resume copies ~64 MB of features a slice; strings (a 16-byte handle each) 256k at a time
+COPY_SLICE_BYTES, COPY_SLICE_ROWS = 64 << 20, 1 << 18
 
 
 def dataset_name(blob: str) -> str:
@@ -153,7 +155,7 @@ class ShardWriter:
                         raise ValueError(f"{name} holds {len(s)} rows, {n} committed")
                     d.resize(n, axis=0)
                     row_bytes = max(1, int(np.prod(s.shape[1:], dtype=np.int64)) * s.dtype.itemsize)
-                    step = max(1, (64 << 20) // row_bytes)
+                    step = max(1, min(COPY_SLICE_ROWS, COPY_SLICE_BYTES // row_bytes))
                     for i in range(0, n, step):
                         j = min(i + step, n)
                         d[i:j] = s[i:j]

@@ -166,6 +166,25 @@ def test_writer_resumes_after_the_last_flushed_batch(tmp_path):
         assert f["failures/index"][:].tolist() == [2] and f.attrs["resumed"] == 1 and f.attrs["complete"]
 
 
+def test_writer_resume_copies_the_committed_rows_slice_by_slice(tmp_path, monkeypatch):
+    import runner.write as write
+
+    monkeypatch.setattr(write, "COPY_SLICE_ROWS", 3)  # 23 rows, 2 failures: several slices each
+    final = tmp_path / "s.h5"
+    w = _writer(final)
+    for start in range(0, 24, 4):
+        _batch(w, start, 4, fail=tuple(i for i in (5, 17) if start <= i < start + 4))
+    w.close()
+    w = _writer(final)
+    assert (w.next, w.rows, w.n_failures) == (24, 22, 2)
+    w.finish()
+    with h5py.File(final, "r") as f:
+        want = [i for i in range(24) if i not in (5, 17)]
+        assert f["index"][:].tolist() == want and [bytes(n) for n in f["names_raw"][:]] == [b"n%d" % i for i in want]
+        assert f["features/emb"][:, 0].tolist() == [float(i - i % 4) for i in want]
+        assert f["failures/index"][:].tolist() == [5, 17] and f["failures/reason"][:].tolist() == [b"bad", b"bad"]
+
+
 def test_writer_drops_a_flush_interrupted_between_datasets(tmp_path):
     """Rows appended to some datasets but the progress attrs not yet updated (a kill inside
     write_batch): the resumed writer cuts every dataset back to the committed rows."""
