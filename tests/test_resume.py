@@ -120,21 +120,27 @@ def test_writer_killed_at_random_moments_resumes_to_the_exact_file(tmp_path):
     import random
     import sys
 
-    path, total, rng = tmp_path / "s.h5", 2000, random.Random(7)
-    cmd = [sys.executable, "-c", _WRITER, str(path), str(total)]
+    path, rng = tmp_path / "s.h5", random.Random(7)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    seen = []
+
+    def writer(total):
+        return [sys.executable, "-c", _WRITER, str(path), str(total)]
+
+    seen, last = [], 0
     for _ in range(6):
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        # an endless shard, so a kill always lands while writing, however fast the machine
+        p = subprocess.Popen(writer(10**9), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         first = int(p.stdout.readline() or 0)  # writing (a resumed writer has copied its rows)
         time.sleep(rng.uniform(0.05, 0.4))
         p.kill()
-        err = p.communicate()[1]
+        out, err = p.communicate()
         assert p.returncode == -signal.SIGKILL, err
         assert "Traceback" not in err and "starting the shard over" not in err, err
         seen.append(first)
+        last = max([last, first, *map(int, out.split())])
     assert seen == sorted(seen) and seen[-1] > 4, f"each rerun resumed where the last stopped: {seen}"
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    total = last + 400  # past anything a killed run can have committed (at most a batch after its last line)
+    p = subprocess.run(writer(total), capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     with h5py.File(path, "r") as f:
         index, fails = f["index"][:], f["failures/index"][:]
