@@ -7,6 +7,7 @@ load_run (task side): read that plan back and build the pipeline pieces.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -264,6 +265,9 @@ def _check_writable(path: Path) -> None:
         probe.write_bytes(b"x")
         probe.unlink()
     except OSError as e:
+        if e.errno == errno.ENOSPC:  # a rerun after a full disk: the run's files are kept
+            raise ConfigError(f"output.dir {path}: no space left on device: free space there, then rerun "
+                              "the same command (completed and partial shards are kept)") from e
         raise ConfigError(f"output.dir {path} is not writable ({e.strerror}): choose another output.dir "
                           "or fix its permissions") from e
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -83,6 +85,48 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:300]
 
 
+def _storage_problem(e: BaseException) -> Optional[Tuple[str, str]]:
+    """(what, what to do) when writing failed for want of space or permission."""
+    text, errno = str(e), getattr(e, "errno", None)
+    if "No space left" in text or errno == 28:
+        return "no space left on device", "free space"
+    if "quota exceeded" in text or errno == 122:
+        return "disk quota exceeded", "free space or raise the quota"
+    if "ermission" in text or errno == 13:
+        return "permission denied", "fix the output folder's permissions"
+    return None
+
+
+def _failed_dealloc_flush(exc: BaseException) -> bool:
+    """h5py freeing an object after a failed write (a full disk): HDF5 tries to flush it and
+    fails again. Cython prints that once through sys.excepthook and once through
+    sys.unraisablehook, a traceback per freed object: noise repeating the error the writer
+    already raised."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (isinstance(exc, (RuntimeError, OSError)) and "file write failed" in str(exc) and tb is not None
+            and tb.tb_frame.f_code.co_filename.endswith("_objects.pyx"))
+
+
+def _quiet_failed_dealloc_flushes() -> None:
+    """Drop those tracebacks (and only those) in this process."""
+    if getattr(sys.excepthook, "_caffe_runner", False):
+        return
+    prev_except, prev_unraisable = sys.excepthook, sys.unraisablehook
+
+    def excepthook(etype, value, tb):
+        if not _failed_dealloc_flush(value):
+            prev_except(etype, value, tb)
+
+    def unraisablehook(u):
+        if u.exc_value is None or not _failed_dealloc_flush(u.exc_value):
+            prev_unraisable(u)
+
+    excepthook._caffe_runner = True
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
 def _open(path, mode):
     # our own lock guards writers; HDF5's file locking fails on many cluster file systems
     return h5py.File(path, mode, locking=False)
@@ -101,6 +145,7 @@ class ShardWriter:
         self.labels = bool(labels)
         self.f: Optional[h5py.File] = None
         self.rows = self.n_failures = self.next = 0
+        _quiet_failed_dealloc_flushes()
         if self.partial.exists() and self._try_resume():
             return
         self.partial.parent.mkdir(parents=True, exist_ok=True)
@@ -119,11 +164,21 @@ class ShardWriter:
                             self.partial)
                 os.unlink(self.partial)
                 return False
+            # checked first: HDF5 can crash closing a file whose writes failed for want of space
+            need, free = self.partial.stat().st_size, shutil.disk_usage(self.partial.parent).free
+            if free < need:
+                src.close()
+                raise self._no_room_error(f"only {free / 1e6:.1f} MB free", "free space", need)
             t0 = time.perf_counter()
             counts = self._copy_committed(src, fresh)
+        except RunnerError:
+            raise
         except Exception as e:
             src.close()
             fresh.unlink(missing_ok=True)
+            problem = _storage_problem(e)
+            if problem:  # the copy could not be written (a quota): the old file is sound, keep it
+                raise self._no_room_error(*problem, self.partial.stat().st_size) from e
             return self._start_over(f"cannot be read back ({_first_line(e)})")
         src.close()
         os.replace(fresh, self.partial)
@@ -133,6 +188,11 @@ class ShardWriter:
             log.info("partial shard %s: %d committed rows copied into a fresh file in %.1f s",
                      self.partial.name, self.rows, time.perf_counter() - t0)
         return True
+
+    def _no_room_error(self, why: str, fix: str, need: int) -> RunnerError:
+        return RunnerError(f"cannot resume shard file {self.partial}: its committed rows are copied into a fresh "
+                           f"file beside it, which needs up to {need / 1e6:.1f} MB ({why}): {fix}, then rerun "
+                           "the same command; the partial file is kept")
 
     def _start_over(self, why: str) -> bool:
         bad = self.partial.with_name(self.partial.name + ".corrupt")
@@ -212,13 +272,7 @@ class ShardWriter:
         try:
             self._write_batch(n_items, indices, names, features, failures, labels or {})
         except (OSError, RuntimeError) as e:
-            text = str(e)
-            if "No space left" in text or getattr(e, "errno", None) == 28:
-                why, fix = "no space left on device", "free space"
-            elif "ermission" in text or getattr(e, "errno", None) == 13:
-                why, fix = "permission denied", "fix the output folder's permissions"
-            else:
-                why, fix = _first_line(e), "check the output folder's file system"
+            why, fix = _storage_problem(e) or (_first_line(e), "check the output folder's file system")
             raise RunnerError(f"cannot write shard file {self.partial} ({why}): {fix}, then rerun the same "
                               f"command: the shard resumes after its last complete batch ({self.next} images) "
                               f"and completed shards are kept") from e

@@ -180,6 +180,37 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)])
 
 
+def test_resume_without_room_for_the_copy_keeps_the_partial(small_disk):
+    """A resume copies the committed rows into a fresh file beside the partial: when that copy
+    does not fit, the partial is kept as it was (it is sound) and the error says to free space."""
+    from runner.errors import RunnerError
+    from runner.write import ShardWriter
+
+    def writer():
+        return ShardWriter(small_disk / "s.h5", {"emb": (64,)}, "float32", {"blobs": '["emb"]'}, "fp", 64)
+
+    w = writer()
+    for start in range(0, 3000, 64):
+        idx = list(range(start, min(start + 64, 3000)))
+        w.write_batch(len(idx), idx, [b"img%d" % i for i in idx], {"emb": np.full((len(idx), 64), 1.0, np.float32)}, [])
+    w.close()  # killed: never finished
+    partial = small_disk / "s.h5.partial"
+    kept = partial.read_bytes()
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # leave ~100 KB: less than the copy needs
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        f.write(b"\0" * (free - 100_000))
+    with pytest.raises(RunnerError, match=r"cannot resume shard file .*needs up to 1\.\d MB \(only 0\.1 MB free\): free space.*"
+                                          r"the partial file is kept"):
+        writer()
+    assert partial.read_bytes() == kept
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "s.h5.partial"]
+    filler.unlink()
+    w = writer()
+    assert (w.next, w.rows) == (3000, 3000)
+    w.close()
+
+
 def test_full_disk_stops_the_shard_with_a_clear_error(tiny_net, photos, small_disk, tmp_path):
     run = small_disk / "run"
     # stage1/conv is 8x15x19 floats = 9 KB a row: 3 MB fills up within a few hundred rows
@@ -192,6 +223,13 @@ def test_full_disk_stops_the_shard_with_a_clear_error(tiny_net, photos, small_di
                 *tiny_model_args(tiny_net), "output.blobs=[stage1/conv]", check=False)
     assert p.returncode == 1  # a runtime failure (2 is for usage and config errors)
     assert "no space left on device" in p.stderr and "rerun the same command" in p.stderr
+    assert "Traceback" not in p.stderr, p.stderr  # h5py's failed flushes when objects are freed
+    partials = {x: x.read_bytes() for x in (run / "shards").glob("*.partial")}
+    # a rerun on the still-full disk is refused before any work, naming the fix; nothing is lost
+    p = run_cli(f"input.dir={big}", f"output.dir={run}", "num_shards=2", "launcher.workers=1",
+                *tiny_model_args(tiny_net), "output.blobs=[stage1/conv]", check=False)
+    assert p.returncode == 2 and "no space left on device: free space there, then rerun" in p.stderr, p.stderr
+    assert {x: x.read_bytes() for x in (run / "shards").glob("*.partial")} == partials
     done = list((run / "shards").glob("*.h5"))
     for d in done:  # whatever completed is valid
         with h5py.File(d, "r") as f:
