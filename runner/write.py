@@ -22,6 +22,7 @@ writes into the old file: it reads the committed rows back into a fresh one and 
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -87,12 +88,12 @@ def _first_line(e: BaseException) -> str:
 
 def _storage_problem(e: BaseException) -> Optional[Tuple[str, str]]:
     """(what, what to do) when writing failed for want of space or permission."""
-    text, errno = str(e), getattr(e, "errno", None)
-    if "No space left" in text or errno == 28:
+    text, code = str(e), getattr(e, "errno", None)
+    if "No space left" in text or code == errno.ENOSPC:
         return "no space left on device", "free space"
-    if "quota exceeded" in text or errno == 122:
+    if "quota exceeded" in text or code == errno.EDQUOT:
         return "disk quota exceeded", "free space or raise the quota"
-    if "ermission" in text or errno == 13:
+    if "ermission" in text or code == errno.EACCES:
         return "permission denied", "fix the output folder's permissions"
     return None
 
@@ -157,30 +158,27 @@ class ShardWriter:
             src = _open(self.partial, "r")
         except Exception as e:
             return self._start_over(f"cannot be opened ({_first_line(e)})")
-        try:
-            if src.attrs.get("fingerprint") != self.fingerprint or "next" not in src.attrs:
-                src.close()
-                log.warning("partial shard %s was written with another config; starting the shard over",
-                            self.partial)
-                os.unlink(self.partial)
-                return False
-            # checked first: HDF5 can crash closing a file whose writes failed for want of space
-            need, free = self.partial.stat().st_size, shutil.disk_usage(self.partial.parent).free
-            if free < need:
-                src.close()
-                raise self._no_room_error(f"only {free / 1e6:.1f} MB free", "free space", need)
-            t0 = time.perf_counter()
-            counts = self._copy_committed(src, fresh)
-        except RunnerError:
-            raise
-        except Exception as e:
-            src.close()
-            fresh.unlink(missing_ok=True)
-            problem = _storage_problem(e)
-            if problem:  # the copy could not be written (a quota): the old file is sound, keep it
-                raise self._no_room_error(*problem, self.partial.stat().st_size) from e
-            return self._start_over(f"cannot be read back ({_first_line(e)})")
-        src.close()
+        with src:  # closed before the swap below
+            try:
+                if src.attrs.get("fingerprint") != self.fingerprint or "next" not in src.attrs:
+                    log.warning("partial shard %s was written with another config; starting the shard over",
+                                self.partial)
+                    os.unlink(self.partial)
+                    return False
+                # checked first: HDF5 can crash closing a file whose writes failed for want of space
+                need, free = self.partial.stat().st_size, shutil.disk_usage(self.partial.parent).free
+                if free < need:
+                    raise self._no_room_error(f"only {free / 1e6:.1f} MB free", "free space", need)
+                t0 = time.perf_counter()
+                counts = self._copy_committed(src, fresh)
+            except RunnerError:
+                raise
+            except Exception as e:
+                fresh.unlink(missing_ok=True)
+                problem = _storage_problem(e)
+                if problem:  # the copy could not be written (a quota): the old file is sound, keep it
+                    raise self._no_room_error(*problem, self.partial.stat().st_size) from e
+                return self._start_over(f"cannot be read back ({_first_line(e)})")
         os.replace(fresh, self.partial)
         self.rows, self.n_failures, self.next = counts
         self.f = _open(self.partial, "r+")
