@@ -149,6 +149,12 @@ class ModelConf:
     auto_fetch: bool = True
     # the license of the weights as their publisher states it
     license: str = ""
+    # device=gpu: let cuDNN and cuBLAS compute FP32 as TF32 on Ampere and newer (faster; features
+    # change in the 3rd-4th significant digit). false: NVIDIA_TF32_OVERRIDE=0, full FP32
+    tf32: bool = False
+    # device=gpu, cuDNN build: the most cuDNN workspace one convolution layer may use (over its
+    # groups), in MB; the fastest algorithm that fits is taken (CAFFE_CUDNN_WORKSPACE_MB)
+    cudnn_workspace_mb: int = 64
 
 
 @dataclass
@@ -317,6 +323,12 @@ class RunConf:
     heartbeat_s: float = 2.0
     # what makes a run fail (run.max_failure_fraction)
     run: RunOptsConf = field(default_factory=RunOptsConf)
+    # device=gpu: each task computes its first batch on the GPU and on the CPU and stops before
+    # writing a row when they differ beyond the tolerance (runner/selfcheck.py); false: off
+    gpu_selfcheck: bool = True
+    # the self-check's bound on max|gpu - cpu| / max|cpu| per blob; null: 1e-4 in FP32, 1e-2
+    # with model.tf32=true (where these come from: runner/selfcheck.py)
+    gpu_selfcheck_tolerance: Optional[float] = None
 
 
 def register_configs() -> None:

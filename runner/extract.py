@@ -204,6 +204,13 @@ class _Writer(threading.Thread):
         if self.error is not None:
             raise self.error
 
+    def abandon(self) -> None:
+        """The forward thread failed: stop after what is queued, write nothing more."""
+        try:
+            self.q.put_nowait(None)
+        except queue.Full:
+            pass
+
 
 @dataclass
 class _Opened:
@@ -224,19 +231,42 @@ def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest) ->
     start, stop = run.shard_range(index)
     spec, blobs, _, _, in_shape = run.pipeline_parts()
     t_load = time.time()
+    numerics = {}
+    if cfg.device == "gpu" and cfg.backend == "caffe":
+        from .gpu import apply_gpu_numerics
+
+        numerics = apply_gpu_numerics(cfg.model)  # before CUDA initialises in this process
     engine = load_engine(cfg, spec, blobs, in_shape, threads, gpu_device=0)
     load_s = time.time() - t_load
     shapes = {b: pooled_shape(engine.blob_shapes[b], cfg.output.pooling) for b in blobs}
+    gpu_attrs = _gpu_attrs(spec, blobs, engine, numerics)
+    if gpu_attrs:
+        log.info("shard %d/%d on %s: %s, %s, cuDNN workspace <= %s MB per layer", index, run.num_shards,
+                 gpu_attrs["gpu"], gpu_attrs["cudnn"], "TF32 allowed (model.tf32=true)" if gpu_attrs.get("tf32")
+                 else "full FP32 (TF32 off)", gpu_attrs.get("cudnn_workspace_mb", "?"))
     attrs = dict(run.shard_attrs(), shard=index, num_shards=run.num_shards, start=start, stop=stop,
                  host=ident.host, pid=ident.pid, job_id=ident.job_id or "",
                  visible_gpus=ident.visible_gpus or "", device=engine.device_desc,
-                 blob_shapes=str({b: list(s) for b, s in shapes.items()}))
+                 blob_shapes=str({b: list(s) for b, s in shapes.items()}), **gpu_attrs)
     writer = ShardWriter(run.shard_path(index), shapes, str(cfg.output.dtype), attrs, plan["fingerprint"],
                          cfg.batch_size, labels=manifest.labels)
     if writer.next:
         log.info("shard %d/%d resumes at %d/%d (rows %d, failures %d)", index, run.num_shards,
                  writer.next, stop - start, writer.rows, writer.n_failures)
     return _Opened(writer, engine, start + writer.next, start, stop, load_s)
+
+
+def _gpu_attrs(spec, blobs, engine, numerics: Dict) -> Dict[str, object]:
+    """What a GPU shard records and logs: the GPU, whether cuDNN runs the convolutions, TF32."""
+    if not getattr(engine, "on_gpu", False):
+        return {}
+    from .gpu import caffe_has_cudnn, cuda_probe, cudnn_conv_layers, describe_cudnn
+
+    used = {layer.name for layer in spec.layers[:spec.end_layer(blobs) + 1]}
+    n_cudnn, n_conv = cudnn_conv_layers(lp for lp in spec.param.layer if lp.name in used)
+    has = caffe_has_cudnn()
+    return dict(numerics, gpu=engine.gpu_label, cudnn_conv_layers=n_cudnn if has else 0,
+                cudnn=describe_cudnn("gpu", has, cuda_probe().cudnn_version, n_cudnn, n_conv))
 
 
 def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress) -> Dict[str, float]:
@@ -254,6 +284,7 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress) -> 
                             int(cfg.decode.prefetch_batches))
     feeder = _Feeder(window, transform, tuple(in_shape[1:]) if oversample else None, maxsize=2)
     feeder.start()
+    check = None  # the GPU self-check's result, once the first batch is done
     try:
         for batch, ok, failures, x in feeder:
             feats: Dict[str, np.ndarray] = {}
@@ -263,16 +294,35 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress) -> 
                 tf = time.perf_counter()
                 feats = op.engine.forward(x)
                 busy += time.perf_counter() - tf
+                if check is None and op.engine.on_gpu and cfg.get("gpu_selfcheck", True):
+                    check = _selfcheck(cfg, index, op.engine, x, feats)
                 if oversample:  # the 10 crops of an image are averaged
                     feats = {b: v.reshape((len(ok), 10) + v.shape[1:]).mean(axis=1) for b, v in feats.items()}
             for i, n, why in failures:
                 log.warning("shard %d: image %d %r failed: %s", index, i, n, why)
             labels = {it.index: it.label for it in batch}
             wthread.put((len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures, labels))
+    except BaseException:
+        wthread.abandon()
+        raise
     finally:
         feeder.stop.set()
     wthread.close()
-    return shard_statistics(time.time() - t0, op.stop - op.first, busy, t_first, op.load_s)
+    stats = shard_statistics(time.time() - t0, op.stop - op.first, busy, t_first, op.load_s)
+    return dict(stats, **check.attrs()) if check is not None else stats
+
+
+def _selfcheck(cfg, index: int, engine, x, gpu_out):
+    """The first batch's GPU rows against the CPU, before any row is written (raises
+    SelfCheckError with the one line to show)."""
+    from .selfcheck import run_selfcheck, tolerance
+
+    tf32 = bool(cfg.model.get("tf32", False))
+    chk = run_selfcheck(engine, x, gpu_out, tolerance(cfg.get("gpu_selfcheck_tolerance"), tf32), tf32)
+    log.info("shard %d: GPU self-check passed: max |gpu-cpu| / max |cpu| = %.3g (blob %s, %d images, "
+             "tolerance %.3g, CPU pass %.2f s)", index, chk.max_rel_diff, chk.blob, chk.images, chk.tolerance,
+             chk.cpu_s)
+    return chk
 
 
 def shard_statistics(elapsed: float, done_now: int, busy: float, t_first: Optional[float],

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 from .errors import ConfigError
 
@@ -49,6 +49,11 @@ def caffe_has_gpu() -> bool:
     return b"libcudart" in data or b"cudaGetDevice" in data
 
 
+def caffe_has_cudnn() -> bool:
+    """Whether the installed _caffe.so was built with cuDNN (it needs libcudnn.so.N)."""
+    return _needed_soname(caffe_so_path(), rb"libcudnn\.so(\.[0-9]+)*") is not None
+
+
 def require_gpu_caffe() -> None:
     if not caffe_has_gpu():
         raise ConfigError("device=gpu but this pycaffe is CPU-only (built by docker/build-pycaffe.sh): use "
@@ -72,6 +77,10 @@ class CudaProbe:
     driver_lib: bool = False
     # the libcudart file that was asked (the one _caffe.so loads)
     library: str = ""
+    # cudnnGetVersion() of the libcudnn _caffe.so loads (92400 = 9.24.0); 0: no cuDNN in this build
+    cudnn_version: int = 0
+    # that libcudnn file, or why it could not be loaded
+    cudnn_library: str = ""
 
     @property
     def usable(self) -> bool:
@@ -82,9 +91,9 @@ class CudaProbe:
 # with it), then take that same already-loaded libcudart by its soname and ask it.
 _PROBE_CHILD = r"""
 import ctypes, json, sys
-so, soname = sys.argv[1], sys.argv[2]
+so, soname, cudnn = sys.argv[1], sys.argv[2], sys.argv[3]
 out = {"code": -1, "message": "", "devices": 0, "driver_cuda": 0, "runtime_cuda": 0,
-       "driver_lib": False, "library": ""}
+       "driver_lib": False, "library": "", "cudnn_version": 0, "cudnn_library": ""}
 try:
     ctypes.CDLL("libcuda.so.1")
     out["driver_lib"] = True
@@ -96,9 +105,20 @@ try:
 except OSError as e:
     out["message"] = str(e)
     print(json.dumps(out)); sys.exit(0)
-for line in open("/proc/self/maps"):
-    if soname.split(".so")[0] in line and "/" in line:
-        out["library"] = line.split(None, 5)[-1].strip(); break
+def mapped(name):
+    for line in open("/proc/self/maps"):
+        if name.split(".so")[0] + ".so" in line and "/" in line:
+            return line.split(None, 5)[-1].strip()
+    return ""
+out["library"] = mapped(soname)
+if cudnn:  # the libcudnn _caffe.so resolved (already loaded: its rpath decided); needs no GPU
+    try:
+        dnn = ctypes.CDLL(cudnn)
+        dnn.cudnnGetVersion.restype = ctypes.c_size_t
+        out["cudnn_version"] = int(dnn.cudnnGetVersion())
+        out["cudnn_library"] = mapped(cudnn)
+    except (OSError, AttributeError) as e:
+        out["cudnn_library"] = "cannot load: %s" % e
 v = ctypes.c_int(0)
 if rt.cudaDriverGetVersion(ctypes.byref(v)) == 0:
     out["driver_cuda"] = v.value
@@ -114,13 +134,19 @@ print(json.dumps(out))
 """
 
 
-def _cudart_soname(so: str) -> Optional[str]:
-    """The libcudart soname _caffe.so needs (libcudart.so.13 for the CUDA 13 build)."""
+def _needed_soname(so: Optional[str], pattern: bytes) -> Optional[str]:
     import re
 
+    if so is None:
+        return None
     with open(so, "rb") as f:
-        m = re.search(rb"libcudart\.so(\.[0-9]+)*", f.read())
+        m = re.search(pattern, f.read())
     return m.group(0).decode() if m else None
+
+
+def _cudart_soname(so: str) -> Optional[str]:
+    """The libcudart soname _caffe.so needs (libcudart.so.13 for the CUDA 13 build)."""
+    return _needed_soname(so, rb"libcudart\.so(\.[0-9]+)*")
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,7 +160,8 @@ def cuda_probe(timeout_s: float = 60.0) -> CudaProbe:
     if soname is None:
         return CudaProbe(-1, "this pycaffe is CPU-only (its _caffe.so does not link libcudart)")
     try:
-        p = subprocess.run([sys.executable, "-I", "-c", _PROBE_CHILD, so, soname], capture_output=True,
+        cudnn = _needed_soname(so, rb"libcudnn\.so(\.[0-9]+)*") or ""
+        p = subprocess.run([sys.executable, "-I", "-c", _PROBE_CHILD, so, soname, cudnn], capture_output=True,
                            text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return CudaProbe(-1, f"the CUDA runtime did not answer within {timeout_s:.0f} s (a hung driver?)")
@@ -184,6 +211,85 @@ def require_cuda_device() -> CudaProbe:
     if why:
         raise ConfigError(why)
     return p
+
+
+# ---- GPU numerics and cuDNN: what a task sets, and what runs ---------------------------
+
+def gpu_numerics_env(tf32: bool, cudnn_workspace_mb: int) -> Dict[str, Optional[str]]:
+    """The environment a GPU task runs with (None: unset). NVIDIA_TF32_OVERRIDE=0 makes cuDNN
+    and cuBLAS compute FP32 in full FP32 on Ampere and newer; CAFFE_CUDNN_WORKSPACE_MB bounds
+    each cuDNN convolution layer's workspace (docker/pycaffe-cudnn9.patch)."""
+    return {"NVIDIA_TF32_OVERRIDE": None if tf32 else "0",
+            "CAFFE_CUDNN_WORKSPACE_MB": str(int(cudnn_workspace_mb))}
+
+
+def apply_gpu_numerics(model_cfg) -> Dict[str, object]:
+    """Set gpu_numerics_env in this process; must run before CUDA initialises here (the CUDA
+    libraries read it once). Returns what a shard records."""
+    tf32 = bool(model_cfg.get("tf32", False))
+    mb = int(model_cfg.get("cudnn_workspace_mb", 64))
+    for k, v in gpu_numerics_env(tf32, mb).items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    return {"tf32": tf32, "cudnn_workspace_mb": mb}
+
+
+# ConvolutionParameter.Engine (caffe.proto)
+_CONV_ENGINE_CUDNN = (0, 2)  # DEFAULT, CUDNN
+
+
+def cudnn_conv_layers(layers) -> Tuple[int, int]:
+    """(convolution layers that run on cuDNN in GPU mode, all convolution layers) among
+    LayerParameters, by Caffe's own rule (layer_factory.cpp): engine DEFAULT or CUDNN, not dilated."""
+    n_conv = n_cudnn = 0
+    for lp in layers:
+        if lp.type != "Convolution":
+            continue
+        n_conv += 1
+        cp = lp.convolution_param
+        if cp.engine in _CONV_ENGINE_CUDNN and not any(d > 1 for d in cp.dilation):
+            n_cudnn += 1
+    return n_cudnn, n_conv
+
+
+def _cudnn_ver(v: int) -> str:
+    return f"{v // 10000}.{v % 10000 // 100}.{v % 100}" if v >= 10000 else f"{v // 1000}.{v % 1000 // 100}.{v % 100}"
+
+
+def describe_cudnn(device: str, has_cudnn: bool, cudnn_version: int, n_cudnn: int, n_conv: int) -> str:
+    """Whether the net's convolutions run on cuDNN, in one phrase. Pure: table-tested."""
+    if device != "gpu":
+        return f"no cuDNN: device={device} (Caffe's CPU code)"
+    if not has_cudnn:
+        return ("no cuDNN: this pycaffe was built without it (Caffe's im2col + cuBLAS convolutions; "
+                "`make setup CAFFE=gpu` builds with cuDNN 9)")
+    ver = f"cuDNN {_cudnn_ver(cudnn_version)}" if cudnn_version else "cuDNN (version unknown: libcudnn not loadable)"
+    if n_conv == 0:
+        return f"{ver} (the net has no convolution layers)"
+    if n_cudnn == 0:
+        return f"{ver} built in, but no convolution layer picks it (engine: CAFFE or dilated): Caffe's own path"
+    return f"{ver} for {n_cudnn} of {n_conv} convolution layers"
+
+
+def cuda_device_label(index: int) -> str:
+    """'NVIDIA H100 80GB HBM3 (device 0, CUDA_VISIBLE_DEVICES=3)', asked through the libcudart
+    Caffe loaded (call only where CUDA is usable: after the probe said so)."""
+    import ctypes
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f"device {index}" + (f", CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "")
+    name = "GPU"
+    try:
+        soname = _cudart_soname(caffe_so_path() or "")
+        rt = ctypes.CDLL(soname)
+        buf = ctypes.create_string_buffer(4096)  # cudaDeviceProp: the name is its first 256 bytes
+        if rt.cudaGetDeviceProperties(buf, ctypes.c_int(index)) == 0:
+            name = buf.raw[:256].split(b"\0", 1)[0].decode(errors="replace") or name
+    except (OSError, AttributeError, TypeError):
+        pass
+    return f"{name} ({where})"
 
 
 # ---- What GPU code a library holds (no cuobjdump needed) -------------------------------
@@ -257,4 +363,7 @@ def fatbin_archs(path: str) -> FatBinary:
 
 
 if __name__ == "__main__":  # python -m runner.gpu: what the probe sees here
-    print(json.dumps(dict(cuda_probe().__dict__, caffe_has_gpu=caffe_has_gpu(), so=caffe_so_path()), indent=1))
+    _p = cuda_probe()
+    print(json.dumps(dict(_p.__dict__, caffe_has_gpu=caffe_has_gpu(), caffe_has_cudnn=caffe_has_cudnn(),
+                          cudnn=_cudnn_ver(_p.cudnn_version) if _p.cudnn_version else None, so=caffe_so_path()),
+                     indent=1))

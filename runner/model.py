@@ -154,8 +154,16 @@ class Engine:
     blobs: List[str]
     blob_shapes: Dict[str, Tuple[int, ...]]
     device_desc: str
+    # computes on a GPU: a task checks its first batch against forward_cpu (runner/selfcheck.py)
+    on_gpu: bool = False
+    # the GPU, for messages ("NVIDIA H100 ... (device 0, CUDA_VISIBLE_DEVICES=3)")
+    gpu_label: str = ""
 
     def forward(self, x: np.ndarray) -> Dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def forward_cpu(self, x: np.ndarray) -> Dict[str, np.ndarray]:
+        """The same net and weights on the CPU (the GPU self-check's reference)."""
         raise NotImplementedError
 
 
@@ -210,6 +218,11 @@ class CaffeEngine(Engine):
             caffe.set_mode_gpu()
             caffe.set_device(gpu_device)
             self.device_desc = f"gpu:{gpu_device}"
+            self.on_gpu = True
+            self.gpu_device = gpu_device
+            from .gpu import cuda_device_label
+
+            self.gpu_label = cuda_device_label(gpu_device)
         else:
             set_caffe_cpu_mode(caffe)
             self.device_desc = "cpu"
@@ -236,6 +249,20 @@ class CaffeEngine(Engine):
         self.net.blobs[self.input].data[...] = x
         self.net.forward()
         return {b: self.net.blobs[b].data.copy() for b in self.blobs}
+
+    def forward_cpu(self, x):
+        """The same Net in CPU mode (a net made in GPU mode keeps its cuDNN layers; their CPU
+        forward is Caffe's own), then back to the GPU."""
+        if not self.on_gpu:
+            return self.forward(x)
+        import caffe
+
+        set_caffe_cpu_mode(caffe)
+        try:
+            return self.forward(x)
+        finally:
+            caffe.set_mode_gpu()
+            caffe.set_device(self.gpu_device)
 
 
 class OpenCVEngine(Engine):

@@ -25,6 +25,20 @@ def failure_share(images: int, failures: int) -> float:
     return failures / images if images else 0.0
 
 
+# what a GPU shard records (extract._gpu_attrs, selfcheck.SelfCheck.attrs), shown per shard
+GPU_ATTRS = ("gpu", "cudnn", "tf32", "cudnn_workspace_mb", "selfcheck_max_rel_diff", "selfcheck_blob",
+             "selfcheck_tolerance", "selfcheck_cpu_s")
+
+
+def _gpu_figures(attrs) -> Dict:
+    out = {}
+    for k in GPU_ATTRS:
+        if k in attrs:
+            v = attrs[k]
+            out[k] = v.item() if hasattr(v, "item") else (v.decode() if isinstance(v, bytes) else v)
+    return out
+
+
 def collect_stats(run, elapsed_s: Optional[float] = None) -> Dict:
     """Totals and per-shard figures from the run's complete shard files."""
     import h5py
@@ -46,7 +60,7 @@ def collect_stats(run, elapsed_s: Optional[float] = None) -> Dict:
                            "elapsed_s": round(float(a.get("elapsed_s", 0.0)), 3),
                            "images_per_s": round(float(a.get("images_per_s", 0.0)), 3),
                            "host": str(a.get("host", "")), "device": str(a.get("device", "")),
-                           "job_id": str(a.get("job_id", ""))})
+                           "job_id": str(a.get("job_id", "")), **_gpu_figures(a)})
         rows += r
         failures += fl
     busy = sum(s.get("elapsed_s", 0.0) for s in shards)
