@@ -273,6 +273,18 @@ def describe_cudnn(device: str, has_cudnn: bool, cudnn_version: int, n_cudnn: in
     return f"{ver} for {n_cudnn} of {n_conv} convolution layers"
 
 
+def cudnn_summary(layers, device: str) -> str:
+    """describe_cudnn for this machine's pycaffe (`caffe-runner inspect`): device=auto is
+    described as it would run on a GPU."""
+    if device != "cpu" and not caffe_has_gpu():
+        return f"device={device}: this pycaffe is CPU-only, so the CPU (no cuDNN)"
+    has = caffe_has_cudnn()
+    n_cudnn, n_conv = cudnn_conv_layers(layers)
+    text = describe_cudnn("cpu" if device == "cpu" else "gpu", has, cuda_probe().cudnn_version if has else 0,
+                          n_cudnn, n_conv)
+    return f"{text} (device=auto, on a GPU)" if device == "auto" else text
+
+
 def cuda_device_label(index: int) -> str:
     """'NVIDIA H100 80GB HBM3 (device 0, CUDA_VISIBLE_DEVICES=3)', asked through the libcudart
     Caffe loaded (call only where CUDA is usable: after the probe said so)."""

@@ -65,6 +65,10 @@ def inspect_model(overrides: List[str]) -> str:
         lines.append(f"{mark} {name:<28} <- {layer.name:<24} {' x '.join(map(str, shapes[name]))}")
     if partial:
         lines.append("   (the net was cut after the last chosen blob: later layers are unknown to this Caffe)")
+    from .gpu import cudnn_summary
+
+    used = {layer.name for layer in spec.layers[:end + 1]}
+    lines += ["", "convolutions: " + cudnn_summary([lp for lp in spec.param.layer if lp.name in used], str(cfg.device))]
     pp = OmegaConf.to_container(cfg.model.preprocess)
     lines += ["", "preprocessing: " + json.dumps(pp), "",
               f"output ({cfg.output.dtype}, pooling {cfg.output.pooling}, l2_normalize {cfg.output.l2_normalize}):"]
