@@ -88,3 +88,85 @@ def test_the_cuda_pins_include_nvrtc():
     p = subprocess.run(["bash", str(SCRIPT), "--print-cuda-pins"], capture_output=True, text=True, check=True)
     pins = dict(x.split("==") for x in p.stdout.split())
     assert pins["nvidia-cuda-nvrtc"].split(".")[:2] == pins["nvidia-cuda-runtime"].split(".")[:2], pins
+
+
+# ---- cuDNN (--no-cudnn, --cudnn-home, the pinned wheel) ------------------------------------
+
+def _site_cudnn(root, version, lib=True):
+    """A site cuDNN as `module load cudnn` shows it: include/cudnn_version.h, lib64/libcudnn.so.N."""
+    major, minor, patch = version.split(".")
+    (root / "include").mkdir(parents=True)
+    (root / "include" / "cudnn_version.h").write_text(
+        f"#define CUDNN_MAJOR {major}\n#define CUDNN_MINOR {minor}\n#define CUDNN_PATCHLEVEL {patch}\n")
+    if lib:
+        (root / "lib64").mkdir()
+        (root / "lib64" / f"libcudnn.so.{major}").write_bytes(b"")
+    return root
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no-toolkit", "--cudnn-home needs --cuda-home"),
+    ("both", "--no-cudnn and --cudnn-home contradict"),
+    ("missing", "no such folder"),
+    ("no-header", "has no include/cudnn_version.h"),
+    ("cudnn7", "is cuDNN 7.6.5: need cuDNN >= 8"),
+    ("no-lib", "no lib64/ or lib/ holding libcudnn.so.8"),
+])
+def test_bad_cudnn_arguments_are_one_line_and_exit_2(tmp_path, site_toolkit, case, message):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    home = {"missing": tmp_path / "nope", "no-header": tmp_path,
+            "cudnn7": _site_cudnn(tmp_path / "c7", "7.6.5"),
+            "no-lib": _site_cudnn(tmp_path / "c8", "8.9.7", lib=False)}.get(case, tmp_path)
+    args = {"no-toolkit": ["--cudnn-home", str(home)],
+            "both": ["--cuda-home", str(site_toolkit), "--no-cudnn", "--cudnn-home", str(home)]
+            }.get(case, ["--cuda-home", str(site_toolkit), "--cudnn-home", str(home)])
+    p = _script("--cuda", *args, "--print-key", cache=cache)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    errors = [ln for ln in p.stderr.splitlines() if ln.strip() and "CUDA 12.4" not in ln]
+    assert len(errors) == 1 and message in errors[0], p.stderr
+    assert not list(cache.iterdir()), "nothing may be written before the arguments are checked"
+
+
+def test_cache_key_follows_cudnn(tmp_path, site_toolkit):
+    default = _key("--cuda", cache=tmp_path)
+    no_cudnn = _key("--cuda", "--no-cudnn", cache=tmp_path)
+    assert default != no_cudnn
+    site = ["--cuda-home", str(site_toolkit)]
+    s8 = _key(*site, "--cudnn-home", str(_site_cudnn(tmp_path / "c8", "8.9.7")), cache=tmp_path)
+    s9 = _key(*site, "--cudnn-home", str(_site_cudnn(tmp_path / "c9", "9.1.0")), cache=tmp_path)
+    s_none = _key(*site, "--no-cudnn", cache=tmp_path)
+    assert len({s8, s9, s_none, _key(*site, cache=tmp_path)}) == 4
+
+
+def test_the_cudnn_patch_is_part_of_the_key(tmp_path):
+    """A changed docker/pycaffe-cudnn9.patch is a new recipe; --no-cudnn does not apply it."""
+    d = tmp_path / "docker"
+    d.mkdir()
+    shutil.copy(SCRIPT, d / SCRIPT.name)
+    shutil.copy(SCRIPT.with_name("pycaffe-cudnn9.patch"), d / "pycaffe-cudnn9.patch")
+
+    def key(*args):
+        p = subprocess.run(["bash", str(d / SCRIPT.name), "--python", sys.executable, "--cache", str(tmp_path),
+                            "--cuda", *args, "--print-key"], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return p.stdout.strip()
+
+    before, before_none = key(), key("--no-cudnn")
+    with open(d / "pycaffe-cudnn9.patch", "a") as f:
+        f.write("\n")
+    assert key() != before and key("--no-cudnn") == before_none
+
+
+def test_no_cudnn_keeps_the_key_of_the_build_before_cudnn(tmp_path):
+    """--no-cudnn is today's CUDA build: its cached wheels stay valid (the literal is the
+    --cuda key before cuDNN was added)."""
+    if sys.version_info[:2] != (3, 11) or platform.machine() != "x86_64":
+        pytest.skip("the literal is for CPython 3.11 on x86_64 (Debian 12)")
+    assert _key("--cuda", "--no-cudnn", cache=tmp_path) == "52851164c505bd80"
+
+
+def test_the_cuda_pins_include_a_cudnn9_wheel():
+    p = subprocess.run(["bash", str(SCRIPT), "--print-cuda-pins"], capture_output=True, text=True, check=True)
+    pins = dict(x.split("==") for x in p.stdout.split())
+    assert pins["nvidia-cudnn-cu13"].split(".")[0] == "9", pins
