@@ -11,13 +11,18 @@ PYTEST_ARGS ?=
 # CAFFE=gpu: the CUDA build of pycaffe (GPU clusters; ~30 min on 2 cores, minutes on a login
 # node, cached) instead of the CPU one. CUDA_ARCH: compute capabilities to build for, or
 # `native` (the GPUs nvidia-smi shows here); CUDA_HOME_DIR: a site toolkit instead of the
-# pinned CUDA 13 wheels (needed with drivers older than 580).
+# pinned CUDA 13 wheels (needed with drivers older than 580). cuDNN 9 (pinned wheel) is built in;
+# NO_CUDNN=1: Caffe's own convolutions only; CUDNN_HOME_DIR: a site cuDNN >= 8 (with CUDA_HOME_DIR).
 CAFFE ?= cpu
 CUDA_ARCH ?= 75 80 86 89 90 100 120
 CUDA_HOME_DIR ?=
+NO_CUDNN ?=
+CUDNN_HOME_DIR ?=
 GPU_VENV ?= .venv-gpu
+CUDA_ARGS = --cuda --cuda-arch "$(CUDA_ARCH)" $(if $(CUDA_HOME_DIR),--cuda-home $(CUDA_HOME_DIR)) \
+	$(if $(NO_CUDNN),--no-cudnn) $(if $(CUDNN_HOME_DIR),--cudnn-home $(CUDNN_HOME_DIR))
 ifeq ($(CAFFE),gpu)
-PYCAFFE_ARGS := --cuda --cuda-arch "$(CUDA_ARCH)" $(if $(CUDA_HOME_DIR),--cuda-home $(CUDA_HOME_DIR))
+PYCAFFE_ARGS := $(CUDA_ARGS)
 SETUP_STAMP := $(VENV)/.setup-done-gpu
 else ifeq ($(CAFFE),cpu)
 PYCAFFE_ARGS :=
@@ -27,12 +32,12 @@ $(error CAFFE=$(CAFFE): use CAFFE=cpu (default) or CAFFE=gpu)
 endif
 
 .PHONY: setup demo test test-unit test-slurm bench image image-squashfs test-image clean cluster-up cluster-down \
-	cuda-wheel test-cuda-build test-gpu
+	cuda-wheel test-cuda-build test-gpu bench-gpu
 
 # apt run-time libraries, the pycaffe wheel (built once per machine, ~6 min), the venv
 setup: $(SETUP_STAMP)
 
-$(SETUP_STAMP): pyproject.toml docker/build-pycaffe.sh
+$(SETUP_STAMP): pyproject.toml docker/build-pycaffe.sh $(if $(filter gpu,$(CAFFE)),docker/pycaffe-cudnn9.patch)
 	@command -v apt-get >/dev/null || { echo "setup needs Debian/Ubuntu (apt-get)"; exit 1; }
 	bash docker/build-pycaffe.sh --apt --python $(PYTHON) --cache $(CACHE) $(PYCAFFE_ARGS) | tail -n 1 > $(VENV).pycaffe-wheel
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,8 +68,7 @@ test: setup
 
 # the CUDA wheel only (cached; prints its path)
 cuda-wheel:
-	bash docker/build-pycaffe.sh --apt --python $(PYTHON) --cache $(CACHE) --cuda --cuda-arch "$(CUDA_ARCH)" \
-		$(if $(CUDA_HOME_DIR),--cuda-home $(CUDA_HOME_DIR))
+	bash docker/build-pycaffe.sh --apt --python $(PYTHON) --cache $(CACHE) $(CUDA_ARGS)
 
 # builds the CUDA wheel into $(GPU_VENV) (not part of `make test`: ~30 min the first time on 2
 # cores) and checks it without a GPU: the fat binary holds every requested architecture,
@@ -103,6 +107,14 @@ test-unit: setup
 BENCH_ARGS ?=
 bench: setup
 	$(PY) bench/bench.py --out bench/results.json $(BENCH_ARGS)
+
+# the GPU report, on a GPU node: forward img/s with cuDNN and without (conv layers switched to
+# engine: CAFFE), end-to-end img/s, GPU memory, the self-check's cost -> bench/results-gpu.json
+# (send it back). Without a GPU it stops with the reason. MODELS: presets to measure.
+GPU_BENCH_ARGS ?=
+bench-gpu:
+	$(MAKE) setup CAFFE=gpu VENV=$(GPU_VENV)
+	$(GPU_VENV)/bin/python bench/bench_gpu.py --out bench/results-gpu.json $(GPU_BENCH_ARGS)
 
 cluster-up:
 	bash slurm/dev-cluster up
