@@ -3,6 +3,7 @@ in this venv (`make test-gpu`, on a GPU node). Elsewhere they are skipped with t
 probe gives. Written to run unchanged on a GPU node: the GPUs are whatever the probe sees."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from runner.gpu import caffe_has_gpu, cuda_probe, explain_probe
+from runner.gpu import caffe_has_cudnn, caffe_has_gpu, cuda_probe, explain_probe
+from runner.selfcheck import FP32_TOLERANCE, TF32_TOLERANCE
 
 pytestmark = pytest.mark.gpu
 
@@ -88,4 +90,56 @@ def test_slurm_array_on_gpus_equals_cpu(cluster, photos, tmp_path):
     for i in range(2):
         with h5py.File(gpu / "shards" / f"shard-{i:05d}-of-00002.h5", "r") as f:
             assert f.attrs["device"].startswith("gpu:") and f.attrs["visible_gpus"] != ""
+            # every task proved its first batch against the CPU before writing, in full FP32
+            assert 0.0 <= float(f.attrs["selfcheck_max_rel_diff"]) <= FP32_TOLERANCE
+            assert not bool(f.attrs["tf32"])
+    stats = json.loads((gpu / "stats.json").read_text())
+    assert all(s["selfcheck_max_rel_diff"] <= FP32_TOLERANCE for s in stats["shards"]), stats["shards"]
     assert run_cli("verify", gpu).returncode == 0
+
+
+# ---- cuDNN and TF32 (issue 18) ----------------------------------------------------------
+
+MODELS = [("res10_ssd", "fc7"), ("open_nsfw", "pool")]
+
+
+def _run(photos, out, model, *extra):
+    run_cli(f"model={model}", f"input.dir={photos}", f"output.dir={out}", "num_shards=1", "batch_size=8",
+            "launcher.progress=false", *extra)
+    feats, names, _ = _read(out / "features.h5")
+    with h5py.File(next((out / "shards").glob("*.h5")), "r") as f:
+        attrs = dict(f.attrs)
+    return feats, names, attrs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,blob", MODELS)
+def test_cudnn_features_equal_cpu_within_the_selfcheck_tolerance(photos, tmp_path, model, blob):
+    cpu = _run(photos, tmp_path / "cpu", model, "device=cpu", f"output.blobs=[{blob}]")
+    gpu = _run(photos, tmp_path / "gpu", model, "device=gpu", f"output.blobs=[{blob}]")
+    assert cpu[1] == gpu[1]
+    assert _rel(gpu[0], cpu[0]) <= FP32_TOLERANCE, _rel(gpu[0], cpu[0])
+    a = gpu[2]
+    assert float(a["selfcheck_max_rel_diff"]) <= FP32_TOLERANCE and not bool(a["tf32"])
+    if caffe_has_cudnn():  # the net really ran on cuDNN, and says so
+        assert "convolution layers" in str(a["cudnn"]) and int(a["cudnn_conv_layers"]) > 0, a["cudnn"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,blob", MODELS)
+def test_tf32_stays_within_its_documented_bound(photos, tmp_path, model, blob):
+    cpu = _run(photos, tmp_path / "cpu", model, "device=cpu", f"output.blobs=[{blob}]")
+    t32 = _run(photos, tmp_path / "tf32", model, "device=gpu", "model.tf32=true", f"output.blobs=[{blob}]")
+    assert _rel(t32[0], cpu[0]) <= TF32_TOLERANCE, _rel(t32[0], cpu[0])
+    assert bool(t32[2]["tf32"]) and float(t32[2]["selfcheck_tolerance"]) == TF32_TOLERANCE
+
+
+def test_python_m_runner_gpu_reports_the_cudnn_it_loads():
+    import subprocess
+    import sys
+
+    out = json.loads(subprocess.run([sys.executable, "-m", "runner.gpu"], capture_output=True, text=True,
+                                    check=True).stdout)
+    assert out["caffe_has_cudnn"] == caffe_has_cudnn()
+    if out["caffe_has_cudnn"]:
+        assert out["cudnn"] and out["cudnn_version"] >= 8000, out

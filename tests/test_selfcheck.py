@@ -173,3 +173,40 @@ def test_small_difference_passes_and_the_switch_turns_the_check_off(tiny_net, ph
     _fake_gpu(monkeypatch, lambda v: 0.5 * np.abs(v).max() * np.ones_like(v))
     res = run_shard(cfg, 0, threads=1)
     assert res["rows"] >= 10 and "selfcheck_max_rel_diff" not in res
+
+
+# ---- the GPU report (bench/bench_gpu.py) --------------------------------------------------
+
+def test_bench_gpu_switch_takes_every_layer_off_cudnn(tiny_net):
+    import sys
+
+    from google.protobuf import text_format
+
+    from conftest import REPO
+    from runner.model import caffe_pb2
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_gpu import without_cudnn
+
+    p = caffe_pb2().NetParameter()
+    text_format.Merge(without_cudnn(tiny_net[0].read_text()), p)
+    assert cudnn_conv_layers(p.layer) == (0, 1)
+    engines = {lp.name: lp for lp in p.layer}
+    assert engines["pool-1"].pooling_param.engine == 1 and engines["act"].tanh_param.engine == 1
+    assert engines["prob"].softmax_param.engine == 1 and engines["relu.1"].relu_param.engine == 1
+
+
+def test_bench_gpu_without_a_gpu_stops_with_the_reason(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from runner.gpu import caffe_has_gpu, cuda_probe
+
+    if caffe_has_gpu() and cuda_probe().usable:
+        pytest.skip("a usable GPU is here: make bench-gpu measures it")
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "bench_gpu.py"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("bench-gpu: skipped: ") and len(p.stderr.splitlines()) == 1
+    assert not out.exists()
