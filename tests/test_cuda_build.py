@@ -116,9 +116,66 @@ def test_the_probe_asks_the_venvs_runtime(gpu_caffe):
     assert Path(p["library"]).resolve().is_relative_to(site.resolve()), p
 
 
+# ---- cuDNN (issue 18) -----------------------------------------------------------------------
+
+def _needs_cudnn(info):
+    if not info.get("cudnn"):
+        pytest.skip("this CUDA build has no cuDNN (--no-cudnn)")
+
+
+def test_cudnn_is_needed_by_soname_and_resolves_inside_the_venv(gpu_caffe):
+    so, site, info = gpu_caffe
+    _needs_cudnn(info)
+    major = info["cudnn"].split(".")[0]
+    dyn = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True, check=True).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(\S+)\]", dyn)
+    assert f"libcudnn.so.{major}" in needed and "libcudnn.so" not in needed, needed
+    ldd = subprocess.run(["ldd", str(so)], capture_output=True, text=True, env=_clean_env(), check=True).stdout
+    m = re.search(rf"libcudnn\.so\.{major}\s+=>\s+(\S+)", ldd)
+    assert m, ldd
+    assert Path(m.group(1)).resolve().is_relative_to(site.resolve()), f"libcudnn resolves to {m.group(1)}"
+
+
+def test_the_conv_layer_calls_the_ranked_lists_not_the_removed_queries(gpu_caffe):
+    so, _, info = gpu_caffe
+    _needs_cudnn(info)
+    und = set(subprocess.run(["nm", "-D", "--undefined-only", str(so)], capture_output=True, text=True,
+                             check=True).stdout.split())
+    for d in ("Forward", "BackwardFilter", "BackwardData"):
+        assert f"cudnnGetConvolution{d}Algorithm_v7" in und and f"cudnnGetConvolution{d}AlgorithmMaxCount" in und
+        assert f"cudnnGetConvolution{d}Algorithm" not in und, f"{so} calls the removed cudnnGetConvolution{d}Algorithm"
+    assert "cudnnConvolutionForward" in und
+
+
+def test_python_m_runner_gpu_reports_the_cudnn_the_wheel_loads(gpu_caffe):
+    """cudnnGetVersion() of the libcudnn _caffe.so resolves, asked without a GPU."""
+    _, site, info = gpu_caffe
+    _needs_cudnn(info)
+    p = subprocess.run([str(GPU_VENV / "bin" / "python"), "-m", "runner.gpu"], capture_output=True, text=True,
+                       env=_clean_env(), cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout)
+    assert out["caffe_has_cudnn"] and out["cudnn"] == info["cudnn"], out
+    assert Path(out["cudnn_library"]).resolve().is_relative_to(site.resolve()), out
+
+
+def test_inspect_says_the_convolutions_run_on_cudnn(gpu_caffe):
+    _, _, info = gpu_caffe
+    _needs_cudnn(info)
+    env = _clean_env()
+    gpu = subprocess.run([str(GPU_VENV / "bin" / "python"), "-m", "runner", "inspect", "device=gpu"],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert gpu.returncode == 0, gpu.stderr[-3000:]
+    assert f"convolutions: cuDNN {info['cudnn']} for 11 of 12 convolution layers" in gpu.stdout, gpu.stdout[-800:]
+    cpu = subprocess.run([str(GPU_VENV / "bin" / "python"), "-m", "runner", "inspect", "device=cpu"],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert "convolutions: no cuDNN: device=cpu" in cpu.stdout, cpu.stdout[-800:]
+
+
 @pytest.mark.slow
 def test_cpu_mode_features_equal_the_cpu_build(gpu_caffe, photos, tmp_path):
-    """res10 fc7 on the sample photos, once with each build, in CPU mode."""
+    """res10 fc7 on the sample photos, once with each build, in CPU mode (with cuDNN built in, a
+    net made in CPU mode must hold no cuDNN layer: they create CUDA streams, which abort here)."""
     cpu_run, gpu_run = tmp_path / "cpu", tmp_path / "gpu"
     args = [f"input.dir={photos}", "device=cpu", "launcher.workers=1", "num_shards=1", "batch_size=8"]
     run_cli(*args, f"output.dir={cpu_run}")
