@@ -61,6 +61,13 @@ def _check_ranges(cfg) -> None:
         raise ConfigError("output.view_max_shards must be >= 0 (0: features.h5 is always a real copy)")
     if cfg.heartbeat_s <= 0:
         raise ConfigError(f"heartbeat_s={cfg.heartbeat_s}: use a positive number of seconds")
+    if not 0 <= cfg.model.get("cudnn_workspace_mb", 0) <= 1 << 24:
+        raise ConfigError(f"model.cudnn_workspace_mb={cfg.model.cudnn_workspace_mb}: use 0 (no workspace: the "
+                          "slowest algorithms) or more MB per convolution layer (64 is the default)")
+    tol = cfg.get("gpu_selfcheck_tolerance")
+    if tol is not None and not tol > 0:
+        raise ConfigError(f"gpu_selfcheck_tolerance={tol}: use a positive bound, or null for the default "
+                          "(1e-4, 1e-2 with model.tf32=true), or gpu_selfcheck=false to turn the check off")
 
 
 def _check_preprocess(cfg, hw: Tuple[int, int], channels: int) -> None:

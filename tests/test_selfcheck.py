@@ -210,3 +210,18 @@ def test_bench_gpu_without_a_gpu_stops_with_the_reason(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith("bench-gpu: skipped: ") and len(p.stderr.splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("override, message", [
+    ("model.cudnn_workspace_mb=-1", "model.cudnn_workspace_mb=-1: use 0"),
+    ("gpu_selfcheck_tolerance=0", "gpu_selfcheck_tolerance=0.0: use a positive bound"),
+])
+def test_bad_gpu_numbers_are_refused_before_any_work(override, message):
+    from runner.config import compose
+    from runner.errors import ConfigError
+    from runner.plan import _check_ranges
+
+    _check_ranges(compose(["output.dir=/nonexistent"]))
+    with pytest.raises(ConfigError, match=message):
+        _check_ranges(compose(["output.dir=/nonexistent", override]))
