@@ -223,7 +223,7 @@ class _Opened:
     load_s: float
 
 
-def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest) -> _Opened:
+def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest, numerics: Dict) -> _Opened:
     """Load the engine and open (or resume) the shard's writer."""
     from .model import load_engine
 
@@ -231,11 +231,6 @@ def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest) ->
     start, stop = run.shard_range(index)
     spec, blobs, _, _, in_shape = run.pipeline_parts()
     t_load = time.time()
-    numerics = {}
-    if cfg.device == "gpu" and cfg.backend == "caffe":
-        from .gpu import apply_gpu_numerics
-
-        numerics = apply_gpu_numerics(cfg.model)  # before CUDA initialises in this process
     engine = load_engine(cfg, spec, blobs, in_shape, threads, gpu_device=0)
     load_s = time.time() - t_load
     shapes = {b: pooled_shape(engine.blob_shapes[b], cfg.output.pooling) for b in blobs}
@@ -343,6 +338,10 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
     if threads is None:
         threads = default_threads()
     configure_threads(threads)
+    from .gpu import apply_gpu_numerics
+
+    # TF32 and the cuDNN workspace: like the BLAS threads, before Caffe (cuBLAS, cuDNN) loads here
+    numerics = apply_gpu_numerics(cfg.model)
     ident = task_identity()
     if cfg.device == "auto":  # launchers resolve it; a direct caller gets this task's view
         from .plan import resolve_local_device
@@ -362,7 +361,7 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
         with ShardLock(run.lock_path(index)):
             if final.exists():  # finished by the lock's previous holder
                 return {"shard": index, "skipped": True}
-            op = _open_shard(run, index, ident, threads, manifest)
+            op = _open_shard(run, index, ident, threads, manifest, numerics)
             # the decoder is built here once; the reader turns manifest entries into its jobs
             reader = open_reader(manifest, run.pipeline_parts()[2])
             try:

@@ -224,8 +224,8 @@ def gpu_numerics_env(tf32: bool, cudnn_workspace_mb: int) -> Dict[str, Optional[
 
 
 def apply_gpu_numerics(model_cfg) -> Dict[str, object]:
-    """Set gpu_numerics_env in this process; must run before CUDA initialises here (the CUDA
-    libraries read it once). Returns what a shard records."""
+    """Set gpu_numerics_env in this process; must run before Caffe loads here (cuBLAS and cuDNN
+    read NVIDIA_TF32_OVERRIDE once). Returns what a shard records."""
     tf32 = bool(model_cfg.get("tf32", False))
     mb = int(model_cfg.get("cudnn_workspace_mb", 64))
     for k, v in gpu_numerics_env(tf32, mb).items():

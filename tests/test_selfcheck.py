@@ -154,6 +154,9 @@ def test_exact_gpu_passes_and_records_its_difference(tiny_net, photos, tmp_path,
     assert a["selfcheck_max_rel_diff"] == 0.0 and a["selfcheck_blob"] == "emb"
     assert a["selfcheck_tolerance"] == sc.FP32_TOLERANCE and a["selfcheck_images"] == sc.SELFCHECK_IMAGES
     assert a["selfcheck_cpu_s"] > 0
+    # what ran is recorded too: full FP32, the workspace bound, and (CPU build here) no cuDNN
+    assert not a["tf32"] and a["cudnn_workspace_mb"] == 64 and a["gpu"] == "FakeGPU 9000 (device 0)"
+    assert str(a["cudnn"]).startswith("no cuDNN: this pycaffe was built without it")
     st = write_stats(load_run(cfg))
     assert st["shards"][0]["selfcheck_max_rel_diff"] == 0.0 and st["shards"][0]["selfcheck_blob"] == "emb"
 
