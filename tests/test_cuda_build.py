@@ -216,3 +216,54 @@ def test_device_gpu_without_a_driver_is_one_clear_error(gpu_caffe, photos, tmp_p
     assert "has no NVIDIA driver" in errors[0] and "device=cpu" in errors[0], errors[0]
     assert "Traceback" not in p.stderr and "Check failed" not in p.stderr
     assert not (run / "shards").exists() or not any((run / "shards").iterdir())
+
+
+@pytest.fixture(scope="module")
+def algo_choice(tmp_path_factory):
+    """tests/cuda/cudnn_algo_choice.cpp built against the sdist with docker/pycaffe-cudnn9.patch
+    applied and the cached CUDA/cuDNN headers (what build-pycaffe.sh --cuda installed)."""
+    import glob
+    import shutil
+    import tarfile
+
+    cache = Path(os.environ.get("CAFFE_RUNNER_CACHE", Path.home() / ".cache" / "caffe-runner"))
+    sdists = glob.glob(str(cache / "sdist" / "brocolli-caffe-*.tar.gz")) + \
+        glob.glob(str(cache / "pycaffe" / "sdist" / "brocolli-caffe-*.tar.gz"))
+    cuda = glob.glob(str(cache / "cuda-toolkit" / "*" / "nvidia" / "cu13" / "include" / "cuda_runtime.h"))
+    cudnn = glob.glob(str(cache / "cuda-toolkit" / "cudnn-*" / "nvidia" / "cudnn" / "include" / "cudnn.h"))
+    if not (sdists and cuda and cudnn and shutil.which("g++") and shutil.which("protoc")):
+        pytest.skip(f"needs the cached sdist, CUDA and cuDNN headers under {cache} (build-pycaffe.sh --cuda)")
+    d = tmp_path_factory.mktemp("algo")
+    with tarfile.open(sdists[0]) as t:
+        t.extractall(d, filter="data")
+    src = next(d.glob("brocolli-caffe-*"))
+    subprocess.run(["patch", "-s", "-p1", "-i", str(REPO / "docker" / "pycaffe-cudnn9.patch")], cwd=src, check=True)
+    (src / "include" / "caffe" / "proto" / "caffe.pb.h").unlink(missing_ok=True)
+    gen = d / "gen"
+    gen.mkdir()
+    subprocess.run(["protoc", "-I", str(src / "src"), f"--cpp_out={gen}", "caffe/proto/caffe.proto"], cwd=src,
+                   check=True)
+    exe = d / "algo"
+    p = subprocess.run(["g++", "-std=c++14", "-DUSE_CUDNN", f"-I{src / 'include'}", f"-I{src / 'src/caffe/layers'}",
+                        f"-I{gen}", f"-I{Path(cuda[0]).parent}", f"-I{Path(cudnn[0]).parent}",
+                        "-I/usr/include/hdf5/serial", str(REPO / "tests" / "cuda" / "cudnn_algo_choice.cpp"),
+                        "-o", str(exe), "-lglog"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    def run(**env):
+        r = subprocess.run([str(exe)], capture_output=True, text=True, env=_clean_env(**env), timeout=60)
+        return r.returncode, r.stdout.split(), r.stderr
+    return run
+
+
+def test_the_first_ranked_algorithm_that_fits_the_workspace_bound_is_taken(algo_choice):
+    """The list, fastest first: algo 6 needs 200 MB, 1 needs 1 MB, 2 is unsupported, 0 and 7
+    need nothing. The default 64 MB takes 1; 300 MB takes 6; 0 MB takes 0, the FIRST of the
+    two that fit (jolibrain/caffe#75 took the last); an algorithm ranked in another math type
+    than the descriptor's is passed over."""
+    assert algo_choice()[:2] == (0, ["1", "1", str(64 << 20)])
+    assert algo_choice(CAFFE_CUDNN_WORKSPACE_MB="300")[1] == ["1", "6", str(300 << 20)]
+    assert algo_choice(CAFFE_CUDNN_WORKSPACE_MB="0")[1] == ["1", "0", "0"]
+    assert algo_choice(TEST_TENSOR_OP_SECOND="1")[1][:2] == ["1", "0"]
+    rc, _, err = algo_choice(CAFFE_CUDNN_WORKSPACE_MB="lots")
+    assert rc != 0 and "CAFFE_CUDNN_WORKSPACE_MB=lots: need a whole number of MB" in err
