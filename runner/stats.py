@@ -108,6 +108,10 @@ def format_summary(summary: Dict) -> str:
         if st["failures"]:
             lines.append(f"  (names and reasons: failures/names, failures/reason in features.h5; "
                          f"{Path(summary['run_dir']) / STATS_JSON})")
+        checks = [s["selfcheck_max_rel_diff"] for s in st.get("shards", []) if "selfcheck_max_rel_diff" in s]
+        if checks:
+            lines.append(f"GPU self-check: {len(checks)} shard(s) passed, GPU vs CPU at most {max(checks):.2g} "
+                         "(max |gpu-cpu| / max |cpu|)")
     shards = summary.get("shards", {})
     lines.append(f"shards:        {summary.get('num_shards', len(shards))} ({len(shards)} run now, "
                  f"{summary.get('already_complete', 0)} already complete)")
