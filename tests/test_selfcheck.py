@@ -235,7 +235,7 @@ def test_the_end_of_run_summary_shows_the_self_checks():
     from runner.stats import format_summary
 
     st = {"rows": 10, "failures": 0, "failures_by_reason": {},
-          "shards": [{"shard": 0, "selfcheck_max_rel_diff": 2.5e-7}, {"shard": 1, "selfcheck_max_rel_diff": 1.25e-6}]}
+          "shards": [{"shard": 0, "selfcheck_max_rel_diff": 2.5e-7}, {"shard": 1, "selfcheck_max_rel_diff": 1.2e-6}]}
     text = format_summary({"run_dir": "/r", "stats": st, "shards": {}})
     assert "GPU self-check: 2 shard(s) passed, GPU vs CPU at most 1.2e-06" in text
     st["shards"] = [{"shard": 0}]
