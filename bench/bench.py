@@ -48,7 +48,7 @@ def _child(fn_name: str, kwargs: Dict, q) -> None:
     try:
         threads = kwargs.pop("_threads", None)
         if threads:
-            from runner.extract import configure_threads
+            from runner.task import configure_threads
 
             configure_threads(threads)
         out = globals()[fn_name](**kwargs)
@@ -256,6 +256,7 @@ def _prepare(run_dir: Path, overrides: List[str], shards: int = 1) -> str:
 
     from runner.cli import conf_dir, register_resolvers
     from runner.config import register_configs
+    from runner.launch.registry import launcher_for
     from runner.plan import prepare_run
 
     import shutil
@@ -266,7 +267,7 @@ def _prepare(run_dir: Path, overrides: List[str], shards: int = 1) -> str:
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides + [f"output.dir={run_dir}", "output.overwrite=true"])
     OmegaConf.resolve(cfg)
-    prepare_run(cfg, default_shards=shards, explicit_shards=shards)
+    prepare_run(cfg, launcher_for(cfg), explicit_shards=shards)
     return OmegaConf.to_yaml(cfg)
 
 

@@ -15,7 +15,8 @@ from runner.config import InputConf, LocalLauncherConf, ModelConf, RunConf, Slur
 from runner.errors import ConfigError
 from runner.features import FeaturePost, pooled_shape, postprocess
 from runner.manifest import build_manifest, extend_manifest, input_stamp, load_manifest
-from runner.plan import Run, _check_preprocess, load_run_dir, resolve_local_device, resolve_slurm_device
+from runner.device import resolve_local_device, resolve_slurm_device
+from runner.plan import Run, _check_preprocess, load_run_dir
 from runner.rundir import RunDir, partial_of
 from runner.status import shard_state
 from runner.synthetic import make_run, shard_file
