@@ -8,7 +8,6 @@ the number of images.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import queue
 import threading
@@ -32,7 +31,7 @@ from .preprocess import oversample as oversample_crops
 from .errors import ShardBusyError
 from .features import FeaturePost, pooled_shape
 from .runtimes.identity import image_label
-from .task import TaskIdentity, configure_threads, default_threads, setup_task_logging, task_identity  # noqa: F401
+from .task import TaskIdentity, configure_threads, default_threads, task_identity
 from .write import ShardLock, ShardWriter
 
 

@@ -27,7 +27,6 @@ from .rundir import RunDir, partial_of
 from .runtimes import check_container
 from .runtimes.identity import task_container
 from .shard import shard_bounds
-from .device import gpu_capable, resolve_local_device, resolve_slurm_device  # noqa: F401  SHIM: moved to runner.device
 
 
 def _blobs(cfg) -> List[str]:

@@ -29,5 +29,3 @@ def array_chunks(indices, max_array_size: int):
     indices = list(indices)
     return [indices[i:i + max_array_size] for i in range(0, len(indices), max_array_size)]
 
-
-from .task import TaskIdentity, task_identity  # noqa: E402,F401  SHIM: moved to runner.task
