@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 
 from . import __version__, log
 from .config import conf_dir, pkgfile as _pkgfile, register_resolvers, sweep_dirname as _dirname  # noqa: F401
-from .errors import ConfigError, FailureShareError, RunBusyError, RunnerError, UsageError, did_you_mean
+from .errors import ConfigError, FailureShareError, RunBusyError, RunnerError, ShardFailedError, UsageError, did_you_mean
 
 SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch")
 
@@ -300,7 +300,6 @@ def _first_values(overrides: List[str]) -> List[str]:
 # ---- run-directory commands --------------------------------------------------------------
 
 def _cmd_merge(args) -> int:
-    from .errors import ShardFailedError
     from .merge import merge_run
     from .plan import load_run_dir
     from .stats import write_stats

@@ -69,14 +69,30 @@ def _sbatch(cfg) -> str:
     return ex._make_submission_file_text(ex._submitit_command_str, "uid")
 
 
-@pytest.mark.parametrize("runtime", sorted(IMAGES))
-def test_golden_sbatch(runtime, fixed_identity):
-    text = _sbatch(_cfg(runtime, IMAGES[runtime]))
+@pytest.mark.parametrize("runtime", sorted(ct.RUNTIMES))
+def test_every_runtime_honours_the_interface(runtime, fixed_identity):
+    """One test over the registry (a new runtime module runs it too): its sbatch script is the
+    golden one byte for byte, and through the Runtime interface it binds every folder the task
+    reads, sets the submission's values and keeps the task's command in order."""
+    assert runtime in IMAGES, f"add an image for {runtime} to IMAGES and a golden file (see the docstring)"
+    cfg = _cfg(runtime, IMAGES[runtime])
+    text = _sbatch(cfg)
     path = GOLDEN / f"sbatch-{runtime}.sh"
     if os.environ.get("CAFFE_RUNNER_UPDATE_GOLDEN"):
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)
     assert text == path.read_text(), f"the {runtime} sbatch script changed; if on purpose, regenerate {path}"
+    rt = ct.runtime(runtime)
+    spec = ct.container_spec(cfg)
+    assert spec.runtime == runtime and spec.binds == tuple(rt.binds(ct.bind_dirs(cfg)))
+    w = rt.wrap(spec, ["python", "-m", "x", "a b"])
+    whole = " ".join(w.command + w.srun_args)
+    for b in spec.binds:
+        assert f"{b}:{b}" in whole, (b, whole)
+    for k, v in spec.set_env:
+        assert f"{k}={v}" in whole
+    # the command last, in order (apptainer: inside its `sh -c '... "$@"' sh`)
+    assert w.command[-3:] == ["-m", "x", "a b"] or "python -m x 'a b' \"$@\"" in w.command[2], w.command
 
 
 def test_golden_files_say_what_each_runtime_needs(fixed_identity):
