@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from . import __version__, log
-from .config import conf_dir, pkgfile as _pkgfile, register_resolvers, sweep_dirname as _dirname  # noqa: F401
+from .config import conf_dir, sweep_dirname
 from .errors import ConfigError, FailureShareError, RunBusyError, RunnerError, UsageError, did_you_mean
 
 SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch")
@@ -68,10 +68,11 @@ def _short(text: str, width: int = 78) -> str:
 
 
 def help_page() -> str:
-    """--help: the keys' lines come from the schema's field comments (config.field_docs)."""
+    """--help: the keys' lines come from the schema's field comments (schema.field_docs)."""
     from omegaconf import OmegaConf
 
-    from .config import compose_base, config_groups, field_docs
+    from .config import compose_base, config_groups
+    from .schema import field_docs
 
     docs = field_docs()
     base = compose_base()
@@ -235,7 +236,7 @@ def _sweep(overrides: List[str]) -> int:
     for n, point in enumerate(points):  # every point composes before any runs: typos stop the sweep
         cfg = compose(point)
         root = root or cfg.output.dir
-        name = _dirname(n, override_dirname(point))
+        name = sweep_dirname(n, override_dirname(point))
         where = os.path.join(root, name).replace("\\", "\\\\").replace("'", "\\'")
         # quoted: a point's name holds '=', ',' and brackets, which the override grammar parses
         point = [o for o in point if not o.startswith("output.dir=")] + [f"output.dir='{where}'"]

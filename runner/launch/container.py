@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime
 import os
 import pwd
-import re
 import shlex
 import shutil
 import subprocess
@@ -148,19 +147,13 @@ def _abs(p) -> str:
 
 def bind_dirs(cfg) -> List[str]:
     """Folders the task must see, deduplicated, children of another dropped."""
-    dirs = []
-    inp = cfg.input
-    lmdb, tar = inp.get("lmdb"), inp.get("tar")
-    if lmdb:
-        dirs.append(_abs(lmdb) if os.path.isdir(_abs(lmdb)) else os.path.dirname(_abs(lmdb)))
-    if tar:  # a glob, a brace range or a list file: the folder before any pattern character
-        head = re.split(r"[*?\[{]", str(tar), maxsplit=1)[0]
-        dirs.append(os.path.dirname(_abs(head)) if not os.path.isdir(_abs(head)) else _abs(head))
-    for p in (cfg.input.dir, cfg.input.root, cfg.input.list and os.path.dirname(_abs(cfg.input.list)),
-              cfg.output.dir, os.path.dirname(_abs(cfg.model.prototxt)),
+    from ..inputs import node_read_paths
+
+    # the input's files are reached through their folders
+    dirs = [str(p.parent) if p.is_file() else str(p) for p in node_read_paths(cfg.input)]
+    for p in (cfg.output.dir, os.path.dirname(_abs(cfg.model.prototxt)),
               cfg.model.weights and os.path.dirname(_abs(cfg.model.weights)),
-              cfg.model.preprocess.mean_file and os.path.dirname(_abs(cfg.model.preprocess.mean_file)),
-              cfg.input.get("lmdb"), cfg.input.get("tar") and os.path.dirname(_abs(cfg.input.tar))):
+              cfg.model.preprocess.mean_file and os.path.dirname(_abs(cfg.model.preprocess.mean_file))):
         if p:
             dirs.append(_abs(p))
     return _outermost(dirs)

@@ -159,9 +159,10 @@ def merge_job(run_dir: str) -> str:
 
 def _check_paths_for_nodes(cfg) -> None:
     """Tasks run elsewhere: node-local paths would not exist there."""
+    from ..inputs import node_read_paths
+
     for label, p in (("model.prototxt", cfg.model.prototxt), ("model.weights", cfg.model.weights),
-                     ("output.dir", cfg.output.dir), ("input.dir", cfg.input.dir), ("input.list", cfg.input.list),
-                     ("input.lmdb", cfg.input.get("lmdb"))):
+                     ("output.dir", cfg.output.dir), *(("input path", str(q)) for q in node_read_paths(cfg.input))):
         # output.dir may not exist yet: prepare_run checks that it can be written
         if p and label != "output.dir" and not os.access(p, os.R_OK):
             raise ConfigError(f"{label} {p} is not readable from here; tasks will not read it either")
