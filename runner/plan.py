@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .inputs import build_manifest, describe_change, input_source, input_stamp, list_input, refuse_caffe_io
 from .launch.container import check_container, task_container
 from .manifest import extend_manifest, load_manifest
-from .model import chosen_blobs
+from .model import check_model_files, chosen_blobs, input_hw, parse_prototxt, sha256_file
 from .rundir import RunDir, partial_of
 from .shard import shard_bounds
 
@@ -193,8 +193,6 @@ def validate(cfg) -> Checked:
     preprocessing against the net, device and GPU request, container, Slurm partition and
     account. Both launchers call it (through prepare_run) before anything is listed, locked
     or submitted."""
-    from .model import check_model_files, input_hw, parse_prototxt
-
     _check_ranges(cfg)
     input_source(cfg.input)
     if cfg.backend != "simulated":
@@ -319,7 +317,6 @@ class Run:
         """What a task builds from the plan before its first batch (parses the prototxt and
         loads the mean file: call once per shard)."""
         from .decode import Decoder, Geometry
-        from .model import parse_prototxt
         from .preprocess import CaffeIODecoder, make_transform
 
         cfg = self.cfg
@@ -394,7 +391,6 @@ def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> R
     """Validate, list the input (or reuse the stored manifest), write run.json. The device
     (and for Slurm the GPUs per task) is resolved here and written into cfg, so tasks get
     plain values."""
-    from .model import sha256_file
 
     checked = validate(cfg)
     cfg.device = checked.device

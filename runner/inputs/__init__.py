@@ -88,7 +88,9 @@ def node_read_paths(ic) -> List[Path]:
     out: List[Path] = []
     for k in KINDS:
         if k.configured(ic):
-            out += [p for p in k.node_read_paths(ic) if p not in out]
+            for p in k.node_read_paths(ic):
+                if p not in out:
+                    out.append(p)
     return out
 
 
