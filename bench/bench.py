@@ -48,7 +48,7 @@ def _child(fn_name: str, kwargs: Dict, q) -> None:
     try:
         threads = kwargs.pop("_threads", None)
         if threads:
-            from runner.extract import configure_threads
+            from runner.task import configure_threads
 
             configure_threads(threads)
         out = globals()[fn_name](**kwargs)
@@ -256,11 +256,12 @@ def _prepare(run_dir: Path, overrides: List[str], shards: int = 1) -> str:
     from omegaconf import OmegaConf
 
     from runner.config import compose
+    from runner.launch.registry import launcher_for
     from runner.plan import prepare_run
 
     shutil.rmtree(run_dir, ignore_errors=True)  # every repeat starts from nothing
     cfg = compose(overrides + [f"output.dir={run_dir}", "output.overwrite=true"])
-    prepare_run(cfg, default_shards=shards, explicit_shards=shards)
+    prepare_run(cfg, launcher_for(cfg), explicit_shards=shards)
     return OmegaConf.to_yaml(cfg)
 
 

@@ -8,7 +8,6 @@ the number of images.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import queue
 import threading
@@ -23,33 +22,17 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from . import log
-from .launch.container import image_label
+from .device import resolve_local_device
 from .manifest import load_manifest
 from .inputs import open_reader
+from .model import load_engine
+from .plan import load_run
 from .preprocess import oversample as oversample_crops
 from .errors import ShardBusyError
 from .features import FeaturePost, pooled_shape
-from .shard import TaskIdentity, task_identity
+from .runtimes.identity import image_label
+from .task import TaskIdentity, configure_threads, default_threads, task_identity
 from .write import ShardLock, ShardWriter
-
-
-def configure_threads(threads: int) -> None:
-    """BLAS threads must be set before Caffe (OpenBLAS) is loaded into the process."""
-    threads = max(1, int(threads))
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    import cv2
-
-    cv2.setNumThreads(1)  # decode threads are our parallelism; no nested pools
-
-
-def default_threads() -> int:
-    for var in ("CAFFE_RUNNER_THREADS", "SLURM_CPUS_PER_TASK"):
-        v = os.environ.get(var)
-        if v and v.isdigit():
-            return int(v)
-    return len(os.sched_getaffinity(0))
 
 
 class _Progress:
@@ -218,8 +201,6 @@ class _Opened:
 
 def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest, parts) -> _Opened:
     """Load the engine and open (or resume) the shard's writer."""
-    from .model import load_engine
-
     cfg, plan = run.cfg, run.plan
     start, stop = run.shard_range(index)
     blobs = parts.blobs
@@ -288,15 +269,11 @@ def shard_statistics(elapsed: float, done_now: int, busy: float, t_first: Option
 def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
     """Extract shard `index` of the run in cfg.output.dir. Idempotent: a complete shard is
     skipped, a partial one resumes from its last flushed batch."""
-    from .plan import load_run
-
     if threads is None:
         threads = default_threads()
     configure_threads(threads)
     ident = task_identity()
     if cfg.device == "auto":  # launchers resolve it; a direct caller gets this task's view
-        from .plan import resolve_local_device
-
         cfg.device = resolve_local_device(cfg)
     run = load_run(cfg)
     num_shards = run.num_shards
@@ -342,12 +319,3 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
             except Exception:
                 pass
         raise
-
-
-def setup_task_logging(level=logging.INFO) -> None:
-    if not log.handlers:
-        h = logging.StreamHandler()
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(h)
-    log.setLevel(level)
-    log.propagate = False

@@ -20,11 +20,13 @@ from omegaconf import OmegaConf
 
 from . import __version__, log
 from .errors import ConfigError
+from .fetch import ensure_model_files
 from .inputs import build_manifest, describe_change, input_source, input_stamp, list_input, refuse_caffe_io
-from .launch.container import check_container, task_container
 from .manifest import extend_manifest, load_manifest
 from .model import check_model_files, chosen_blobs, input_hw, parse_prototxt, sha256_file
 from .rundir import RunDir, partial_of
+from .runtimes import check_container
+from .runtimes.identity import task_container
 from .shard import shard_bounds
 
 
@@ -84,120 +86,29 @@ def _check_preprocess(cfg, hw: Tuple[int, int], channels: int) -> None:
         raise ConfigError(f"model.input_size={list(cfg.model.input_size)}: give [H, W] (or [S] for S x S)")
 
 
-def gpu_capable(cfg) -> bool:
-    """Whether the tasks' engine can compute on a GPU (asked of this environment's Caffe)."""
-    if cfg.backend == "simulated":
-        return True  # stands in for a device in tests and benchmarks
-    if cfg.backend == "opencv":
-        return False
-    from .gpu import caffe_has_gpu
-
-    return caffe_has_gpu()
-
-
-def _in_container(cfg) -> bool:
-    return cfg.container.runtime != "none"
-
-
-def resolve_local_device(cfg) -> str:
-    """device=auto on this machine: the GPU when GPUs are visible here and Caffe has CUDA."""
-    if cfg.device != "auto":
-        return str(cfg.device)
-    if not gpu_capable(cfg):
-        return "cpu"
-    from .launch.local import resolve_gpus
-
-    try:
-        resolve_gpus(cfg.launcher.get("gpus", "auto"))
-    except ConfigError:
-        return "cpu"
-    if cfg.backend == "caffe":
-        from .gpu import cuda_probe
-
-        probe = cuda_probe()
-        if not probe.usable:  # a CUDA build where the driver or devices cannot be used
-            log.info("device=auto: the CPU (CUDA cannot use the GPUs here: %s)", probe.message)
-            return "cpu"
-    return "gpu"
-
-
-def resolve_slurm_device(cfg) -> Tuple[str, int]:
-    """(device, gpus_per_task) of a Slurm task. GPUs are requested only for tasks that will
-    compute on them; holding a GPU while computing on the CPU is refused (allow_cpu_on_gpu)."""
-    lc = cfg.launcher
-    req = lc.gpus_per_task
-    # with a container the image's Caffe runs, not this one: auto trusts this one (documented)
-    capable = gpu_capable(cfg)
-    if req == "auto" or req is None:
-        gpus = 1 if cfg.device == "gpu" or (cfg.device == "auto" and capable) else 0
-    else:
-        try:
-            gpus = int(req)
-        except (TypeError, ValueError):
-            gpus = -1
-        if gpus < 0 or str(req).strip() not in (str(gpus), f"{gpus}.0"):
-            raise ConfigError(f"launcher.gpus_per_task={req!r}: use auto, 0 or a positive integer")
-    device = str(cfg.device)
-    if device == "auto":
-        device = "gpu" if gpus > 0 and capable else "cpu"
-    if device == "gpu" and gpus == 0:
-        raise ConfigError("device=gpu but launcher.gpus_per_task=0: the tasks would get no GPU; set "
-                          "launcher.gpus_per_task=1 (or auto)")
-    if device == "cpu" and gpus > 0:
-        why = ("device=cpu" if cfg.device == "cpu" else
-               f"backend={cfg.backend} computes on the CPU" if cfg.backend == "opencv" else
-               "this pycaffe is CPU-only")
-        if not lc.get("allow_cpu_on_gpu", False):
-            raise ConfigError(
-                f"launcher.gpus_per_task={gpus} requests GPUs, but the tasks would compute on the CPU ({why}): "
-                "use device=gpu with a CUDA build of Caffe (docker/Dockerfile.gpu), or launcher.gpus_per_task=0 "
-                "to run on CPUs (launcher.allow_cpu_on_gpu=true runs anyway, e.g. to check GPU binding)")
-        log.warning("launcher.allow_cpu_on_gpu=true: each task holds %d GPU(s) and computes on the CPU (%s)",
-                    gpus, why)
-    return device, gpus
-
-
-def _check_device(cfg) -> Tuple[str, int]:
+def _check_device(cfg, launcher) -> Tuple[str, int]:
     if cfg.backend == "opencv" and cfg.device == "gpu":
         raise ConfigError("backend=opencv runs on the CPU only: set device=cpu (or backend=caffe)")
-    if cfg.launcher.name == "slurm":
-        device, gpus = resolve_slurm_device(cfg)
-    else:
-        lc = cfg.launcher
-        for key in ("workers", "threads_per_worker"):
-            if lc.get(key) is not None and int(lc[key]) < 1:
-                raise ConfigError(f"launcher.{key}={lc[key]}: use 1 or more (or null for the default)")
-        device, gpus = resolve_local_device(cfg), 0
-        if device == "gpu":
-            from .launch.local import resolve_gpus
-
-            resolve_gpus(lc.gpus)  # raises when none is visible
-    if device == "gpu" and cfg.backend == "caffe" and not _in_container(cfg):
-        from .gpu import require_cuda_device, require_gpu_caffe
-
-        if cfg.launcher.name == "slurm":
-            require_gpu_caffe()  # a login node need not have a GPU: each task probes its own
-        else:
-            require_cuda_device()  # a CUDA build, a driver and a device here
+    device, gpus = launcher.resolve_device(cfg)
+    if device == "gpu" and cfg.backend == "caffe" and cfg.container.runtime == "none":
+        launcher.require_gpu_here()  # with a container, the image's Caffe runs, not this one
     return device, gpus
 
 
-def _check_container(cfg, device: str) -> None:
+def _check_container(cfg, device: str, launcher) -> None:
     """The runtime is here, the image exists, is readable, is visible from the nodes and fits
-    the device (launch/container.py)."""
-    check_container(cfg, device)
+    the device (runner/runtimes/)."""
+    check_container(cfg, launcher.placement, device)
 
 
-def validate(cfg) -> Checked:
+def validate(cfg, launcher) -> Checked:
     """Every check that needs no listing: ranges, model files, the net's blobs and channels,
-    preprocessing against the net, device and GPU request, container, Slurm partition and
-    account. Both launchers call it (through prepare_run) before anything is listed, locked
-    or submitted."""
+    preprocessing against the net, device and GPU request, container, and the launcher's own
+    (Slurm partition and account). Both launchers call it (through prepare_run) before
+    anything is listed, locked or submitted."""
     _check_ranges(cfg)
     input_source(cfg.input)
     if cfg.backend != "simulated":
-        from .fetch import ensure_model_files
-
         ensure_model_files(cfg.model)  # here, on the submitting node: tasks never download
         check_model_files(cfg.model)
     blobs = chosen_blobs(cfg)
@@ -207,12 +118,9 @@ def validate(cfg) -> Checked:
     hw = input_hw(cfg.model, spec)
     channels = int(spec.input_shape[1]) if spec.input_shape and len(spec.input_shape) == 4 else 3
     _check_preprocess(cfg, hw, channels)
-    device, gpus = _check_device(cfg)
-    _check_container(cfg, device)
-    if cfg.launcher.name == "slurm":
-        from .launch.slurm import check_slurm
-
-        check_slurm(cfg)
+    device, gpus = _check_device(cfg, launcher)
+    _check_container(cfg, device, launcher)
+    launcher.check(cfg)
     return Checked(blobs, hw, channels, device, gpus)
 
 
@@ -316,7 +224,7 @@ class Run:
     def pipeline_parts(self) -> "PipelineParts":
         """What a task builds from the plan before its first batch (parses the prototxt and
         loads the mean file: call once per shard)."""
-        from .decode import Decoder, Geometry
+        from .decode import Decoder, Geometry  # cv2: loaded by tasks only
         from .preprocess import CaffeIODecoder, make_transform
 
         cfg = self.cfg
@@ -351,7 +259,7 @@ class Run:
         }
 
 
-def _relist(cfg, run: Run, new_stamp: Optional[Dict], default_shards: int) -> Run:
+def _relist(cfg, run: Run, new_stamp: Optional[Dict]) -> Run:
     """input.relist=true: append images that are new since the listing as new shards; entries
     already listed keep their positions, complete shards are never touched."""
     plan, rd = run.plan, run.rundir
@@ -387,15 +295,14 @@ def _relist(cfg, run: Run, new_stamp: Optional[Dict], default_shards: int) -> Ru
     return run
 
 
-def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> Run:
+def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
     """Validate, list the input (or reuse the stored manifest), write run.json. The device
-    (and for Slurm the GPUs per task) is resolved here and written into cfg, so tasks get
-    plain values."""
-
-    checked = validate(cfg)
+    (and what the launcher resolved, e.g. Slurm's GPUs per task) is resolved here and
+    written into cfg, so tasks get plain values. `launcher` is a launch.base.Launcher: its
+    hooks are the only launcher-specific steps of the plan."""
+    checked = validate(cfg, launcher)
     cfg.device = checked.device
-    if cfg.launcher.name == "slurm":
-        cfg.launcher.gpus_per_task = checked.gpus_per_task
+    launcher.settle(cfg, checked)
     blobs, hw, channels = checked.blobs, checked.input_hw, checked.channels
     source = input_source(cfg.input)
     run_dir = Path(os.path.abspath(os.path.expanduser(cfg.output.dir)))
@@ -421,7 +328,7 @@ def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> R
                     raise ConfigError(f"the input changed since this run listed it ({what}): add input.relist=true "
                                       "to extend the run with the new images as new shards (complete shards are "
                                       "kept), or choose a new output.dir for a fresh run")
-                run = _relist(cfg, run, stamp, default_shards)
+                run = _relist(cfg, run, stamp)
             n_done = len(run.done_shards())
             log.info("run directory %s holds this run: %s (%d of %d shards done)", run_dir,
                      "already complete, nothing to extract" if n_done == run.num_shards else "resuming",
@@ -443,9 +350,8 @@ def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> R
     stamp = input_stamp(cfg.input)  # before listing: a change during the listing shows up next time
     manifest = build_manifest(run_dir, cfg.input)
     if num_shards is None:
-        # a callable is asked only now, after validate() resolved the device
-        default_shards = default_shards() if callable(default_shards) else default_shards
-        num_shards = max(1, min(default_shards, manifest.count))
+        # asked only now, after validate() resolved the device
+        num_shards = max(1, min(launcher.default_shards(cfg), manifest.count))
     elif num_shards > manifest.count:
         raise ConfigError(f"num_shards={num_shards} is more than the {manifest.count} images: "
                           f"use num_shards<={manifest.count}")

@@ -224,6 +224,8 @@ class LauncherConf:
 @dataclass
 class LocalLauncherConf(LauncherConf):
     name: str = "local"
+    # the implementation (runner/launch/registry.py imports it)
+    _target_: str = "runner.launch.local.LocalLauncher"
     # worker processes for device=cpu; null: one per 2 cores (at least 1)
     workers: Optional[int] = None
     # device=gpu: "auto" (the GPUs in CUDA_VISIBLE_DEVICES / nvidia-smi) or a list of ids
@@ -237,6 +239,8 @@ class LocalLauncherConf(LauncherConf):
 @dataclass
 class SlurmLauncherConf(LauncherConf):
     name: str = "slurm"
+    # the implementation (runner/launch/registry.py imports it)
+    _target_: str = "runner.launch.slurm.SlurmLauncher"
     # sbatch --partition/--account/--qos/--constraint; unset: the site's defaults
     partition: Optional[str] = None
     account: Optional[str] = None

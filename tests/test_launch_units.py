@@ -8,8 +8,8 @@ from omegaconf.errors import ValidationError
 from runner.config import sweep_dirname
 from runner.schema import ContainerConf, InputConf, ModelConf, OutputConf, RunConf, SlurmLauncherConf
 from runner.errors import ConfigError
-from runner.launch.container import bind_dirs, container_command, wrap_python
-from runner.launch.local import resolve_gpus
+from runner.device import resolve_gpus
+from runner.runtimes import bind_dirs, container_command, wrap_python
 from runner.launch.slurm import executor_parameters, parse_scontrol_config
 
 pytestmark = pytest.mark.unit

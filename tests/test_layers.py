@@ -17,35 +17,17 @@ RUNNER = Path(__file__).resolve().parent.parent / "runner"
 # lowest first; a module may import from its own layer and the ones before it
 LAYERS: List[Tuple[str, List[str]]] = [
     ("leaves", ["runner", "runner.errors", "runner.shard", "runner.features", "runner.decode", "runner.samples",
-                "runner.schema"]),
-    ("storage and devices", ["runner.manifest", "runner.rundir", "runner.write", "runner.gpu", "runner.preprocess",
-                             "runner.fetch"]),
-    ("model and inputs", ["runner.model", "runner.inputs", "runner.inputs.*"]),
+                "runner.schema", "runner.task"]),
+    ("storage and devices", ["runner.manifest", "runner.rundir", "runner.write", "runner.gpu", "runner.device",
+                             "runner.preprocess", "runner.fetch"]),
+    ("model, inputs, runtimes", ["runner.model", "runner.inputs", "runner.inputs.*", "runner.runtimes",
+                                 "runner.runtimes.*"]),
     ("config and plan", ["runner.config", "runner.plan"]),
     ("stages", ["runner.extract", "runner.merge", "runner.stats", "runner.status", "runner.verify",
                 "runner.synthetic"]),
     ("launchers", ["runner.launch", "runner.launch.*"]),
     ("front doors", ["runner.inspect", "runner.api", "runner.cli", "runner.__main__"]),
 ]
-
-# ISSUE 19 PART B (launchers behind one interface, runner/runtimes/) removes these imports: the
-# plan imports no launcher, the task-side image label moves below the launchers, the launch
-# package's own circles go. When part B lands, empty this set (test_part_b_left_nothing_pending
-# then passes instead of failing as expected).
-PENDING_PART_B: Set[Tuple[str, str]] = {
-    ("runner.plan", "runner.launch.container"),
-    ("runner.plan", "runner.launch.local"),
-    ("runner.plan", "runner.launch.slurm"),
-    ("runner.extract", "runner.launch.container"),
-    ("runner.merge", "runner.launch.container"),
-    ("runner.launch", "runner.launch.local"),
-    ("runner.launch", "runner.launch.slurm"),
-    ("runner.launch.local", "runner.launch"),
-    ("runner.launch.slurm", "runner.launch"),
-    ("runner.launch.container", "runner.launch.container_task"),
-    ("runner.launch.container_task", "runner.launch.local"),
-}
-
 
 def _name(path: Path) -> str:
     parts = list(path.relative_to(RUNNER.parent).with_suffix("").parts)
@@ -147,23 +129,19 @@ def test_every_module_is_in_a_layer():
 
 
 def test_no_import_from_a_higher_layer():
-    bad = upward(edges()) - PENDING_PART_B
+    bad = upward(edges())
     assert not bad, "imports from a higher layer: " + ", ".join(
         f"{m} ({LAYERS[layer_of(m)][0]}) -> {t} ({LAYERS[layer_of(t)][0]})" for m, t in sorted(bad))
 
 
 def test_no_import_circle():
-    circles = cycles(edges() - PENDING_PART_B)
+    circles = cycles(edges())
     assert not circles, f"import circles: {circles}"
-
-
-# part B's files (the launchers) still hold these
-PENDING_PART_B_REIMPORTS = {("runner.launch.container", "runner.errors"), ("runner.launch.slurm", "runner.plan")}
 
 
 def test_no_function_level_reimport():
     """A function importing what its module already imports at the top is noise (or a circle dodge)."""
-    bad = {(m, t) for m, got in imports().items() for t in got["fn"] & got["top"]} - PENDING_PART_B_REIMPORTS
+    bad = {(m, t) for m, got in imports().items() for t in got["fn"] & got["top"]}
     assert not bad, f"function-level imports of modules already imported at the top: {sorted(bad)}"
 
 
@@ -174,16 +152,3 @@ def test_the_walk_sees_what_it_must():
     assert "runner.inputs.base" in got["runner.inputs.files"]["top"]
     assert "runner.model" in got["runner.inputs.lmdb"]["fn"]
     assert upward({("runner.manifest", "runner.plan")}) and cycles({("a", "b"), ("b", "a")}) == [["a", "b"]]
-
-
-def test_pending_part_b_imports_still_exist():
-    """A stale entry would let that import come back unnoticed."""
-    stale = PENDING_PART_B - edges()
-    got = imports()
-    stale |= {(m, t) for m, t in PENDING_PART_B_REIMPORTS if t not in got[m]["fn"] & got[m]["top"]}
-    assert not stale, f"remove from PENDING_PART_B (no longer imported): {sorted(stale)}"
-
-
-@pytest.mark.xfail(strict=True, reason="issue 19 part B (launchers behind an interface) is not merged yet")
-def test_part_b_left_nothing_pending():
-    assert not PENDING_PART_B and not PENDING_PART_B_REIMPORTS

@@ -14,9 +14,10 @@ from omegaconf import OmegaConf
 from runner.schema import InputConf, LocalLauncherConf, ModelConf, RunConf, SlurmLauncherConf
 from runner.errors import ConfigError
 from runner.features import FeaturePost, pooled_shape, postprocess
+from runner.device import resolve_local_device, resolve_slurm_device
 from runner.inputs import build_manifest, input_stamp
 from runner.manifest import extend_manifest, load_manifest
-from runner.plan import Run, _check_preprocess, load_run_dir, resolve_local_device, resolve_slurm_device
+from runner.plan import Run, _check_preprocess, load_run_dir
 from runner.rundir import RunDir, partial_of
 from runner.status import shard_state
 from runner.synthetic import make_run, shard_file
