@@ -14,29 +14,21 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from omegaconf import OmegaConf
 
 from . import __version__, log
 from .errors import ConfigError
 from .fetch import ensure_model_files
-from .manifest import build_manifest, extend_manifest, input_stamp, list_input, load_manifest
-from .model import check_model_files, input_hw, parse_prototxt, sha256_file
+from .inputs import build_manifest, describe_change, input_source, input_stamp, list_input, refuse_caffe_io
+from .manifest import extend_manifest, load_manifest
+from .model import check_model_files, chosen_blobs, input_hw, parse_prototxt, sha256_file
 from .rundir import RunDir, partial_of
 from .runtimes import check_container
 from .runtimes.identity import task_container
 from .shard import shard_bounds
 
-
-def _blobs(cfg) -> List[str]:
-    blobs = list(cfg.output.blobs) if cfg.output.blobs else list(cfg.model.default_blobs)
-    if not blobs:
-        raise ConfigError(f"no blobs to extract: set output.blobs=[name,...] (model {cfg.model.name} "
-                          "has no default_blobs)")
-    if len(set(blobs)) != len(blobs):
-        raise ConfigError(f"output.blobs names a blob twice: {blobs}")
-    return blobs
 
 
 @dataclass(frozen=True)
@@ -68,9 +60,7 @@ def _check_ranges(cfg) -> None:
 def _check_preprocess(cfg, hw: Tuple[int, int], channels: int) -> None:
     """Cross-field checks a shard would otherwise hit after the run has started."""
     pp = cfg.model.preprocess
-    if pp.mode == "caffe_io" and (cfg.input.get("lmdb") or cfg.input.get("tar")):
-        raise ConfigError("model.preprocess.mode=caffe_io reads image files by name; input.lmdb and input.tar "
-                          "are decoded from memory: use model.preprocess.mode=opencv (Caffe's data layer semantics)")
+    refuse_caffe_io(cfg.input, pp.mode)
     if channels != 3:
         raise ConfigError(f"the net takes {channels} input channels; caffe-runner feeds colour images "
                           "(3 channels): use a deploy prototxt with a 3-channel input")
@@ -117,11 +107,11 @@ def validate(cfg, launcher) -> Checked:
     (Slurm partition and account). Both launchers call it (through prepare_run) before
     anything is listed, locked or submitted."""
     _check_ranges(cfg)
-    _input_source(cfg)
+    input_source(cfg.input)
     if cfg.backend != "simulated":
         ensure_model_files(cfg.model)  # here, on the submitting node: tasks never download
         check_model_files(cfg.model)
-    blobs = _blobs(cfg)
+    blobs = chosen_blobs(cfg)
     spec = parse_prototxt(cfg.model.prototxt)
     for b in blobs:
         spec.producer(b)  # raises, listing the blobs that exist
@@ -149,21 +139,6 @@ def identity(cfg, blobs: List[str], model_sha: Dict[str, str], input_source: str
     }
 
 
-def _input_source(cfg) -> str:
-    if cfg.input.dir:
-        return "dir:" + os.path.abspath(os.path.expanduser(cfg.input.dir))
-    if cfg.input.list:
-        labels = cfg.input.get("list_labels", "auto")
-        return "list:" + os.path.abspath(os.path.expanduser(cfg.input.list)) + ("" if labels == "auto" else
-                                                                                f" labels={labels}")
-    if cfg.input.get("lmdb"):
-        return "lmdb:" + os.path.abspath(os.path.expanduser(cfg.input.lmdb))
-    if cfg.input.get("tar"):
-        return "tar:" + str(cfg.input.tar)
-    raise ConfigError("no input: set input.dir=DIR (a folder of images, listed recursively), "
-                      "input.list=FILE (one path per line), input.lmdb=PATH or input.tar=SHARDS")
-
-
 def _check_writable(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -183,6 +158,15 @@ def segments(plan: Dict) -> List[Dict]:
     input.relist that found new images (appended to the manifest, split into new shards)."""
     return plan.get("segments") or [{"first": 0, "num_shards": int(plan["num_shards"]), "start": 0,
                                       "count": int(plan["count"])}]
+
+
+class PipelineParts(NamedTuple):
+    """A task's pipeline pieces, built from the plan (Run.pipeline_parts)."""
+    spec: object                      # the parsed deploy prototxt (model.NetSpec)
+    blobs: List[str]
+    decoder: object                   # decode.Decoder or preprocess.CaffeIODecoder
+    transform: object                 # batch of decoded images -> the net's input array
+    in_shape: Tuple[int, int, int]    # C, H, W
 
 
 @dataclass
@@ -237,8 +221,9 @@ class Run:
     def missing_shards(self) -> List[int]:
         return [i for i in range(self.num_shards) if not self.shard_path(i).exists()]
 
-    def pipeline_parts(self):
-        """(net spec, blobs, decoder, batch transform, input shape C,H,W) for a task."""
+    def pipeline_parts(self) -> "PipelineParts":
+        """What a task builds from the plan before its first batch (parses the prototxt and
+        loads the mean file: call once per shard)."""
         from .decode import Decoder, Geometry  # cv2: loaded by tasks only
         from .preprocess import CaffeIODecoder, make_transform
 
@@ -255,7 +240,7 @@ class Run:
         else:
             decoder = Decoder(dgeom, cfg.decode.exif_orientation, cfg.decode.max_pixels, cfg.decode.reduced_jpeg)
         channels = int(self.plan["channels"])
-        return spec, blobs, decoder, make_transform(pp, geom, channels), (channels, h, w)
+        return PipelineParts(spec, blobs, decoder, make_transform(pp, geom, channels), (channels, h, w))
 
     def shard_attrs(self) -> Dict[str, object]:
         p = self.plan
@@ -272,14 +257,6 @@ class Run:
             "config": p["config_yaml"],
             **task_container(),
         }
-
-
-def _describe_change(old: Optional[Dict], new: Optional[Dict]) -> str:
-    if old and new and "count" in old and "count" in new and old["count"] != new["count"]:
-        return f"{old['count']} images when listed, {new['count']} now"
-    if old and new and "size" in old and old.get("size") != new.get("size"):
-        return f"the list file was {old['size']} bytes when listed, {new['size']} now"
-    return "files were added, replaced or modified since it was listed"
 
 
 def _relist(cfg, run: Run, new_stamp: Optional[Dict]) -> Run:
@@ -327,7 +304,7 @@ def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
     cfg.device = checked.device
     launcher.settle(cfg, checked)
     blobs, hw, channels = checked.blobs, checked.input_hw, checked.channels
-    source = _input_source(cfg)
+    source = input_source(cfg.input)
     run_dir = Path(os.path.abspath(os.path.expanduser(cfg.output.dir)))
     _check_writable(run_dir)
     rd = RunDir(run_dir)
@@ -346,7 +323,7 @@ def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
             run = Run(cfg, rd, old)
             stamp = input_stamp(cfg.input)
             if old.get("input_stamp") is not None and stamp is not None and stamp != old["input_stamp"]:
-                what = _describe_change(old["input_stamp"], stamp)
+                what = describe_change(old["input_stamp"], stamp)
                 if not cfg.input.get("relist", False):
                     raise ConfigError(f"the input changed since this run listed it ({what}): add input.relist=true "
                                       "to extend the run with the new images as new shards (complete shards are "

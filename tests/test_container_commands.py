@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from runner.config import ContainerConf, InputConf, LocalLauncherConf, ModelConf, OutputConf, RunConf, SlurmLauncherConf
+from runner.schema import ContainerConf, InputConf, LocalLauncherConf, ModelConf, OutputConf, RunConf, SlurmLauncherConf
 from runner import runtimes as ct
 from runner.errors import ConfigError
 from runner.launch.registry import launcher_for
@@ -194,7 +194,7 @@ def tiny_image(tmp_path_factory):
 
 
 def _tiny_cfg(img, tmp_path, **kw):
-    from runner.config import LocalLauncherConf
+    from runner.schema import LocalLauncherConf
 
     cfg = _cfg("charliecloud", str(img), launcher=LocalLauncherConf(), **kw)
     cfg.input.dir = cfg.output.dir = str(tmp_path)

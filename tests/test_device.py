@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from runner.config import LocalLauncherConf, ModelConf, RunConf, SlurmLauncherConf
+from runner.schema import LocalLauncherConf, ModelConf, RunConf, SlurmLauncherConf
 from runner.errors import ConfigError
 from runner.gpu import caffe_has_gpu
 from runner.device import resolve_local_device, resolve_slurm_device

@@ -5,8 +5,8 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from runner.cli import _dirname
-from runner.config import ContainerConf, InputConf, ModelConf, OutputConf, RunConf, SlurmLauncherConf
+from runner.config import sweep_dirname
+from runner.schema import ContainerConf, InputConf, ModelConf, OutputConf, RunConf, SlurmLauncherConf
 from runner.errors import ConfigError
 from runner.device import resolve_gpus
 from runner.runtimes import bind_dirs, container_command, wrap_python
@@ -79,7 +79,7 @@ def test_resolve_gpus(monkeypatch):
 
 
 def test_sweep_dirnames_are_one_folder():
-    name = _dirname(3, "model.prototxt=/a/b.prototxt,model=caffenet,output.blobs=[fc6,fc7]")
+    name = sweep_dirname(3, "model.prototxt=/a/b.prototxt,model=caffenet,output.blobs=[fc6,fc7]")
     assert "/" not in name and name.startswith("3_") and "output.blobs=[fc6,fc7]" in name
     assert "model=caffenet" in name and "prototxt" not in name
-    assert len(_dirname(0, "x=" + "y" * 500)) <= 200
+    assert len(sweep_dirname(0, "x=" + "y" * 500)) <= 200

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from runner.config import InputConf, LocalLauncherConf, ModelConf, RunConf, SlurmLauncherConf
+from runner.schema import InputConf, LocalLauncherConf, ModelConf, RunConf, SlurmLauncherConf
 from runner.errors import ConfigError
 from runner.features import FeaturePost, pooled_shape, postprocess
-from runner.manifest import build_manifest, extend_manifest, input_stamp, load_manifest
 from runner.device import resolve_local_device, resolve_slurm_device
+from runner.inputs import build_manifest, input_stamp
+from runner.manifest import extend_manifest, load_manifest
 from runner.plan import Run, _check_preprocess, load_run_dir
 from runner.rundir import RunDir, partial_of
 from runner.status import shard_state
@@ -116,7 +117,7 @@ def test_preprocess_cross_checks_pass_good_values():
 def test_yaml_holds_no_second_copy_of_the_defaults():
     import yaml
 
-    from runner.cli import conf_dir
+    from runner.config import conf_dir
 
     for name in ("config.yaml", "launcher/local.yaml", "launcher/slurm.yaml"):
         data = yaml.safe_load(open(os.path.join(conf_dir(), name)))

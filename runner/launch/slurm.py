@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import submitit
 
 from .. import log
-from .._node_paths_tmp import node_read_paths  # TEMPORARY: runner.inputs.node_read_paths once issue-19 is merged
+from ..inputs import node_read_paths
 from ..device import resolve_slurm_device
 from ..errors import ConfigError, ShardFailedError, did_you_mean
 from ..extract import run_shard

@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .._node_paths_tmp import node_read_paths  # TEMPORARY: runner.inputs.node_read_paths once issue-19 is merged
+from ..inputs import node_read_paths
 from ..errors import ConfigError
 from .apptainer import Apptainer
 from .base import NODE_LOCAL, TASK_ENV, ContainerSpec, Placement, Runtime, Wrapped, abs_path, outermost, under
