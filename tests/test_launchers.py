@@ -16,7 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import TINY_PROTOTXT
-from runner.config import InputConf, LocalLauncherConf, ModelConf, OutputConf, RunConf, SlurmLauncherConf
+from runner.schema import InputConf, LocalLauncherConf, ModelConf, OutputConf, RunConf, SlurmLauncherConf
 from runner.errors import ConfigError
 from runner.extract import run_shard
 from runner.launch import launch
