@@ -152,3 +152,54 @@ def test_the_walk_sees_what_it_must():
     assert "runner.inputs.base" in got["runner.inputs.files"]["top"]
     assert "runner.model" in got["runner.inputs.lmdb"]["fn"]
     assert upward({("runner.manifest", "runner.plan")}) and cycles({("a", "b"), ("b", "a")}) == [["a", "b"]]
+
+
+# ---- launchers and container runtimes: each choice is made in one place ---------------------
+
+LAUNCHER_NAMES = {"local", "slurm"}
+RUNTIME_NAMES = {"apptainer", "charliecloud", "podman", "docker", "pyxis"}
+
+
+def _name_tests(module: str, names) -> List[str]:
+    """`x == "slurm"`, `x in ("podman", "docker")`, ... in a module: where it asks which one."""
+    out = []
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.Compare):
+            for side in [node.left, *node.comparators]:
+                consts = [side] if isinstance(side, ast.Constant) else list(getattr(side, "elts", []))
+                hit = [c.value for c in consts if isinstance(c, ast.Constant) and c.value in names]
+                if hit:
+                    out.append(f"{module}:{node.lineno} tests {hit}")
+    return out
+
+
+def test_only_the_launchers_ask_which_launcher_and_only_the_runtimes_which_runtime():
+    """The plan (and everything below the launchers) never asks `launcher.name == "slurm"`; no
+    module outside runner/runtimes/ branches on a runtime's name (today's bugs came from such
+    branches living beside the table they belonged in)."""
+    bad = [hit for m in MODULES if not m.startswith("runner.launch") for hit in _name_tests(m, LAUNCHER_NAMES)]
+    bad += [hit for m in MODULES if not m.startswith("runner.runtimes") for hit in _name_tests(m, RUNTIME_NAMES)]
+    assert not bad, bad
+    # the check sees such a branch where one is allowed
+    assert _name_tests("runner.runtimes.oci", RUNTIME_NAMES)
+
+
+def test_the_plan_and_the_tasks_import_no_launcher_and_the_registry_no_implementation():
+    got = imports()
+    below = [m for m in MODULES if layer_of(m) < layer_of("runner.launch")]
+    assert not [(m, t) for m in below for t in got[m]["top"] | got[m]["fn"] if t.startswith("runner.launch")]
+    # launch/registry.py imports the implementations by name (importlib), when a launch starts
+    assert not {"runner.launch.local", "runner.launch.slurm"} & (got["runner.launch.registry"]["top"]
+                                                                 | got["runner.launch.registry"]["fn"])
+    assert "runner.launch.base" in got["runner.launch.local"]["top"] and "runner.runtimes" in got["runner.plan"]["top"]
+
+
+def test_no_private_name_imported_across_modules():
+    """`from .local import _die_with_parent` couples two modules through a name neither promises."""
+    bad = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and _targets(module, node, path.name == "__init__.py"):
+                bad += [f"{module}:{node.lineno} {a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, bad
