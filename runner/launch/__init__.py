@@ -30,6 +30,7 @@ LOCK_NAME = "launch.lock"
 _RUN_ENTRIES = {"run.json", "manifest", "shards", "status", "logs", "features.h5", "features.h5.tmp", "stats.json",
                 "submissions.json", ".hydra", LOCK_NAME}
 
+
 def check_run_dir(path: Path) -> None:
     """Refuse a non-empty folder that is not a run directory (naming what is in it)."""
     if not path.exists():
