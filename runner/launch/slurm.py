@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import submitit
 
 from .. import log
-from ..inputs import node_read_paths
+from ..inputs import configured, node_read_paths
 from ..device import resolve_slurm_device
 from ..errors import ConfigError, ShardFailedError, did_you_mean
 from ..extract import run_shard
@@ -160,8 +160,9 @@ def merge_job(run_dir: str) -> str:
 
 def _check_paths_for_nodes(cfg) -> None:
     """Tasks run elsewhere: node-local paths would not exist there."""
+    which = "/".join(f"input.{f}" for f in configured(cfg.input)) or "input"  # as the user set it
     paths = [("model.prototxt", cfg.model.prototxt), ("model.weights", cfg.model.weights),
-             ("output.dir", cfg.output.dir)] + [("input", str(p)) for p in node_read_paths(cfg.input)]
+             ("output.dir", cfg.output.dir)] + [(which, str(p)) for p in node_read_paths(cfg.input)]
     for label, p in paths:
         # output.dir may not exist yet: prepare_run checks that it can be written
         if p and label != "output.dir" and not os.access(p, os.R_OK):
