@@ -9,6 +9,14 @@ from typing import Dict, List
 from .inputs import path_keys
 from .schema import register_configs
 
+# Slurm jobs queued (or requeued) by a version before the schema moved to schema.py carry their
+# config pickled with these classes under their old home, runner.config.<name>: they must stay
+# importable here for those jobs to unpickle (tests/test_units.py: test_configs_pickled_*).
+from .schema import (Backend, ChannelOrder, ContainerConf, ContainerRuntime, DecodeConf, Device,  # noqa: F401
+                     DType, InputConf, Interpolation, LauncherConf, LocalLauncherConf, ModelConf, ModelFileConf,
+                     OutputConf, Pooling, PreprocessConf, PreprocessMode, Resize, RunConf, RunOptsConf,
+                     SlurmLauncherConf, StrEnum)
+
 # keys left out of a sweep point's folder name (paths, and keys that do not change the output)
 SWEEP_NAME_EXCLUDE = ("output.dir", *path_keys(), "launcher", "launcher.wait", "output.overwrite", "output.merge")
 
