@@ -89,20 +89,21 @@ def test_describe_cudnn(args, want):
 
 def _prepare(tiny_net, photos, out):
     from runner.config import compose
+    from runner.launch.registry import launcher_for
     from runner.plan import prepare_run
 
     cfg = compose([f"input.dir={photos}", f"output.dir={out}", "num_shards=1", "batch_size=4", "device=cpu",
                    *tiny_model_args(tiny_net)])
-    prepare_run(cfg, default_shards=1, explicit_shards=1)
+    prepare_run(cfg, launcher_for(cfg), explicit_shards=1)
     return cfg
 
 
 def _fake_gpu(monkeypatch, perturb):
     """load_engine returns the real pycaffe CPU engine posing as a GPU one; its forward (the
     'GPU') adds perturb(blob) to every output, forward_cpu is the untouched CPU forward."""
-    import runner.model as model
+    import runner.extract as extract
 
-    real = model.load_engine
+    real = extract.load_engine
 
     def load(cfg, spec, blobs, in_shape, threads, gpu_device=0):
         eng = real(cfg, spec, blobs, in_shape, threads, gpu_device)
@@ -115,7 +116,7 @@ def _fake_gpu(monkeypatch, perturb):
         eng.on_gpu, eng.gpu_label = True, "FakeGPU 9000 (device 0)"
         return eng
 
-    monkeypatch.setattr(model, "load_engine", load)
+    monkeypatch.setattr(extract, "load_engine", load)
 
 
 @pytest.mark.slow
