@@ -389,8 +389,13 @@ if [ "$CUDA" = 1 ]; then
   flavour="CUDA $CUDA_VERSION_FULL, sm $ARCH_BIN, PTX $ARCH_PTX"
   cudnn_json=null
   if [ "$CUDNN" = 1 ]; then
-    readelf -d "$so" | grep -q "NEEDED.*\[$(basename "$CUDNN_LIB")\]" || { log "$so does not link $(basename "$CUDNN_LIB"): not a cuDNN build"; exit 1; }
-    nm -D "$so" | grep -qw cudnnGetConvolutionForwardAlgorithm_v7 || { log "$so does not call cudnnGetConvolutionForwardAlgorithm_v7: $CUDNN_PATCH missing?"; exit 1; }
+    # no `cmd | grep -q` on long output: grep exits at the first match, cmd dies of SIGPIPE and
+    # pipefail fails the check
+    readelf -d "$so" >"$work/dynamic.txt"
+    nm -D --undefined-only "$so" >"$work/undefined.txt"
+    grep -q "NEEDED.*\[$(basename "$CUDNN_LIB")\]" "$work/dynamic.txt" || { log "$so does not link $(basename "$CUDNN_LIB"): not a cuDNN build"; exit 1; }
+    grep -qw cudnnGetConvolutionForwardAlgorithm_v7 "$work/undefined.txt" || { log "$so does not call cudnnGetConvolutionForwardAlgorithm_v7: $CUDNN_PATCH missing?"; exit 1; }
+    ! grep -qw cudnnGetConvolutionForwardAlgorithm "$work/undefined.txt" || { log "$so calls cudnnGetConvolutionForwardAlgorithm, which cuDNN 8 removed"; exit 1; }
     version="$version.cudnn$(echo "$CUDNN_VERSION" | cut -d. -f1,2)"
     flavour="$flavour, cuDNN $CUDNN_VERSION"
     cudnn_json="\"$CUDNN_VERSION\""
