@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
-import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -21,6 +20,7 @@ from .. import log
 from ..errors import ConfigError, ShardFailedError
 from ..plan import Run, plan_summary, prepare_run
 from ..status import shard_state
+from .workers import StartWatch, WorkerContext
 
 _worker_threads = 1
 
@@ -85,6 +85,9 @@ def _die_with_parent(poll_s: float = 0.5) -> None:
 def _init_worker(gpu_queue, threads: int, level: int, log_queue=None) -> None:
     global _worker_threads
     _worker_threads = threads
+    # what a shard needs, imported now: an environment that cannot import it fails the run
+    # at start, named (launch/workers.py), instead of failing every shard
+    from .. import extract  # noqa: F401
     # Ctrl-C reaches the whole process group: the launcher alone handles it (and stops us),
     # so one line is printed instead of a traceback per worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -153,7 +156,9 @@ def launch_local(cfg) -> Dict:
     failed: Dict[int, str] = {}
     results: Dict[int, Dict] = {}
     if todo:
-        ctx = mp.get_context("spawn")
+        # spawn, without the user's main module (a script, stdin, a notebook): workers.py
+        ctx = WorkerContext()
+        watch = StartWatch(ctx)
         gpu_queue = None
         if wp["gpus"]:
             gpu_queue = ctx.Queue()
@@ -164,12 +169,14 @@ def launch_local(cfg) -> Dict:
         log_queue = ctx.Queue()
         listener = logging.handlers.QueueListener(log_queue, *log.handlers, respect_handler_level=True)
         listener.start()
-        pool = ctx.Pool(processes=procs, initializer=_init_worker,
-                        initargs=(gpu_queue, wp["threads"], log.getEffectiveLevel() or logging.INFO, log_queue))
+        init, initargs = watch.initializer(
+            _init_worker, (gpu_queue, wp["threads"], log.getEffectiveLevel() or logging.INFO, log_queue))
+        pool = ctx.Pool(processes=procs, initializer=init, initargs=initargs)
         try:
             pending = {i: pool.apply_async(_shard_entry, (cfg, i)) for i in todo}
             while pending:
                 time.sleep(0.25)
+                watch.check()  # a worker that cannot start fails the run instead of being replaced
                 # the same per-shard states `caffe-runner status` shows, read once per poll
                 states = {i: shard_state(run, i, time.time()) for i in todo}
                 for i in list(pending):
