@@ -416,7 +416,7 @@ def _subcommand(argv) -> int:
     x.add_argument("out", help="OUT.h5 (--format h5) or a folder (--format npy)")
     x.add_argument("--format", choices=("h5", "npy"), default="h5",
                    help="h5: the features.h5 layout, features copied; npy: one 2-D matrix per blob "
-                        "(rows flattened) + index.npy, names.txt, failures.tsv")
+                        "(rows flattened) + index.npy, labels.npy (labelled inputs), names.txt, failures.tsv")
     fe = command("fetch", "Download a model preset's files into the model cache ($CAFFE_MODELS), checksum-verified, "
                  "resuming a partial download.",
                  "example: caffe-runner fetch open_nsfw\n"
