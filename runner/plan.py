@@ -203,7 +203,7 @@ def validate(cfg) -> Checked:
     preprocessing against the net, device and GPU request, container, Slurm partition and
     account. Both launchers call it (through prepare_run) before anything is listed, locked
     or submitted."""
-    from .model import check_model_files, input_hw, parse_prototxt
+    from .model import check_fixed_shape, check_model_files, input_hw, parse_prototxt
 
     _check_ranges(cfg)
     _input_source(cfg)
@@ -215,7 +215,8 @@ def validate(cfg) -> Checked:
     blobs = _blobs(cfg)
     spec = parse_prototxt(cfg.model.prototxt)
     for b in blobs:
-        spec.producer(b)  # raises, listing the blobs that exist
+        spec.producer(b)  # raises, naming the closest blobs
+    check_fixed_shape(blobs, spec)  # detection outputs change shape per image
     hw = input_hw(cfg.model, spec)
     channels = int(spec.input_shape[1]) if spec.input_shape and len(spec.input_shape) == 4 else 3
     _check_preprocess(cfg, hw, channels)
