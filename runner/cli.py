@@ -50,7 +50,8 @@ USAGE = """usage: caffe-runner input.dir=IMAGES output.dir=RUN [key=value ...]  
 
 # the keys shown on the --help page, in this order (text comes from the schema's comments)
 _HELP_KEYS = [
-    ("input.dir", "InputConf.dir"), ("input.list", "InputConf.list"), ("output.dir", "OutputConf.dir"),
+    ("input.dir", "InputConf.dir"), ("input.list", "InputConf.list"), ("input.root", "InputConf.root"),
+    ("output.dir", "OutputConf.dir"),
     ("output.blobs", "OutputConf.blobs"), ("output.pooling", "OutputConf.pooling"),
     ("output.l2_normalize", "OutputConf.l2_normalize"), ("output.dtype", "OutputConf.dtype"),
     ("output.overwrite", "OutputConf.overwrite"), ("num_shards", "RunConf.num_shards"),

@@ -158,7 +158,8 @@ class InputConf:
     # a text file of paths, one per line (relative paths are taken relative to `root`,
     # or to the list file's folder)
     list: Optional[str] = None
-    # root of the list's relative paths (default: the list file's folder)
+    # the folder input.list's relative paths are relative to (Caffe's root_folder); null: the
+    # list file's folder. A list whose first paths mostly do not exist there is refused
     root: Optional[str] = None
     # list lines "path label" (Caffe's ImageData / convert_imageset lists; split at the last
     # blank): auto (labels when every line ends with an integer), yes, or no (whole line = path)

@@ -125,7 +125,7 @@ def split_label(line: bytes, labels: str, lineno: int = 0, list_name: str = "") 
     return m.group(1), int(m.group(2))
 
 
-def read_list(list_file: bytes, root: Optional[bytes], labels: str = "auto"
+def read_list(list_file: bytes, root: Optional[bytes], labels: str = "auto", linenos: Optional[List[int]] = None
               ) -> Tuple[bytes, List[bytes], Optional[List[int]]]:
     """Paths (and labels) from a text file, in the file's order: one per line, or NUL-separated
     when the file holds a NUL (for names with newlines: `find -print0 > list`; no labels).
@@ -133,7 +133,8 @@ def read_list(list_file: bytes, root: Optional[bytes], labels: str = "auto"
 
     labels: "auto" reads Caffe's "path label" lines when every line ends with a blank and an
     integer and plain paths when none does (a mix is an error that names a line); "yes"
-    requires labels; "no" takes each whole line as a path (for names like "IMG 2019")."""
+    requires labels; "no" takes each whole line as a path (for names like "IMG 2019").
+    linenos, when given, receives each name's line number (entry number when NUL-separated)."""
     if labels not in ("auto", "yes", "no"):
         raise ConfigError(f"input.list_labels={labels!r}: use auto, yes or no")
     with open(list_file, "rb") as f:
@@ -143,7 +144,7 @@ def read_list(list_file: bytes, root: Optional[bytes], labels: str = "auto"
         if labels == "yes":
             raise ConfigError(f"input.list {shown} is NUL-separated, which carries no labels: "
                               "use 'path label' lines, or set input.list_labels=no")
-        items = [(p, 0) for p in data.split(b"\0") if p]
+        items = [(p, i + 1) for i, p in enumerate(q for q in data.split(b"\0") if q)]
         labels = "no"
     else:
         lines = [p.rstrip(b"\r") for p in data.split(b"\n")]
@@ -172,6 +173,8 @@ def read_list(list_file: bytes, root: Optional[bytes], labels: str = "auto"
         names.append(p)
         if out_labels is not None:
             out_labels.append(lab)
+        if linenos is not None:
+            linenos.append(lineno)
     return base, names, out_labels
 
 
@@ -246,22 +249,96 @@ def _list_files(input_cfg) -> Tuple[bytes, List[bytes], str, Optional[List[int]]
             raise ConfigError(f"input.list {os.fsdecode(lst)!r} does not exist: give a text file "
                               "with one image path per line")
         r = os.fsencode(os.path.expanduser(input_cfg.root)) if input_cfg.root else None
-        root, names, labels = read_list(lst, r, str(input_cfg.get("list_labels", "auto")))
+        linenos: List[int] = []
+        root, names, labels = read_list(lst, r, str(input_cfg.get("list_labels", "auto")), linenos)
         source = f"list:{os.fsdecode(lst)}"
         origin = "list"
+        _check_names(names, source, check_dups=False)  # check_list_duplicates names the lines
+
+        def check(names, linenos, labelled):
+            check_list_duplicates(names, linenos, os.fsdecode(lst), labelled)
+            check_list_resolves(names, root, os.fsdecode(lst), r is not None)
+
+        try:
+            check(names, linenos, labels is not None)
+        except ConfigError as e:
+            if labels is None or input_cfg.get("list_labels", "auto") != "auto":
+                raise
+            # "IMG 2019" read as path "IMG", label 2019: would the whole lines do?
+            whole_lines: List[int] = []
+            _, whole, _ = read_list(lst, r, "no", whole_lines)
+            try:
+                check(whole, whole_lines, False)
+            except ConfigError:
+                raise e from None
+            raise ConfigError(f"{e}; read as whole lines the paths are fine: set input.list_labels=no (the lines "
+                              "end with a number that is part of the name, not a label)") from None
+        return root, names, source, labels, origin
     _check_names(names, source, input_cfg.extensions)
     return root, names, source, labels, origin
 
 
-def _check_names(names, source, exts=()) -> None:
+def first_duplicates(names: Sequence[bytes], linenos: Sequence[int], limit: int = 3
+                     ) -> Tuple[int, List[Tuple[bytes, int, int]]]:
+    """(how many entries repeat an earlier one, the first `limit` as (name, first line, line))."""
+    first: Dict[bytes, int] = {}
+    shown: List[Tuple[bytes, int, int]] = []
+    n = 0
+    for name, line in zip(names, linenos):
+        if name in first:
+            n += 1
+            if len(shown) < limit:
+                shown.append((name, first[name], line))
+        else:
+            first[name] = line
+    return n, shown
+
+
+def check_list_duplicates(names: Sequence[bytes], linenos: Sequence[int], list_name: str, labelled: bool) -> None:
+    n, shown = first_duplicates(names, linenos)
+    if not n:
+        return
+    where = "; ".join(f"{display_name(name)!r} on lines {a} and {b}" for name, a, b in shown)
+    # by path, not by whole line: two lines of one path with different labels are duplicates too
+    fix = ("awk '{p=$0; sub(/[ \t]+[-+]?[0-9]+$/, \"\", p)} !seen[p]++' keeps each path's first line, "
+           "check that its label is the right one" if labelled else "awk '!seen[$0]++' keeps the order")
+    raise ConfigError(f"input.list {list_name} names {n} image(s) more than once ({where}): every image must "
+                      f"appear once; remove the repeated lines ({fix})")
+
+
+LIST_SAMPLE = 20  # listed paths looked up before any work, to catch a wrong root
+
+
+def check_list_resolves(names: Sequence[bytes], root: bytes, list_name: str, root_given: bool) -> None:
+    """Relative list paths resolve against input.root, else the list file's folder; when most of
+    the first LIST_SAMPLE do not exist there, the root is wrong: stop before any work (each would
+    be recorded as 'listed but not found'), naming the folder and input.root."""
+    sample = list(names[:LIST_SAMPLE])
+    missing = [n for n in sample if not os.path.lexists(os.path.join(root, n))]
+    if not sample or len(missing) * 2 <= len(sample):
+        return
+    shown = os.fsdecode(root)
+    cwd = os.getcwd()
+    in_cwd = sum(os.path.lexists(os.path.join(os.fsencode(cwd), n)) for n in missing)
+    hint = (f"they exist under the current folder: add input.root={cwd}" if in_cwd * 2 > len(missing) and
+            os.fsencode(cwd) != root else "set input.root=FOLDER, the folder the list's paths are relative to "
+                                          "(Caffe's root_folder)")
+    against = "input.root" if root_given else "the list file's folder (input.root is not set)"
+    raise ConfigError(f"input.list {list_name}: {len(missing)} of the first {len(sample)} listed paths do not exist "
+                      f"under {shown} ({against}), e.g. {display_name(missing[0])!r}: {hint}")
+
+
+def _check_names(names, source, exts=(), check_dups: bool = True) -> None:
     if not names:
         what = f" (extensions: {','.join(exts)})" if exts else ""
         raise ConfigError(f"no images found in {source[source.index(':') + 1:]}{what}; "
                           "check the path" + (", or set input.extensions=[...]" if exts else ""))
-    dups = len(names) - len(set(names))
+    dups = len(names) - len(set(names)) if check_dups else 0
     if dups:
-        raise ConfigError(f"the input names {dups} image(s) more than once; every image must "
-                          "appear once: deduplicate the list (e.g. awk '!seen[$0]++' keeps the order)")
+        n, shown = first_duplicates(names, range(1, len(names) + 1))
+        where = "; ".join(f"{display_name(name)!r} at entries {a} and {b}" for name, a, b in shown)
+        raise ConfigError(f"the input names {dups} image(s) more than once ({where}); every image must "
+                          "appear once")
 
 
 def list_input(input_cfg) -> Tuple[bytes, List[bytes], str]:

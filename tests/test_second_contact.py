@@ -5,7 +5,25 @@ from __future__ import annotations
 import pytest
 
 from runner.errors import ConfigError
-from runner.model import LayerInfo, NetSpec, check_fixed_shape, unknown_blob_message, variable_shape_blobs
+from runner.model import LayerInfo, NetSpec
+
+
+def check_fixed_shape(*a):
+    from runner.model import check_fixed_shape
+
+    return check_fixed_shape(*a)
+
+
+def unknown_blob_message(*a):
+    from runner.model import unknown_blob_message
+
+    return unknown_blob_message(*a)
+
+
+def variable_shape_blobs(*a):
+    from runner.model import variable_shape_blobs
+
+    return variable_shape_blobs(*a)
 
 pytestmark = pytest.mark.unit
 
@@ -73,3 +91,91 @@ def test_a_small_net_lists_its_blobs():
     small = SSD[:4]
     msg = unknown_blob_message("nope", small, "data")
     assert msg.endswith("its blobs are: data_bn, conv1_h, fc7")
+
+
+# ---- items 3 and 9: list files ---------------------------------------------------------------
+
+def _list_cfg(**kw):
+    from omegaconf import OmegaConf
+
+    from runner.config import InputConf
+
+    return OmegaConf.structured(InputConf(**kw))
+
+
+def _images(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (folder / n).parent.mkdir(parents=True, exist_ok=True)
+        (folder / n).write_bytes(b"\xff\xd8 not decoded here")
+
+
+def test_list_paths_that_do_not_resolve_stop_before_work_naming_input_root(tmp_path, monkeypatch):
+    from runner.manifest import build_manifest
+
+    names = [f"cls{i % 3}/img{i}.jpg" for i in range(20)]
+    _images(tmp_path / "data", names)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "val.txt").write_text("".join(f"{n} {i % 3}\n" for i, n in enumerate(names)))
+    monkeypatch.chdir(tmp_path / "data")  # the user ran from the images' folder, as Caffe's tools allow
+    with pytest.raises(ConfigError) as e:
+        build_manifest(tmp_path / "run", _list_cfg(list=str(lists / "val.txt")))
+    msg = str(e.value)
+    assert f"20 of the first 20 listed paths do not exist under {lists}" in msg and "input.root is not set" in msg
+    assert f"add input.root={tmp_path / 'data'}" in msg and "\n" not in msg, msg
+    assert not (tmp_path / "run" / "manifest").exists()
+    # input.root given, but wrong: named as input.root
+    with pytest.raises(ConfigError, match=r"under .*/lists \(input.root\)"):
+        build_manifest(tmp_path / "run", _list_cfg(list=str(lists / "val.txt"), root=str(lists)))
+    m = build_manifest(tmp_path / "run", _list_cfg(list=str(lists / "val.txt"), root=str(tmp_path / "data")))
+    assert m.count == 20 and m.labels
+
+
+def test_a_few_missing_list_entries_are_failures_not_a_wrong_root(tmp_path):
+    from runner.manifest import build_manifest
+
+    _images(tmp_path, [f"{i}.jpg" for i in range(8)])
+    (tmp_path / "l.txt").write_text("".join(f"{i}.jpg\n" for i in range(10)))  # 2 of 10 missing
+    assert build_manifest(tmp_path / "run", _list_cfg(list=str(tmp_path / "l.txt"))).count == 10
+
+
+def test_names_ending_in_a_number_suggest_list_labels_no(tmp_path):
+    from runner.manifest import build_manifest
+
+    _images(tmp_path, ["IMG 2019", "IMG 2020"])
+    (tmp_path / "l.txt").write_text("IMG 2019\nIMG 2020\n")
+    with pytest.raises(ConfigError, match="set input.list_labels=no"):
+        build_manifest(tmp_path / "run", _list_cfg(list=str(tmp_path / "l.txt")))
+
+
+def test_a_duplicated_list_path_names_the_lines(tmp_path):
+    from runner.manifest import build_manifest
+
+    _images(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
+    (tmp_path / "l.txt").write_text("a.jpg 1\nb.jpg 2\n# comment\nc.jpg 1\na.jpg 3\nb.jpg 2\n")
+    with pytest.raises(ConfigError) as e:
+        build_manifest(tmp_path / "run", _list_cfg(list=str(tmp_path / "l.txt")))
+    msg = str(e.value)
+    assert "names 2 image(s) more than once ('a.jpg' on lines 1 and 5; 'b.jpg' on lines 2 and 6)" in msg, msg
+    # the fix it gives removes duplicates whose labels differ (the old awk '!seen[$0]++' kept a.jpg twice)
+    awk = msg.split("(", 2)[2].split(" keeps")[0]
+    import re
+    import subprocess
+
+    script = re.search(r"awk '(.*)'", awk).group(1)
+    out = subprocess.run(["awk", script, str(tmp_path / "l.txt")], capture_output=True, text=True).stdout
+    assert [ln.split()[0] for ln in out.splitlines() if not ln.startswith("#")] == ["a.jpg", "b.jpg", "c.jpg"]
+
+
+def test_a_run_that_extracts_nothing_fails():
+    from omegaconf import OmegaConf
+
+    from runner.errors import FailureShareError
+    from runner.stats import check_failure_share
+
+    cfg = OmegaConf.create({"run": {"max_failure_fraction": None}})
+    stats = {"rows": 0, "failures": 20, "failures_by_reason": {"listed but not found": 20}, "run_dir": "/r"}
+    with pytest.raises(FailureShareError, match="none of the 20 images could be extracted .20 listed but not found"):
+        check_failure_share(cfg, stats)
+    check_failure_share(cfg, dict(stats, rows=1))  # one row is a result
