@@ -181,6 +181,11 @@ def _check_device(cfg) -> Tuple[str, int]:
         if device == "gpu":
             from .launch.local import resolve_gpus
 
+            if cfg.backend == "caffe" and not _in_container(cfg):
+                from .gpu import require_gpu_caffe
+
+                require_gpu_caffe()  # the real blocker first: no GPU list helps a CPU-only build
+
             resolve_gpus(lc.gpus)  # raises when none is visible
     if device == "gpu" and cfg.backend == "caffe" and not _in_container(cfg):
         from .gpu import require_cuda_device, require_gpu_caffe
