@@ -179,3 +179,59 @@ def test_a_run_that_extracts_nothing_fails():
     with pytest.raises(FailureShareError, match="none of the 20 images could be extracted .20 listed but not found"):
         check_failure_share(cfg, stats)
     check_failure_share(cfg, dict(stats, rows=1))  # one row is a result
+
+
+# ---- item 11: offline model preset, no Slurm cluster: one line each -----------------------
+
+def test_offline_preset_is_one_line_naming_both_files_and_the_fix_once(tmp_path):
+    """What an offline machine says for a caffenet whose two files are missing (a closed local
+    port stands in for the unreachable host)."""
+    import socket
+
+    from omegaconf import OmegaConf
+
+    from runner.fetch import ensure_model_files
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    model = OmegaConf.create({
+        "name": "caffenet", "prototxt": str(tmp_path / "deploy.prototxt"),
+        "weights": str(tmp_path / "w.caffemodel"), "auto_fetch": True, "source": "the zoo",
+        "files": {"weights": {"url": f"http://127.0.0.1:{port}/w.caffemodel", "hash": None},
+                  "prototxt": {"url": f"http://127.0.0.1:{port}/deploy.prototxt", "hash": None}}})
+    with pytest.raises(ConfigError) as e:
+        ensure_model_files(model)
+    msg = str(e.value)
+    assert "deploy.prototxt and w.caffemodel not in" in msg and "(127.0.0.1: Connection refused)" in msg, msg
+    assert msg.count("caffe-runner fetch") == 1 and "model.prototxt=... model.weights=..." in msg
+    assert "\n" not in msg and len(msg) < 400 and "HTTPConnectionPool" not in msg
+
+
+def test_network_reason_is_the_root_cause_in_a_few_words():
+    from runner.fetch import network_reason
+
+    nested = ("HTTPConnectionPool(host='dl.caffe.berkeleyvision.org', port=80): Max retries exceeded with url: "
+              "/x.caffemodel (Caused by NameResolutionError(\"<urllib3.connection.HTTPConnection object at 0x7f>: "
+              "Failed to resolve 'dl.caffe.berkeleyvision.org' ([Errno -2] Name or service not known)\"))")
+    assert network_reason(Exception(nested)) == "Name or service not known"
+    assert network_reason(Exception("Read timed out. (read timeout=60)")) == "timed out"
+
+
+SCONTROL_NO_CLUSTER = """scontrol: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host
+scontrol: error: fetch_config: DNS SRV lookup failed
+scontrol: error: _establish_config_source: failed to fetch config
+scontrol: fatal: Could not establish a configuration source
+"""
+
+
+def test_no_slurm_cluster_is_one_line():
+    from runner.launch.slurm import no_controller_message
+
+    msg = no_controller_message(SCONTROL_NO_CLUSTER)
+    assert msg.startswith("launcher=slurm but no Slurm cluster answers from this machine "
+                          "(scontrol: Could not establish a configuration source)")
+    assert "\n" not in msg and "launcher=local" in msg and len(msg) < 300
+    assert "Unable to contact slurm controller" in no_controller_message(
+        "scontrol: error: Unable to contact slurm controller (connect failure)\n")
