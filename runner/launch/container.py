@@ -323,6 +323,31 @@ def check_container(cfg, device: Optional[str] = None) -> None:
     if not shutil.which(exe):
         raise ConfigError(f"container.runtime={spec.runtime} but `{exe}` is not on PATH here: load it "
                           f"(e.g. `module load {exe}`), or choose another container.runtime")
+    if spec.runtime == "docker" and cfg.launcher.name == "local":
+        # the CLI is a client: without a daemon every shard would fail after the run started
+        # (Slurm tasks use their nodes' daemons, which this machine cannot see)
+        why = docker_daemon_problem()
+        if why:
+            raise ConfigError(docker_daemon_message(why))
+
+
+def docker_daemon_problem(timeout_s: float = 20.0) -> Optional[str]:
+    """None when the Docker daemon answers, else what the client said."""
+    try:
+        p = subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"], capture_output=True,
+                           text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"no answer within {timeout_s:.0f} s"
+    if p.returncode == 0 and p.stdout.strip():
+        return None
+    lines = [ln.strip() for ln in (p.stderr or p.stdout).splitlines() if ln.strip()]
+    return lines[-1] if lines else f"docker version exited {p.returncode}"
+
+
+def docker_daemon_message(why: str) -> str:
+    return (f"container.runtime=docker but the Docker daemon does not answer here ({why[:200]}): start it "
+            "(e.g. `sudo systemctl start docker`), point DOCKER_HOST at one that runs, or use "
+            "container.runtime=podman (no daemon needed)")
 
 
 def _check_image_file(cfg, spec: ContainerSpec, path: str, device: str) -> None:
