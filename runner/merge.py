@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from . import log
-from .errors import RunnerError, ShardFailedError
+from .errors import RunnerError, ShardFailedError, unwritable
 from .launch.container import image_label
 from .write import dataset_name
 
@@ -274,12 +274,26 @@ def export_run(run, out: Path, fmt: str = "h5") -> Path:
     labels.npy when the input has labels, names.txt and failures.tsv). Streamed: one source open at a time, bounded chunks."""
     out = Path(os.path.abspath(os.path.expanduser(str(out))))
     paths = _export_sources(run)
+    if fmt not in ("h5", "npy"):
+        raise RunnerError(f"--format {fmt}: use h5 or npy")
+    _check_export_target(out if fmt == "npy" else out.parent)
     if fmt == "h5":
-        out.parent.mkdir(parents=True, exist_ok=True)
         return write_merged(out, paths, "copy")
     if fmt != "npy":
         raise RunnerError(f"--format {fmt}: use h5 or npy")
     return _export_npy(out, paths)
+
+
+def _check_export_target(folder: Path) -> None:
+    """Before any copying: the target folder can be made and written (one line, not h5py's
+    traceback from deep in the copy)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".export-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise unwritable("the export target", folder, e, "give an OUT in a folder you can write") from None
 
 
 def _escape(name: str) -> str:

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 from omegaconf import OmegaConf
 
 from . import __version__, log
-from .errors import ConfigError
+from .errors import ConfigError, unwritable
 from .launch.container import check_container, task_container
 from .manifest import build_manifest, load_manifest
 from .rundir import RunDir, partial_of
@@ -274,8 +274,7 @@ def _check_writable(path: Path) -> None:
         if e.errno == errno.ENOSPC:  # a rerun after a full disk: the run's files are kept
             raise ConfigError(f"output.dir {path}: no space left on device: free space there, then rerun "
                               "the same command (completed and partial shards are kept)") from e
-        raise ConfigError(f"output.dir {path} is not writable ({e.strerror}): choose another output.dir "
-                          "or fix its permissions") from e
+        raise unwritable("output.dir", path, e, "choose another output.dir (a folder you can write)") from None
 
 
 def segments(plan: Dict) -> List[Dict]:
