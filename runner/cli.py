@@ -23,6 +23,7 @@ from typing import List, Optional, Tuple
 from . import __version__, log
 from .config import conf_dir, pkgfile as _pkgfile, register_resolvers, sweep_dirname as _dirname  # noqa: F401
 from .errors import ConfigError, FailureShareError, RunBusyError, RunnerError, UsageError, did_you_mean
+from .overrides import normalize_overrides
 
 SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch")
 
@@ -265,6 +266,8 @@ def _extract_main(argv: List[str]) -> int:
     from .config import compose
 
     flags, overrides = _parse_flags(argv)
+    # before the sweep check: a comma in a quoted path is part of the path
+    overrides = normalize_overrides(overrides, multirun=flags["multirun"])
     if flags.get("help"):
         print(help_page())
         return EXIT_OK

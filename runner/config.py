@@ -433,6 +433,11 @@ def _override_error(e: Exception, overrides: List[str]) -> "ConfigError":
     if cause:  # a type error (a word where a number goes, ...): Hydra's own words
         first = cause.splitlines()[0]
         return ConfigError(f"{first}" + (f" ({k.group(1)})" if k else "") + ": see `caffe-runner --cfg job` for the types")
+    from .overrides import first_unreadable
+
+    unreadable = first_unreadable(overrides)
+    if unreadable:  # Hydra's grammar: name the override and how to write it
+        return ConfigError(unreadable)
     first = msg.splitlines()[0] if msg else type(e).__name__
     return ConfigError(f"bad override ({first}): write key=value, e.g. output.dir=/scratch/run1")
 
@@ -457,9 +462,11 @@ def compose(overrides, require_output: bool = True, resolve: bool = True):
 
     from .errors import ConfigError, UsageError
 
+    from .overrides import normalize_overrides
+
     register_resolvers()
     register_configs()
-    overrides = list(overrides)
+    overrides = normalize_overrides(overrides)  # paths quoted for Hydra, fc7 -> [fc7], --key=value
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
@@ -517,7 +524,10 @@ def _parse_overrides(overrides: List[str]):
     try:
         return OverridesParser.create().parse_overrides(list(overrides))
     except Exception as e:
-        raise ConfigError(f"bad override ({str(e).splitlines()[0]}): write key=value, a sweep as key=a,b "
+        from .overrides import first_unreadable
+
+        raise ConfigError(first_unreadable(overrides) or
+                          f"bad override ({str(e).splitlines()[0]}): write key=value, a sweep as key=a,b "
                           "and a list as key=[a,b]") from None
 
 

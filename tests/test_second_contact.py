@@ -235,3 +235,58 @@ def test_no_slurm_cluster_is_one_line():
     assert "\n" not in msg and "launcher=local" in msg and len(msg) < 300
     assert "Unable to contact slurm controller" in no_controller_message(
         "scontrol: error: Unable to contact slurm controller (connect failure)\n")
+
+
+# ---- item 6: values Hydra's grammar rejects although they are ordinary paths or lists -------
+
+def _compose(*overrides):
+    from runner.config import compose
+
+    return compose(list(overrides) + ["output.dir=/tmp/x"])
+
+
+@pytest.mark.parametrize("path", ["~/imgs", "a#b", "a&b", "it's", "p(1)", "[x]", "{y}", "a,b", "sp ace",
+                                  "back\\slash\\", "dir/shards-{000..099}.tar"])
+def test_paths_are_quoted_for_hydra(path):
+    import os
+
+    cfg = _compose(f"input.dir={path}", f"input.root={path}", f"model.weights={path}")
+    want = os.path.expanduser(path)
+    assert cfg.input.dir == want and cfg.input.root == want and cfg.model.weights == want
+
+
+def test_brace_range_in_input_tar():
+    assert _compose("input.tar=dir/shards-{000..099}.tar").input.tar == "dir/shards-{000..099}.tar"
+
+
+def test_a_single_value_where_a_list_is_expected():
+    cfg = _compose("output.blobs=fc7", "input.extensions=heic", "launcher=slurm", "launcher.setup=module load caffe")
+    assert list(cfg.output.blobs) == ["fc7"] and list(cfg.input.extensions) == ["heic"]
+    assert list(cfg.launcher.setup) == ["module load caffe"]
+    assert list(_compose("output.blobs=[fc7,conv6_2_h]").output.blobs) == ["fc7", "conv6_2_h"]
+
+
+def test_double_dash_key_value():
+    assert _compose("--input.dir=x", "--output.blobs=fc7").input.dir == "x"
+
+
+def test_sweep_keeps_commas_in_paths_as_sweeps_and_quoted_ones_as_paths():
+    from runner.config import expand_sweep
+    from runner.overrides import normalize_overrides
+
+    points = expand_sweep(normalize_overrides(["input.dir=a,b", "output.blobs=fc7"], multirun=True))
+    assert [p[0] for p in points] == ["input.dir=a", "input.dir=b"]
+    points = expand_sweep(normalize_overrides(["input.dir='a,b'", "model=res10_ssd,open_nsfw"], multirun=True))
+    assert len(points) == 2 and _compose(*points[0]).input.dir == "a,b"
+
+
+def test_what_still_cannot_be_read_says_how_to_write_it():
+    with pytest.raises(ConfigError) as e:
+        _compose("model.preprocess.mean=[1,2")
+    assert "\"model.preprocess.mean=['a b',c]\"" in str(e.value) or "model.preprocess.mean=[a,b]" in str(e.value)
+    from runner.config import expand_sweep
+    from runner.overrides import normalize_overrides
+
+    with pytest.raises(ConfigError) as e:
+        expand_sweep(normalize_overrides(["input.dir=a,b'c"], multirun=True))
+    assert "quote the path" in str(e.value) and "\"input.dir='a,b\\'c'\"" in str(e.value), str(e.value)
