@@ -82,7 +82,9 @@ class ContainerRuntime(StrEnum):
     charliecloud = "charliecloud"
 
 
-IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm", "jfif"]
+# heic/heif: phone photos, decoded by pillow-heif; avif: Pillow's own decoder
+IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm", "jfif", "heic", "heif",
+                    "avif"]
 
 
 @dataclass
@@ -171,7 +173,8 @@ class InputConf:
     tar: Optional[str] = None
     # file name extensions of a folder's images (case-insensitive)
     extensions: List[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
-    # list symlinked files (symlinked folders are never descended into)
+    # follow symlinks to files and folders (each real folder listed once: loops are skipped);
+    # false: symlinks are skipped (and counted)
     follow_symlinks: bool = True
     # the input changed since it was listed: extend the run with the new images as new shards
     relist: bool = False

@@ -26,7 +26,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import log
 from .errors import ConfigError
+from .listing import describe, walk_images
 
 MANIFEST_DIR = "manifest"
 
@@ -47,6 +49,8 @@ class Manifest:
     origin: str = "dir"
     # tar input: the tar files, numbered as in samples.npy
     tars: tuple = ()
+    # a folder: files seen, listed and skipped by reason (listing.Listing.record)
+    listing: Optional[Dict] = None
 
     def read_labels(self, start: int, stop: int) -> Optional[np.ndarray]:
         """labels[start:stop] when stored at listing time, else None."""
@@ -83,31 +87,9 @@ def _matches(name: bytes, exts: Sequence[bytes]) -> bool:
 
 
 def list_dir(root: bytes, extensions: Sequence[str], follow_symlinks: bool = True) -> List[bytes]:
-    """Paths relative to root, recursively, with one of the extensions (case-insensitive).
-
-    Symlinks to files are kept even when broken, so the run records them as failures
-    instead of silently dropping them; symlinked directories are not descended into
-    (no loops)."""
-    exts = [e.lower().lstrip(".").encode() for e in extensions]
-    out: List[bytes] = []
-    stack = [b""]
-    while stack:
-        rel_dir = stack.pop()
-        try:
-            it = os.scandir(os.path.join(root, rel_dir) if rel_dir else root)
-        except PermissionError as e:
-            raise ConfigError(f"cannot list {e.filename!r}: permission denied; fix the permissions "
-                              "or give the readable files as input.list") from e
-        with it:
-            for entry in it:
-                rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(rel)
-                elif _matches(entry.name, exts) and (
-                        entry.is_file(follow_symlinks=follow_symlinks) or entry.is_symlink()):
-                    out.append(rel)
-    out.sort()
-    return out
+    """Paths relative to root, recursively, with one of the extensions (case-insensitive);
+    listing.walk_images also counts what it skips, and follows symlinked folders."""
+    return walk_images(root, extensions, follow_symlinks).names
 
 
 _LABELLED = re.compile(rb"^(.*?)[ \t]+([+-]?[0-9]+)$")
@@ -181,7 +163,7 @@ def read_list(list_file: bytes, root: Optional[bytes], labels: str = "auto", lin
 def write_manifest(run_dir: Path, root: bytes, names: Sequence[bytes], source: str,
                    labels: Optional[Sequence[int]] = None, kind: str = "files", origin: str = "dir",
                    has_labels: Optional[bool] = None, arrays: Optional[Dict[str, np.ndarray]] = None,
-                   tars: Sequence[str] = ()) -> Manifest:
+                   tars: Sequence[str] = (), listing: Optional[Dict] = None) -> Manifest:
     mdir = Path(run_dir) / MANIFEST_DIR
     tmp = mdir.with_name(MANIFEST_DIR + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -200,12 +182,14 @@ def write_manifest(run_dir: Path, root: bytes, names: Sequence[bytes], source: s
     has_labels = labels is not None if has_labels is None else has_labels
     meta = {"root": os.fsdecode(root), "count": len(names), "source": source, "version": 1,
             "kind": kind, "labels": bool(has_labels), "origin": origin, "tars": list(tars)}
+    if listing is not None:
+        meta["listing"] = listing
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     # a manifest without a run.json is a listing an earlier attempt left (refused plan, crash)
     if mdir.exists():
         shutil.rmtree(mdir)
     os.replace(tmp, mdir)
-    return Manifest(mdir, root, len(names), kind, bool(has_labels), origin, tuple(tars))
+    return Manifest(mdir, root, len(names), kind, bool(has_labels), origin, tuple(tars), listing)
 
 
 def load_manifest(run_dir: Path) -> Manifest:
@@ -216,7 +200,8 @@ def load_manifest(run_dir: Path) -> Manifest:
         raise ConfigError(f"{run_dir} has no manifest ({mdir}/meta.json): is it a caffe-runner run "
                           "directory? Start a run with `caffe-runner input.dir=... output.dir=...`")
     return Manifest(mdir, os.fsencode(meta["root"]), int(meta["count"]), meta.get("kind", "files"),
-                    bool(meta.get("labels", False)), meta.get("origin", "dir"), tuple(meta.get("tars", ())))
+                    bool(meta.get("labels", False)), meta.get("origin", "dir"), tuple(meta.get("tars", ())),
+                    meta.get("listing"))
 
 
 def input_kinds(input_cfg) -> List[str]:
@@ -232,17 +217,22 @@ def _check_one_input(input_cfg) -> None:
                                                            if kinds else ""))
 
 
-def _list_files(input_cfg) -> Tuple[bytes, List[bytes], str, Optional[List[int]], str]:
-    """(root, names, source, labels, origin) of a directory (sorted) or a list file (its order)."""
+def _list_files(input_cfg) -> Tuple[bytes, List[bytes], str, Optional[List[int]], str, Optional[Dict]]:
+    """(root, names, source, labels, origin, listing) of a directory (sorted) or a list file (its
+    order); listing: what a folder's walk saw and skipped (listing.Listing.record)."""
     labels = None
+    record = None
     if input_cfg.dir:
         root = os.fsencode(os.path.abspath(os.path.expanduser(input_cfg.dir)))
         if not os.path.isdir(root):
             raise ConfigError(f"input.dir {os.fsdecode(root)!r} is not a directory: check the path "
                               "(or use input.list=FILE for a list of paths)")
-        names = list_dir(root, input_cfg.extensions, input_cfg.follow_symlinks)
+        listing = walk_images(root, input_cfg.extensions, input_cfg.follow_symlinks)
+        names, record = listing.names, listing.record()
         source = f"dir:{os.fsdecode(root)}"
         origin = "dir"
+        if listing.skipped:
+            log.warning("input.dir %s: %s", os.fsdecode(root), describe(record))
     else:
         lst = os.fsencode(os.path.abspath(os.path.expanduser(input_cfg.list)))
         if not os.path.isfile(lst):
@@ -273,9 +263,9 @@ def _list_files(input_cfg) -> Tuple[bytes, List[bytes], str, Optional[List[int]]
                 raise e from None
             raise ConfigError(f"{e}; read as whole lines the paths are fine: set input.list_labels=no (the lines "
                               "end with a number that is part of the name, not a label)") from None
-        return root, names, source, labels, origin
-    _check_names(names, source, input_cfg.extensions)
-    return root, names, source, labels, origin
+        return root, names, source, labels, origin, None
+    _check_names(names, source, input_cfg.extensions, listing=record)
+    return root, names, source, labels, origin, record
 
 
 def first_duplicates(names: Sequence[bytes], linenos: Sequence[int], limit: int = 3
@@ -328,9 +318,10 @@ def check_list_resolves(names: Sequence[bytes], root: bytes, list_name: str, roo
                       f"under {shown} ({against}), e.g. {display_name(missing[0])!r}: {hint}")
 
 
-def _check_names(names, source, exts=(), check_dups: bool = True) -> None:
+def _check_names(names, source, exts=(), check_dups: bool = True, listing: Optional[Dict] = None) -> None:
     if not names:
-        what = f" (extensions: {','.join(exts)})" if exts else ""
+        what = f" ({describe(listing)})" if listing and listing.get("seen") else (
+            f" (extensions: {','.join(exts)})" if exts else "")
         raise ConfigError(f"no images found in {source[source.index(':') + 1:]}{what}; "
                           "check the path" + (", or set input.extensions=[...]" if exts else ""))
     dups = len(names) - len(set(names)) if check_dups else 0
@@ -347,7 +338,7 @@ def list_input(input_cfg) -> Tuple[bytes, List[bytes], str]:
     if input_cfg.get("lmdb") or input_cfg.get("tar"):
         raise ConfigError("input.relist=true re-lists input.dir or input.list; an LMDB or tar shards are "
                           "listed once: use a new output.dir for a changed database or new shards")
-    root, names, source, _, _ = _list_files(input_cfg)
+    root, names, source, _, _, _ = _list_files(input_cfg)
     return root, names, source
 
 
@@ -369,8 +360,8 @@ def build_manifest(run_dir: Path, input_cfg) -> Manifest:
         _check_names(names, source)
         return write_manifest(run_dir, b"", names, source, labels, kind="tar", arrays={"samples": samples},
                               tars=tars)
-    root, names, source, labels, origin = _list_files(input_cfg)
-    return write_manifest(run_dir, root, names, source, labels, origin=origin)
+    root, names, source, labels, origin, record = _list_files(input_cfg)
+    return write_manifest(run_dir, root, names, source, labels, origin=origin, listing=record)
 
 
 def input_stamp(input_cfg) -> Optional[Dict[str, int]]:
@@ -393,19 +384,9 @@ def input_stamp(input_cfg) -> Optional[Dict[str, int]]:
             st = os.stat(os.path.expanduser(input_cfg.list))
             return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
         root = os.fsencode(os.path.abspath(os.path.expanduser(input_cfg.dir)))
-        exts = [e.lower().lstrip(".").encode() for e in input_cfg.extensions]
-        count, newest = 0, os.stat(root).st_mtime_ns
-        stack = [root]
-        while stack:
-            with os.scandir(stack.pop()) as it:
-                for entry in it:
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-                        newest = max(newest, entry.stat(follow_symlinks=False).st_mtime_ns)
-                    elif _matches(entry.name, exts) and (
-                            entry.is_file(follow_symlinks=input_cfg.follow_symlinks) or entry.is_symlink()):
-                        count += 1
-                        newest = max(newest, entry.stat(follow_symlinks=False).st_mtime_ns)
+        # the listing's own walk: the same files counted, symlinked folders followed alike
+        listing = walk_images(root, input_cfg.extensions, input_cfg.follow_symlinks, stamp=True)
+        count, newest = len(listing.names), listing.newest_mtime_ns
         return {"count": count, "mtime_ns": int(newest)}
     except (OSError, ConfigError):
         return None

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from . import __version__, log
 from .errors import ConfigError, unwritable
 from .launch.container import check_container, task_container
+from .listing import describe as describe_listing
 from .manifest import build_manifest, load_manifest
 from .rundir import RunDir, partial_of
 from .shard import shard_bounds
@@ -493,6 +494,8 @@ def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> R
         "labels": manifest.labels,
         "segments": [{"first": 0, "num_shards": num_shards, "start": 0, "count": manifest.count}],
         "input_stamp": stamp,
+        # a folder: files seen, listed, skipped by reason (status and verify say it)
+        "listing": manifest.listing,
         "blobs": blobs,
         "input_hw": list(hw),
         "channels": channels,
@@ -522,6 +525,8 @@ def load_run_dir(path) -> Run:
 def plan_summary(run: Run) -> str:
     p = run.plan
     done = len(run.done_shards())
-    return (f"run {run.rundir.path}: {p['count']} images, {run.num_shards} shards ({done} done), "
+    listing = p.get("listing") or {}
+    skipped = f" (input: {describe_listing(listing)})" if listing.get("skipped") else ""
+    return (f"run {run.rundir.path}: {p['count']} images{skipped}, {run.num_shards} shards ({done} done), "
             f"model {p['model']['name']}, blobs {','.join(p['blobs'])}, input {p['input_hw'][0]}x{p['input_hw'][1]}")
 
