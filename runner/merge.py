@@ -287,11 +287,10 @@ def export_run(run, out: Path, fmt: str = "h5") -> Path:
 def _check_export_target(folder: Path) -> None:
     """Before any copying: the target folder can be made and written (one line, not h5py's
     traceback from deep in the copy)."""
+    from .rundir import probe_writable
+
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".export-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(folder)
     except OSError as e:
         raise unwritable("the export target", folder, e, "give an OUT in a folder you can write") from None
 

@@ -23,7 +23,7 @@ from .errors import ConfigError, unwritable
 from .launch.container import check_container, task_container
 from .listing import describe as describe_listing
 from .manifest import build_manifest, load_manifest
-from .rundir import RunDir, partial_of
+from .rundir import RunDir, partial_of, probe_writable
 from .shard import shard_bounds
 
 
@@ -267,10 +267,7 @@ def _input_source(cfg) -> str:
 
 def _check_writable(path: Path) -> None:
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"x")
-        probe.unlink()
+        probe_writable(path)
     except OSError as e:
         if e.errno == errno.ENOSPC:  # a rerun after a full disk: the run's files are kept
             raise ConfigError(f"output.dir {path}: no space left on device: free space there, then rerun "

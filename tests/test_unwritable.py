@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import run_cli
+from conftest import mount_tmpfs, run_cli
 from runner.synthetic import make_run
 
 pytestmark = pytest.mark.unit
@@ -18,15 +18,11 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture
 def readonly_fs(tmp_path):
-    d = tmp_path / "ro"
-    d.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)], capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {p.stderr.strip()}")
+    umount = mount_tmpfs(tmp_path / "ro", "ro,size=1m")
     try:
-        yield d
+        yield tmp_path / "ro"
     finally:
-        subprocess.run(["umount", str(d)], check=True)
+        umount()
 
 
 @pytest.fixture
