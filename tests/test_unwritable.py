@@ -5,7 +5,6 @@ exit 2, before any work (they used to end in a traceback from the lock file or h
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
