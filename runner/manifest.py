@@ -81,11 +81,6 @@ class Manifest:
         return [blob[rel[i]:rel[i + 1]] for i in range(len(rel) - 1)]
 
 
-def _matches(name: bytes, exts: Sequence[bytes]) -> bool:
-    dot = name.rfind(b".")
-    return dot >= 0 and name[dot + 1:].lower() in exts
-
-
 def list_dir(root: bytes, extensions: Sequence[str], follow_symlinks: bool = True) -> List[bytes]:
     """Paths relative to root, recursively, with one of the extensions (case-insensitive);
     listing.walk_images also counts what it skips, and follows symlinked folders."""
