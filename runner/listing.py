@@ -70,7 +70,7 @@ def describe(record: Optional[Dict], limit: int = 5) -> str:
 
 def _extension(name: bytes) -> str:
     dot = name.rfind(b".")
-    if dot <= 0 or dot == len(name) - 1:
+    if dot < 0 or dot == len(name) - 1:
         return NO_EXTENSION
     return "." + os.fsdecode(name[dot + 1:]).lower()
 
