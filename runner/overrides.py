@@ -16,9 +16,12 @@ import re
 import typing
 from typing import Iterable, List, Optional, Set
 
-# keys whose value is a file or folder path (or a tar pattern): never Hydra syntax
-PATH_KEYS = ("input.dir", "input.list", "input.root", "input.lmdb", "input.tar", "output.dir",
-             "model.prototxt", "model.weights", "model.preprocess.mean_file", "container.image")
+from .inputs import path_keys
+
+# keys whose value is a file or folder path (or a tar pattern): never Hydra syntax; the input
+# kinds name their own (inputs.path_keys)
+PATH_KEYS = ("output.dir", "model.prototxt", "model.weights", "model.preprocess.mean_file", "container.image",
+             *path_keys())
 
 _SWEEP_FUNCS = ("choice(", "range(", "glob(", "interval(", "shuffle(", "sort(", "tag(")
 
@@ -40,7 +43,7 @@ def _list_fields(cls, prefix: str) -> Set[str]:
 
 def list_keys() -> Set[str]:
     """Keys whose value is a list, read from the schema (both launchers' fields included)."""
-    from .config import LocalLauncherConf, RunConf, SlurmLauncherConf
+    from .schema import LocalLauncherConf, RunConf, SlurmLauncherConf
 
     keys = _list_fields(RunConf, "")
     keys |= _list_fields(LocalLauncherConf, "launcher.") | _list_fields(SlurmLauncherConf, "launcher.")

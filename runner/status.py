@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .listing import describe as describe_listing
+from .inputs.listing import describe as describe_listing
 from .plan import load_run_dir
 from .rundir import pid_alive
 

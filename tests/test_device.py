@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from runner.config import LocalLauncherConf, ModelConf, RunConf, SlurmLauncherConf
+from runner.schema import LocalLauncherConf, ModelConf, RunConf, SlurmLauncherConf
 from runner.errors import ConfigError
 from runner.gpu import caffe_has_gpu
-from runner.plan import resolve_local_device, resolve_slurm_device
+from runner.device import resolve_local_device, resolve_slurm_device
 
 
 def _cfg(launcher, **top):
@@ -45,11 +45,13 @@ def test_cpu_only_caffe_local_auto_is_cpu_even_with_gpus_visible(monkeypatch):
 def test_device_gpu_with_a_cpu_only_caffe_names_the_build_first(monkeypatch):
     """It used to say 'no GPU is visible: set launcher.gpus=[0,...]'; following that advice then
     revealed the real blocker. The CPU-only build is what to fix, whatever GPUs are listed."""
+    from runner.launch.registry import launcher_for
     from runner.plan import _check_device
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi either
     for gpus in ("auto", [0, 1]):
+        cfg = _cfg(LocalLauncherConf(gpus=gpus), device="gpu")
         with pytest.raises(ConfigError) as e:
-            _check_device(_cfg(LocalLauncherConf(gpus=gpus), device="gpu"))
+            _check_device(cfg, launcher_for(cfg))
         assert "this pycaffe is CPU-only" in str(e.value) and "no GPU is visible" not in str(e.value)

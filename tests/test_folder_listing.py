@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from runner.config import IMAGE_EXTENSIONS, InputConf
+from runner.schema import IMAGE_EXTENSIONS, InputConf
 
 pytestmark = pytest.mark.unit
 
@@ -22,13 +22,13 @@ def _touch(p, data=b"x"):
 
 
 def _walk(root, **kw):
-    from runner.listing import walk_images
+    from runner.inputs.listing import walk_images
 
     return walk_images(os.fsencode(root), kw.pop("extensions", IMAGE_EXTENSIONS), **kw)
 
 
 def test_skipped_files_are_counted_by_extension_and_kind(tmp_path):
-    from runner.listing import describe
+    from runner.inputs.listing import describe
 
     _touch(tmp_path / "a.jpg")
     for i in range(3):
@@ -78,7 +78,8 @@ def test_broken_symlinks_with_an_image_extension_are_listed(tmp_path):
 
 
 def test_listing_is_recorded_in_the_manifest_and_the_input_stamp_counts_alike(tmp_path):
-    from runner.manifest import build_manifest, input_stamp, load_manifest
+    from runner.inputs import build_manifest, input_stamp
+    from runner.manifest import load_manifest
 
     root = tmp_path / "in"
     _touch(root / "a.jpg")
@@ -94,7 +95,7 @@ def test_listing_is_recorded_in_the_manifest_and_the_input_stamp_counts_alike(tm
 
 def test_a_folder_of_only_skipped_files_says_what_it_saw(tmp_path):
     from runner.errors import ConfigError
-    from runner.manifest import build_manifest
+    from runner.inputs import build_manifest
 
     for i in range(3):
         _touch(tmp_path / "in" / f"{i}.jp2")

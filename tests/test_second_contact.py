@@ -98,7 +98,7 @@ def test_a_small_net_lists_its_blobs():
 def _list_cfg(**kw):
     from omegaconf import OmegaConf
 
-    from runner.config import InputConf
+    from runner.schema import InputConf
 
     return OmegaConf.structured(InputConf(**kw))
 
@@ -111,7 +111,7 @@ def _images(folder, names):
 
 
 def test_list_paths_that_do_not_resolve_stop_before_work_naming_input_root(tmp_path, monkeypatch):
-    from runner.manifest import build_manifest
+    from runner.inputs import build_manifest
 
     names = [f"cls{i % 3}/img{i}.jpg" for i in range(20)]
     _images(tmp_path / "data", names)
@@ -133,7 +133,7 @@ def test_list_paths_that_do_not_resolve_stop_before_work_naming_input_root(tmp_p
 
 
 def test_a_few_missing_list_entries_are_failures_not_a_wrong_root(tmp_path):
-    from runner.manifest import build_manifest
+    from runner.inputs import build_manifest
 
     _images(tmp_path, [f"{i}.jpg" for i in range(8)])
     (tmp_path / "l.txt").write_text("".join(f"{i}.jpg\n" for i in range(10)))  # 2 of 10 missing
@@ -141,7 +141,7 @@ def test_a_few_missing_list_entries_are_failures_not_a_wrong_root(tmp_path):
 
 
 def test_names_ending_in_a_number_suggest_list_labels_no(tmp_path):
-    from runner.manifest import build_manifest
+    from runner.inputs import build_manifest
 
     _images(tmp_path, ["IMG 2019", "IMG 2020"])
     (tmp_path / "l.txt").write_text("IMG 2019\nIMG 2020\n")
@@ -150,7 +150,7 @@ def test_names_ending_in_a_number_suggest_list_labels_no(tmp_path):
 
 
 def test_a_duplicated_list_path_names_the_lines(tmp_path):
-    from runner.manifest import build_manifest
+    from runner.inputs import build_manifest
 
     _images(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
     (tmp_path / "l.txt").write_text("a.jpg 1\nb.jpg 2\n# comment\nc.jpg 1\na.jpg 3\nb.jpg 2\n")

@@ -20,7 +20,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 NO_EXTENSION = "(no extension)"
 # skip reasons by kind (the extension ones are the extension itself, e.g. ".heic")
