@@ -24,6 +24,7 @@ from . import __version__, log
 from .config import compose, compose_base, conf_dir, config_groups, expand_sweep, override_dirname, sweep_dirname
 from .errors import (ConfigError, FailureShareError, RunBusyError, RunnerError, ShardFailedError, UsageError,
                      did_you_mean)
+from .overrides import normalize_overrides
 
 SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch")
 
@@ -51,7 +52,8 @@ USAGE = """usage: caffe-runner input.dir=IMAGES output.dir=RUN [key=value ...]  
 
 # the keys shown on the --help page, in this order (text comes from the schema's comments)
 _HELP_KEYS = [
-    ("input.dir", "InputConf.dir"), ("input.list", "InputConf.list"), ("output.dir", "OutputConf.dir"),
+    ("input.dir", "InputConf.dir"), ("input.list", "InputConf.list"), ("input.root", "InputConf.root"),
+    ("output.dir", "OutputConf.dir"),
     ("output.blobs", "OutputConf.blobs"), ("output.pooling", "OutputConf.pooling"),
     ("output.l2_normalize", "OutputConf.l2_normalize"), ("output.dtype", "OutputConf.dtype"),
     ("output.overwrite", "OutputConf.overwrite"), ("num_shards", "RunConf.num_shards"),
@@ -262,6 +264,8 @@ def _extract_main(argv: List[str]) -> int:
 
 
     flags, overrides = _parse_flags(argv)
+    # before the sweep check: a comma in a quoted path is part of the path
+    overrides = normalize_overrides(overrides, multirun=flags["multirun"])
     if flags.get("help"):
         print(help_page())
         return EXIT_OK
@@ -411,7 +415,7 @@ def _subcommand(argv) -> int:
     x.add_argument("out", help="OUT.h5 (--format h5) or a folder (--format npy)")
     x.add_argument("--format", choices=("h5", "npy"), default="h5",
                    help="h5: the features.h5 layout, features copied; npy: one 2-D matrix per blob "
-                        "(rows flattened) + index.npy, names.txt, failures.tsv")
+                        "(rows flattened) + index.npy, labels.npy (labelled inputs), names.txt, failures.tsv")
     fe = command("fetch", "Download a model preset's files into the model cache ($CAFFE_MODELS), checksum-verified, "
                  "resuming a partial download.",
                  "example: caffe-runner fetch open_nsfw\n"

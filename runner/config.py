@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 from .inputs import path_keys
+from .overrides import first_unreadable, normalize_overrides
 from .schema import register_configs
 
 # Slurm jobs queued (or requeued) by a version before the schema moved to schema.py carry their
@@ -115,6 +116,9 @@ def _override_error(e: Exception, overrides: List[str]) -> "ConfigError":
     if cause:  # a type error (a word where a number goes, ...): Hydra's own words
         first = cause.splitlines()[0]
         return ConfigError(f"{first}" + (f" ({k.group(1)})" if k else "") + ": see `caffe-runner --cfg job` for the types")
+    unreadable = first_unreadable(overrides)
+    if unreadable:  # Hydra's grammar: name the override and how to write it
+        return ConfigError(unreadable)
     first = msg.splitlines()[0] if msg else type(e).__name__
     return ConfigError(f"bad override ({first}): write key=value, e.g. output.dir=/scratch/run1")
 
@@ -135,7 +139,7 @@ def compose(overrides, require_output: bool = True, resolve: bool = True):
 
     register_resolvers()
     register_configs()
-    overrides = list(overrides)
+    overrides = normalize_overrides(overrides)  # paths quoted for Hydra, fc7 -> [fc7], --key=value
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
@@ -164,7 +168,8 @@ def _parse_overrides(overrides: List[str]):
     try:
         return OverridesParser.create().parse_overrides(list(overrides))
     except Exception as e:
-        raise ConfigError(f"bad override ({str(e).splitlines()[0]}): write key=value, a sweep as key=a,b "
+        raise ConfigError(first_unreadable(overrides) or
+                          f"bad override ({str(e).splitlines()[0]}): write key=value, a sweep as key=a,b "
                           "and a list as key=[a,b]") from None
 
 

@@ -78,10 +78,27 @@ def jpeg_truncated(data: bytes) -> bool:
     return sos < 0 or data.find(b"\xff\xd9", sos) < 0
 
 
+_PLUGINS = []
+# formats decoded by Pillow even where OpenCV reads them: OpenCV's AVIF reader ignores the EXIF
+# orientation, Pillow (with pillow-heif for HEIF) applies it as it does for JPEG
+_PILLOW_FIRST = ("AVIF", "HEIF")
+
+
+def register_pillow_plugins() -> None:
+    """HEIC/HEIF (phone photos) through pillow-heif's Pillow plug-in; AVIF is Pillow's own
+    (11.3+). OpenCV reads neither, so they come through the Pillow fallback below."""
+    if not _PLUGINS:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+        _PLUGINS.append("heif")
+
+
 def header_size(data: bytes) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
     """(format, (width, height)) from the header only, without decoding pixels."""
     from PIL import Image
 
+    register_pillow_plugins()
     Image.MAX_IMAGE_PIXELS = None  # our own limit (decode.max_pixels) applies, with a clear reason
     try:
         with warnings.catch_warnings():
@@ -96,6 +113,7 @@ def _pil_decode(data: bytes, exif_orientation: bool) -> np.ndarray:
     """Fallback for what OpenCV does not read (e.g. some GIFs): first frame, as BGR uint8."""
     from PIL import Image, ImageOps
 
+    register_pillow_plugins()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with Image.open(io.BytesIO(data)) as im:
@@ -158,10 +176,11 @@ class Decoder:
             flags |= cv2.IMREAD_IGNORE_ORIENTATION
         buf = np.frombuffer(data, dtype=np.uint8)
         img = None
-        try:
-            img = cv2.imdecode(buf, flags)
-        except cv2.error:
-            img = None
+        if fmt not in _PILLOW_FIRST:
+            try:
+                img = cv2.imdecode(buf, flags)
+            except cv2.error:
+                img = None
         if img is None and fmt is not None:
             try:
                 img = _pil_decode(data, self.exif_orientation)

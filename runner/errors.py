@@ -1,5 +1,6 @@
 """Errors that say what is wrong and what to do."""
 import difflib
+import errno
 
 
 def did_you_mean(word: str, choices, n: int = 1, cutoff: float = 0.5) -> str:
@@ -34,3 +35,21 @@ class RunBusyError(RunnerError):
 
 class FailureShareError(RunnerError):
     """More images failed than run.max_failure_fraction allows (the run itself completed)."""
+
+
+# why a folder cannot be written, in the user's words (errno names, not numbers)
+_UNWRITABLE = {
+    errno.EROFS: "it is on a read-only file system",
+    errno.EPERM: "operation not permitted: an immutable folder (lsattr; chattr -i) or a special file system",
+    errno.EACCES: "permission denied",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENOENT: "it cannot be created there",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+}
+
+
+def unwritable(what: str, path, e: OSError, fix: str) -> "ConfigError":
+    """One line for a folder or file that cannot be written: what, where, why, and the fix."""
+    why = _UNWRITABLE.get(e.errno, e.strerror or type(e).__name__)
+    return ConfigError(f"{what} {path} cannot be written ({why}): {fix}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from urllib.parse import urlparse
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,23 @@ from . import log
 from .errors import ConfigError, RunnerError
 
 MODEL_KEYS = ("prototxt", "weights")  # the keys of a preset's `files:`
+
+
+def network_reason(e: BaseException) -> str:
+    """The root cause of a requests error in a few words ("Name or service not known", "timed
+    out", "Connection refused"), not urllib3's nested reprs cut mid-word."""
+    import re
+
+    text = str(e)
+    errnos = re.findall(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if errnos:
+        return errnos[-1].strip()
+    if "NameResolutionError" in text or "Failed to resolve" in text:
+        return "the host name cannot be resolved"
+    if "timed out" in text.lower():
+        return "timed out"
+    m = re.search(r"(\d{3} (?:Client|Server) Error: [^f]+?) for url", text)
+    return m.group(1).strip() if m else type(e).__name__
 
 
 class FetchError(RunnerError):
@@ -113,9 +131,11 @@ def download(url: str, target: Path, known_hash: Optional[str], progress: bool =
                          "sends another file than the published one (a moved URL, a proxy's error page?)")
     except requests.exceptions.RequestException as e:
         kept = f" ({part.stat().st_size} bytes kept in {part} for resuming)" if part.exists() else ""
-        raise FetchError(f"cannot download {url} ({type(e).__name__}: {str(e)[:200]}){kept}. Run "
+        err = FetchError(f"cannot download {url} ({network_reason(e)}){kept}. Run "
                          f"`caffe-runner fetch` where this URL is reachable, or copy the file to {target} "
-                         f"(model cache {models_cache()}, set by $CAFFE_MODELS)") from e
+                         f"(model cache {models_cache()}, set by $CAFFE_MODELS)")
+        err.network = f"{urlparse(url).hostname}: {network_reason(e)}"  # what a plan-time error quotes
+        raise err from e
     if not known_hash:
         log.warning("%s has no published checksum; sha256 of what was downloaded: %s", target,
                     file_hash(target))
@@ -237,14 +257,17 @@ def ensure_model_files(model_cfg) -> None:
     missing = [k for k in MODEL_KEYS if k in files and model_cfg.get(k) and not os.path.isfile(model_cfg[k])]
     if not missing or not model_cfg.get("auto_fetch", True):
         return
-    log.info("model %s: fetching %s into %s", model_cfg.name, ", ".join(missing),
-             os.path.dirname(model_cfg[missing[0]]))
     try:
         fetch_model(model_cfg, progress=sys.stderr.isatty(), only_missing=True)
+        log.info("model %s: fetched %s into %s", model_cfg.name, ", ".join(missing),
+                 os.path.dirname(model_cfg[missing[0]]))
     except RunnerError as e:
-        first = missing[0]
-        where = f" Such files come from: {model_cfg.source}." if model_cfg.get("source") else ""
-        raise ConfigError(f"model {model_cfg.name}: model.{first} file not found: {model_cfg[first]!r}, and "
-                          f"fetching it failed: {e}. Where the network is reachable, run: caffe-runner fetch "
-                          f"{model_cfg.name} (with the same CAFFE_MODELS={models_cache()}).{where} Or point "
-                          f"model.{first}=/path/to/file at your copy.") from e
+        folder = os.path.dirname(model_cfg[missing[0]])
+        names = " and ".join(os.path.basename(model_cfg[k]) for k in missing)
+        why = getattr(e, "network", None)
+        if why:  # offline: one line, the fix said once
+            raise ConfigError(f"model {model_cfg.name}: {names} not in {folder}, and this machine cannot download "
+                              f"them ({why}): run `caffe-runner fetch {model_cfg.name}` where the network is "
+                              f"reachable (same CAFFE_MODELS), or set "
+                              f"{' '.join(f'model.{k}=...' for k in missing)} to your copies") from None
+        raise ConfigError(f"model {model_cfg.name}: {names} not in {folder}, and fetching failed: {e}") from None

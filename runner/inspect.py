@@ -36,7 +36,7 @@ def blob_shapes(spec, end_index: int, weights=None):
 
 
 def inspect_model(overrides: List[str]) -> str:
-    from .model import check_model_files, chosen_blobs, input_hw, parse_prototxt
+    from .model import check_fixed_shape, check_model_files, chosen_blobs, input_hw, parse_prototxt
     from .features import pooled_shape
 
     cfg = compose_config(overrides)
@@ -45,6 +45,7 @@ def inspect_model(overrides: List[str]) -> str:
     chosen = chosen_blobs(cfg)
     for b in chosen:
         spec.producer(b)
+    check_fixed_shape(chosen, spec)
     end = spec.end_layer(chosen)
     try:  # every blob of the net when this Caffe knows all its layers
         shapes = blob_shapes(spec, len(spec.layers) - 1)

@@ -43,6 +43,8 @@ class Manifest:
     origin: str = "dir"
     # tar input: the tar files, numbered as in samples.npy
     tars: tuple = ()
+    # a folder: files seen, listed and skipped by reason (inputs/listing.py: Listing.record)
+    listing: Optional[Dict] = None
 
     def read_labels(self, start: int, stop: int) -> Optional[np.ndarray]:
         """labels[start:stop] when stored at listing time, else None."""
@@ -76,7 +78,7 @@ class Manifest:
 def write_manifest(run_dir: Path, root: bytes, names: Sequence[bytes], source: str,
                    labels: Optional[Sequence[int]] = None, kind: str = "files", origin: str = "dir",
                    has_labels: Optional[bool] = None, arrays: Optional[Dict[str, np.ndarray]] = None,
-                   tars: Sequence[str] = ()) -> Manifest:
+                   tars: Sequence[str] = (), listing: Optional[Dict] = None) -> Manifest:
     mdir = Path(run_dir) / MANIFEST_DIR
     tmp = mdir.with_name(MANIFEST_DIR + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -95,12 +97,14 @@ def write_manifest(run_dir: Path, root: bytes, names: Sequence[bytes], source: s
     has_labels = labels is not None if has_labels is None else has_labels
     meta = {"root": os.fsdecode(root), "count": len(names), "source": source, "version": 1,
             "kind": kind, "labels": bool(has_labels), "origin": origin, "tars": list(tars)}
+    if listing is not None:
+        meta["listing"] = listing
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     # a manifest without a run.json is a listing an earlier attempt left (refused plan, crash)
     if mdir.exists():
         shutil.rmtree(mdir)
     os.replace(tmp, mdir)
-    return Manifest(mdir, root, len(names), kind, bool(has_labels), origin, tuple(tars))
+    return Manifest(mdir, root, len(names), kind, bool(has_labels), origin, tuple(tars), listing)
 
 
 def load_manifest(run_dir: Path) -> Manifest:
@@ -111,7 +115,8 @@ def load_manifest(run_dir: Path) -> Manifest:
         raise ConfigError(f"{run_dir} has no manifest ({mdir}/meta.json): is it a caffe-runner run "
                           "directory? Start a run with `caffe-runner input.dir=... output.dir=...`")
     return Manifest(mdir, os.fsencode(meta["root"]), int(meta["count"]), meta.get("kind", "files"),
-                    bool(meta.get("labels", False)), meta.get("origin", "dir"), tuple(meta.get("tars", ())))
+                    bool(meta.get("labels", False)), meta.get("origin", "dir"), tuple(meta.get("tars", ())),
+                    meta.get("listing"))
 
 
 def extend_manifest(run_dir: Path, keep: int, new_names: Sequence[bytes]) -> Manifest:

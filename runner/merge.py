@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from . import log
-from .errors import RunnerError, ShardFailedError
+from .errors import RunnerError, ShardFailedError, unwritable
 from .runtimes.identity import image_label
 from .write import dataset_name
 
@@ -271,15 +271,28 @@ def _export_sources(run) -> List[Path]:
 def export_run(run, out: Path, fmt: str = "h5") -> Path:
     """A self-contained copy of the run's result: "h5" (the features.h5 layout, features
     copied) or "npy" (a folder: one 2-D float matrix per blob, flattened, plus index.npy,
-    names.txt and failures.tsv). Streamed: one source open at a time, bounded chunks."""
+    labels.npy when the input has labels, names.txt and failures.tsv). Streamed: one source open at a time, bounded chunks."""
     out = Path(os.path.abspath(os.path.expanduser(str(out))))
     paths = _export_sources(run)
+    if fmt not in ("h5", "npy"):
+        raise RunnerError(f"--format {fmt}: use h5 or npy")
+    _check_export_target(out if fmt == "npy" else out.parent)
     if fmt == "h5":
-        out.parent.mkdir(parents=True, exist_ok=True)
         return write_merged(out, paths, "copy")
     if fmt != "npy":
         raise RunnerError(f"--format {fmt}: use h5 or npy")
     return _export_npy(out, paths)
+
+
+def _check_export_target(folder: Path) -> None:
+    """Before any copying: the target folder can be made and written (one line, not h5py's
+    traceback from deep in the copy)."""
+    from .rundir import probe_writable
+
+    try:
+        probe_writable(folder)
+    except OSError as e:
+        raise unwritable("the export target", folder, e, "give an OUT in a folder you can write") from None
 
 
 def _escape(name: str) -> str:
@@ -302,10 +315,14 @@ def _export_npy(out: Path, paths: Sequence[Path]) -> Path:
     mats = {ds: _npy_writer(out / f"{ds}.npy", lay.dtypes[f"features/{ds}"], (total, int(np.prod(shape))))
             for ds, shape in lay.shapes.items()}
     index = _npy_writer(out / "index.npy", np.int64, (total,))
+    # a labelled input (list "path label", Datum, tar .cls): labels.npy beside index.npy, and
+    # a label column in failures.tsv, as the h5 export keeps labels and failures/labels
+    labelled = "labels" in lay.row_datasets
+    labels = _npy_writer(out / "labels.npy", np.int64, (total,)) if labelled else None
     try:
         with open(out / "names.txt", "w", encoding="utf-8") as names, \
                 open(out / "failures.tsv", "w", encoding="utf-8") as fails:
-            fails.write("index\tname\treason\n")
+            fails.write("index\tname\treason" + ("\tlabel" if labelled else "") + "\n")
             for s in sources:
                 with _open(s.path) as f:
                     for ds, shape in lay.shapes.items():
@@ -316,14 +333,18 @@ def _export_npy(out: Path, paths: Sequence[Path]) -> Path:
                     for a in range(0, s.rows, NAME_CHUNK_ROWS):
                         b = min(s.rows, a + NAME_CHUNK_ROWS)
                         index.write(f["index"][a:b].astype("<i8").tobytes())
+                        if labels is not None:
+                            labels.write(f["labels"][a:b].astype("<i8").tobytes())
                         names.writelines(_escape(n) + "\n" for n in f["names"].asstr()[a:b])
                     for a in range(0, s.n_failures, NAME_CHUNK_ROWS):
                         b = min(s.n_failures, a + NAME_CHUNK_ROWS)
-                        for i, n, r in zip(f["failures/index"][a:b], f["failures/names"].asstr()[a:b],
-                                           f["failures/reason"].asstr()[a:b]):
-                            fails.write(f"{int(i)}\t{_escape(n)}\t{_escape(r)}\n")
+                        labs = f["failures/labels"][a:b] if labelled else [None] * (b - a)
+                        for i, n, r, lab in zip(f["failures/index"][a:b], f["failures/names"].asstr()[a:b],
+                                                f["failures/reason"].asstr()[a:b], labs):
+                            fails.write(f"{int(i)}\t{_escape(n)}\t{_escape(r)}"
+                                        + (f"\t{int(lab)}" if labelled else "") + "\n")
     finally:
-        for m in list(mats.values()) + [index]:
+        for m in list(mats.values()) + [index] + ([labels] if labels is not None else []):
             m.close()
     (out / "blobs.json").write_text(json.dumps({dataset_name(b): {"blob": b, "shape": list(lay.shapes[dataset_name(b)])}
                                                 for b in lay.blobs}, indent=1))

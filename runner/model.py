@@ -52,11 +52,67 @@ class NetSpec:
         for i in range(len(self.layers) - 1, -1, -1):
             if blob in self.layers[i].tops:
                 return i
-        raise ConfigError(f"blob {blob!r} is not in the net; its blobs are: {', '.join(self.blobs)} "
-                          "(set output.blobs=[...] to some of them)")
+        raise ConfigError(unknown_blob_message(blob, self.layers, self.input_name))
 
     def end_layer(self, blobs: Sequence[str]) -> int:
         return max(self.producer(b) for b in blobs)
+
+    def variable_blobs(self) -> Dict[str, LayerInfo]:
+        return variable_shape_blobs(self.layers)
+
+
+def unknown_blob_message(blob: str, layers: Sequence[LayerInfo], input_name: str) -> str:
+    """One short line for an output.blobs entry that is no blob the net writes: a layer's name
+    (the blobs it writes), the net's input, or a typo (the closest blobs)."""
+    import difflib
+
+    blobs = list(dict.fromkeys(t for layer in layers for t in layer.tops if t != input_name))
+    hint = "`caffe-runner inspect` lists every blob with its shape"
+    if blob == input_name:
+        return (f"output.blobs: {blob!r} is the net's input (the preprocessed image), not a feature: choose a "
+                f"blob the net computes, e.g. {blobs[-1] if blobs else '...'}; {hint}")
+    writes = [t for layer in layers if layer.name == blob for t in layer.tops]
+    if writes:
+        return (f"output.blobs: {blob!r} is a layer, not a blob; it writes {', '.join(dict.fromkeys(writes))}: "
+                f"write output.blobs=[{writes[-1]}] ({hint})")
+    if len(blobs) <= 12:  # a small net: all of them fit on the line
+        return f"output.blobs: blob {blob!r} is not in the net; its blobs are: {', '.join(blobs)}"
+    close = difflib.get_close_matches(blob, blobs, n=3, cutoff=0.5)
+    return (f"output.blobs: blob {blob!r} is not in the net" +
+            (f" (did you mean {' or '.join(close)}?)" if close else "") + f"; {hint}")
+
+
+# layers whose output shape depends on the image itself (a list of detections, proposals or
+# selected rows), not only on the input size: such a blob has no fixed row shape to store
+VARIABLE_SHAPE_LAYERS = ("DetectionOutput", "Proposal", "Filter", "BatchReindex")
+
+
+def variable_shape_blobs(layers: Sequence[LayerInfo]) -> Dict[str, LayerInfo]:
+    """blob -> the layer that makes its shape vary from image to image (itself, or upstream)."""
+    out: Dict[str, LayerInfo] = {}
+    for layer in layers:
+        cause = layer if layer.type in VARIABLE_SHAPE_LAYERS else next(
+            (out[b] for b in layer.bottoms if b in out), None)
+        for t in layer.tops:
+            if cause is not None:
+                out[t] = cause
+            else:
+                out.pop(t, None)  # written again, in place, by a fixed-shape layer: still varies if its input did
+    return out
+
+
+def check_fixed_shape(blobs: Sequence[str], spec: "NetSpec") -> None:
+    """Refuse, at plan time, a blob whose shape changes per image (res10's detection_out): its
+    rows could not be stacked, and every shard would fail after the run started."""
+    var = spec.variable_blobs()
+    for b in blobs:
+        if b in var:
+            layer = var[b]
+            fixed = [x for x in layer.bottoms if x not in var]
+            raise ConfigError(
+                f"output.blobs: {b!r} changes shape from image to image (it comes from {layer.type} layer "
+                f"{layer.name!r}: a variable number of results), so it cannot be stored one row per image: "
+                f"choose a fixed-size blob" + (f", e.g. one it is computed from: {', '.join(fixed)}" if fixed else ""))
 
 
 def caffe_pb2():

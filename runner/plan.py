@@ -19,12 +19,13 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 from omegaconf import OmegaConf
 
 from . import __version__, log
-from .errors import ConfigError
+from .errors import ConfigError, unwritable
 from .fetch import ensure_model_files
 from .inputs import build_manifest, describe_change, input_source, input_stamp, list_input, refuse_caffe_io
 from .manifest import extend_manifest, load_manifest
-from .model import check_model_files, chosen_blobs, input_hw, parse_prototxt, sha256_file
-from .rundir import RunDir, partial_of
+from .inputs.listing import describe as describe_listing
+from .model import check_fixed_shape, check_model_files, chosen_blobs, input_hw, parse_prototxt, sha256_file
+from .rundir import RunDir, partial_of, probe_writable
 from .runtimes import check_container
 from .runtimes.identity import task_container
 from .shard import shard_bounds
@@ -121,7 +122,8 @@ def validate(cfg, launcher) -> Checked:
     blobs = chosen_blobs(cfg)
     spec = parse_prototxt(cfg.model.prototxt)
     for b in blobs:
-        spec.producer(b)  # raises, listing the blobs that exist
+        spec.producer(b)  # raises, naming the closest blobs
+    check_fixed_shape(blobs, spec)  # detection outputs change shape per image
     hw = input_hw(cfg.model, spec)
     channels = int(spec.input_shape[1]) if spec.input_shape and len(spec.input_shape) == 4 else 3
     _check_preprocess(cfg, hw, channels)
@@ -148,16 +150,12 @@ def identity(cfg, blobs: List[str], model_sha: Dict[str, str], input_source: str
 
 def _check_writable(path: Path) -> None:
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"x")
-        probe.unlink()
+        probe_writable(path)
     except OSError as e:
         if e.errno == errno.ENOSPC:  # a rerun after a full disk: the run's files are kept
             raise ConfigError(f"output.dir {path}: no space left on device: free space there, then rerun "
                               "the same command (completed and partial shards are kept)") from e
-        raise ConfigError(f"output.dir {path} is not writable ({e.strerror}): choose another output.dir "
-                          "or fix its permissions") from e
+        raise unwritable("output.dir", path, e, "choose another output.dir (a folder you can write)") from None
 
 
 def segments(plan: Dict) -> List[Dict]:
@@ -371,6 +369,8 @@ def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
         "labels": manifest.labels,
         "segments": [{"first": 0, "num_shards": num_shards, "start": 0, "count": manifest.count}],
         "input_stamp": stamp,
+        # a folder: files seen, listed, skipped by reason (status and verify say it)
+        "listing": manifest.listing,
         "blobs": blobs,
         "input_hw": list(hw),
         "channels": channels,
@@ -400,6 +400,8 @@ def load_run_dir(path) -> Run:
 def plan_summary(run: Run) -> str:
     p = run.plan
     done = len(run.done_shards())
-    return (f"run {run.rundir.path}: {p['count']} images, {run.num_shards} shards ({done} done), "
+    listing = p.get("listing") or {}
+    skipped = f" (input: {describe_listing(listing)})" if listing.get("skipped") else ""
+    return (f"run {run.rundir.path}: {p['count']} images{skipped}, {run.num_shards} shards ({done} done), "
             f"model {p['model']['name']}, blobs {','.join(p['blobs'])}, input {p['input_hw'][0]}x{p['input_hw'][1]}")
 

@@ -100,3 +100,12 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def probe_writable(folder: Path) -> None:
+    """Make `folder` if needed and write (then remove) a file in it: raises the OSError that
+    a real write there would meet (read-only, immutable, full, no permission)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"x")
+    probe.unlink()

@@ -82,7 +82,9 @@ class ContainerRuntime(StrEnum):
     charliecloud = "charliecloud"
 
 
-IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm", "jfif"]
+# heic/heif: phone photos, decoded by pillow-heif; avif: Pillow's own decoder
+IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm", "jfif", "heic", "heif",
+                    "avif"]
 
 
 @dataclass
@@ -164,7 +166,8 @@ class InputConf:
     # a text file of paths, one per line (relative paths are taken relative to `root`,
     # or to the list file's folder)
     list: Optional[str] = None
-    # root of the list's relative paths (default: the list file's folder)
+    # the folder input.list's relative paths are relative to (Caffe's root_folder); null: the
+    # list file's folder. A list whose first paths mostly do not exist there is refused
     root: Optional[str] = None
     # list lines "path label" (Caffe's ImageData / convert_imageset lists; split at the last
     # blank): auto (labels when every line ends with an integer), yes, or no (whole line = path)
@@ -176,7 +179,8 @@ class InputConf:
     tar: Optional[str] = None
     # file name extensions of a folder's images (case-insensitive)
     extensions: List[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
-    # list symlinked files (symlinked folders are never descended into)
+    # follow symlinks to files and folders (each real folder listed once: loops are skipped);
+    # false: symlinks are skipped (and counted)
     follow_symlinks: bool = True
     # the input changed since it was listed: extend the run with the new images as new shards
     relist: bool = False

@@ -125,6 +125,10 @@ def format_summary(summary: Dict) -> str:
 def check_failure_share(cfg, stats: Optional[Dict]) -> None:
     """run.max_failure_fraction: a run where more images failed than that is a failed run."""
     limit = cfg.run.max_failure_fraction if "run" in cfg else None
+    if stats and stats["failures"] and not stats["rows"]:  # whatever the limit: nothing to show for the run
+        top = ", ".join(f"{k} {why}" for why, k in list(stats["failures_by_reason"].items())[:3])
+        raise FailureShareError(f"none of the {stats['failures']} images could be extracted ({top}): check the "
+                                f"input (the failures are recorded in {stats['run_dir']})")
     if limit is None or not stats:
         return
     done = stats["rows"] + stats["failures"]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .inputs.listing import describe as describe_listing
 from .plan import load_run_dir
 from .rundir import pid_alive
 
@@ -72,6 +73,7 @@ def run_status(run_dir: Path, use_sacct: bool = True) -> Dict:
     if state == "done" and run.rundir.merged.exists():
         state = "merged"
     result = {"run_dir": str(run.rundir.path), "state": state, "images": total, "done": done,
+              "listing": run.plan.get("listing"),
               "rows": sum(s["rows"] for s in shards), "failures": sum(s["failures"] for s in shards),
               "rate": rate, "eta_s": eta, "counts": counts, "shards": shards}
     # which image each shard ran in ("" on the host); shards of one run from several images are flagged
@@ -98,6 +100,8 @@ def format_status(st: Dict) -> str:
     lines = [f"{st['run_dir']}: {st['state']}, {st['done']}/{st['images']} images"
              + (f" ({st['rows']} extracted, {st['failures']} failed)" if st["done"] else "")
              + (f", {st['rate']:.1f} img/s, ETA {st['eta_s']:.0f} s" if st.get("eta_s") else "")]
+    if (st.get("listing") or {}).get("skipped"):  # what the folder's listing left out, and why
+        lines.append(f"  input: {describe_listing(st['listing'])}")
     for why, k in list((st.get("failures_by_reason") or {}).items())[:5]:
         lines.append(f"  failed: {k:>6} {why}")
     lines.append("shards: " + ", ".join(f"{k} {v}" for k, v in sorted(st["counts"].items())))

@@ -173,4 +173,9 @@ def verify(run_dir: Path, notes: List[str] = None) -> List[str]:
     if not problems and run.rundir.merged.exists():
         _check_merged(run, problems)
     _check_input(run, problems, notes)
+    listing = run.plan.get("listing") or manifest.listing or {}
+    if listing.get("skipped"):  # "every image once" is of the listed ones: say what was left out
+        from .inputs.listing import describe
+
+        notes.append(f"input: {describe(listing)}; add extensions with input.extensions=[...] to include them")
     return problems

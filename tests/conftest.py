@@ -40,6 +40,16 @@ def wait_until(pred, timeout=120, what="condition", interval=0.05):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def mount_tmpfs(path: Path, options: str):
+    """A tmpfs mounted on `path` (made here) for a test that needs a real file system state
+    (full, read-only); skips where mounting is not allowed. Returns the umount to call."""
+    path.mkdir(exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here ({r.stderr.strip()}); needs root")
+    return lambda: subprocess.run(["umount", "-l", str(path)], check=True)
+
+
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> Path:
     """The real sample photos (scikit-image's), as JPEG/PNG files in nested folders."""

@@ -83,3 +83,32 @@ def test_unreadable_file(photos, tmp_path):
         assert p.stdout.strip() == "permission denied"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_list_of_paths_that_do_not_resolve_stops_before_work(tiny_net, photos, tmp_path):
+    """The issue's case: relative paths written against the current folder, the list elsewhere:
+    it used to extract 0 of 20 ('listed but not found' x 20) and exit 0."""
+    data = tmp_path / "data"
+    shutil.copytree(photos, data)
+    rels = sorted(os.path.relpath(p, data) for p in data.rglob("*.jpg"))
+    (tmp_path / "lists").mkdir()
+    lst = tmp_path / "lists" / "val.txt"
+    lst.write_text("".join(f"{r}\n" for r in rels))
+    run = tmp_path / "run"
+    p = run_cli(f"input.list={lst}", f"output.dir={run}", *tiny_model_args(tiny_net), check=False, cwd=data,
+                env={"PYTHONPATH": str(REPO)})  # this tree's runner, from another folder
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    line = [ln for ln in p.stderr.splitlines() if ln.startswith("caffe-runner: error:")]
+    assert len(line) == 1 and f"do not exist under {lst.parent}" in line[0] and f"input.root={data}" in line[0]
+    assert not run.exists()
+
+
+def test_a_run_that_extracts_nothing_exits_1(tiny_net, tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(5):
+        (root / f"{i}.jpg").write_bytes(b"not a jpeg at all" * 10)
+    run = tmp_path / "run"
+    p = run_cli(f"input.dir={root}", f"output.dir={run}", *tiny_model_args(tiny_net), check=False)
+    assert p.returncode == 1 and "none of the 5 images could be extracted" in p.stderr, p.stderr[-2000:]
+    assert (run / "features.h5").exists(), "the failures are kept"

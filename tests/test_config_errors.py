@@ -132,3 +132,24 @@ def test_run_dir_with_another_config_is_refused_then_replaced(tiny_net, photos, 
             "launcher.workers=1")
     with h5py.File(run / "features.h5", "r") as f:
         assert f["feats"].shape[1:] == (5,)
+
+
+def _one_error_line(stderr):
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("caffe-runner: error:")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+def test_variable_shaped_blob_is_refused_at_plan_time(photos, tmp_path):
+    """res10's detection_out (a list of detections per image) used to pass every check and fail
+    every shard with a broadcast error."""
+    line = _one_error_line(_err(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", "output.blobs=[detection_out]"))
+    assert "'detection_out' changes shape from image to image" in line and "mbox_loc" in line
+    assert not (tmp_path / "r").exists(), "nothing was started"
+
+
+def test_layer_name_or_typo_gets_the_closest_blob_in_a_short_line(photos, tmp_path):
+    line = _one_error_line(_err(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", "output.blobs=[conv1]"))
+    assert "did you mean conv1_h" in line and len(line) < 250, line
+    line = _one_error_line(_err(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", "output.blobs=[data]"))
+    assert "is the net's input" in line and len(line) < 250, line

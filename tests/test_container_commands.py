@@ -378,3 +378,29 @@ def test_bind_dirs_cover_every_input_kind(tmp_path):
     assert ct.bind_dirs(cfg) == ["/models/m", "/scratch/u/run", "/shards/web", str(tmp_path / "train_lmdb")]
     cfg.input.tar = "/data2/tars.txt"
     assert "/data2" in ct.bind_dirs(cfg)
+
+
+def test_docker_without_a_daemon_is_refused_at_plan_time(monkeypatch):
+    """The real docker client, its daemon unreachable (DOCKER_HOST at a socket that does not
+    exist): one line before anything runs, not a failed `docker run` per shard."""
+    if not shutil.which("docker"):
+        pytest.skip("no docker client on PATH")
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    with pytest.raises(ConfigError) as e:
+        local = _cfg("docker", "caffe-runner:cpu", launcher=LocalLauncherConf())
+        ct.check_container(local, launcher_for(local).placement)
+    msg = str(e.value)
+    assert msg.startswith("container.runtime=docker but the Docker daemon does not answer here (Cannot connect "
+                          "to the Docker daemon at unix:///nonexistent/docker.sock"), msg
+    assert "\n" not in msg and len(msg) < 400
+    # with launcher=slurm the nodes' daemons run the tasks: this machine's is not asked
+    slurm = _cfg("docker", "caffe-runner:cpu")
+    ct.check_container(slurm, launcher_for(slurm).placement)
+
+
+def test_docker_daemon_message_is_one_line():
+    from runner.runtimes.oci import docker_daemon_message
+
+    msg = docker_daemon_message("Cannot connect to the Docker daemon at unix:///var/run/docker.sock. "
+                                   "Is the docker daemon running?")
+    assert "sudo systemctl start docker" in msg and "DOCKER_HOST" in msg and "container.runtime=podman" in msg

@@ -40,3 +40,18 @@ def test_cpu_only_caffe_holding_a_gpu_is_refused_with_both_ways_out():
 def test_cpu_only_caffe_local_auto_is_cpu_even_with_gpus_visible(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     assert resolve_local_device(_cfg(LocalLauncherConf())) == "cpu"
+
+
+def test_device_gpu_with_a_cpu_only_caffe_names_the_build_first(monkeypatch):
+    """It used to say 'no GPU is visible: set launcher.gpus=[0,...]'; following that advice then
+    revealed the real blocker. The CPU-only build is what to fix, whatever GPUs are listed."""
+    from runner.launch.registry import launcher_for
+    from runner.plan import _check_device
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi either
+    for gpus in ("auto", [0, 1]):
+        cfg = _cfg(LocalLauncherConf(gpus=gpus), device="gpu")
+        with pytest.raises(ConfigError) as e:
+            _check_device(cfg, launcher_for(cfg))
+        assert "this pycaffe is CPU-only" in str(e.value) and "no GPU is visible" not in str(e.value)

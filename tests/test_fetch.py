@@ -131,7 +131,11 @@ def test_plan_time_fetch_failure_gives_the_command(photos, tmp_path):
                 f"model.files.weights.url={url}", check=False, env={"CAFFE_MODELS": str(tmp_path / "models")})
     assert p.returncode == 2
     assert "caffe-runner: error: model googlenet:" in p.stderr
-    assert "run: caffe-runner fetch googlenet" in p.stderr and url in p.stderr
+    # one line: the files missing, the host and why, the fix once (no nested urllib3 reprs)
+    line = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(line) == 1 and len(line[0]) < 400, p.stderr
+    assert "run `caffe-runner fetch googlenet`" in line[0] and "(127.0.0.1: Connection refused)" in line[0]
+    assert line[0].count("caffe-runner fetch") == 1 and "bvlc_googlenet.caffemodel" in line[0]
     assert not (tmp_path / "run" / "shards").exists()  # nothing started
 
 

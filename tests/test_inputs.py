@@ -89,8 +89,9 @@ def test_list_labels_no_reads_whole_lines(photos, tiny_net, tmp_path):
     run = tmp_path / "run"
     p = run_cli(f"input.list={lst}", f"input.root={root}", f"output.dir={run}", *tiny_model_args(tiny_net),
                 check=False)
-    assert p.returncode == 0  # auto: "IMG" with label 2019 -> listed but not found
-    assert _read(run / "features.h5")["reasons"] == ["listed but not found"]
+    # auto reads "IMG" with label 2019, which does not exist: refused before any work, with the fix
+    assert p.returncode == 2 and "set input.list_labels=no" in p.stderr, p.stderr[-2000:]
+    assert not run.exists()
     run2 = tmp_path / "run2"
     run_cli(f"input.list={lst}", f"input.root={root}", f"output.dir={run2}", "input.list_labels=no",
             *tiny_model_args(tiny_net))

@@ -22,7 +22,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
                              "runner.selfcheck", "runner.preprocess", "runner.fetch"]),
     ("model, inputs, runtimes", ["runner.model", "runner.inputs", "runner.inputs.*", "runner.runtimes",
                                  "runner.runtimes.*"]),
-    ("config and plan", ["runner.config", "runner.plan"]),
+    ("config and plan", ["runner.config", "runner.overrides", "runner.plan"]),
     ("stages", ["runner.extract", "runner.merge", "runner.stats", "runner.status", "runner.verify",
                 "runner.synthetic"]),
     ("launchers", ["runner.launch", "runner.launch.*"]),

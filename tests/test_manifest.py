@@ -72,6 +72,8 @@ def test_read_list_caffe_labels(tmp_path):
 def test_manifest_stores_labels_in_list_order(tmp_path):
     lst = tmp_path / "val.txt"
     lst.write_text("c.jpg 2\na.jpg 0\nb b.jpg 1\n")
+    for n in ("c.jpg", "a.jpg", "b b.jpg"):  # listed paths must mostly exist (a wrong root is refused)
+        _touch(tmp_path / n)
     m = build_manifest(tmp_path / "run", OmegaConf.structured(InputConf(list=str(lst))))
     m = load_manifest(tmp_path / "run")
     assert m.labels and m.origin == "list"

@@ -17,7 +17,7 @@ import pytest
 from conftest import CLI, REPO, run_cli
 from runner.merge import RUN_ATTRS, export_run, merge_run, open_merged
 from runner.plan import load_run_dir
-from runner.synthetic import expected_row, make_run, shard_file
+from runner.synthetic import expected_label, expected_row, make_run, shard_file
 
 pytestmark = pytest.mark.unit
 
@@ -172,6 +172,25 @@ def test_export_h5_and_npy(tmp_path):
     np.testing.assert_array_equal(m, expected_row(np.load(d / "index.npy"), 5))
     assert (d / "names.txt").read_text().splitlines()[0] == "d00000/img000000000.jpg"
     assert len((d / "failures.tsv").read_text().splitlines()) == 1 + 7
+
+
+def test_export_npy_keeps_the_labels(tmp_path):
+    """A labelled input (list "path label"): labels.npy aligned with index.npy, and the
+    failures' labels in failures.tsv, as the h5 export keeps labels and failures/labels."""
+    run = make_run(tmp_path / "run", 40, 3, dim=2, fail_every=6, labels=True)
+    merge_run(load_run_dir(run))
+    d = export_run(load_run_dir(run), tmp_path / "npy", "npy")
+    idx, labels = np.load(d / "index.npy"), np.load(d / "labels.npy")
+    assert len(idx) == 34 and labels.dtype == np.int64
+    np.testing.assert_array_equal(labels, expected_label(idx))
+    lines = (d / "failures.tsv").read_text().splitlines()
+    assert lines[0] == "index\tname\treason\tlabel" and len(lines) == 1 + 6
+    for line in lines[1:]:
+        i, _, _, lab = line.split("\t")
+        assert int(lab) == expected_label(int(i))
+    # an input without labels has no labels.npy (not a column of -1)
+    run2 = make_run(tmp_path / "run2", 10, 1, dim=2)
+    assert not (export_run(load_run_dir(run2), tmp_path / "npy2", "npy") / "labels.npy").exists()
 
 
 def test_export_of_an_incomplete_run_names_the_missing_shards(tmp_path):

@@ -166,4 +166,6 @@ def test_missing_preset_weights_say_where_they_come_from(photos, tmp_path):
     p = run_cli(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", "model=vgg16",
                 env={"CAFFE_MODELS": str(tmp_path / "none")}, check=False)
     assert p.returncode == 2
-    assert "model.prototxt file not found" in p.stderr and "VGG" in p.stderr and "model.prototxt=" in p.stderr
+    # both missing files, the host they come from (offline here), the fix once (issue 20, item 11)
+    assert "VGG_ILSVRC_16_layers_deploy.prototxt and VGG_ILSVRC_16_layers.caffemodel not in" in p.stderr
+    assert "www.robots.ox.ac.uk" in p.stderr and "model.prototxt=" in p.stderr, p.stderr

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,8 @@ def commands(block: str):
 @pytest.fixture
 def repo_like(photos, tmp_path):
     shutil.copytree(photos, tmp_path / "samples")
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    # PYTHONPATH: this tree's runner, whatever the venv's editable install points at
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(REPO))
     return tmp_path, env
 
 
@@ -70,3 +72,72 @@ def test_readme_python_blocks_run_as_written(repo_like):
         p = subprocess.run([sys.executable, "-c", block], cwd=cwd, env=env, capture_output=True, text=True,
                            timeout=900)
         assert p.returncode == 0, f"README block failed:\n{block}\n{p.stderr[-3000:]}"
+
+
+def _python_block():
+    blocks = [b for b in readme_blocks("python") if "extract(" in b]
+    assert len(blocks) == 1, "the README's Python API example"
+    return blocks[0]
+
+
+def _check_api_run(p, cwd):
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "RunBusyError" not in p.stderr and "<stdin>" not in p.stderr and "Traceback" not in p.stderr, \
+        p.stderr[-3000:]
+    assert (cwd / "runs" / "api" / "features.h5").is_file()
+
+
+def test_readme_api_example_as_a_script_file(repo_like):
+    """Saved as a file and run with `python script.py`: no __main__ guard, as a user writes it
+    (the workers used to import the script again, and call extract() again, forever)."""
+    cwd, env = repo_like
+    (cwd / "example.py").write_text(_python_block())
+    p = subprocess.run([sys.executable, "example.py"], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=300)
+    _check_api_run(p, cwd)
+
+
+def test_readme_api_example_from_stdin(repo_like):
+    cwd, env = repo_like
+    p = subprocess.run([sys.executable, "-"], input=_python_block(), cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=300)
+    _check_api_run(p, cwd)
+
+
+def test_readme_api_example_in_a_notebook(repo_like):
+    """In a real Jupyter kernel (ipykernel), executed by nbclient as a notebook is."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    cwd, env = repo_like
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(_python_block()),
+                                         nbformat.v4.new_code_cell('print(run.status()["state"])')])
+    old = dict(os.environ)
+    os.environ.update(PATH=env["PATH"], PYTHONPATH=env["PYTHONPATH"])
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    out = "".join(o.get("text", "") for o in nb.cells[1].outputs)
+    assert out.strip() == "merged", nb.cells
+    assert (cwd / "runs" / "api" / "features.h5").is_file()
+
+
+def test_a_worker_that_cannot_start_fails_the_run_at_once(repo_like, tmp_path):
+    """A real command line run whose workers' initializer fails (here replaced by one that
+    raises: the parent pickles it by reference) ends within seconds, exit 1, one line naming the
+    cause, instead of Pool replacing the worker forever."""
+    cwd, env = repo_like
+    wrapper = ("import sys, runner.launch.local as L, posix\n"
+               "L._init_worker = posix.chdir  # children get posix.chdir(3 arguments): TypeError\n"
+               "from runner.cli import main\nmain()\n")
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", wrapper, "input.dir=samples", "output.dir=runs/nostart",
+                        "backend=simulated", "launcher.workers=2"], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=120)
+    took = time.time() - t0
+    assert p.returncode == 1, p.stderr[-3000:]
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("caffe-runner: error:")]
+    assert len(err) == 1 and "failed while starting: TypeError" in err[0], p.stderr[-3000:]
+    assert took < 60 and "Traceback" not in p.stderr, (took, p.stderr[-3000:])

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import CLI, REPO, run_cli, tiny_model_args, wait_until
+from conftest import CLI, REPO, mount_tmpfs, run_cli, tiny_model_args, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -171,13 +171,9 @@ def test_second_process_on_a_held_shard_stops(tiny_net, photos, tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip()}); needs root")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
+    umount = mount_tmpfs(tmp_path / "small", "size=3m")
+    yield tmp_path / "small"
+    umount()
 
 
 def test_resume_without_room_for_the_copy_keeps_the_partial(small_disk):

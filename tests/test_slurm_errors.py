@@ -52,3 +52,16 @@ def test_wait_prints_progress_lines_not_dicts(cluster, tiny_net, photos, tmp_pat
     assert "{'" not in p.stdout + p.stderr
     assert "slurm: " in p.stderr and " images (" in p.stderr and "shards: " in p.stderr
     assert "done:" in p.stdout and (run / "stats.json").exists()
+
+
+def test_no_cluster_is_one_line_at_plan_time(tiny_net, photos, tmp_path):
+    """scontrol is installed, but no controller answers (its slurm.conf names one that is down):
+    one line, exit 2, not scontrol's raw error lines."""
+    run = tmp_path / "run"
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=gone\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\n")
+    err = _one_error(run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *SLURM,
+                             "launcher.partition=gpu", *tiny_model_args(tiny_net), check=False,
+                             env={"SLURM_CONF": str(conf)}))
+    assert "no Slurm cluster answers from this machine" in err and len(err.strip().splitlines()) == 1, err
+    assert not run.exists()

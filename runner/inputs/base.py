@@ -13,7 +13,8 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 import numpy as np
 
 from ..errors import ConfigError
-from ..manifest import Manifest
+from ..manifest import Manifest, display_name
+from .listing import describe
 
 NO_LABEL = -1  # a sample without a label (labels dataset)
 
@@ -30,16 +31,37 @@ def expand(path) -> str:
     return os.path.abspath(os.path.expanduser(str(path)))
 
 
-def check_names(names: Sequence[bytes], source: str, exts: Sequence[str] = ()) -> None:
-    """A listing is refused when it found nothing or names an image twice."""
+def first_duplicates(names: Sequence[bytes], linenos: Sequence[int], limit: int = 3
+                     ) -> Tuple[int, List[Tuple[bytes, int, int]]]:
+    """(how many entries repeat an earlier one, the first `limit` as (name, first line, line))."""
+    first: Dict[bytes, int] = {}
+    shown: List[Tuple[bytes, int, int]] = []
+    n = 0
+    for name, line in zip(names, linenos):
+        if name in first:
+            n += 1
+            if len(shown) < limit:
+                shown.append((name, first[name], line))
+        else:
+            first[name] = line
+    return n, shown
+
+
+def check_names(names: Sequence[bytes], source: str, exts: Sequence[str] = (), check_dups: bool = True,
+                listing: Optional[Dict] = None) -> None:
+    """A listing is refused when it found nothing or names an image twice (a list file's
+    duplicates are named with their lines by files.check_list_duplicates)."""
     if not names:
-        what = f" (extensions: {','.join(exts)})" if exts else ""
+        what = f" ({describe(listing)})" if listing and listing.get("seen") else (
+            f" (extensions: {','.join(exts)})" if exts else "")
         raise ConfigError(f"no images found in {source[source.index(':') + 1:]}{what}; "
                           "check the path" + (", or set input.extensions=[...]" if exts else ""))
-    dups = len(names) - len(set(names))
+    dups = len(names) - len(set(names)) if check_dups else 0
     if dups:
-        raise ConfigError(f"the input names {dups} image(s) more than once; every image must "
-                          "appear once: deduplicate the list (e.g. awk '!seen[$0]++' keeps the order)")
+        n, shown = first_duplicates(names, range(1, len(names) + 1))
+        where = "; ".join(f"{display_name(name)!r} at entries {a} and {b}" for name, a, b in shown)
+        raise ConfigError(f"the input names {dups} image(s) more than once ({where}); every image must "
+                          "appear once")
 
 
 def caffe_io_refusal(field: str) -> str:

@@ -12,41 +12,16 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError
-from ..manifest import Manifest, write_manifest
-from .base import NO_LABEL, InputKind, Item, Reader, check_names, expand
-
-
-def matches(name: bytes, exts: Sequence[bytes]) -> bool:
-    dot = name.rfind(b".")
-    return dot >= 0 and name[dot + 1:].lower() in exts
+from ..manifest import Manifest, display_name, write_manifest
+from .base import NO_LABEL, InputKind, Item, Reader, check_names, expand, first_duplicates
+from .listing import describe, walk_images
+from .. import log
 
 
 def list_dir(root: bytes, extensions: Sequence[str], follow_symlinks: bool = True) -> List[bytes]:
-    """Paths relative to root, recursively, with one of the extensions (case-insensitive).
-
-    Symlinks to files are kept even when broken, so the run records them as failures
-    instead of silently dropping them; symlinked directories are not descended into
-    (no loops)."""
-    exts = [e.lower().lstrip(".").encode() for e in extensions]
-    out: List[bytes] = []
-    stack = [b""]
-    while stack:
-        rel_dir = stack.pop()
-        try:
-            it = os.scandir(os.path.join(root, rel_dir) if rel_dir else root)
-        except PermissionError as e:
-            raise ConfigError(f"cannot list {e.filename!r}: permission denied; fix the permissions "
-                              "or give the readable files as input.list") from e
-        with it:
-            for entry in it:
-                rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(rel)
-                elif matches(entry.name, exts) and (
-                        entry.is_file(follow_symlinks=follow_symlinks) or entry.is_symlink()):
-                    out.append(rel)
-    out.sort()
-    return out
+    """Paths relative to root, recursively, with one of the extensions (case-insensitive);
+    listing.walk_images also counts what it skips, and follows symlinked folders."""
+    return walk_images(root, extensions, follow_symlinks).names
 
 
 _LABELLED = re.compile(rb"^(.*?)[ \t]+([+-]?[0-9]+)$")
@@ -64,7 +39,7 @@ def split_label(line: bytes, labels: str, lineno: int = 0, list_name: str = "") 
     return m.group(1), int(m.group(2))
 
 
-def read_list(list_file: bytes, root: Optional[bytes], labels: str = "auto"
+def read_list(list_file: bytes, root: Optional[bytes], labels: str = "auto", linenos: Optional[List[int]] = None
               ) -> Tuple[bytes, List[bytes], Optional[List[int]]]:
     """Paths (and labels) from a text file, in the file's order: one per line, or NUL-separated
     when the file holds a NUL (for names with newlines: `find -print0 > list`; no labels).
@@ -72,7 +47,8 @@ def read_list(list_file: bytes, root: Optional[bytes], labels: str = "auto"
 
     labels: "auto" reads Caffe's "path label" lines when every line ends with a blank and an
     integer and plain paths when none does (a mix is an error that names a line); "yes"
-    requires labels; "no" takes each whole line as a path (for names like "IMG 2019")."""
+    requires labels; "no" takes each whole line as a path (for names like "IMG 2019").
+    linenos, when given, receives each name's line number (entry number when NUL-separated)."""
     if labels not in ("auto", "yes", "no"):
         raise ConfigError(f"input.list_labels={labels!r}: use auto, yes or no")
     with open(list_file, "rb") as f:
@@ -82,7 +58,7 @@ def read_list(list_file: bytes, root: Optional[bytes], labels: str = "auto"
         if labels == "yes":
             raise ConfigError(f"input.list {shown} is NUL-separated, which carries no labels: "
                               "use 'path label' lines, or set input.list_labels=no")
-        items = [(p, 0) for p in data.split(b"\0") if p]
+        items = [(p, i + 1) for i, p in enumerate(q for q in data.split(b"\0") if q)]
         labels = "no"
     else:
         lines = [p.rstrip(b"\r") for p in data.split(b"\n")]
@@ -111,7 +87,42 @@ def read_list(list_file: bytes, root: Optional[bytes], labels: str = "auto"
         names.append(p)
         if out_labels is not None:
             out_labels.append(lab)
+        if linenos is not None:
+            linenos.append(lineno)
     return base, names, out_labels
+
+
+def check_list_duplicates(names: Sequence[bytes], linenos: Sequence[int], list_name: str, labelled: bool) -> None:
+    n, shown = first_duplicates(names, linenos)
+    if not n:
+        return
+    where = "; ".join(f"{display_name(name)!r} on lines {a} and {b}" for name, a, b in shown)
+    # by path, not by whole line: two lines of one path with different labels are duplicates too
+    fix = ("awk '{p=$0; sub(/[ \t]+[-+]?[0-9]+$/, \"\", p)} !seen[p]++' keeps each path's first line, "
+           "check that its label is the right one" if labelled else "awk '!seen[$0]++' keeps the order")
+    raise ConfigError(f"input.list {list_name} names {n} image(s) more than once ({where}): every image must "
+                      f"appear once; remove the repeated lines ({fix})")
+
+
+LIST_SAMPLE = 20  # listed paths looked up before any work, to catch a wrong root
+
+
+def check_list_resolves(names: Sequence[bytes], root: bytes, list_name: str, root_given: bool) -> None:
+    """Relative list paths resolve against input.root, else the list file's folder; when most of
+    the first LIST_SAMPLE do not exist there, the root is wrong: stop before any work (each would
+    be recorded as 'listed but not found'), naming the folder and input.root."""
+    sample = list(names[:LIST_SAMPLE])
+    missing = [n for n in sample if not os.path.lexists(os.path.join(root, n))]
+    if not sample or len(missing) * 2 <= len(sample):
+        return
+    cwd = os.getcwd()
+    in_cwd = sum(os.path.lexists(os.path.join(os.fsencode(cwd), n)) for n in missing)
+    hint = (f"they exist under the current folder: add input.root={cwd}" if in_cwd * 2 > len(missing) and
+            os.fsencode(cwd) != root else "set input.root=FOLDER, the folder the list's paths are relative to "
+                                          "(Caffe's root_folder)")
+    against = "input.root" if root_given else "the list file's folder (input.root is not set)"
+    raise ConfigError(f"input.list {list_name}: {len(missing)} of the first {len(sample)} listed paths do not exist "
+                      f"under {os.fsdecode(root)} ({against}), e.g. {display_name(missing[0])!r}: {hint}")
 
 
 class FileReader(Reader):
@@ -143,35 +154,67 @@ class Files(InputKind):
         labels = ic.get("list_labels", "auto")
         return "list:" + expand(ic.list) + ("" if labels == "auto" else f" labels={labels}")
 
-    def _list(self, ic) -> Tuple[bytes, List[bytes], str, Optional[List[int]], str]:
-        """(root, names, source, labels, origin) of a directory (sorted) or a list file (its order)."""
+    def _list(self, ic) -> Tuple[bytes, List[bytes], str, Optional[List[int]], str, Optional[Dict]]:
+        """(root, names, source, labels, origin, listing) of a directory (sorted) or a list file (its
+        order); listing: what a folder's walk saw and skipped (listing.Listing.record)."""
         labels = None
+        record = None
         if ic.dir:
             root = os.fsencode(expand(ic.dir))
             if not os.path.isdir(root):
                 raise ConfigError(f"input.dir {os.fsdecode(root)!r} is not a directory: check the path "
                                   "(or use input.list=FILE for a list of paths)")
-            names = list_dir(root, ic.extensions, ic.follow_symlinks)
+            listing = walk_images(root, ic.extensions, ic.follow_symlinks)
+            names, record = listing.names, listing.record()
             source = f"dir:{os.fsdecode(root)}"
             origin = "dir"
+            if listing.skipped:
+                log.warning("input.dir %s: %s", os.fsdecode(root), describe(record))
         else:
             lst = os.fsencode(expand(ic.list))
             if not os.path.isfile(lst):
                 raise ConfigError(f"input.list {os.fsdecode(lst)!r} does not exist: give a text file "
                                   "with one image path per line")
             r = os.fsencode(os.path.expanduser(ic.root)) if ic.root else None
-            root, names, labels = read_list(lst, r, str(ic.get("list_labels", "auto")))
+            linenos: List[int] = []
+            root, names, labels = read_list(lst, r, str(ic.get("list_labels", "auto")), linenos)
             source = f"list:{os.fsdecode(lst)}"
             origin = "list"
-        check_names(names, source, ic.extensions)
-        return root, names, source, labels, origin
+            check_names(names, source, check_dups=False)  # check_list_duplicates names the lines
+            self._check_list(ic, lst, r, root, names, linenos, labels)
+            return root, names, source, labels, origin, None
+        check_names(names, source, ic.extensions, listing=record)
+        return root, names, source, labels, origin, record
+
+    @staticmethod
+    def _check_list(ic, lst: bytes, r: Optional[bytes], root: bytes, names, linenos, labels) -> None:
+        """Duplicates (by line) and a wrong root (most of the first paths missing); when labels
+        were guessed (auto) and whole lines would pass, the fix is input.list_labels=no."""
+        def check(names, linenos, labelled):
+            check_list_duplicates(names, linenos, os.fsdecode(lst), labelled)
+            check_list_resolves(names, root, os.fsdecode(lst), r is not None)
+
+        try:
+            check(names, linenos, labels is not None)
+        except ConfigError as e:
+            if labels is None or ic.get("list_labels", "auto") != "auto":
+                raise
+            # "IMG 2019" read as path "IMG", label 2019: would the whole lines do?
+            whole_lines: List[int] = []
+            _, whole, _ = read_list(lst, r, "no", whole_lines)
+            try:
+                check(whole, whole_lines, False)
+            except ConfigError:
+                raise e from None
+            raise ConfigError(f"{e}; read as whole lines the paths are fine: set input.list_labels=no (the lines "
+                              "end with a number that is part of the name, not a label)") from None
 
     def build(self, run_dir: Path, ic) -> Manifest:
-        root, names, source, labels, origin = self._list(ic)
-        return write_manifest(run_dir, root, names, source, labels, origin=origin)
+        root, names, source, labels, origin, record = self._list(ic)
+        return write_manifest(run_dir, root, names, source, labels, origin=origin, listing=record)
 
     def relist(self, ic) -> Tuple[bytes, List[bytes], str]:
-        root, names, source, _, _ = self._list(ic)
+        root, names, source, _, _, _ = self._list(ic)
         return root, names, source
 
     def stamp(self, ic) -> Dict[str, int]:
@@ -181,19 +224,9 @@ class Files(InputKind):
             st = os.stat(os.path.expanduser(ic.list))
             return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
         root = os.fsencode(expand(ic.dir))
-        exts = [e.lower().lstrip(".").encode() for e in ic.extensions]
-        count, newest = 0, os.stat(root).st_mtime_ns
-        stack = [root]
-        while stack:
-            with os.scandir(stack.pop()) as it:
-                for entry in it:
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-                        newest = max(newest, entry.stat(follow_symlinks=False).st_mtime_ns)
-                    elif matches(entry.name, exts) and (
-                            entry.is_file(follow_symlinks=ic.follow_symlinks) or entry.is_symlink()):
-                        count += 1
-                        newest = max(newest, entry.stat(follow_symlinks=False).st_mtime_ns)
+        # the listing's own walk: the same files counted, symlinked folders followed alike
+        listing = walk_images(root, ic.extensions, ic.follow_symlinks, stamp=True)
+        count, newest = len(listing.names), listing.newest_mtime_ns
         return {"count": count, "mtime_ns": int(newest)}
 
     def node_read_paths(self, ic) -> List[Path]:

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 
 from .. import log
-from ..errors import ConfigError, RunBusyError
+from ..errors import ConfigError, RunBusyError, unwritable
 from .base import Launcher
 from .registry import launcher_for
 
@@ -49,8 +49,11 @@ def check_run_dir(path: Path) -> None:
 @contextmanager
 def launch_lock(path: Path):
     """One launch per run directory at a time; the loser is told who holds it."""
-    path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise unwritable("output.dir", path, e, "choose another output.dir (a folder you can write)") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -10,7 +10,6 @@ import ctypes
 import json
 import logging
 import logging.handlers
-import multiprocessing as mp
 import os
 import shlex
 import signal
@@ -25,7 +24,7 @@ from .. import log
 from ..device import resolve_gpus, resolve_local_device
 from ..errors import ConfigError, ShardFailedError
 from ..extract import run_shard
-from ..gpu import require_cuda_device
+from ..gpu import require_cuda_device, require_gpu_caffe
 from ..merge import merge_run, open_merged
 from ..plan import Run, plan_summary, prepare_run
 from ..runtimes import Placement, container_spec, wrap
@@ -34,6 +33,7 @@ from ..status import shard_state
 from ..task import die_with_parent, setup_task_logging
 from .base import Launcher
 from .container_task import RESULT_PREFIX
+from .workers import StartWatch, WorkerContext
 
 
 def worker_plan(cfg) -> Dict:
@@ -147,6 +147,8 @@ class LocalLauncher(Launcher):
                 raise ConfigError(f"launcher.{key}={lc[key]}: use 1 or more (or null for the default)")
         device = resolve_local_device(cfg)
         if device == "gpu":
+            if cfg.backend == "caffe" and cfg.container.runtime == "none":
+                require_gpu_caffe()  # the real blocker first: no GPU list helps a CPU-only build
             resolve_gpus(lc.gpus)  # raises when none is visible
         return device, 0
 
@@ -171,7 +173,9 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
     failed: Dict[int, str] = {}
     results: Dict[int, Dict] = {}
     if todo:
-        ctx = mp.get_context("spawn")
+        # spawn, without the user's main module (a script, stdin, a notebook): workers.py
+        ctx = WorkerContext()
+        watch = StartWatch(ctx)
         gpu_queue = None
         if wp["gpus"]:
             gpu_queue = ctx.Queue()
@@ -182,11 +186,13 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
         log_queue = ctx.Queue()
         listener = logging.handlers.QueueListener(log_queue, *log.handlers, respect_handler_level=True)
         listener.start()
-        pool = launcher.pool(ctx, procs, _init_worker, (gpu_queue, log.getEffectiveLevel() or logging.INFO, log_queue))
+        init, initargs = watch.initializer(_init_worker, (gpu_queue, log.getEffectiveLevel() or logging.INFO, log_queue))
+        pool = launcher.pool(ctx, procs, init, initargs)
         try:
             pending = {i: pool.apply_async(_shard_entry, (cfg, i, wp["threads"])) for i in todo}
             while pending:
                 time.sleep(0.25)
+                watch.check()  # a worker that cannot start fails the run instead of being replaced
                 # the same per-shard states `caffe-runner status` shows, read once per poll
                 states = {i: shard_state(run, i, time.time()) for i in todo}
                 for i in list(pending):

@@ -54,10 +54,20 @@ def max_array_size() -> int:
                           "(or `eval $(slurm/dev-cluster env)` for the dev cluster), or use launcher=local")
     p = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60)
     if p.returncode != 0:
-        raise ConfigError(f"`scontrol show config` failed ({p.stderr.strip()[:300]}): is the Slurm controller "
-                          "reachable (SLURM_CONF)?")
+        raise ConfigError(no_controller_message(p.stderr))
     value = parse_scontrol_config(p.stdout).get("MaxArraySize", str(DEFAULT_MAX_ARRAY_SIZE))
     return int(value) if value.isdigit() else DEFAULT_MAX_ARRAY_SIZE
+
+
+def no_controller_message(stderr: str) -> str:
+    """scontrol's several error lines -> one: the telling one (its fatal line, else its last),
+    and what to do."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    fatal = [ln for ln in lines if "fatal:" in ln]
+    said = (fatal or lines or ["no output"])[-1]
+    said = said.split("fatal:", 1)[-1].split("error:", 1)[-1].strip()
+    return (f"launcher=slurm but no Slurm cluster answers from this machine (scontrol: {said[:160]}): run on the "
+            "cluster's login node (or set SLURM_CONF to its slurm.conf), or use launcher=local")
 
 
 def parse_slurm_minutes(text: str):
@@ -230,6 +240,7 @@ def check_slurm(cfg) -> None:
             raise ConfigError(f"launcher.{key}={lc[key]}: use 1 or more")
     if float(lc.mem_gb) <= 0:
         raise ConfigError(f"launcher.mem_gb={lc.mem_gb}: use a positive number of GB")
+    max_array_size()  # is a controller there? (before the partition is asked of it)
     if lc.partition and _sinfo_has_partition(str(lc.partition)) is False:
         check_partition(lc)  # raises, naming the closest partition and listing them
         raise ConfigError(f"launcher.partition={lc.partition}: the cluster has no such partition (`sinfo -s` "

@@ -5,7 +5,8 @@ import shutil
 import subprocess
 from typing import List, Optional
 
-from .base import ContainerSpec, Runtime, Wrapped, pairs
+from ..errors import ConfigError
+from .base import ContainerSpec, Placement, Runtime, Wrapped, pairs
 
 
 class Oci(Runtime):
@@ -14,6 +15,14 @@ class Oci(Runtime):
 
     def image_path(self, image: str) -> Optional[str]:
         return None  # always a name in the runtime's image store
+
+    def check(self, spec: ContainerSpec, placement: Placement) -> None:
+        # docker's CLI is a client: without a daemon every shard would fail after the run
+        # started. Only where tasks run on this machine (other nodes use their own daemons).
+        if self.name == "docker" and not placement.other_nodes and shutil.which(self.executable):
+            why = docker_daemon_problem()
+            if why:
+                raise ConfigError(docker_daemon_message(why))
 
     def identity(self, image: str) -> str:
         """The local image's digest ("" when the runtime cannot say here)."""
@@ -44,3 +53,22 @@ class Oci(Runtime):
         for b in pairs(s.binds):
             cmd += ["--volume", b]
         return Wrapped(cmd + list(s.extra_args) + [s.image] + inner[1:], [])
+
+
+def docker_daemon_problem(timeout_s: float = 20.0) -> Optional[str]:
+    """None when the Docker daemon answers, else what the client said."""
+    try:
+        p = subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"], capture_output=True,
+                           text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"no answer within {timeout_s:.0f} s"
+    if p.returncode == 0 and p.stdout.strip():
+        return None
+    lines = [ln.strip() for ln in (p.stderr or p.stdout).splitlines() if ln.strip()]
+    return lines[-1] if lines else f"docker version exited {p.returncode}"
+
+
+def docker_daemon_message(why: str) -> str:
+    return (f"container.runtime=docker but the Docker daemon does not answer here ({why[:200]}): start it "
+            "(e.g. `sudo systemctl start docker`), point DOCKER_HOST at one that runs, or use "
+            "container.runtime=podman (no daemon needed)")
