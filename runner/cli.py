@@ -458,5 +458,18 @@ def run(argv: List[str]) -> int:
         return EXIT_INTERRUPTED
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what `cat` gives when its reader (`head`) has gone
+
+
 def main(argv: Optional[List[str]] = None) -> None:
-    sys.exit(run(sys.argv[1:] if argv is None else list(argv)))
+    try:
+        code = run(sys.argv[1:] if argv is None else list(argv))
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+    except BrokenPipeError:
+        # the reader of our output (`| head -3`) has what it wanted: stop quietly; stdout goes to
+        # /dev/null so the interpreter's own flush at exit does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):  # `2>&1 | head` closes stderr's pipe too
+            os.dup2(devnull, stream.fileno())
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)
