@@ -301,16 +301,19 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
     run = load_run(cfg)
     num_shards = run.num_shards
     final = run.shard_path(index)
-    if final.exists():
+    if run.shard_done(index):
         log.info("shard %d/%d already complete: %s", index, num_shards, final)
         return {"shard": index, "skipped": True}
+    if final.exists():
+        log.warning("shard %d/%d: %s is not a complete shard of this run (another config's, or damaged): "
+                    "it is extracted again and replaced", index, num_shards, final)
     run.rundir.shards_dir.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(run.rundir.path)
     log_path = os.environ.get("CAFFE_RUNNER_LOG")
     progress = None
     try:
         with ShardLock(run.lock_path(index)):
-            if final.exists():  # finished by the lock's previous holder
+            if run.shard_done(index):  # finished by the lock's previous holder
                 return {"shard": index, "skipped": True}
             op = _open_shard(run, index, ident, threads, manifest)
             # the decoder is built here once; the reader turns manifest entries into its jobs

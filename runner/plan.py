@@ -22,7 +22,7 @@ from . import __version__, log
 from .errors import ConfigError
 from .launch.container import check_container, task_container
 from .manifest import build_manifest, load_manifest
-from .rundir import RunDir, partial_of
+from .rundir import RUN_JSON, DamagedPlanError, RunDir, partial_of, shard_file_of_run
 from .shard import shard_bounds
 
 
@@ -243,6 +243,42 @@ def identity(cfg, blobs: List[str], model_sha: Dict[str, str], input_source: str
     }
 
 
+# identity paths -> the config key a user writes (the rest are the same dotted path)
+_IDENTITY_KEYS = {"blobs": "output.blobs", "input": "input", "model.prototxt_sha256": "model.prototxt (sha256)",
+                  "model.weights_sha256": "model.weights (sha256)"}
+
+
+def _flat(d, prefix: str = "") -> Dict[str, object]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, object] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _shown(v, key: str) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, str) and key.endswith("sha256") and len(v) > 12:
+        return v[:12] + "..."
+    text = json.dumps(v) if isinstance(v, (list, dict)) else str(v).lower() if isinstance(v, bool) else str(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def identity_changes(old: Dict, new: Dict, limit: int = 3) -> List[str]:
+    """'key: old -> new' for what differs between two identities (pure), the config key named
+    as a user writes it; at most `limit`, then '... and N more'."""
+    a, b = _flat(old), _flat(new)
+    changes = []
+    for k in list(b) + [k for k in a if k not in b]:
+        if a.get(k, "<unset>") != b.get(k, "<unset>"):
+            changes.append(f"{_IDENTITY_KEYS.get(k, k)}: {_shown(a.get(k), k)} -> {_shown(b.get(k), k)}")
+    if len(changes) > limit:
+        changes = changes[:limit] + [f"and {len(changes) - limit} more"]
+    return changes or ["its recorded config"]
+
+
 def _input_source(cfg) -> str:
     if cfg.input.dir:
         return "dir:" + os.path.abspath(os.path.expanduser(cfg.input.dir))
@@ -325,11 +361,19 @@ class Run:
     def shard_paths(self) -> List[Path]:
         return [self.shard_path(i) for i in range(self.num_shards)]
 
+    def shard_done(self, i: int) -> bool:
+        """Shard i's file exists, is complete and was written for this run (fingerprint)."""
+        return shard_file_of_run(self.shard_path(i), self.plan["fingerprint"])
+
+    def foreign_shard(self, i: int) -> bool:
+        """A file at shard i's name that is not this run's complete shard (it gets replaced)."""
+        return self.shard_path(i).exists() and not self.shard_done(i)
+
     def done_shards(self) -> List[int]:
-        return [i for i in range(self.num_shards) if self.shard_path(i).exists()]
+        return [i for i in range(self.num_shards) if self.shard_done(i)]
 
     def missing_shards(self) -> List[int]:
-        return [i for i in range(self.num_shards) if not self.shard_path(i).exists()]
+        return [i for i in range(self.num_shards) if not self.shard_done(i)]
 
     def pipeline_parts(self):
         """(net spec, blobs, decoder, batch transform, input shape C,H,W) for a task."""
@@ -415,6 +459,32 @@ def _relist(cfg, run: Run, new_stamp: Optional[Dict], default_shards: int) -> Ru
     return run
 
 
+def remove_old_run(run_dir: Path) -> None:
+    """output.overwrite=true: remove the old run's files, or stop. A file that survives (no
+    permission, a busy NFS file) must not be mistaken for part of the new run."""
+    failed: List[str] = []
+
+    def note(_func, path, exc):
+        exc = exc[1] if isinstance(exc, tuple) else exc
+        if not isinstance(exc, FileNotFoundError):
+            failed.append(f"{path} ({getattr(exc, 'strerror', None) or exc})")
+
+    for sub in ("shards", "status", "manifest"):
+        if (run_dir / sub).exists():
+            shutil.rmtree(run_dir / sub, onerror=note)
+    for f in ("features.h5", "stats.json", RUN_JSON):  # run.json last: kept while anything of its run is
+        if failed:
+            break
+        try:
+            (run_dir / f).unlink(missing_ok=True)
+        except OSError as e:
+            failed.append(f"{run_dir / f} ({e.strerror})")
+    if failed:
+        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        raise ConfigError(f"output.overwrite=true could not remove the old run's {failed[0]}{more}: remove "
+                          f"{run_dir} by hand (check its permissions), or choose another output.dir")
+
+
 def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> Run:
     """Validate, list the input (or reuse the stored manifest), write run.json. The device
     (and for Slurm the GPUs per task) is resolved here and written into cfg, so tasks get
@@ -436,12 +506,18 @@ def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> R
     ident = identity(cfg, blobs, model_sha, source)
 
     old = None
-    if (run_dir / "run.json").exists():
-        old = rd.read_plan()
+    if (run_dir / RUN_JSON).exists():
+        try:
+            old = rd.read_plan()
+        except DamagedPlanError:
+            if not cfg.output.overwrite:
+                raise
+            old = {}  # nothing of it can be trusted: replaced below like a run of another config
     num_shards = explicit_shards
     if old is not None:
         same_ident = old.get("identity") == ident
-        same_shards = num_shards is None or num_shards == segments(old)[0]["num_shards"]
+        old_shards = segments(old)[0]["num_shards"] if old else None
+        same_shards = num_shards is None or num_shards == old_shards
         if same_ident and same_shards:
             run = Run(cfg, rd, old)
             stamp = input_stamp(cfg.input)
@@ -458,17 +534,14 @@ def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> R
                      n_done, run.num_shards)
             run.plan["config_yaml"] = OmegaConf.to_yaml(cfg, resolve=True)
             return run
-        diff = [k for k in ident if old.get("identity", {}).get(k) != ident[k]]
+        diff = identity_changes(old.get("identity", {}), ident) if old else [f"its {RUN_JSON} is damaged"]
         if not same_shards:
-            diff.append(f"num_shards ({segments(old)[0]['num_shards']} -> {num_shards})")
+            diff.append(f"num_shards: {old_shards} -> {num_shards}")
         if not cfg.output.overwrite:
-            raise ConfigError(f"output.dir {run_dir} holds a run with a different config ({', '.join(diff)}): "
+            raise ConfigError(f"output.dir {run_dir} holds a run with a different config ({'; '.join(diff)}): "
                               "choose another output.dir, or add output.overwrite=true to replace it")
-        log.warning("output.overwrite=true: replacing the run in %s (differs in %s)", run_dir, ", ".join(diff))
-        for sub in ("shards", "status", "manifest"):
-            shutil.rmtree(run_dir / sub, ignore_errors=True)
-        for f in ("features.h5", "run.json"):
-            (run_dir / f).unlink(missing_ok=True)
+        log.warning("output.overwrite=true: replacing the run in %s (%s)", run_dir, "; ".join(diff))
+        remove_old_run(run_dir)
 
     stamp = input_stamp(cfg.input)  # before listing: a change during the listing shows up next time
     manifest = build_manifest(run_dir, cfg.input)
@@ -511,7 +584,13 @@ def load_run_dir(path) -> Run:
     """A run from its directory alone (merge, status, verify): the config comes from run.json."""
     rd = RunDir(Path(os.path.abspath(os.path.expanduser(str(path)))))
     plan = rd.read_plan()
-    return Run(OmegaConf.create(plan["config_yaml"]), rd, plan)
+    try:
+        cfg = OmegaConf.create(plan["config_yaml"])
+    except Exception as e:  # yaml's and omegaconf's errors: the text is damaged either way
+        raise DamagedPlanError(rd.path / RUN_JSON, f"its config_yaml does not parse: {type(e).__name__}") from None
+    if not OmegaConf.is_dict(cfg):
+        raise DamagedPlanError(rd.path / RUN_JSON, "its config_yaml is not a mapping")
+    return Run(cfg, rd, plan)
 
 
 def plan_summary(run: Run) -> str:

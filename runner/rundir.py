@@ -23,6 +23,40 @@ from .shard import shard_name
 RUN_JSON = "run.json"
 
 
+# what every command reads from run.json, with its type
+_PLAN_KEYS = {"fingerprint": str, "identity": dict, "num_shards": int, "count": int, "blobs": list,
+              "input_hw": list, "channels": int, "model": dict, "config_yaml": str}
+
+
+def plan_shape_problem(plan) -> Optional[str]:
+    """What makes a parsed run.json unusable (a missing key, a wrong type), or None."""
+    if not isinstance(plan, dict):
+        return f"holds a JSON {type(plan).__name__}, not the run's plan (an object)"
+    for key, kind in _PLAN_KEYS.items():
+        if key not in plan:
+            return f"has no {key!r}"
+        if not isinstance(plan[key], kind) or isinstance(plan[key], bool):
+            return f"its {key!r} is {type(plan[key]).__name__}, not {kind.__name__}"
+    if plan["num_shards"] < 1 or plan["count"] < 0:
+        return f"num_shards={plan['num_shards']}, count={plan['count']}"
+    segs = plan.get("segments")
+    if segs is not None and not (isinstance(segs, list) and all(
+            isinstance(g, dict) and all(isinstance(g.get(k), int) for k in ("first", "num_shards", "start", "count"))
+            for g in segs)):
+        return "its 'segments' are not a list of {first, num_shards, start, count}"
+    return None
+
+
+class DamagedPlanError(ConfigError):
+    """run.json exists but cannot be used: every command says so in one line."""
+
+    def __init__(self, path: Path, why: str):
+        self.path = path
+        super().__init__(f"{path} is damaged ({why}): it is the run's plan and cannot be rebuilt from the shards; "
+                         "restore it if you have a copy, or start the run over with the same command plus "
+                         "output.overwrite=true (or a new output.dir)")
+
+
 def partial_of(final: Path) -> Path:
     """The name a shard file has while it is written (the one place that spells it)."""
     final = Path(final)
@@ -65,11 +99,22 @@ class RunDir:
         return self.shards_dir / f"{shard_name(index, num_shards)}.lock"
 
     def read_plan(self) -> Dict:
+        path = self.path / RUN_JSON
         try:
-            return json.loads((self.path / RUN_JSON).read_text())
+            text = path.read_text()
         except FileNotFoundError:
             raise ConfigError(f"{self.path} is not a caffe-runner run directory (no {RUN_JSON}): "
-                              "give the output.dir of a run")
+                              "give the output.dir of a run") from None
+        except (UnicodeDecodeError, IsADirectoryError) as e:
+            raise DamagedPlanError(path, f"not a text file: {e}") from None
+        try:
+            plan = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DamagedPlanError(path, "empty" if not text.strip() else f"not valid JSON: {e}") from None
+        why = plan_shape_problem(plan)
+        if why:
+            raise DamagedPlanError(path, why)
+        return plan
 
     def write_plan(self, plan: Dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -85,6 +130,47 @@ class RunDir:
         self.status_dir.mkdir(parents=True, exist_ok=True)
         beat = dict(beat, updated=time.time())
         atomic_write_text(self.heartbeat_path(index, num_shards), json.dumps(beat))
+
+
+_FILE_INFO_CACHE: Dict[tuple, Optional[Dict]] = {}
+
+
+def shard_file_counts(path: Path, fingerprint: str) -> Optional[Dict[str, object]]:
+    """{complete, next, rows, failures} as recorded in a shard file (complete or partial) of the
+    run with this fingerprint; None when there is no such file, or it is another run's, or it
+    cannot be read. Cached by the file's identity (inode, size, mtime): polling loops open an
+    unchanged file once."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, fingerprint)
+    if key in _FILE_INFO_CACHE:
+        return _FILE_INFO_CACHE[key]
+    import h5py
+
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            a = f.attrs
+            fp = a.get("fingerprint")
+            fp = fp.decode() if isinstance(fp, bytes) else fp
+            info = None if fp != fingerprint else {
+                "complete": bool(a.get("complete", False)), "next": int(a.get("next", 0)),
+                "rows": int(a.get("rows", 0)), "failures": int(a.get("n_failures", 0))}
+    except Exception:  # not HDF5, truncated, unreadable (h5py raises several kinds)
+        info = None
+    if len(_FILE_INFO_CACHE) > 100_000:  # a long-lived process (a notebook) polling many runs
+        _FILE_INFO_CACHE.clear()
+    _FILE_INFO_CACHE[key] = info
+    return info
+
+
+def shard_file_of_run(path: Path, fingerprint: str) -> bool:
+    """Whether `path` is a complete shard file written for the run with this fingerprint. A
+    file's existence is not enough: one that survived a failed removal, or was copied in from
+    another run, would otherwise be taken as done and merged."""
+    info = shard_file_counts(path, fingerprint)
+    return bool(info and info["complete"])
 
 
 def pid_alive(pid: int) -> bool:
