@@ -36,7 +36,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C: what was done is kept, the same command resume
 EXIT_CODES_TEXT = """exit codes:
   0    success
   1    the run failed (shards failed, too many failed images) or a check failed
-  2    usage or configuration error: nothing was started
+  2    usage or configuration error, or a refused run directory (one in use): nothing was started
   3    status: the run is not finished yet
   130  interrupted (Ctrl-C): completed work is kept, the same command resumes"""
 
@@ -382,11 +382,12 @@ def _cmd_inspect(args) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with errors in our one-line form (and exit code 2)."""
+    """argparse, with errors in our one-line form (and exit code 2): the subcommand's own
+    usage line, then the error (not the whole command's usage block as well)."""
 
     def error(self, message):
         self.print_usage(sys.stderr)
-        raise UsageError(f"{self.prog}: {message}")
+        raise ConfigError(f"{self.prog}: {message}")
 
 
 def _subcommand(argv) -> int:
@@ -421,7 +422,7 @@ def _subcommand(argv) -> int:
                  "resuming a partial download.",
                  "example: caffe-runner fetch open_nsfw\n"
                  "exit codes: 0 fetched (or nothing to fetch), 1 download failed, 2 unknown preset", run_dir=False)
-    fe.add_argument("items", nargs="+", metavar="NAME", help="preset name(s), e.g. open_nsfw; key=value overrides")
+    fe.add_argument("items", nargs="*", metavar="NAME", help="preset name(s), e.g. open_nsfw; key=value overrides")
     fe.add_argument("--quiet", action="store_true", help="no progress bar")
     i = command("inspect", "A model's blobs with shapes, its preprocessing and the bytes per image of the chosen "
                 "blobs (to size the disk before a run).",
@@ -447,9 +448,9 @@ def run(argv: List[str]) -> int:
         return _extract_main(argv)
     except UsageError as e:
         return _error(str(e), EXIT_USAGE, usage=True)
-    except ConfigError as e:
+    except (ConfigError, RunBusyError) as e:  # busy: a refused run directory, nothing was started
         return _error(str(e), EXIT_USAGE)
-    except (FailureShareError, RunBusyError, RunnerError) as e:
+    except (FailureShareError, RunnerError) as e:
         return _error(str(e), EXIT_FAILED)
     except KeyboardInterrupt as e:
         msg = str(e) if str(e) else ("interrupted: completed shards and flushed batches are kept; "

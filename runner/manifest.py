@@ -242,6 +242,9 @@ def _list_files(input_cfg) -> Tuple[bytes, List[bytes], str, Optional[List[int]]
         origin = "dir"
     else:
         lst = os.fsencode(os.path.abspath(os.path.expanduser(input_cfg.list)))
+        if os.path.isdir(lst):
+            raise ConfigError(f"input.list {os.fsdecode(lst)!r} is a folder: use input.dir={os.fsdecode(lst)} for "
+                              "a folder of images, or give input.list a text file with one image path per line")
         if not os.path.isfile(lst):
             raise ConfigError(f"input.list {os.fsdecode(lst)!r} does not exist: give a text file "
                               "with one image path per line")
@@ -249,14 +252,18 @@ def _list_files(input_cfg) -> Tuple[bytes, List[bytes], str, Optional[List[int]]
         root, names, labels = read_list(lst, r, str(input_cfg.get("list_labels", "auto")))
         source = f"list:{os.fsdecode(lst)}"
         origin = "list"
-    _check_names(names, source, input_cfg.extensions)
+    _check_names(names, source, input_cfg.extensions if origin == "dir" else ())
     return root, names, source, labels, origin
 
 
 def _check_names(names, source, exts=()) -> None:
     if not names:
+        where = source[source.index(':') + 1:]
+        if source.startswith("list:"):  # a list is read as it is: extensions play no part
+            raise ConfigError(f"input.list {where!r} names no images (it is empty, or holds only blank lines): "
+                              "give a list with one image path per line")
         what = f" (extensions: {','.join(exts)})" if exts else ""
-        raise ConfigError(f"no images found in {source[source.index(':') + 1:]}{what}; "
+        raise ConfigError(f"no images found in {where}{what}; "
                           "check the path" + (", or set input.extensions=[...]" if exts else ""))
     dups = len(names) - len(set(names))
     if dups:

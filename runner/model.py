@@ -127,10 +127,24 @@ def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _preset_path(name: str, key: str) -> Optional[str]:
+    """Where preset `name` keeps its `key` file (None when `name` is not a preset)."""
+    from .config import compose
+
+    try:
+        return str(compose([f"model={name}"], require_output=False).model[key])
+    except Exception:
+        return None
+
+
 def check_model_files(model_cfg) -> None:
     for key in ("prototxt", "weights"):
         p = getattr(model_cfg, key)
         if not p or not os.path.isfile(p):
+            if p and os.path.isdir(p):
+                raise ConfigError(f"model.{key} {p!r} is a folder: give the {key} file itself")
+            if not p or p != _preset_path(model_cfg.name, key):  # the user's own file: no preset advice
+                raise ConfigError(f"model.{key} file not found: {p!r}: check the path (model.{key}=/path/to/file)")
             hint = f" Such files come from: {model_cfg.source}." if model_cfg.source else ""
             if model_cfg.get("files"):
                 hint += f" Fetch them with: caffe-runner fetch {model_cfg.name}."

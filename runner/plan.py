@@ -421,6 +421,19 @@ def _describe_change(old: Optional[Dict], new: Optional[Dict]) -> str:
     return "files were added, replaced or modified since it was listed"
 
 
+def input_change_advice(old: Optional[Dict], new: Optional[Dict]) -> Tuple[bool, str]:
+    """(whether the run misses images, what to do) for an input whose stamp changed (pure).
+    Fewer images: the run still covers every image the input holds (their rows are kept);
+    more, or the same number changed: new or renamed images are not in the run
+    (input.relist=true adds them); rewritten files are only re-extracted in a new output.dir."""
+    if old and new and "count" in old and "count" in new and new["count"] < old["count"]:
+        return False, (f"{old['count'] - new['count']} listed image(s) are gone from the input (deleted since?): "
+                       "the run keeps what it extracted from them and holds every image still there; for a run "
+                       "of the input as it is now, use a new output.dir")
+    return True, ("input.relist=true adds new (and renamed) images as new shards; rewritten images are "
+                  "extracted again only in a new output.dir")
+
+
 def _relist(cfg, run: Run, new_stamp: Optional[Dict], default_shards: int) -> Run:
     """input.relist=true: append images that are new since the listing as new shards; entries
     already listed keep their positions, complete shards are never touched."""
@@ -524,9 +537,12 @@ def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> R
             if old.get("input_stamp") is not None and stamp is not None and stamp != old["input_stamp"]:
                 what = _describe_change(old["input_stamp"], stamp)
                 if not cfg.input.get("relist", False):
+                    grew, _ = input_change_advice(old["input_stamp"], stamp)
                     raise ConfigError(f"the input changed since this run listed it ({what}): add input.relist=true "
-                                      "to extend the run with the new images as new shards (complete shards are "
-                                      "kept), or choose a new output.dir for a fresh run")
+                                      + ("to extend the run with the new images as new shards (complete shards are "
+                                         "kept)" if grew else "to go on with the run as listed (images deleted "
+                                                              "since keep their rows)")
+                                      + ", or choose a new output.dir for a fresh run")
                 run = _relist(cfg, run, stamp, default_shards)
             n_done = len(run.done_shards())
             log.info("run directory %s holds this run: %s (%d of %d shards done)", run_dir,

@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .shard import shard_name
 
 RUN_JSON = "run.json"
+LAUNCH_LOCK = "launch.lock"  # held (flock) by the process launching the run
 
 
 # what every command reads from run.json, with its type
@@ -171,6 +172,27 @@ def shard_file_of_run(path: Path, fingerprint: str) -> bool:
     another run, would otherwise be taken as done and merged."""
     info = shard_file_counts(path, fingerprint)
     return bool(info and info["complete"])
+
+
+def launch_holder(run_dir: Path) -> Optional[str]:
+    """Who holds run_dir's launch lock ("caffe-runner pid N on HOST since ..."), or None when
+    no launch is in progress. A shared lock is tried and dropped at once: it never blocks the
+    launcher, which holds the lock exclusively for the whole local run."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(run_dir) / LAUNCH_LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def pid_alive(pid: int) -> bool:

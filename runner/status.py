@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .plan import load_run_dir
-from .rundir import pid_alive, shard_file_counts
+from .rundir import launch_holder, pid_alive, shard_file_counts
 from .stats import top_reasons
 
 STALE_S = 120.0  # a running heartbeat older than this is "stalled"
@@ -50,6 +50,19 @@ def shard_state(run, i: int, now: float) -> Dict:
     if run.shard_path(i).exists():
         st["foreign_file"] = str(run.shard_path(i))  # another run's (or a damaged) file: replaced when run
     return st
+
+
+def finish_advice(run) -> str:
+    """What to do about shards that are not complete: wait for the run in progress (a second
+    launch would be refused), or rerun the extraction's command."""
+    holder = launch_holder(run.rundir.path)
+    now = time.time()
+    running = [i for i in run.missing_shards() if shard_state(run, i, now)["state"] == "running"]
+    if holder or running:
+        who = f"held by {holder}" if holder else f"{len(running)} shard(s) running"
+        return (f"the run is still in progress ({who}): wait for it to finish "
+                f"(`caffe-runner status {run.rundir.path}`)")
+    return "rerun the extraction (same command) to finish them"
 
 
 def _sacct(job_ids: List[str]) -> Optional[Dict[str, str]]:

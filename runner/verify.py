@@ -152,10 +152,14 @@ def _check_input(run, problems: List[str], notes: List[str]) -> None:
     if now is None:
         notes.append("the input is not reachable from here: not checked for images added since listing")
     elif now != old:
-        from .plan import _describe_change
+        from .plan import _describe_change, input_change_advice
 
-        problems.append(f"the input changed since it was listed ({_describe_change(old, now)}): the run does not "
-                        "cover it; rerun the extraction with input.relist=true to add new images as new shards")
+        missing, advice = input_change_advice(old, now)
+        if missing:
+            problems.append(f"the input changed since it was listed ({_describe_change(old, now)}): the run may not "
+                            f"cover it; {advice}")
+        else:
+            notes.append(f"the input changed since it was listed ({_describe_change(old, now)}): {advice}")
 
 
 def verify(run_dir: Path, notes: List[str] = None) -> List[str]:
@@ -166,11 +170,16 @@ def verify(run_dir: Path, notes: List[str] = None) -> List[str]:
     if manifest.count != run.plan["count"]:
         problems.append(f"manifest holds {manifest.count} entries but run.json says {run.plan['count']}")
         return problems
+    advice = None
     for i in range(run.num_shards):
         p = run.shard_path(i)
         if not p.exists():
+            if advice is None:
+                from .status import finish_advice
+
+                advice = finish_advice(run)
             state = "in progress or interrupted" if run.partial_path(i).exists() else "missing"
-            problems.append(f"shard {i}: {p.name} is {state}: rerun the extraction (same command) to complete it")
+            problems.append(f"shard {i}: {p.name} is {state}: {advice}")
             continue
         _check_shard(p, i, run, manifest, problems)
     if not problems and run.rundir.merged.exists():

@@ -181,7 +181,7 @@ def test_a_second_concurrent_run_is_told_once_who_holds_it(tiny_net, photos, tmp
     try:
         wait_until(lambda: _beat_done(run, 2) >= 2)
         p = run_cli(*args, check=False)
-        assert p.returncode == 1 and "Traceback" not in p.stderr
+        assert p.returncode == 2 and "Traceback" not in p.stderr  # a refused run directory (README's table)
         assert p.stderr.count("caffe-runner: error:") == 1
         assert f"in use by caffe-runner pid {first.pid}" in p.stderr and "another output.dir" in p.stderr
         assert "rerun" not in p.stderr

