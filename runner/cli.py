@@ -25,6 +25,7 @@ from .config import conf_dir, pkgfile as _pkgfile, register_resolvers, sweep_dir
 from .errors import ConfigError, FailureShareError, RunBusyError, RunnerError, UsageError, did_you_mean
 
 SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch")
+COMMANDS = SUBCOMMANDS + ("help", "version")
 
 # exit codes (also in the README and in --help)
 EXIT_OK = 0
@@ -46,7 +47,7 @@ USAGE = """usage: caffe-runner input.dir=IMAGES output.dir=RUN [key=value ...]  
        caffe-runner export RUN OUT.h5 [--format npy]                  a self-contained copy
        caffe-runner inspect [model=NAME output.blobs=[...] ...]       blobs, shapes, bytes per image
        caffe-runner fetch NAME                                        download a model preset's files
-       caffe-runner --help | --version | --cfg job [key=value ...]"""
+       caffe-runner help [COMMAND] | version | --cfg job [key=value ...]"""
 
 # the keys shown on the --help page, in this order (text comes from the schema's comments)
 _HELP_KEYS = [
@@ -62,13 +63,47 @@ _HELP_KEYS = [
 ]
 
 
-def _short(text: str, width: int = 78) -> str:
-    first = text.split(". ")[0].split("; ")[0].rstrip(".")
-    return first if len(first) <= width else first[:width - 3].rsplit(" ", 1)[0] + "..."
+KEY_COLUMN = 38  # "  key (default)" padded to this, then the description
+
+
+def first_sentence(text: str) -> str:
+    """A field comment's first sentence, up to '. ' or '; ' outside parentheses ('e.g. 0.01'
+    does not end one), without its last '.'."""
+    depth = 0
+    for i, c in enumerate(text):
+        depth += (c == "(") - (c == ")")
+        if depth == 0 and text[i:i + 2] in (". ", "; ") and not text[max(0, i - 3):i + 1].endswith(("e.g.", "i.e.")):
+            return text[:i].rstrip(".")
+    return text.rstrip(".")
+
+
+def key_lines(key: str, default: str, text: str, choices: str, columns: int) -> List[str]:
+    """One key of the --help page (pure): the description wrapped to the terminal's width,
+    never cut; an Enum's values added only where the description does not name them all."""
+    import re
+    import textwrap
+
+    text = first_sentence(text)
+    if choices and not all(re.search(rf"\b{re.escape(c)}\b", text) for c in choices.split(" | ")):
+        text = f"{text} [{choices}]" if text else choices
+    head = f"  {key + ' (' + default + ')':<{KEY_COLUMN - 2}}"
+    width = max(30, columns - KEY_COLUMN - 1)
+    body = textwrap.wrap(text, width) or [""]
+    if len(head) > KEY_COLUMN:  # a long key: its description starts on the next line
+        return [head.rstrip()] + [" " * KEY_COLUMN + ln for ln in body]
+    return [head + body[0]] + [" " * KEY_COLUMN + ln for ln in body[1:]]
+
+
+def terminal_columns() -> int:
+    import shutil
+
+    return shutil.get_terminal_size(fallback=(100, 24)).columns  # COLUMNS, else the terminal, else 100
 
 
 def help_page() -> str:
     """--help: the keys' lines come from the schema's field comments (config.field_docs)."""
+    import textwrap
+
     from omegaconf import OmegaConf
 
     from .config import compose_base, config_groups, field_docs
@@ -92,19 +127,18 @@ def help_page() -> str:
     lines = [f"caffe-runner {__version__}: extract Caffe features of many images into one HDF5 file,",
              "on this machine (one process per GPU or per few cores) or as one Slurm array job.",
              "Every image ends up exactly once: as a feature row or as a recorded failure.", "", USAGE, "",
-             "required:",
-             "  input.dir=DIR | input.list=FILE   the images: a folder (recursive) or a file of paths",
-             "  output.dir=DIR                    the run directory (rerunning the same command resumes)", "",
-             "common keys (default):"]
+             "required (one input, and the run directory):",
+             "  input.dir=DIR | input.list=FILE | input.lmdb=DB | input.tar=SHARDS"]
+    columns = terminal_columns()
+    lines += textwrap.wrap("the images: a folder (recursive), a file of paths (input.root: their folder), a Caffe "
+                           "Datum LMDB, or webdataset tar shards (a glob, a {000..099} range, or a list of tars)",
+                           max(30, columns - 7), initial_indent=" " * 6, subsequent_indent=" " * 6)
+    lines += ["  output.dir=DIR   the run directory (rerunning the same command resumes)", "",
+              "common keys (default):"]
     for key, doc in _HELP_KEYS:
         if key in ("input.dir", "input.list", "output.dir"):
             continue
-        text = docs.get(doc, "")
-        if choices(key) and choices(key) not in text:  # an Enum: its values, from the schema too
-            text = f"{choices(key)}{': ' + text if text else ''}"
-        text = _short(text, 90)
-        d = default(key)
-        lines.append(f"  {key + ' (' + d + ')':<36} {text}")
+        lines += key_lines(key, default(key), docs.get(doc, ""), choices(key), columns)
     groups = config_groups()
     lines += ["", "config groups (key=option):"]
     for g, opts in groups.items():
@@ -191,8 +225,8 @@ def _parse_flags(argv: List[str]) -> Tuple[dict, List[str]]:
             raise UsageError(f"unknown option {a}{did_you_mean(a, known)}: `caffe-runner --help` lists the options")
         elif "=" not in a:
             if not overrides and not a.startswith(("+", "~")):
-                raise UsageError(f"unknown command {a!r}{did_you_mean(a, SUBCOMMANDS)}: the commands are "
-                                 f"{', '.join(SUBCOMMANDS)}, or key=value overrides to extract")
+                raise UsageError(f"unknown command {a!r}{did_you_mean(a, COMMANDS)}: the commands are "
+                                 f"{', '.join(COMMANDS)}, or key=value overrides to extract")
             raise UsageError(f"{a!r} is not key=value: write e.g. input.dir={a}")
         else:
             overrides.append(a)
@@ -443,6 +477,11 @@ def run(argv: List[str]) -> int:
         print("\n`caffe-runner --help` explains the keys; the README has examples.", file=sys.stderr)
         return EXIT_USAGE
     try:
+        if argv[0] == "help":  # `caffe-runner help [COMMAND]`, as `--help`
+            return _subcommand(argv[1:2] + ["--help"]) if argv[1:2] and argv[1] in SUBCOMMANDS \
+                else _extract_main(["--help"])
+        if argv[0] == "version":
+            return _extract_main(["--version"])
         if argv[0] in SUBCOMMANDS:
             return _subcommand(argv)
         return _extract_main(argv)

@@ -385,3 +385,51 @@ def test_fetch_mistakes_print_one_usage_at_most(capsys):
     assert code == 2 and "usage" not in err and err.count("\n") == 1 and "caffe-runner fetch NAME" in err
     code, out, err = _cli(capsys, "fetch", "--bogus")
     assert code == 2 and err.count("usage:") == 1, err
+
+
+# ---- 21: --help --------------------------------------------------------------------------------
+
+def _key_block(page: str, key: str) -> str:
+    lines = page.splitlines()
+    i = next(n for n, ln in enumerate(lines) if ln.startswith(f"  {key} ("))
+    block = [lines[i]]
+    for ln in lines[i + 1:]:
+        if not ln.startswith(" " * cli.KEY_COLUMN):
+            break
+        block.append(ln)
+    return " ".join(ln.strip() for ln in block)
+
+
+@pytest.mark.parametrize("columns", [60, 80, 200])
+def test_help_follows_the_terminal_width_and_cuts_nothing(monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", str(columns))
+    page = cli.help_page()
+    keys = page[page.index("common keys"):page.index("config groups")].splitlines()
+    assert all(len(ln) <= max(columns, 70) for ln in keys), [ln for ln in keys if len(ln) > columns]
+    assert not any(ln.rstrip().endswith("...") for ln in keys)  # nothing cut
+    device = _key_block(page, "device")
+    assert "Caffe was built with CUDA, else the CPU" in device  # the whole first sentence
+    assert "e.g. 0.01" in _key_block(page, "run.max_failure_fraction")
+    if columns == 200:
+        assert any(ln.startswith("  device (auto)") and "else the CPU" in ln for ln in keys)
+    for key, choices in (("backend", "caffe | opencv"), ("output.pooling", "none | avg | max | gem"),
+                         ("device", "auto | cpu | gpu"), ("output.dtype", "float32 | float16")):
+        block = _key_block(page, key)
+        assert block.count(choices.split(" | ")[1]) == 1 and "simulated: caffe" not in block, block
+    req = page[page.index("required"):page.index("common keys")]
+    for k in ("input.dir=", "input.list=", "input.lmdb=", "input.tar=", "output.dir="):
+        assert k in req
+
+
+def test_help_and_version_commands(capsys):
+    from runner import __version__
+
+    code, out, err = _cli(capsys, "version")
+    assert code == 0 and out.strip() == f"caffe-runner {__version__}"
+    code, out, err = _cli(capsys, "help")
+    assert code == 0 and out.startswith("caffe-runner ") and "common keys" in out
+    with pytest.raises(SystemExit) as e:
+        cli.run(["help", "status"])
+    assert e.value.code == 0 and "--no-sacct" in capsys.readouterr().out
+    code, out, err = _cli(capsys, "versoin")
+    assert code == 2 and "did you mean version?" in err
