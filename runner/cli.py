@@ -261,17 +261,24 @@ def _extract_one(overrides: List[str], cfg=None) -> int:
 def _sweep(overrides: List[str]) -> int:
     """Every combination (Hydra's sweep syntax: key=a,b), one run directory each under
     output.dir; a failed point does not stop the others; the failed ones are listed at the end."""
-    from .config import compose, expand_sweep, override_dirname
+    from .config import compose, expand_sweep, override_dirname, override_lines
+    from .sweep import name_points, record_sweep
 
     points = expand_sweep(overrides)
     root = None
-    cfgs = []
-    for n, point in enumerate(points):  # every point composes before any runs: typos stop the sweep
+    for point in points:  # every point composes before any runs: typos stop the sweep
         cfg = compose(point)
         root = root or cfg.output.dir
-        name = _dirname(n, override_dirname(point))
+    root = os.path.abspath(os.path.expanduser(root))
+    keys = [override_dirname(p) for p in points]
+    lines = [override_lines(p) for p in points]
+    names = name_points(Path(root), lines, keys, [_dirname(n, k) for n, k in enumerate(keys)])
+    record_sweep(Path(root), names, keys, lines)  # the name -> overrides mapping: `status SWEEP_DIR` reads it
+    cfgs = []
+    shown = {name: " ".join(ln) for name, ln in zip(names, lines)}
+    for name, point in zip(names, points):
         where = os.path.join(root, name).replace("\\", "\\\\").replace("'", "\\'")
-        # quoted: a point's name holds '=', ',' and brackets, which the override grammar parses
+        # quoted: the sweep folder's own path may hold characters the override grammar parses
         point = [o for o in point if not o.startswith("output.dir=")] + [f"output.dir='{where}'"]
         cfgs.append((name, point))
     print(f"sweep: {len(points)} point(s) under {root}", flush=True)
@@ -284,9 +291,9 @@ def _sweep(overrides: List[str]) -> int:
             failed.append((name, str(e)))
             _error(f"sweep point {name}: {e}", EXIT_FAILED)
     if failed:
-        lines = "\n".join(f"  {name}" for name, _ in failed)  # each one's error was printed when it failed
-        print(f"caffe-runner: error: {len(failed)} of {len(cfgs)} sweep points failed (the others are done):\n{lines}",
-              file=sys.stderr)
+        listed = "\n".join(f"  {name}  ({shown[name]})" for name, _ in failed)  # each error was printed already
+        print(f"caffe-runner: error: {len(failed)} of {len(cfgs)} sweep points failed (the others are done):\n"
+              f"{listed}\n`caffe-runner status {root}` lists every point and its state", file=sys.stderr)
         return EXIT_FAILED
     print(f"sweep: all {len(cfgs)} point(s) done under {root}")
     return EXIT_OK
@@ -384,7 +391,13 @@ def _cmd_fetch(args) -> int:
 
 def _cmd_status(args) -> int:
     from .status import format_status, run_status
+    from .sweep import format_sweep_status, is_sweep_dir, sweep_status
 
+    if is_sweep_dir(Path(args.run_dir)):
+        rows = sweep_status(Path(args.run_dir))
+        print(json.dumps(rows, indent=1, default=str) if args.json else format_sweep_status(Path(args.run_dir), rows))
+        states = {r["state"] for r in rows}
+        return EXIT_OK if states <= {"done", "merged"} else EXIT_FAILED if "failed" in states else EXIT_INCOMPLETE
     st = run_status(Path(args.run_dir), use_sacct=not args.no_sacct)
     if args.json:
         print(json.dumps(st, indent=1, default=str))
@@ -438,7 +451,7 @@ def _subcommand(argv) -> int:
     command("merge", "Merge the complete shard files of RUN_DIR into RUN_DIR/features.h5 (and stats.json).",
             "exit codes: 0 merged, 1 shards missing (rerun the extraction), 2 not a run directory")
     s = command("status", "Per-shard state of RUN_DIR, failed images, totals and ETA, read from the run directory "
-                "(works without Slurm accounting).",
+                "(works without Slurm accounting). A sweep's folder (-m): each point's run and its state.",
                 "exit codes: 0 done, 1 a shard failed, 2 not a run directory, 3 not finished yet")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--no-sacct", action="store_true", help="do not ask Slurm accounting")

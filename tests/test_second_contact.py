@@ -433,3 +433,45 @@ def test_help_and_version_commands(capsys):
     assert e.value.code == 0 and "--no-sacct" in capsys.readouterr().out
     code, out, err = _cli(capsys, "versoin")
     assert code == 2 and "did you mean version?" in err
+
+
+# ---- 22: sweep folder names a shell takes as they are ------------------------------------------
+
+def test_sweep_point_names_are_shell_safe():
+    from runner.sweep import point_name, safe_value
+
+    assert safe_value("[fc7,conv6_2_h]") == "fc7+conv6_2_h" and safe_value("a b(c)") == "a_b_c"
+    name = point_name(0, ["output.blobs=[fc7,conv6_2_h]", "output.pooling=none", "model.prototxt=/a/b"])
+    assert name == "0_output.blobs-fc7+conv6_2_h__output.pooling-none"
+    for odd in ("x='a,b'", "y={a: 1}", "z=[\"q w\"]", "w=a=b", "v=*?", "u=$HOME"):
+        n = point_name(3, [odd])
+        assert n.startswith("3_") and all(c.isalnum() or c in "._+-" for c in n), n
+    assert len(point_name(0, ["x=" + "y" * 500])) <= 200
+
+
+def test_a_sweep_keeps_its_mapping_resumes_its_folders_and_status_lists_it(tmp_path, capsys):
+    from runner.config import override_dirname
+    from runner.sweep import SWEEP_JSON, name_points, record_sweep
+
+    root = tmp_path / "sweep"
+    points = [["output.blobs=[emb]", "output.pooling=none", "model.name=tiny"],
+              ["output.blobs=[emb]", "output.pooling=avg", "model.name=tiny"]]
+    keys = [override_dirname(p) for p in points]
+    legacy = [f"{n}_{k}" for n, k in enumerate(keys)]
+    names = name_points(root, points, keys, legacy)
+    assert names == ["0_output.pooling-none", "1_output.pooling-avg"]  # what varies, shell-safe
+    record_sweep(root, names, keys, points)
+    # a rerun with the points in another order finds the same folders
+    assert name_points(root, points[::-1], keys[::-1], legacy) == names[::-1]
+    # a sweep folder from before the mapping: the old-style folder that holds a run is kept
+    old = tmp_path / "old"
+    make_run(old / legacy[1], 20, 2, dim=2)
+    assert name_points(old, points, keys, legacy) == ["0_output.pooling-none", legacy[1]]
+    # status SWEEP_DIR: each point and its state
+    make_run(root / names[0], 20, 2, dim=2)
+    code, out, err = _cli(capsys, "status", root)
+    assert code == cli.EXIT_INCOMPLETE, (out, err)
+    assert "sweep of 2 point(s)" in out and "0_output.pooling-none" in out and "not started" in out
+    row = next(ln for ln in out.splitlines() if "0_output.pooling-none" in ln)
+    assert " done " in row and "20/20 images" in row and "output.pooling=none" in row
+    assert json.loads((root / SWEEP_JSON).read_text())["points"][1]["overrides"] == points[1]
