@@ -22,7 +22,8 @@ from typing import List, Optional, Tuple
 
 from . import __version__, log
 from .config import conf_dir, pkgfile as _pkgfile, register_resolvers, sweep_dirname as _dirname  # noqa: F401
-from .errors import ConfigError, FailureShareError, RunBusyError, RunnerError, UsageError, did_you_mean
+from .errors import (ConfigError, FailureShareError, RunBusyError, RunnerError, Terminated, UsageError,
+                     did_you_mean)
 
 SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch")
 COMMANDS = SUBCOMMANDS + ("help", "version")
@@ -33,13 +34,15 @@ EXIT_FAILED = 1        # the run (or a check) failed: shards failed, too many fa
 EXIT_USAGE = 2         # the command line or the config is wrong; nothing was started
 EXIT_INCOMPLETE = 3    # status: the run is not finished yet
 EXIT_INTERRUPTED = 130  # Ctrl-C: what was done is kept, the same command resumes
+EXIT_TERMINATED = 143   # SIGTERM (kill, a time limit): as Ctrl-C
 
 EXIT_CODES_TEXT = """exit codes:
   0    success
   1    the run failed (shards failed, too many failed images) or a check failed
   2    usage or configuration error, or a refused run directory (one in use): nothing was started
   3    status: the run is not finished yet
-  130  interrupted (Ctrl-C): completed work is kept, the same command resumes"""
+  130  interrupted (Ctrl-C): completed work is kept, the same command resumes
+  143  terminated (SIGTERM): as 130"""
 
 USAGE = """usage: caffe-runner input.dir=IMAGES output.dir=RUN [key=value ...]   extract features
        caffe-runner -m key=a,b [key=x,y ...] output.dir=SWEEP          sweep (every combination)
@@ -505,16 +508,26 @@ def run(argv: List[str]) -> int:
     except (FailureShareError, RunnerError) as e:
         return _error(str(e), EXIT_FAILED)
     except KeyboardInterrupt as e:
-        msg = str(e) if str(e) else ("interrupted: completed shards and flushed batches are kept; "
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        msg = str(e) if str(e) else (f"{what}: completed shards and flushed batches are kept; "
                                      "rerun the same command to resume")
         print(f"\ncaffe-runner: {msg}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
 
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what `cat` gives when its reader (`head`) has gone
 
 
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> None:
+    import signal
+
+    # SIGTERM stops a run as Ctrl-C does (workers stopped, work kept) and says so in one line;
+    # the Python API leaves the caller's handlers alone
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = run(sys.argv[1:] if argv is None else list(argv))
         sys.stdout.flush()  # here, where a closed pipe can still be caught

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import log
 from .launch.container import image_label
-from .manifest import load_manifest
+from .manifest import display_name, load_manifest
 from .readers import open_reader
 from .preprocess import oversample as oversample_crops
 from .errors import ShardBusyError
@@ -266,7 +266,7 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress) -> 
                 if oversample:  # the 10 crops of an image are averaged
                     feats = {b: v.reshape((len(ok), 10) + v.shape[1:]).mean(axis=1) for b, v in feats.items()}
             for i, n, why in failures:
-                log.warning("shard %d: image %d %r failed: %s", index, i, n, why)
+                log.warning("shard %d: image %d %s failed: %s", index, i, display_name(n), why)
             labels = {it.index: it.label for it in batch}
             wthread.put((len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures, labels))
     finally:

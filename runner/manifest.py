@@ -96,7 +96,7 @@ def list_dir(root: bytes, extensions: Sequence[str], follow_symlinks: bool = Tru
         try:
             it = os.scandir(os.path.join(root, rel_dir) if rel_dir else root)
         except PermissionError as e:
-            raise ConfigError(f"cannot list {e.filename!r}: permission denied; fix the permissions "
+            raise ConfigError(f"cannot list {os.fsdecode(e.filename)!r}: permission denied; fix the permissions "
                               "or give the readable files as input.list") from e
         with it:
             for entry in it:

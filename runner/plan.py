@@ -28,6 +28,10 @@ from .shard import shard_bounds
 
 
 def _blobs(cfg) -> List[str]:
+    if cfg.output.blobs is not None and len(cfg.output.blobs) == 0:
+        default = ",".join(cfg.model.default_blobs)
+        raise ConfigError("output.blobs=[] names no blob: give at least one, e.g. output.blobs=[fc7], or leave "
+                          f"output.blobs unset for the model's default_blobs ({default or 'none'})")
     blobs = list(cfg.output.blobs) if cfg.output.blobs else list(cfg.model.default_blobs)
     if not blobs:
         raise ConfigError(f"no blobs to extract: set output.blobs=[name,...] (model {cfg.model.name} "
@@ -61,6 +65,10 @@ def _check_ranges(cfg) -> None:
         raise ConfigError("output.view_max_shards must be >= 0 (0: features.h5 is always a real copy)")
     if cfg.heartbeat_s <= 0:
         raise ConfigError(f"heartbeat_s={cfg.heartbeat_s}: use a positive number of seconds")
+    mff = cfg.run.max_failure_fraction if "run" in cfg else None
+    if mff is not None and not 0 <= float(mff) <= 1:
+        raise ConfigError(f"run.max_failure_fraction={mff}: use a share of the images between 0 and 1 "
+                          "(0.01: fail the run when more than 1% of the images could not be used), or null")
 
 
 def _check_preprocess(cfg, hw: Tuple[int, int], channels: int) -> None:

@@ -14,7 +14,7 @@ from typing import List
 import h5py
 import numpy as np
 
-from .manifest import load_manifest
+from .manifest import display_name, load_manifest
 from .plan import load_run_dir
 from .merge import NAME_CHUNK_ROWS, check_sources
 from .write import dataset_name
@@ -74,8 +74,8 @@ def _check_shard(path: Path, i: int, run, manifest, problems: List[str]) -> None
         for arr, ix in ((raw, idx), (fraw, fidx)):
             for name, j in zip(arr, ix):
                 if bytes(name) != names[j - start]:
-                    problems.append(f"shard {i}: row for manifest entry {j} is named {bytes(name)!r}, "
-                                    f"expected {names[j - start]!r}")
+                    problems.append(f"shard {i}: row for manifest entry {j} is named "
+                                    f"{display_name(bytes(name))!r}, expected {display_name(names[j - start])!r}")
                     break
 
 

@@ -475,3 +475,42 @@ def test_a_sweep_keeps_its_mapping_resumes_its_folders_and_status_lists_it(tmp_p
     row = next(ln for ln in out.splitlines() if "0_output.pooling-none" in ln)
     assert " done " in row and "20/20 images" in row and "output.pooling=none" in row
     assert json.loads((root / SWEEP_JSON).read_text())["points"][1]["overrides"] == points[1]
+
+
+# ---- 23: the small ones ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override,message", [
+    ("run.max_failure_fraction=2", "run.max_failure_fraction=2.0: use a share of the images between 0 and 1"),
+    ("run.max_failure_fraction=-0.1", "between 0 and 1"),
+    ("output.blobs=[]", "output.blobs=[] names no blob: give at least one, e.g. output.blobs=[fc7], or leave "
+                        "output.blobs unset for the model's default_blobs (fc7)"),
+])
+def test_values_that_mean_nothing_are_refused(override, message):
+    from runner.config import compose
+    from runner.plan import _blobs, _check_ranges
+
+    cfg = compose([override], require_output=False)
+    with pytest.raises(ConfigError) as e:
+        _check_ranges(cfg)
+        _blobs(cfg)
+    assert message in str(e.value)
+    for fine in ("run.max_failure_fraction=0", "run.max_failure_fraction=1", "output.blobs=[fc7]"):
+        cfg = compose([fine], require_output=False)
+        _check_ranges(cfg)
+        assert _blobs(cfg) == ["fc7"]
+
+
+def test_more_workers_than_cores_is_warned(monkeypatch):
+    from runner.config import compose
+    from runner.launch.local import oversubscription, worker_plan
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    cfg = compose(["launcher.workers=64", "device=cpu"], require_output=False)
+    wp = worker_plan(cfg)
+    assert wp["workers"] == 64 and "launcher.workers=64 is more than the 2 core(s) here" in oversubscription(wp)
+    assert oversubscription(worker_plan(compose(["launcher.workers=2", "device=cpu"], require_output=False))) is None
+
+
+def test_runs_folder_is_ignored_by_git():
+    p = subprocess.run(["git", "check-ignore", "-q", "runs/first/features.h5"], cwd=REPO)
+    assert p.returncode == 0, "runs/ (the README's own folder) must be in .gitignore"

@@ -15,10 +15,10 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .. import log
-from ..errors import ConfigError, ShardFailedError
+from ..errors import ConfigError, ShardFailedError, Terminated
 from ..plan import Run, plan_summary, prepare_run
 from ..status import shard_state
 
@@ -62,7 +62,16 @@ def worker_plan(cfg) -> Dict:
         if workers < 1:
             raise ConfigError(f"launcher.workers={workers}: use 1 or more")
         threads = lc.threads_per_worker or max(1, cores // workers)
-    return {"workers": workers, "threads": threads, "gpus": gpus}
+    return {"workers": workers, "threads": threads, "gpus": gpus, "cores": cores}
+
+
+def oversubscription(wp: Dict) -> Optional[str]:
+    """The warning for more CPU workers than cores (pure), or None."""
+    if wp["gpus"] or wp["workers"] <= wp["cores"]:
+        return None
+    return (f"launcher.workers={wp['workers']} is more than the {wp['cores']} core(s) here: the workers share "
+            f"them (no faster, more memory); launcher.workers={max(1, wp['cores'] // 2)} (the default) or at most "
+            f"{wp['cores']}")
 
 
 def _die_with_parent(poll_s: float = 0.5) -> None:
@@ -143,6 +152,8 @@ class _ProgressView:
 def launch_local(cfg) -> Dict:
     run = prepare_run(cfg, default_shards=lambda: worker_plan(cfg)["workers"], explicit_shards=cfg.num_shards)
     wp = worker_plan(cfg)  # after prepare_run: cfg.device is resolved there
+    if oversubscription(wp):
+        log.warning("%s", oversubscription(wp))
     from . import plan_accepted
 
     plan_accepted(run)
@@ -193,12 +204,13 @@ def launch_local(cfg) -> Dict:
                         # would wait for it forever (multiprocessing keeps it in its cache)
                         ar._set(0, (False, ShardFailedError(failed[i])))
                 view.update(sum(s["done"] for s in states.values()))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             pool.terminate()
             view.close()
             done = len(run.done_shards())
-            raise KeyboardInterrupt(
-                f"interrupted: {done} of {run.num_shards} shards are complete and the others keep their last "
+            what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            raise type(e)(
+                f"{what}: {done} of {run.num_shards} shards are complete and the others keep their last "
                 f"flushed batch in {run.rundir.shards_dir}; rerun the same command to resume") from None
         except BaseException:
             pool.terminate()
