@@ -70,3 +70,18 @@ def test_overwrite_stops_when_a_file_of_the_old_run_cannot_be_removed(tiny_net, 
     with h5py.File(run / "features.h5", "r") as f:
         assert f["feats"].shape[1:] == (5,)
     assert run_cli("verify", run).returncode == 0
+
+
+def test_a_damaged_run_json_stops_the_extraction_in_one_line_and_overwrite_replaces_it(tiny_net, photos, tmp_path):
+    run = tmp_path / "run"
+    args = [f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net), "launcher.workers=1"]
+    run_cli(*args)
+    plan = run / "run.json"
+    plan.write_text(plan.read_text()[:100])  # truncated (a full disk, a killed copy)
+    for argv in (args, ["status", run]):
+        p = run_cli(*argv, check=False)
+        errors = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+        assert [ln for ln in errors if "error" in ln] == errors[-1:] and f"{plan} is damaged" in errors[-1]
+    run_cli(*args, "output.overwrite=true")
+    assert run_cli("verify", run).returncode == 0
