@@ -265,7 +265,7 @@ def _sweep(overrides: List[str]) -> int:
     """Every combination (Hydra's sweep syntax: key=a,b), one run directory each under
     output.dir; a failed point does not stop the others; the failed ones are listed at the end."""
     from .config import compose, expand_sweep, override_dirname, override_lines
-    from .sweep import name_points, record_sweep
+    from .sweep import name_points, record_sweep, varying
 
     points = expand_sweep(overrides)
     root = None
@@ -278,7 +278,7 @@ def _sweep(overrides: List[str]) -> int:
     names = name_points(Path(root), lines, keys, [_dirname(n, k) for n, k in enumerate(keys)])
     record_sweep(Path(root), names, keys, lines)  # the name -> overrides mapping: `status SWEEP_DIR` reads it
     cfgs = []
-    shown = {name: " ".join(ln) for name, ln in zip(names, lines)}
+    shown = {name: " ".join(ln) for name, ln in zip(names, varying(lines))}
     for name, point in zip(names, points):
         where = os.path.join(root, name).replace("\\", "\\\\").replace("'", "\\'")
         # quoted: the sweep folder's own path may hold characters the override grammar parses

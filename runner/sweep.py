@@ -40,6 +40,12 @@ def point_name(n: int, overrides: List[str], max_len: int = 200) -> str:
     return name[:max_len].rstrip("_-+.") or str(n)
 
 
+def varying(points: List[List[str]]) -> List[List[str]]:
+    """Each point's overrides that are not shared by every point (pure): what tells them apart."""
+    common = set.intersection(*(set(p) for p in points)) if len(points) > 1 else set()
+    return [[o for o in p if o not in common] for p in points]
+
+
 def read_sweep(root: Path) -> Optional[Dict]:
     try:
         data = json.loads((Path(root) / SWEEP_JSON).read_text())
@@ -54,7 +60,7 @@ def name_points(root: Path, points: List[List[str]], keys: List[str], legacy_nam
     shell-safe name from the overrides that differ between the points (made unique among the
     sweep's folders)."""
     root = Path(root)
-    common = set.intersection(*(set(p) for p in points)) if len(points) > 1 else set()
+    differ = varying(points)
     known = {p.get("key"): p.get("name") for p in (read_sweep(root) or {}).get("points", [])
              if isinstance(p, dict)}
     taken = {name for name in known.values() if name}
@@ -64,7 +70,7 @@ def name_points(root: Path, points: List[List[str]], keys: List[str], legacy_nam
         if not name and (root / legacy / "run.json").exists():
             name = legacy
         if not name:
-            name = base = point_name(n, [o for o in point if o not in common])
+            name = base = point_name(n, differ[n])
             k = 2
             while name in taken or name in names:
                 name = f"{base}.{k}"
