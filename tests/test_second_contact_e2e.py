@@ -85,3 +85,17 @@ def test_a_damaged_run_json_stops_the_extraction_in_one_line_and_overwrite_repla
         assert [ln for ln in errors if "error" in ln] == errors[-1:] and f"{plan} is damaged" in errors[-1]
     run_cli(*args, "output.overwrite=true")
     assert run_cli("verify", run).returncode == 0
+
+
+@pytest.mark.slurm
+def test_wait_without_a_merge_job_says_so_on_a_real_cluster(cluster, tiny_net, photos, tmp_path):
+    from test_slurm_errors import SLURM
+
+    run = tmp_path / "run"
+    p = run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *SLURM, "launcher.wait=true",
+                "launcher.merge_job=false", *tiny_model_args(tiny_net))
+    assert "done:" not in p.stdout and not (run / "features.h5").exists()
+    assert "all 2 shards are complete" in p.stdout and "launcher.merge_job=false" in p.stdout, p.stdout
+    assert f"caffe-runner merge {run}" in p.stdout
+    run_cli("merge", run)
+    assert run_cli("verify", run).returncode == 0
