@@ -11,7 +11,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -22,7 +21,8 @@ from . import __version__, log
 from .errors import ConfigError
 from .launch.container import check_container, task_container
 from .manifest import build_manifest, load_manifest
-from .rundir import RUN_JSON, DamagedPlanError, RunDir, partial_of, shard_file_of_run
+from .changes import identity_changes, input_change_advice
+from .rundir import RUN_JSON, DamagedPlanError, RunDir, partial_of, remove_old_run, shard_file_of_run
 from .shard import shard_bounds
 
 
@@ -251,42 +251,6 @@ def identity(cfg, blobs: List[str], model_sha: Dict[str, str], input_source: str
     }
 
 
-# identity paths -> the config key a user writes (the rest are the same dotted path)
-_IDENTITY_KEYS = {"blobs": "output.blobs", "input": "input", "model.prototxt_sha256": "model.prototxt (sha256)",
-                  "model.weights_sha256": "model.weights (sha256)"}
-
-
-def _flat(d, prefix: str = "") -> Dict[str, object]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: Dict[str, object] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def _shown(v, key: str) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, str) and key.endswith("sha256") and len(v) > 12:
-        return v[:12] + "..."
-    text = json.dumps(v) if isinstance(v, (list, dict)) else str(v).lower() if isinstance(v, bool) else str(v)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def identity_changes(old: Dict, new: Dict, limit: int = 3) -> List[str]:
-    """'key: old -> new' for what differs between two identities (pure), the config key named
-    as a user writes it; at most `limit`, then '... and N more'."""
-    a, b = _flat(old), _flat(new)
-    changes = []
-    for k in list(b) + [k for k in a if k not in b]:
-        if a.get(k, "<unset>") != b.get(k, "<unset>"):
-            changes.append(f"{_IDENTITY_KEYS.get(k, k)}: {_shown(a.get(k), k)} -> {_shown(b.get(k), k)}")
-    if len(changes) > limit:
-        changes = changes[:limit] + [f"and {len(changes) - limit} more"]
-    return changes or ["its recorded config"]
-
-
 def _input_source(cfg) -> str:
     if cfg.input.dir:
         return "dir:" + os.path.abspath(os.path.expanduser(cfg.input.dir))
@@ -429,19 +393,6 @@ def _describe_change(old: Optional[Dict], new: Optional[Dict]) -> str:
     return "files were added, replaced or modified since it was listed"
 
 
-def input_change_advice(old: Optional[Dict], new: Optional[Dict]) -> Tuple[bool, str]:
-    """(whether the run misses images, what to do) for an input whose stamp changed (pure).
-    Fewer images: the run still covers every image the input holds (their rows are kept);
-    more, or the same number changed: new or renamed images are not in the run
-    (input.relist=true adds them); rewritten files are only re-extracted in a new output.dir."""
-    if old and new and "count" in old and "count" in new and new["count"] < old["count"]:
-        return False, (f"{old['count'] - new['count']} listed image(s) are gone from the input (deleted since?): "
-                       "the run keeps what it extracted from them and holds every image still there; for a run "
-                       "of the input as it is now, use a new output.dir")
-    return True, ("input.relist=true adds new (and renamed) images as new shards; rewritten images are "
-                  "extracted again only in a new output.dir")
-
-
 def _relist(cfg, run: Run, new_stamp: Optional[Dict], default_shards: int) -> Run:
     """input.relist=true: append images that are new since the listing as new shards; entries
     already listed keep their positions, complete shards are never touched."""
@@ -478,32 +429,6 @@ def _relist(cfg, run: Run, new_stamp: Optional[Dict], default_shards: int) -> Ru
     log.warning("input.relist: %d new image(s) appended to the run as %d new shard(s) (%d..%d); complete "
                 "shards are kept", len(new), k, segs[-1]["first"], segs[-1]["first"] + k - 1)
     return run
-
-
-def remove_old_run(run_dir: Path) -> None:
-    """output.overwrite=true: remove the old run's files, or stop. A file that survives (no
-    permission, a busy NFS file) must not be mistaken for part of the new run."""
-    failed: List[str] = []
-
-    def note(_func, path, exc):
-        exc = exc[1] if isinstance(exc, tuple) else exc
-        if not isinstance(exc, FileNotFoundError):
-            failed.append(f"{path} ({getattr(exc, 'strerror', None) or exc})")
-
-    for sub in ("shards", "status", "manifest"):
-        if (run_dir / sub).exists():
-            shutil.rmtree(run_dir / sub, onerror=note)
-    for f in ("features.h5", "stats.json", RUN_JSON):  # run.json last: kept while anything of its run is
-        if failed:
-            break
-        try:
-            (run_dir / f).unlink(missing_ok=True)
-        except OSError as e:
-            failed.append(f"{run_dir / f} ({e.strerror})")
-    if failed:
-        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
-        raise ConfigError(f"output.overwrite=true could not remove the old run's {failed[0]}{more}: remove "
-                          f"{run_dir} by hand (check its permissions), or choose another output.dir")
 
 
 def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> Run:

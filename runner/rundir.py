@@ -11,6 +11,7 @@ so status, resume and verify work without Slurm accounting and after any crash.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import time
 from dataclasses import dataclass
@@ -193,6 +194,32 @@ def launch_holder(run_dir: Path) -> Optional[str]:
         return None
     finally:
         os.close(fd)
+
+
+def remove_old_run(run_dir: Path) -> None:
+    """output.overwrite=true: remove the old run's files, or stop. A file that survives (no
+    permission, a busy NFS file) must not be mistaken for part of the new run."""
+    failed: List[str] = []
+
+    def note(_func, path, exc):
+        exc = exc[1] if isinstance(exc, tuple) else exc
+        if not isinstance(exc, FileNotFoundError):
+            failed.append(f"{path} ({getattr(exc, 'strerror', None) or exc})")
+
+    for sub in ("shards", "status", "manifest"):
+        if (run_dir / sub).exists():
+            shutil.rmtree(run_dir / sub, onerror=note)
+    for f in ("features.h5", "stats.json", RUN_JSON):  # run.json last: kept while anything of its run is
+        if failed:
+            break
+        try:
+            (run_dir / f).unlink(missing_ok=True)
+        except OSError as e:
+            failed.append(f"{run_dir / f} ({e.strerror})")
+    if failed:
+        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        raise ConfigError(f"output.overwrite=true could not remove the old run's {failed[0]}{more}: remove "
+                          f"{run_dir} by hand (check its permissions), or choose another output.dir")
 
 
 def pid_alive(pid: int) -> bool:

@@ -152,7 +152,8 @@ def _check_input(run, problems: List[str], notes: List[str]) -> None:
     if now is None:
         notes.append("the input is not reachable from here: not checked for images added since listing")
     elif now != old:
-        from .plan import _describe_change, input_change_advice
+        from .changes import input_change_advice
+        from .plan import _describe_change
 
         missing, advice = input_change_advice(old, now)
         if missing:

@@ -99,7 +99,7 @@ def test_damaged_run_json_in_the_python_api(tmp_path):
 # ---- 15: output.overwrite that cannot remove, and another run's shard file ----------------
 
 def test_a_failed_removal_stops_overwrite(tmp_path):
-    from runner.plan import remove_old_run
+    from runner.rundir import remove_old_run
 
     if os.geteuid() == 0:
         # root ignores directory permissions: an immutable file (chattr +i) stands in
@@ -287,7 +287,7 @@ def test_progress_counts_follow_the_files_not_stale_heartbeats(tmp_path):
 # ---- 20: messages that tell the truth -------------------------------------------------------
 
 def test_a_config_change_names_each_key_and_both_values():
-    from runner.plan import identity_changes
+    from runner.changes import identity_changes
 
     old = {"model": {"prototxt_sha256": "a" * 64, "preprocess": {"mean": [1, 2, 3]}}, "blobs": ["fc7"],
            "output": {"pooling": "none", "dtype": "float32"}, "input": "dir:/a"}
