@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from . import __version__, log
-from .config import conf_dir, pkgfile as _pkgfile, register_resolvers, sweep_dirname as _dirname  # noqa: F401
-from .errors import (ConfigError, FailureShareError, RunBusyError, RunnerError, Terminated, UsageError,
-                     did_you_mean)
+from .config import (compose, compose_base, conf_dir, config_groups, expand_sweep, override_dirname,
+                     override_lines, sweep_dirname)
+from .errors import (ConfigError, FailureShareError, RunBusyError, RunnerError, ShardFailedError, Terminated,
+                     UsageError, did_you_mean)
 
 SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch")
 COMMANDS = SUBCOMMANDS + ("help", "version")
@@ -104,12 +105,12 @@ def terminal_columns() -> int:
 
 
 def help_page() -> str:
-    """--help: the keys' lines come from the schema's field comments (config.field_docs)."""
+    """--help: the keys' lines come from the schema's field comments (schema.field_docs)."""
     import textwrap
 
     from omegaconf import OmegaConf
 
-    from .config import compose_base, config_groups, field_docs
+    from .schema import field_docs
 
     docs = field_docs()
     base = compose_base()
@@ -244,7 +245,6 @@ def print_summary(summary) -> None:
 
 def _extract_one(overrides: List[str], cfg=None) -> int:
     """One run: compose, launch, summarise. Raises RunnerError / KeyboardInterrupt."""
-    from .config import compose
     from .launch import launch
     from .stats import check_failure_share
 
@@ -264,7 +264,6 @@ def _extract_one(overrides: List[str], cfg=None) -> int:
 def _sweep(overrides: List[str]) -> int:
     """Every combination (Hydra's sweep syntax: key=a,b), one run directory each under
     output.dir; a failed point does not stop the others; the failed ones are listed at the end."""
-    from .config import compose, expand_sweep, override_dirname, override_lines
     from .sweep import name_points, record_sweep, varying
 
     points = expand_sweep(overrides)
@@ -275,7 +274,7 @@ def _sweep(overrides: List[str]) -> int:
     root = os.path.abspath(os.path.expanduser(root))
     keys = [override_dirname(p) for p in points]
     lines = [override_lines(p) for p in points]
-    names = name_points(Path(root), lines, keys, [_dirname(n, k) for n, k in enumerate(keys)])
+    names = name_points(Path(root), lines, keys, [sweep_dirname(n, k) for n, k in enumerate(keys)])
     record_sweep(Path(root), names, keys, lines)  # the name -> overrides mapping: `status SWEEP_DIR` reads it
     cfgs = []
     shown = {name: " ".join(ln) for name, ln in zip(names, varying(lines))}
@@ -305,7 +304,6 @@ def _sweep(overrides: List[str]) -> int:
 def _extract_main(argv: List[str]) -> int:
     from omegaconf import OmegaConf
 
-    from .config import compose
 
     flags, overrides = _parse_flags(argv)
     if flags.get("help"):
@@ -327,7 +325,6 @@ def _extract_main(argv: List[str]) -> int:
 
 
 def _is_sweep(override: str) -> bool:
-    from .config import expand_sweep
 
     try:
         return len(expand_sweep([override])) > 1
@@ -336,7 +333,6 @@ def _is_sweep(override: str) -> bool:
 
 
 def _first_values(overrides: List[str]) -> List[str]:
-    from .config import expand_sweep
 
     return expand_sweep(overrides)[0] if overrides else []
 
@@ -344,7 +340,6 @@ def _first_values(overrides: List[str]) -> List[str]:
 # ---- run-directory commands --------------------------------------------------------------
 
 def _cmd_merge(args) -> int:
-    from .errors import ShardFailedError
     from .merge import merge_run
     from .plan import load_run_dir
     from .stats import write_stats

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -119,6 +119,22 @@ def truncated_prototxt(spec: NetSpec, end_index: int) -> str:
     return text_format.MessageToString(param)
 
 
+def chosen_blobs(cfg) -> List[str]:
+    """The blobs a run extracts: output.blobs, else the model's default_blobs; none or one
+    named twice is refused, and so is an empty output.blobs=[] (it would silently mean the defaults)."""
+    if cfg.output.blobs is not None and len(cfg.output.blobs) == 0:
+        default = ",".join(cfg.model.default_blobs)
+        raise ConfigError("output.blobs=[] names no blob: give at least one, e.g. output.blobs=[fc7], or leave "
+                          f"output.blobs unset for the model's default_blobs ({default or 'none'})")
+    blobs = list(cfg.output.blobs) if cfg.output.blobs else list(cfg.model.default_blobs)
+    if not blobs:
+        raise ConfigError(f"no blobs to extract: set output.blobs=[name,...] (model {cfg.model.name} "
+                          "has no default_blobs)")
+    if len(set(blobs)) != len(blobs):
+        raise ConfigError(f"output.blobs names a blob twice: {blobs}")
+    return blobs
+
+
 def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -127,23 +143,17 @@ def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _preset_path(name: str, key: str) -> Optional[str]:
-    """Where preset `name` keeps its `key` file (None when `name` is not a preset)."""
-    from .config import compose
-
-    try:
-        return str(compose([f"model={name}"], require_output=False).model[key])
-    except Exception:
-        return None
-
-
-def check_model_files(model_cfg) -> None:
+def check_model_files(model_cfg, preset_paths: Optional[Callable[[], Dict[str, str]]] = None) -> None:
+    """Both model files exist and can be read. preset_paths() (asked only when a file is
+    missing; config.preset_model_paths) says where the preset model.name keeps its files: a
+    missing file elsewhere is the user's own, told to check its path, not the preset's source."""
     for key in ("prototxt", "weights"):
         p = getattr(model_cfg, key)
         if not p or not os.path.isfile(p):
             if p and os.path.isdir(p):
                 raise ConfigError(f"model.{key} {p!r} is a folder: give the {key} file itself")
-            if not p or p != _preset_path(model_cfg.name, key):  # the user's own file: no preset advice
+            own = preset_paths is not None and (preset_paths() or {}).get(key) != p
+            if not p or own:
                 raise ConfigError(f"model.{key} file not found: {p!r}: check the path (model.{key}=/path/to/file)")
             hint = f" Such files come from: {model_cfg.source}." if model_cfg.source else ""
             if model_cfg.get("files"):

@@ -14,6 +14,8 @@ from typing import List
 import h5py
 import numpy as np
 
+from .changes import input_change_advice
+from .inputs import describe_change, input_stamp
 from .manifest import display_name, load_manifest
 from .plan import load_run_dir
 from .merge import NAME_CHUNK_ROWS, check_sources
@@ -143,8 +145,6 @@ def _check_merged(run, problems: List[str]) -> None:
 
 def _check_input(run, problems: List[str], notes: List[str]) -> None:
     """Images added to (or changed in) the input since it was listed are not in the run."""
-    from .manifest import input_stamp
-
     old = run.plan.get("input_stamp")
     if old is None:
         return
@@ -152,15 +152,12 @@ def _check_input(run, problems: List[str], notes: List[str]) -> None:
     if now is None:
         notes.append("the input is not reachable from here: not checked for images added since listing")
     elif now != old:
-        from .changes import input_change_advice
-        from .plan import _describe_change
-
         missing, advice = input_change_advice(old, now)
         if missing:
-            problems.append(f"the input changed since it was listed ({_describe_change(old, now)}): the run may not "
+            problems.append(f"the input changed since it was listed ({describe_change(old, now)}): the run may not "
                             f"cover it; {advice}")
         else:
-            notes.append(f"the input changed since it was listed ({_describe_change(old, now)}): {advice}")
+            notes.append(f"the input changed since it was listed ({describe_change(old, now)}): {advice}")
 
 
 def verify(run_dir: Path, notes: List[str] = None) -> List[str]:

