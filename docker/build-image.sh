@@ -46,7 +46,7 @@ wheelhouse() {
   # the Caffe sdist (sha256-checked by build-pycaffe.sh), the build venv's tools, and every
   # run-time wheel of the project for the image's Python (Debian 12: CPython 3.11)
   local cache=${CAFFE_RUNNER_CACHE:-$HOME/.cache/caffe-runner} sdist
-  # build-pycaffe.sh caches it under CACHE/sdist (make setup) or CACHE/pycaffe/sdist (its default)
+  # build-pycaffe.sh caches it under CACHE/sdist (CACHE/pycaffe/sdist: its default before 0.2)
   sdist=$(ls "$cache"/sdist/brocolli-caffe-9.0.2.tar.gz "$cache"/pycaffe/sdist/brocolli-caffe-9.0.2.tar.gz 2>/dev/null | head -n1 || true)
   if [ -n "$sdist" ]; then cp -n "$sdist" "$wh/"; else
     "$PY" -m pip download -q --no-deps --no-binary :all: brocolli-caffe==9.0.2 -d "$wh"; fi

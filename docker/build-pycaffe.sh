@@ -8,7 +8,7 @@
 #                           [--print-key]   (the cache key these arguments select; builds nothing)
 #
 # Prints the path of the wheel on its last line. The wheel is cached under
-# DIR/<recipe key>/ (default ~/.cache/caffe-runner/pycaffe), keyed by the sdist, the
+# DIR/<recipe key>/ (default ~/.cache/caffe-runner, as make setup), keyed by the sdist, the
 # patch revision below, the Python version and the architecture (CUDA builds add the
 # toolkit version and the GPU architectures), so a second call takes milliseconds.
 # --apt installs the run-time libraries always and the build ones only when a build is needed.
@@ -32,7 +32,7 @@
 set -euo pipefail
 
 PY=${PYTHON:-python3}
-CACHE=${CAFFE_RUNNER_CACHE:-$HOME/.cache/caffe-runner}/pycaffe
+CACHE=${CAFFE_RUNNER_CACHE:-$HOME/.cache/caffe-runner}  # the folder `make setup` passes: one cache
 APT=0
 CUDA=0
 CUDA_HOME_ARG=

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from . import __version__, log
-from .config import compose, compose_base, conf_dir, config_groups, expand_sweep, override_dirname, sweep_dirname
-from .errors import (ConfigError, FailureShareError, RunBusyError, RunnerError, ShardFailedError, UsageError,
-                     did_you_mean)
+from .config import (compose, compose_base, conf_dir, config_groups, expand_sweep, override_dirname,
+                     override_lines, sweep_dirname)
+from .errors import (ConfigError, FailureShareError, RunBusyError, RunnerError, ShardFailedError, Terminated,
+                     UsageError, did_you_mean)
 from .overrides import normalize_overrides
 
 SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch")
+COMMANDS = SUBCOMMANDS + ("help", "version")
 
 # exit codes (also in the README and in --help)
 EXIT_OK = 0
@@ -34,13 +36,15 @@ EXIT_FAILED = 1        # the run (or a check) failed: shards failed, too many fa
 EXIT_USAGE = 2         # the command line or the config is wrong; nothing was started
 EXIT_INCOMPLETE = 3    # status: the run is not finished yet
 EXIT_INTERRUPTED = 130  # Ctrl-C: what was done is kept, the same command resumes
+EXIT_TERMINATED = 143   # SIGTERM (kill, a time limit): as Ctrl-C
 
 EXIT_CODES_TEXT = """exit codes:
   0    success
   1    the run failed (shards failed, too many failed images) or a check failed
-  2    usage or configuration error: nothing was started
+  2    usage or configuration error, or a refused run directory (one in use): nothing was started
   3    status: the run is not finished yet
-  130  interrupted (Ctrl-C): completed work is kept, the same command resumes"""
+  130  interrupted (Ctrl-C): completed work is kept, the same command resumes
+  143  terminated (SIGTERM): as 130"""
 
 USAGE = """usage: caffe-runner input.dir=IMAGES output.dir=RUN [key=value ...]   extract features
        caffe-runner -m key=a,b [key=x,y ...] output.dir=SWEEP          sweep (every combination)
@@ -48,7 +52,7 @@ USAGE = """usage: caffe-runner input.dir=IMAGES output.dir=RUN [key=value ...]  
        caffe-runner export RUN OUT.h5 [--format npy]                  a self-contained copy
        caffe-runner inspect [model=NAME output.blobs=[...] ...]       blobs, shapes, bytes per image
        caffe-runner fetch NAME                                        download a model preset's files
-       caffe-runner --help | --version | --cfg job [key=value ...]"""
+       caffe-runner help [COMMAND] | version | --cfg job [key=value ...]"""
 
 # the keys shown on the --help page, in this order (text comes from the schema's comments)
 _HELP_KEYS = [
@@ -65,13 +69,47 @@ _HELP_KEYS = [
 ]
 
 
-def _short(text: str, width: int = 78) -> str:
-    first = text.split(". ")[0].split("; ")[0].rstrip(".")
-    return first if len(first) <= width else first[:width - 3].rsplit(" ", 1)[0] + "..."
+KEY_COLUMN = 38  # "  key (default)" padded to this, then the description
+
+
+def first_sentence(text: str) -> str:
+    """A field comment's first sentence, up to '. ' or '; ' outside parentheses ('e.g. 0.01'
+    does not end one), without its last '.'."""
+    depth = 0
+    for i, c in enumerate(text):
+        depth += (c == "(") - (c == ")")
+        if depth == 0 and text[i:i + 2] in (". ", "; ") and not text[max(0, i - 3):i + 1].endswith(("e.g.", "i.e.")):
+            return text[:i].rstrip(".")
+    return text.rstrip(".")
+
+
+def key_lines(key: str, default: str, text: str, choices: str, columns: int) -> List[str]:
+    """One key of the --help page (pure): the description wrapped to the terminal's width,
+    never cut; an Enum's values added only where the description does not name them all."""
+    import re
+    import textwrap
+
+    text = first_sentence(text)
+    if choices and not all(re.search(rf"\b{re.escape(c)}\b", text) for c in choices.split(" | ")):
+        text = f"{text} [{choices}]" if text else choices
+    head = f"  {key + ' (' + default + ')':<{KEY_COLUMN - 2}}"
+    width = max(30, columns - KEY_COLUMN - 1)
+    body = textwrap.wrap(text, width) or [""]
+    if len(head) > KEY_COLUMN:  # a long key: its description starts on the next line
+        return [head.rstrip()] + [" " * KEY_COLUMN + ln for ln in body]
+    return [head + body[0]] + [" " * KEY_COLUMN + ln for ln in body[1:]]
+
+
+def terminal_columns() -> int:
+    import shutil
+
+    return shutil.get_terminal_size(fallback=(100, 24)).columns  # COLUMNS, else the terminal, else 100
 
 
 def help_page() -> str:
     """--help: the keys' lines come from the schema's field comments (schema.field_docs)."""
+    import textwrap
+
     from omegaconf import OmegaConf
 
     from .schema import field_docs
@@ -95,19 +133,18 @@ def help_page() -> str:
     lines = [f"caffe-runner {__version__}: extract Caffe features of many images into one HDF5 file,",
              "on this machine (one process per GPU or per few cores) or as one Slurm array job.",
              "Every image ends up exactly once: as a feature row or as a recorded failure.", "", USAGE, "",
-             "required:",
-             "  input.dir=DIR | input.list=FILE   the images: a folder (recursive) or a file of paths",
-             "  output.dir=DIR                    the run directory (rerunning the same command resumes)", "",
-             "common keys (default):"]
+             "required (one input, and the run directory):",
+             "  input.dir=DIR | input.list=FILE | input.lmdb=DB | input.tar=SHARDS"]
+    columns = terminal_columns()
+    lines += textwrap.wrap("the images: a folder (recursive), a file of paths (input.root: their folder), a Caffe "
+                           "Datum LMDB, or webdataset tar shards (a glob, a {000..099} range, or a list of tars)",
+                           max(30, columns - 7), initial_indent=" " * 6, subsequent_indent=" " * 6)
+    lines += ["  output.dir=DIR   the run directory (rerunning the same command resumes)", "",
+              "common keys (default):"]
     for key, doc in _HELP_KEYS:
         if key in ("input.dir", "input.list", "output.dir"):
             continue
-        text = docs.get(doc, "")
-        if choices(key) and choices(key) not in text:  # an Enum: its values, from the schema too
-            text = f"{choices(key)}{': ' + text if text else ''}"
-        text = _short(text, 90)
-        d = default(key)
-        lines.append(f"  {key + ' (' + d + ')':<36} {text}")
+        lines += key_lines(key, default(key), docs.get(doc, ""), choices(key), columns)
     groups = config_groups()
     lines += ["", "config groups (key=option):"]
     for g, opts in groups.items():
@@ -194,8 +231,8 @@ def _parse_flags(argv: List[str]) -> Tuple[dict, List[str]]:
             raise UsageError(f"unknown option {a}{did_you_mean(a, known)}: `caffe-runner --help` lists the options")
         elif "=" not in a:
             if not overrides and not a.startswith(("+", "~")):
-                raise UsageError(f"unknown command {a!r}{did_you_mean(a, SUBCOMMANDS)}: the commands are "
-                                 f"{', '.join(SUBCOMMANDS)}, or key=value overrides to extract")
+                raise UsageError(f"unknown command {a!r}{did_you_mean(a, COMMANDS)}: the commands are "
+                                 f"{', '.join(COMMANDS)}, or key=value overrides to extract")
             raise UsageError(f"{a!r} is not key=value: write e.g. input.dir={a}")
         else:
             overrides.append(a)
@@ -229,16 +266,23 @@ def _extract_one(overrides: List[str], cfg=None) -> int:
 def _sweep(overrides: List[str]) -> int:
     """Every combination (Hydra's sweep syntax: key=a,b), one run directory each under
     output.dir; a failed point does not stop the others; the failed ones are listed at the end."""
+    from .sweep import name_points, record_sweep, varying
 
     points = expand_sweep(overrides)
     root = None
-    cfgs = []
-    for n, point in enumerate(points):  # every point composes before any runs: typos stop the sweep
+    for point in points:  # every point composes before any runs: typos stop the sweep
         cfg = compose(point)
         root = root or cfg.output.dir
-        name = sweep_dirname(n, override_dirname(point))
+    root = os.path.abspath(os.path.expanduser(root))
+    keys = [override_dirname(p) for p in points]
+    lines = [override_lines(p) for p in points]
+    names = name_points(Path(root), lines, keys, [sweep_dirname(n, k) for n, k in enumerate(keys)])
+    record_sweep(Path(root), names, keys, lines)  # the name -> overrides mapping: `status SWEEP_DIR` reads it
+    cfgs = []
+    shown = {name: " ".join(ln) for name, ln in zip(names, varying(lines))}
+    for name, point in zip(names, points):
         where = os.path.join(root, name).replace("\\", "\\\\").replace("'", "\\'")
-        # quoted: a point's name holds '=', ',' and brackets, which the override grammar parses
+        # quoted: the sweep folder's own path may hold characters the override grammar parses
         point = [o for o in point if not o.startswith("output.dir=")] + [f"output.dir='{where}'"]
         cfgs.append((name, point))
     print(f"sweep: {len(points)} point(s) under {root}", flush=True)
@@ -251,9 +295,9 @@ def _sweep(overrides: List[str]) -> int:
             failed.append((name, str(e)))
             _error(f"sweep point {name}: {e}", EXIT_FAILED)
     if failed:
-        lines = "\n".join(f"  {name}" for name, _ in failed)  # each one's error was printed when it failed
-        print(f"caffe-runner: error: {len(failed)} of {len(cfgs)} sweep points failed (the others are done):\n{lines}",
-              file=sys.stderr)
+        listed = "\n".join(f"  {name}  ({shown[name]})" for name, _ in failed)  # each error was printed already
+        print(f"caffe-runner: error: {len(failed)} of {len(cfgs)} sweep points failed (the others are done):\n"
+              f"{listed}\n`caffe-runner status {root}` lists every point and its state", file=sys.stderr)
         return EXIT_FAILED
     print(f"sweep: all {len(cfgs)} point(s) done under {root}")
     return EXIT_OK
@@ -349,7 +393,13 @@ def _cmd_fetch(args) -> int:
 
 def _cmd_status(args) -> int:
     from .status import format_status, run_status
+    from .sweep import format_sweep_status, is_sweep_dir, sweep_status
 
+    if is_sweep_dir(Path(args.run_dir)):
+        rows = sweep_status(Path(args.run_dir))
+        print(json.dumps(rows, indent=1, default=str) if args.json else format_sweep_status(Path(args.run_dir), rows))
+        states = {r["state"] for r in rows}
+        return EXIT_OK if states <= {"done", "merged"} else EXIT_FAILED if "failed" in states else EXIT_INCOMPLETE
     st = run_status(Path(args.run_dir), use_sacct=not args.no_sacct)
     if args.json:
         print(json.dumps(st, indent=1, default=str))
@@ -381,11 +431,12 @@ def _cmd_inspect(args) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with errors in our one-line form (and exit code 2)."""
+    """argparse, with errors in our one-line form (and exit code 2): the subcommand's own
+    usage line, then the error (not the whole command's usage block as well)."""
 
     def error(self, message):
         self.print_usage(sys.stderr)
-        raise UsageError(f"{self.prog}: {message}")
+        raise ConfigError(f"{self.prog}: {message}")
 
 
 def _subcommand(argv) -> int:
@@ -402,7 +453,7 @@ def _subcommand(argv) -> int:
     command("merge", "Merge the complete shard files of RUN_DIR into RUN_DIR/features.h5 (and stats.json).",
             "exit codes: 0 merged, 1 shards missing (rerun the extraction), 2 not a run directory")
     s = command("status", "Per-shard state of RUN_DIR, failed images, totals and ETA, read from the run directory "
-                "(works without Slurm accounting).",
+                "(works without Slurm accounting). A sweep's folder (-m): each point's run and its state.",
                 "exit codes: 0 done, 1 a shard failed, 2 not a run directory, 3 not finished yet")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--no-sacct", action="store_true", help="do not ask Slurm accounting")
@@ -420,7 +471,7 @@ def _subcommand(argv) -> int:
                  "resuming a partial download.",
                  "example: caffe-runner fetch open_nsfw\n"
                  "exit codes: 0 fetched (or nothing to fetch), 1 download failed, 2 unknown preset", run_dir=False)
-    fe.add_argument("items", nargs="+", metavar="NAME", help="preset name(s), e.g. open_nsfw; key=value overrides")
+    fe.add_argument("items", nargs="*", metavar="NAME", help="preset name(s), e.g. open_nsfw; key=value overrides")
     fe.add_argument("--quiet", action="store_true", help="no progress bar")
     i = command("inspect", "A model's blobs with shapes, its preprocessing and the bytes per image of the chosen "
                 "blobs (to size the disk before a run).",
@@ -441,21 +492,49 @@ def run(argv: List[str]) -> int:
         print("\n`caffe-runner --help` explains the keys; the README has examples.", file=sys.stderr)
         return EXIT_USAGE
     try:
+        if argv[0] == "help":  # `caffe-runner help [COMMAND]`, as `--help`
+            return _subcommand(argv[1:2] + ["--help"]) if argv[1:2] and argv[1] in SUBCOMMANDS \
+                else _extract_main(["--help"])
+        if argv[0] == "version":
+            return _extract_main(["--version"])
         if argv[0] in SUBCOMMANDS:
             return _subcommand(argv)
         return _extract_main(argv)
     except UsageError as e:
         return _error(str(e), EXIT_USAGE, usage=True)
-    except ConfigError as e:
+    except (ConfigError, RunBusyError) as e:  # busy: a refused run directory, nothing was started
         return _error(str(e), EXIT_USAGE)
-    except (FailureShareError, RunBusyError, RunnerError) as e:
+    except (FailureShareError, RunnerError) as e:
         return _error(str(e), EXIT_FAILED)
     except KeyboardInterrupt as e:
-        msg = str(e) if str(e) else ("interrupted: completed shards and flushed batches are kept; "
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        msg = str(e) if str(e) else (f"{what}: completed shards and flushed batches are kept; "
                                      "rerun the same command to resume")
         print(f"\ncaffe-runner: {msg}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what `cat` gives when its reader (`head`) has gone
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    sys.exit(run(sys.argv[1:] if argv is None else list(argv)))
+    import signal
+
+    # SIGTERM stops a run as Ctrl-C does (workers stopped, work kept) and says so in one line;
+    # the Python API leaves the caller's handlers alone
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        code = run(sys.argv[1:] if argv is None else list(argv))
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+    except BrokenPipeError:
+        # the reader of our output (`| head -3`) has what it wanted: stop quietly; stdout goes to
+        # /dev/null so the interpreter's own flush at exit does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):  # `2>&1 | head` closes stderr's pipe too
+            os.dup2(devnull, stream.fileno())
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)

@@ -188,7 +188,21 @@ def expand_sweep(overrides: List[str]) -> List[List[str]]:
     return [list(p) for p in itertools.product(*choices)]
 
 
+def preset_model_paths(name: str) -> Dict[str, str]:
+    """Where preset `name` keeps its model files ({prototxt, weights}); {} when it is no preset."""
+    try:
+        model = compose([f"model={name}"], require_output=False).model
+    except Exception:  # not a preset (model.name=mine): no preset paths
+        return {}
+    return {k: str(model[k]) for k in ("prototxt", "weights")}
+
+
+def override_lines(point: List[str]) -> List[str]:
+    """The point's overrides, sorted, without SWEEP_NAME_EXCLUDE keys."""
+    return sorted(o.input_line for o in _parse_overrides(point) if o.get_key_element() not in SWEEP_NAME_EXCLUDE)
+
+
 def override_dirname(point: List[str]) -> str:
-    """Hydra's override_dirname: the point's overrides, sorted, without SWEEP_NAME_EXCLUDE keys."""
-    lines = [o.input_line for o in _parse_overrides(point) if o.get_key_element() not in SWEEP_NAME_EXCLUDE]
-    return ",".join(sorted(lines))
+    """Hydra's override_dirname: the point's overrides, sorted, without SWEEP_NAME_EXCLUDE keys
+    (a sweep point's identity in sweep.json, and its folder name before names were shell-safe)."""
+    return ",".join(override_lines(point))

@@ -95,18 +95,44 @@ def register_pillow_plugins() -> None:
 
 
 def header_size(data: bytes) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
-    """(format, (width, height)) from the header only, without decoding pixels."""
+    """(format, (width, height)) from the header only, without decoding pixels. Pillow's
+    global Image.MAX_IMAGE_PIXELS is left as the caller's process has it (a notebook or a
+    pipeline importing us keeps its own setting): an image above it is measured by Pillow's
+    format plug-ins directly, and our own limit (decode.max_pixels) decides."""
     from PIL import Image
 
     register_pillow_plugins()
-    Image.MAX_IMAGE_PIXELS = None  # our own limit (decode.max_pixels) applies, with a clear reason
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:
                 return im.format, im.size
+    except Image.DecompressionBombError:
+        return _header_size_unchecked(data)
     except Exception:
         return None, None
+
+
+def _header_size_unchecked(data: bytes) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
+    """What Image.open does to read a header, without its decompression-bomb check: each
+    registered format plug-in that accepts the first bytes tries to parse the header."""
+    from PIL import Image
+
+    Image.init()
+    prefix = data[:16]
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None and not accept(prefix):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                im = factory(io.BytesIO(data), "")
+            with im:
+                return im.format, im.size
+        except Exception:
+            continue
+    return None, None
 
 
 def _pil_decode(data: bytes, exif_orientation: bool) -> np.ndarray:
@@ -160,13 +186,15 @@ class Decoder:
             raise DecodeFailure("empty file (0 bytes)")
         return data
 
+    def _check_pixels(self, w: int, h: int) -> None:
+        if w * h > self.max_pixels:
+            raise DecodeFailure(f"too large: {w}x{h} = {w * h} pixels > decode.max_pixels="
+                                f"{self.max_pixels} (decompression-bomb limit)")
+
     def decode(self, data: bytes) -> np.ndarray:
         fmt, size = header_size(data)
         if size is not None:
-            w, h = size
-            if w * h > self.max_pixels:
-                raise DecodeFailure(f"too large: {w}x{h} = {w * h} pixels > decode.max_pixels="
-                                    f"{self.max_pixels} (decompression-bomb limit)")
+            self._check_pixels(*size)
         if fmt == "JPEG" and jpeg_truncated(data):
             raise DecodeFailure("truncated JPEG (no end-of-image marker after the last scan)")
         flags = cv2.IMREAD_COLOR
@@ -191,6 +219,8 @@ class Decoder:
             if what:
                 raise DecodeFailure(f"not an image: looks like {what}")
             raise DecodeFailure("unsupported or corrupt image format (neither OpenCV nor Pillow reads it)")
+        if size is None:  # a header Pillow cannot read: the limit applies to what OpenCV decoded
+            self._check_pixels(img.shape[1], img.shape[0])
         if img.ndim == 2:
             img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
         if img.shape[0] < 1 or img.shape[1] < 1:

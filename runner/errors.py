@@ -33,6 +33,10 @@ class RunBusyError(RunnerError):
     """Another caffe-runner process is extracting into the same run directory."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a batch system's time limit, a service stop): stops like Ctrl-C, says so."""
+
+
 class FailureShareError(RunnerError):
     """More images failed than run.max_failure_fraction allows (the run itself completed)."""
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import log
 from .device import resolve_local_device
-from .manifest import load_manifest
+from .manifest import display_name, load_manifest
 from .inputs import open_reader
 from .model import load_engine
 from .plan import load_run
@@ -275,7 +275,7 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, par
                 if oversample:  # the 10 crops of an image are averaged
                     feats = {b: v.reshape((len(ok), 10) + v.shape[1:]).mean(axis=1) for b, v in feats.items()}
             for i, n, why in failures:
-                log.warning("shard %d: image %d %r failed: %s", index, i, n, why)
+                log.warning("shard %d: image %d %s failed: %s", index, i, display_name(n), why)
             labels = {it.index: it.label for it in batch}
             wthread.put((len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures, labels))
     except BaseException:
@@ -327,16 +327,19 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
     run = load_run(cfg)
     num_shards = run.num_shards
     final = run.shard_path(index)
-    if final.exists():
+    if run.shard_done(index):
         log.info("shard %d/%d already complete: %s", index, num_shards, final)
         return {"shard": index, "skipped": True}
+    if final.exists():
+        log.warning("shard %d/%d: %s is not a complete shard of this run (another config's, or damaged): "
+                    "it is extracted again and replaced", index, num_shards, final)
     run.rundir.shards_dir.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(run.rundir.path)
     log_path = os.environ.get("CAFFE_RUNNER_LOG")
     progress = None
     try:
         with ShardLock(run.lock_path(index)):
-            if final.exists():  # finished by the lock's previous holder
+            if run.shard_done(index):  # finished by the lock's previous holder
                 return {"shard": index, "skipped": True}
             parts = run.pipeline_parts()  # once per shard: the prototxt parsed, the mean file loaded
             op = _open_shard(run, index, ident, threads, manifest, parts, numerics)

@@ -36,11 +36,12 @@ def blob_shapes(spec, end_index: int, weights=None):
 
 
 def inspect_model(overrides: List[str]) -> str:
+    from .config import preset_model_paths
     from .model import check_fixed_shape, check_model_files, chosen_blobs, input_hw, parse_prototxt
     from .features import pooled_shape
 
     cfg = compose_config(overrides)
-    check_model_files(cfg.model)
+    check_model_files(cfg.model, lambda: preset_model_paths(cfg.model.name))
     spec = parse_prototxt(cfg.model.prototxt)
     chosen = chosen_blobs(cfg)
     for b in chosen:

@@ -200,10 +200,12 @@ def merge_run(run, out: Optional[Path] = None) -> Path:
     else a copy). Refuses, naming them, while shards are missing."""
     missing = run.missing_shards()
     if missing:
+        from .status import finish_advice
+
         raise ShardFailedError(
             f"{len(missing)} of {run.num_shards} shards are not complete ({', '.join(map(str, missing[:10]))}"
-            f"{'...' if len(missing) > 10 else ''}): rerun the extraction (same command) to finish them, "
-            f"then merge; `caffe-runner status {run.rundir.path}` says why")
+            f"{'...' if len(missing) > 10 else ''}): {finish_advice(run)}, then merge; "
+            f"`caffe-runner status {run.rundir.path}` says why")
     limit = int(run.cfg.output.get("view_max_shards", 128)) if "output" in run.cfg else 128
     kind = "view" if run.num_shards <= limit else "copy"
     out = write_merged(out or run.rundir.merged, run.shard_paths(), kind)
@@ -264,8 +266,10 @@ def _export_sources(run) -> List[Path]:
         with _open(merged) as f:
             if not view_sources(f):
                 return [merged]
+    from .status import finish_advice
+
     raise ShardFailedError(f"{len(missing)} of {run.num_shards} shards are missing ({missing[:10]}): "
-                           "finish the run (rerun the same command) before exporting")
+                           f"{finish_advice(run)}, then export")
 
 
 def export_run(run, out: Path, fmt: str = "h5") -> Path:

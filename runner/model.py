@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -177,7 +177,11 @@ def truncated_prototxt(spec: NetSpec, end_index: int) -> str:
 
 def chosen_blobs(cfg) -> List[str]:
     """The blobs a run extracts: output.blobs, else the model's default_blobs; none or one
-    named twice is refused."""
+    named twice is refused, and so is an empty output.blobs=[] (it would silently mean the defaults)."""
+    if cfg.output.blobs is not None and len(cfg.output.blobs) == 0:
+        default = ",".join(cfg.model.default_blobs)
+        raise ConfigError("output.blobs=[] names no blob: give at least one, e.g. output.blobs=[fc7], or leave "
+                          f"output.blobs unset for the model's default_blobs ({default or 'none'})")
     blobs = list(cfg.output.blobs) if cfg.output.blobs else list(cfg.model.default_blobs)
     if not blobs:
         raise ConfigError(f"no blobs to extract: set output.blobs=[name,...] (model {cfg.model.name} "
@@ -195,10 +199,18 @@ def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def check_model_files(model_cfg) -> None:
+def check_model_files(model_cfg, preset_paths: Optional[Callable[[], Dict[str, str]]] = None) -> None:
+    """Both model files exist and can be read. preset_paths() (asked only when a file is
+    missing; config.preset_model_paths) says where the preset model.name keeps its files: a
+    missing file elsewhere is the user's own, told to check its path, not the preset's source."""
     for key in ("prototxt", "weights"):
         p = getattr(model_cfg, key)
         if not p or not os.path.isfile(p):
+            if p and os.path.isdir(p):
+                raise ConfigError(f"model.{key} {p!r} is a folder: give the {key} file itself")
+            own = preset_paths is not None and (preset_paths() or {}).get(key) != p
+            if not p or own:
+                raise ConfigError(f"model.{key} file not found: {p!r}: check the path (model.{key}=/path/to/file)")
             hint = f" Such files come from: {model_cfg.source}." if model_cfg.source else ""
             if model_cfg.get("files"):
                 hint += f" Fetch them with: caffe-runner fetch {model_cfg.name}."

@@ -11,7 +11,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple
@@ -20,12 +19,15 @@ from omegaconf import OmegaConf
 
 from . import __version__, log
 from .errors import ConfigError, unwritable
+from .changes import identity_changes, input_change_advice
+from .config import preset_model_paths
 from .fetch import ensure_model_files
 from .inputs import build_manifest, describe_change, input_source, input_stamp, list_input, refuse_caffe_io
 from .manifest import extend_manifest, load_manifest
 from .inputs.listing import describe as describe_listing
 from .model import check_fixed_shape, check_model_files, chosen_blobs, input_hw, parse_prototxt, sha256_file
-from .rundir import RunDir, partial_of, probe_writable
+from .rundir import (RUN_JSON, DamagedPlanError, RunDir, partial_of, probe_writable, remove_old_run,
+                     shard_file_of_run)
 from .runtimes import check_container
 from .runtimes.identity import task_container
 from .shard import shard_bounds
@@ -63,6 +65,10 @@ def _check_ranges(cfg) -> None:
     if tol is not None and not tol > 0:
         raise ConfigError(f"gpu_selfcheck_tolerance={tol}: use a positive bound, or null for the default "
                           "(1e-4, 1e-2 with model.tf32=true), or gpu_selfcheck=false to turn the check off")
+    mff = cfg.run.max_failure_fraction if "run" in cfg else None
+    if mff is not None and not 0 <= float(mff) <= 1:
+        raise ConfigError(f"run.max_failure_fraction={mff}: use a share of the images between 0 and 1 "
+                          "(0.01: fail the run when more than 1% of the images could not be used), or null")
 
 
 def _check_preprocess(cfg, hw: Tuple[int, int], channels: int) -> None:
@@ -118,7 +124,7 @@ def validate(cfg, launcher) -> Checked:
     input_source(cfg.input)
     if cfg.backend != "simulated":
         ensure_model_files(cfg.model)  # here, on the submitting node: tasks never download
-        check_model_files(cfg.model)
+        check_model_files(cfg.model, lambda: preset_model_paths(cfg.model.name))
     blobs = chosen_blobs(cfg)
     spec = parse_prototxt(cfg.model.prototxt)
     for b in blobs:
@@ -220,11 +226,19 @@ class Run:
     def shard_paths(self) -> List[Path]:
         return [self.shard_path(i) for i in range(self.num_shards)]
 
+    def shard_done(self, i: int) -> bool:
+        """Shard i's file exists, is complete and was written for this run (fingerprint)."""
+        return shard_file_of_run(self.shard_path(i), self.plan["fingerprint"])
+
+    def foreign_shard(self, i: int) -> bool:
+        """A file at shard i's name that is not this run's complete shard (it gets replaced)."""
+        return self.shard_path(i).exists() and not self.shard_done(i)
+
     def done_shards(self) -> List[int]:
-        return [i for i in range(self.num_shards) if self.shard_path(i).exists()]
+        return [i for i in range(self.num_shards) if self.shard_done(i)]
 
     def missing_shards(self) -> List[int]:
-        return [i for i in range(self.num_shards) if not self.shard_path(i).exists()]
+        return [i for i in range(self.num_shards) if not self.shard_done(i)]
 
     def pipeline_parts(self) -> "PipelineParts":
         """What a task builds from the plan before its first batch (parses the prototxt and
@@ -318,21 +332,30 @@ def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
     ident = identity(cfg, blobs, model_sha, source)
 
     old = None
-    if (run_dir / "run.json").exists():
-        old = rd.read_plan()
+    if (run_dir / RUN_JSON).exists():
+        try:
+            old = rd.read_plan()
+        except DamagedPlanError:
+            if not cfg.output.overwrite:
+                raise
+            old = {}  # nothing of it can be trusted: replaced below like a run of another config
     num_shards = explicit_shards
     if old is not None:
         same_ident = old.get("identity") == ident
-        same_shards = num_shards is None or num_shards == segments(old)[0]["num_shards"]
+        old_shards = segments(old)[0]["num_shards"] if old else None
+        same_shards = num_shards is None or num_shards == old_shards
         if same_ident and same_shards:
             run = Run(cfg, rd, old)
             stamp = input_stamp(cfg.input)
             if old.get("input_stamp") is not None and stamp is not None and stamp != old["input_stamp"]:
                 what = describe_change(old["input_stamp"], stamp)
                 if not cfg.input.get("relist", False):
+                    grew, _ = input_change_advice(old["input_stamp"], stamp)
                     raise ConfigError(f"the input changed since this run listed it ({what}): add input.relist=true "
-                                      "to extend the run with the new images as new shards (complete shards are "
-                                      "kept), or choose a new output.dir for a fresh run")
+                                      + ("to extend the run with the new images as new shards (complete shards are "
+                                         "kept)" if grew else "to go on with the run as listed (images deleted "
+                                                              "since keep their rows)")
+                                      + ", or choose a new output.dir for a fresh run")
                 run = _relist(cfg, run, stamp)
             n_done = len(run.done_shards())
             log.info("run directory %s holds this run: %s (%d of %d shards done)", run_dir,
@@ -340,17 +363,14 @@ def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
                      n_done, run.num_shards)
             run.plan["config_yaml"] = OmegaConf.to_yaml(cfg, resolve=True)
             return run
-        diff = [k for k in ident if old.get("identity", {}).get(k) != ident[k]]
+        diff = identity_changes(old.get("identity", {}), ident) if old else [f"its {RUN_JSON} is damaged"]
         if not same_shards:
-            diff.append(f"num_shards ({segments(old)[0]['num_shards']} -> {num_shards})")
+            diff.append(f"num_shards: {old_shards} -> {num_shards}")
         if not cfg.output.overwrite:
-            raise ConfigError(f"output.dir {run_dir} holds a run with a different config ({', '.join(diff)}): "
+            raise ConfigError(f"output.dir {run_dir} holds a run with a different config ({'; '.join(diff)}): "
                               "choose another output.dir, or add output.overwrite=true to replace it")
-        log.warning("output.overwrite=true: replacing the run in %s (differs in %s)", run_dir, ", ".join(diff))
-        for sub in ("shards", "status", "manifest"):
-            shutil.rmtree(run_dir / sub, ignore_errors=True)
-        for f in ("features.h5", "run.json"):
-            (run_dir / f).unlink(missing_ok=True)
+        log.warning("output.overwrite=true: replacing the run in %s (%s)", run_dir, "; ".join(diff))
+        remove_old_run(run_dir)
 
     stamp = input_stamp(cfg.input)  # before listing: a change during the listing shows up next time
     manifest = build_manifest(run_dir, cfg.input)
@@ -394,7 +414,13 @@ def load_run_dir(path) -> Run:
     """A run from its directory alone (merge, status, verify): the config comes from run.json."""
     rd = RunDir(Path(os.path.abspath(os.path.expanduser(str(path)))))
     plan = rd.read_plan()
-    return Run(OmegaConf.create(plan["config_yaml"]), rd, plan)
+    try:
+        cfg = OmegaConf.create(plan["config_yaml"])
+    except Exception as e:  # yaml's and omegaconf's errors: the text is damaged either way
+        raise DamagedPlanError(rd.path / RUN_JSON, f"its config_yaml does not parse: {type(e).__name__}") from None
+    if not OmegaConf.is_dict(cfg):
+        raise DamagedPlanError(rd.path / RUN_JSON, "its config_yaml is not a mapping")
+    return Run(cfg, rd, plan)
 
 
 def plan_summary(run: Run) -> str:

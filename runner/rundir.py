@@ -11,6 +11,7 @@ so status, resume and verify work without Slurm accounting and after any crash.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import time
 from dataclasses import dataclass
@@ -21,6 +22,41 @@ from .errors import ConfigError
 from .shard import shard_name
 
 RUN_JSON = "run.json"
+LAUNCH_LOCK = "launch.lock"  # held (flock) by the process launching the run
+
+
+# what every command reads from run.json, with its type
+_PLAN_KEYS = {"fingerprint": str, "identity": dict, "num_shards": int, "count": int, "blobs": list,
+              "input_hw": list, "channels": int, "model": dict, "config_yaml": str}
+
+
+def plan_shape_problem(plan) -> Optional[str]:
+    """What makes a parsed run.json unusable (a missing key, a wrong type), or None."""
+    if not isinstance(plan, dict):
+        return f"holds a JSON {type(plan).__name__}, not the run's plan (an object)"
+    for key, kind in _PLAN_KEYS.items():
+        if key not in plan:
+            return f"has no {key!r}"
+        if not isinstance(plan[key], kind) or isinstance(plan[key], bool):
+            return f"its {key!r} is {type(plan[key]).__name__}, not {kind.__name__}"
+    if plan["num_shards"] < 1 or plan["count"] < 0:
+        return f"num_shards={plan['num_shards']}, count={plan['count']}"
+    segs = plan.get("segments")
+    if segs is not None and not (isinstance(segs, list) and all(
+            isinstance(g, dict) and all(isinstance(g.get(k), int) for k in ("first", "num_shards", "start", "count"))
+            for g in segs)):
+        return "its 'segments' are not a list of {first, num_shards, start, count}"
+    return None
+
+
+class DamagedPlanError(ConfigError):
+    """run.json exists but cannot be used: every command says so in one line."""
+
+    def __init__(self, path: Path, why: str):
+        self.path = path
+        super().__init__(f"{path} is damaged ({why}): it is the run's plan and cannot be rebuilt from the shards; "
+                         "restore it if you have a copy, or start the run over with the same command plus "
+                         "output.overwrite=true (or a new output.dir)")
 
 
 def partial_of(final: Path) -> Path:
@@ -65,11 +101,22 @@ class RunDir:
         return self.shards_dir / f"{shard_name(index, num_shards)}.lock"
 
     def read_plan(self) -> Dict:
+        path = self.path / RUN_JSON
         try:
-            return json.loads((self.path / RUN_JSON).read_text())
+            text = path.read_text()
         except FileNotFoundError:
             raise ConfigError(f"{self.path} is not a caffe-runner run directory (no {RUN_JSON}): "
-                              "give the output.dir of a run")
+                              "give the output.dir of a run") from None
+        except (UnicodeDecodeError, IsADirectoryError) as e:
+            raise DamagedPlanError(path, f"not a text file: {e}") from None
+        try:
+            plan = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DamagedPlanError(path, "empty" if not text.strip() else f"not valid JSON: {e}") from None
+        why = plan_shape_problem(plan)
+        if why:
+            raise DamagedPlanError(path, why)
+        return plan
 
     def write_plan(self, plan: Dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -85,6 +132,94 @@ class RunDir:
         self.status_dir.mkdir(parents=True, exist_ok=True)
         beat = dict(beat, updated=time.time())
         atomic_write_text(self.heartbeat_path(index, num_shards), json.dumps(beat))
+
+
+_FILE_INFO_CACHE: Dict[tuple, Optional[Dict]] = {}
+
+
+def shard_file_counts(path: Path, fingerprint: str) -> Optional[Dict[str, object]]:
+    """{complete, next, rows, failures} as recorded in a shard file (complete or partial) of the
+    run with this fingerprint; None when there is no such file, or it is another run's, or it
+    cannot be read. Cached by the file's identity (inode, size, mtime): polling loops open an
+    unchanged file once."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, fingerprint)
+    if key in _FILE_INFO_CACHE:
+        return _FILE_INFO_CACHE[key]
+    import h5py
+
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            a = f.attrs
+            fp = a.get("fingerprint")
+            fp = fp.decode() if isinstance(fp, bytes) else fp
+            info = None if fp != fingerprint else {
+                "complete": bool(a.get("complete", False)), "next": int(a.get("next", 0)),
+                "rows": int(a.get("rows", 0)), "failures": int(a.get("n_failures", 0))}
+    except Exception:  # not HDF5, truncated, unreadable (h5py raises several kinds)
+        info = None
+    if len(_FILE_INFO_CACHE) > 100_000:  # a long-lived process (a notebook) polling many runs
+        _FILE_INFO_CACHE.clear()
+    _FILE_INFO_CACHE[key] = info
+    return info
+
+
+def shard_file_of_run(path: Path, fingerprint: str) -> bool:
+    """Whether `path` is a complete shard file written for the run with this fingerprint. A
+    file's existence is not enough: one that survived a failed removal, or was copied in from
+    another run, would otherwise be taken as done and merged."""
+    info = shard_file_counts(path, fingerprint)
+    return bool(info and info["complete"])
+
+
+def launch_holder(run_dir: Path) -> Optional[str]:
+    """Who holds run_dir's launch lock ("caffe-runner pid N on HOST since ..."), or None when
+    no launch is in progress. A shared lock is tried and dropped at once: it never blocks the
+    launcher, which holds the lock exclusively for the whole local run."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(run_dir) / LAUNCH_LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def remove_old_run(run_dir: Path) -> None:
+    """output.overwrite=true: remove the old run's files, or stop. A file that survives (no
+    permission, a busy NFS file) must not be mistaken for part of the new run."""
+    failed: List[str] = []
+
+    def note(_func, path, exc):
+        exc = exc[1] if isinstance(exc, tuple) else exc
+        if not isinstance(exc, FileNotFoundError):
+            failed.append(f"{path} ({getattr(exc, 'strerror', None) or exc})")
+
+    for sub in ("shards", "status", "manifest"):
+        if (run_dir / sub).exists():
+            shutil.rmtree(run_dir / sub, onerror=note)
+    for f in ("features.h5", "stats.json", RUN_JSON):  # run.json last: kept while anything of its run is
+        if failed:
+            break
+        try:
+            (run_dir / f).unlink(missing_ok=True)
+        except OSError as e:
+            failed.append(f"{run_dir / f} ({e.strerror})")
+    if failed:
+        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        raise ConfigError(f"output.overwrite=true could not remove the old run's {failed[0]}{more}: remove "
+                          f"{run_dir} by hand (check its permissions), or choose another output.dir")
 
 
 def pid_alive(pid: int) -> bool:

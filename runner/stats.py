@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from .errors import FailureShareError
 from .rundir import atomic_write_text
@@ -19,6 +19,17 @@ def reason_kind(reason: str) -> str:
     """Failure reasons carry details (sizes, library messages): group them by what comes
     before the first ':' ("too large: 20000x20000 = ..." -> "too large")."""
     return reason.split(":", 1)[0].strip() or reason
+
+
+def top_reasons(by_reason: Dict[str, int], top: int = TOP_REASONS) -> List[Tuple[int, str]]:
+    """(count, reason) lines that add up to every failure: the `top` most frequent reasons, then
+    one line for the rest ("N other reasons (K kinds)"), or the last reason by name when it is
+    the only one left."""
+    reasons = sorted(by_reason.items(), key=lambda kv: -kv[1])
+    if len(reasons) <= top + 1:
+        return [(k, why) for why, k in reasons]
+    rest = reasons[top:]
+    return [(k, why) for why, k in reasons[:top]] + [(sum(k for _, k in rest), f"other reasons ({len(rest)} kinds)")]
 
 
 def failure_share(images: int, failures: int) -> float:
@@ -49,7 +60,7 @@ def collect_stats(run, elapsed_s: Optional[float] = None) -> Dict:
     rows = failures = 0
     for i in range(n):
         path = run.shard_path(i)
-        if not path.exists():
+        if not run.shard_done(i):
             shards.append({"shard": i, "complete": False})
             continue
         with h5py.File(path, "r", locking=False) as f:
@@ -99,12 +110,8 @@ def format_summary(summary: Dict) -> str:
         lines.append(f"images:        {st['rows'] + st['failures']} ({st['rows']} extracted, {st['failures']} failed)")
         for b, s in (summary.get("blob_shapes") or {}).items():
             lines.append(f"blob {b}: {'x'.join(map(str, s))} per image")
-        reasons = list(st["failures_by_reason"].items())
-        for why, k in reasons[:TOP_REASONS]:
+        for k, why in top_reasons(st["failures_by_reason"]):
             lines.append(f"  failed: {k:>6} {why}")
-        if len(reasons) > TOP_REASONS:
-            lines.append(f"  failed: {sum(k for _, k in reasons[TOP_REASONS:]):>6} other reasons "
-                         f"({len(reasons) - TOP_REASONS} kinds)")
         if st["failures"]:
             lines.append(f"  (names and reasons: failures/names, failures/reason in features.h5; "
                          f"{Path(summary['run_dir']) / STATS_JSON})")

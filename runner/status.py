@@ -12,7 +12,8 @@ from typing import Dict, List, Optional
 
 from .inputs.listing import describe as describe_listing
 from .plan import load_run_dir
-from .rundir import pid_alive
+from .rundir import launch_holder, pid_alive, shard_file_counts
+from .stats import top_reasons
 
 STALE_S = 120.0  # a running heartbeat older than this is "stalled"
 
@@ -24,9 +25,11 @@ def shard_state(run, i: int, now: float) -> Dict:
           "rows": int(hb.get("rows") or 0), "failures": int(hb.get("failures") or 0),
           "host": hb.get("host"), "pid": hb.get("pid"), "started": float(hb.get("started", 0)),
           "job_id": hb.get("job_id"), "log": hb.get("log"), "image": hb.get("image")}
-    if run.shard_path(i).exists():
-        st.update(state="done", done=stop - start)
-    elif hb.get("state") == "failed":
+    final = shard_file_counts(run.shard_path(i), run.plan["fingerprint"])
+    if final and final["complete"]:
+        st.update(state="done", done=stop - start, rows=final["rows"], failures=final["failures"])
+        return st
+    if hb.get("state") == "failed":
         st.update(state="failed", error=hb.get("error"))
     elif hb.get("state") == "running":
         age = now - float(hb.get("updated", 0))
@@ -36,7 +39,31 @@ def shard_state(run, i: int, now: float) -> Dict:
         st.update(state="interrupted")
     else:
         st.update(state="pending")
+    if st["state"] == "running":
+        return st  # its heartbeat is the news; its partial file is being written
+    # no process writes this shard: its files hold the truth, not a heartbeat written up to
+    # heartbeat_s before a Ctrl-C, or one left by a shard file since deleted
+    partial = shard_file_counts(run.partial_path(i), run.plan["fingerprint"])
+    if partial:
+        st.update(done=min(partial["next"], stop - start), rows=partial["rows"], failures=partial["failures"])
+    else:
+        st.update(done=0, rows=0, failures=0)
+    if run.shard_path(i).exists():
+        st["foreign_file"] = str(run.shard_path(i))  # another run's (or a damaged) file: replaced when run
     return st
+
+
+def finish_advice(run) -> str:
+    """What to do about shards that are not complete: wait for the run in progress (a second
+    launch would be refused), or rerun the extraction's command."""
+    holder = launch_holder(run.rundir.path)
+    now = time.time()
+    running = [i for i in run.missing_shards() if shard_state(run, i, now)["state"] == "running"]
+    if holder or running:
+        who = f"held by {holder}" if holder else f"{len(running)} shard(s) running"
+        return (f"the run is still in progress ({who}): wait for it to finish "
+                f"(`caffe-runner status {run.rundir.path}`)")
+    return "rerun the extraction (same command) to finish them"
 
 
 def _sacct(job_ids: List[str]) -> Optional[Dict[str, str]]:
@@ -102,7 +129,7 @@ def format_status(st: Dict) -> str:
              + (f", {st['rate']:.1f} img/s, ETA {st['eta_s']:.0f} s" if st.get("eta_s") else "")]
     if (st.get("listing") or {}).get("skipped"):  # what the folder's listing left out, and why
         lines.append(f"  input: {describe_listing(st['listing'])}")
-    for why, k in list((st.get("failures_by_reason") or {}).items())[:5]:
+    for k, why in top_reasons(st.get("failures_by_reason") or {}):
         lines.append(f"  failed: {k:>6} {why}")
     lines.append("shards: " + ", ".join(f"{k} {v}" for k, v in sorted(st["counts"].items())))
     for s in st["shards"]:
@@ -112,6 +139,8 @@ def format_status(st: Dict) -> str:
             line += f"  {s['rate']:.1f} img/s on {s.get('host')}"
         if s["state"] == "failed":
             line += f"  {s.get('error')}  log: {s.get('log')}"
+        if s.get("foreign_file"):
+            line += "  (its file is not this run's complete shard: extracted again and replaced on resume)"
         if s.get("job_id"):
             line += f"  job {s['job_id']}"
         lines.append(line)

@@ -14,8 +14,9 @@ from typing import List
 import h5py
 import numpy as np
 
+from .changes import input_change_advice
 from .inputs import describe_change, input_stamp
-from .manifest import load_manifest
+from .manifest import display_name, load_manifest
 from .plan import load_run_dir
 from .merge import NAME_CHUNK_ROWS, check_sources
 from .write import dataset_name
@@ -75,8 +76,8 @@ def _check_shard(path: Path, i: int, run, manifest, problems: List[str]) -> None
         for arr, ix in ((raw, idx), (fraw, fidx)):
             for name, j in zip(arr, ix):
                 if bytes(name) != names[j - start]:
-                    problems.append(f"shard {i}: row for manifest entry {j} is named {bytes(name)!r}, "
-                                    f"expected {names[j - start]!r}")
+                    problems.append(f"shard {i}: row for manifest entry {j} is named "
+                                    f"{display_name(bytes(name))!r}, expected {display_name(names[j - start])!r}")
                     break
 
 
@@ -151,8 +152,12 @@ def _check_input(run, problems: List[str], notes: List[str]) -> None:
     if now is None:
         notes.append("the input is not reachable from here: not checked for images added since listing")
     elif now != old:
-        problems.append(f"the input changed since it was listed ({describe_change(old, now)}): the run does not "
-                        "cover it; rerun the extraction with input.relist=true to add new images as new shards")
+        missing, advice = input_change_advice(old, now)
+        if missing:
+            problems.append(f"the input changed since it was listed ({describe_change(old, now)}): the run may not "
+                            f"cover it; {advice}")
+        else:
+            notes.append(f"the input changed since it was listed ({describe_change(old, now)}): {advice}")
 
 
 def verify(run_dir: Path, notes: List[str] = None) -> List[str]:
@@ -163,11 +168,16 @@ def verify(run_dir: Path, notes: List[str] = None) -> List[str]:
     if manifest.count != run.plan["count"]:
         problems.append(f"manifest holds {manifest.count} entries but run.json says {run.plan['count']}")
         return problems
+    advice = None
     for i in range(run.num_shards):
         p = run.shard_path(i)
         if not p.exists():
+            if advice is None:
+                from .status import finish_advice
+
+                advice = finish_advice(run)
             state = "in progress or interrupted" if run.partial_path(i).exists() else "missing"
-            problems.append(f"shard {i}: {p.name} is {state}: rerun the extraction (same command) to complete it")
+            problems.append(f"shard {i}: {p.name} is {state}: {advice}")
             continue
         _check_shard(p, i, run, manifest, problems)
     if not problems and run.rundir.merged.exists():

@@ -34,6 +34,9 @@ def test_corpus_every_file_once(tiny_net, tmp_path):
     m = re.search(r"images:\s+(\d+) \((\d+) extracted, (\d+) failed\)", p.stdout)
     assert m and tuple(map(int, m.groups())) == (len(expect), len(expect) - n_bad, n_bad), p.stdout
     rows, fails = _accounted(run)
+    # each failure's log line names the file as text (non-UTF-8 bytes as \xNN), never a bytes literal
+    logged = [ln for ln in p.stderr.splitlines() if re.search(r"shard \d+: image \d+ .* failed: ", ln)]
+    assert len(logged) == n_bad and not any(re.search(r"image \d+ b['\"]", ln) for ln in logged), logged
     assert sorted(rows + list(fails)) == sorted(expect), "every file exactly once"
     assert len(rows) + len(fails) == len(set(rows) | set(fails))
     for name, want in expect.items():

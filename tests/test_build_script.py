@@ -170,3 +170,22 @@ def test_the_cuda_pins_include_a_cudnn9_wheel():
     p = subprocess.run(["bash", str(SCRIPT), "--print-cuda-pins"], capture_output=True, text=True, check=True)
     pins = dict(x.split("==") for x in p.stdout.split())
     assert pins["nvidia-cudnn-cu13"].split(".")[0] == "9", pins
+
+
+def test_the_script_run_by_hand_finds_the_wheel_make_setup_cached(tmp_path):
+    """The README's cache folder is the one `make setup` fills and the one the script, run by
+    hand without --cache, looks in (a cached wheel is found at once; a miss would start a build,
+    made to fail fast here: no package index)."""
+    import re
+
+    make_cache = re.search(r"^CACHE \?= (.+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    assert make_cache == "$(HOME)/.cache/caffe-runner"
+    assert "`~/.cache/caffe-runner/<key>/`" in (REPO / "README.md").read_text()
+    key = _key(cache=tmp_path / "any")
+    wheel = tmp_path / ".cache" / "caffe-runner" / key / "caffe-1.0.0-cp3-none-any.whl"
+    wheel.parent.mkdir(parents=True)
+    wheel.write_bytes(b"")
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
+    p = subprocess.run(["bash", str(SCRIPT), "--python", sys.executable], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == str(wheel), (p.stdout, p.stderr[-2000:])

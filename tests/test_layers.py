@@ -17,14 +17,14 @@ RUNNER = Path(__file__).resolve().parent.parent / "runner"
 # lowest first; a module may import from its own layer and the ones before it
 LAYERS: List[Tuple[str, List[str]]] = [
     ("leaves", ["runner", "runner.errors", "runner.shard", "runner.features", "runner.decode", "runner.samples",
-                "runner.schema", "runner.task"]),
+                "runner.schema", "runner.task", "runner.changes"]),
     ("storage and devices", ["runner.manifest", "runner.rundir", "runner.write", "runner.gpu", "runner.device",
                              "runner.selfcheck", "runner.preprocess", "runner.fetch"]),
     ("model, inputs, runtimes", ["runner.model", "runner.inputs", "runner.inputs.*", "runner.runtimes",
                                  "runner.runtimes.*"]),
     ("config and plan", ["runner.config", "runner.overrides", "runner.plan"]),
     ("stages", ["runner.extract", "runner.merge", "runner.stats", "runner.status", "runner.verify",
-                "runner.synthetic"]),
+                "runner.synthetic", "runner.sweep"]),
     ("launchers", ["runner.launch", "runner.launch.*"]),
     ("front doors", ["runner.inspect", "runner.api", "runner.cli", "runner.__main__"]),
 ]

@@ -147,8 +147,7 @@ def test_local_sweep_makes_one_run_dir_per_point(tiny_net, photos, tmp_path):
     run_cli("-m", f"input.dir={photos}", f"output.dir={out}", "launcher.workers=1",
             *tiny_model_args(tiny_net), "output.blobs=[emb],[prob]")
     dirs = sorted(d for d in out.iterdir() if (d / "features.h5").exists())
-    assert [d.name[:2] for d in dirs] == ["0_", "1_"]
-    assert "output.blobs=[emb]" in dirs[0].name and "output.blobs=[prob]" in dirs[1].name
+    assert [d.name for d in dirs] == ["0_output.blobs-emb", "1_output.blobs-prob"]
     shapes = []
     for d in dirs:
         with h5py.File(d / "features.h5", "r") as f:

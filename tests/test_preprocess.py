@@ -49,9 +49,15 @@ def reference_input(path: Path, pp: dict, hw) -> np.ndarray:
     return (img * pp["scale"]).transpose(2, 0, 1)
 
 
-def _feats(run: Path):
+def _feats(run: Path, photos: Path):
+    """The run's features and names; every photo of the input must be a feature row (a
+    regression that turns images into failure rows would otherwise pass the loops below)."""
+    expected = sorted(str(p.relative_to(photos)) for p in photos.rglob("*") if p.is_file())
     with h5py.File(run / "features.h5", "r") as f:
-        return f["feats"][:], [n.decode() for n in f["names"][:]]
+        feats, names = f["feats"][:], [n.decode() for n in f["names"][:]]
+        failed = [n.decode() for n in f["failures/names"][:]]
+    assert len(expected) >= 5 and not failed and sorted(names) == expected, (failed, names, expected)
+    return feats, names
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -62,7 +68,7 @@ def test_preset_preprocessing_matches_independent_reference(preset, photos, tmp_
     run = tmp_path / "run"
     run_cli(f"input.dir={photos}", f"output.dir={run}", f"model={preset}", f"model.prototxt={proto}",
             f"model.weights={weights}", "output.blobs=[out]", "launcher.workers=1")
-    feats, names = _feats(run)
+    feats, names = _feats(run, photos)
     assert feats.shape == (len(names), 3, h, w)
     for name, got in zip(names, feats):
         want = reference_input(photos / name, conf["preprocess"], (h, w))
@@ -80,7 +86,7 @@ def test_mean_file_is_cropped_like_the_images(photos, tmp_path):
     run_cli(f"input.dir={photos}", f"output.dir={run}", "model=caffenet", f"model.prototxt={proto}",
             f"model.weights={weights}", f"model.preprocess.mean_file={mean_file}", "output.blobs=[out]",
             "launcher.workers=1")
-    feats, names = _feats(run)
+    feats, names = _feats(run, photos)
     mean = np.load(mean_file)[:, 14:241, 14:241]
     for name, got in list(zip(names, feats))[:5]:
         img = cv2.resize(cv2.imread(str(photos / name)), (256, 256), interpolation=cv2.INTER_LINEAR)
@@ -97,7 +103,7 @@ def test_caffe_io_mode_matches_caffe_io(photos, tmp_path):
     run_cli(f"input.dir={photos}", f"output.dir={run}", "model=googlenet", f"model.prototxt={proto}",
             f"model.weights={weights}", "model.preprocess.mode=caffe_io", "model.preprocess.resize_size=null",
             "output.blobs=[out]", "launcher.workers=1")
-    feats, names = _feats(run)
+    feats, names = _feats(run, photos)
     tr = caffe.io.Transformer({"data": (1, 3, 224, 224)})
     tr.set_transpose("data", (2, 0, 1))
     tr.set_channel_swap("data", (2, 1, 0))
@@ -116,17 +122,17 @@ def test_oversample_matches_caffe_classifier(tiny_net, photos, tmp_path):
     run_cli(f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net), "output.blobs=[prob]",
             "model.preprocess.mode=caffe_io", "model.preprocess.oversample=true", "model.preprocess.resize_size=48",
             "model.preprocess.scale=1.0", "launcher.workers=1", "batch_size=3")
-    feats, names = _feats(run)
+    feats, names = _feats(run, photos)
     clf = caffe.Classifier(str(proto), str(weights), image_dims=(48, 48), mean=np.array([100.0, 110.0, 120.0]),
                            raw_scale=255, channel_swap=(2, 1, 0))
     want = clf.predict([caffe.io.load_image(str(photos / n)) for n in names], oversample=True)
     np.testing.assert_allclose(feats, want, rtol=1e-4, atol=1e-6)
 
 
-def test_opencv_backend_agrees_with_caffe(res10_runs_for_backends):
+def test_opencv_backend_agrees_with_caffe(res10_runs_for_backends, photos):
     caffe_out, opencv_out = res10_runs_for_backends
-    a, na = _feats(caffe_out)
-    b, nb = _feats(opencv_out)
+    a, na = _feats(caffe_out, photos)
+    b, nb = _feats(opencv_out, photos)
     assert na == nb
     rel = np.abs(a - b).max() / np.abs(a).max()
     assert rel < 1e-4, rel

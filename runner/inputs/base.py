@@ -52,9 +52,13 @@ def check_names(names: Sequence[bytes], source: str, exts: Sequence[str] = (), c
     """A listing is refused when it found nothing or names an image twice (a list file's
     duplicates are named with their lines by files.check_list_duplicates)."""
     if not names:
+        where = source[source.index(':') + 1:]
+        if source.startswith("list:"):  # a list is read as it is: extensions play no part
+            raise ConfigError(f"input.list {where!r} names no images (it is empty, or holds only blank lines): "
+                              "give a list with one image path per line")
         what = f" ({describe(listing)})" if listing and listing.get("seen") else (
             f" (extensions: {','.join(exts)})" if exts else "")
-        raise ConfigError(f"no images found in {source[source.index(':') + 1:]}{what}; "
+        raise ConfigError(f"no images found in {where}{what}; "
                           "check the path" + (", or set input.extensions=[...]" if exts else ""))
     dups = len(names) - len(set(names)) if check_dups else 0
     if dups:

@@ -172,6 +172,9 @@ class Files(InputKind):
                 log.warning("input.dir %s: %s", os.fsdecode(root), describe(record))
         else:
             lst = os.fsencode(expand(ic.list))
+            if os.path.isdir(lst):
+                raise ConfigError(f"input.list {os.fsdecode(lst)!r} is a folder: use input.dir={os.fsdecode(lst)} "
+                                  "for a folder of images, or give input.list a text file with one image path per line")
             if not os.path.isfile(lst):
                 raise ConfigError(f"input.list {os.fsdecode(lst)!r} does not exist: give a text file "
                                   "with one image path per line")

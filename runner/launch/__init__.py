@@ -25,7 +25,7 @@ from ..errors import ConfigError, RunBusyError, unwritable
 from .base import Launcher
 from .registry import launcher_for
 
-LOCK_NAME = "launch.lock"
+from ..rundir import LAUNCH_LOCK as LOCK_NAME
 # what a run directory may hold; anything else in a folder without run.json is someone's data
 _RUN_ENTRIES = {"run.json", "manifest", "shards", "status", "logs", "features.h5", "features.h5.tmp", "stats.json",
                 "submissions.json", ".hydra", LOCK_NAME}

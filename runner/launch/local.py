@@ -16,13 +16,13 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
 from .. import log
 from ..device import resolve_gpus, resolve_local_device
-from ..errors import ConfigError, ShardFailedError
+from ..errors import ConfigError, ShardFailedError, Terminated
 from ..extract import run_shard
 from ..gpu import require_cuda_device, require_gpu_caffe
 from ..merge import merge_run, open_merged
@@ -50,7 +50,16 @@ def worker_plan(cfg) -> Dict:
         if workers < 1:
             raise ConfigError(f"launcher.workers={workers}: use 1 or more")
         threads = lc.threads_per_worker or max(1, cores // workers)
-    return {"workers": workers, "threads": threads, "gpus": gpus}
+    return {"workers": workers, "threads": threads, "gpus": gpus, "cores": cores}
+
+
+def oversubscription(wp: Dict) -> Optional[str]:
+    """The warning for more CPU workers than cores (pure), or None."""
+    if wp["gpus"] or wp["workers"] <= wp["cores"]:
+        return None
+    return (f"launcher.workers={wp['workers']} is more than the {wp['cores']} core(s) here: the workers share "
+            f"them (no faster, more memory); launcher.workers={max(1, wp['cores'] // 2)} (the default) or at most "
+            f"{wp['cores']}")
 
 
 def _init_worker(gpu_queue, level: int, log_queue=None) -> None:
@@ -165,6 +174,8 @@ class LocalLauncher(Launcher):
 def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
     run = prepare_run(cfg, launcher, explicit_shards=cfg.num_shards)
     wp = worker_plan(cfg)  # after prepare_run: cfg.device is resolved there
+    if oversubscription(wp):
+        log.warning("%s", oversubscription(wp))
     accepted(run)
     todo = run.missing_shards()
     log.info("%s; local: %d worker(s) x %d thread(s)%s", plan_summary(run), wp["workers"], wp["threads"],
@@ -216,12 +227,13 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
                         # would wait for it forever (multiprocessing keeps it in its cache)
                         ar._set(0, (False, ShardFailedError(failed[i])))
                 view.update(sum(s["done"] for s in states.values()))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             pool.terminate()
             view.close()
             done = len(run.done_shards())
-            raise KeyboardInterrupt(
-                f"interrupted: {done} of {run.num_shards} shards are complete and the others keep their last "
+            what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            raise type(e)(
+                f"{what}: {done} of {run.num_shards} shards are complete and the others keep their last "
                 f"flushed batch in {run.rundir.shards_dir}; rerun the same command to resume") from None
         except BaseException:
             pool.terminate()

@@ -22,7 +22,7 @@ import submitit
 from .. import log
 from ..inputs import configured, node_read_paths
 from ..device import resolve_slurm_device
-from ..errors import ConfigError, ShardFailedError, did_you_mean
+from ..errors import ConfigError, RunnerError, ShardFailedError, did_you_mean
 from ..extract import run_shard
 from ..gpu import require_gpu_caffe
 from ..merge import merge_run
@@ -111,6 +111,15 @@ def check_partition(lc) -> None:
         raise ConfigError(f"launcher.timeout_min={lc.timeout_min} is above partition {lc.partition}'s MaxTime "
                           f"({info.get('MaxTime')} = {limit} min): use launcher.timeout_min<={limit} "
                           "(a requeued task resumes where it stopped)")
+
+
+def sbatch_errors() -> tuple:
+    """What submitit raises when sbatch refuses a job (non-zero exit: FailedJobError with
+    sbatch's stderr) or answers without a job id (FailedSubmissionError). Anything else
+    raised while submitting (pickling the task, a bug) is not a refusal."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    return (FailedJobError, FailedSubmissionError)
 
 
 def _sbatch_refused(e: Exception, what: str) -> ConfigError:
@@ -301,23 +310,8 @@ def launch_slurm(cfg, accepted: Callable, launcher: SlurmLauncher) -> Dict:
     logs = rd.logs_dir / "%j"
     ex = array_executor(cfg, logs, launcher.executor)
     python = ex.python
-    task = _make_task()
-    submissions = []
-    all_jobs = []
-    for chunk in chunks:
-        try:
-            jobs = ex.map_array(task, [cfg] * len(chunk), chunk)
-        except Exception as e:  # submitit's FailedJobError and friends carry sbatch's message
-            if submissions:
-                _record_submissions(rd.path, submissions, None)
-            raise _sbatch_refused(e, "array job") from None
-        all_jobs.extend(zip(chunk, jobs))
-        array_id = jobs[0].job_id.split("_")[0]
-        submissions.append({"array_job_id": array_id, "submitted": time.time(),
-                            "tasks": [{"shard": s, "job_id": j.job_id, "stderr": str(j.paths.stderr)}
-                                      for s, j in zip(chunk, jobs)]})
-        print(f"submitted array job {array_id}: shards {chunk[0]}..{chunk[-1]} ({len(chunk)} tasks)", flush=True)
-    merge_id = None
+    submissions, all_jobs = submit_arrays(ex, _make_task(), cfg, chunks, rd.path)
+    merge_id = mjob = None
     if lc.merge_job:
         mex = launcher.executor(folder=logs, python=python)
         params = executor_parameters(lc, gres=False)
@@ -328,9 +322,12 @@ def launch_slurm(cfg, accepted: Callable, launcher: SlurmLauncher) -> Dict:
         mex.update_parameters(**params)
         try:
             mjob = mex.submit(merge_job, str(rd.path))
-        except Exception as e:
+        except BaseException as e:
             _record_submissions(rd.path, submissions, None)
-            raise _sbatch_refused(e, "merge job (the array was submitted; `caffe-runner merge` merges by hand)") from None
+            if isinstance(e, sbatch_errors()):
+                raise _sbatch_refused(e, "merge job (the array was submitted; `caffe-runner merge` merges by "
+                                         "hand)") from e
+            raise
         merge_id = mjob.job_id
         print(f"submitted merge job {merge_id} (afterany on the array)", flush=True)
     _record_submissions(rd.path, submissions, merge_id)
@@ -339,9 +336,34 @@ def launch_slurm(cfg, accepted: Callable, launcher: SlurmLauncher) -> Dict:
     result = {"submitted": True, "run_dir": str(rd.path), "jobs": [j.job_id for _, j in all_jobs],
               "merge_job": merge_id}
     if lc.wait:
-        wait_for(run, all_jobs, merge_id)
+        wait_for(run, all_jobs, mjob if merge_id else None)
         result.update(waited=True, stats=collect_stats(run))
     return result
+
+
+def submit_arrays(ex, task, cfg, chunks: List[List[int]], run_dir: Path):
+    """One map_array per chunk of shards -> (submission records, [(shard, job)]). An sbatch
+    refusal is one ConfigError with sbatch's words (its cause kept); anything else raised while
+    submitting (a pickling error, a bug) surfaces as itself. Either way the arrays already
+    submitted are recorded in submissions.json."""
+    submissions: List[Dict] = []
+    all_jobs = []
+    for chunk in chunks:
+        try:
+            jobs = ex.map_array(task, [cfg] * len(chunk), chunk)
+        except BaseException as e:
+            if submissions:
+                _record_submissions(run_dir, submissions, None)
+            if isinstance(e, sbatch_errors()):
+                raise _sbatch_refused(e, "array job") from e
+            raise
+        all_jobs.extend(zip(chunk, jobs))
+        array_id = jobs[0].job_id.split("_")[0]
+        submissions.append({"array_job_id": array_id, "submitted": time.time(),
+                            "tasks": [{"shard": s, "job_id": j.job_id, "stderr": str(j.paths.stderr)}
+                                      for s, j in zip(chunk, jobs)]})
+        print(f"submitted array job {array_id}: shards {chunk[0]}..{chunk[-1]} ({len(chunk)} tasks)", flush=True)
+    return submissions, all_jobs
 
 
 def _record_submissions(run_dir: Path, subs: List[Dict], merge_id: Optional[str]) -> None:
@@ -360,9 +382,11 @@ def progress_line(st: Dict) -> str:
     return f"slurm: {st['done']}/{st['images']} images ({pct:.0f}%), shards: {counts}{eta}"
 
 
-def wait_for(run: Run, jobs, merge_id: Optional[str], poll_s: float = 2.0) -> None:
+def wait_for(run: Run, jobs, merge_job=None, poll_s: float = 2.0, merge_wait_s: float = 600.0) -> None:
     """Block until the array ends, with progress from the heartbeat files; report failed
-    tasks with their log paths."""
+    tasks with their log paths; then wait for the merge job's features.h5 (at most merge_wait_s
+    once the array has ended) and say what happened: merged, no merge job, or a merge job that
+    ended or is still waiting without the file."""
     bar = None
     if sys.stderr.isatty():
         from tqdm import tqdm
@@ -390,14 +414,28 @@ def wait_for(run: Run, jobs, merge_id: Optional[str], poll_s: float = 2.0) -> No
             bar.close()
     failed = []
     for shard, j in jobs:
-        if not run.shard_path(shard).exists():
+        if not run.shard_done(shard):
             failed.append((shard, j.job_id, str(j.paths.stderr), j.state))
     if failed:
         lines = "\n".join(f"  shard {s}: job {jid} {state}, log {path}" for s, jid, path, state in failed)
         raise ShardFailedError(f"{len(failed)} task(s) failed; completed shards are kept. Resubmit the same "
                                f"command to run only the missing shards.\n{lines}")
+    rd = run.rundir
+    if merge_job is None:
+        print(f"all {run.num_shards} shards are complete in {rd.shards_dir}; no merge job was submitted "
+              f"(launcher.merge_job=false): `caffe-runner merge {rd.path}` writes {rd.merged}", flush=True)
+        return
     # the merge job follows the array; wait for its file so `wait` returns a finished run
-    deadline = time.time() + 600
-    while merge_id and not run.rundir.merged.exists() and time.time() < deadline:
+    deadline = time.time() + merge_wait_s
+    while not rd.merged.exists() and not merge_job.done() and time.time() < deadline:
         time.sleep(poll_s)
-    print(f"done: {run.rundir.merged}")
+    if rd.merged.exists():
+        print(f"done: {rd.merged}", flush=True)
+        return
+    ended = merge_job.done()
+    state = merge_job.state
+    what = (f"ended ({state}) without writing it" if ended else
+            f"has not written it after {merge_wait_s:.0f} s (state {state}; it may still run)")
+    raise RunnerError(f"all {run.num_shards} shards are complete, but merge job {merge_job.job_id} {what}: "
+                      f"{rd.merged} is missing; its log: {merge_job.paths.stderr}; `caffe-runner merge "
+                      f"{rd.path}` merges by hand")

@@ -1,0 +1,124 @@
+"""Sweeps (`caffe-runner -m key=a,b ...`): one run directory per combination under output.dir,
+named so that any shell takes the name as it is (letters, digits and `._+-` only: no
+brackets, commas or '='), and `sweep.json` in the sweep folder mapping each name to its
+overrides. A rerun of the same sweep finds its old folders through that mapping (or, for a
+sweep started before the mapping existed, by the old `N_key=value,...` name), so it resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .rundir import atomic_write_text
+
+SWEEP_JSON = "sweep.json"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def safe_value(value: str) -> str:
+    """An override's value as shell-safe text (pure): [a,b] -> a+b, other characters -> '_'."""
+    v = value.strip()
+    if v.startswith("[") and v.endswith("]"):
+        v = "+".join(x.strip().strip("'\"") for x in v[1:-1].split(",") if x.strip())
+    return _UNSAFE.sub("_", v.replace("=", "-")).strip("_") or "empty"
+
+
+def point_name(n: int, overrides: List[str], max_len: int = 200) -> str:
+    """N_key-value__key-value (pure): the point's number, then its overrides that are not
+    paths (they would make folders, and are rarely what a sweep varies), shell-safe."""
+    parts = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if "/" in value:
+            continue
+        parts.append(f"{_UNSAFE.sub('_', key.lstrip('+~'))}-{safe_value(value)}")
+    name = f"{n}_{'__'.join(parts)}" if parts else str(n)
+    return name[:max_len].rstrip("_-+.") or str(n)
+
+
+def varying(points: List[List[str]]) -> List[List[str]]:
+    """Each point's overrides that are not shared by every point (pure): what tells them apart."""
+    common = set.intersection(*(set(p) for p in points)) if len(points) > 1 else set()
+    return [[o for o in p if o not in common] for p in points]
+
+
+def read_sweep(root: Path) -> Optional[Dict]:
+    try:
+        data = json.loads((Path(root) / SWEEP_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("points"), list) else None
+
+
+def name_points(root: Path, points: List[List[str]], keys: List[str], legacy_names: List[str]) -> List[str]:
+    """The folder of each point: the one sweep.json already maps its overrides to (a rerun of
+    the same sweep), else an old-style folder of that name that holds a run, else a new
+    shell-safe name from the overrides that differ between the points (made unique among the
+    sweep's folders)."""
+    root = Path(root)
+    differ = varying(points)
+    known = {p.get("key"): p.get("name") for p in (read_sweep(root) or {}).get("points", [])
+             if isinstance(p, dict)}
+    taken = {name for name in known.values() if name}
+    names = []
+    for n, (point, key, legacy) in enumerate(zip(points, keys, legacy_names)):
+        name = known.get(key)
+        if not name and (root / legacy / "run.json").exists():
+            name = legacy
+        if not name:
+            name = base = point_name(n, differ[n])
+            k = 2
+            while name in taken or name in names:
+                name = f"{base}.{k}"
+                k += 1
+        names.append(name)
+        taken.add(name)
+    return names
+
+
+def record_sweep(root: Path, names: List[str], keys: List[str], points: List[List[str]]) -> None:
+    """sweep.json: every point this sweep folder has held (name, overrides), newest last."""
+    root = Path(root)
+    old = (read_sweep(root) or {}).get("points", [])
+    mine = {k for k in keys}
+    kept = [p for p in old if isinstance(p, dict) and p.get("key") not in mine]
+    pts = kept + [{"name": nm, "key": k, "overrides": pt} for nm, k, pt in zip(names, keys, points)]
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / SWEEP_JSON, json.dumps({"updated": time.time(), "points": pts}, indent=1))
+
+
+def sweep_status(root: Path) -> List[Dict]:
+    """Each point of the sweep folder with its run's state (status of each run directory)."""
+    from .errors import RunnerError
+    from .status import run_status
+
+    rows = []
+    for p in (read_sweep(root) or {}).get("points", []):
+        d = Path(root) / str(p.get("name"))
+        row = {"name": p.get("name"), "overrides": p.get("overrides"), "run_dir": str(d)}
+        if not (d / "run.json").exists():
+            row.update(state="not started", done=0, images=None)
+        else:
+            try:
+                st = run_status(d, use_sacct=False)
+                row.update(state=st["state"], done=st["done"], images=st["images"], failures=st["failures"])
+            except RunnerError as e:
+                row.update(state="unreadable", error=str(e))
+        rows.append(row)
+    return rows
+
+
+def format_sweep_status(root: Path, rows: List[Dict]) -> str:
+    lines = [f"{root}: sweep of {len(rows)} point(s) ({SWEEP_JSON})"]
+    for r in rows:
+        count = f"{r['done']}/{r['images']} images" if r.get("images") is not None else ""
+        lines.append(f"  {r['name']:<40} {r['state']:<12} {count}  {' '.join(r.get('overrides') or [])}")
+    return "\n".join(lines)
+
+
+def is_sweep_dir(path: Path) -> bool:
+    return not (Path(path) / "run.json").exists() and os.path.isfile(Path(path) / SWEEP_JSON)
