@@ -28,6 +28,7 @@ from .manifest import load_manifest
 from .readers import open_reader
 from .preprocess import oversample as oversample_crops
 from .errors import ShardBusyError
+from .events import EventLog, events_path
 from .features import FeaturePost, pooled_shape
 from .shard import TaskIdentity, task_identity
 from .write import ShardLock, ShardWriter
@@ -56,8 +57,9 @@ class _Progress:
     """Counts what has been committed to disk; writes heartbeats and, under Slurm, log lines."""
 
     def __init__(self, run, index: int, total: int, done: int, ident: TaskIdentity,
-                 heartbeat_s: float, log_interval_s: float, log_path: Optional[str]):
+                 heartbeat_s: float, log_interval_s: float, log_path: Optional[str], events: "EventLog"):
         self.run, self.index, self.num_shards = run, index, run.num_shards
+        self.events = events
         self.total, self.done, self.start_done = total, done, done
         self.rows = self.failures = 0
         self.ident = ident
@@ -80,6 +82,8 @@ class _Progress:
                 state=state, shard=self.index, done=self.done, total=self.total, rows=self.rows,
                 failures=self.failures, rate=round(self.rate, 3), host=self.ident.host, pid=self.ident.pid,
                 job_id=self.ident.job_id, started=self.t0, log=self.log_path, image=image_label(), **extra))
+            if state == "running":
+                self.events.progress(done=self.done, rows=self.rows, failures=self.failures)
         if self.log_interval_s and (now - self.last_log >= self.log_interval_s or state != "running"):
             self.last_log = now
             eta = (self.total - self.done) / self.rate if self.rate > 0 else float("nan")
@@ -308,17 +312,23 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
     manifest = load_manifest(run.rundir.path)
     log_path = os.environ.get("CAFFE_RUNNER_LOG")
     progress = None
+    events = EventLog(events_path(run.rundir.path, final.stem), task_event_fields(ident))
     try:
         with ShardLock(run.lock_path(index)):
             if final.exists():  # finished by the lock's previous holder
                 return {"shard": index, "skipped": True}
+            t_lock = time.time()
             op = _open_shard(run, index, ident, threads, manifest)
+            events.write("resumed" if op.writer.next else "started", t=round(t_lock, 3), done=op.writer.next,
+                         rows=op.writer.rows, failures=op.writer.n_failures, total=op.stop - op.start,
+                         device=op.engine.device_desc)
             # the decoder is built here once; the reader turns manifest entries into its jobs
             reader = open_reader(manifest, run.pipeline_parts()[2])
             try:
                 slurm = bool(ident.job_id)
                 progress = _Progress(run, index, op.stop - op.start, op.writer.next, ident, cfg.heartbeat_s,
-                                     float(cfg.launcher.get("log_interval_s", 30)) if slurm else 0.0, log_path)
+                                     float(cfg.launcher.get("log_interval_s", 30)) if slurm else 0.0, log_path,
+                                     events)
                 progress.rows, progress.failures = op.writer.rows, op.writer.n_failures
                 stats = _forward_loop(run, index, op, reader, progress)
                 op.writer.finish(dict(stats, input_read=json.dumps(reader.stats)) if reader.stats else stats)
@@ -326,6 +336,8 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
                 reader.close()
                 op.writer.close()
             progress.beat("done", force=True, **stats)
+            events.write("finished", done=progress.done, rows=progress.rows, failures=progress.failures,
+                         elapsed_s=round(stats["elapsed_s"], 3))
             log.info("shard %d/%d done: %d rows, %d failures -> %s", index, num_shards, progress.rows,
                      progress.failures, final)
             return {"shard": index, "rows": progress.rows, "failures": progress.failures, **stats}
@@ -336,11 +348,19 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
                         log=log_path)
             if progress is not None:
                 beat.update(done=progress.done, total=progress.total, rows=progress.rows, failures=progress.failures)
+            events.write("failed", error=beat["error"][:300], **{k: beat[k] for k in ("done", "rows", "failures")
+                                                                 if k in beat})
             try:
                 run.write_heartbeat(index, beat)
             except Exception:
                 pass
         raise
+
+
+def task_event_fields(ident: TaskIdentity) -> Dict[str, object]:
+    """Who runs an attempt, as its event-log lines name it."""
+    return {"host": ident.host, "pid": ident.pid, "job_id": ident.job_id, "restart": ident.restart_count,
+            "gpu": ident.visible_gpus}
 
 
 def setup_task_logging(level=logging.INFO) -> None:

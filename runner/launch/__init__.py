@@ -24,7 +24,8 @@ from ..errors import ConfigError, RunBusyError
 LOCK_NAME = "launch.lock"
 # what a run directory may hold; anything else in a folder without run.json is someone's data
 _RUN_ENTRIES = {"run.json", "manifest", "shards", "status", "logs", "features.h5", "features.h5.tmp", "stats.json",
-                "submissions.json", ".hydra", LOCK_NAME}
+                "submissions.json", ".hydra", LOCK_NAME,
+                "events", "report.html", "retries.json", "retry"}
 
 _state: Dict = {"overrides": [], "handler": None}
 
@@ -77,6 +78,9 @@ def plan_accepted(run) -> None:
     hydra_dir.mkdir(exist_ok=True)
     (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))
     (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(_state["overrides"]))))
+    from ..events import record_command
+
+    record_command(d, "extract", list(_state["overrides"]))
     run.rundir.logs_dir.mkdir(exist_ok=True)
     if _state["handler"] is None:
         h = logging.FileHandler(run.rundir.logs_dir / "launch.log")
