@@ -74,7 +74,6 @@ class EventLog:
         self.lines += 1
         if event == "progress":
             self.progress_lines += 1
-            self.last_progress = rec["t"]
 
     def progress(self, **fields) -> None:
         """A progress line when the interval has passed (callers may call it every batch)."""

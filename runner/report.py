@@ -74,6 +74,7 @@ def _shard_file_facts(path: Path, reasons: Counter, examples: Dict[str, List[str
 
     figures: Dict[str, float] = {}
     with h5py.File(path, "r", locking=False) as f:
+        figures["_rows"], figures["_failures"] = len(f["index"]), len(f["failures/index"])
         for k, v in f.attrs.items():
             if k in _NOT_FIGURES:
                 continue
@@ -108,6 +109,9 @@ def collect(run_dir: Path) -> Dict:
         attempts += _shard_attempts(run, i, now, s["state"])
         if s["state"] == "done":
             figures[i] = _shard_file_facts(run.shard_path(i), reasons, examples)
+            # a complete shard's file is the truth (a heartbeat may be missing or older than a retry)
+            s["rows"], s["failures"] = int(figures[i].pop("_rows")), int(figures[i].pop("_failures"))
+    st["rows"], st["failures"] = sum(s["rows"] for s in st["shards"]), sum(s["failures"] for s in st["shards"])
     stats = _read_json(rd / "stats.json") or {}
     return {
         "run_dir": str(rd), "generated": now, "plan": run.plan, "status": st, "attempts": attempts,
@@ -203,8 +207,11 @@ def _svg(fig, salt: str) -> str:
     with _rc(salt):
         fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
+    import re
+
     text = buf.getvalue()
-    return text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE: the SVG is inlined in HTML
+    text = text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE: the SVG is inlined in HTML
+    return re.sub(r"<metadata>.*?</metadata>", "", text, count=1, flags=re.S)
 
 
 def _rc(salt: str):

@@ -28,10 +28,12 @@ class Browser:
         to_child_r, self._w = os.pipe()
         self._r, from_child_w = os.pipe()
 
-        def fds():  # the child reads commands on fd 3 and answers on fd 4
+        # the child reads commands on fd 3 and answers on fd 4; every other descriptor of ours is
+        # close-on-exec (Python's default), so close_fds=False passes just these two
+        def fds():
             import fcntl
 
-            a, b = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_child_r, from_child_w))
+            a, b = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (to_child_r, from_child_w))
             os.dup2(a, 3)
             os.dup2(b, 4)
 
@@ -42,7 +44,7 @@ class Browser:
                 # the network is off: no proxy answers and no name resolves
                 "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
                 "--host-resolver-rules=MAP * ~NOTFOUND", f"--window-size={width},{height}", "about:blank"]
-        self.proc = subprocess.Popen(args, preexec_fn=fds, pass_fds=(3, 4),
+        self.proc = subprocess.Popen(args, preexec_fn=fds, close_fds=False,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         os.close(to_child_r)
         os.close(from_child_w)
