@@ -42,13 +42,18 @@ OUTCOME_TEXT = {"finished": "finished", "failed": "failed", "ended": "stopped (k
 
 # ---- what the run directory says --------------------------------------------------------
 
-def _shard_attempts(run, i: int, now: float, state: str) -> List[Dict]:
+def _shard_attempts(run, i: int, now: float, st: Dict) -> List[Dict]:
     """Attempts at shard i from its event log, or one made from its file (older runs)."""
     final = run.shard_path(i)
+    state = st["state"]
     att = group_attempts(read_events(events_path(run.rundir.path, final.stem)))
     if att and state == "running" and att[-1]["outcome"] == "ended":
         att[-1]["outcome"] = "running"
         att[-1]["end"] = now
+        # the heartbeat is fresher than the last progress line
+        beat_t = now - float(st.get("age_s") or 0.0)
+        if beat_t > max((t for t, _ in att[-1]["samples"]), default=0):
+            att[-1]["samples"].append((beat_t, int(st["done"])))
     if not att and final.exists():
         import h5py
 
@@ -106,7 +111,7 @@ def collect(run_dir: Path) -> Dict:
     figures: Dict[int, Dict[str, float]] = {}
     for s in st["shards"]:
         i = s["shard"]
-        attempts += _shard_attempts(run, i, now, s["state"])
+        attempts += _shard_attempts(run, i, now, s)
         if s["state"] == "done":
             figures[i] = _shard_file_facts(run.shard_path(i), reasons, examples)
             # a complete shard's file is the truth (a heartbeat may be missing or older than a retry)
