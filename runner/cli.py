@@ -445,6 +445,8 @@ def _watch_status(args) -> int:
     load_run_dir(args.run_dir)  # not a run: one line, exit 2
     tty = sys.stdout.isatty()
     interval = max(0.2, float(args.interval))
+    if tty:
+        sys.stdout.write("\x1b[2J")  # once: start on a clear screen
     try:
         while True:
             st = run_status(Path(args.run_dir), use_sacct=False)
@@ -455,13 +457,15 @@ def _watch_status(args) -> int:
                 lines = text.splitlines()
                 if len(lines) > rows - 2:
                     lines = lines[:rows - 3] + [f"  ... {len(lines) - rows + 3} more lines"]
-                sys.stdout.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n" + stamp + "\n")
+                # home, each line over the old one (erasing its rest), then erase below: the
+                # screen is redrawn in place and the terminal's history is left alone
+                sys.stdout.write("\x1b[H" + "".join(f"{ln}\x1b[K\n" for ln in lines + [stamp]) + "\x1b[J")
             else:
                 sys.stdout.write(text + "\n" + stamp + "\n")
             sys.stdout.flush()
-            if st["state"] in ("done", "merged", "failed") or (
-                    st["state"] == "incomplete" and not st["counts"].get("running")
-                    and not _launch_held(Path(args.run_dir))):
+            # the end: merged, or nothing running and no launch holding the run (a local launch
+            # merges after its last shard; a Slurm run's merge job runs on its own)
+            if st["state"] == "merged" or (not st["counts"].get("running") and not _launch_held(Path(args.run_dir))):
                 return _status_code(st)
             _time.sleep(interval)
     except KeyboardInterrupt:

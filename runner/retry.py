@@ -261,8 +261,10 @@ def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = 
     try:
         lock = launch_lock(rd)
         lock.__enter__()
-    except RunBusyError as e:
-        raise ConfigError(f"{e}; nothing was changed") from None
+    except RunBusyError:
+        holder = (rd / "launch.lock").read_text(errors="replace").strip() or "another process"
+        raise ConfigError(f"{rd} is still running (held by {holder}): wait until it ends (caffe-runner status "
+                          f"--watch {rd}), then retry; nothing was changed") from None
     try:
         resumed = apply_commit(run)  # a retry killed while applying: finish it first
         if resumed:

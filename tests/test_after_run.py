@@ -253,7 +253,7 @@ def test_export_embeddings_autofaiss_finds_each_image(runs, tmp_path, autofaiss_
 
 def _slow_run(inputs, tiny_net, out: Path):
     args = [f"input.list={inputs / 'list.txt'}", f"output.dir={out}", "num_shards=2", "launcher.workers=2",
-            *tiny_model_args(tiny_net), "backend=simulated", "simulated_batch_s=0.6", "batch_size=1",
+            *tiny_model_args(tiny_net), "backend=simulated", "simulated_batch_s=2.0", "batch_size=1",
             "heartbeat_s=0.2"]
     return subprocess.Popen(CLI + args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
