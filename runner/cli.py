@@ -373,7 +373,7 @@ def _cmd_retry(args) -> int:
 
     what = ["all reasons"] if args.all else (args.reason or ["transient (read error, not found, permission denied)"])
     res = retry_run(Path(args.run_dir), selector(args.all, args.reason or []), what, dry_run=args.dry_run,
-                    args=args.argv)
+                    args=args.argv, launcher=args.launcher)
     if res.get("resumed_commit"):
         print("finished an interrupted retry first")
     if not res["retried"]:
@@ -570,6 +570,8 @@ def _subcommand(argv) -> int:
                     "(repeatable), e.g. --reason 'truncated JPEG'")
     rt.add_argument("--all", action="store_true", help="retry every failed image, whatever the reason")
     rt.add_argument("--dry-run", action="store_true", help="list what would be retried, change nothing")
+    rt.add_argument("--launcher", choices=("local", "slurm"), help="where to extract: in this process, or one Slurm "
+                    "array task per shard (waits for them); default: where the run ran")
     fe = command("fetch", "Download a model preset's files into the model cache ($CAFFE_MODELS), checksum-verified, "
                  "resuming a partial download.",
                  "example: caffe-runner fetch open_nsfw\n"

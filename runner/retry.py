@@ -25,7 +25,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import log
-from .errors import ConfigError, RunBusyError
+from .errors import ConfigError, RunBusyError, RunnerError
 from .rundir import atomic_write_text
 from .stats import reason_kind
 from .write import ShardWriter, dataset_name
@@ -182,8 +182,73 @@ def stage_shard(run, i: int, cands: List[Tuple[int, bytes, str]], ex: _Extractor
             w.close()
     from collections import Counter
 
-    return {"shard": i, "retried": len(tried), "recovered": len(new),
+    return {"shard": i, "retried": len(tried), "recovered": len(new), "tried": sorted(tried),
             "still_failing": dict(Counter(reason_kind(r) for r in still.values()))}
+
+
+def stage_task(run_dir: str, i: int, cands: List[Tuple[int, bytes, str]], threads: Optional[int] = None) -> Dict:
+    """Stage one shard in a process of its own (a Slurm array task of `retry` on a Slurm run)."""
+    from .extract import default_threads, setup_task_logging
+    from .plan import load_run_dir
+
+    setup_task_logging()
+    run = load_run_dir(run_dir)
+    ex = _Extractor(run, threads or default_threads())
+    try:
+        return _stage_and_describe(run, i, cands, ex)
+    finally:
+        ex.close()
+
+
+def _stage_and_describe(run, i: int, cands, ex) -> Dict:
+    d = _retry_dir(run)
+    stem = run.shard_path(i).stem
+    info = stage_shard(run, i, cands, ex, d / f"{stem}.h5")
+    info.update(stem=stem, source=_source_stamp(run.shard_path(i)))
+    atomic_write_text(d / f"{stem}.json", json.dumps(info))
+    log.info("retry: shard %d: %d of %d recovered", i, info["recovered"], info["retried"])
+    return info
+
+
+def _staged(run, i: int, cands) -> Optional[Dict]:
+    """A shard staged by an earlier (killed) retry of the same images, from the shard file as it
+    still is."""
+    d = _retry_dir(run)
+    stem = run.shard_path(i).stem
+    try:
+        info = json.loads((d / f"{stem}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if (d / f"{stem}.h5").exists() and info.get("source") == _source_stamp(run.shard_path(i)) and \
+            info.get("tried") == sorted(j for j, _, _ in cands):
+        return info
+    return None
+
+
+def _stage_on_slurm(run, todo: Dict[int, List[Tuple[int, bytes, str]]]) -> None:
+    """One array task per shard to stage, submitted like the run's own array; waits for it."""
+    from .launch.slurm import array_executor, max_array_size
+    from .shard import array_chunks
+
+    logs = run.rundir.logs_dir / "%j"
+    ex = array_executor(run.cfg, logs)
+    ex.update_parameters(job_name=f"{run.cfg.launcher.job_name}-retry")
+    shards = sorted(todo)
+    jobs = []
+    for chunk in array_chunks(shards, max_array_size()):
+        js = ex.map_array(stage_task, [str(run.rundir.path)] * len(chunk), chunk, [todo[i] for i in chunk])
+        jobs += list(zip(chunk, js))
+        print(f"submitted retry array job {js[0].job_id.split('_')[0]}: shards {','.join(map(str, chunk))}",
+              flush=True)
+    failed = []
+    for i, j in jobs:
+        try:
+            j.result()
+        except Exception as e:
+            failed.append(f"shard {i}: job {j.job_id} {type(e).__name__} (log {j.paths.stderr})")
+    if failed:
+        raise RunnerError(f"{len(failed)} retry task(s) failed, the run is unchanged ({'; '.join(failed)}); "
+                          "rerun `caffe-runner retry` (shards already staged are kept)")
 
 
 def _retry_dir(run) -> Path:
@@ -249,7 +314,9 @@ def check_writable(path: Path) -> None:
 
 
 def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = ("transient",), dry_run: bool = False,
-              threads: Optional[int] = None, args: Sequence[str] = ()) -> Dict:
+              threads: Optional[int] = None, args: Sequence[str] = (), launcher: Optional[str] = None) -> Dict:
+    """Retry the selected failures of a finished run; `launcher`: "local" (this process) or
+    "slurm" (one array task per shard), by default the run's own."""
     from .events import record_command
     from .extract import default_threads
     from .launch import launch_lock
@@ -282,29 +349,24 @@ def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = 
         d.mkdir(exist_ok=True)
         for stale in d.glob("*.partial"):
             stale.unlink()
-        ex = None
         t0 = time.time()
-        staged_info = []
-        try:
-            for i, cs in sorted(cands.items()):
-                stem = run.shard_path(i).stem
-                staged = d / f"{stem}.h5"
-                info_path = d / f"{stem}.json"
-                if staged.exists() and info_path.exists():  # staged by a killed retry from this very shard file
-                    info = json.loads(info_path.read_text())
-                    if info.get("source") == _source_stamp(run.shard_path(i)):
-                        staged_info.append(info)
-                        continue
-                if ex is None:
-                    ex = _Extractor(run, threads or default_threads())
-                info = stage_shard(run, i, cs, ex, staged)
-                info.update(stem=stem, source=_source_stamp(run.shard_path(i)))
-                atomic_write_text(info_path, json.dumps(info))
-                staged_info.append(info)
-                log.info("retry: shard %d: %d of %d recovered", i, info["recovered"], info["retried"])
-        finally:
-            if ex is not None:
+        staged_info = {i: info for i in cands for info in [_staged(run, i, cands[i])] if info}
+        todo = {i: cs for i, cs in cands.items() if i not in staged_info}
+        launcher = launcher or str(run.cfg.launcher.name)
+        if todo and launcher == "slurm":
+            _stage_on_slurm(run, todo)
+            staged_info.update({i: _staged(run, i, todo[i]) for i in todo})
+            missing = [i for i, info in staged_info.items() if not info]
+            if missing:
+                raise RunnerError(f"retry tasks ended without staging shards {missing}: rerun `caffe-runner retry`")
+        elif todo:
+            ex = _Extractor(run, threads or default_threads())
+            try:
+                for i, cs in sorted(todo.items()):
+                    staged_info[i] = _stage_and_describe(run, i, cs, ex)
+            finally:
                 ex.close()
+        staged_info = [staged_info[i] for i in sorted(staged_info)]
         still: Dict[str, int] = {}
         for info in staged_info:
             for k, v in info["still_failing"].items():

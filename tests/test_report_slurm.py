@@ -59,3 +59,36 @@ def test_report_of_a_requeued_slurm_run(cluster, tiny_net, photos, tmp_path):
     assert kinds == ["started", "resumed", "finished"], kinds
     assert [e.get("restart", 0) for e in events if e["event"] in ("started", "resumed")] == [0, 1]
     assert "Slurm submissions" in seen["text"] and subs[0]["array_job_id"] in seen["text"]
+
+
+def test_retry_of_a_slurm_run_runs_as_an_array(cluster, tiny_net, photos, tmp_path):
+    """A Slurm run made while two listed images were missing; restored; `retry` stages the two
+    shards as a Slurm array like the run's, then folds them in: rows equal a local clean run's."""
+    import shutil
+
+    import h5py
+    import numpy as np
+
+    names = sorted(str(p.relative_to(photos)) for p in photos.rglob("*") if p.is_file())
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{photos / n}\n" for n in names))
+    gone = [names[1], names[-2]]
+    away = tmp_path / "away"
+    away.mkdir()
+    for k, n in enumerate(gone):
+        shutil.move(photos / n, away / str(k))
+    args = [f"input.list={lst}", "num_shards=2", *tiny_model_args(tiny_net)]
+    try:
+        run_cli(*args, f"output.dir={tmp_path / 'run'}", *SLURM, "launcher.wait=true")
+    finally:
+        for k, n in enumerate(gone):
+            shutil.move(away / str(k), photos / n)
+    run_cli(*args, f"output.dir={tmp_path / 'ref'}", "launcher.workers=2")
+    p = run_cli("retry", tmp_path / "run")
+    assert "submitted retry array job" in p.stdout and "retried 2 image(s): 2 now feature rows" in p.stdout, p.stdout
+    with h5py.File(tmp_path / "run" / "features.h5", "r") as a, h5py.File(tmp_path / "ref" / "features.h5", "r") as b:
+        assert list(a["names"].asstr()[:]) == list(b["names"].asstr()[:]) and len(a["failures/index"]) == 0
+        np.testing.assert_array_equal(a["feats"][:], b["feats"][:])
+    assert run_cli("verify", tmp_path / "run").returncode == 0
+    history = json.loads((tmp_path / "run" / "retries.json").read_text())
+    assert history[0]["recovered"] == 2 and sorted(history[0]["shards"]) == ["0", "1"]
