@@ -85,19 +85,7 @@ class EventLog:
 
 def read_events(path: Path) -> List[Dict]:
     """Every well-formed line of one shard's log, in order (a torn last line is skipped)."""
-    out: List[Dict] = []
-    try:
-        with open(path, "rb") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict) and "t" in rec and "event" in rec:
-                    out.append(rec)
-    except OSError:
-        pass
-    return out
+    return [r for r in read_jsonl(path) if "t" in r and "event" in r]
 
 
 def attempts(events: List[Dict]) -> List[Dict]:
