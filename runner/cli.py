@@ -465,12 +465,33 @@ def _watch_status(args) -> int:
             sys.stdout.flush()
             # the end: merged, or nothing running and no launch holding the run (a local launch
             # merges after its last shard; a Slurm run's merge job runs on its own)
-            if st["state"] == "merged" or (not st["counts"].get("running") and not _launch_held(Path(args.run_dir))):
+            if st["state"] == "merged" or (not st["counts"].get("running") and not _launch_held(Path(args.run_dir))
+                                           and not _slurm_queued(Path(args.run_dir))):
                 return _status_code(st)
             _time.sleep(interval)
     except KeyboardInterrupt:
         print()
         return _status_code(run_status(Path(args.run_dir), use_sacct=False))
+
+
+def _slurm_queued(run_dir: Path) -> bool:
+    """The run's Slurm array or merge job is still in the queue (pending tasks start later)."""
+    import shutil as _sh
+    import subprocess
+
+    try:
+        subs = json.loads((run_dir / "submissions.json").read_text())
+    except (OSError, ValueError):
+        return False
+    ids = sorted({str(x) for s in subs for x in (s.get("array_job_id"), s.get("merge_job_id")) if x})
+    if not ids or not _sh.which("squeue"):
+        return False
+    try:
+        p = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True,
+                           timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return p.returncode == 0 and bool(p.stdout.strip())
 
 
 def _launch_held(run_dir: Path) -> bool:

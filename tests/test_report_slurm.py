@@ -37,6 +37,11 @@ def test_report_of_a_requeued_slurm_run(cluster, tiny_net, photos, tmp_path):
     during = check_report(tmp_path / "during.html")
     assert during["state"] == "running"
     subprocess.run(["scontrol", "requeue", job], check=True)
+    # status --watch follows the run through the requeue (the task pending again) to its merge
+    from conftest import CLI, REPO
+
+    watch = subprocess.Popen(CLI + ["status", "--watch", "--interval", "1", str(run)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def released_and_merged():
         state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%t"], capture_output=True, text=True).stdout.strip()
@@ -45,6 +50,8 @@ def test_report_of_a_requeued_slurm_run(cluster, tiny_net, photos, tmp_path):
         return (run / "features.h5").exists()
 
     wait_until(released_and_merged, timeout=300, interval=0.5, what="merged output after requeue")
+    out, err = watch.communicate(timeout=120)
+    assert watch.returncode == 0 and out.count("(refreshed ") >= 5 and ": merged, 20/20 images" in out, (out, err)
     assert run_cli("verify", run).returncode == 0
     run_cli("report", run)
     html = (run / "report.html").read_text()
