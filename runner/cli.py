@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from . import __version__, log
-from .config import conf_dir, pkgfile as _pkgfile, register_resolvers, sweep_dirname as _dirname  # noqa: F401
-from .errors import ConfigError, FailureShareError, RunBusyError, RunnerError, UsageError, did_you_mean
+from .config import compose, compose_base, conf_dir, config_groups, expand_sweep, override_dirname, sweep_dirname
+from .errors import (ConfigError, FailureShareError, RunBusyError, RunnerError, ShardFailedError, UsageError,
+                     did_you_mean)
 
 SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch", "report", "retry")
 
@@ -69,10 +70,10 @@ def _short(text: str, width: int = 78) -> str:
 
 
 def help_page() -> str:
-    """--help: the keys' lines come from the schema's field comments (config.field_docs)."""
+    """--help: the keys' lines come from the schema's field comments (schema.field_docs)."""
     from omegaconf import OmegaConf
 
-    from .config import compose_base, config_groups, field_docs
+    from .schema import field_docs
 
     docs = field_docs()
     base = compose_base()
@@ -210,7 +211,6 @@ def print_summary(summary) -> None:
 
 def _extract_one(overrides: List[str], cfg=None) -> int:
     """One run: compose, launch, summarise. Raises RunnerError / KeyboardInterrupt."""
-    from .config import compose
     from .launch import launch
     from .stats import check_failure_share
 
@@ -230,7 +230,6 @@ def _extract_one(overrides: List[str], cfg=None) -> int:
 def _sweep(overrides: List[str]) -> int:
     """Every combination (Hydra's sweep syntax: key=a,b), one run directory each under
     output.dir; a failed point does not stop the others; the failed ones are listed at the end."""
-    from .config import compose, expand_sweep, override_dirname
 
     points = expand_sweep(overrides)
     root = None
@@ -238,7 +237,7 @@ def _sweep(overrides: List[str]) -> int:
     for n, point in enumerate(points):  # every point composes before any runs: typos stop the sweep
         cfg = compose(point)
         root = root or cfg.output.dir
-        name = _dirname(n, override_dirname(point))
+        name = sweep_dirname(n, override_dirname(point))
         where = os.path.join(root, name).replace("\\", "\\\\").replace("'", "\\'")
         # quoted: a point's name holds '=', ',' and brackets, which the override grammar parses
         point = [o for o in point if not o.startswith("output.dir=")] + [f"output.dir='{where}'"]
@@ -264,7 +263,6 @@ def _sweep(overrides: List[str]) -> int:
 def _extract_main(argv: List[str]) -> int:
     from omegaconf import OmegaConf
 
-    from .config import compose
 
     flags, overrides = _parse_flags(argv)
     if flags.get("help"):
@@ -286,7 +284,6 @@ def _extract_main(argv: List[str]) -> int:
 
 
 def _is_sweep(override: str) -> bool:
-    from .config import expand_sweep
 
     try:
         return len(expand_sweep([override])) > 1
@@ -295,7 +292,6 @@ def _is_sweep(override: str) -> bool:
 
 
 def _first_values(overrides: List[str]) -> List[str]:
-    from .config import expand_sweep
 
     return expand_sweep(overrides)[0] if overrides else []
 
@@ -303,7 +299,6 @@ def _first_values(overrides: List[str]) -> List[str]:
 # ---- run-directory commands --------------------------------------------------------------
 
 def _cmd_merge(args) -> int:
-    from .errors import ShardFailedError
     from .merge import merge_run
     from .plan import load_run_dir
     from .stats import write_stats
@@ -340,14 +335,14 @@ def _cmd_export(args) -> int:
         print(export_run(run, Path(args.out), args.format))
         return 0
     from .embeddings import check_target, export_embeddings
-    from .merge import _export_sources
+    from .merge import export_sources
 
     out = Path(os.path.abspath(os.path.expanduser(args.out)))
     _refuse_running(run, "export")
     check_target(out)
     if args.part_rows is not None and args.part_rows < 1:
         raise UsageError("--part-rows must be 1 or more")
-    print(export_embeddings(_export_sources(run), out, args.blob, run.plan["blobs"], args.part_rows))
+    print(export_embeddings(export_sources(run), out, args.blob, run.plan["blobs"], args.part_rows))
     return 0
 
 
@@ -373,7 +368,7 @@ def _cmd_retry(args) -> int:
 
     what = ["all reasons"] if args.all else (args.reason or ["transient (read error, not found, permission denied)"])
     res = retry_run(Path(args.run_dir), selector(args.all, args.reason or []), what, dry_run=args.dry_run,
-                    args=args.argv, launcher=args.launcher)
+                    args=args.argv, here=args.here)
     if res.get("resumed_commit"):
         print("finished an interrupted retry first")
     if not res["retried"]:
@@ -591,8 +586,8 @@ def _subcommand(argv) -> int:
                     "(repeatable), e.g. --reason 'truncated JPEG'")
     rt.add_argument("--all", action="store_true", help="retry every failed image, whatever the reason")
     rt.add_argument("--dry-run", action="store_true", help="list what would be retried, change nothing")
-    rt.add_argument("--launcher", choices=("local", "slurm"), help="where to extract: in this process, or one Slurm "
-                    "array task per shard (waits for them); default: where the run ran")
+    rt.add_argument("--here", action="store_true", help="extract in this process even for a Slurm run (by "
+                    "default a Slurm run's retry is one array task per shard, waited for)")
     fe = command("fetch", "Download a model preset's files into the model cache ($CAFFE_MODELS), checksum-verified, "
                  "resuming a partial download.",
                  "example: caffe-runner fetch open_nsfw\n"

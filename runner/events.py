@@ -32,6 +32,12 @@ ATTEMPT_EVENTS = ("started", "resumed")
 END_EVENTS = ("finished", "failed")
 
 
+def task_fields(ident) -> Dict[str, object]:
+    """Who runs an attempt (a task.TaskIdentity), as its lines name it."""
+    return {"host": ident.host, "pid": ident.pid, "job_id": ident.job_id, "restart": ident.restart_count,
+            "gpu": ident.visible_gpus}
+
+
 def events_path(run_dir: Path, shard_file_stem: str) -> Path:
     return Path(run_dir) / EVENTS_DIR / f"{shard_file_stem}.jsonl"
 

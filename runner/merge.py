@@ -29,7 +29,7 @@ import numpy as np
 
 from . import log
 from .errors import RunnerError, ShardFailedError
-from .launch.container import image_label
+from .runtimes.identity import image_label
 from .write import dataset_name
 
 ROW_DATASETS = ("names", "names_raw", "index")
@@ -254,7 +254,7 @@ def open_merged(path: Path) -> h5py.File:
 
 # ---- export --------------------------------------------------------------------------
 
-def _export_sources(run) -> List[Path]:
+def export_sources(run) -> List[Path]:
     """Where to read the run's rows from: the shards, or a features.h5 that is already a copy."""
     missing = run.missing_shards()
     if not missing:
@@ -273,7 +273,7 @@ def export_run(run, out: Path, fmt: str = "h5") -> Path:
     copied) or "npy" (a folder: one 2-D float matrix per blob, flattened, plus index.npy,
     names.txt and failures.tsv). Streamed: one source open at a time, bounded chunks."""
     out = Path(os.path.abspath(os.path.expanduser(str(out))))
-    paths = _export_sources(run)
+    paths = export_sources(run)
     if fmt == "h5":
         out.parent.mkdir(parents=True, exist_ok=True)
         return write_merged(out, paths, "copy")

@@ -76,11 +76,11 @@ class _Extractor:
     """The run's net and decoder, loaded once in this process, applied to chosen manifest entries."""
 
     def __init__(self, run, threads: int):
-        from .extract import configure_threads
         from .features import FeaturePost
+        from .inputs import open_reader
         from .manifest import load_manifest
         from .model import load_engine
-        from .readers import open_reader
+        from .task import configure_threads
 
         configure_threads(threads)
         cfg = run.cfg
@@ -94,13 +94,13 @@ class _Extractor:
 
     def run(self, indices: Sequence[int]) -> Tuple[Dict[int, Dict[str, np.ndarray]], Dict[int, str]]:
         """Features of the entries that decode now, and the reasons of those that still fail."""
-        from .extract import _decode_window
+        from .extract import decode_window
         from .preprocess import oversample as oversample_crops
 
         items = (it for i in indices for it in self.reader.items(i, i + 1))
         feats: Dict[int, Dict[str, np.ndarray]] = {}
         failed: Dict[int, str] = {}
-        for batch, results in _decode_window(items, self.batch_size, self.workers, 2):
+        for batch, results in decode_window(items, self.batch_size, self.workers, 2):
             ok = [(it.index, img) for it, (img, _) in zip(batch, results) if img is not None]
             failed.update({it.index: why for it, (img, why) in zip(batch, results) if img is None})
             if not ok:
@@ -188,8 +188,8 @@ def stage_shard(run, i: int, cands: List[Tuple[int, bytes, str]], ex: _Extractor
 
 def stage_task(run_dir: str, i: int, cands: List[Tuple[int, bytes, str]], threads: Optional[int] = None) -> Dict:
     """Stage one shard in a process of its own (a Slurm array task of `retry` on a Slurm run)."""
-    from .extract import default_threads, setup_task_logging
     from .plan import load_run_dir
+    from .task import default_threads, setup_task_logging
 
     setup_task_logging()
     run = load_run_dir(run_dir)
@@ -223,32 +223,6 @@ def _staged(run, i: int, cands) -> Optional[Dict]:
             info.get("tried") == sorted(j for j, _, _ in cands):
         return info
     return None
-
-
-def _stage_on_slurm(run, todo: Dict[int, List[Tuple[int, bytes, str]]]) -> None:
-    """One array task per shard to stage, submitted like the run's own array; waits for it."""
-    from .launch.slurm import array_executor, max_array_size
-    from .shard import array_chunks
-
-    logs = run.rundir.logs_dir / "%j"
-    ex = array_executor(run.cfg, logs)
-    ex.update_parameters(job_name=f"{run.cfg.launcher.job_name}-retry")
-    shards = sorted(todo)
-    jobs = []
-    for chunk in array_chunks(shards, max_array_size()):
-        js = ex.map_array(stage_task, [str(run.rundir.path)] * len(chunk), chunk, [todo[i] for i in chunk])
-        jobs += list(zip(chunk, js))
-        print(f"submitted retry array job {js[0].job_id.split('_')[0]}: shards {','.join(map(str, chunk))}",
-              flush=True)
-    failed = []
-    for i, j in jobs:
-        try:
-            j.result()
-        except Exception as e:
-            failed.append(f"shard {i}: job {j.job_id} {type(e).__name__} (log {j.paths.stderr})")
-    if failed:
-        raise RunnerError(f"{len(failed)} retry task(s) failed, the run is unchanged ({'; '.join(failed)}); "
-                          "rerun `caffe-runner retry` (shards already staged are kept)")
 
 
 def _retry_dir(run) -> Path:
@@ -314,13 +288,14 @@ def check_writable(path: Path) -> None:
 
 
 def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = ("transient",), dry_run: bool = False,
-              threads: Optional[int] = None, args: Sequence[str] = (), launcher: Optional[str] = None) -> Dict:
-    """Retry the selected failures of a finished run; `launcher`: "local" (this process) or
-    "slurm" (one array task per shard), by default the run's own."""
+              threads: Optional[int] = None, args: Sequence[str] = (), here: bool = False) -> Dict:
+    """Retry the selected failures of a finished run, staging the shards as the run's launcher
+    runs tasks (a Slurm run: one array task per shard), or in this process (`here`, and runs
+    whose launcher runs work in the calling process)."""
     from .events import record_command
-    from .extract import default_threads
-    from .launch import launch_lock
+    from .launch import launch_lock, launcher_for
     from .plan import load_run_dir
+    from .task import default_threads
 
     run = load_run_dir(run_dir)
     rd = Path(run.rundir.path)
@@ -352,9 +327,9 @@ def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = 
         t0 = time.time()
         staged_info = {i: info for i in cands for info in [_staged(run, i, cands[i])] if info}
         todo = {i: cs for i, cs in cands.items() if i not in staged_info}
-        launcher = launcher or str(run.cfg.launcher.name)
-        if todo and launcher == "slurm":
-            _stage_on_slurm(run, todo)
+        shards = sorted(todo)
+        if todo and not here and launcher_for(run.cfg).run_tasks(
+                run, stage_task, [(str(rd), i, todo[i]) for i in shards], "retry"):
             staged_info.update({i: _staged(run, i, todo[i]) for i in todo})
             missing = [i for i, info in staged_info.items() if not info]
             if missing:
