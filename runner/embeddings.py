@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .write import dataset_name
 
 PART_BYTES = 512 << 20
@@ -50,8 +50,6 @@ def pick_blob(blobs: Sequence[str], blob: Optional[str]) -> str:
                           "(an embedding export holds one)")
     if blob in blobs:
         return blob
-    from .errors import did_you_mean
-
     raise ConfigError(f"--blob {blob}: the run has no such blob{did_you_mean(blob, blobs)}; its blobs: "
                       f"{', '.join(blobs)}")
 

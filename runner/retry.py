@@ -27,7 +27,7 @@ import numpy as np
 from . import log
 from .errors import ConfigError, RunBusyError, RunnerError
 from .rundir import atomic_write_text
-from .stats import reason_kind
+from .stats import reason_kind, write_stats
 from .write import ShardWriter, dataset_name
 
 RETRY_DIR = "retry"
@@ -232,7 +232,6 @@ def _retry_dir(run) -> Path:
 def apply_commit(run) -> bool:
     """Step 3 (idempotent): put staged shards in place, merge, record. False: no commit pending."""
     from .merge import merge_run
-    from .stats import write_stats
 
     d = _retry_dir(run)
     commit_path = d / COMMIT
