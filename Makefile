@@ -64,6 +64,8 @@ test: setup
 	bash slurm/dev-cluster install
 	@# tmux: the progress-bar test runs the CLI in a real terminal
 	command -v tmux >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; }
+	@# chromium: the report tests open the HTML report in a real headless browser
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	$(PY) -m pytest -ra -m "not ($(UNIT)) and not container and not cuda_build" $(PYTEST_ARGS)
 
 # the CUDA wheel only (cached; prints its path)

@@ -15,7 +15,7 @@ Rows (issue "Throughput"):
  7. decode images/s per thread and the decode threads that keep one GPU busy (at an assumed
     2,000 img/s), checked with the simulated device at that rate;
  8. with a usable GPU only: GPU forward-only and end to end (device=gpu);
- 9. merge, verify and export at scale: 100 vs 1,000 shards, and 100,000 vs 1,000,000 rows
+ 9. merge, verify, export (h5, and embeddings: npy + parquet) at scale: 100 vs 1,000 shards, and 100,000 vs 1,000,000 rows
     (synthetic runs written by the real ShardWriter): time and peak RSS, which must stay flat.
 Each measurement runs in a fresh spawned process (clean RSS, BLAS threads set before Caffe loads).
 """
@@ -433,6 +433,12 @@ def scale_step(run_dir: str, what: str, out: str = "") -> Dict:
     elif what == "verify":
         problems = verify(Path(run_dir))
         assert not problems, problems[:3]
+    elif what == "embeddings":  # export --format embeddings (npy + parquet parts)
+        from runner.embeddings import export_embeddings
+        from runner.merge import export_sources
+
+        run = load_run_dir(run_dir)
+        export_embeddings(export_sources(run), Path(out), None, run.plan["blobs"])
     else:
         export_run(load_run_dir(run_dir), Path(out))
     return {"s": time.perf_counter() - t0}
@@ -451,6 +457,9 @@ SCALES = {"shards_100": (10_000, 100, 0), "shards_1000": (100_000, 1000, 128),
           "rows_100k": (100_000, 1, 128), "rows_1M": (1_000_000, 10, 128), "rows_4M": (4_000_000, 40, 128)}
 
 
+STEPS = ("merge", "verify", "export", "embeddings")
+
+
 def merge_bench(work: Path, dim: int = 64) -> Dict:
     """Row 9: each scale made once, then merge, verify, export, each in a fresh process."""
     import shutil
@@ -465,25 +474,27 @@ def merge_bench(work: Path, dim: int = 64) -> Dict:
             (run / ".done").write_text(f"{rows} {shards} {view_max}")
         (run / "features.h5").unlink(missing_ok=True)
         r = {"rows": rows, "shards": shards, "row_bytes": dim * 4}
-        for what in ("merge", "verify", "export"):
-            res = in_child("scale_step", 1, run_dir=str(run), what=what, out=str(work / "export.h5"))
+        for what in STEPS:
+            res = in_child("scale_step", 1, run_dir=str(run), what=what,
+                           out=str(work / ("export-emb" if what == "embeddings" else "export.h5")))
             r[what] = {"s": round(res["s"], 2), "peak_rss_mb": round(res["peak_rss_mb"], 1)}
         (work / "export.h5").unlink(missing_ok=True)
+        shutil.rmtree(work / "export-emb", ignore_errors=True)
         with __import__("h5py").File(run / "features.h5", "r") as f:
             r["layout"] = str(f.attrs["layout"])
         out[label] = r
     out["rss_ratio"] = {f"{what}_{a}_over_{b}": round(out[a][what]["peak_rss_mb"] / out[b][what]["peak_rss_mb"], 3)
                         for a, b in (("shards_1000", "shards_100"), ("rows_1M", "rows_100k"), ("rows_4M", "rows_1M"))
-                        for what in ("merge", "verify", "export")}
+                        for what in STEPS}
     return out
 
 
 def print_merge_table(m: Dict) -> None:
-    print(f"\n{'#':2} {'scale':<34} {'layout':<6} {'merge':>16} {'verify':>16} {'export':>16}")
+    print(f"\n{'#':2} {'scale':<34} {'layout':<6} " + " ".join(f"{w:>16}" for w in STEPS))
     for label, r in m.items():
         if label == "rss_ratio":
             continue
-        cells = [f"{r[w]['s']:.1f} s {r[w]['peak_rss_mb']:.0f} MB" for w in ("merge", "verify", "export")]
+        cells = [f"{r[w]['s']:.1f} s {r[w]['peak_rss_mb']:.0f} MB" if w in r else "" for w in STEPS]
         print(f"9  {r['shards']:>5} shards, {r['rows']:>9,d} rows        {r['layout']:<6} "
               + " ".join(f"{c:>16}" for c in cells))
     print("9  peak RSS ratios (flat: ~1.0): " + ", ".join(f"{k} {v}" for k, v in m["rss_ratio"].items()))

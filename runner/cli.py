@@ -27,7 +27,7 @@ from .errors import (ConfigError, FailureShareError, RunBusyError, RunnerError, 
                      UsageError, did_you_mean)
 from .overrides import normalize_overrides
 
-SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch")
+SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch", "report", "retry")
 COMMANDS = SUBCOMMANDS + ("help", "version")
 
 # exit codes (also in the README and in --help)
@@ -49,7 +49,8 @@ EXIT_CODES_TEXT = """exit codes:
 USAGE = """usage: caffe-runner input.dir=IMAGES output.dir=RUN [key=value ...]   extract features
        caffe-runner -m key=a,b [key=x,y ...] output.dir=SWEEP          sweep (every combination)
        caffe-runner status|verify|merge RUN                           inspect a run directory
-       caffe-runner export RUN OUT.h5 [--format npy]                  a self-contained copy
+       caffe-runner export RUN OUT.h5 [--format npy|embeddings]       a self-contained copy / search-ready
+       caffe-runner report RUN | retry RUN | status --watch RUN       after the run: draw, retry, follow
        caffe-runner inspect [model=NAME output.blobs=[...] ...]       blobs, shapes, bytes per image
        caffe-runner fetch NAME                                        download a model preset's files
        caffe-runner help [COMMAND] | version | --cfg job [key=value ...]"""
@@ -155,7 +156,9 @@ def help_page() -> str:
               "  status RUN     per-shard state, failures, ETA",
               "  verify RUN     check every image appears exactly once; non-zero exit if not",
               "  merge RUN      merge complete shards into RUN/features.h5",
-              "  export RUN OUT a self-contained copy of the features (h5, or npy files)",
+              "  export RUN OUT a self-contained copy of the features (h5, npy files, or embeddings: npy + parquet)",
+              "  report RUN     one offline HTML page: task timeline, images/s, slow shards, failures, identity",
+              "  retry RUN      extract failed images again (read errors, not found, permission denied)",
               "  inspect [key=value ...]   a model's blobs, shapes and output bytes per image",
               "  fetch NAME     download a model preset's files (checksum-verified) into $CAFFE_MODELS", "",
               "other options:",
@@ -358,12 +361,77 @@ def _cmd_merge(args) -> int:
     return EXIT_OK
 
 
+def _refuse_running(run, what: str) -> None:
+    """A run with shards running now (or a launch holding it) is not exported or retried."""
+    from .status import run_status
+
+    st = run_status(run.rundir.path, use_sacct=False)
+    if st["counts"].get("running"):
+        raise ConfigError(f"{run.rundir.path} is still running ({st['counts']['running']} shard(s) running, "
+                          f"{st['done']}/{st['images']} images): wait until it ends (caffe-runner status --watch "
+                          f"{run.rundir.path}), then {what}; nothing was written")
+
+
 def _cmd_export(args) -> int:
     from .merge import export_run
     from .plan import load_run_dir
 
-    print(export_run(load_run_dir(args.run_dir), Path(args.out), args.format))
+    run = load_run_dir(args.run_dir)
+    if args.format != "embeddings":
+        if args.blob or args.part_rows:
+            raise UsageError("--blob and --part-rows go with --format embeddings")
+        print(export_run(run, Path(args.out), args.format))
+        return 0
+    from .embeddings import check_target, export_embeddings
+    from .merge import export_sources
+
+    out = Path(os.path.abspath(os.path.expanduser(args.out)))
+    _refuse_running(run, "export")
+    check_target(out)
+    if args.part_rows is not None and args.part_rows < 1:
+        raise UsageError("--part-rows must be 1 or more")
+    print(export_embeddings(export_sources(run), out, args.blob, run.plan["blobs"], args.part_rows))
     return 0
+
+
+def _cmd_report(args) -> int:
+    from .plan import load_run_dir
+    from .report import write_report
+
+    run = load_run_dir(args.run_dir)
+    out = Path(os.path.abspath(os.path.expanduser(args.out))) if args.out else run.rundir.path / "report.html"
+    if out.is_dir():
+        out = out / "report.html"
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK) or (
+            out.exists() and not os.access(out, os.W_OK)):
+        raise ConfigError(f"cannot write the report to {out} (its folder is missing or not writable): give "
+                          "-o PATH in a writable folder")
+    path = write_report(run.rundir.path, out)
+    print(f"{path} ({path.stat().st_size / 1024:.0f} KB)")
+    return EXIT_OK
+
+
+def _cmd_retry(args) -> int:
+    from .retry import retry_run, selector
+
+    what = ["all reasons"] if args.all else (args.reason or ["transient (read error, not found, permission denied)"])
+    res = retry_run(Path(args.run_dir), selector(args.all, args.reason or []), what, dry_run=args.dry_run,
+                    args=args.argv, here=args.here)
+    if res.get("resumed_commit"):
+        print("finished an interrupted retry first")
+    if not res["retried"]:
+        print(f"{res['run_dir']}: no failed image to retry ({', '.join(what)})")
+        return EXIT_OK
+    if res.get("dry_run"):
+        print(f"{res['run_dir']}: {res['retried']} image(s) would be retried:")
+        for i, cs in res["candidates"].items():
+            for j, r in cs[:20]:
+                print(f"  shard {i} entry {j}: {r}")
+        return EXIT_OK
+    print(f"{res['run_dir']}: retried {res['retried']} image(s): {res['recovered']} now feature rows, "
+          f"{res['still_failing']} still failing"
+          + "".join(f"\n  still failing: {v:>6} {k}" for k, v in (res.get("still_failing_by_reason") or {}).items()))
+    return EXIT_OK
 
 
 def _cmd_fetch(args) -> int:
@@ -400,12 +468,96 @@ def _cmd_status(args) -> int:
         print(json.dumps(rows, indent=1, default=str) if args.json else format_sweep_status(Path(args.run_dir), rows))
         states = {r["state"] for r in rows}
         return EXIT_OK if states <= {"done", "merged"} else EXIT_FAILED if "failed" in states else EXIT_INCOMPLETE
+    if args.watch:
+        return _watch_status(args)
     st = run_status(Path(args.run_dir), use_sacct=not args.no_sacct)
     if args.json:
         print(json.dumps(st, indent=1, default=str))
     else:
         print(format_status(st))
+    return _status_code(st)
+
+
+def _status_code(st) -> int:
     return EXIT_OK if st["state"] in ("done", "merged") else (EXIT_FAILED if st["counts"].get("failed") else EXIT_INCOMPLETE)
+
+
+def _watch_status(args) -> int:
+    """status --watch: redraw in place every --interval seconds until the run ends (or Ctrl-C).
+    On a terminal the screen is cleared and redrawn; elsewhere (a log) each view is printed once."""
+    import shutil as _sh
+    import time as _time
+
+    from .plan import load_run_dir
+    from .status import format_status, run_status
+
+    load_run_dir(args.run_dir)  # not a run: one line, exit 2
+    tty = sys.stdout.isatty()
+    interval = max(0.2, float(args.interval))
+    if tty:
+        sys.stdout.write("\x1b[2J")  # once: start on a clear screen
+    try:
+        while True:
+            st = run_status(Path(args.run_dir), use_sacct=False)
+            text = format_status(st)
+            stamp = f"(refreshed {_time.strftime('%H:%M:%S')} every {interval:g} s; Ctrl-C stops watching)"
+            if tty:
+                rows = _sh.get_terminal_size((100, 40)).lines
+                lines = text.splitlines()
+                if len(lines) > rows - 2:
+                    lines = lines[:rows - 3] + [f"  ... {len(lines) - rows + 3} more lines"]
+                # home, each line over the old one (erasing its rest), then erase below: the
+                # screen is redrawn in place and the terminal's history is left alone
+                sys.stdout.write("\x1b[H" + "".join(f"{ln}\x1b[K\n" for ln in lines + [stamp]) + "\x1b[J")
+            else:
+                sys.stdout.write(text + "\n" + stamp + "\n")
+            sys.stdout.flush()
+            # the end: merged, or nothing running and no launch holding the run (a local launch
+            # merges after its last shard; a Slurm run's merge job runs on its own)
+            if st["state"] == "merged" or (not st["counts"].get("running") and not _launch_held(Path(args.run_dir))
+                                           and not _slurm_queued(Path(args.run_dir))):
+                return _status_code(st)
+            _time.sleep(interval)
+    except KeyboardInterrupt:
+        print()
+        return _status_code(run_status(Path(args.run_dir), use_sacct=False))
+
+
+def _slurm_queued(run_dir: Path) -> bool:
+    """The run's Slurm array or merge job is still in the queue (pending tasks start later)."""
+    import shutil as _sh
+    import subprocess
+
+    try:
+        subs = json.loads((run_dir / "submissions.json").read_text())
+    except (OSError, ValueError):
+        return False
+    ids = sorted({str(x) for s in subs for x in (s.get("array_job_id"), s.get("merge_job_id")) if x})
+    if not ids or not _sh.which("squeue"):
+        return False
+    try:
+        p = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True,
+                           timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return p.returncode == 0 and bool(p.stdout.strip())
+
+
+def _launch_held(run_dir: Path) -> bool:
+    """A launch holds the run (its lock names a process): shards may start any moment."""
+    import fcntl
+
+    try:
+        fd = os.open(run_dir / "launch.lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _cmd_verify(args) -> int:
@@ -457,16 +609,41 @@ def _subcommand(argv) -> int:
                 "exit codes: 0 done, 1 a shard failed, 2 not a run directory, 3 not finished yet")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--no-sacct", action="store_true", help="do not ask Slurm accounting")
+    s.add_argument("--watch", action="store_true", help="refresh in place until the run ends (Ctrl-C stops)")
+    s.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch (2)")
     command("verify", "Check that every manifest entry appears exactly once (a feature row or a recorded failure), "
             "shard files are complete and of this run, and the merged view agrees.",
             "exit codes: 0 OK, 1 problems found (listed as FAIL: lines), 2 not a run directory")
     x = command("export", "A self-contained copy of the run's features (features.h5 is a view over shards/ up to "
                 "output.view_max_shards shards).",
                 "exit codes: 0 written, 1 shards missing, 2 not a run directory or bad arguments")
-    x.add_argument("out", help="OUT.h5 (--format h5) or a folder (--format npy)")
-    x.add_argument("--format", choices=("h5", "npy"), default="h5",
+    x.add_argument("out", help="OUT.h5 (--format h5) or a new folder (--format npy, embeddings)")
+    x.add_argument("--format", choices=("h5", "npy", "embeddings"), default="h5",
                    help="h5: the features.h5 layout, features copied; npy: one 2-D matrix per blob "
-                        "(rows flattened) + index.npy, labels.npy (labelled inputs), names.txt, failures.tsv")
+                        "(rows flattened) + index.npy, labels.npy (labelled inputs), names.txt, failures.tsv; "
+                        "embeddings: one blob as "
+                        "img_emb/img_emb_NNNN.npy (float32) + metadata/metadata_NNNN.parquet (image_path, label, "
+                        "row, index), the layout clip-retrieval and autofaiss read")
+    x.add_argument("--blob", help="embeddings: the blob to export (required when the run has several)")
+    x.add_argument("--part-rows", type=int, help="embeddings: rows per part (default: 512 MB of float32 per part)")
+    r = command("report", "One self-contained HTML page about RUN_DIR (no network needed to view it): a timeline "
+                "of task attempts, images/s over time, per-shard rates with the slowest named, failures by "
+                "reason, per-shard figures, model/blobs/config and the commands that made the run. Works on a "
+                "run in progress (it shows it as such).",
+                "exit codes: 0 written, 2 not a run directory or the target is not writable")
+    r.add_argument("-o", "--out", help="where to write it (default RUN_DIR/report.html)")
+    rt = command("retry", "Extract again the images RUN_DIR recorded as failed for a reason that can pass (read "
+                 "error, file not found, permission denied) and fold the successes into the run: they become "
+                 "feature rows in the shard files and features.h5; retries.json and stats.json record it. A "
+                 "retry stopped at any moment resumes when run again (or leaves the run as it was).",
+                 "exit codes: 0 done (or nothing to retry), 2 not a run directory, the run is still running or "
+                 "not finished, or its folder is not writable")
+    rt.add_argument("--reason", action="append", help="retry failures whose reason starts with this text "
+                    "(repeatable), e.g. --reason 'truncated JPEG'")
+    rt.add_argument("--all", action="store_true", help="retry every failed image, whatever the reason")
+    rt.add_argument("--dry-run", action="store_true", help="list what would be retried, change nothing")
+    rt.add_argument("--here", action="store_true", help="extract in this process even for a Slurm run (by "
+                    "default a Slurm run's retry is one array task per shard, waited for)")
     fe = command("fetch", "Download a model preset's files into the model cache ($CAFFE_MODELS), checksum-verified, "
                  "resuming a partial download.",
                  "example: caffe-runner fetch open_nsfw\n"
@@ -479,8 +656,9 @@ def _subcommand(argv) -> int:
                 "exit codes: 0 OK, 2 configuration error (unknown model, blob or key)", run_dir=False)
     i.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=res10_ssd output.pooling=avg")
     args = p.parse_args(argv)
+    args.argv = list(argv[1:])  # as typed, for the run's record of commands
     handler = {"merge": _cmd_merge, "status": _cmd_status, "verify": _cmd_verify, "inspect": _cmd_inspect,
-               "export": _cmd_export, "fetch": _cmd_fetch}[args.cmd]
+               "export": _cmd_export, "fetch": _cmd_fetch, "report": _cmd_report, "retry": _cmd_retry}[args.cmd]
     setup_cli_logging(logging.WARNING)
     return handler(args)
 

@@ -29,6 +29,7 @@ from .model import load_engine
 from .plan import load_run
 from .preprocess import oversample as oversample_crops
 from .errors import ShardBusyError
+from .events import EventLog, events_path, task_fields
 from .features import FeaturePost, pooled_shape
 from .runtimes.identity import image_label
 from .task import TaskIdentity, configure_threads, default_threads, task_identity
@@ -39,8 +40,9 @@ class _Progress:
     """Counts what has been committed to disk; writes heartbeats and, under Slurm, log lines."""
 
     def __init__(self, run, index: int, total: int, done: int, ident: TaskIdentity,
-                 heartbeat_s: float, log_interval_s: float, log_path: Optional[str]):
+                 heartbeat_s: float, log_interval_s: float, log_path: Optional[str], events: "EventLog"):
         self.run, self.index, self.num_shards = run, index, run.num_shards
+        self.events = events
         self.total, self.done, self.start_done = total, done, done
         self.rows = self.failures = 0
         self.ident = ident
@@ -63,6 +65,8 @@ class _Progress:
                 state=state, shard=self.index, done=self.done, total=self.total, rows=self.rows,
                 failures=self.failures, rate=round(self.rate, 3), host=self.ident.host, pid=self.ident.pid,
                 job_id=self.ident.job_id, started=self.t0, log=self.log_path, image=image_label(), **extra))
+            if state == "running":
+                self.events.progress(done=self.done, rows=self.rows, failures=self.failures)
         if self.log_interval_s and (now - self.last_log >= self.log_interval_s or state != "running"):
             self.last_log = now
             eta = (self.total - self.done) / self.rate if self.rate > 0 else float("nan")
@@ -79,7 +83,7 @@ def _batches(items, batch_size: int):
         yield b
 
 
-def _decode_window(items, batch_size: int, workers: int, prefetch: int):
+def decode_window(items, batch_size: int, workers: int, prefetch: int):
     """Yield (batch of readers.Item, [(image|None, reason)]) per batch, decoding up to `prefetch`
     batches ahead in `workers` threads (bounded: memory does not grow with the input)."""
     batches = _batches(items, batch_size)
@@ -256,7 +260,7 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, par
     busy = 0.0
     t0 = time.time()
     t_first = None  # pipeline fill: until the first batch is ready
-    window = _decode_window(reader.items(op.first, op.stop), cfg.batch_size, int(cfg.decode.workers),
+    window = decode_window(reader.items(op.first, op.stop), cfg.batch_size, int(cfg.decode.workers),
                             int(cfg.decode.prefetch_batches))
     feeder = _Feeder(window, transform, tuple(in_shape[1:]) if oversample else None, maxsize=2)
     feeder.start()
@@ -337,18 +341,24 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
     manifest = load_manifest(run.rundir.path)
     log_path = os.environ.get("CAFFE_RUNNER_LOG")
     progress = None
+    events = EventLog(events_path(run.rundir.path, final.stem), task_fields(ident))
     try:
         with ShardLock(run.lock_path(index)):
             if run.shard_done(index):  # finished by the lock's previous holder
                 return {"shard": index, "skipped": True}
+            t_lock = time.time()
             parts = run.pipeline_parts()  # once per shard: the prototxt parsed, the mean file loaded
             op = _open_shard(run, index, ident, threads, manifest, parts, numerics)
+            events.write("resumed" if op.writer.next else "started", t=round(t_lock, 3), done=op.writer.next,
+                         rows=op.writer.rows, failures=op.writer.n_failures, total=op.stop - op.start,
+                         device=op.engine.device_desc)
             # the reader turns manifest entries into the decoder's jobs
             reader = open_reader(manifest, parts.decoder)
             try:
                 slurm = bool(ident.job_id)
                 progress = _Progress(run, index, op.stop - op.start, op.writer.next, ident, cfg.heartbeat_s,
-                                     float(cfg.launcher.get("log_interval_s", 30)) if slurm else 0.0, log_path)
+                                     float(cfg.launcher.get("log_interval_s", 30)) if slurm else 0.0, log_path,
+                                     events)
                 progress.rows, progress.failures = op.writer.rows, op.writer.n_failures
                 stats = _forward_loop(run, index, op, reader, progress, parts)
                 op.writer.finish(dict(stats, input_read=json.dumps(reader.stats)) if reader.stats else stats)
@@ -356,6 +366,8 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
                 reader.close()
                 op.writer.close()
             progress.beat("done", force=True, **stats)
+            events.write("finished", done=progress.done, rows=progress.rows, failures=progress.failures,
+                         elapsed_s=round(stats["elapsed_s"], 3))
             log.info("shard %d/%d done: %d rows, %d failures -> %s", index, num_shards, progress.rows,
                      progress.failures, final)
             return {"shard": index, "rows": progress.rows, "failures": progress.failures, **stats}
@@ -366,6 +378,8 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
                         log=log_path)
             if progress is not None:
                 beat.update(done=progress.done, total=progress.total, rows=progress.rows, failures=progress.failures)
+            events.write("failed", error=beat["error"][:300], **{k: beat[k] for k in ("done", "rows", "failures")
+                                                                 if k in beat})
             try:
                 run.write_heartbeat(index, beat)
             except Exception:

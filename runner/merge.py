@@ -256,7 +256,7 @@ def open_merged(path: Path) -> h5py.File:
 
 # ---- export --------------------------------------------------------------------------
 
-def _export_sources(run) -> List[Path]:
+def export_sources(run) -> List[Path]:
     """Where to read the run's rows from: the shards, or a features.h5 that is already a copy."""
     missing = run.missing_shards()
     if not missing:
@@ -277,14 +277,12 @@ def export_run(run, out: Path, fmt: str = "h5") -> Path:
     copied) or "npy" (a folder: one 2-D float matrix per blob, flattened, plus index.npy,
     labels.npy when the input has labels, names.txt and failures.tsv). Streamed: one source open at a time, bounded chunks."""
     out = Path(os.path.abspath(os.path.expanduser(str(out))))
-    paths = _export_sources(run)
+    paths = export_sources(run)
     if fmt not in ("h5", "npy"):
         raise RunnerError(f"--format {fmt}: use h5 or npy")
     _check_export_target(out if fmt == "npy" else out.parent)
     if fmt == "h5":
         return write_merged(out, paths, "copy")
-    if fmt != "npy":
-        raise RunnerError(f"--format {fmt}: use h5 or npy")
     return _export_npy(out, paths)
 
 

@@ -91,7 +91,20 @@ def collect_stats(run, elapsed_s: Optional[float] = None) -> Dict:
         # summed per-shard extraction time (model load excluded)
         "shard_seconds": round(busy, 3),
         "shards": shards,
+        # `caffe-runner retry`: what was tried again and with what result (retries.json has each one)
+        "retries": _retries_summary(Path(rd.path)),
     }
+
+
+def _retries_summary(run_dir: Path) -> Optional[Dict]:
+    try:
+        history = json.loads((run_dir / "retries.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {"count": len(history), "retried": sum(h.get("retried", 0) for h in history),
+            "recovered": sum(h.get("recovered", 0) for h in history),
+            "last": {k: history[-1].get(k) for k in ("t", "reasons", "retried", "recovered", "still_failing",
+                                                     "still_failing_by_reason")} if history else None}
 
 
 def write_stats(run, elapsed_s: Optional[float] = None) -> Dict:

@@ -19,13 +19,13 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("leaves", ["runner", "runner.errors", "runner.shard", "runner.features", "runner.decode", "runner.samples",
                 "runner.schema", "runner.task", "runner.changes"]),
     ("storage and devices", ["runner.manifest", "runner.rundir", "runner.write", "runner.gpu", "runner.device",
-                             "runner.selfcheck", "runner.preprocess", "runner.fetch"]),
+                             "runner.selfcheck", "runner.preprocess", "runner.fetch", "runner.events"]),
     ("model, inputs, runtimes", ["runner.model", "runner.inputs", "runner.inputs.*", "runner.runtimes",
                                  "runner.runtimes.*"]),
     ("config and plan", ["runner.config", "runner.overrides", "runner.plan"]),
     ("stages", ["runner.extract", "runner.merge", "runner.stats", "runner.status", "runner.verify",
-                "runner.synthetic", "runner.sweep"]),
-    ("launchers", ["runner.launch", "runner.launch.*"]),
+                "runner.synthetic", "runner.sweep", "runner.report", "runner.embeddings"]),
+    ("launchers", ["runner.launch", "runner.launch.*", "runner.retry"]),
     ("front doors", ["runner.inspect", "runner.api", "runner.cli", "runner.__main__"]),
 ]
 

@@ -28,7 +28,8 @@ from .registry import launcher_for
 from ..rundir import LAUNCH_LOCK as LOCK_NAME
 # what a run directory may hold; anything else in a folder without run.json is someone's data
 _RUN_ENTRIES = {"run.json", "manifest", "shards", "status", "logs", "features.h5", "features.h5.tmp", "stats.json",
-                "submissions.json", ".hydra", LOCK_NAME}
+                "submissions.json", ".hydra", LOCK_NAME,
+                "events", "report.html", "retries.json", "retry"}
 
 
 def check_run_dir(path: Path) -> None:
@@ -86,6 +87,9 @@ class CommandRecord:
         hydra_dir.mkdir(exist_ok=True)
         (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))
         (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(self.overrides)))
+        from ..events import record_command
+
+        record_command(d, "extract", self.overrides)  # every launch; .hydra/ keeps only the last
         run.rundir.logs_dir.mkdir(exist_ok=True)
         if self.handler is None:
             h = logging.FileHandler(run.rundir.logs_dir / "launch.log")

@@ -8,7 +8,7 @@ module (local.py, slurm.py) subclasses Launcher; launch/registry.py picks one fr
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 from ..runtimes import Placement
 
@@ -36,6 +36,12 @@ class Launcher(ABC):
     @abstractmethod
     def default_shards(self, cfg) -> int:
         """num_shards when the config leaves it unset (asked after the device is resolved)."""
+
+    def run_tasks(self, run, fn: Callable, calls: List[Sequence], what: str) -> bool:
+        """Run fn(*args) for each args as this launcher's tasks (`what` names them) and wait
+        for all; raises when one failed. False: this launcher runs work in the calling process,
+        so the caller runs it there (`retry` of a local run)."""
+        return False
 
     @abstractmethod
     def execute(self, cfg, accepted: Callable) -> Dict:

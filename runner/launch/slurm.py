@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import submitit
 
@@ -287,6 +287,27 @@ class SlurmLauncher(Launcher):
 
     def execute(self, cfg, accepted: Callable) -> Dict:
         return launch_slurm(cfg, accepted, self)
+
+    def run_tasks(self, run, fn: Callable, calls: List[Sequence], what: str) -> bool:
+        """One array task per call, with the run's sbatch options (its partition, GPUs, image);
+        waits for them (`retry` of a Slurm run)."""
+        ex = array_executor(run.cfg, run.rundir.logs_dir / "%j", self.executor)
+        ex.update_parameters(job_name=f"{run.cfg.launcher.job_name}-{what}")
+        jobs = []
+        for chunk in array_chunks(list(range(len(calls))), max_array_size()):
+            js = ex.map_array(fn, *zip(*[calls[k] for k in chunk]))
+            jobs += [(calls[k], j) for k, j in zip(chunk, js)]
+            print(f"submitted {what} array job {js[0].job_id.split('_')[0]} ({len(chunk)} task(s))", flush=True)
+        failed = []
+        for args, j in jobs:
+            try:
+                j.result()
+            except Exception as e:
+                failed.append(f"job {j.job_id} {type(e).__name__} (log {j.paths.stderr})")
+        if failed:
+            raise ShardFailedError(f"{len(failed)} {what} task(s) failed: {'; '.join(failed)}; what the others did "
+                                   "is kept: rerun the same command")
+        return True
 
 
 def launch_slurm(cfg, accepted: Callable, launcher: SlurmLauncher) -> Dict:

@@ -1,0 +1,101 @@
+"""The report of a Slurm run on the real dev cluster whose task was requeued mid-shard: the
+timeline shows the killed attempt and the resumed one, under their job ids, drawn in Chromium."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, tiny_model_args, wait_until
+from report_check import check_report
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+SLURM = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10", "device=cpu",
+         "launcher.gpus_per_task=1", "launcher.allow_cpu_on_gpu=true"]
+
+
+def _done(run: Path, shard: int, n: int) -> int:
+    try:
+        return int(json.loads((run / "status" / f"shard-{shard:05d}-of-{n:05d}.json").read_text()).get("done", 0))
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def test_report_of_a_requeued_slurm_run(cluster, tiny_net, photos, tmp_path):
+    run = tmp_path / "run"
+    # simulated net: each image takes 3 s (no CPU), so the requeue lands mid-shard
+    run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *SLURM, *tiny_model_args(tiny_net),
+            "backend=simulated", "simulated_batch_s=3.0", "batch_size=1", "heartbeat_s=0.2")
+    wait_until(lambda: _done(run, 0, 2) >= 2, timeout=180, interval=0.5, what="progress")
+    subs = json.loads((run / "submissions.json").read_text())
+    job = subs[0]["tasks"][0]["job_id"]
+    # the report of the run in progress, before the requeue
+    run_cli("report", run, "-o", tmp_path / "during.html")
+    during = check_report(tmp_path / "during.html")
+    assert during["state"] == "running"
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    # status --watch follows the run through the requeue (the task pending again) to its merge
+    from conftest import CLI, REPO
+
+    watch = subprocess.Popen(CLI + ["status", "--watch", "--interval", "1", str(run)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def released_and_merged():
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%t"], capture_output=True, text=True).stdout.strip()
+        if state == "PD":  # a requeued job waits ~2 min to be eligible: release it now
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        return (run / "features.h5").exists()
+
+    wait_until(released_and_merged, timeout=300, interval=0.5, what="merged output after requeue")
+    out, err = watch.communicate(timeout=120)
+    assert watch.returncode == 0 and out.count("(refreshed ") >= 5 and ": merged, 20/20 images" in out, (out, err)
+    assert run_cli("verify", run).returncode == 0
+    run_cli("report", run)
+    html = (run / "report.html").read_text()
+    seen = check_report(run / "report.html", screenshot=tmp_path / "slurm-report.png")
+    assert seen["state"] == "merged"
+    assert "task attempts\t3 (0 failed, 1 resumed)" in seen["text"], seen["text"][:1500]
+    # the attempts table: shard 0 killed by the requeue then resumed by the same array task
+    assert html.count("stopped (killed, requeued or preempted)</td>") == 1
+    assert html.count("<td>resumed</td>") == 1 and html.count(f"<td>{job}</td>") == 2
+    events = [json.loads(x) for x in (run / "events" / "shard-00000-of-00002.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events if e["event"] != "progress"]
+    assert kinds == ["started", "resumed", "finished"], kinds
+    assert [e.get("restart", 0) for e in events if e["event"] in ("started", "resumed")] == [0, 1]
+    assert "Slurm submissions" in seen["text"] and subs[0]["array_job_id"] in seen["text"]
+
+
+def test_retry_of_a_slurm_run_runs_as_an_array(cluster, tiny_net, photos, tmp_path):
+    """A Slurm run made while two listed images were missing; restored; `retry` stages the two
+    shards as a Slurm array like the run's, then folds them in: rows equal a local clean run's."""
+    import shutil
+
+    import h5py
+    import numpy as np
+
+    names = sorted(str(p.relative_to(photos)) for p in photos.rglob("*") if p.is_file())
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{photos / n}\n" for n in names))
+    gone = [names[1], names[-2]]
+    away = tmp_path / "away"
+    away.mkdir()
+    for k, n in enumerate(gone):
+        shutil.move(photos / n, away / str(k))
+    args = [f"input.list={lst}", "num_shards=2", *tiny_model_args(tiny_net)]
+    try:
+        run_cli(*args, f"output.dir={tmp_path / 'run'}", *SLURM, "launcher.wait=true")
+    finally:
+        for k, n in enumerate(gone):
+            shutil.move(away / str(k), photos / n)
+    run_cli(*args, f"output.dir={tmp_path / 'ref'}", "launcher.workers=2")
+    p = run_cli("retry", tmp_path / "run")
+    assert "submitted retry array job" in p.stdout and "retried 2 image(s): 2 now feature rows" in p.stdout, p.stdout
+    with h5py.File(tmp_path / "run" / "features.h5", "r") as a, h5py.File(tmp_path / "ref" / "features.h5", "r") as b:
+        assert list(a["names"].asstr()[:]) == list(b["names"].asstr()[:]) and len(a["failures/index"]) == 0
+        np.testing.assert_array_equal(a["feats"][:], b["feats"][:])
+    assert run_cli("verify", tmp_path / "run").returncode == 0
+    history = json.loads((tmp_path / "run" / "retries.json").read_text())
+    assert history[0]["recovered"] == 2 and sorted(history[0]["shards"]) == ["0", "1"]
