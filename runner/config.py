@@ -224,7 +224,8 @@ class LauncherConf:
 @dataclass
 class LocalLauncherConf(LauncherConf):
     name: str = "local"
-    # worker processes for device=cpu; null: one per 2 cores (at least 1)
+    # worker processes for device=cpu; null: one per core, each with one BLAS thread (fewer
+    # workers with more threads each use less memory and are slower: README, make bench row 10)
     workers: Optional[int] = None
     # device=gpu: "auto" (the GPUs in CUDA_VISIBLE_DEVICES / nvidia-smi) or a list of ids
     gpus: Any = "auto"

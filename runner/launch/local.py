@@ -58,7 +58,10 @@ def worker_plan(cfg) -> Dict:
         threads = lc.threads_per_worker or max(1, cores // workers)
     else:
         gpus = []
-        workers = lc.workers or max(1, cores // 2)
+        # one single-threaded process per core: decoding and the net share the cores, and
+        # OpenBLAS threads waiting at each GEMM's barrier (and Caffe's serial layers between
+        # GEMMs) waste the cores the decode threads need (make bench rows 2 and 10)
+        workers = lc.workers or cores
         if workers < 1:
             raise ConfigError(f"launcher.workers={workers}: use 1 or more")
         threads = lc.threads_per_worker or max(1, cores // workers)
