@@ -210,8 +210,9 @@ class DecodeConf:
     exif_orientation: bool = True
     # refuse images larger than this many pixels (decompression bombs); Pillow's default limit
     max_pixels: int = 178956970
-    # decode large JPEGs at 1/2, 1/4 or 1/8 size when that still covers the net input
-    # (faster; not bit-identical to a full decode + resize)
+    # decode JPEGs at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling, which averages pixels) when
+    # that still covers the net input in both sides, so images under 2x the input decode in
+    # full; 2.5x faster on 12-MP photos, features not bit-identical to the default (README)
     reduced_jpeg: bool = False
 
 
@@ -251,8 +252,9 @@ class SlurmLauncherConf(LauncherConf):
     # let tasks that hold GPUs compute on the CPU (checking GPU binding with a CPU-only build)
     allow_cpu_on_gpu: bool = False
     # decode threads + the net; also sets decode.workers when that is left at its default.
-    # 8: one GPU at ~2,000 img/s wants 13 decode threads (make bench row 7), but most GPU nodes
-    # have about 8 cores per GPU and asking for more would leave GPUs idle
+    # 8: one GPU at ~2,000 img/s wants about 8-13 decode threads for photo-sized JPEGs and
+    # 50-100 for 12-MP camera photos (make bench row 7), but most GPU nodes have about 8 cores
+    # per GPU and asking for more would leave GPUs idle
     cpus_per_task: int = 8
     # memory per task
     mem_gb: float = 16.0

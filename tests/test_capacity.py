@@ -146,3 +146,27 @@ def test_full_size_decodes_reuse_their_buffer():
     assert applied
     assert fresh > 8000, fresh             # 36 MB / 4 KB = 9,000 pages
     assert reused < fresh / 5, (fresh, reused)
+
+
+# ---- the local CPU default: one single-threaded worker per core -------------------------
+
+@pytest.mark.parametrize("cores,workers,threads_per_worker,expect", [
+    (2, None, None, (2, 1)),    # the default: every core a process with one BLAS thread
+    (16, None, None, (16, 1)),
+    (2, 1, None, (1, 2)),       # one worker (less memory): every core a BLAS thread
+    (16, 4, None, (4, 4)),
+    (16, 4, 2, (4, 2)),
+])
+def test_local_cpu_worker_plan(monkeypatch, cores, workers, threads_per_worker, expect):
+    from omegaconf import OmegaConf
+
+    from runner.config import LocalLauncherConf, ModelConf, RunConf
+    from runner.launch.local import worker_plan
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    cfg = OmegaConf.structured(RunConf(model=ModelConf(name="m", prototxt="p", weights="w"),
+                                       launcher=LocalLauncherConf(workers=workers,
+                                                                  threads_per_worker=threads_per_worker)))
+    cfg.device = "cpu"
+    wp = worker_plan(cfg)
+    assert (wp["workers"], wp["threads"]) == expect
