@@ -1,23 +1,33 @@
 """`make bench`: speed and memory, measured side by side in one run, as ratios and medians.
 
-  python bench/bench.py [--images 240] [--repeats 3] [--only merge] [--out bench/results.json]
+  python bench/bench.py [--images 240] [--camera-images 96] [--repeats 3] [--quick]
+                        [--only extract|merge] [--out bench/results.json]
 
-(Kept out of the installed package: it needs the repository and writes bench/results.json.)
+(Kept out of the installed package: it needs the repository and writes bench/results.json.
+bench/README.md has the figures, the machine and its load.)
 
-Rows (issue "Throughput"):
+Rows:
  1. classic per-image loop (caffe.io.load_image + Transformer + forward at batch 1, features
-    kept in a list) vs caffe-runner's shard pipeline, same model, cores and images;
- 2. caffe-runner end to end vs the net's forward-only ceiling (pre-decoded batches);
+    kept in a list) vs caffe-runner, same model, cores and images;
+ 2. photo-sized JPEGs: the forward-only ceiling (one single-threaded process per core), decode
+    and forward cost per image per core, the limit they imply when they share the cores, and
+    caffe-runner's ratio to it with its defaults (and with the previous default, one worker
+    with every core a BLAS thread);
  3. the `simulated` device (sleeps per batch, as a GPU would): busy fraction;
- 4. peak RSS of one task at N and 10xN images (tiny net, large blob);
+ 4. peak memory of one task at N and 10xN images (tiny net, large blob): the task's own VmHWM;
  5. manifest build times (1,000,000-line list, 100,000-file tree) and what one task of 1,000 reads;
  6. backend=opencv vs backend=caffe, end to end;
- 7. decode images/s per thread and the decode threads that keep one GPU busy (at an assumed
-    2,000 img/s), checked with the simulated device at that rate;
+ 7. decode images/s per thread, photo-sized and 12-MP camera JPEGs, and the decode threads that
+    keep one GPU busy (at an assumed 2,000 img/s), checked with the simulated device at that rate;
  8. with a usable GPU only: GPU forward-only and end to end (device=gpu);
  9. merge, verify and export at scale: 100 vs 1,000 shards, and 100,000 vs 1,000,000 rows
-    (synthetic runs written by the real ShardWriter): time and peak RSS, which must stay flat.
-Each measurement runs in a fresh spawned process (clean RSS, BLAS threads set before Caffe loads).
+    (synthetic runs written by the real ShardWriter): time and each step's own peak memory;
+10. row 2 for 12-MP camera photos (generated once, cached under ~/.cache/caffe-runner/bench);
+11. decode.reduced_jpeg: fc7 cosine against full decoding, and of both against an anti-aliased
+    reference (full decode + area resize).
+Each measurement runs in fresh spawned processes (BLAS threads set before Caffe loads); peak
+memory is each process's own high-water mark (VmHWM), never ru_maxrss, which a spawned child
+inherits from its parent.
 """
 from __future__ import annotations
 
@@ -208,10 +218,8 @@ def _pipeline_worker(cfg_yaml: str, index: int, threads: int, barrier, q) -> Non
 
         cfg = OmegaConf.create(cfg_yaml)
         barrier.wait(timeout=600)
-        c0 = time.process_time()  # every thread of this worker (decode, feeder, net, writer)
-        res = run_shard(cfg, index, threads=threads)
+        res = run_shard(cfg, index, threads=threads)  # res["cpu_s"]: its forward loop's CPU time
         res["t_end"] = time.time()
-        res["cpu_s"] = time.process_time() - c0  # includes loading the net (a fraction of a second)
         res["peak_rss_mb"] = own_peak_rss_mb()
         q.put(("ok", res))
     except BaseException as e:  # reported by the parent
@@ -239,7 +247,7 @@ def pipeline_rate(run_dir: Path, overrides: List[str]) -> Dict:
     start = min(r["t_end"] - r["elapsed_s"] for r in res)
     window = max(r["t_end"] for r in res) - start
     return {"images_per_s": images / window, "workers": wp["workers"], "threads": wp["threads"],
-            "cpu_s_per_image_incl_load": sum(r["cpu_s"] for r in res) / images,
+            "cpu_s_per_image": sum(r["cpu_s"] for r in res) / images,
             "forward_busy_fraction": _median([r["forward_busy_fraction"] for r in res]),
             "forward_busy_fraction_steady": _median([r["forward_busy_fraction_steady"] for r in res]),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in res)}
@@ -414,7 +422,7 @@ def _median(xs):
 
 
 def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, camera_images: int,
-          gpu_feeding_only: bool = False) -> Dict:
+          gpu_feeding_only: bool = False, limits_only: bool = False) -> Dict:
     from runner.cli import _pkgfile
     from runner.samples import write_corpus
 
@@ -448,7 +456,8 @@ def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, ca
         "decode", "decode_reduced", "camera", "camera_reduced", "camera_1_worker",
         "camera_decode", "camera_decode_reduced")}
     cpu = {k: [] for k in ("forward", "decode", "decode_reduced", "camera_decode", "camera_decode_reduced",
-                           "runner", "runner_1_worker", "camera", "camera_reduced", "camera_1_worker")}
+                           "runner", "runner_reduced", "runner_1_worker", "camera", "camera_reduced",
+                           "camera_1_worker")}
     busy, busy_steady, decode_rates, loads, peaks = [], [], [], [], {}
     old_default = ["launcher.workers=1"]  # before issue 21: one process, every core a BLAS thread
 
@@ -465,9 +474,10 @@ def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, ca
     for r in range(repeats):
         print(f"round {r + 1}/{repeats} (load {os.getloadavg()[0]:.1f})", flush=True)
         loads.append(os.getloadavg()[0])
-        rows["classic"].append(in_child("classic_loop", threads, paths=paths[: max(24, len(paths) // 4)],
-                                        proto=proto, weights=weights, layer="last_relu",
-                                        blob="fc7")["images_per_s"])
+        if not limits_only:
+            rows["classic"].append(in_child("classic_loop", threads, paths=paths[: max(24, len(paths) // 4)],
+                                            proto=proto, weights=weights, layer="last_relu",
+                                            blob="fc7")["images_per_s"])
         for key, inp, extra in (("runner", photo_in, []), ("runner_reduced", photo_in, ["decode.reduced_jpeg=true"]),
                                 ("runner_1_worker", photo_in, old_default),
                                 ("camera", cam_in, []), ("camera_reduced", cam_in, ["decode.reduced_jpeg=true"]),
@@ -475,7 +485,7 @@ def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, ca
             res = pipe(inp, extra, key)
             rows[key].append(res["images_per_s"])
             if key in cpu:
-                cpu[key].append(res["cpu_s_per_image_incl_load"])
+                cpu[key].append(res["cpu_s_per_image"])
         # the net alone, all cores on it: one single-threaded process per core (the ceiling), and
         # one process with every core a BLAS thread (the old default's forward)
         fwd = in_children("forward_only", cores, 1, proto=proto, weights=weights, blobs=["fc7"], batch=16,
@@ -491,6 +501,11 @@ def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, ca
             rate, cpu_s = decode_all_cores(ps, red)
             rows[key].append(rate)
             cpu[key].append(cpu_s)
+        for k in rows:
+            if rows[k]:
+                print(f"  {k:22s} {rows[k][-1]:8.2f} img/s", flush=True)
+        if limits_only:
+            continue
         rows["opencv"].append(runner_rate(["backend=opencv"], "opencv")["images_per_s"])
         dec = in_child("decode_only", 1, paths=paths, workers=threads, reduced=True)["images_per_s"]
         decode_rates.append(dec)
@@ -500,11 +515,11 @@ def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, ca
         sim = runner_rate(["backend=simulated", f"simulated_batch_s={batch_s}", "decode.reduced_jpeg=true"], "sim")
         busy.append(sim["forward_busy_fraction"])
         busy_steady.append(sim["forward_busy_fraction_steady"])
-        for k in rows:
-            print(f"  {k:22s} {rows[k][-1]:8.2f} img/s", flush=True)
         print(f"  simulated busy  {busy[-1]:8.3f} at {batch_s:.3f} s/batch (after the first batch: "
               f"{busy_steady[-1]:.3f})", flush=True)
     loads.append(os.getloadavg()[0])
+    if limits_only:
+        rows = {k: v for k, v in rows.items() if v}
     med = {k: _median(v) for k, v in rows.items()}
     results["machine"]["load_1min"] = loads
     results["images_per_s_median"] = med
@@ -513,6 +528,9 @@ def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, ca
     results["decode_only_images_per_s_median"] = _median(decode_rates)
     results["limits"] = shared_core_limits(rows, cores)
     results["peak_rss_mb_per_worker"] = peaks
+    results["cpu_efficiency"] = cpu_efficiency(cpu)
+    if limits_only:
+        return {"limits_only": results}
     results["ratios"] = {
         "1_runner_vs_classic": med["runner"] / med["classic"],
         "1_runner_reduced_vs_classic": med["runner_reduced"] / med["classic"],
@@ -539,6 +557,24 @@ LIMITS = {"2_runner_vs_limit": ("runner", "decode"), "2_runner_reduced_vs_limit"
           "10_camera_vs_limit": ("camera", "camera_decode"),
           "10_camera_reduced_vs_limit": ("camera_reduced", "camera_decode_reduced"),
           "10_camera_1_worker_vs_limit": ("camera_1_worker", "camera_decode")}
+
+
+# pipeline -> the decode cost it pays (CPU time per image, each stage alone)
+EFFICIENCY = {"runner": "decode", "runner_reduced": "decode_reduced", "runner_1_worker": "decode",
+              "camera": "camera_decode", "camera_reduced": "camera_decode_reduced", "camera_1_worker": "camera_decode"}
+
+
+def cpu_efficiency(cpu: Dict[str, List[float]]) -> Dict[str, float]:
+    """Per round, decode + forward CPU time per image (each stage alone) over the pipeline's CPU
+    time per image: below 1, the pipeline spends CPU on more than the work (BLAS threads
+    waiting, contention, copies). Unlike a rate, it hardly moves when other work shares the
+    cores; it does not see cores left idle. Median over rounds."""
+    out = {}
+    for run, dec in EFFICIENCY.items():
+        per = [(d + f) / p for d, f, p in zip(cpu[dec], cpu["forward"], cpu[run]) if p > 0]
+        if per:
+            out[run] = _median(per)
+    return out
 
 
 def shared_core_limits(rows: Dict[str, List[float]], cores: int) -> Dict[str, Dict]:
@@ -771,7 +807,7 @@ def limit_rows(r: Dict, n: str, what: str, run: str, dec: str) -> List[tuple]:
     row = "2" if n == "2" else "10"
     full, red, one = (lim[f"{row}_{run}_vs_limit"], lim[f"{row}_{run}_reduced_vs_limit"],
                       lim[f"{row}_{run}_1_worker_vs_limit"])
-    cpu = r["cpu_s_per_image_median"]
+    cpu, eff = r["cpu_s_per_image_median"], r.get("cpu_efficiency", {})
     return [
         (n, f"{what}: decode per image per core, full / reduced",
          f"{full['decode_s_median'] * 1e3:.0f} / {red['decode_s_median'] * 1e3:.0f} ms",
@@ -781,10 +817,22 @@ def limit_rows(r: Dict, n: str, what: str, run: str, dec: str) -> List[tuple]:
         (n, f"{what}: limit (decode + forward share the cores), full / reduced",
          f"{full['limit_median']:.1f} / {red['limit_median']:.1f} img/s", ""),
         (n, f"{what}: caffe-runner defaults, full / reduced", f"{med[run]:.1f} / {med[run + '_reduced']:.1f} img/s",
-         f"{full['ratio_median']:.2f} / {red['ratio_median']:.2f} of the limit (target >= 0.9)"),
+         f"{full['ratio_median']:.2f} / {red['ratio_median']:.2f} of the limit (target >= 0.9); CPU efficiency "
+         f"{eff.get(run, float('nan')):.2f} / {eff.get(run + '_reduced', float('nan')):.2f}"),
         (n, f"{what}: 1 worker x all cores as BLAS threads (before)", f"{med[run + '_1_worker']:.1f} img/s",
-         f"{one['ratio_median']:.2f} of the limit"),
+         f"{one['ratio_median']:.2f} of the limit; CPU efficiency {eff.get(run + '_1_worker', float('nan')):.2f}"),
     ]
+
+
+def print_limits(r: Dict) -> None:
+    cores = r["machine"]["cores"]
+    print(f"\nload average (1 min) during the rounds: {' '.join(f'{x:.1f}' for x in r['machine']['load_1min'])} "
+          f"on {cores} cores")
+    rows = [*limit_rows(r, "2", "photo-sized", "runner", "decode"),
+            *limit_rows(r, "10", "camera 12 MP", "camera", "camera_decode")]
+    w = max(len(x[1]) for x in rows)
+    for n, what, val, ratio in rows:
+        print(f"{n:2} {what:{w}}  {val:>22}  {ratio}")
 
 
 def print_table(r: Dict) -> None:
@@ -845,8 +893,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="for development: 48 photo-sized and 24 camera JPEGs, 1 round (ratios are rough)")
     ap.add_argument("--gpu-feeding-only", action="store_true", help="rows 7-8 only (decode vs a GPU)")
-    ap.add_argument("--only", choices=("all", "extract", "merge"), default="all",
-                    help="merge: row 9 only, kept beside the other rows already in --out")
+    ap.add_argument("--only", choices=("all", "extract", "merge", "limits"), default="all",
+                    help="merge: row 9 only; limits: rows 2 and 10 only (under key limits_only); "
+                         "both kept beside the other rows already in --out")
     a = ap.parse_args()
     if a.quick:
         a.images, a.camera_images, a.repeats = min(a.images, 48), min(a.camera_images, 24), 1
@@ -855,15 +904,17 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out = Path(a.out)
     r = json.loads(out.read_text()) if a.only != "all" and out.exists() else {}
-    if a.only in ("all", "extract"):
+    if a.only in ("all", "extract", "limits"):
         r.update(bench(a.images, a.repeats, work, a.threads, Path(a.cache), a.camera_images,
-                       gpu_feeding_only=a.gpu_feeding_only))
+                       gpu_feeding_only=a.gpu_feeding_only, limits_only=a.only == "limits"))
     if a.only in ("all", "merge") and not a.gpu_feeding_only:
         r["merge_scale"] = merge_bench(work)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=1))
     if a.gpu_feeding_only:
         print_gpu_rows(r["gpu_feeding"])
+    elif a.only == "limits":
+        print_limits(r["limits_only"])
     elif "images_per_s_median" in r:
         print_table(r)
     if "merge_scale" in r:
