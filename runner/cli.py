@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from . import __version__, log
-from .config import conf_dir, pkgfile as _pkgfile, register_resolvers, sweep_dirname as _dirname  # noqa: F401
-from .errors import ConfigError, FailureShareError, RunBusyError, RunnerError, UsageError, did_you_mean
+from .config import compose, compose_base, conf_dir, config_groups, expand_sweep, override_dirname, sweep_dirname
+from .errors import (ConfigError, FailureShareError, RunBusyError, RunnerError, ShardFailedError, UsageError,
+                     did_you_mean)
 
 SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch")
 
@@ -68,10 +69,10 @@ def _short(text: str, width: int = 78) -> str:
 
 
 def help_page() -> str:
-    """--help: the keys' lines come from the schema's field comments (config.field_docs)."""
+    """--help: the keys' lines come from the schema's field comments (schema.field_docs)."""
     from omegaconf import OmegaConf
 
-    from .config import compose_base, config_groups, field_docs
+    from .schema import field_docs
 
     docs = field_docs()
     base = compose_base()
@@ -207,7 +208,6 @@ def print_summary(summary) -> None:
 
 def _extract_one(overrides: List[str], cfg=None) -> int:
     """One run: compose, launch, summarise. Raises RunnerError / KeyboardInterrupt."""
-    from .config import compose
     from .launch import launch
     from .stats import check_failure_share
 
@@ -227,7 +227,6 @@ def _extract_one(overrides: List[str], cfg=None) -> int:
 def _sweep(overrides: List[str]) -> int:
     """Every combination (Hydra's sweep syntax: key=a,b), one run directory each under
     output.dir; a failed point does not stop the others; the failed ones are listed at the end."""
-    from .config import compose, expand_sweep, override_dirname
 
     points = expand_sweep(overrides)
     root = None
@@ -235,7 +234,7 @@ def _sweep(overrides: List[str]) -> int:
     for n, point in enumerate(points):  # every point composes before any runs: typos stop the sweep
         cfg = compose(point)
         root = root or cfg.output.dir
-        name = _dirname(n, override_dirname(point))
+        name = sweep_dirname(n, override_dirname(point))
         where = os.path.join(root, name).replace("\\", "\\\\").replace("'", "\\'")
         # quoted: a point's name holds '=', ',' and brackets, which the override grammar parses
         point = [o for o in point if not o.startswith("output.dir=")] + [f"output.dir='{where}'"]
@@ -261,7 +260,6 @@ def _sweep(overrides: List[str]) -> int:
 def _extract_main(argv: List[str]) -> int:
     from omegaconf import OmegaConf
 
-    from .config import compose
 
     flags, overrides = _parse_flags(argv)
     if flags.get("help"):
@@ -283,7 +281,6 @@ def _extract_main(argv: List[str]) -> int:
 
 
 def _is_sweep(override: str) -> bool:
-    from .config import expand_sweep
 
     try:
         return len(expand_sweep([override])) > 1
@@ -292,7 +289,6 @@ def _is_sweep(override: str) -> bool:
 
 
 def _first_values(overrides: List[str]) -> List[str]:
-    from .config import expand_sweep
 
     return expand_sweep(overrides)[0] if overrides else []
 
@@ -300,7 +296,6 @@ def _first_values(overrides: List[str]) -> List[str]:
 # ---- run-directory commands --------------------------------------------------------------
 
 def _cmd_merge(args) -> int:
-    from .errors import ShardFailedError
     from .merge import merge_run
     from .plan import load_run_dir
     from .stats import write_stats

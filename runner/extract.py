@@ -8,7 +8,6 @@ the number of images.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import queue
 import threading
@@ -23,36 +22,17 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from . import log
-from .launch.container import image_label
+from .device import resolve_local_device
 from .manifest import load_manifest
-from .readers import open_reader
+from .inputs import open_reader
+from .model import load_engine
+from .plan import load_run
 from .preprocess import oversample as oversample_crops
 from .errors import ShardBusyError
 from .features import FeaturePost, pooled_shape
-from .shard import TaskIdentity, task_identity
+from .runtimes.identity import image_label
+from .task import TaskIdentity, configure_threads, default_threads, task_identity
 from .write import ShardLock, ShardWriter
-
-
-def configure_threads(threads: int) -> None:
-    """BLAS threads must be set before Caffe (OpenBLAS) is loaded into the process."""
-    threads = max(1, int(threads))
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    import cv2
-
-    from .decode import reuse_large_buffers
-
-    cv2.setNumThreads(1)  # decode threads are our parallelism; no nested pools
-    reuse_large_buffers()  # full-size photos: no fresh zero-filled mapping per decode
-
-
-def default_threads() -> int:
-    for var in ("CAFFE_RUNNER_THREADS", "SLURM_CPUS_PER_TASK"):
-        v = os.environ.get(var)
-        if v and v.isdigit():
-            return int(v)
-    return len(os.sched_getaffinity(0))
 
 
 class _Progress:
@@ -219,15 +199,13 @@ class _Opened:
     load_s: float
 
 
-def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest) -> _Opened:
+def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest, parts) -> _Opened:
     """Load the engine and open (or resume) the shard's writer."""
-    from .model import load_engine
-
     cfg, plan = run.cfg, run.plan
     start, stop = run.shard_range(index)
-    spec, blobs, _, _, in_shape = run.pipeline_parts()
+    blobs = parts.blobs
     t_load = time.time()
-    engine = load_engine(cfg, spec, blobs, in_shape, threads, gpu_device=0)
+    engine = load_engine(cfg, parts.spec, blobs, parts.in_shape, threads, gpu_device=0)
     load_s = time.time() - t_load
     shapes = {b: pooled_shape(engine.blob_shapes[b], cfg.output.pooling) for b in blobs}
     attrs = dict(run.shard_attrs(), shard=index, num_shards=run.num_shards, start=start, stop=stop,
@@ -242,10 +220,10 @@ def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest) ->
     return _Opened(writer, engine, start + writer.next, start, stop, load_s)
 
 
-def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress) -> Dict[str, float]:
+def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, parts) -> Dict[str, float]:
     """Decode -> forward -> write every item left; returns the timing statistics."""
     cfg = run.cfg
-    _, _, _, transform, in_shape = run.pipeline_parts()
+    transform, in_shape = parts.transform, parts.in_shape
     oversample = bool(cfg.model.preprocess.oversample)
     post = FeaturePost(str(cfg.output.pooling), float(cfg.output.gem_p), bool(cfg.output.l2_normalize))
     wthread = _Writer(op.writer, progress, post)
@@ -293,15 +271,11 @@ def shard_statistics(elapsed: float, done_now: int, busy: float, t_first: Option
 def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
     """Extract shard `index` of the run in cfg.output.dir. Idempotent: a complete shard is
     skipped, a partial one resumes from its last flushed batch."""
-    from .plan import load_run
-
     if threads is None:
         threads = default_threads()
     configure_threads(threads)
     ident = task_identity()
     if cfg.device == "auto":  # launchers resolve it; a direct caller gets this task's view
-        from .plan import resolve_local_device
-
         cfg.device = resolve_local_device(cfg)
     run = load_run(cfg)
     num_shards = run.num_shards
@@ -317,15 +291,16 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
         with ShardLock(run.lock_path(index)):
             if final.exists():  # finished by the lock's previous holder
                 return {"shard": index, "skipped": True}
-            op = _open_shard(run, index, ident, threads, manifest)
-            # the decoder is built here once; the reader turns manifest entries into its jobs
-            reader = open_reader(manifest, run.pipeline_parts()[2])
+            parts = run.pipeline_parts()  # once per shard: the prototxt parsed, the mean file loaded
+            op = _open_shard(run, index, ident, threads, manifest, parts)
+            # the reader turns manifest entries into the decoder's jobs
+            reader = open_reader(manifest, parts.decoder)
             try:
                 slurm = bool(ident.job_id)
                 progress = _Progress(run, index, op.stop - op.start, op.writer.next, ident, cfg.heartbeat_s,
                                      float(cfg.launcher.get("log_interval_s", 30)) if slurm else 0.0, log_path)
                 progress.rows, progress.failures = op.writer.rows, op.writer.n_failures
-                stats = _forward_loop(run, index, op, reader, progress)
+                stats = _forward_loop(run, index, op, reader, progress, parts)
                 op.writer.finish(dict(stats, input_read=json.dumps(reader.stats)) if reader.stats else stats)
             finally:
                 reader.close()
@@ -346,12 +321,3 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
             except Exception:
                 pass
         raise
-
-
-def setup_task_logging(level=logging.INFO) -> None:
-    if not log.handlers:
-        h = logging.StreamHandler()
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(h)
-    log.setLevel(level)
-    log.propagate = False

@@ -36,14 +36,13 @@ def blob_shapes(spec, end_index: int, weights=None):
 
 
 def inspect_model(overrides: List[str]) -> str:
-    from .model import check_model_files, input_hw, parse_prototxt
-    from .plan import _blobs
+    from .model import check_model_files, chosen_blobs, input_hw, parse_prototxt
     from .features import pooled_shape
 
     cfg = compose_config(overrides)
     check_model_files(cfg.model)
     spec = parse_prototxt(cfg.model.prototxt)
-    chosen = _blobs(cfg)
+    chosen = chosen_blobs(cfg)
     for b in chosen:
         spec.producer(b)
     end = spec.end_layer(chosen)

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import log
 from .errors import RunnerError, ShardFailedError
-from .launch.container import image_label
+from .runtimes.identity import image_label
 from .write import dataset_name
 
 ROW_DATASETS = ("names", "names_raw", "index")

@@ -119,6 +119,18 @@ def truncated_prototxt(spec: NetSpec, end_index: int) -> str:
     return text_format.MessageToString(param)
 
 
+def chosen_blobs(cfg) -> List[str]:
+    """The blobs a run extracts: output.blobs, else the model's default_blobs; none or one
+    named twice is refused."""
+    blobs = list(cfg.output.blobs) if cfg.output.blobs else list(cfg.model.default_blobs)
+    if not blobs:
+        raise ConfigError(f"no blobs to extract: set output.blobs=[name,...] (model {cfg.model.name} "
+                          "has no default_blobs)")
+    if len(set(blobs)) != len(blobs):
+        raise ConfigError(f"output.blobs names a blob twice: {blobs}")
+    return blobs
+
+
 def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

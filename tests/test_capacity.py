@@ -160,7 +160,7 @@ def test_full_size_decodes_reuse_their_buffer():
 def test_local_cpu_worker_plan(monkeypatch, cores, workers, threads_per_worker, expect):
     from omegaconf import OmegaConf
 
-    from runner.config import LocalLauncherConf, ModelConf, RunConf
+    from runner.schema import LocalLauncherConf, ModelConf, RunConf
     from runner.launch.local import worker_plan
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))

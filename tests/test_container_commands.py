@@ -30,9 +30,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from runner.config import ContainerConf, InputConf, ModelConf, OutputConf, RunConf, SlurmLauncherConf
+from runner.schema import ContainerConf, InputConf, LocalLauncherConf, ModelConf, OutputConf, RunConf, SlurmLauncherConf
+from runner import runtimes as ct
 from runner.errors import ConfigError
-from runner.launch import container as ct
+from runner.launch.registry import launcher_for
+from runner.runtimes import identity
 
 GOLDEN = Path(__file__).parent / "golden"
 IMAGES = {"apptainer": "/images/caffe-runner.sif", "charliecloud": "/images/caffe-runner.sqfs",
@@ -51,7 +53,12 @@ def _cfg(runtime="none", image=None, device="cpu", launcher=None, **kw):
 def fixed_identity(monkeypatch):
     """The image's identity and the user are facts of this machine: fixed for golden files."""
     monkeypatch.setattr(ct, "image_identity", lambda runtime, image: "size=1234;mtime=2026-11-25T17:00:00Z")
-    monkeypatch.setattr(ct, "_user", lambda: "alice")
+    monkeypatch.setattr(ct, "user_name", lambda: "alice")
+
+
+def _check(cfg) -> None:
+    """The plan's container check, with the placement of the launcher cfg names."""
+    ct.check_container(cfg, launcher_for(cfg).placement)
 
 
 def _sbatch(cfg) -> str:
@@ -62,14 +69,30 @@ def _sbatch(cfg) -> str:
     return ex._make_submission_file_text(ex._submitit_command_str, "uid")
 
 
-@pytest.mark.parametrize("runtime", sorted(IMAGES))
-def test_golden_sbatch(runtime, fixed_identity):
-    text = _sbatch(_cfg(runtime, IMAGES[runtime]))
+@pytest.mark.parametrize("runtime", sorted(ct.RUNTIMES))
+def test_every_runtime_honours_the_interface(runtime, fixed_identity):
+    """One test over the registry (a new runtime module runs it too): its sbatch script is the
+    golden one byte for byte, and through the Runtime interface it binds every folder the task
+    reads, sets the submission's values and keeps the task's command in order."""
+    assert runtime in IMAGES, f"add an image for {runtime} to IMAGES and a golden file (see the docstring)"
+    cfg = _cfg(runtime, IMAGES[runtime])
+    text = _sbatch(cfg)
     path = GOLDEN / f"sbatch-{runtime}.sh"
     if os.environ.get("CAFFE_RUNNER_UPDATE_GOLDEN"):
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)
     assert text == path.read_text(), f"the {runtime} sbatch script changed; if on purpose, regenerate {path}"
+    rt = ct.runtime(runtime)
+    spec = ct.container_spec(cfg)
+    assert spec.runtime == runtime and spec.binds == tuple(rt.binds(ct.bind_dirs(cfg)))
+    w = rt.wrap(spec, ["python", "-m", "x", "a b"])
+    whole = " ".join(w.command + w.srun_args)
+    for b in spec.binds:
+        assert f"{b}:{b}" in whole, (b, whole)
+    for k, v in spec.set_env:
+        assert f"{k}={v}" in whole
+    # the command last, in order (apptainer: inside its `sh -c '... "$@"' sh`)
+    assert w.command[-3:] == ["-m", "x", "a b"] or "python -m x 'a b' \"$@\"" in w.command[2], w.command
 
 
 def test_golden_files_say_what_each_runtime_needs(fixed_identity):
@@ -109,8 +132,8 @@ def test_one_shape_for_all_runtimes(fixed_identity):
     for runtime in IMAGES:
         spec = ct.container_spec(_cfg(runtime, IMAGES[runtime]))
         assert spec.image == IMAGES[runtime] and spec.env == ct.TASK_ENV and spec.workdir == "/scratch/u/run"
-        assert dict(spec.set_env) == {ct.ENV_RUNTIME: runtime, ct.ENV_IMAGE: IMAGES[runtime],
-                                      ct.ENV_IMAGE_ID: "size=1234;mtime=2026-11-25T17:00:00Z"}
+        assert dict(spec.set_env) == {identity.ENV_RUNTIME: runtime, identity.ENV_IMAGE: IMAGES[runtime],
+                                      identity.ENV_IMAGE_ID: "size=1234;mtime=2026-11-25T17:00:00Z"}
         assert set(ct.RUNTIMES) == set(IMAGES)
     assert ct.wrap(ct.container_spec(_cfg()), ["python", "-V"]).command == ["python", "-V"]
     with pytest.raises(ConfigError, match="container.image"):
@@ -171,7 +194,7 @@ def tiny_image(tmp_path_factory):
 
 
 def _tiny_cfg(img, tmp_path, **kw):
-    from runner.config import LocalLauncherConf
+    from runner.schema import LocalLauncherConf
 
     cfg = _cfg("charliecloud", str(img), launcher=LocalLauncherConf(), **kw)
     cfg.input.dir = cfg.output.dir = str(tmp_path)
@@ -188,8 +211,8 @@ def test_charliecloud_passes_only_the_task_environment_and_runs_without_user(tin
     got = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
     assert got["SLURM_ARRAY_TASK_ID"] == "1" and got["SUBMITIT_EXECUTOR"] == "slurm"
     assert got["PATH"] == "/bin" and got["CAFFE_RUNNER_CONTAINER"] == "tiny test image"  # the image's own
-    assert got[ct.ENV_RUNTIME] == "charliecloud" and got[ct.ENV_IMAGE] == str(tiny_image)
-    assert got[ct.ENV_IMAGE_ID].startswith("size=")
+    assert got[identity.ENV_RUNTIME] == "charliecloud" and got[identity.ENV_IMAGE] == str(tiny_image)
+    assert got[identity.ENV_IMAGE_ID].startswith("size=")
     assert "PYTHONPATH" not in got and "FOO" not in got
     # without our USER, ch-run itself refuses: the wrapper is what makes it run
     bare = [a for a in cmd if not a.startswith("USER=")][1:]
@@ -198,35 +221,35 @@ def test_charliecloud_passes_only_the_task_environment_and_runs_without_user(tin
 
 
 def test_charliecloud_image_checks(tiny_image, tmp_path):
-    ct.check_container(_tiny_cfg(tiny_image, tmp_path))  # fine as it is (tmp_path: /tmp is bound by ch-run)
+    _check(_tiny_cfg(tiny_image, tmp_path))  # fine as it is (tmp_path: /tmp is bound by ch-run)
     cfg = _tiny_cfg(tiny_image, tmp_path)
     cfg.output.dir = "/srv/out"  # /srv is not in the tiny image
     with pytest.raises(ConfigError, match=r"has no /srv to bind .* add `RUN mkdir -p /srv`"):
-        ct.check_container(cfg)
+        _check(cfg)
     with pytest.raises(ConfigError, match="device=gpu but container.image .* no NVIDIA driver libraries"):
-        ct.check_container(_tiny_cfg(tiny_image, tmp_path, device="gpu"))
+        _check(_tiny_cfg(tiny_image, tmp_path, device="gpu"))
     lib = tiny_image / "usr" / "lib" / "x86_64-linux-gnu" / "libcuda.so.1"
     lib.parent.mkdir(parents=True, exist_ok=True)
     lib.touch()  # as ch-fromhost --nvidia leaves it
     try:
-        ct.check_container(_tiny_cfg(tiny_image, tmp_path, device="gpu"))
+        _check(_tiny_cfg(tiny_image, tmp_path, device="gpu"))
     finally:
         lib.unlink()
     not_sqfs = tmp_path / "image.sqfs"
     not_sqfs.write_bytes(b"PK\x03\x04 a zip, not squashfs")
     with pytest.raises(ConfigError, match="neither a SquashFS file nor an image directory"):
-        ct.check_container(_tiny_cfg(not_sqfs, tmp_path))
+        _check(_tiny_cfg(not_sqfs, tmp_path))
     (tiny_image / "ch" / "environment").rename(tiny_image / "ch" / "env.bak")
     try:
         with pytest.raises(ConfigError, match="has no /ch/environment"):
-            ct.check_container(_tiny_cfg(tiny_image, tmp_path))
+            _check(_tiny_cfg(tiny_image, tmp_path))
     finally:
         (tiny_image / "ch" / "env.bak").rename(tiny_image / "ch" / "environment")
 
 
 def test_image_file_checks(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="container.runtime=apptainer but `apptainer` is not on PATH here"):
-        ct.check_container(_cfg("apptainer", "docker://caffe-runner:cpu"))
+        _check(_cfg("apptainer", "docker://caffe-runner:cpu"))
     # apptainer and srun (pyxis) are not installed here: only their presence on PATH is checked
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -236,27 +259,25 @@ def test_image_file_checks(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     missing = _cfg("apptainer", str(tmp_path / "nope.sif"))
     with pytest.raises(ConfigError, match=r"container.image .*nope.sif does not exist"):
-        ct.check_container(missing)
+        _check(missing)
     sif = tmp_path / "cr.sif"
     sif.write_bytes(b"SIF")
     with pytest.raises(ConfigError, match="only this node has .*copy the image to a shared file system"):
-        ct.check_container(_cfg("apptainer", str(sif)))  # launcher=slurm, image under /tmp
-    local = _cfg("apptainer", str(sif))
-    local.launcher.name = "local"
-    ct.check_container(local)  # one machine: /tmp is fine
+        _check(_cfg("apptainer", str(sif)))  # launcher=slurm, image under /tmp
+    local = _cfg("apptainer", str(sif), launcher=LocalLauncherConf())
+    _check(local)  # one machine: /tmp is fine
     shared = Path(os.environ.get("HOME", "/root")) / f".cr-test-{os.getpid()}.sif"
     shared.write_bytes(b"SIF")
     try:
-        ct.check_container(_cfg("apptainer", str(shared)))
+        _check(_cfg("apptainer", str(shared)))
     finally:
         shared.unlink()
     for name in ("docker://caffe-runner:cpu", "library://u/c/cr:1"):
-        ct.check_container(_cfg("apptainer", name))  # pulled by apptainer, not a path here
-    ct.check_container(_cfg("pyxis", "nvcr.io#nvidia/caffe:20.03-py3"))
+        _check(_cfg("apptainer", name))  # pulled by apptainer, not a path here
+    _check(_cfg("pyxis", "nvcr.io#nvidia/caffe:20.03-py3"))
     with pytest.raises(ConfigError, match="pyxis runs through srun: use it with launcher=slurm"):
-        cfg = _cfg("pyxis", "ubuntu")
-        cfg.launcher.name = "local"
-        ct.check_container(cfg)
+        cfg = _cfg("pyxis", "ubuntu", launcher=LocalLauncherConf())
+        _check(cfg)
 
 
 def test_image_label_and_identity(tmp_path):
@@ -265,9 +286,9 @@ def test_image_label_and_identity(tmp_path):
     os.utime(f, (1764090000, 1764090000))
     assert ct.image_identity("charliecloud", str(f)) == "size=100;mtime=2025-11-25T17:00:00Z"
     assert ct.image_identity("apptainer", "docker://x") == ""
-    assert ct.image_label({}) == ""
-    assert ct.image_label({"container": "caffe-runner:cpu (Debian 12, CPU)"}) == "caffe-runner:cpu (Debian 12, CPU)"
-    assert ct.image_label({"container_runtime": "charliecloud", "container_image": "/i.sqfs",
+    assert identity.image_label({}) == ""
+    assert identity.image_label({"container": "caffe-runner:cpu (Debian 12, CPU)"}) == "caffe-runner:cpu (Debian 12, CPU)"
+    assert identity.image_label({"container_runtime": "charliecloud", "container_image": "/i.sqfs",
                            "container_image_id": "size=1"}) == "charliecloud:/i.sqfs (size=1)"
 
 
@@ -331,14 +352,14 @@ def test_status_and_merged_file_flag_shards_from_different_images(tiny_net, phot
     run = tmp_path / "run"
     args = [f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net), "num_shards=2",
             "launcher.workers=1"]
-    a = {ct.ENV_RUNTIME: "charliecloud", ct.ENV_IMAGE: "/img/cr.sqfs", ct.ENV_IMAGE_ID: "size=1;mtime=A"}
+    a = {identity.ENV_RUNTIME: "charliecloud", identity.ENV_IMAGE: "/img/cr.sqfs", identity.ENV_IMAGE_ID: "size=1;mtime=A"}
     run_cli(*args, env=a)
     label_a = "charliecloud:/img/cr.sqfs (size=1;mtime=A)"
     assert f"image: {label_a}" in run_cli("status", run).stdout
     with h5py.File(run / "features.h5") as f:
         assert json.loads(f.attrs["container_images"]) == {label_a: [0, 1]}
     (run / "shards" / "shard-00001-of-00002.h5").unlink()
-    run_cli(*args, env=dict(a, **{ct.ENV_IMAGE_ID: "size=2;mtime=B"}))
+    run_cli(*args, env=dict(a, **{identity.ENV_IMAGE_ID: "size=2;mtime=B"}))
     label_b = "charliecloud:/img/cr.sqfs (size=2;mtime=B)"
     out = run_cli("status", run).stdout
     assert "WARNING: the shards ran in 2 different images" in out, out

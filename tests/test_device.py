@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from runner.config import LocalLauncherConf, ModelConf, RunConf, SlurmLauncherConf
+from runner.schema import LocalLauncherConf, ModelConf, RunConf, SlurmLauncherConf
 from runner.errors import ConfigError
 from runner.gpu import caffe_has_gpu
-from runner.plan import resolve_local_device, resolve_slurm_device
+from runner.device import resolve_local_device, resolve_slurm_device
 
 
 def _cfg(launcher, **top):

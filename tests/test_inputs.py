@@ -173,7 +173,7 @@ def test_lmdb_raw_resized_by_convert_imageset(photos, tiny_net, folder_run, tmp_
                 np.testing.assert_array_equal(feat, ref)
             cos.append(float(feat @ ref / np.linalg.norm(feat) / np.linalg.norm(ref)))
         if not exact:
-            # README: worst photo 0.984 with tiny_net's seed (0.961-0.991 over ten seeds)
+            # bench/README.md: worst photo 0.984 with tiny_net's seed (0.961-0.991 over ten seeds)
             assert min(cos) > 0.97, cos
             assert min(cos) < 0.9999  # really resized twice, not read from the files
 

@@ -5,11 +5,11 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from runner.cli import _dirname
-from runner.config import ContainerConf, InputConf, ModelConf, OutputConf, RunConf, SlurmLauncherConf
+from runner.config import sweep_dirname
+from runner.schema import ContainerConf, InputConf, ModelConf, OutputConf, RunConf, SlurmLauncherConf
 from runner.errors import ConfigError
-from runner.launch.container import bind_dirs, container_command, wrap_python
-from runner.launch.local import resolve_gpus
+from runner.device import resolve_gpus
+from runner.runtimes import bind_dirs, container_command, wrap_python
 from runner.launch.slurm import executor_parameters, parse_scontrol_config
 
 pytestmark = pytest.mark.unit
@@ -79,7 +79,25 @@ def test_resolve_gpus(monkeypatch):
 
 
 def test_sweep_dirnames_are_one_folder():
-    name = _dirname(3, "model.prototxt=/a/b.prototxt,model=caffenet,output.blobs=[fc6,fc7]")
+    name = sweep_dirname(3, "model.prototxt=/a/b.prototxt,model=caffenet,output.blobs=[fc6,fc7]")
     assert "/" not in name and name.startswith("3_") and "output.blobs=[fc6,fc7]" in name
     assert "model=caffenet" in name and "prototxt" not in name
-    assert len(_dirname(0, "x=" + "y" * 500)) <= 200
+    assert len(sweep_dirname(0, "x=" + "y" * 500)) <= 200
+
+
+def test_slurm_node_check_covers_every_input_kind(tmp_path):
+    """Tasks on other nodes read the input: the plan-time check asks the input kinds for their
+    paths (input.tar and input.root were forgotten before), naming the field that was set."""
+    from runner.launch.slurm import _check_paths_for_nodes
+
+    cfg = _cfg()
+    cfg.model.prototxt = cfg.model.weights = str(tmp_path)
+    cfg.input.dir = None
+    cfg.input.tar = "/nonexistent/web/part-{000000..000009}.tar"
+    with pytest.raises(ConfigError, match=r"input.tar /nonexistent/web is not readable from here"):
+        _check_paths_for_nodes(cfg)
+    cfg.input.tar = None
+    cfg.input.list, cfg.input.root = str(tmp_path / "x"), "/nonexistent-root"
+    (tmp_path / "x").write_text("a.jpg\n")
+    with pytest.raises(ConfigError, match=r"input.list /nonexistent-root is not readable from here"):
+        _check_paths_for_nodes(cfg)

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from runner.config import InputConf
+from runner.schema import InputConf
 from runner.errors import ConfigError
-from runner.manifest import build_manifest, iter_names, list_dir, load_manifest, read_list
+from runner.inputs import build_manifest
+from runner.inputs.files import list_dir, read_list
+from runner.manifest import iter_names, load_manifest
 
 pytestmark = pytest.mark.unit
 

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from runner.config import InputConf, LocalLauncherConf, ModelConf, RunConf, SlurmLauncherConf
+from runner.schema import InputConf, LocalLauncherConf, ModelConf, RunConf, SlurmLauncherConf
 from runner.errors import ConfigError
 from runner.features import FeaturePost, pooled_shape, postprocess
-from runner.manifest import build_manifest, extend_manifest, input_stamp, load_manifest
-from runner.plan import Run, _check_preprocess, load_run_dir, resolve_local_device, resolve_slurm_device
+from runner.device import resolve_local_device, resolve_slurm_device
+from runner.inputs import build_manifest, input_stamp
+from runner.manifest import extend_manifest, load_manifest
+from runner.plan import Run, _check_preprocess, load_run_dir
 from runner.rundir import RunDir, partial_of
 from runner.status import shard_state
 from runner.synthetic import make_run, shard_file
@@ -115,7 +117,7 @@ def test_preprocess_cross_checks_pass_good_values():
 def test_yaml_holds_no_second_copy_of_the_defaults():
     import yaml
 
-    from runner.cli import conf_dir
+    from runner.config import conf_dir
 
     for name in ("config.yaml", "launcher/local.yaml", "launcher/slurm.yaml"):
         data = yaml.safe_load(open(os.path.join(conf_dir(), name)))
@@ -333,3 +335,29 @@ def test_cpu_mode_noise_is_dropped_and_other_fd2_lines_kept(capfd):
                     b"F1125 21:25:07.3 net.cpp:1] a real Caffe error\n")
     err = capfd.readouterr().err
     assert err == "F1125 21:25:07.3 net.cpp:1] a real Caffe error\n", err
+
+
+def test_configs_pickled_before_the_schema_moved_still_unpickle():
+    """A Slurm job queued by an earlier version holds its config pickled with the schema's classes
+    under runner.config (the schema moved to runner.schema): it must still unpickle, equal."""
+    import pickle
+
+    import cloudpickle
+
+    from runner.config import compose
+
+    cfg = compose(["input.dir=/data/x", "output.dir=/scratch/r", "launcher=slurm", "output.pooling=avg"])
+    new = cloudpickle.dumps(cfg)
+    assert b"runner.schema" in new and b"runner.config" not in new
+    old = new.replace(b"runner.schema", b"runner.config")  # the same length: a valid pickle
+    back = pickle.loads(old)
+    assert back == cfg and back.output.pooling == "avg" and type(back.output.pooling).__name__ == "Pooling"
+    assert OmegaConf.get_type(back) is RunConf
+
+
+def test_names_queued_jobs_and_images_use_stay_importable():
+    import importlib
+
+    slurm = importlib.import_module("runner.launch.slurm")
+    assert callable(slurm._task_entry) and callable(slurm.merge_job)
+    assert importlib.util.find_spec("runner.launch.container_task") is not None

@@ -18,15 +18,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from omegaconf import OmegaConf
+
 from .. import log
 from ..errors import ConfigError, RunBusyError
+from .base import Launcher
+from .registry import launcher_for
 
 LOCK_NAME = "launch.lock"
 # what a run directory may hold; anything else in a folder without run.json is someone's data
 _RUN_ENTRIES = {"run.json", "manifest", "shards", "status", "logs", "features.h5", "features.h5.tmp", "stats.json",
                 "submissions.json", ".hydra", LOCK_NAME}
-
-_state: Dict = {"overrides": [], "handler": None}
 
 
 def check_run_dir(path: Path) -> None:
@@ -67,22 +69,32 @@ def launch_lock(path: Path):
         os.close(fd)
 
 
-def plan_accepted(run) -> None:
-    """Called by the launchers once the plan is accepted: record the command (Hydra's
-    .hydra/ layout) and keep a log of launches in logs/launch.log."""
-    from omegaconf import OmegaConf
+class CommandRecord:
+    """Once the plan is accepted (accepted(run), called by the launcher): record the command
+    (Hydra's .hydra/ layout) and keep a log of launches in logs/launch.log until close()."""
 
-    d = Path(run.rundir.path)
-    hydra_dir = d / ".hydra"
-    hydra_dir.mkdir(exist_ok=True)
-    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))
-    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(_state["overrides"]))))
-    run.rundir.logs_dir.mkdir(exist_ok=True)
-    if _state["handler"] is None:
-        h = logging.FileHandler(run.rundir.logs_dir / "launch.log")
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(h)
-        _state["handler"] = h
+    def __init__(self, overrides: Sequence[str]):
+        self.overrides = list(overrides)
+        self.handler: Optional[logging.Handler] = None
+
+    def accepted(self, run) -> None:
+        d = Path(run.rundir.path)
+        hydra_dir = d / ".hydra"
+        hydra_dir.mkdir(exist_ok=True)
+        (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))
+        (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(self.overrides)))
+        run.rundir.logs_dir.mkdir(exist_ok=True)
+        if self.handler is None:
+            h = logging.FileHandler(run.rundir.logs_dir / "launch.log")
+            h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(h)
+            self.handler = h
+
+    def close(self) -> None:
+        if self.handler is not None:
+            log.removeHandler(self.handler)
+            self.handler.close()
+            self.handler = None
 
 
 def _remove_leftovers(path: Path, existed: bool, before: List[str]) -> None:
@@ -97,31 +109,21 @@ def _remove_leftovers(path: Path, existed: bool, before: List[str]) -> None:
             shutil.rmtree(e, ignore_errors=True) if e.is_dir() else e.unlink(missing_ok=True)
 
 
-def launch(cfg, overrides: Sequence[str] = ()) -> Dict:
-    name = cfg.launcher.name
-    if name not in ("local", "slurm"):
-        raise ConfigError(f"launcher={name!r}: use launcher=local or launcher=slurm")
+def launch(cfg, overrides: Sequence[str] = (), launcher: Optional[Launcher] = None) -> Dict:
+    """Run (launcher=local) or submit (launcher=slurm) the run cfg describes. `launcher`
+    replaces the one the config names (tests give one with a fake executor)."""
+    launcher = launcher or launcher_for(cfg)
     path = Path(os.path.abspath(os.path.expanduser(cfg.output.dir)))
     check_run_dir(path)
     existed = path.exists()
     before = [e.name for e in path.iterdir()] if existed else []
-    _state["overrides"] = list(overrides)
+    record = CommandRecord(overrides)
     try:
         with launch_lock(path):
             try:
-                if name == "local":
-                    from .local import launch_local
-
-                    return launch_local(cfg)
-                from .slurm import launch_slurm
-
-                return launch_slurm(cfg)
+                return launcher.execute(cfg, record.accepted)
             except BaseException:
                 _remove_leftovers(path, existed, before)
                 raise
     finally:
-        h = _state["handler"]
-        if h is not None:
-            log.removeHandler(h)
-            h.close()
-            _state["handler"] = None
+        record.close()

@@ -6,46 +6,34 @@ Progress comes from the shards' heartbeat files, the same ones `caffe-runner sta
 """
 from __future__ import annotations
 
+import ctypes
+import json
 import logging
 import logging.handlers
 import multiprocessing as mp
 import os
-import shutil
+import shlex
 import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List, Tuple
+
+from omegaconf import OmegaConf
 
 from .. import log
+from ..device import resolve_gpus, resolve_local_device
 from ..errors import ConfigError, ShardFailedError
+from ..extract import run_shard
+from ..gpu import require_cuda_device
+from ..merge import merge_run, open_merged
 from ..plan import Run, plan_summary, prepare_run
+from ..runtimes import Placement, container_spec, wrap
+from ..stats import write_stats
 from ..status import shard_state
-
-_worker_threads = 1
-
-
-def resolve_gpus(spec) -> List[str]:
-    if spec not in (None, "auto"):
-        if isinstance(spec, str):
-            gpus = [g.strip() for g in spec.split(",") if g.strip()]
-        elif isinstance(spec, int):
-            gpus = [str(spec)]
-        else:  # list / ListConfig
-            gpus = [str(g) for g in spec]
-        if not gpus:
-            raise ConfigError("launcher.gpus is empty: give a list of GPU ids, e.g. launcher.gpus=[0,1]")
-        return gpus
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        return [g.strip() for g in visible.split(",") if g.strip()]
-    if shutil.which("nvidia-smi"):
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
-        n = sum(1 for line in out.splitlines() if line.startswith("GPU "))
-        if n:
-            return [str(i) for i in range(n)]
-    raise ConfigError("device=gpu but no GPU is visible (CUDA_VISIBLE_DEVICES unset, nvidia-smi finds none): "
-                      "set launcher.gpus=[0,1,...] or use device=cpu")
+from ..task import die_with_parent, setup_task_logging
+from .base import Launcher
+from .container_task import RESULT_PREFIX
 
 
 def worker_plan(cfg) -> Dict:
@@ -68,30 +56,11 @@ def worker_plan(cfg) -> Dict:
     return {"workers": workers, "threads": threads, "gpus": gpus}
 
 
-def _die_with_parent(poll_s: float = 0.5) -> None:
-    """A worker whose launcher was killed must not go on writing. (PR_SET_PDEATHSIG is tied
-    to the creating *thread*, and Pool creates replacement workers from a helper thread
-    that exits on close: it would kill idle workers holding Pool's queue lock.)"""
-    import threading
-
-    parent = os.getppid()
-
-    def watch():
-        while True:
-            time.sleep(poll_s)
-            if os.getppid() != parent:
-                os._exit(70)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def _init_worker(gpu_queue, threads: int, level: int, log_queue=None) -> None:
-    global _worker_threads
-    _worker_threads = threads
+def _init_worker(gpu_queue, level: int, log_queue=None) -> None:
     # Ctrl-C reaches the whole process group: the launcher alone handles it (and stops us),
     # so one line is printed instead of a traceback per worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()
     if gpu_queue is not None:
         # bind the GPU before anything can initialise CUDA in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_queue.get(timeout=30)
@@ -101,20 +70,38 @@ def _init_worker(gpu_queue, threads: int, level: int, log_queue=None) -> None:
         log.setLevel(level)
         log.propagate = False
         return
-    from ..extract import setup_task_logging
-
     setup_task_logging(level)
 
 
-def _shard_entry(cfg, index: int):
-    from ..extract import run_shard
-
+def _shard_entry(cfg, index: int, threads: int):
     if cfg.container.runtime != "none":  # the shard runs as a process inside the image
-        from .container import run_shard_in_container
+        return run_shard_in_container(cfg, index, threads)
+    return run_shard(cfg, index, threads=threads)
 
-        return run_shard_in_container(cfg, index, _worker_threads)
 
-    return run_shard(cfg, index, threads=_worker_threads)
+def run_shard_in_container(cfg, index: int, threads: int) -> Dict:
+    """container.runtime set: run one shard as a process inside the image. The config travels
+    as a file in the run directory (bound inside at the same path)."""
+    logs = os.path.join(os.path.abspath(os.path.expanduser(str(cfg.output.dir))), "logs")
+    os.makedirs(logs, exist_ok=True)
+    cfg_path = os.path.join(logs, f"container-task-{index:05d}.yaml")
+    with open(cfg_path + ".tmp", "w") as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(cfg_path + ".tmp", cfg_path)
+    # the module name is what images already built run: keep it
+    cmd = wrap(container_spec(cfg), ["python", "-m", "runner.launch.container_task", cfg_path, str(index),
+                                     str(threads)]).command
+
+    def die_with_worker():  # this worker killed: the runtime goes too (PR_SET_PDEATHSIG)
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_worker,
+                       env=dict(os.environ, CAFFE_RUNNER_THREADS=str(threads)))
+    lines = [line for line in p.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if p.returncode != 0 or not lines:
+        raise ShardFailedError(f"shard {index} in {cfg.container.runtime} image {cfg.container.image} exited "
+                               f"{p.returncode} (its stderr is above; the command: {shlex.join(cmd)})")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
 class _ProgressView:
@@ -143,12 +130,43 @@ class _ProgressView:
             self.bar.close()
 
 
-def launch_local(cfg) -> Dict:
-    run = prepare_run(cfg, default_shards=lambda: worker_plan(cfg)["workers"], explicit_shards=cfg.num_shards)
-    wp = worker_plan(cfg)  # after prepare_run: cfg.device is resolved there
-    from . import plan_accepted
+def _spawn_pool(ctx, processes: int, initializer, initargs):
+    return ctx.Pool(processes=processes, initializer=initializer, initargs=initargs)
 
-    plan_accepted(run)
+
+class LocalLauncher(Launcher):
+    """The shards on this machine, in a multiprocessing.Pool (spawn)."""
+    name = "local"
+    placement = Placement(srun=False, other_nodes=False)
+
+    def __init__(self, pool: Callable = _spawn_pool):
+        # pool(ctx, processes, initializer, initargs) -> a multiprocessing.Pool (tests: a fake)
+        self.pool = pool
+
+    def resolve_device(self, cfg) -> Tuple[str, int]:
+        lc = cfg.launcher
+        for key in ("workers", "threads_per_worker"):
+            if lc.get(key) is not None and int(lc[key]) < 1:
+                raise ConfigError(f"launcher.{key}={lc[key]}: use 1 or more (or null for the default)")
+        device = resolve_local_device(cfg)
+        if device == "gpu":
+            resolve_gpus(lc.gpus)  # raises when none is visible
+        return device, 0
+
+    def require_gpu_here(self) -> None:
+        require_cuda_device()  # a CUDA build, a driver and a device here
+
+    def default_shards(self, cfg) -> int:
+        return worker_plan(cfg)["workers"]
+
+    def execute(self, cfg, accepted: Callable) -> Dict:
+        return launch_local(cfg, accepted, self)
+
+
+def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
+    run = prepare_run(cfg, launcher, explicit_shards=cfg.num_shards)
+    wp = worker_plan(cfg)  # after prepare_run: cfg.device is resolved there
+    accepted(run)
     todo = run.missing_shards()
     log.info("%s; local: %d worker(s) x %d thread(s)%s", plan_summary(run), wp["workers"], wp["threads"],
              f", GPUs {','.join(wp['gpus'])}" if wp["gpus"] else "")
@@ -167,10 +185,9 @@ def launch_local(cfg) -> Dict:
         log_queue = ctx.Queue()
         listener = logging.handlers.QueueListener(log_queue, *log.handlers, respect_handler_level=True)
         listener.start()
-        pool = ctx.Pool(processes=procs, initializer=_init_worker,
-                        initargs=(gpu_queue, wp["threads"], log.getEffectiveLevel() or logging.INFO, log_queue))
+        pool = launcher.pool(ctx, procs, _init_worker, (gpu_queue, log.getEffectiveLevel() or logging.INFO, log_queue))
         try:
-            pending = {i: pool.apply_async(_shard_entry, (cfg, i)) for i in todo}
+            pending = {i: pool.apply_async(_shard_entry, (cfg, i, wp["threads"])) for i in todo}
             while pending:
                 time.sleep(0.25)
                 # the same per-shard states `caffe-runner status` shows, read once per poll
@@ -223,18 +240,12 @@ def launch_local(cfg) -> Dict:
     summary = {"run_dir": str(run.rundir.path), "elapsed_s": elapsed, "shards": results,
                "num_shards": run.num_shards, "already_complete": run.num_shards - len(todo)}
     if cfg.output.merge:
-        from ..merge import merge_run
-
         summary["merged"] = str(merge_run(run))
         summary["blob_shapes"] = _blob_shapes(summary["merged"])
-    from ..stats import write_stats
-
     summary["stats"] = write_stats(run, elapsed if todo else None)
     return summary
 
 
 def _blob_shapes(merged: str) -> Dict:
-    from ..merge import open_merged
-
     with open_merged(merged) as f:
         return {f[f"features/{k}"].attrs["blob"]: f[f"features/{k}"].shape[1:] for k in f["features"]}

@@ -15,13 +15,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
+
+import submitit
 
 from .. import log
+from ..inputs import configured, node_read_paths
+from ..device import resolve_slurm_device
 from ..errors import ConfigError, ShardFailedError, did_you_mean
-from ..plan import Run, plan_summary, prepare_run
+from ..extract import run_shard
+from ..gpu import require_gpu_caffe
+from ..merge import merge_run
+from ..plan import Run, load_run_dir, plan_summary, prepare_run
+from ..runtimes import Placement, srun_args, wrap_python
 from ..shard import array_chunks
-from .container import pyxis_srun_args, wrap_python
+from ..stats import collect_stats, write_stats
+from ..status import run_status
+from ..task import setup_task_logging
+from .base import Launcher
 
 DEFAULT_MAX_ARRAY_SIZE = 1001
 
@@ -116,11 +127,8 @@ def executor_parameters(lc, gres: bool = True) -> Dict:
 
 
 def _task_entry(cfg, index: int):
-    """What runs on the node, inside the array task."""
-    import submitit
-
-    from ..extract import run_shard, setup_task_logging
-
+    """What runs on the node, inside the array task. (Queued and requeued tasks unpickle it by
+    this name: runner.launch.slurm._task_entry.)"""
     setup_task_logging()
     env = submitit.JobEnvironment()
     os.environ["CAFFE_RUNNER_LOG"] = str(env.paths.stderr).replace("%t", str(env.global_rank))
@@ -130,8 +138,6 @@ def _task_entry(cfg, index: int):
 
 
 def _make_task():
-    import submitit
-
     class ShardTask(submitit.helpers.Checkpointable):
         """Requeued on timeout/preemption; the rerun resumes from the shard's partial file."""
 
@@ -142,16 +148,11 @@ def _make_task():
 
 
 def merge_job(run_dir: str) -> str:
-    """The dependent job: merge if every shard is complete, else say which are missing."""
-    from ..extract import setup_task_logging
-    from ..merge import merge_run
-    from ..plan import load_run_dir
-
+    """The dependent job: merge if every shard is complete, else say which are missing.
+    (Submitted merge jobs unpickle it by this name: runner.launch.slurm.merge_job.)"""
     setup_task_logging()
     run = load_run_dir(run_dir)
     out = merge_run(run)
-    from ..stats import write_stats
-
     st = write_stats(run)
     log.info("%d images: %d extracted, %d failed", st["rows"] + st["failures"], st["rows"], st["failures"])
     return str(out)
@@ -159,9 +160,10 @@ def merge_job(run_dir: str) -> str:
 
 def _check_paths_for_nodes(cfg) -> None:
     """Tasks run elsewhere: node-local paths would not exist there."""
-    for label, p in (("model.prototxt", cfg.model.prototxt), ("model.weights", cfg.model.weights),
-                     ("output.dir", cfg.output.dir), ("input.dir", cfg.input.dir), ("input.list", cfg.input.list),
-                     ("input.lmdb", cfg.input.get("lmdb"))):
+    which = "/".join(f"input.{f}" for f in configured(cfg.input)) or "input"  # as the user set it
+    paths = [("model.prototxt", cfg.model.prototxt), ("model.weights", cfg.model.weights),
+             ("output.dir", cfg.output.dir)] + [(which, str(p)) for p in node_read_paths(cfg.input)]
+    for label, p in paths:
         # output.dir may not exist yet: prepare_run checks that it can be written
         if p and label != "output.dir" and not os.access(p, os.R_OK):
             raise ConfigError(f"{label} {p} is not readable from here; tasks will not read it either")
@@ -169,17 +171,20 @@ def _check_paths_for_nodes(cfg) -> None:
             log.warning("%s %s is under a node-local folder: on a multi-node cluster tasks will not see it", label, p)
 
 
-def array_executor(cfg, folder):
+def submitit_executor(**kw):
+    """submitit.SlurmExecutor(**kw): the executor the Slurm launcher submits through."""
+    return submitit.SlurmExecutor(**kw)
+
+
+def array_executor(cfg, folder, make: Callable = submitit_executor):
     """The array's submitit executor: sbatch options from launcher.*, the task's interpreter
     wrapped by the container runtime (tests/golden/ pins the sbatch scripts it writes)."""
-    import submitit
-
-    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(cfg.launcher.max_num_timeout),
-                                python=wrap_python(cfg, sys.executable))
+    ex = make(folder=folder, max_num_timeout=int(cfg.launcher.max_num_timeout),
+              python=wrap_python(cfg, sys.executable))
     params = executor_parameters(cfg.launcher)
-    srun_args = pyxis_srun_args(cfg)
-    if srun_args:
-        params["srun_args"] = srun_args
+    extra = srun_args(cfg)
+    if extra:
+        params["srun_args"] = extra
     ex.update_parameters(**params)
     return ex
 
@@ -236,15 +241,39 @@ def check_slurm(cfg) -> None:
     _check_paths_for_nodes(cfg)
 
 
-def launch_slurm(cfg) -> Dict:
-    import submitit
+class SlurmLauncher(Launcher):
+    """One Slurm array job (one task per shard) through submitit, and a dependent merge job."""
+    name = "slurm"
+    placement = Placement(srun=True, other_nodes=True)
 
+    def __init__(self, executor: Callable = submitit_executor):
+        # executor(folder=, python=, ...) -> a submitit.SlurmExecutor (tests: a fake)
+        self.executor = executor
+
+    def resolve_device(self, cfg) -> Tuple[str, int]:
+        return resolve_slurm_device(cfg)
+
+    def require_gpu_here(self) -> None:
+        require_gpu_caffe()  # a login node need not have a GPU: each task probes its own
+
+    def check(self, cfg) -> None:
+        check_slurm(cfg)
+
+    def settle(self, cfg, checked) -> None:
+        cfg.launcher.gpus_per_task = checked.gpus_per_task
+
+    def default_shards(self, cfg) -> int:
+        return int(cfg.num_shards)  # required (check_slurm): one array task per shard
+
+    def execute(self, cfg, accepted: Callable) -> Dict:
+        return launch_slurm(cfg, accepted, self)
+
+
+def launch_slurm(cfg, accepted: Callable, launcher: SlurmLauncher) -> Dict:
     lc = cfg.launcher
     max_size = max_array_size()  # also: is the controller there?
-    run = prepare_run(cfg, default_shards=cfg.num_shards, explicit_shards=cfg.num_shards)
-    from . import plan_accepted
-
-    plan_accepted(run)
+    run = prepare_run(cfg, launcher, explicit_shards=cfg.num_shards)
+    accepted(run)
     rd = run.rundir
     todo = run.missing_shards()
     chunks = array_chunks(todo, max_size)
@@ -259,7 +288,7 @@ def launch_slurm(cfg) -> Dict:
         return {"submitted": True, "run_dir": str(rd.path), "jobs": []}
 
     logs = rd.logs_dir / "%j"
-    ex = array_executor(cfg, logs)
+    ex = array_executor(cfg, logs, launcher.executor)
     python = ex.python
     task = _make_task()
     submissions = []
@@ -279,12 +308,12 @@ def launch_slurm(cfg) -> Dict:
         print(f"submitted array job {array_id}: shards {chunk[0]}..{chunk[-1]} ({len(chunk)} tasks)", flush=True)
     merge_id = None
     if lc.merge_job:
-        mex = submitit.SlurmExecutor(folder=logs, python=python)
+        mex = launcher.executor(folder=logs, python=python)
         params = executor_parameters(lc, gres=False)
         params.update(job_name=f"{lc.job_name}-merge", cpus_per_task=1, mem="2048M", time=60,
                       dependency="afterany:" + ":".join(s["array_job_id"] for s in submissions))
-        if pyxis_srun_args(cfg):  # the merge runs in the same image as the tasks
-            params["srun_args"] = pyxis_srun_args(cfg)
+        if srun_args(cfg):  # the merge runs in the same image as the tasks
+            params["srun_args"] = srun_args(cfg)
         mex.update_parameters(**params)
         try:
             mjob = mex.submit(merge_job, str(rd.path))
@@ -300,8 +329,6 @@ def launch_slurm(cfg) -> Dict:
               "merge_job": merge_id}
     if lc.wait:
         wait_for(run, all_jobs, merge_id)
-        from ..stats import collect_stats
-
         result.update(waited=True, stats=collect_stats(run))
     return result
 
@@ -325,8 +352,6 @@ def progress_line(st: Dict) -> str:
 def wait_for(run: Run, jobs, merge_id: Optional[str], poll_s: float = 2.0) -> None:
     """Block until the array ends, with progress from the heartbeat files; report failed
     tasks with their log paths."""
-    from ..status import run_status
-
     bar = None
     if sys.stderr.isatty():
         from tqdm import tqdm

@@ -18,13 +18,14 @@ import os
 import re
 import tarfile
 from functools import partial
+from pathlib import Path
 from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ConfigError
-from .manifest import NO_LABEL, Manifest
-from .readers import Item
+from ..errors import ConfigError
+from ..manifest import Manifest, write_manifest
+from .base import NO_LABEL, InputKind, Item, Reader, check_names, expand
 
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -144,10 +145,9 @@ def list_tars(spec: str, extensions: Sequence[str]):
     return tars, names, samples_arr, (labels if any_label else None)
 
 
-class TarReader:
+class TarReader(Reader):
     def __init__(self, manifest: Manifest, decoder):
-        if not hasattr(decoder, "load_bytes"):
-            raise ConfigError("input.tar needs model.preprocess.mode=opencv (caffe_io reads files by name)")
+        KIND.check_decoder(decoder)
         self.m, self.decoder = manifest, decoder
         self.fds: Dict[int, int] = {}
         self.stats: Dict[str, object] = {}
@@ -191,3 +191,41 @@ class TarReader:
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
+
+
+class Tar(InputKind):
+    name = "tar"
+    fields = ("tar",)
+    path_fields = ("tar",)
+    usage = ("input.tar=GLOB (tar shards)",)
+    from_memory = True
+
+    def source(self, ic) -> str:
+        return "tar:" + str(ic.tar)
+
+    def build(self, run_dir: Path, ic) -> Manifest:
+        tars, names, samples, labels = list_tars(ic.tar, ic.extensions)
+        source = f"tar:{ic.tar}"
+        check_names(names, source)
+        return write_manifest(run_dir, b"", names, source, labels, kind=self.name, arrays={"samples": samples},
+                              tars=tars)
+
+    def stamp(self, ic) -> Dict[str, int]:
+        sts = [os.stat(p) for p in tar_paths(ic.tar)]
+        return {"count": len(sts), "size": sum(int(st.st_size) for st in sts),
+                "mtime_ns": max(int(st.st_mtime_ns) for st in sts)}
+
+    def node_read_paths(self, ic) -> List[Path]:
+        """The folder before any pattern character (a glob or a brace range), else the tar or
+        the list file, and the folder holding the spec (a list's relative tars are under it)."""
+        spec = str(ic.tar)
+        head = expand(re.split(r"[*?\[{]", spec, maxsplit=1)[0])
+        paths = [head if os.path.isdir(head) or head == expand(spec) else os.path.dirname(head)]
+        paths.append(os.path.dirname(expand(spec)))
+        return [Path(p) for p in paths]
+
+    def reader(self, manifest: Manifest, decoder) -> Reader:
+        return TarReader(manifest, decoder)
+
+
+KIND = Tar()

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Dict, Iterator, List, Optional, Tuple
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
-from . import log
-from .errors import ConfigError
-from .manifest import Manifest
-from .readers import Item
+from ..errors import ConfigError
+from ..manifest import Manifest, write_manifest
+from .base import NO_LABEL, InputKind, Item, Reader, check_names, expand
 
 
 def open_env(path):
@@ -46,7 +46,7 @@ def open_env(path):
 
 
 def _datum_class():
-    from .model import caffe_pb2
+    from ..model import caffe_pb2
 
     return caffe_pb2().Datum
 
@@ -75,7 +75,7 @@ def list_lmdb(path) -> Tuple[bytes, List[bytes]]:
 
 def raw_pixels(data: bytes, c: int, h: int, w: int) -> np.ndarray:
     """A raw Datum's C x H x W uint8 pixels (BGR, as convert_imageset stores them) -> H x W x 3 BGR."""
-    from .decode import DecodeFailure
+    from ..decode import DecodeFailure
 
     if c not in (1, 3):
         raise DecodeFailure(f"raw Datum with {c} channels (1 or 3 are supported)")
@@ -93,10 +93,9 @@ def _failed(reason: str):
     return lambda: (None, reason)
 
 
-class LmdbReader:
+class LmdbReader(Reader):
     def __init__(self, manifest: Manifest, decoder):
-        if not hasattr(decoder, "load_bytes"):
-            raise ConfigError("input.lmdb needs model.preprocess.mode=opencv (caffe_io reads files by name)")
+        KIND.check_decoder(decoder)
         self.m, self.decoder = manifest, decoder
         self.env = None
         # what this task read: the proof that it stayed in its key range
@@ -117,7 +116,7 @@ class LmdbReader:
                     seeks += 1
                     here = cur.set_key(name)
                 if not here:
-                    yield Item(start + k, name, -1, _failed("key not in the LMDB (database changed after listing?)"))
+                    yield Item(start + k, name, NO_LABEL, _failed("key not in the LMDB (database changed after listing?)"))
                     continue
                 value = cur.value()
                 records += 1
@@ -127,7 +126,7 @@ class LmdbReader:
                 try:
                     d.ParseFromString(value)
                 except Exception as e:
-                    yield Item(start + k, name, -1, _failed(f"not a Caffe Datum record ({str(e)[:100]})"))
+                    yield Item(start + k, name, NO_LABEL, _failed(f"not a Caffe Datum record ({str(e)[:100]})"))
                 else:
                     yield Item(start + k, name, int(d.label), self._job(d))
                 here = cur.next()
@@ -143,3 +142,34 @@ class LmdbReader:
         if self.env is not None:
             self.env.close()
             self.env = None
+
+
+class Lmdb(InputKind):
+    name = "lmdb"
+    fields = ("lmdb",)
+    path_fields = ("lmdb",)
+    usage = ("input.lmdb=PATH (Caffe Datum LMDB)",)
+    from_memory = True
+
+    def source(self, ic) -> str:
+        return "lmdb:" + expand(ic.lmdb)
+
+    def build(self, run_dir: Path, ic) -> Manifest:
+        root, names = list_lmdb(ic.lmdb)
+        source = f"lmdb:{os.fsdecode(root)}"
+        check_names(names, source)
+        return write_manifest(run_dir, root, names, source, None, kind=self.name, has_labels=True)
+
+    def stamp(self, ic) -> Dict[str, int]:
+        p = os.path.expanduser(ic.lmdb)
+        st = os.stat(os.path.join(p, "data.mdb") if os.path.isdir(p) else p)
+        return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+    def node_read_paths(self, ic) -> List[Path]:
+        return [Path(expand(ic.lmdb))]  # the folder holding data.mdb, or the database file
+
+    def reader(self, manifest: Manifest, decoder) -> Reader:
+        return LmdbReader(manifest, decoder)
+
+
+KIND = Lmdb()

