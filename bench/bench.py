@@ -496,6 +496,7 @@ def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, ca
         for k in rows:
             if rows[k]:
                 print(f"  {k:22s} {rows[k][-1]:8.2f} img/s", flush=True)
+        print("  CPU ms per image: " + ", ".join(f"{k} {v[-1] * 1e3:.1f}" for k, v in cpu.items() if v), flush=True)
         if limits_only:
             continue
         rows["opencv"].append(runner_rate(["backend=opencv"], "opencv")["images_per_s"])
@@ -517,12 +518,13 @@ def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, ca
     results["images_per_s_median"] = med
     results["images_per_s_all"] = rows
     results["cpu_s_per_image_median"] = {k: _median(v) for k, v in cpu.items()}
-    results["decode_only_images_per_s_median"] = _median(decode_rates)
+    results["cpu_s_per_image_all"] = cpu
     results["limits"] = shared_core_limits(rows, cores)
     results["peak_rss_mb_per_worker"] = peaks
     results["cpu_efficiency"] = cpu_efficiency(cpu)
     if limits_only:
         return {"limits_only": results}
+    results["decode_only_images_per_s_median"] = _median(decode_rates)
     results["ratios"] = {
         "1_runner_vs_classic": med["runner"] / med["classic"],
         "1_runner_reduced_vs_classic": med["runner_reduced"] / med["classic"],
