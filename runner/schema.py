@@ -257,7 +257,7 @@ class SlurmLauncherConf(LauncherConf):
     allow_cpu_on_gpu: bool = False
     # decode threads + the net; also sets decode.workers when that is left at its default.
     # 8: one GPU at ~2,000 img/s wants about 7 decode threads for photo-sized JPEGs and
-    # 50-80 for 12-MP camera photos (make bench row 7), but most GPU nodes have about 8 cores
+    # 47-82 for 12-MP camera photos (make bench row 7), but most GPU nodes have about 8 cores
     # per GPU and asking for more would leave GPUs idle
     cpus_per_task: int = 8
     # memory per task

@@ -46,9 +46,10 @@ def worker_plan(cfg) -> Dict:
         threads = lc.threads_per_worker or max(1, cores // workers)
     else:
         gpus = []
-        # one single-threaded process per core: decoding and the net share the cores, and
-        # OpenBLAS threads waiting at each GEMM's barrier (and Caffe's serial layers between
-        # GEMMs) waste the cores the decode threads need (make bench rows 2 and 10)
+        # one single-threaded process per core: decoding and the net share the cores; in one
+        # process with every core a BLAS thread, pycaffe holds the GIL for the whole forward
+        # (its decode threads stop) and Caffe's layers between GEMMs run on one core while the
+        # other BLAS threads wait (make bench rows 2 and 10; bench/README.md)
         workers = lc.workers or cores
         if workers < 1:
             raise ConfigError(f"launcher.workers={workers}: use 1 or more")
