@@ -228,7 +228,7 @@ class LocalLauncherConf(LauncherConf):
     # the implementation (runner/launch/registry.py imports it)
     _target_: str = "runner.launch.local.LocalLauncher"
     # worker processes for device=cpu; null: one per core, each with one BLAS thread (fewer
-    # workers with more threads each use less memory and are slower: README, make bench row 10)
+    # workers with more threads each use less memory and more CPU per image: README, bench row 10)
     workers: Optional[int] = None
     # device=gpu: "auto" (the GPUs in CUDA_VISIBLE_DEVICES / nvidia-smi) or a list of ids
     gpus: Any = "auto"
