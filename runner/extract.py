@@ -258,7 +258,7 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, par
     wthread = _Writer(op.writer, progress, post)
     wthread.start()
     busy = 0.0
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     t_first = None  # pipeline fill: until the first batch is ready
     window = decode_window(reader.items(op.first, op.stop), cfg.batch_size, int(cfg.decode.workers),
                             int(cfg.decode.prefetch_batches))
@@ -288,7 +288,8 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, par
     finally:
         feeder.stop.set()
     wthread.close()
-    stats = shard_statistics(time.time() - t0, op.stop - op.first, busy, t_first, op.load_s)
+    stats = shard_statistics(time.time() - t0, op.stop - op.first, busy, t_first, op.load_s,
+                             cpu_s=time.process_time() - c0)
     return dict(stats, **check.attrs()) if check is not None else stats
 
 
@@ -306,10 +307,11 @@ def _selfcheck(cfg, index: int, engine, x, gpu_out):
 
 
 def shard_statistics(elapsed: float, done_now: int, busy: float, t_first: Optional[float],
-                     load_s: float) -> Dict[str, float]:
-    """A shard's own speed figures (kept in its file and heartbeat; never a run's attribute)."""
+                     load_s: float, cpu_s: float = 0.0) -> Dict[str, float]:
+    """A shard's own speed figures (kept in its file and heartbeat; never a run's attribute).
+    cpu_s: CPU time of every thread of the task while it extracted (decode, feeder, net, writer)."""
     steady = elapsed - (t_first or 0.0)
-    return dict(elapsed_s=elapsed, images_per_s=done_now / elapsed if elapsed > 0 else 0.0,
+    return dict(elapsed_s=elapsed, cpu_s=cpu_s, images_per_s=done_now / elapsed if elapsed > 0 else 0.0,
                 forward_busy_fraction=busy / elapsed if elapsed > 0 else 0.0,
                 forward_busy_fraction_steady=busy / steady if steady > 0 else 0.0,
                 first_batch_s=t_first or 0.0, load_s=load_s)

@@ -98,6 +98,53 @@ def write_corpus(out: Path, count: int, seed: int = 0, min_wh=(500, 375), max_wh
     return paths
 
 
+CAMERA_VERSION = 1  # bump when write_camera_photo changes what it writes (cached sets are keyed by it)
+
+
+def write_camera_photo(path: Path, index: int, seed: int = 0, wh=(4000, 3000), noise_sigma: float = 3.0,
+                       quality: int = 90) -> Path:
+    """A 12-MP JPEG with a phone photo's entropy (about 2.2 MB at the defaults): a real photo,
+    cropped and upscaled, plus sensor-like noise (per-pixel luminance noise and weaker chroma
+    noise at half resolution, as demosaicing correlates it). A plain upscale would compress to a
+    few hundred KB and decode faster than a real camera file. Deterministic in (seed, index)."""
+    import cv2
+
+    rng = np.random.default_rng([seed, index])
+    src = _photo(PHOTOS[index % 4])  # astronaut, chelsea, coffee, rocket: colour photos
+    h, w = src.shape[:2]
+    ch, cw = int(h * rng.uniform(0.7, 1.0)), int(w * rng.uniform(0.7, 1.0))
+    y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    img = np.ascontiguousarray(src[y:y + ch, x:x + cw, ::-1])  # BGR
+    if rng.random() < 0.5:
+        img = np.ascontiguousarray(img[:, ::-1])
+    tw, th = wh
+    big = cv2.resize(img, (tw, th), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+    big *= rng.uniform(0.85, 1.15, size=3).astype(np.float32)
+    chroma = cv2.resize(rng.standard_normal((th // 2, tw // 2, 3), dtype=np.float32), (tw, th),
+                        interpolation=cv2.INTER_LINEAR)
+    big += noise_sigma * rng.standard_normal((th, tw, 1), dtype=np.float32) + (0.5 * noise_sigma) * chroma
+    out = np.clip(big, 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.jpg")
+    if not cv2.imwrite(str(tmp), out, [cv2.IMWRITE_JPEG_QUALITY, quality]):
+        raise OSError(f"cannot write {tmp}")
+    os.replace(tmp, path)  # a killed generation never leaves a half-written photo under the final name
+    return path
+
+
+def camera_photos(out: Path, count: int, seed: int = 0) -> List[Path]:
+    """`count` camera photos in `out` (a cache: photos already there are kept, only missing ones
+    are made, so a larger set extends a smaller one)."""
+    out = Path(out)
+    paths = []
+    for i in range(count):
+        p = out / f"cam{i:05d}.jpg"
+        if not p.exists():
+            write_camera_photo(p, i, seed)
+        paths.append(p)
+    return paths
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m runner.samples")
     ap.add_argument("out")

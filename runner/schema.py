@@ -220,8 +220,9 @@ class DecodeConf:
     exif_orientation: bool = True
     # refuse images larger than this many pixels (decompression bombs); Pillow's default limit
     max_pixels: int = 178956970
-    # decode large JPEGs at 1/2, 1/4 or 1/8 size when that still covers the net input
-    # (faster; not bit-identical to a full decode + resize)
+    # decode JPEGs at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling, which averages pixels) when
+    # that still covers the net input in both sides, so images under 2x the input decode in
+    # full; 1.7x faster on 12-MP photos, features not bit-identical to the default (README)
     reduced_jpeg: bool = False
 
 
@@ -236,7 +237,8 @@ class LocalLauncherConf(LauncherConf):
     name: str = "local"
     # the implementation (runner/launch/registry.py imports it)
     _target_: str = "runner.launch.local.LocalLauncher"
-    # worker processes for device=cpu; null: one per 2 cores (at least 1)
+    # worker processes for device=cpu; null: one per core, each with one BLAS thread (fewer
+    # workers with more threads each use less memory and more CPU per image: README, bench row 10)
     workers: Optional[int] = None
     # device=gpu: "auto" (the GPUs in CUDA_VISIBLE_DEVICES / nvidia-smi) or a list of ids
     gpus: Any = "auto"
@@ -264,8 +266,9 @@ class SlurmLauncherConf(LauncherConf):
     # let tasks that hold GPUs compute on the CPU (checking GPU binding with a CPU-only build)
     allow_cpu_on_gpu: bool = False
     # decode threads + the net; also sets decode.workers when that is left at its default.
-    # 8: one GPU at ~2,000 img/s wants 13 decode threads (make bench row 7), but most GPU nodes
-    # have about 8 cores per GPU and asking for more would leave GPUs idle
+    # 8: one GPU at ~2,000 img/s wants about 7 decode threads for photo-sized JPEGs and
+    # 47-82 for 12-MP camera photos (make bench row 7), but most GPU nodes have about 8 cores
+    # per GPU and asking for more would leave GPUs idle
     cpus_per_task: int = 8
     # memory per task
     mem_gb: float = 16.0

@@ -58,7 +58,10 @@ def configure_threads(threads: int) -> None:
     os.environ.setdefault("GLOG_minloglevel", "2")
     import cv2  # heavy: only tasks need it
 
+    from .decode import reuse_large_buffers
+
     cv2.setNumThreads(1)  # decode threads are our parallelism; no nested pools
+    reuse_large_buffers()  # full-size photos: no fresh zero-filled mapping per decode
 
 
 def default_threads() -> int:

@@ -17,6 +17,7 @@ RUNNER = Path(__file__).resolve().parent.parent / "runner"
 # lowest first; a module may import from its own layer and the ones before it
 LAYERS: List[Tuple[str, List[str]]] = [
     ("leaves", ["runner", "runner.errors", "runner.shard", "runner.features", "runner.decode", "runner.samples",
+                "runner.capacity", "runner.peakmem",
                 "runner.schema", "runner.task", "runner.changes"]),
     ("storage and devices", ["runner.manifest", "runner.rundir", "runner.write", "runner.gpu", "runner.device",
                              "runner.selfcheck", "runner.preprocess", "runner.fetch", "runner.events"]),

@@ -46,7 +46,11 @@ def worker_plan(cfg) -> Dict:
         threads = lc.threads_per_worker or max(1, cores // workers)
     else:
         gpus = []
-        workers = lc.workers or max(1, cores // 2)
+        # one single-threaded process per core: decoding and the net share the cores; in one
+        # process with every core a BLAS thread, pycaffe holds the GIL for the whole forward
+        # (its decode threads stop) and Caffe's layers between GEMMs run on one core while the
+        # other BLAS threads wait (make bench rows 2 and 10; bench/README.md)
+        workers = lc.workers or cores
         if workers < 1:
             raise ConfigError(f"launcher.workers={workers}: use 1 or more")
         threads = lc.threads_per_worker or max(1, cores // workers)
