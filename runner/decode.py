@@ -113,10 +113,12 @@ def register_pillow_plugins() -> None:
     """HEIC/HEIF (phone photos) through pillow-heif's Pillow plug-in; AVIF is Pillow's own
     (11.3+). OpenCV reads neither, so they come through the Pillow fallback below."""
     if not _PLUGINS:
-        import pillow_heif
-
+        _PLUGINS.append("tried")
+        try:
+            import pillow_heif
+        except ImportError:  # a venv older than the dependency: JPEGs must still decode (HEIC then fails)
+            return
         pillow_heif.register_heif_opener()
-        _PLUGINS.append("heif")
 
 
 def header_size(data: bytes) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:

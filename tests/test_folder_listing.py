@@ -160,3 +160,18 @@ def test_heic_decodes_in_a_fresh_process(photos, tmp_path):
             "img, why = Decoder(Geometry((32, 32))).load(sys.argv[1].encode()); print(why or img.shape)")
     p = subprocess.run([sys.executable, "-c", code, str(heic)], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert p.stdout.strip() == "(32, 32, 3)", p.stdout + p.stderr
+
+
+def test_jpegs_decode_without_pillow_heif(photos):
+    """A venv made before pillow-heif was a dependency (an older GPU venv) must still decode
+    JPEGs: the HEIF plug-in is optional to everything but HEIC files."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    jpg = next(photos.rglob("*.jpg"))
+    code = ("import sys; sys.modules['pillow_heif'] = None; from runner.decode import Decoder, Geometry; "
+            "img, why = Decoder(Geometry((32, 32))).load(sys.argv[1].encode()); print(why or img.shape)")
+    p = subprocess.run([sys.executable, "-c", code, str(jpg)], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert p.stdout.strip() == "(32, 32, 3)", p.stdout + p.stderr
