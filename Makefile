@@ -47,12 +47,12 @@ $(SETUP_STAMP): pyproject.toml docker/build-pycaffe.sh $(if $(filter gpu,$(CAFFE
 	rm -f $(VENV)/.setup-done $(VENV)/.setup-done-gpu
 	touch $@
 
-$(SAMPLES)/.done: | setup
+$(SAMPLES).done: | setup
 	$(PY) -m runner.samples $(SAMPLES)
 	touch $@
 
 # a real extraction of the bundled sample photos with the bundled model, 2 local workers
-demo: setup $(SAMPLES)/.done
+demo: setup $(SAMPLES).done
 	$(VENV)/bin/caffe-runner input.dir=$(SAMPLES) output.dir=$(DEMO_DIR) launcher.workers=2 num_shards=3 output.overwrite=true
 	$(VENV)/bin/caffe-runner verify $(DEMO_DIR)
 
@@ -125,4 +125,4 @@ cluster-down:
 	bash slurm/dev-cluster down
 
 clean:
-	rm -rf $(DEMO_DIR) $(SAMPLES) .pytest_cache
+	rm -rf $(DEMO_DIR) $(SAMPLES) $(SAMPLES).done .pytest_cache
