@@ -43,6 +43,15 @@ def identity_changes(old: Dict, new: Dict, limit: int = 3) -> List[str]:
     return changes or ["its recorded config"]
 
 
+def describe_change(old: Optional[Dict], new: Optional[Dict]) -> str:
+    """What changed between two input stamps, in words."""
+    if old and new and "count" in old and "count" in new and old["count"] != new["count"]:
+        return f"{old['count']} images when listed, {new['count']} now"
+    if old and new and "size" in old and old.get("size") != new.get("size"):
+        return f"the list file was {old['size']} bytes when listed, {new['size']} now"
+    return "files were added, replaced or modified since it was listed"
+
+
 def input_change_advice(old: Optional[Dict], new: Optional[Dict]) -> Tuple[bool, str]:
     """(whether the run misses images, what to do) for an input whose stamp changed (pure).
     Fewer images: the run still covers every image the input holds (their rows are kept);

@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 
 from . import __version__, log
 from .errors import ConfigError, unwritable
-from .changes import identity_changes, input_change_advice
+from .changes import describe_change, identity_changes, input_change_advice
 from .config import preset_model_paths
 from .fetch import ensure_model_files
-from .inputs import build_manifest, describe_change, input_source, input_stamp, list_input, refuse_caffe_io
+from .inputs import build_manifest, input_source, input_stamp, list_input, refuse_caffe_io
 from .manifest import extend_manifest, load_manifest
 from .inputs.listing import describe as describe_listing
 from .model import check_fixed_shape, check_model_files, chosen_blobs, input_hw, parse_prototxt, sha256_file

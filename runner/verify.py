@@ -14,8 +14,8 @@ from typing import List
 import h5py
 import numpy as np
 
-from .changes import input_change_advice
-from .inputs import describe_change, input_stamp
+from .changes import describe_change, input_change_advice
+from .inputs import input_stamp
 from .manifest import display_name, load_manifest
 from .plan import load_run_dir
 from .merge import NAME_CHUNK_ROWS, check_sources

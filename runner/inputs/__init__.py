@@ -18,7 +18,7 @@ from .base import NO_LABEL, InputKind, Item, Reader, caffe_io_refusal
 KINDS: Tuple[InputKind, ...] = (files.KIND, lmdb.KIND, tar.KIND)
 BY_NAME: Dict[str, InputKind] = {k.name: k for k in KINDS}
 
-__all__ = ["KINDS", "NO_LABEL", "InputKind", "Item", "Reader", "build_manifest", "configured", "describe_change",
+__all__ = ["KINDS", "NO_LABEL", "InputKind", "Item", "Reader", "build_manifest", "configured",
            "input_source", "input_stamp", "list_input", "node_read_paths", "open_reader", "path_keys",
            "refuse_caffe_io", "selected"]
 
@@ -71,15 +71,6 @@ def input_stamp(ic) -> Optional[Dict[str, int]]:
         return selected(ic).stamp(ic)
     except (OSError, ConfigError):
         return None
-
-
-def describe_change(old: Optional[Dict], new: Optional[Dict]) -> str:
-    """What changed between two stamps, in words."""
-    if old and new and "count" in old and "count" in new and old["count"] != new["count"]:
-        return f"{old['count']} images when listed, {new['count']} now"
-    if old and new and "size" in old and old.get("size") != new.get("size"):
-        return f"the list file was {old['size']} bytes when listed, {new['size']} now"
-    return "files were added, replaced or modified since it was listed"
 
 
 def node_read_paths(ic) -> List[Path]:
