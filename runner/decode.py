@@ -35,7 +35,7 @@ _NOT_IMAGE_HINTS = [
 
 
 # glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 REUSE_BUFFERS_UP_TO_BYTES = 256 << 20  # a 12-MP photo decodes to 36 MB, a 48-MP one to 144 MB
 
 
@@ -45,10 +45,14 @@ def reuse_large_buffers() -> bool:
     glibc serves allocations above its mmap threshold (at most 32 MB by default) with a new
     mmap, which the kernel zero-fills a page at a time on first touch and unmaps on free: a
     12-MP photo (36 MB decoded) cost 9,000 page faults and about 28 ms of system time on top of
-    its 40 ms decode (make bench row 10). With the threshold raised, the decode threads' freed
-    buffers stay in the process and are reused; the price is that each decode thread keeps
-    about one full-size image (measured: +80 MB peak with 2 threads on camera photos).
-    Process-wide, glibc only (elsewhere a no-op); returns whether it was applied."""
+    its 40 ms decode (make bench row 10). With the threshold raised, freed buffers stay in the
+    process and are reused. One arena for the process: a decode thread would otherwise get an
+    arena of its own, made of 64 MB heaps that a 36 MB image barely fits, and those heaps come
+    and go (measured in the pipeline: 4,700-8,300 faults per camera photo with the threshold
+    raised, 0.6 with one arena; decoding cost 53-59 ms per photo instead of 43). The decode
+    threads' allocations are few and large, so sharing one arena's lock costs nothing measurable.
+    The price: about one full-size image kept per decode thread. Call it before the process
+    starts threads. Process-wide, glibc only (elsewhere a no-op); returns whether it was applied."""
     import ctypes
 
     try:
@@ -56,7 +60,7 @@ def reuse_large_buffers() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, REUSE_BUFFERS_UP_TO_BYTES)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, 2 * REUSE_BUFFERS_UP_TO_BYTES))
+        mallopt(_M_TRIM_THRESHOLD, 2 * REUSE_BUFFERS_UP_TO_BYTES)) and bool(mallopt(_M_ARENA_MAX, 1))
 
 
 class DecodeFailure(Exception):

@@ -260,6 +260,7 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, par
     busy = 0.0
     t0, c0 = time.time(), time.process_time()
     t_first = None  # pipeline fill: until the first batch is ready
+    warm = None  # (time, CPU time, images done) once the first batch is forwarded: steady state after
     window = decode_window(reader.items(op.first, op.stop), cfg.batch_size, int(cfg.decode.workers),
                             int(cfg.decode.prefetch_batches))
     feeder = _Feeder(window, transform, tuple(in_shape[1:]) if oversample else None, maxsize=2)
@@ -282,14 +283,19 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, par
                 log.warning("shard %d: image %d %s failed: %s", index, i, display_name(n), why)
             labels = {it.index: it.label for it in batch}
             wthread.put((len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures, labels))
+            if warm is None:
+                warm = (time.time(), time.process_time(), len(batch))
     except BaseException:
         wthread.abandon()
         raise
     finally:
         feeder.stop.set()
     wthread.close()
-    stats = shard_statistics(time.time() - t0, op.stop - op.first, busy, t_first, op.load_s,
-                             cpu_s=time.process_time() - c0)
+    t_end, c_end = time.time(), time.process_time()
+    stats = shard_statistics(t_end - t0, op.stop - op.first, busy, t_first, op.load_s, cpu_s=c_end - c0)
+    if warm is not None:  # without the one-time costs: the first batch's decode and Caffe's first allocations
+        stats.update(steady_s=t_end - warm[0], steady_cpu_s=c_end - warm[1],
+                     steady_images=op.stop - op.first - warm[2])
     return dict(stats, **check.attrs()) if check is not None else stats
 
 
