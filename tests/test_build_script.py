@@ -78,10 +78,11 @@ def test_cache_key_follows_toolkit_and_architectures(tmp_path, site_toolkit):
 
 def test_the_cpu_key_is_the_one_ci_caches(tmp_path):
     """The CPU recipe is untouched by the CUDA work: CI's cached wheel stays valid (this
-    literal changes only with a deliberate RECIPE_REV bump, a new sdist or Python)."""
+    literal changes only with a deliberate change of the recipe: RECIPE_REV, the sdist, Python,
+    docker/pycaffe-nogil.patch)."""
     if sys.version_info[:2] != (3, 11) or platform.machine() != "x86_64":
         pytest.skip("the literal is for CPython 3.11 on x86_64 (Debian 12)")
-    assert _key(cache=tmp_path) == "4bf145cab3138ceb"
+    assert _key(cache=tmp_path) == "64c096bedf414113"
 
 
 def test_the_cuda_pins_include_nvrtc():
@@ -144,7 +145,8 @@ def test_the_cudnn_patch_is_part_of_the_key(tmp_path):
     d = tmp_path / "docker"
     d.mkdir()
     shutil.copy(SCRIPT, d / SCRIPT.name)
-    shutil.copy(SCRIPT.with_name("pycaffe-cudnn9.patch"), d / "pycaffe-cudnn9.patch")
+    for patch in ("pycaffe-cudnn9.patch", "pycaffe-nogil.patch"):
+        shutil.copy(SCRIPT.with_name(patch), d / patch)
 
     def key(*args):
         p = subprocess.run(["bash", str(d / SCRIPT.name), "--python", sys.executable, "--cache", str(tmp_path),
@@ -158,12 +160,12 @@ def test_the_cudnn_patch_is_part_of_the_key(tmp_path):
     assert key() != before and key("--no-cudnn") == before_none
 
 
-def test_no_cudnn_keeps_the_key_of_the_build_before_cudnn(tmp_path):
-    """--no-cudnn is today's CUDA build: its cached wheels stay valid (the literal is the
-    --cuda key before cuDNN was added)."""
+def test_no_cudnn_key_is_pinned(tmp_path):
+    """--no-cudnn's key changes only with its recipe (the literal changed with
+    docker/pycaffe-nogil.patch, which every build applies)."""
     if sys.version_info[:2] != (3, 11) or platform.machine() != "x86_64":
         pytest.skip("the literal is for CPython 3.11 on x86_64 (Debian 12)")
-    assert _key("--cuda", "--no-cudnn", cache=tmp_path) == "52851164c505bd80"
+    assert _key("--cuda", "--no-cudnn", cache=tmp_path) == "692e3d6992939d0b"
 
 
 def test_the_cuda_pins_include_a_cudnn9_wheel():
@@ -189,3 +191,25 @@ def test_the_script_run_by_hand_finds_the_wheel_make_setup_cached(tmp_path):
     p = subprocess.run(["bash", str(SCRIPT), "--python", sys.executable], capture_output=True, text=True,
                        timeout=120, env=env)
     assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == str(wheel), (p.stdout, p.stderr[-2000:])
+
+
+def test_the_nogil_patch_is_part_of_every_key(tmp_path):
+    """A changed docker/pycaffe-nogil.patch is a new recipe, CPU and CUDA alike; without it the
+    script stops in one line before building."""
+    d = tmp_path / "docker"
+    d.mkdir()
+    shutil.copy(SCRIPT, d / SCRIPT.name)
+    for patch in ("pycaffe-cudnn9.patch", "pycaffe-nogil.patch"):
+        shutil.copy(SCRIPT.with_name(patch), d / patch)
+
+    def run(*args):
+        return subprocess.run(["bash", str(d / SCRIPT.name), "--python", sys.executable, "--cache", str(tmp_path),
+                               *args, "--print-key"], capture_output=True, text=True, timeout=60)
+
+    before = {a: run(*a).stdout.strip() for a in ((), ("--cuda",))}
+    with open(d / "pycaffe-nogil.patch", "a") as f:
+        f.write("\n")
+    assert all(run(*a).stdout.strip() != k for a, k in before.items())
+    (d / "pycaffe-nogil.patch").unlink()
+    p = run()
+    assert p.returncode == 1 and "pycaffe-nogil.patch is missing" in p.stderr.strip().splitlines()[-1]
