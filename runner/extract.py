@@ -260,7 +260,11 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, par
     busy = 0.0
     t0, c0 = time.time(), time.process_time()
     t_first = None  # pipeline fill: until the first batch is ready
-    warm = None  # (time, CPU time, images done) once the first batch is forwarded: steady state after
+    # steady state: between two batches at which the decode window is equally full, so that
+    # neither the pipeline fill and Caffe's first allocations nor images decoded ahead count
+    marks = steady_marks(op.stop - op.first, cfg.batch_size, int(cfg.decode.prefetch_batches))
+    seen: List[Tuple[float, float, int]] = []  # (time, CPU time, images done) at the marks
+    n_batches = done = 0
     window = decode_window(reader.items(op.first, op.stop), cfg.batch_size, int(cfg.decode.workers),
                             int(cfg.decode.prefetch_batches))
     feeder = _Feeder(window, transform, tuple(in_shape[1:]) if oversample else None, maxsize=2)
@@ -283,8 +287,9 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, par
                 log.warning("shard %d: image %d %s failed: %s", index, i, display_name(n), why)
             labels = {it.index: it.label for it in batch}
             wthread.put((len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures, labels))
-            if warm is None:
-                warm = (time.time(), time.process_time(), len(batch))
+            n_batches, done = n_batches + 1, done + len(batch)
+            if marks and n_batches in marks:
+                seen.append((time.time(), time.process_time(), done))
     except BaseException:
         wthread.abandon()
         raise
@@ -293,9 +298,9 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, par
     wthread.close()
     t_end, c_end = time.time(), time.process_time()
     stats = shard_statistics(t_end - t0, op.stop - op.first, busy, t_first, op.load_s, cpu_s=c_end - c0)
-    if warm is not None:  # without the one-time costs: the first batch's decode and Caffe's first allocations
-        stats.update(steady_s=t_end - warm[0], steady_cpu_s=c_end - warm[1],
-                     steady_images=op.stop - op.first - warm[2])
+    if len(seen) == 2:
+        (ta, ca, na), (tb, cb, nb) = seen
+        stats.update(steady_s=tb - ta, steady_cpu_s=cb - ca, steady_images=nb - na)
     return dict(stats, **check.attrs()) if check is not None else stats
 
 
@@ -310,6 +315,15 @@ def _selfcheck(cfg, index: int, engine, x, gpu_out):
              "tolerance %.3g, CPU pass %.2f s)", index, chk.max_rel_diff, chk.blob, chk.images, chk.tolerance,
              chk.cpu_s)
     return chk
+
+
+def steady_marks(images: int, batch_size: int, prefetch_batches: int) -> Optional[Tuple[int, int]]:
+    """The batches (counted from 1) between which a shard runs in steady state: past the fill of
+    its decode window (prefetch batches, the feeder's queue of 2 and the one being formed) at
+    the start, and before that window drains at the end. None if the shard is too short."""
+    n = -(-images // batch_size)
+    window = prefetch_batches + 3
+    return (window, n - window) if n - window > window else None
 
 
 def shard_statistics(elapsed: float, done_now: int, busy: float, t_first: Optional[float],

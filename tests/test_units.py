@@ -361,3 +361,15 @@ def test_names_queued_jobs_and_images_use_stay_importable():
     slurm = importlib.import_module("runner.launch.slurm")
     assert callable(slurm._task_entry) and callable(slurm.merge_job)
     assert importlib.util.find_spec("runner.launch.container_task") is not None
+
+
+@pytest.mark.parametrize("images,batch,prefetch,marks", [
+    (16 * 24, 16, 3, (6, 18)),   # bench rows 2 and 10: 24 batches per worker
+    (16 * 12, 16, 3, None),      # 12 batches: no batch between a full window and its draining
+    (16 * 13 - 5, 16, 3, (6, 7)),
+    (20, 1, 1, (4, 16)),
+])
+def test_steady_marks(images, batch, prefetch, marks):
+    from runner.extract import steady_marks
+
+    assert steady_marks(images, batch, prefetch) == marks
