@@ -32,7 +32,7 @@ $(error CAFFE=$(CAFFE): use CAFFE=cpu (default) or CAFFE=gpu)
 endif
 
 .PHONY: setup demo test test-unit test-slurm bench image image-squashfs test-image clean cluster-up cluster-down \
-	cuda-wheel test-cuda-build test-gpu bench-gpu
+	cuda-wheel test-cuda-build test-gpu test-gpu-image bench-gpu
 
 # apt run-time libraries, the pycaffe wheel (built once per machine, ~6 min), the venv
 setup: $(SETUP_STAMP)
@@ -68,7 +68,7 @@ test: setup
 	command -v tmux >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; }
 	@# chromium: the report tests open the HTML report in a real headless browser
 	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
-	$(PY) -m pytest -ra -m "not ($(UNIT)) and not container and not cuda_build" $(PYTEST_ARGS)
+	$(PY) -m pytest -ra -m "not ($(UNIT)) and not container and not gpu_image and not cuda_build" $(PYTEST_ARGS)
 
 # the CUDA wheel only (cached; prints its path)
 cuda-wheel:
@@ -93,6 +93,14 @@ test-gpu:
 # Slurm array tasks running inside it
 image:
 	bash docker/build-image.sh
+
+# the GPU image for CUDA_ARCH (here: one architecture, about 30 min on 2 cores), checked without
+# a GPU: the CUDA build with cuDNN for its architectures, device=gpu's one-line error, CPU-mode
+# features equal to the host's
+GPU_IMAGE_ARCH ?= 90
+test-gpu-image: setup
+	CUDA_ARCH="$(GPU_IMAGE_ARCH)" bash docker/build-image.sh --gpu
+	$(PY) -m pytest -ra -m gpu_image $(PYTEST_ARGS)
 
 # the same image as one SquashFS file (Charliecloud, Pyxis/enroot), where a cluster keeps it: on
 # a shared file system, not /tmp (the launcher refuses node-local image paths for Slurm)
