@@ -59,16 +59,20 @@ def test_its_pycaffe_is_the_cuda_build_with_cudnn_for_its_architectures(image):
     assert sm == archs and ptx == [archs[-1]], (sm, ptx, archs)
 
 
-def test_device_gpu_without_a_driver_is_one_clear_error(image, photos, tmp_path):
+@pytest.mark.parametrize("extra, says", [
+    ([], "no GPU is visible"),                 # the launcher's own check
+    (["launcher.gpus=[0]"], "NVIDIA driver"),  # past it, the CUDA probe inside the image
+])
+def test_device_gpu_without_a_driver_is_one_clear_error(image, photos, tmp_path, extra, says):
     out = tmp_path / "out"
     out.mkdir()
     p = _podman("-v", f"{photos}:/data:ro", "-v", f"{out}:/out", image, "input.dir=/data", "output.dir=/out/run",
-                "device=gpu")
+                "device=gpu", *extra)
     assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
     errors = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(errors) == 1 and errors[0].startswith("caffe-runner: error:"), p.stderr[-3000:]
-    assert "driver" in errors[0] and "Traceback" not in p.stderr
-    assert not (out / "run" / "shards").exists() or not list((out / "run" / "shards").glob("*.h5"))
+    assert says in errors[0] and "Traceback" not in p.stderr, errors[0]
+    assert not list(out.rglob("*.h5")), "nothing may be extracted"
 
 
 def test_cpu_mode_inside_equals_the_host_cpu_build(image, photos, tmp_path):
