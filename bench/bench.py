@@ -733,13 +733,21 @@ def manifest_bench(work: Path) -> Dict:
     from runner.shard import shard_bounds
 
     out = {}
-    lst = work / "million.txt"
+    from runner.inputs.files import LIST_SAMPLE
+
+    # an ImageNet-style list relative to input.root; the first paths exist, as the plan's check
+    # of the root looks them up (the rest need not: listing does not open them)
+    lst, root = work / "million-v2.txt", work / "imagenet"
     if not lst.exists():
         with open(lst, "w") as f:
             for i in range(1_000_000):
-                f.write(f"/data/imagenet/train/n{i % 1000:08d}/img_{i:07d}.JPEG\n")
+                f.write(f"train/n{i % 1000:08d}/img_{i:07d}.JPEG\n")
+    for i in range(LIST_SAMPLE):
+        p = root / f"train/n{i % 1000:08d}/img_{i:07d}.JPEG"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.touch()
     t0 = time.perf_counter()
-    m = build_manifest(work / "manifest-list", OmegaConf.structured(InputConf(list=str(lst), root="/data/imagenet")))
+    m = build_manifest(work / "manifest-list", OmegaConf.structured(InputConf(list=str(lst), root=str(root))))
     out["list_1M_s"] = time.perf_counter() - t0
     tree = work / "tree100k"
     if not (work / "tree100k.done").exists():
