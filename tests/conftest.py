@@ -138,3 +138,18 @@ def cluster():
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = old
+
+
+def podman_image(image: str, make_target: str) -> str:
+    """A podman image the container tests run, or a skip naming the make target that builds it."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("podman"):
+        pytest.skip(f"podman is not installed: run `make {make_target}` (it installs it and builds the image)")
+    conf = Path(os.environ.get("CONTAINERS_CONF", Path.home() / ".config/caffe-runner/containers.conf"))
+    if conf.exists():
+        os.environ["CONTAINERS_CONF"] = str(conf)
+    if subprocess.run(["podman", "image", "exists", image]).returncode != 0:
+        pytest.skip(f"image {image} is absent: run `make {make_target}` (docker/build-image.sh builds it)")
+    return image

@@ -140,17 +140,27 @@ def test_cache_key_follows_cudnn(tmp_path, site_toolkit):
     assert len({s8, s9, s_none, _key(*site, cache=tmp_path)}) == 4
 
 
-def test_the_cudnn_patch_is_part_of_the_key(tmp_path):
-    """A changed docker/pycaffe-cudnn9.patch is a new recipe; --no-cudnn does not apply it."""
+def _script_copy(tmp_path):
+    """The script and its patches in a folder of their own (to change a patch), and a runner of
+    its --print-key there."""
     d = tmp_path / "docker"
     d.mkdir()
     shutil.copy(SCRIPT, d / SCRIPT.name)
     for patch in ("pycaffe-cudnn9.patch", "pycaffe-nogil.patch"):
         shutil.copy(SCRIPT.with_name(patch), d / patch)
 
+    def run(*args):
+        return subprocess.run(["bash", str(d / SCRIPT.name), "--python", sys.executable, "--cache", str(tmp_path),
+                               *args, "--print-key"], capture_output=True, text=True, timeout=60)
+    return d, run
+
+
+def test_the_cudnn_patch_is_part_of_the_key(tmp_path):
+    """A changed docker/pycaffe-cudnn9.patch is a new recipe; --no-cudnn does not apply it."""
+    d, run = _script_copy(tmp_path)
+
     def key(*args):
-        p = subprocess.run(["bash", str(d / SCRIPT.name), "--python", sys.executable, "--cache", str(tmp_path),
-                            "--cuda", *args, "--print-key"], capture_output=True, text=True, timeout=60)
+        p = run("--cuda", *args)
         assert p.returncode == 0, p.stderr
         return p.stdout.strip()
 
@@ -196,16 +206,7 @@ def test_the_script_run_by_hand_finds_the_wheel_make_setup_cached(tmp_path):
 def test_the_nogil_patch_is_part_of_every_key(tmp_path):
     """A changed docker/pycaffe-nogil.patch is a new recipe, CPU and CUDA alike; without it the
     script stops in one line before building."""
-    d = tmp_path / "docker"
-    d.mkdir()
-    shutil.copy(SCRIPT, d / SCRIPT.name)
-    for patch in ("pycaffe-cudnn9.patch", "pycaffe-nogil.patch"):
-        shutil.copy(SCRIPT.with_name(patch), d / patch)
-
-    def run(*args):
-        return subprocess.run(["bash", str(d / SCRIPT.name), "--python", sys.executable, "--cache", str(tmp_path),
-                               *args, "--print-key"], capture_output=True, text=True, timeout=60)
-
+    d, run = _script_copy(tmp_path)
     before = {a: run(*a).stdout.strip() for a in ((), ("--cuda",))}
     with open(d / "pycaffe-nogil.patch", "a") as f:
         f.write("\n")

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import podman_image, run_cli
 
 IMAGE = os.environ.get("CAFFE_RUNNER_IMAGE", "localhost/caffe-runner:cpu")
 pytestmark = [pytest.mark.container, pytest.mark.slow]
@@ -21,14 +21,7 @@ pytestmark = [pytest.mark.container, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def image():
-    if not shutil.which("podman"):
-        pytest.skip("podman is not installed: run `make test-image` (it installs it and builds the image)")
-    conf = Path(os.environ.get("CONTAINERS_CONF", Path.home() / ".config/caffe-runner/containers.conf"))
-    if conf.exists():
-        os.environ["CONTAINERS_CONF"] = str(conf)
-    if subprocess.run(["podman", "image", "exists", IMAGE]).returncode != 0:
-        pytest.skip(f"image {IMAGE} is absent: run `make test-image` (docker/build-image.sh builds it)")
-    return IMAGE
+    return podman_image(IMAGE, "test-image")
 
 
 def _feats(path):

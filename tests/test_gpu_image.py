@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import podman_image, run_cli
 
 IMAGE = os.environ.get("CAFFE_RUNNER_GPU_IMAGE", "localhost/caffe-runner:gpu")
 pytestmark = [pytest.mark.gpu_image, pytest.mark.slow]
@@ -23,14 +21,7 @@ pytestmark = [pytest.mark.gpu_image, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def image():
-    if not shutil.which("podman"):
-        pytest.skip("podman is not installed: run `make test-gpu-image` (it installs it and builds the image)")
-    conf = Path(os.environ.get("CONTAINERS_CONF", Path.home() / ".config/caffe-runner/containers.conf"))
-    if conf.exists():
-        os.environ["CONTAINERS_CONF"] = str(conf)
-    if subprocess.run(["podman", "image", "exists", IMAGE]).returncode != 0:
-        pytest.skip(f"image {IMAGE} is absent: run `make test-gpu-image` (docker/build-image.sh --gpu builds it)")
-    return IMAGE
+    return podman_image(IMAGE, "test-gpu-image")
 
 
 def _podman(*args, timeout=600):
