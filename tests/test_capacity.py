@@ -155,7 +155,9 @@ def test_full_size_decodes_reuse_their_buffer(threads):
     applied, reused = _faults(True, threads)
     assert applied
     assert fresh > 8000, fresh             # 36 MB / 4 KB = 9,000 pages
-    assert reused < 200, (fresh, reused)   # measured: under 1 (a thread's own arena: 600-8,000)
+    # measured: under 1 to about 350 with two threads, as their allocations interleave; 8,800
+    # with each thread in an arena of its own
+    assert reused < fresh / 5, (fresh, reused)
 
 
 # ---- the local CPU default: one single-threaded worker per core -------------------------
