@@ -220,9 +220,10 @@ def test_device_gpu_without_a_driver_is_one_clear_error(gpu_caffe, photos, tmp_p
 
 
 @pytest.fixture(scope="module")
-def algo_choice(tmp_path_factory):
-    """tests/cuda/cudnn_algo_choice.cpp built against the sdist with docker/pycaffe-cudnn9.patch
-    applied and the cached CUDA/cuDNN headers (what build-pycaffe.sh --cuda installed)."""
+def patched_sdist(tmp_path_factory):
+    """The sdist with docker/pycaffe-cudnn9.patch applied, its caffe.proto compiled, and the
+    cached CUDA/cuDNN headers and cuDNN library (what build-pycaffe.sh --cuda installed):
+    g++ flags for a test program built against the patched sources."""
     import glob
     import shutil
     import tarfile
@@ -234,7 +235,7 @@ def algo_choice(tmp_path_factory):
     cudnn = glob.glob(str(cache / "cuda-toolkit" / "cudnn-*" / "nvidia" / "cudnn" / "include" / "cudnn.h"))
     if not (sdists and cuda and cudnn and shutil.which("g++") and shutil.which("protoc")):
         pytest.skip(f"needs the cached sdist, CUDA and cuDNN headers under {cache} (build-pycaffe.sh --cuda)")
-    d = tmp_path_factory.mktemp("algo")
+    d = tmp_path_factory.mktemp("patched")
     with tarfile.open(sdists[0]) as t:
         t.extractall(d, filter="data")
     src = next(d.glob("brocolli-caffe-*"))
@@ -244,17 +245,42 @@ def algo_choice(tmp_path_factory):
     gen.mkdir()
     subprocess.run(["protoc", "-I", str(src / "src"), f"--cpp_out={gen}", "caffe/proto/caffe.proto"], cwd=src,
                    check=True)
+    cudnn_lib = Path(cudnn[0]).parent.parent / "lib"
+    return d, ["g++", "-std=c++14", "-DUSE_CUDNN", f"-I{src / 'include'}", f"-I{src / 'src/caffe/layers'}",
+               f"-I{gen}", f"-I{Path(cuda[0]).parent}", f"-I{Path(cudnn[0]).parent}", "-I/usr/include/hdf5/serial"], \
+        cudnn_lib
+
+
+@pytest.fixture(scope="module")
+def algo_choice(patched_sdist):
+    """tests/cuda/cudnn_algo_choice.cpp built against the patched sources."""
+    d, gxx, _ = patched_sdist
     exe = d / "algo"
-    p = subprocess.run(["g++", "-std=c++14", "-DUSE_CUDNN", f"-I{src / 'include'}", f"-I{src / 'src/caffe/layers'}",
-                        f"-I{gen}", f"-I{Path(cuda[0]).parent}", f"-I{Path(cudnn[0]).parent}",
-                        "-I/usr/include/hdf5/serial", str(REPO / "tests" / "cuda" / "cudnn_algo_choice.cpp"),
-                        "-o", str(exe), "-lglog"], capture_output=True, text=True, timeout=600)
+    p = subprocess.run(gxx + [str(REPO / "tests" / "cuda" / "cudnn_algo_choice.cpp"), "-o", str(exe), "-lglog"],
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
 
     def run(**env):
         r = subprocess.run([str(exe)], capture_output=True, text=True, env=_clean_env(**env), timeout=60)
         return r.returncode, r.stdout.split(), r.stderr
     return run
+
+
+def test_cudnn_errors_are_named_by_cudnn(patched_sdist):
+    """CUDNN_CHECK's message for a status cuDNN 8/9 added: Caffe's own switch said "Unknown cudnn
+    status"; the patched header leaves it to cuDNN's cudnnGetErrorString (called here from the
+    cached libcudnn, without a GPU)."""
+    d, gxx, cudnn_lib = patched_sdist
+    exe = d / "errstr"
+    p = subprocess.run(gxx + [str(REPO / "tests" / "cuda" / "cudnn_error_string.cpp"), "-o", str(exe),
+                              f"-L{cudnn_lib}", "-l:libcudnn.so.9", f"-Wl,-rpath,{cudnn_lib}", "-lglog"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = subprocess.run([str(exe)], capture_output=True, text=True, env=_clean_env(), timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = r.stdout.split()
+    assert names == ["CUDNN_STATUS_BAD_PARAM", "CUDNN_STATUS_BAD_PARAM_NULL_POINTER",
+                     "CUDNN_STATUS_NOT_SUPPORTED_SHAPE"], r.stdout
 
 
 def test_the_first_ranked_algorithm_that_fits_the_workspace_bound_is_taken(algo_choice):
