@@ -94,7 +94,7 @@ test-gpu:
 image:
 	bash docker/build-image.sh
 
-# the GPU image for GPU_IMAGE_ARCH (one architecture: about 20 min on 2 cores), checked without
+# the GPU image for GPU_IMAGE_ARCH (one architecture: 11-20 min on 2 cores), checked without
 # a GPU: the CUDA build with cuDNN for its architectures, device=gpu's one-line error, CPU-mode
 # features equal to the host's
 GPU_IMAGE_ARCH ?= 90
