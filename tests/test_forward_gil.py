@@ -9,7 +9,6 @@ import time
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.unit
 
 
 def _steps_per_s(stop: threading.Event, count: list) -> None:
