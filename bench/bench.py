@@ -477,9 +477,7 @@ def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, ca
         "camera_decode", "camera_decode_reduced")}
     rows.update({k + "_steady": [] for k in PIPELINES})
     cpu = {k: [] for k in ("forward", "decode", "decode_reduced", "camera_decode", "camera_decode_reduced",
-                           "runner", "runner_reduced", "runner_1_worker", "camera", "camera_reduced",
-                           "camera_1_worker")}
-    cpu.update({k + "_steady": [] for k in PIPELINES})
+                           *PIPELINES, *(run + "_steady" for run in PIPELINES))}
     busy, busy_steady, decode_rates, loads, peaks = [], [], [], [], {}
     old_default = ["launcher.workers=1"]  # before issue 21: one process, every core a BLAS thread
 
@@ -581,7 +579,7 @@ PIPELINES = {"runner": "decode", "runner_reduced": "decode_reduced", "runner_1_w
              "camera": "camera_decode", "camera_reduced": "camera_decode_reduced", "camera_1_worker": "camera_decode"}
 
 # ratio key -> (pipeline run, its decode): end to end (the shard's one-time costs included) and
-# steady (after each worker's first batch)
+# steady (between runner.extract.steady_marks)
 LIMITS = {}
 for _run, _dec in PIPELINES.items():
     _key = ("2_" if _run.startswith("runner") else "10_") + _run + "_vs_limit"

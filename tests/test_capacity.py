@@ -26,14 +26,19 @@ def _child(mb: int, grow_steps: int, q) -> None:
     q.put({"own": peak_rss_mb(), "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0})
 
 
-def _measure_child(mb: int, grow_steps: int = 0) -> dict:
+def _in_child(target, *args):
+    """target(*args, q) in a fresh spawned process; what it puts on q."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(mb, grow_steps, q))
+    p = ctx.Process(target=target, args=(*args, q))
     p.start()
     out = q.get(timeout=120)
     p.join()
     return out
+
+
+def _measure_child(mb: int, grow_steps: int = 0) -> dict:
+    return _in_child(_child, mb, grow_steps)
 
 
 def test_status_field_parsing():
@@ -137,13 +142,7 @@ def _decode_faults(reuse: bool, threads: int, q) -> None:
 
 
 def _faults(reuse: bool, threads: int = 1):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_decode_faults, args=(reuse, threads, q))
-    p.start()
-    out = q.get(timeout=120)
-    p.join()
-    return out
+    return _in_child(_decode_faults, reuse, threads)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
