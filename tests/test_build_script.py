@@ -264,3 +264,21 @@ def test_a_tampered_sdist_is_refused_before_its_build_hooks_run(tmp_path):
     last = p.stderr.strip().splitlines()[-1]
     assert "sha256" in last and "c6410cc60bdd6db685d441b66be7df05410f8850ac88d6b75d48ef9b2315c08a" in last, p.stderr
     assert not (tmp_path / "cache" / "sdist").exists() or not any((tmp_path / "cache" / "sdist").iterdir())
+
+
+def test_a_failed_build_fails_make_setup_with_its_own_error(tmp_path):
+    """`build-pycaffe.sh ... | tail -n 1` in the Makefile: without pipefail a failed build went on
+    to make a venv and failed later in pip ("Invalid requirement: ''"). A build that stops (here
+    at once: a bad --cuda-arch) must stop make there, with the script's own line."""
+    import shutil
+
+    if not shutil.which("make") or not shutil.which("apt-get"):
+        pytest.skip("make setup needs make and apt-get (Debian)")
+    venv = tmp_path / "venv"
+    p = subprocess.run(["make", "-C", str(REPO), "setup", "CAFFE=gpu", "CUDA_ARCH=sm_90", f"VENV={venv}",
+                        f"PYTHON={sys.executable}", f"CACHE={tmp_path / 'cache'}"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode != 0, p.stdout
+    assert "build-pycaffe: --cuda-arch: 'sm_90' is not a compute capability" in p.stderr, p.stderr[-2000:]
+    assert not venv.exists(), "make went on after the failed build"
+    assert "Invalid requirement" not in p.stderr
