@@ -129,3 +129,94 @@ def test_user_ids_are_the_callers():
     uid, gid, groups = ct.user_ids()
     assert (uid, gid) == (os.getuid(), os.getgid()) and gid not in groups
     assert set(groups) | {gid} == set(os.getgroups()) | {gid}
+
+
+# ---- 19: a run directory only its owner can write ---------------------------------------------
+
+@pytest.mark.unit
+def test_foreign_write_table():
+    from runner.private import foreign_write
+
+    def st(mode, uid=1000):
+        return os.stat_result((mode, 0, 0, 1, uid, 1000, 0, 0, 0, 0))
+
+    me = 1000
+    assert foreign_write(st(0o40755), me) is None and foreign_write(st(0o100644), me) is None
+    assert foreign_write(st(0o40775), me) == "mode drwxrwxr-x"  # umask 002: the group can write
+    assert foreign_write(st(0o100646), me) == "mode -rw-r--rw-"
+    assert foreign_write(st(0o41777), me) == "mode drwxrwxrwt"  # sticky or not: others can add files
+    assert foreign_write(st(0o40755, uid=1001), me) == "owned by uid 1001"
+    assert foreign_write(st(0o40755, uid=0), me) is None  # root could write anything anyway
+
+
+@pytest.mark.unit
+def test_writable_by_others_walks_folders_and_control_files_not_shard_data(tmp_path):
+    from runner.private import check_private, writable_by_others
+
+    run = tmp_path / "run"
+    for d in ("logs/12_0", "shards", "status", "manifest"):
+        (run / d).mkdir(parents=True)
+    for f in ("run.json", "logs/12_0/12_0_submitted.pkl", "shards/shard-00000-of-00001.h5",
+              "status/shard-00000-of-00001.json", "manifest/meta.json"):
+        (run / f).write_text("x")
+    for p in [run, *run.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    assert writable_by_others(run) == []
+    check_private(run)
+    (run / "shards" / "shard-00000-of-00001.h5").chmod(0o666)  # data: not checked (a big run has many)
+    (run / "status" / "shard-00000-of-00001.json").chmod(0o666)
+    assert writable_by_others(run) == []
+    (run / "logs" / "12_0" / "12_0_submitted.pkl").chmod(0o664)
+    (run / "status").chmod(0o777)
+    assert sorted(str(p.relative_to(run)) for p, _ in writable_by_others(run)) == \
+        ["logs/12_0/12_0_submitted.pkl", "status"]
+    with pytest.raises(ConfigError) as e:
+        check_private(run)
+    assert "\n" not in str(e.value) and f"`chmod -R go-w {run}`" in str(e.value) and "and 1 more" in str(e.value)
+    check_private(tmp_path / "not-yet")  # made by the launch, private
+
+
+def _umask_002():
+    os.umask(0o002)  # a common cluster default: the group may write what the user makes
+
+
+def _modes(run: Path):
+    """{relative path: mode} of everything in the run directory, itself included."""
+    return {str(p.relative_to(run.parent)): oct(p.stat().st_mode & 0o777) for p in [run, *run.rglob("*")]
+            if not p.is_symlink()}
+
+
+@pytest.mark.slow
+def test_under_umask_002_the_run_is_private_and_a_writable_one_is_refused(photos, tiny_net, tmp_path):
+    run = tmp_path / "run"
+    args = [f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net), "launcher.workers=1",
+            "num_shards=2"]
+    p = subprocess.run(CLI + args, capture_output=True, text=True, cwd=REPO, timeout=600, preexec_fn=_umask_002)
+    assert p.returncode == 0, p.stderr[-3000:]
+    modes = _modes(run)
+    assert {"run/run.json", "run/logs", "run/manifest", "run/shards", "run/features.h5"} <= set(modes), modes
+    open_ = {k: v for k, v in modes.items() if int(v, 8) & 0o022}
+    assert not open_, f"group/other-writable under umask 002: {open_}"
+
+    # a run directory the group can write (made so by hand, or by an older version): refused
+    # before anything in it is read or written, for a rerun and for retry alike
+    (run / "logs").chmod(0o775)
+    before = _modes(run)
+    for cmd in (args, ["retry", str(run)]):
+        p = subprocess.run(CLI + cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
+        assert f"{run / 'logs'} mode drwxrwxr-x" in lines[0] and f"chmod -R go-w {run}" in lines[0], lines
+    assert _modes(run) == before
+    subprocess.run(["chmod", "-R", "go-w", str(run)], check=True)  # the fix the message names
+    run_cli(*args)
+
+
+@pytest.mark.unit
+def test_a_new_run_directory_in_a_group_writable_folder_is_refused(photos, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)  # a project folder the whole group writes: not a run directory of one user
+    p = run_cli(f"input.dir={photos}", f"output.dir={shared}", "model.prototxt=/nonexistent.prototxt", check=False)
+    assert p.returncode == 2 and "can be written by others" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert list(shared.iterdir()) == []
