@@ -220,3 +220,44 @@ def test_a_new_run_directory_in_a_group_writable_folder_is_refused(photos, tmp_p
     p = run_cli(f"input.dir={photos}", f"output.dir={shared}", "model.prototxt=/nonexistent.prototxt", check=False)
     assert p.returncode == 2 and "can be written by others" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert list(shared.iterdir()) == []
+
+
+# ---- 16 and 19 on the real cluster --------------------------------------------------------------
+
+def _venv_under(folder: Path) -> Path:
+    """A real venv at `folder` (its own interpreter, pyvenv.cfg) that sees this project's
+    packages: a .pth adds the project venv's site-packages (and so the editable install)."""
+    import sysconfig
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120)
+    site = next(folder.glob("lib/python3*/site-packages"))
+    (site / "project.pth").write_text(f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+    return folder / "bin" / "python"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_submitting_from_a_venv_under_a_hostile_path_under_umask_002(cluster, photos, tiny_net, tmp_path):
+    """The array's sbatch script names the interpreter as one word: the tasks run (nothing of
+    `$(...)` runs, no split at the space), and under the user's umask 002 submitit's pickles, the
+    control files and the shard files the tasks write are the user's alone."""
+    python = _venv_under(tmp_path / HOSTILE / "venv")
+    run = tmp_path / "run"
+    args = [f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net), "num_shards=2",
+            "launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10",
+            "launcher.wait=true"]
+    p = subprocess.run([str(python), "-m", "runner", *args], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=600, preexec_fn=_umask_002)
+    assert not (tmp_path / "pwned").exists(), "the sbatch script ran the $(...) of the venv's path"
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    assert (run / "features.h5").exists()
+    scripts = sorted(run.glob("logs/*/*_submission.sh"))
+    assert scripts, sorted(run.rglob("*"))
+    for script in scripts:
+        line = next(ln for ln in script.read_text().splitlines() if "submitit.core._submit" in ln)
+        assert str(python) in shlex.split(line), line
+    modes = _modes(run)
+    pickles = [k for k in modes if k.endswith(".pkl")]
+    assert pickles and {"run/run.json", "run/submissions.json", "run/shards/shard-00000-of-00002.h5"} <= set(modes)
+    open_ = {k: v for k, v in modes.items() if int(v, 8) & 0o022}
+    assert not open_, f"group/other-writable under umask 002: {open_}"
