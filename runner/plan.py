@@ -21,7 +21,7 @@ from . import __version__, log
 from .errors import ConfigError, unwritable
 from .changes import describe_change, identity_changes, input_change_advice
 from .config import preset_model_paths
-from .fetch import ensure_model_files
+from .fetch import check_pins, ensure_model_files
 from .inputs import build_manifest, input_source, input_stamp, list_input, refuse_caffe_io
 from .manifest import extend_manifest, load_manifest
 from .inputs.listing import describe as describe_listing
@@ -329,6 +329,7 @@ def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
     rd = RunDir(run_dir)
     model_sha = {k: sha256_file(cfg.model[k]) for k in ("prototxt", "weights") if os.path.isfile(cfg.model[k])}
     model_sha.setdefault("weights", "")
+    check_pins(cfg.model, model_sha)  # a fetched file that changed since (its pin beside it) is refused
     ident = identity(cfg, blobs, model_sha, source)
 
     old = None

