@@ -64,8 +64,8 @@ def check_private(run_dir: Path, what: str = "output.dir") -> None:
     """Refuse a run directory that others can write (one line, the fix named). A folder that
     does not exist yet passes: it is made private."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return
+    if not run_dir.is_dir() or os.statvfs(run_dir).f_flag & os.ST_RDONLY:
+        return  # nothing there yet, or nobody can write there (the launch says it cannot either)
     bad = writable_by_others(run_dir)
     if not bad:
         return
