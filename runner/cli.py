@@ -269,7 +269,7 @@ def _extract_one(overrides: List[str], cfg=None) -> int:
 def _sweep(overrides: List[str]) -> int:
     """Every combination (Hydra's sweep syntax: key=a,b), one run directory each under
     output.dir; a failed point does not stop the others; the failed ones are listed at the end."""
-    from .private import private_files
+    from .private import check_private, private_files
     from .sweep import name_points, record_sweep, varying
 
     points = expand_sweep(overrides)
@@ -281,7 +281,8 @@ def _sweep(overrides: List[str]) -> int:
     keys = [override_dirname(p) for p in points]
     lines = [override_lines(p) for p in points]
     names = name_points(Path(root), lines, keys, [sweep_dirname(n, k) for n, k in enumerate(keys)])
-    with private_files():  # the sweep folder holds the points' run directories
+    check_private(Path(root))  # the sweep folder holds the points' run directories
+    with private_files():
         record_sweep(Path(root), names, keys, lines)  # the name -> overrides mapping: `status SWEEP_DIR` reads it
     cfgs = []
     shown = {name: " ".join(ln) for name, ln in zip(names, varying(lines))}

@@ -43,7 +43,7 @@ def _entries(run_dir: Path) -> Iterator[Tuple[Path, os.stat_result]]:
     yield run_dir, os.lstat(run_dir)
     for root, dirs, files in os.walk(run_dir):
         rel = Path(root).relative_to(run_dir)
-        data = bool(rel.parts) and rel.parts[0] in _DATA_DIRS
+        data = any(part in _DATA_DIRS for part in rel.parts)  # a run's, or a sweep point's
         for name in dirs + ([] if data else files):
             p = Path(root) / name
             try:

@@ -217,9 +217,12 @@ def test_a_new_run_directory_in_a_group_writable_folder_is_refused(photos, tmp_p
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o2775)  # a project folder the whole group writes: not a run directory of one user
-    p = run_cli(f"input.dir={photos}", f"output.dir={shared}", "model.prototxt=/nonexistent.prototxt", check=False)
-    assert p.returncode == 2 and "can be written by others" in p.stderr and "Traceback" not in p.stderr, p.stderr
-    assert list(shared.iterdir()) == []
+    for sweep in ([], ["-m", "batch_size=4,8"]):  # a run there, or a sweep's points there
+        p = run_cli(*sweep, f"input.dir={photos}", f"output.dir={shared}", "model.prototxt=/nonexistent.prototxt",
+                    check=False)
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode == 2 and len(lines) == 1 and "can be written by others" in lines[0], p.stderr
+        assert list(shared.iterdir()) == []
 
 
 # ---- 16 and 19 on the real cluster --------------------------------------------------------------
