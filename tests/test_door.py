@@ -18,7 +18,7 @@ from conftest import CLI, REPO, run_cli, tiny_model_args
 from runner import runtimes as ct
 from runner.errors import ConfigError
 from runner.launch.registry import launcher_for
-from runner.schema import ContainerConf, InputConf, LocalLauncherConf, ModelConf, OutputConf, RunConf, SlurmLauncherConf
+from runner.schema import ContainerConf, InputConf, ModelConf, OutputConf, RunConf, SlurmLauncherConf
 
 HOSTILE = "my env $(touch pwned)"  # a folder name with a space and a command substitution
 

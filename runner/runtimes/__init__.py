@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 from ..inputs import configured, node_read_paths
 from ..errors import ConfigError
 from .apptainer import Apptainer
-from .base import NODE_LOCAL, TASK_ENV, ContainerSpec, Placement, Runtime, Wrapped, abs_path, outermost, separator_error, under
+from .base import NODE_LOCAL, TASK_ENV, ContainerSpec, Placement, Runtime, Wrapped, abs_path, outermost, under
 from .charliecloud import Charliecloud, charliecloud_binds
 from .host import Host
 from .identity import ENV_IMAGE, ENV_IMAGE_ID, ENV_RUNTIME
@@ -158,10 +158,8 @@ def check_container(cfg, placement: Placement, device: Optional[str] = None) -> 
     rt.check(spec, placement)
     bound = rt.binds(bind_dirs(cfg))
     # each folder as it is bound (an outer folder, Charliecloud's top-level one), named by its key
-    rt.check_paths([(key, b) for key, folder in bind_sources(cfg) for b in bound if under(folder, [b])], spec.image)
-    for b in cfg.container.binds:  # SRC[:DST] by design: only a list separator is refused there
-        if "," in rt.bind_separators and "," in b:
-            raise separator_error(rt.name, "container.binds", b, ",")
+    rt.check_paths([(key, b) for key, folder in bind_sources(cfg) for b in bound if under(folder, [b])], spec.image,
+                   list(cfg.container.binds))
     path = rt.image_path(str(cfg.container.image))
     if path is not None:
         _check_image_file(path, placement)

@@ -148,15 +148,20 @@ class Runtime:
     def check(self, spec: ContainerSpec, placement: Placement) -> None:
         """Refusals that need no image file (e.g. a runtime the launcher cannot start)."""
 
-    def check_paths(self, folders: List[Tuple[str, str]], image: str) -> None:
-        """Refuse a folder to bind (config key, path) or an image path that the runtime's own
-        syntax would split into other mounts or values."""
+    def check_paths(self, folders: List[Tuple[str, str]], image: str, user_binds: List[str]) -> None:
+        """Refuse a folder to bind (config key, path), an image path or one of the user's own
+        container.binds that the runtime's own syntax would split into other mounts or values."""
         for key, path in folders:
             bad = [c for c in self.bind_separators if c in path]
             if bad:
                 raise separator_error(self.name, key, path, bad[0])
-        if "," in self.bind_separators and "," in image:  # its --env / --export lists are comma-separated too
+        if "," not in self.bind_separators:
+            return
+        if "," in image:  # the --env / --export lists that carry it are comma-separated too
             raise separator_error(self.name, "container.image", image, ",")
+        for b in user_binds:  # SRC[:DST] by design: only the list separator is refused there
+            if "," in b:
+                raise separator_error(self.name, "container.binds", b, ",")
 
     def check_image(self, spec: ContainerSpec, path: str, device: str) -> None:
         """Refusals that read the image file or folder (after it is known to exist)."""
