@@ -5,8 +5,8 @@
   merge.lock         in the run directory: the process writing features.h5
 
 The holder writes one line into the file once it has the lock ("caffe-runner merge pid 12 on
-node2 Slurm job 345_1 since 2026-12-05 15:04:00") and empties it before letting go, so whoever
-is refused can say who holds it. flock is released by the kernel when the holder dies (kill -9,
+node2 Slurm job 345_1 since 2026-12-05 15:04:00") and (launch, merge) empties it before letting
+go, so whoever is refused can say who holds it. flock is released by the kernel when the holder dies (kill -9,
 OOM, a lost node's locks are dropped by the file server), so a dead holder never blocks a
 rerun; the line may then still name it, which is why only a refused lock reads the line.
 
@@ -87,8 +87,11 @@ class FileLock:
             ...            # raises LockHeld(path, holder) when another process holds it
     """
 
-    def __init__(self, path: PathLike, what: str):
-        self.path, self.what = Path(path), what
+    def __init__(self, path: PathLike, what: str, clear: bool = True):
+        """clear: empty the file on release, so a free lock names nobody (launch, merge). A
+        shard's lock keeps its last line instead: shards are many, and on a disk filled by
+        the run, emptying them frees blocks that let a rerun pass the plan's write probe."""
+        self.path, self.what, self.clear = Path(path), what, clear
         self.fd: Optional[int] = None
 
     def acquire(self) -> "FileLock":
@@ -108,7 +111,8 @@ class FileLock:
         if self.fd is None:
             return
         try:
-            os.ftruncate(self.fd, 0)  # released: it names nobody
+            if self.clear:
+                os.ftruncate(self.fd, 0)  # released: it names nobody
         except OSError:
             pass  # a full or read-only disk must not turn a release into a failure
         finally:

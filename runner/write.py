@@ -60,7 +60,7 @@ class ShardLock:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.lock = FileLock(self.path, "shard task")
+        self.lock = FileLock(self.path, "shard task", clear=False)
 
     def __enter__(self):
         try:
