@@ -277,3 +277,23 @@ def test_a_second_merge_is_refused_naming_the_first_which_then_completes(tmp_pat
         idx = f["index"][:]
         np.testing.assert_array_equal(f[f"features/{BLOB}"][:, 0], idx.astype(np.float32))
         assert json.loads(f.attrs["blobs"]) == [BLOB]
+
+
+def test_a_listing_killed_mid_write_is_not_taken_for_someones_data(tmp_path):
+    """kill -9 while the manifest is written leaves its temporary folder in a new output.dir:
+    the rerun must not refuse the folder as foreign, and the listing removes the leftover."""
+    from runner.atomic import temp_name
+    from runner.launch import check_run_dir
+    from runner.manifest import write_manifest
+
+    run = tmp_path / "run"
+    left = temp_name(run / "manifest")
+    left.mkdir(parents=True)
+    (left / "paths.bin").write_bytes(b"half")
+    check_run_dir(run)  # no ConfigError: nothing in it is someone's data
+    (run / "photos.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"holds no run \(photos.txt\)"):
+        check_run_dir(run)
+    (run / "photos.txt").unlink()
+    write_manifest(run, b"/in", [b"a.jpg"], "synthetic")
+    assert sorted(os.listdir(run)) == ["manifest"]
