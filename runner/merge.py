@@ -35,7 +35,7 @@ import numpy as np
 from . import log
 from .atomic import atomic_path, remove_stale_temps
 from .errors import RunBusyError, RunnerError, ShardFailedError, unwritable
-from .locks import FileLock, LockHeld, NoFlockError
+from .locks import FileLock, LockHeld
 from .rundir import MERGE_LOCK, probe_writable
 from .runtimes.identity import image_label
 from .write import dataset_name
@@ -217,8 +217,6 @@ def merge_run(run, out: Optional[Path] = None) -> Path:
         raise RunBusyError(f"{run.rundir.path} is being merged by {e.holder}: wait for it to finish (it writes "
                            f"{run.rundir.merged}; caffe-runner status {run.rundir.path}); nothing was changed",
                            holder=e.holder) from None
-    except NoFlockError:
-        raise
     except OSError as e:
         raise unwritable("the run directory", run.rundir.path, e, "merge as a user who can write there, or "
                          "write a self-contained copy elsewhere: caffe-runner export RUN_DIR OUT.h5") from None

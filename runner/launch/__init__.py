@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from .. import log
 from ..atomic import is_temp_of
 from ..errors import ConfigError, RunBusyError, unwritable
-from ..locks import FileLock, LockHeld, NoFlockError
+from ..locks import FileLock, LockHeld
 from .base import Launcher
 from .registry import launcher_for
 
@@ -63,8 +63,6 @@ def launch_lock(path: Path):
     except LockHeld as e:
         raise RunBusyError(f"output.dir {path} is in use by {e.holder}: wait for it to finish "
                            f"(caffe-runner status {path}) or use another output.dir", holder=e.holder) from None
-    except NoFlockError:
-        raise
     except OSError as e:
         raise unwritable("output.dir", path, e, "choose another output.dir (a folder you can write)") from None
     try:
