@@ -62,16 +62,18 @@ class _Progress:
 
     def beat(self, state: str, force: bool = False, **extra) -> None:
         now = time.time()
+        fields = dict(state=state, shard=self.index, done=self.done, total=self.total, rows=self.rows,
+                      failures=self.failures, rate=round(self.rate, 3), job_id=self.ident.job_id, started=self.t0,
+                      log=self.log_path, image=image_label(), **extra)
         if force or now - self.last_beat >= self.heartbeat_s:
             self.last_beat = now
             if state != "running":
                 self.heart.stop()  # the last word: no "running" beat from the thread after it
-            self.heart.beat(dict(
-                state=state, shard=self.index, done=self.done, total=self.total, rows=self.rows,
-                failures=self.failures, rate=round(self.rate, 3), job_id=self.ident.job_id, started=self.t0,
-                log=self.log_path, image=image_label(), **extra))
+            self.heart.beat(fields)
             if state == "running":
                 self.events.progress(done=self.done, rows=self.rows, failures=self.failures)
+        else:
+            self.heart.update(fields)  # the beat thread's next beat carries the latest counts
         if self.log_interval_s and (now - self.last_log >= self.log_interval_s or state != "running"):
             self.last_log = now
             eta = (self.total - self.done) / self.rate if self.rate > 0 else float("nan")

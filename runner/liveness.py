@@ -102,6 +102,11 @@ class Heart:
             self.fields = dict(fields)
             self._write()
 
+    def update(self, fields: Dict) -> None:
+        """The fields the next beat carries, without writing now."""
+        with self.lock:
+            self.fields = dict(fields)
+
     def _write(self) -> None:
         self.seq += 1
         self.last = time.time()

@@ -452,17 +452,22 @@ def wait_for(run: Run, jobs, merge_job=None, poll_s: float = 2.0, merge_wait_s: 
         return
     # the merge job follows the array; wait for its file so `wait` returns a finished run
     deadline = time.time() + merge_wait_s
-    word: Dict = {}
-    while not rd.merged.exists() and time.time() < deadline:
+
+    def merge_word() -> Tuple[bool, str]:
+        """(alive, state): Slurm's word as `status` has it, else what submitit says."""
         word = (run_status(rd.path).get("slurm_word") or {}).get("merge") or {}
-        if word and not word.get("alive"):
-            break
+        if word.get("state"):
+            return bool(word["alive"]), word["state"]
+        return not merge_job.done(), merge_job.state
+
+    alive, state = merge_word()
+    while not rd.merged.exists() and alive and time.time() < deadline:
         time.sleep(poll_s)
+        alive, state = merge_word()
     if rd.merged.exists():
         print(f"done: {rd.merged}", flush=True)
         return
-    state = word.get("state") or "not known to Slurm"
-    what = (f"has not written it after {merge_wait_s:.0f} s (state {state}; it may still run)" if word.get("alive")
+    what = (f"has not written it after {merge_wait_s:.0f} s (state {state}; it may still run)" if alive
             else f"ended ({state}) without writing it")
     raise RunnerError(f"all {run.num_shards} shards are complete, but merge job {merge_job.job_id} {what}: "
                       f"{rd.merged} is missing; its log: {merge_job.paths.stderr}; `caffe-runner merge "
