@@ -181,6 +181,11 @@ def test_a_task_over_its_memory_reads_out_of_memory(cluster, tiny_net, photos, t
         st = _by_shard(_status(run))[0]
         assert st["state"] == "failed" and st["cause"] == "OUT_OF_MEMORY", st
         assert "killed by Slurm: OUT_OF_MEMORY" in run_cli("status", run, check=False).stdout
+        from runner.api import Run
+        from runner.errors import ShardFailedError
+
+        with pytest.raises(ShardFailedError, match=r"shard 0: killed by Slurm: OUT_OF_MEMORY"):
+            Run(run).wait(timeout_s=120)
     finally:
         for g in gates.values():
             g.open()

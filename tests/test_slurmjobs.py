@@ -209,3 +209,35 @@ def test_heart_beats_between_batches_and_stops_before_the_last_word():
     seqs = [b["seq"] for b in written]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     assert written[0]["interval_s"] == 0.05 and written[0]["pidns"] == pid_namespace() and written[0]["pid"] == os.getpid()
+
+
+# ---- Run.wait is bounded (no cluster: a task that died without a word) ----------------------
+
+def test_run_wait_ends_once_nothing_is_alive(tmp_path):
+    import socket
+
+    from runner.api import Run
+    from runner.errors import RunnerError, ShardFailedError
+    from runner.plan import load_run_dir
+    from runner.synthetic import make_run, shard_file
+
+    run_dir = make_run(tmp_path / "run", 20, 2, dim=2)
+    run = load_run_dir(run_dir)
+    os.unlink(shard_file(run_dir, 1, 2))
+    # a task on this host and pid namespace that died without a word: its pid is gone
+    dead = {"state": "running", "pid": 2 ** 22 + 12345, "host": socket.gethostname(), "pidns": pid_namespace(),
+            "interval_s": 30.0, "seq": 3, "done": 4}
+    run.write_heartbeat(1, dead)
+    with pytest.raises(RunnerError, match=r"not finished and nothing runs it any more .*run the same extraction"):
+        Run(run_dir).wait(timeout_s=60, poll_s=0.01)
+    # a requeued task with no Slurm to ask is not "failed": the wait ends without ShardFailedError
+    run.write_heartbeat(1, dict(dead, state="requeued"))
+    st = Run(run_dir).status()
+    assert st["shards"][1]["state"] == "requeued" and st["state"] == "incomplete"
+    with pytest.raises(RunnerError) as e:
+        Run(run_dir).wait(timeout_s=60, poll_s=0.01)
+    assert not isinstance(e.value, ShardFailedError)
+    # the same beat from another pid namespace (a container, another node's): fresh, so alive
+    run.write_heartbeat(1, dict(dead, pidns="pid:[1]"))
+    with pytest.raises(TimeoutError):
+        Run(run_dir).wait(timeout_s=0.05, poll_s=0.01)
