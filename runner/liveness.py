@@ -76,9 +76,10 @@ def judge(beat: Dict, age_s: float, host: str, pidns: str, pid_alive: Callable[[
     return "fresh" if age_s <= stale_after_s(beat) else "stale"
 
 
-def lost(beat: Dict, age_s: float) -> bool:
-    """A stale beat no one else can vouch for is dead past the skew allowance (pure)."""
-    return age_s > stale_after_s(beat) + MAX_SKEW_S
+def lost(beat: Dict, age_s: float, host: str = "") -> bool:
+    """A stale beat no one else can vouch for is dead past the skew allowance (pure); a beat
+    from this host (another pid namespace: a container) shares our clock and has none."""
+    return age_s > stale_after_s(beat) + (0.0 if host and beat.get("host") == host else MAX_SKEW_S)
 
 
 class Heart:

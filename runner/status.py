@@ -47,7 +47,7 @@ def shard_state(run, i: int, now: float, here: Optional[Tuple[str, str]] = None)
         beat = judge(hb, age, host, pidns, pid_alive)
         # a stale beat is not a death certificate: Slurm is asked (run_status); where no one can
         # be asked it is dead only past the clock-skew allowance (liveness.py)
-        alive = beat in ("alive", "fresh") or (beat == "stale" and not lost(hb, age))
+        alive = beat in ("alive", "fresh") or (beat == "stale" and not lost(hb, age, host))
         st.update(state="running" if alive else "interrupted", age_s=round(age, 1), beat=beat,
                   phase=hb.get("phase"))
     elif run.partial_path(i).exists():

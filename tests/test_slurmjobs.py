@@ -184,6 +184,8 @@ def test_stale_by_its_own_interval_and_skew_changes_no_verdict():
     assert beat_age_s({"updated": now + 60}, None, now) == 0
     # stale, but dead only past the skew allowance when no one else can say
     assert judge(beat, 31, "h", "", lambda p: True) == "stale" and not lost(beat, 31) and lost(beat, 91)
+    # from this very host (a container's pid namespace): one clock, no allowance
+    assert lost(dict(beat, host="h"), 31, "h") and not lost(dict(beat, host="n2"), 31, "h")
     # old beats (no interval recorded): stale after 120 s as before
     assert judge({}, 119, "h", "", lambda p: True) == "fresh" and judge({}, 121, "h", "", lambda p: True) == "stale"
     assert beat_interval_s(3600) == 30 and beat_interval_s(0.2) == 0.2
