@@ -142,6 +142,24 @@ def death_message(cause: str, word: JobWord, done: int, total: int, mem_gb=None,
     return what + kept + (f"; Caffe said: {last_words}" if last_words else "")
 
 
+# what a pending task waits for, when the user can do something about it (or should know)
+PENDING_HINTS = {
+    "JobHeldUser": "held: `scontrol release JOBID` lets it start",
+    "JobHeldAdmin": "held by an administrator",
+    "PartitionDown": "its partition is down: it starts when the partition is up again",
+    "PartitionInactive": "its partition is inactive: it starts when the partition is up again",
+    "ReqNodeNotAvail": "the nodes it may use are not available (down or drained)",
+    "JobArrayTaskLimit": "launcher.array_parallelism tasks already run",
+    "BeginTime": "Slurm holds a requeued task about 2 min before it may start again",
+    "DependencyNeverSatisfied": "its dependency can never be met: scancel it and rerun the command",
+}
+
+
+def _pending(reason: str, job_id: str) -> str:
+    hint = PENDING_HINTS.get(reason, "")
+    return f"pending ({reason or 'queued'}{': ' + hint.replace('JOBID', job_id) if hint else ''})"
+
+
 def apply_slurm_word(st: Dict, word: Optional[JobWord], log_tail: str = "", mem_gb=None,
                      timeout_min=None, log_path: Optional[str] = None) -> Dict:
     """Shard state `st` (from shard_state) with Slurm's word on its latest job (pure): the
@@ -164,9 +182,9 @@ def apply_slurm_word(st: Dict, word: Optional[JobWord], log_tail: str = "", mem_
             if word.requeued or (was_here and st["state"] != "failed" and st.get("job_id")):
                 after = [e for e in word.earlier if e != "REQUEUED"]
                 st.update(state="requeued", note=f"requeued by Slurm{' after ' + after[-1] if after else ''}; "
-                                                 f"pending ({word.reason or 'queued'})")
+                                                 + _pending(word.reason, word.job_id))
             else:
-                st.update(state="pending", note=f"pending in Slurm's queue ({word.reason or 'queued'})")
+                st.update(state="pending", note=f"in Slurm's queue, {_pending(word.reason, word.job_id)}")
         elif word.state.startswith("REQUEUE"):
             st.update(state="requeued", note=f"Slurm: {word.state}")
         else:

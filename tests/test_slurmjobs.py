@@ -123,7 +123,7 @@ def test_death_messages(state, expect):
 def test_requeued_pending_and_running_are_alive_not_failed():
     # the task's own word: submitit requeued it (timeout/preemption); Slurm has it pending again
     st = apply_slurm_word(_st("requeued"), _word("PENDING", source="squeue", reason="BeginTime"))
-    assert st["state"] == "requeued" and st["alive"] and "pending (BeginTime)" in st["note"]
+    assert st["state"] == "requeued" and st["alive"] and "pending (BeginTime: Slurm holds" in st["note"]
     # killed without a word by `scontrol requeue` / a node loss: pending again under the same job id
     st = apply_slurm_word(_st("interrupted", beat="dead"), _word("PENDING", reason="BeginTime",
                                                                   earlier=("NODE_FAIL",), restarts=1))
