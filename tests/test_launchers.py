@@ -105,7 +105,7 @@ def world(tmp_path, monkeypatch):
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'MaxArraySize = 2'\n")  # 3 shards: two arrays
     (bin_dir / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.setenv("CAFFE_RUNNER_SINGLE_NODE", "1")
+    monkeypatch.setenv("CAFFE_RUNNER_SHARED_PATHS", "/tmp")
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GLOG_minloglevel"):
         monkeypatch.setenv(var, os.environ.get(var, "1"))  # run_shard sets them: restored after
     return imgs, proto, tmp_path / "run"

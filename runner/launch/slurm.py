@@ -177,17 +177,36 @@ def merge_job(run_dir: str) -> str:
     return str(out)
 
 
+# Folders each node has its own of, unless the site declares them shared.
+NODE_LOCAL_FOLDERS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def node_local_folder(path: str, shared: str = "") -> Optional[str]:
+    """The node-local folder `path` lies under, or None; `shared` (CAFFE_RUNNER_SHARED_PATHS,
+    colon-separated) lists folders the site declares every node sees (pure)."""
+    declared = [s.rstrip("/") for s in shared.split(":") if s.strip()]
+    p = os.path.abspath(path)
+    if any(p == d or p.startswith(d + "/") for d in declared):
+        return None
+    return next((f for f in NODE_LOCAL_FOLDERS if p.startswith(f + "/")), None)
+
+
 def _check_paths_for_nodes(cfg) -> None:
     """Tasks run elsewhere: node-local paths would not exist there."""
     which = "/".join(f"input.{f}" for f in configured(cfg.input)) or "input"  # as the user set it
     paths = [("model.prototxt", cfg.model.prototxt), ("model.weights", cfg.model.weights),
              ("output.dir", cfg.output.dir)] + [(which, str(p)) for p in node_read_paths(cfg.input)]
+    # a site whose /tmp is one file system for all nodes (the dev cluster) declares it
+    shared = os.environ.get("CAFFE_RUNNER_SHARED_PATHS", "")
     for label, p in paths:
         # output.dir may not exist yet: prepare_run checks that it can be written
         if p and label != "output.dir" and not os.access(p, os.R_OK):
             raise ConfigError(f"{label} {p} is not readable from here; tasks will not read it either")
-        if p and str(p).startswith(("/tmp/", "/dev/shm/")) and not os.environ.get("CAFFE_RUNNER_SINGLE_NODE"):
-            log.warning("%s %s is under a node-local folder: on a multi-node cluster tasks will not see it", label, p)
+        folder = node_local_folder(str(p), shared) if p else None
+        if folder:
+            log.warning("%s %s is under %s, which each node has its own of: tasks on other nodes will not see it "
+                        "(use a shared folder, or declare it with CAFFE_RUNNER_SHARED_PATHS=%s if all nodes share "
+                        "it)", label, p, folder, folder)
 
 
 def submitit_executor(**kw):
