@@ -368,15 +368,14 @@ def launch_slurm(cfg, accepted: Callable, launcher: SlurmLauncher) -> Dict:
     if lc.merge_job:
         arrays = flight.arrays + [s["array_job_id"] for s in submissions]
         try:
-            merge_id = _one_merge_job(cfg, launcher, logs, python, rd.path, fingerprint, arrays, flight,
-                                      new=bool(submissions))
+            merge_id, mjob = _one_merge_job(cfg, launcher, logs, python, rd.path, fingerprint, arrays, flight,
+                                            new=bool(submissions))
         except BaseException as e:
             _record_submissions(rd.path, submissions, None)
             if isinstance(e, sbatch_errors()):
                 raise _sbatch_refused(e, "merge job (the array was submitted; `caffe-runner merge` merges by "
                                          "hand)") from e
             raise
-        mjob = submitit.SlurmJob(folder=logs, job_id=merge_id)
     if not submissions and merge_id and merge_id not in flight.merges:
         # a merge job for arrays already in flight: recorded too, so the next command sees it
         submissions = [{"array_job_id": "", "submitted": time.time(), "tasks": []}]
@@ -390,16 +389,19 @@ def launch_slurm(cfg, accepted: Callable, launcher: SlurmLauncher) -> Dict:
         # the tasks already in flight are waited for as the ones just submitted
         waited = all_jobs + [(shard, submitit.SlurmJob(folder=logs, job_id=jid))
                              for shard, (jid, _, _) in sorted(flight.shards.items())]
+        if merge_id and mjob is None:
+            mjob = submitit.SlurmJob(folder=logs, job_id=merge_id)
         wait_for(run, waited, mjob)
         result.update(waited=True, stats=collect_stats(run))
     return result
 
 
 def _one_merge_job(cfg, launcher: SlurmLauncher, logs: Path, python: str, run_dir: Path, fingerprint: str,
-                   arrays: List[str], flight: InFlight, new: bool) -> str:
+                   arrays: List[str], flight: InFlight, new: bool):
     """The run's one merge job, after all of its arrays: a merge job still pending is made to
     wait for the new arrays too (scontrol update); else one is submitted (after a merge still
-    running, if any: two merges never write at once). Returns its id."""
+    running, if any: two merges never write at once). Returns (its id, the submitit job when
+    submitted here, else None)."""
     lc = cfg.launcher
     pending = [m for m, (state, _) in flight.merges.items() if state == "PENDING"]
     if pending:
@@ -412,7 +414,7 @@ def _one_merge_job(cfg, launcher: SlurmLauncher, logs: Path, python: str, run_di
                 raise RunnerError(f"merge job {m} could not be made to wait for the new array(s) ({p.stderr.strip()}"
                                   f"): scancel {m} and run the command again (it submits one merge job)")
             print(f"merge job {m} (already queued) now waits for array(s) {', '.join(arrays)}", flush=True)
-        return m
+        return m, None
     running = [m for m in flight.merges if m not in pending]
     mex = launcher.executor(folder=logs, python=python)
     params = executor_parameters(lc, gres=False)
@@ -423,7 +425,7 @@ def _one_merge_job(cfg, launcher: SlurmLauncher, logs: Path, python: str, run_di
     mex.update_parameters(**params)
     mjob = mex.submit(merge_job, str(run_dir), fingerprint)
     print(f"submitted merge job {mjob.job_id} (afterany on the array{'s' if len(arrays) > 1 else ''})", flush=True)
-    return mjob.job_id
+    return mjob.job_id, mjob
 
 
 def submit_arrays(ex, task, cfg, chunks: List[List[int]], run_dir: Path, fingerprint: Optional[str] = None):
