@@ -86,3 +86,18 @@ def test_overwrite_removes_everything_of_the_old_run(tmp_path):
     remove_old_run(run)
     assert sorted(p.name for p in run.iterdir()) == ["launch.lock", "notes.txt"]
     assert set(OLD_RUN_ENTRIES) >= {"events", "submissions.json", "retries.json", "retry", "logs"}
+
+
+@pytest.mark.parametrize("path, shared, folder", [
+    ("/tmp/run", "", "/tmp"),
+    ("/dev/shm/x/y", "", "/dev/shm"),
+    ("/tmp/run", "/tmp", None),  # the site (the dev cluster) declares /tmp shared by all nodes
+    ("/tmp/run", "/scratch:/tmp/", None),
+    ("/var/tmp/run", "/tmp", "/var/tmp"),
+    ("/tmpfoo/run", "", None),
+    ("/scratch/u/run", "", None),
+])
+def test_node_local_folder_unless_declared_shared(path, shared, folder):
+    from runner.launch.slurm import node_local_folder
+
+    assert node_local_folder(path, shared) == folder
