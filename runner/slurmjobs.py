@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Optional, Tuple
 
 SQUEUE_FORMAT = "%i|%T|%r|%N|%M"
@@ -44,6 +44,7 @@ class JobWord:
     exit_code: str = ""            # "3:0" = exit 3, "0:9" = killed by signal 9
     restarts: int = 0              # requeues Slurm counted (scontrol), or earlier runs (sacct -D)
     earlier: Tuple[str, ...] = ()  # how each earlier run of a requeued job ended (sacct -D)
+    runs: Tuple[str, ...] = ()     # every record sacct -D has of it, oldest first
 
     @property
     def alive(self) -> bool:
@@ -137,7 +138,7 @@ def parse_sacct(text: str) -> Dict[str, JobWord]:
         out[jid] = JobWord(jid, base_state(f[1]), "sacct", reason=_none(f[5]),
                            node="" if node == "None assigned" else node,
                            elapsed_s=int(f[4]) if f[4].strip().isdigit() else None, exit_code=f[2].strip(),
-                           restarts=len(earlier), earlier=earlier)
+                           restarts=len(earlier), earlier=earlier, runs=tuple(base_state(r[1]) for r in rows))
     return out
 
 
@@ -217,17 +218,23 @@ def query_jobs(job_ids: Iterable[str], accounting: bool = True) -> SlurmWord:
         word.sources.append("squeue")
         word.jobs.update({k: v for k, v in parse_squeue(out).items() if k in ids})
     rest = [j for j in ids if j not in word.jobs]
-    if not rest:
+    # a pending job may be a requeued one: accounting tells how its earlier runs ended
+    pending = [j for j in ids if j in word.jobs and word.jobs[j].state == "PENDING"]
+    if not rest and not pending:
         return word
     if accounting:
-        rest_arrays = sorted({j.split("_")[0] for j in rest}, key=lambda s: (len(s), s))
-        out, why = _run(["sacct", "-n", "-P", "-X", "-D", "-o", SACCT_FIELDS, "-j", ",".join(rest_arrays)])
+        asked = sorted({j.split("_")[0] for j in rest + pending}, key=lambda s: (len(s), s))
+        out, why = _run(["sacct", "-n", "-P", "-X", "-D", "-o", SACCT_FIELDS, "-j", ",".join(asked)])
         if out is None:
             word.problems.append(why)
         else:
             word.sources.append("sacct")
             found = parse_sacct(out)
             word.jobs.update({k: v for k, v in found.items() if k in rest})
+            for j in pending:
+                if j in found:
+                    ended = tuple(st for st in found[j].runs if st not in ALIVE_STATES)
+                    word.jobs[j] = replace(word.jobs[j], earlier=ended, restarts=len(ended))
             rest = [j for j in rest if j not in word.jobs]
     if rest and ("sacct" not in word.sources or not accounting):
         # no accounting: the controller still knows jobs ended within MinJobAge

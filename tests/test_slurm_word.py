@@ -227,3 +227,63 @@ def test_without_slurmdbd_status_asks_squeue_and_scontrol(cluster, tiny_net, pho
             g.open()
     run_cli(*args, "launcher.wait=true")
     assert run_cli("verify", run).returncode == 0
+
+
+def test_a_node_lost_mid_shard_is_requeued_and_the_run_completes_on_the_others(cluster, tiny_net, photos, tmp_path):
+    from conftest import NODES
+
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    lst, gates = _gated_list(tmp_path, photos, 3, gated=(0, 1, 2))
+    args = [f"input.list={lst}", "num_shards=3", *tiny_model_args(tiny_net)]
+    state = Path(cluster)
+    env = dict(os.environ, DEV_CLUSTER_MAX_ARRAY_SIZE=str(MAX_ARRAY))
+    lost = None
+    try:
+        run_cli(*args, f"output.dir={run}", *SLURM)
+        wait_until(lambda: all(_beat(run, i, 3).get("done") == 4 for i in range(3)), timeout=240, interval=0.2,
+                   what="three tasks held at their gates")
+        hosts = {i: _beat(run, i, 3)["host"] for i in range(3)}
+        lost = hosts[0]
+        on_lost = [i for i, h in hosts.items() if h == lost]
+        jobs = _jobs(run)
+        k = subprocess.run(["bash", str(DEV), "kill-node", lost, "--state-dir", str(state)], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert k.returncode == 0, k.stderr
+        subprocess.run(["scontrol", "update", f"nodename={lost}", "state=down", "reason=lost-in-test"], check=True)
+        seen = {i: set() for i in on_lost}
+
+        def requeued():
+            st = _by_shard(_status(run))
+            for i in on_lost:
+                seen[i].add(st[i]["state"])
+            return all(st[i]["state"] == "requeued" and "NODE_FAIL" in st[i].get("note", "") for i in on_lost)
+
+        try:
+            wait_until(requeued, timeout=120, interval=0.3, what="status naming the node loss")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {run_cli('status', run, check=False).stdout}") from None
+        assert all("failed" not in s for s in seen.values()), seen
+        text = run_cli("status", run, check=False).stdout
+        assert "requeued by Slurm after NODE_FAIL" in text, text
+        for g in gates.values():
+            g.open()
+        for i in on_lost:
+            _release(jobs[i])
+        wait_until(lambda: (run / "features.h5").exists(), timeout=300, interval=0.5, what="the run merged")
+    finally:
+        for g in gates.values():
+            if g.path.is_fifo():
+                g.open()
+        if lost:  # the node back, for the tests after this one
+            subprocess.run(["bash", str(DEV), "up", "--nodes", str(NODES), "--state-dir", str(state)], env=env,
+                           capture_output=True, timeout=180)
+    st = _status(run)
+    assert st["state"] == "merged", st
+    redone = {s["shard"]: s["host"] for s in st["shards"]}
+    for i in on_lost:  # its shard finished elsewhere: the lost node is down
+        assert redone[i] != lost, (redone, lost)
+    run_cli(*args, f"output.dir={ref}", "launcher.workers=2")
+    a, b = _h5(run / "features.h5"), _h5(ref / "features.h5")
+    assert a[1] == b[1] and len(a[1]) == 15
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
+    assert run_cli("verify", run).returncode == 0
