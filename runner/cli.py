@@ -503,7 +503,7 @@ def _watch_status(args) -> int:
         sys.stdout.write("\x1b[2J")  # once: start on a clear screen
     try:
         while True:
-            st = run_status(Path(args.run_dir), use_sacct=False)
+            st = run_status(Path(args.run_dir), use_sacct=not args.no_sacct)
             text = format_status(st)
             stamp = f"(refreshed {_time.strftime('%H:%M:%S')} every {interval:g} s; Ctrl-C stops watching)"
             if tty:
@@ -519,13 +519,13 @@ def _watch_status(args) -> int:
             sys.stdout.flush()
             # the end: merged, or nothing running and no launch holding the run (a local launch
             # merges after its last shard; a Slurm run's merge job runs on its own)
-            if st["state"] == "merged" or (not st["counts"].get("running") and not _launch_held(Path(args.run_dir))
+            if st["state"] == "merged" or (not st.get("alive") and not _launch_held(Path(args.run_dir))
                                            and not _slurm_queued(Path(args.run_dir))):
                 return _status_code(st)
             _time.sleep(interval)
     except KeyboardInterrupt:
         print()
-        return _status_code(run_status(Path(args.run_dir), use_sacct=False))
+        return _status_code(run_status(Path(args.run_dir), use_sacct=not args.no_sacct))
 
 
 def _slurm_queued(run_dir: Path) -> bool:

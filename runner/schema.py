@@ -331,7 +331,8 @@ class RunConf:
     backend: Backend = Backend.caffe
     # backend=simulated: seconds one forward of a batch takes (as a GPU would, no CPU used)
     simulated_batch_s: float = 0.05
-    # seconds between heartbeat writes (status, progress)
+    # seconds between heartbeat writes (status, progress); a thread beats also between batches and
+    # while the model loads, at least every 30 s; a beat is stale after 3 of its intervals
     heartbeat_s: float = 2.0
     # what makes a run fail (run.max_failure_fraction)
     run: RunOptsConf = field(default_factory=RunOptsConf)
