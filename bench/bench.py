@@ -1,7 +1,7 @@
 """`make bench`: speed and memory, measured side by side in one run, as ratios and medians.
 
   python bench/bench.py [--images 240] [--camera-images 96] [--repeats 3] [--quick]
-                        [--only extract|merge] [--out bench/results.json]
+                        [--only extract|merge|limits|stragglers] [--out bench/results.json]
 
 (Kept out of the installed package: it needs the repository and writes bench/results.json.
 bench/README.md has the figures, the machine and its load.)
@@ -838,6 +838,99 @@ def merge_bench(work: Path, dim: int = 64) -> Dict:
     return out
 
 
+SIM_NET = """
+name: "sim"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" pooling_param { pool: AVE global_pooling: true } }
+"""
+
+
+def _dev_cluster(state: str, nodes: int) -> Dict[str, str]:
+    """slurm/dev-cluster up (DEV_CLUSTER_PORT_BASE from the environment): what `env` exports."""
+    import re
+    import subprocess
+
+    dev = Path(__file__).resolve().parent.parent / "slurm" / "dev-cluster"
+    up = subprocess.run(["bash", str(dev), "up", "--nodes", str(nodes), "--state-dir", state], capture_output=True,
+                        text=True, timeout=300)
+    m = re.search(r"^export (.*)$", up.stdout, re.M)
+    if up.returncode != 0 or not m:
+        subprocess.run(["bash", str(dev), "down", "--state-dir", state, "--wipe"], timeout=120)
+        raise RuntimeError(f"dev cluster did not come up:\n{up.stdout}\n{up.stderr}")
+    return dict(kv.split("=", 1) for kv in m.group(1).split())
+
+
+def straggler_bench(work: Path, tasks: int = 6, nodes: int = 3, slow: float = 3.0, batches_per_task: int = 150,
+                    batch: int = 4, batch_s: float = 0.1) -> Dict:
+    """Row 12: a Slurm run on the 3-node dev cluster (simulated engine: batch_s of sleep per batch,
+    `slow` times that on node2) over the same run with three equal nodes, for today's design
+    (one shard per task, no taking) and shards_per_task=4 with tasks taking the free shards.
+    Wall time: from the command's start to the last shard's "finished" event (the merge job,
+    the same for all, is left out)."""
+    import subprocess
+
+    from runner.events import read_events
+    from runner.samples import write_corpus
+
+    n = tasks * batches_per_task * batch
+    pics = work / "straggler-pics"
+    if not (work / "straggler-pics.done").exists():
+        write_corpus(pics, n, seed=5, min_wh=(40, 40), max_wh=(64, 64))
+        (work / "straggler-pics.done").write_text("ok")
+    lst = work / "straggler-list.txt"
+    lst.write_text("\n".join(sorted(str(p) for p in pics.rglob("*.jpg"))[:n]) + "\n")
+    proto = work / "sim.prototxt"
+    proto.write_text(SIM_NET)
+    state = tempfile.mkdtemp(prefix="crbench-", dir="/tmp")
+    env = dict(os.environ, **_dev_cluster(state, nodes))
+    designs = {"one_shard_per_task": ["launcher.shards_per_task=1", "launcher.take_free_shards=false"],
+               "shards_per_task_4_taking": ["launcher.shards_per_task=4", "launcher.take_free_shards=true"]}
+    out: Dict = {"tasks": tasks, "nodes": nodes, "slow_node": f"node2 x{slow:g}", "images": n,
+                 "batch_size": batch, "simulated_batch_s": batch_s}
+    try:
+        for name, extra in designs.items():
+            walls = {}
+            for label, hosts in (("equal", ""), ("slow", f"node2:{slow:g}")):
+                run = work / f"straggler-{name}-{label}"
+                args = [sys.executable, "-m", "runner", f"input.list={lst}", f"output.dir={run}",
+                        "output.overwrite=true", f"num_shards={tasks}", "launcher=slurm", "launcher.wait=true",
+                        "launcher.cpus_per_task=1", "launcher.mem_gb=0.5", "launcher.gpus_per_task=0",
+                        "launcher.timeout_min=30", "device=cpu", "backend=simulated",
+                        f"simulated_batch_s={batch_s}", f"batch_size={batch}", "decode.workers=1",
+                        f"model.prototxt={proto}", f"model.weights={proto}", "model.name=sim",
+                        "model.default_blobs=[pool]", "heartbeat_s=1", *extra]
+                t0 = time.time()
+                p = subprocess.run(args, capture_output=True, text=True, env=dict(env, CAFFE_RUNNER_SIM_SLOW_HOSTS=hosts),
+                                   timeout=1800)
+                if p.returncode != 0:
+                    raise RuntimeError(f"{name} {label}: exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+                ends, taken = [], 0
+                for f in (run / "events").glob("*.jsonl"):
+                    evs = read_events(f)
+                    ends += [e["t"] for e in evs if e["event"] == "finished"]
+                    taken += sum(1 for e in evs if e["event"] in ("started", "resumed") and "own_shard" in e)
+                walls[label] = max(ends) - t0
+                out[f"{name}_{label}_wall_s"] = round(walls[label], 1)
+                out[f"{name}_{label}_shards_taken"] = taken
+                print(f"  {name:26} {label:5} {walls[label]:6.1f} s  ({taken} shards taken from the queue)",
+                      flush=True)
+            out[f"{name}_ratio"] = round(walls["slow"] / walls["equal"], 3)
+    finally:
+        dev = Path(__file__).resolve().parent.parent / "slurm" / "dev-cluster"
+        subprocess.run(["bash", str(dev), "down", "--state-dir", state, "--wipe"], timeout=120)
+    # the best any balancing can do: the slow node's tasks do 1/slow of a fast task's work
+    per_node = tasks / nodes
+    out["capacity_bound_ratio"] = round(tasks / (tasks - per_node + per_node / slow), 3)
+    return out
+
+
+def print_straggler_row(r: Dict) -> None:
+    print(f"\n12 stragglers: {r['tasks']} tasks on {r['nodes']} nodes, {r['slow_node']}: wall(slow) / wall(equal)")
+    print(f"   one shard per task (before):      {r['one_shard_per_task_ratio']:.2f}")
+    print(f"   4 shards per task, taking (now):  {r['shards_per_task_4_taking_ratio']:.2f}   "
+          f"(capacity bound {r['capacity_bound_ratio']:.2f})")
+
+
 def print_merge_table(m: Dict) -> None:
     print(f"\n{'#':2} {'scale':<34} {'layout':<6} " + " ".join(f"{w:>16}" for w in STEPS))
     for label, r in m.items():
@@ -957,8 +1050,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="for development: 48 photo-sized and 24 camera JPEGs, 1 round (ratios are rough)")
     ap.add_argument("--gpu-feeding-only", action="store_true", help="rows 7-8 only (decode vs a GPU)")
-    ap.add_argument("--only", choices=("all", "extract", "merge", "limits"), default="all",
-                    help="merge: row 9 only; limits: rows 2 and 10 only (under key limits_only); "
+    ap.add_argument("--only", choices=("all", "extract", "merge", "limits", "stragglers"), default="all",
+                    help="merge: row 9 only; limits: rows 2 and 10 only (under key limits_only); stragglers: "
+                         "row 12 only (starts a 3-node dev cluster at DEV_CLUSTER_PORT_BASE); "
                          "both kept beside the other rows already in --out")
     a = ap.parse_args()
     if a.quick:
@@ -975,16 +1069,20 @@ def main() -> None:
                        pipeline_batches=max(14, a.pipeline_batches)))
     if a.only in ("all", "merge") and not a.gpu_feeding_only:
         r["merge_scale"] = merge_bench(work)
+    if a.only == "stragglers":
+        r["stragglers"] = straggler_bench(work)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=1))
     if a.gpu_feeding_only:
         print_gpu_rows(r["gpu_feeding"])
     elif a.only == "limits":
         print_limits(r["limits_only"])
-    elif "images_per_s_median" in r:
+    elif "images_per_s_median" in r and a.only != "stragglers":
         print_table(r)
-    if "merge_scale" in r:
+    if "merge_scale" in r and a.only != "stragglers":
         print_merge_table(r["merge_scale"])
+    if "stragglers" in r:
+        print_straggler_row(r["stragglers"])
     print(f"\nwritten: {a.out}")
     sys.stdout.flush()
 

@@ -109,7 +109,8 @@ def attempts(events: List[Dict]) -> List[Dict]:
             cur = {"start": e["t"], "end": e["t"], "outcome": "ended", "kind": ev if ev in ATTEMPT_EVENTS else "started",
                    "host": e.get("host"), "pid": e.get("pid"), "job_id": e.get("job_id"),
                    "restart": e.get("restart", 0), "gpu": e.get("gpu"), "device": e.get("device"),
-                   "done0": int(e.get("done", 0) or 0), "samples": [], "rows": None, "failures": None}
+                   "done0": int(e.get("done", 0) or 0), "samples": [], "rows": None, "failures": None,
+                   "own_shard": e.get("own_shard")}
         cur["end"] = max(cur["end"], e["t"])
         if "done" in e:
             cur["samples"].append((float(e["t"]), int(e["done"] or 0)))

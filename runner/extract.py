@@ -42,8 +42,9 @@ class _Progress:
 
     def __init__(self, run, index: int, total: int, done: int, ident: TaskIdentity,
                  heartbeat_s: float, log_interval_s: float, log_path: Optional[str], events: "EventLog",
-                 heart: Heart):
+                 heart: Heart, taken: Optional[Dict] = None):
         self.run, self.index, self.num_shards = run, index, run.num_shards
+        self.taken = taken or {}  # {"own_shard": k} when this task took another's shard
         self.events = events
         self.total, self.done, self.start_done = total, done, done
         self.rows = self.failures = 0
@@ -53,6 +54,8 @@ class _Progress:
         self.heart = heart  # writes the beats, and beats between them from its own thread
         self.t0 = time.time()
         self.last_beat = self.last_log = 0.0
+        # when the count last moved: a beat that goes on while it does not is a stalled task
+        self.moved_t, self.moved_done = self.t0, done
         self.beat("running", force=True)
 
     @property
@@ -62,9 +65,12 @@ class _Progress:
 
     def beat(self, state: str, force: bool = False, **extra) -> None:
         now = time.time()
+        if self.done != self.moved_done:
+            self.moved_t, self.moved_done = now, self.done
         fields = dict(state=state, shard=self.index, done=self.done, total=self.total, rows=self.rows,
                       failures=self.failures, rate=round(self.rate, 3), job_id=self.ident.job_id, started=self.t0,
-                      log=self.log_path, image=image_label(), **extra)
+                      log=self.log_path, image=image_label(), moved_t=round(self.moved_t, 3),
+                      batch_size=self.run.cfg.batch_size, **self.taken, **extra)
         if force or now - self.last_beat >= self.heartbeat_s:
             self.last_beat = now
             if state != "running":
@@ -217,13 +223,19 @@ class _Opened:
     load_s: float
 
 
-def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest, parts, numerics: Dict) -> _Opened:
-    """Load the engine and open (or resume) the shard's writer."""
+def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest, parts, numerics: Dict,
+                keep: Optional[Dict] = None) -> _Opened:
+    """Load the engine (or reuse the one `keep` holds: a task taking shard after shard loads
+    the net once) and open (or resume) the shard's writer."""
     cfg, plan = run.cfg, run.plan
     start, stop = run.shard_range(index)
     blobs = parts.blobs
     t_load = time.time()
-    engine = load_engine(cfg, parts.spec, blobs, parts.in_shape, threads, gpu_device=0)
+    engine = keep.get("engine") if keep is not None else None
+    if engine is None:
+        engine = load_engine(cfg, parts.spec, blobs, parts.in_shape, threads, gpu_device=0)
+        if keep is not None:
+            keep["engine"] = engine
     load_s = time.time() - t_load
     shapes = {b: pooled_shape(engine.blob_shapes[b], cfg.output.pooling) for b in blobs}
     gpu_attrs = _gpu_attrs(parts.spec, blobs, engine, numerics)
@@ -344,9 +356,12 @@ def shard_statistics(elapsed: float, done_now: int, busy: float, t_first: Option
                 first_batch_s=t_first or 0.0, load_s=load_s)
 
 
-def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
+def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int] = None,
+              keep: Optional[Dict] = None) -> Dict:
     """Extract shard `index` of the run in cfg.output.dir. Idempotent: a complete shard is
-    skipped, a partial one resumes from its last flushed batch."""
+    skipped, a partial one resumes from its last flushed batch. `own`: the shard this task was
+    started for, when `index` is another one it took (steal.py); `keep`: what the task keeps
+    between its shards (the loaded engine and pipeline)."""
     if threads is None:
         threads = default_threads()
     configure_threads(threads)
@@ -375,24 +390,33 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
         with ShardLock(run.lock_path(index)):
             if run.shard_done(index):  # finished by the lock's previous holder
                 return {"shard": index, "skipped": True}
+            taken = {"own_shard": own} if own is not None and own != index else {}
+            if taken:
+                log.info("shard %d/%d taken by this task (its own shard %d is done or held by another)", index,
+                         num_shards, own)
             t_lock = time.time()
             # beats from now on, also while the model loads (no "done" yet: status reads the
             # partial file's count until the first batch's beat)
             heart = Heart(lambda beat: run.write_heartbeat(index, beat), cfg.heartbeat_s,
                           dict(state="running", phase="loading", shard=index, job_id=ident.job_id,
-                               started=t_lock, log=log_path, image=image_label())).start()
-            parts = run.pipeline_parts()  # once per shard: the prototxt parsed, the mean file loaded
-            op = _open_shard(run, index, ident, threads, manifest, parts, numerics)
+                               started=t_lock, log=log_path, image=image_label(), **taken)).start()
+            # once per shard (once per task with `keep`): the prototxt parsed, the mean file loaded
+            parts = keep.get("parts") if keep is not None else None
+            if parts is None:
+                parts = run.pipeline_parts()
+                if keep is not None:
+                    keep["parts"] = parts
+            op = _open_shard(run, index, ident, threads, manifest, parts, numerics, keep)
             events.write("resumed" if op.writer.next else "started", t=round(t_lock, 3), done=op.writer.next,
                          rows=op.writer.rows, failures=op.writer.n_failures, total=op.stop - op.start,
-                         device=op.engine.device_desc)
+                         device=op.engine.device_desc, **taken)
             # the reader turns manifest entries into the decoder's jobs
             reader = open_reader(manifest, parts.decoder)
             try:
                 slurm = bool(ident.job_id)
                 progress = _Progress(run, index, op.stop - op.start, op.writer.next, ident, cfg.heartbeat_s,
                                      float(cfg.launcher.get("log_interval_s", 30)) if slurm else 0.0, log_path,
-                                     events, heart)
+                                     events, heart, taken)
                 progress.rows, progress.failures = op.writer.rows, op.writer.n_failures
                 stats = _forward_loop(run, index, op, reader, progress, parts)
                 op.writer.finish(dict(stats, input_read=json.dumps(reader.stats)) if reader.stats else stats)

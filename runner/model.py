@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -378,19 +379,35 @@ class SimulatedEngine(Engine):
     (sleep), so benchmarks can tell whether decoding keeps a fast device fed."""
 
     def __init__(self, blobs: Sequence[str], in_shape, batch_s: float, device: str = "cpu",
-                 gpu_device: int = 0):
+                 gpu_device: int = 0, gate: Optional[str] = None):
         self.blobs = list(blobs)
         self.batch_s = float(batch_s)
+        # a hung device (tests of stall detection): every forward after the first waits until
+        # this file exists, while the task's heartbeat goes on beating
+        self.gate, self.forwards = gate, 0
         self.blob_shapes = {b: (int(in_shape[0]),) for b in self.blobs}
         self.device_desc = f"simulated-{device}" + (f":{gpu_device}" if device == "gpu" else "")
 
     def forward(self, x):
+        self.forwards += 1
+        while self.gate and self.forwards > 1 and not os.path.exists(self.gate):
+            time.sleep(0.2)
         t0 = time.perf_counter()
         out = x.mean(axis=(2, 3), dtype=np.float32)
         left = self.batch_s - (time.perf_counter() - t0)
         if left > 0:
             time.sleep(left)
         return {b: out.copy() for b in self.blobs}
+
+
+def host_value(spec: str, host: str) -> Optional[str]:
+    """'node2:3,node3:1.5' -> '3' for host node2 (pure): the simulated engine's per-host slow
+    factor (CAFFE_RUNNER_SIM_SLOW_HOSTS) or gate file (CAFFE_RUNNER_SIM_HANG_HOSTS)."""
+    for item in spec.split(","):
+        name, sep, value = item.strip().partition(":")
+        if sep and name == host:
+            return value
+    return None
 
 
 def load_engine(cfg, spec: NetSpec, blobs: Sequence[str], in_shape, threads: int, gpu_device: int = 0) -> Engine:
@@ -402,5 +419,10 @@ def load_engine(cfg, spec: NetSpec, blobs: Sequence[str], in_shape, threads: int
             raise ConfigError("backend=opencv runs on the CPU only: set device=cpu (or backend=caffe)")
         return OpenCVEngine(cfg.model, spec, blobs, in_shape, threads)
     if backend == "simulated":
-        return SimulatedEngine(blobs, in_shape, cfg.simulated_batch_s, cfg.device, gpu_device)
+        # unequal nodes for benchmarks and tests, read at this edge from the node's environment
+        host = socket.gethostname()
+        factor = host_value(os.environ.get("CAFFE_RUNNER_SIM_SLOW_HOSTS", ""), host)
+        gate = host_value(os.environ.get("CAFFE_RUNNER_SIM_HANG_HOSTS", ""), host)
+        return SimulatedEngine(blobs, in_shape, cfg.simulated_batch_s * float(factor or 1), cfg.device, gpu_device,
+                               gate=gate)
     raise ConfigError(f"backend={backend!r} is not one of caffe, opencv, simulated")

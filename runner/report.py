@@ -36,10 +36,11 @@ EXAMPLES = 3
 _NOT_FIGURES = {"rows", "n_failures", "next", "start", "stop", "shard", "num_shards", "pid", "manifest_count",
                 "format_version", "complete", "resumed"}
 COLORS = {"finished": "#2e7d32", "failed": "#c62828", "killed": "#8e0000", "requeued": "#6a1b9a",
-          "ended": "#ef6c00", "running": "#1565c0"}
+          "ended": "#ef6c00", "running": "#1565c0", "stalled": "#f9a825"}
 OUTCOME_TEXT = {"finished": "finished", "failed": "failed", "killed": "killed by Slurm",
                 "requeued": "requeued (resumes when Slurm restarts it)",
-                "ended": "stopped (killed, requeued or preempted)", "running": "running now"}
+                "ended": "stopped (killed, requeued or preempted)", "running": "running now",
+                "stalled": "stalled (beats, no progress)"}
 FAILED_OUTCOMES = ("failed", "killed")
 
 
@@ -50,8 +51,10 @@ def _shard_attempts(run, i: int, now: float, st: Dict) -> List[Dict]:
     final = run.shard_path(i)
     state = st["state"]
     att = group_attempts(read_events(events_path(run.rundir.path, final.stem)))
-    if att and state == "running" and att[-1]["outcome"] == "ended":
-        att[-1]["outcome"] = "running"
+    if att and state in ("running", "stalled") and att[-1]["outcome"] == "ended":
+        att[-1]["outcome"] = state
+        if state == "stalled":
+            att[-1]["error"] = st.get("note")
         att[-1]["end"] = now
         # the heartbeat is fresher than the last progress line
         beat_t = now - float(st.get("age_s") or 0.0)
@@ -266,6 +269,12 @@ def draw_timeline(attempts: Sequence[Dict], t0: float, num_shards: int) -> str:
     resumed = [(a["start"] - t0, a["shard"]) for a in attempts if a["kind"] == "resumed"]
     if resumed and len(resumed) <= RASTER_ABOVE:
         ax.plot([x for x, _ in resumed], [y for _, y in resumed], "k>", ms=4, label="resumed")
+    # a shard taken by a task that was started for another one (steal.py)
+    taken = [(a["start"] - t0, a["shard"]) for a in attempts if a.get("own_shard") is not None]
+    if taken and len(taken) <= RASTER_ABOVE:
+        ax.plot([x for x, _ in taken], [y for _, y in taken], "w*", ms=6, mec="k", mew=0.4,
+                label="taken by a task that finished its own")
+        resumed = resumed or taken
     t_end = max((a["end"] for a in attempts), default=t0 + 1) - t0
     ax.set_xlim(0, max(t_end, 1e-3) * 1.02)
     ax.set_ylim(num_shards - 0.5, -0.5)
@@ -360,7 +369,7 @@ table{border-collapse:collapse;font-size:13px}td,th{padding:2px 10px 2px 0;text-
 th{border-bottom:1px solid #ccc}td.n,th.n{text-align:right}code,pre{font:12px ui-monospace,monospace}
 pre{background:#f6f6f6;padding:8px;overflow:auto;max-height:420px}.kv td:first-child{color:#555}
 .state{display:inline-block;padding:1px 8px;border-radius:9px;color:#fff;background:#2e7d32}
-.state.running,.state.incomplete{background:#1565c0}.state.failed{background:#c62828}
+.state.running,.state.incomplete{background:#1565c0}.state.stalled{background:#f9a825}.state.failed{background:#c62828}
 figure{margin:8px 0}figure svg{max-width:100%;height:auto}.muted{color:#666}"""
 
 
@@ -409,7 +418,9 @@ def render(data: Dict) -> str:
                                                                    f"{st['failures']:,} failures)"),
                ("shards", ", ".join(f"{v} {k}" for k, v in sorted(st["counts"].items())) + f" of {n}"),
                ("task attempts", f"{len(attempts)} ({sum(1 for a in attempts if a['outcome'] in FAILED_OUTCOMES)} failed, "
-                                 f"{sum(1 for a in attempts if a['kind'] == 'resumed')} resumed)"),
+                                 f"{sum(1 for a in attempts if a['kind'] == 'resumed')} resumed, "
+                                 f"{sum(1 for a in attempts if a.get('own_shard') is not None)} taken by a task "
+                                 "started for another shard)"),
                ("first start / last event", f"{_when(t0)} / {_when(t_last)} ({_dur(wall)})" if attempts else "none"),
                ("throughput", f"{done / wall:.1f} images/s over the run's wall-clock" if wall > 0 else "")]
     parts.append('<table class="kv">' + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in summary)
@@ -507,7 +518,8 @@ def render(data: Dict) -> str:
 def _attempt_table(attempts: Sequence[Dict], t0: float) -> str:
     rows = []
     for a in sorted(attempts, key=lambda a: (a["shard"], a["start"])):
-        rows.append((a["shard"], a["kind"], OUTCOME_TEXT[a["outcome"]], f"{a['start'] - t0:.1f}",
+        kind = a["kind"] + (f", taken by the task of shard {a['own_shard']}" if a.get("own_shard") is not None else "")
+        rows.append((a["shard"], kind, OUTCOME_TEXT[a["outcome"]], f"{a['start'] - t0:.1f}",
                      _dur(a["end"] - a["start"]), a.get("host") or "", a.get("job_id") or "",
                      (a.get("device") or "") + (f" (GPU {a['gpu']})" if a.get("gpu") else ""),
                      "" if a.get("rows") is None else a["rows"], a.get("error") or ""))

@@ -275,6 +275,13 @@ class SlurmLauncherConf(LauncherConf):
     mem_gb: float = 16.0
     # how many tasks (GPUs) run at once
     array_parallelism: int = 64
+    # shards per array task: num_shards tasks, num_shards x this many shards. Each task extracts
+    # its own shard, then takes the shards nobody holds, so a slow node costs a fraction of one
+    # task's work, not the run's length again (1: one shard per task, as before)
+    shards_per_task: int = 4
+    # false: a task extracts its own shard only (the design before shards_per_task; a slow node
+    # then holds the run for the length of its shard)
+    take_free_shards: bool = True
     # shell lines run before the task (module load ..., source venv/bin/activate)
     setup: List[str] = field(default_factory=list)
     # any other sbatch option, e.g. {exclusive: true}
@@ -334,6 +341,10 @@ class RunConf:
     # seconds between heartbeat writes (status, progress); a thread beats also between batches and
     # while the model loads, at least every 30 s; a beat is stale after 3 of its intervals
     heartbeat_s: float = 2.0
+    # a task whose heartbeat beats but whose count has not moved for this many of its own batch
+    # times (and at least 3 heartbeats) is "stalled" in status and the report (a hung read, a GPU
+    # that answers but computes nothing)
+    stall_batches: int = 20
     # what makes a run fail (run.max_failure_fraction)
     run: RunOptsConf = field(default_factory=RunOptsConf)
     # device=gpu: each task computes its first batch on the GPU and on the CPU and stops before

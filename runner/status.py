@@ -54,7 +54,13 @@ def shard_state(run, i: int, now: float, here: Optional[Tuple[str, str]] = None)
         st.update(state="interrupted")
     else:
         st.update(state="pending")
+    if hb.get("own_shard") is not None:
+        st["own_shard"] = hb["own_shard"]  # taken by the task started for that shard (steal.py)
     if st["state"] == "running" and hb.get("phase") != "loading":
+        stalled = stalled_for(hb, now, int(run.cfg.get("stall_batches", 20)), float(hb.get("interval_s")
+                                                                                     or run.cfg.get("heartbeat_s", 2)))
+        if stalled is not None:
+            st["stalled_s"] = round(stalled, 1)
         return st  # its heartbeat is the news; its partial file is being written
     # no process writes this shard: its files hold the truth, not a heartbeat written up to
     # heartbeat_s before a Ctrl-C, or one left by a shard file since deleted
@@ -66,6 +72,19 @@ def shard_state(run, i: int, now: float, here: Optional[Tuple[str, str]] = None)
     if run.shard_path(i).exists():
         st["foreign_file"] = str(run.shard_path(i))  # another run's (or a damaged) file: replaced when run
     return st
+
+
+def stalled_for(hb: Dict, now: float, stall_batches: int, heartbeat_s: float) -> Optional[float]:
+    """Seconds a beating task's count has not moved, when that is more than `stall_batches` of
+    its own batch times and 3 heartbeats (pure); None while it moves. A task that has not done a
+    batch yet has no batch time of its own: it is judged on the heartbeats alone."""
+    moved = hb.get("moved_t")
+    if moved is None or hb.get("state") != "running" or int(hb.get("done") or 0) >= int(hb.get("total") or 1):
+        return None
+    rate = float(hb.get("rate") or 0)
+    batch_s = int(hb.get("batch_size") or 1) / rate if rate > 0 else 0.0
+    quiet = now - float(moved)
+    return quiet if quiet > max(stall_batches * batch_s, 3 * heartbeat_s) else None
 
 
 def finish_advice(run) -> str:
@@ -250,7 +269,14 @@ def slurm_view(run, states: List[Dict], accounting: bool = True) -> Tuple[List[D
     tasks, merges = _latest_jobs(run.rundir.path)
     if not tasks:
         return [dict(s, alive=s["state"] == "running") for s in states], {}
-    ask = {s["shard"]: tasks[s["shard"]]["job_id"] for s in states if s["shard"] in tasks and _needs_asking(s)}
+    # the job that last wrote a shard is its heartbeat's (a task may take others' shards:
+    # steal.py); a shard no task has touched yet is its submitted task's
+    by_job = {str(t["job_id"]): t for t in tasks.values()}
+    ask = {}
+    for s in states:
+        jid = s.get("job_id") or (tasks.get(s["shard"]) or {}).get("job_id")
+        if jid and _needs_asking(s):
+            ask[s["shard"]] = str(jid)
     # the merge job matters once the shards are complete and the merged file is not there yet
     merge_ids = merges[-1:] if ask or not run.rundir.merged.exists() else []
     if not ask and not merge_ids:
@@ -270,7 +296,7 @@ def slurm_view(run, states: List[Dict], accounting: bool = True) -> Tuple[List[D
             # it completed its shard between our look at the files and Slurm's answer
             out.append(shard_state(run, i, time.time()) | {"alive": False})
             continue
-        stderr = tasks[i].get("stderr")
+        stderr = (by_job.get(ask[i]) or tasks.get(i) or {}).get("stderr")
         tail = _log_tail(stderr) if w is not None and not w.alive else ""
         s = dict(s, job_id=s.get("job_id") or ask[i], log=s.get("log") or stderr)
         out.append(apply_slurm_word(s, w, tail, mem_gb, timeout_min, stderr))
@@ -293,12 +319,18 @@ def run_status(run_dir: Path, use_sacct: bool = True, use_slurm: bool = True) ->
         shards, slurm = slurm_view(run, shards, accounting=use_sacct)
     else:
         shards = [dict(s, alive=s["state"] == "running") for s in shards]
+    for s in shards:
+        if s["state"] == "running" and s.get("stalled_s") is not None:
+            # alive (its beats go on) but not moving: named, with where it runs
+            s["state"] = "stalled"
+            s["note"] = (f"no progress for {s['stalled_s']:.0f} s while its heartbeat beats, on "
+                         f"{s.get('host') or '?'} (job {s.get('job_id') or '-'})" + (f"; {s['note']}" if s.get("note") else ""))
     counts: Dict[str, int] = {}
     for s in shards:
         counts[s["state"]] = counts.get(s["state"], 0) + 1
     total = run.plan["count"]
     done = sum(s["done"] for s in shards)
-    rate = sum(float(s["rate"] or 0) for s in shards if s["state"] == "running")
+    rate = sum(float(s["rate"] or 0) for s in shards if s["state"] in ("running", "stalled"))
     eta = (total - done) / rate if rate > 0 else None
     in_flight = any(s.get("alive") for s in shards)
     state = "done" if counts.get("done", 0) == run.num_shards else (
@@ -341,6 +373,8 @@ def format_status(st: Dict) -> str:
             f" ({s['failures']} failed)" if s.get("failures") else "")
         if s["state"] == "running" and s.get("rate"):
             line += f"  {s['rate']:.1f} img/s on {s.get('host')}"
+        if s.get("own_shard") is not None:
+            line += f"  (taken by the task of shard {s['own_shard']})"
         if s.get("note"):  # Slurm's word: pending and why, requeued, running on which node
             line += f"  {s['note']}"
         if s["state"] == "failed":

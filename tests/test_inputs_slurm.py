@@ -13,7 +13,7 @@ from test_inputs import _make_lmdb, _make_tars
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-BASE = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10",
+BASE = ["launcher=slurm", "launcher.shards_per_task=1", "launcher.take_free_shards=false", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10",
         "launcher.gpus_per_task=0", "launcher.wait=true", "num_shards=3", "batch_size=1"]
 
 

@@ -13,7 +13,7 @@ from report_check import check_report
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-SLURM = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10", "device=cpu",
+SLURM = ["launcher=slurm", "launcher.shards_per_task=1", "launcher.take_free_shards=false", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10", "device=cpu",
          "launcher.gpus_per_task=1", "launcher.allow_cpu_on_gpu=true"]
 
 

@@ -18,7 +18,7 @@ from runner.gpu import caffe_has_gpu
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
-BASE = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10"]
+BASE = ["launcher=slurm", "launcher.shards_per_task=1", "launcher.take_free_shards=false", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10"]
 # the dev cluster's GPUs are fake: tasks hold one (to check the binding) and compute on the CPU,
 # with a CPU-only and a CUDA build of Caffe alike
 SLURM = BASE + ["device=cpu", "launcher.gpus_per_task=1", "launcher.allow_cpu_on_gpu=true"]

@@ -15,7 +15,7 @@ def test_parse_slurm_minutes(text, minutes):
     assert parse_slurm_minutes(text) == minutes
 
 
-SLURM = ["launcher=slurm", "launcher.gpus_per_task=0", "launcher.cpus_per_task=1", "launcher.mem_gb=0.5",
+SLURM = ["launcher=slurm", "launcher.shards_per_task=1", "launcher.take_free_shards=false", "launcher.gpus_per_task=0", "launcher.cpus_per_task=1", "launcher.mem_gb=0.5",
          "launcher.timeout_min=10"]
 
 

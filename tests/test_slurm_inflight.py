@@ -14,7 +14,7 @@ from conftest import run_cli, tiny_model_args, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-SLURM = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10",
+SLURM = ["launcher=slurm", "launcher.shards_per_task=1", "launcher.take_free_shards=false", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10",
          "device=cpu", "launcher.gpus_per_task=0"]
 
 

@@ -22,7 +22,7 @@ from conftest import CLI, DEV, MAX_ARRAY, REPO, run_cli, tiny_model_args, wait_u
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-SLURM = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10", "device=cpu",
+SLURM = ["launcher=slurm", "launcher.shards_per_task=1", "launcher.take_free_shards=false", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10", "device=cpu",
          "launcher.gpus_per_task=1", "launcher.allow_cpu_on_gpu=true", "heartbeat_s=0.5", "batch_size=2",
          "decode.workers=1"]
 

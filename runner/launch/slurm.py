@@ -25,6 +25,7 @@ from ..inputs import configured, node_read_paths
 from ..device import resolve_slurm_device
 from ..errors import ConfigError, RunnerError, ShardFailedError, did_you_mean
 from ..extract import run_shard
+from ..steal import take_shards
 from ..gpu import require_gpu_caffe
 from ..merge import merge_run
 from ..inflight import InFlight, describe, in_flight, merge_dependency
@@ -157,7 +158,10 @@ def _task_entry(cfg, index: int, fingerprint: Optional[str] = None):
     load_run(cfg, fingerprint)
     if cfg.decode.workers == 2 and int(cfg.launcher.cpus_per_task) > 2:
         cfg.decode.workers = int(cfg.launcher.cpus_per_task) - 1  # the default follows the allocation
-    return run_shard(cfg, index)
+    # its own shard, then the ones no task holds (steal.py): a slow node holds no run
+    if not cfg.launcher.get("take_free_shards", True):
+        return run_shard(cfg, index)
+    return take_shards(cfg, index, run_shard)
 
 
 def _make_task():
@@ -306,7 +310,9 @@ class SlurmLauncher(Launcher):
         cfg.launcher.gpus_per_task = checked.gpus_per_task
 
     def default_shards(self, cfg) -> int:
-        return int(cfg.num_shards)  # required (check_slurm): one array task per shard
+        # num_shards (required: check_slurm) is the number of array tasks; each takes more
+        # shards as it frees up, so the tail is a fraction of one task's work
+        return int(cfg.num_shards) * int(cfg.launcher.get("shards_per_task", 1) or 1)
 
     def execute(self, cfg, accepted: Callable) -> Dict:
         return launch_slurm(cfg, accepted, self)
@@ -336,22 +342,31 @@ class SlurmLauncher(Launcher):
 def launch_slurm(cfg, accepted: Callable, launcher: SlurmLauncher) -> Dict:
     lc = cfg.launcher
     max_size = max_array_size()  # also: is the controller there?
-    run = prepare_run(cfg, launcher, explicit_shards=cfg.num_shards)
+    # the run's shards: num_shards tasks x launcher.shards_per_task (at most one per image)
+    run = prepare_run(cfg, launcher, explicit_shards=None if int(lc.get("shards_per_task", 1) or 1) > 1
+                      else cfg.num_shards)
     accepted(run)
     rd = run.rundir
     fingerprint = run.plan["fingerprint"]
     # a shard whose job Slurm still has queued or running is not submitted again: the twins
     # would collide on its file (the same command run twice, a resubmit while tasks wait)
     flight = in_flight(rd.path)
-    todo = [s for s in run.missing_shards() if s not in flight.shards]
+    missing = [s for s in run.missing_shards() if s not in flight.shards]
+    # one task per GPU asked for (num_shards), each started on a missing shard; the tasks still
+    # in flight take missing shards too
+    todo = missing[:max(0, int(cfg.num_shards) - len(flight.shards))]
+    if missing and not todo:
+        print(f"  {len(missing)} shard(s) not done are taken by the {len(flight.shards)} task(s) in flight",
+              flush=True)
     chunks = array_chunks(todo, max_size)
     print(f"plan: {plan_summary(run)}\n"
-          f"  {len(todo)} task(s) to submit in {len(chunks)} array(s) (MaxArraySize {max_size}), "
+          f"  {len(todo)} task(s) to submit in {len(chunks)} array(s) for {len(missing)} shard(s) "
+          f"(MaxArraySize {max_size}), "
           f"{lc.gpus_per_task} GPU, {lc.cpus_per_task} CPUs, {lc.mem_gb} GB, {lc.timeout_min} min each, "
           f"at most {lc.array_parallelism} at once", flush=True)
     if flight:
         print(f"  already in flight, not submitted again: {describe(flight)}", flush=True)
-    if not todo and not flight.shards:
+    if not missing and not flight.shards:
         if flight.merges:
             print(f"all {run.num_shards} shards are complete; merge job {', '.join(flight.merges)} writes "
                   f"{rd.merged}", flush=True)
@@ -503,11 +518,15 @@ def wait_for(run: Run, jobs, merge_job=None, poll_s: float = 2.0, merge_wait_s: 
         if bar is not None:
             bar.close()
     by_shard = {s["shard"]: s for s in st["shards"]}
+    started = {shard: j for shard, j in jobs}
     failed = []
-    for shard, j in jobs:
-        if not run.shard_done(shard):
-            s = by_shard.get(shard, {})
-            failed.append((shard, j.job_id, str(j.paths.stderr), s.get("error") or s.get("note") or s.get("state")))
+    # every shard not done, whichever task was started on it or took it last (steal.py)
+    for shard in run.missing_shards():
+        s = by_shard.get(shard, {})
+        j = started.get(shard)
+        jid = s.get("job_id") or (j.job_id if j is not None else "none")
+        path = s.get("log") or (str(j.paths.stderr) if j is not None else "-")
+        failed.append((shard, jid, path, s.get("error") or s.get("note") or s.get("state")))
     if failed:
         lines = "\n".join(f"  shard {s}: job {jid}: {why}; log {path}" for s, jid, path, why in failed)
         raise ShardFailedError(f"{len(failed)} task(s) failed; completed shards are kept. Resubmit the same "

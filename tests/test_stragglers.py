@@ -1,0 +1,219 @@
+"""No straggler holds the run (issue 28): array tasks take the shards nobody holds, more shards
+than tasks under Slurm, a stalled task is named.
+
+Units: the order a task looks at shards in, which are free, when a beating task is stalled, the
+simulated engine's per-host factor. On the 3-node dev cluster (simulated engine, real Slurm,
+real HDF5): tasks requeued at random moments while they take shards still give every shard
+exactly once and features bit-equal to a local run's; a task whose engine hangs on one node
+(held by a gate file the test creates at the end) reads "stalled" with its host and job."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import CLI, REPO, run_cli, wait_until
+
+SIM_NET = """
+name: "sim"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" pooling_param { pool: AVE global_pooling: true } }
+"""
+
+
+# ---- units ------------------------------------------------------------------------------
+
+@pytest.mark.unit
+def test_a_task_looks_at_its_own_shard_first_then_the_others_in_order():
+    from runner.steal import free_shards, take_order
+
+    assert take_order(2, 5) == [2, 0, 1, 3, 4]
+    assert take_order(0, 1) == [0]
+    done = {0, 3}
+    held = {2: "caffe-runner shard task pid 7 on node1"}
+    assert free_shards(take_order(2, 5), done.__contains__, held.get) == [1, 4]
+
+
+@pytest.mark.unit
+def test_a_beating_task_whose_count_does_not_move_is_stalled():
+    from runner.status import stalled_for
+
+    hb = dict(state="running", done=40, total=100, rate=20.0, batch_size=4, moved_t=1000.0)
+    # a batch takes 0.2 s: 20 batch-times are 4 s, 3 heartbeats of 0.5 s are 1.5 s
+    assert stalled_for(hb, 1003.9, 20, 0.5) is None
+    assert stalled_for(hb, 1004.5, 20, 0.5) == pytest.approx(4.5)
+    # a short batch time never makes a task stalled between two of its beats
+    assert stalled_for(dict(hb, rate=4000.0), 1001.0, 20, 0.5) is None
+    assert stalled_for(dict(hb, rate=0.0), 1001.6, 20, 0.5) == pytest.approx(1.6)
+    assert stalled_for(dict(hb, state="done"), 2000.0, 20, 0.5) is None
+    assert stalled_for(dict(hb, done=100), 2000.0, 20, 0.5) is None
+    assert stalled_for({k: v for k, v in hb.items() if k != "moved_t"}, 2000.0, 20, 0.5) is None
+
+
+@pytest.mark.unit
+def test_the_simulated_engine_reads_its_hosts_factor():
+    from runner.model import host_value
+
+    assert host_value("node2:3", "node2") == "3"
+    assert host_value("node1:1.5, node2:3", "node2") == "3"
+    assert host_value("node2:3", "node1") is None
+    assert host_value("", "node1") is None
+    assert host_value("node3:/tmp/gate", "node3") == "/tmp/gate"
+
+
+@pytest.mark.unit
+def test_slurm_asks_for_num_shards_tasks_and_shards_per_task_shards_each():
+    from runner.config import compose
+    from runner.launch.slurm import SlurmLauncher
+
+    cfg = compose(["input.dir=/data/x", "output.dir=/scratch/r", "launcher=slurm", "num_shards=16"])
+    assert cfg.launcher.shards_per_task == 4 and cfg.launcher.take_free_shards is True
+    assert SlurmLauncher().default_shards(cfg) == 64
+    cfg.launcher.shards_per_task = 1
+    assert SlurmLauncher().default_shards(cfg) == 16
+
+
+# ---- on the dev cluster -----------------------------------------------------------------
+
+COMMON = ["device=cpu", "backend=simulated", "batch_size=4", "decode.workers=1", "heartbeat_s=0.5", "model.name=sim",
+          "model.default_blobs=[pool]"]
+SLURM = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=0.5", "launcher.timeout_min=10",
+         "launcher.gpus_per_task=0"]
+
+
+def _inputs(tmp_path: Path, n: int) -> list:
+    from runner.samples import write_corpus
+
+    pics = write_corpus(tmp_path / "pics", n, seed=3, min_wh=(40, 40), max_wh=(64, 64))
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(sorted(map(str, pics))) + "\n")
+    proto = tmp_path / "sim.prototxt"
+    proto.write_text(SIM_NET)
+    return [f"input.list={lst}", f"model.prototxt={proto}", f"model.weights={proto}"]
+
+
+def _status(run: Path) -> dict:
+    p = run_cli("status", "--json", run, check=False)
+    assert p.returncode in (0, 1, 3), p.stderr
+    return json.loads(p.stdout)
+
+
+def _events(run: Path) -> dict:
+    out = {}
+    for f in sorted((run / "events").glob("shard-*.jsonl")):
+        out[f.stem] = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    return out
+
+
+def _running_jobs(run: Path) -> list:
+    """The array tasks Slurm has running for this run now."""
+    ids = {t["job_id"].split("_")[0] for s in json.loads((run / "submissions.json").read_text()) for t in s["tasks"]}
+    p = subprocess.run(["squeue", "-h", "-r", "-t", "RUNNING", "-o", "%i"], capture_output=True, text=True)
+    return [j for j in p.stdout.split() if j.split("_")[0] in ids]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_tasks_requeued_while_taking_shards_give_every_shard_exactly_once(cluster, tmp_path):
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    common = _inputs(tmp_path, 240) + COMMON
+    # 3 tasks x 4 shards of 20 images; node2 3x slower, so the others take its shards
+    env = {"CAFFE_RUNNER_SIM_SLOW_HOSTS": "node2:3"}
+    waiter = subprocess.Popen(CLI + [*common, *SLURM, f"output.dir={run}", "num_shards=3", "simulated_batch_s=0.3",
+                                     "launcher.wait=true"], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**__import__("os").environ, **env})
+    rng = random.Random(28)
+    requeued = []
+    try:
+        wait_until(lambda: waiter.poll() is not None or any((run / "events").glob("shard-*.jsonl")), timeout=180,
+                   what="the first shard started")
+        # requeue a running task at random moments while shards are being extracted and taken
+        for _ in range(3):
+            time.sleep(rng.uniform(0.5, 2.5))  # a random moment (what is killed is chosen, not waited for)
+            jobs = _running_jobs(run)
+            if not jobs or waiter.poll() is not None:
+                break
+            job = rng.choice(jobs)
+            subprocess.run(["scontrol", "requeue", job], capture_output=True)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+            requeued.append(job)
+        out, err = waiter.communicate(timeout=600)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+    assert waiter.returncode == 0, (out[-3000:], err[-3000:])
+    assert requeued, "no task was running to requeue"
+    st = _status(run)
+    assert st["counts"] == {"done": 12}, st["counts"]
+    # no shard written by two tasks at once: its attempts follow one another, one finish each
+    evs = _events(run)
+    assert len(evs) == 12
+    taken = 0
+    for name, es in evs.items():
+        starts = [e for e in es if e["event"] in ("started", "resumed")]
+        assert sum(1 for e in es if e["event"] == "finished") == 1, (name, es)
+        taken += sum(1 for e in starts if "own_shard" in e)
+        for a, b in zip(starts, starts[1:]):
+            # nothing from the process of an attempt after the next attempt began
+            late = [e for e in es if (e.get("host"), e.get("pid")) == (a.get("host"), a.get("pid")) and e["t"] > b["t"]]
+            assert not late, (name, es)
+    assert taken >= 1, "no task took a shard it was not started for"
+    # the shard files name their writer (host, pid, job id)
+    for f in sorted((run / "shards").glob("*.h5")):
+        with h5py.File(f, "r") as h:
+            assert h.attrs["host"] and int(h.attrs["pid"]) > 0 and str(h.attrs["job_id"]), f
+    assert run_cli("verify", run).returncode == 0
+    # features equal a local run's: the same engine and one thread each, so bit-equal
+    run_cli(*common, f"output.dir={ref}", "launcher=local", "launcher.workers=2", "num_shards=12",
+            "launcher.threads_per_worker=1", "simulated_batch_s=0.01")
+    with h5py.File(run / "features.h5", "r") as a, h5py.File(ref / "features.h5", "r") as b:
+        assert list(a["names"].asstr()[:]) == list(b["names"].asstr()[:])
+        assert np.array_equal(a["feats"][:], b["feats"][:])
+    # the report shows the shards taken
+    run_cli("report", run)
+    assert "taken by the task of shard" in (run / "report.html").read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_task_hung_on_one_node_reads_stalled_with_its_host_and_job(cluster, tmp_path):
+    import os
+
+    run = tmp_path / "run"
+    gate = tmp_path / "gate"  # the hung engine goes on once this file exists
+    args = _inputs(tmp_path, 96) + COMMON + SLURM
+    env = dict(os.environ, CAFFE_RUNNER_SIM_HANG_HOSTS=f"node2:{gate}")
+    p = subprocess.run(CLI + [*args, f"output.dir={run}", "num_shards=3", "launcher.shards_per_task=2",
+                              "simulated_batch_s=0.05", "stall_batches=10"], cwd=REPO, capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    try:
+        t0 = time.time()
+
+        def stalled():
+            st = _status(run)
+            return [s for s in st["shards"] if s["state"] == "stalled"]
+
+        wait_until(lambda: stalled(), timeout=120, interval=0.5, what="a shard read as stalled")
+        named = time.time() - t0
+        s = stalled()[0]
+        assert s["host"] == "node2" and s["job_id"], s
+        text = run_cli("status", run, check=False).stdout
+        assert "stalled" in text and "node2" in text and f"job {s['job_id']}" in text, text
+        # the others are not stalled: they finish and take the shards the hung task does not hold
+        wait_until(lambda: sum(1 for x in _status(run)["shards"] if x["state"] == "done") >= 5, timeout=180,
+                   interval=0.5, what="every other shard done")
+        run_cli("report", run)
+        assert "stalled" in (run / "report.html").read_text()
+    finally:
+        gate.write_text("go")
+    wait_until(lambda: (run / "features.h5").exists(), timeout=240, interval=0.5, what="the merge after the gate")
+    assert named < 120
+    assert run_cli("verify", run).returncode == 0
