@@ -42,6 +42,21 @@ def test_a_task_looks_at_its_own_shard_first_then_the_others_in_order():
 
 
 @pytest.mark.unit
+def test_a_slow_task_leaves_the_last_shards_to_faster_ones_that_free_up_sooner():
+    from runner.steal import worth_taking
+
+    fast = [(1.0, 10.0), (1.0, 10.0)]  # two others, free in 1 s, 10 images/s
+    # one shard of 30 left: they would finish it at 4 s, this task (1/3 as fast) at 9 s
+    assert not worth_taking(10 / 3, [30], fast)
+    # many left: the others cannot take them all first
+    assert worth_taking(10 / 3, [30] * 6, fast)
+    assert worth_taking(10.0, [30], fast)  # as fast: it is free now
+    assert worth_taking(0.0, [30], fast)  # no rate of its own yet: it takes
+    assert worth_taking(10 / 3, [30], [])  # nobody else
+    assert not worth_taking(10.0, [], fast)
+
+
+@pytest.mark.unit
 def test_a_beating_task_whose_count_does_not_move_is_stalled():
     from runner.status import stalled_for
 
