@@ -867,6 +867,7 @@ def straggler_bench(work: Path, tasks: int = 6, nodes: int = 3, slow: float = 3.
     (one shard per task, no taking) and shards_per_task=4 with tasks taking the free shards.
     Wall time: from the command's start to the last shard's "finished" event (the merge job,
     the same for all, is left out)."""
+    import shutil
     import subprocess
 
     from runner.events import read_events
@@ -878,7 +879,9 @@ def straggler_bench(work: Path, tasks: int = 6, nodes: int = 3, slow: float = 3.
         write_corpus(pics, n, seed=5, min_wh=(40, 40), max_wh=(64, 64))
         (work / "straggler-pics.done").write_text("ok")
     lst = work / "straggler-list.txt"
-    lst.write_text("\n".join(sorted(str(p) for p in pics.rglob("*.jpg"))[:n]) + "\n")
+    text = "\n".join(sorted(str(p) for p in pics.rglob("*.jpg"))[:n]) + "\n"
+    if not lst.exists() or lst.read_text() != text:
+        lst.write_text(text)
     proto = work / "sim.prototxt"
     proto.write_text(SIM_NET)
     state = tempfile.mkdtemp(prefix="crbench-", dir="/tmp")
@@ -892,6 +895,7 @@ def straggler_bench(work: Path, tasks: int = 6, nodes: int = 3, slow: float = 3.
             walls = {}
             for label, hosts in (("equal", ""), ("slow", f"node2:{slow:g}")):
                 run = work / f"straggler-{name}-{label}"
+                shutil.rmtree(run, ignore_errors=True)  # every run starts from nothing
                 args = [sys.executable, "-m", "runner", f"input.list={lst}", f"output.dir={run}",
                         "output.overwrite=true", f"num_shards={tasks}", "launcher=slurm", "launcher.wait=true",
                         "launcher.cpus_per_task=1", "launcher.mem_gb=0.5", "launcher.gpus_per_task=0",
