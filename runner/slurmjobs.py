@@ -208,6 +208,9 @@ def query_jobs(job_ids: Iterable[str], accounting: bool = True) -> SlurmWord:
     word = SlurmWord()
     if not ids:
         return word
+    if not shutil.which("squeue"):  # not on the cluster (a copied run directory): one line, not three
+        word.problems.append("squeue is not on PATH (not a Slurm login node?)")
+        return word
     arrays = sorted({j.split("_")[0] for j in ids}, key=lambda s: (len(s), s))
     out, why = _run(["squeue", "-h", "-r", "-o", SQUEUE_FORMAT, "-j", ",".join(arrays)])
     if out is None:
