@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, is_temp_of
 from .errors import ConfigError
 from .inflight import refuse_if_live
 from .locks import lock_holder
@@ -205,9 +205,11 @@ def remove_old_run(run_dir: Path) -> None:
         if not isinstance(exc, FileNotFoundError):
             failed.append(f"{path} ({getattr(exc, 'strerror', None) or exc})")
 
-    # submissions.json before run.json: kept while anything of its run is, so a rerun still asks
-    # Slurm about those jobs; run.json last of all
-    for name in OLD_RUN_ENTRIES + (RUN_JSON,):
+    # temporaries a killed writer left of them first; submissions.json before run.json: kept
+    # while anything of its run is, so a rerun still asks Slurm about those jobs; run.json last
+    temps = tuple(e.name for e in run_dir.iterdir()
+                  if any(is_temp_of(e.name, n) for n in OLD_RUN_ENTRIES + (RUN_JSON,)))
+    for name in temps + OLD_RUN_ENTRIES + (RUN_JSON,):
         if failed:
             break
         p = run_dir / name

@@ -83,6 +83,7 @@ def test_overwrite_removes_everything_of_the_old_run(tmp_path):
     (run / "submissions.json").write_text(json.dumps([]))  # no job ids: nothing to ask Slurm
     (run / "launch.lock").write_text("")  # held by whoever replaces the run: kept
     (run / "notes.txt").write_text("mine")  # not a run file: kept
+    (run / ".features.h5.node2.123.ab12cd34.tmp").write_text("a merge killed mid-write")
     remove_old_run(run)
     assert sorted(p.name for p in run.iterdir()) == ["launch.lock", "notes.txt"]
     assert set(OLD_RUN_ENTRIES) >= {"events", "submissions.json", "retries.json", "retry", "logs"}
