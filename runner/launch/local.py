@@ -222,31 +222,33 @@ class _WorkerStderr:
 
 
 def death_message(deaths: Sequence[Tuple[Optional[int], Death, Optional[str], str]], num_shards: int) -> str:
-    """One line for workers that died: [(shard or None if idle, death, Caffe's last words,
-    the worker's stderr file)]; the deaths sharing a cause are named together (pure)."""
+    """One line for workers that died: [(shard, or None for an idle worker; the death; Caffe's
+    last words; the worker's stderr file)]. Deaths with the same cause are named together (pure)."""
     groups: Dict[str, List[Tuple[Optional[int], Death, str]]] = {}
     for shard, d, words, path in deaths:
         if words:
             cause = f"Caffe aborted: {words}"
         else:
             hint = signal_hint(d.exitcode)
-            cause = f"its worker was {d.how}" if d.exitcode < 0 else f"its worker ended with {d.how}"
-            cause += f" ({hint})" if hint else ""
+            cause = ("was " if d.exitcode < 0 else "ended with ") + d.how + (f" ({hint})" if hint else "")
         groups.setdefault(cause, []).append((shard, d, path))
     parts = []
     for cause, items in groups.items():
         shards = sorted(s for s, _, _ in items if s is not None)
-        who = (f"shard {shards[0]} of {num_shards}" if len(shards) == 1 else
-               f"shards {', '.join(map(str, shards))} of {num_shards}" if shards else
-               "a worker with no shard to run")
-        if len(shards) < len(items) and shards:
-            who += " and a worker with no shard to run"
+        idle = len(items) - len(shards)
+        who = [f"shard {shards[0]} of {num_shards}" if len(shards) == 1 else
+               f"shards {', '.join(map(str, shards))} of {num_shards}"] if shards else []
+        who += ["an idle worker" if idle == 1 else f"{idle} idle workers"] if idle else []
         pids = ", ".join(str(d.pid) for _, d, _ in items)
-        detail = f"worker pid {pids}"
         if cause.startswith("Caffe aborted"):
-            detail += f", {items[0][1].how}; its output: {items[0][2]}" if len(items) == 1 else \
-                f", {items[0][1].how}; their output: {os.path.dirname(items[0][2])}"
-        parts.append(f"{who}: {cause} ({detail})")
+            out = f"its output: {items[0][2]}" if len(items) == 1 else f"their output: {os.path.dirname(items[0][2])}"
+            parts.append(f"{' and '.join(who)}: {cause} (worker pid {pids}, {items[0][1].how}; {out})")
+        else:
+            if shards:
+                subject = "its worker" if len(items) == 1 else "their workers"
+                parts.append(f"{' and '.join(who)}: {subject} (pid {pids}) {cause}")
+            else:
+                parts.append(f"{who[0]} (pid {pids}) {cause}")
     return "; ".join(parts)
 
 

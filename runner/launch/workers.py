@@ -112,6 +112,20 @@ def running(task) -> None:
             _said.put((os.getpid(), "task", None))
 
 
+def _ended(p) -> bool:
+    """Whether process p has ended, and its exit code known. Its sentinel is readable once the
+    process has closed its files, a moment before it can be reaped: join() waits that moment."""
+    if p.exitcode is not None:
+        return True
+    try:
+        if not connection.wait([p.sentinel], 0):
+            return False
+    except ValueError:  # not started yet
+        return False
+    p.join(5)
+    return p.exitcode is not None
+
+
 @dataclass(frozen=True)
 class Death:
     """A worker that died after it said it was ready."""
@@ -168,8 +182,7 @@ class WorkerWatch:
 
     def check(self) -> List[Death]:
         error = self._drain()  # read before the exit codes: a dead worker's last words are in the pipe
-        dead = [p for p in self.ctx.started
-                if p.pid is not None and p.pid not in self.reported and p.exitcode is not None]
+        dead = [p for p in self.ctx.started if p.pid is not None and p.pid not in self.reported and _ended(p)]
         deaths = []
         for p in dead:
             self.reported.add(p.pid)
