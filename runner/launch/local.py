@@ -32,7 +32,7 @@ from ..errors import ConfigError, ShardFailedError, Terminated
 from ..extract import run_shard
 from ..events import EventLog, events_path
 from ..gpu import require_cuda_device, require_gpu_caffe
-from ..lastwords import caffe_last_words, signal_hint
+from ..lastwords import caffe_last_words, describe_exit, signal_hint
 from ..merge import merge_run, open_merged
 from ..plan import Run, plan_summary, prepare_run
 from ..runtimes import Placement, container_spec, wrap
@@ -74,14 +74,19 @@ def oversubscription(wp: Dict) -> Optional[str]:
             f"{wp['cores']}")
 
 
+_stderr_path: Optional[str] = None  # in a worker: the file its fd 2 writes to
+
+
 def _init_worker(gpu_queue, level: int, log_queue=None, stderr_dir: Optional[str] = None) -> None:
     # Ctrl-C reaches the whole process group: the launcher alone handles it (and stops us),
     # so one line is printed instead of a traceback per worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _stderr_path
     if stderr_dir is not None:
         # fd 2 itself, so that Caffe's glog (C++) writes there too: a line written before an
         # abort is on disk when the process dies, for the launcher to quote
-        fd = os.open(_WorkerStderr.path_in(stderr_dir, os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        _stderr_path = _WorkerStderr.path_in(stderr_dir, os.getpid())
+        fd = os.open(_stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 2)
         os.close(fd)
     die_with_parent()
@@ -124,12 +129,16 @@ def run_shard_in_container(cfg, index: int, threads: int) -> Dict:
     def die_with_worker():  # this worker killed: the runtime goes too (PR_SET_PDEATHSIG)
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)
 
+    said_before = os.path.getsize(_stderr_path) if _stderr_path and os.path.exists(_stderr_path) else 0
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_worker,
                        env=dict(os.environ, CAFFE_RUNNER_THREADS=str(threads)))
     lines = [line for line in p.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if p.returncode != 0 or not lines:
-        raise ShardFailedError(f"shard {index} in {cfg.container.runtime} image {cfg.container.image} exited "
-                               f"{p.returncode} (its stderr is above; the command: {shlex.join(cmd)})")
+        # the process in the image wrote to this worker's fd 2: Caffe's abort is quoted from there
+        words = caffe_last_words(_WorkerStderr.tail_of(_stderr_path, said_before)) if _stderr_path else None
+        raise ShardFailedError(f"shard {index} in {cfg.container.runtime} image {cfg.container.image} ended with "
+                               f"{describe_exit(p.returncode)}{': Caffe aborted: ' + words if words else ''} "
+                               f"(its stderr is above; the command: {shlex.join(cmd)})")
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
@@ -204,9 +213,14 @@ class _WorkerStderr:
                 write(data.decode(errors="replace"))
 
     def tail(self, pid: int) -> str:
+        return self.tail_of(self.path(pid))
+
+    @classmethod
+    def tail_of(cls, path: str, start: int = 0) -> str:
+        """The end of a file, from `start` at most (what one command in the worker wrote)."""
         try:
-            with open(self.path(pid), "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - self.TAIL))
+            with open(path, "rb") as f:
+                f.seek(max(start, os.fstat(f.fileno()).st_size - cls.TAIL))
                 return f.read().decode(errors="replace")
         except OSError:
             return ""
