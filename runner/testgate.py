@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import threading
 
+from .atomic import atomic_write_text
+
 ENV = "CAFFE_RUNNER_TEST_GATES"
 
 
@@ -20,9 +22,6 @@ def gate(name: str) -> None:
     hold = os.path.join(folder, name + ".hold")
     if not os.path.exists(hold):
         return
-    reached = os.path.join(folder, name + ".reached")
-    with open(reached + ".tmp", "w") as f:
-        f.write(str(os.getpid()))
-    os.replace(reached + ".tmp", reached)
+    atomic_write_text(os.path.join(folder, name + ".reached"), str(os.getpid()), durable=False)
     while os.path.exists(hold):
         threading.Event().wait(0.02)
