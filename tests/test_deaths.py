@@ -129,7 +129,9 @@ def test_a_worker_killed_at_any_moment_stops_the_run_naming_shard_and_signal(tin
 
 def test_an_idle_worker_killed_stops_the_run(tiny_net, photos, tmp_path, reference):
     """Shard 1 done, its worker waits for a task that will not come (holding Pool's queue lock)
-    while shard 0 is held mid-shard: that worker's death is seen too, and the run still ends."""
+    while shard 0 is held mid-shard: that worker's death is seen too, and the run still ends.
+    (Killed a moment earlier, between the shard's rename and its report, it is as idle: the
+    bare-pool case of the lock is tests/test_lastwords.py's.)"""
     run, gates = tmp_path / "run", tmp_path / "gates"
     args = _args(tiny_net, photos, run)
     _hold(gates, "written-0-2")

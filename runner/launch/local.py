@@ -422,7 +422,10 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
 
 def _died(run, deaths: Sequence[Death], stderr: _WorkerStderr) -> ShardFailedError:
     """The error that stops the run when workers died; their shards' status says it too."""
-    found = [(d.task, d, caffe_last_words(stderr.tail(d.pid)), stderr.path(d.pid)) for d in deaths]
+    # a worker killed between its shard's last rename and its report had nothing left to lose:
+    # it was as good as idle, and its complete shard is not "failed"
+    found = [(None if d.task is None or run.shard_done(d.task) else d.task, d, caffe_last_words(stderr.tail(d.pid)),
+              stderr.path(d.pid)) for d in deaths]
     for shard, d, words, path in found:
         if shard is not None:
             _record_death(run, shard, death_message([(shard, d, words, path)], run.num_shards), path)
