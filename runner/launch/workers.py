@@ -24,7 +24,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import connection, context, popen_spawn_posix, spawn
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, Iterator, List, Optional, Set
 
 from ..errors import RunnerError
 from ..lastwords import describe_exit
@@ -100,7 +100,7 @@ def _watched_init(said, init: Callable, *args) -> None:
 
 
 @contextmanager
-def running(task) -> None:
+def running(task) -> Iterator[None]:
     """In a worker: tell the launcher which task this process runs until the block ends (a
     death in it is that task's)."""
     if _said is not None:
@@ -181,13 +181,16 @@ class WorkerWatch:
         return error
 
     def check(self) -> List[Death]:
-        error = self._drain()  # read before the exit codes: a dead worker's last words are in the pipe
         dead = [p for p in self.ctx.started if p.pid is not None and p.pid not in self.reported and _ended(p)]
+        # read after: all a dead worker said (ready, its task) is in the pipe by now
+        error = self._drain()
         deaths = []
         for p in dead:
             self.reported.add(p.pid)
             if p.pid in self.ready:
-                deaths.append(Death(p.pid, p.exitcode, self.tasks.get(p.pid)))
+                # an idle worker ending cleanly is a pool retiring it (maxtasksperchild), not a death
+                if p.exitcode != 0 or self.tasks.get(p.pid) is not None:
+                    deaths.append(Death(p.pid, p.exitcode, self.tasks.get(p.pid)))
             elif error is None:
                 error = (f"a worker process (pid {p.pid}) "
                          f"{'was ' + describe_exit(p.exitcode) if p.exitcode < 0 else f'exited with code {p.exitcode}'}"
