@@ -407,17 +407,29 @@ def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
     return Run(cfg, rd, plan)
 
 
-def load_run(cfg) -> Run:
+def load_run(cfg, fingerprint: Optional[str] = None) -> Run:
+    """The run a task works on. `fingerprint`: the plan the task was submitted for; a task whose
+    run.json has since been replaced (output.overwrite=true while it was queued) refuses to
+    write: its config is not the run's."""
     rd = RunDir(Path(os.path.abspath(os.path.expanduser(cfg.output.dir))))
     plan = rd.read_plan()
+    check_fingerprint(rd, plan, fingerprint)
     load_manifest(rd.path)  # fail early with a clear message if it is missing
     return Run(cfg, rd, plan)
 
 
-def load_run_dir(path) -> Run:
+def check_fingerprint(rd: RunDir, plan: Dict, fingerprint: Optional[str]) -> None:
+    if fingerprint and plan["fingerprint"] != fingerprint:
+        raise ConfigError(f"this task was submitted for run {fingerprint[:12]}, but {rd.path / RUN_JSON} now holds "
+                          f"run {plan['fingerprint'][:12]} (replaced, e.g. by output.overwrite=true): it writes "
+                          "nothing; the current run's own command submits its tasks")
+
+
+def load_run_dir(path, fingerprint: Optional[str] = None) -> Run:
     """A run from its directory alone (merge, status, verify): the config comes from run.json."""
     rd = RunDir(Path(os.path.abspath(os.path.expanduser(str(path)))))
     plan = rd.read_plan()
+    check_fingerprint(rd, plan, fingerprint)
     try:
         cfg = OmegaConf.create(plan["config_yaml"])
     except Exception as e:  # yaml's and omegaconf's errors: the text is damaged either way
