@@ -34,6 +34,7 @@ from .features import FeaturePost, pooled_shape
 from .liveness import Heart
 from .runtimes.identity import image_label
 from .task import TaskIdentity, configure_threads, default_threads, task_identity
+from .testgate import gate
 from .write import ShardLock, ShardWriter
 
 
@@ -165,11 +166,14 @@ class _Feeder(threading.Thread):
 class _Writer(threading.Thread):
     """Drains forward results to HDF5 so the net never waits on the disk."""
 
-    def __init__(self, writer: ShardWriter, progress: _Progress, post: "FeaturePost", maxsize: int = 1):
+    def __init__(self, writer: ShardWriter, progress: _Progress, post: "FeaturePost", maxsize: int = 1,
+                 shard: int = 0):
         super().__init__(name="h5writer", daemon=True)
         self.writer, self.progress, self.post = writer, progress, post
+        self.shard = shard
         self.q: "queue.Queue" = queue.Queue(maxsize=maxsize)
         self.error: Optional[BaseException] = None
+        self.written = 0  # batches written by this thread
 
     def put(self, item) -> None:
         while True:
@@ -195,6 +199,8 @@ class _Writer(threading.Thread):
                 p.rows += len(indices)
                 p.failures += len(failures)
                 p.beat("running")
+                self.written += 1
+                gate(f"written-{self.shard}-{self.written}")
         except BaseException as e:  # surfaced in the forward thread
             self.error = e
 
@@ -205,11 +211,17 @@ class _Writer(threading.Thread):
             raise self.error
 
     def abandon(self) -> None:
-        """The forward thread failed: stop after what is queued, write nothing more."""
-        try:
-            self.q.put_nowait(None)
-        except queue.Full:
-            pass
+        """The forward thread failed: write what is queued (each batch was computed whole),
+        then stop, and return only when this thread has ended. The caller closes the HDF5
+        file next: closing it under a batch being written could record that batch's rows with
+        an old `next`, and the resume would then write the batch twice."""
+        while self.is_alive():
+            try:
+                self.q.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self.join()
 
 
 @dataclass
@@ -231,6 +243,7 @@ def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest, pa
     start, stop = run.shard_range(index)
     blobs = parts.blobs
     t_load = time.time()
+    gate(f"load-{index}")
     engine = keep.get("engine") if keep is not None else None
     if engine is None:
         engine = load_engine(cfg, parts.spec, blobs, parts.in_shape, threads, gpu_device=0)
@@ -274,8 +287,7 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, par
     transform, in_shape = parts.transform, parts.in_shape
     oversample = bool(cfg.model.preprocess.oversample)
     post = FeaturePost(str(cfg.output.pooling), float(cfg.output.gem_p), bool(cfg.output.l2_normalize))
-    wthread = _Writer(op.writer, progress, post)
-    wthread.start()
+    wthread = _Writer(op.writer, progress, post, shard=index)
     busy = 0.0
     t0, c0 = time.time(), time.process_time()
     t_first = None  # pipeline fill: until the first batch is ready
@@ -287,13 +299,16 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, par
     window = decode_window(reader.items(op.first, op.stop), cfg.batch_size, int(cfg.decode.workers),
                             int(cfg.decode.prefetch_batches))
     feeder = _Feeder(window, transform, tuple(in_shape[1:]) if oversample else None, maxsize=2)
-    feeder.start()
     check = None  # the GPU self-check's result, once the first batch is done
+    # started last, just before the block whose every exit joins it
+    feeder.start()
+    wthread.start()
     try:
         for batch, ok, failures, x in feeder:
             feats: Dict[str, np.ndarray] = {}
             if t_first is None:
                 t_first = time.time() - t0
+                gate(f"first-batch-{index}")
             if ok:
                 tf = time.perf_counter()
                 feats = op.engine.forward(x)
@@ -419,6 +434,7 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
                                      events, heart, taken)
                 progress.rows, progress.failures = op.writer.rows, op.writer.n_failures
                 stats = _forward_loop(run, index, op, reader, progress, parts)
+                gate(f"finish-{index}")
                 op.writer.finish(dict(stats, input_read=json.dumps(reader.stats)) if reader.stats else stats)
             finally:
                 reader.close()

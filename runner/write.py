@@ -120,6 +120,20 @@ def _quiet_failed_dealloc_flushes() -> None:
     sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
+class _Unusable(Exception):
+    """A partial file that cannot be resumed (its start-over reason)."""
+
+
+def torn_counters(attrs) -> Optional[str]:
+    """Why a file's progress counters cannot be one batch's commit, or None. Every batch adds
+    its items to `next` and each of them to `rows` or `n_failures`, in one attrs update: a
+    process that died inside that update (or a file closed under it) leaves them disagreeing."""
+    rows, n_failures, nxt = (int(attrs.get(k, 0)) for k in ("rows", "n_failures", "next"))
+    if rows + n_failures != nxt:
+        return f"holds counters from two different batches (rows {rows} + failures {n_failures} != next {nxt})"
+    return None
+
+
 def _open(path, mode):
     # our own lock guards writers; HDF5's file locking fails on many cluster file systems
     return h5py.File(path, mode, locking=False)
@@ -157,6 +171,9 @@ class ShardWriter:
                                 self.partial)
                     os.unlink(self.partial)
                     return False
+                torn = torn_counters(src.attrs)
+                if torn:  # resuming at `next` would write rows again, or skip some
+                    raise _Unusable(torn)
                 # checked first: HDF5 can crash closing a file whose writes failed for want of space
                 need, free = self.partial.stat().st_size, shutil.disk_usage(self.partial.parent).free
                 if free < need:
@@ -165,6 +182,8 @@ class ShardWriter:
                 counts = self._copy_committed(src, fresh)
             except RunnerError:
                 raise
+            except _Unusable as e:
+                return self._start_over(str(e))
             except Exception as e:
                 fresh.unlink(missing_ok=True)
                 problem = _storage_problem(e)

@@ -65,10 +65,10 @@ def test_only_our_workers_drop_the_main_module(tmp_path):
 
 
 def _pool_until_error(init, initargs, timeout_s=30):
-    from runner.launch.workers import StartWatch, WorkerContext, WorkerStartError
+    from runner.launch.workers import WorkerWatch, WorkerContext, WorkerStartError
 
     ctx = WorkerContext()
-    watch = StartWatch(ctx)
+    watch = WorkerWatch(ctx)
     i, a = watch.initializer(init, initargs)
     pool = ctx.Pool(processes=2, initializer=i, initargs=a)
     t0 = time.time()
@@ -99,10 +99,10 @@ def test_a_worker_that_exits_while_starting_fails_the_run():
 
 
 def test_workers_that_start_are_not_blamed():
-    from runner.launch.workers import StartWatch, WorkerContext
+    from runner.launch.workers import WorkerWatch, WorkerContext
 
     ctx = WorkerContext()
-    watch = StartWatch(ctx)
+    watch = WorkerWatch(ctx)
     i, a = watch.initializer(os.getcwd, ())
     with ctx.Pool(processes=2, initializer=i, initargs=a) as pool:
         r = pool.apply_async(os.getpid)

@@ -3,6 +3,10 @@
 device=gpu: one worker per GPU, each binding its GPU (CUDA_VISIBLE_DEVICES) before Caffe
 initialises. device=cpu: `workers` processes splitting the cores between them.
 Progress comes from the shards' heartbeat files, the same ones `caffe-runner status` reads.
+Every worker is watched from start to end (workers.py): a worker that dies (SIGKILL, the OOM
+killer, a segfault, Caffe's abort) stops the run at once with one line naming its shard, how it
+died and, when Caffe aborted, Caffe's own fatal line, read from the worker's stderr file
+(RUN/logs/local-worker-PID.err, shown on the console as it is written).
 """
 from __future__ import annotations
 
@@ -11,12 +15,14 @@ import json
 import logging
 import logging.handlers
 import os
+import queue
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
@@ -25,7 +31,9 @@ from ..atomic import atomic_write_text
 from ..device import resolve_gpus, resolve_local_device
 from ..errors import ConfigError, ShardFailedError, Terminated
 from ..extract import run_shard
+from ..events import EventLog, events_path
 from ..gpu import require_cuda_device, require_gpu_caffe
+from ..lastwords import caffe_last_words, describe_exit, signal_hint
 from ..merge import merge_run, open_merged
 from ..plan import Run, plan_summary, prepare_run
 from ..runtimes import Placement, container_spec, wrap
@@ -34,7 +42,7 @@ from ..status import shard_state
 from ..task import die_with_parent, setup_task_logging
 from .base import Launcher
 from .container_task import RESULT_PREFIX
-from .workers import StartWatch, WorkerContext
+from .workers import Death, WorkerContext, WorkerStartError, WorkerWatch, running
 
 
 def worker_plan(cfg) -> Dict:
@@ -67,14 +75,29 @@ def oversubscription(wp: Dict) -> Optional[str]:
             f"{wp['cores']}")
 
 
-def _init_worker(gpu_queue, level: int, log_queue=None) -> None:
+_stderr_path: Optional[str] = None  # in a worker: the file its fd 2 writes to
+
+
+def _init_worker(gpu_queue, level: int, log_queue=None, stderr_dir: Optional[str] = None) -> None:
     # Ctrl-C reaches the whole process group: the launcher alone handles it (and stops us),
     # so one line is printed instead of a traceback per worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _stderr_path
+    if stderr_dir is not None:
+        # fd 2 itself, so that Caffe's glog (C++) writes there too: a line written before an
+        # abort is on disk when the process dies, for the launcher to quote
+        _stderr_path = _WorkerStderr.path_in(stderr_dir, os.getpid())
+        fd = os.open(_stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 2)
+        os.close(fd)
     die_with_parent()
     if gpu_queue is not None:
         # bind the GPU before anything can initialise CUDA in this process
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_queue.get(timeout=30)
+        try:
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu_queue.get(timeout=30)
+        except queue.Empty:
+            raise WorkerStartError("no GPU left for this worker: each GPU of launcher.gpus has had its worker "
+                                   "(Pool replaces one that died: its death is the error to read)") from None
     if log_queue is not None:
         # log lines go to the launcher, which prints them above its progress bar
         log.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
@@ -85,9 +108,10 @@ def _init_worker(gpu_queue, level: int, log_queue=None) -> None:
 
 
 def _shard_entry(cfg, index: int, threads: int):
-    if cfg.container.runtime != "none":  # the shard runs as a process inside the image
-        return run_shard_in_container(cfg, index, threads)
-    return run_shard(cfg, index, threads=threads)
+    with running(index):  # the launcher knows which shard a death in here belongs to
+        if cfg.container.runtime != "none":  # the shard runs as a process inside the image
+            return run_shard_in_container(cfg, index, threads)
+        return run_shard(cfg, index, threads=threads)
 
 
 def run_shard_in_container(cfg, index: int, threads: int) -> Dict:
@@ -104,12 +128,16 @@ def run_shard_in_container(cfg, index: int, threads: int) -> Dict:
     def die_with_worker():  # this worker killed: the runtime goes too (PR_SET_PDEATHSIG)
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)
 
+    said_before = os.path.getsize(_stderr_path) if _stderr_path and os.path.exists(_stderr_path) else 0
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_worker,
                        env=dict(os.environ, CAFFE_RUNNER_THREADS=str(threads)))
     lines = [line for line in p.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if p.returncode != 0 or not lines:
-        raise ShardFailedError(f"shard {index} in {cfg.container.runtime} image {cfg.container.image} exited "
-                               f"{p.returncode} (its stderr is above; the command: {shlex.join(cmd)})")
+        # the process in the image wrote to this worker's fd 2: Caffe's abort is quoted from there
+        words = caffe_last_words(_WorkerStderr.tail_of(_stderr_path, said_before)) if _stderr_path else None
+        raise ShardFailedError(f"shard {index} in {cfg.container.runtime} image {cfg.container.image} ended with "
+                               f"{describe_exit(p.returncode)}{': Caffe aborted: ' + words if words else ''} "
+                               f"(its stderr is above; the command: {shlex.join(cmd)})")
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
@@ -137,6 +165,134 @@ class _ProgressView:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+    def write(self, text: str) -> None:
+        """Text from a worker's stderr, above the bar."""
+        if self.bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=sys.stderr, end="")
+        else:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+
+class _WorkerStderr:
+    """Each worker's fd 2 is a file of the run (RUN/logs/local-worker-PID.err), written by the
+    worker itself; the launcher shows what is new on the console at each poll and, when a
+    worker dies, reads its last words there. (A pipe read by a thread of the worker would lose
+    them: an abort ends that thread too.)"""
+
+    TAIL = 64 << 10
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.offsets: Dict[int, int] = {}
+
+    @staticmethod
+    def path_in(folder: str, pid: int) -> str:
+        return os.path.join(folder, f"local-worker-{pid}.err")
+
+    def path(self, pid: int) -> str:
+        return self.path_in(self.folder, pid)
+
+    def pump(self, pids: Sequence[int], write: Callable[[str], None], whole: bool = False) -> None:
+        """Show the complete lines each worker wrote since the last call (all of it: whole)."""
+        for pid in pids:
+            try:
+                with open(self.path(pid), "rb") as f:
+                    f.seek(self.offsets.get(pid, 0))
+                    data = f.read()
+            except OSError:
+                continue
+            if not whole:
+                data = data[:data.rfind(b"\n") + 1]
+            if data:
+                self.offsets[pid] = self.offsets.get(pid, 0) + len(data)
+                write(data.decode(errors="replace"))
+
+    def tail(self, pid: int) -> str:
+        return self.tail_of(self.path(pid))
+
+    @classmethod
+    def tail_of(cls, path: str, start: int = 0) -> str:
+        """The end of a file, from `start` at most (what one command in the worker wrote)."""
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(start, os.fstat(f.fileno()).st_size - cls.TAIL))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def tidy(self, pids: Sequence[int]) -> None:
+        """Remove the files of workers that said nothing; the others are kept with the run."""
+        for pid in pids:
+            try:
+                if os.path.getsize(self.path(pid)) == 0:
+                    os.unlink(self.path(pid))
+            except OSError:
+                pass
+
+
+def death_message(deaths: Sequence[Tuple[Optional[int], Death, Optional[str], str]], num_shards: int) -> str:
+    """One line for workers that died: [(shard, or None for an idle worker; the death; Caffe's
+    last words; the worker's stderr file)]. Deaths with the same cause are named together (pure)."""
+    groups: Dict[str, List[Tuple[Optional[int], Death, str]]] = {}
+    for shard, d, words, path in deaths:
+        if words:
+            cause = f"Caffe aborted: {words}"
+        else:
+            hint = signal_hint(d.exitcode)
+            cause = ("was " if d.exitcode < 0 else "ended with ") + d.how + (f" ({hint})" if hint else "")
+        groups.setdefault(cause, []).append((shard, d, path))
+    parts = []
+    for cause, items in groups.items():
+        shards = sorted(s for s, _, _ in items if s is not None)
+        idle = len(items) - len(shards)
+        who = [f"shard {shards[0]} of {num_shards}" if len(shards) == 1 else
+               f"shards {', '.join(map(str, shards))} of {num_shards}"] if shards else []
+        who += ["an idle worker" if idle == 1 else f"{idle} idle workers"] if idle else []
+        pids = ", ".join(str(d.pid) for _, d, _ in items)
+        if cause.startswith("Caffe aborted"):
+            out = f"its output: {items[0][2]}" if len(items) == 1 else f"their output: {os.path.dirname(items[0][2])}"
+            parts.append(f"{' and '.join(who)}: {cause} (worker pid {pids}, {items[0][1].how}; {out})")
+        else:
+            if shards:
+                subject = "its worker" if len(items) == 1 else "their workers"
+                parts.append(f"{' and '.join(who)}: {subject} (pid {pids}) {cause}")
+            else:
+                parts.append(f"{who[0]} (pid {pids}) {cause}")
+    return "; ".join(parts)
+
+
+def _stop_pool(pool, ctx: WorkerContext, wait_s: float = 2.0) -> None:
+    """Pool.terminate(), bounded. It cannot finish when a worker died while waiting for a task:
+    that worker held the task queue's read lock, which Pool's cleanup acquires first and which
+    nobody will release now (Pool offers no public way around it). The workers are then stopped
+    here (Process.terminate, public) and Pool's cleanup is left to itself in a daemon thread:
+    the launch ends, and Pool's exit-time finalizer, already run, is not run again."""
+    t = threading.Thread(target=pool.terminate, name="pool-terminate", daemon=True)
+    t.start()
+    t.join(wait_s)
+    if t.is_alive():
+        for p in ctx.started:
+            if p.exitcode is None and p.pid is not None:
+                p.terminate()
+        for p in ctx.started:
+            if p.pid is not None:
+                p.join(wait_s)
+        log.debug("Pool.terminate() is blocked by a dead worker's queue lock; its workers were stopped directly")
+
+
+def _record_death(run, shard: int, error: str, log_path: str) -> None:
+    """The shard's heartbeat and event log say how it ended (`caffe-runner status` shows it);
+    the dead worker could not write them itself."""
+    beat = dict(run.read_heartbeat(shard) or {}, state="failed", shard=shard, error=error, log=log_path)
+    try:
+        run.write_heartbeat(shard, beat)
+    except OSError:
+        pass
+    EventLog(events_path(run.rundir.path, run.shard_path(shard).stem), {}).write("failed", error=error[:300])
 
 
 def _spawn_pool(ctx, processes: int, initializer, initargs):
@@ -189,7 +345,7 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
     if todo:
         # spawn, without the user's main module (a script, stdin, a notebook): workers.py
         ctx = WorkerContext()
-        watch = StartWatch(ctx)
+        watch = WorkerWatch(ctx)
         gpu_queue = None
         if wp["gpus"]:
             gpu_queue = ctx.Queue()
@@ -197,16 +353,27 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
                 gpu_queue.put(g)
         procs = min(wp["workers"], len(todo))
         view = _ProgressView(run, todo, bool(cfg.launcher.progress) and sys.stderr.isatty())
+        stderr = _WorkerStderr(str(run.rundir.logs_dir))
+        os.makedirs(stderr.folder, exist_ok=True)
         log_queue = ctx.Queue()
         listener = logging.handlers.QueueListener(log_queue, *log.handlers, respect_handler_level=True)
         listener.start()
-        init, initargs = watch.initializer(_init_worker, (gpu_queue, log.getEffectiveLevel() or logging.INFO, log_queue))
+        init, initargs = watch.initializer(_init_worker, (gpu_queue, log.getEffectiveLevel() or logging.INFO,
+                                                          log_queue, stderr.folder))
         pool = launcher.pool(ctx, procs, init, initargs)
+        pids = lambda: [p.pid for p in ctx.started if p.pid is not None]  # noqa: E731
         try:
             pending = {i: pool.apply_async(_shard_entry, (cfg, i, wp["threads"])) for i in todo}
             while pending:
-                time.sleep(0.25)
-                watch.check()  # a worker that cannot start fails the run instead of being replaced
+                watch.wait(0.25)  # wakes at once when a worker dies
+                # a worker that cannot start fails the run instead of being replaced (raises)
+                deaths = watch.check()
+                stderr.pump(pids(), view.write)
+                if deaths:
+                    # one bad file kills every worker within a few ms: one line names them all
+                    threading.Event().wait(0.3)
+                    deaths += watch.check()
+                    raise _died(run, deaths, stderr)
                 # the same per-shard states `caffe-runner status` shows, read once per poll
                 states = {i: shard_state(run, i, time.time()) for i in todo}
                 for i in list(pending):
@@ -218,20 +385,9 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
                         except Exception as e:
                             # reported once, in the error that ends the launch
                             failed[i] = f"{type(e).__name__}: {e}"
-                        continue
-                    # a worker killed from outside (OOM killer, kill -9) never reports back; its
-                    # heartbeat says running with a dead pid (one from before this launch is a
-                    # previous crash's, not news)
-                    st = states[i]
-                    if st["state"] == "interrupted" and st["started"] >= t0:
-                        del pending[i]
-                        failed[i] = f"worker pid {st['pid']} died while running the shard (killed?)"
-                        # Pool never hears of a task whose worker died: settle it, or close/join
-                        # would wait for it forever (multiprocessing keeps it in its cache)
-                        ar._set(0, (False, ShardFailedError(failed[i])))
                 view.update(sum(s["done"] for s in states.values()))
         except KeyboardInterrupt as e:
-            pool.terminate()
+            _stop_pool(pool, ctx)
             view.close()
             done = len(run.done_shards())
             what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
@@ -239,17 +395,17 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
                 f"{what}: {done} of {run.num_shards} shards are complete and the others keep their last "
                 f"flushed batch in {run.rundir.shards_dir}; rerun the same command to resume") from None
         except BaseException:
-            pool.terminate()
+            _stop_pool(pool, ctx)
             raise
         else:
-            # every shard has finished or been declared dead, so the workers are idle: let them
-            # exit on the close sentinel (terminate can block on a queue lock when a worker was
-            # killed, and Pool replaced it)
+            # every shard has finished, so the workers are idle: let them exit on the close sentinel
             pool.close()
             pool.join()
         finally:
             view.close()
             listener.stop()
+            stderr.pump(pids(), view.write, whole=True)
+            stderr.tidy(pids())
     elapsed = time.time() - t0
     if failed:
         raise ShardFailedError(
@@ -262,6 +418,21 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
         summary["blob_shapes"] = _blob_shapes(summary["merged"])
     summary["stats"] = write_stats(run, elapsed if todo else None)
     return summary
+
+
+def _died(run, deaths: Sequence[Death], stderr: _WorkerStderr) -> ShardFailedError:
+    """The error that stops the run when workers died; their shards' status says it too."""
+    # a worker killed between its shard's last rename and its report had nothing left to lose:
+    # it was as good as idle, and its complete shard is not "failed"
+    found = [(None if d.task is None or run.shard_done(d.task) else d.task, d, caffe_last_words(stderr.tail(d.pid)),
+              stderr.path(d.pid)) for d in deaths]
+    for shard, d, words, path in found:
+        if shard is not None:
+            _record_death(run, shard, death_message([(shard, d, words, path)], run.num_shards), path)
+    done = len(run.done_shards())
+    return ShardFailedError(
+        f"{death_message(found, run.num_shards)}; the run stopped: {done} of {run.num_shards} shards are complete "
+        f"and the others keep their last flushed batch in {run.rundir.shards_dir}: rerun the same command to resume")
 
 
 def _blob_shapes(merged: str) -> Dict:

@@ -10,18 +10,24 @@ read again at all. Our workers run only runner's own functions, so they are star
 those two keys: they never import the user's main module, whatever it is (a script, stdin, a
 notebook kernel, `python -m`).
 
-A worker that dies while starting (its initializer raised, an import failed) would be replaced
-by Pool forever; StartWatch turns it into one error naming the cause.
+multiprocessing.Pool never notices a worker that dies (bpo-22393): it starts a replacement, and
+the task the dead one held stays pending for ever. WorkerWatch watches every process the pool
+makes, from start to end, through public means: the processes' sentinels and exit codes, and a
+queue on which each worker says it is ready and which task it is running. A worker that dies
+while starting (its initializer raised, an import failed) is one error naming the cause (Pool
+would replace it forever); a death after that is reported with the task it was running.
 """
 from __future__ import annotations
 
 import os
-import queue
 import threading
-from multiprocessing import context, popen_spawn_posix, spawn
-from typing import Callable, List
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing import connection, context, popen_spawn_posix, spawn
+from typing import Callable, Dict, Iterator, List, Optional, Set
 
 from ..errors import RunnerError
+from ..lastwords import describe_exit
 
 _MAIN_KEYS = ("init_main_from_path", "init_main_from_name")
 _launching = threading.local()
@@ -74,52 +80,129 @@ class WorkerContext(context.SpawnContext):
         return p
 
 
-def _watched_init(ready_queue, init: Callable, *args) -> None:
-    """Pool initializer: run `init`, then tell the launcher this worker is ready (or why not)."""
+# in a worker: the watch's queue (set by its initializer), on which it says what it runs
+_said = None
+
+
+def _watched_init(said, init: Callable, *args) -> None:
+    """Pool initializer: run `init`, then tell the launcher this worker is ready (or why not).
+    The queue is a SimpleQueue: put() has written to the pipe when it returns, so a worker
+    killed right after has still said it."""
+    global _said
     try:
         init(*args)
     except BaseException as e:
         # the launcher prints the cause once; a traceback per replacement worker would bury it
-        ready_queue.put((os.getpid(), f"{type(e).__name__}: {e}"))
-        ready_queue.close()
-        ready_queue.join_thread()
+        said.put((os.getpid(), "error", f"{type(e).__name__}: {e}"))
         os._exit(1)
-    ready_queue.put((os.getpid(), None))
+    _said = said
+    said.put((os.getpid(), "ready", None))
 
 
-class StartWatch:
-    """Knows which workers said they are ready; check() raises WorkerStartError when one died
-    before that (Pool would start another, which would die the same way)."""
+@contextmanager
+def running(task) -> Iterator[None]:
+    """In a worker: tell the launcher which task this process runs until the block ends (a
+    death in it is that task's)."""
+    if _said is not None:
+        _said.put((os.getpid(), "task", task))
+    try:
+        yield
+    finally:
+        if _said is not None:
+            _said.put((os.getpid(), "task", None))
+
+
+def _ended(p) -> bool:
+    """Whether process p has ended, and its exit code known. Its sentinel is readable once the
+    process has closed its files, a moment before it can be reaped: join() waits that moment."""
+    if p.exitcode is not None:
+        return True
+    try:
+        if not connection.wait([p.sentinel], 0):
+            return False
+    except ValueError:  # not started yet
+        return False
+    p.join(5)
+    return p.exitcode is not None
+
+
+@dataclass(frozen=True)
+class Death:
+    """A worker that died after it said it was ready."""
+    pid: int
+    exitcode: int
+    task: object  # what it was running (None: it was idle)
+
+    @property
+    def how(self) -> str:
+        return describe_exit(self.exitcode)
+
+
+class WorkerWatch:
+    """Every worker of a pool, from start to end. check() raises WorkerStartError when one died
+    before it was ready (Pool would start another, which would die the same way) and returns
+    the workers that died since, with the task each was running."""
 
     def __init__(self, ctx: WorkerContext):
         self.ctx = ctx
-        self.queue = ctx.Queue()
-        self.ready = set()
+        self.queue = ctx.SimpleQueue()
+        self.ready: Set[int] = set()
+        self.tasks: Dict[int, object] = {}
+        self.reported: Set[int] = set()
 
     def initializer(self, init: Callable, initargs: tuple):
         return _watched_init, (self.queue, init) + tuple(initargs)
 
-    def _drain(self) -> None:
-        while True:
+    def wait(self, timeout: float) -> None:
+        """Sleep up to `timeout` seconds, less when a worker dies meanwhile."""
+        sentinels = []
+        for p in self.ctx.started:
             try:
-                pid, error = self.queue.get_nowait()
-            except queue.Empty:
-                return
-            if error is not None:
-                raise WorkerStartError(f"a worker process (pid {pid}) failed while starting: {error}; "
-                                       "nothing was extracted by it: fix the cause and rerun the same command")
-            self.ready.add(pid)
+                if p.exitcode is None:
+                    sentinels.append(p.sentinel)
+            except ValueError:  # made by Pool, not started yet
+                continue
+        if sentinels:
+            connection.wait(sentinels, timeout)
+        else:
+            threading.Event().wait(timeout)
 
-    def check(self) -> None:
-        self._drain()
-        dead = [p for p in self.ctx.started if p.exitcode is not None and p.pid not in self.ready]
-        if not dead:
-            return
-        # its last words may still be in the pipe: read them before blaming an unknown cause
-        threading.Event().wait(0.2)
-        self._drain()
-        p = dead[0]
-        raise WorkerStartError(
-            f"a worker process (pid {p.pid}) exited with code {p.exitcode} while starting, before it ran any "
-            "shard (its Python error, if any, is printed above): check that `python -c 'import runner.extract'` "
-            "works in this environment, then rerun the same command")
+    def _drain(self) -> Optional[str]:
+        """Read what the workers said; the first start error, if any."""
+        error = None
+        while not self.queue.empty():
+            pid, kind, value = self.queue.get()
+            if kind == "error":
+                error = error or f"a worker process (pid {pid}) failed while starting: {value}"
+            elif kind == "ready":
+                self.ready.add(pid)
+            elif kind == "task":
+                self.tasks[pid] = value
+        return error
+
+    def check(self) -> List[Death]:
+        dead = [p for p in self.ctx.started if p.pid is not None and p.pid not in self.reported and _ended(p)]
+        # read after: all a dead worker said (ready, its task) is in the pipe by now
+        error = self._drain()
+        deaths = []
+        for p in dead:
+            self.reported.add(p.pid)
+            if p.pid in self.ready:
+                # an idle worker ending cleanly is a pool retiring it (maxtasksperchild), not a death
+                if p.exitcode != 0 or self.tasks.get(p.pid) is not None:
+                    deaths.append(Death(p.pid, p.exitcode, self.tasks.get(p.pid)))
+            elif error is None:
+                error = (f"a worker process (pid {p.pid}) "
+                         f"{'was ' + describe_exit(p.exitcode) if p.exitcode < 0 else f'exited with code {p.exitcode}'}"
+                         " while starting, before it ran any shard (its Python error, if any, is printed above): "
+                         "check that `python -c 'import runner.extract'` works in this environment, then rerun "
+                         "the same command")
+        # a death after the start comes first: a replacement that cannot start (no GPU left for
+        # it) is its consequence, not the news
+        if deaths:
+            return deaths
+        if error is not None:
+            if "while starting:" in error:
+                error += "; nothing was extracted by it: fix the cause and rerun the same command"
+            raise WorkerStartError(error)
+        return []

@@ -1,0 +1,179 @@
+"""Every death seen and named, the fast layer: Caffe's last words in real glog output, exit
+codes in words, the launcher's one line, a pool whose idle worker died still stops, a dead
+shard's writer joined before its file closes, and a file whose counters disagree is not resumed."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from runner.lastwords import caffe_last_words, describe_exit
+from runner.write import ShardWriter
+
+pytestmark = pytest.mark.unit
+
+# verbatim stderr of pycaffe 1.0 (this project's build) loading the tiny test net
+# (tests/conftest.py) against weights of another shape, and against 1,000 random bytes
+SHAPE_MISMATCH = """\
+WARNING: Logging before InitGoogleLogging() is written to STDERR
+F20261205 15:09:44.375363 28903 net.cpp:822] Cannot copy param 0 weights from layer 'conv one'; shape mismatch.  \
+Source param shape is 8 3 3 3 (216); target param shape is 4 3 3 3 (108). To learn this layer's parameters from \
+scratch rather than copying from a saved net, rename the layer.
+*** Check failure stack trace: ***
+"""
+RANDOM_WEIGHTS = """\
+WARNING: Logging before InitGoogleLogging() is written to STDERR
+F20261205 15:09:46.330973 28966 upgrade_proto.cpp:106] Check failed: ReadProtoFromBinaryFile(param_file, param) \
+Failed to parse NetParameter file: random.caffemodel
+*** Check failure stack trace: ***
+"""
+# older glog (no year, a padded thread id), after a libprotobuf error and our own log lines
+OLD_GLOG = """\
+2026-12-05 15:00:01 INFO runner: shard 0/2 resumes at 4/10
+[libprotobuf ERROR google/protobuf/text_format.cc:298] Error parsing text-format caffe.NetParameter: 5:3: Unknown \
+enumeration value of "Convolutionn" for field "type".
+F1205 15:00:02.000001  4242 upgrade_proto.cpp:88] Check failed: ReadProtoFromTextFile(param_file, param) Failed to \
+parse NetParameter file: /models/deploy.prototxt
+*** Check failure stack trace: ***
+    @     0x7f3c2a1b2c3d  google::LogMessage::Fail()
+"""
+
+
+@pytest.mark.parametrize("text, words", [
+    (SHAPE_MISMATCH, "net.cpp:822] Cannot copy param 0 weights from layer 'conv one'; shape mismatch.  Source "
+                     "param shape is 8 3 3 3 (216); target param shape is 4 3 3 3 (108). To learn this layer's "
+                     "parameters from scratch rather than copying from a saved net, rename the layer."),
+    (RANDOM_WEIGHTS, "upgrade_proto.cpp:106] Check failed: ReadProtoFromBinaryFile(param_file, param) Failed to "
+                     "parse NetParameter file: random.caffemodel"),
+    (OLD_GLOG, "upgrade_proto.cpp:88] Check failed: ReadProtoFromTextFile(param_file, param) Failed to parse "
+               "NetParameter file: /models/deploy.prototxt"),
+    # a log whose glog prefix was lost (a wrapper re-printing it): the Check failed line
+    ("worker said: Check failed: data_ Syncing a null blob\n", "Check failed: data_ Syncing a null blob"),
+    # no abort: an error line (glog E) and a Python traceback are not Caffe's last words
+    ("E1205 15:00:02.000001  4242 foo.cpp:1] not fatal\nTraceback (most recent call last):\nValueError: x\n", None),
+    ("", None),
+])
+def test_caffe_last_words(text, words):
+    assert caffe_last_words(text) == words
+
+
+def test_caffe_last_words_takes_the_last_and_bounds_it():
+    text = SHAPE_MISMATCH + "F1205 15:00:02.000001 1 net.cpp:1] " + "x" * 5000 + "\n"
+    words = caffe_last_words(text)
+    assert words.startswith("net.cpp:1] xxx") and len(words) == 600 and words.endswith("...")
+
+
+@pytest.mark.parametrize("code, words", [
+    (-signal.SIGKILL, "killed by SIGKILL"), (-signal.SIGABRT, "killed by SIGABRT"),
+    (-signal.SIGSEGV, "killed by SIGSEGV"), (134, "exit code 134 (SIGABRT)"), (137, "exit code 137 (SIGKILL)"),
+    (1, "exit code 1"), (0, "exit code 0"), (255, "exit code 255"), (-99, "killed by signal 99"),
+])
+def test_describe_exit(code, words):
+    assert describe_exit(code) == words
+
+
+def test_the_death_line_names_shards_signal_and_caffe():
+    from runner.launch.local import death_message
+    from runner.launch.workers import Death
+
+    kill = death_message([(3, Death(41, -9, 3), None, "/r/logs/local-worker-41.err")], 8)
+    assert kill.startswith("shard 3 of 8: its worker (pid 41) was killed by SIGKILL (kill -9, or the kernel's "
+                           "out-of-memory killer"), kill
+    words = "net.cpp:822] Cannot copy param 0 weights from layer 'conv1'; shape mismatch"
+    both = death_message([(1, Death(7, -6, 1), words, "/r/logs/local-worker-7.err"),
+                          (0, Death(8, -6, 0), words, "/r/logs/local-worker-8.err")], 2)
+    assert both == (f"shards 0, 1 of 2: Caffe aborted: {words} (worker pid 7, 8, killed by SIGABRT; their output: "
+                    "/r/logs)"), both
+    idle = death_message([(None, Death(9, 3, None), None, "/r/logs/local-worker-9.err")], 2)
+    assert idle == "an idle worker (pid 9) ended with exit code 3", idle
+
+
+def test_a_pool_whose_idle_worker_was_killed_is_stopped_and_the_death_seen():
+    """An idle worker waits for a task holding the task queue's read lock: killed there, it
+    leaves Pool.terminate() blocked for ever (bpo-22393); the launcher's stop is bounded."""
+    from runner.launch.local import _stop_pool
+    from runner.launch.workers import WorkerContext, WorkerWatch
+
+    ctx = WorkerContext()
+    watch = WorkerWatch(ctx)
+    init, args = watch.initializer(os.getcwd, ())
+    pool = ctx.Pool(processes=1, initializer=init, initargs=args)
+    worker = pool.apply_async(os.getpid).get(timeout=60)
+    assert watch.check() == [] and worker in watch.ready
+    os.kill(worker, signal.SIGKILL)
+    watch.wait(60)  # returns at the death
+    deaths = watch.check()
+    assert [(d.pid, d.exitcode, d.task) for d in deaths] == [(worker, -signal.SIGKILL, None)]
+    stopper = threading.Thread(target=_stop_pool, args=(pool, ctx), daemon=True)
+    stopper.start()
+    stopper.join(60)
+    assert not stopper.is_alive(), "stopping the pool hung on the dead worker's lock"
+    assert all(p.exitcode is not None for p in ctx.started if p.pid is not None)
+
+
+def _batch(first: int, n: int = 2):
+    idx = list(range(first, first + n))
+    return (n, idx, [b"img%d.jpg" % i for i in idx], {"emb": np.full((n, 4), first, np.float32)}, [], {})
+
+
+def test_an_abandoned_writer_is_joined_before_the_file_closes(tmp_path, monkeypatch):
+    """The forward thread fails while the writer thread is inside a batch (held there by a
+    gate): abandon() returns only once the writer has ended, after the batches already queued,
+    so the file the caller closes next holds whole batches and resumes exactly."""
+    from runner.events import EventLog
+    from runner.extract import _Progress, _Writer
+    from runner.features import FeaturePost
+    from runner.plan import load_run_dir
+    from runner.synthetic import make_run
+    from runner.task import task_identity
+    from runner.testgate import ENV
+
+    run = load_run_dir(make_run(tmp_path / "run", 8, 1))
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    monkeypatch.setenv(ENV, str(gates))
+    (gates / "written-0-1.hold").touch()
+    path = tmp_path / "s.h5"
+    w = ShardWriter(path, {"emb": (4,)}, "float32", {}, "fp", 2)
+    progress = _Progress(run, 0, 8, 0, task_identity(), 0.0, 0.0, None, EventLog(tmp_path / "ev.jsonl", {}))
+    writer = _Writer(w, progress, FeaturePost(), shard=0)
+    writer.start()
+    writer.put(_batch(0))
+    writer.put(_batch(2))  # queued while the writer is held after the first
+    while not (gates / "written-0-1.reached").exists():
+        time.sleep(0.02)
+    abandon = threading.Thread(target=writer.abandon)
+    abandon.start()
+    abandon.join(0.5)
+    assert abandon.is_alive(), "abandon() returned while the writer thread was still writing"
+    (gates / "written-0-1.hold").unlink()
+    abandon.join(60)
+    assert not abandon.is_alive() and not writer.is_alive()
+    w.close()
+    again = ShardWriter(path, {"emb": (4,)}, "float32", {}, "fp", 2)
+    assert (again.next, again.rows) == (4, 4)  # the queued batch was written, whole
+    again.close()
+
+
+def test_a_file_whose_counters_disagree_starts_over_instead_of_doubling_a_batch(tmp_path):
+    """A file closed (or a process killed) inside a batch's counter update: rows already count
+    the batch, next does not. Resuming at next would write the batch's rows twice."""
+    from runner.write import torn_counters
+
+    path = tmp_path / "s.h5"
+    w = ShardWriter(path, {"emb": (4,)}, "float32", {}, "fp", 2)
+    w.write_batch(*_batch(0))
+    w.write_batch(*_batch(2))
+    w.write_batch(*_batch(4))
+    w.f.attrs["next"] = 4  # the third batch's rows recorded, its `next` not
+    w.close()
+    assert torn_counters({"rows": 6, "n_failures": 0, "next": 4})
+    assert torn_counters({"rows": 3, "n_failures": 1, "next": 4}) is None
+    again = ShardWriter(path, {"emb": (4,)}, "float32", {}, "fp", 2)
+    assert (again.next, again.rows) == (0, 0)
+    assert (tmp_path / "s.h5.partial.corrupt").exists()
+    again.close()
