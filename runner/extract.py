@@ -43,7 +43,7 @@ class _Progress:
 
     def __init__(self, run, index: int, total: int, done: int, ident: TaskIdentity,
                  heartbeat_s: float, log_interval_s: float, log_path: Optional[str], events: "EventLog",
-                 heart: Heart, taken: Optional[Dict] = None):
+                 heart: Optional[Heart] = None, taken: Optional[Dict] = None):
         self.run, self.index, self.num_shards = run, index, run.num_shards
         self.taken = taken or {}  # {"own_shard": k} when this task took another's shard
         self.events = events
@@ -52,7 +52,8 @@ class _Progress:
         self.ident = ident
         self.heartbeat_s, self.log_interval_s = heartbeat_s, log_interval_s
         self.log_path = log_path
-        self.heart = heart  # writes the beats, and beats between them from its own thread
+        # writes the beats, and beats between them from its own thread (once started)
+        self.heart = heart if heart is not None else Heart(lambda b: run.write_heartbeat(index, b), heartbeat_s, {})
         self.t0 = time.time()
         self.last_beat = self.last_log = 0.0
         # when the count last moved: a beat that goes on while it does not is a stalled task
@@ -71,7 +72,7 @@ class _Progress:
         fields = dict(state=state, shard=self.index, done=self.done, total=self.total, rows=self.rows,
                       failures=self.failures, rate=round(self.rate, 3), job_id=self.ident.job_id, started=self.t0,
                       log=self.log_path, image=image_label(), moved_t=round(self.moved_t, 3),
-                      batch_size=self.run.cfg.batch_size, **self.taken, **extra)
+                      batch_size=self.run.cfg.get("batch_size"), **self.taken, **extra)
         if force or now - self.last_beat >= self.heartbeat_s:
             self.last_beat = now
             if state != "running":
