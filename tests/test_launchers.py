@@ -115,7 +115,9 @@ def world(tmp_path, monkeypatch):
 
 def _cfg(name, world):
     imgs, proto, run = world
-    lc = LocalLauncherConf(workers=2) if name == "local" else SlurmLauncherConf(gpus_per_task=0, merge_job=True)
+    # one shard per Slurm task, nothing taken: each launcher hands out each shard once
+    lc = LocalLauncherConf(workers=2) if name == "local" else SlurmLauncherConf(
+        gpus_per_task=0, merge_job=True, shards_per_task=1, take_free_shards=False)
     return OmegaConf.structured(RunConf(
         model=ModelConf(name="tiny", prototxt=str(proto), weights=str(proto.parent / "w.caffemodel"),
                         input_size=[32, 40], default_blobs=["emb"]),

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import CLI, REPO, run_cli, wait_until
+from test_launchers import world  # noqa: F401  (the fixture: images, a net, a small scontrol)
 
 SIM_NET = """
 name: "sim"
@@ -93,6 +94,39 @@ def test_slurm_asks_for_num_shards_tasks_and_shards_per_task_shards_each():
     assert SlurmLauncher().default_shards(cfg) == 64
     cfg.launcher.shards_per_task = 1
     assert SlurmLauncher().default_shards(cfg) == 16
+
+
+@pytest.mark.unit
+def test_num_shards_tasks_are_submitted_and_take_every_shard_of_the_run(world):
+    """The Slurm launcher's hand-out with a submitit that runs each array task's body in place:
+    3 tasks (num_shards=3) for a run of 7 shards (4 per task, at most one per image)."""
+    from test_launchers import N_IMAGES, FakeSlurmExecutor, _cfg
+
+    from runner.launch.slurm import SlurmLauncher
+    from runner.launch import launch
+    from runner.extract import run_shard
+    from runner.steal import take_shards
+
+    class Tasks(FakeSlurmExecutor):
+        def map_array(self, task, cfgs, indices, *more):
+            FakeSlurmExecutor.jobs += 1
+            out = []
+            for k, (cfg, i) in enumerate(zip(cfgs, indices)):
+                self.ran.append(take_shards(cfg, i, run_shard, threads=1))
+                out.append(self._job(f"{FakeSlurmExecutor.jobs}_{k}"))
+            return out
+
+    cfg = _cfg("slurm", world)
+    cfg.launcher.shards_per_task, cfg.launcher.take_free_shards = 4, True
+    ran = []
+    launch(cfg, launcher=SlurmLauncher(executor=lambda **kw: Tasks(ran, **kw)))
+    assert [r["shard"] for r in ran] == [0, 1, 2]  # 3 tasks, each started on its own shard
+    # run one after another here, the first task took every shard (the others' own shards were
+    # free, not held); the later ones found them all done and ran nothing (no model loaded)
+    assert ran[0]["taken"] == [1, 2, 3, 4, 5, 6]
+    assert ran[1]["shards"] == [] and ran[2]["shards"] == []
+    with h5py.File(world[2] / "features.h5", "r") as f:
+        assert len(f["names"]) + len(f["failures/index"]) == N_IMAGES
 
 
 # ---- on the dev cluster -----------------------------------------------------------------
