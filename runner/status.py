@@ -271,17 +271,25 @@ def slurm_view(run, states: List[Dict], accounting: bool = True) -> Tuple[List[D
         return [dict(s, alive=s["state"] == "running") for s in states], {}
     # the job that last wrote a shard is its heartbeat's (a task may take others' shards:
     # steal.py); a shard no task has touched yet is its submitted task's
+    # steal.py); a shard no task has touched yet is its submitted task's. Both are asked: the
+    # shard's latest submission (a rerun's task, queued) may live where its last writer died
     by_job = {str(t["job_id"]): t for t in tasks.values()}
-    ask = {}
+    candidates: Dict[int, List[str]] = {}
     for s in states:
-        jid = s.get("job_id") or (tasks.get(s["shard"]) or {}).get("job_id")
-        if jid and _needs_asking(s):
-            ask[s["shard"]] = str(jid)
+        jids = [str(j) for j in ((tasks.get(s["shard"]) or {}).get("job_id"), s.get("job_id")) if j]
+        if jids and _needs_asking(s):
+            candidates[s["shard"]] = list(dict.fromkeys(jids))
+    ask = {i: js[-1] for i, js in candidates.items()}
     # the merge job matters once the shards are complete and the merged file is not there yet
     merge_ids = merges[-1:] if ask or not run.rundir.merged.exists() else []
     if not ask and not merge_ids:
         return [dict(s, alive=s["state"] == "running") for s in states], {}
-    word = query_jobs(list(ask.values()) + merge_ids, accounting=accounting)
+    word = query_jobs(list(dict.fromkeys(j for js in candidates.values() for j in js)) + merge_ids,
+                      accounting=accounting)
+    for i, js in candidates.items():
+        # a live job's word wins (the submitted task first); else the last writer's
+        alive = [j for j in js if word.get(j) is not None and word.get(j).alive]
+        ask[i] = alive[0] if alive else js[-1] if word.get(js[-1]) is not None else js[0]
     lc = getattr(run.cfg, "launcher", None)
     mem_gb = float(lc.mem_gb) if lc is not None and lc.get("mem_gb") is not None else None
     timeout_min = int(lc.timeout_min) if lc is not None and lc.get("timeout_min") is not None else None
