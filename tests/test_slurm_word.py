@@ -223,7 +223,11 @@ def test_without_slurmdbd_status_asks_squeue_and_scontrol(cluster, tiny_net, pho
         text = run_cli("status", run, check=False).stdout
         assert "sacct:" in text and "scontrol" in text and "killed by Slurm: CANCELLED" in text, text
     finally:
-        subprocess.run(["bash", str(DEV), "up", "--state-dir", str(state)], env=env, capture_output=True, timeout=120)
+        # slurmdbd back (it daemonizes, reading slurmdbd.conf beside SLURM_CONF; `dev-cluster up`
+        # on a running cluster restarts only its nodes), and sacct answering, for the tests after
+        subprocess.run(["slurmdbd"], env=env, capture_output=True, timeout=60)
+        wait_until(lambda: subprocess.run(["sacct", "-n", "-X"], capture_output=True).returncode == 0, timeout=120,
+                   interval=0.5, what="sacct answering again")
         for g in gates.values():
             g.open()
     run_cli(*args, "launcher.wait=true")
