@@ -177,3 +177,32 @@ def test_a_file_whose_counters_disagree_starts_over_instead_of_doubling_a_batch(
     assert (again.next, again.rows) == (0, 0)
     assert (tmp_path / "s.h5.partial.corrupt").exists()
     again.close()
+
+
+def test_the_log_listener_stops_when_a_worker_died_in_the_middle_of_a_log_line():
+    """A worker killed while writing a log record to the launcher's log queue holds the queue's
+    write lock for ever (and leaves half a record in the pipe): QueueListener.stop() would
+    wait for ever; the launcher's stop is bounded, and the command can still exit."""
+    import logging
+    import logging.handlers
+
+    from runner.launch.local import _stop_listener
+    from runner.launch.workers import WorkerContext
+
+    ctx = WorkerContext()
+    q = ctx.Queue()
+    # a record larger than the pipe, with nobody reading yet: the worker stays inside the write
+    p = ctx.Process(target=q.put, args=("x" * (4 << 20),), daemon=True)
+    p.start()
+    deadline = time.time() + 60
+    while q.empty() and time.time() < deadline:  # part of the record is in the pipe: it is writing
+        time.sleep(0.02)
+    assert not q.empty()
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(60)
+    listener = logging.handlers.QueueListener(q, logging.NullHandler())
+    listener.start()
+    stopper = threading.Thread(target=_stop_listener, args=(listener, q), daemon=True)
+    stopper.start()
+    stopper.join(60)
+    assert not stopper.is_alive(), "stopping the log listener hung on the dead worker's half-written record"

@@ -284,6 +284,19 @@ def _stop_pool(pool, ctx: WorkerContext, wait_s: float = 2.0) -> None:
         log.debug("Pool.terminate() is blocked by a dead worker's queue lock; its workers were stopped directly")
 
 
+def _stop_listener(listener, log_queue, wait_s: float = 2.0) -> None:
+    """QueueListener.stop(), bounded. It sends its stop sentinel through the queue the workers
+    log to, whose write lock a worker killed in the middle of a log line holds for ever; this
+    process's feeder thread would then block on that lock, and be joined at exit
+    (cancel_join_thread: not joined; when stop() returns, the sentinel went through anyway)."""
+    log_queue.cancel_join_thread()
+    t = threading.Thread(target=listener.stop, name="log-listener-stop", daemon=True)
+    t.start()
+    t.join(wait_s)
+    if t.is_alive():
+        log.debug("the log listener cannot be stopped: a dead worker holds its queue's write lock")
+
+
 def _record_death(run, shard: int, error: str, log_path: str) -> None:
     """The shard's heartbeat and event log say how it ended (`caffe-runner status` shows it);
     the dead worker could not write them itself."""
@@ -403,7 +416,7 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
             pool.join()
         finally:
             view.close()
-            listener.stop()
+            _stop_listener(listener, log_queue)
             stderr.pump(pids(), view.write, whole=True)
             stderr.tidy(pids())
     elapsed = time.time() - t0
