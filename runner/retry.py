@@ -27,20 +27,13 @@ import numpy as np
 from . import log
 from .errors import ConfigError, RunBusyError, RunnerError
 from .rundir import atomic_write_text
-from .stats import reason_kind, write_stats
+from .stats import TRANSIENT, is_transient, reason_kind, write_stats  # noqa: F401 (TRANSIENT: re-exported)
 from .write import ShardWriter, dataset_name
 
 RETRY_DIR = "retry"
 COMMIT = "commit.json"
 RETRIES_JSON = "retries.json"
-# failure reasons that can be transient (the storage, not the image): retried by default
-TRANSIENT = ("file not found", "listed but not found", "permission denied", "read error", "cannot open",
-             "broken symlink")
 COPY_ROWS = 4096
-
-
-def is_transient(reason: str) -> bool:
-    return reason.startswith(TRANSIENT)
 
 
 def selector(all_reasons: bool, reasons: Sequence[str]):

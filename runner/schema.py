@@ -244,8 +244,11 @@ class LocalLauncherConf(LauncherConf):
     gpus: Any = "auto"
     # OpenBLAS threads per worker for device=cpu; null: cores // workers
     threads_per_worker: Optional[int] = None
-    # a progress bar on a terminal
+    # a progress bar on a terminal; elsewhere (a log file, nohup, cron, CI) a progress line
+    # every log_interval_s seconds
     progress: bool = True
+    # seconds between progress lines when stderr is not a terminal
+    log_interval_s: float = 30.0
 
 
 @dataclass
@@ -304,9 +307,10 @@ class ContainerConf:
 
 @dataclass
 class RunOptsConf:
-    # fail the run (exit 1) when more than this share of the images could not be used,
-    # e.g. 0.01; null: never (failures are recorded either way)
-    max_failure_fraction: Optional[float] = None
+    # fail the run (exit 1, the result is kept) when more than this share of the images could
+    # not be used; 0.05: a few corrupt files pass, a failing file system or a wrong input does
+    # not; e.g. 0.01 for curated data; null: never (failures are recorded either way)
+    max_failure_fraction: Optional[float] = 0.05
 
 
 @dataclass

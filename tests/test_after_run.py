@@ -291,7 +291,9 @@ def test_report_watch_and_refusals_on_a_run_in_progress(inputs, tiny_net, tmp_pa
         w = run_cli("status", "--watch", "--interval", "0.5", run, timeout=300)
         views = w.stdout.count("(refreshed ")
         assert views >= 3, w.stdout
-        assert w.stdout.rstrip().splitlines()[-1].startswith("(refreshed") and ": merged, 21/21 images" in w.stdout
+        # the last view says the run has ended (issue 29 item 7), not when the next refresh is
+        assert w.stdout.rstrip().splitlines()[-1].startswith("(the run is merged: nothing is running")
+        assert ": merged, 21/21 images" in w.stdout
     finally:
         proc.wait(timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -123,3 +123,23 @@ class StartWatch:
             f"a worker process (pid {p.pid}) exited with code {p.exitcode} while starting, before it ran any "
             "shard (its Python error, if any, is printed above): check that `python -c 'import runner.extract'` "
             "works in this environment, then rerun the same command")
+
+
+# the tracker's warning when the launcher was killed (kill -9) with its queues' semaphores still
+# registered: it unlinks them itself, so the warning is noise the user cannot act on
+_TRACKER_QUIET = "ignore:resource_tracker:UserWarning"
+
+
+def start_quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (before the first queue or worker would) with
+    its "leaked semaphore objects" warning off. The tracker takes the interpreter's -W options
+    from sys.warnoptions when it starts; they are restored at once, so the workers and the
+    caller's own warnings are untouched. A tracker already running is left as it is."""
+    import sys
+    from multiprocessing import resource_tracker
+
+    sys.warnoptions.append(_TRACKER_QUIET)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions.remove(_TRACKER_QUIET)
