@@ -368,6 +368,7 @@ def _cmd_merge(args) -> int:
     from .stats import write_stats
 
     run = load_run_dir(args.run_dir)
+    _refuse_running(run, "merge")  # in progress: refused (exit 2); incomplete and stopped: failed (1)
     try:
         out = merge_run(run)
     except ShardFailedError as e:
@@ -378,7 +379,9 @@ def _cmd_merge(args) -> int:
 
 
 def _refuse_running(run, what: str) -> None:
-    """A run with shards running now (or a launch holding it) is not exported or retried."""
+    """A run with shards running now (or a launch holding it) is not merged, exported or retried:
+    refused as a run directory in use is (exit 2), where an incomplete run that nothing runs
+    fails (exit 1)."""
     from .rundir import launch_holder
     from .status import run_status
 

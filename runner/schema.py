@@ -308,8 +308,8 @@ class ContainerConf:
 @dataclass
 class RunOptsConf:
     # fail the run (exit 1, the result is kept) when more than this share of the images could
-    # not be used; 0.05: a few corrupt files pass, a failing file system or a wrong input does
-    # not; e.g. 0.01 for curated data; null: never (failures are recorded either way)
+    # not be used, e.g. 0.01 for curated data (0.05: a few corrupt files pass, a failing file
+    # system or a wrong input does not); null: never (failures are recorded either way)
     max_failure_fraction: Optional[float] = 0.05
 
 
