@@ -167,3 +167,42 @@ def test_a_run_where_many_reads_failed_exits_1_by_default_naming_the_reason(tiny
     assert "> run.max_failure_fraction=0.05" in p.stderr and (run / "features.h5").exists()
     assert run_cli(f"input.list={lst}", f"output.dir={run}", *tiny_model_args(tiny_net),
                    "run.max_failure_fraction=null").returncode == 0
+
+
+# ---- item 12: Ctrl-C (twice) of launcher.wait on Slurm: which jobs go on, and how to cancel ----
+
+@pytest.mark.slurm
+def test_ctrl_c_twice_while_waiting_on_slurm_names_the_queued_jobs_and_scancel(cluster, tiny_net, photos, tmp_path):
+    import re
+
+    run = tmp_path / "run"
+    g = _Gated(photos, tmp_path, f"output.dir={run}", *tiny_model_args(tiny_net), "launcher=slurm",
+               "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10", "device=cpu",
+               "launcher.gpus_per_task=0", "num_shards=1", "launcher.wait=true")
+    try:
+        wait_until(g.gate_opened, timeout=300, interval=0.5, what="the Slurm task to reach the gate")
+        g.proc.send_signal(signal.SIGINT)
+        g.proc.send_signal(signal.SIGINT)  # the impatient second one
+        assert g.proc.wait(timeout=120) == 130
+        g.reader.join(timeout=60)
+        err = "".join(g.err)
+        assert "Traceback" not in err, err[-3000:]
+        lines = [ln for ln in err.splitlines() if ln.startswith("caffe-runner:")]
+        assert len(lines) == 1, err[-3000:]
+        subs = json.loads((run / "submissions.json").read_text())
+        ids = [subs[0]["array_job_id"], subs[0]["merge_job_id"]]
+        assert f"2 Slurm job(s) of this run are still queued or running" in lines[0], lines[0]
+        m = re.search(r"`(scancel [0-9 ]+)`", lines[0])
+        assert m and m.group(1).split()[1:] == ids, lines[0]
+        assert f"caffe-runner status {run}" in lines[0]
+        # the command it gives cancels them
+        subprocess.run(m.group(1).split(), check=True)
+        wait_until(lambda: not subprocess.run(["squeue", "-h", "-j", ",".join(ids)], capture_output=True,
+                                              text=True).stdout.strip(), timeout=120, interval=0.5,
+                   what="the cancelled jobs to leave the queue")
+        # and a Ctrl-C once they are gone says that nothing is left
+        from runner.launch.slurm import interrupted_message
+
+        assert "no job of this run is left in Slurm's queue" in interrupted_message(run)
+    finally:
+        g.stop()

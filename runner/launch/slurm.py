@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -311,10 +312,34 @@ class SlurmLauncher(Launcher):
 
 
 def launch_slurm(cfg, accepted: Callable, launcher: SlurmLauncher) -> Dict:
-    lc = cfg.launcher
     max_size = max_array_size()  # also: is the controller there?
     run = prepare_run(cfg, launcher, explicit_shards=cfg.num_shards)
     accepted(run)
+    try:
+        return _submit(cfg, run, launcher, max_size)
+    except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM) while submitting or waiting
+        with _second_ctrl_c_ignored():  # a second Ctrl-C must not lose the answer to the first
+            msg = interrupted_message(run.rundir.path)
+        raise type(e)(msg) from None
+
+
+@contextmanager
+def _second_ctrl_c_ignored():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals go to the main thread only: nothing to hold back here
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _submit(cfg, run: Run, launcher: "SlurmLauncher", max_size: int) -> Dict:
+    lc = cfg.launcher
     rd = run.rundir
     todo = run.missing_shards()
     chunks = array_chunks(todo, max_size)
@@ -395,6 +420,52 @@ def _record_submissions(run_dir: Path, subs: List[Dict], merge_id: Optional[str]
     path.write_text(json.dumps(old + subs, indent=1))
 
 
+def recorded_job_ids(run_dir: Path) -> List[str]:
+    """Every array and merge job id submissions.json holds for the run, in submission order."""
+    try:
+        subs = json.loads((Path(run_dir) / "submissions.json").read_text())
+    except (OSError, ValueError):
+        return []
+    ids = [str(x) for s in subs for x in (s.get("array_job_id"), s.get("merge_job_id")) if x]
+    return list(dict.fromkeys(ids))
+
+
+def queued(job_ids: Sequence[str]) -> Optional[List[str]]:
+    """Which of the jobs (array ids: any task of the array counts) Slurm still has queued or
+    running, or None when squeue does not answer (at most 15 s)."""
+    if not job_ids or not shutil.which("squeue"):
+        return None if job_ids else []
+    try:
+        p = subprocess.run(["squeue", "-h", "-o", "%F %i", "-j", ",".join(job_ids)], capture_output=True,
+                           text=True, timeout=15, start_new_session=True)  # a Ctrl-C is not squeue's
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if p.returncode != 0:
+        # a job Slurm no longer knows makes squeue -j fail when none of the ids is known
+        return [] if "Invalid job id" in p.stderr else None
+    alive = {tok for line in p.stdout.split("\n") for tok in line.split()[:2]}
+    return [j for j in job_ids if j in alive]
+
+
+def interrupted_message(run_dir: Path) -> str:
+    """What a Ctrl-C of a Slurm launch leaves behind (pure but for squeue): the jobs that are
+    still queued or running go on without this command, and how to cancel them."""
+    ids = recorded_job_ids(run_dir)
+    if not ids:
+        return ("interrupted before any job was submitted: nothing is queued; the same command submits the run")
+    alive = queued(ids)
+    if alive is None:
+        return (f"interrupted; the run's Slurm jobs ({', '.join(ids)}) may still be queued or running (squeue did "
+                f"not answer): they go on without this command; `scancel {' '.join(ids)}` cancels them, "
+                f"`caffe-runner status {run_dir}` follows them")
+    if not alive:
+        return (f"interrupted; no job of this run is left in Slurm's queue: rerun the same command to submit the "
+                f"shards that are not complete (`caffe-runner status {run_dir}` says which)")
+    return (f"interrupted; {len(alive)} Slurm job(s) of this run are still queued or running and go on without "
+            f"this command ({', '.join(alive)}): `scancel {' '.join(alive)}` cancels them; `caffe-runner status "
+            f"{run_dir}` follows them")
+
+
 def progress_line(st: Dict) -> str:
     """One line of progress for logs (no terminal for a bar)."""
     pct = 100.0 * st["done"] / st["images"] if st["images"] else 100.0
@@ -427,9 +498,6 @@ def wait_for(run: Run, jobs, merge_job=None, poll_s: float = 2.0, merge_wait_s: 
             if all(j.done() for _, j in jobs):
                 break
             time.sleep(poll_s)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"stopped waiting; the Slurm jobs go on (scancel them to stop): "
-                                f"caffe-runner status {run.rundir.path}") from None
     finally:
         if bar is not None:
             bar.close()
