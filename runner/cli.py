@@ -570,19 +570,9 @@ def _slurm_queued(run_dir: Path) -> bool:
 
 def _launch_held(run_dir: Path) -> bool:
     """A launch holds the run (its lock names a process): shards may start any moment."""
-    import fcntl
+    from .rundir import launch_holder
 
-    try:
-        fd = os.open(run_dir / "launch.lock", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return launch_holder(run_dir) is not None
 
 
 def _cmd_verify(args) -> int:

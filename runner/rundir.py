@@ -7,6 +7,9 @@ so status, resume and verify work without Slurm accounting and after any crash.
   shards/<name>.h5.partial a shard in progress (resumable)
   status/<name>.json       heartbeat: state, progress, rate, host, job, log path
   features.h5              merged view of all shards
+  launch.lock, merge.lock  who launches the run, who writes features.h5 (locks.py)
+Files are put in place by atomic.py's protocol (unique temporary name, fsync, rename, fsync
+the folder): after a host crash each is either the old one or the complete new one.
 """
 from __future__ import annotations
 
@@ -18,11 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .atomic import atomic_write_text
 from .errors import ConfigError
+from .locks import lock_holder
 from .shard import shard_name
 
 RUN_JSON = "run.json"
 LAUNCH_LOCK = "launch.lock"  # held (flock) by the process launching the run
+MERGE_LOCK = "merge.lock"  # held (flock) by the process writing features.h5
 
 
 # what every command reads from run.json, with its type
@@ -63,12 +69,6 @@ def partial_of(final: Path) -> Path:
     """The name a shard file has while it is written (the one place that spells it)."""
     final = Path(final)
     return final.with_name(final.name + ".partial")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,11 @@ class RunDir:
     def write_heartbeat(self, index: int, num_shards: int, beat: Dict) -> None:
         self.status_dir.mkdir(parents=True, exist_ok=True)
         beat = dict(beat, updated=time.time())
-        atomic_write_text(self.heartbeat_path(index, num_shards), json.dumps(beat))
+        # atomic but not fsync'd: beats come every heartbeat_s (2 s) from each task's forward
+        # loop, and an fsync there costs about 10 ms on this ext4 and more on a busy Lustre or NFS
+        # server; a beat lost to a host crash is harmless (read_heartbeat reads an empty or
+        # missing file as no beat, status then asks about the task), unlike run.json or a shard
+        atomic_write_text(self.heartbeat_path(index, num_shards), json.dumps(beat), durable=False)
 
 
 _FILE_INFO_CACHE: Dict[tuple, Optional[Dict]] = {}
@@ -177,23 +181,8 @@ def shard_file_of_run(path: Path, fingerprint: str) -> bool:
 
 def launch_holder(run_dir: Path) -> Optional[str]:
     """Who holds run_dir's launch lock ("caffe-runner pid N on HOST since ..."), or None when
-    no launch is in progress. A shared lock is tried and dropped at once: it never blocks the
-    launcher, which holds the lock exclusively for the whole local run."""
-    import fcntl
-
-    try:
-        fd = os.open(Path(run_dir) / LAUNCH_LOCK, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    no launch is in progress (never blocks the launcher)."""
+    return lock_holder(Path(run_dir) / LAUNCH_LOCK)
 
 
 def remove_old_run(run_dir: Path) -> None:

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import submitit
 
 from .. import log
+from ..atomic import atomic_write_text
 from ..inputs import configured, node_read_paths
 from ..device import resolve_slurm_device
 from ..errors import ConfigError, RunnerError, ShardFailedError, did_you_mean
@@ -417,7 +418,7 @@ def _record_submissions(run_dir: Path, subs: List[Dict], merge_id: Optional[str]
     old = json.loads(path.read_text()) if path.exists() else []
     for s in subs:
         s["merge_job_id"] = merge_id
-    path.write_text(json.dumps(old + subs, indent=1))
+    atomic_write_text(path, json.dumps(old + subs, indent=1))
 
 
 def recorded_job_ids(run_dir: Path) -> List[str]:
