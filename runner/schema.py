@@ -247,7 +247,7 @@ class LocalLauncherConf(LauncherConf):
     # a progress bar on a terminal; elsewhere (a log file, nohup, cron, CI) a progress line
     # every log_interval_s seconds
     progress: bool = True
-    # seconds between progress lines when stderr is not a terminal
+    # seconds between progress lines when stderr is not a terminal (0: none)
     log_interval_s: float = 30.0
 
 
