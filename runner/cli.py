@@ -269,6 +269,7 @@ def _extract_one(overrides: List[str], cfg=None) -> int:
 def _sweep(overrides: List[str]) -> int:
     """Every combination (Hydra's sweep syntax: key=a,b), one run directory each under
     output.dir; a failed point does not stop the others; the failed ones are listed at the end."""
+    from .private import check_private, private_files
     from .sweep import name_points, record_sweep, varying
 
     points = expand_sweep(overrides)
@@ -280,6 +281,7 @@ def _sweep(overrides: List[str]) -> int:
     keys = [override_dirname(p) for p in points]
     lines = [override_lines(p) for p in points]
     names = name_points(Path(root), lines, keys, [sweep_dirname(n, k) for n, k in enumerate(keys)])
+    check_private(Path(root))  # the sweep folder holds the points' run directories
     cfgs = []
     shown = {name: " ".join(ln) for name, ln in zip(names, varying(lines))}
     for name, point in zip(names, points):
@@ -288,7 +290,8 @@ def _sweep(overrides: List[str]) -> int:
         point = [o for o in point if not o.startswith("output.dir=")] + [f"output.dir='{where}'"]
         cfgs.append((name, point))
     _check_points(cfgs, shown)  # a bad value in the last point stops the sweep before the first runs
-    record_sweep(Path(root), names, keys, lines)  # the name -> overrides mapping: `status SWEEP_DIR` reads it
+    with private_files():
+        record_sweep(Path(root), names, keys, lines)  # the name -> overrides mapping: `status SWEEP_DIR` reads it
     print(f"sweep: {len(points)} point(s) under {root}", flush=True)
     failed = []
     for n, (name, point) in enumerate(cfgs):
@@ -435,11 +438,13 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_retry(args) -> int:
+    from .private import private_files
     from .retry import retry_run, selector
 
     what = ["all reasons"] if args.all else (args.reason or ["transient (read error, not found, permission denied)"])
-    res = retry_run(Path(args.run_dir), selector(args.all, args.reason or []), what, dry_run=args.dry_run,
-                    args=args.argv, here=args.here)
+    with private_files():  # what the retry writes (and its tasks) is the user's alone
+        res = retry_run(Path(args.run_dir), selector(args.all, args.reason or []), what, dry_run=args.dry_run,
+                        args=args.argv, here=args.here)
     if res.get("resumed_commit"):
         print("finished an interrupted retry first")
     if not res["retried"]:

@@ -27,6 +27,7 @@ import numpy as np
 from . import log
 from .errors import ConfigError, RunBusyError, RunnerError
 from .atomic import atomic_write_text, commit as commit_file
+from .private import check_private
 from .stats import TRANSIENT, is_transient, reason_kind, write_stats  # noqa: F401 (TRANSIENT: re-exported)
 from .write import ShardWriter, dataset_name
 
@@ -292,6 +293,7 @@ def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = 
     run = load_run_dir(run_dir)
     rd = Path(run.rundir.path)
     check_writable(rd)
+    check_private(rd, "the run directory")  # its retry tasks' pickles are read back from logs/
     try:
         lock = launch_lock(rd)
         lock.__enter__()

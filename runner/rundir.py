@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, is_temp_of
 from .errors import ConfigError
+from .inflight import refuse_if_live
 from .locks import lock_holder
 from .shard import shard_name
 
@@ -185,9 +186,18 @@ def launch_holder(run_dir: Path) -> Optional[str]:
     return lock_holder(Path(run_dir) / LAUNCH_LOCK)
 
 
+# What a run directory holds besides run.json and the launch lock (held by whoever replaces
+# the run): everything output.overwrite=true removes. Old attempts, job ids, retries and logs
+# left behind would be read as the new run's (report, status, the next retry).
+OLD_RUN_ENTRIES = ("shards", "status", "manifest", "events", "retry", "logs", ".hydra", "features.h5",
+                   "features.h5.tmp", "stats.json", "submissions.json", "retries.json", "report.html")
+
+
 def remove_old_run(run_dir: Path) -> None:
-    """output.overwrite=true: remove the old run's files, or stop. A file that survives (no
-    permission, a busy NFS file) must not be mistaken for part of the new run."""
+    """output.overwrite=true: remove the old run's files, or stop. Refused while the old run's
+    Slurm jobs are queued or running (they would write into the new run). A file that survives
+    (no permission, a busy NFS file) must not be mistaken for part of the new run."""
+    refuse_if_live(run_dir, "output.overwrite=true")  # before anything is deleted
     failed: List[str] = []
 
     def note(_func, path, exc):
@@ -195,16 +205,21 @@ def remove_old_run(run_dir: Path) -> None:
         if not isinstance(exc, FileNotFoundError):
             failed.append(f"{path} ({getattr(exc, 'strerror', None) or exc})")
 
-    for sub in ("shards", "status", "manifest"):
-        if (run_dir / sub).exists():
-            shutil.rmtree(run_dir / sub, onerror=note)
-    for f in ("features.h5", "stats.json", RUN_JSON):  # run.json last: kept while anything of its run is
+    # temporaries a killed writer left of them first; submissions.json before run.json: kept
+    # while anything of its run is, so a rerun still asks Slurm about those jobs; run.json last
+    temps = tuple(e.name for e in run_dir.iterdir()
+                  if any(is_temp_of(e.name, n) for n in OLD_RUN_ENTRIES + (RUN_JSON,)))
+    for name in temps + OLD_RUN_ENTRIES + (RUN_JSON,):
         if failed:
             break
-        try:
-            (run_dir / f).unlink(missing_ok=True)
-        except OSError as e:
-            failed.append(f"{run_dir / f} ({e.strerror})")
+        p = run_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, onerror=note)
+        else:
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as e:
+                failed.append(f"{p} ({e.strerror})")
     if failed:
         more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
         raise ConfigError(f"output.overwrite=true could not remove the old run's {failed[0]}{more}: remove "

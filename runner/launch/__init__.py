@@ -21,6 +21,7 @@ from .. import log
 from ..atomic import is_temp_of
 from ..errors import ConfigError, RunBusyError, unwritable
 from ..locks import FileLock, LockHeld
+from ..private import check_private, private_files
 from .base import Launcher
 from .registry import launcher_for
 
@@ -120,11 +121,12 @@ def launch(cfg, overrides: Sequence[str] = (), launcher: Optional[Launcher] = No
     launcher = launcher or launcher_for(cfg)
     path = Path(os.path.abspath(os.path.expanduser(cfg.output.dir)))
     check_run_dir(path)
+    check_private(path)  # before anything in it is read: others must not be able to write there
     existed = path.exists()
     before = [e.name for e in path.iterdir()] if existed else []
     record = CommandRecord(overrides)
     try:
-        with launch_lock(path):
+        with private_files(), launch_lock(path):
             try:
                 return launcher.execute(cfg, record.accepted)
             except BaseException:
