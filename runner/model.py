@@ -285,6 +285,11 @@ def set_caffe_cpu_mode(caffe) -> None:
         caffe.set_mode_cpu()
 
 
+# model.conv_batch_mb's default (runner/schema.py): the column buffer one CPU convolution may
+# use to cover several images with one GEMM
+CONV_BATCH_MB = 32
+
+
 class CaffeEngine(Engine):
     def __init__(self, model_cfg, spec: NetSpec, blobs: Sequence[str], in_shape: Tuple[int, int, int],
                  device: str = "cpu", gpu_device: int = 0):
@@ -308,12 +313,21 @@ class CaffeEngine(Engine):
             self.device_desc = "cpu"
         self.blobs = list(blobs)
         end = spec.end_layer(self.blobs)
-        with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
-            f.write(truncated_prototxt(spec, end))
-        try:
-            self.net = caffe.Net(f.name, caffe.TEST, weights=model_cfg.weights)
-        finally:
-            os.unlink(f.name)
+        # the CPU convolution's batched GEMM (docker/pycaffe-convbatch.patch reads it per forward)
+        os.environ["CAFFE_CONV_BATCH_MB"] = str(int(getattr(model_cfg, "conv_batch_mb", CONV_BATCH_MB)))
+        text = truncated_prototxt(spec, end)
+        if getattr(model_cfg, "fold_batchnorm", True):
+            from .fold import load_folded
+
+            self.net, self.folds = load_folded(caffe, text, model_cfg.weights, self.blobs)
+        else:
+            with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
+                f.write(text)
+            try:
+                self.net = caffe.Net(f.name, caffe.TEST, weights=model_cfg.weights)
+            finally:
+                os.unlink(f.name)
+            self.folds = []
         self.input = self.net.inputs[0]
         self._reshape((1,) + tuple(in_shape))
         self.net.forward()

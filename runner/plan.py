@@ -61,6 +61,9 @@ def _check_ranges(cfg) -> None:
     if not 0 <= cfg.model.get("cudnn_workspace_mb", 0) <= 1 << 24:
         raise ConfigError(f"model.cudnn_workspace_mb={cfg.model.cudnn_workspace_mb}: use 0 (no workspace: the "
                           "slowest algorithms) or more MB per convolution layer (64 is the default)")
+    if not 0 <= cfg.model.get("conv_batch_mb", 0) <= 1 << 20:
+        raise ConfigError(f"model.conv_batch_mb={cfg.model.conv_batch_mb}: use 0 (one image per GEMM, as Caffe "
+                          "upstream) or more MB of column buffer per convolution (32 is the default)")
     tol = cfg.get("gpu_selfcheck_tolerance")
     if tol is not None and not tol > 0:
         raise ConfigError(f"gpu_selfcheck_tolerance={tol}: use a positive bound, or null for the default "

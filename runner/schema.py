@@ -157,6 +157,12 @@ class ModelConf:
     # device=gpu, cuDNN build: the most cuDNN workspace one convolution layer may use (over its
     # groups), in MB; the fastest algorithm that fits is taken (CAFFE_CUDNN_WORKSPACE_MB)
     cudnn_workspace_mb: int = 64
+    # Caffe: fold each BatchNorm (+ Scale) into the convolution before it at load time where
+    # exact (runner/fold.py): fewer passes over memory, features within 1e-6. false: as written
+    fold_batchnorm: bool = True
+    # Caffe on the CPU: MB of column buffer with which one convolution GEMM covers several images
+    # of a batch (docker/pycaffe-convbatch.patch); 0: one image at a time, as Caffe upstream
+    conv_batch_mb: int = 32
 
 
 @dataclass

@@ -146,7 +146,7 @@ def _script_copy(tmp_path):
     d = tmp_path / "docker"
     d.mkdir()
     shutil.copy(SCRIPT, d / SCRIPT.name)
-    for patch in ("pycaffe-cudnn9.patch", "pycaffe-nogil.patch"):
+    for patch in ("pycaffe-cudnn9.patch", "pycaffe-nogil.patch", "pycaffe-convbatch.patch"):
         shutil.copy(SCRIPT.with_name(patch), d / patch)
 
     def run(*args):
@@ -203,14 +203,15 @@ def test_the_script_run_by_hand_finds_the_wheel_make_setup_cached(tmp_path):
     assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == str(wheel), (p.stdout, p.stderr[-2000:])
 
 
-def test_the_nogil_patch_is_part_of_every_key(tmp_path):
-    """A changed docker/pycaffe-nogil.patch is a new recipe, CPU and CUDA alike; without it the
-    script stops in one line before building."""
+@pytest.mark.parametrize("patch", ["pycaffe-nogil.patch", "pycaffe-convbatch.patch"])
+def test_every_build_patch_is_part_of_every_key(tmp_path, patch):
+    """A changed docker/pycaffe-nogil.patch or pycaffe-convbatch.patch is a new recipe, CPU and
+    CUDA alike; without it the script stops in one line before building."""
     d, run = _script_copy(tmp_path)
     before = {a: run(*a).stdout.strip() for a in ((), ("--cuda",))}
-    with open(d / "pycaffe-nogil.patch", "a") as f:
+    with open(d / patch, "a") as f:
         f.write("\n")
     assert all(run(*a).stdout.strip() != k for a, k in before.items())
-    (d / "pycaffe-nogil.patch").unlink()
+    (d / patch).unlink()
     p = run()
-    assert p.returncode == 1 and "pycaffe-nogil.patch is missing" in p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and f"{patch} is missing" in p.stderr.strip().splitlines()[-1]
