@@ -11,6 +11,7 @@ is what a matrix multiply has to do, so that a forward's GFLOP/s compares with o
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Dict, Iterable, Tuple
 
 import numpy as np
@@ -46,9 +47,7 @@ def forward_flops(layers: Iterable, blob_shapes: Dict[str, Shape], weight_shapes
 
 def net_flops(net) -> int:
     """FLOP per image of a loaded caffe.Net's whole forward (the net as it runs: folded or not)."""
-    from .model import LayerInfo
-
-    layers = [LayerInfo(name, layer.type, tuple(net.bottom_names[name]), tuple(net.top_names[name]))
+    layers = [SimpleNamespace(name=name, type=layer.type, bottoms=net.bottom_names[name], tops=net.top_names[name])
               for name, layer in net.layer_dict.items()]
     shapes = {b: tuple(v.data.shape[1:]) for b, v in net.blobs.items()}
     weights = {name: tuple(p[0].data.shape) for name, p in net.params.items()}

@@ -75,9 +75,8 @@ def fold_plan(param, keep: Sequence[str]):
     """(a NetParameter with each foldable chain reduced to its convolution, [Fold]).
     `param` is the net as it will be loaded (already cut after the last requested layer);
     `keep` the blobs the user reads: a value one of them names is never folded away."""
-    from .model import caffe_pb2
+    from caffe.proto import caffe_pb2 as pb
 
-    pb = caffe_pb2()
     layers = list(param.layer)
     readers = _readers(layers)
     final = _final_writer(layers)
@@ -142,11 +141,10 @@ def load_folded(caffe, prototxt_text: str, weights: str, keep: Sequence[str]):
     import os
     import tempfile
 
+    from caffe.proto import caffe_pb2
     from google.protobuf import text_format
 
-    from .model import caffe_pb2
-
-    param = caffe_pb2().NetParameter()
+    param = caffe_pb2.NetParameter()
     text_format.Merge(prototxt_text, param)
     folded, folds = fold_plan(param, keep)
 

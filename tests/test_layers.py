@@ -17,11 +17,11 @@ RUNNER = Path(__file__).resolve().parent.parent / "runner"
 # lowest first; a module may import from its own layer and the ones before it
 LAYERS: List[Tuple[str, List[str]]] = [
     ("leaves", ["runner", "runner.errors", "runner.shard", "runner.features", "runner.decode", "runner.samples",
-                "runner.capacity", "runner.peakmem",
+                "runner.capacity", "runner.peakmem", "runner.flops",
                 "runner.schema", "runner.task", "runner.changes"]),
     ("storage and devices", ["runner.manifest", "runner.rundir", "runner.write", "runner.gpu", "runner.device",
                              "runner.selfcheck", "runner.preprocess", "runner.fetch", "runner.events"]),
-    ("model, inputs, runtimes", ["runner.model", "runner.inputs", "runner.inputs.*", "runner.runtimes",
+    ("model, inputs, runtimes", ["runner.model", "runner.fold", "runner.inputs", "runner.inputs.*", "runner.runtimes",
                                  "runner.runtimes.*"]),
     ("config and plan", ["runner.config", "runner.overrides", "runner.plan"]),
     ("stages", ["runner.extract", "runner.merge", "runner.stats", "runner.status", "runner.verify",
