@@ -123,7 +123,7 @@ def test_layer_flops(kind, bottom, top, weight, flop):
 
 ODD = """
 name: "odd"
-layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 64 dim: 80 } } }
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 24 dim: 30 } } }
 layer { name: "strided" type: "Convolution" bottom: "data" top: "a"
   convolution_param { num_output: 8 kernel_size: 3 stride: 2 pad: 1 weight_filler { type: "gaussian" std: 0.1 }
   bias_filler { type: "constant" value: 0.1 } } }
@@ -179,7 +179,7 @@ def _engine(proto, weights, blobs, **model):
     from runner.model import CaffeEngine, parse_prototxt
 
     m = OmegaConf.create({"weights": str(weights), **model})
-    return CaffeEngine(m, parse_prototxt(str(proto)), blobs, (3, 64, 80))
+    return CaffeEngine(m, parse_prototxt(str(proto)), blobs, (3, 24, 30))
 
 
 UPSTREAM = {"conv_batch_mb": 0, "fold_batchnorm": False}
@@ -188,8 +188,9 @@ UPSTREAM = {"conv_batch_mb": 0, "fold_batchnorm": False}
 @pytest.mark.parametrize("blobs", [["fc"], ["fc", "o_bn"], ["g", "fc"]])
 def test_odd_net_fast_path_equals_upstream(odd_net, blobs):
     """Groups, strides, dilation, a 1x1 and a 2x3 kernel, BN with and without Scale, in place and
-    not; a batch of 7 (not a multiple of any block: a 1 MB buffer gives blocks of 5, 2 and 7 here)."""
-    x = np.random.default_rng(0).uniform(-100, 100, (7, 3, 64, 80)).astype(np.float32)
+    not; a batch of 7, not a multiple of the blocks (12x15 outputs: blocks of 5 and 2 images for
+    a 1,024-column GEMM; the 11x7 one takes all 7)."""
+    x = np.random.default_rng(0).uniform(-100, 100, (7, 3, 24, 30)).astype(np.float32)
     old = _engine(*odd_net, blobs, **UPSTREAM).forward(x)
     for model in ({}, {"conv_batch_mb": 1}, {"fold_batchnorm": False}, {"conv_batch_mb": 0}):
         eng = _engine(*odd_net, blobs, **model)
@@ -199,14 +200,14 @@ def test_odd_net_fast_path_equals_upstream(odd_net, blobs):
             assert rel(new[b], old[b]) <= BOUND, (model, b, rel(new[b], old[b]))
         again = eng.forward(x)
         assert all(np.array_equal(again[b], new[b]) for b in blobs), model  # the same numbers every run
-    # what folded: never a blob the user reads
-    folds = {f.batchnorm for f in _engine(*odd_net, blobs).folds}
-    assert folds == {"bn_g", "bn_o", "bn_r"} - ({"bn_o"} if "o_bn" in blobs else set())
+    # what folded: never a blob the user reads (o_bn read: its Scale stays a layer)
+    folds = {(f.batchnorm, f.scale) for f in _engine(*odd_net, blobs).folds}
+    assert folds == {("bn_g", "scale_g"), ("bn_o", None if "o_bn" in blobs else "scale_o"), ("bn_r", None)}
 
 
 def test_a_batch_of_one_and_a_reshape(odd_net):
     """The batch shrinking (a shard's last batch) and growing again gives the same rows."""
-    x = np.random.default_rng(1).uniform(-100, 100, (5, 3, 64, 80)).astype(np.float32)
+    x = np.random.default_rng(1).uniform(-100, 100, (5, 3, 24, 30)).astype(np.float32)
     eng = _engine(*odd_net, ["fc"], conv_batch_mb=1)
     full = eng.forward(x)["fc"]
     one = eng.forward(x[3:4])["fc"]
@@ -246,3 +247,12 @@ def test_inspect_prints_gflop_per_image(res10):
     p = run_cli("inspect", "output.blobs=[fc7]")
     line = [ln for ln in p.stdout.splitlines() if "GFLOP per image" in ln]
     assert len(line) == 1 and line[0].startswith("forward to fc7: 2.10 GFLOP per image"), p.stdout
+
+
+def test_a_negative_conv_buffer_is_refused_before_any_work(photos, tmp_path):
+    p = run_cli(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", "model.conv_batch_mb=-1", check=False)
+    assert p.returncode == 2 and not (tmp_path / "r").exists(), p.stderr
+    assert p.stderr.strip().splitlines()[-1].endswith(
+        "model.conv_batch_mb=-1: use 0 (one image per GEMM, as Caffe upstream) or more MB of column buffer per "
+        "convolution (32 is the default)"), p.stderr
+    assert "Traceback" not in p.stderr
