@@ -79,10 +79,10 @@ def test_cache_key_follows_toolkit_and_architectures(tmp_path, site_toolkit):
 def test_the_cpu_key_is_the_one_ci_caches(tmp_path):
     """The CPU recipe is untouched by the CUDA work: CI's cached wheel stays valid (this
     literal changes only with a deliberate change of the recipe: RECIPE_REV, the sdist, Python,
-    docker/pycaffe-nogil.patch)."""
+    docker/pycaffe-nogil.patch, docker/pycaffe-convbatch.patch)."""
     if sys.version_info[:2] != (3, 11) or platform.machine() != "x86_64":
         pytest.skip("the literal is for CPython 3.11 on x86_64 (Debian 12)")
-    assert _key(cache=tmp_path) == "64c096bedf414113"
+    assert _key(cache=tmp_path) == "1f973e23f2f04a38"
 
 
 def test_the_cuda_pins_include_nvrtc():
@@ -171,11 +171,11 @@ def test_the_cudnn_patch_is_part_of_the_key(tmp_path):
 
 
 def test_no_cudnn_key_is_pinned(tmp_path):
-    """--no-cudnn's key changes only with its recipe (the literal changed with
-    docker/pycaffe-nogil.patch, which every build applies)."""
+    """--no-cudnn's key changes only with its recipe (the literal changes with
+    docker/pycaffe-nogil.patch and pycaffe-convbatch.patch, which every build applies)."""
     if sys.version_info[:2] != (3, 11) or platform.machine() != "x86_64":
         pytest.skip("the literal is for CPython 3.11 on x86_64 (Debian 12)")
-    assert _key("--cuda", "--no-cudnn", cache=tmp_path) == "692e3d6992939d0b"
+    assert _key("--cuda", "--no-cudnn", cache=tmp_path) == "2bf28f14ecb38708"
 
 
 def test_the_cuda_pins_include_a_cudnn9_wheel():
