@@ -204,6 +204,7 @@ def sgemm_rate(n: int = 2048, reps: int = 5) -> Dict:
 FORWARD_PATHS = {
     "before": {"conv_batch_mb": 0, "fold_batchnorm": False},        # Caffe upstream: one image per GEMM
     "batched_conv": {"conv_batch_mb": 32, "fold_batchnorm": False},  # docker/pycaffe-convbatch.patch
+    "folded": {"conv_batch_mb": 0, "fold_batchnorm": True},          # BN/Scale folded alone (runner/fold.py)
     "after": {"conv_batch_mb": 32, "fold_batchnorm": True},          # + BN/Scale folded (the default)
 }
 
