@@ -1085,7 +1085,7 @@ def main() -> None:
         print_gpu_rows(r["gpu_feeding"])
     elif a.only == "limits":
         print_limits(r["limits_only"])
-    elif "images_per_s_median" in r:
+    elif "images_per_s_median" in r and a.only != "forward":
         print_table(r)
     if "merge_scale" in r:
         print_merge_table(r["merge_scale"])
