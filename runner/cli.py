@@ -269,6 +269,7 @@ def _extract_one(overrides: List[str], cfg=None) -> int:
 def _sweep(overrides: List[str]) -> int:
     """Every combination (Hydra's sweep syntax: key=a,b), one run directory each under
     output.dir; a failed point does not stop the others; the failed ones are listed at the end."""
+    from .private import check_private, private_files
     from .sweep import name_points, record_sweep, varying
 
     points = expand_sweep(overrides)
@@ -280,7 +281,9 @@ def _sweep(overrides: List[str]) -> int:
     keys = [override_dirname(p) for p in points]
     lines = [override_lines(p) for p in points]
     names = name_points(Path(root), lines, keys, [sweep_dirname(n, k) for n, k in enumerate(keys)])
-    record_sweep(Path(root), names, keys, lines)  # the name -> overrides mapping: `status SWEEP_DIR` reads it
+    check_private(Path(root))  # the sweep folder holds the points' run directories
+    with private_files():
+        record_sweep(Path(root), names, keys, lines)  # the name -> overrides mapping: `status SWEEP_DIR` reads it
     cfgs = []
     shown = {name: " ".join(ln) for name, ln in zip(names, varying(lines))}
     for name, point in zip(names, points):
@@ -412,11 +415,13 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_retry(args) -> int:
+    from .private import private_files
     from .retry import retry_run, selector
 
     what = ["all reasons"] if args.all else (args.reason or ["transient (read error, not found, permission denied)"])
-    res = retry_run(Path(args.run_dir), selector(args.all, args.reason or []), what, dry_run=args.dry_run,
-                    args=args.argv, here=args.here)
+    with private_files():  # what the retry writes (and its tasks) is the user's alone
+        res = retry_run(Path(args.run_dir), selector(args.all, args.reason or []), what, dry_run=args.dry_run,
+                        args=args.argv, here=args.here)
     if res.get("resumed_commit"):
         print("finished an interrupted retry first")
     if not res["retried"]:
@@ -545,19 +550,9 @@ def _slurm_queued(run_dir: Path) -> bool:
 
 def _launch_held(run_dir: Path) -> bool:
     """A launch holds the run (its lock names a process): shards may start any moment."""
-    import fcntl
+    from .rundir import launch_holder
 
-    try:
-        fd = os.open(run_dir / "launch.lock", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return launch_holder(run_dir) is not None
 
 
 def _cmd_verify(args) -> int:

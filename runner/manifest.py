@@ -25,6 +25,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from .atomic import atomic_path, atomic_write_text, remove_stale_temps
 from .errors import ConfigError
 
 MANIFEST_DIR = "manifest"
@@ -80,30 +81,31 @@ def write_manifest(run_dir: Path, root: bytes, names: Sequence[bytes], source: s
                    has_labels: Optional[bool] = None, arrays: Optional[Dict[str, np.ndarray]] = None,
                    tars: Sequence[str] = (), listing: Optional[Dict] = None) -> Manifest:
     mdir = Path(run_dir) / MANIFEST_DIR
-    tmp = mdir.with_name(MANIFEST_DIR + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    offsets = np.zeros(len(names) + 1, dtype=np.uint64)
-    with open(tmp / "paths.bin", "wb") as f:
-        pos = 0
-        for i, n in enumerate(names):
-            f.write(n)
-            pos += len(n)
-            offsets[i + 1] = pos
-    np.save(tmp / "offsets.npy", offsets)
-    if labels is not None:
-        np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
-    for name, arr in (arrays or {}).items():
-        np.save(tmp / f"{name}.npy", arr)
+    mdir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(mdir)  # listings killed mid-write (the launch lock makes this the one writer)
     has_labels = labels is not None if has_labels is None else has_labels
-    meta = {"root": os.fsdecode(root), "count": len(names), "source": source, "version": 1,
-            "kind": kind, "labels": bool(has_labels), "origin": origin, "tars": list(tars)}
-    if listing is not None:
-        meta["listing"] = listing
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    # a manifest without a run.json is a listing an earlier attempt left (refused plan, crash)
-    if mdir.exists():
-        shutil.rmtree(mdir)
-    os.replace(tmp, mdir)
+    with atomic_path(mdir) as tmp:
+        tmp.mkdir()
+        offsets = np.zeros(len(names) + 1, dtype=np.uint64)
+        with open(tmp / "paths.bin", "wb") as f:
+            pos = 0
+            for i, n in enumerate(names):
+                f.write(n)
+                pos += len(n)
+                offsets[i + 1] = pos
+        np.save(tmp / "offsets.npy", offsets)
+        if labels is not None:
+            np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
+        for name, arr in (arrays or {}).items():
+            np.save(tmp / f"{name}.npy", arr)
+        meta = {"root": os.fsdecode(root), "count": len(names), "source": source, "version": 1,
+                "kind": kind, "labels": bool(has_labels), "origin": origin, "tars": list(tars)}
+        if listing is not None:
+            meta["listing"] = listing
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        # a manifest without a run.json is a listing an earlier attempt left (refused plan, crash)
+        if mdir.exists():
+            shutil.rmtree(mdir)
     return Manifest(mdir, root, len(names), kind, bool(has_labels), origin, tuple(tars), listing)
 
 
@@ -138,13 +140,14 @@ def extend_manifest(run_dir: Path, keep: int, new_names: Sequence[bytes]) -> Man
             f.write(n)
             pos += len(n)
             new_off[keep + 1 + i] = pos
-    tmp = m.dir / ".offsets.tmp.npy"
-    np.save(tmp, new_off)
-    os.replace(tmp, m.dir / "offsets.npy")
+        f.flush()
+        os.fsync(f.fileno())  # the names are on disk before the offsets that reach them
+    with atomic_path(m.dir / "offsets.npy") as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
+            np.save(f, new_off)
     meta = json.loads((m.dir / "meta.json").read_text())
     meta["count"] = keep + len(new_names)
-    (m.dir / ".meta.tmp").write_text(json.dumps(meta, indent=1))
-    os.replace(m.dir / ".meta.tmp", m.dir / "meta.json")
+    atomic_write_text(m.dir / "meta.json", json.dumps(meta, indent=1))
     return Manifest(m.dir, m.root, meta["count"], m.kind, m.labels, m.origin, m.tars)
 
 

@@ -14,12 +14,17 @@ names, names_raw, index (and labels when the shards have them) and failures/ are
 Memory and open files stay bounded whatever the run's size: one shard file is open at a
 time, and every dataset is copied in chunks of at most CHUNK_BYTES.
 `export` writes the same layout as a copy anywhere (or one 2-D .npy matrix per blob).
+
+Single-writer: merge_run holds the run's merge.lock (locks.py) and writes features.h5 under a
+unique temporary name, fsync'd and renamed (atomic.py); a second merge is refused naming the
+first, and readers see the old file or the whole new one.
 """
 from __future__ import annotations
 
 import json
 import os
 import resource
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -28,7 +33,10 @@ import h5py
 import numpy as np
 
 from . import log
-from .errors import RunnerError, ShardFailedError, unwritable
+from .atomic import atomic_path, remove_stale_temps
+from .errors import RunBusyError, RunnerError, ShardFailedError, unwritable
+from .locks import FileLock, LockHeld
+from .rundir import MERGE_LOCK, probe_writable
 from .runtimes.identity import image_label
 from .write import dataset_name
 
@@ -48,6 +56,7 @@ NAME_CHUNK_ROWS = 65536
 ATTR_BUDGET = 32 << 10
 # file descriptors a reader needs beyond the view's sources (Python, h5py, the merged file)
 FD_MARGIN = 64
+TEST_MERGE_GATE = "CAFFE_RUNNER_TEST_MERGE_GATE"
 
 
 def _open(path, mode="r"):
@@ -134,14 +143,16 @@ def _dataset_chunks(total: int, shape, dtype):
 
 
 def write_merged(out: Path, paths: Sequence[Path], layout_kind: str, extra_attrs: Optional[Dict] = None) -> Path:
-    """Write `out` (via a temporary name) from shard files `paths` in their order.
+    """Write `out` from shard files `paths` in their order, by atomic.py's protocol (a unique
+    temporary name beside it, fsync'd, renamed, the folder fsync'd): a reader, a crash or a
+    second writer never sees half a file under `out`.
     layout_kind: "view" (virtual features, relative source paths) or "copy"."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
     sources, lay = _scan(paths)
     total = sum(s.rows for s in sources)
     total_f = sum(s.n_failures for s in sources)
-    with _open(tmp, "w") as o:
+    # the HDF5 file is closed (inner) before atomic_path commits it (outer)
+    with atomic_path(out) as tmp, _open(tmp, "w") as o:
         g = o.create_group("features")
         for ds, shape in lay.shapes.items():
             dt = lay.dtypes[f"features/{ds}"]
@@ -191,13 +202,42 @@ def write_merged(out: Path, paths: Sequence[Path], layout_kind: str, extra_attrs
         o.attrs.update({"rows": total, "n_failures": total_f, "num_shards": len(sources), "layout": layout_kind})
         for k, v in (extra_attrs or {}).items():
             o.attrs[k] = v
-    os.replace(tmp, out)
     return out
 
 
 def merge_run(run, out: Optional[Path] = None) -> Path:
     """Merge every shard of `run` into run_dir/features.h5 (a view up to view_max_shards shards,
-    else a copy). Refuses, naming them, while shards are missing."""
+    else a copy). Refuses, naming them, while shards are missing. Single-writer: the run's merge
+    lock is held throughout; a second merge (a hand-run `merge`, a second merge job) is refused
+    naming the first (RunBusyError, exit 2) and changes nothing."""
+    lock = FileLock(Path(run.rundir.path) / MERGE_LOCK, "caffe-runner merge")
+    try:
+        lock.acquire()
+    except LockHeld as e:
+        raise RunBusyError(f"{run.rundir.path} is being merged by {e.holder}: wait for it to finish (it writes "
+                           f"{run.rundir.merged}; caffe-runner status {run.rundir.path}); nothing was changed",
+                           holder=e.holder) from None
+    except OSError as e:
+        raise unwritable("the run directory", run.rundir.path, e, "merge as a user who can write there, or "
+                         "write a self-contained copy elsewhere: caffe-runner export RUN_DIR OUT.h5") from None
+    try:
+        _test_gate()
+        return _merge_locked(run, out)
+    finally:
+        lock.release()
+
+
+def _test_gate() -> None:
+    """Tests hold a merge here, its lock taken, until the file $CAFFE_RUNNER_TEST_MERGE_GATE
+    names exists (a second merge meanwhile must be refused). Unset, as in any real run: nothing."""
+    gate = os.environ.get(TEST_MERGE_GATE)
+    while gate and not os.path.exists(gate):
+        time.sleep(0.05)
+
+
+def _merge_locked(run, out: Optional[Path]) -> Path:
+    # temporaries of merges killed mid-write (kill -9, a lost node): this is the one writer now
+    remove_stale_temps(run.rundir.merged)
     missing = run.missing_shards()
     if missing:
         from .status import finish_advice
@@ -289,8 +329,6 @@ def export_run(run, out: Path, fmt: str = "h5") -> Path:
 def _check_export_target(folder: Path) -> None:
     """Before any copying: the target folder can be made and written (one line, not h5py's
     traceback from deep in the copy)."""
-    from .rundir import probe_writable
-
     try:
         probe_writable(folder)
     except OSError as e:

@@ -21,10 +21,11 @@ from . import __version__, log
 from .errors import ConfigError, unwritable
 from .changes import describe_change, identity_changes, input_change_advice
 from .config import preset_model_paths
-from .fetch import ensure_model_files
+from .fetch import check_pins, ensure_model_files
 from .inputs import build_manifest, input_source, input_stamp, list_input, refuse_caffe_io
 from .manifest import extend_manifest, load_manifest
 from .inputs.listing import describe as describe_listing
+from .locks import probe_flock
 from .model import check_fixed_shape, check_model_files, chosen_blobs, input_hw, parse_prototxt, sha256_file
 from .rundir import (RUN_JSON, DamagedPlanError, RunDir, partial_of, probe_writable, remove_old_run,
                      shard_file_of_run)
@@ -160,6 +161,8 @@ def identity(cfg, blobs: List[str], model_sha: Dict[str, str], input_source: str
 def _check_writable(path: Path) -> None:
     try:
         probe_writable(path)
+        # before anything is written: every lock of the run is a flock in this folder
+        probe_flock(path)
     except OSError as e:
         if e.errno == errno.ENOSPC:  # a rerun after a full disk: the run's files are kept
             raise ConfigError(f"output.dir {path}: no space left on device: free space there, then rerun "
@@ -332,6 +335,7 @@ def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
     rd = RunDir(run_dir)
     model_sha = {k: sha256_file(cfg.model[k]) for k in ("prototxt", "weights") if os.path.isfile(cfg.model[k])}
     model_sha.setdefault("weights", "")
+    check_pins(cfg.model, model_sha)  # a fetched file that changed since (its pin beside it) is refused
     ident = identity(cfg, blobs, model_sha, source)
 
     old = None
@@ -406,17 +410,29 @@ def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
     return Run(cfg, rd, plan)
 
 
-def load_run(cfg) -> Run:
+def load_run(cfg, fingerprint: Optional[str] = None) -> Run:
+    """The run a task works on. `fingerprint`: the plan the task was submitted for; a task whose
+    run.json has since been replaced (output.overwrite=true while it was queued) refuses to
+    write: its config is not the run's."""
     rd = RunDir(Path(os.path.abspath(os.path.expanduser(cfg.output.dir))))
     plan = rd.read_plan()
+    check_fingerprint(rd, plan, fingerprint)
     load_manifest(rd.path)  # fail early with a clear message if it is missing
     return Run(cfg, rd, plan)
 
 
-def load_run_dir(path) -> Run:
+def check_fingerprint(rd: RunDir, plan: Dict, fingerprint: Optional[str]) -> None:
+    if fingerprint and plan["fingerprint"] != fingerprint:
+        raise ConfigError(f"this task was submitted for run {fingerprint[:12]}, but {rd.path / RUN_JSON} now holds "
+                          f"run {plan['fingerprint'][:12]} (replaced, e.g. by output.overwrite=true): it writes "
+                          "nothing; the current run's own command submits its tasks")
+
+
+def load_run_dir(path, fingerprint: Optional[str] = None) -> Run:
     """A run from its directory alone (merge, status, verify): the config comes from run.json."""
     rd = RunDir(Path(os.path.abspath(os.path.expanduser(str(path)))))
     plan = rd.read_plan()
+    check_fingerprint(rd, plan, fingerprint)
     try:
         cfg = OmegaConf.create(plan["config_yaml"])
     except Exception as e:  # yaml's and omegaconf's errors: the text is damaged either way

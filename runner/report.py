@@ -15,7 +15,6 @@ from __future__ import annotations
 import html
 import io
 import json
-import os
 import statistics
 import time
 from collections import Counter
@@ -24,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .atomic import atomic_write_text
 from .events import attempts as group_attempts, events_path, read_commands, read_events, read_jsonl
 from .stats import reason_kind
 
@@ -511,11 +511,5 @@ def write_report(run_dir: Path, out: Optional[Path] = None) -> Path:
     """Collect, draw and write the report (to a temporary name, then renamed)."""
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "report.html"
-    text = render(collect(run_dir))
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(out, render(collect(run_dir)))
     return out

@@ -7,7 +7,7 @@ Crash safety (a retry killed at any moment resumes, or leaves the run exactly as
   1. stage   each shard with candidates is rewritten whole, rows in manifest order, into
              retry/<shard>.h5 (via .partial); the run itself is not touched;
   2. commit  retry/commit.json is written (atomically) naming the staged files and the record;
-  3. apply   each staged file replaces its shard (os.replace), features.h5 is merged again,
+  3. apply   each staged file replaces its shard (fsync'd, renamed), features.h5 is merged again,
              retries.json and stats.json are rewritten, then commit.json and retry/ are removed.
 A rerun finds commit.json and finishes step 3 (every step is idempotent); without it, staged
 files are discarded unless they were made from the shard file as it still is.
@@ -26,7 +26,8 @@ import numpy as np
 
 from . import log
 from .errors import ConfigError, RunBusyError, RunnerError
-from .rundir import atomic_write_text
+from .atomic import atomic_write_text, commit as commit_file
+from .private import check_private
 from .stats import reason_kind, write_stats
 from .write import ShardWriter, dataset_name
 
@@ -241,7 +242,7 @@ def apply_commit(run) -> bool:
     for stem in commit["shards"]:
         staged = d / f"{stem}.h5"
         if staged.exists():
-            os.replace(staged, run.rundir.shards_dir / f"{stem}.h5")
+            commit_file(staged, run.rundir.shards_dir / f"{stem}.h5")
     if commit.get("merge"):
         merge_run(run)
     path = Path(run.rundir.path) / RETRIES_JSON
@@ -299,12 +300,12 @@ def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = 
     run = load_run_dir(run_dir)
     rd = Path(run.rundir.path)
     check_writable(rd)
+    check_private(rd, "the run directory")  # its retry tasks' pickles are read back from logs/
     try:
         lock = launch_lock(rd)
         lock.__enter__()
-    except RunBusyError:
-        holder = (rd / "launch.lock").read_text(errors="replace").strip() or "another process"
-        raise ConfigError(f"{rd} is still running (held by {holder}): wait until it ends (caffe-runner status "
+    except RunBusyError as e:
+        raise ConfigError(f"{rd} is still running (held by {e.holder}): wait until it ends (caffe-runner status "
                           f"--watch {rd}), then retry; nothing was changed") from None
     try:
         resumed = apply_commit(run)  # a retry killed while applying: finish it first

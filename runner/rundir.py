@@ -7,6 +7,9 @@ so status, resume and verify work without Slurm accounting and after any crash.
   shards/<name>.h5.partial a shard in progress (resumable)
   status/<name>.json       heartbeat: state, progress, rate, host, job, log path
   features.h5              merged view of all shards
+  launch.lock, merge.lock  who launches the run, who writes features.h5 (locks.py)
+Files are put in place by atomic.py's protocol (unique temporary name, fsync, rename, fsync
+the folder): after a host crash each is either the old one or the complete new one.
 """
 from __future__ import annotations
 
@@ -18,11 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .atomic import atomic_write_text, is_temp_of
 from .errors import ConfigError
+from .inflight import refuse_if_live
+from .locks import lock_holder
 from .shard import shard_name
 
 RUN_JSON = "run.json"
 LAUNCH_LOCK = "launch.lock"  # held (flock) by the process launching the run
+MERGE_LOCK = "merge.lock"  # held (flock) by the process writing features.h5
 
 
 # what every command reads from run.json, with its type
@@ -63,12 +70,6 @@ def partial_of(final: Path) -> Path:
     """The name a shard file has while it is written (the one place that spells it)."""
     final = Path(final)
     return final.with_name(final.name + ".partial")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,11 @@ class RunDir:
     def write_heartbeat(self, index: int, num_shards: int, beat: Dict) -> None:
         self.status_dir.mkdir(parents=True, exist_ok=True)
         beat = dict(beat, updated=time.time())
-        atomic_write_text(self.heartbeat_path(index, num_shards), json.dumps(beat))
+        # atomic but not fsync'd: beats come every heartbeat_s (2 s) from each task's forward
+        # loop, and an fsync there costs about 10 ms on this ext4 and more on a busy Lustre or NFS
+        # server; a beat lost to a host crash is harmless (read_heartbeat reads an empty or
+        # missing file as no beat, status then asks about the task), unlike run.json or a shard
+        atomic_write_text(self.heartbeat_path(index, num_shards), json.dumps(beat), durable=False)
 
 
 _FILE_INFO_CACHE: Dict[tuple, Optional[Dict]] = {}
@@ -177,28 +182,22 @@ def shard_file_of_run(path: Path, fingerprint: str) -> bool:
 
 def launch_holder(run_dir: Path) -> Optional[str]:
     """Who holds run_dir's launch lock ("caffe-runner pid N on HOST since ..."), or None when
-    no launch is in progress. A shared lock is tried and dropped at once: it never blocks the
-    launcher, which holds the lock exclusively for the whole local run."""
-    import fcntl
+    no launch is in progress (never blocks the launcher)."""
+    return lock_holder(Path(run_dir) / LAUNCH_LOCK)
 
-    try:
-        fd = os.open(Path(run_dir) / LAUNCH_LOCK, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+
+# What a run directory holds besides run.json and the launch lock (held by whoever replaces
+# the run): everything output.overwrite=true removes. Old attempts, job ids, retries and logs
+# left behind would be read as the new run's (report, status, the next retry).
+OLD_RUN_ENTRIES = ("shards", "status", "manifest", "events", "retry", "logs", ".hydra", "features.h5",
+                   "features.h5.tmp", "stats.json", "submissions.json", "retries.json", "report.html")
 
 
 def remove_old_run(run_dir: Path) -> None:
-    """output.overwrite=true: remove the old run's files, or stop. A file that survives (no
-    permission, a busy NFS file) must not be mistaken for part of the new run."""
+    """output.overwrite=true: remove the old run's files, or stop. Refused while the old run's
+    Slurm jobs are queued or running (they would write into the new run). A file that survives
+    (no permission, a busy NFS file) must not be mistaken for part of the new run."""
+    refuse_if_live(run_dir, "output.overwrite=true")  # before anything is deleted
     failed: List[str] = []
 
     def note(_func, path, exc):
@@ -206,16 +205,21 @@ def remove_old_run(run_dir: Path) -> None:
         if not isinstance(exc, FileNotFoundError):
             failed.append(f"{path} ({getattr(exc, 'strerror', None) or exc})")
 
-    for sub in ("shards", "status", "manifest"):
-        if (run_dir / sub).exists():
-            shutil.rmtree(run_dir / sub, onerror=note)
-    for f in ("features.h5", "stats.json", RUN_JSON):  # run.json last: kept while anything of its run is
+    # temporaries a killed writer left of them first; submissions.json before run.json: kept
+    # while anything of its run is, so a rerun still asks Slurm about those jobs; run.json last
+    temps = tuple(e.name for e in run_dir.iterdir()
+                  if any(is_temp_of(e.name, n) for n in OLD_RUN_ENTRIES + (RUN_JSON,)))
+    for name in temps + OLD_RUN_ENTRIES + (RUN_JSON,):
         if failed:
             break
-        try:
-            (run_dir / f).unlink(missing_ok=True)
-        except OSError as e:
-            failed.append(f"{run_dir / f} ({e.strerror})")
+        p = run_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, onerror=note)
+        else:
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as e:
+                failed.append(f"{p} ({e.strerror})")
     if failed:
         more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
         raise ConfigError(f"output.overwrite=true could not remove the old run's {failed[0]}{more}: remove "

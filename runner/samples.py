@@ -12,6 +12,8 @@ from typing import List
 
 import numpy as np
 
+from .atomic import commit
+
 # photos in the scikit-image wheel itself (others need a download)
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
           "retina", "colorwheel", "camera", "coins", "clock", "moon", "page", "brick", "grass", "gravel", "text"]
@@ -128,7 +130,10 @@ def write_camera_photo(path: Path, index: int, seed: int = 0, wh=(4000, 3000), n
     tmp = path.with_name(path.name + ".tmp.jpg")
     if not cv2.imwrite(str(tmp), out, [cv2.IMWRITE_JPEG_QUALITY, quality]):
         raise OSError(f"cannot write {tmp}")
-    os.replace(tmp, path)  # a killed generation never leaves a half-written photo under the final name
+    # a killed generation never leaves a half-written photo under the final name; not fsync'd:
+    # benchmarks make thousands in a row (an fsync costs ~10 ms here) and these are generated
+    # test photos, not a run's state
+    commit(tmp, path, durable=False)
     return path
 
 

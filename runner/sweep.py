@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .rundir import atomic_write_text
+from .atomic import atomic_write_text
 
 SWEEP_JSON = "sweep.json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")

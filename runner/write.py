@@ -13,7 +13,8 @@ Shard file (shards/shard-IIIII-of-NNNNN.h5):
 
 While it is written the file is named *.h5.partial; each batch is flushed and the attrs
 `next`, `rows`, `n_failures` say how far it got, so a rerun resumes from the last flushed
-batch. It is renamed to *.h5 only when complete: a crash never leaves a complete-looking file.
+batch. It is fsync'd and renamed to *.h5 only when complete: a crash (even of the host) never
+leaves a complete-looking file.
 
 HDF5 is not crash-safe: a process killed between two flushes (Ctrl-C's terminate, scancel,
 a time limit, the OOM killer) can leave chunks that point at global-heap strings that never
@@ -23,11 +24,9 @@ writes into the old file: it reads the committed rows back into a fresh one and 
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -37,8 +36,10 @@ import h5py
 import numpy as np
 
 from . import log
+from .atomic import commit
 from .errors import RunnerError, ShardBusyError
 from .features import pooled_shape, postprocess  # noqa: F401  (moved to features.py; old import path)
+from .locks import FileLock, LockHeld
 from .rundir import partial_of
 
 STR = h5py.string_dtype("utf-8")
@@ -59,27 +60,18 @@ class ShardLock:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.fd: Optional[int] = None
+        self.lock = FileLock(self.path, "shard task", clear=False)
 
     def __enter__(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise ShardBusyError(f"shard {self.path.stem} is being written by {holder}; this process "
-                                 "stops and leaves it alone (if that process is gone, rerun)")
-        os.ftruncate(fd, 0)
-        job = os.environ.get("SLURM_JOB_ID")
-        os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}{' job ' + job if job else ''}\n".encode(), 0)
-        self.fd = fd
+            self.lock.acquire()
+        except LockHeld as e:
+            raise ShardBusyError(f"shard {self.path.stem} is being written by {e.holder}; this process "
+                                 "stops and leaves it alone (if that process is gone, rerun)") from None
         return self
 
     def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        self.lock.release()
 
 
 def _first_line(e: BaseException) -> str:
@@ -179,7 +171,7 @@ class ShardWriter:
                 if problem:  # the copy could not be written (a quota): the old file is sound, keep it
                     raise self._no_room_error(*problem, self.partial.stat().st_size) from e
                 return self._start_over(f"cannot be read back ({_first_line(e)})")
-        os.replace(fresh, self.partial)
+        commit(fresh, self.partial)  # the committed rows, durable before the old file goes
         self.rows, self.n_failures, self.next = counts
         self.f = _open(self.partial, "r+")
         if self.rows + self.n_failures >= 100_000:  # only worth a line when it took a while
@@ -308,8 +300,9 @@ class ShardWriter:
         f.attrs["complete"] = True
         f.close()
         self.f = None
-        os.replace(self.partial, self.final)
-        return self.final
+        # fsync'd before the rename (and the folder after it): a host crash never leaves a
+        # complete-looking shard that holds nothing (ShardLock makes this the one writer)
+        return commit(self.partial, self.final)
 
     def close(self):
         if self.f is not None:

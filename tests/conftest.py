@@ -114,30 +114,33 @@ def tiny_model_args(tiny_net):
 
 DEV = REPO / "slurm" / "dev-cluster"
 MAX_ARRAY = 5  # the test cluster's MaxArraySize: a 7-shard run needs two arrays
+NODES = 3  # the test cluster's nodes: node1..node3, each its own hostname and pid namespace
 
 
 @pytest.fixture(scope="session")
 def cluster():
     state = tempfile.mkdtemp(prefix="crslurm-", dir="/tmp")
     env = dict(os.environ, DEV_CLUSTER_MAX_ARRAY_SIZE=str(MAX_ARRAY), CAFFE_RUNNER_SLURM_STATE=state)
-    up = subprocess.run(["bash", str(DEV), "up", "--state-dir", state], capture_output=True, text=True, env=env,
-                        timeout=300)
+    up = subprocess.run(["bash", str(DEV), "up", "--nodes", str(NODES), "--state-dir", state], capture_output=True,
+                        text=True, env=env, timeout=300)
     if up.returncode != 0:
         subprocess.run(["bash", str(DEV), "down", "--state-dir", state, "--wipe"], env=env, timeout=120)
         raise RuntimeError(f"dev cluster did not come up:\n{up.stdout}\n{up.stderr}")
-    m = re.search(r"export SLURM_CONF=(\S+)", up.stdout)
-    assert m, up.stdout
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = m.group(1)
-    os.environ["CAFFE_RUNNER_SINGLE_NODE"] = "1"
+    # what `eval $(slurm/dev-cluster env)` would export: SLURM_CONF and the folders all nodes share
+    m = re.search(r"^export (.*)$", up.stdout, re.M)
+    assert m and "SLURM_CONF=" in m.group(1), up.stdout
+    exported = dict(kv.split("=", 1) for kv in m.group(1).split())
+    old = {k: os.environ.get(k) for k in exported}
+    os.environ.update(exported)
     try:
         yield state
     finally:
         subprocess.run(["bash", str(DEV), "down", "--state-dir", state, "--wipe"], env=env, timeout=120)
-        if old is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def podman_image(image: str, make_target: str) -> str:

@@ -215,3 +215,71 @@ def test_every_build_patch_is_part_of_every_key(tmp_path, patch):
     (d / patch).unlink()
     p = run()
     assert p.returncode == 1 and f"{patch} is missing" in p.stderr.strip().splitlines()[-1]
+
+
+def hostile_sdist(folder, name: str, version: str, marker) -> "Path":
+    """An sdist named like the pinned one whose build backend (in-tree, no build requirements)
+    writes `marker` when pip asks it anything: what a tampered index or mirror could serve."""
+    import io
+    import tarfile
+
+    top = f"{name}-{version}"
+    files = {
+        "PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n',
+        "backend.py": f"open({str(marker)!r}, 'w').write('build hook ran')\n"
+                      "def get_requires_for_build_wheel(config_settings=None):\n    return []\n",
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{top}.tar.gz"
+    with tarfile.open(path, "w:gz") as t:
+        for rel, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{top}/{rel}")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
+
+
+def pip_env_serving(folder) -> dict:
+    """pip sees only `folder` (no index, no config file, no constraints): the test's own mirror."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(folder),
+               PIP_DISABLE_PIP_VERSION_CHECK="1")
+    return env
+
+
+def test_a_tampered_sdist_is_refused_before_its_build_hooks_run(tmp_path):
+    """`pip download --no-binary :all:` prepares an sdist's metadata (runs its build backend)
+    before the script could compare the sha256: the hash is given to pip (--require-hashes), so
+    a file that differs from the pinned one is refused before anything in it runs."""
+    marker = tmp_path / "hook-ran"
+    hostile_sdist(tmp_path / "mirror", "brocolli-caffe", "9.0.2", marker)
+    p = subprocess.run(["bash", str(SCRIPT), "--python", sys.executable, "--cache", str(tmp_path / "cache"),
+                        "--fetch-sdist"], capture_output=True, text=True, timeout=300,
+                       env=pip_env_serving(tmp_path / "mirror"))
+    assert p.returncode == 1, (p.stdout, p.stderr[-3000:])
+    assert not marker.exists(), "the sdist's build backend ran before its sha256 was checked"
+    last = p.stderr.strip().splitlines()[-1]
+    assert "sha256" in last and "c6410cc60bdd6db685d441b66be7df05410f8850ac88d6b75d48ef9b2315c08a" in last, p.stderr
+    assert not (tmp_path / "cache" / "sdist").exists() or not any((tmp_path / "cache" / "sdist").iterdir())
+
+
+def test_a_failed_build_fails_make_setup_with_its_own_error(tmp_path):
+    """`build-pycaffe.sh ... | tail -n 1` in the Makefile: without pipefail a failed build went on
+    to make a venv and failed later in pip ("Invalid requirement: ''"). A build that stops (here
+    at once: a bad --cuda-arch) must stop make there, with the script's own line."""
+    import shutil
+
+    if not shutil.which("make") or not shutil.which("apt-get"):
+        pytest.skip("make setup needs make and apt-get (Debian)")
+    venv = tmp_path / "venv"
+    p = subprocess.run(["make", "-C", str(REPO), "setup", "CAFFE=gpu", "CUDA_ARCH=sm_90", f"VENV={venv}",
+                        f"PYTHON={sys.executable}", f"CACHE={tmp_path / 'cache'}"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode != 0, p.stdout
+    assert "build-pycaffe: --cuda-arch: 'sm_90' is not a compute capability" in p.stderr, p.stderr[-2000:]
+    assert not venv.exists(), "make went on after the failed build"
+    assert "Invalid requirement" not in p.stderr

@@ -11,8 +11,10 @@ Each flag was checked against the runtime's documentation:
   --set-env=NAME=VALUE, --bind=SRC[:DST] (DST must exist in a read-only image), --cd=DIR;
   ch-run exits "$USER not set" without USER.
 - podman run 4.x: --env NAME (the host's value, only when set), --pull never, --device
-  nvidia.com/gpu=all (CDI), --volume SRC:DST, --workdir, --entrypoint, --network host, --rm.
-- docker run: --env NAME (the host's value when set; no prefix globs), --gpus all, the rest as podman.
+  nvidia.com/gpu=all (CDI), --volume SRC:DST, --workdir, --entrypoint, --network host, --rm,
+  --userns=keep-id (rootless only: the user's uid/gid inside are the same as outside), --user UID:GID.
+- docker run: --env NAME (the host's value when set; no prefix globs), --gpus all, --user UID:GID,
+  --group-add GID (--user alone drops supplementary groups), the rest as podman.
 - pyxis (srun --help, NVIDIA/pyxis wiki "Usage"): --container-image=IMAGE|PATH (a squashfs file
   on the node's file system), --container-mounts=SRC:DST[,SRC:DST...], --container-workdir=PATH;
   srun's own --export=ALL,NAME=VALUE.
@@ -54,6 +56,7 @@ def fixed_identity(monkeypatch):
     """The image's identity and the user are facts of this machine: fixed for golden files."""
     monkeypatch.setattr(ct, "image_identity", lambda runtime, image: "size=1234;mtime=2026-11-25T17:00:00Z")
     monkeypatch.setattr(ct, "user_name", lambda: "alice")
+    monkeypatch.setattr(ct, "user_ids", lambda: (1000, 1000, (27,)))  # alice, a member of group 27
 
 
 def _check(cfg) -> None:
@@ -109,6 +112,9 @@ def test_golden_files_say_what_each_runtime_needs(fixed_identity):
     assert "/images/caffe-runner.sqfs -- python" in ch
     assert "podman run --rm --network host --entrypoint python --workdir /scratch/u/run --pull never" in g["podman"]
     assert "--env SLURM_ARRAY_TASK_ID" in g["docker"] and "caffe-runner:cpu -u -m submitit" in g["docker"]
+    # the task runs as the calling user (rootless podman: the same ids inside), not as the image's root
+    assert "--volume /scratch/u/run:/scratch/u/run --userns=keep-id localhost/caffe-runner:cpu" in g["podman"]
+    assert "--volume /scratch/u/run:/scratch/u/run --user 1000:1000 --group-add 27 caffe-runner:cpu" in g["docker"]
     assert ("srun --unbuffered --output /scratch/u/run/logs/%A_%a/%A_%a_%t_log.out --error "
             "/scratch/u/run/logs/%A_%a/%A_%a_%t_log.err --container-image=/images/caffe-runner.sqsh "
             "--container-mounts=/data/imgs:/data/imgs,/models/m:/models/m,/scratch/u/run:/scratch/u/run "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEV
+from conftest import DEV, wait_until
 
 pytestmark = pytest.mark.slurm
 
@@ -56,13 +56,26 @@ def test_up_under_a_0700_home_with_the_default_state_dir(home):
     state = home / ".cache" / "caffe-runner" / "slurm-dev"
     assert f"export SLURM_CONF={state}/etc/slurm.conf" in up.stdout
     # env, status and down without --state-dir act on the cluster `up` started
-    assert _dev(home, "env").stdout.strip() == f"export SLURM_CONF={state}/etc/slurm.conf"
+    assert _dev(home, "env").stdout.strip().startswith(f"export SLURM_CONF={state}/etc/slurm.conf ")
     st = _dev(home, "status")
-    assert st.returncode == 0 and "slurmd: running" in st.stdout and "debug" in st.stdout
-    sq = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
-                        env=dict(os.environ, SLURM_CONF=f"{state}/etc/slurm.conf"))
-    assert sq.stdout.strip() == "idle"
+    assert st.returncode == 0 and "debug" in st.stdout
+    for n in ("node1", "node2", "node3"):  # three nodes by default
+        assert f"slurmd {n}: running" in st.stdout, st.stdout
+    sinfo = ["sinfo", "-h", "-N", "-o", "%N %t"]
+    slurm_env = dict(os.environ, SLURM_CONF=f"{state}/etc/slurm.conf")
+    sq = subprocess.run(sinfo, capture_output=True, text=True, env=slurm_env)
+    assert sq.stdout.split() == ["node1", "idle", "node2", "idle", "node3", "idle"], sq.stdout
     assert _our_daemons(state)
+    # a node lost: its namespace's processes die, status says so; `up` starts it again
+    k = _dev(home, "kill-node", "node2")
+    assert k.returncode == 0 and "node2 lost" in k.stderr, k.stderr
+    st = _dev(home, "status")
+    assert st.returncode != 0 and "slurmd node2: stopped" in st.stdout and "slurmd node3: running" in st.stdout
+    assert _dev(home, "kill-node", "node9").returncode == 2
+    assert _dev(home, "up").returncode == 0
+    assert "slurmd node2: running" in _dev(home, "status").stdout
+    wait_until(lambda: subprocess.run(sinfo, capture_output=True, text=True, env=slurm_env).stdout.split()[3] == "idle",
+               timeout=60, what="node2 idle again")
     down = _dev(home, "down")
     assert down.returncode == 0 and "stopped" in down.stderr
     assert not _our_daemons(state)

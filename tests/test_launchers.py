@@ -68,7 +68,7 @@ class FakeSlurmExecutor:
         return SimpleNamespace(job_id=job_id, paths=SimpleNamespace(stderr=Path(self.folder) / f"{job_id}.err"),
                                done=lambda: True, state="COMPLETED")
 
-    def map_array(self, task, cfgs, indices):
+    def map_array(self, task, cfgs, indices, *more):
         FakeSlurmExecutor.jobs += 1
         out = []
         for k, (cfg, i) in enumerate(zip(cfgs, indices)):
@@ -104,8 +104,10 @@ def world(tmp_path, monkeypatch):
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'MaxArraySize = 2'\n")  # 3 shards: two arrays
     (bin_dir / "scontrol").chmod(0o755)
+    (bin_dir / "squeue").write_text("#!/bin/sh\n")  # the run's recorded jobs: none still queued
+    (bin_dir / "squeue").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.setenv("CAFFE_RUNNER_SINGLE_NODE", "1")
+    monkeypatch.setenv("CAFFE_RUNNER_SHARED_PATHS", "/tmp")
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GLOG_minloglevel"):
         monkeypatch.setenv(var, os.environ.get(var, "1"))  # run_shard sets them: restored after
     return imgs, proto, tmp_path / "run"

@@ -176,7 +176,7 @@ class _FakeExecutor:
         self.raises = list(raises)
         self.n = 0
 
-    def map_array(self, fn, cfgs, shards):
+    def map_array(self, fn, cfgs, shards, *more):
         self.n += 1
         e = self.raises.pop(0)
         if e is not None:

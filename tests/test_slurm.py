@@ -53,14 +53,35 @@ def test_four_tasks_four_gpus_equal_local(cluster, photos, tmp_path):
     gpus = []
     for i in range(4):
         with h5py.File(slurm_run / "shards" / f"shard-{i:05d}-of-00004.h5", "r") as f:
-            gpus.append(f.attrs["visible_gpus"])
+            gpus.append((f.attrs["host"], f.attrs["visible_gpus"]))
             assert f.attrs["job_id"].count("_") == 1
-    assert sorted(gpus) == ["0", "1", "2", "3"], gpus
+    # the 4 fake GPUs are spread over the 3 nodes (2, 1, 1), each numbered from 0 on its node
+    assert sorted(gpus) == [("node1", "0"), ("node1", "1"), ("node2", "0"), ("node3", "0")], gpus
     a, b = _h5(slurm_run / "features.h5"), _h5(local_run / "features.h5")
     assert a[1] == b[1] and len(a[1]) == len(list(photos.rglob("*.*")))
     np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
     st = run_cli("status", slurm_run, check=False)
     assert st.returncode == 0 and "merged" in st.stdout
+    assert run_cli("verify", slurm_run).returncode == 0
+
+
+def test_six_tasks_run_on_three_nodes_and_equal_local(cluster, tiny_net, photos, tmp_path):
+    slurm_run, local_run = tmp_path / "slurm", tmp_path / "local"
+    args = [f"input.dir={photos}", "num_shards=6", *tiny_model_args(tiny_net)]
+    run_cli(*args, f"output.dir={slurm_run}", *BASE, "device=cpu", "launcher.gpus_per_task=0", "launcher.wait=true")
+    run_cli(*args, f"output.dir={local_run}", "launcher.workers=2")
+    hosts, beat_hosts = set(), set()
+    for i in range(6):
+        with h5py.File(slurm_run / "shards" / f"shard-{i:05d}-of-00006.h5", "r") as f:
+            hosts.add(f.attrs["host"])
+        beat = json.loads((slurm_run / "status" / f"shard-{i:05d}-of-00006.json").read_text())
+        beat_hosts.add(beat["host"])
+    # each task saw its own node's hostname (its UTS namespace), and the array spread over all three
+    assert hosts == beat_hosts == {"node1", "node2", "node3"}, (hosts, beat_hosts)
+    a, b = _h5(slurm_run / "features.h5"), _h5(local_run / "features.h5")
+    assert a[1] == b[1] and len(a[1]) == len(list(photos.rglob("*.*")))
+    # Slurm tasks run 1 thread (cpus_per_task=1), local workers may run more: the fidelity bound
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
     assert run_cli("verify", slurm_run).returncode == 0
 
 

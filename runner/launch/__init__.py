@@ -8,12 +8,9 @@ accepted, so a refused command changes nothing in an existing run.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
-import socket
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -21,15 +18,25 @@ from typing import Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 
 from .. import log
+from ..atomic import is_temp_of
 from ..errors import ConfigError, RunBusyError, unwritable
+from ..locks import FileLock, LockHeld
+from ..private import check_private, private_files
 from .base import Launcher
 from .registry import launcher_for
 
-from ..rundir import LAUNCH_LOCK as LOCK_NAME
+from ..rundir import LAUNCH_LOCK as LOCK_NAME, MERGE_LOCK
 # what a run directory may hold; anything else in a folder without run.json is someone's data
+# (features.h5.tmp: the fixed temporary name merges used before atomic.py)
 _RUN_ENTRIES = {"run.json", "manifest", "shards", "status", "logs", "features.h5", "features.h5.tmp", "stats.json",
-                "submissions.json", ".hydra", LOCK_NAME,
+                "submissions.json", ".hydra", LOCK_NAME, MERGE_LOCK,
                 "events", "report.html", "retries.json", "retry"}
+
+
+def _ours(name: str) -> bool:
+    """A run's entry, or a temporary one of a run's entry (a writer killed mid-write), or a probe."""
+    return name in _RUN_ENTRIES or name.startswith((".write-test", ".flock-test")) or \
+        any(is_temp_of(name, e) for e in _RUN_ENTRIES)
 
 
 def check_run_dir(path: Path) -> None:
@@ -40,7 +47,7 @@ def check_run_dir(path: Path) -> None:
         raise ConfigError(f"output.dir {path} is a file: give a folder for the run (it is created if missing)")
     if (path / "run.json").exists():
         return
-    foreign = sorted(e.name for e in path.iterdir() if e.name not in _RUN_ENTRIES and not e.name.startswith(".write-test"))
+    foreign = sorted(e.name for e in path.iterdir() if not _ours(e.name))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ConfigError(f"output.dir {path} is not empty and holds no run ({shown}): give a new or empty "
@@ -52,25 +59,17 @@ def launch_lock(path: Path):
     """One launch per run directory at a time; the loser is told who holds it."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        lock = FileLock(path / LOCK_NAME, "caffe-runner")
+        lock.acquire()
+    except LockHeld as e:
+        raise RunBusyError(f"output.dir {path} is in use by {e.holder}: wait for it to finish "
+                           f"(caffe-runner status {path}) or use another output.dir", holder=e.holder) from None
     except OSError as e:
         raise unwritable("output.dir", path, e, "choose another output.dir (a folder you can write)") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-            raise RunBusyError(f"output.dir {path} is in use by {holder}: wait for it to finish "
-                               f"(caffe-runner status {path}) or use another output.dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"caffe-runner pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)  # released: it names nobody (and a run's files end as they were)
+        yield
     finally:
-        os.close(fd)
+        lock.release()  # released: it names nobody (and a run's files end as they were)
 
 
 class CommandRecord:
@@ -122,11 +121,12 @@ def launch(cfg, overrides: Sequence[str] = (), launcher: Optional[Launcher] = No
     launcher = launcher or launcher_for(cfg)
     path = Path(os.path.abspath(os.path.expanduser(cfg.output.dir)))
     check_run_dir(path)
+    check_private(path)  # before anything in it is read: others must not be able to write there
     existed = path.exists()
     before = [e.name for e in path.iterdir()] if existed else []
     record = CommandRecord(overrides)
     try:
-        with launch_lock(path):
+        with private_files(), launch_lock(path):
             try:
                 return launcher.execute(cfg, record.accepted)
             except BaseException:

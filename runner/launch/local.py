@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from omegaconf import OmegaConf
 
 from .. import log
+from ..atomic import atomic_write_text
 from ..device import resolve_gpus, resolve_local_device
 from ..errors import ConfigError, ShardFailedError, Terminated
 from ..extract import run_shard
@@ -95,9 +96,7 @@ def run_shard_in_container(cfg, index: int, threads: int) -> Dict:
     logs = os.path.join(os.path.abspath(os.path.expanduser(str(cfg.output.dir))), "logs")
     os.makedirs(logs, exist_ok=True)
     cfg_path = os.path.join(logs, f"container-task-{index:05d}.yaml")
-    with open(cfg_path + ".tmp", "w") as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(cfg_path + ".tmp", cfg_path)
+    atomic_write_text(cfg_path, OmegaConf.to_yaml(cfg, resolve=True))
     # the module name is what images already built run: keep it
     cmd = wrap(container_spec(cfg), ["python", "-m", "runner.launch.container_task", cfg_path, str(index),
                                      str(threads)]).command

@@ -20,13 +20,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import submitit
 
 from .. import log
+from ..atomic import atomic_write_text
 from ..inputs import configured, node_read_paths
 from ..device import resolve_slurm_device
 from ..errors import ConfigError, RunnerError, ShardFailedError, did_you_mean
 from ..extract import run_shard
 from ..gpu import require_gpu_caffe
 from ..merge import merge_run
-from ..plan import Run, load_run_dir, plan_summary, prepare_run
+from ..inflight import InFlight, describe, in_flight, merge_dependency
+from ..plan import Run, load_run, load_run_dir, plan_summary, prepare_run
 from ..runtimes import Placement, srun_args, wrap_python
 from ..shard import array_chunks
 from ..stats import collect_stats, write_stats
@@ -145,12 +147,14 @@ def executor_parameters(lc, gres: bool = True) -> Dict:
     return params
 
 
-def _task_entry(cfg, index: int):
+def _task_entry(cfg, index: int, fingerprint: Optional[str] = None):
     """What runs on the node, inside the array task. (Queued and requeued tasks unpickle it by
-    this name: runner.launch.slurm._task_entry.)"""
+    this name: runner.launch.slurm._task_entry.) `fingerprint`: the run it was submitted for; a
+    task queued before its run was replaced stops here, before it writes anything."""
     setup_task_logging()
     env = submitit.JobEnvironment()
     os.environ["CAFFE_RUNNER_LOG"] = str(env.paths.stderr).replace("%t", str(env.global_rank))
+    load_run(cfg, fingerprint)
     if cfg.decode.workers == 2 and int(cfg.launcher.cpus_per_task) > 2:
         cfg.decode.workers = int(cfg.launcher.cpus_per_task) - 1  # the default follows the allocation
     return run_shard(cfg, index)
@@ -160,21 +164,35 @@ def _make_task():
     class ShardTask(submitit.helpers.Checkpointable):
         """Requeued on timeout/preemption; the rerun resumes from the shard's partial file."""
 
-        def __call__(self, cfg, index):
-            return _task_entry(cfg, index)
+        def __call__(self, cfg, index, fingerprint=None):
+            return _task_entry(cfg, index, fingerprint)
 
     return ShardTask()
 
 
-def merge_job(run_dir: str) -> str:
+def merge_job(run_dir: str, fingerprint: Optional[str] = None) -> str:
     """The dependent job: merge if every shard is complete, else say which are missing.
     (Submitted merge jobs unpickle it by this name: runner.launch.slurm.merge_job.)"""
     setup_task_logging()
-    run = load_run_dir(run_dir)
+    run = load_run_dir(run_dir, fingerprint)
     out = merge_run(run)
     st = write_stats(run)
     log.info("%d images: %d extracted, %d failed", st["rows"] + st["failures"], st["rows"], st["failures"])
     return str(out)
+
+
+# Folders each node has its own of, unless the site declares them shared.
+NODE_LOCAL_FOLDERS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def node_local_folder(path: str, shared: str = "") -> Optional[str]:
+    """The node-local folder `path` lies under, or None; `shared` (CAFFE_RUNNER_SHARED_PATHS,
+    colon-separated) lists folders the site declares every node sees (pure)."""
+    declared = [s.rstrip("/") for s in shared.split(":") if s.strip()]
+    p = os.path.abspath(path)
+    if any(p == d or p.startswith(d + "/") for d in declared):
+        return None
+    return next((f for f in NODE_LOCAL_FOLDERS if p.startswith(f + "/")), None)
 
 
 def _check_paths_for_nodes(cfg) -> None:
@@ -182,12 +200,17 @@ def _check_paths_for_nodes(cfg) -> None:
     which = "/".join(f"input.{f}" for f in configured(cfg.input)) or "input"  # as the user set it
     paths = [("model.prototxt", cfg.model.prototxt), ("model.weights", cfg.model.weights),
              ("output.dir", cfg.output.dir)] + [(which, str(p)) for p in node_read_paths(cfg.input)]
+    # a site whose /tmp is one file system for all nodes (the dev cluster) declares it
+    shared = os.environ.get("CAFFE_RUNNER_SHARED_PATHS", "")
     for label, p in paths:
         # output.dir may not exist yet: prepare_run checks that it can be written
         if p and label != "output.dir" and not os.access(p, os.R_OK):
             raise ConfigError(f"{label} {p} is not readable from here; tasks will not read it either")
-        if p and str(p).startswith(("/tmp/", "/dev/shm/")) and not os.environ.get("CAFFE_RUNNER_SINGLE_NODE"):
-            log.warning("%s %s is under a node-local folder: on a multi-node cluster tasks will not see it", label, p)
+        folder = node_local_folder(str(p), shared) if p else None
+        if folder:
+            log.warning("%s %s is under %s, which each node has its own of: tasks on other nodes will not see it "
+                        "(use a shared folder, or declare it with CAFFE_RUNNER_SHARED_PATHS=%s if all nodes share "
+                        "it)", label, p, folder, folder)
 
 
 def submitit_executor(**kw):
@@ -316,53 +339,97 @@ def launch_slurm(cfg, accepted: Callable, launcher: SlurmLauncher) -> Dict:
     run = prepare_run(cfg, launcher, explicit_shards=cfg.num_shards)
     accepted(run)
     rd = run.rundir
-    todo = run.missing_shards()
+    fingerprint = run.plan["fingerprint"]
+    # a shard whose job Slurm still has queued or running is not submitted again: the twins
+    # would collide on its file (the same command run twice, a resubmit while tasks wait)
+    flight = in_flight(rd.path)
+    todo = [s for s in run.missing_shards() if s not in flight.shards]
     chunks = array_chunks(todo, max_size)
     print(f"plan: {plan_summary(run)}\n"
           f"  {len(todo)} task(s) to submit in {len(chunks)} array(s) (MaxArraySize {max_size}), "
           f"{lc.gpus_per_task} GPU, {lc.cpus_per_task} CPUs, {lc.mem_gb} GB, {lc.timeout_min} min each, "
           f"at most {lc.array_parallelism} at once", flush=True)
-    if not todo:
-        if not rd.merged.exists():
-            merge_job(str(rd.path))
-        print(f"all {run.num_shards} shards are complete: {rd.merged}")
-        return {"submitted": True, "run_dir": str(rd.path), "jobs": []}
+    if flight:
+        print(f"  already in flight, not submitted again: {describe(flight)}", flush=True)
+    if not todo and not flight.shards:
+        if flight.merges:
+            print(f"all {run.num_shards} shards are complete; merge job {', '.join(flight.merges)} writes "
+                  f"{rd.merged}", flush=True)
+        else:
+            if not rd.merged.exists():
+                merge_job(str(rd.path))
+            print(f"all {run.num_shards} shards are complete: {rd.merged}")
+        return {"submitted": True, "run_dir": str(rd.path), "jobs": [], "in_flight": flight.job_ids()}
 
     logs = rd.logs_dir / "%j"
     ex = array_executor(cfg, logs, launcher.executor)
     python = ex.python
-    submissions, all_jobs = submit_arrays(ex, _make_task(), cfg, chunks, rd.path)
+    submissions, all_jobs = submit_arrays(ex, _make_task(), cfg, chunks, rd.path, fingerprint) if todo else ([], [])
     merge_id = mjob = None
     if lc.merge_job:
-        mex = launcher.executor(folder=logs, python=python)
-        params = executor_parameters(lc, gres=False)
-        params.update(job_name=f"{lc.job_name}-merge", cpus_per_task=1, mem="2048M", time=60,
-                      dependency="afterany:" + ":".join(s["array_job_id"] for s in submissions))
-        if srun_args(cfg):  # the merge runs in the same image as the tasks
-            params["srun_args"] = srun_args(cfg)
-        mex.update_parameters(**params)
+        arrays = flight.arrays + [s["array_job_id"] for s in submissions]
         try:
-            mjob = mex.submit(merge_job, str(rd.path))
+            merge_id, mjob = _one_merge_job(cfg, launcher, logs, python, rd.path, fingerprint, arrays, flight,
+                                            new=bool(submissions))
         except BaseException as e:
             _record_submissions(rd.path, submissions, None)
             if isinstance(e, sbatch_errors()):
                 raise _sbatch_refused(e, "merge job (the array was submitted; `caffe-runner merge` merges by "
                                          "hand)") from e
             raise
-        merge_id = mjob.job_id
-        print(f"submitted merge job {merge_id} (afterany on the array)", flush=True)
-    _record_submissions(rd.path, submissions, merge_id)
+    if not submissions and merge_id and merge_id not in flight.merges:
+        # a merge job for arrays already in flight: recorded too, so the next command sees it
+        submissions = [{"array_job_id": "", "submitted": time.time(), "tasks": []}]
+    if submissions:
+        _record_submissions(rd.path, submissions, merge_id)
     print(f"follow it:  caffe-runner status {rd.path}   (or squeue -u $USER; logs in {rd.logs_dir})\n"
           f"output:     {rd.merged} when the merge job ends", flush=True)
     result = {"submitted": True, "run_dir": str(rd.path), "jobs": [j.job_id for _, j in all_jobs],
-              "merge_job": merge_id}
+              "merge_job": merge_id, "in_flight": flight.job_ids()}
     if lc.wait:
-        wait_for(run, all_jobs, mjob if merge_id else None)
+        # the tasks already in flight are waited for as the ones just submitted
+        waited = all_jobs + [(shard, submitit.SlurmJob(folder=logs, job_id=jid))
+                             for shard, (jid, _, _) in sorted(flight.shards.items())]
+        if merge_id and mjob is None:
+            mjob = submitit.SlurmJob(folder=logs, job_id=merge_id)
+        wait_for(run, waited, mjob)
         result.update(waited=True, stats=collect_stats(run))
     return result
 
 
-def submit_arrays(ex, task, cfg, chunks: List[List[int]], run_dir: Path):
+def _one_merge_job(cfg, launcher: SlurmLauncher, logs: Path, python: str, run_dir: Path, fingerprint: str,
+                   arrays: List[str], flight: InFlight, new: bool):
+    """The run's one merge job, after all of its arrays: a merge job still pending is made to
+    wait for the new arrays too (scontrol update); else one is submitted (after a merge still
+    running, if any: two merges never write at once). Returns (its id, the submitit job when
+    submitted here, else None)."""
+    lc = cfg.launcher
+    pending = [m for m, (state, _) in flight.merges.items() if state == "PENDING"]
+    if pending:
+        m = pending[-1]
+        if new:
+            dep = merge_dependency(arrays)
+            p = subprocess.run(["scontrol", "update", f"JobId={m}", f"Dependency={dep}"], capture_output=True,
+                               text=True, timeout=60)
+            if p.returncode != 0:
+                raise RunnerError(f"merge job {m} could not be made to wait for the new array(s) ({p.stderr.strip()}"
+                                  f"): scancel {m} and run the command again (it submits one merge job)")
+            print(f"merge job {m} (already queued) now waits for array(s) {', '.join(arrays)}", flush=True)
+        return m, None
+    running = [m for m in flight.merges if m not in pending]
+    mex = launcher.executor(folder=logs, python=python)
+    params = executor_parameters(lc, gres=False)
+    params.update(job_name=f"{lc.job_name}-merge", cpus_per_task=1, mem="2048M", time=60,
+                  dependency=merge_dependency(arrays, running[-1] if running else None))
+    if srun_args(cfg):  # the merge runs in the same image as the tasks
+        params["srun_args"] = srun_args(cfg)
+    mex.update_parameters(**params)
+    mjob = mex.submit(merge_job, str(run_dir), fingerprint)
+    print(f"submitted merge job {mjob.job_id} (afterany on the array{'s' if len(arrays) > 1 else ''})", flush=True)
+    return mjob.job_id, mjob
+
+
+def submit_arrays(ex, task, cfg, chunks: List[List[int]], run_dir: Path, fingerprint: Optional[str] = None):
     """One map_array per chunk of shards -> (submission records, [(shard, job)]). An sbatch
     refusal is one ConfigError with sbatch's words (its cause kept); anything else raised while
     submitting (a pickling error, a bug) surfaces as itself. Either way the arrays already
@@ -371,7 +438,7 @@ def submit_arrays(ex, task, cfg, chunks: List[List[int]], run_dir: Path):
     all_jobs = []
     for chunk in chunks:
         try:
-            jobs = ex.map_array(task, [cfg] * len(chunk), chunk)
+            jobs = ex.map_array(task, [cfg] * len(chunk), chunk, [fingerprint] * len(chunk))
         except BaseException as e:
             if submissions:
                 _record_submissions(run_dir, submissions, None)
@@ -392,7 +459,7 @@ def _record_submissions(run_dir: Path, subs: List[Dict], merge_id: Optional[str]
     old = json.loads(path.read_text()) if path.exists() else []
     for s in subs:
         s["merge_job_id"] = merge_id
-    path.write_text(json.dumps(old + subs, indent=1))
+    atomic_write_text(path, json.dumps(old + subs, indent=1))
 
 
 def progress_line(st: Dict) -> str:

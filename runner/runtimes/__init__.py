@@ -25,9 +25,9 @@ import os
 import pwd
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-from ..inputs import node_read_paths
+from ..inputs import configured, node_read_paths
 from ..errors import ConfigError
 from .apptainer import Apptainer
 from .base import NODE_LOCAL, TASK_ENV, ContainerSpec, Placement, Runtime, Wrapped, abs_path, outermost, under
@@ -39,7 +39,8 @@ from .pyxis import Pyxis
 
 __all__ = ["RUNTIMES", "TASK_ENV", "ENV_RUNTIME", "ENV_IMAGE", "ENV_IMAGE_ID", "ContainerSpec", "Placement", "Wrapped",
            "Runtime", "runtime", "container_spec", "wrap", "container_command", "wrap_python", "srun_args",
-           "check_container", "bind_dirs", "charliecloud_binds", "image_path", "image_identity", "user_name"]
+           "check_container", "bind_dirs", "charliecloud_binds", "image_path", "image_identity", "user_name",
+           "user_ids"]
 
 # container.runtime -> its implementation ("none", the host, is not a container runtime)
 RUNTIMES: Dict[str, Runtime] = {"apptainer": Apptainer(), "charliecloud": Charliecloud(), "podman": Oci("podman"),
@@ -75,6 +76,12 @@ def user_name() -> str:
         return os.environ.get("USER") or str(os.getuid())
 
 
+def user_ids() -> Tuple[int, int, Tuple[int, ...]]:
+    """(uid, gid, supplementary groups) of the calling user, as a container must run the task."""
+    gid = os.getgid()
+    return os.getuid(), gid, tuple(sorted(set(os.getgroups()) - {gid}))
+
+
 def _folder(p: Path) -> str:
     """The folder to bind for a path the task reads: a folder itself, a file's parent. A path
     that is not there yet (an input that fails at listing anyway) counts as a folder unless its
@@ -84,15 +91,22 @@ def _folder(p: Path) -> str:
     return str(p.parent)
 
 
+def bind_sources(cfg) -> List[Tuple[str, str]]:
+    """(config key, folder) for every folder the task must see."""
+    which = "/".join(f"input.{f}" for f in configured(cfg.input)) or "input"  # as the user set it
+    out = [(which, _folder(p)) for p in node_read_paths(cfg.input)]
+    for key, p in (("output.dir", cfg.output.dir), ("model.prototxt", os.path.dirname(abs_path(cfg.model.prototxt))),
+                   ("model.weights", cfg.model.weights and os.path.dirname(abs_path(cfg.model.weights))),
+                   ("model.preprocess.mean_file", cfg.model.preprocess.mean_file
+                    and os.path.dirname(abs_path(cfg.model.preprocess.mean_file)))):
+        if p:
+            out.append((key, abs_path(p)))
+    return out
+
+
 def bind_dirs(cfg) -> List[str]:
     """Folders the task must see, deduplicated, children of another dropped."""
-    dirs = [_folder(p) for p in node_read_paths(cfg.input)]
-    for p in (cfg.output.dir, os.path.dirname(abs_path(cfg.model.prototxt)),
-              cfg.model.weights and os.path.dirname(abs_path(cfg.model.weights)),
-              cfg.model.preprocess.mean_file and os.path.dirname(abs_path(cfg.model.preprocess.mean_file))):
-        if p:
-            dirs.append(abs_path(p))
-    return outermost(dirs)
+    return outermost([folder for _key, folder in bind_sources(cfg)])
 
 
 def container_spec(cfg) -> ContainerSpec:
@@ -104,9 +118,10 @@ def container_spec(cfg) -> ContainerSpec:
     image = str(c.image or "")
     image = rt.image_path(image) or image
     set_env = ((ENV_RUNTIME, rt.name), (ENV_IMAGE, image), (ENV_IMAGE_ID, image_identity(rt.name, image)))
+    uid, gid, groups = user_ids()
     return ContainerSpec(runtime=rt.name, image=image, binds=tuple(rt.binds(bind_dirs(cfg))) + tuple(c.binds),
                          env=TASK_ENV, set_env=set_env, gpu=cfg.device == "gpu", extra_args=tuple(c.extra_args),
-                         user=user_name(), workdir=abs_path(cfg.output.dir))
+                         user=user_name(), workdir=abs_path(cfg.output.dir), uid=uid, gid=gid, groups=groups)
 
 
 def wrap(spec: ContainerSpec, inner: List[str]) -> Wrapped:
@@ -141,6 +156,10 @@ def check_container(cfg, placement: Placement, device: Optional[str] = None) -> 
     spec = container_spec(cfg)  # unknown runtime, missing image name
     rt = runtime(spec.runtime)
     rt.check(spec, placement)
+    bound = rt.binds(bind_dirs(cfg))
+    # each folder as it is bound (an outer folder, Charliecloud's top-level one), named by its key
+    rt.check_paths([(key, b) for key, folder in bind_sources(cfg) for b in bound if under(folder, [b])], spec.image,
+                   list(cfg.container.binds))
     path = rt.image_path(str(cfg.container.image))
     if path is not None:
         _check_image_file(path, placement)

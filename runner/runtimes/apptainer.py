@@ -10,6 +10,8 @@ from .base import ContainerSpec, Runtime, Wrapped, pairs
 class Apptainer(Runtime):
     name = "apptainer"
     executable = "apptainer"
+    # --bind takes a comma-separated list of SRC[:DST[:OPTS]]; --env a comma-separated list of NAME=VALUE
+    bind_separators = ":,"
 
     def wrap(self, s: ContainerSpec, inner: List[str]) -> Wrapped:
         # `apptainer exec --cleanenv` passes no host variable except APPTAINERENV_<NAME> ones, so a

@@ -13,6 +13,8 @@ import shlex
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
 
+from ..errors import ConfigError
+
 
 # Variables the task reads (submitit's JobEnvironment, task.task_identity, run_shard's
 # threads and logs, Caffe's log level), passed by name from the task's environment.
@@ -20,7 +22,7 @@ TASK_ENV = (
     "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_NTASKS", "SLURM_JOB_NUM_NODES",
     "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_RESTART_COUNT",
     "SLURM_CPUS_PER_TASK", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
-    "SUBMITIT_EXECUTOR", "SUBMITIT_FOLDER", "CAFFE_RUNNER_LOG", "CAFFE_RUNNER_THREADS", "CAFFE_RUNNER_SINGLE_NODE",
+    "SUBMITIT_EXECUTOR", "SUBMITIT_FOLDER", "CAFFE_RUNNER_LOG", "CAFFE_RUNNER_THREADS",
     "GLOG_minloglevel", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "HOME", "LANG", "TZ",
 )
 # Folders only the node running the command has: an image there is invisible to other nodes.
@@ -58,11 +60,23 @@ class ContainerSpec:
     user: str
     # working directory inside (the run directory)
     workdir: str
+    # the calling user's ids: podman/docker run the task as them (the files it writes are the user's)
+    uid: int = 0
+    gid: int = 0
+    # the user's supplementary groups (input readable through a group stays readable inside)
+    groups: Tuple[int, ...] = ()
 
 
 class Wrapped(NamedTuple):
     command: List[str]  # the task's command, wrapped
     srun_args: List[str]  # srun options (Pyxis: the container comes from srun)
+
+
+def separator_error(runtime: str, key: str, path: str, sep: str) -> ConfigError:
+    what = "a list of mounts" if sep == "," else "SRC:DST"
+    return ConfigError(f"{key} {path} holds {sep!r}, which container.runtime={runtime} reads as a separator "
+                       f"({what}; it has no escape), so the folder would become another mount: use a path "
+                       f"without ',' or ':' (rename the folder, or point {key} at a symlink to it)")
 
 
 def abs_path(p) -> str:
@@ -107,6 +121,9 @@ class Runtime:
     name: str = ""
     # what must be on PATH (login and compute nodes alike)
     executable: str = ""
+    # characters the runtime's bind syntax reads as separators (SRC:DST, a comma-separated
+    # list), with no documented escape: a folder whose path holds one is refused at plan time
+    bind_separators: str = ":"
 
     def image_path(self, image: str) -> Optional[str]:
         """The image's path when it is a file or folder here, else None (a name to pull)."""
@@ -130,6 +147,21 @@ class Runtime:
 
     def check(self, spec: ContainerSpec, placement: Placement) -> None:
         """Refusals that need no image file (e.g. a runtime the launcher cannot start)."""
+
+    def check_paths(self, folders: List[Tuple[str, str]], image: str, user_binds: List[str]) -> None:
+        """Refuse a folder to bind (config key, path), an image path or one of the user's own
+        container.binds that the runtime's own syntax would split into other mounts or values."""
+        for key, path in folders:
+            bad = [c for c in self.bind_separators if c in path]
+            if bad:
+                raise separator_error(self.name, key, path, bad[0])
+        if "," not in self.bind_separators:
+            return
+        if "," in image:  # the --env / --export lists that carry it are comma-separated too
+            raise separator_error(self.name, "container.image", image, ",")
+        for b in user_binds:  # SRC[:DST] by design: only the list separator is refused there
+            if "," in b:
+                raise separator_error(self.name, "container.binds", b, ",")
 
     def check_image(self, spec: ContainerSpec, path: str, device: str) -> None:
         """Refusals that read the image file or folder (after it is known to exist)."""

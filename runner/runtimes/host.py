@@ -1,6 +1,7 @@
 """container.runtime=none: the task runs on the host, its command as it is."""
 from __future__ import annotations
 
+import shlex
 from typing import List, Optional
 
 from .base import ContainerSpec, Runtime, Wrapped
@@ -16,4 +17,6 @@ class Host(Runtime):
         return Wrapped(list(inner), [])
 
     def interpreter(self, spec: ContainerSpec, python: str) -> str:
-        return python  # the host's own Python
+        # submitit puts this string into the sbatch script as it is (its own default is
+        # shlex.quote(sys.executable)): a venv under a path with a space or `$(...)` must stay one word
+        return shlex.quote(python)

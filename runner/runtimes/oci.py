@@ -52,7 +52,18 @@ class Oci(Runtime):
             cmd += ["--env", f"{k}={v}"]
         for b in pairs(s.binds):
             cmd += ["--volume", b]
+        cmd += self.user_args(s.uid, s.gid, s.groups)
         return Wrapped(cmd + list(s.extra_args) + [s.image] + inner[1:], [])
+
+    def user_args(self, uid: int, gid: int, groups) -> List[str]:
+        """Run the task as the calling user, not as the image's root: the shard files it writes
+        into the user's run directory are then the user's. Rootless podman (any user but root)
+        maps the user to the same ids inside with --userns=keep-id (its --user would name a
+        sub-id); docker and rootful podman take the ids themselves, plus the supplementary
+        groups, which --user alone drops (input readable through a group stays readable)."""
+        if self.name == "podman" and uid != 0:
+            return ["--userns=keep-id"]
+        return ["--user", f"{uid}:{gid}"] + [a for g in groups for a in ("--group-add", str(g))]
 
 
 def docker_daemon_problem(timeout_s: float = 20.0) -> Optional[str]:

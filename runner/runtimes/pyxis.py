@@ -10,6 +10,8 @@ from .base import ContainerSpec, Placement, Runtime, Wrapped, abs_path, is_uri, 
 class Pyxis(Runtime):
     name = "pyxis"
     executable = "srun"
+    # --container-mounts=SRC:DST[,SRC:DST...]; srun's --export list is comma-separated too
+    bind_separators = ":,"
 
     def image_path(self, image: str) -> Optional[str]:
         if is_uri(image) or not image.startswith(("/", ".", "~")):
