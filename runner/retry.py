@@ -175,8 +175,7 @@ def stage_shard(run, i: int, cands: List[Tuple[int, bytes, str]], ex: _Extractor
                          still.get(int(fail["index"][k]), reasons[k])) for k in keep]
             flab = {int(fail["index"][k]): int(fail["labels"][k]) for k in keep} if labels else {}
             w.write_batch(0, [], [], {}, failures, flab)
-            w.next = int(a.get("next", a["stop"] - a["start"]))
-            w.f.attrs["next"] = w.next
+            w.set_done(int(a.get("next", a["stop"] - a["start"])))
             w.finish()
         finally:
             w.close()
@@ -186,14 +185,47 @@ def stage_shard(run, i: int, cands: List[Tuple[int, bytes, str]], ex: _Extractor
             "still_failing": dict(Counter(reason_kind(r) for r in still.values()))}
 
 
+def shard_threads(run, i: int) -> int:
+    """The BLAS threads shard i was extracted with (recorded by run_shard): BLAS sums in another
+    order with another thread count, so a retry that is to be bit-identical runs with these.
+    Shards written before it was recorded: what the run's launcher gives a task (Slurm:
+    cpus_per_task; local: the worker plan on this machine)."""
+    import h5py
+
+    with h5py.File(run.shard_path(i), "r", locking=False) as f:
+        t = f.attrs.get("blas_threads")
+    if t is not None:
+        return int(t)
+    lc = run.cfg.launcher
+    if lc.name == "slurm":
+        return int(lc.cpus_per_task)
+    from .launch.local import worker_plan
+
+    return int(worker_plan(run.cfg)["threads"])
+
+
+def run_threads(run, shards: Sequence[int]) -> int:
+    """One thread count for this process's Caffe (BLAS reads it once, when it loads): the shards'."""
+    from collections import Counter
+
+    counts = Counter(shard_threads(run, i) for i in shards)
+    threads = counts.most_common(1)[0][0]
+    if len(counts) > 1:
+        log.warning("retry: the shards were extracted with different BLAS thread counts (%s): retrying with %d; "
+                    "rows of the other shards may differ from a clean run's in the last bits",
+                    ", ".join(f"{t}: {n} shard(s)" for t, n in sorted(counts.items())), threads)
+    return threads
+
+
 def stage_task(run_dir: str, i: int, cands: List[Tuple[int, bytes, str]], threads: Optional[int] = None) -> Dict:
-    """Stage one shard in a process of its own (a Slurm array task of `retry` on a Slurm run)."""
+    """Stage one shard in a process of its own (a Slurm array task of `retry` on a Slurm run),
+    with the BLAS threads the shard was extracted with."""
     from .plan import load_run_dir
-    from .task import default_threads, setup_task_logging
+    from .task import setup_task_logging
 
     setup_task_logging()
     run = load_run_dir(run_dir)
-    ex = _Extractor(run, threads or default_threads())
+    ex = _Extractor(run, threads or shard_threads(run, i))
     try:
         return _stage_and_describe(run, i, cands, ex)
     finally:
@@ -294,7 +326,6 @@ def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = 
     from .events import record_command
     from .launch import launch_lock, launcher_for
     from .plan import load_run_dir
-    from .task import default_threads
 
     run = load_run_dir(run_dir)
     rd = Path(run.rundir.path)
@@ -328,13 +359,13 @@ def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = 
         todo = {i: cs for i, cs in cands.items() if i not in staged_info}
         shards = sorted(todo)
         if todo and not here and launcher_for(run.cfg).run_tasks(
-                run, stage_task, [(str(rd), i, todo[i]) for i in shards], "retry"):
+                run, stage_task, [(str(rd), i, todo[i], threads or shard_threads(run, i)) for i in shards], "retry"):
             staged_info.update({i: _staged(run, i, todo[i]) for i in todo})
             missing = [i for i, info in staged_info.items() if not info]
             if missing:
                 raise RunnerError(f"retry tasks ended without staging shards {missing}: rerun `caffe-runner retry`")
         elif todo:
-            ex = _Extractor(run, threads or default_threads())
+            ex = _Extractor(run, threads or run_threads(run, sorted(todo)))
             try:
                 for i, cs in sorted(todo.items()):
                     staged_info[i] = _stage_and_describe(run, i, cs, ex)
