@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-# glog's prefix: severity letter, date, time, thread id, file:line] (F1205 15:03:54.123456 4242 net.cpp:822] ...)
-_GLOG = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ [^\]]*\] ?(.*)$")
+# glog's prefix: severity letter, date (MMDD; newer glog: YYYYMMDD), time, thread id, file:line]
+# (F1205 15:03:54.123456 4242 net.cpp:822] ...)
+_GLOG = re.compile(r"^([IWEF])(?:\d{4}|\d{8}) \d\d:\d\d:\d\d\.\d+\s+\d+ [^\]]*\] ?(.*)$")
 
 
 def caffe_last_words(text: str) -> Optional[str]:

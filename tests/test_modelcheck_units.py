@@ -34,6 +34,9 @@ PARSE = ("F1205 15:03:54.999999 77 upgrade_proto.cpp:97] Check failed: ReadProto
     ("something\nCheck failed: shape == other (1 vs. 2)\n", "Check failed: shape == other (1 vs. 2)"),
     # the FATAL line wins over an earlier Check failed line of another message
     ("Check failed: a\n" + MISMATCH, MISMATCH.split("] ", 1)[1]),
+    # newer glog writes the year too
+    ("WARNING: Logging before InitGoogleLogging() is written to STDERR\nF20261205 15:09:54.039999 29251 "
+     "net.cpp:822] Cannot copy param 0 weights\n*** Check failure stack trace: ***\n", "Cannot copy param 0 weights"),
 ])
 def test_caffe_last_words(text, want):
     assert caffe_last_words(text) == want
