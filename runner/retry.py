@@ -83,6 +83,7 @@ class _Extractor:
         from .task import configure_threads
 
         configure_threads(threads)
+        self.threads = int(threads)
         cfg = run.cfg
         spec, self.blobs, decoder, self.transform, in_shape = run.pipeline_parts()
         self.oversample = tuple(in_shape[1:]) if bool(cfg.model.preprocess.oversample) else None
@@ -142,7 +143,7 @@ def stage_shard(run, i: int, cands: List[Tuple[int, bytes, str]], ex: _Extractor
         new_lab = {j: int(fail["labels"][pos_of[j]]) for j in new} if labels else {}
         tried = {j for j, _, _ in cands}
         a.update(retried=int(a.get("retried", 0)) + len(tried), retry_recovered=len(new),
-                 retry_source=_source_stamp(src_path))
+                 retry_source=_source_stamp(src_path), retry_blas_threads=ex.threads)
         partial = staged.with_name(staged.name + ".partial")
         partial.unlink(missing_ok=True)
         w = ShardWriter(staged, {b: s for b, s in shapes.items()}, str(dtype), a, str(a["fingerprint"]),
@@ -238,7 +239,8 @@ def _stage_and_describe(run, i: int, cands, ex) -> Dict:
     info = stage_shard(run, i, cands, ex, d / f"{stem}.h5")
     info.update(stem=stem, source=_source_stamp(run.shard_path(i)))
     atomic_write_text(d / f"{stem}.json", json.dumps(info))
-    log.info("retry: shard %d: %d of %d recovered", i, info["recovered"], info["retried"])
+    log.info("retry: shard %d: %d of %d recovered (%d BLAS thread(s); the shard was extracted with %d)", i,
+             info["recovered"], info["retried"], ex.threads, shard_threads(run, i))
     return info
 
 
