@@ -187,22 +187,21 @@ def stage_shard(run, i: int, cands: List[Tuple[int, bytes, str]], ex: _Extractor
 
 
 def shard_threads(run, i: int) -> int:
-    """The BLAS threads shard i was extracted with (recorded by run_shard): BLAS sums in another
+    """The BLAS threads shard i was extracted with (run_shard records them): BLAS sums in another
     order with another thread count, so a retry that is to be bit-identical runs with these.
-    Shards written before it was recorded: what the run's launcher gives a task (Slurm:
-    cpus_per_task; local: the worker plan on this machine)."""
+    A shard made before they were recorded: this task's default (cores, or the Slurm allocation)."""
     import h5py
+
+    from .task import default_threads
 
     with h5py.File(run.shard_path(i), "r", locking=False) as f:
         t = f.attrs.get("blas_threads")
     if t is not None:
         return int(t)
-    lc = run.cfg.launcher
-    if lc.name == "slurm":
-        return int(lc.cpus_per_task)
-    from .launch.local import worker_plan
-
-    return int(worker_plan(run.cfg)["threads"])
+    n = default_threads()
+    log.warning("retry: shard %d does not record the BLAS threads it was extracted with (an older caffe-runner): "
+                "retrying with %d; its retried rows may differ from a clean run's in the last bits", i, n)
+    return n
 
 
 def run_threads(run, shards: Sequence[int]) -> int:
@@ -239,8 +238,8 @@ def _stage_and_describe(run, i: int, cands, ex) -> Dict:
     info = stage_shard(run, i, cands, ex, d / f"{stem}.h5")
     info.update(stem=stem, source=_source_stamp(run.shard_path(i)))
     atomic_write_text(d / f"{stem}.json", json.dumps(info))
-    log.info("retry: shard %d: %d of %d recovered (%d BLAS thread(s); the shard was extracted with %d)", i,
-             info["recovered"], info["retried"], ex.threads, shard_threads(run, i))
+    log.info("retry: shard %d: %d of %d recovered (%d BLAS thread(s))", i, info["recovered"], info["retried"],
+             ex.threads)
     return info
 
 

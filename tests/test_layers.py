@@ -18,10 +18,10 @@ RUNNER = Path(__file__).resolve().parent.parent / "runner"
 LAYERS: List[Tuple[str, List[str]]] = [
     ("leaves", ["runner", "runner.errors", "runner.shard", "runner.features", "runner.decode", "runner.samples",
                 "runner.capacity", "runner.peakmem",
-                "runner.schema", "runner.task", "runner.changes"]),
+                "runner.schema", "runner.task", "runner.changes", "runner.lastwords"]),
     ("storage and devices", ["runner.manifest", "runner.rundir", "runner.write", "runner.gpu", "runner.device",
                              "runner.selfcheck", "runner.preprocess", "runner.fetch", "runner.events"]),
-    ("model, inputs, runtimes", ["runner.model", "runner.inputs", "runner.inputs.*", "runner.runtimes",
+    ("model, inputs, runtimes", ["runner.model", "runner.modelcheck", "runner.inputs", "runner.inputs.*", "runner.runtimes",
                                  "runner.runtimes.*"]),
     ("config and plan", ["runner.config", "runner.overrides", "runner.plan"]),
     ("stages", ["runner.extract", "runner.merge", "runner.stats", "runner.status", "runner.verify",
