@@ -205,14 +205,13 @@ def ensure_loadable(prototxt: str, weights: str, timeout_s: float = DEFAULT_TIME
     return shas
 
 
-def check_model_loads(cfg) -> Optional[str]:
-    """Plan- and task-time: prove cfg.model's pair loads, or say why the check does not apply
-    (returned, for the log). Raises ModelLoadError."""
+def check_model_loads(cfg) -> None:
+    """Plan- and task-time: prove cfg.model's pair loads in this environment's Caffe (raises
+    ModelLoadError). The other backends do not load the net with Caffe: nothing to prove."""
     if cfg.backend != "caffe":
-        return f"backend={cfg.backend} does not load the net with Caffe"
+        return
     ensure_loadable(str(cfg.model.prototxt), str(cfg.model.weights),
                     float(cfg.model.get("load_check_timeout_s", DEFAULT_TIMEOUT_S) or DEFAULT_TIMEOUT_S))
-    return None
 
 
 def _child(argv) -> int:

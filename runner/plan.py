@@ -118,9 +118,7 @@ def _check_container(cfg, device: str, launcher) -> None:
 
 def _check_model_loads(cfg) -> None:
     """Caffe loads the weights into the prototxt (a child process: runner/modelcheck.py)."""
-    if cfg.backend != "caffe":
-        return
-    if cfg.container.runtime != "none":
+    if cfg.backend == "caffe" and cfg.container.runtime != "none":
         # the image's Caffe runs the tasks, not this one (which may be missing or another build):
         # each task makes the same check first, inside the image
         log.info("model load check: done by each task inside the %s image (container.runtime=%s)",
