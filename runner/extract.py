@@ -26,6 +26,7 @@ from .device import resolve_local_device
 from .manifest import display_name, load_manifest
 from .inputs import open_reader
 from .model import load_engine
+from .modelcheck import check_model_loads
 from .plan import load_run
 from .preprocess import oversample as oversample_crops
 from .errors import ShardBusyError
@@ -260,6 +261,7 @@ def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest, pa
     attrs = dict(run.shard_attrs(), shard=index, num_shards=run.num_shards, start=start, stop=stop,
                  host=ident.host, pid=ident.pid, job_id=ident.job_id or "",
                  visible_gpus=ident.visible_gpus or "", device=engine.device_desc,
+                 blas_threads=threads,  # what `retry` runs with, to stay bit-identical
                  blob_shapes=str({b: list(s) for b, s in shapes.items()}), **gpu_attrs)
     writer = ShardWriter(run.shard_path(index), shapes, str(cfg.output.dtype), attrs, plan["fingerprint"],
                          cfg.batch_size, labels=manifest.labels)
@@ -416,6 +418,10 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
             heart = Heart(lambda beat: run.write_heartbeat(index, beat), cfg.heartbeat_s,
                           dict(state="running", phase="loading", shard=index, job_id=ident.job_id,
                                started=t_lock, log=log_path, image=image_label(), **taken)).start()
+            # the files may have changed since the plan proved them: a pair Caffe cannot load would
+            # abort this process inside load_engine; the check's child dies instead, and its line
+            # is this shard's error (cheap when this pair was proven: runner/modelcheck.py)
+            check_model_loads(cfg)
             # once per shard (once per task with `keep`): the prototxt parsed, the mean file loaded
             parts = keep.get("parts") if keep is not None else None
             if parts is None:

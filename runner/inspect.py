@@ -19,7 +19,8 @@ def compose_config(overrides: List[str]):
 
 
 def blob_shapes(spec, end_index: int, weights=None):
-    """Per-image shape of every blob up to layer end_index, from Caffe's own shape inference."""
+    """(per-image shape of every blob up to layer end_index, from Caffe's own shape inference;
+    the shape of each layer's first parameter blob, for the FLOP count)."""
     os.environ.setdefault("GLOG_minloglevel", "2")
     import caffe
 
@@ -32,7 +33,8 @@ def blob_shapes(spec, end_index: int, weights=None):
         net = caffe.Net(f.name, caffe.TEST)
     finally:
         os.unlink(f.name)
-    return {name: tuple(b.data.shape[1:]) for name, b in net.blobs.items()}
+    return ({name: tuple(b.data.shape[1:]) for name, b in net.blobs.items()},
+            {name: tuple(p[0].data.shape) for name, p in net.params.items()})
 
 
 def inspect_model(overrides: List[str]) -> str:
@@ -49,10 +51,10 @@ def inspect_model(overrides: List[str]) -> str:
     check_fixed_shape(chosen, spec)
     end = spec.end_layer(chosen)
     try:  # every blob of the net when this Caffe knows all its layers
-        shapes = blob_shapes(spec, len(spec.layers) - 1)
+        shapes, weight_shapes = blob_shapes(spec, len(spec.layers) - 1)
         partial = False
     except Exception:
-        shapes = blob_shapes(spec, end)
+        shapes, weight_shapes = blob_shapes(spec, end)
         partial = True
     h, w = input_hw(cfg.model, spec)
     itemsize = np.dtype(str(cfg.output.dtype)).itemsize
@@ -70,6 +72,12 @@ def inspect_model(overrides: List[str]) -> str:
 
     used = {layer.name for layer in spec.layers[:end + 1]}
     lines += ["", "convolutions: " + cudnn_summary([lp for lp in spec.param.layer if lp.name in used], str(cfg.device))]
+    # what a forward to the chosen blobs costs (the net runs every layer up to the last of them)
+    from .flops import forward_flops
+
+    flops = forward_flops(spec.layers[:end + 1], shapes, weight_shapes)
+    lines.append(f"forward to {', '.join(chosen)}: {sum(flops.values()) / 1e9:.2f} GFLOP per image "
+                 f"({len(flops)} convolution and inner-product layers up to {spec.layers[end].name})")
     pp = OmegaConf.to_container(cfg.model.preprocess)
     lines += ["", "preprocessing: " + json.dumps(pp), "",
               f"output ({cfg.output.dtype}, pooling {cfg.output.pooling}, l2_normalize {cfg.output.l2_normalize}):"]

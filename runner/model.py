@@ -286,6 +286,11 @@ def set_caffe_cpu_mode(caffe) -> None:
         caffe.set_mode_cpu()
 
 
+# model.conv_batch_mb's default (runner/schema.py): the column buffer one CPU convolution may
+# use to cover several images with one GEMM
+CONV_BATCH_MB = 32
+
+
 class CaffeEngine(Engine):
     def __init__(self, model_cfg, spec: NetSpec, blobs: Sequence[str], in_shape: Tuple[int, int, int],
                  device: str = "cpu", gpu_device: int = 0):
@@ -309,12 +314,21 @@ class CaffeEngine(Engine):
             self.device_desc = "cpu"
         self.blobs = list(blobs)
         end = spec.end_layer(self.blobs)
-        with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
-            f.write(truncated_prototxt(spec, end))
-        try:
-            self.net = caffe.Net(f.name, caffe.TEST, weights=model_cfg.weights)
-        finally:
-            os.unlink(f.name)
+        # the CPU convolution's batched GEMM (docker/pycaffe-convbatch.patch reads it per forward)
+        os.environ["CAFFE_CONV_BATCH_MB"] = str(int(getattr(model_cfg, "conv_batch_mb", CONV_BATCH_MB)))
+        text = truncated_prototxt(spec, end)
+        if getattr(model_cfg, "fold_batchnorm", True):
+            from .fold import load_folded
+
+            self.net, self.folds = load_folded(caffe, text, model_cfg.weights, self.blobs)
+        else:
+            with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
+                f.write(text)
+            try:
+                self.net = caffe.Net(f.name, caffe.TEST, weights=model_cfg.weights)
+            finally:
+                os.unlink(f.name)
+            self.folds = []
         self.input = self.net.inputs[0]
         self._reshape((1,) + tuple(in_shape))
         self.net.forward()
@@ -374,24 +388,45 @@ class OpenCVEngine(Engine):
         return {b: np.array(o, dtype=np.float32, copy=True) for b, o in zip(self.blobs, outs)}
 
 
+def gate_allows(text: Optional[str], batch: int) -> bool:
+    """Whether a simulated gate file holding `text` (None: no file yet) lets batch `batch`
+    (counted from 0) start: "open", or a number greater than it."""
+    if text is None:
+        return False
+    t = text.strip()
+    if t == "open":
+        return True
+    return t.isdigit() and int(t) > batch
+
+
+def _read_gate(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
 class SimulatedEngine(Engine):
     """Stands in for an accelerator: each batch takes `batch_s` of wall time and no CPU
-    (sleep), so benchmarks can tell whether decoding keeps a fast device fed."""
+    (sleep), so benchmarks can tell whether decoding keeps a fast device fed. With a gate file,
+    each batch first waits until the gate lets it start (gate_allows): a test holds the task
+    there for as long as it needs, on a fast or a loaded machine alike."""
 
     def __init__(self, blobs: Sequence[str], in_shape, batch_s: float, device: str = "cpu",
                  gpu_device: int = 0, gate: Optional[str] = None):
         self.blobs = list(blobs)
         self.batch_s = float(batch_s)
-        # a hung device (tests of stall detection): every forward after the first waits until
-        # this file exists, while the task's heartbeat goes on beating
-        self.gate, self.forwards = gate, 0
+        self.gate = gate
+        self.batches = 0
         self.blob_shapes = {b: (int(in_shape[0]),) for b in self.blobs}
         self.device_desc = f"simulated-{device}" + (f":{gpu_device}" if device == "gpu" else "")
 
     def forward(self, x):
-        self.forwards += 1
-        while self.gate and self.forwards > 1 and not os.path.exists(self.gate):
-            time.sleep(0.2)
+        if self.gate:
+            while not gate_allows(_read_gate(self.gate), self.batches):
+                time.sleep(0.02)  # polls a file the test writes: the test decides, not the clock
+        self.batches += 1
         t0 = time.perf_counter()
         out = x.mean(axis=(2, 3), dtype=np.float32)
         left = self.batch_s - (time.perf_counter() - t0)
@@ -419,10 +454,11 @@ def load_engine(cfg, spec: NetSpec, blobs: Sequence[str], in_shape, threads: int
             raise ConfigError("backend=opencv runs on the CPU only: set device=cpu (or backend=caffe)")
         return OpenCVEngine(cfg.model, spec, blobs, in_shape, threads)
     if backend == "simulated":
-        # unequal nodes for benchmarks and tests, read at this edge from the node's environment
+        # unequal nodes for benchmarks and tests, read at this edge from the node's environment:
+        # a slow factor, and a gate file for this host only (a hung device on one node)
         host = socket.gethostname()
         factor = host_value(os.environ.get("CAFFE_RUNNER_SIM_SLOW_HOSTS", ""), host)
-        gate = host_value(os.environ.get("CAFFE_RUNNER_SIM_HANG_HOSTS", ""), host)
+        gate = host_value(os.environ.get("CAFFE_RUNNER_SIM_HANG_HOSTS", ""), host) or cfg.get("simulated_gate")
         return SimulatedEngine(blobs, in_shape, cfg.simulated_batch_s * float(factor or 1), cfg.device, gpu_device,
-                               gate=gate)
+                               gate)
     raise ConfigError(f"backend={backend!r} is not one of caffe, opencv, simulated")

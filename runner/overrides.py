@@ -81,6 +81,22 @@ def normalize_override(override: str, multirun: bool = False, lists: Optional[Se
     return override
 
 
+def as_typed(override: str) -> str:
+    """An override as the user can type it again (the inverse of normalize_override's quoting
+    of a path key): `input.dir='my photos'` -> `input.dir=my photos`. Hydra's own parser reads
+    the quoted value back, so every escape it wrote is undone exactly."""
+    key, sep, value = override.partition("=")
+    if not sep or key not in PATH_KEYS or not _is_quoted(value):
+        return override
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_override(override).value()
+    except Exception:
+        return override
+    return f"{key}={parsed}" if isinstance(parsed, str) else override
+
+
 def normalize_overrides(overrides: Iterable[str], multirun: bool = False) -> List[str]:
     lists = list_keys()
     return [normalize_override(o, multirun, lists) for o in overrides]

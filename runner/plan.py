@@ -27,6 +27,7 @@ from .manifest import extend_manifest, load_manifest
 from .inputs.listing import describe as describe_listing
 from .locks import probe_flock
 from .model import check_fixed_shape, check_model_files, chosen_blobs, input_hw, parse_prototxt, sha256_file
+from .modelcheck import check_model_loads, model_sha256
 from .rundir import (RUN_JSON, DamagedPlanError, RunDir, partial_of, probe_writable, remove_old_run,
                      shard_file_of_run)
 from .runtimes import check_container
@@ -62,6 +63,9 @@ def _check_ranges(cfg) -> None:
     if not 0 <= cfg.model.get("cudnn_workspace_mb", 0) <= 1 << 24:
         raise ConfigError(f"model.cudnn_workspace_mb={cfg.model.cudnn_workspace_mb}: use 0 (no workspace: the "
                           "slowest algorithms) or more MB per convolution layer (64 is the default)")
+    if not 0 <= cfg.model.get("conv_batch_mb", 0) <= 1 << 20:
+        raise ConfigError(f"model.conv_batch_mb={cfg.model.conv_batch_mb}: use 0 (one image per GEMM, as Caffe "
+                          "upstream) or more MB of column buffer per convolution (32 is the default)")
     tol = cfg.get("gpu_selfcheck_tolerance")
     if tol is not None and not tol > 0:
         raise ConfigError(f"gpu_selfcheck_tolerance={tol}: use a positive bound, or null for the default "
@@ -116,6 +120,17 @@ def _check_container(cfg, device: str, launcher) -> None:
     check_container(cfg, launcher.placement, device)
 
 
+def _check_model_loads(cfg) -> None:
+    """Caffe loads the weights into the prototxt (a child process: runner/modelcheck.py)."""
+    if cfg.backend == "caffe" and cfg.container.runtime != "none":
+        # the image's Caffe runs the tasks, not this one (which may be missing or another build):
+        # each task makes the same check first, inside the image
+        log.info("model load check: done by each task inside the %s image (container.runtime=%s)",
+                 cfg.container.image, cfg.container.runtime)
+        return
+    check_model_loads(cfg)
+
+
 def validate(cfg, launcher) -> Checked:
     """Every check that needs no listing: ranges, model files, the net's blobs and channels,
     preprocessing against the net, device and GPU request, container, and the launcher's own
@@ -137,6 +152,7 @@ def validate(cfg, launcher) -> Checked:
     device, gpus = _check_device(cfg, launcher)
     _check_container(cfg, device, launcher)
     launcher.check(cfg)
+    _check_model_loads(cfg)  # last: the only check that takes seconds
     return Checked(blobs, hw, channels, device, gpus)
 
 
@@ -330,8 +346,11 @@ def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
     run_dir = Path(os.path.abspath(os.path.expanduser(cfg.output.dir)))
     _check_writable(run_dir)
     rd = RunDir(run_dir)
-    model_sha = {k: sha256_file(cfg.model[k]) for k in ("prototxt", "weights") if os.path.isfile(cfg.model[k])}
-    model_sha.setdefault("weights", "")
+    if cfg.model.weights and os.path.isfile(cfg.model.weights):
+        model_sha = model_sha256(cfg.model.prototxt, cfg.model.weights)  # stat-cached: hashed once
+    else:
+        model_sha = {k: sha256_file(cfg.model[k]) for k in ("prototxt",) if os.path.isfile(cfg.model[k])}
+        model_sha.setdefault("weights", "")
     check_pins(cfg.model, model_sha)  # a fetched file that changed since (its pin beside it) is refused
     ident = identity(cfg, blobs, model_sha, source)
 

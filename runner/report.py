@@ -394,11 +394,15 @@ def _table(head: Sequence[str], rows: Sequence[Sequence], numeric: Sequence[int]
 
 
 def _command_line(rec: Dict) -> str:
+    """The command as the user could type it again: the path quoting caffe-runner adds for
+    Hydra is taken off (it adds it again), then quoted for the shell only where needed."""
     import shlex
+
+    from .overrides import as_typed
 
     head = {"extract": "caffe-runner", "retry": "caffe-runner retry"}.get(rec.get("what"), "caffe-runner " + str(
         rec.get("what", "")))
-    return f"{head} {' '.join(shlex.quote(a) for a in rec.get('args', []))}".strip()
+    return f"{head} {' '.join(shlex.quote(as_typed(a)) for a in rec.get('args', []))}".strip()
 
 
 def render(data: Dict) -> str:

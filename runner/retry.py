@@ -28,20 +28,13 @@ from . import log
 from .errors import ConfigError, RunBusyError, RunnerError
 from .atomic import atomic_write_text, commit as commit_file
 from .private import check_private
-from .stats import reason_kind, write_stats
+from .stats import TRANSIENT, is_transient, reason_kind, write_stats  # noqa: F401 (TRANSIENT: re-exported)
 from .write import ShardWriter, dataset_name
 
 RETRY_DIR = "retry"
 COMMIT = "commit.json"
 RETRIES_JSON = "retries.json"
-# failure reasons that can be transient (the storage, not the image): retried by default
-TRANSIENT = ("file not found", "listed but not found", "permission denied", "read error", "cannot open",
-             "broken symlink")
 COPY_ROWS = 4096
-
-
-def is_transient(reason: str) -> bool:
-    return reason.startswith(TRANSIENT)
 
 
 def selector(all_reasons: bool, reasons: Sequence[str]):
@@ -84,6 +77,7 @@ class _Extractor:
         from .task import configure_threads
 
         configure_threads(threads)
+        self.threads = int(threads)
         cfg = run.cfg
         spec, self.blobs, decoder, self.transform, in_shape = run.pipeline_parts()
         self.oversample = tuple(in_shape[1:]) if bool(cfg.model.preprocess.oversample) else None
@@ -143,7 +137,7 @@ def stage_shard(run, i: int, cands: List[Tuple[int, bytes, str]], ex: _Extractor
         new_lab = {j: int(fail["labels"][pos_of[j]]) for j in new} if labels else {}
         tried = {j for j, _, _ in cands}
         a.update(retried=int(a.get("retried", 0)) + len(tried), retry_recovered=len(new),
-                 retry_source=_source_stamp(src_path))
+                 retry_source=_source_stamp(src_path), retry_blas_threads=ex.threads)
         partial = staged.with_name(staged.name + ".partial")
         partial.unlink(missing_ok=True)
         w = ShardWriter(staged, {b: s for b, s in shapes.items()}, str(dtype), a, str(a["fingerprint"]),
@@ -176,8 +170,7 @@ def stage_shard(run, i: int, cands: List[Tuple[int, bytes, str]], ex: _Extractor
                          still.get(int(fail["index"][k]), reasons[k])) for k in keep]
             flab = {int(fail["index"][k]): int(fail["labels"][k]) for k in keep} if labels else {}
             w.write_batch(0, [], [], {}, failures, flab)
-            w.next = int(a.get("next", a["stop"] - a["start"]))
-            w.f.attrs["next"] = w.next
+            w.set_done(int(a.get("next", a["stop"] - a["start"])))
             w.finish()
         finally:
             w.close()
@@ -187,14 +180,46 @@ def stage_shard(run, i: int, cands: List[Tuple[int, bytes, str]], ex: _Extractor
             "still_failing": dict(Counter(reason_kind(r) for r in still.values()))}
 
 
+def shard_threads(run, i: int) -> int:
+    """The BLAS threads shard i was extracted with (run_shard records them): BLAS sums in another
+    order with another thread count, so a retry that is to be bit-identical runs with these.
+    A shard made before they were recorded: this task's default (cores, or the Slurm allocation)."""
+    import h5py
+
+    from .task import default_threads
+
+    with h5py.File(run.shard_path(i), "r", locking=False) as f:
+        t = f.attrs.get("blas_threads")
+    if t is not None:
+        return int(t)
+    n = default_threads()
+    log.warning("retry: shard %d does not record the BLAS threads it was extracted with (an older caffe-runner): "
+                "retrying with %d; its retried rows may differ from a clean run's in the last bits", i, n)
+    return n
+
+
+def run_threads(run, shards: Sequence[int]) -> int:
+    """One thread count for this process's Caffe (BLAS reads it once, when it loads): the shards'."""
+    from collections import Counter
+
+    counts = Counter(shard_threads(run, i) for i in shards)
+    threads = counts.most_common(1)[0][0]
+    if len(counts) > 1:
+        log.warning("retry: the shards were extracted with different BLAS thread counts (%s): retrying with %d; "
+                    "rows of the other shards may differ from a clean run's in the last bits",
+                    ", ".join(f"{t}: {n} shard(s)" for t, n in sorted(counts.items())), threads)
+    return threads
+
+
 def stage_task(run_dir: str, i: int, cands: List[Tuple[int, bytes, str]], threads: Optional[int] = None) -> Dict:
-    """Stage one shard in a process of its own (a Slurm array task of `retry` on a Slurm run)."""
+    """Stage one shard in a process of its own (a Slurm array task of `retry` on a Slurm run),
+    with the BLAS threads the shard was extracted with."""
     from .plan import load_run_dir
-    from .task import default_threads, setup_task_logging
+    from .task import setup_task_logging
 
     setup_task_logging()
     run = load_run_dir(run_dir)
-    ex = _Extractor(run, threads or default_threads())
+    ex = _Extractor(run, threads or shard_threads(run, i))
     try:
         return _stage_and_describe(run, i, cands, ex)
     finally:
@@ -207,7 +232,8 @@ def _stage_and_describe(run, i: int, cands, ex) -> Dict:
     info = stage_shard(run, i, cands, ex, d / f"{stem}.h5")
     info.update(stem=stem, source=_source_stamp(run.shard_path(i)))
     atomic_write_text(d / f"{stem}.json", json.dumps(info))
-    log.info("retry: shard %d: %d of %d recovered", i, info["recovered"], info["retried"])
+    log.info("retry: shard %d: %d of %d recovered (%d BLAS thread(s))", i, info["recovered"], info["retried"],
+             ex.threads)
     return info
 
 
@@ -295,7 +321,6 @@ def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = 
     from .events import record_command
     from .launch import launch_lock, launcher_for
     from .plan import load_run_dir
-    from .task import default_threads
 
     run = load_run_dir(run_dir)
     rd = Path(run.rundir.path)
@@ -329,13 +354,13 @@ def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = 
         todo = {i: cs for i, cs in cands.items() if i not in staged_info}
         shards = sorted(todo)
         if todo and not here and launcher_for(run.cfg).run_tasks(
-                run, stage_task, [(str(rd), i, todo[i]) for i in shards], "retry"):
+                run, stage_task, [(str(rd), i, todo[i], threads or shard_threads(run, i)) for i in shards], "retry"):
             staged_info.update({i: _staged(run, i, todo[i]) for i in todo})
             missing = [i for i, info in staged_info.items() if not info]
             if missing:
                 raise RunnerError(f"retry tasks ended without staging shards {missing}: rerun `caffe-runner retry`")
         elif todo:
-            ex = _Extractor(run, threads or default_threads())
+            ex = _Extractor(run, threads or run_threads(run, sorted(todo)))
             try:
                 for i, cs in sorted(todo.items()):
                     staged_info[i] = _stage_and_describe(run, i, cs, ex)

@@ -158,6 +158,15 @@ class ModelConf:
     # device=gpu, cuDNN build: the most cuDNN workspace one convolution layer may use (over its
     # groups), in MB; the fastest algorithm that fits is taken (CAFFE_CUDNN_WORKSPACE_MB)
     cudnn_workspace_mb: int = 64
+    # Caffe: fold each BatchNorm (+ Scale) into the convolution before it at load time where
+    # exact (runner/fold.py): fewer passes over memory, features within 1e-6. false: as written
+    fold_batchnorm: bool = True
+    # Caffe on the CPU: MB of column buffer with which one convolution GEMM covers several images
+    # of a batch (docker/pycaffe-convbatch.patch); 0: one image at a time, as Caffe upstream
+    conv_batch_mb: int = 32
+    # the plan (and each task, first) proves Caffe loads the weights into the prototxt, in a
+    # child process: seconds it may take before it is stopped as hung
+    load_check_timeout_s: float = 300.0
 
 
 @dataclass
@@ -245,8 +254,11 @@ class LocalLauncherConf(LauncherConf):
     gpus: Any = "auto"
     # OpenBLAS threads per worker for device=cpu; null: cores // workers
     threads_per_worker: Optional[int] = None
-    # a progress bar on a terminal
+    # a progress bar on a terminal; elsewhere (a log file, nohup, cron, CI) a progress line
+    # every log_interval_s seconds
     progress: bool = True
+    # seconds between progress lines when stderr is not a terminal (0: none)
+    log_interval_s: float = 30.0
 
 
 @dataclass
@@ -312,9 +324,10 @@ class ContainerConf:
 
 @dataclass
 class RunOptsConf:
-    # fail the run (exit 1) when more than this share of the images could not be used,
-    # e.g. 0.01; null: never (failures are recorded either way)
-    max_failure_fraction: Optional[float] = None
+    # fail the run (exit 1, the result is kept) when more than this share of the images could
+    # not be used, e.g. 0.01 for curated data (0.05: a few corrupt files pass, a failing file
+    # system or a wrong input does not); null: never (failures are recorded either way)
+    max_failure_fraction: Optional[float] = 0.05
 
 
 @dataclass
@@ -338,6 +351,10 @@ class RunConf:
     backend: Backend = Backend.caffe
     # backend=simulated: seconds one forward of a batch takes (as a GPU would, no CPU used)
     simulated_batch_s: float = 0.05
+    # backend=simulated: a file that holds each task's batches (tests stop a run at a known point
+    # with it, whatever the machine's speed): batch k (from 0, per task) starts once the file
+    # holds a number > k, or "open"; null: no gate
+    simulated_gate: Optional[str] = None
     # seconds between heartbeat writes (status, progress); a thread beats also between batches and
     # while the model loads, at least every 30 s; a beat is stale after 3 of its intervals
     heartbeat_s: float = 2.0

@@ -32,6 +32,32 @@ def top_reasons(by_reason: Dict[str, int], top: int = TOP_REASONS) -> List[Tuple
     return [(k, why) for why, k in reasons[:top]] + [(sum(k for _, k in rest), f"other reasons ({len(rest)} kinds)")]
 
 
+# failure reasons that can be transient (the storage, not the image): `retry` retries them by default
+TRANSIENT = ("file not found", "listed but not found", "permission denied", "read error", "cannot open",
+             "broken symlink")
+# one reason for at least this share of the images is worth a line of its own in the summary
+ONE_REASON_SHARE = 0.01
+
+
+def is_transient(reason: str) -> bool:
+    return reason.startswith(TRANSIENT)
+
+
+def one_reason_note(stats: Dict, run_dir: str) -> Optional[str]:
+    """The summary's warning when many images failed for one reason (pure): at least
+    ONE_REASON_SHARE of the images and at least 2 of them. A storage reason (a file system that
+    fails reads) is not the images' fault: the note says how to read them again."""
+    done = stats["rows"] + stats["failures"]
+    if not stats["failures"] or not stats["failures_by_reason"]:
+        return None
+    why, k = max(stats["failures_by_reason"].items(), key=lambda kv: kv[1])
+    if k < 2 or k < ONE_REASON_SHARE * done:
+        return None
+    what = (f"the storage, not the images: fix it, then `caffe-runner retry {run_dir}` reads them again"
+            if is_transient(why) else "check a few of them (failures/names in features.h5)")
+    return f"WARNING: {k} of {done} images ({failure_share(done, k):.0%}) failed for one reason, {why!r}: {what}"
+
+
 def failure_share(images: int, failures: int) -> float:
     return failures / images if images else 0.0
 
@@ -128,6 +154,9 @@ def format_summary(summary: Dict) -> str:
         if st["failures"]:
             lines.append(f"  (names and reasons: failures/names, failures/reason in features.h5; "
                          f"{Path(summary['run_dir']) / STATS_JSON})")
+            note = one_reason_note(st, summary["run_dir"])
+            if note:
+                lines.append(note)
         checks = [s["selfcheck_max_rel_diff"] for s in st.get("shards", []) if "selfcheck_max_rel_diff" in s]
         if checks:
             lines.append(f"GPU self-check: {len(checks)} shard(s) passed, GPU vs CPU at most {max(checks):.2g} "
@@ -157,4 +186,5 @@ def check_failure_share(cfg, stats: Optional[Dict]) -> None:
         top = ", ".join(f"{k} {why}" for why, k in list(stats["failures_by_reason"].items())[:3])
         raise FailureShareError(
             f"{stats['failures']} of {done} images failed ({share:.1%} > run.max_failure_fraction={limit}; {top}): "
-            f"the result is kept in {stats['run_dir']}; check the input, or raise run.max_failure_fraction")
+            f"the result is kept in {stats['run_dir']}; check the input, or raise run.max_failure_fraction "
+            "(the default is 0.05; null: failed images never fail the run)")

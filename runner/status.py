@@ -19,6 +19,20 @@ from .liveness import beat_age_s, judge, lost, pid_namespace
 from .slurmjobs import JobWord, query_jobs
 from .stats import top_reasons
 
+# less free space than this where the run is: a shard stopped there ran out of it (a shard that
+# stops on a full disk cannot write the heartbeat that would say so)
+NO_SPACE_BYTES = 1 << 20
+NO_SPACE = "no space left on device"
+
+
+def out_of_space(path: Path) -> bool:
+    try:
+        s = os.statvfs(path)
+    except OSError:
+        return False
+    return s.f_bavail * s.f_frsize < NO_SPACE_BYTES
+
+
 def shard_state(run, i: int, now: float, here: Optional[Tuple[str, str]] = None) -> Dict:
     """Shard i's state from the run directory's files alone: done, failed, requeued, running,
     interrupted or pending; `beat` says what its heartbeat proves (liveness.judge). `here`:
@@ -336,6 +350,10 @@ def run_status(run_dir: Path, use_sacct: bool = True, use_slurm: bool = True) ->
     counts: Dict[str, int] = {}
     for s in shards:
         counts[s["state"]] = counts.get(s["state"], 0) + 1
+    if counts.get("interrupted") and out_of_space(run.rundir.path):
+        for s in shards:
+            if s["state"] == "interrupted":
+                s["cause"] = NO_SPACE
     total = run.plan["count"]
     done = sum(s["done"] for s in shards)
     rate = sum(float(s["rate"] or 0) for s in shards if s["state"] in ("running", "stalled"))
@@ -387,11 +405,16 @@ def format_status(st: Dict) -> str:
             line += f"  {s['note']}"
         if s["state"] == "failed":
             line += f"  {s.get('error')}" + ("" if str(s.get("log")) in str(s.get("error")) else f"  log: {s.get('log')}")
+        if s.get("cause") == NO_SPACE:
+            line += f"  ({s['cause']})"
         if s.get("foreign_file"):
             line += "  (its file is not this run's complete shard: extracted again and replaced on resume)"
         if s.get("job_id"):
             line += f"  job {s['job_id']}"
         lines.append(line)
+    if any(s.get("cause") == NO_SPACE for s in st["shards"]):
+        lines.append(f"{NO_SPACE} in {st['run_dir']}: free space there (df -h {st['run_dir']}), then rerun the "
+                     "same command: the interrupted shards resume from their last flushed batch")
     images = st.get("container_images") or {}
     if len(images) > 1:
         lines.append(f"WARNING: the shards ran in {len(images)} different images (a rebuilt image, or another "

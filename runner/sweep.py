@@ -114,9 +114,14 @@ def sweep_status(root: Path) -> List[Dict]:
 
 def format_sweep_status(root: Path, rows: List[Dict]) -> str:
     lines = [f"{root}: sweep of {len(rows)} point(s) ({SWEEP_JSON})"]
-    for r in rows:
-        count = f"{r['done']}/{r['images']} images" if r.get("images") is not None else ""
-        lines.append(f"  {r['name']:<40} {r['state']:<12} {count}  {' '.join(r.get('overrides') or [])}")
+    counts = [f"{r['done']}/{r['images']} images" if r.get("images") is not None else "" for r in rows]
+    # columns as wide as their longest entry: point names grow with the overrides they vary
+    wn = max([len(str(r["name"])) for r in rows] + [4])
+    ws = max([len(str(r["state"])) for r in rows] + [5])
+    wc = max([len(c) for c in counts] + [0])
+    for r, count in zip(rows, counts):
+        lines.append(f"  {str(r['name']):<{wn}}  {str(r['state']):<{ws}}  {count:<{wc}}  "
+                     f"{' '.join(r.get('overrides') or [])}".rstrip())
     return "\n".join(lines)
 
 

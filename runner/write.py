@@ -309,8 +309,21 @@ class ShardWriter:
         self.rows += len(indices)
         self.n_failures += len(failures)
         self.next += n_items
-        f.attrs.update({"rows": self.rows, "n_failures": self.n_failures, "next": self.next})
-        f.flush()
+        self._commit_progress()
+
+    def _commit_progress(self) -> None:
+        # after the data's flush: a crash before this one leaves the old counts, which resume exactly
+        self.f.attrs.update({"rows": self.rows, "n_failures": self.n_failures, "next": self.next})
+        self.f.flush()
+
+    def set_done(self, done: int) -> None:
+        """Record that the file covers the first `done` manifest entries of its range. For a
+        shard rewritten whole out of order (retry): its rows and failures are appended with
+        n_items=0, in manifest order, then this says how far they reach."""
+        if not 0 <= int(done):
+            raise ValueError(f"done={done}: a count of manifest entries")
+        self.next = int(done)
+        self._commit_progress()
 
     def finish(self, extra_attrs: Optional[Dict[str, object]] = None) -> Path:
         f = self.f

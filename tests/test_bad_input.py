@@ -29,7 +29,7 @@ def test_corpus_every_file_once(tiny_net, tmp_path):
     expect = make_corpus(root)
     run = tmp_path / "run"
     p = run_cli(f"input.dir={root}", f"output.dir={run}", *tiny_model_args(tiny_net), "launcher.workers=2",
-                "num_shards=3", "batch_size=4")
+                "num_shards=3", "batch_size=4", "run.max_failure_fraction=null")  # a corpus of bad files
     n_bad = sum(1 for want in expect.values() if want != "ok")
     m = re.search(r"images:\s+(\d+) \((\d+) extracted, (\d+) failed\)", p.stdout)
     assert m and tuple(map(int, m.groups())) == (len(expect), len(expect) - n_bad, n_bad), p.stdout
@@ -59,7 +59,7 @@ def test_file_deleted_after_listing(tiny_net, photos, tmp_path):
     (root / names[3]).unlink()
     run = tmp_path / "run"
     run_cli(f"input.list={lst}", f"input.root={root}", f"output.dir={run}", *tiny_model_args(tiny_net),
-            "launcher.workers=1")
+            "launcher.workers=1", "run.max_failure_fraction=null")  # 1 of a few: over the default 5%
     rows, fails = _accounted(run)
     assert fails == {names[3].encode(): "listed but not found"}  # a list names it; it was never there
     assert len(rows) == len(names) - 1

@@ -79,10 +79,10 @@ def test_cache_key_follows_toolkit_and_architectures(tmp_path, site_toolkit):
 def test_the_cpu_key_is_the_one_ci_caches(tmp_path):
     """The CPU recipe is untouched by the CUDA work: CI's cached wheel stays valid (this
     literal changes only with a deliberate change of the recipe: RECIPE_REV, the sdist, Python,
-    docker/pycaffe-nogil.patch)."""
+    docker/pycaffe-nogil.patch, docker/pycaffe-convbatch.patch)."""
     if sys.version_info[:2] != (3, 11) or platform.machine() != "x86_64":
         pytest.skip("the literal is for CPython 3.11 on x86_64 (Debian 12)")
-    assert _key(cache=tmp_path) == "64c096bedf414113"
+    assert _key(cache=tmp_path) == "1f973e23f2f04a38"
 
 
 def test_the_cuda_pins_include_nvrtc():
@@ -146,7 +146,7 @@ def _script_copy(tmp_path):
     d = tmp_path / "docker"
     d.mkdir()
     shutil.copy(SCRIPT, d / SCRIPT.name)
-    for patch in ("pycaffe-cudnn9.patch", "pycaffe-nogil.patch"):
+    for patch in ("pycaffe-cudnn9.patch", "pycaffe-nogil.patch", "pycaffe-convbatch.patch"):
         shutil.copy(SCRIPT.with_name(patch), d / patch)
 
     def run(*args):
@@ -171,11 +171,11 @@ def test_the_cudnn_patch_is_part_of_the_key(tmp_path):
 
 
 def test_no_cudnn_key_is_pinned(tmp_path):
-    """--no-cudnn's key changes only with its recipe (the literal changed with
-    docker/pycaffe-nogil.patch, which every build applies)."""
+    """--no-cudnn's key changes only with its recipe (the literal changes with
+    docker/pycaffe-nogil.patch and pycaffe-convbatch.patch, which every build applies)."""
     if sys.version_info[:2] != (3, 11) or platform.machine() != "x86_64":
         pytest.skip("the literal is for CPython 3.11 on x86_64 (Debian 12)")
-    assert _key("--cuda", "--no-cudnn", cache=tmp_path) == "692e3d6992939d0b"
+    assert _key("--cuda", "--no-cudnn", cache=tmp_path) == "2bf28f14ecb38708"
 
 
 def test_the_cuda_pins_include_a_cudnn9_wheel():
@@ -203,17 +203,18 @@ def test_the_script_run_by_hand_finds_the_wheel_make_setup_cached(tmp_path):
     assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == str(wheel), (p.stdout, p.stderr[-2000:])
 
 
-def test_the_nogil_patch_is_part_of_every_key(tmp_path):
-    """A changed docker/pycaffe-nogil.patch is a new recipe, CPU and CUDA alike; without it the
-    script stops in one line before building."""
+@pytest.mark.parametrize("patch", ["pycaffe-nogil.patch", "pycaffe-convbatch.patch"])
+def test_every_build_patch_is_part_of_every_key(tmp_path, patch):
+    """A changed docker/pycaffe-nogil.patch or pycaffe-convbatch.patch is a new recipe, CPU and
+    CUDA alike; without it the script stops in one line before building."""
     d, run = _script_copy(tmp_path)
     before = {a: run(*a).stdout.strip() for a in ((), ("--cuda",))}
-    with open(d / "pycaffe-nogil.patch", "a") as f:
+    with open(d / patch, "a") as f:
         f.write("\n")
     assert all(run(*a).stdout.strip() != k for a, k in before.items())
-    (d / "pycaffe-nogil.patch").unlink()
+    (d / patch).unlink()
     p = run()
-    assert p.returncode == 1 and "pycaffe-nogil.patch is missing" in p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and f"{patch} is missing" in p.stderr.strip().splitlines()[-1]
 
 
 def hostile_sdist(folder, name: str, version: str, marker) -> "Path":

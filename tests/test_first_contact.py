@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import h5py
@@ -20,25 +19,37 @@ from conftest import CLI, REPO, run_cli, tiny_model_args, wait_until
 pytestmark = pytest.mark.slow
 
 
-def _slow(tiny_net, batch_s=0.25):
-    # the simulated backend takes batch_s per batch of 2 without using the CPU: time to interrupt
-    return [*tiny_model_args(tiny_net), "backend=simulated", f"simulated_batch_s={batch_s}", "batch_size=2",
-            "heartbeat_s=0.1"]
+def _held(tiny_net, gate: Path):
+    """The simulated backend held by a gate file the test writes (runner.model.gate_allows):
+    batch k of each shard starts once the file holds a number > k, or "open"; absent: none
+    starts. The run stops where the test says, on a fast or a loaded machine alike. Every batch
+    writes its heartbeat (heartbeat_s far below the time a batch takes to write)."""
+    return [*tiny_model_args(tiny_net), "backend=simulated", "simulated_batch_s=0.0", "batch_size=2",
+            "heartbeat_s=0.000001", f"simulated_gate={gate}"]
+
+
+def _beats(run: Path, n: int):
+    """Each shard's heartbeat ({} before it has one)."""
+    out = []
+    for i in range(n):
+        try:
+            out.append(json.loads((run / "status" / f"shard-{i:05d}-of-{n:05d}.json").read_text()))
+        except (FileNotFoundError, json.JSONDecodeError):
+            out.append({})
+    return out
+
+
+def _alive(pid) -> bool:
+    """A process that still runs (a zombie does not count: it writes nothing)."""
+    try:
+        return bool(pid) and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def _snapshot(d: Path):
     """Every file under d (hidden ones included) with its bytes."""
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-
-
-def _beat_done(run: Path, n: int) -> int:
-    total = 0
-    for i in range(n):
-        try:
-            total += json.loads((run / "status" / f"shard-{i:05d}-of-{n:05d}.json").read_text()).get("done", 0)
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-    return total
 
 
 def _h5(path):
@@ -114,7 +125,7 @@ def test_bad_input_error_is_printed_once_and_leaves_no_folder(tmp_path):
 def test_summary_stats_and_status_count_every_failure(tiny_net, broken, tmp_path):
     run = tmp_path / "run"
     p = run_cli(f"input.dir={broken}", f"output.dir={run}", *tiny_model_args(tiny_net), "launcher.workers=2",
-                "num_shards=3")
+                "num_shards=3", "run.max_failure_fraction=null")  # 4 of 24: over the default 5%
     n_images = sum(1 for f in broken.rglob("*") if f.is_file())
     st = json.loads((run / "stats.json").read_text())
     assert st["images"] == n_images and st["failures"] == 4 and st["rows"] == n_images - 4
@@ -149,11 +160,15 @@ def _start(args):
 
 
 def test_ctrl_c_stops_with_one_line_and_the_rerun_equals_an_uninterrupted_run(tiny_net, photos, tmp_path):
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    base = [f"input.dir={photos}", "num_shards=2", "launcher.workers=2", *_slow(tiny_net)]
+    ref, run, gate = tmp_path / "ref", tmp_path / "run", tmp_path / "gate"
+    base = [f"input.dir={photos}", "num_shards=2", "launcher.workers=2", *_held(tiny_net, gate)]
+    gate.write_text("open")
     run_cli(*base, f"output.dir={ref}")
+    gate.write_text("2")  # each shard does two batches (4 of its 10 images) and waits there
     proc = _start([*base, f"output.dir={run}"])
-    wait_until(lambda: _beat_done(run, 2) >= 4)
+    wait_until(lambda: [b.get("done", 0) for b in _beats(run, 2)] == [4, 4] or proc.poll() is not None,
+               what="both shards held after two batches")
+    assert proc.poll() is None, proc.communicate()
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, (out, err)
@@ -161,12 +176,11 @@ def test_ctrl_c_stops_with_one_line_and_the_rerun_equals_an_uninterrupted_run(ti
     lines = [ln for ln in err.splitlines() if "interrupted" in ln]
     assert len(lines) == 1 and "rerun the same command to resume" in lines[0], err
     assert not (run / "features.h5").exists()
-    time.sleep(0.5)
-    for i in range(2):  # no worker is left writing
-        beat = json.loads((run / "status" / f"shard-{i:05d}-of-00002.json").read_text())
-        pid = beat.get("pid")
-        assert not (pid and Path(f"/proc/{pid}").exists()
-                    and (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"))
+    # no worker is left writing (they are stopped, not left to finish: the gate is still shut)
+    pids = [b.get("pid") for b in _beats(run, 2)]
+    wait_until(lambda: not any(_alive(p) for p in pids), timeout=30, what="the workers to stop")
+    assert [b.get("done") for b in _beats(run, 2)] == [4, 4]
+    gate.write_text("open")
     run_cli(*base, f"output.dir={run}")
     a, b = _h5(run / "features.h5"), _h5(ref / "features.h5")
     assert a[1] == b[1] and a[2] == b[2]
@@ -175,11 +189,13 @@ def test_ctrl_c_stops_with_one_line_and_the_rerun_equals_an_uninterrupted_run(ti
 
 
 def test_a_second_concurrent_run_is_told_once_who_holds_it(tiny_net, photos, tmp_path):
-    run = tmp_path / "run"
-    args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=2", *_slow(tiny_net, 0.4)]
+    run, gate = tmp_path / "run", tmp_path / "gate"  # no gate file yet: the first run holds before any batch
+    args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=2", *_held(tiny_net, gate)]
     first = _start(args)
     try:
-        wait_until(lambda: _beat_done(run, 2) >= 2)
+        wait_until(lambda: [b.get("state") for b in _beats(run, 2)] == ["running"] * 2 or first.poll() is not None,
+                   what="the first run's shards, held")
+        assert first.poll() is None, first.communicate()
         p = run_cli(*args, check=False)
         assert p.returncode == 2 and "Traceback" not in p.stderr  # a refused run directory (README's table)
         assert p.stderr.count("caffe-runner: error:") == 1
@@ -187,6 +203,7 @@ def test_a_second_concurrent_run_is_told_once_who_holds_it(tiny_net, photos, tmp
         assert "rerun" not in p.stderr
         assert "ShardBusyError" not in p.stderr + p.stdout
     finally:
+        gate.write_text("open")
         out, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     assert run_cli("verify", run).returncode == 0
@@ -196,17 +213,19 @@ def test_a_second_concurrent_run_is_told_once_who_holds_it(tiny_net, photos, tmp
 
 def test_sweep_continues_past_a_failed_point_and_lists_it(tiny_net, photos, tmp_path):
     out = tmp_path / "sweep"
+    # a bad blob is refused before any point runs (test_third_contact_e2e); more shards than
+    # images is known only once point 1 lists its input: it fails while the sweep goes on
     p = run_cli("-m", f"input.dir={photos}", f"output.dir={out}", "launcher.workers=1", *tiny_model_args(tiny_net),
-                "output.blobs=[emb],[nope],[prob]", check=False)
+                "num_shards=1,1000,2", check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     done = sorted(d.name for d in out.iterdir() if (d / "features.h5").exists())
-    assert done == ["0_output.blobs-emb", "2_output.blobs-prob"], sorted(os.listdir(out))
+    assert done == ["0_num_shards-1", "2_num_shards-2"], sorted(os.listdir(out))
     assert sorted(os.listdir(out)) == done + ["sweep.json"], "the failed point left a folder"
     assert "1 of 3 sweep points failed" in p.stderr
     failed_lines = [ln for ln in p.stderr.splitlines() if ln.startswith("  ")]
-    assert len(failed_lines) == 1 and failed_lines[0].startswith("  1_output.blobs-nope")
-    assert failed_lines[0].endswith("(output.blobs=[nope])")  # what tells the point apart
-    assert p.stderr.count("blob 'nope' is not in the net") == 1
+    assert len(failed_lines) == 1 and failed_lines[0].startswith("  1_num_shards-1000")
+    assert failed_lines[0].endswith("(num_shards=1000)")  # what tells the point apart
+    assert p.stderr.count("num_shards=1000 is more than the") == 1
 
 
 # ---- the Python API -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Every death seen and named, the fast layer: Caffe's last words in real glog output, exit
+"""Every death seen and named, the fast layer (Caffe's last words: test_modelcheck_units.py): exit
 codes in words, the launcher's one line, a pool whose idle worker died still stops, a dead
 shard's writer joined before its file closes, and a file whose counters disagree is not resumed."""
 from __future__ import annotations
@@ -11,60 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from runner.lastwords import caffe_last_words, describe_exit
+from runner.lastwords import describe_exit
 from runner.write import ShardWriter
 
 pytestmark = pytest.mark.unit
-
-# verbatim stderr of pycaffe 1.0 (this project's build) loading the tiny test net
-# (tests/conftest.py) against weights of another shape, and against 1,000 random bytes
-SHAPE_MISMATCH = """\
-WARNING: Logging before InitGoogleLogging() is written to STDERR
-F20261205 15:09:44.375363 28903 net.cpp:822] Cannot copy param 0 weights from layer 'conv one'; shape mismatch.  \
-Source param shape is 8 3 3 3 (216); target param shape is 4 3 3 3 (108). To learn this layer's parameters from \
-scratch rather than copying from a saved net, rename the layer.
-*** Check failure stack trace: ***
-"""
-RANDOM_WEIGHTS = """\
-WARNING: Logging before InitGoogleLogging() is written to STDERR
-F20261205 15:09:46.330973 28966 upgrade_proto.cpp:106] Check failed: ReadProtoFromBinaryFile(param_file, param) \
-Failed to parse NetParameter file: random.caffemodel
-*** Check failure stack trace: ***
-"""
-# older glog (no year, a padded thread id), after a libprotobuf error and our own log lines
-OLD_GLOG = """\
-2026-12-05 15:00:01 INFO runner: shard 0/2 resumes at 4/10
-[libprotobuf ERROR google/protobuf/text_format.cc:298] Error parsing text-format caffe.NetParameter: 5:3: Unknown \
-enumeration value of "Convolutionn" for field "type".
-F1205 15:00:02.000001  4242 upgrade_proto.cpp:88] Check failed: ReadProtoFromTextFile(param_file, param) Failed to \
-parse NetParameter file: /models/deploy.prototxt
-*** Check failure stack trace: ***
-    @     0x7f3c2a1b2c3d  google::LogMessage::Fail()
-"""
-
-
-@pytest.mark.parametrize("text, words", [
-    (SHAPE_MISMATCH, "net.cpp:822] Cannot copy param 0 weights from layer 'conv one'; shape mismatch.  Source "
-                     "param shape is 8 3 3 3 (216); target param shape is 4 3 3 3 (108). To learn this layer's "
-                     "parameters from scratch rather than copying from a saved net, rename the layer."),
-    (RANDOM_WEIGHTS, "upgrade_proto.cpp:106] Check failed: ReadProtoFromBinaryFile(param_file, param) Failed to "
-                     "parse NetParameter file: random.caffemodel"),
-    (OLD_GLOG, "upgrade_proto.cpp:88] Check failed: ReadProtoFromTextFile(param_file, param) Failed to parse "
-               "NetParameter file: /models/deploy.prototxt"),
-    # a log whose glog prefix was lost (a wrapper re-printing it): the Check failed line
-    ("worker said: Check failed: data_ Syncing a null blob\n", "Check failed: data_ Syncing a null blob"),
-    # no abort: an error line (glog E) and a Python traceback are not Caffe's last words
-    ("E1205 15:00:02.000001  4242 foo.cpp:1] not fatal\nTraceback (most recent call last):\nValueError: x\n", None),
-    ("", None),
-])
-def test_caffe_last_words(text, words):
-    assert caffe_last_words(text) == words
-
-
-def test_caffe_last_words_takes_the_last_and_bounds_it():
-    text = SHAPE_MISMATCH + "F1205 15:00:02.000001 1 net.cpp:1] " + "x" * 5000 + "\n"
-    words = caffe_last_words(text)
-    assert words.startswith("net.cpp:1] xxx") and len(words) == 600 and words.endswith("...")
 
 
 @pytest.mark.parametrize("code, words", [
@@ -177,3 +127,32 @@ def test_a_file_whose_counters_disagree_starts_over_instead_of_doubling_a_batch(
     assert (again.next, again.rows) == (0, 0)
     assert (tmp_path / "s.h5.partial.corrupt").exists()
     again.close()
+
+
+def test_the_log_listener_stops_when_a_worker_died_in_the_middle_of_a_log_line():
+    """A worker killed while writing a log record to the launcher's log queue holds the queue's
+    write lock for ever (and leaves half a record in the pipe): QueueListener.stop() would
+    wait for ever; the launcher's stop is bounded, and the command can still exit."""
+    import logging
+    import logging.handlers
+
+    from runner.launch.local import _stop_listener
+    from runner.launch.workers import WorkerContext
+
+    ctx = WorkerContext()
+    q = ctx.Queue()
+    # a record larger than the pipe, with nobody reading yet: the worker stays inside the write
+    p = ctx.Process(target=q.put, args=("x" * (4 << 20),), daemon=True)
+    p.start()
+    deadline = time.time() + 60
+    while q.empty() and time.time() < deadline:  # part of the record is in the pipe: it is writing
+        time.sleep(0.02)
+    assert not q.empty()
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(60)
+    listener = logging.handlers.QueueListener(q, logging.NullHandler())
+    listener.start()
+    stopper = threading.Thread(target=_stop_listener, args=(listener, q), daemon=True)
+    stopper.start()
+    stopper.join(60)
+    assert not stopper.is_alive(), "stopping the log listener hung on the dead worker's half-written record"

@@ -14,14 +14,16 @@ import numpy as np
 import pytest
 
 from conftest import CLI, REPO, mount_tmpfs, run_cli, tiny_model_args, wait_until
+from test_first_contact import _held
 
 pytestmark = pytest.mark.slow
 
 
-def _slow(tiny_net):
-    # the simulated backend takes 0.25 s per batch of 2 without using the CPU: time to kill mid-shard
-    return [*tiny_model_args(tiny_net), "backend=simulated", "simulated_batch_s=0.25", "batch_size=2",
-            "heartbeat_s=0.1"]
+def _alive(pid) -> bool:
+    try:
+        return bool(pid) and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:1]
+    except FileNotFoundError:
+        return False
 
 
 def _beat(run: Path, shard: int, n: int):
@@ -44,7 +46,9 @@ def _h5(path):
 @pytest.fixture(scope="module")
 def reference(tiny_net, photos, tmp_path_factory):
     ref = tmp_path_factory.mktemp("ref") / "run"
-    run_cli(f"input.dir={photos}", f"output.dir={ref}", "num_shards=2", "launcher.workers=2", *_slow(tiny_net))
+    gate = ref.parent / "gate"
+    gate.write_text("open")
+    run_cli(f"input.dir={photos}", f"output.dir={ref}", "num_shards=2", "launcher.workers=2", *_held(tiny_net, gate))
     return _h5(ref / "features.h5")
 
 
@@ -57,12 +61,15 @@ def _assert_same(run: Path, reference):
 
 
 def test_kill9_one_worker_then_rerun_resumes(tiny_net, photos, tmp_path, reference):
-    run = tmp_path / "run"
-    args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=2", *_slow(tiny_net)]
+    run, gate = tmp_path / "run", tmp_path / "gate"
+    gate.write_text("2")  # both shards hold after two batches (4 of 10 images)
+    args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=2", *_held(tiny_net, gate)]
     proc = _start(args)
-    wait_until(lambda: _beat(run, 0, 2).get("done", 0) >= 4)
+    wait_until(lambda: _beat(run, 0, 2).get("done", 0) == 4 or proc.poll() is not None, what="shard 0 held")
+    assert proc.poll() is None, proc.communicate()
     victim = int(_beat(run, 0, 2)["pid"])
     os.kill(victim, signal.SIGKILL)
+    gate.write_text("open")  # shard 1 goes on
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert f"shard 0 of 2: its worker (pid {victim}) was killed by SIGKILL" in err and "rerun the same command" in err
@@ -74,20 +81,23 @@ def test_kill9_one_worker_then_rerun_resumes(tiny_net, photos, tmp_path, referen
     _assert_same(run, reference)
 
 
-@pytest.mark.parametrize("after", [1, 5, 9])
-def test_kill9_whole_run_at_several_points(tiny_net, photos, tmp_path, reference, after):
-    run = tmp_path / "run"
-    args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=2", *_slow(tiny_net)]
+@pytest.mark.parametrize("batches", [0, 2, 4])
+def test_kill9_whole_run_at_several_points(tiny_net, photos, tmp_path, reference, batches):
+    """Killed before any batch, mid-shard and one batch before the end (the gate holds it there)."""
+    run, gate = tmp_path / "run", tmp_path / "gate"
+    gate.write_text(str(batches))
+    args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=2", *_held(tiny_net, gate)]
     proc = _start(args)
-    wait_until(lambda: _beat(run, 1, 2).get("done", 0) >= after)
+    wait_until(lambda: [_beat(run, i, 2).get("done", -1) for i in range(2)] == [2 * batches] * 2
+               or proc.poll() is not None, what=f"both shards held after {batches} batch(es)")
+    assert proc.poll() is None, proc.communicate()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
-    time.sleep(0.5)
-    # the workers died with their launcher: nothing is still writing
+    # the workers die with their launcher (they watch it): nothing is left writing
     pids = [_beat(run, i, 2).get("pid") for i in range(2)]
-    assert not any(p and Path(f"/proc/{p}").exists() and
-                   "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[:1] for p in pids)
+    wait_until(lambda: not any(_alive(p) for p in pids), timeout=30, what="the workers to die with the launcher")
     assert not (run / "features.h5").exists()
+    gate.write_text("open")
     run_cli(*args)
     _assert_same(run, reference)
 

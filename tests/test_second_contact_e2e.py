@@ -12,7 +12,7 @@ import h5py
 import pytest
 
 from conftest import CLI, REPO, run_cli, tiny_model_args, wait_until
-from test_first_contact import _beat_done, _slow
+from test_first_contact import _beats, _held
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +23,14 @@ def _workers_of(pid: int):
 
 
 def test_sigterm_stops_a_local_run_with_one_line_and_the_rerun_resumes(tiny_net, photos, tmp_path):
-    run = tmp_path / "run"
-    args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=2", *_slow(tiny_net)]
+    run, gate = tmp_path / "run", tmp_path / "gate"
+    gate.write_text("2")  # the shards hold after two batches: the run is mid-way when the signal comes
+    args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=2", *_held(tiny_net, gate)]
     proc = subprocess.Popen(CLI + [str(a) for a in args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    wait_until(lambda: _beat_done(run, 2) >= 4)
+    wait_until(lambda: [b.get("done", 0) for b in _beats(run, 2)] == [4, 4] or proc.poll() is not None,
+               what="both shards held after two batches")
+    assert proc.poll() is None, proc.communicate()
     workers = _workers_of(proc.pid)
     assert workers
     proc.send_signal(signal.SIGTERM)  # kill PID: the launcher alone, as a service manager or a script would
@@ -38,6 +41,7 @@ def test_sigterm_stops_a_local_run_with_one_line_and_the_rerun_resumes(tiny_net,
     assert "Traceback" not in err
     wait_until(lambda: not any(os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"
                                for w in workers), timeout=30, what="the workers to stop")
+    gate.write_text("open")
     run_cli(*args)
     assert run_cli("verify", run).returncode == 0
 

@@ -318,9 +318,13 @@ def test_verify_merge_export_during_a_run_say_wait(tmp_path, capsys):
     run_dir = make_run(tmp_path / "run", 40, 4, dim=2)
     os.unlink(shard_file(run_dir, 1, 4))
     with launch_lock(run_dir):
-        for argv in (["verify", run_dir], ["merge", run_dir], ["export", run_dir, tmp_path / "x.h5"]):
+        code, out, err = _cli(capsys, "verify", run_dir)  # a check: the run is not complete (yet)
+        assert code == 1 and "still in progress" in out + err and "rerun" not in out + err, (out, err)
+        # merge and export are refused as a run directory in use is (issue 29 item 9: one exit code)
+        for argv in (["merge", run_dir], ["export", run_dir, tmp_path / "x.h5"]):
             code, out, err = _cli(capsys, *argv)
-            assert code == 1 and "still in progress" in out + err and "rerun" not in out + err, (argv, out, err)
+            assert code == 2 and "is still running (held by caffe-runner pid" in err and "rerun" not in out + err, (
+                argv, out, err)
     code, out, err = _cli(capsys, "verify", run_dir)  # nobody runs it now: rerun is the advice
     assert code == 1 and "rerun the extraction (same command)" in out
 

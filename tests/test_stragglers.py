@@ -236,7 +236,8 @@ def test_a_task_hung_on_one_node_reads_stalled_with_its_host_and_job(cluster, tm
     import os
 
     run = tmp_path / "run"
-    gate = tmp_path / "gate"  # the hung engine goes on once this file exists
+    gate = tmp_path / "gate"  # node2's engine: batch k starts once this holds a number > k, or "open"
+    gate.write_text("1")  # its first batch, then it hangs
     args = _inputs(tmp_path, 96) + COMMON + SLURM
     env = dict(os.environ, CAFFE_RUNNER_SIM_HANG_HOSTS=f"node2:{gate}")
     p = subprocess.run(CLI + [*args, f"output.dir={run}", "num_shards=3", "launcher.shards_per_task=2",
@@ -262,7 +263,7 @@ def test_a_task_hung_on_one_node_reads_stalled_with_its_host_and_job(cluster, tm
         run_cli("report", run)
         assert "stalled" in (run / "report.html").read_text()
     finally:
-        gate.write_text("go")
+        gate.write_text("open")
     wait_until(lambda: (run / "features.h5").exists(), timeout=240, interval=0.5, what="the merge after the gate")
     assert named < 120
     assert run_cli("verify", run).returncode == 0

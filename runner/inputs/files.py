@@ -24,6 +24,7 @@ def list_dir(root: bytes, extensions: Sequence[str], follow_symlinks: bool = Tru
     return walk_images(root, extensions, follow_symlinks).names
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
 _LABELLED = re.compile(rb"^(.*?)[ \t]+([+-]?[0-9]+)$")
 
 
@@ -54,6 +55,10 @@ def read_list(list_file: bytes, root: Optional[bytes], labels: str = "auto", lin
     with open(list_file, "rb") as f:
         data = f.read()
     shown = os.fsdecode(list_file)
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"input.list {shown} is UTF-16 text (a Windows 'Unicode' file): save it as UTF-8, "
+                          "e.g. iconv -f UTF-16 -t UTF-8")
+    data = data.removeprefix(UTF8_BOM)  # Windows editors start UTF-8 text with one: not part of the first path
     if b"\0" in data:
         if labels == "yes":
             raise ConfigError(f"input.list {shown} is NUL-separated, which carries no labels: "
@@ -92,16 +97,30 @@ def read_list(list_file: bytes, root: Optional[bytes], labels: str = "auto", lin
     return base, names, out_labels
 
 
-def check_list_duplicates(names: Sequence[bytes], linenos: Sequence[int], list_name: str, labelled: bool) -> None:
-    n, shown = first_duplicates(names, linenos)
+def path_key(root: bytes, name: bytes) -> bytes:
+    """What two spellings of one listed path share (pure, no file system access): the path
+    joined to the root and normalised (`./`, `//`, `a/../`, an absolute path under the root).
+    A symlink to a listed file is another path: both are extracted, each under its own name."""
+    return os.path.normpath(os.path.join(root, name))
+
+
+def check_list_duplicates(names: Sequence[bytes], linenos: Sequence[int], list_name: str, labelled: bool,
+                          root: bytes = b"/") -> None:
+    keys = [path_key(root, n) for n in names]
+    n, shown = first_duplicates(keys, linenos)
     if not n:
         return
-    where = "; ".join(f"{display_name(name)!r} on lines {a} and {b}" for name, a, b in shown)
+    by_line = dict(zip(linenos, names))
+    where = "; ".join(f"{display_name(by_line[a])!r} on lines {a} and {b}" if by_line[a] == by_line[b] else
+                      f"{display_name(by_line[a])!r} on line {a} and {display_name(by_line[b])!r} on line {b}, "
+                      "the same file" for _, a, b in shown)
     # by path, not by whole line: two lines of one path with different labels are duplicates too
     fix = ("awk '{p=$0; sub(/[ \t]+[-+]?[0-9]+$/, \"\", p)} !seen[p]++' keeps each path's first line, "
            "check that its label is the right one" if labelled else "awk '!seen[$0]++' keeps the order")
+    spelled = any(by_line[a] != by_line[b] for _, a, b in shown)
     raise ConfigError(f"input.list {list_name} names {n} image(s) more than once ({where}): every image must "
-                      f"appear once; remove the repeated lines ({fix})")
+                      f"appear once; remove the repeated lines" + (
+                          " (spelled differently, so remove them by hand)" if spelled else f" ({fix})"))
 
 
 LIST_SAMPLE = 20  # listed paths looked up before any work, to catch a wrong root
@@ -194,7 +213,7 @@ class Files(InputKind):
         """Duplicates (by line) and a wrong root (most of the first paths missing); when labels
         were guessed (auto) and whole lines would pass, the fix is input.list_labels=no."""
         def check(names, linenos, labelled):
-            check_list_duplicates(names, linenos, os.fsdecode(lst), labelled)
+            check_list_duplicates(names, linenos, os.fsdecode(lst), labelled, root)
             check_list_resolves(names, root, os.fsdecode(lst), r is not None)
 
         try:

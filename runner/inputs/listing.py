@@ -11,6 +11,10 @@ Symlinked folders are followed with input.follow_symlinks=true. Each real folder
 counted, so each real file is listed once. The real tree is walked first, then the symlinked
 folders in path order, so which path names a doubly reachable folder does not depend on the
 order the file system returns entries in.
+
+A caffe-runner folder met by the walk (a run directory: it holds launch.lock or run.json; a
+sweep folder: sweep.json) is left out and counted: an output.dir inside its own input.dir
+must not list the run's own files, nor change the input's stamp as the run writes them.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from ..errors import ConfigError
+from ..rundir import LAUNCH_LOCK, RUN_JSON
 
 NO_EXTENSION = "(no extension)"
 # skip reasons by kind (the extension ones are the extension itself, e.g. ".heic")
@@ -29,6 +34,15 @@ KIND_SOCKET = "socket"
 KIND_DEVICE = "device file"
 KIND_SYMLINK = "symlink (input.follow_symlinks=false)"
 KIND_SEEN_FOLDER = "symlinked folder already listed (a loop, or a second link to it)"
+KIND_RUN_FOLDER = "caffe-runner run or sweep folder (output.dir is never part of the input)"
+KIND_UNREADABLE = "symlinked folder that could not be read"
+# a folder holding one of these is caffe-runner's own (sweep.SWEEP_JSON sits in a layer above)
+RUN_MARKERS = (LAUNCH_LOCK, RUN_JSON, "sweep.json")
+
+
+def is_runner_folder(path: bytes) -> bool:
+    """A run directory or a sweep folder (one of RUN_MARKERS in it)."""
+    return any(os.path.lexists(os.path.join(path, os.fsencode(m))) for m in RUN_MARKERS)
 
 
 @dataclass
@@ -133,6 +147,9 @@ def walk_images(root: bytes, extensions: Sequence[str], follow_symlinks: bool = 
                         if (s.st_dev, s.st_ino) in visited:  # reached before through a symlinked folder
                             skip(out.by_kind, KIND_SEEN_FOLDER)
                             continue
+                        if is_runner_folder(entry.path):
+                            skip(out.by_kind, KIND_RUN_FOLDER)
+                            continue
                         visited.add((s.st_dev, s.st_ino))
                         if stamp:
                             out.newest_mtime_ns = max(out.newest_mtime_ns, s.st_mtime_ns)
@@ -154,10 +171,14 @@ def walk_images(root: bytes, extensions: Sequence[str], follow_symlinks: bool = 
         rel = heapq.heappop(linked)
         try:
             s = os.stat(os.path.join(root, rel))
-        except OSError:
+        except OSError as e:  # it was a folder a moment ago: gone, or its target's path lost permission
+            skip(out.by_kind, f"{KIND_UNREADABLE} ({e.strerror or type(e).__name__})")
             continue
         if (s.st_dev, s.st_ino) in visited:
             skip(out.by_kind, KIND_SEEN_FOLDER)
+            continue
+        if is_runner_folder(os.path.join(root, rel)):
+            skip(out.by_kind, KIND_RUN_FOLDER)
             continue
         visited.add((s.st_dev, s.st_ino))
         if stamp:

@@ -42,7 +42,7 @@ from ..status import shard_state
 from ..task import die_with_parent, setup_task_logging
 from .base import Launcher
 from .container_task import RESULT_PREFIX
-from .workers import Death, WorkerContext, WorkerStartError, WorkerWatch, running
+from .workers import Death, WorkerContext, WorkerStartError, WorkerWatch, running, start_quiet_resource_tracker
 
 
 def worker_plan(cfg) -> Dict:
@@ -141,26 +141,46 @@ def run_shard_in_container(cfg, index: int, threads: int) -> Dict:
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
+def progress_line(done: int, total: int, done_here: int, elapsed_s: float, shards_done: int, num_shards: int) -> str:
+    """The progress line printed when stderr is not a terminal (pure): done_here images were
+    done by this launch in elapsed_s (the rate and ETA are this launch's)."""
+    rate = done_here / elapsed_s if elapsed_s > 0 else 0.0
+    left = total - done
+    eta = f", ETA {left / rate:.0f} s" if rate > 0 and left > 0 else ""
+    pct = 100.0 * done / total if total else 100.0
+    return (f"progress: {done}/{total} images ({pct:.0f}%), {rate:.1f} img/s{eta}; "
+            f"{shards_done}/{num_shards} shards done")
+
+
 class _ProgressView:
     """One bar over all images: shards complete before this launch count whole, the others by
-    their heartbeats."""
+    their heartbeats. Without a terminal (a log file, nohup, cron, CI) a bar would print nothing
+    useful: a progress line every line_every_s seconds instead, as Slurm tasks log."""
 
-    def __init__(self, run: Run, todo: List[int], enabled: bool):
+    def __init__(self, run: Run, todo: List[int], enabled: bool, line_every_s: float = 0.0):
         self.done_before = run.plan["count"] - sum(
             (lambda b: b[1] - b[0])(run.shard_range(i)) for i in todo)
+        self.total, self.num_shards, self.num_todo = run.plan["count"], run.num_shards, len(todo)
         self.last = self.done_before
         self.bar = None
+        self.line_every_s = line_every_s
+        self.t0 = self.last_line = time.time()
         if enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=run.plan["count"], initial=self.done_before, unit="img", dynamic_ncols=True,
                             desc=f"{run.num_shards} shards", file=sys.stderr)
 
-    def update(self, done_now: int) -> None:
+    def update(self, done_now: int, shards_done: int = 0) -> None:
         n = self.done_before + done_now
         if self.bar is not None and n > self.last:
             self.bar.update(n - self.last)
             self.last = n
+        now = time.time()
+        if self.line_every_s > 0 and now - self.last_line >= self.line_every_s:
+            self.last_line = now
+            log.info("%s", progress_line(n, self.total, done_now, now - self.t0,
+                                         self.num_shards - self.num_todo + shards_done, self.num_shards))
 
     def close(self):
         if self.bar is not None:
@@ -284,6 +304,19 @@ def _stop_pool(pool, ctx: WorkerContext, wait_s: float = 2.0) -> None:
         log.debug("Pool.terminate() is blocked by a dead worker's queue lock; its workers were stopped directly")
 
 
+def _stop_listener(listener, log_queue, wait_s: float = 2.0) -> None:
+    """QueueListener.stop(), bounded. It sends its stop sentinel through the queue the workers
+    log to, whose write lock a worker killed in the middle of a log line holds for ever; this
+    process's feeder thread would then block on that lock, and be joined at exit
+    (cancel_join_thread: not joined; when stop() returns, the sentinel went through anyway)."""
+    log_queue.cancel_join_thread()
+    t = threading.Thread(target=listener.stop, name="log-listener-stop", daemon=True)
+    t.start()
+    t.join(wait_s)
+    if t.is_alive():
+        log.debug("the log listener cannot be stopped: a dead worker holds its queue's write lock")
+
+
 def _record_death(run, shard: int, error: str, log_path: str) -> None:
     """The shard's heartbeat and event log say how it ended (`caffe-runner status` shows it);
     the dead worker could not write them itself."""
@@ -344,6 +377,7 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
     results: Dict[int, Dict] = {}
     if todo:
         # spawn, without the user's main module (a script, stdin, a notebook): workers.py
+        start_quiet_resource_tracker()  # no "leaked semaphore" warning after a kill -9 of this process
         ctx = WorkerContext()
         watch = WorkerWatch(ctx)
         gpu_queue = None
@@ -352,7 +386,9 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
             for g in wp["gpus"]:
                 gpu_queue.put(g)
         procs = min(wp["workers"], len(todo))
-        view = _ProgressView(run, todo, bool(cfg.launcher.progress) and sys.stderr.isatty())
+        tty = sys.stderr.isatty()
+        view = _ProgressView(run, todo, bool(cfg.launcher.progress) and tty,
+                             0.0 if tty or not cfg.launcher.progress else float(cfg.launcher.log_interval_s))
         stderr = _WorkerStderr(str(run.rundir.logs_dir))
         os.makedirs(stderr.folder, exist_ok=True)
         log_queue = ctx.Queue()
@@ -385,7 +421,8 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
                         except Exception as e:
                             # reported once, in the error that ends the launch
                             failed[i] = f"{type(e).__name__}: {e}"
-                view.update(sum(s["done"] for s in states.values()))
+                view.update(sum(s["done"] for s in states.values()),
+                            sum(s["state"] == "done" for s in states.values()))
         except KeyboardInterrupt as e:
             _stop_pool(pool, ctx)
             view.close()
@@ -403,7 +440,7 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
             pool.join()
         finally:
             view.close()
-            listener.stop()
+            _stop_listener(listener, log_queue)
             stderr.pump(pids(), view.write, whole=True)
             stderr.tidy(pids())
     elapsed = time.time() - t0

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -28,7 +29,7 @@ from ..extract import run_shard
 from ..steal import take_shards
 from ..gpu import require_gpu_caffe
 from ..merge import merge_run
-from ..inflight import InFlight, describe, in_flight, merge_dependency
+from ..inflight import InFlight, describe, in_flight, merge_dependency, read_submissions, recorded_jobs
 from ..plan import Run, load_run, load_run_dir, plan_summary, prepare_run
 from ..runtimes import Placement, srun_args, wrap_python
 from ..shard import array_chunks
@@ -340,12 +341,36 @@ class SlurmLauncher(Launcher):
 
 
 def launch_slurm(cfg, accepted: Callable, launcher: SlurmLauncher) -> Dict:
-    lc = cfg.launcher
     max_size = max_array_size()  # also: is the controller there?
     # the run's shards: num_shards tasks x launcher.shards_per_task (at most one per image)
     run = prepare_run(cfg, launcher, explicit_shards=None if int(lc.get("shards_per_task", 1) or 1) > 1
                       else cfg.num_shards)
     accepted(run)
+    try:
+        return _submit(cfg, run, launcher, max_size)
+    except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM) while submitting or waiting
+        with _second_ctrl_c_ignored():  # a second Ctrl-C must not lose the answer to the first
+            msg = interrupted_message(run.rundir.path)
+        raise type(e)(msg) from None
+
+
+@contextmanager
+def _second_ctrl_c_ignored():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals go to the main thread only: nothing to hold back here
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _submit(cfg, run: Run, launcher: "SlurmLauncher", max_size: int) -> Dict:
+    lc = cfg.launcher
     rd = run.rundir
     fingerprint = run.plan["fingerprint"]
     # a shard whose job Slurm still has queued or running is not submitted again: the twins
@@ -477,6 +502,26 @@ def _record_submissions(run_dir: Path, subs: List[Dict], merge_id: Optional[str]
     atomic_write_text(path, json.dumps(old + subs, indent=1))
 
 
+def interrupted_message(run_dir: Path) -> str:
+    """What a Ctrl-C of a Slurm launch leaves behind: the run's jobs Slurm still has queued or
+    running (inflight.in_flight, asked once) go on without this command; how to cancel them."""
+    if not read_submissions(run_dir):
+        return "interrupted before any job was submitted: nothing is queued; the same command submits the run"
+    try:
+        fl = in_flight(run_dir)
+    except (ConfigError, OSError, subprocess.TimeoutExpired) as e:  # squeue cannot say
+        jobs = recorded_jobs(read_submissions(run_dir))
+        ids = " ".join(dict.fromkeys([j.split("_")[0] for j in jobs[0].values()] + jobs[1]))
+        return (f"interrupted; the run's Slurm jobs ({ids}) may still be queued or running ({e}): they go on "
+                f"without this command; `scancel {ids}` cancels them, `caffe-runner status {run_dir}` follows them")
+    if not fl:
+        return (f"interrupted; no job of this run is left in Slurm's queue: rerun the same command to submit the "
+                f"shards that are not complete (`caffe-runner status {run_dir}` says which)")
+    ids = " ".join(fl.arrays + list(fl.merges))
+    return (f"interrupted; Slurm jobs of this run are still queued or running and go on without this command "
+            f"({describe(fl)}): `scancel {ids}` cancels them; `caffe-runner status {run_dir}` follows them")
+
+
 def progress_line(st: Dict) -> str:
     """One line of progress for logs (no terminal for a bar)."""
     pct = 100.0 * st["done"] / st["images"] if st["images"] else 100.0
@@ -511,9 +556,6 @@ def wait_for(run: Run, jobs, merge_job=None, poll_s: float = 2.0, merge_wait_s: 
             if not st["alive"]:
                 break
             time.sleep(poll_s)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"stopped waiting; the Slurm jobs go on (scancel them to stop): "
-                                f"caffe-runner status {run.rundir.path}") from None
     finally:
         if bar is not None:
             bar.close()

@@ -206,3 +206,23 @@ class WorkerWatch:
                 error += "; nothing was extracted by it: fix the cause and rerun the same command"
             raise WorkerStartError(error)
         return []
+
+
+# the tracker's warning when the launcher was killed (kill -9) with its queues' semaphores still
+# registered: it unlinks them itself, so the warning is noise the user cannot act on
+_TRACKER_QUIET = "ignore:resource_tracker:UserWarning"
+
+
+def start_quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (before the first queue or worker would) with
+    its "leaked semaphore objects" warning off. The tracker takes the interpreter's -W options
+    from sys.warnoptions when it starts; they are restored at once, so the workers and the
+    caller's own warnings are untouched. A tracker already running is left as it is."""
+    import sys
+    from multiprocessing import resource_tracker
+
+    sys.warnoptions.append(_TRACKER_QUIET)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions.remove(_TRACKER_QUIET)

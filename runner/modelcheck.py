@@ -1,0 +1,233 @@
+"""The model proven loadable before any work: Caffe builds the net from model.prototxt and
+copies model.weights into it, in a child process.
+
+Why a child: Caffe does not raise on a bad model, it aborts the process (glog FATAL: a
+prototxt that does not match its weights, a damaged or truncated .caffemodel, a layer type
+this build lacks). In the launcher that would kill the command; in a worker it would leave a
+run waiting for a shard that never reports. The child dies instead, and its last stderr line
+(runner/lastwords.py) becomes the one-line error. It is bounded in time and runs in CPU mode
+(a GPU build loads the same way there).
+
+The plan runs the check (exit 2, nothing created); each task runs it again first, because the
+files may have changed since: there it is cheap, since a pair that loaded is remembered by both
+files' sha256 (and the Caffe build) in the cache folder's model-checks.json (cache_path), and a
+file's sha256 by its stat (size, mtime, ctime, inode), so a 500 MB model is neither hashed nor
+loaded twice. The cache is a convenience: when it cannot be read or written the check runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from . import log
+from .errors import ConfigError
+from .lastwords import caffe_last_words
+
+CACHE_NAME = "model-checks.json"
+CACHE_VERSION = 1
+MAX_ENTRIES = 256  # files and pairs remembered (the oldest are dropped)
+DEFAULT_TIMEOUT_S = 300.0
+OK = "caffe-runner-model-loads"
+
+
+class ModelLoadError(ConfigError):
+    """Caffe cannot load model.weights into model.prototxt (its own line says why)."""
+
+
+def cache_path() -> Path:
+    """In the project's one cache folder: $CAFFE_RUNNER_CACHE (as make setup), else
+    $XDG_CACHE_HOME/caffe-runner, else ~/.cache/caffe-runner."""
+    if os.environ.get("CAFFE_RUNNER_CACHE"):
+        return Path(os.environ["CAFFE_RUNNER_CACHE"]) / CACHE_NAME
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "caffe-runner" / CACHE_NAME
+
+
+def _read_cache(path: Path) -> Dict:
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.get("version") == CACHE_VERSION:
+            return data
+    except (OSError, ValueError):
+        pass
+    return {"version": CACHE_VERSION, "files": {}, "pairs": {}}
+
+
+def _write_cache(path: Path, data: Dict) -> None:
+    """Atomic (a reader sees the old or the new file); concurrent writers may drop each other's
+    new entries, which costs one more check, never a wrong answer."""
+    for k in ("files", "pairs"):
+        items = sorted(data[k].items(), key=lambda kv: kv[1].get("t", 0))
+        data[k] = dict(items[-MAX_ENTRIES:])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home, a full disk: the check still ran
+        log.debug("model check cache %s not written: %s", path, e)
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def _stat_key(st: os.stat_result) -> list:
+    # ctime: a file rewritten in place with its old size and mtime restored still changes it
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _hash(path: str, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: str, cache: Optional[Dict] = None) -> str:
+    """sha256 of a file, taken from `cache` (the loaded cache file) when its stat is unchanged;
+    a fresh hash is recorded there."""
+    real = os.path.realpath(path)
+    key = _stat_key(os.stat(real))
+    files = cache["files"] if cache is not None else {}
+    hit = files.get(real)
+    if hit and hit.get("stat") == key:
+        return hit["sha256"]
+    sha = _hash(real)
+    files[real] = {"stat": key, "sha256": sha, "t": time.time()}
+    return sha
+
+
+def model_sha256(prototxt: str, weights: str) -> Dict[str, str]:
+    """Both files' sha256 (stat-cached; what the plan records)."""
+    path = cache_path()
+    cache = _read_cache(path)
+    shas = {"prototxt": file_sha256(prototxt, cache), "weights": file_sha256(weights, cache)}
+    _write_cache(path, cache)
+    return shas
+
+
+def caffe_build_id() -> str:
+    """What tells one pycaffe build from another, without importing it (a pair proven with one
+    build is not proven for another: its layer types may differ)."""
+    try:
+        spec = find_spec("caffe")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        return ""
+    d = Path(spec.origin).parent
+    parts = []
+    for so in sorted(d.glob("_caffe*.so")):
+        st = so.stat()
+        parts.append(f"{so}:{st.st_size}:{st.st_mtime_ns}")
+    return ";".join(parts) or str(d)
+
+
+def _pair_key(shas: Dict[str, str], build: str) -> str:
+    return hashlib.sha256(f"{shas['prototxt']}:{shas['weights']}:{build}".encode()).hexdigest()
+
+
+def describe_load_failure(prototxt: str, weights: str, said: Optional[str], returncode: int) -> str:
+    """The one line for a pair Caffe could not load (pure): what is wrong, Caffe's words, the fix."""
+    if said is None:
+        how = (f"signal {signal.Signals(-returncode).name}" if returncode < 0 and -returncode in
+               {s.value for s in signal.Signals} else f"exit code {returncode}")
+        return (f"Caffe died loading model.weights {weights} into model.prototxt {prototxt} ({how}, without a "
+                "message) (fix: check that this machine has the memory for the model and that "
+                "`python -c 'import caffe'` works here)")
+    if "Failed to parse NetParameter file" in said and os.path.basename(weights) in said:
+        return (f"model.weights {weights} is not a Caffe model this Caffe can read: {said} (fix: give the "
+                ".caffemodel file itself; a download cut short or an HTML page saved under that name is the usual "
+                "cause: fetch it again)")
+    if "Unknown layer type" in said:
+        return (f"model.prototxt {prototxt} needs a layer this Caffe does not have: {said} (fix: use a Caffe build "
+                "with that layer, or a deploy prototxt made for standard Caffe)")
+    if any(s in said for s in ("Cannot copy param", "shape mismatch", "Incompatible number of blobs",
+                               "Trying to copy blobs")):
+        return (f"model.prototxt and model.weights do not match: {said} (fix: give the deploy prototxt that was "
+                f"trained with these weights; prototxt {prototxt}, weights {weights})")
+    return (f"Caffe cannot load model.weights {weights} into model.prototxt {prototxt}: {said} (fix: give a "
+            "deploy prototxt and the .caffemodel trained with it)")
+
+
+def _child_command(prototxt: str, weights: str) -> list:
+    return [sys.executable, "-m", "runner.modelcheck", os.path.abspath(prototxt), os.path.abspath(weights)]
+
+
+def load_in_child(prototxt: str, weights: str, timeout_s: float) -> Tuple[bool, str]:
+    """(loaded, the line for the user when not) from a child process that builds the net."""
+    env = dict(os.environ, GLOG_minloglevel="2", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1")
+    try:
+        p = subprocess.run(_child_command(prototxt, weights), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, errors="replace", env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return False, (f"loading model.weights {weights} into model.prototxt {prototxt} took more than "
+                       f"{timeout_s:g} s in a check process and was stopped: a file on a slow or hung file "
+                       "system? (fix: copy the model files to a faster disk, or raise model.load_check_timeout_s)")
+    if p.returncode == 0 and OK in p.stdout:
+        return True, ""
+    said = caffe_last_words(p.stderr)
+    if said is None and p.returncode > 0:
+        # a Python error in the child (pycaffe not importable ...): its last line
+        tail = [ln.strip() for ln in p.stderr.splitlines() if ln.strip()]
+        said = tail[-1] if tail else None
+    return False, describe_load_failure(prototxt, weights, said, p.returncode)
+
+
+def ensure_loadable(prototxt: str, weights: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Dict[str, str]:
+    """Raise ModelLoadError (one line, Caffe's words) unless Caffe loads the pair; a pair proven
+    before (same sha256s, same Caffe build) is not loaded again. Returns the two sha256s."""
+    path = cache_path()
+    cache = _read_cache(path)
+    shas = {"prototxt": file_sha256(prototxt, cache), "weights": file_sha256(weights, cache)}
+    key = _pair_key(shas, caffe_build_id())
+    if key in cache["pairs"]:
+        _write_cache(path, cache)  # newly hashed files (a copy elsewhere) are remembered too
+        return shas
+    t0 = time.time()
+    ok, line = load_in_child(prototxt, weights, float(timeout_s))
+    if not ok:
+        raise ModelLoadError(line)
+    log.info("model files load in Caffe (checked in %.1f s; remembered in %s)", time.time() - t0, path)
+    cache["pairs"][key] = {"prototxt": shas["prototxt"], "weights": shas["weights"], "t": time.time()}
+    _write_cache(path, cache)
+    return shas
+
+
+def check_model_loads(cfg) -> None:
+    """Plan- and task-time: prove cfg.model's pair loads in this environment's Caffe (raises
+    ModelLoadError). The other backends do not load the net with Caffe: nothing to prove."""
+    if cfg.backend != "caffe":
+        return
+    ensure_loadable(str(cfg.model.prototxt), str(cfg.model.weights),
+                    float(cfg.model.get("load_check_timeout_s", DEFAULT_TIMEOUT_S) or DEFAULT_TIMEOUT_S))
+
+
+def _child(argv) -> int:
+    """The check itself: build the net in TEST phase, CPU mode, copying the weights in."""
+    prototxt, weights = argv
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    import caffe
+
+    from .model import set_caffe_cpu_mode
+
+    set_caffe_cpu_mode(caffe)
+    caffe.Net(prototxt, caffe.TEST, weights=weights)
+    sys.stdout.write(OK + "\n")
+    sys.stdout.flush()
+    os._exit(0)  # the net's memory is the OS's to free: a 500 MB model's teardown is time for nothing
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))

@@ -1,0 +1,258 @@
+"""The fast CPU forward (issue 30): BatchNorm + Scale folded into the convolution before them
+(runner/fold.py) and Caffe's convolution running im2col + one GEMM for several images at once
+(docker/pycaffe-convbatch.patch). Its features equal the upstream path's (model.conv_batch_mb=0
+model.fold_batchnorm=false, the same process, the same build) within the fidelity bound, run to
+run bit-identical; `inspect` prints a forward's GFLOP per image."""
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+BOUND = 1e-5  # the project's fidelity bound: max |new - old| / max |old|
+
+
+def rel(new, old) -> float:
+    old, new = np.asarray(old, np.float64), np.asarray(new, np.float64)
+    return float(np.abs(new - old).max() / np.abs(old).max())
+
+
+# ---- pure parts: the folding arithmetic, which chains fold, the FLOP count -----------------
+
+@pytest.mark.unit
+def test_folded_weights_equal_conv_then_bn_then_scale():
+    """conv(x) -> BN (Caffe's scale factor, a large eps) -> Scale, in float64, against the folded
+    convolution's single affine map."""
+    from runner.fold import folded_weights
+
+    rng = np.random.default_rng(3)
+    c, k = 5, 12
+    w, b = rng.normal(size=(c, k)), rng.normal(size=c)
+    mean, var, sf, eps = rng.normal(size=c), rng.uniform(0.01, 0.2, c), 0.5, 0.25
+    gamma, beta = rng.normal(size=c), rng.normal(size=c)
+    x = rng.normal(size=(k, 9))
+    conv = w @ x + b[:, None]
+    ref = (conv - (mean / sf)[:, None]) / np.sqrt(var / sf + eps)[:, None] * gamma[:, None] + beta[:, None]
+    fw, fb = folded_weights(w.astype(np.float32), b.astype(np.float32), mean, var, sf, eps, gamma, beta)
+    assert fw.dtype == np.float32 and fb.dtype == np.float32
+    assert rel(fw.astype(np.float64) @ x + fb[:, None], ref) < 1e-6
+    # no bias, no Scale, a zero scale factor (Caffe: statistics 0)
+    fw, fb = folded_weights(w.astype(np.float32), None, mean, var, 0.0, eps)
+    assert rel(fw.astype(np.float64) @ x + fb[:, None], (w @ x) / np.sqrt(eps)) < 1e-6
+
+
+CHAIN = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "bn1" type: "BatchNorm" bottom: "c1" top: "c1" %(bn)s }
+layer { name: "sc1" type: "Scale" bottom: "c1" top: "c1" scale_param { bias_term: true } }
+layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
+layer { name: "c2" type: "Convolution" bottom: "c1" top: "c2" convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "bn2" type: "BatchNorm" bottom: "c2" top: "b2" }
+layer { name: "sc2" type: "Scale" bottom: "b2" top: "s2" }
+layer { name: "c3" type: "Convolution" bottom: "s2" top: "c3" convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "bn3" type: "BatchNorm" bottom: "c3" top: "c3" }
+layer { name: "sum" type: "Eltwise" bottom: "c3" bottom: "s2" top: "sum" }
+"""
+
+
+def _plan(keep, bn=""):
+    from google.protobuf import text_format
+
+    from runner.fold import fold_plan
+    from runner.model import caffe_pb2
+
+    param = caffe_pb2().NetParameter()
+    text_format.Merge(CHAIN % {"bn": bn}, param)
+    folded, folds = fold_plan(param, keep)
+    return [(f.conv, f.batchnorm, f.scale) for f in folds], {lp.name: list(lp.top) for lp in folded.layer}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("keep, bn, folds", [
+    # in place, separate names, a BN without Scale
+    (["sum"], "", [("c1", "bn1", "sc1"), ("c2", "bn2", "sc2"), ("c3", "bn3", None)]),
+    # the user reads b2 (BN's output): the Scale stays, the BN still folds into c2
+    (["sum", "b2"], "", [("c1", "bn1", "sc1"), ("c2", "bn2", None), ("c3", "bn3", None)]),
+    # the user reads c2 (the convolution's own output): nothing folds into c2
+    (["sum", "c2"], "", [("c1", "bn1", "sc1"), ("c3", "bn3", None)]),
+    # a BN that uses the batch's statistics is no fixed map
+    (["sum"], "batch_norm_param { use_global_stats: false }", [("c2", "bn2", "sc2"), ("c3", "bn3", None)]),
+])
+def test_fold_plan_folds_only_what_nobody_else_sees(keep, bn, folds):
+    got, tops = _plan(keep, bn)
+    assert got == folds
+    if ("c2", "bn2", "sc2") in got:  # the convolution now writes the Scale's blob, read by c3 and sum
+        assert tops["c2"] == ["s2"] and "sc2" not in tops and "bn2" not in tops
+    assert tops["c3"] == ["c3"]  # in place: the name stays
+
+
+@pytest.mark.unit
+def test_fold_plan_keeps_a_convolution_read_twice():
+    """c2's output feeding the BN and another layer: folding would change what the other reads."""
+    text = CHAIN.replace('bottom: "c3" bottom: "s2"', 'bottom: "c3" bottom: "c2"') % {"bn": ""}
+    from google.protobuf import text_format
+
+    from runner.fold import fold_plan
+    from runner.model import caffe_pb2
+
+    param = caffe_pb2().NetParameter()
+    text_format.Merge(text, param)
+    assert [f.conv for f in fold_plan(param, ["sum"])[1]] == ["c1", "c3"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind, bottom, top, weight, flop", [
+    ("Convolution", (3, 300, 300), (32, 150, 150), (32, 3, 7, 7), 2 * 32 * 150 * 150 * 3 * 49),
+    ("Convolution", (8, 10, 10), (12, 10, 10), (12, 2, 3, 3), 2 * 12 * 100 * 2 * 9),  # group 4
+    ("Deconvolution", (4, 5, 5), (2, 10, 10), (4, 2, 2, 2), 2 * 100 * 2 * 4),
+    ("InnerProduct", (256, 2, 2), (10,), (10, 1024), 2 * 10 * 1024),
+    ("ReLU", (4, 5, 5), (4, 5, 5), (), 0),
+])
+def test_layer_flops(kind, bottom, top, weight, flop):
+    from runner.flops import layer_flops
+
+    assert layer_flops(kind, bottom, top, weight) == flop
+
+
+# ---- the real Caffe: a tiny net with unusual shapes ------------------------------------------
+
+ODD = """
+name: "odd"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 24 dim: 30 } } }
+layer { name: "strided" type: "Convolution" bottom: "data" top: "a"
+  convolution_param { num_output: 8 kernel_size: 3 stride: 2 pad: 1 weight_filler { type: "gaussian" std: 0.1 }
+  bias_filler { type: "constant" value: 0.1 } } }
+layer { name: "relu_a" type: "ReLU" bottom: "a" top: "a" }
+layer { name: "grouped" type: "Convolution" bottom: "a" top: "g"
+  convolution_param { num_output: 12 kernel_size: 3 group: 4 dilation: 2 pad: 2 bias_term: false
+  weight_filler { type: "gaussian" std: 0.2 } } }
+layer { name: "bn_g" type: "BatchNorm" bottom: "g" top: "g" batch_norm_param { eps: 0.5 } }
+layer { name: "scale_g" type: "Scale" bottom: "g" top: "g" scale_param { bias_term: true } }
+layer { name: "relu_g" type: "ReLU" bottom: "g" top: "g" }
+layer { name: "one" type: "Convolution" bottom: "g" top: "o"
+  convolution_param { num_output: 16 kernel_size: 1 weight_filler { type: "gaussian" std: 0.2 } } }
+layer { name: "bn_o" type: "BatchNorm" bottom: "o" top: "o_bn" batch_norm_param { eps: 0.3 } }
+layer { name: "scale_o" type: "Scale" bottom: "o_bn" top: "o_s" }
+layer { name: "rect" type: "Convolution" bottom: "o_s" top: "r"
+  convolution_param { num_output: 6 kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2 weight_filler { type: "gaussian" std: 0.2 } } }
+layer { name: "bn_r" type: "BatchNorm" bottom: "r" top: "r" batch_norm_param { eps: 0.4 } }
+layer { name: "pool" type: "Pooling" bottom: "r" top: "p" pooling_param { pool: AVE kernel_size: 3 stride: 3 } }
+layer { name: "fc" type: "InnerProduct" bottom: "p" top: "fc" inner_product_param { num_output: 10
+  weight_filler { type: "gaussian" std: 0.1 } } }
+"""
+
+
+@pytest.fixture(scope="module")
+def odd_net(tmp_path_factory):
+    """Random weights, and BN statistics and Scale parameters that matter (large eps, scale factor 0.5)."""
+    import caffe
+
+    d = tmp_path_factory.mktemp("odd")
+    proto = d / "odd.prototxt"
+    proto.write_text(ODD)
+    caffe.set_mode_cpu()
+    caffe.set_random_seed(5)
+    net = caffe.Net(str(proto), caffe.TEST)
+    rng = np.random.default_rng(5)
+    for name, blobs in net.params.items():
+        if name.startswith("bn_"):
+            c = blobs[0].data.size
+            blobs[0].data[...] = rng.normal(0, 0.2, c) * 0.5
+            blobs[1].data[...] = rng.uniform(0.02, 0.2, c) * 0.5
+            blobs[2].data[...] = 0.5
+        elif name.startswith("scale_"):
+            for b in blobs:
+                b.data[...] = rng.normal(0.5, 0.5, b.data.shape)
+    weights = d / "odd.caffemodel"
+    net.save(str(weights))
+    return proto, weights
+
+
+def _engine(proto, weights, blobs, **model):
+    from omegaconf import OmegaConf
+
+    from runner.model import CaffeEngine, parse_prototxt
+
+    m = OmegaConf.create({"weights": str(weights), **model})
+    return CaffeEngine(m, parse_prototxt(str(proto)), blobs, (3, 24, 30))
+
+
+UPSTREAM = {"conv_batch_mb": 0, "fold_batchnorm": False}
+
+
+@pytest.mark.parametrize("blobs", [["fc"], ["fc", "o_bn"], ["g", "fc"]])
+def test_odd_net_fast_path_equals_upstream(odd_net, blobs):
+    """Groups, strides, dilation, a 1x1 and a 2x3 kernel, BN with and without Scale, in place and
+    not; a batch of 7, not a multiple of the blocks (12x15 outputs: blocks of 5 and 2 images for
+    a 1,024-column GEMM; the 11x7 one takes all 7)."""
+    x = np.random.default_rng(0).uniform(-100, 100, (7, 3, 24, 30)).astype(np.float32)
+    old = _engine(*odd_net, blobs, **UPSTREAM).forward(x)
+    for model in ({}, {"conv_batch_mb": 1}, {"fold_batchnorm": False}, {"conv_batch_mb": 0}):
+        eng = _engine(*odd_net, blobs, **model)
+        new = eng.forward(x)
+        for b in blobs:
+            assert new[b].shape == old[b].shape
+            assert rel(new[b], old[b]) <= BOUND, (model, b, rel(new[b], old[b]))
+        again = eng.forward(x)
+        assert all(np.array_equal(again[b], new[b]) for b in blobs), model  # the same numbers every run
+    # what folded: never a blob the user reads (o_bn read: its Scale stays a layer)
+    folds = {(f.batchnorm, f.scale) for f in _engine(*odd_net, blobs).folds}
+    assert folds == {("bn_g", "scale_g"), ("bn_o", None if "o_bn" in blobs else "scale_o"), ("bn_r", None)}
+
+
+def test_a_batch_of_one_and_a_reshape(odd_net):
+    """The batch shrinking (a shard's last batch) and growing again gives the same rows."""
+    x = np.random.default_rng(1).uniform(-100, 100, (5, 3, 24, 30)).astype(np.float32)
+    eng = _engine(*odd_net, ["fc"], conv_batch_mb=1)
+    full = eng.forward(x)["fc"]
+    one = eng.forward(x[3:4])["fc"]
+    assert rel(one[0], full[3]) <= BOUND
+    assert np.array_equal(eng.forward(x)["fc"], full)
+
+
+# ---- the real models on the sample photos, end to end ---------------------------------------
+
+def _run(photos, out, *args, env=None):
+    run_cli(f"input.dir={photos}", f"output.dir={out}", "launcher.workers=1", "num_shards=1", "batch_size=7",
+            *args, env=env, timeout=1200)
+    with h5py.File(out / "features.h5") as f:
+        names = list(f["names"].asstr()[:])
+        blobs = {k: f[f"features/{k}"][:] for k in f["features"]}
+        return names, blobs, f["feats"][:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, blobs", [("res10_ssd", "[fc7,conv6_2_h]"), ("open_nsfw", "[pool]")])
+def test_real_models_fast_path_equals_upstream(photos, tmp_path_factory, model, blobs):
+    """res10 (fc7, conv6_2_h) and open_nsfw (pool, a ResNet full of BatchNorm + Scale) on the
+    sample photos: the default path against the upstream one, within 1e-5, per blob."""
+    env = {"CAFFE_MODELS": str(tmp_path_factory.getbasetemp() / "models")}  # open_nsfw fetched once
+    tmp = tmp_path_factory.mktemp(model)
+    common = (f"model={model}", f"output.blobs={blobs}", "output.pooling=none")
+    old = _run(photos, tmp / "old", *common, "model.conv_batch_mb=0", "model.fold_batchnorm=false", env=env)
+    new = _run(photos, tmp / "new", *common, env=env)
+    assert old[0] == new[0] and len(new[0]) > 10
+    for b in old[1]:
+        assert rel(new[1][b], old[1][b]) <= BOUND, (b, rel(new[1][b], old[1][b]))
+    assert rel(new[2], old[2]) <= BOUND
+
+
+def test_inspect_prints_gflop_per_image(res10):
+    """res10 to fc7: 2.10 GFLOP per image (the issue's count from the net's own shapes)."""
+    p = run_cli("inspect", "output.blobs=[fc7]")
+    line = [ln for ln in p.stdout.splitlines() if "GFLOP per image" in ln]
+    assert len(line) == 1 and line[0].startswith("forward to fc7: 2.10 GFLOP per image"), p.stdout
+
+
+def test_a_negative_conv_buffer_is_refused_before_any_work(photos, tmp_path):
+    p = run_cli(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", "model.conv_batch_mb=-1", check=False)
+    assert p.returncode == 2 and not (tmp_path / "r").exists(), p.stderr
+    assert p.stderr.strip().splitlines()[-1].endswith(
+        "model.conv_batch_mb=-1: use 0 (one image per GEMM, as Caffe upstream) or more MB of column buffer per "
+        "convolution (32 is the default)"), p.stderr
+    assert "Traceback" not in p.stderr

@@ -1,0 +1,124 @@
+"""The model proven loadable before any work, with the real Caffe: a prototxt that does not
+match its weights and a 1,000-byte random caffemodel are refused at plan time (exit 2, one line
+quoting Caffe, nothing created); a pair that loaded is remembered; the same files swapped in
+after the plan make the shard fail in seconds with Caffe's line, in the output and in `status`,
+locally and on the dev cluster."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from conftest import CLI, REPO, run_cli, tiny_model_args, TINY_PROTOTXT
+
+pytestmark = pytest.mark.slow
+
+MISMATCH = "model.prototxt and model.weights do not match: Cannot copy param 0 weights from layer 'conv one'; shape mismatch"
+PARSE = "Check failed: ReadProtoFromBinaryFile(param_file, param) Failed to parse NetParameter file"
+
+# the command line, with the model files replaced right after the plan proved them (before any
+# worker or array task starts): what a user who overwrites a file during a run meets
+SWAP_AFTER_PLAN = """
+import shutil, sys
+import runner.launch.local as local, runner.launch.slurm as slurm
+from runner.cli import main
+src, dst = sys.argv[1], sys.argv[2]
+planned = local.prepare_run
+def planned_then_swapped(*a, **k):
+    run = planned(*a, **k)
+    shutil.copyfile(src, dst)
+    return run
+local.prepare_run = slurm.prepare_run = planned_then_swapped
+main(sys.argv[3:])
+"""
+
+
+@pytest.fixture
+def model(tiny_net, tmp_path):
+    """A copy of the tiny net's files (tests replace them), a prototxt with one num_output
+    changed, 1,000 random bytes for weights, and a fresh cache folder."""
+    d = tmp_path / "model"
+    d.mkdir()
+    proto, weights = d / "tiny.prototxt", d / "tiny.caffemodel"
+    shutil.copyfile(tiny_net[0], proto)
+    shutil.copyfile(tiny_net[1], weights)
+    bad = d / "changed.prototxt"
+    bad.write_text(TINY_PROTOTXT.replace("num_output: 8", "num_output: 16", 1))
+    rand = d / "random.caffemodel"
+    rand.write_bytes(random.Random(26).randbytes(1000))
+    return {"proto": proto, "weights": weights, "bad": bad, "random": rand, "args": tiny_model_args((proto, weights)),
+            "env": {"CAFFE_RUNNER_CACHE": str(tmp_path / "cache")}}
+
+
+def _cli(model, *args, check=False):
+    # a refusal takes seconds; the timeout only ends a run that hangs (a Caffe abort in a worker)
+    return run_cli(*model["args"], *args, env=model["env"], check=check, timeout=180)
+
+
+def test_a_mismatched_prototxt_or_damaged_weights_are_refused_at_plan_time(model, photos, tmp_path):
+    run = tmp_path / "run"
+    for override, said in ((f"model.prototxt={model['bad']}", MISMATCH), (f"model.weights={model['random']}", PARSE)):
+        t0 = time.time()
+        p = _cli(model, f"input.dir={photos}", f"output.dir={run}", "launcher.workers=1", override)
+        took = time.time() - t0
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        errors = [ln for ln in p.stderr.splitlines() if ln.startswith("caffe-runner: error:")]
+        assert len(errors) == 1 and said in errors[0] and "(fix: " in errors[0], p.stderr
+        assert not run.exists(), "a refused plan created the run directory"
+        print(f"refused in {took:.1f} s: {errors[0][:160]}")
+
+
+def test_a_pair_that_loaded_is_remembered(model, photos, tmp_path):
+    args = [f"input.dir={photos}", "launcher.workers=1"]
+    _cli(model, *args, f"output.dir={tmp_path / 'a'}", check=True)
+    cache = json.loads((tmp_path / "cache" / "model-checks.json").read_text())
+    assert len(cache["pairs"]) == 1
+    # the proof is keyed by content: a rerun elsewhere with the same files does not load again
+    p = _cli(model, *args, f"output.dir={tmp_path / 'b'}", check=True)
+    assert "model files load in Caffe (checked" not in p.stderr, p.stderr
+    assert json.loads((tmp_path / "cache" / "model-checks.json").read_text())["pairs"] == cache["pairs"]
+    # changed weights are proven again (and refused)
+    shutil.copyfile(model["random"], model["weights"])
+    p = _cli(model, *args, f"output.dir={tmp_path / 'c'}")
+    assert p.returncode == 2 and PARSE in p.stderr and not (tmp_path / "c").exists()
+
+
+def _swapped_run(model, src, dst, *args, timeout=180):
+    t0 = time.time()
+    p = subprocess.run([CLI[0], "-c", SWAP_AFTER_PLAN, str(src), str(dst), *map(str, args), *model["args"]],
+                       capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                       env={**__import__("os").environ, **model["env"]})
+    return p, time.time() - t0
+
+
+def test_files_swapped_after_the_plan_fail_the_shard_in_seconds_locally(model, photos, tmp_path):
+    run = tmp_path / "run"
+    p, took = _swapped_run(model, model["bad"], model["proto"], f"input.dir={photos}", f"output.dir={run}",
+                           "launcher.workers=2", "num_shards=2")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, (p.stdout, p.stderr)
+    assert p.stderr.count(MISMATCH) == 2 and "2 of 2 shards failed" in p.stderr, p.stderr  # one per shard
+    print(f"ended in {took:.1f} s")
+    s = run_cli("status", run, check=False)
+    assert s.stdout.count("failed") >= 2 and s.stdout.count(MISMATCH) == 2, s.stdout
+    events = [json.loads(x) for x in (run / "events" / "shard-00000-of-00002.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "failed" and MISMATCH in events[-1]["error"]
+
+
+@pytest.mark.slurm
+def test_files_swapped_after_the_plan_fail_the_task_in_seconds_on_slurm(cluster, model, photos, tmp_path):
+    from test_report_slurm import SLURM
+
+    run = tmp_path / "run"
+    p, took = _swapped_run(model, model["random"], model["weights"], f"input.dir={photos}", f"output.dir={run}",
+                           "num_shards=2", *SLURM, "launcher.wait=true", timeout=600)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, (p.stdout, p.stderr)
+    print(f"ended in {took:.1f} s (submission and scheduling included)")
+    s = run_cli("status", run, check=False)
+    assert s.stdout.count(PARSE) == 2, s.stdout
+    for i in range(2):
+        beat = json.loads((run / "status" / f"shard-{i:05d}-of-00002.json").read_text())
+        assert beat["state"] == "failed" and PARSE in beat["error"], beat
