@@ -437,7 +437,7 @@ class SimulatedEngine(Engine):
 
 def host_value(spec: str, host: str) -> Optional[str]:
     """'node2:3,node3:1.5' -> '3' for host node2 (pure): the simulated engine's per-host slow
-    factor (CAFFE_RUNNER_SIM_SLOW_HOSTS) or gate file (CAFFE_RUNNER_SIM_HANG_HOSTS)."""
+    factor (CAFFE_RUNNER_SIM_SLOW_HOSTS) or gate file (CAFFE_RUNNER_SIM_HANG_HOSTS: gate_allows)."""
     for item in spec.split(","):
         name, sep, value = item.strip().partition(":")
         if sep and name == host:
