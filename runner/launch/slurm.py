@@ -343,7 +343,7 @@ class SlurmLauncher(Launcher):
 def launch_slurm(cfg, accepted: Callable, launcher: SlurmLauncher) -> Dict:
     max_size = max_array_size()  # also: is the controller there?
     # the run's shards: num_shards tasks x launcher.shards_per_task (at most one per image)
-    run = prepare_run(cfg, launcher, explicit_shards=None if int(lc.get("shards_per_task", 1) or 1) > 1
+    run = prepare_run(cfg, launcher, explicit_shards=None if int(cfg.launcher.get("shards_per_task", 1) or 1) > 1
                       else cfg.num_shards)
     accepted(run)
     try:
