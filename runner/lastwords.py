@@ -17,13 +17,14 @@ import signal
 from typing import Optional
 
 # glog's prefix: severity letter, [yyyy]mmdd, time, thread id, file:line]
-_GLOG_FATAL = re.compile(r"^F(?:\d{4})?\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ (\S+:\d+\] .*)$")
+# (the source location "net.cpp:822] " is left out: the message is what the user acts on)
+_GLOG_FATAL = re.compile(r"^F(?:\d{4})?\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\] (.*)$")
 _CHECK_FAILED = re.compile(r"Check failed: .*")
 _MAX_CHARS = 600  # one line in a terminal's scrollback, not a page
 
 
 def caffe_last_words(text: str) -> Optional[str]:
-    """Caffe's fatal line in a process's stderr ("net.cpp:822] Cannot copy param 0 ..."), the
+    """Caffe's fatal line in a process's stderr ("Cannot copy param 0 ..."), the
     last one when there are several; None when Caffe did not abort. Without glog's prefix (a
     log that lost it), the last line holding "Check failed:" is taken."""
     fatal = check = None

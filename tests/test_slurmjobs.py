@@ -145,14 +145,14 @@ def test_a_task_that_said_why_keeps_its_words_and_caffe_is_quoted():
     log = ("I1205 10:00:00.000000  4242 net.cpp:100] Creating layer conv\n"
            "F1205 10:00:01.123456  4242 blob.cpp:133] Check failed: data_\n*** Check failure stack trace: ***\n")
     st = apply_slurm_word(_st(), _word("FAILED", exit_code="0:6"), log)
-    assert st["last_words"] == "blob.cpp:133] Check failed: data_"
-    assert st["error"].endswith("; Caffe said: blob.cpp:133] Check failed: data_")
+    assert st["last_words"] == "Check failed: data_"
+    assert st["error"].endswith("; Caffe said: Check failed: data_")
 
 
 @pytest.mark.parametrize("text,words", [
-    ("F1205 10:00:01.123456  4242 blob.cpp:133] Check failed: data_\n", "blob.cpp:133] Check failed: data_"),
+    ("F1205 10:00:01.123456  4242 blob.cpp:133] Check failed: data_\n", "Check failed: data_"),
     ("E1205 x\nF0101 00:00:00.000001 7 net.cpp:1] first\nF0101 00:00:00.000002 7 net.cpp:2] second\n",
-     "net.cpp:2] second"),
+     "second"),
     ("terminate: Check failed: x == y (1 vs. 2)\n", "Check failed: x == y (1 vs. 2)"),
     ("I1205 10:00:00.000000 1 net.cpp:100] fine\nFOO 1\n", None), ("", None)])
 def test_caffe_last_words(text, words):
