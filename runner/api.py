@@ -42,26 +42,44 @@ class Run:
         return cls(path)
 
     def status(self) -> Dict:
-        """What `caffe-runner status --json` prints: state, counts, per-shard progress."""
+        """What `caffe-runner status --json` prints: state, counts, per-shard progress, and for
+        a Slurm run Slurm's word on every shard whose files fell silent."""
         from .status import run_status
 
-        return run_status(self.path, use_sacct=False)
+        return run_status(self.path)
 
     def done(self) -> bool:
         return self.status()["state"] == "merged"
 
     def wait(self, timeout_s: Optional[float] = None, poll_s: float = 2.0) -> "Run":
-        """Block until the merged features exist. Raises ShardFailedError when a shard failed
-        and nothing is left running, TimeoutError after timeout_s."""
+        """Block until the merged features exist. Returns or raises within a bounded time once
+        no task of the run is alive (Slurm says pending/running/requeued, or a fresh heartbeat):
+        ShardFailedError when a shard failed or was killed (its cause and next step in the
+        message), RunnerError when the run stopped unfinished; TimeoutError after timeout_s."""
+        from .rundir import launch_holder
+
         t0 = time.time()
         while True:
             st = self.status()
             if st["state"] == "merged":
                 return self
-            if st["state"] == "failed" and not st["counts"].get("running"):
+            settled = not st.get("alive") and not launch_holder(self.path)
+            merge = (st.get("slurm_word") or {}).get("merge") or {}
+            if settled and st["state"] == "failed":
                 bad = [s for s in st["shards"] if s["state"] == "failed"]
-                raise ShardFailedError(f"{len(bad)} shard(s) of {self.path} failed ({bad[0].get('error')}); "
-                                       "run the same extraction again to redo only those")
+                raise ShardFailedError(f"{len(bad)} shard(s) of {self.path} failed: "
+                                       + "; ".join(f"shard {s['shard']}: {s.get('error')}" for s in bad[:5])
+                                       + ("; ..." if len(bad) > 5 else "")
+                                       + "; run the same extraction again to redo only those")
+            if settled and st["state"] == "done" and not merge.get("alive"):
+                raise RunnerError(f"every shard of {self.path} is complete but nothing merges them"
+                                  + (f" (merge job {merge['job_id']}: {merge.get('state') or 'gone'})" if merge else "")
+                                  + f": `caffe-runner merge {self.path}` merges them")
+            if settled and st["state"] == "incomplete":
+                raise RunnerError(f"{self.path} is not finished and nothing runs it any more ({st['done']}/"
+                                  f"{st['images']} images, shards: " + ", ".join(
+                                      f"{v} {k}" for k, v in sorted(st["counts"].items()))
+                                  + "): run the same extraction again to finish it")
             if timeout_s is not None and time.time() - t0 > timeout_s:
                 raise TimeoutError(f"{self.path} is not finished after {timeout_s} s: {st['state']}, "
                                    f"{st['done']}/{st['images']} images")

@@ -526,11 +526,11 @@ def _watch_status(args) -> int:
         sys.stdout.write("\x1b[2J")  # once: start on a clear screen
     try:
         while True:
-            st = run_status(Path(args.run_dir), use_sacct=False)
+            st = run_status(Path(args.run_dir), use_sacct=not args.no_sacct)
             text = format_status(st)
             # the end: merged, or nothing running and no launch holding the run (a local launch
             # merges after its last shard; a Slurm run's merge job runs on its own)
-            ended = st["state"] == "merged" or (not st["counts"].get("running") and not _launch_held(Path(args.run_dir))
+            ended = st["state"] == "merged" or (not st.get("alive") and not _launch_held(Path(args.run_dir))
                                                 and not _slurm_queued(Path(args.run_dir)))
             stamp = (f"(the run is {st['state']}: nothing is running, nothing more to watch)" if ended else
                      f"(refreshed {_time.strftime('%H:%M:%S')} every {interval:g} s; Ctrl-C stops watching)")
@@ -550,7 +550,7 @@ def _watch_status(args) -> int:
             _time.sleep(interval)
     except KeyboardInterrupt:
         print()
-        return _status_code(run_status(Path(args.run_dir), use_sacct=False))
+        return _status_code(run_status(Path(args.run_dir), use_sacct=not args.no_sacct))
 
 
 def _slurm_queued(run_dir: Path) -> bool:

@@ -1,11 +1,12 @@
 """The per-shard event log: the history a heartbeat (overwritten every few seconds) forgets.
 
   events/<shard name>.jsonl   one JSON object per line, appended by the task that runs the shard:
-    {"t": unix time, "event": "started" | "resumed" | "progress" | "finished" | "failed",
+    {"t": unix time, "event": "started" | "resumed" | "progress" | "finished" | "failed" | "requeued",
      "host", "pid", "job_id", "restart" (Slurm requeues), "gpu", "done", "rows", "failures", ...}
 
 Each attempt at a shard (a process, a requeue, a resume) begins with "started" (or "resumed"
-when the shard file already held committed rows) and ends with "finished" or "failed"; an
+when the shard file already held committed rows) and ends with "finished", "failed" or
+"requeued" (submitit requeued the task on timeout or preemption: not a failure); an
 attempt killed without a word (scancel, kill -9, a node lost) simply stops, and readers end it
 at its last line. "progress" lines give images/s over time.
 
@@ -29,7 +30,7 @@ PROGRESS_STEP = 200
 MAX_LINES = 1000
 HARD_MAX_LINES = 1200
 ATTEMPT_EVENTS = ("started", "resumed")
-END_EVENTS = ("finished", "failed")
+END_EVENTS = ("finished", "failed", "requeued")
 
 
 def task_fields(ident) -> Dict[str, object]:
@@ -96,7 +97,7 @@ def read_events(path: Path) -> List[Dict]:
 
 def attempts(events: List[Dict]) -> List[Dict]:
     """Group one shard's events into attempts (pure): each has start, end, outcome
-    ("finished", "failed", or "ended" when the log just stops), host, job, gpu, and its
+    ("finished", "failed", "requeued", or "ended" when the log just stops), host, job, gpu, and its
     progress samples [(t, done)]."""
     out: List[Dict] = []
     cur: Optional[Dict] = None

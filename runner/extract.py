@@ -32,6 +32,7 @@ from .preprocess import oversample as oversample_crops
 from .errors import ShardBusyError
 from .events import EventLog, events_path, task_fields
 from .features import FeaturePost, pooled_shape
+from .liveness import Heart
 from .runtimes.identity import image_label
 from .task import TaskIdentity, configure_threads, default_threads, task_identity
 from .testgate import gate
@@ -42,7 +43,8 @@ class _Progress:
     """Counts what has been committed to disk; writes heartbeats and, under Slurm, log lines."""
 
     def __init__(self, run, index: int, total: int, done: int, ident: TaskIdentity,
-                 heartbeat_s: float, log_interval_s: float, log_path: Optional[str], events: "EventLog"):
+                 heartbeat_s: float, log_interval_s: float, log_path: Optional[str], events: "EventLog",
+                 heart: Heart):
         self.run, self.index, self.num_shards = run, index, run.num_shards
         self.events = events
         self.total, self.done, self.start_done = total, done, done
@@ -50,6 +52,7 @@ class _Progress:
         self.ident = ident
         self.heartbeat_s, self.log_interval_s = heartbeat_s, log_interval_s
         self.log_path = log_path
+        self.heart = heart  # writes the beats, and beats between them from its own thread
         self.t0 = time.time()
         self.last_beat = self.last_log = 0.0
         self.beat("running", force=True)
@@ -61,14 +64,18 @@ class _Progress:
 
     def beat(self, state: str, force: bool = False, **extra) -> None:
         now = time.time()
+        fields = dict(state=state, shard=self.index, done=self.done, total=self.total, rows=self.rows,
+                      failures=self.failures, rate=round(self.rate, 3), job_id=self.ident.job_id, started=self.t0,
+                      log=self.log_path, image=image_label(), **extra)
         if force or now - self.last_beat >= self.heartbeat_s:
             self.last_beat = now
-            self.run.write_heartbeat(self.index, dict(
-                state=state, shard=self.index, done=self.done, total=self.total, rows=self.rows,
-                failures=self.failures, rate=round(self.rate, 3), host=self.ident.host, pid=self.ident.pid,
-                job_id=self.ident.job_id, started=self.t0, log=self.log_path, image=image_label(), **extra))
+            if state != "running":
+                self.heart.stop()  # the last word: no "running" beat from the thread after it
+            self.heart.beat(fields)
             if state == "running":
                 self.events.progress(done=self.done, rows=self.rows, failures=self.failures)
+        else:
+            self.heart.update(fields)  # the beat thread's next beat carries the latest counts
         if self.log_interval_s and (now - self.last_log >= self.log_interval_s or state != "running"):
             self.last_log = now
             eta = (self.total - self.done) / self.rate if self.rate > 0 else float("nan")
@@ -379,13 +386,18 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
     run.rundir.shards_dir.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(run.rundir.path)
     log_path = os.environ.get("CAFFE_RUNNER_LOG")
-    progress = None
+    progress = heart = None
     events = EventLog(events_path(run.rundir.path, final.stem), task_fields(ident))
     try:
         with ShardLock(run.lock_path(index)):
             if run.shard_done(index):  # finished by the lock's previous holder
                 return {"shard": index, "skipped": True}
             t_lock = time.time()
+            # beats from now on, also while the model loads (no "done" yet: status reads the
+            # partial file's count until the first batch's beat)
+            heart = Heart(lambda beat: run.write_heartbeat(index, beat), cfg.heartbeat_s,
+                          dict(state="running", phase="loading", shard=index, job_id=ident.job_id,
+                               started=t_lock, log=log_path, image=image_label())).start()
             # the files may have changed since the plan proved them: a pair Caffe cannot load would
             # abort this process inside load_engine; the check's child dies instead, and its line
             # is this shard's error (cheap when this pair was proven: runner/modelcheck.py)
@@ -401,7 +413,7 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
                 slurm = bool(ident.job_id)
                 progress = _Progress(run, index, op.stop - op.start, op.writer.next, ident, cfg.heartbeat_s,
                                      float(cfg.launcher.get("log_interval_s", 30)) if slurm else 0.0, log_path,
-                                     events)
+                                     events, heart)
                 progress.rows, progress.failures = op.writer.rows, op.writer.n_failures
                 stats = _forward_loop(run, index, op, reader, progress, parts)
                 gate(f"finish-{index}")
@@ -416,16 +428,37 @@ def run_shard(cfg, index: int, threads: Optional[int] = None) -> Dict:
                      progress.failures, final)
             return {"shard": index, "rows": progress.rows, "failures": progress.failures, **stats}
     except BaseException as e:
+        if heart is not None:
+            heart.stop()
         if not isinstance(e, (KeyboardInterrupt, ShardBusyError)):
-            beat = dict(state="failed", shard=index, error=f"{type(e).__name__}: {e}",
-                        traceback=traceback.format_exc(), host=ident.host, pid=ident.pid, job_id=ident.job_id,
-                        log=log_path)
-            if progress is not None:
-                beat.update(done=progress.done, total=progress.total, rows=progress.rows, failures=progress.failures)
-            events.write("failed", error=beat["error"][:300], **{k: beat[k] for k in ("done", "rows", "failures")
-                                                                 if k in beat})
-            try:
-                run.write_heartbeat(index, beat)
-            except Exception:
-                pass
+            _last_word(run, index, e, ident, log_path, progress, heart, events)
         raise
+    finally:
+        if heart is not None:
+            heart.stop()
+
+
+def _last_word(run, index: int, e: BaseException, ident: TaskIdentity, log_path: Optional[str],
+               progress: Optional[_Progress], heart: Optional[Heart], events: EventLog) -> None:
+    """The heartbeat and event a stopped task leaves. Under Slurm a SystemExit is submitit
+    requeueing the task (its SIGUSR2 handler, on timeout or preemption, runs `scontrol requeue`
+    then sys.exit(-1)): the shard is "requeued" and resumes when Slurm restarts the task; it
+    has not failed. Anything else is a failure, with its error."""
+    requeued = isinstance(e, SystemExit) and bool(ident.job_id)
+    beat = dict(state="requeued" if requeued else "failed", shard=index, host=ident.host, pid=ident.pid,
+                job_id=ident.job_id, log=log_path, restart=ident.restart_count)
+    if heart is not None:
+        beat.update(heart.where, seq=heart.seq + 1, interval_s=heart.interval_s)
+    if not requeued:
+        beat.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+    if progress is not None:
+        beat.update(done=progress.done, total=progress.total, rows=progress.rows, failures=progress.failures)
+    counts = {k: beat[k] for k in ("done", "rows", "failures") if k in beat}
+    if requeued:
+        events.write("requeued", **counts)
+    else:
+        events.write("failed", error=beat["error"][:300], **counts)
+    try:
+        run.write_heartbeat(index, beat)
+    except Exception:
+        pass

@@ -35,9 +35,12 @@ EXAMPLES = 3
 # shard attributes that are bookkeeping, not figures worth a column in the report
 _NOT_FIGURES = {"rows", "n_failures", "next", "start", "stop", "shard", "num_shards", "pid", "manifest_count",
                 "format_version", "complete", "resumed"}
-COLORS = {"finished": "#2e7d32", "failed": "#c62828", "ended": "#ef6c00", "running": "#1565c0"}
-OUTCOME_TEXT = {"finished": "finished", "failed": "failed", "ended": "stopped (killed, requeued or preempted)",
-                "running": "running now"}
+COLORS = {"finished": "#2e7d32", "failed": "#c62828", "killed": "#8e0000", "requeued": "#6a1b9a",
+          "ended": "#ef6c00", "running": "#1565c0"}
+OUTCOME_TEXT = {"finished": "finished", "failed": "failed", "killed": "killed by Slurm",
+                "requeued": "requeued (resumes when Slurm restarts it)",
+                "ended": "stopped (killed, requeued or preempted)", "running": "running now"}
+FAILED_OUTCOMES = ("failed", "killed")
 
 
 # ---- what the run directory says --------------------------------------------------------
@@ -54,6 +57,12 @@ def _shard_attempts(run, i: int, now: float, st: Dict) -> List[Dict]:
         beat_t = now - float(st.get("age_s") or 0.0)
         if beat_t > max((t for t, _ in att[-1]["samples"]), default=0):
             att[-1]["samples"].append((beat_t, int(st["done"])))
+    elif att and att[-1]["outcome"] == "ended" and (st.get("cause") or state == "requeued"):
+        # the attempt stopped without a word; Slurm's word (status) says how
+        if state == "requeued":
+            att[-1]["outcome"] = "requeued"
+        else:
+            att[-1]["outcome"], att[-1]["error"] = "killed", st.get("error")
     if not att and final.exists():
         import h5py
 
@@ -104,7 +113,7 @@ def collect(run_dir: Path) -> Dict:
     run = load_run_dir(run_dir)
     rd = run.rundir.path
     now = time.time()
-    st = run_status(rd, use_sacct=False)
+    st = run_status(rd)  # with Slurm's word on tasks that fell silent
     attempts: List[Dict] = []
     reasons: Counter = Counter()
     examples: Dict[str, List[str]] = {}
@@ -403,7 +412,7 @@ def render(data: Dict) -> str:
     summary = [("images", f"{st['images']:,}"), ("accounted for", f"{done:,} ({st['rows']:,} features, "
                                                                    f"{st['failures']:,} failures)"),
                ("shards", ", ".join(f"{v} {k}" for k, v in sorted(st["counts"].items())) + f" of {n}"),
-               ("task attempts", f"{len(attempts)} ({sum(1 for a in attempts if a['outcome'] == 'failed')} failed, "
+               ("task attempts", f"{len(attempts)} ({sum(1 for a in attempts if a['outcome'] in FAILED_OUTCOMES)} failed, "
                                  f"{sum(1 for a in attempts if a['kind'] == 'resumed')} resumed)"),
                ("first start / last event", f"{_when(t0)} / {_when(t_last)} ({_dur(wall)})" if attempts else "none"),
                ("throughput", f"{done / wall:.1f} images/s over the run's wall-clock" if wall > 0 else "")]

@@ -348,7 +348,8 @@ class RunConf:
     # with it, whatever the machine's speed): batch k (from 0, per task) starts once the file
     # holds a number > k, or "open"; null: no gate
     simulated_gate: Optional[str] = None
-    # seconds between heartbeat writes (status, progress)
+    # seconds between heartbeat writes (status, progress); a thread beats also between batches and
+    # while the model loads, at least every 30 s; a beat is stale after 3 of its intervals
     heartbeat_s: float = 2.0
     # what makes a run fail (run.max_failure_fraction)
     run: RunOptsConf = field(default_factory=RunOptsConf)

@@ -1,22 +1,24 @@
-"""`caffe-runner status RUN_DIR`: per-shard state from the run directory's files, so it works
-where sacct is disabled; Slurm's view is added when sacct answers."""
+"""`caffe-runner status RUN_DIR`: per-shard state from the run directory's files, then, for a
+Slurm run, Slurm's word (slurmjobs.py) on every shard whose files fell silent: a task killed
+without a word (OOM, a lost node, scancel -s KILL, a time limit) reads as what killed it, with
+the next step, instead of "running" for ever; a requeued task reads "requeued", not "failed"."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from .inputs.listing import describe as describe_listing
 from .plan import load_run_dir
 from .rundir import launch_holder, pid_alive, shard_file_counts
+from .lastwords import caffe_last_words
+from .liveness import beat_age_s, judge, lost, pid_namespace
+from .slurmjobs import JobWord, query_jobs
 from .stats import top_reasons
 
-STALE_S = 120.0  # a running heartbeat older than this is "stalled"
 # less free space than this where the run is: a shard stopped there ran out of it (a shard that
 # stops on a full disk cannot write the heartbeat that would say so)
 NO_SPACE_BYTES = 1 << 20
@@ -31,10 +33,14 @@ def out_of_space(path: Path) -> bool:
     return s.f_bavail * s.f_frsize < NO_SPACE_BYTES
 
 
-def shard_state(run, i: int, now: float) -> Dict:
+def shard_state(run, i: int, now: float, here: Optional[Tuple[str, str]] = None) -> Dict:
+    """Shard i's state from the run directory's files alone: done, failed, requeued, running,
+    interrupted or pending; `beat` says what its heartbeat proves (liveness.judge). `here`:
+    (host, pid namespace) of this process, where pids can be checked."""
+    host, pidns = here or (socket.gethostname(), pid_namespace())
     start, stop = run.shard_range(i)
     hb = run.read_heartbeat(i) or {}
-    st = {"shard": i, "total": stop - start, "done": int(hb.get("done", 0)), "rate": hb.get("rate"),
+    st = {"shard": i, "total": stop - start, "done": int(hb.get("done") or 0), "rate": hb.get("rate"),
           "rows": int(hb.get("rows") or 0), "failures": int(hb.get("failures") or 0),
           "host": hb.get("host"), "pid": hb.get("pid"), "started": float(hb.get("started", 0)),
           "job_id": hb.get("job_id"), "log": hb.get("log"), "image": hb.get("image")}
@@ -44,15 +50,25 @@ def shard_state(run, i: int, now: float) -> Dict:
         return st
     if hb.get("state") == "failed":
         st.update(state="failed", error=hb.get("error"))
+    elif hb.get("state") == "requeued":
+        st.update(state="requeued")  # submitit requeued it (timeout, preemption): it resumes when restarted
     elif hb.get("state") == "running":
-        age = now - float(hb.get("updated", 0))
-        alive = pid_alive(int(hb["pid"])) if hb.get("host") == socket.gethostname() and hb.get("pid") else age < STALE_S
-        st.update(state="running" if alive else "interrupted", age_s=round(age, 1))
+        try:
+            mtime: Optional[float] = os.stat(run.rundir.heartbeat_path(i, run.name_total(i))).st_mtime
+        except OSError:
+            mtime = None
+        age = beat_age_s(hb, mtime, now)
+        beat = judge(hb, age, host, pidns, pid_alive)
+        # a stale beat is not a death certificate: Slurm is asked (run_status); where no one can
+        # be asked it is dead only past the clock-skew allowance (liveness.py)
+        alive = beat in ("alive", "fresh") or (beat == "stale" and not lost(hb, age, host))
+        st.update(state="running" if alive else "interrupted", age_s=round(age, 1), beat=beat,
+                  phase=hb.get("phase"))
     elif run.partial_path(i).exists():
         st.update(state="interrupted")
     else:
         st.update(state="pending")
-    if st["state"] == "running":
+    if st["state"] == "running" and hb.get("phase") != "loading":
         return st  # its heartbeat is the news; its partial file is being written
     # no process writes this shard: its files hold the truth, not a heartbeat written up to
     # heartbeat_s before a Ctrl-C, or one left by a shard file since deleted
@@ -79,28 +95,218 @@ def finish_advice(run) -> str:
     return "rerun the extraction (same command) to finish them"
 
 
-def _sacct(job_ids: List[str]) -> Optional[Dict[str, str]]:
-    if not job_ids or not shutil.which("sacct"):
-        return None
+# ---- Slurm's word ---------------------------------------------------------------------------
+
+def _duration(seconds: Optional[int]) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 120:
+        return f" after {seconds} s"
+    if seconds < 7200:
+        return f" after {seconds // 60} min"
+    return f" after {seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+OOM_MARKS = ("exceeded memory limit", "out of memory", "oom-kill", "oom_kill", "outofmemory")
+
+
+def killed_by_oom(log_tail: str) -> bool:
+    """Slurm's own line in the task's stderr when it killed a step over its memory
+    (jobacct_gather's OverMemoryKill, or the cgroup OOM killer): sacct then may say only FAILED (pure)."""
+    low = log_tail.lower()
+    return any(m in low for m in OOM_MARKS)
+
+
+def slurm_cause(word: JobWord, log_tail: str) -> str:
+    """The cause of a task's end, in Slurm's words (pure): its state, or OUT_OF_MEMORY when its
+    log says Slurm killed it for memory."""
+    if word.state != "OUT_OF_MEMORY" and word.state in ("FAILED", "CANCELLED", "COMPLETED") and killed_by_oom(log_tail):
+        return "OUT_OF_MEMORY"
+    return word.state
+
+
+def death_message(cause: str, word: JobWord, done: int, total: int, mem_gb=None, timeout_min=None,
+                  log_path: Optional[str] = None, last_words: Optional[str] = None) -> str:
+    """What killed a task and what to do, in one line (pure), e.g. 'killed by Slurm:
+    OUT_OF_MEMORY on node2 after 12 min; raise launcher.mem_gb (now 1) and rerun the command:
+    3,120 of 8,000 images are kept'."""
+    where = (f" on {word.node}" if word.node else "") + _duration(word.elapsed_s)
+    log_hint = f"; its log: {log_path}" if log_path else ""
+    if cause == "OUT_OF_MEMORY":
+        what = f"killed by Slurm: OUT_OF_MEMORY{where}; raise launcher.mem_gb" + (
+            f" (now {mem_gb:g})" if mem_gb is not None else "") + " and rerun the command"
+    elif cause == "TIMEOUT":
+        what = (f"killed by Slurm: TIMEOUT{where}, not requeued (launcher.max_num_timeout used up); raise "
+                "launcher.timeout_min" + (f" (now {timeout_min})" if timeout_min is not None else "")
+                + " or num_shards and rerun the command")
+    elif cause == "NODE_FAIL":
+        what = f"killed by Slurm: NODE_FAIL (its node was lost){where}; rerun the command"
+    elif cause == "CANCELLED":
+        what = f"killed by Slurm: CANCELLED (scancel){where}; rerun the command to finish it"
+    elif cause == "PREEMPTED":
+        what = f"killed by Slurm: PREEMPTED{where}, not requeued; rerun the command"
+    elif cause == "FAILED":
+        what = (f"the task failed in Slurm: FAILED, exit code {word.exit_code or '?'}{where}{log_hint}; fix the "
+                "cause and rerun the command")
+    elif cause == "COMPLETED":
+        what = f"the task ended{where} without completing its shard{log_hint}; rerun the command"
+    else:
+        what = f"ended in Slurm: {cause}{where}{log_hint}; rerun the command"
+    kept = f": {done:,} of {total:,} images are kept" if done else " (the shard starts over)"
+    return what + kept + (f"; Caffe said: {last_words}" if last_words else "")
+
+
+# what a pending task waits for, when the user can do something about it (or should know)
+PENDING_HINTS = {
+    "JobHeldUser": "held: `scontrol release JOBID` lets it start",
+    "JobHeldAdmin": "held by an administrator",
+    "PartitionDown": "its partition is down: it starts when the partition is up again",
+    "PartitionInactive": "its partition is inactive: it starts when the partition is up again",
+    "ReqNodeNotAvail": "the nodes it may use are not available (down or drained)",
+    "JobArrayTaskLimit": "launcher.array_parallelism tasks already run",
+    "BeginTime": "Slurm holds a requeued task about 2 min before it may start again",
+    "DependencyNeverSatisfied": "its dependency can never be met: scancel it and rerun the command",
+}
+
+
+def _pending(reason: str, job_id: str) -> str:
+    hint = PENDING_HINTS.get(reason, "")
+    return f"pending ({reason or 'queued'}{': ' + hint.replace('JOBID', job_id) if hint else ''})"
+
+
+def apply_slurm_word(st: Dict, word: Optional[JobWord], log_tail: str = "", mem_gb=None,
+                     timeout_min=None, log_path: Optional[str] = None) -> Dict:
+    """Shard state `st` (from shard_state) with Slurm's word on its latest job (pure): the
+    queue and the accounting decide whether a task whose files fell silent lives, and how it
+    ended. `alive`: whether a task may still write this shard."""
+    st = dict(st)
+    if st["state"] == "done":
+        st["alive"] = False
+        return st
+    if word is None:
+        st["alive"] = st["state"] == "running"
+        return st
+    st["slurm"] = {"job_id": word.job_id, "state": word.state, "reason": word.reason, "node": word.node,
+                   "source": word.source}
+    if word.alive:
+        st["alive"] = True
+        was_here = st["state"] in ("running", "interrupted", "requeued", "failed") and (
+            not st.get("job_id") or st.get("job_id") == word.job_id)
+        if word.state == "PENDING":
+            if word.requeued or (was_here and st["state"] != "failed" and st.get("job_id")):
+                after = [e for e in word.earlier if e != "REQUEUED"]
+                st.update(state="requeued", note=f"requeued by Slurm{' after ' + after[-1] if after else ''}; "
+                                                 + _pending(word.reason, word.job_id))
+            else:
+                st.update(state="pending", note=f"in Slurm's queue, {_pending(word.reason, word.job_id)}")
+        elif word.state.startswith("REQUEUE"):
+            st.update(state="requeued", note=f"Slurm: {word.state}")
+        else:
+            on = f" on {word.node}" if word.node else ""
+            if st["state"] == "running" and st.get("beat") in ("alive", "fresh"):
+                pass  # the heartbeat is the news
+            else:
+                silent = ("no heartbeat yet" if not st.get("age_s") else
+                          f"its heartbeat is {st['age_s']:.0f} s old")
+                st.update(state="running", note=f"Slurm: {word.state}{on}, {silent}")
+        return st
+    # Slurm says the task is over and its shard is not complete
+    st["alive"] = False
+    cause = slurm_cause(word, log_tail)
+    st["cause"] = cause
+    if st["state"] == "failed" and st.get("error") and st.get("job_id") == word.job_id and cause != "OUT_OF_MEMORY":
+        return st  # the task said why itself, more precisely than Slurm can
+    last = caffe_last_words(log_tail) if log_tail else None
+    st.update(state="failed", error=death_message(cause, word, int(st.get("done") or 0), int(st["total"]), mem_gb,
+                                                  timeout_min, log_path, last))
+    if last:
+        st["last_words"] = last
+    return st
+
+
+def _latest_jobs(run_dir: Path) -> Tuple[Dict[int, Dict], List[str]]:
+    """{shard: its latest submission's task record}, and the merge job ids, from submissions.json."""
     try:
-        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted(set(job_ids)))],
-                             capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    states = {}
-    for line in out.stdout.splitlines():
-        if "|" in line:
-            jid, state = line.split("|", 1)
-            states[jid.strip()] = state.strip()
-    return states
+        subs = json.loads((Path(run_dir) / "submissions.json").read_text())
+    except (OSError, ValueError):
+        return {}, []
+    tasks: Dict[int, Dict] = {}
+    merges: List[str] = []
+    for sub in subs if isinstance(subs, list) else []:
+        for t in sub.get("tasks", []):
+            tasks[int(t["shard"])] = t
+        if sub.get("merge_job_id"):
+            merges.append(str(sub["merge_job_id"]))
+    return tasks, merges
 
 
-def run_status(run_dir: Path, use_sacct: bool = True) -> Dict:
+def _log_tail(path: Optional[str], limit: int = 64 * 1024) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _needs_asking(st: Dict) -> bool:
+    """Slurm is asked about every shard not complete whose files fell silent (a stale or absent
+    heartbeat, a dead pid) or that says it was requeued or failed (a new job may be queued)."""
+    return st["state"] != "done" and not (st["state"] == "running" and st.get("beat") in ("alive", "fresh"))
+
+
+def slurm_view(run, states: List[Dict], accounting: bool = True) -> Tuple[List[Dict], Dict]:
+    """The states with Slurm's word applied (one batched query), and the run's Slurm summary:
+    {sources, problems, merge: {job_id, state} or None}."""
+    tasks, merges = _latest_jobs(run.rundir.path)
+    if not tasks:
+        return [dict(s, alive=s["state"] == "running") for s in states], {}
+    ask = {s["shard"]: tasks[s["shard"]]["job_id"] for s in states if s["shard"] in tasks and _needs_asking(s)}
+    # the merge job matters once the shards are complete and the merged file is not there yet
+    merge_ids = merges[-1:] if ask or not run.rundir.merged.exists() else []
+    if not ask and not merge_ids:
+        return [dict(s, alive=s["state"] == "running") for s in states], {}
+    word = query_jobs(list(ask.values()) + merge_ids, accounting=accounting)
+    lc = getattr(run.cfg, "launcher", None)
+    mem_gb = float(lc.mem_gb) if lc is not None and lc.get("mem_gb") is not None else None
+    timeout_min = int(lc.timeout_min) if lc is not None and lc.get("timeout_min") is not None else None
+    out = []
+    for s in states:
+        i = s["shard"]
+        if i not in ask:
+            out.append(dict(s, alive=s["state"] == "running"))
+            continue
+        w = word.get(ask[i])
+        if w is not None and not w.alive and run.shard_done(i):
+            # it completed its shard between our look at the files and Slurm's answer
+            out.append(shard_state(run, i, time.time()) | {"alive": False})
+            continue
+        stderr = tasks[i].get("stderr")
+        tail = _log_tail(stderr) if w is not None and not w.alive else ""
+        s = dict(s, job_id=s.get("job_id") or ask[i], log=s.get("log") or stderr)
+        out.append(apply_slurm_word(s, w, tail, mem_gb, timeout_min, stderr))
+    merge = None
+    if merge_ids:
+        mw = word.get(merges[-1])
+        merge = {"job_id": merges[-1], "state": mw.state if mw else None, "alive": bool(mw and mw.alive)}
+    return out, {"sources": word.sources, "problems": word.problems, "merge": merge}
+
+
+def run_status(run_dir: Path, use_sacct: bool = True, use_slurm: bool = True) -> Dict:
+    """The run's state for status/report/wait: files first, then (a Slurm run) Slurm's word
+    on every shard whose files fell silent: squeue, sacct (use_sacct) or scontrol."""
     run = load_run_dir(run_dir)
     now = time.time()
-    shards = [shard_state(run, i, now) for i in range(run.num_shards)]
+    here = (socket.gethostname(), pid_namespace())
+    shards = [shard_state(run, i, now, here) for i in range(run.num_shards)]
+    slurm: Dict = {}
+    if use_slurm:
+        shards, slurm = slurm_view(run, shards, accounting=use_sacct)
+    else:
+        shards = [dict(s, alive=s["state"] == "running") for s in shards]
     counts: Dict[str, int] = {}
     for s in shards:
         counts[s["state"]] = counts.get(s["state"], 0) + 1
@@ -112,14 +318,18 @@ def run_status(run_dir: Path, use_sacct: bool = True) -> Dict:
     done = sum(s["done"] for s in shards)
     rate = sum(float(s["rate"] or 0) for s in shards if s["state"] == "running")
     eta = (total - done) / rate if rate > 0 else None
+    in_flight = any(s.get("alive") for s in shards)
     state = "done" if counts.get("done", 0) == run.num_shards else (
-        "failed" if counts.get("failed") else "running" if counts.get("running") else "incomplete")
+        "failed" if counts.get("failed") else "running" if in_flight else "incomplete")
     if state == "done" and run.rundir.merged.exists():
         state = "merged"
     result = {"run_dir": str(run.rundir.path), "state": state, "images": total, "done": done,
               "listing": run.plan.get("listing"),
               "rows": sum(s["rows"] for s in shards), "failures": sum(s["failures"] for s in shards),
-              "rate": rate, "eta_s": eta, "counts": counts, "shards": shards}
+              "rate": rate, "eta_s": eta, "counts": counts, "shards": shards,
+              "alive": sum(1 for s in shards if s.get("alive"))}
+    if slurm:
+        result["slurm_word"] = slurm
     # which image each shard ran in ("" on the host); shards of one run from several images are flagged
     images: Dict[str, List[int]] = {}
     for s in shards:
@@ -132,11 +342,6 @@ def run_status(run_dir: Path, use_sacct: bool = True) -> Dict:
             result["failures_by_reason"] = json.loads(stats_path.read_text()).get("failures_by_reason", {})
         except (OSError, ValueError):
             pass
-    submissions = run.rundir.path / "submissions.json"
-    if use_sacct and submissions.exists():
-        jobs = json.loads(submissions.read_text())
-        ids = [j["job_id"] for sub in jobs for j in sub.get("tasks", [])]
-        result["slurm"] = _sacct([i.split("_")[0] for i in ids])
     return result
 
 
@@ -154,9 +359,11 @@ def format_status(st: Dict) -> str:
             f" ({s['failures']} failed)" if s.get("failures") else "")
         if s["state"] == "running" and s.get("rate"):
             line += f"  {s['rate']:.1f} img/s on {s.get('host')}"
+        if s.get("note"):  # Slurm's word: pending and why, requeued, running on which node
+            line += f"  {s['note']}"
         if s["state"] == "failed":
-            line += f"  {s.get('error')}  log: {s.get('log')}"
-        if s.get("cause"):
+            line += f"  {s.get('error')}" + ("" if str(s.get("log")) in str(s.get("error")) else f"  log: {s.get('log')}")
+        if s.get("cause") == NO_SPACE:
             line += f"  ({s['cause']})"
         if s.get("foreign_file"):
             line += "  (its file is not this run's complete shard: extracted again and replaced on resume)"
@@ -173,6 +380,10 @@ def format_status(st: Dict) -> str:
                                                       f"{','.join(map(str, sh))}" for label, sh in images.items()))
     elif images and next(iter(images)):
         lines.append(f"image: {next(iter(images))}")
-    if st.get("slurm"):
-        lines.append("slurm (sacct): " + ", ".join(f"{k} {v}" for k, v in sorted(st["slurm"].items())))
+    word = st.get("slurm_word") or {}
+    if word.get("merge"):
+        m = word["merge"]
+        lines.append(f"merge job {m['job_id']}: {m['state'] or 'not known to Slurm'}")
+    if word.get("problems"):
+        lines.append(f"Slurm: {'; '.join(word['problems'])} (states from {', '.join(word['sources']) or 'the files'})")
     return "\n".join(lines)

@@ -516,10 +516,12 @@ def progress_line(st: Dict) -> str:
 
 
 def wait_for(run: Run, jobs, merge_job=None, poll_s: float = 2.0, merge_wait_s: float = 600.0) -> None:
-    """Block until the array ends, with progress from the heartbeat files; report failed
-    tasks with their log paths; then wait for the merge job's features.h5 (at most merge_wait_s
-    once the array has ended) and say what happened: merged, no merge job, or a merge job that
-    ended or is still waiting without the file."""
+    """Block until no task of the array is alive (Slurm's word and the heartbeats, as `status`
+    sees them: a task killed without a word ends the wait within a few heartbeat intervals,
+    with or without sacct), with progress; report unfinished shards with what ended them;
+    then wait for the merge job's features.h5 (at most merge_wait_s once the array has ended)
+    and say what happened: merged, no merge job, or a merge job that ended or is still waiting
+    without the file."""
     bar = None
     if sys.stderr.isatty():
         from tqdm import tqdm
@@ -529,25 +531,27 @@ def wait_for(run: Run, jobs, merge_job=None, poll_s: float = 2.0, merge_wait_s: 
     last_log = 0.0
     try:
         while True:
-            st = run_status(run.rundir.path, use_sacct=False)
+            st = run_status(run.rundir.path)
             if bar is not None:
                 bar.update(st["done"] - last)
                 last = st["done"]
             elif time.time() - last_log > 30:
                 last_log = time.time()
                 log.info("%s", progress_line(st))
-            if all(j.done() for _, j in jobs):
+            if not st["alive"]:
                 break
             time.sleep(poll_s)
     finally:
         if bar is not None:
             bar.close()
+    by_shard = {s["shard"]: s for s in st["shards"]}
     failed = []
     for shard, j in jobs:
         if not run.shard_done(shard):
-            failed.append((shard, j.job_id, str(j.paths.stderr), j.state))
+            s = by_shard.get(shard, {})
+            failed.append((shard, j.job_id, str(j.paths.stderr), s.get("error") or s.get("note") or s.get("state")))
     if failed:
-        lines = "\n".join(f"  shard {s}: job {jid} {state}, log {path}" for s, jid, path, state in failed)
+        lines = "\n".join(f"  shard {s}: job {jid}: {why}; log {path}" for s, jid, path, why in failed)
         raise ShardFailedError(f"{len(failed)} task(s) failed; completed shards are kept. Resubmit the same "
                                f"command to run only the missing shards.\n{lines}")
     rd = run.rundir
@@ -557,15 +561,23 @@ def wait_for(run: Run, jobs, merge_job=None, poll_s: float = 2.0, merge_wait_s: 
         return
     # the merge job follows the array; wait for its file so `wait` returns a finished run
     deadline = time.time() + merge_wait_s
-    while not rd.merged.exists() and not merge_job.done() and time.time() < deadline:
+
+    def merge_word() -> Tuple[bool, str]:
+        """(alive, state): Slurm's word as `status` has it, else what submitit says."""
+        word = (run_status(rd.path).get("slurm_word") or {}).get("merge") or {}
+        if word.get("state"):
+            return bool(word["alive"]), word["state"]
+        return not merge_job.done(), merge_job.state
+
+    alive, state = merge_word()
+    while not rd.merged.exists() and alive and time.time() < deadline:
         time.sleep(poll_s)
+        alive, state = merge_word()
     if rd.merged.exists():
         print(f"done: {rd.merged}", flush=True)
         return
-    ended = merge_job.done()
-    state = merge_job.state
-    what = (f"ended ({state}) without writing it" if ended else
-            f"has not written it after {merge_wait_s:.0f} s (state {state}; it may still run)")
+    what = (f"has not written it after {merge_wait_s:.0f} s (state {state}; it may still run)" if alive
+            else f"ended ({state}) without writing it")
     raise RunnerError(f"all {run.num_shards} shards are complete, but merge job {merge_job.job_id} {what}: "
                       f"{rd.merged} is missing; its log: {merge_job.paths.stderr}; `caffe-runner merge "
                       f"{rd.path}` merges by hand")
