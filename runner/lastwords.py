@@ -1,29 +1,47 @@
-"""Caffe's last words: the line a Caffe abort leaves on stderr (glog's FATAL line, or a
-`Check failed` line), found in the text a dying process wrote, so that the user reads that
-line instead of "a process died". And how a process ended, in words (describe_exit,
-signal_hint): the local launcher's line for a worker that died."""
+"""What a dead process said and how it died, as one phrase for the user (pure functions).
+
+Caffe reports a fatal error through glog and then aborts: the process leaves no Python
+traceback, only a line on its stderr such as
+
+    F1205 15:20:01.123456  4242 net.cpp:822] Cannot copy param 0 weights from layer 'conv1'; shape mismatch. ...
+    *** Check failure stack trace: ***
+
+(`CHECK(...)` failures read `Check failed: <condition> <message>`). That line, not a generic
+"worker died", is the error the user must see. The local launcher reads it from each worker's
+stderr file; under Slurm the same text is the task's submitit log (RUN/logs/*_log.err).
+"""
 from __future__ import annotations
 
 import re
 import signal
 from typing import Optional
 
-# glog's prefix: severity letter, date (MMDD; newer glog: YYYYMMDD), time, thread id, file:line]
-# (F1205 15:03:54.123456 4242 net.cpp:822] ...)
-_GLOG = re.compile(r"^([IWEF])(?:\d{4}|\d{8}) \d\d:\d\d:\d\d\.\d+\s+\d+ [^\]]*\] ?(.*)$")
+# glog's prefix: severity letter, [yyyy]mmdd, time, thread id, file:line]
+# (the source location "net.cpp:822] " is left out: the message is what the user acts on)
+_GLOG_FATAL = re.compile(r"^F(?:\d{4})?\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\] (.*)$")
+_CHECK_FAILED = re.compile(r"Check failed: .*")
+_MAX_CHARS = 600  # one line in a terminal's scrollback, not a page
 
 
 def caffe_last_words(text: str) -> Optional[str]:
-    """The message of the last glog FATAL line in `text` (prefix stripped), else the last line
-    holding `Check failed`, else None."""
-    fatal, check = None, None
-    for line in (text or "").splitlines():
-        m = _GLOG.match(line.strip())
-        if m and m.group(1) == "F" and m.group(2).strip():
-            fatal = m.group(2).strip()
-        elif "Check failed" in line:
-            check = (m.group(2) if m else line).strip()
-    return fatal or check
+    """Caffe's fatal line in a process's stderr ("Cannot copy param 0 ..."), the
+    last one when there are several; None when Caffe did not abort. Without glog's prefix (a
+    log that lost it), the last line holding "Check failed:" is taken."""
+    fatal = check = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        m = _GLOG_FATAL.match(line)
+        if m:
+            fatal = m.group(1)
+            continue
+        m = _CHECK_FAILED.search(line)
+        if m:
+            check = m.group(0)
+    found = fatal or check
+    if found is None:
+        return None
+    found = found.strip()
+    return found if len(found) <= _MAX_CHARS else found[:_MAX_CHARS - 3] + "..."
 
 
 def describe_exit(code: Optional[int]) -> str:

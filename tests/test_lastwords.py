@@ -77,6 +77,7 @@ def test_an_abandoned_writer_is_joined_before_the_file_closes(tmp_path, monkeypa
     from runner.events import EventLog
     from runner.extract import _Progress, _Writer
     from runner.features import FeaturePost
+    from runner.liveness import Heart
     from runner.plan import load_run_dir
     from runner.synthetic import make_run
     from runner.task import task_identity
@@ -89,7 +90,8 @@ def test_an_abandoned_writer_is_joined_before_the_file_closes(tmp_path, monkeypa
     (gates / "written-0-1.hold").touch()
     path = tmp_path / "s.h5"
     w = ShardWriter(path, {"emb": (4,)}, "float32", {}, "fp", 2)
-    progress = _Progress(run, 0, 8, 0, task_identity(), 0.0, 0.0, None, EventLog(tmp_path / "ev.jsonl", {}))
+    heart = Heart(lambda beat: run.write_heartbeat(0, beat), 2.0, {})  # not started: beats only when told
+    progress = _Progress(run, 0, 8, 0, task_identity(), 0.0, 0.0, None, EventLog(tmp_path / "ev.jsonl", {}), heart)
     writer = _Writer(w, progress, FeaturePost(), shard=0)
     writer.start()
     writer.put(_batch(0))

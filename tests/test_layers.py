@@ -17,9 +17,9 @@ RUNNER = Path(__file__).resolve().parent.parent / "runner"
 # lowest first; a module may import from its own layer and the ones before it
 LAYERS: List[Tuple[str, List[str]]] = [
     ("leaves", ["runner", "runner.errors", "runner.shard", "runner.features", "runner.decode", "runner.samples",
-                "runner.capacity", "runner.peakmem", "runner.flops", "runner.lastwords",
-                "runner.schema", "runner.task", "runner.changes", "runner.atomic", "runner.locks",
-                "runner.slurmjobs", "runner.liveness", "runner.testgate"]),
+                "runner.capacity", "runner.peakmem", "runner.flops", "runner.lastwords", "runner.slurmjobs",
+                "runner.liveness", "runner.schema", "runner.task", "runner.changes", "runner.atomic", "runner.locks",
+                "runner.testgate"]),
     ("storage and devices", ["runner.manifest", "runner.rundir", "runner.inflight", "runner.write", "runner.gpu",
                              "runner.device", "runner.selfcheck", "runner.preprocess", "runner.fetch", "runner.events",
                              "runner.private"]),

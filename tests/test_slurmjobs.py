@@ -150,11 +150,10 @@ def test_a_task_that_said_why_keeps_its_words_and_caffe_is_quoted():
 
 
 @pytest.mark.parametrize("text,words", [
-    # main's lastwords (i26-model): the message without glog's source location
     ("F1205 10:00:01.123456  4242 blob.cpp:133] Check failed: data_\n", "Check failed: data_"),
     ("E1205 x\nF0101 00:00:00.000001 7 net.cpp:1] first\nF0101 00:00:00.000002 7 net.cpp:2] second\n",
      "second"),
-    ("terminate: Check failed: x == y (1 vs. 2)\n", "terminate: Check failed: x == y (1 vs. 2)"),
+    ("terminate: Check failed: x == y (1 vs. 2)\n", "Check failed: x == y (1 vs. 2)"),
     ("I1205 10:00:00.000000 1 net.cpp:100] fine\nFOO 1\n", None), ("", None)])
 def test_caffe_last_words(text, words):
     assert caffe_last_words(text) == words
