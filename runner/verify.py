@@ -14,7 +14,7 @@ from typing import List
 import h5py
 import numpy as np
 
-from .changes import describe_change, input_change_advice
+from .changes import describe_change, input_change_advice, stamp_changed
 from .inputs import input_stamp
 from .manifest import display_name, load_manifest
 from .plan import load_run_dir
@@ -151,7 +151,7 @@ def _check_input(run, problems: List[str], notes: List[str]) -> None:
     now = input_stamp(run.cfg.input)
     if now is None:
         notes.append("the input is not reachable from here: not checked for images added since listing")
-    elif now != old:
+    elif stamp_changed(old, now):
         missing, advice = input_change_advice(old, now)
         if missing:
             problems.append(f"the input changed since it was listed ({describe_change(old, now)}): the run may not "
