@@ -380,3 +380,15 @@ def test_status_names_a_full_disk_for_an_interrupted_shard(tmp_path):
         assert f"no space left on device in {run}: free space there" in p.stdout, p.stdout
     finally:
         umount()
+
+
+def test_verify_offers_input_extensions_only_for_files_skipped_by_extension():
+    """A run folder inside the input is left out by design: input.extensions cannot include it."""
+    from runner.inputs.listing import KIND_RUN_FOLDER
+    from runner.verify import skipped_note
+
+    run_folder = {"seen": 21, "listed": 20, "skipped": 1, "skipped_by_extension": {},
+                  "skipped_by_kind": {KIND_RUN_FOLDER: 1}}
+    assert "input.extensions" not in skipped_note(run_folder)
+    heic = dict(run_folder, skipped=2, skipped_by_extension={".heic": 1})
+    assert "add extensions with input.extensions=[...]" in skipped_note(heic)
