@@ -43,6 +43,17 @@ def identity_changes(old: Dict, new: Dict, limit: int = 3) -> List[str]:
     return changes or ["its recorded config"]
 
 
+def stamp_changed(old: Dict, new: Dict) -> bool:
+    """Whether the input differs from what the run listed (pure). A folder's stamp names its
+    images (a digest), so folders' own mtimes need not count: a run folder made inside the
+    input changes its parent's mtime, not the input. A stamp recorded before names were
+    stamped ({count, mtime_ns} with folders' mtimes in it, so never older than its newest
+    image) compares by count and by no image newer than it."""
+    if "count" in old and "names" not in old and "names" in new:
+        return old["count"] != new["count"] or new["mtime_ns"] > old["mtime_ns"]
+    return old != new
+
+
 def describe_change(old: Optional[Dict], new: Optional[Dict]) -> str:
     """What changed between two input stamps, in words."""
     if old and new and "count" in old and "count" in new and old["count"] != new["count"]:

@@ -441,7 +441,10 @@ def _cmd_retry(args) -> int:
     from .private import private_files
     from .retry import retry_run, selector
 
-    what = ["all reasons"] if args.all else (args.reason or ["transient (read error, not found, permission denied)"])
+    from .stats import TRANSIENT
+
+    # said in the summary and recorded in retries.json (and the report) as the reasons retried
+    what = ["all reasons"] if args.all else (args.reason or ["transient: " + ", ".join(TRANSIENT)])
     with private_files():  # what the retry writes (and its tasks) is the user's alone
         res = retry_run(Path(args.run_dir), selector(args.all, args.reason or []), what, dry_run=args.dry_run,
                         args=args.argv, here=args.here)

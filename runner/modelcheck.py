@@ -36,6 +36,8 @@ CACHE_VERSION = 1
 MAX_ENTRIES = 256  # files and pairs remembered (the oldest are dropped)
 DEFAULT_TIMEOUT_S = 300.0
 OK = "caffe-runner-model-loads"
+NO_WEIGHTS = "caffe-runner-no-layer-weighted"  # the child's word: the file weighs none of the net's layers
+PAIR_CHECK = "weights-cover-1"  # in the pair key: pairs proven before this check are checked again
 
 
 class ModelLoadError(ConfigError):
@@ -134,7 +136,7 @@ def caffe_build_id() -> str:
 
 
 def _pair_key(shas: Dict[str, str], build: str) -> str:
-    return hashlib.sha256(f"{shas['prototxt']}:{shas['weights']}:{build}".encode()).hexdigest()
+    return hashlib.sha256(f"{shas['prototxt']}:{shas['weights']}:{build}:{PAIR_CHECK}".encode()).hexdigest()
 
 
 def describe_load_failure(prototxt: str, weights: str, said: Optional[str], returncode: int) -> str:
@@ -177,6 +179,12 @@ def load_in_child(prototxt: str, weights: str, timeout_s: float) -> Tuple[bool, 
                        "system? (fix: copy the model files to a faster disk, or raise model.load_check_timeout_s)")
     if p.returncode == 0 and OK in p.stdout:
         return True, ""
+    if NO_WEIGHTS in p.stdout:
+        layers = json.loads(p.stdout.split(NO_WEIGHTS, 1)[1].splitlines()[0])
+        return False, (f"model.weights {weights} holds weights for none of the {len(layers)} layers with parameters "
+                       f"in model.prototxt {prototxt} (e.g. {layers[0]!r}): they are another net's, and Caffe would "
+                       "run this one untrained (fix: give the .caffemodel trained with this prototxt, or the "
+                       "prototxt made for these weights)")
     said = caffe_last_words(p.stderr)
     if said is None and p.returncode > 0:
         # a Python error in the child (pycaffe not importable ...): its last line
@@ -223,7 +231,23 @@ def _child(argv) -> int:
     from .model import set_caffe_cpu_mode
 
     set_caffe_cpu_mode(caffe)
-    caffe.Net(prototxt, caffe.TEST, weights=weights)
+    # Caffe copies weights by layer name and says nothing of a net layer the file lacks: a file
+    # of another net loads "fine" and leaves every layer at its initial values. Built twice from
+    # the same seed, a layer the file did not weigh holds the same values in both. The seed is
+    # drawn afresh: a file saved from a net just initialised with a fixed seed is still weights.
+    seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    caffe.set_random_seed(seed)
+    blank = caffe.Net(prototxt, caffe.TEST)
+    initial = {name: [b.data.copy() for b in blobs] for name, blobs in blank.params.items()}
+    del blank
+    caffe.set_random_seed(seed)
+    net = caffe.Net(prototxt, caffe.TEST, weights=weights)
+    unweighted = [name for name, blobs in net.params.items()
+                  if all((b.data == a).all() for b, a in zip(blobs, initial[name]))]
+    if initial and len(unweighted) == len(initial):
+        sys.stdout.write(NO_WEIGHTS + json.dumps(unweighted) + "\n")
+        sys.stdout.flush()
+        os._exit(0)
     sys.stdout.write(OK + "\n")
     sys.stdout.flush()
     os._exit(0)  # the net's memory is the OS's to free: a 500 MB model's teardown is time for nothing

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from . import __version__, log
 from .errors import ConfigError, unwritable
-from .changes import describe_change, identity_changes, input_change_advice
+from .changes import describe_change, identity_changes, input_change_advice, stamp_changed
 from .config import preset_model_paths
 from .fetch import check_pins, ensure_model_files
 from .inputs import build_manifest, input_source, input_stamp, list_input, refuse_caffe_io
@@ -370,7 +370,7 @@ def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
         if same_ident and same_shards:
             run = Run(cfg, rd, old)
             stamp = input_stamp(cfg.input)
-            if old.get("input_stamp") is not None and stamp is not None and stamp != old["input_stamp"]:
+            if old.get("input_stamp") is not None and stamp is not None and stamp_changed(old["input_stamp"], stamp):
                 what = describe_change(old["input_stamp"], stamp)
                 if not cfg.input.get("relist", False):
                     grew, _ = input_change_advice(old["input_stamp"], stamp)

@@ -9,12 +9,12 @@ memory bounded by the largest shard's index, not by the run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import h5py
 import numpy as np
 
-from .changes import describe_change, input_change_advice
+from .changes import describe_change, input_change_advice, stamp_changed
 from .inputs import input_stamp
 from .manifest import display_name, load_manifest
 from .plan import load_run_dir
@@ -151,7 +151,7 @@ def _check_input(run, problems: List[str], notes: List[str]) -> None:
     now = input_stamp(run.cfg.input)
     if now is None:
         notes.append("the input is not reachable from here: not checked for images added since listing")
-    elif now != old:
+    elif stamp_changed(old, now):
         missing, advice = input_change_advice(old, now)
         if missing:
             problems.append(f"the input changed since it was listed ({describe_change(old, now)}): the run may not "
@@ -185,7 +185,14 @@ def verify(run_dir: Path, notes: List[str] = None) -> List[str]:
     _check_input(run, problems, notes)
     listing = run.plan.get("listing") or manifest.listing or {}
     if listing.get("skipped"):  # "every image once" is of the listed ones: say what was left out
-        from .inputs.listing import describe
-
-        notes.append(f"input: {describe(listing)}; add extensions with input.extensions=[...] to include them")
+        notes.append(skipped_note(listing))
     return problems
+
+
+def skipped_note(listing: Dict) -> str:
+    """What the listing left out, and the way to include it only where there is one (pure): a
+    run folder inside the input is never part of it, whatever input.extensions says."""
+    from .inputs.listing import describe
+
+    fix = "; add extensions with input.extensions=[...] to include them" if listing.get("skipped_by_extension") else ""
+    return f"input: {describe(listing)}{fix}"

@@ -125,7 +125,8 @@ def test_retry_folds_recovered_images_into_the_run(runs, tmp_path):
     assert stats["failures"] == 1 and stats["retries"]["recovered"] == 3 and stats["retries"]["retried"] == 3
     assert not (run / "retry").exists()
     # again: nothing transient is left; the one that is not an image is retried only when asked
-    assert "no failed image to retry" in run_cli("retry", run).stdout
+    out = run_cli("retry", run).stdout
+    assert "no failed image to retry (transient: file not found, " in out and "(transient (" not in out, out
     p = run_cli("retry", run, "--reason", "not an image")
     assert "retried 1 image(s): 0 now feature rows, 1 still failing" in p.stdout
     assert run_cli("verify", run).returncode == 0

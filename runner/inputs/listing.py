@@ -50,7 +50,7 @@ class Listing:
     names: List[bytes] = field(default_factory=list)  # relative paths, sorted
     by_extension: Dict[str, int] = field(default_factory=dict)  # skipped: ".jp2" -> 3
     by_kind: Dict[str, int] = field(default_factory=dict)       # skipped: "FIFO" -> 1
-    newest_mtime_ns: int = 0   # of the listed files and the folders (with stamp=True)
+    newest_mtime_ns: int = 0   # of the listed files (with stamp=True)
 
     @property
     def skipped(self) -> int:
@@ -109,7 +109,6 @@ def walk_images(root: bytes, extensions: Sequence[str], follow_symlinks: bool = 
     visited = set()
     st = os.stat(root)
     visited.add((st.st_dev, st.st_ino))
-    out.newest_mtime_ns = st.st_mtime_ns if stamp else 0
     linked: List[bytes] = []  # symlinked folders, walked after the real tree, in path order
     real = [b""]
 
@@ -151,8 +150,6 @@ def walk_images(root: bytes, extensions: Sequence[str], follow_symlinks: bool = 
                             skip(out.by_kind, KIND_RUN_FOLDER)
                             continue
                         visited.add((s.st_dev, s.st_ino))
-                        if stamp:
-                            out.newest_mtime_ns = max(out.newest_mtime_ns, s.st_mtime_ns)
                         stack.append(rel)
                         continue
                     elif not entry.is_file(follow_symlinks=False):
@@ -181,8 +178,6 @@ def walk_images(root: bytes, extensions: Sequence[str], follow_symlinks: bool = 
             skip(out.by_kind, KIND_RUN_FOLDER)
             continue
         visited.add((s.st_dev, s.st_ino))
-        if stamp:
-            out.newest_mtime_ns = max(out.newest_mtime_ns, s.st_mtime_ns)
         walk([rel])
     out.names.sort()
     return out

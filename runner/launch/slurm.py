@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -117,6 +118,28 @@ def check_partition(lc) -> None:
                           "(a requeued task resumes where it stopped)")
 
 
+def most_cpus(sinfo_out: str) -> Optional[int]:
+    """The largest CPU count in `sinfo -h -N -o %c` output (one node per line; pure)."""
+    counts = [int(n) for n in re.findall(r"\d+", sinfo_out)]
+    return max(counts) if counts else None
+
+
+def check_cpus_per_task(lc) -> None:
+    """A task asking more CPUs than any node of the partition has never starts: sbatch refuses
+    it after the plan was written ("Requested node configuration is not available", naming no
+    key). Said before, with the number that fits."""
+    cmd = ["sinfo", "-h", "-N", "-o", "%c"] + (["-p", str(lc.partition)] if lc.partition else [])
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    most = most_cpus(p.stdout) if p.returncode == 0 else None
+    if most is not None and int(lc.cpus_per_task) > most:
+        where = f"partition {lc.partition}" if lc.partition else "the cluster"
+        raise ConfigError(f"launcher.cpus_per_task={lc.cpus_per_task}: the largest node of {where} has {most} CPUs "
+                          f"(sinfo), so no task could start: use launcher.cpus_per_task<={most}")
+
+
 def sbatch_errors() -> tuple:
     """What submitit raises when sbatch refuses a job (non-zero exit: FailedJobError with
     sbatch's stderr) or answers without a job id (FailedSubmissionError). Anything else
@@ -132,7 +155,8 @@ def _sbatch_refused(e: Exception, what: str) -> ConfigError:
     lines = [ln.strip() for ln in text.splitlines() if "error" in ln.lower() and ln.strip()]
     msg = lines[-1] if lines else (text.strip().splitlines() or [type(e).__name__])[-1]
     return ConfigError(f"sbatch refused the {what}: {msg[:300]}; check launcher.partition, launcher.account, "
-                       "launcher.qos, launcher.timeout_min and launcher.additional_parameters")
+                       "launcher.qos, launcher.timeout_min, launcher.cpus_per_task, launcher.mem_gb and "
+                       "launcher.additional_parameters")
 
 
 def executor_parameters(lc, gres: bool = True) -> Dict:
@@ -283,6 +307,7 @@ def check_slurm(cfg) -> None:
         raise ConfigError(f"launcher.partition={lc.partition}: the cluster has no such partition (`sinfo -s` "
                           "lists them); set launcher.partition to one of them, or leave it unset for the default")
     check_partition(lc)  # its MaxTime against launcher.timeout_min
+    check_cpus_per_task(lc)
     if lc.account and _sacctmgr_has_account(str(lc.account)) is False:
         raise ConfigError(f"launcher.account={lc.account}: Slurm accounting has no such account "
                           "(`sacctmgr show associations user=$USER` lists yours)")
