@@ -162,8 +162,15 @@ def describe_load_failure(prototxt: str, weights: str, said: Optional[str], retu
             "deploy prototxt and the .caffemodel trained with it)")
 
 
+# the child imports this same runner, never a folder named `runner` in the user's working
+# directory (`python -m` would put the working directory first on sys.path)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CHILD = ("import sys, runpy; sys.path[0] = sys.argv.pop(1); "
+          "runpy.run_module('runner.modelcheck', run_name='__main__', alter_sys=True)")
+
+
 def _child_command(prototxt: str, weights: str) -> list:
-    return [sys.executable, "-m", "runner.modelcheck", os.path.abspath(prototxt), os.path.abspath(weights)]
+    return [sys.executable, "-c", _CHILD, _ROOT, os.path.abspath(prototxt), os.path.abspath(weights)]
 
 
 def load_in_child(prototxt: str, weights: str, timeout_s: float) -> Tuple[bool, str]:

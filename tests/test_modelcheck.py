@@ -139,3 +139,19 @@ def test_files_swapped_after_the_plan_fail_the_task_in_seconds_on_slurm(cluster,
     for i in range(2):
         beat = json.loads((run / "status" / f"shard-{i:05d}-of-00002.json").read_text())
         assert beat["state"] == "failed" and PARSE in beat["error"], beat
+
+
+def test_the_check_child_imports_this_runner_not_a_folder_named_runner_in_the_working_directory(
+        tiny_net, tmp_path, monkeypatch):
+    """`python -m runner.modelcheck` would import a `runner` package from the user's working
+    directory (python -m puts it first on sys.path): the check would then say whatever that
+    package does, for every model."""
+    from runner.modelcheck import load_in_child
+
+    fake = tmp_path / "runner"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise SystemExit('a stranger runner package was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    proto, weights = tiny_net
+    loaded, said = load_in_child(str(proto), str(weights), 120)
+    assert loaded, said
