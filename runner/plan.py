@@ -131,6 +131,15 @@ def _check_model_loads(cfg) -> None:
     check_model_loads(cfg)
 
 
+def _model_sha(cfg) -> Dict[str, str]:
+    """The model files' sha256 (stat-cached: a 500 MB model is hashed once per change)."""
+    if cfg.model.weights and os.path.isfile(cfg.model.weights):
+        return model_sha256(cfg.model.prototxt, cfg.model.weights)
+    sha = {k: sha256_file(cfg.model[k]) for k in ("prototxt",) if os.path.isfile(cfg.model[k])}
+    sha.setdefault("weights", "")
+    return sha
+
+
 def validate(cfg, launcher) -> Checked:
     """Every check that needs no listing: ranges, model files, the net's blobs and channels,
     preprocessing against the net, device and GPU request, container, and the launcher's own
@@ -152,6 +161,9 @@ def validate(cfg, launcher) -> Checked:
     device, gpus = _check_device(cfg, launcher)
     _check_container(cfg, device, launcher)
     launcher.check(cfg)
+    # a fetched file that changed since (its pin beside it) is refused by name, before Caffe
+    # would say only that it cannot parse it
+    check_pins(cfg.model, _model_sha(cfg))
     _check_model_loads(cfg)  # last: the only check that takes seconds
     return Checked(blobs, hw, channels, device, gpus)
 
@@ -346,12 +358,7 @@ def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
     run_dir = Path(os.path.abspath(os.path.expanduser(cfg.output.dir)))
     _check_writable(run_dir)
     rd = RunDir(run_dir)
-    if cfg.model.weights and os.path.isfile(cfg.model.weights):
-        model_sha = model_sha256(cfg.model.prototxt, cfg.model.weights)  # stat-cached: hashed once
-    else:
-        model_sha = {k: sha256_file(cfg.model[k]) for k in ("prototxt",) if os.path.isfile(cfg.model[k])}
-        model_sha.setdefault("weights", "")
-    check_pins(cfg.model, model_sha)  # a fetched file that changed since (its pin beside it) is refused
+    model_sha = _model_sha(cfg)
     ident = identity(cfg, blobs, model_sha, source)
 
     old = None
