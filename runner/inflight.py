@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from .errors import ConfigError
+from .slurmjobs import JobWord, ask_squeue
 
 SUBMISSIONS = "submissions.json"
+SQUEUE_TIMEOUT_S = 60  # a submission waits this long for the controller before it is refused
 # squeue states after which a job runs nothing more (anything else may still start or write)
 ENDED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
                    "BOOT_FAIL", "DEADLINE", "REVOKED"})
@@ -51,14 +52,9 @@ def recorded_jobs(subs: List[Dict]) -> Tuple[Dict[int, str], List[str]]:
     return tasks, merges
 
 
-def parse_squeue(text: str) -> Dict[str, Tuple[str, str]]:
-    """`squeue -h -r -o '%i|%T|%R'` lines -> {job id: (state, nodes or pending reason)} (pure)."""
-    out = {}
-    for line in text.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) >= 2 and parts[0]:
-            out[parts[0]] = (parts[1], parts[2].strip("()") if len(parts) > 2 else "")
-    return out
+def state_where(words: Dict[str, JobWord]) -> Dict[str, Tuple[str, str]]:
+    """squeue's word -> {job id: (state, its nodes, or why it is pending)} (pure)."""
+    return {jid: (w.state, w.node or w.reason) for jid, w in words.items()}
 
 
 def squeue_jobs(job_ids: Iterable[str]) -> Dict[str, Tuple[str, str]]:
@@ -72,17 +68,12 @@ def squeue_jobs(job_ids: Iterable[str]) -> Dict[str, Tuple[str, str]]:
         raise ConfigError(f"this run has Slurm jobs ({', '.join(ids[:4])}{' ...' if len(ids) > 4 else ''}) and "
                           "`squeue` is not on PATH to tell whether they still run: run the command on the "
                           "cluster's login node")
-    # by array: the array's pending tasks are one record until they start, ids of all tasks with -r
-    query = sorted({i.split("_")[0] for i in ids})
-    p = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(query), "-o", "%i|%T|%R"],
-                       capture_output=True, text=True, timeout=60)
-    if p.returncode != 0:
-        if "Invalid job id" in p.stderr:  # every one of them ended and was forgotten
-            return {}
-        said = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"squeue could not say whether this run's jobs still run ({said[:200]}): retry when "
+    # every state: a job that ended reads as ended (ENDED), not as absent
+    words, why = ask_squeue(ids, all_states=True, timeout_s=SQUEUE_TIMEOUT_S)
+    if words is None:
+        raise ConfigError(f"squeue could not say whether this run's jobs still run ({why}): retry when "
                           "the Slurm controller answers")
-    return {k: v for k, v in parse_squeue(p.stdout).items() if k in ids or k.split("_")[0] in ids}
+    return {k: v for k, v in state_where(words).items() if k in ids or k.split("_")[0] in ids}
 
 
 @dataclass

@@ -193,6 +193,7 @@ def chosen_blobs(cfg) -> List[str]:
 
 
 def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in bufsize chunks (a caffemodel may be hundreds of MB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(bufsize):

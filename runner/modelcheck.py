@@ -30,6 +30,7 @@ from typing import Dict, Optional, Tuple
 from . import log
 from .errors import ConfigError
 from .lastwords import caffe_last_words
+from .model import set_caffe_cpu_mode, sha256_file
 
 CACHE_NAME = "model-checks.json"
 CACHE_VERSION = 1
@@ -87,14 +88,6 @@ def _stat_key(st: os.stat_result) -> list:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
-def _hash(path: str, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_sha256(path: str, cache: Optional[Dict] = None) -> str:
     """sha256 of a file, taken from `cache` (the loaded cache file) when its stat is unchanged;
     a fresh hash is recorded there."""
@@ -104,7 +97,7 @@ def file_sha256(path: str, cache: Optional[Dict] = None) -> str:
     hit = files.get(real)
     if hit and hit.get("stat") == key:
         return hit["sha256"]
-    sha = _hash(real)
+    sha = sha256_file(real)
     files[real] = {"stat": key, "sha256": sha, "t": time.time()}
     return sha
 
@@ -234,8 +227,6 @@ def _child(argv) -> int:
     prototxt, weights = argv
     os.environ.setdefault("GLOG_minloglevel", "2")
     import caffe
-
-    from .model import set_caffe_cpu_mode
 
     set_caffe_cpu_mode(caffe)
     # Caffe copies weights by layer name and says nothing of a net layer the file lacks: a file

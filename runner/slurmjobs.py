@@ -12,7 +12,8 @@ Three sources, each asked once per question for all of a run's jobs (never once 
   scontrol show job    where sacct has nothing to say (no slurmdbd): the controller remembers
                        ended jobs for MinJobAge seconds (default 300)
 The parsers are pure (tests/test_slurmjobs.py feeds them output captured on the dev cluster);
-query_jobs() is the one function that runs the commands.
+_run() is the one function that runs the commands: query_jobs() for the whole word, ask_squeue()
+for the queue alone (inflight.py: what is still to come before a submission).
 """
 from __future__ import annotations
 
@@ -187,18 +188,43 @@ class SlurmWord:
         return self.jobs.get(str(job_id)) if job_id else None
 
 
-def _run(cmd: List[str]) -> Tuple[Optional[str], str]:
+def _run(cmd: List[str], timeout_s: float = TIMEOUT_S) -> Tuple[Optional[str], str]:
     """(stdout, "") or (None, why it did not answer)."""
     if not shutil.which(cmd[0]):
         return None, f"{cmd[0]} is not on PATH"
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, f"{cmd[0]}: {type(e).__name__}"
     if p.returncode != 0:
         said = [ln.strip() for ln in p.stderr.splitlines() if ln.strip()] or [f"exit {p.returncode}"]
         return None, f"{cmd[0]}: {said[-1][:200]}"
     return p.stdout, ""
+
+
+def _arrays(job_ids: Iterable[str]) -> List[str]:
+    """The arrays (or plain jobs) of these ids, in numeric order: '12_3' -> '12' (pure)."""
+    return sorted({str(j).split("_")[0] for j in job_ids}, key=lambda s: (len(s), s))
+
+
+def squeue_command(job_ids: Iterable[str], all_states: bool = False) -> List[str]:
+    """The squeue command for these jobs (pure): one query by array, whose pending tasks are one
+    record until they start and each task's own with -r; `all_states` adds the jobs that ended
+    and that the controller still remembers (-t all)."""
+    return (["squeue", "-h", "-r"] + (["-t", "all"] if all_states else [])
+            + ["-o", SQUEUE_FORMAT, "-j", ",".join(_arrays(job_ids))])
+
+
+def ask_squeue(job_ids: Iterable[str], all_states: bool = False,
+               timeout_s: float = TIMEOUT_S) -> Tuple[Optional[Dict[str, JobWord]], str]:
+    """({job id: JobWord} of every job squeue lists for these ids' arrays, "") or (None, why
+    squeue did not answer). Jobs Slurm has forgotten (ended long ago) are absent; the caller
+    keeps the ids it asked about."""
+    out, why = _run(squeue_command(job_ids, all_states), timeout_s)
+    if out is None:
+        # squeue refuses an id that has left the queue with "Invalid job id" when it is the only one
+        return ({}, "") if "Invalid job id" in why else (None, why)
+    return parse_squeue(out), ""
 
 
 def query_jobs(job_ids: Iterable[str], accounting: bool = True) -> SlurmWord:
@@ -211,15 +237,12 @@ def query_jobs(job_ids: Iterable[str], accounting: bool = True) -> SlurmWord:
     if not shutil.which("squeue"):  # not on the cluster (a copied run directory): one line, not three
         word.problems.append("squeue is not on PATH (not a Slurm login node?)")
         return word
-    arrays = sorted({j.split("_")[0] for j in ids}, key=lambda s: (len(s), s))
-    out, why = _run(["squeue", "-h", "-r", "-o", SQUEUE_FORMAT, "-j", ",".join(arrays)])
-    if out is None:
-        # squeue refuses an id that has left the queue with "Invalid job id" when it is the only one
-        if "Invalid job id" not in why:
-            word.problems.append(why)
+    queued, why = ask_squeue(ids)
+    if queued is None:
+        word.problems.append(why)
     else:
         word.sources.append("squeue")
-        word.jobs.update({k: v for k, v in parse_squeue(out).items() if k in ids})
+        word.jobs.update({k: v for k, v in queued.items() if k in ids})
     rest = [j for j in ids if j not in word.jobs]
     # a pending job may be a requeued one: accounting tells how its earlier runs ended
     pending = [j for j in ids if j in word.jobs and word.jobs[j].state == "PENDING"]

@@ -40,6 +40,43 @@ def wait_until(pred, timeout=120, what="condition", interval=0.05):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def read_features(path: Path):
+    """(features, names as bytes, index) of a features.h5."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f["feats"][:], [bytes(n) for n in f["names_raw"][:]], f["index"][:]
+
+
+def assert_same_run(run: Path, reference):
+    """run's features.h5 holds the reference's rows bit for bit (same code, same thread counts),
+    each image once and in order, and `verify` passes."""
+    import numpy as np
+
+    feats, names, index = read_features(run / "features.h5")
+    assert names == reference[1]
+    assert index.tolist() == reference[2].tolist() == sorted(set(index.tolist()))
+    np.testing.assert_array_equal(feats, reference[0])
+    assert run_cli("verify", run).returncode == 0
+
+
+def input_conf(**kw):
+    """The `input` config group as a plan reads it (schema defaults, then kw)."""
+    from omegaconf import OmegaConf
+
+    from runner.schema import InputConf
+
+    return OmegaConf.structured(InputConf(**kw))
+
+
+def placeholder_images(folder: Path, names):
+    """Files named like images under folder (JPEG's first bytes, never decoded): for listing tests."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (folder / n).parent.mkdir(parents=True, exist_ok=True)
+        (folder / n).write_bytes(b"\xff\xd8 not decoded here")
+
+
 def mount_tmpfs(path: Path, options: str):
     """A tmpfs mounted on `path` (made here) for a test that needs a real file system state
     (full, read-only); skips where mounting is not allowed. Returns the umount to call."""
@@ -110,6 +147,21 @@ def tiny_model_args(tiny_net):
     return [f"model.prototxt={proto}", f"model.weights={weights}", "model.name=tiny",
             "model.input_size=[32,40]", "model.preprocess.mean=[100,110,120]", "model.preprocess.scale=0.02",
             "model.default_blobs=[emb]"]
+
+
+def copy_tiny_net(tiny_net, folder: Path, conv_outputs: int):
+    """The tiny net's two files copied into folder (made here), for a test that replaces them, and
+    beside them a prototxt whose first convolution has conv_outputs filters (its weights do not fit
+    the tiny net's): (prototxt, weights, changed prototxt)."""
+    import shutil
+
+    folder.mkdir(parents=True)
+    proto, weights = folder / "tiny.prototxt", folder / "tiny.caffemodel"
+    shutil.copyfile(tiny_net[0], proto)
+    shutil.copyfile(tiny_net[1], weights)
+    changed = folder / "changed.prototxt"
+    changed.write_text(TINY_PROTOTXT.replace("num_output: 8", f"num_output: {conv_outputs}", 1))
+    return proto, weights, changed
 
 
 DEV = REPO / "slurm" / "dev-cluster"

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 
-from conftest import CLI, REPO, TINY_PROTOTXT, run_cli, tiny_model_args, wait_until
+from conftest import (CLI, REPO, assert_same_run, copy_tiny_net, read_features, run_cli, tiny_model_args,
+                      wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -79,24 +79,11 @@ def _last_line(err: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _h5(path):
-    with h5py.File(path, "r") as f:
-        return f["feats"][:], [bytes(n) for n in f["names_raw"][:]], f["index"][:]
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_net, photos, tmp_path_factory):
     run = tmp_path_factory.mktemp("ref") / "run"
     run_cli(*_args(tiny_net, photos, run))
-    return _h5(run / "features.h5")
-
-
-def _assert_same(run: Path, reference):
-    feats, names, index = _h5(run / "features.h5")
-    assert names == reference[1]
-    assert index.tolist() == reference[2].tolist() == sorted(set(index.tolist()))
-    np.testing.assert_array_equal(feats, reference[0])
-    assert run_cli("verify", run).returncode == 0
+    return read_features(run / "features.h5")
 
 
 @pytest.mark.parametrize("moment", list(MOMENTS))
@@ -124,7 +111,7 @@ def test_a_worker_killed_at_any_moment_stops_the_run_naming_shard_and_signal(tin
     st = run_cli("status", run, check=False)
     assert "killed by SIGKILL" in st.stdout, st.stdout
     run_cli(*args)
-    _assert_same(run, reference)
+    assert_same_run(run, reference)
 
 
 def test_an_idle_worker_killed_stops_the_run(tiny_net, photos, tmp_path, reference):
@@ -147,7 +134,7 @@ def test_an_idle_worker_killed_stops_the_run(tiny_net, photos, tmp_path, referen
     assert _last_line(err).startswith(f"caffe-runner: error: an idle worker (pid {idle}) was killed by SIGKILL"), \
         err[-3000:]
     run_cli(*args)
-    _assert_same(run, reference)
+    assert_same_run(run, reference)
 
 
 def test_caffe_abort_ends_the_run_with_caffes_line(tiny_net, photos, tmp_path, reference):
@@ -156,12 +143,7 @@ def test_caffe_abort_ends_the_run_with_caffes_line(tiny_net, photos, tmp_path, r
     import caffe
 
     model = tmp_path / "model"
-    model.mkdir()
-    proto, weights = model / "tiny.prototxt", model / "tiny.caffemodel"
-    shutil.copy(tiny_net[0], proto)
-    shutil.copy(tiny_net[1], weights)
-    other = model / "other.prototxt"
-    other.write_text(TINY_PROTOTXT.replace("num_output: 8", "num_output: 4"))
+    proto, weights, other = copy_tiny_net(tiny_net, model, conv_outputs=4)
     caffe.set_mode_cpu()
     caffe.Net(str(other), caffe.TEST).save(str(model / "other.caffemodel"))
     run, gates = tmp_path / "run", tmp_path / "gates"
@@ -185,7 +167,7 @@ def test_caffe_abort_ends_the_run_with_caffes_line(tiny_net, photos, tmp_path, r
     # the right weights back: the rerun completes
     shutil.copy(tiny_net[1], weights)
     run_cli(*args)
-    _assert_same(run, reference)
+    assert_same_run(run, reference)
 
 
 def test_a_dead_gpu_worker_is_named_not_its_replacements_empty_queue(tiny_net, photos, tmp_path):

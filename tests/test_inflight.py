@@ -7,8 +7,9 @@ import json
 import pytest
 
 from runner.errors import ConfigError
-from runner.inflight import (InFlight, describe, in_flight, live_of, merge_dependency, parse_squeue,
-                             read_submissions, recorded_jobs)
+from runner.inflight import (InFlight, describe, in_flight, live_of, merge_dependency, read_submissions,
+                             recorded_jobs, state_where)
+from runner.slurmjobs import parse_squeue
 from runner.rundir import OLD_RUN_ENTRIES, RUN_JSON, remove_old_run
 
 pytestmark = pytest.mark.unit
@@ -27,10 +28,14 @@ def test_recorded_jobs_latest_per_shard_and_each_merge_once():
     assert recorded_jobs([]) == ({}, [])
 
 
-def test_parse_squeue_lines():
-    text = "12_0|RUNNING|node2\n12_2|PENDING|(Priority)\n13|PENDING|(Dependency)\n\n"
-    assert parse_squeue(text) == {"12_0": ("RUNNING", "node2"), "12_2": ("PENDING", "Priority"),
-                                  "13": ("PENDING", "Dependency")}
+def test_squeue_lines_give_state_and_where():
+    # slurmjobs' squeue format (%i|%T|%r|%N|%M): a running job's node, a pending one's reason; a
+    # pending array still collapsed is one line for each of its tasks
+    text = ("12_0|RUNNING|None|node2|0:13\n12_[2-3]|PENDING|Priority||0:00\n13|PENDING|Dependency||0:00\n"
+            "14|COMPLETED|None|node1|0:05\n\n")
+    assert state_where(parse_squeue(text)) == {"12_0": ("RUNNING", "node2"), "12_2": ("PENDING", "Priority"),
+                                               "12_3": ("PENDING", "Priority"), "13": ("PENDING", "Dependency"),
+                                               "14": ("COMPLETED", "node1")}
 
 
 @pytest.mark.parametrize("known, shards, merges", [

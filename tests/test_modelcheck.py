@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import CLI, REPO, run_cli, tiny_model_args, TINY_PROTOTXT
+from conftest import CLI, REPO, copy_tiny_net, run_cli, tiny_model_args
 
 pytestmark = pytest.mark.slow
 
@@ -42,12 +42,7 @@ def model(tiny_net, tmp_path):
     """A copy of the tiny net's files (tests replace them), a prototxt with one num_output
     changed, 1,000 random bytes for weights, and a fresh cache folder."""
     d = tmp_path / "model"
-    d.mkdir()
-    proto, weights = d / "tiny.prototxt", d / "tiny.caffemodel"
-    shutil.copyfile(tiny_net[0], proto)
-    shutil.copyfile(tiny_net[1], weights)
-    bad = d / "changed.prototxt"
-    bad.write_text(TINY_PROTOTXT.replace("num_output: 8", "num_output: 16", 1))
+    proto, weights, bad = copy_tiny_net(tiny_net, d, conv_outputs=16)
     rand = d / "random.caffemodel"
     rand.write_bytes(random.Random(26).randbytes(1000))
     return {"proto": proto, "weights": weights, "bad": bad, "random": rand, "args": tiny_model_args((proto, weights)),

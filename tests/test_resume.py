@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import CLI, REPO, mount_tmpfs, run_cli, tiny_model_args, wait_until
+from conftest import CLI, REPO, assert_same_run, mount_tmpfs, read_features, run_cli, tiny_model_args, wait_until
 from test_first_contact import _held
 
 pytestmark = pytest.mark.slow
@@ -38,26 +38,13 @@ def _start(args):
                             text=True, start_new_session=True)
 
 
-def _h5(path):
-    with h5py.File(path, "r") as f:
-        return f["feats"][:], [bytes(n) for n in f["names_raw"][:]], f["index"][:]
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_net, photos, tmp_path_factory):
     ref = tmp_path_factory.mktemp("ref") / "run"
     gate = ref.parent / "gate"
     gate.write_text("open")
     run_cli(f"input.dir={photos}", f"output.dir={ref}", "num_shards=2", "launcher.workers=2", *_held(tiny_net, gate))
-    return _h5(ref / "features.h5")
-
-
-def _assert_same(run: Path, reference):
-    feats, names, index = _h5(run / "features.h5")
-    assert names == reference[1]
-    assert index.tolist() == reference[2].tolist() == sorted(set(index.tolist()))
-    np.testing.assert_array_equal(feats, reference[0])
-    assert run_cli("verify", run).returncode == 0
+    return read_features(ref / "features.h5")
 
 
 def test_kill9_one_worker_then_rerun_resumes(tiny_net, photos, tmp_path, reference):
@@ -78,7 +65,7 @@ def test_kill9_one_worker_then_rerun_resumes(tiny_net, photos, tmp_path, referen
     run_cli(*args)
     with h5py.File(run / "shards" / "shard-00000-of-00002.h5", "r") as f:
         assert int(f.attrs["resumed"]) == 1
-    _assert_same(run, reference)
+    assert_same_run(run, reference)
 
 
 @pytest.mark.parametrize("batches", [0, 2, 4])
@@ -99,7 +86,7 @@ def test_kill9_whole_run_at_several_points(tiny_net, photos, tmp_path, reference
     assert not (run / "features.h5").exists()
     gate.write_text("open")
     run_cli(*args)
-    _assert_same(run, reference)
+    assert_same_run(run, reference)
 
 
 # A writer that appends batches of rows, failures and variable-length names in a tight loop and

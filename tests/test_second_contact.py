@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import input_conf, placeholder_images
 from runner.errors import ConfigError
 from runner.model import LayerInfo, NetSpec
 
@@ -95,67 +96,52 @@ def test_a_small_net_lists_its_blobs():
 
 # ---- items 3 and 9: list files ---------------------------------------------------------------
 
-def _list_cfg(**kw):
-    from omegaconf import OmegaConf
-
-    from runner.schema import InputConf
-
-    return OmegaConf.structured(InputConf(**kw))
-
-
-def _images(folder, names):
-    folder.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        (folder / n).parent.mkdir(parents=True, exist_ok=True)
-        (folder / n).write_bytes(b"\xff\xd8 not decoded here")
-
-
 def test_list_paths_that_do_not_resolve_stop_before_work_naming_input_root(tmp_path, monkeypatch):
     from runner.inputs import build_manifest
 
     names = [f"cls{i % 3}/img{i}.jpg" for i in range(20)]
-    _images(tmp_path / "data", names)
+    placeholder_images(tmp_path / "data", names)
     lists = tmp_path / "lists"
     lists.mkdir()
     (lists / "val.txt").write_text("".join(f"{n} {i % 3}\n" for i, n in enumerate(names)))
     monkeypatch.chdir(tmp_path / "data")  # the user ran from the images' folder, as Caffe's tools allow
     with pytest.raises(ConfigError) as e:
-        build_manifest(tmp_path / "run", _list_cfg(list=str(lists / "val.txt")))
+        build_manifest(tmp_path / "run", input_conf(list=str(lists / "val.txt")))
     msg = str(e.value)
     assert f"20 of the first 20 listed paths do not exist under {lists}" in msg and "input.root is not set" in msg
     assert f"add input.root={tmp_path / 'data'}" in msg and "\n" not in msg, msg
     assert not (tmp_path / "run" / "manifest").exists()
     # input.root given, but wrong: named as input.root
     with pytest.raises(ConfigError, match=r"under .*/lists \(input.root\)"):
-        build_manifest(tmp_path / "run", _list_cfg(list=str(lists / "val.txt"), root=str(lists)))
-    m = build_manifest(tmp_path / "run", _list_cfg(list=str(lists / "val.txt"), root=str(tmp_path / "data")))
+        build_manifest(tmp_path / "run", input_conf(list=str(lists / "val.txt"), root=str(lists)))
+    m = build_manifest(tmp_path / "run", input_conf(list=str(lists / "val.txt"), root=str(tmp_path / "data")))
     assert m.count == 20 and m.labels
 
 
 def test_a_few_missing_list_entries_are_failures_not_a_wrong_root(tmp_path):
     from runner.inputs import build_manifest
 
-    _images(tmp_path, [f"{i}.jpg" for i in range(8)])
+    placeholder_images(tmp_path, [f"{i}.jpg" for i in range(8)])
     (tmp_path / "l.txt").write_text("".join(f"{i}.jpg\n" for i in range(10)))  # 2 of 10 missing
-    assert build_manifest(tmp_path / "run", _list_cfg(list=str(tmp_path / "l.txt"))).count == 10
+    assert build_manifest(tmp_path / "run", input_conf(list=str(tmp_path / "l.txt"))).count == 10
 
 
 def test_names_ending_in_a_number_suggest_list_labels_no(tmp_path):
     from runner.inputs import build_manifest
 
-    _images(tmp_path, ["IMG 2019", "IMG 2020"])
+    placeholder_images(tmp_path, ["IMG 2019", "IMG 2020"])
     (tmp_path / "l.txt").write_text("IMG 2019\nIMG 2020\n")
     with pytest.raises(ConfigError, match="set input.list_labels=no"):
-        build_manifest(tmp_path / "run", _list_cfg(list=str(tmp_path / "l.txt")))
+        build_manifest(tmp_path / "run", input_conf(list=str(tmp_path / "l.txt")))
 
 
 def test_a_duplicated_list_path_names_the_lines(tmp_path):
     from runner.inputs import build_manifest
 
-    _images(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
+    placeholder_images(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
     (tmp_path / "l.txt").write_text("a.jpg 1\nb.jpg 2\n# comment\nc.jpg 1\na.jpg 3\nb.jpg 2\n")
     with pytest.raises(ConfigError) as e:
-        build_manifest(tmp_path / "run", _list_cfg(list=str(tmp_path / "l.txt")))
+        build_manifest(tmp_path / "run", input_conf(list=str(tmp_path / "l.txt")))
     msg = str(e.value)
     assert "names 2 image(s) more than once ('a.jpg' on lines 1 and 5; 'b.jpg' on lines 2 and 6)" in msg, msg
     # the fix it gives removes duplicates whose labels differ (the old awk '!seen[$0]++' kept a.jpg twice)

@@ -14,7 +14,7 @@ import pytest
 from runner.lastwords import caffe_last_words
 from runner.liveness import Heart, beat_age_s, beat_interval_s, judge, lost, pid_namespace
 from runner.slurmjobs import (JobWord, expand_job_ids, expand_ranges, parse_duration_s, parse_sacct,
-                              parse_scontrol_jobs, parse_squeue)
+                              parse_scontrol_jobs, parse_squeue, squeue_command)
 from runner.status import apply_slurm_word, death_message, slurm_cause
 
 pytestmark = pytest.mark.unit
@@ -50,6 +50,15 @@ def test_squeue_expanded_and_collapsed_arrays():
         assert q["7_3"].state == "PENDING" and q["7_3"].reason == "JobArrayTaskLimit" and q["7_3"].alive
         assert q["7_2"].state == "RUNNING" and q["7_2"].node == "vm" and q["7_2"].elapsed_s == 415
         assert q["11_5"].source == "squeue" and not q["11_5"].reason
+
+
+@pytest.mark.parametrize("ids,all_states,cmd", [
+    # one query per array (its tasks listed with -r), arrays in numeric order
+    (["12_0", "9_1", "12_3", "13"], False, ["squeue", "-h", "-r", "-o", "%i|%T|%r|%N|%M", "-j", "9,12,13"]),
+    # inflight asks for every state, so that an ended job reads as ended, not as absent
+    (["20_0"], True, ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T|%r|%N|%M", "-j", "20"])])
+def test_squeue_command(ids, all_states, cmd):
+    assert squeue_command(ids, all_states) == cmd
 
 
 def test_sacct_history_of_requeued_jobs():

@@ -7,24 +7,10 @@ import os
 
 import pytest
 
+from conftest import input_conf, placeholder_images
 from runner.errors import ConfigError
 
 pytestmark = pytest.mark.unit
-
-
-def _list_cfg(**kw):
-    from omegaconf import OmegaConf
-
-    from runner.schema import InputConf
-
-    return OmegaConf.structured(InputConf(**kw))
-
-
-def _images(folder, names):
-    folder.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        (folder / n).parent.mkdir(parents=True, exist_ok=True)
-        (folder / n).write_bytes(b"\xff\xd8 not decoded here")
 
 
 # ---- item 1: a run directory inside its own input is left out of it ----------------------
@@ -33,9 +19,9 @@ def _images(folder, names):
 def test_a_run_or_sweep_folder_inside_the_input_is_left_out_and_counted(tmp_path, marker):
     from runner.inputs.listing import KIND_RUN_FOLDER, describe, walk_images
 
-    _images(tmp_path / "in", ["a.jpg", "sub/b.jpg"])
+    placeholder_images(tmp_path / "in", ["a.jpg", "sub/b.jpg"])
     run = tmp_path / "in" / "run"
-    _images(run / "shards", ["x.jpg"])  # an image-looking file inside: still not input
+    placeholder_images(run / "shards", ["x.jpg"])  # an image-looking file inside: still not input
     (run / marker).write_text("")
     listing = walk_images(os.fsencode(tmp_path / "in"), ["jpg"])
     assert listing.names == [b"a.jpg", b"sub/b.jpg"]
@@ -48,11 +34,11 @@ def test_the_input_stamp_ignores_what_a_run_inside_it_writes(tmp_path):
 
     from runner.inputs import input_stamp
 
-    _images(tmp_path / "in", ["a.jpg", "b.jpg"])
+    placeholder_images(tmp_path / "in", ["a.jpg", "b.jpg"])
     run = tmp_path / "in" / "run"
     run.mkdir()
     (run / "launch.lock").write_text("")
-    ic = _list_cfg(dir=str(tmp_path / "in"))
+    ic = input_conf(dir=str(tmp_path / "in"))
     before = input_stamp(ic)
     time.sleep(0.01)  # mtimes must be able to differ (ns clocks): a write below must not count
     (run / "shards").mkdir()
@@ -98,8 +84,8 @@ def test_a_stamp_recorded_before_names_were_stamped_still_compares(tmp_path):
 def test_a_symlinked_run_folder_is_left_out_too(tmp_path):
     from runner.inputs.listing import KIND_RUN_FOLDER, walk_images
 
-    _images(tmp_path / "in", ["a.jpg"])
-    _images(tmp_path / "elsewhere", ["r.jpg"])
+    placeholder_images(tmp_path / "in", ["a.jpg"])
+    placeholder_images(tmp_path / "elsewhere", ["r.jpg"])
     (tmp_path / "elsewhere" / "run.json").write_text("{}")
     (tmp_path / "in" / "link").symlink_to(tmp_path / "elsewhere")
     listing = walk_images(os.fsencode(tmp_path / "in"), ["jpg"])
@@ -111,9 +97,9 @@ def test_a_symlinked_run_folder_is_left_out_too(tmp_path):
 def test_a_list_with_a_utf8_bom_keeps_its_first_image(tmp_path):
     from runner.inputs import build_manifest
 
-    _images(tmp_path / "imgs", ["img_0000.jpg", "img_0001.jpg"])
+    placeholder_images(tmp_path / "imgs", ["img_0000.jpg", "img_0001.jpg"])
     (tmp_path / "l.txt").write_bytes(b"\xef\xbb\xbfimgs/img_0000.jpg\r\nimgs/img_0001.jpg\r\n")
-    m = build_manifest(tmp_path / "run", _list_cfg(list=str(tmp_path / "l.txt")))
+    m = build_manifest(tmp_path / "run", input_conf(list=str(tmp_path / "l.txt")))
     assert m.read_slice(0, 2) == [b"imgs/img_0000.jpg", b"imgs/img_0001.jpg"]
 
 
@@ -142,11 +128,11 @@ def test_a_utf16_list_is_refused_with_the_fix(tmp_path):
 def test_two_spellings_of_one_listed_path_are_refused_naming_both(tmp_path, first, second):
     from runner.inputs import build_manifest
 
-    _images(tmp_path / "imgs", ["img_0000.jpg", "img_0001.jpg", "img_0002.jpg", "sub/x.jpg"])
+    placeholder_images(tmp_path / "imgs", ["img_0000.jpg", "img_0001.jpg", "img_0002.jpg", "sub/x.jpg"])
     second = second.format(root=tmp_path)
     (tmp_path / "l.txt").write_text(f"imgs/img_0000.jpg\n{first}\n{second}\n")
     with pytest.raises(ConfigError) as e:
-        build_manifest(tmp_path / "run", _list_cfg(list=str(tmp_path / "l.txt")))
+        build_manifest(tmp_path / "run", input_conf(list=str(tmp_path / "l.txt")))
     msg = str(e.value)
     assert "names 1 image(s) more than once" in msg and "line 2" in msg and "line 3" in msg, msg
     assert "the same file" in msg and "spelled differently" in msg, msg
@@ -155,10 +141,10 @@ def test_two_spellings_of_one_listed_path_are_refused_naming_both(tmp_path, firs
 def test_a_symlink_to_a_listed_file_is_its_own_image(tmp_path):
     from runner.inputs import build_manifest
 
-    _images(tmp_path / "imgs", ["a.jpg", "b.jpg"])
+    placeholder_images(tmp_path / "imgs", ["a.jpg", "b.jpg"])
     (tmp_path / "imgs" / "link.jpg").symlink_to(tmp_path / "imgs" / "a.jpg")
     (tmp_path / "l.txt").write_text("imgs/a.jpg\nimgs/b.jpg\nimgs/link.jpg\n")
-    assert build_manifest(tmp_path / "run", _list_cfg(list=str(tmp_path / "l.txt"))).count == 3
+    assert build_manifest(tmp_path / "run", input_conf(list=str(tmp_path / "l.txt"))).count == 3
 
 
 # ---- item 15: a symlinked folder that cannot be read is counted, with the reason ----------
@@ -169,8 +155,8 @@ def test_a_symlinked_folder_whose_stat_fails_is_counted_as_skipped(tmp_path, mon
     the file system cannot be timed to fail between two calls of one walk."""
     from runner.inputs import listing
 
-    _images(tmp_path / "in", ["a.jpg"])
-    _images(tmp_path / "target", ["t.jpg"])
+    placeholder_images(tmp_path / "in", ["a.jpg"])
+    placeholder_images(tmp_path / "target", ["t.jpg"])
     (tmp_path / "in" / "linked").symlink_to(tmp_path / "target")
     real_stat = os.stat
 
