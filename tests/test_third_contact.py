@@ -57,7 +57,7 @@ def test_a_run_made_inside_the_input_later_does_not_change_another_runs_stamp(tm
     from runner.inputs import input_stamp
 
     placeholder_images(tmp_path / "in", ["a.jpg", "sub/b.jpg"])
-    ic = _list_cfg(dir=str(tmp_path / "in"))
+    ic = input_conf(dir=str(tmp_path / "in"))
     before = input_stamp(ic)
     time.sleep(0.01)  # mtimes must be able to differ (ns clocks)
     for run in (tmp_path / "in" / "out", tmp_path / "in" / "sub" / "out"):
@@ -74,7 +74,7 @@ def test_a_stamp_recorded_before_names_were_stamped_still_compares(tmp_path):
     from runner.inputs import input_stamp
 
     placeholder_images(tmp_path / "in", ["a.jpg", "b.jpg"])
-    now = input_stamp(_list_cfg(dir=str(tmp_path / "in")))
+    now = input_stamp(input_conf(dir=str(tmp_path / "in")))
     old = {"count": 2, "mtime_ns": now["mtime_ns"] + 5}  # a folder was the newest
     assert not stamp_changed(old, now)
     assert stamp_changed({"count": 3, "mtime_ns": old["mtime_ns"]}, now)
