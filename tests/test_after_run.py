@@ -158,7 +158,7 @@ def test_retry_killed_at_any_moment_resumes_exactly(runs, tmp_path):
         p.stderr.close()
         step = at.read_text()
         pending = (run / "retry" / "commit.json").exists()
-        state = "unchanged" if _tree_state(run) == before else "commit pending" if pending else "??"
+        state = "commit pending" if pending else "unchanged" if _tree_state(run) == before else "??"
         outcomes[step] = state
         committed = step in ("committed", "merged", "recorded", "stats written") or step.endswith(" applied")
         assert state == ("commit pending" if committed else "unchanged"), \
