@@ -28,9 +28,10 @@ def test_report_of_a_requeued_slurm_run(cluster, tiny_net, photos, tmp_path):
     run, gate = tmp_path / "run", tmp_path / "gate"
     # simulated net held by a gate file (runner.model.gate_allows): each task holds after 2 images
     # until the test opens it, so the requeue lands mid-shard on a fast or a loaded machine alike
+    # (1 s per image only gives the report's rate chart a slope; the gate does the holding)
     gate.write_text("2")
     run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *SLURM, *tiny_model_args(tiny_net),
-            "backend=simulated", "simulated_batch_s=0.0", "batch_size=1", "heartbeat_s=0.000001",
+            "backend=simulated", "simulated_batch_s=1.0", "batch_size=1", "heartbeat_s=0.000001",
             f"simulated_gate={gate}")
     wait_until(lambda: _done(run, 0, 2) >= 2, timeout=180, interval=0.5, what="progress")
     subs = json.loads((run / "submissions.json").read_text())
