@@ -157,12 +157,12 @@ def test_local_sweep_makes_one_run_dir_per_point(tiny_net, photos, tmp_path):
     assert shapes == [(16,), (5,)]
 
 
-def _shards_with_rows(run: Path) -> int:
-    """How many shards' heartbeats count done images."""
+def _shards_held_at(run: Path, done: int) -> int:
+    """How many shards' heartbeats say exactly `done` images are done."""
     n = 0
     for p in (run / "status").glob("*.json"):
         try:
-            n += int(json.loads(p.read_text()).get("done", 0)) > 0
+            n += int(json.loads(p.read_text()).get("done", -1)) == done
         except ValueError:
             pass
     return n
@@ -181,9 +181,9 @@ def test_local_gpu_workers_bind_one_gpu_each(tiny_net, photos, tmp_path):
                                    f"simulated_gate={gate}"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: _shards_with_rows(run) >= 2 or proc.poll() is not None, timeout=300,
-                   what="two shards under way at once")
-        assert proc.poll() is None, proc.communicate()
+        wait_until(lambda: _shards_held_at(run, 2) == 2 or proc.poll() is not None, timeout=300,
+                   what="two shards held after their first batch")
+        assert proc.poll() is None and _shards_held_at(run, 2) == 2, proc.communicate()
     finally:
         gate.write_text("open")
         out, err = proc.communicate(timeout=300)
