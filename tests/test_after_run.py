@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -140,33 +139,44 @@ def test_retry_killed_at_any_moment_resumes_exactly(runs, tmp_path):
     pristine = runs["failed"]
     before = _tree_state(pristine)
     ref = _rows(runs["ref"])
-    # kills spread over the retry's work: from the moment its first staged file appears in retry/
-    # (the model is loaded) to past its end, in steps
-    outcomes = []
-    for k, delay in enumerate((0.0, 0.01, 0.02, 0.04, 0.06, 0.09, 0.12, 0.16, 0.2, 0.3)):
-        run = tmp_path / f"kill{k}"
+    # the retry is killed at each of its steps in turn (runner.retry._test_hold: step N waits to
+    # be killed once it is reached), from staging to its last write: no clock decides where
+    outcomes = {}
+    for n in range(64):
+        run, hold = tmp_path / f"kill{n}", tmp_path / f"hold{n}"
         shutil.copytree(pristine, run)
+        hold.write_text(str(n))
+        at = Path(f"{hold}.at")
         p = subprocess.Popen(CLI + ["retry", str(run)], cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-        wait_until(lambda: any((run / "retry").glob("*")) or p.poll() is not None, timeout=120, interval=0.001,
-                   what="the retry to start staging")
-        time.sleep(delay)
+                             stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, CAFFE_RUNNER_TEST_RETRY_HOLD=str(hold)))
+        wait_until(lambda: at.exists() or p.poll() is not None, timeout=300, what=f"the retry at step {n}")
+        if not at.exists():  # past its last step: it ran to the end
+            assert p.wait() == 0, p.stderr.read()
+            break
         p.send_signal(signal.SIGKILL)
         p.wait()
+        p.stderr.close()
+        step = at.read_text()
         pending = (run / "retry" / "commit.json").exists()
-        unchanged = _tree_state(run) == before
-        done = not pending and (run / "retries.json").exists()
-        outcomes.append("unchanged" if unchanged else "commit pending" if pending else "done" if done else "??")
-        assert unchanged or pending or done, f"killed {delay} s into staging: the run is neither as it was " \
-                                             "nor resumable"
+        state = "commit pending" if pending else "unchanged" if _tree_state(run) == before else "??"
+        outcomes[step] = state
+        committed = step in ("committed", "merged", "recorded", "stats written") or step.endswith(" applied")
+        assert state == ("commit pending" if committed else "unchanged"), \
+            f"killed at {step!r}: the run is {state}, neither as it was nor resumable"
         run_cli("retry", run)  # resumes (or starts over) and ends exact
         got = _rows(run)
         assert got[0] == ref[0] and got[3] == ref[3]
         np.testing.assert_array_equal(got[1], ref[1])
         assert run_cli("verify", run).returncode == 0
         assert len(json.loads((run / "retries.json").read_text())) == 1, "a resumed retry is recorded once"
+    else:
+        pytest.fail("the retry never ran past its held steps")
     print("kill outcomes:", outcomes)
-    assert "unchanged" in outcomes and len(set(outcomes)) > 1, outcomes  # the kills did land at different steps
+    steps = list(outcomes)
+    assert steps[:1] == ["started"] and steps[-1:] == ["stats written"], steps
+    for want in ("half-staged", "staged, undescribed", " staged", "committed", " applied", "merged", "recorded"):
+        assert any(s.endswith(want) for s in steps), (want, steps)
 
 
 def test_retry_killed_while_applying_is_finished_by_the_next(runs, tmp_path, monkeypatch):

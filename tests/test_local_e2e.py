@@ -1,14 +1,16 @@
 """End to end on real photos with real pycaffe and the real res10 model, through the CLI."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import run_cli, tiny_model_args
+from conftest import CLI, REPO, run_cli, tiny_model_args, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -155,12 +157,37 @@ def test_local_sweep_makes_one_run_dir_per_point(tiny_net, photos, tmp_path):
     assert shapes == [(16,), (5,)]
 
 
+def _shards_held_at(run: Path, done: int) -> int:
+    """How many shards' heartbeats say exactly `done` images are done."""
+    n = 0
+    for p in (run / "status").glob("*.json"):
+        try:
+            n += int(json.loads(p.read_text()).get("done", -1)) == done
+        except ValueError:
+            pass
+    return n
+
+
 def test_local_gpu_workers_bind_one_gpu_each(tiny_net, photos, tmp_path):
     """device=gpu: one worker per GPU, each bound (CUDA_VISIBLE_DEVICES) before the engine loads.
-    No GPU here: the simulated backend stands in for the device; the binding is real."""
-    run = tmp_path / "run"
-    run_cli(f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net), "device=gpu",
-            "backend=simulated", "simulated_batch_s=0.3", "batch_size=2", "launcher.gpus=[2,5]", "num_shards=4")
+    No GPU here: the simulated backend stands in for the device; the binding is real. Each shard
+    holds after its first batch (a gate the test opens) until two shards are under way at once:
+    both workers have one, however late the second one starts."""
+    run, gate = tmp_path / "run", tmp_path / "gate"
+    gate.write_text("1")
+    proc = subprocess.Popen(CLI + [f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net),
+                                   "device=gpu", "backend=simulated", "simulated_batch_s=0.0", "batch_size=2",
+                                   "launcher.gpus=[2,5]", "num_shards=4", "heartbeat_s=0.000001",
+                                   f"simulated_gate={gate}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: _shards_held_at(run, 2) == 2 or proc.poll() is not None, timeout=300,
+                   what="two shards held after their first batch")
+        assert proc.poll() is None and _shards_held_at(run, 2) == 2, proc.communicate()
+    finally:
+        gate.write_text("open")
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
     seen = {}
     for s in sorted((run / "shards").glob("*.h5")):
         with h5py.File(s, "r") as f:

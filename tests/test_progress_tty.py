@@ -6,11 +6,10 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import REPO, tiny_model_args
+from conftest import REPO, tiny_model_args, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +24,7 @@ def test_log_lines_print_above_one_progress_bar(photos, tiny_net, tmp_path):
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "60",
                     f"cd {REPO} && {cmd}; echo $? > {done}; sleep 300"], check=True)
     try:
-        t0 = time.time()
-        while not done.exists() and time.time() - t0 < 300:
-            time.sleep(0.5)
+        wait_until(done.exists, timeout=600, interval=0.5, what="the run in the terminal to end")
         screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session, "-S", "-"], capture_output=True,
                                 text=True, check=True).stdout
     finally:

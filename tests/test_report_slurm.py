@@ -25,10 +25,14 @@ def _done(run: Path, shard: int, n: int) -> int:
 
 
 def test_report_of_a_requeued_slurm_run(cluster, tiny_net, photos, tmp_path):
-    run = tmp_path / "run"
-    # simulated net: each image takes 3 s (no CPU), so the requeue lands mid-shard
+    run, gate = tmp_path / "run", tmp_path / "gate"
+    # simulated net held by a gate file (runner.model.gate_allows): each task holds after 2 images
+    # until the test opens it, so the requeue lands mid-shard on a fast or a loaded machine alike
+    # (1 s per image only gives the report's rate chart a slope; the gate does the holding)
+    gate.write_text("2")
     run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *SLURM, *tiny_model_args(tiny_net),
-            "backend=simulated", "simulated_batch_s=3.0", "batch_size=1", "heartbeat_s=0.2")
+            "backend=simulated", "simulated_batch_s=1.0", "batch_size=1", "heartbeat_s=0.000001",
+            f"simulated_gate={gate}")
     wait_until(lambda: _done(run, 0, 2) >= 2, timeout=180, interval=0.5, what="progress")
     subs = json.loads((run / "submissions.json").read_text())
     job = subs[0]["tasks"][0]["job_id"]
@@ -43,14 +47,26 @@ def test_report_of_a_requeued_slurm_run(cluster, tiny_net, photos, tmp_path):
     watch = subprocess.Popen(CLI + ["status", "--watch", "--interval", "1", str(run)], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def released_and_merged():
-        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%t"], capture_output=True, text=True).stdout.strip()
-        if state == "PD":  # a requeued job waits ~2 min to be eligible: release it now
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
-        return (run / "features.h5").exists()
+    def state():
+        return subprocess.run(["squeue", "-h", "-j", job, "-o", "%t"], capture_output=True, text=True).stdout.strip()
 
-    wait_until(released_and_merged, timeout=300, interval=0.5, what="merged output after requeue")
+    def released_and_resumed():
+        if state() == "PD":  # a requeued job waits ~2 min to be eligible: release it now
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        ev = run / "events" / "shard-00000-of-00002.jsonl"
+        return ev.exists() and '"resumed"' in ev.read_text()
+
+    try:
+        # the killed attempt is gone and the next one has resumed (and holds again at the gate)
+        wait_until(released_and_resumed, timeout=300, interval=0.5, what="the requeued task resumed")
+        seen = []  # five views of the held run, then the gate opens
+        while sum("(refreshed " in ln for ln in seen) < 5 and (line := watch.stdout.readline()):
+            seen.append(line)
+    finally:
+        gate.write_text("open")
+    wait_until(lambda: (run / "features.h5").exists(), timeout=300, interval=0.5, what="merged output after requeue")
     out, err = watch.communicate(timeout=120)
+    out = "".join(seen) + out
     assert watch.returncode == 0 and out.count("(refreshed ") >= 5 and ": merged, 20/20 images" in out, (out, err)
     assert run_cli("verify", run).returncode == 0
     run_cli("report", run)

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import h5py
@@ -128,7 +127,8 @@ def test_writer_killed_at_random_moments_resumes_to_the_exact_file(tmp_path):
         # an endless shard, so a kill always lands while writing, however fast the machine
         p = subprocess.Popen(writer(10**9), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         first = int(p.stdout.readline() or 0)  # writing (a resumed writer has copied its rows)
-        time.sleep(rng.uniform(0.05, 0.4))
+        for _ in range(rng.randint(0, 30)):  # a random number of batches on (counted, not timed: a
+            p.stdout.readline()              # slow machine gets as far), then wherever it is now
         p.kill()
         out, err = p.communicate()
         assert p.returncode == -signal.SIGKILL, err

@@ -107,16 +107,27 @@ def test_failing_task_is_reported_and_resubmission_runs_only_it(cluster, tiny_ne
     assert run_cli("verify", run).returncode == 0
 
 
-def _slow(tiny_net, batch_s=1.0):
-    # simulated backend: each image takes `batch_s` without using the CPU. submitit lets a task
-    # ignore SIGTERM, so scancel/requeue kill it only after KillWait (5 s): shards must be longer.
-    return [*tiny_model_args(tiny_net), "backend=simulated", f"simulated_batch_s={batch_s}", "batch_size=1",
-            "heartbeat_s=0.2"]
+def _held(tiny_net, gate: Path):
+    # simulated backend held by a gate file the test writes (runner.model.gate_allows): batch k of
+    # each task starts once the file holds a number > k, or "open". A kill (scancel, requeue: after
+    # KillWait, as submitit lets a task ignore SIGTERM) lands mid-shard on a fast or a loaded
+    # machine alike. Every batch writes its heartbeat.
+    return [*tiny_model_args(tiny_net), "backend=simulated", "simulated_batch_s=0.0", "batch_size=1",
+            "heartbeat_s=0.000001", f"simulated_gate={gate}"]
+
+
+def _fast(tiny_net):
+    return [*tiny_model_args(tiny_net), "backend=simulated", "simulated_batch_s=0.0", "batch_size=1"]
+
+
+def _job_state(job: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%t"], capture_output=True, text=True).stdout.strip()
 
 
 def test_scancel_then_resubmit_resumes(cluster, tiny_net, photos, tmp_path):
-    run, ref = tmp_path / "run", tmp_path / "ref"
-    args = [f"input.dir={photos}", "num_shards=2", *_slow(tiny_net)]
+    run, ref, gate = tmp_path / "run", tmp_path / "ref", tmp_path / "gate"
+    gate.write_text("2")  # each task holds after 2 images until the gate opens
+    args = [f"input.dir={photos}", "num_shards=2", *_held(tiny_net, gate)]
     run_cli(*args, f"output.dir={run}", *SLURM)
     _wait(lambda: _heartbeat_done(run, 0, 2) >= 2 and _heartbeat_done(run, 1, 2) >= 2, what="progress")
     array = _submissions(run)[0]["array_job_id"]
@@ -125,12 +136,13 @@ def test_scancel_then_resubmit_resumes(cluster, tiny_net, photos, tmp_path):
           what="cancellation")
     assert not list((run / "shards").glob("*.h5")), "cancelled mid-shard: nothing complete yet"
     partial_done = [_heartbeat_done(run, i, 2) for i in range(2)]
+    gate.write_text("open")
     run_cli(*args, f"output.dir={run}", *SLURM, "launcher.wait=true")
     for i in range(2):
         with h5py.File(run / "shards" / f"shard-{i:05d}-of-00002.h5", "r") as f:
             assert int(f.attrs.get("resumed", 0)) >= 1, "the shard started over instead of resuming"
-    assert all(d >= 2 for d in partial_done)
-    run_cli(f"input.dir={photos}", "num_shards=2", *_slow(tiny_net, 0.0), f"output.dir={ref}", "launcher.workers=2")
+    assert partial_done == [2, 2]
+    run_cli(f"input.dir={photos}", "num_shards=2", *_fast(tiny_net), f"output.dir={ref}", "launcher.workers=2")
     a, b = _h5(run / "features.h5"), _h5(ref / "features.h5")
     assert a[1] == b[1]
     np.testing.assert_array_equal(a[0], b[0])
@@ -138,25 +150,27 @@ def test_scancel_then_resubmit_resumes(cluster, tiny_net, photos, tmp_path):
 
 
 def test_requeue_resumes_from_last_batch(cluster, tiny_net, photos, tmp_path):
-    run, ref = tmp_path / "run", tmp_path / "ref"
-    args = [f"input.dir={photos}", "num_shards=1", *_slow(tiny_net)]
+    run, ref, gate = tmp_path / "run", tmp_path / "ref", tmp_path / "gate"
+    gate.write_text("3")  # the task holds after 3 images until the requeue has ended that attempt
+    args = [f"input.dir={photos}", "num_shards=1", *_held(tiny_net, gate)]
     run_cli(*args, f"output.dir={run}", *SLURM)
     _wait(lambda: _heartbeat_done(run, 0, 1) >= 3, what="progress")
     job = _submissions(run)[0]["tasks"][0]["job_id"]
     subprocess.run(["scontrol", "requeue", job], check=True)
+    # pending again: the held attempt is gone (it first gets KillWait seconds to stop)
+    _wait(lambda: _job_state(job) == "PD", what="the requeued job pending")
+    gate.write_text("open")
 
     def released_and_merged():
         # a requeued job waits ~2 min before it is eligible again: release it once it is pending
-        # (the task first gets KillWait seconds to stop)
-        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%t"], capture_output=True, text=True).stdout.strip()
-        if state == "PD":
+        if _job_state(job) == "PD":
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
         return (run / "features.h5").exists()
 
     _wait(released_and_merged, timeout=240, what="merged output after requeue")
     with h5py.File(run / "shards" / "shard-00000-of-00001.h5", "r") as f:
         assert int(f.attrs.get("resumed", 0)) >= 1
-    run_cli(f"input.dir={photos}", "num_shards=1", *_slow(tiny_net, 0.0), f"output.dir={ref}", "launcher.workers=1")
+    run_cli(f"input.dir={photos}", "num_shards=1", *_fast(tiny_net), f"output.dir={ref}", "launcher.workers=1")
     a, b = _h5(run / "features.h5"), _h5(ref / "features.h5")
     assert a[1] == b[1]
     np.testing.assert_array_equal(a[0], b[0])
