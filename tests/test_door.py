@@ -248,7 +248,7 @@ def test_submitting_from_a_venv_under_a_hostile_path_under_umask_002(cluster, ph
     run = tmp_path / "run"
     args = [f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net), "num_shards=2",
             "launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10",
-            "launcher.wait=true"]
+            "launcher.wait=true", "launcher.shards_per_task=1"]  # the shard file checked below: 1 of 2
     p = subprocess.run([str(python), "-m", "runner", *args], capture_output=True, text=True, cwd=tmp_path,
                        timeout=600, preexec_fn=_umask_002)
     assert not (tmp_path / "pwned").exists(), "the sbatch script ran the $(...) of the venv's path"

@@ -117,7 +117,7 @@ def _cfg(name, world):
     imgs, proto, run = world
     # one shard per Slurm task, nothing taken: each launcher hands out each shard once
     lc = LocalLauncherConf(workers=2) if name == "local" else SlurmLauncherConf(
-        gpus_per_task=0, merge_job=True, shards_per_task=1, take_free_shards=False)
+        gpus_per_task=0, cpus_per_task=1, merge_job=True, shards_per_task=1, take_free_shards=False)
     return OmegaConf.structured(RunConf(
         model=ModelConf(name="tiny", prototxt=str(proto), weights=str(proto.parent / "w.caffemodel"),
                         input_size=[32, 40], default_blobs=["emb"]),

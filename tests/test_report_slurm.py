@@ -73,7 +73,7 @@ def test_report_of_a_requeued_slurm_run(cluster, tiny_net, photos, tmp_path):
     html = (run / "report.html").read_text()
     seen = check_report(run / "report.html", screenshot=tmp_path / "slurm-report.png")
     assert seen["state"] == "merged"
-    assert "task attempts\t3 (0 failed, 1 resumed)" in seen["text"], seen["text"][:1500]
+    assert "task attempts\t3 (0 failed, 1 resumed, 0 taken by a task started for another shard)" in seen["text"], seen["text"][:1500]
     # the attempts table: shard 0 killed by the requeue then resumed by the same array task
     assert html.count("stopped (killed, requeued or preempted)</td>") == 1
     assert html.count("<td>resumed</td>") == 1 and html.count(f"<td>{job}</td>") == 2
