@@ -254,6 +254,11 @@ class LocalLauncherConf(LauncherConf):
     gpus: Any = "auto"
     # OpenBLAS threads per worker for device=cpu; null: cores // workers
     threads_per_worker: Optional[int] = None
+    # shards per worker when num_shards is unset: the pool hands the next shard to whichever
+    # worker frees up first, so a slow worker (a core shared with another job, a GPU of an
+    # older generation) holds the run's end for part of one shard, not for a whole 1/workers
+    # of the run. The net is loaded once per worker (1: one shard per worker, as before)
+    shards_per_worker: int = 4
     # a progress bar on a terminal; elsewhere (a log file, nohup, cron, CI) a progress line
     # every log_interval_s seconds
     progress: bool = True
