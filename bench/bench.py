@@ -965,13 +965,14 @@ def _dev_cluster(state: str, nodes: int) -> Dict[str, str]:
 
 
 SHARDS_PER_TASK_TRIED = (2, 4, 8)
+DEFAULT_SHARDS_PER_TASK = 8  # runner/schema.py SlurmLauncherConf.shards_per_task: this row chose it
 
 
 def straggler_bench(work: Path, tasks: int = 6, nodes: int = 3, slow: float = 3.0, batches_per_task: int = 150,
                     batch: int = 4, batch_s: float = 0.1, repeats: int = 1) -> Dict:
     """Row 13: a Slurm run on the 3-node dev cluster (simulated engine: batch_s of sleep per batch,
     `slow` times that on node2) over the same run with three equal nodes, for today's design
-    (one shard per task, no taking) and shards_per_task=4 with tasks taking the free shards.
+    (one shard per task, no taking) and shards_per_task 2, 4 and 8 with tasks taking the free shards.
     Wall time: from the command's start to the last shard's "finished" event (the merge job,
     the same for all, is left out)."""
     import shutil
@@ -1064,7 +1065,7 @@ def print_straggler_row(r: Dict) -> None:
     for k in SHARDS_PER_TASK_TRIED:
         name = f"shards_per_task_{k}_taking"
         if f"{name}_ratio" in r:
-            now = " (now, the default)" if k == 4 else ""
+            now = " (the default)" if k == DEFAULT_SHARDS_PER_TASK else ""
             print(f"   {k} shards per task, taking{now}: {r[name + '_ratio']:.2f}   {walls(name)}")
     print(f"   a perfect split: {r['capacity_bound_ratio']:.2f} of the compute"
           + (f", {r['wall_bound_ratio']:.2f} of the wall (the fixed start-up does not stretch)"

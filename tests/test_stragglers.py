@@ -90,8 +90,8 @@ def test_slurm_asks_for_num_shards_tasks_and_shards_per_task_shards_each():
     from runner.launch.slurm import SlurmLauncher
 
     cfg = compose(["input.dir=/data/x", "output.dir=/scratch/r", "launcher=slurm", "num_shards=16"])
-    assert cfg.launcher.shards_per_task == 4 and cfg.launcher.take_free_shards is True
-    assert SlurmLauncher().default_shards(cfg) == 64
+    assert cfg.launcher.shards_per_task == 8 and cfg.launcher.take_free_shards is True
+    assert SlurmLauncher().default_shards(cfg) == 128
     cfg.launcher.shards_per_task = 1
     assert SlurmLauncher().default_shards(cfg) == 16
 
