@@ -176,7 +176,7 @@ def test_tasks_requeued_while_taking_shards_give_every_shard_exactly_once(cluste
     # 3 tasks x 4 shards of 20 images; node2 3x slower, so the others take its shards
     env = {"CAFFE_RUNNER_SIM_SLOW_HOSTS": "node2:3"}
     waiter = subprocess.Popen(CLI + [*common, *SLURM, f"output.dir={run}", "num_shards=3", "simulated_batch_s=0.3",
-                                     "launcher.wait=true"], cwd=REPO, stdout=subprocess.PIPE,
+                                     "launcher.shards_per_task=4", "launcher.wait=true"], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env={**__import__("os").environ, **env})
     rng = random.Random(28)
     requeued = []
