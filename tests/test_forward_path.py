@@ -78,8 +78,8 @@ def _plan(keep, bn=""):
     (["sum"], "", [("c1", "bn1", "sc1"), ("c2", "bn2", "sc2"), ("c3", "bn3", None)]),
     # the user reads b2 (BN's output): the Scale stays, the BN still folds into c2
     (["sum", "b2"], "", [("c1", "bn1", "sc1"), ("c2", "bn2", None), ("c3", "bn3", None)]),
-    # the user reads c2 (the convolution's own output): nothing folds into c2
-    (["sum", "c2"], "", [("c1", "bn1", "sc1"), ("c3", "bn3", None)]),
+    # the user reads c2 (the convolution's own output): nothing folds into c2; bn2 + sc2 become one Scale
+    (["sum", "c2"], "", [("c1", "bn1", "sc1"), ("c3", "bn3", None), (None, "bn2", "sc2")]),
     # a BN that uses the batch's statistics is no fixed map
     (["sum"], "batch_norm_param { use_global_stats: false }", [("c2", "bn2", "sc2"), ("c3", "bn3", None)]),
 ])
@@ -102,7 +102,87 @@ def test_fold_plan_keeps_a_convolution_read_twice():
 
     param = caffe_pb2().NetParameter()
     text_format.Merge(text, param)
-    assert [f.conv for f in fold_plan(param, ["sum"])[1]] == ["c1", "c3"]
+    # (bn2 + sc2, read by nobody else, still become one Scale: conv None)
+    assert [f.conv for f in fold_plan(param, ["sum"])[1]] == ["c1", "c3", None]
+
+
+@pytest.mark.unit
+def test_affine_weights_equal_bn_then_scale():
+    """BN (scale factor 2, a large eps) then Scale with and without a bias, in float64, against the
+    one Scale layer's gamma' * x + beta'."""
+    from runner.fold import affine_weights
+
+    rng = np.random.default_rng(4)
+    c = 6
+    mean, var, sf, eps = rng.normal(size=c), rng.uniform(0.01, 0.2, c), 2.0, 0.3
+    gamma, beta = rng.normal(size=c), rng.normal(size=c)
+    x = rng.normal(size=(c, 11))
+    bn = (x - (mean / sf)[:, None]) / np.sqrt(var / sf + eps)[:, None]
+    g, b = affine_weights(mean, var, sf, eps, gamma, beta)
+    assert g.shape == b.shape == (c,) and g.dtype == b.dtype == np.float32
+    assert rel(g[:, None] * x + b[:, None], bn * gamma[:, None] + beta[:, None]) < 1e-6
+    g, b = affine_weights(mean, var, sf, eps, gamma)
+    assert rel(g[:, None] * x + b[:, None], bn * gamma[:, None]) < 1e-6
+
+
+# pre-activation blocks: BN + Scale after the input and after an Eltwise, not after a convolution
+PREACT = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "bn0" type: "BatchNorm" bottom: "data" top: "d_bn" }
+layer { name: "sc0" type: "Scale" bottom: "d_bn" top: "d_bn" }
+layer { name: "c1" type: "Convolution" bottom: "d_bn" top: "c1" convolution_param { num_output: 3 kernel_size: 1 } }
+layer { name: "sum" type: "Eltwise" bottom: "c1" bottom: "data" top: "sum" }
+layer { name: "bn1" type: "BatchNorm" bottom: "sum" top: "b1" }
+layer { name: "sc1" type: "Scale" bottom: "b1" top: "b1" scale_param { bias_term: true } }
+layer { name: "r1" type: "ReLU" bottom: "b1" top: "b1" }
+layer { name: "c2" type: "Convolution" bottom: "b1" top: "c2" convolution_param { num_output: 3 kernel_size: 1 } }
+layer { name: "out" type: "Eltwise" bottom: "c2" bottom: "sum" top: "out" }
+"""
+SC0 = 'layer { name: "sc0" type: "Scale" bottom: "d_bn" top: "d_bn" }'
+SC1 = 'layer { name: "sc1"'
+BN1 = 'layer { name: "bn1" type: "BatchNorm" bottom: "sum" top: "b1" }'
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("keep, edits, folds", [
+    # both pairs become one Scale each (c1 and c2 have no BN after them)
+    (["out"], [], [(None, "bn0", "sc0"), (None, "bn1", "sc1")]),
+    # b1 is written in place: the name means the Scale's output, which the one Scale still writes
+    (["out", "b1"], [], [(None, "bn0", "sc0"), (None, "bn1", "sc1")]),
+    # the user reads the BN's own output (the Scale writes another name): that pair stays
+    (["out", "d_bn"], [(SC0, SC0.replace('top: "d_bn"', 'top: "d_s"')), ('Convolution" bottom: "d_bn"',
+                                                                        'Convolution" bottom: "d_s"')],
+     [(None, "bn1", "sc1")]),
+    # a Scale with shared (named) parameters, a BN on the batch's own statistics: left alone
+    (["out"], [(SC0, SC0.replace("}", 'param { name: "shared" } }')),
+               (BN1, BN1.replace("}", "batch_norm_param { use_global_stats: false } }"))], []),
+    # the BN's output read by another layer too (before the Scale writes the name in place)
+    (["out", "side"], [(SC1, 'layer { name: "side" type: "Power" bottom: "b1" top: "side" }\n' + SC1)],
+     [(None, "bn0", "sc0")]),
+])
+def test_fold_plan_makes_one_scale_of_a_bn_scale_pair(keep, edits, folds):
+    from google.protobuf import text_format
+
+    from runner.fold import fold_plan
+    from runner.model import caffe_pb2
+
+    text = PREACT
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new)
+    param = caffe_pb2().NetParameter()
+    text_format.Merge(text, param)
+    out, fl = fold_plan(param, keep)
+    layers = [lp.name for lp in out.layer]
+    by_name = {lp.name: lp for lp in out.layer}
+    assert [(f.conv, f.batchnorm, f.scale) for f in fl] == folds
+    for _, bn, sc in folds:  # the BN is gone; its Scale, with a bias, reads the BN's input in the BN's place
+        assert bn not in by_name and by_name[sc].scale_param.bias_term
+    if (None, "bn1", "sc1") in folds:
+        assert list(by_name["sc1"].bottom) == ["sum"] and list(by_name["sc1"].top) == ["b1"]
+        assert layers.index("sum") < layers.index("sc1") < layers.index("r1")
+    if (None, "bn0", "sc0") in folds:
+        assert list(by_name["sc0"].bottom) == ["data"] and layers.index("sc0") == 1
 
 
 @pytest.mark.unit
@@ -142,6 +222,9 @@ layer { name: "rect" type: "Convolution" bottom: "o_s" top: "r"
   convolution_param { num_output: 6 kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2 weight_filler { type: "gaussian" std: 0.2 } } }
 layer { name: "bn_r" type: "BatchNorm" bottom: "r" top: "r" batch_norm_param { eps: 0.4 } }
 layer { name: "pool" type: "Pooling" bottom: "r" top: "p" pooling_param { pool: AVE kernel_size: 3 stride: 3 } }
+layer { name: "bn_p" type: "BatchNorm" bottom: "p" top: "p" batch_norm_param { eps: 0.2 } }
+layer { name: "scale_p" type: "Scale" bottom: "p" top: "p" }
+layer { name: "relu_p" type: "ReLU" bottom: "p" top: "p" }
 layer { name: "fc" type: "InnerProduct" bottom: "p" top: "fc" inner_product_param { num_output: 10
   weight_filler { type: "gaussian" std: 0.1 } } }
 """
@@ -188,7 +271,7 @@ UPSTREAM = {"conv_batch_mb": 0, "fold_batchnorm": False}
 @pytest.mark.parametrize("blobs", [["fc"], ["fc", "o_bn"], ["g", "fc"]])
 def test_odd_net_fast_path_equals_upstream(odd_net, blobs):
     """Groups, strides, dilation, a 1x1 and a 2x3 kernel, BN with and without Scale, in place and
-    not; a batch of 7, not a multiple of the blocks (12x15 outputs: blocks of 5 and 2 images for
+    not, a BN + Scale after a pooling (one Scale layer); a batch of 7, not a multiple of the blocks (12x15 outputs: blocks of 5 and 2 images for
     a 1,024-column GEMM; the 11x7 one takes all 7)."""
     x = np.random.default_rng(0).uniform(-100, 100, (7, 3, 24, 30)).astype(np.float32)
     old = _engine(*odd_net, blobs, **UPSTREAM).forward(x)
@@ -202,7 +285,8 @@ def test_odd_net_fast_path_equals_upstream(odd_net, blobs):
         assert all(np.array_equal(again[b], new[b]) for b in blobs), model  # the same numbers every run
     # what folded: never a blob the user reads (o_bn read: its Scale stays a layer)
     folds = {(f.batchnorm, f.scale) for f in _engine(*odd_net, blobs).folds}
-    assert folds == {("bn_g", "scale_g"), ("bn_o", None if "o_bn" in blobs else "scale_o"), ("bn_r", None)}
+    assert folds == {("bn_g", "scale_g"), ("bn_o", None if "o_bn" in blobs else "scale_o"), ("bn_r", None),
+                     ("bn_p", "scale_p")}  # bn_p + scale_p after a pooling: one Scale layer
 
 
 def test_a_batch_of_one_and_a_reshape(odd_net):
