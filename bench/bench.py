@@ -201,11 +201,17 @@ def sgemm_rate(n: int = 2048, reps: int = 5) -> Dict:
 
 
 # row 12's forward paths, before -> after, one step at a time (model.* settings of CaffeEngine)
+# model settings, plus two switches the bench alone sets: "pairs" (runner/fold.py's BN + Scale
+# pairs that follow no convolution made one Scale layer) and "pool_mask" (CAFFE_POOL_MASK=1:
+# Caffe's own max pooling loop instead of docker/pycaffe-poolmax.patch's mask-free one)
+UPSTREAM_POOL = {"pairs": False, "pool_mask": True}
 FORWARD_PATHS = {
-    "before": {"conv_batch_mb": 0, "fold_batchnorm": False},        # Caffe upstream: one image per GEMM
-    "batched_conv": {"conv_batch_mb": 32, "fold_batchnorm": False},  # docker/pycaffe-convbatch.patch
-    "folded": {"conv_batch_mb": 0, "fold_batchnorm": True},          # BN/Scale folded alone (runner/fold.py)
-    "after": {"conv_batch_mb": 32, "fold_batchnorm": True},          # + BN/Scale folded (the default)
+    "before": {"conv_batch_mb": 0, "fold_batchnorm": False, **UPSTREAM_POOL},  # Caffe upstream
+    "batched_conv": {"conv_batch_mb": 32, "fold_batchnorm": False, **UPSTREAM_POOL},  # docker/pycaffe-convbatch.patch
+    "folded": {"conv_batch_mb": 0, "fold_batchnorm": True, **UPSTREAM_POOL},   # BN/Scale folded into convs alone
+    "batched_folded": {"conv_batch_mb": 32, "fold_batchnorm": True, **UPSTREAM_POOL},  # both (session 7's "after")
+    "pairs": {"conv_batch_mb": 32, "fold_batchnorm": True, "pairs": True, "pool_mask": True},  # + BN+Scale -> one Scale
+    "after": {"conv_batch_mb": 32, "fold_batchnorm": True, "pairs": True, "pool_mask": False},  # + mask-free max pooling (the default)
 }
 
 
@@ -227,7 +233,16 @@ def forward_gflops(model: str, path: str, batch: int, n_batches: int) -> Dict:
         eng = OpenCVEngine(m, spec, blobs, (3, h, w), threads=1)
         flop = net_flops(CaffeEngine(m, spec, blobs, (3, h, w)).net)
     else:
-        for k, v in FORWARD_PATHS[path].items():
+        settings = dict(FORWARD_PATHS[path])
+        if settings.pop("pool_mask"):
+            os.environ["CAFFE_POOL_MASK"] = "1"  # this child only (read by Caffe per forward)
+        if not settings.pop("pairs", True):
+            import functools
+
+            import runner.fold as fold
+
+            fold.load_folded = functools.partial(fold.load_folded, pairs=False)  # CaffeEngine imports it per load
+        for k, v in settings.items():
             setattr(m, k, v)
         eng = CaffeEngine(m, spec, blobs, (3, h, w))
         flop = net_flops(eng.net)

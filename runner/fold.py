@@ -86,10 +86,11 @@ def _touched_between(layers, start: int, end: int, skip: int, top: str, own_top:
                                   for k in range(start + 1, end) if k != skip)
 
 
-def fold_plan(param, keep: Sequence[str]):
+def fold_plan(param, keep: Sequence[str], pairs: bool = True):
     """(a NetParameter with each foldable chain reduced to its convolution, [Fold]).
     `param` is the net as it will be loaded (already cut after the last requested layer);
-    `keep` the blobs the user reads: a value one of them names is never folded away."""
+    `keep` the blobs the user reads: a value one of them names is never folded away.
+    pairs=False: BN + Scale pairs after something else than a convolution stay (the bench's step)."""
     from caffe.proto import caffe_pb2 as pb
 
     layers = list(param.layer)
@@ -121,7 +122,7 @@ def fold_plan(param, keep: Sequence[str]):
         new_top[i] = top
     # the BN + Scale pairs left (no convolution before them): one Scale with a bias, in the BN's place
     affine = {}
-    for j, bn in enumerate(layers):
+    for j, bn in enumerate(layers if pairs else []):
         if j in drop or not _foldable_bn(bn, pb):
             continue
         r2 = readers.get((j, bn.top[0]), [])
@@ -177,7 +178,7 @@ def affine_weights(mean: np.ndarray, var: np.ndarray, scale_factor: float, eps: 
     return w.ravel(), b
 
 
-def load_folded(caffe, prototxt_text: str, weights: str, keep: Sequence[str]):
+def load_folded(caffe, prototxt_text: str, weights: str, keep: Sequence[str], pairs: bool = True):
     """A caffe.Net of `prototxt_text` with `weights`, BN/Scale chains folded into their
     convolutions where exact. Returns (net, [Fold])."""
     import os
@@ -188,7 +189,7 @@ def load_folded(caffe, prototxt_text: str, weights: str, keep: Sequence[str]):
 
     param = caffe_pb2.NetParameter()
     text_format.Merge(prototxt_text, param)
-    folded, folds = fold_plan(param, keep)
+    folded, folds = fold_plan(param, keep, pairs)
 
     def net_of(text, w=None):
         with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:

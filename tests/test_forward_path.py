@@ -340,3 +340,113 @@ def test_a_negative_conv_buffer_is_refused_before_any_work(photos, tmp_path):
         "model.conv_batch_mb=-1: use 0 (one image per GEMM, as Caffe upstream) or more MB of column buffer per "
         "convolution (32 is the default)"), p.stderr
     assert "Traceback" not in p.stderr
+
+
+# ---- max pooling without the mask (docker/pycaffe-poolmax.patch) ----------------------------
+
+# (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ceil_mode) on a 2x3x13x17 input:
+# padding, stride > kernel, ceil rounding past the edge (windows clipped, or wholly outside)
+POOLS = [(3, 3, 2, 2, 0, 0, True), (3, 3, 2, 2, 1, 1, True), (2, 3, 3, 4, 0, 0, True), (2, 2, 5, 3, 1, 1, False),
+         (3, 2, 1, 2, 2, 1, True), (1, 1, 4, 4, 0, 0, True), (5, 4, 2, 3, 0, 0, False), (13, 17, 1, 1, 0, 0, True)]
+
+
+def _pool_ref(x, kh, kw, sh, sw, ph, pw, ph_out, pw_out):
+    """Caffe's max pooling, in numpy: -FLT_MAX, then each window's inputs in row order, a value
+    replacing the maximum only when strictly greater (NaN never; the first of equal values stays);
+    also the index of that input in its plane (Caffe's mask)."""
+    n, c, h, w = x.shape
+    out = np.empty((n, c, ph_out, pw_out), np.float32)
+    idx = np.empty((n, c, ph_out, pw_out), np.int64)
+    for i in range(ph_out):
+        for j in range(pw_out):
+            hs, ws = i * sh - ph, j * sw - pw
+            he, we = min(hs + kh, h), min(ws + kw, w)
+            hs, ws = max(hs, 0), max(ws, 0)
+            m = np.full((n, c), -np.finfo(np.float32).max, np.float32)
+            best = np.full((n, c), -1)
+            for y in range(hs, he):
+                for z in range(ws, we):
+                    v = x[:, :, y, z]
+                    up = v > m
+                    m, best = np.where(up, v, m), np.where(up, y * w + z, best)
+            out[:, :, i, j], idx[:, :, i, j] = m, best
+    return out, idx
+
+
+def _pool_net(tmp_path, shape, pool, phase_name, extra=""):
+    import caffe
+
+    kh, kw, sh, sw, ph, pw, ceil_mode = pool
+    proto = tmp_path / f"pool{hash((pool, phase_name, extra)) & 0xffff}.prototxt"
+    proto.write_text(f"""force_backward: true
+layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ {' '.join(f'dim: {d}' for d in shape)} }} }} }}
+layer {{ name: "pool" type: "Pooling" bottom: "data" top: "p" pooling_param {{ pool: MAX kernel_h: {kh} kernel_w: {kw}
+  stride_h: {sh} stride_w: {sw} pad_h: {ph} pad_w: {pw} ceil_mode: {str(ceil_mode).lower()} }} }}
+{extra}""")
+    caffe.set_mode_cpu()
+    return caffe.Net(str(proto), getattr(caffe, phase_name))
+
+
+def _odd_values(rng, shape):
+    """Small integers (many ties), signed zeros, NaN and -inf among them."""
+    x = rng.integers(-4, 4, shape).astype(np.float32)
+    x[rng.random(shape) < 0.08] = -0.0
+    x[rng.random(shape) < 0.03] = np.nan
+    x[rng.random(shape) < 0.03] = -np.inf
+    return x
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_max_pooling_is_bit_equal_to_caffes_definition(tmp_path, monkeypatch, pool):
+    """The mask-free TEST-phase forward, Caffe's own loop (CAFFE_POOL_MASK=1, and the TRAIN phase)
+    and numpy's reference give the same bits; Backward in TEST phase (it rebuilds the mask from
+    the bottom, even after a ReLU changed the top in place) routes each gradient to the same input."""
+    shape = (2, 3, 13, 17)
+    x = _odd_values(np.random.default_rng(sum(pool)), shape)
+    # Backward's input: no window without a maximum (NaN or -inf alone: Caffe's mask says -1, and
+    # its Backward writes before the plane)
+    xb = np.where(np.isfinite(x), x, np.float32(-5))
+    relu = 'layer { name: "relu" type: "ReLU" bottom: "p" top: "p" }'
+    runs = {}
+    for label, phase_name, mask in (("fast", "TEST", None), ("caffe", "TEST", "1"), ("train", "TRAIN", None)):
+        if mask:
+            monkeypatch.setenv("CAFFE_POOL_MASK", mask)
+        else:
+            monkeypatch.delenv("CAFFE_POOL_MASK", raising=False)
+        net = _pool_net(tmp_path, shape, pool, phase_name)
+        net.blobs["data"].data[...] = x
+        net.forward()
+        top = net.blobs["p"].data.copy()
+        net.blobs["data"].data[...] = xb
+        net.forward()
+        net.blobs["p"].diff[...] = np.arange(top.size, dtype=np.float32).reshape(top.shape) + 1
+        net.backward()
+        runs[label] = (top, net.blobs["data"].diff.copy())
+        net = _pool_net(tmp_path, shape, pool, phase_name, relu)  # the top changed in place before Backward
+        net.blobs["data"].data[...] = xb
+        net.forward()
+        net.blobs["p"].diff[...] = np.arange(top.size, dtype=np.float32).reshape(top.shape) + 1
+        net.backward()
+        runs[label + "_relu"] = net.blobs["data"].diff.copy()
+    kh, kw, sh, sw, ph, pw, _ = pool
+    ref = _pool_ref(x, kh, kw, sh, sw, ph, pw, *runs["fast"][0].shape[2:])[0]
+    refb, idx = _pool_ref(xb, kh, kw, sh, sw, ph, pw, *ref.shape[2:])
+    assert (idx >= 0).all() and np.isnan(x).any() and np.isneginf(x).any() and (x == 0).any()
+
+    def routed(top_diff):  # each output's gradient added to its window's first maximum
+        grad = np.zeros(shape, np.float32)
+        flat = grad.reshape(shape[0] * shape[1], -1)
+        for k, (plane, d) in enumerate(zip(idx.reshape(len(flat), -1), top_diff.reshape(len(flat), -1))):
+            for i, v in zip(plane, d):
+                if i >= 0:
+                    flat[k, i] += v
+        return grad
+
+    order = np.arange(ref.size, dtype=np.float32).reshape(ref.shape) + 1
+    with np.errstate(invalid="ignore"):
+        after_relu = order * (refb > 0)  # ReLU's Backward passes a gradient where its output is > 0
+    for label in ("fast", "caffe", "train"):
+        top, diff = runs[label]
+        assert np.array_equal(top.view(np.uint32), ref.view(np.uint32)), label
+        assert np.array_equal(diff, routed(order)), label
+        assert np.array_equal(runs[label + "_relu"], routed(after_relu)), label
