@@ -201,17 +201,20 @@ def sgemm_rate(n: int = 2048, reps: int = 5) -> Dict:
 
 
 # row 12's forward paths, before -> after, one step at a time (model.* settings of CaffeEngine)
-# model settings, plus two switches the bench alone sets: "pairs" (runner/fold.py's BN + Scale
-# pairs that follow no convolution made one Scale layer) and "pool_mask" (CAFFE_POOL_MASK=1:
-# Caffe's own max pooling loop instead of docker/pycaffe-poolmax.patch's mask-free one)
-UPSTREAM_POOL = {"pairs": False, "pool_mask": True}
+# model settings, plus three switches the bench alone sets: "pairs" (runner/fold.py's BN + Scale
+# pairs that follow no convolution made one Scale layer), "pool_mask" (CAFFE_POOL_MASK=1: Caffe's
+# own max pooling loop instead of docker/pycaffe-poolmax.patch's mask-free one) and "bands"
+# (CAFFE_CONV_BANDS=0: wide convolution outputs in Caffe's per-image loop instead of bands of rows)
+SESSION7 = {"pairs": False, "pool_mask": True, "bands": False}
 FORWARD_PATHS = {
-    "before": {"conv_batch_mb": 0, "fold_batchnorm": False, **UPSTREAM_POOL},  # Caffe upstream
-    "batched_conv": {"conv_batch_mb": 32, "fold_batchnorm": False, **UPSTREAM_POOL},  # docker/pycaffe-convbatch.patch
-    "folded": {"conv_batch_mb": 0, "fold_batchnorm": True, **UPSTREAM_POOL},   # BN/Scale folded into convs alone
-    "batched_folded": {"conv_batch_mb": 32, "fold_batchnorm": True, **UPSTREAM_POOL},  # both (session 7's "after")
-    "pairs": {"conv_batch_mb": 32, "fold_batchnorm": True, "pairs": True, "pool_mask": True},  # + BN+Scale -> one Scale
-    "after": {"conv_batch_mb": 32, "fold_batchnorm": True, "pairs": True, "pool_mask": False},  # + mask-free max pooling (the default)
+    "before": {"conv_batch_mb": 0, "fold_batchnorm": False, **SESSION7},  # Caffe upstream
+    "batched_conv": {"conv_batch_mb": 32, "fold_batchnorm": False, **SESSION7},  # docker/pycaffe-convbatch.patch
+    "folded": {"conv_batch_mb": 0, "fold_batchnorm": True, **SESSION7},   # BN/Scale folded into convs alone
+    "batched_folded": {"conv_batch_mb": 32, "fold_batchnorm": True, **SESSION7},  # both (session 7's "after")
+    # session 8, one step at a time on top of it:
+    "pairs": {"conv_batch_mb": 32, "fold_batchnorm": True, **dict(SESSION7, pairs=True)},  # + BN+Scale -> one Scale
+    "pool": {"conv_batch_mb": 32, "fold_batchnorm": True, **dict(SESSION7, pairs=True, pool_mask=False)},  # + mask-free max pooling
+    "after": {"conv_batch_mb": 32, "fold_batchnorm": True, "pairs": True, "pool_mask": False, "bands": True},  # + banded wide convs (the default)
 }
 
 
@@ -236,6 +239,8 @@ def forward_gflops(model: str, path: str, batch: int, n_batches: int) -> Dict:
         settings = dict(FORWARD_PATHS[path])
         if settings.pop("pool_mask"):
             os.environ["CAFFE_POOL_MASK"] = "1"  # this child only (read by Caffe per forward)
+        if not settings.pop("bands"):
+            os.environ["CAFFE_CONV_BANDS"] = "0"
         if not settings.pop("pairs", True):
             import functools
 

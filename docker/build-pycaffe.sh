@@ -108,7 +108,7 @@ CUDNN_PIN="nvidia-cudnn-cu13==9.24.0.43"
 NOGIL_PATCH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/pycaffe-nogil.patch"
 # Caffe's CPU convolution with im2col and one GEMM for several images of a batch at once,
 # and wide outputs in bands of rows that stay in the cache (bounded column buffer;
-# CAFFE_CONV_BATCH_MB=0 at run time restores the per-image loop),
+# CAFFE_CONV_BATCH_MB=0 at run time restores the per-image loop, CAFFE_CONV_BANDS=0 for wide outputs only),
 # every build (beside this script; its hash is part of the cache key). CUDA paths untouched.
 CONVBATCH_PATCH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/pycaffe-convbatch.patch"
 # Caffe's CPU max pooling without the argmax mask in TEST phase (bit-identical outputs; Backward
