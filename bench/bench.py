@@ -212,9 +212,12 @@ FORWARD_PATHS = {
     "folded": {"conv_batch_mb": 0, "fold_batchnorm": True, **SESSION7},   # BN/Scale folded into convs alone
     "batched_folded": {"conv_batch_mb": 32, "fold_batchnorm": True, **SESSION7},  # both (session 7's "after")
     # session 8, one step at a time on top of it:
-    "pairs": {"conv_batch_mb": 32, "fold_batchnorm": True, **dict(SESSION7, pairs=True)},  # + BN+Scale -> one Scale
-    "pool": {"conv_batch_mb": 32, "fold_batchnorm": True, **dict(SESSION7, pairs=True, pool_mask=False)},  # + mask-free max pooling
-    "after": {"conv_batch_mb": 32, "fold_batchnorm": True, "pairs": True, "pool_mask": False, "bands": True},  # + banded wide convs (the default)
+    # + BN + Scale pairs after no convolution made one Scale
+    "pairs": {"conv_batch_mb": 32, "fold_batchnorm": True, **dict(SESSION7, pairs=True)},
+    # + max pooling without the mask
+    "pool": {"conv_batch_mb": 32, "fold_batchnorm": True, **dict(SESSION7, pairs=True, pool_mask=False)},
+    # + wide convolutions in bands of rows: the default
+    "after": {"conv_batch_mb": 32, "fold_batchnorm": True, "pairs": True, "pool_mask": False, "bands": True},
 }
 
 

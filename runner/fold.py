@@ -1,4 +1,4 @@
-"""Fold BatchNorm (+ Scale) into the convolution before it, at load time.
+"""Fold BatchNorm (+ Scale) into the convolution before it, or the pair into one Scale, at load time.
 
 A deploy net's BatchNorm and Scale layers are per-channel affine maps with frozen statistics:
 

@@ -150,8 +150,8 @@ BN1 = 'layer { name: "bn1" type: "BatchNorm" bottom: "sum" top: "b1" }'
     # b1 is written in place: the name means the Scale's output, which the one Scale still writes
     (["out", "b1"], [], [(None, "bn0", "sc0"), (None, "bn1", "sc1")]),
     # the user reads the BN's own output (the Scale writes another name): that pair stays
-    (["out", "d_bn"], [(SC0, SC0.replace('top: "d_bn"', 'top: "d_s"')), ('Convolution" bottom: "d_bn"',
-                                                                        'Convolution" bottom: "d_s"')],
+    (["out", "d_bn"], [(SC0, SC0.replace('top: "d_bn"', 'top: "d_s"')),
+                       ('Convolution" bottom: "d_bn"', 'Convolution" bottom: "d_s"')],
      [(None, "bn1", "sc1")]),
     # a Scale with shared (named) parameters, a BN on the batch's own statistics: left alone
     (["out"], [(SC0, SC0.replace("}", 'param { name: "shared" } }')),
@@ -271,8 +271,9 @@ UPSTREAM = {"conv_batch_mb": 0, "fold_batchnorm": False}
 @pytest.mark.parametrize("blobs", [["fc"], ["fc", "o_bn"], ["g", "fc"]])
 def test_odd_net_fast_path_equals_upstream(odd_net, blobs):
     """Groups, strides, dilation, a 1x1 and a 2x3 kernel, BN with and without Scale, in place and
-    not, a BN + Scale after a pooling (one Scale layer); a batch of 7, not a multiple of the blocks (12x15 outputs: blocks of 5 and 2 images for
-    a 1,024-column GEMM; the 11x7 one takes all 7)."""
+    not, a BN + Scale after a pooling (one Scale layer); a batch of 7, not a multiple of the
+    blocks (12x15 outputs: blocks of 5 and 2 images for a 1,024-column GEMM; the 11x7 one takes
+    all 7)."""
     x = np.random.default_rng(0).uniform(-100, 100, (7, 3, 24, 30)).astype(np.float32)
     old = _engine(*odd_net, blobs, **UPSTREAM).forward(x)
     for model in ({}, {"conv_batch_mb": 1}, {"fold_batchnorm": False}, {"conv_batch_mb": 0}):
@@ -436,7 +437,8 @@ def test_max_pooling_is_bit_equal_to_caffes_definition(tmp_path, monkeypatch, po
     def routed(top_diff):  # each output's gradient added to its window's first maximum
         grad = np.zeros(shape, np.float32)
         flat = grad.reshape(shape[0] * shape[1], -1)
-        for k, (plane, d) in enumerate(zip(idx.reshape(len(flat), -1), top_diff.reshape(len(flat), -1))):
+        planes = zip(idx.reshape(len(flat), -1), top_diff.reshape(len(flat), -1))
+        for k, (plane, d) in enumerate(planes):
             for i, v in zip(plane, d):
                 if i >= 0:
                     flat[k, i] += v
