@@ -121,6 +121,7 @@ test-unit: setup
 
 BENCH_ARGS ?=
 bench: setup
+	bash slurm/dev-cluster install  # row 13 runs on a 3-node dev cluster of its own
 	$(PY) bench/bench.py --out bench/results.json $(BENCH_ARGS)
 
 # the GPU report, on a GPU node: forward img/s with cuDNN and without (conv layers switched to

@@ -527,14 +527,16 @@ def _prepare(run_dir: Path, overrides: List[str], shards: int = 1) -> str:
 
 
 def _prepare_local(run_dir: Path, overrides: List[str]):
-    """As `caffe-runner launcher=local` plans it: the worker plan, one shard per worker."""
+    """As `caffe-runner launcher=local` plans it: the worker plan, one shard per worker (the
+    rows measure a worker's steady pipeline; the launcher's default of 4 shards per worker only
+    changes who takes the tail)."""
     from omegaconf import OmegaConf
 
     from runner.launch.local import worker_plan
     from runner.launch.registry import launcher_for
     from runner.plan import prepare_run
 
-    cfg = _compose(run_dir, overrides)
+    cfg = _compose(run_dir, ["launcher.shards_per_worker=1", *overrides])
     prepare_run(cfg, launcher_for(cfg), explicit_shards=cfg.num_shards)
     return OmegaConf.to_yaml(cfg), worker_plan(cfg)
 
@@ -985,11 +987,15 @@ def _dev_cluster(state: str, nodes: int) -> Dict[str, str]:
     return dict(kv.split("=", 1) for kv in m.group(1).split())
 
 
+SHARDS_PER_TASK_TRIED = (2, 4, 8)
+DEFAULT_SHARDS_PER_TASK = 8  # runner/schema.py SlurmLauncherConf.shards_per_task: this row chose it
+
+
 def straggler_bench(work: Path, tasks: int = 6, nodes: int = 3, slow: float = 3.0, batches_per_task: int = 150,
-                    batch: int = 4, batch_s: float = 0.1) -> Dict:
+                    batch: int = 4, batch_s: float = 0.1, repeats: int = 1) -> Dict:
     """Row 13: a Slurm run on the 3-node dev cluster (simulated engine: batch_s of sleep per batch,
     `slow` times that on node2) over the same run with three equal nodes, for today's design
-    (one shard per task, no taking) and shards_per_task=4 with tasks taking the free shards.
+    (one shard per task, no taking) and shards_per_task 2, 4 and 8 with tasks taking the free shards.
     Wall time: from the command's start to the last shard's "finished" event (the merge job,
     the same for all, is left out)."""
     import shutil
@@ -1011,53 +1017,82 @@ def straggler_bench(work: Path, tasks: int = 6, nodes: int = 3, slow: float = 3.
     proto.write_text(SIM_NET)
     state = tempfile.mkdtemp(prefix="crbench-", dir="/tmp")
     env = dict(os.environ, **_dev_cluster(state, nodes))
+    # the default (4) is chosen by this row: the tail shrinks with more, smaller shards, and each
+    # shard costs a file, a lock and a heartbeat more (the equal-nodes wall shows that price)
     designs = {"one_shard_per_task": ["launcher.shards_per_task=1", "launcher.take_free_shards=false"],
-               "shards_per_task_4_taking": ["launcher.shards_per_task=4", "launcher.take_free_shards=true"]}
+               **{f"shards_per_task_{k}_taking": [f"launcher.shards_per_task={k}", "launcher.take_free_shards=true"]
+                  for k in SHARDS_PER_TASK_TRIED}}
     out: Dict = {"tasks": tasks, "nodes": nodes, "slow_node": f"node2 x{slow:g}", "images": n,
-                 "batch_size": batch, "simulated_batch_s": batch_s}
+                 "batch_size": batch, "simulated_batch_s": batch_s, "rounds": repeats}
+    walls: Dict[str, Dict[str, List[float]]] = {name: {"equal": [], "slow": []} for name in designs}
+    ratios: Dict[str, List[float]] = {name: [] for name in designs}
     try:
-        for name, extra in designs.items():
-            walls = {}
-            for label, hosts in (("equal", ""), ("slow", f"node2:{slow:g}")):
-                run = work / f"straggler-{name}-{label}"
-                shutil.rmtree(run, ignore_errors=True)  # every run starts from nothing
-                args = [sys.executable, "-m", "runner", f"input.list={lst}", f"output.dir={run}",
-                        "output.overwrite=true", f"num_shards={tasks}", "launcher=slurm", "launcher.wait=true",
-                        "launcher.cpus_per_task=1", "launcher.mem_gb=0.5", "launcher.gpus_per_task=0",
-                        "launcher.timeout_min=30", "device=cpu", "backend=simulated",
-                        f"simulated_batch_s={batch_s}", f"batch_size={batch}", "decode.workers=1",
-                        f"model.prototxt={proto}", f"model.weights={proto}", "model.name=sim",
-                        "model.default_blobs=[pool]", "heartbeat_s=1", *extra]
-                t0 = time.time()
-                p = subprocess.run(args, capture_output=True, text=True, env=dict(env, CAFFE_RUNNER_SIM_SLOW_HOSTS=hosts),
-                                   timeout=1800)
-                if p.returncode != 0:
-                    raise RuntimeError(f"{name} {label}: exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-                ends, taken = [], 0
-                for f in (run / "events").glob("*.jsonl"):
-                    evs = read_events(f)
-                    ends += [e["t"] for e in evs if e["event"] == "finished"]
-                    taken += sum(1 for e in evs if e["event"] in ("started", "resumed") and "own_shard" in e)
-                walls[label] = max(ends) - t0
-                out[f"{name}_{label}_wall_s"] = round(walls[label], 1)
-                out[f"{name}_{label}_shards_taken"] = taken
-                print(f"  {name:26} {label:5} {walls[label]:6.1f} s  ({taken} shards taken from the queue)",
-                      flush=True)
-            out[f"{name}_ratio"] = round(walls["slow"] / walls["equal"], 3)
+        # rounds outside, designs inside: each round measures every design under the same load
+        for rnd in range(repeats):
+            for name, extra in designs.items():
+                wall = {}
+                for label, hosts in (("equal", ""), ("slow", f"node2:{slow:g}")):
+                    run = work / f"straggler-{name}-{label}"
+                    shutil.rmtree(run, ignore_errors=True)  # every run starts from nothing
+                    args = [sys.executable, "-m", "runner", f"input.list={lst}", f"output.dir={run}",
+                            "output.overwrite=true", f"num_shards={tasks}", "launcher=slurm", "launcher.wait=true",
+                            "launcher.cpus_per_task=1", "launcher.mem_gb=0.5", "launcher.gpus_per_task=0",
+                            "launcher.timeout_min=30", "device=cpu", "backend=simulated",
+                            f"simulated_batch_s={batch_s}", f"batch_size={batch}", "decode.workers=1",
+                            f"model.prototxt={proto}", f"model.weights={proto}", "model.name=sim",
+                            "model.default_blobs=[pool]", "heartbeat_s=1", *extra]
+                    t0 = time.time()
+                    p = subprocess.run(args, capture_output=True, text=True,
+                                       env=dict(env, CAFFE_RUNNER_SIM_SLOW_HOSTS=hosts), timeout=1800)
+                    if p.returncode != 0:
+                        raise RuntimeError(f"{name} {label}: exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+                    ends, taken = [], 0
+                    for f in (run / "events").glob("*.jsonl"):
+                        evs = read_events(f)
+                        ends += [e["t"] for e in evs if e["event"] == "finished"]
+                        taken += sum(1 for e in evs if e["event"] in ("started", "resumed") and "own_shard" in e)
+                    wall[label] = max(ends) - t0
+                    walls[name][label].append(round(wall[label], 1))
+                    out[f"{name}_{label}_shards_taken"] = taken
+                    print(f"  round {rnd + 1}: {name:26} {label:5} {wall[label]:6.1f} s  ({taken} shards taken "
+                          "from the queue)", flush=True)
+                ratios[name].append(round(wall["slow"] / wall["equal"], 3))
+        for name in designs:
+            for label in ("equal", "slow"):
+                out[f"{name}_{label}_wall_s"] = _median(walls[name][label])
+                out[f"{name}_{label}_wall_s_all"] = walls[name][label]
+            out[f"{name}_ratio"] = round(_median(ratios[name]), 3)
+            out[f"{name}_ratios_all"] = ratios[name]
     finally:
         dev = Path(__file__).resolve().parent.parent / "slurm" / "dev-cluster"
         subprocess.run(["bash", str(dev), "down", "--state-dir", state, "--wipe"], timeout=120)
     # the best any balancing can do: the slow node's tasks do 1/slow of a fast task's work
     per_node = tasks / nodes
-    out["capacity_bound_ratio"] = round(tasks / (tasks - per_node + per_node / slow), 3)
+    bound = tasks / (tasks - per_node + per_node / slow)
+    out["capacity_bound_ratio"] = round(bound, 3)
+    # the same on the walls measured: only the compute part (n / batch / tasks batches of batch_s
+    # per task) stretches; submission, task start and imports do not
+    compute_s = n / batch / tasks * batch_s
+    eq = _median([out[f"{name}_equal_wall_s"] for name in designs])
+    out["compute_s_per_task_equal"] = round(compute_s, 2)
+    out["wall_bound_ratio"] = round((eq + compute_s * (bound - 1)) / eq, 3)
     return out
 
 
 def print_straggler_row(r: Dict) -> None:
     print(f"\n13 stragglers: {r['tasks']} tasks on {r['nodes']} nodes, {r['slow_node']}: wall(slow) / wall(equal)")
-    print(f"   one shard per task (before):      {r['one_shard_per_task_ratio']:.2f}")
-    print(f"   4 shards per task, taking (now):  {r['shards_per_task_4_taking_ratio']:.2f}   "
-          f"(capacity bound {r['capacity_bound_ratio']:.2f})")
+    def walls(name: str) -> str:
+        return f"(equal {r[name + '_equal_wall_s']:.1f} s, slow {r[name + '_slow_wall_s']:.1f} s)"
+
+    print(f"   one shard per task (before):      {r['one_shard_per_task_ratio']:.2f}   {walls('one_shard_per_task')}")
+    for k in SHARDS_PER_TASK_TRIED:
+        name = f"shards_per_task_{k}_taking"
+        if f"{name}_ratio" in r:
+            now = " (the default)" if k == DEFAULT_SHARDS_PER_TASK else ""
+            print(f"   {k} shards per task, taking{now}: {r[name + '_ratio']:.2f}   {walls(name)}")
+    print(f"   a perfect split: {r['capacity_bound_ratio']:.2f} of the compute"
+          + (f", {r['wall_bound_ratio']:.2f} of the wall (the fixed start-up does not stretch)"
+             if "wall_bound_ratio" in r else ""))
 
 
 def print_merge_table(m: Dict) -> None:
@@ -1200,8 +1235,8 @@ def main() -> None:
         r["forward_vs_sgemm"] = forward_vs_sgemm(FORWARD_MODELS, list(FORWARD_PATHS) + ["opencv"], a.repeats)
     if a.only in ("all", "merge") and not a.gpu_feeding_only:
         r["merge_scale"] = merge_bench(work)
-    if a.only == "stragglers":
-        r["stragglers"] = straggler_bench(work)
+    if a.only in ("all", "stragglers") and not a.gpu_feeding_only:
+        r["stragglers"] = straggler_bench(work, repeats=a.repeats)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=1))
     if a.gpu_feeding_only:

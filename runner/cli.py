@@ -466,7 +466,8 @@ def _cmd_retry(args) -> int:
 
 
 def _cmd_fetch(args) -> int:
-    from .fetch import fetch_model, file_hash, models_cache
+    from .digest import file_hash
+    from .fetch import fetch_model, models_cache
     from .inspect import compose_config
 
     names = [a for a in args.items if "=" not in a]
@@ -557,23 +558,14 @@ def _watch_status(args) -> int:
 
 
 def _slurm_queued(run_dir: Path) -> bool:
-    """The run's Slurm array or merge job is still in the queue (pending tasks start later)."""
-    import shutil as _sh
-    import subprocess
+    """The run's Slurm array or merge job is still in the queue (pending tasks start later).
+    False when squeue cannot say: the watch then ends on what the run's files say."""
+    from .inflight import in_flight
 
     try:
-        subs = json.loads((run_dir / "submissions.json").read_text())
-    except (OSError, ValueError):
+        return bool(in_flight(run_dir))
+    except ConfigError:
         return False
-    ids = sorted({str(x) for s in subs for x in (s.get("array_job_id"), s.get("merge_job_id")) if x})
-    if not ids or not _sh.which("squeue"):
-        return False
-    try:
-        p = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True,
-                           timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return p.returncode == 0 and bool(p.stdout.strip())
 
 
 def _launch_held(run_dir: Path) -> bool:

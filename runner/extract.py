@@ -247,6 +247,7 @@ def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest, pa
     t_load = time.time()
     gate(f"load-{index}")
     engine = keep.get("engine") if keep is not None else None
+    loaded = engine is None
     if engine is None:
         engine = load_engine(cfg, parts.spec, blobs, parts.in_shape, threads, gpu_device=0)
         if keep is not None:
@@ -262,6 +263,7 @@ def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest, pa
                  host=ident.host, pid=ident.pid, job_id=ident.job_id or "",
                  visible_gpus=ident.visible_gpus or "", device=engine.device_desc,
                  blas_threads=threads,  # what `retry` runs with, to stay bit-identical
+                 net_loaded=int(loaded),  # 0: the net this task loaded for an earlier shard
                  blob_shapes=str({b: list(s) for b, s in shapes.items()}), **gpu_attrs)
     writer = ShardWriter(run.shard_path(index), shapes, str(cfg.output.dtype), attrs, plan["fingerprint"],
                          cfg.batch_size, labels=manifest.labels)

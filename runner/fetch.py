@@ -26,7 +26,6 @@ a task: compute nodes often have no network.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from urllib.parse import urlparse
@@ -41,6 +40,7 @@ from typing import Dict, List, Optional
 
 from . import log
 from .atomic import atomic_path, atomic_write_text, commit, fsync_dir
+from .digest import file_hash
 from .errors import ConfigError, RunnerError
 
 MODEL_KEYS = ("prototxt", "weights")  # the keys of a preset's `files:`
@@ -69,14 +69,6 @@ class FetchError(RunnerError):
 
 def models_cache() -> Path:
     return Path(os.environ.get("CAFFE_MODELS") or Path.home() / ".cache" / "caffe-runner" / "models")
-
-
-def file_hash(path, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def pin_path(path) -> Path:

@@ -9,7 +9,6 @@ no time is spent on layers nobody asked for.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import socket
@@ -190,15 +189,6 @@ def chosen_blobs(cfg) -> List[str]:
     if len(set(blobs)) != len(blobs):
         raise ConfigError(f"output.blobs names a blob twice: {blobs}")
     return blobs
-
-
-def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
-    """sha256 of a file's bytes, read in bufsize chunks (a caffemodel may be hundreds of MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_model_files(model_cfg, preset_paths: Optional[Callable[[], Dict[str, str]]] = None) -> None:

@@ -30,7 +30,8 @@ from typing import Dict, Optional, Tuple
 from . import log
 from .errors import ConfigError
 from .lastwords import caffe_last_words
-from .model import set_caffe_cpu_mode, sha256_file
+from .digest import file_hash
+from .model import set_caffe_cpu_mode
 
 CACHE_NAME = "model-checks.json"
 CACHE_VERSION = 1
@@ -97,7 +98,7 @@ def file_sha256(path: str, cache: Optional[Dict] = None) -> str:
     hit = files.get(real)
     if hit and hit.get("stat") == key:
         return hit["sha256"]
-    sha = sha256_file(real)
+    sha = file_hash(real)
     files[real] = {"stat": key, "sha256": sha, "t": time.time()}
     return sha
 

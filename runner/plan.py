@@ -26,7 +26,8 @@ from .inputs import build_manifest, input_source, input_stamp, list_input, refus
 from .manifest import extend_manifest, load_manifest
 from .inputs.listing import describe as describe_listing
 from .locks import probe_flock
-from .model import check_fixed_shape, check_model_files, chosen_blobs, input_hw, parse_prototxt, sha256_file
+from .digest import file_hash
+from .model import check_fixed_shape, check_model_files, chosen_blobs, input_hw, parse_prototxt
 from .modelcheck import check_model_loads, model_sha256
 from .rundir import (RUN_JSON, DamagedPlanError, RunDir, partial_of, probe_writable, remove_old_run,
                      shard_file_of_run)
@@ -135,7 +136,7 @@ def _model_sha(cfg) -> Dict[str, str]:
     """The model files' sha256 (stat-cached: a 500 MB model is hashed once per change)."""
     if cfg.model.weights and os.path.isfile(cfg.model.weights):
         return model_sha256(cfg.model.prototxt, cfg.model.weights)
-    sha = {k: sha256_file(cfg.model[k]) for k in ("prototxt",) if os.path.isfile(cfg.model[k])}
+    sha = {k: file_hash(cfg.model[k]) for k in ("prototxt",) if os.path.isfile(cfg.model[k])}
     sha.setdefault("weights", "")
     return sha
 

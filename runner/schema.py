@@ -256,6 +256,11 @@ class LocalLauncherConf(LauncherConf):
     gpus: Any = "auto"
     # OpenBLAS threads per worker for device=cpu; null: cores // workers
     threads_per_worker: Optional[int] = None
+    # shards per worker when num_shards is unset: the pool hands the next shard to whichever
+    # worker frees up first, so a slow worker (a core shared with another job, a GPU of an
+    # older generation) holds the run's end for part of one shard, not for a whole 1/workers
+    # of the run. The net is loaded once per worker (1: one shard per worker, as before)
+    shards_per_worker: int = 4
     # a progress bar on a terminal; elsewhere (a log file, nohup, cron, CI) a progress line
     # every log_interval_s seconds
     progress: bool = True
@@ -291,8 +296,10 @@ class SlurmLauncherConf(LauncherConf):
     array_parallelism: int = 64
     # shards per array task: num_shards tasks, num_shards x this many shards. Each task extracts
     # its own shard, then takes the shards nobody holds, so a slow node costs a fraction of one
-    # task's work, not the run's length again (1: one shard per task, as before)
-    shards_per_task: int = 4
+    # task's work, not the run's length again (1: one shard per task, as before). 8: bench row
+    # 13 (one node of three 3x slower) reads 1.27 with 8, 1.35 with 4 or 2, 2.4 with 1, and
+    # equal nodes cost the same with each
+    shards_per_task: int = 8
     # false: a task extracts its own shard only (the design before shards_per_task; a slow node
     # then holds the run for the length of its shard)
     take_free_shards: bool = True

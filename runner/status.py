@@ -277,6 +277,27 @@ def _needs_asking(st: Dict) -> bool:
     return st["state"] != "done" and not (st["state"] == "running" and st.get("beat") in ("alive", "fresh"))
 
 
+# A watcher (`status --watch`, `launcher.wait`, Run.wait) polls every few seconds; squeue and
+# sacct load the controller and the accounting database every user shares, so one process asks
+# about the same jobs of the same run at most once per SLURM_ASK_FLOOR_S. Heartbeats, read from
+# the files at every poll, still show a task's progress at once.
+SLURM_ASK_FLOOR_S = 10.0
+_asked: Dict[Tuple, Tuple[float, object]] = {}
+
+
+def _ask_slurm(run_dir, job_ids: List[str], accounting: bool):
+    key = (str(run_dir), tuple(job_ids), accounting)
+    now = time.monotonic()
+    hit = _asked.get(key)
+    if hit is not None and now - hit[0] < SLURM_ASK_FLOOR_S:
+        return hit[1]
+    word = query_jobs(job_ids, accounting=accounting)
+    for k in [k for k, (t, _) in _asked.items() if now - t >= SLURM_ASK_FLOOR_S]:
+        del _asked[k]
+    _asked[key] = (now, word)
+    return word
+
+
 def slurm_view(run, states: List[Dict], accounting: bool = True) -> Tuple[List[Dict], Dict]:
     """The states with Slurm's word applied (one batched query), and the run's Slurm summary:
     {sources, problems, merge: {job_id, state} or None}."""
@@ -284,7 +305,6 @@ def slurm_view(run, states: List[Dict], accounting: bool = True) -> Tuple[List[D
     if not tasks:
         return [dict(s, alive=s["state"] == "running") for s in states], {}
     # the job that last wrote a shard is its heartbeat's (a task may take others' shards:
-    # steal.py); a shard no task has touched yet is its submitted task's
     # steal.py); a shard no task has touched yet is its submitted task's. Both are asked: the
     # shard's latest submission (a rerun's task, queued) may live where its last writer died
     by_job = {str(t["job_id"]): t for t in tasks.values()}
@@ -298,8 +318,8 @@ def slurm_view(run, states: List[Dict], accounting: bool = True) -> Tuple[List[D
     merge_ids = merges[-1:] if ask or not run.rundir.merged.exists() else []
     if not ask and not merge_ids:
         return [dict(s, alive=s["state"] == "running") for s in states], {}
-    word = query_jobs(list(dict.fromkeys(j for js in candidates.values() for j in js)) + merge_ids,
-                      accounting=accounting)
+    word = _ask_slurm(run.rundir.path, list(dict.fromkeys(j for js in candidates.values() for j in js)) + merge_ids,
+                      accounting)
     for i, js in candidates.items():
         # a live job's word wins (the submitted task first); else the last writer's
         alive = [j for j in js if word.get(j) is not None and word.get(j).alive]

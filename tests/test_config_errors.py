@@ -77,6 +77,7 @@ def test_refused_plan_then_a_good_one(tiny_net, photos, tmp_path):
     ("num_shards=500", "more than the"),
     ("output.gem_p=0", "output.gem_p=0"),
     ("launcher.workers=-1", "launcher.workers=-1"),
+    ("launcher.shards_per_worker=0", "launcher.shards_per_worker=0: use 1 or more"),
     ("model.preprocess.mean=[1,2]", "model.preprocess.mean has 2 values but the net takes 3 channels"),
     ("model.preprocess.resize_size=20", "resize_size=20 is smaller than the net input 32x40"),
     ("container.runtime=podman", "container.runtime=podman needs container.image="),

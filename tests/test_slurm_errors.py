@@ -47,6 +47,10 @@ def test_more_cpus_per_task_than_any_node_has_is_refused_at_plan_time(cluster, t
                              "launcher.partition=debug", "launcher.cpus_per_task=5", *tiny_model_args(tiny_net),
                              check=False))
     assert "partition debug" in err and "launcher.cpus_per_task<=4" in err, err
+    err = _one_error(run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *SLURM,
+                             "launcher.shards_per_task=0", *tiny_model_args(tiny_net), check=False))
+    assert "launcher.shards_per_task=0: use 1 or more" in err, err
+    assert not run.exists()
 
 
 @pytest.mark.slurm

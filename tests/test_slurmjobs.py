@@ -252,3 +252,24 @@ def test_run_wait_ends_once_nothing_is_alive(tmp_path):
     run.write_heartbeat(1, dict(dead, pidns="pid:[1]"))
     with pytest.raises(TimeoutError):
         Run(run_dir).wait(timeout_s=0.05, poll_s=0.01)
+
+
+def test_a_watcher_asks_slurm_about_the_same_jobs_at_most_once_per_floor(monkeypatch, tmp_path):
+    """status --watch / wait / Run.wait poll every 2 s: squeue and sacct (the controller's and
+    the accounting database's load, shared by every user) are asked at most once per
+    SLURM_ASK_FLOOR_S about the same jobs of the same run; other jobs or runs are asked at once."""
+    from runner import status
+
+    asked = []
+    monkeypatch.setattr(status, "query_jobs", lambda ids, accounting=True: asked.append(list(ids)) or len(asked))
+    clock = [1000.0]
+    monkeypatch.setattr(status.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(status, "_asked", {})
+    assert status._ask_slurm(tmp_path, ["7_0", "7_1"], True) == 1
+    clock[0] += status.SLURM_ASK_FLOOR_S / 2
+    assert status._ask_slurm(tmp_path, ["7_0", "7_1"], True) == 1  # the word of a moment ago
+    assert status._ask_slurm(tmp_path, ["7_1"], True) == 2  # another set of jobs: asked
+    assert status._ask_slurm(tmp_path / "other", ["7_0", "7_1"], True) == 3  # another run: asked
+    clock[0] += status.SLURM_ASK_FLOOR_S
+    assert status._ask_slurm(tmp_path, ["7_0", "7_1"], True) == 4  # the floor passed: asked again
+    assert len(asked) == 4

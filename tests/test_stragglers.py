@@ -90,8 +90,8 @@ def test_slurm_asks_for_num_shards_tasks_and_shards_per_task_shards_each():
     from runner.launch.slurm import SlurmLauncher
 
     cfg = compose(["input.dir=/data/x", "output.dir=/scratch/r", "launcher=slurm", "num_shards=16"])
-    assert cfg.launcher.shards_per_task == 4 and cfg.launcher.take_free_shards is True
-    assert SlurmLauncher().default_shards(cfg) == 64
+    assert cfg.launcher.shards_per_task == 8 and cfg.launcher.take_free_shards is True
+    assert SlurmLauncher().default_shards(cfg) == 128
     cfg.launcher.shards_per_task = 1
     assert SlurmLauncher().default_shards(cfg) == 16
 
@@ -266,4 +266,34 @@ def test_a_task_hung_on_one_node_reads_stalled_with_its_host_and_job(cluster, tm
         gate.write_text("open")
     wait_until(lambda: (run / "features.h5").exists(), timeout=240, interval=0.5, what="the merge after the gate")
     assert named < 120
+    assert run_cli("verify", run).returncode == 0
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_run_planned_before_shards_per_task_resumes_with_its_own_shards(cluster, tmp_path):
+    """A run planned with one shard per task (the design before launcher.shards_per_task), one of
+    its shards lost, then the same command with today's defaults: it resumes as planned (no
+    "different config"), one task for the one missing shard, features as before."""
+    from runner.plan import load_run_dir
+
+    run = tmp_path / "run"
+    args = _inputs(tmp_path, 24) + COMMON + SLURM + [f"output.dir={run}", "num_shards=2", "launcher.wait=true",
+                                                     "simulated_batch_s=0.01"]
+    run_cli(*args, "launcher.shards_per_task=1", "launcher.take_free_shards=false")
+    before = load_run_dir(run)
+    assert before.num_shards == 2
+    with h5py.File(run / "features.h5", "r") as f:
+        names, feats = list(f["names"].asstr()[:]), f["feats"][:]
+    import os
+
+    os.unlink(before.shard_path(1))
+    (run / "features.h5").unlink()
+    p = run_cli(*args)
+    assert "1 task(s) to submit" in p.stdout, p.stdout
+    after = load_run_dir(run)
+    assert after.num_shards == 2 and after.done_shards() == [0, 1]
+    with h5py.File(run / "features.h5", "r") as f:
+        assert list(f["names"].asstr()[:]) == names
+        assert np.array_equal(f["feats"][:], feats)
     assert run_cli("verify", run).returncode == 0

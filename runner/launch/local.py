@@ -107,11 +107,15 @@ def _init_worker(gpu_queue, level: int, log_queue=None, stderr_dir: Optional[str
     setup_task_logging(level)
 
 
+_keep: Dict = {}  # in a worker: the engine and pipeline it loaded, kept for its next shards
+
+
 def _shard_entry(cfg, index: int, threads: int):
     with running(index):  # the launcher knows which shard a death in here belongs to
         if cfg.container.runtime != "none":  # the shard runs as a process inside the image
             return run_shard_in_container(cfg, index, threads)
-        return run_shard(cfg, index, threads=threads)
+        # a pool serves one run: the net is loaded once per worker, however many shards it takes
+        return run_shard(cfg, index, threads=threads, keep=_keep)
 
 
 def run_shard_in_container(cfg, index: int, threads: int) -> Dict:
@@ -346,6 +350,8 @@ class LocalLauncher(Launcher):
         for key in ("workers", "threads_per_worker"):
             if lc.get(key) is not None and int(lc[key]) < 1:
                 raise ConfigError(f"launcher.{key}={lc[key]}: use 1 or more (or null for the default)")
+        if int(lc.get("shards_per_worker", 1)) < 1:
+            raise ConfigError(f"launcher.shards_per_worker={lc.shards_per_worker}: use 1 or more")
         device = resolve_local_device(cfg)
         if device == "gpu":
             if cfg.backend == "caffe" and cfg.container.runtime == "none":
@@ -357,7 +363,8 @@ class LocalLauncher(Launcher):
         require_cuda_device()  # a CUDA build, a driver and a device here
 
     def default_shards(self, cfg) -> int:
-        return worker_plan(cfg)["workers"]
+        # more shards than workers: the pool hands them out as workers free up (no straggler)
+        return worker_plan(cfg)["workers"] * int(cfg.launcher.get("shards_per_worker", 1))
 
     def execute(self, cfg, accepted: Callable) -> Dict:
         return launch_local(cfg, accepted, self)

@@ -296,7 +296,7 @@ def check_slurm(cfg) -> None:
     if not shutil.which("scontrol"):
         raise ConfigError("launcher=slurm but `scontrol` is not on PATH: run on a Slurm login node "
                           "(or `eval $(slurm/dev-cluster env)` for the dev cluster), or use launcher=local")
-    for key in ("timeout_min", "cpus_per_task", "array_parallelism"):
+    for key in ("timeout_min", "cpus_per_task", "array_parallelism", "shards_per_task"):
         if int(lc[key]) < 1:
             raise ConfigError(f"launcher.{key}={lc[key]}: use 1 or more")
     if float(lc.mem_gb) <= 0:
