@@ -39,7 +39,7 @@ endif
 # apt run-time libraries, the pycaffe wheel (built once per machine, ~6 min), the venv
 setup: $(SETUP_STAMP)
 
-$(SETUP_STAMP): pyproject.toml docker/build-pycaffe.sh docker/pycaffe-nogil.patch docker/pycaffe-convbatch.patch $(if $(filter gpu,$(CAFFE)),docker/pycaffe-cudnn9.patch)
+$(SETUP_STAMP): pyproject.toml docker/build-pycaffe.sh docker/pycaffe-nogil.patch docker/pycaffe-convbatch.patch docker/pycaffe-poolmax.patch $(if $(filter gpu,$(CAFFE)),docker/pycaffe-cudnn9.patch)
 	@command -v apt-get >/dev/null || { echo "setup needs Debian/Ubuntu (apt-get)"; exit 1; }
 	@# the wheel's path is its last line; the script's own error (on stderr) ends make when it fails
 	bash docker/build-pycaffe.sh --apt --python $(PYTHON) --cache $(CACHE) $(PYCAFFE_ARGS) | tail -n 1 > $(VENV).pycaffe-wheel

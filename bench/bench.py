@@ -201,11 +201,23 @@ def sgemm_rate(n: int = 2048, reps: int = 5) -> Dict:
 
 
 # row 12's forward paths, before -> after, one step at a time (model.* settings of CaffeEngine)
+# model settings, plus three switches the bench alone sets: "pairs" (runner/fold.py's BN + Scale
+# pairs that follow no convolution made one Scale layer), "pool_mask" (CAFFE_POOL_MASK=1: Caffe's
+# own max pooling loop instead of docker/pycaffe-poolmax.patch's mask-free one) and "bands"
+# (CAFFE_CONV_BANDS=0: wide convolution outputs in Caffe's per-image loop instead of bands of rows)
+SESSION7 = {"pairs": False, "pool_mask": True, "bands": False}
 FORWARD_PATHS = {
-    "before": {"conv_batch_mb": 0, "fold_batchnorm": False},        # Caffe upstream: one image per GEMM
-    "batched_conv": {"conv_batch_mb": 32, "fold_batchnorm": False},  # docker/pycaffe-convbatch.patch
-    "folded": {"conv_batch_mb": 0, "fold_batchnorm": True},          # BN/Scale folded alone (runner/fold.py)
-    "after": {"conv_batch_mb": 32, "fold_batchnorm": True},          # + BN/Scale folded (the default)
+    "before": {"conv_batch_mb": 0, "fold_batchnorm": False, **SESSION7},  # Caffe upstream
+    "batched_conv": {"conv_batch_mb": 32, "fold_batchnorm": False, **SESSION7},  # docker/pycaffe-convbatch.patch
+    "folded": {"conv_batch_mb": 0, "fold_batchnorm": True, **SESSION7},   # BN/Scale folded into convs alone
+    "batched_folded": {"conv_batch_mb": 32, "fold_batchnorm": True, **SESSION7},  # both (session 7's "after")
+    # session 8, one step at a time on top of it:
+    # + BN + Scale pairs after no convolution made one Scale
+    "pairs": {"conv_batch_mb": 32, "fold_batchnorm": True, **dict(SESSION7, pairs=True)},
+    # + max pooling without the mask
+    "pool": {"conv_batch_mb": 32, "fold_batchnorm": True, **dict(SESSION7, pairs=True, pool_mask=False)},
+    # + wide convolutions in bands of rows: the default
+    "after": {"conv_batch_mb": 32, "fold_batchnorm": True, "pairs": True, "pool_mask": False, "bands": True},
 }
 
 
@@ -227,7 +239,18 @@ def forward_gflops(model: str, path: str, batch: int, n_batches: int) -> Dict:
         eng = OpenCVEngine(m, spec, blobs, (3, h, w), threads=1)
         flop = net_flops(CaffeEngine(m, spec, blobs, (3, h, w)).net)
     else:
-        for k, v in FORWARD_PATHS[path].items():
+        settings = dict(FORWARD_PATHS[path])
+        if settings.pop("pool_mask"):
+            os.environ["CAFFE_POOL_MASK"] = "1"  # this child only (read by Caffe per forward)
+        if not settings.pop("bands"):
+            os.environ["CAFFE_CONV_BANDS"] = "0"
+        if not settings.pop("pairs", True):
+            import functools
+
+            import runner.fold as fold
+
+            fold.load_folded = functools.partial(fold.load_folded, pairs=False)  # CaffeEngine imports it per load
+        for k, v in settings.items():
             setattr(m, k, v)
         eng = CaffeEngine(m, spec, blobs, (3, h, w))
         flop = net_flops(eng.net)

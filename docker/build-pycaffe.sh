@@ -106,10 +106,15 @@ CUDNN_PIN="nvidia-cudnn-cu13==9.24.0.43"
 # pycaffe's Net.forward without the GIL, every build (beside this script; its hash is part of
 # the cache key): the decode threads of a task keep running while the net computes
 NOGIL_PATCH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/pycaffe-nogil.patch"
-# Caffe's CPU convolution with im2col and one GEMM for several images of a batch at once
-# (bounded column buffer; CAFFE_CONV_BATCH_MB=0 at run time restores the per-image loop),
+# Caffe's CPU convolution with im2col and one GEMM for several images of a batch at once,
+# and wide outputs in bands of rows that stay in the cache (bounded column buffer;
+# CAFFE_CONV_BATCH_MB=0 at run time restores the per-image loop, CAFFE_CONV_BANDS=0 for wide outputs only),
 # every build (beside this script; its hash is part of the cache key). CUDA paths untouched.
 CONVBATCH_PATCH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/pycaffe-convbatch.patch"
+# Caffe's CPU max pooling without the argmax mask in TEST phase (bit-identical outputs; Backward
+# rebuilds the mask; CAFFE_POOL_MASK=1 at run time restores Caffe's loop), every build (beside
+# this script; its hash is part of the cache key). CUDA paths untouched.
+POOLMAX_PATCH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/pycaffe-poolmax.patch"
 # the source changes cuDNN 9 needs (beside this script; its hash is part of the cache key)
 CUDNN_PATCH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/pycaffe-cudnn9.patch"
 
@@ -315,7 +320,8 @@ if [ "$PRINT_PINS" = 1 ]; then echo "$CUDA_TOOLCHAIN_PINS $CUDA_RUNTIME_DEP_PINS
 pyver=$("$PY" -c 'import sys; print("%d%d" % sys.version_info[:2])')
 [ -f "$NOGIL_PATCH" ] || { log "$NOGIL_PATCH is missing (it belongs beside this script)"; exit 1; }
 [ -f "$CONVBATCH_PATCH" ] || { log "$CONVBATCH_PATCH is missing (it belongs beside this script)"; exit 1; }
-recipe_text="$SDIST_SHA256 $RECIPE_REV $pyver $(uname -m) nogil=$(sha256sum <"$NOGIL_PATCH" | cut -c1-16) convbatch=$(sha256sum <"$CONVBATCH_PATCH" | cut -c1-16)"
+[ -f "$POOLMAX_PATCH" ] || { log "$POOLMAX_PATCH is missing (it belongs beside this script)"; exit 1; }
+recipe_text="$SDIST_SHA256 $RECIPE_REV $pyver $(uname -m) nogil=$(sha256sum <"$NOGIL_PATCH" | cut -c1-16) convbatch=$(sha256sum <"$CONVBATCH_PATCH" | cut -c1-16) poolmax=$(sha256sum <"$POOLMAX_PATCH" | cut -c1-16)"
 [ "$CUDA" = 1 ] && cuda_prepare   # sets TK, CUDA_VERSION_FULL, ARCH_BIN, ARCH_PTX; extends recipe_text
 recipe=$(echo "$recipe_text" | sha256sum | cut -c1-16)
 if [ "$PRINT_KEY" = 1 ]; then echo "$recipe"; exit 0; fi
@@ -348,6 +354,7 @@ cd "brocolli-caffe-$SDIST_VERSION"
 sed -i "s/-lboost_python /-lboost_python$pyver /" python/CMakeLists.txt
 patch -s -p1 <"$NOGIL_PATCH" || { log "$NOGIL_PATCH did not apply"; exit 1; }
 patch -s -p1 <"$CONVBATCH_PATCH" || { log "$CONVBATCH_PATCH did not apply"; exit 1; }
+patch -s -p1 <"$POOLMAX_PATCH" || { log "$POOLMAX_PATCH did not apply"; exit 1; }
 # a stray test include pulls in gtest; nothing from it is used
 sed -i '\|#include "caffe/test/test_caffe_main.hpp"|d' src/caffe/net.cpp
 # caffe/io.py: restore the missing resize import, skimage renamed as_grey,

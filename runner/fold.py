@@ -1,4 +1,4 @@
-"""Fold BatchNorm (+ Scale) into the convolution before it, at load time.
+"""Fold BatchNorm (+ Scale) into the convolution before it, or the pair into one Scale, at load time.
 
 A deploy net's BatchNorm and Scale layers are per-channel affine maps with frozen statistics:
 
@@ -11,8 +11,15 @@ instead of three (res10 and open_nsfw are full of such chains). It is exact only
 else sees the values in between: the convolution's output is read by the BN alone, the BN's by
 the Scale alone, and none of them is a blob the user asked for. Anything else stays as it is.
 
-fold_plan() decides on the prototxt alone (pure); folded_weights() is the arithmetic (pure, in
-float64 then rounded once to float32); load_folded() is the one place that touches Caffe.
+A BN + Scale pair that follows something else (a pre-activation block: Eltwise -> BN -> Scale
+-> ReLU -> conv, or the input) becomes one Scale layer with a bias, named after the Scale:
+z = (gamma * a) * x + (beta - gamma * a * mean / s), a = 1 / sqrt(var / s + eps): one pass over
+memory instead of two (Caffe's BN alone makes several), under the same rules (the BN's output is
+read by the Scale alone and is no requested blob).
+
+fold_plan() decides on the prototxt alone (pure); folded_weights() and affine_weights() are the
+arithmetic (pure, in float64 then rounded once to float32); load_folded() is the one place that
+touches Caffe.
 """
 from __future__ import annotations
 
@@ -24,7 +31,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Fold:
-    conv: str              # the convolution layer that absorbs the others
+    conv: Optional[str]    # the convolution layer that absorbs the others; None: the BN + Scale
+                           # pair became one Scale layer with a bias (named after the Scale)
     batchnorm: str
     scale: Optional[str]   # None: a BN with no Scale after it (or one that cannot fold)
     eps: float
@@ -71,10 +79,18 @@ def _foldable_scale(lp) -> bool:
     return lp.type == "Scale" and len(lp.bottom) == 1 and len(lp.top) == 1 and sp.axis == 1 and sp.num_axes == 1
 
 
-def fold_plan(param, keep: Sequence[str]):
+def _touched_between(layers, start: int, end: int, skip: int, top: str, own_top: str) -> bool:
+    """The head layer at `start` now writes `top` early: does a layer strictly between it and
+    `end` (other than `skip`) read or write that name?"""
+    return top != own_top and any(top in (*layers[k].bottom, *layers[k].top)
+                                  for k in range(start + 1, end) if k != skip)
+
+
+def fold_plan(param, keep: Sequence[str], pairs: bool = True):
     """(a NetParameter with each foldable chain reduced to its convolution, [Fold]).
     `param` is the net as it will be loaded (already cut after the last requested layer);
-    `keep` the blobs the user reads: a value one of them names is never folded away."""
+    `keep` the blobs the user reads: a value one of them names is never folded away.
+    pairs=False: BN + Scale pairs after something else than a convolution stay (the bench's step)."""
     from caffe.proto import caffe_pb2 as pb
 
     layers = list(param.layer)
@@ -99,12 +115,26 @@ def fold_plan(param, keep: Sequence[str]):
             end, scale = r2[0], layers[r2[0]].name
             top = layers[end].top[0]
         # the convolution now writes `top` early: no layer in between may touch that name
-        between = [layers[k] for k in range(i + 1, end) if k != j]
-        if top != lp.top[0] and any(top in (*x.bottom, *x.top) for x in between):
+        if _touched_between(layers, i, end, j, top, lp.top[0]):
             continue
         folds.append(Fold(lp.name, bn.name, scale, float(bn.batch_norm_param.eps)))
         drop.update({j, end})
         new_top[i] = top
+    # the BN + Scale pairs left (no convolution before them): one Scale with a bias, in the BN's place
+    affine = {}
+    for j, bn in enumerate(layers if pairs else []):
+        if j in drop or not _foldable_bn(bn, pb):
+            continue
+        r2 = readers.get((j, bn.top[0]), [])
+        if (j, bn.top[0]) in kept_values or len(r2) != 1 or not _foldable_scale(layers[r2[0]]):
+            continue
+        end = r2[0]
+        sc = layers[end]
+        if any(p.name for p in sc.param) or _touched_between(layers, j, end, -1, sc.top[0], bn.top[0]):
+            continue
+        folds.append(Fold(None, bn.name, sc.name, float(bn.batch_norm_param.eps)))
+        drop.add(end)
+        affine[j] = sc
     out = pb.NetParameter()
     out.CopyFrom(param)
     del out.layer[:]
@@ -112,6 +142,11 @@ def fold_plan(param, keep: Sequence[str]):
         if i in drop:
             continue
         nl = out.layer.add()
+        if i in affine:  # the Scale, reading the BN's input
+            nl.CopyFrom(affine[i])
+            nl.bottom[0] = lp.bottom[0]
+            nl.scale_param.bias_term = True
+            continue
         nl.CopyFrom(lp)
         if i in new_top:
             nl.top[0] = new_top[i]
@@ -135,7 +170,15 @@ def folded_weights(weight: np.ndarray, bias: Optional[np.ndarray], mean: np.ndar
     return ((weight.astype(np.float64) * a.reshape(shape)).astype(np.float32), b.astype(np.float32))
 
 
-def load_folded(caffe, prototxt_text: str, weights: str, keep: Sequence[str]):
+def affine_weights(mean: np.ndarray, var: np.ndarray, scale_factor: float, eps: float,
+                   gamma: np.ndarray, beta: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """BN then Scale as one Scale layer's (gamma', beta'): the same map as a 1x1 identity
+    convolution folded (folded_weights), float64 inside, one rounding."""
+    w, b = folded_weights(np.ones((mean.size, 1), np.float32), None, mean, var, scale_factor, eps, gamma, beta)
+    return w.ravel(), b
+
+
+def load_folded(caffe, prototxt_text: str, weights: str, keep: Sequence[str], pairs: bool = True):
     """A caffe.Net of `prototxt_text` with `weights`, BN/Scale chains folded into their
     convolutions where exact. Returns (net, [Fold])."""
     import os
@@ -146,7 +189,7 @@ def load_folded(caffe, prototxt_text: str, weights: str, keep: Sequence[str]):
 
     param = caffe_pb2.NetParameter()
     text_format.Merge(prototxt_text, param)
-    folded, folds = fold_plan(param, keep)
+    folded, folds = fold_plan(param, keep, pairs)
 
     def net_of(text, w=None):
         with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
@@ -163,20 +206,24 @@ def load_folded(caffe, prototxt_text: str, weights: str, keep: Sequence[str]):
     # loaded (Caffe reads the weight file in every format it knows; a folded convolution now has
     # a bias its stored layer lacks, which Caffe's own copy would refuse)
     net = net_of(text_format.MessageToString(folded))
-    by_conv = {f.conv: f for f in folds}
+    by_layer = {f.conv or f.scale: f for f in folds}
     for name, blobs in net.params.items():
-        f = by_conv.get(name)
+        f = by_layer.get(name)
         if f is None:
             for dst, s in zip(blobs, src.params[name]):
                 dst.data[...] = s.data
             continue
-        conv, bn = src.params[f.conv], src.params[f.batchnorm]
+        bn = src.params[f.batchnorm]
         sc = src.params[f.scale] if f.scale else []
         flat = [x.data.ravel() for x in (*bn, *sc)]  # per-channel vectors (old models store 1xCx1x1)
-        w, b = folded_weights(conv[0].data, conv[1].data.ravel() if len(conv) > 1 else None,
-                              flat[0], flat[1], float(flat[2][0]), f.eps,
-                              flat[3] if len(sc) > 0 else None, flat[4] if len(sc) > 1 else None)
-        blobs[0].data[...] = w
-        blobs[1].data[...] = b
+        stats = (flat[0], flat[1], float(flat[2][0]), f.eps)
+        if f.conv is None:
+            w, b = affine_weights(*stats, flat[3], flat[4] if len(sc) > 1 else None)
+        else:
+            conv = src.params[f.conv]
+            w, b = folded_weights(conv[0].data, conv[1].data.ravel() if len(conv) > 1 else None, *stats,
+                                  flat[3] if len(sc) > 0 else None, flat[4] if len(sc) > 1 else None)
+        blobs[0].data[...] = w.reshape(blobs[0].data.shape)
+        blobs[1].data[...] = b.reshape(blobs[1].data.shape)
     del src
     return net, folds

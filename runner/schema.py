@@ -159,10 +159,12 @@ class ModelConf:
     # groups), in MB; the fastest algorithm that fits is taken (CAFFE_CUDNN_WORKSPACE_MB)
     cudnn_workspace_mb: int = 64
     # Caffe: fold each BatchNorm (+ Scale) into the convolution before it at load time where
-    # exact (runner/fold.py): fewer passes over memory, features within 1e-6. false: as written
+    # exact, a BN + Scale pair after anything else into one Scale layer (runner/fold.py): fewer
+    # passes over memory, features within 1e-6. false: as written
     fold_batchnorm: bool = True
     # Caffe on the CPU: MB of column buffer with which one convolution GEMM covers several images
-    # of a batch (docker/pycaffe-convbatch.patch); 0: one image at a time, as Caffe upstream
+    # of a batch, wide outputs in bands of rows (docker/pycaffe-convbatch.patch); 0: one image
+    # at a time, as Caffe upstream
     conv_batch_mb: int = 32
     # the plan (and each task, first) proves Caffe loads the weights into the prototxt, in a
     # child process: seconds it may take before it is stopped as hung

@@ -79,10 +79,10 @@ def test_cache_key_follows_toolkit_and_architectures(tmp_path, site_toolkit):
 def test_the_cpu_key_is_the_one_ci_caches(tmp_path):
     """The CPU recipe is untouched by the CUDA work: CI's cached wheel stays valid (this
     literal changes only with a deliberate change of the recipe: RECIPE_REV, the sdist, Python,
-    docker/pycaffe-nogil.patch, docker/pycaffe-convbatch.patch)."""
+    docker/pycaffe-nogil.patch, docker/pycaffe-convbatch.patch, docker/pycaffe-poolmax.patch)."""
     if sys.version_info[:2] != (3, 11) or platform.machine() != "x86_64":
         pytest.skip("the literal is for CPython 3.11 on x86_64 (Debian 12)")
-    assert _key(cache=tmp_path) == "1f973e23f2f04a38"
+    assert _key(cache=tmp_path) == "9a7e1ffec5f9ca0d"
 
 
 def test_the_cuda_pins_include_nvrtc():
@@ -146,7 +146,7 @@ def _script_copy(tmp_path):
     d = tmp_path / "docker"
     d.mkdir()
     shutil.copy(SCRIPT, d / SCRIPT.name)
-    for patch in ("pycaffe-cudnn9.patch", "pycaffe-nogil.patch", "pycaffe-convbatch.patch"):
+    for patch in ("pycaffe-cudnn9.patch", "pycaffe-nogil.patch", "pycaffe-convbatch.patch", "pycaffe-poolmax.patch"):
         shutil.copy(SCRIPT.with_name(patch), d / patch)
 
     def run(*args):
@@ -172,10 +172,10 @@ def test_the_cudnn_patch_is_part_of_the_key(tmp_path):
 
 def test_no_cudnn_key_is_pinned(tmp_path):
     """--no-cudnn's key changes only with its recipe (the literal changes with
-    docker/pycaffe-nogil.patch and pycaffe-convbatch.patch, which every build applies)."""
+    docker/pycaffe-nogil.patch, pycaffe-convbatch.patch and pycaffe-poolmax.patch, which every build applies)."""
     if sys.version_info[:2] != (3, 11) or platform.machine() != "x86_64":
         pytest.skip("the literal is for CPython 3.11 on x86_64 (Debian 12)")
-    assert _key("--cuda", "--no-cudnn", cache=tmp_path) == "2bf28f14ecb38708"
+    assert _key("--cuda", "--no-cudnn", cache=tmp_path) == "971faa354f3b5019"
 
 
 def test_the_cuda_pins_include_a_cudnn9_wheel():
@@ -203,9 +203,9 @@ def test_the_script_run_by_hand_finds_the_wheel_make_setup_cached(tmp_path):
     assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == str(wheel), (p.stdout, p.stderr[-2000:])
 
 
-@pytest.mark.parametrize("patch", ["pycaffe-nogil.patch", "pycaffe-convbatch.patch"])
+@pytest.mark.parametrize("patch", ["pycaffe-nogil.patch", "pycaffe-convbatch.patch", "pycaffe-poolmax.patch"])
 def test_every_build_patch_is_part_of_every_key(tmp_path, patch):
-    """A changed docker/pycaffe-nogil.patch or pycaffe-convbatch.patch is a new recipe, CPU and
+    """A changed docker/pycaffe-nogil.patch, pycaffe-convbatch.patch or pycaffe-poolmax.patch is a new recipe, CPU and
     CUDA alike; without it the script stops in one line before building."""
     d, run = _script_copy(tmp_path)
     before = {a: run(*a).stdout.strip() for a in ((), ("--cuda",))}

@@ -78,8 +78,8 @@ def _plan(keep, bn=""):
     (["sum"], "", [("c1", "bn1", "sc1"), ("c2", "bn2", "sc2"), ("c3", "bn3", None)]),
     # the user reads b2 (BN's output): the Scale stays, the BN still folds into c2
     (["sum", "b2"], "", [("c1", "bn1", "sc1"), ("c2", "bn2", None), ("c3", "bn3", None)]),
-    # the user reads c2 (the convolution's own output): nothing folds into c2
-    (["sum", "c2"], "", [("c1", "bn1", "sc1"), ("c3", "bn3", None)]),
+    # the user reads c2 (the convolution's own output): nothing folds into c2; bn2 + sc2 become one Scale
+    (["sum", "c2"], "", [("c1", "bn1", "sc1"), ("c3", "bn3", None), (None, "bn2", "sc2")]),
     # a BN that uses the batch's statistics is no fixed map
     (["sum"], "batch_norm_param { use_global_stats: false }", [("c2", "bn2", "sc2"), ("c3", "bn3", None)]),
 ])
@@ -102,7 +102,87 @@ def test_fold_plan_keeps_a_convolution_read_twice():
 
     param = caffe_pb2().NetParameter()
     text_format.Merge(text, param)
-    assert [f.conv for f in fold_plan(param, ["sum"])[1]] == ["c1", "c3"]
+    # (bn2 + sc2, read by nobody else, still become one Scale: conv None)
+    assert [f.conv for f in fold_plan(param, ["sum"])[1]] == ["c1", "c3", None]
+
+
+@pytest.mark.unit
+def test_affine_weights_equal_bn_then_scale():
+    """BN (scale factor 2, a large eps) then Scale with and without a bias, in float64, against the
+    one Scale layer's gamma' * x + beta'."""
+    from runner.fold import affine_weights
+
+    rng = np.random.default_rng(4)
+    c = 6
+    mean, var, sf, eps = rng.normal(size=c), rng.uniform(0.01, 0.2, c), 2.0, 0.3
+    gamma, beta = rng.normal(size=c), rng.normal(size=c)
+    x = rng.normal(size=(c, 11))
+    bn = (x - (mean / sf)[:, None]) / np.sqrt(var / sf + eps)[:, None]
+    g, b = affine_weights(mean, var, sf, eps, gamma, beta)
+    assert g.shape == b.shape == (c,) and g.dtype == b.dtype == np.float32
+    assert rel(g[:, None] * x + b[:, None], bn * gamma[:, None] + beta[:, None]) < 1e-6
+    g, b = affine_weights(mean, var, sf, eps, gamma)
+    assert rel(g[:, None] * x + b[:, None], bn * gamma[:, None]) < 1e-6
+
+
+# pre-activation blocks: BN + Scale after the input and after an Eltwise, not after a convolution
+PREACT = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "bn0" type: "BatchNorm" bottom: "data" top: "d_bn" }
+layer { name: "sc0" type: "Scale" bottom: "d_bn" top: "d_bn" }
+layer { name: "c1" type: "Convolution" bottom: "d_bn" top: "c1" convolution_param { num_output: 3 kernel_size: 1 } }
+layer { name: "sum" type: "Eltwise" bottom: "c1" bottom: "data" top: "sum" }
+layer { name: "bn1" type: "BatchNorm" bottom: "sum" top: "b1" }
+layer { name: "sc1" type: "Scale" bottom: "b1" top: "b1" scale_param { bias_term: true } }
+layer { name: "r1" type: "ReLU" bottom: "b1" top: "b1" }
+layer { name: "c2" type: "Convolution" bottom: "b1" top: "c2" convolution_param { num_output: 3 kernel_size: 1 } }
+layer { name: "out" type: "Eltwise" bottom: "c2" bottom: "sum" top: "out" }
+"""
+SC0 = 'layer { name: "sc0" type: "Scale" bottom: "d_bn" top: "d_bn" }'
+SC1 = 'layer { name: "sc1"'
+BN1 = 'layer { name: "bn1" type: "BatchNorm" bottom: "sum" top: "b1" }'
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("keep, edits, folds", [
+    # both pairs become one Scale each (c1 and c2 have no BN after them)
+    (["out"], [], [(None, "bn0", "sc0"), (None, "bn1", "sc1")]),
+    # b1 is written in place: the name means the Scale's output, which the one Scale still writes
+    (["out", "b1"], [], [(None, "bn0", "sc0"), (None, "bn1", "sc1")]),
+    # the user reads the BN's own output (the Scale writes another name): that pair stays
+    (["out", "d_bn"], [(SC0, SC0.replace('top: "d_bn"', 'top: "d_s"')),
+                       ('Convolution" bottom: "d_bn"', 'Convolution" bottom: "d_s"')],
+     [(None, "bn1", "sc1")]),
+    # a Scale with shared (named) parameters, a BN on the batch's own statistics: left alone
+    (["out"], [(SC0, SC0.replace("}", 'param { name: "shared" } }')),
+               (BN1, BN1.replace("}", "batch_norm_param { use_global_stats: false } }"))], []),
+    # the BN's output read by another layer too (before the Scale writes the name in place)
+    (["out", "side"], [(SC1, 'layer { name: "side" type: "Power" bottom: "b1" top: "side" }\n' + SC1)],
+     [(None, "bn0", "sc0")]),
+])
+def test_fold_plan_makes_one_scale_of_a_bn_scale_pair(keep, edits, folds):
+    from google.protobuf import text_format
+
+    from runner.fold import fold_plan
+    from runner.model import caffe_pb2
+
+    text = PREACT
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new)
+    param = caffe_pb2().NetParameter()
+    text_format.Merge(text, param)
+    out, fl = fold_plan(param, keep)
+    layers = [lp.name for lp in out.layer]
+    by_name = {lp.name: lp for lp in out.layer}
+    assert [(f.conv, f.batchnorm, f.scale) for f in fl] == folds
+    for _, bn, sc in folds:  # the BN is gone; its Scale, with a bias, reads the BN's input in the BN's place
+        assert bn not in by_name and by_name[sc].scale_param.bias_term
+    if (None, "bn1", "sc1") in folds:
+        assert list(by_name["sc1"].bottom) == ["sum"] and list(by_name["sc1"].top) == ["b1"]
+        assert layers.index("sum") < layers.index("sc1") < layers.index("r1")
+    if (None, "bn0", "sc0") in folds:
+        assert list(by_name["sc0"].bottom) == ["data"] and layers.index("sc0") == 1
 
 
 @pytest.mark.unit
@@ -142,6 +222,9 @@ layer { name: "rect" type: "Convolution" bottom: "o_s" top: "r"
   convolution_param { num_output: 6 kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2 weight_filler { type: "gaussian" std: 0.2 } } }
 layer { name: "bn_r" type: "BatchNorm" bottom: "r" top: "r" batch_norm_param { eps: 0.4 } }
 layer { name: "pool" type: "Pooling" bottom: "r" top: "p" pooling_param { pool: AVE kernel_size: 3 stride: 3 } }
+layer { name: "bn_p" type: "BatchNorm" bottom: "p" top: "p" batch_norm_param { eps: 0.2 } }
+layer { name: "scale_p" type: "Scale" bottom: "p" top: "p" }
+layer { name: "relu_p" type: "ReLU" bottom: "p" top: "p" }
 layer { name: "fc" type: "InnerProduct" bottom: "p" top: "fc" inner_product_param { num_output: 10
   weight_filler { type: "gaussian" std: 0.1 } } }
 """
@@ -188,8 +271,9 @@ UPSTREAM = {"conv_batch_mb": 0, "fold_batchnorm": False}
 @pytest.mark.parametrize("blobs", [["fc"], ["fc", "o_bn"], ["g", "fc"]])
 def test_odd_net_fast_path_equals_upstream(odd_net, blobs):
     """Groups, strides, dilation, a 1x1 and a 2x3 kernel, BN with and without Scale, in place and
-    not; a batch of 7, not a multiple of the blocks (12x15 outputs: blocks of 5 and 2 images for
-    a 1,024-column GEMM; the 11x7 one takes all 7)."""
+    not, a BN + Scale after a pooling (one Scale layer); a batch of 7, not a multiple of the
+    blocks (12x15 outputs: blocks of 5 and 2 images for a 1,024-column GEMM; the 11x7 one takes
+    all 7)."""
     x = np.random.default_rng(0).uniform(-100, 100, (7, 3, 24, 30)).astype(np.float32)
     old = _engine(*odd_net, blobs, **UPSTREAM).forward(x)
     for model in ({}, {"conv_batch_mb": 1}, {"fold_batchnorm": False}, {"conv_batch_mb": 0}):
@@ -202,7 +286,8 @@ def test_odd_net_fast_path_equals_upstream(odd_net, blobs):
         assert all(np.array_equal(again[b], new[b]) for b in blobs), model  # the same numbers every run
     # what folded: never a blob the user reads (o_bn read: its Scale stays a layer)
     folds = {(f.batchnorm, f.scale) for f in _engine(*odd_net, blobs).folds}
-    assert folds == {("bn_g", "scale_g"), ("bn_o", None if "o_bn" in blobs else "scale_o"), ("bn_r", None)}
+    assert folds == {("bn_g", "scale_g"), ("bn_o", None if "o_bn" in blobs else "scale_o"), ("bn_r", None),
+                     ("bn_p", "scale_p")}  # bn_p + scale_p after a pooling: one Scale layer
 
 
 def test_a_batch_of_one_and_a_reshape(odd_net):
@@ -256,3 +341,161 @@ def test_a_negative_conv_buffer_is_refused_before_any_work(photos, tmp_path):
         "model.conv_batch_mb=-1: use 0 (one image per GEMM, as Caffe upstream) or more MB of column buffer per "
         "convolution (32 is the default)"), p.stderr
     assert "Traceback" not in p.stderr
+
+
+# ---- max pooling without the mask (docker/pycaffe-poolmax.patch) ----------------------------
+
+# (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ceil_mode) on a 2x3x13x17 input:
+# padding, stride > kernel, ceil rounding past the edge (windows clipped, or wholly outside)
+POOLS = [(3, 3, 2, 2, 0, 0, True), (3, 3, 2, 2, 1, 1, True), (2, 3, 3, 4, 0, 0, True), (2, 2, 5, 3, 1, 1, False),
+         (3, 2, 1, 2, 2, 1, True), (1, 1, 4, 4, 0, 0, True), (5, 4, 2, 3, 0, 0, False), (13, 17, 1, 1, 0, 0, True)]
+
+
+def _pool_ref(x, kh, kw, sh, sw, ph, pw, ph_out, pw_out):
+    """Caffe's max pooling, in numpy: -FLT_MAX, then each window's inputs in row order, a value
+    replacing the maximum only when strictly greater (NaN never; the first of equal values stays);
+    also the index of that input in its plane (Caffe's mask)."""
+    n, c, h, w = x.shape
+    out = np.empty((n, c, ph_out, pw_out), np.float32)
+    idx = np.empty((n, c, ph_out, pw_out), np.int64)
+    for i in range(ph_out):
+        for j in range(pw_out):
+            hs, ws = i * sh - ph, j * sw - pw
+            he, we = min(hs + kh, h), min(ws + kw, w)
+            hs, ws = max(hs, 0), max(ws, 0)
+            m = np.full((n, c), -np.finfo(np.float32).max, np.float32)
+            best = np.full((n, c), -1)
+            for y in range(hs, he):
+                for z in range(ws, we):
+                    v = x[:, :, y, z]
+                    up = v > m
+                    m, best = np.where(up, v, m), np.where(up, y * w + z, best)
+            out[:, :, i, j], idx[:, :, i, j] = m, best
+    return out, idx
+
+
+def _pool_net(tmp_path, shape, pool, phase_name, extra=""):
+    import caffe
+
+    kh, kw, sh, sw, ph, pw, ceil_mode = pool
+    proto = tmp_path / f"pool{hash((pool, phase_name, extra)) & 0xffff}.prototxt"
+    proto.write_text(f"""force_backward: true
+layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ {' '.join(f'dim: {d}' for d in shape)} }} }} }}
+layer {{ name: "pool" type: "Pooling" bottom: "data" top: "p" pooling_param {{ pool: MAX kernel_h: {kh} kernel_w: {kw}
+  stride_h: {sh} stride_w: {sw} pad_h: {ph} pad_w: {pw} ceil_mode: {str(ceil_mode).lower()} }} }}
+{extra}""")
+    caffe.set_mode_cpu()
+    return caffe.Net(str(proto), getattr(caffe, phase_name))
+
+
+def _odd_values(rng, shape):
+    """Small integers (many ties), signed zeros, NaN and -inf among them."""
+    x = rng.integers(-4, 4, shape).astype(np.float32)
+    x[rng.random(shape) < 0.08] = -0.0
+    x[rng.random(shape) < 0.03] = np.nan
+    x[rng.random(shape) < 0.03] = -np.inf
+    return x
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_max_pooling_is_bit_equal_to_caffes_definition(tmp_path, monkeypatch, pool):
+    """The mask-free TEST-phase forward, Caffe's own loop (CAFFE_POOL_MASK=1, and the TRAIN phase)
+    and numpy's reference give the same bits; Backward in TEST phase (it rebuilds the mask from
+    the bottom, even after a ReLU changed the top in place) routes each gradient to the same input."""
+    shape = (2, 3, 13, 17)
+    x = _odd_values(np.random.default_rng(sum(pool)), shape)
+    # Backward's input: no window without a maximum (NaN or -inf alone: Caffe's mask says -1, and
+    # its Backward writes before the plane)
+    xb = np.where(np.isfinite(x), x, np.float32(-5))
+    relu = 'layer { name: "relu" type: "ReLU" bottom: "p" top: "p" }'
+    runs = {}
+    for label, phase_name, mask in (("fast", "TEST", None), ("caffe", "TEST", "1"), ("train", "TRAIN", None)):
+        if mask:
+            monkeypatch.setenv("CAFFE_POOL_MASK", mask)
+        else:
+            monkeypatch.delenv("CAFFE_POOL_MASK", raising=False)
+        net = _pool_net(tmp_path, shape, pool, phase_name)
+        net.blobs["data"].data[...] = x
+        net.forward()
+        top = net.blobs["p"].data.copy()
+        net.blobs["data"].data[...] = xb
+        net.forward()
+        net.blobs["p"].diff[...] = np.arange(top.size, dtype=np.float32).reshape(top.shape) + 1
+        net.backward()
+        runs[label] = (top, net.blobs["data"].diff.copy())
+        net = _pool_net(tmp_path, shape, pool, phase_name, relu)  # the top changed in place before Backward
+        net.blobs["data"].data[...] = xb
+        net.forward()
+        net.blobs["p"].diff[...] = np.arange(top.size, dtype=np.float32).reshape(top.shape) + 1
+        net.backward()
+        runs[label + "_relu"] = net.blobs["data"].diff.copy()
+    kh, kw, sh, sw, ph, pw, _ = pool
+    ref = _pool_ref(x, kh, kw, sh, sw, ph, pw, *runs["fast"][0].shape[2:])[0]
+    refb, idx = _pool_ref(xb, kh, kw, sh, sw, ph, pw, *ref.shape[2:])
+    assert (idx >= 0).all() and np.isnan(x).any() and np.isneginf(x).any() and (x == 0).any()
+
+    def routed(top_diff):  # each output's gradient added to its window's first maximum
+        grad = np.zeros(shape, np.float32)
+        flat = grad.reshape(shape[0] * shape[1], -1)
+        planes = zip(idx.reshape(len(flat), -1), top_diff.reshape(len(flat), -1))
+        for k, (plane, d) in enumerate(planes):
+            for i, v in zip(plane, d):
+                if i >= 0:
+                    flat[k, i] += v
+        return grad
+
+    order = np.arange(ref.size, dtype=np.float32).reshape(ref.shape) + 1
+    with np.errstate(invalid="ignore"):
+        after_relu = order * (refb > 0)  # ReLU's Backward passes a gradient where its output is > 0
+    for label in ("fast", "caffe", "train"):
+        top, diff = runs[label]
+        assert np.array_equal(top.view(np.uint32), ref.view(np.uint32)), label
+        assert np.array_equal(diff, routed(order)), label
+        assert np.array_equal(runs[label + "_relu"], routed(after_relu)), label
+
+
+# ---- wide outputs in bands of rows (docker/pycaffe-convbatch.patch) ----------------------
+
+WIDE = """
+force_backward: false
+layer { name: "data" type: "Input" top: "data" top: "strip"
+  input_param { shape { dim: 3 dim: 3 dim: 41 dim: 67 } shape { dim: 2 dim: 2 dim: 4 dim: 1100 } } }
+layer { name: "c_pad" type: "Convolution" bottom: "data" top: "a" convolution_param { num_output: 8 kernel_size: 3 pad: 1
+  weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 1 } } }
+layer { name: "c_dil" type: "Convolution" bottom: "a" top: "b" convolution_param { num_output: 6 kernel_size: 3 dilation: 2
+  pad: 1 group: 2 bias_term: false weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "c_str" type: "Convolution" bottom: "b" top: "c" convolution_param { num_output: 4 kernel_h: 5 kernel_w: 3
+  stride_h: 1 stride_w: 2 pad_h: 2 pad_w: 0 weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "constant" value: 0.5 } } }
+layer { name: "c_big" type: "Convolution" bottom: "data" top: "d" convolution_param { num_output: 5 kernel_size: 7 stride: 2 pad: 3
+  weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 1 } } }
+layer { name: "c_row" type: "Convolution" bottom: "strip" top: "e" convolution_param { num_output: 3 kernel_size: 3 pad: 1
+  weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 1 } } }
+"""
+
+
+def test_wide_layers_in_bands_of_rows_equal_caffes_loop(tmp_path, monkeypatch):
+    """Outputs of 2,747 (pad 1), 2,535 (dilation 2, 2 groups, no bias), 1,248 (5x3 kernel, stride
+    2 across only: bands of 32 rows, the last one short), 714 pixels (7x7 stride 2: one band) and a strip
+    1,100 wide (a band is one row): the banded forward equals Caffe's per-image loop
+    (CAFFE_CONV_BATCH_MB=0) within the fidelity bound, and run to run bit-identical."""
+    import caffe
+
+    proto = tmp_path / "wide.prototxt"
+    proto.write_text(WIDE)
+    caffe.set_mode_cpu()
+    caffe.set_random_seed(7)
+    net = caffe.Net(str(proto), caffe.TEST)
+    rng = np.random.default_rng(7)
+    net.blobs["data"].data[...] = rng.uniform(-50, 50, net.blobs["data"].data.shape)
+    net.blobs["strip"].data[...] = rng.uniform(-50, 50, net.blobs["strip"].data.shape)
+    out = {}
+    for mb in ("0", "32", "32"):
+        monkeypatch.setenv("CAFFE_CONV_BATCH_MB", mb)
+        net.forward()
+        out.setdefault(mb, []).append({b: net.blobs[b].data.copy() for b in "abcde"})
+    assert {b: net.blobs[b].data.shape[2] * net.blobs[b].data.shape[3] for b in "abcde"} == \
+        {"a": 2747, "b": 2535, "c": 1248, "d": 714, "e": 4400}
+    old, (new, again) = out["0"][0], out["32"]
+    for b in "abcde":
+        assert rel(new[b], old[b]) <= BOUND, (b, rel(new[b], old[b]))
+        assert np.array_equal(new[b], again[b]), b
