@@ -230,18 +230,23 @@ layer { name: "fc" type: "InnerProduct" bottom: "p" top: "fc" inner_product_para
 """
 
 
+def _seeded_net(proto, text: str, seed: int):
+    """The prototxt written to proto, loaded on the CPU with Caffe's fillers seeded; and a numpy
+    generator of the same seed: the same weights and inputs every session."""
+    import caffe
+
+    proto.write_text(text)
+    caffe.set_mode_cpu()
+    caffe.set_random_seed(seed)
+    return caffe.Net(str(proto), caffe.TEST), np.random.default_rng(seed)
+
+
 @pytest.fixture(scope="module")
 def odd_net(tmp_path_factory):
     """Random weights, and BN statistics and Scale parameters that matter (large eps, scale factor 0.5)."""
-    import caffe
-
     d = tmp_path_factory.mktemp("odd")
     proto = d / "odd.prototxt"
-    proto.write_text(ODD)
-    caffe.set_mode_cpu()
-    caffe.set_random_seed(5)
-    net = caffe.Net(str(proto), caffe.TEST)
-    rng = np.random.default_rng(5)
+    net, rng = _seeded_net(proto, ODD, 5)
     for name, blobs in net.params.items():
         if name.startswith("bn_"):
             c = blobs[0].data.size
@@ -478,14 +483,7 @@ def test_wide_layers_in_bands_of_rows_equal_caffes_loop(tmp_path, monkeypatch):
     2 across only: bands of 32 rows, the last one short), 714 pixels (7x7 stride 2: one band) and a strip
     1,100 wide (a band is one row): the banded forward equals Caffe's per-image loop
     (CAFFE_CONV_BATCH_MB=0) within the fidelity bound, and run to run bit-identical."""
-    import caffe
-
-    proto = tmp_path / "wide.prototxt"
-    proto.write_text(WIDE)
-    caffe.set_mode_cpu()
-    caffe.set_random_seed(7)
-    net = caffe.Net(str(proto), caffe.TEST)
-    rng = np.random.default_rng(7)
+    net, rng = _seeded_net(tmp_path / "wide.prototxt", WIDE, 7)
     net.blobs["data"].data[...] = rng.uniform(-50, 50, net.blobs["data"].data.shape)
     net.blobs["strip"].data[...] = rng.uniform(-50, 50, net.blobs["strip"].data.shape)
     out = {}
