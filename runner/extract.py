@@ -422,8 +422,10 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
                                started=t_lock, log=log_path, image=image_label(), **taken)).start()
             # the files may have changed since the plan proved them: a pair Caffe cannot load would
             # abort this process inside load_engine; the check's child dies instead, and its line
-            # is this shard's error (cheap when this pair was proven: runner/modelcheck.py)
-            check_model_loads(cfg)
+            # is this shard's error (cheap when this pair was proven: runner/modelcheck.py).
+            # A task that keeps the net it loaded for an earlier shard loads nothing here
+            if keep is None or keep.get("engine") is None:
+                check_model_loads(cfg)
             # once per shard (once per task with `keep`): the prototxt parsed, the mean file loaded
             parts = keep.get("parts") if keep is not None else None
             if parts is None:
