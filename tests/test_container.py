@@ -56,8 +56,9 @@ def test_slurm_tasks_run_inside_the_container(image, cluster, photos, host_run, 
                 "launcher.cpus_per_task=1", "launcher.mem_gb=2", "launcher.timeout_min=10", "launcher.wait=true",
                 "container.runtime=podman", f"container.image={image}")
     assert "submitted array job" in p.stdout
-    for i in range(2):
-        with h5py.File(run / "shards" / f"shard-{i:05d}-of-00002.h5", "r") as f:
+    # 2 tasks, launcher.shards_per_task shards each: every shard ran in the image, whichever task took it
+    for path in _shard_files(run, at_least=2):
+        with h5py.File(path, "r") as f:
             assert IMAGE in f.attrs["container"], "the task ran on the host, not in the image"
             assert f.attrs["job_id"]
     a, na, _ = _feats(run / "features.h5")
@@ -81,14 +82,26 @@ def squashfs():
     return SQUASHFS
 
 
+def _shard_files(run, at_least: int):
+    """The run's shard files, as its plan names them (a Slurm run has launcher.shards_per_task
+    shards per task), each complete."""
+    from runner.plan import load_run_dir
+
+    r = load_run_dir(run)
+    assert r.num_shards >= at_least and r.done_shards() == list(range(r.num_shards))
+    return r.shard_paths()
+
+
 def _check_shards_ran_in(run, n, squashfs):
+    """Every shard of the run (at least n) ran inside the image."""
     from runner.runtimes import image_identity
     from runner.runtimes.identity import image_label
 
     ident = image_identity("charliecloud", str(squashfs))
     assert ident.startswith("size=")
-    for i in range(n):
-        with h5py.File(run / "shards" / f"shard-{i:05d}-of-{n:05d}.h5", "r") as f:
+    paths = _shard_files(run, at_least=n)
+    for path in paths:
+        with h5py.File(path, "r") as f:
             a = f.attrs
             assert a["container_runtime"] == "charliecloud" and a["container_image"] == str(squashfs)
             assert a["container_image_id"] == ident
@@ -97,7 +110,7 @@ def _check_shards_ran_in(run, n, squashfs):
     label = image_label({"container_runtime": "charliecloud", "container_image": str(squashfs),
                          "container_image_id": ident})
     with h5py.File(run / "features.h5", "r") as f:
-        assert json.loads(f.attrs["container_images"]) == {label: list(range(n))}
+        assert json.loads(f.attrs["container_images"]) == {label: list(range(len(paths)))}
     return label
 
 
@@ -116,8 +129,8 @@ def test_charliecloud_slurm_array_equals_host(squashfs, cluster, photos, host_ru
     assert "submitted array job" in p.stdout
     sbatch = next((run / "logs").rglob("*_submission.sh")).read_text()
     assert "ch-run" in sbatch and str(squashfs) in sbatch
-    for i in range(3):
-        with h5py.File(run / "shards" / f"shard-{i:05d}-of-00003.h5", "r") as f:
+    for path in _shard_files(run, at_least=3):
+        with h5py.File(path, "r") as f:
             assert f.attrs["job_id"], "not a Slurm task"
     label = _check_shards_ran_in(run, 3, squashfs)
     a, na, _ = _feats(run / "features.h5")
