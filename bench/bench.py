@@ -220,6 +220,10 @@ FORWARD_PATHS = {
     "after": {"conv_batch_mb": 32, "fold_batchnorm": True, "pairs": True, "pool_mask": False, "bands": True},
 }
 
+# row 12's columns: Caffe's paths, then the other engines on the same files (onnxruntime:
+# backend=auto's choice on the CPU)
+FORWARD_COLUMNS = list(FORWARD_PATHS) + ["opencv", "onnxruntime"]
+
 
 def forward_gflops(model: str, path: str, batch: int, n_batches: int) -> Dict:
     """One process, one BLAS thread: a preset's forward to its default blobs on random input,
@@ -237,6 +241,11 @@ def forward_gflops(model: str, path: str, batch: int, n_batches: int) -> Dict:
     blobs = list(m.default_blobs)
     if path == "opencv":
         eng = OpenCVEngine(m, spec, blobs, (3, h, w), threads=1)
+        flop = net_flops(CaffeEngine(m, spec, blobs, (3, h, w)).net)
+    elif path == "onnxruntime":  # backend=auto's choice on the CPU (its first batch checked against Caffe)
+        from runner.model import OnnxEngine
+
+        eng = OnnxEngine(m, spec, blobs, (3, h, w), threads=1, required=True)
         flop = net_flops(CaffeEngine(m, spec, blobs, (3, h, w)).net)
     else:
         settings = dict(FORWARD_PATHS[path])
@@ -696,7 +705,7 @@ def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, ca
     results["rss"] = rss_ratio(work, threads)
     results["ratios"]["4_peak_rss_10N_over_N"] = results["rss"]["ratio"]
     results["manifest"] = manifest_bench(work)
-    results["forward_vs_sgemm"] = forward_vs_sgemm(FORWARD_MODELS, list(FORWARD_PATHS) + ["opencv"], repeats)
+    results["forward_vs_sgemm"] = forward_vs_sgemm(FORWARD_MODELS, FORWARD_COLUMNS, repeats)
     results["gpu_feeding"] = gpu_feeding(paths, threads, repeats, runner_rate, proto, weights, cams)
     return results
 
@@ -1232,7 +1241,7 @@ def main() -> None:
                        gpu_feeding_only=a.gpu_feeding_only, limits_only=a.only == "limits",
                        pipeline_batches=max(14, a.pipeline_batches)))
     if a.only == "forward":
-        r["forward_vs_sgemm"] = forward_vs_sgemm(FORWARD_MODELS, list(FORWARD_PATHS) + ["opencv"], a.repeats)
+        r["forward_vs_sgemm"] = forward_vs_sgemm(FORWARD_MODELS, FORWARD_COLUMNS, a.repeats)
     if a.only in ("all", "merge") and not a.gpu_feeding_only:
         r["merge_scale"] = merge_bench(work)
     if a.only in ("all", "stragglers") and not a.gpu_feeding_only:

@@ -10,13 +10,14 @@ from typing import List, Tuple
 from . import log
 from .errors import ConfigError
 from .gpu import caffe_has_gpu, cuda_probe
+from .schema import CAFFE_LOADED, CPU_ONLY
 
 
 def gpu_capable(cfg) -> bool:
     """Whether the tasks' engine can compute on a GPU (asked of this environment's Caffe)."""
     if cfg.backend == "simulated":
         return True  # stands in for a device in tests and benchmarks
-    if cfg.backend == "opencv":
+    if cfg.backend in CPU_ONLY:
         return False
     return caffe_has_gpu()
 
@@ -55,7 +56,7 @@ def resolve_local_device(cfg) -> str:
         resolve_gpus(cfg.launcher.get("gpus", "auto"))
     except ConfigError:
         return "cpu"
-    if cfg.backend == "caffe":
+    if cfg.backend in CAFFE_LOADED:
         probe = cuda_probe()
         if not probe.usable:  # a CUDA build where the driver or devices cannot be used
             log.info("device=auto: the CPU (CUDA cannot use the GPUs here: %s)", probe.message)
@@ -87,7 +88,7 @@ def resolve_slurm_device(cfg) -> Tuple[str, int]:
                           "launcher.gpus_per_task=1 (or auto)")
     if device == "cpu" and gpus > 0:
         why = ("device=cpu" if cfg.device == "cpu" else
-               f"backend={cfg.backend} computes on the CPU" if cfg.backend == "opencv" else
+               f"backend={cfg.backend} computes on the CPU" if cfg.backend in CPU_ONLY else
                "this pycaffe is CPU-only")
         if not lc.get("allow_cpu_on_gpu", False):
             raise ConfigError(

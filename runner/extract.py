@@ -340,6 +340,7 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, par
     if len(seen) == 2:
         (ta, ca, na), (tb, cb, nb) = seen
         stats.update(steady_s=tb - ta, steady_cpu_s=cb - ca, steady_images=nb - na)
+    stats.update(op.engine.attrs())
     return dict(stats, **check.attrs()) if check is not None else stats
 
 

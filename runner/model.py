@@ -20,7 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ConfigError
+from . import log
+from .errors import ConfigError, RunnerError
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,10 @@ class Engine:
         """The same net and weights on the CPU (the GPU self-check's reference)."""
         raise NotImplementedError
 
+    def attrs(self) -> Dict[str, object]:
+        """What computed the rows, for the shard file (engine=...)."""
+        return {}
+
 
 # What a CUDA build of Caffe logs, on a machine without a usable GPU, when it makes its per-thread
 # context (cuBLAS handle, cuRAND generator): harmless in CPU mode, alarming to read, and raw
@@ -336,6 +341,9 @@ class CaffeEngine(Engine):
         self.net.forward()
         return {b: self.net.blobs[b].data.copy() for b in self.blobs}
 
+    def attrs(self) -> Dict[str, object]:
+        return {"engine": "caffe"}
+
     def forward_cpu(self, x):
         """The same Net in CPU mode (a net made in GPU mode keeps its cuDNN layers; their CPU
         forward is Caffe's own), then back to the GPU."""
@@ -349,6 +357,120 @@ class CaffeEngine(Engine):
         finally:
             caffe.set_mode_gpu()
             caffe.set_device(self.gpu_device)
+
+
+# backend=auto/onnxruntime: the largest max |onnx - caffe| / max |caffe| over the checked
+# images of a task's first batch (the fidelity bound the tests hold Caffe's own paths to;
+# measured 1.0e-6 on res10 fc7, 5.6e-7 on open_nsfw pool)
+ONNX_CHECK_TOLERANCE = 1e-5
+
+
+class OnnxCheckError(RunnerError):
+    """backend=onnxruntime: the first batch differs from Caffe's beyond the bound."""
+
+
+class OnnxEngine(Engine):
+    """The net Caffe loaded, run by ONNX Runtime on the CPU (runner/onnxport.py). The first
+    batch is also run by Caffe; a difference beyond ONNX_CHECK_TOLERANCE makes the task go on
+    with Caffe (backend=auto) or stop (backend=onnxruntime). Either way it is recorded."""
+
+    def __init__(self, model_cfg, spec: NetSpec, blobs: Sequence[str], in_shape, threads: int = 1,
+                 required: bool = False):
+        os.environ.setdefault("GLOG_minloglevel", "2")
+        import caffe
+        import onnxruntime
+
+        from .onnxport import session, to_onnx, unsupported
+
+        set_caffe_cpu_mode(caffe)
+        self.model_cfg, self.spec, self.in_shape, self.required = model_cfg, spec, tuple(in_shape), required
+        self.blobs = list(blobs)
+        self.device_desc = "cpu"
+        text = truncated_prototxt(spec, spec.end_layer(self.blobs))
+        with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
+            f.write(text)
+        try:  # Caffe reads, upgrades and checks the weights; the graph takes them from it
+            net = caffe.Net(f.name, caffe.TEST, weights=model_cfg.weights)
+        finally:
+            os.unlink(f.name)
+        net.blobs[net.inputs[0]].reshape(1, *self.in_shape)
+        net.reshape()
+        layers = list(_parse_text(text).layer)
+        shapes = {b: tuple(v.data.shape) for b, v in net.blobs.items()}
+        why = unsupported(layers, shapes)
+        if why:
+            raise NotConvertible(why)
+        params = {name: [np.array(b.data) for b in p] for name, p in net.params.items()}
+        model, self._outputs = to_onnx(layers, net.inputs[0], shapes[net.inputs[0]], params, shapes, self.blobs)
+        del params
+        self._session = session(model, threads)
+        self._input = net.inputs[0]
+        self._reference = net  # Caffe, until the first batch is checked
+        self._fallback: Optional[Engine] = None
+        self.engine = f"onnxruntime {onnxruntime.__version__}"
+        self.check: Dict[str, object] = {}
+        out = self._run(np.zeros((1,) + self.in_shape, np.float32))
+        self.blob_shapes = {b: tuple(v.shape[1:]) for b, v in out.items()}
+
+    def _run(self, x):
+        outs = self._session.run(self._outputs, {self._input: np.ascontiguousarray(x, dtype=np.float32)})
+        return dict(zip(self.blobs, outs))
+
+    def forward(self, x):
+        if self._fallback is not None:
+            return self._fallback.forward(x)
+        out = self._run(x)
+        if self._reference is not None:
+            out = self._check(x, out)
+        return out
+
+    def _check(self, x, out):
+        from .selfcheck import SELFCHECK_IMAGES, relative_difference
+
+        net, self._reference = self._reference, None
+        n = min(len(x), SELFCHECK_IMAGES)
+        t0 = time.process_time()
+        net.blobs[self._input].reshape(n, *self.in_shape)
+        net.reshape()
+        net.blobs[self._input].data[...] = x[:n]
+        net.forward()
+        per_blob = {b: relative_difference(out[b][:n], net.blobs[b].data) for b in self.blobs}
+        del net  # its memory goes back before the run goes on
+        worst = max(per_blob, key=lambda b: per_blob[b])
+        diff = per_blob[worst]
+        self.check = {"engine_check_max_rel_diff": diff, "engine_check_blob": worst,
+                      "engine_check_tolerance": ONNX_CHECK_TOLERANCE, "engine_check_images": n,
+                      "engine_check_cpu_s": round(time.process_time() - t0, 4)}
+        if diff <= ONNX_CHECK_TOLERANCE:
+            return out
+        line = (f"ONNX Runtime's first {n} images differ from Caffe's: max |onnx - caffe| / max |caffe| = "
+                f"{diff:.3g} on blob {worst!r}, above {ONNX_CHECK_TOLERANCE:g}")
+        if self.required:
+            raise OnnxCheckError(f"{line}: no row was written; run with backend=caffe (or backend=auto, which "
+                                 "goes on with Caffe after such a difference)")
+        log.warning("%s: this task goes on with Caffe (backend=auto)", line)
+        self.engine = f"caffe (onnxruntime differed by {diff:.3g})"
+        self._fallback = CaffeEngine(self.model_cfg, self.spec, self.blobs, self.in_shape)
+        return self._fallback.forward(x)
+
+    def attrs(self) -> Dict[str, object]:
+        return {"engine": self.engine, **self.check}
+
+
+class NotConvertible(Exception):
+    """The net holds a layer that does not map exactly onto ONNX (the reasons, one per layer)."""
+
+    def __init__(self, reasons: List[str]):
+        super().__init__("; ".join(reasons))
+        self.reasons = reasons
+
+
+def _parse_text(text: str):
+    from google.protobuf import text_format
+
+    param = caffe_pb2().NetParameter()
+    text_format.Merge(text, param)
+    return param
 
 
 class OpenCVEngine(Engine):
@@ -438,8 +560,18 @@ def host_value(spec: str, host: str) -> Optional[str]:
 
 def load_engine(cfg, spec: NetSpec, blobs: Sequence[str], in_shape, threads: int, gpu_device: int = 0) -> Engine:
     backend = cfg.backend
-    if backend == "caffe":
+    if backend == "auto" and cfg.device == "cpu":
+        return _onnx_or_caffe(cfg, spec, blobs, in_shape, threads)
+    if backend in ("caffe", "auto"):
         return CaffeEngine(cfg.model, spec, blobs, in_shape, cfg.device, gpu_device)
+    if backend == "onnxruntime":
+        if cfg.device != "cpu":
+            raise ConfigError("backend=onnxruntime runs on the CPU only: set device=cpu (or backend=caffe)")
+        try:
+            return OnnxEngine(cfg.model, spec, blobs, in_shape, threads, required=True)
+        except NotConvertible as e:
+            raise ConfigError(f"backend=onnxruntime: the net does not convert exactly ({e}): use backend=auto "
+                              "(Caffe runs such a net) or backend=caffe") from None
     if backend == "opencv":
         if cfg.device != "cpu":
             raise ConfigError("backend=opencv runs on the CPU only: set device=cpu (or backend=caffe)")
@@ -452,4 +584,18 @@ def load_engine(cfg, spec: NetSpec, blobs: Sequence[str], in_shape, threads: int
         gate = host_value(os.environ.get("CAFFE_RUNNER_SIM_HANG_HOSTS", ""), host) or cfg.get("simulated_gate")
         return SimulatedEngine(blobs, in_shape, cfg.simulated_batch_s * float(factor or 1), cfg.device, gpu_device,
                                gate)
-    raise ConfigError(f"backend={backend!r} is not one of caffe, opencv, simulated")
+    raise ConfigError(f"backend={backend!r} is not one of auto, caffe, onnxruntime, opencv, simulated")
+
+
+def _onnx_or_caffe(cfg, spec: NetSpec, blobs: Sequence[str], in_shape, threads: int) -> Engine:
+    """backend=auto on the CPU: ONNX Runtime when the net converts (and, per task, its first
+    batch matches Caffe's: OnnxEngine), else Caffe, saying why once."""
+    why = ""
+    try:
+        return OnnxEngine(cfg.model, spec, blobs, in_shape, threads)
+    except NotConvertible as e:
+        why = f"the net does not convert exactly ({e})"
+    except ImportError as e:  # an environment without the wheel (e.g. an older image)
+        why = f"onnxruntime is not importable here ({e})"
+    log.info("backend=auto: Caffe computes this task: %s", why)
+    return CaffeEngine(cfg.model, spec, blobs, in_shape, cfg.device)

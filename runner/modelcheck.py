@@ -32,6 +32,7 @@ from .errors import ConfigError
 from .lastwords import caffe_last_words
 from .digest import file_hash
 from .model import set_caffe_cpu_mode
+from .schema import CAFFE_LOADED
 
 CACHE_NAME = "model-checks.json"
 CACHE_VERSION = 1
@@ -217,7 +218,7 @@ def ensure_loadable(prototxt: str, weights: str, timeout_s: float = DEFAULT_TIME
 def check_model_loads(cfg) -> None:
     """Plan- and task-time: prove cfg.model's pair loads in this environment's Caffe (raises
     ModelLoadError). The other backends do not load the net with Caffe: nothing to prove."""
-    if cfg.backend != "caffe":
+    if cfg.backend not in CAFFE_LOADED:
         return
     ensure_loadable(str(cfg.model.prototxt), str(cfg.model.weights),
                     float(cfg.model.get("load_check_timeout_s", DEFAULT_TIMEOUT_S) or DEFAULT_TIMEOUT_S))

@@ -34,6 +34,7 @@ from .rundir import (RUN_JSON, DamagedPlanError, RunDir, partial_of, probe_writa
 from .runtimes import check_container
 from .runtimes.identity import task_container
 from .shard import shard_bounds
+from .schema import CAFFE_LOADED, CPU_ONLY, identity_backend
 
 
 
@@ -107,10 +108,10 @@ def _check_preprocess(cfg, hw: Tuple[int, int], channels: int) -> None:
 
 
 def _check_device(cfg, launcher) -> Tuple[str, int]:
-    if cfg.backend == "opencv" and cfg.device == "gpu":
-        raise ConfigError("backend=opencv runs on the CPU only: set device=cpu (or backend=caffe)")
+    if cfg.backend in CPU_ONLY and cfg.device == "gpu":
+        raise ConfigError(f"backend={cfg.backend} runs on the CPU only: set device=cpu (or backend=caffe)")
     device, gpus = launcher.resolve_device(cfg)
-    if device == "gpu" and cfg.backend == "caffe" and cfg.container.runtime == "none":
+    if device == "gpu" and cfg.backend in CAFFE_LOADED and cfg.container.runtime == "none":
         launcher.require_gpu_here()  # with a container, the image's Caffe runs, not this one
     return device, gpus
 
@@ -123,7 +124,7 @@ def _check_container(cfg, device: str, launcher) -> None:
 
 def _check_model_loads(cfg) -> None:
     """Caffe loads the weights into the prototxt (a child process: runner/modelcheck.py)."""
-    if cfg.backend == "caffe" and cfg.container.runtime != "none":
+    if cfg.backend in CAFFE_LOADED and cfg.container.runtime != "none":
         # the image's Caffe runs the tasks, not this one (which may be missing or another build):
         # each task makes the same check first, inside the image
         log.info("model load check: done by each task inside the %s image (container.runtime=%s)",
@@ -179,7 +180,7 @@ def identity(cfg, blobs: List[str], model_sha: Dict[str, str], input_source: str
         "blobs": blobs,
         "output": {k: cfg.output[k] for k in ("pooling", "gem_p", "l2_normalize", "dtype")},
         "decode": {k: cfg.decode[k] for k in ("exif_orientation", "max_pixels", "reduced_jpeg")},
-        "backend": cfg.backend,
+        "backend": identity_backend(cfg.backend),
         "input": input_source,
     }
 

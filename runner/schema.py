@@ -33,9 +33,25 @@ class Device(StrEnum):
 
 
 class Backend(StrEnum):
+    auto = "auto"
     caffe = "caffe"
+    onnxruntime = "onnxruntime"
     opencv = "opencv"
     simulated = "simulated"
+
+
+# the backends whose tasks load the net with Caffe (auto and onnxruntime take the weights from
+# it): the model-load check, the GPU build checks and the plan's identity are Caffe's
+CAFFE_LOADED = ("auto", "caffe", "onnxruntime")
+# the backends that compute on the CPU only
+CPU_ONLY = ("onnxruntime", "opencv")
+
+
+def identity_backend(backend: str) -> str:
+    """What a run dir records as its backend: auto and onnxruntime compute Caffe's net within
+    the fidelity bound (each task checks its first batch against Caffe), so a run planned with
+    one resumes with the others, as one planned on a GPU resumes on a CPU."""
+    return "caffe" if str(backend) in CAFFE_LOADED else str(backend)
 
 
 class Pooling(StrEnum):
@@ -356,8 +372,11 @@ class RunConf:
     # auto: the GPU when the task has one (launcher.gpus_per_task / local GPUs) and Caffe was
     # built with CUDA, else the CPU
     device: Device = Device.auto
-    # caffe | opencv (OpenCV DNN, CPU) | simulated (benchmarks, tests)
-    backend: Backend = Backend.caffe
+    # auto: on the CPU, ONNX Runtime runs the net Caffe loaded when every layer converts exactly
+    # and the first batch matches Caffe's (runner/onnxport.py), Caffe otherwise; on a GPU, Caffe.
+    # caffe | onnxruntime (CPU; refuses a net that does not convert or match) | opencv (OpenCV
+    # DNN, CPU) | simulated (benchmarks, tests)
+    backend: Backend = Backend.auto
     # backend=simulated: seconds one forward of a batch takes (as a GPU would, no CPU used)
     simulated_batch_s: float = 0.05
     # backend=simulated: a file that holds each task's batches (tests stop a run at a known point

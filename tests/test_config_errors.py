@@ -98,7 +98,7 @@ def test_out_of_range_values(tiny_net, photos, tmp_path, override, expect, cli_e
     ("model.preprocess.channel_order=BRG", "[BGR, RGB]"),
     ("container.runtime=singularity", "[none, apptainer, podman, docker, pyxis, charliecloud]"),
     ("output.dtype=float64", "[float32, float16]"),
-    ("backend=tensorrt", "[caffe, opencv, simulated]"),
+    ("backend=tensorrt", "[auto, caffe, onnxruntime, opencv, simulated]"),
 ])
 def test_enum_values_are_refused_at_compose_time(photos, tmp_path, override, allowed, cli_error):
     """A value outside an Enum field is refused by Hydra while composing, with the allowed list."""

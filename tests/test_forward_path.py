@@ -320,16 +320,21 @@ def _run(photos, out, *args, env=None):
 @pytest.mark.parametrize("model, blobs", [("res10_ssd", "[fc7,conv6_2_h]"), ("open_nsfw", "[pool]")])
 def test_real_models_fast_path_equals_upstream(photos, tmp_path_factory, model, blobs):
     """res10 (fc7, conv6_2_h) and open_nsfw (pool, a ResNet full of BatchNorm + Scale) on the
-    sample photos: the default path against the upstream one, within 1e-5, per blob."""
+    sample photos: Caffe's default path and the CPU default (backend=auto: ONNX Runtime, which
+    the shard file names) against Caffe's upstream path, within 1e-5, per blob."""
     env = {"CAFFE_MODELS": str(tmp_path_factory.getbasetemp() / "models")}  # open_nsfw fetched once
     tmp = tmp_path_factory.mktemp(model)
-    common = (f"model={model}", f"output.blobs={blobs}", "output.pooling=none")
-    old = _run(photos, tmp / "old", *common, "model.conv_batch_mb=0", "model.fold_batchnorm=false", env=env)
-    new = _run(photos, tmp / "new", *common, env=env)
-    assert old[0] == new[0] and len(new[0]) > 10
-    for b in old[1]:
-        assert rel(new[1][b], old[1][b]) <= BOUND, (b, rel(new[1][b], old[1][b]))
-    assert rel(new[2], old[2]) <= BOUND
+    common = (f"model={model}", f"output.blobs={blobs}", "output.pooling=none", "device=cpu")
+    old = _run(photos, tmp / "old", *common, "backend=caffe", "model.conv_batch_mb=0", "model.fold_batchnorm=false",
+               env=env)
+    for backend in ("caffe", "auto"):
+        new = _run(photos, tmp / backend, *common, f"backend={backend}", env=env)
+        assert old[0] == new[0] and len(new[0]) > 10
+        for b in old[1]:
+            assert rel(new[1][b], old[1][b]) <= BOUND, (backend, b, rel(new[1][b], old[1][b]))
+        assert rel(new[2], old[2]) <= BOUND
+        with h5py.File(tmp / backend / "shards" / "shard-00000-of-00001.h5") as f:
+            assert f.attrs["engine"].startswith("onnxruntime " if backend == "auto" else "caffe"), f.attrs["engine"]
 
 
 def test_inspect_prints_gflop_per_image(res10):

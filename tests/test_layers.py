@@ -23,7 +23,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("storage and devices", ["runner.manifest", "runner.rundir", "runner.inflight", "runner.write", "runner.gpu",
                              "runner.device", "runner.selfcheck", "runner.preprocess", "runner.fetch", "runner.events",
                              "runner.private"]),
-    ("model, inputs, runtimes", ["runner.model", "runner.fold", "runner.modelcheck", "runner.inputs", "runner.inputs.*", "runner.runtimes",
+    ("model, inputs, runtimes", ["runner.model", "runner.fold", "runner.onnxport", "runner.modelcheck", "runner.inputs", "runner.inputs.*", "runner.runtimes",
                                  "runner.runtimes.*"]),
     ("config and plan", ["runner.config", "runner.overrides", "runner.plan"]),
     ("stages", ["runner.extract", "runner.steal", "runner.merge", "runner.stats", "runner.status", "runner.verify",

@@ -43,6 +43,7 @@ from ..task import die_with_parent, setup_task_logging
 from .base import Launcher
 from .container_task import RESULT_PREFIX
 from .workers import Death, WorkerContext, WorkerStartError, WorkerWatch, running, start_quiet_resource_tracker
+from ..schema import CAFFE_LOADED
 
 
 def worker_plan(cfg) -> Dict:
@@ -354,7 +355,7 @@ class LocalLauncher(Launcher):
             raise ConfigError(f"launcher.shards_per_worker={lc.shards_per_worker}: use 1 or more")
         device = resolve_local_device(cfg)
         if device == "gpu":
-            if cfg.backend == "caffe" and cfg.container.runtime == "none":
+            if cfg.backend in CAFFE_LOADED and cfg.container.runtime == "none":
                 require_gpu_caffe()  # the real blocker first: no GPU list helps a CPU-only build
             resolve_gpus(lc.gpus)  # raises when none is visible
         return device, 0
