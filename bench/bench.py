@@ -28,8 +28,9 @@ Rows:
     reference (full decode + area resize);
 12. Caffe's CPU forward (res10 to fc7, open_nsfw to pool; one process, one BLAS thread, batch 16)
     in GFLOP/s as a fraction of one core's numpy SGEMM (2048^3) measured in the same round: the
-    upstream path (one GEMM per image, BN/Scale as layers), the batched convolution, and the
-    default (batched + BN folded), with OpenCV DNN beside them (--only forward: this row only).
+    upstream path (one GEMM per image, BN/Scale as layers), the batched convolution, and
+    Caffe's default (batched + BN folded...), with OpenCV DNN and ONNX Runtime (backend=auto's
+    engine on the CPU) beside them (--only forward: this row only).
 Each measurement runs in fresh spawned processes (BLAS threads set before Caffe loads); peak
 memory is each process's own high-water mark (VmHWM), never ru_maxrss, which a spawned child
 inherits from its parent.
