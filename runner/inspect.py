@@ -37,6 +37,18 @@ def blob_shapes(spec, end_index: int, weights=None):
             {name: tuple(p[0].data.shape) for name, p in net.params.items()})
 
 
+def _cpu_engine(layers, shapes) -> str:
+    """What backend=auto will run on the CPU, from the prototxt alone (each task still checks
+    its first batch against Caffe)."""
+    from .onnxport import unsupported
+
+    why = unsupported(layers, {name: (1,) + tuple(s) for name, s in shapes.items()})
+    if not why:
+        return "ONNX Runtime (every layer up to the chosen blobs converts)"
+    more = f"; {len(why) - 3} more" if len(why) > 3 else ""
+    return f"Caffe ({'; '.join(why[:3])}{more})"
+
+
 def inspect_model(overrides: List[str]) -> str:
     from .config import preset_model_paths
     from .model import check_fixed_shape, check_model_files, chosen_blobs, input_hw, parse_prototxt
@@ -78,6 +90,9 @@ def inspect_model(overrides: List[str]) -> str:
     flops = forward_flops(spec.layers[:end + 1], shapes, weight_shapes)
     lines.append(f"forward to {', '.join(chosen)}: {sum(flops.values()) / 1e9:.2f} GFLOP per image "
                  f"({len(flops)} convolution and inner-product layers up to {spec.layers[end].name})")
+    if cfg.backend == "auto":
+        lines.append("engine on the CPU (backend=auto): " + _cpu_engine([lp for lp in spec.param.layer if lp.name in used],
+                                                                       shapes))
     pp = OmegaConf.to_container(cfg.model.preprocess)
     lines += ["", "preprocessing: " + json.dumps(pp), "",
               f"output ({cfg.output.dtype}, pooling {cfg.output.pooling}, l2_normalize {cfg.output.l2_normalize}):"]

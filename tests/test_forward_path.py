@@ -342,6 +342,7 @@ def test_inspect_prints_gflop_per_image(res10):
     p = run_cli("inspect", "output.blobs=[fc7]")
     line = [ln for ln in p.stdout.splitlines() if "GFLOP per image" in ln]
     assert len(line) == 1 and line[0].startswith("forward to fc7: 2.10 GFLOP per image"), p.stdout
+    assert "engine on the CPU (backend=auto): ONNX Runtime (every layer up to the chosen blobs converts)" in p.stdout
 
 
 def test_a_negative_conv_buffer_is_refused_before_any_work(photos, tmp_path):

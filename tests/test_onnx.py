@@ -164,6 +164,9 @@ def test_auto_runs_caffe_for_a_net_that_does_not_convert(tmp_path, photos):
     run_cli(*common, f"output.dir={tmp_path / 'auto'}")
     with h5py.File(tmp_path / "auto" / "shards" / "shard-00000-of-00001.h5") as f:
         assert f.attrs["engine"] == "caffe"
+    p = run_cli("inspect", *model, "output.blobs=[fc]")  # said before any run
+    assert "engine on the CPU (backend=auto): Caffe (pow (Power): no Power layer in the converter)" in p.stdout, \
+        p.stdout
     p = run_cli(*common, f"output.dir={tmp_path / 'ort'}", "backend=onnxruntime", check=False)
     assert p.returncode != 0
     assert "pow (Power): no Power layer in the converter" in p.stderr and "backend=auto" in p.stderr, p.stderr
