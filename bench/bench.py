@@ -162,20 +162,19 @@ def classic_loop(paths: List[str], proto: str, weights: str, layer: str, blob: s
     return {"images_per_s": len(paths) / dt, "seconds": dt}
 
 
-def forward_only(proto: str, weights: str, blobs: List[str], batch: int, n_batches: int, hw=(300, 300)) -> Dict:
-    """The net alone on pre-decoded batches, cut at the same layer as caffe-runner."""
-    from runner.model import CaffeEngine, parse_prototxt
+def forward_only(proto: str, weights: str, blobs: List[str], batch: int, n_batches: int, hw=(300, 300),
+                 backend: str = "auto") -> Dict:
+    """The net alone on pre-decoded batches, cut at the same layer as caffe-runner, with the
+    engine the pipeline's default (backend=auto on the CPU) runs, in this process's threads."""
+    from omegaconf import OmegaConf
+
+    from runner.model import load_engine, parse_prototxt
 
     spec = parse_prototxt(proto)
-
-    class M:  # the two fields CaffeEngine reads
-        pass
-
-    m = M()
-    m.weights = weights
-    eng = CaffeEngine(m, spec, blobs, (3,) + tuple(hw))
+    cfg = OmegaConf.create({"backend": backend, "device": "cpu", "model": {"weights": weights}})
+    eng = load_engine(cfg, spec, blobs, (3,) + tuple(hw), threads=int(os.environ.get("OPENBLAS_NUM_THREADS", "1")))
     x = np.random.default_rng(0).uniform(-120, 120, (batch, 3) + tuple(hw)).astype(np.float32)
-    eng.forward(x)  # warm up
+    eng.forward(x)  # warm up (and backend=auto's first-batch check)
     t0, c0 = _sync(), time.process_time()
     for _ in range(n_batches):
         eng.forward(x)
