@@ -52,24 +52,32 @@ def test_a_pool_whose_idle_worker_was_killed_is_stopped_and_the_death_seen():
     watch = WorkerWatch(ctx)
     init, args = watch.initializer(os.getcwd, ())
     pool = ctx.Pool(processes=1, initializer=init, initargs=args)
-    worker = pool.apply_async(os.getpid).get(timeout=60)
-    assert watch.check() == [] and worker in watch.ready
-    os.kill(worker, signal.SIGKILL)
-    watch.wait(60)  # returns at the death
-    deaths = watch.check()
-    assert [(d.pid, d.exitcode, d.task) for d in deaths] == [(worker, -signal.SIGKILL, None)]
-    stopper = threading.Thread(target=_stop_pool, args=(pool, ctx), daemon=True)
-    stopper.start()
-    stopper.join(60)
-    assert not stopper.is_alive(), "stopping the pool hung on the dead worker's lock"
-    assert all(p.exitcode is not None for p in ctx.started if p.pid is not None)
-    # this test's own cleanup: the dead worker's lock released by hand (a Lock may be released
-    # by another process), so that Pool's finalizer, if the garbage collector runs it later in
-    # this session instead of the stop's daemon thread, cannot block a later test for ever
     try:
-        pool._inqueue._rlock.release()
-    except ValueError:  # not held (the worker died before taking it again)
-        pass
+        worker = pool.apply_async(os.getpid).get(timeout=60)
+        assert watch.check() == [] and worker in watch.ready
+        os.kill(worker, signal.SIGKILL)
+        watch.wait(60)  # returns at the death
+        deaths = watch.check()
+        assert [(d.pid, d.exitcode, d.task) for d in deaths] == [(worker, -signal.SIGKILL, None)]
+        stopper = threading.Thread(target=_stop_pool, args=(pool, ctx), daemon=True)
+        stopper.start()
+        stopper.join(60)
+        assert not stopper.is_alive(), "stopping the pool hung on the dead worker's lock"
+        # none left, the replacement Pool may have started for the dead one included
+        assert all(p.exitcode is not None for p in ctx.started if p.pid is not None)
+    finally:
+        # this test's own cleanup, whatever failed above: no worker left, then the dead worker's
+        # lock released by hand (a Lock may be released by another process), so that Pool's
+        # finalizer, if the garbage collector runs it later in this session, cannot block a
+        # later test for ever
+        for p in list(ctx.started):
+            if p.pid is not None and p.exitcode is None:
+                p.kill()
+                p.join(10)
+        try:
+            pool._inqueue._rlock.release()
+        except ValueError:  # not held (the worker died before taking it again)
+            pass
 
 
 def _batch(first: int, n: int = 2):

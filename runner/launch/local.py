@@ -300,12 +300,20 @@ def _stop_pool(pool, ctx: WorkerContext, wait_s: float = 2.0) -> None:
     t.start()
     t.join(wait_s)
     if t.is_alive():
-        for p in ctx.started:
-            if p.exitcode is None and p.pid is not None:
-                p.terminate()
-        for p in ctx.started:
-            if p.pid is not None:
-                p.join(wait_s)
+        # until no worker is left: Pool's own thread may still replace the dead worker (it stops
+        # doing so only once terminate() got far enough, later on a loaded machine)
+        for _ in range(20):
+            seen = len(ctx.started)
+            for p in list(ctx.started):
+                if p.exitcode is None and p.pid is not None:
+                    p.terminate()
+            for p in list(ctx.started):
+                if p.pid is not None:
+                    p.join(wait_s)
+            # a worker made but not started yet (no pid) is about to start: another round
+            if len(ctx.started) == seen and all(p.pid is not None and p.exitcode is not None for p in ctx.started):
+                break
+            time.sleep(0.1)
         log.debug("Pool.terminate() is blocked by a dead worker's queue lock; its workers were stopped directly")
 
 
