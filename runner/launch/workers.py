@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import connection, context, popen_spawn_posix, spawn
@@ -123,6 +124,11 @@ def _ended(p) -> bool:
     except ValueError:  # not started yet
         return False
     p.join(5)
+    # Pool's own thread may have reaped it first (our waitpid then finds no child): its exit
+    # code is being recorded by that thread
+    deadline = time.monotonic() + 5
+    while p.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     return p.exitcode is not None
 
 
