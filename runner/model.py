@@ -401,16 +401,19 @@ class OnnxEngine(Engine):
         if why:
             raise NotConvertible(why)
         params = {name: [np.array(b.data) for b in p] for name, p in net.params.items()}
-        model, self._outputs = to_onnx(layers, net.inputs[0], shapes[net.inputs[0]], params, shapes, self.blobs)
-        del params
-        self._session = session(model, threads)
         self._input = net.inputs[0]
+        try:  # Caffe accepted the model: whatever fails from here is ONNX Runtime's
+            model, self._outputs = to_onnx(layers, net.inputs[0], shapes[net.inputs[0]], params, shapes, self.blobs)
+            del params
+            self._session = session(model, threads)
+            out = self._run(np.zeros((1,) + self.in_shape, np.float32))
+        except Exception as e:  # noqa: BLE001 (any engine error: Caffe runs the net instead)
+            raise NotConvertible([f"ONNX Runtime cannot run it: {type(e).__name__}: {str(e)[:300]}"]) from None
+        self.blob_shapes = {b: tuple(v.shape[1:]) for b, v in out.items()}
         self._reference = net  # Caffe, until the first batch is checked
         self._fallback: Optional[Engine] = None
         self.engine = f"onnxruntime {onnxruntime.__version__}"
         self.check: Dict[str, object] = {}
-        out = self._run(np.zeros((1,) + self.in_shape, np.float32))
-        self.blob_shapes = {b: tuple(v.shape[1:]) for b, v in out.items()}
 
     def _run(self, x):
         outs = self._session.run(self._outputs, {self._input: np.ascontiguousarray(x, dtype=np.float32)})

@@ -219,3 +219,24 @@ def test_a_run_planned_with_caffe_resumes_with_auto(photos, tmp_path, tiny_net):
     run_cli(*common, "backend=caffe")
     p = run_cli(*common, "backend=auto")
     assert "already complete" in p.stderr, p.stderr
+
+
+def test_an_onnx_runtime_error_runs_the_net_on_caffe(odd_net, monkeypatch):
+    """Whatever ONNX Runtime itself refuses (here: making the session) is no error of the
+    user's model, which Caffe loaded: auto runs Caffe, onnxruntime refuses in one line."""
+    import runner.onnxport
+    from runner.errors import ConfigError
+    from runner.model import load_engine, parse_prototxt
+
+    def broken(model, threads):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : a kernel this build lacks")
+
+    monkeypatch.setattr(runner.onnxport, "session", broken)
+    proto, weights = odd_net
+    spec = parse_prototxt(str(proto))
+    cfg = OmegaConf.create({"backend": "auto", "device": "cpu", "model": {"weights": str(weights)}})
+    eng = load_engine(cfg, spec, ["fc"], (3, 24, 30), threads=1)
+    assert eng.attrs() == {"engine": "caffe"}
+    cfg.backend = "onnxruntime"
+    with pytest.raises(ConfigError, match=r"ONNX Runtime cannot run it: RuntimeError: .*a kernel this build lacks"):
+        load_engine(cfg, spec, ["fc"], (3, 24, 30), threads=1)
