@@ -66,6 +66,8 @@ def _why_not(lp, shapes: Mapping[str, Shape]) -> str:
         cp = lp.convolution_param
         if cp.axis != 1 or (bottom is not None and len(bottom) != 4):
             return "only 2-D convolutions over axis 1 are converted"
+        if any(getattr(cp, f, 1) != 1 for f in ("width_group", "height_group")):  # this Caffe's own fields
+            return "a convolution with width_group or height_group"
         return ""
     if t == "InnerProduct":
         return "" if lp.inner_product_param.axis == 1 else "an InnerProduct over an axis other than 1"
@@ -84,6 +86,8 @@ def _why_not(lp, shapes: Mapping[str, Shape]) -> str:
         pp = lp.pooling_param
         if pp.pool not in (0, 1):
             return "stochastic pooling"
+        if not getattr(pp, "ceil_mode", True):  # this Caffe's own field: sizes rounded down
+            return "pooling with ceil_mode: false"
         if bottom is None or len(bottom) != 4:
             return "pooling of a blob that is not N x C x H x W"
         if pp.global_pooling:

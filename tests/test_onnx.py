@@ -124,6 +124,11 @@ def test_zoo_net_onnx_equals_caffe(zoo_net, blobs):
      (1, 4, 8, 8), "use_global_stats: false"),
     ('layer { name: "l" type: "LRN" bottom: "x" top: "l" lrn_param { norm_region: WITHIN_CHANNEL } }',
      (1, 4, 8, 8), "LRN within channels"),
+    # fields of the Caffe fork we build (brocolli), not BVLC's
+    ('layer { name: "p" type: "Pooling" bottom: "x" top: "p" pooling_param { pool: MAX kernel_size: 3 stride: 2 '
+     'ceil_mode: false } }', (1, 4, 8, 8), "ceil_mode: false"),
+    ('layer { name: "c" type: "Convolution" bottom: "x" top: "c" convolution_param { num_output: 4 kernel_size: 1 '
+     'width_group: 2 } }', (1, 4, 8, 8), "width_group"),
 ])
 def test_what_does_not_map_exactly_is_named(layer, shape, why):
     from google.protobuf import text_format
