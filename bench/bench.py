@@ -239,13 +239,11 @@ def forward_gflops(model: str, path: str, batch: int, n_batches: int) -> Dict:
     spec = parse_prototxt(m.prototxt)
     h, w = input_hw(m, spec)
     blobs = list(m.default_blobs)
-    if path == "opencv":
-        eng = OpenCVEngine(m, spec, blobs, (3, h, w), threads=1)
-        flop = net_flops(CaffeEngine(m, spec, blobs, (3, h, w)).net)
-    elif path == "onnxruntime":  # backend=auto's choice on the CPU (its first batch checked against Caffe)
+    if path in ("opencv", "onnxruntime"):  # onnxruntime: backend=auto's choice on the CPU
         from runner.model import OnnxEngine
 
-        eng = OnnxEngine(m, spec, blobs, (3, h, w), threads=1, required=True)
+        eng = (OpenCVEngine(m, spec, blobs, (3, h, w), threads=1) if path == "opencv" else
+               OnnxEngine(m, spec, blobs, (3, h, w), threads=1, required=True))
         flop = net_flops(CaffeEngine(m, spec, blobs, (3, h, w)).net)
     else:
         settings = dict(FORWARD_PATHS[path])
@@ -258,7 +256,7 @@ def forward_gflops(model: str, path: str, batch: int, n_batches: int) -> Dict:
 
             import runner.fold as fold
 
-            fold.load_folded = functools.partial(fold.load_folded, pairs=False)  # CaffeEngine imports it per load
+            fold.load_folded = functools.partial(fold.load_folded, pairs=False)  # CaffeEngine looks it up per load
         for k, v in settings.items():
             setattr(m, k, v)
         eng = CaffeEngine(m, spec, blobs, (3, h, w))

@@ -178,12 +178,22 @@ def affine_weights(mean: np.ndarray, var: np.ndarray, scale_factor: float, eps: 
     return w.ravel(), b
 
 
-def load_folded(caffe, prototxt_text: str, weights: str, keep: Sequence[str], pairs: bool = True):
-    """A caffe.Net of `prototxt_text` with `weights`, BN/Scale chains folded into their
-    convolutions where exact. Returns (net, [Fold])."""
+def net_from_text(caffe, text: str, weights: Optional[str] = None):
+    """caffe.Net (TEST phase) of prototxt text, with weights when given (Caffe reads a path)."""
     import os
     import tempfile
 
+    with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
+        f.write(text)
+    try:
+        return caffe.Net(f.name, caffe.TEST, weights=weights) if weights else caffe.Net(f.name, caffe.TEST)
+    finally:
+        os.unlink(f.name)
+
+
+def load_folded(caffe, prototxt_text: str, weights: str, keep: Sequence[str], pairs: bool = True):
+    """A caffe.Net of `prototxt_text` with `weights`, BN/Scale chains folded into their
+    convolutions where exact. Returns (net, [Fold])."""
     from caffe.proto import caffe_pb2
     from google.protobuf import text_format
 
@@ -191,21 +201,13 @@ def load_folded(caffe, prototxt_text: str, weights: str, keep: Sequence[str], pa
     text_format.Merge(prototxt_text, param)
     folded, folds = fold_plan(param, keep, pairs)
 
-    def net_of(text, w=None):
-        with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
-            f.write(text)
-        try:
-            return caffe.Net(f.name, caffe.TEST, weights=w) if w else caffe.Net(f.name, caffe.TEST)
-        finally:
-            os.unlink(f.name)
-
-    src = net_of(prototxt_text, weights)
+    src = net_from_text(caffe, prototxt_text, weights)
     if not folds:
         return src, folds
     # the folded net is made without weights, then every parameter is copied from the net Caffe
     # loaded (Caffe reads the weight file in every format it knows; a folded convolution now has
     # a bias its stored layer lacks, which Caffe's own copy would refuse)
-    net = net_of(text_format.MessageToString(folded))
+    net = net_from_text(caffe, text_format.MessageToString(folded))
     by_layer = {f.conv or f.scale: f for f in folds}
     for name, blobs in net.params.items():
         f = by_layer.get(name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import List
 
 import numpy as np
@@ -24,15 +23,11 @@ def blob_shapes(spec, end_index: int, weights=None):
     os.environ.setdefault("GLOG_minloglevel", "2")
     import caffe
 
+    from .fold import net_from_text
     from .model import set_caffe_cpu_mode, truncated_prototxt
 
     set_caffe_cpu_mode(caffe)
-    with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
-        f.write(truncated_prototxt(spec, end_index))
-    try:
-        net = caffe.Net(f.name, caffe.TEST)
-    finally:
-        os.unlink(f.name)
+    net = net_from_text(caffe, truncated_prototxt(spec, end_index))
     return ({name: tuple(b.data.shape[1:]) for name, b in net.blobs.items()},
             {name: tuple(p[0].data.shape) for name, p in net.params.items()})
 

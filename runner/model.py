@@ -20,8 +20,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import log
+from . import fold, log
 from .errors import ConfigError, RunnerError
+from .schema import CPU_ONLY
 
 
 @dataclass(frozen=True)
@@ -161,10 +162,8 @@ def parse_prototxt(path: str) -> NetSpec:
     return NetSpec(param, tuple(layers), input_name, shape)
 
 
-def truncated_prototxt(spec: NetSpec, end_index: int) -> str:
-    """Prototxt text holding layers [0, end_index] only (and no TRAIN-phase layers)."""
-    from google.protobuf import text_format
-
+def truncated_param(spec: NetSpec, end_index: int):
+    """The NetParameter holding layers [0, end_index] only (and no TRAIN-phase layers)."""
     pb = caffe_pb2()
     param = pb.NetParameter()
     param.CopyFrom(spec.param)
@@ -173,7 +172,14 @@ def truncated_prototxt(spec: NetSpec, end_index: int) -> str:
     for lp in spec.param.layer:
         if lp.name in keep:
             param.layer.add().CopyFrom(lp)
-    return text_format.MessageToString(param)
+    return param
+
+
+def truncated_prototxt(spec: NetSpec, end_index: int) -> str:
+    """Prototxt text holding layers [0, end_index] only (and no TRAIN-phase layers)."""
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(truncated_param(spec, end_index))
 
 
 def chosen_blobs(cfg) -> List[str]:
@@ -314,17 +320,10 @@ class CaffeEngine(Engine):
         os.environ["CAFFE_CONV_BATCH_MB"] = str(int(getattr(model_cfg, "conv_batch_mb", CONV_BATCH_MB)))
         text = truncated_prototxt(spec, end)
         if getattr(model_cfg, "fold_batchnorm", True):
-            from .fold import load_folded
-
-            self.net, self.folds = load_folded(caffe, text, model_cfg.weights, self.blobs)
+            # looked up per load (the bench swaps fold.load_folded for one of its columns)
+            self.net, self.folds = fold.load_folded(caffe, text, model_cfg.weights, self.blobs)
         else:
-            with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
-                f.write(text)
-            try:
-                self.net = caffe.Net(f.name, caffe.TEST, weights=model_cfg.weights)
-            finally:
-                os.unlink(f.name)
-            self.folds = []
+            self.net, self.folds = fold.net_from_text(caffe, text, model_cfg.weights), []
         self.input = self.net.inputs[0]
         self._reshape((1,) + tuple(in_shape))
         self.net.forward()
@@ -380,22 +379,20 @@ class OnnxEngine(Engine):
         import caffe
         import onnxruntime
 
+        from google.protobuf import text_format
+
         from .onnxport import session, to_onnx, unsupported
 
         set_caffe_cpu_mode(caffe)
         self.model_cfg, self.spec, self.in_shape, self.required = model_cfg, spec, tuple(in_shape), required
         self.blobs = list(blobs)
         self.device_desc = "cpu"
-        text = truncated_prototxt(spec, spec.end_layer(self.blobs))
-        with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
-            f.write(text)
-        try:  # Caffe reads, upgrades and checks the weights; the graph takes them from it
-            net = caffe.Net(f.name, caffe.TEST, weights=model_cfg.weights)
-        finally:
-            os.unlink(f.name)
+        param = truncated_param(spec, spec.end_layer(self.blobs))
+        # Caffe reads, upgrades and checks the weights; the graph takes them from it
+        net = fold.net_from_text(caffe, text_format.MessageToString(param), model_cfg.weights)
         net.blobs[net.inputs[0]].reshape(1, *self.in_shape)
         net.reshape()
-        layers = list(_parse_text(text).layer)
+        layers = list(param.layer)
         shapes = {b: tuple(v.data.shape) for b, v in net.blobs.items()}
         why = unsupported(layers, shapes)
         if why:
@@ -428,7 +425,7 @@ class OnnxEngine(Engine):
         return out
 
     def _check(self, x, out):
-        from .selfcheck import SELFCHECK_IMAGES, relative_difference
+        from .selfcheck import SELFCHECK_IMAGES, compare, judge
 
         net, self._reference = self._reference, None
         n = min(len(x), SELFCHECK_IMAGES)
@@ -437,15 +434,14 @@ class OnnxEngine(Engine):
         net.reshape()
         net.blobs[self._input].data[...] = x[:n]
         net.forward()
-        per_blob = {b: relative_difference(out[b][:n], net.blobs[b].data) for b in self.blobs}
+        chk = judge(compare({b: out[b][:n] for b in self.blobs}, {b: net.blobs[b].data for b in self.blobs}),
+                    ONNX_CHECK_TOLERANCE, n, time.process_time() - t0)
         del net  # its memory goes back before the run goes on
-        worst = max(per_blob, key=lambda b: per_blob[b])
-        diff = per_blob[worst]
-        self.check = {"engine_check_max_rel_diff": diff, "engine_check_blob": worst,
-                      "engine_check_tolerance": ONNX_CHECK_TOLERANCE, "engine_check_images": n,
-                      "engine_check_cpu_s": round(time.process_time() - t0, 4)}
-        if diff <= ONNX_CHECK_TOLERANCE:
+        # the GPU self-check's record, under this check's own names
+        self.check = {k.replace("selfcheck_", "engine_check_"): v for k, v in chk.attrs().items()}
+        if chk.passed:
             return out
+        diff, worst = chk.max_rel_diff, chk.blob
         line = (f"ONNX Runtime's first {n} images differ from Caffe's: max |onnx - caffe| / max |caffe| = "
                 f"{diff:.3g} on blob {worst!r}, above {ONNX_CHECK_TOLERANCE:g}")
         if self.required:
@@ -466,14 +462,6 @@ class NotConvertible(Exception):
     def __init__(self, reasons: List[str]):
         super().__init__("; ".join(reasons))
         self.reasons = reasons
-
-
-def _parse_text(text: str):
-    from google.protobuf import text_format
-
-    param = caffe_pb2().NetParameter()
-    text_format.Merge(text, param)
-    return param
 
 
 class OpenCVEngine(Engine):
@@ -567,17 +555,15 @@ def load_engine(cfg, spec: NetSpec, blobs: Sequence[str], in_shape, threads: int
         return _onnx_or_caffe(cfg, spec, blobs, in_shape, threads)
     if backend in ("caffe", "auto"):
         return CaffeEngine(cfg.model, spec, blobs, in_shape, cfg.device, gpu_device)
+    if backend in CPU_ONLY and cfg.device != "cpu":
+        raise ConfigError(f"backend={backend} runs on the CPU only: set device=cpu (or backend=caffe)")
     if backend == "onnxruntime":
-        if cfg.device != "cpu":
-            raise ConfigError("backend=onnxruntime runs on the CPU only: set device=cpu (or backend=caffe)")
         try:
             return OnnxEngine(cfg.model, spec, blobs, in_shape, threads, required=True)
         except NotConvertible as e:
             raise ConfigError(f"backend=onnxruntime: the net does not convert exactly ({e}): use backend=auto "
                               "(Caffe runs such a net) or backend=caffe") from None
     if backend == "opencv":
-        if cfg.device != "cpu":
-            raise ConfigError("backend=opencv runs on the CPU only: set device=cpu (or backend=caffe)")
         return OpenCVEngine(cfg.model, spec, blobs, in_shape, threads)
     if backend == "simulated":
         # unequal nodes for benchmarks and tests, read at this edge from the node's environment:
