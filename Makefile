@@ -33,7 +33,7 @@ else
 $(error CAFFE=$(CAFFE): use CAFFE=cpu (default) or CAFFE=gpu)
 endif
 
-.PHONY: setup demo test test-unit test-slurm bench image image-squashfs test-image clean cluster-up cluster-down \
+.PHONY: setup demo test test-unit fresh-machine test-slurm bench image image-squashfs test-image clean cluster-up cluster-down \
 	cuda-wheel test-cuda-build test-gpu test-gpu-image bench-gpu
 
 # apt run-time libraries, the pycaffe wheel (built once per machine, ~6 min), the venv
@@ -63,9 +63,11 @@ demo: setup $(SAMPLES).done
 
 UNIT := unit and not slow
 
-# the fast layer first, then local end-to-end + integration tests against a real dev Slurm cluster
+# the fast layer first (with Slurm, tmux, chromium and the container runtimes out of reach, as
+# on a new machine: it needs none of them), then local end-to-end + integration tests against a
+# real dev Slurm cluster, which it installs first
 test: setup
-	$(PY) -m pytest -ra -m "$(UNIT)" $(PYTEST_ARGS)
+	bash tests/without-tools $(PY) -m pytest -ra -m "$(UNIT)" $(PYTEST_ARGS)
 	bash slurm/dev-cluster install
 	@# tmux: the progress-bar test runs the CLI in a real terminal
 	command -v tmux >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; }
@@ -117,7 +119,12 @@ test-image: setup image-squashfs
 
 # seconds, no pycaffe import and no cluster: schema, device choice, checks, writer resume, merge
 test-unit: setup
-	$(PY) -m pytest -ra -m "$(UNIT)" $(PYTEST_ARGS)
+	bash tests/without-tools $(PY) -m pytest -ra -m "$(UNIT)" $(PYTEST_ARGS)
+
+# `make demo` and `make test` from a clean clone of HEAD in a fresh Debian 12 root (as root;
+# about 40 min on 2 cores): the proof that the install steps work on a new machine
+fresh-machine:
+	bash tests/fresh-machine
 
 BENCH_ARGS ?=
 bench: setup

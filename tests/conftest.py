@@ -169,6 +169,20 @@ MAX_ARRAY = 5  # the test cluster's MaxArraySize: a 7-shard run needs two arrays
 NODES = 3  # the test cluster's nodes: node1..node3, each its own hostname and pid namespace
 
 
+@pytest.fixture
+def fake_srun(tmp_path, monkeypatch):
+    """An `srun` on PATH that is no cluster: submitit's SlurmExecutor insists on finding one
+    before it writes an sbatch script, and the fast layer runs where Slurm is not installed
+    (tests/without-tools hides it). It fails if anything runs it."""
+    bin_ = tmp_path / "fake-slurm-bin"
+    bin_.mkdir()
+    srun = bin_ / "srun"
+    srun.write_text("#!/bin/sh\necho 'fake srun (tests/conftest.py): no cluster here' >&2\nexit 1\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ.get('PATH', '')}")
+    return srun
+
+
 @pytest.fixture(scope="session")
 def cluster():
     state = tempfile.mkdtemp(prefix="crslurm-", dir="/tmp")

@@ -34,7 +34,7 @@ def _cfg(runtime="none", image=None, input_dir="/data/imgs", output_dir="/scratc
 # ---- 16: the host's interpreter, quoted into the sbatch script --------------------------------
 
 @pytest.mark.unit
-def test_the_interpreter_path_is_one_word_in_the_sbatch_script(monkeypatch):
+def test_the_interpreter_path_is_one_word_in_the_sbatch_script(monkeypatch, fake_srun):
     from runner.launch.slurm import array_executor
 
     python = f"/home/u/{HOSTILE}/bin/python"
