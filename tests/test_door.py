@@ -268,6 +268,12 @@ def test_submitting_from_a_venv_under_a_hostile_path_under_umask_002(cluster, ph
     assert pickles and {"run/run.json", "run/submissions.json", "run/shards/shard-00000-of-00002.h5"} <= set(modes)
     open_ = {k: v for k, v in modes.items() if int(v, 8) & 0o022}
     assert not open_, f"group/other-writable under umask 002: {open_}"
+    # as an audit sees it (`find RUN -perm /022`): every entry's own mode, links and data folders'
+    # files included (submitit's `.submission_file_*.sh` links were rwxrwxrwx)
+    seen = [p for p in [run, *run.rglob("*")] if p.lstat().st_mode & 0o022]
+    assert not seen, f"find -perm /022 under umask 002: {[str(p.relative_to(run)) for p in seen]}"
+    find = subprocess.run(["find", str(run), "-perm", "/022"], capture_output=True, text=True, check=True)
+    assert find.stdout == "", find.stdout
 
 
 # ---- 20: model files without a published checksum: pinned on first fetch -----------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import submitit
+from submitit.core.utils import JobPaths
 
 from .. import log
 from ..atomic import atomic_write_text
@@ -32,6 +33,7 @@ from ..gpu import require_gpu_caffe
 from ..merge import merge_run
 from ..inflight import InFlight, describe, in_flight, merge_dependency, read_submissions, recorded_jobs
 from ..plan import Run, load_run, load_run_dir, plan_summary, prepare_run
+from ..rundir import RunDir
 from ..runtimes import Placement, srun_args, wrap_python
 from ..shard import array_chunks
 from ..stats import collect_stats, write_stats
@@ -247,6 +249,20 @@ def submitit_executor(**kw):
     return submitit.SlurmExecutor(**kw)
 
 
+def drop_submission_links(folder) -> None:
+    """submitit leaves a symlink `.submission_file_<uuid>.sh` beside the job folders after each
+    sbatch (the script itself moves to `<job>/<job>_submission.sh`). A link's mode is always
+    rwxrwxrwx, so every audit of the run directory (`find -perm /022`) flags it as writable by
+    others: remove them once the script has moved (only links; a file there is still being
+    submitted)."""
+    for p in JobPaths.get_first_id_independent_folder(folder).glob(".submission_file_*.sh"):
+        if p.is_symlink():
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+
 def array_executor(cfg, folder, make: Callable = submitit_executor):
     """The array's submitit executor: sbatch options from launcher.*, the task's interpreter
     wrapped by the container runtime (tests/golden/ pins the sbatch scripts it writes)."""
@@ -351,6 +367,7 @@ class SlurmLauncher(Launcher):
         jobs = []
         for chunk in array_chunks(list(range(len(calls))), max_array_size()):
             js = ex.map_array(fn, *zip(*[calls[k] for k in chunk]))
+            drop_submission_links(ex.folder)
             jobs += [(calls[k], j) for k, j in zip(chunk, js)]
             print(f"submitted {what} array job {js[0].job_id.split('_')[0]} ({len(chunk)} task(s))", flush=True)
         failed = []
@@ -490,6 +507,7 @@ def _one_merge_job(cfg, launcher: SlurmLauncher, logs: Path, python: str, run_di
         params["srun_args"] = srun_args(cfg)
     mex.update_parameters(**params)
     mjob = mex.submit(merge_job, str(run_dir), fingerprint)
+    drop_submission_links(mex.folder)
     print(f"submitted merge job {mjob.job_id} (afterany on the array{'s' if len(arrays) > 1 else ''})", flush=True)
     return mjob.job_id, mjob
 
@@ -504,6 +522,7 @@ def submit_arrays(ex, task, cfg, chunks: List[List[int]], run_dir: Path, fingerp
     for chunk in chunks:
         try:
             jobs = ex.map_array(task, [cfg] * len(chunk), chunk, [fingerprint] * len(chunk))
+            drop_submission_links(RunDir(run_dir).logs_dir)
         except BaseException as e:
             if submissions:
                 _record_submissions(run_dir, submissions, None)
