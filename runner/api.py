@@ -93,7 +93,9 @@ class Run:
 
     def features(self, arrays: bool = False):
         """The merged result: an open read-only h5py.File (close it, or use `with`), or with
-        arrays=True a dict of numpy arrays (feats, features/<blob>, names, index, failures)."""
+        arrays=True a dict of numpy arrays (feats, features/<blob>, names, index, failures); a blob
+        whose name holds '/' is there under the file's dataset name (features/a__b) and its own
+        (features/a/b), one array."""
         from .merge import open_merged
 
         merged = self.path / "features.h5"
@@ -108,7 +110,7 @@ class Run:
                    "failures/names": f["failures/names"].asstr()[:],
                    "failures/reason": f["failures/reason"].asstr()[:]}
             for k in f["features"]:
-                out[f"features/{f['features'][k].attrs['blob']}"] = f["features"][k][:]
+                out[f"features/{k}"] = out[f"features/{f['features'][k].attrs['blob']}"] = f["features"][k][:]
         return out
 
 

@@ -27,7 +27,7 @@ from .errors import (ConfigError, FailureShareError, RunBusyError, RunnerError, 
                      UsageError, did_you_mean)
 from .overrides import normalize_overrides
 
-SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch", "report", "retry")
+SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch", "report", "retry", "compare")
 COMMANDS = SUBCOMMANDS + ("help", "version")
 
 # exit codes (also in the README and in --help)
@@ -590,6 +590,13 @@ def _cmd_verify(args) -> int:
     return EXIT_OK
 
 
+def _cmd_compare(args) -> int:
+    from .compare import compare, format_table
+
+    print(format_table(compare(Path(args.sweep_dir), max_gb=args.max_gb)))
+    return EXIT_OK
+
+
 def _cmd_inspect(args) -> int:
     from .inspect import inspect_model
 
@@ -670,10 +677,20 @@ def _subcommand(argv) -> int:
                 "example: caffe-runner inspect model=res10_ssd output.blobs=[fc7] output.pooling=avg\n"
                 "exit codes: 0 OK, 2 configuration error (unknown model, blob or key)", run_dir=False)
     i.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=res10_ssd output.pooling=avg")
+    cm = command("compare", "Linear CKA (Kornblith et al., 2019) between every pair of a sweep's points (each blob "
+                 "of each point), on the images they share, streaming over rows: a table here, and compare.json and "
+                 "compare.svg (a heatmap) in the sweep folder.",
+                 "example: caffe-runner compare runs/sweep\n"
+                 "exit codes: 0 written, 2 not a sweep folder, a point not finished, points on different inputs, "
+                 "or features too wide for --max-gb", run_dir=False)
+    cm.add_argument("sweep_dir", help="a sweep's output.dir (the folder holding sweep.json)")
+    cm.add_argument("--max-gb", type=float, default=4.0, help="memory for the cross-moments, d_i x d_j float64 per "
+                    "pair (4); wider features: compare pooled ones (output.pooling=avg)")
     args = p.parse_args(argv)
     args.argv = list(argv[1:])  # as typed, for the run's record of commands
     handler = {"merge": _cmd_merge, "status": _cmd_status, "verify": _cmd_verify, "inspect": _cmd_inspect,
-               "export": _cmd_export, "fetch": _cmd_fetch, "report": _cmd_report, "retry": _cmd_retry}[args.cmd]
+               "export": _cmd_export, "fetch": _cmd_fetch, "report": _cmd_report, "retry": _cmd_retry,
+               "compare": _cmd_compare}[args.cmd]
     setup_cli_logging(logging.WARNING)
     return handler(args)
 

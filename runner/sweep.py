@@ -27,13 +27,17 @@ def safe_value(value: str) -> str:
     return _UNSAFE.sub("_", v.replace("=", "-")).strip("_") or "empty"
 
 
+# keys whose values are names that may hold '/' (GoogLeNet's inception_3a/output), not paths
+NAME_KEYS = ("output.blobs", "model.default_blobs")
+
+
 def point_name(n: int, overrides: List[str], max_len: int = 200) -> str:
     """N_key-value__key-value (pure): the point's number, then its overrides that are not
     paths (they would make folders, and are rarely what a sweep varies), shell-safe."""
     parts = []
     for o in overrides:
         key, _, value = o.partition("=")
-        if "/" in value:
+        if "/" in value and key.lstrip("+~") not in NAME_KEYS:
             continue
         parts.append(f"{_UNSAFE.sub('_', key.lstrip('+~'))}-{safe_value(value)}")
     name = f"{n}_{'__'.join(parts)}" if parts else str(n)

@@ -235,7 +235,8 @@ def test_python_api_same_result_as_the_cli(tiny_net, photos, tmp_path):
     from runner.errors import ConfigError
 
     cli_run, api_run = tmp_path / "cli", tmp_path / "api"
-    args = [f"input.dir={photos}", *tiny_model_args(tiny_net), "launcher.workers=1", "num_shards=2"]
+    args = [f"input.dir={photos}", *tiny_model_args(tiny_net), "launcher.workers=1", "num_shards=2",
+            "output.blobs=[emb,stage1/conv]"]
     run_cli(*args, f"output.dir={cli_run}")
     code = ("import sys; from runner.api import extract; r = extract(sys.argv[1:]); "
             "print(r.status()['state'], r.wait(timeout_s=5).path)")
@@ -250,6 +251,9 @@ def test_python_api_same_result_as_the_cli(tiny_net, photos, tmp_path):
     assert r.stats()["rows"] == len(a[1]) > 0
     np.testing.assert_array_equal(arrays["feats"], a[0])
     assert arrays["names"].tolist() == a[1] and "features/emb" in arrays
+    # issue 36: a blob holding '/' under the file's dataset name and under its own name, one array
+    assert arrays["features/stage1__conv"] is arrays["features/stage1/conv"]
+    assert arrays["features/stage1/conv"].shape[1:] == (8, 15, 19)
     with r.features() as f:
         assert f["feats"].shape == a[0].shape
     with pytest.raises(ConfigError, match="did you mean batch_size"):

@@ -453,6 +453,10 @@ def test_sweep_point_names_are_shell_safe():
         n = point_name(3, [odd])
         assert n.startswith("3_") and all(c.isalnum() or c in "._+-" for c in n), n
     assert len(point_name(0, ["x=" + "y" * 500])) <= 200
+    # issue 36: a blob name holding '/' (every GoogLeNet inception blob) is a name, not a path
+    assert point_name(1, ["output.blobs=[inception_3a/output]"]) == "1_output.blobs-inception_3a_output"
+    assert point_name(2, ["output.blobs=[inception_3a/output,pool5/7x7_s1]", "input.dir=/data/x"]) == \
+        "2_output.blobs-inception_3a_output+pool5_7x7_s1"
 
 
 def test_a_sweep_keeps_its_mapping_resumes_its_folders_and_status_lists_it(tmp_path, capsys):
