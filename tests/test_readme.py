@@ -59,9 +59,11 @@ def test_readme_shell_blocks_run_as_written(repo_like):
             assert "Traceback" not in p.stderr, cmd
             if cmd.startswith("caffe-runner status "):
                 assert "merged" in p.stdout
-            if cmd.startswith("caffe-runner -m "):
+            if cmd.startswith("caffe-runner -m ") and "runs/sweep" in cmd:
                 runs = [d for d in (cwd / "runs" / "sweep").iterdir() if (d / "features.h5").exists()]
                 assert len(runs) == 4, "every combination of the sweep"
+            if cmd.startswith("caffe-runner compare "):
+                assert "linear CKA on" in p.stdout and (cwd / cmd.split()[-1] / "compare.svg").exists()
             ran += 1
     assert ran >= 5
 
