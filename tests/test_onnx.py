@@ -114,8 +114,8 @@ def test_zoo_net_onnx_equals_caffe(zoo_net, blobs):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("layer, shape, why", [
-    ('layer { name: "p" type: "Pooling" bottom: "x" top: "p" pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }',
-     (1, 4, 8, 8), "padded average pooling whose last window overhangs"),
+    ('layer { name: "f" type: "Flatten" bottom: "x" top: "f" flatten_param { axis: 0 } }',
+     (1, 4, 8, 8), "a Flatten over the batch axis"),
     ('layer { name: "p" type: "Pooling" bottom: "x" top: "p" pooling_param { pool: STOCHASTIC kernel_size: 2 } }',
      (1, 4, 8, 8), "stochastic pooling"),
     ('layer { name: "w" type: "Power" bottom: "x" top: "w" }', (1, 4, 8, 8), "no Power layer in the converter"),
@@ -125,8 +125,6 @@ def test_zoo_net_onnx_equals_caffe(zoo_net, blobs):
     ('layer { name: "l" type: "LRN" bottom: "x" top: "l" lrn_param { norm_region: WITHIN_CHANNEL } }',
      (1, 4, 8, 8), "LRN within channels"),
     # fields of the Caffe fork we build (brocolli), not BVLC's
-    ('layer { name: "p" type: "Pooling" bottom: "x" top: "p" pooling_param { pool: MAX kernel_size: 3 stride: 2 '
-     'ceil_mode: false } }', (1, 4, 8, 8), "ceil_mode: false"),
     ('layer { name: "c" type: "Convolution" bottom: "x" top: "c" convolution_param { num_output: 4 kernel_size: 1 '
      'width_group: 2 } }', (1, 4, 8, 8), "width_group"),
 ])
@@ -193,10 +191,29 @@ def wrong_epsilon(monkeypatch):
     monkeypatch.setattr(onnx.helper, "make_node", bad)
 
 
-def test_a_first_batch_that_differs_goes_on_with_caffe(odd_net, wrong_epsilon):
-    """auto: the task goes on with Caffe's rows (the difference recorded); onnxruntime: stops
-    before a row is returned."""
+def test_a_net_that_differs_on_the_noise_probe_runs_on_caffe(odd_net, wrong_epsilon):
+    """The load's probe batch of noise catches the wrong conversion before any image: auto runs
+    Caffe, onnxruntime refuses in one line."""
+    from runner.errors import ConfigError
+    from runner.model import NotConvertible, load_engine, parse_prototxt
+
+    with pytest.raises(NotConvertible, match=r"random noise .*on blob 'fc'"):
+        _onnx(*odd_net, ["fc"], (3, 24, 30))
+    proto, weights = odd_net
+    cfg = OmegaConf.create({"backend": "auto", "device": "cpu", "model": {"weights": str(weights)}})
+    assert load_engine(cfg, parse_prototxt(str(proto)), ["fc"], (3, 24, 30), threads=1).attrs() == {"engine": "caffe"}
+    cfg.backend = "onnxruntime"
+    with pytest.raises(ConfigError, match=r"random noise"):
+        load_engine(cfg, parse_prototxt(str(proto)), ["fc"], (3, 24, 30), threads=1)
+
+
+def test_a_first_batch_that_differs_goes_on_with_caffe(odd_net, wrong_epsilon, monkeypatch):
+    """Without the probe (here switched off), the first batch's check: auto: the task goes on
+    with Caffe's rows (the difference recorded); onnxruntime: stops before a row is returned."""
+    import runner.model
     from runner.model import OnnxCheckError
+
+    monkeypatch.setattr(runner.model, "PROBE_IMAGES", 0)
 
     x = np.random.default_rng(3).uniform(-100, 100, (5, 3, 24, 30)).astype(np.float32)
     old = _caffe(*odd_net, ["fc"], (3, 24, 30)).forward(x)
