@@ -22,7 +22,7 @@ import numpy as np
 
 from . import fold, log
 from .errors import ConfigError, RunnerError
-from .netstate import RuleError, running_layers
+from .netstate import RuleError, running_layers, test_state
 from .schema import CPU_ONLY
 
 
@@ -454,17 +454,18 @@ class OnnxEngine(Engine):
         net = fold.net_from_text(caffe, text_format.MessageToString(param), model_cfg.weights)
         net.blobs[net.inputs[0]].reshape(1, *self.in_shape)
         net.reshape()
-        layers = list(param.layer)
+        layers, state = list(param.layer), test_state(param)
         shapes = {b: tuple(v.data.shape) for b, v in net.blobs.items()}
         # the rows' shapes are Caffe's, whichever engine computes them
         self.blob_shapes = {b: shapes[b][1:] for b in self.blobs}
-        why = unsupported(layers, shapes)
+        why = unsupported(layers, shapes, state)
         if why:
             raise NotConvertible(why)
         params = {name: [np.array(b.data) for b in p] for name, p in net.params.items()}
         self._input = net.inputs[0]
         try:  # Caffe accepted the model: whatever fails from here is ONNX Runtime's
-            model, self._outputs = to_onnx(layers, net.inputs[0], shapes[net.inputs[0]], params, shapes, self.blobs)
+            model, self._outputs = to_onnx(layers, net.inputs[0], shapes[net.inputs[0]], params, shapes, self.blobs,
+                                           state)
             del params
             self._session = session(model, threads)
             out = self._run(np.zeros((1,) + self.in_shape, np.float32))

@@ -251,6 +251,11 @@ def _check_pool(lp, shapes):
     geo = pool_geometry(pp)
     if any(p >= k for p, k in zip(geo["pad"], geo["kernel"])):
         return "pooling with pad >= kernel"
+    out = caffe_pooled(b[2:], geo["kernel"], geo["pad"], geo["stride"], bool(pp.ceil_mode))
+    if any((o - 1) * s - p >= n for o, s, p, n in zip(out, geo["stride"], geo["pad"], b[2:])):
+        # an unpadded pooling with stride > kernel, rounded up: Caffe pools an empty window
+        # (-FLT_MAX, or 0 / 0)
+        return "pooling whose last window lies wholly outside the input"
     return ""
 
 
