@@ -262,3 +262,101 @@ def test_an_onnx_runtime_error_runs_the_net_on_caffe(odd_net, monkeypatch):
     cfg.backend = "onnxruntime"
     with pytest.raises(ConfigError, match=r"ONNX Runtime cannot run it: RuntimeError: .*a kernel this build lacks"):
         load_engine(cfg, spec, ["fc"], (3, 24, 30), threads=1)
+
+
+FACT5 = """
+name: "fact5"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 30 dim: 31 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 4 kernel_size: 3
+  weight_filler { type: "gaussian" std: 0.05 } bias_filler { type: "constant" value: 0.1 } } }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: AVE kernel_size: 3 stride: 2
+  pad_h: 0 pad_w: 1 } }
+layer { name: "flat" type: "Flatten" bottom: "pool" top: "flat" flatten_param { axis: 2 } }
+"""
+
+
+def test_the_fact_5_net_runs_under_auto_as_under_caffe(tmp_path, photos):
+    """Issue 35, fact 5: conv, AVE pooling padded on one axis only, Flatten { axis: 2 }, both
+    blobs asked: backend=auto exits 0 on ONNX Runtime (the probe and every shard's first batch
+    passed), every shard's rows within the bound of backend=caffe's, in Caffe's shapes."""
+    proto = tmp_path / "fact5.prototxt"
+    net, _ = _seeded_net(proto, FACT5, 4)
+    weights = tmp_path / "fact5.caffemodel"
+    net.save(str(weights))
+    common = (f"input.dir={photos}", "launcher=local", "launcher.workers=1", "num_shards=2", "output.blobs=[pool,flat]",
+              f"model.prototxt={proto}", f"model.weights={weights}", "model.name=fact5",
+              "model.preprocess.mean=[100,110,120]", "model.input_size=[30,31]")
+    run_cli(*common, f"output.dir={tmp_path / 'caffe'}", "backend=caffe")
+    run_cli(*common, f"output.dir={tmp_path / 'auto'}", "backend=auto")
+    for i in range(2):
+        name = f"shards/shard-{i:05d}-of-00002.h5"
+        with h5py.File(tmp_path / "caffe" / name) as c, h5py.File(tmp_path / "auto" / name) as a:
+            assert a.attrs["engine"].startswith("onnxruntime"), dict(a.attrs)
+            assert a.attrs["engine_check_max_rel_diff"] <= BOUND and a.attrs["engine_check_probe_max_rel_diff"] <= BOUND
+            assert c["features/pool"].shape[1:] == a["features/pool"].shape[1:] == (4, 14, 15)
+            assert c["features/flat"].shape[1:] == a["features/flat"].shape[1:] == (4, 210)
+            for b in ("pool", "flat"):
+                assert rel(a["features/" + b][:], c["features/" + b][:]) <= BOUND, b
+
+
+@pytest.fixture
+def old_flatten(monkeypatch):
+    """The converter's Flatten as it was before issue 35: ONNX Flatten(axis), right for axis 1
+    only ((N*C, H*W) for axis 2, against Caffe's (N, C, H*W))."""
+    from dataclasses import replace
+
+    import runner.onnxport as op
+
+    def flatten(g, lp, ins, w, shapes):
+        g.node("Flatten", ins, [g.new(lp.top[0])], lp.name, axis=int(lp.flatten_param.axis))
+
+    kind = op.REGISTRY["Flatten"]
+    monkeypatch.setitem(op.REGISTRY, "Flatten", replace(kind, check=lambda lp, shapes: "", convert=flatten))
+
+
+def test_onnx_shapes_are_compared_with_caffes_at_load(tmp_path, old_flatten):
+    """A conversion whose output shape is not Caffe's is refused when the net loads, before any
+    image (auto: Caffe computes the task, its rows in Caffe's shapes); the engine's row shapes
+    are Caffe's in any case."""
+    from runner.model import NotConvertible, load_engine, parse_prototxt
+
+    proto = tmp_path / "fact5.prototxt"
+    net, _ = _seeded_net(proto, FACT5, 4)
+    weights = tmp_path / "fact5.caffemodel"
+    net.save(str(weights))
+    with pytest.raises(NotConvertible, match=r"blob 'flat' is \[210\] in ONNX Runtime, \[4, 210\] in Caffe"):
+        _onnx(proto, weights, ["pool", "flat"], (3, 30, 31))
+    cfg = OmegaConf.create({"backend": "auto", "device": "cpu", "model": {"weights": str(weights)}})
+    eng = load_engine(cfg, parse_prototxt(str(proto)), ["pool", "flat"], (3, 30, 31), threads=1)
+    assert eng.attrs() == {"engine": "caffe"} and eng.blob_shapes == {"pool": (4, 14, 15), "flat": (4, 210)}
+
+
+def test_every_shard_first_batch_is_checked_again(odd_net, monkeypatch):
+    """A task keeping its engine for several shards checks each shard's first batch against
+    Caffe (kept alive for it); a shard whose batch differs goes on with Caffe. A task with one
+    shard frees Caffe's net after its check."""
+    x = np.random.default_rng(5).uniform(-100, 100, (5, 3, 24, 30)).astype(np.float32)
+    old = _caffe(*odd_net, ["fc"], (3, 24, 30)).forward(x)
+    eng = _onnx(*odd_net, ["fc"], (3, 24, 30))
+    eng.start_shard(more_may_follow=True)
+    eng.forward(x)
+    first = eng.attrs()
+    assert first["engine"].startswith("onnxruntime") and first["engine_check_max_rel_diff"] <= BOUND
+    assert eng._reference is not None  # kept for the next shard's check
+    eng.forward(x)  # the shard's other batches: not checked
+    real = eng._session.run
+
+    def drifted(names, feeds):  # ONNX Runtime now computes something else
+        return [o * 1.001 for o in real(names, feeds)]
+
+    monkeypatch.setattr(eng._session, "run", drifted)
+    eng.forward(x)  # no shard began: not checked, not caught
+    eng.start_shard(more_may_follow=True)
+    new = eng.forward(x)
+    a = eng.attrs()
+    assert a["engine"].startswith("caffe (onnxruntime differed by") and a["engine_check_max_rel_diff"] > BOUND, a
+    assert rel(new["fc"], old["fc"]) <= BOUND
+    one = _onnx(*odd_net, ["fc"], (3, 24, 30))
+    one.start_shard(more_may_follow=False)
+    one.forward(x)
+    assert one._reference is None
