@@ -369,9 +369,13 @@ class CaffeEngine(Engine):
 # fc7, 5.6e-7 on open_nsfw pool with the per-blob metric)
 ONNX_CHECK_TOLERANCE = 1e-5
 # a channel whose largest |value| is below this fraction of its blob's largest is judged against
-# that fraction instead (an all-zero channel of a ReLU net divides by no zero, and a channel of
-# tiny values is held to float32 noise of its blob's scale, not of its own)
-CHANNEL_FLOOR = 1e-2
+# that fraction instead: an all-zero channel of a ReLU net divides by no zero, and a channel of
+# small values is held to the float32 noise of its blob's scale, which both engines' sums carry
+# in every channel alike. Measured (random weights, noise and photo-like inputs, the per-blob
+# metric 3e-7..1.1e-6): AlexNet fc7/fc8 and GoogLeNet inception_4e 4.4e-6 at 0.2, 8.6e-6 at 0.1,
+# 6e-5 at 0.01; at 0.25 a channel's own error is held 4x tighter than the per-blob metric held
+# it, with 2.5x left below the bound on the BVLC nets.
+CHANNEL_FLOOR = 0.25
 CHECK_METRIC = (f"max over channels of max |onnx - caffe| / max(max |caffe| of the channel, {CHANNEL_FLOOR:g} x "
                 "max |caffe| of the blob)")
 # the noise probe: random images over the whole pixel range, preprocessed as the run's, through
