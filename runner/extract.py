@@ -253,9 +253,9 @@ def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest, pa
                              transform=parts.transform)
         if keep is not None:
             keep["engine"] = engine
-    # every shard's first batch is checked again (backend=auto/onnxruntime); a task that keeps its
-    # engine may take another shard
-    engine.start_shard(more_may_follow=keep is not None)
+    # every shard's first batch is checked (backend=auto/onnxruntime: against Caffe), also with
+    # an engine this task kept from an earlier shard
+    engine.start_shard()
     load_s = time.time() - t_load
     shapes = {b: pooled_shape(engine.blob_shapes[b], cfg.output.pooling) for b in blobs}
     gpu_attrs = _gpu_attrs(parts.spec, blobs, engine, numerics)

@@ -333,17 +333,20 @@ def test_onnx_shapes_are_compared_with_caffes_at_load(tmp_path, old_flatten):
 
 def test_every_shard_first_batch_is_checked_again(odd_net, monkeypatch):
     """A task keeping its engine for several shards checks each shard's first batch against
-    Caffe (kept alive for it); a shard whose batch differs goes on with Caffe. A task with one
-    shard frees Caffe's net after its check."""
+    Caffe (its net freed after each check, loaded again for the next); a shard whose batch
+    differs goes on with Caffe."""
     x = np.random.default_rng(5).uniform(-100, 100, (5, 3, 24, 30)).astype(np.float32)
     old = _caffe(*odd_net, ["fc"], (3, 24, 30)).forward(x)
     eng = _onnx(*odd_net, ["fc"], (3, 24, 30))
-    eng.start_shard(more_may_follow=True)
+    eng.start_shard()
     eng.forward(x)
     first = eng.attrs()
     assert first["engine"].startswith("onnxruntime") and first["engine_check_max_rel_diff"] <= BOUND
-    assert eng._reference is not None  # kept for the next shard's check
+    assert eng._reference is None  # freed after the check
     eng.forward(x)  # the shard's other batches: not checked
+    eng.start_shard()
+    eng.forward(x)  # the next shard: checked again, passes
+    assert eng.attrs()["engine"].startswith("onnxruntime") and eng._reference is None
     real = eng._session.run
 
     def drifted(names, feeds):  # ONNX Runtime now computes something else
@@ -351,12 +354,9 @@ def test_every_shard_first_batch_is_checked_again(odd_net, monkeypatch):
 
     monkeypatch.setattr(eng._session, "run", drifted)
     eng.forward(x)  # no shard began: not checked, not caught
-    eng.start_shard(more_may_follow=True)
+    eng.start_shard()
     new = eng.forward(x)
     a = eng.attrs()
     assert a["engine"].startswith("caffe (onnxruntime differed by") and a["engine_check_max_rel_diff"] > BOUND, a
     assert rel(new["fc"], old["fc"]) <= BOUND
-    one = _onnx(*odd_net, ["fc"], (3, 24, 30))
-    one.start_shard(more_may_follow=False)
-    one.forward(x)
-    assert one._reference is None
+    assert rel(eng.forward(x)["fc"], old["fc"]) <= BOUND
