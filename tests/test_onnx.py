@@ -360,3 +360,50 @@ def test_every_shard_first_batch_is_checked_again(odd_net, monkeypatch):
     assert a["engine"].startswith("caffe (onnxruntime differed by") and a["engine_check_max_rel_diff"] > BOUND, a
     assert rel(new["fc"], old["fc"]) <= BOUND
     assert rel(eng.forward(x)["fc"], old["fc"]) <= BOUND
+
+
+DRIFT = """
+# loaded by every Python process of the run (PYTHONPATH): ONNX Runtime made wrong by 0.1% after
+# the load's probe (switched off), so that each shard's first batch falls back to Caffe
+import runner.model
+import runner.onnxport
+
+runner.model.PROBE_IMAGES = 0
+_real = runner.onnxport.session
+
+
+class _Drifted:
+    def __init__(self, s):
+        self.s = s
+
+    def run(self, names, feeds):
+        return [o * 1.001 for o in self.s.run(names, feeds)]
+
+
+runner.onnxport.session = lambda model, threads: _Drifted(_real(model, threads))
+"""
+
+
+def test_a_fallback_writes_rows_in_caffes_shapes(tmp_path, photos):
+    """Issue 35, fact 5's second defect: after a shard's first batch falls back to Caffe, the
+    shard's datasets (made from the engine's shapes: Caffe's) take Caffe's rows; exit 0, the
+    rows equal backend=caffe's, the shard says why it ran Caffe."""
+    proto = tmp_path / "fact5.prototxt"
+    net, _ = _seeded_net(proto, FACT5, 4)
+    weights = tmp_path / "fact5.caffemodel"
+    net.save(str(weights))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(DRIFT)
+    common = (f"input.dir={photos}", "launcher=local", "launcher.workers=1", "num_shards=1", "output.blobs=[pool,flat]",
+              f"model.prototxt={proto}", f"model.weights={weights}", "model.name=fact5",
+              "model.preprocess.mean=[100,110,120]", "model.input_size=[30,31]")
+    run_cli(*common, f"output.dir={tmp_path / 'caffe'}", "backend=caffe")
+    p = run_cli(*common, f"output.dir={tmp_path / 'auto'}", "backend=auto", env={"PYTHONPATH": str(site)})
+    assert "goes on with Caffe" in p.stderr, p.stderr
+    name = "shards/shard-00000-of-00001.h5"
+    with h5py.File(tmp_path / "caffe" / name) as c, h5py.File(tmp_path / "auto" / name) as a:
+        assert a.attrs["engine"].startswith("caffe (onnxruntime differed by"), dict(a.attrs)
+        for b in ("pool", "flat"):
+            assert a["features/" + b].shape == c["features/" + b].shape
+            assert rel(a["features/" + b][:], c["features/" + b][:]) <= BOUND, b
