@@ -249,9 +249,13 @@ def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest, pa
     engine = keep.get("engine") if keep is not None else None
     loaded = engine is None
     if engine is None:
-        engine = load_engine(cfg, parts.spec, blobs, parts.in_shape, threads, gpu_device=0)
+        engine = load_engine(cfg, parts.spec, blobs, parts.in_shape, threads, gpu_device=0,
+                             transform=parts.transform)
         if keep is not None:
             keep["engine"] = engine
+    # every shard's first batch is checked (backend=auto/onnxruntime: against Caffe), also with
+    # an engine this task kept from an earlier shard
+    engine.start_shard()
     load_s = time.time() - t_load
     shapes = {b: pooled_shape(engine.blob_shapes[b], cfg.output.pooling) for b in blobs}
     gpu_attrs = _gpu_attrs(parts.spec, blobs, engine, numerics)

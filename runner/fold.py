@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .netstate import running_layers
+
 
 @dataclass(frozen=True)
 class Fold:
@@ -66,12 +68,11 @@ def _foldable_conv(lp) -> bool:
             and not any(p.name for p in lp.param))  # shared weights would change another layer too
 
 
-def _foldable_bn(lp, pb) -> bool:
+def _foldable_bn(lp) -> bool:
     bp = lp.batch_norm_param
     # a BN that uses the batch's own statistics is not a fixed affine map
     global_stats = (not bp.HasField("use_global_stats")) or bp.use_global_stats
-    return (lp.type == "BatchNorm" and len(lp.bottom) == 1 and len(lp.top) == 1 and global_stats
-            and not any(r.HasField("phase") and r.phase == pb.TRAIN for r in lp.include))
+    return lp.type == "BatchNorm" and len(lp.bottom) == 1 and len(lp.top) == 1 and global_stats
 
 
 def _foldable_scale(lp) -> bool:
@@ -93,7 +94,9 @@ def fold_plan(param, keep: Sequence[str], pairs: bool = True):
     pairs=False: BN + Scale pairs after something else than a convolution stay (the bench's step)."""
     from caffe.proto import caffe_pb2 as pb
 
-    layers = list(param.layer)
+    # only the layers that run in TEST (Caffe's include/exclude rules): the net Caffe makes of
+    # the folded text is the same whether the others are in it or not
+    layers = running_layers(param)
     readers = _readers(layers)
     final = _final_writer(layers)
     kept_values = {(final[b], b) for b in keep if b in final}
@@ -104,7 +107,7 @@ def fold_plan(param, keep: Sequence[str], pairs: bool = True):
             continue
         value = (i, lp.top[0])
         r = readers.get(value, [])
-        if value in kept_values or len(r) != 1 or not _foldable_bn(layers[r[0]], pb):
+        if value in kept_values or len(r) != 1 or not _foldable_bn(layers[r[0]]):
             continue
         j = r[0]
         bn = layers[j]
@@ -123,7 +126,7 @@ def fold_plan(param, keep: Sequence[str], pairs: bool = True):
     # the BN + Scale pairs left (no convolution before them): one Scale with a bias, in the BN's place
     affine = {}
     for j, bn in enumerate(layers if pairs else []):
-        if j in drop or not _foldable_bn(bn, pb):
+        if j in drop or not _foldable_bn(bn):
             continue
         r2 = readers.get((j, bn.top[0]), [])
         if (j, bn.top[0]) in kept_values or len(r2) != 1 or not _foldable_scale(layers[r2[0]]):

@@ -67,6 +67,7 @@ class Transform:
     scale_in: float = 1.0              # raw_scale / source_max
     mean: Optional[np.ndarray] = None  # C, or C x H x W, in the net's channel order
     scale: float = 1.0
+    source_max: float = 255.0          # the decoded pixels' range is 0..source_max
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         x = batch.astype(np.float32)
@@ -94,7 +95,7 @@ def make_transform(pp, geometry: Geometry, channels: int = 3) -> Transform:
         mean = np.asarray(list(pp.mean), dtype=np.float32)
         if mean.shape != (channels,):
             raise ValueError(f"model.preprocess.mean has {mean.size} values; the net takes {channels} channels")
-    return Transform(order != source_order, float(pp.raw_scale) / source_max, mean, float(pp.scale))
+    return Transform(order != source_order, float(pp.raw_scale) / source_max, mean, float(pp.scale), source_max)
 
 
 class CaffeIODecoder:

@@ -114,8 +114,8 @@ def test_zoo_net_onnx_equals_caffe(zoo_net, blobs):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("layer, shape, why", [
-    ('layer { name: "p" type: "Pooling" bottom: "x" top: "p" pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }',
-     (1, 4, 8, 8), "padded average pooling whose last window overhangs"),
+    ('layer { name: "f" type: "Flatten" bottom: "x" top: "f" flatten_param { axis: 0 } }',
+     (1, 4, 8, 8), "a Flatten over the batch axis"),
     ('layer { name: "p" type: "Pooling" bottom: "x" top: "p" pooling_param { pool: STOCHASTIC kernel_size: 2 } }',
      (1, 4, 8, 8), "stochastic pooling"),
     ('layer { name: "w" type: "Power" bottom: "x" top: "w" }', (1, 4, 8, 8), "no Power layer in the converter"),
@@ -125,8 +125,6 @@ def test_zoo_net_onnx_equals_caffe(zoo_net, blobs):
     ('layer { name: "l" type: "LRN" bottom: "x" top: "l" lrn_param { norm_region: WITHIN_CHANNEL } }',
      (1, 4, 8, 8), "LRN within channels"),
     # fields of the Caffe fork we build (brocolli), not BVLC's
-    ('layer { name: "p" type: "Pooling" bottom: "x" top: "p" pooling_param { pool: MAX kernel_size: 3 stride: 2 '
-     'ceil_mode: false } }', (1, 4, 8, 8), "ceil_mode: false"),
     ('layer { name: "c" type: "Convolution" bottom: "x" top: "c" convolution_param { num_output: 4 kernel_size: 1 '
      'width_group: 2 } }', (1, 4, 8, 8), "width_group"),
 ])
@@ -193,10 +191,29 @@ def wrong_epsilon(monkeypatch):
     monkeypatch.setattr(onnx.helper, "make_node", bad)
 
 
-def test_a_first_batch_that_differs_goes_on_with_caffe(odd_net, wrong_epsilon):
-    """auto: the task goes on with Caffe's rows (the difference recorded); onnxruntime: stops
-    before a row is returned."""
+def test_a_net_that_differs_on_the_noise_probe_runs_on_caffe(odd_net, wrong_epsilon):
+    """The load's probe batch of noise catches the wrong conversion before any image: auto runs
+    Caffe, onnxruntime refuses in one line."""
+    from runner.errors import ConfigError
+    from runner.model import NotConvertible, load_engine, parse_prototxt
+
+    with pytest.raises(NotConvertible, match=r"random noise .*on blob 'fc'"):
+        _onnx(*odd_net, ["fc"], (3, 24, 30))
+    proto, weights = odd_net
+    cfg = OmegaConf.create({"backend": "auto", "device": "cpu", "model": {"weights": str(weights)}})
+    assert load_engine(cfg, parse_prototxt(str(proto)), ["fc"], (3, 24, 30), threads=1).attrs() == {"engine": "caffe"}
+    cfg.backend = "onnxruntime"
+    with pytest.raises(ConfigError, match=r"random noise"):
+        load_engine(cfg, parse_prototxt(str(proto)), ["fc"], (3, 24, 30), threads=1)
+
+
+def test_a_first_batch_that_differs_goes_on_with_caffe(odd_net, wrong_epsilon, monkeypatch):
+    """Without the probe (here switched off), the first batch's check: auto: the task goes on
+    with Caffe's rows (the difference recorded); onnxruntime: stops before a row is returned."""
+    import runner.model
     from runner.model import OnnxCheckError
+
+    monkeypatch.setattr(runner.model, "PROBE_IMAGES", 0)
 
     x = np.random.default_rng(3).uniform(-100, 100, (5, 3, 24, 30)).astype(np.float32)
     old = _caffe(*odd_net, ["fc"], (3, 24, 30)).forward(x)
@@ -245,3 +262,148 @@ def test_an_onnx_runtime_error_runs_the_net_on_caffe(odd_net, monkeypatch):
     cfg.backend = "onnxruntime"
     with pytest.raises(ConfigError, match=r"ONNX Runtime cannot run it: RuntimeError: .*a kernel this build lacks"):
         load_engine(cfg, spec, ["fc"], (3, 24, 30), threads=1)
+
+
+FACT5 = """
+name: "fact5"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 30 dim: 31 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 4 kernel_size: 3
+  weight_filler { type: "gaussian" std: 0.05 } bias_filler { type: "constant" value: 0.1 } } }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: AVE kernel_size: 3 stride: 2
+  pad_h: 0 pad_w: 1 } }
+layer { name: "flat" type: "Flatten" bottom: "pool" top: "flat" flatten_param { axis: 2 } }
+"""
+
+
+def test_the_fact_5_net_runs_under_auto_as_under_caffe(tmp_path, photos):
+    """Issue 35, fact 5: conv, AVE pooling padded on one axis only, Flatten { axis: 2 }, both
+    blobs asked: backend=auto exits 0 on ONNX Runtime (the probe and every shard's first batch
+    passed), every shard's rows within the bound of backend=caffe's, in Caffe's shapes."""
+    proto = tmp_path / "fact5.prototxt"
+    net, _ = _seeded_net(proto, FACT5, 4)
+    weights = tmp_path / "fact5.caffemodel"
+    net.save(str(weights))
+    common = (f"input.dir={photos}", "launcher=local", "launcher.workers=1", "num_shards=2", "output.blobs=[pool,flat]",
+              f"model.prototxt={proto}", f"model.weights={weights}", "model.name=fact5",
+              "model.preprocess.mean=[100,110,120]", "model.input_size=[30,31]")
+    run_cli(*common, f"output.dir={tmp_path / 'caffe'}", "backend=caffe")
+    run_cli(*common, f"output.dir={tmp_path / 'auto'}", "backend=auto")
+    for i in range(2):
+        name = f"shards/shard-{i:05d}-of-00002.h5"
+        with h5py.File(tmp_path / "caffe" / name) as c, h5py.File(tmp_path / "auto" / name) as a:
+            assert a.attrs["engine"].startswith("onnxruntime"), dict(a.attrs)
+            assert a.attrs["engine_check_max_rel_diff"] <= BOUND and a.attrs["engine_check_probe_max_rel_diff"] <= BOUND
+            assert c["features/pool"].shape[1:] == a["features/pool"].shape[1:] == (4, 14, 15)
+            assert c["features/flat"].shape[1:] == a["features/flat"].shape[1:] == (4, 210)
+            for b in ("pool", "flat"):
+                assert rel(a["features/" + b][:], c["features/" + b][:]) <= BOUND, b
+
+
+@pytest.fixture
+def old_flatten(monkeypatch):
+    """The converter's Flatten as it was before issue 35: ONNX Flatten(axis), right for axis 1
+    only ((N*C, H*W) for axis 2, against Caffe's (N, C, H*W))."""
+    from dataclasses import replace
+
+    import runner.onnxport as op
+
+    def flatten(g, lp, ins, w, shapes):
+        g.node("Flatten", ins, [g.new(lp.top[0])], lp.name, axis=int(lp.flatten_param.axis))
+
+    kind = op.REGISTRY["Flatten"]
+    monkeypatch.setitem(op.REGISTRY, "Flatten", replace(kind, check=lambda lp, shapes: "", convert=flatten))
+
+
+def test_onnx_shapes_are_compared_with_caffes_at_load(tmp_path, old_flatten):
+    """A conversion whose output shape is not Caffe's is refused when the net loads, before any
+    image (auto: Caffe computes the task, its rows in Caffe's shapes); the engine's row shapes
+    are Caffe's in any case."""
+    from runner.model import NotConvertible, load_engine, parse_prototxt
+
+    proto = tmp_path / "fact5.prototxt"
+    net, _ = _seeded_net(proto, FACT5, 4)
+    weights = tmp_path / "fact5.caffemodel"
+    net.save(str(weights))
+    with pytest.raises(NotConvertible, match=r"blob 'flat' is \[210\] in ONNX Runtime, \[4, 210\] in Caffe"):
+        _onnx(proto, weights, ["pool", "flat"], (3, 30, 31))
+    cfg = OmegaConf.create({"backend": "auto", "device": "cpu", "model": {"weights": str(weights)}})
+    eng = load_engine(cfg, parse_prototxt(str(proto)), ["pool", "flat"], (3, 30, 31), threads=1)
+    assert eng.attrs() == {"engine": "caffe"} and eng.blob_shapes == {"pool": (4, 14, 15), "flat": (4, 210)}
+
+
+def test_every_shard_first_batch_is_checked_again(odd_net, monkeypatch):
+    """A task keeping its engine for several shards checks each shard's first batch against
+    Caffe (its net freed after each check, loaded again for the next); a shard whose batch
+    differs goes on with Caffe."""
+    x = np.random.default_rng(5).uniform(-100, 100, (5, 3, 24, 30)).astype(np.float32)
+    old = _caffe(*odd_net, ["fc"], (3, 24, 30)).forward(x)
+    eng = _onnx(*odd_net, ["fc"], (3, 24, 30))
+    eng.start_shard()
+    eng.forward(x)
+    first = eng.attrs()
+    assert first["engine"].startswith("onnxruntime") and first["engine_check_max_rel_diff"] <= BOUND
+    assert eng._reference is None  # freed after the check
+    eng.forward(x)  # the shard's other batches: not checked
+    eng.start_shard()
+    eng.forward(x)  # the next shard: checked again, passes
+    assert eng.attrs()["engine"].startswith("onnxruntime") and eng._reference is None
+    real = eng._session.run
+
+    def drifted(names, feeds):  # ONNX Runtime now computes something else
+        return [o * 1.001 for o in real(names, feeds)]
+
+    monkeypatch.setattr(eng._session, "run", drifted)
+    eng.forward(x)  # no shard began: not checked, not caught
+    eng.start_shard()
+    new = eng.forward(x)
+    a = eng.attrs()
+    assert a["engine"].startswith("caffe (onnxruntime differed by") and a["engine_check_max_rel_diff"] > BOUND, a
+    assert rel(new["fc"], old["fc"]) <= BOUND
+    assert rel(eng.forward(x)["fc"], old["fc"]) <= BOUND
+
+
+DRIFT = """
+# loaded by every Python process of the run (PYTHONPATH): ONNX Runtime made wrong by 0.1% after
+# the load's probe (switched off), so that each shard's first batch falls back to Caffe
+import runner.model
+import runner.onnxport
+
+runner.model.PROBE_IMAGES = 0
+_real = runner.onnxport.session
+
+
+class _Drifted:
+    def __init__(self, s):
+        self.s = s
+
+    def run(self, names, feeds):
+        return [o * 1.001 for o in self.s.run(names, feeds)]
+
+
+runner.onnxport.session = lambda model, threads: _Drifted(_real(model, threads))
+"""
+
+
+def test_a_fallback_writes_rows_in_caffes_shapes(tmp_path, photos):
+    """Issue 35, fact 5's second defect: after a shard's first batch falls back to Caffe, the
+    shard's datasets (made from the engine's shapes: Caffe's) take Caffe's rows; exit 0, the
+    rows equal backend=caffe's, the shard says why it ran Caffe."""
+    proto = tmp_path / "fact5.prototxt"
+    net, _ = _seeded_net(proto, FACT5, 4)
+    weights = tmp_path / "fact5.caffemodel"
+    net.save(str(weights))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(DRIFT)
+    common = (f"input.dir={photos}", "launcher=local", "launcher.workers=1", "num_shards=1", "output.blobs=[pool,flat]",
+              f"model.prototxt={proto}", f"model.weights={weights}", "model.name=fact5",
+              "model.preprocess.mean=[100,110,120]", "model.input_size=[30,31]")
+    run_cli(*common, f"output.dir={tmp_path / 'caffe'}", "backend=caffe")
+    p = run_cli(*common, f"output.dir={tmp_path / 'auto'}", "backend=auto", env={"PYTHONPATH": str(site)})
+    assert "goes on with Caffe" in p.stderr, p.stderr
+    name = "shards/shard-00000-of-00001.h5"
+    with h5py.File(tmp_path / "caffe" / name) as c, h5py.File(tmp_path / "auto" / name) as a:
+        assert a.attrs["engine"].startswith("caffe (onnxruntime differed by"), dict(a.attrs)
+        for b in ("pool", "flat"):
+            assert a["features/" + b].shape == c["features/" + b].shape
+            assert rel(a["features/" + b][:], c["features/" + b][:]) <= BOUND, b

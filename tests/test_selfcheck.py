@@ -105,8 +105,8 @@ def _fake_gpu(monkeypatch, perturb):
 
     real = extract.load_engine
 
-    def load(cfg, spec, blobs, in_shape, threads, gpu_device=0):
-        eng = real(cfg, spec, blobs, in_shape, threads, gpu_device)
+    def load(cfg, spec, blobs, in_shape, threads, gpu_device=0, **kw):
+        eng = real(cfg, spec, blobs, in_shape, threads, gpu_device, **kw)
         cpu_forward = eng.forward
 
         def gpu_forward(x):
