@@ -93,14 +93,13 @@ def _blob_table(spec, shapes, weight_shapes, upto: int, chosen: List[str], cfg, 
     batched = {name: (1,) + tuple(s) for name, s in shapes.items()}
     auto = str(cfg.backend) == "auto"
     verdict: Dict[int, str] = {}
-    lines = [f"    {'blob':<28} {'<- layer writing it':<27} {'shape per image':<16} {'GFLOP':>7} "
+    listed = [n for n in spec.blobs if n != spec.input_name and n in shapes and spec.producer(n) <= upto]
+    bw = max([28] + [len(n) for n in listed])
+    lw = max([24] + [len(spec.layers[spec.producer(n)].name) for n in listed])
+    lines = [f"    {'blob':<{bw}} {'<- layer writing it':<{lw + 3}} {'shape per image':<16} {'GFLOP':>7} "
              f"{'bytes/image':>12}" + ("  engine (backend=auto, CPU)" if auto else "")]
-    for name in spec.blobs:
-        if name == spec.input_name or name not in shapes:
-            continue
+    for name in listed:
         i = spec.producer(name)
-        if i > upto:
-            continue
         gflop = sum(f for n, f in flops.items() if n in {layer.name for layer in spec.layers[:i + 1]}) / 1e9
         nbytes = int(np.prod(pooled_shape(tuple(shapes[name]), cfg.output.pooling))) * itemsize
         engine = ""
@@ -111,7 +110,7 @@ def _blob_table(spec, shapes, weight_shapes, upto: int, chosen: List[str], cfg, 
                 verdict[i] = "onnxruntime" if not why else f"caffe ({why[0].split(':')[0]})"
             engine = "  " + verdict[i]
         mark = "  *" if name in chosen else "   "
-        lines.append(f"{mark} {name:<28} <- {spec.layers[i].name:<24} {' x '.join(map(str, shapes[name])):<16} "
+        lines.append(f"{mark} {name:<{bw}} <- {spec.layers[i].name:<{lw}} {' x '.join(map(str, shapes[name])):<16} "
                      f"{gflop:>7.2f} {nbytes:>12,d}{engine}")
     return lines
 
@@ -152,8 +151,8 @@ def inspect_model(overrides: List[str]) -> str:
         listing = "\n".join(lines)
         if problem and "no blobs to extract" not in problem:
             raise InspectedBlobError(problem, listing)
-        return listing + "\n\nno blob chosen: name the ones to extract with output.blobs=[name,...] (" + \
-            (problem or "") + ")"
+        return (f"{listing}\n\nno blob chosen (model {cfg.model.name} has no default_blobs): name the ones to "
+                "extract with output.blobs=[name,...]")
     end = spec.end_layer(chosen)
     used = {layer.name for layer in spec.layers[:end + 1]}
     lines += ["", "convolutions: " + cudnn_summary([lp for lp in spec.param.layer if lp.name in used], str(cfg.device))]
@@ -165,7 +164,9 @@ def inspect_model(overrides: List[str]) -> str:
     if cfg.backend == "auto":
         lines.append("engine on the CPU (backend=auto): " + _cpu_engine([lp for lp in spec.param.layer if lp.name in used],
                                                                        shapes))
-    lines += ["", "preprocessing: " + json.dumps(OmegaConf.to_container(pp)), "",
+    said = (f"not given: a run refuses until {', '.join('model.preprocess.' + k for k in missing)} are" if missing
+            else json.dumps(OmegaConf.to_container(pp)))
+    lines += ["", "preprocessing: " + said, "",
               f"output ({cfg.output.dtype}, pooling {cfg.output.pooling}, l2_normalize {cfg.output.l2_normalize}):"]
     total = 0
     for b in chosen:

@@ -269,7 +269,7 @@ def test_alexnet_at_a_size_its_layers_do_not_take_is_refused_at_plan_time(zoo, p
     import h5py
 
     with h5py.File(run / "features.h5", "r") as f:
-        assert f["features/pool5"].shape == (3, 256, 8, 8)
+        assert f["features/pool5"].shape == (3, 256, 9, 9)
 
 
 @pytest.mark.slow
@@ -279,21 +279,24 @@ def test_inspect_lists_every_blob_of_any_prototxt_at_the_input_it_uses(zoo):
     p = run_cli("inspect", *own)  # no blob, no preprocessing: it lists, and says what a run needs
     assert "data: input 3x224x224 (the prototxt's own size); preprocessing: not given" in p.stdout, p.stdout
     rows = {ln.split()[0]: ln for ln in p.stdout.splitlines() if ln.startswith("    ") and "<-" in ln}
-    assert len(rows) > 100, p.stdout  # every blob of the net
+    from runner.model import parse_prototxt
+
+    assert rows.pop("blob").split()[:4] == ["blob", "<-", "layer", "writing"]  # the header
+    assert sorted(rows) == sorted(parse_prototxt(str(proto)).blobs[1:]), p.stdout  # every blob of the net
     row = rows["pool5/7x7_s1"]
-    assert "<- pool5/7x7_s1" in row and "1024 x 1 x 1" in row and "4,096" in row and "onnxruntime" in row, row
-    assert "no blob chosen: name the ones to extract with output.blobs=" in p.stdout
+    assert "<- pool5/drop_7x7_s1" in row and "1024 x 1 x 1" in row and "4,096" in row and "onnxruntime" in row, row
+    assert "no blob chosen (model own has no default_blobs): name the ones to extract with output.blobs=" in p.stdout
     # an unknown blob: the listing, then the one error line (exit 2)
     p = run_cli("inspect", *own, "output.blobs=[fc7]", check=False)
     assert p.returncode == 2 and "pool5/7x7_s1" in p.stdout and "Traceback" not in p.stderr
     assert "blob 'fc7' is not in the net" in p.stderr
-    # AlexNet at 300x300: the shapes the run would use (conv5 13 -> 17), and where Caffe stops
+    # AlexNet at 300x300: the shapes the run would use (pool5 6x6 -> 9x9: 256 x 81 = 20736 inputs to fc6), and where Caffe stops
     proto, weights = zoo("alexnet")
     p = run_cli("inspect", f"model.prototxt={proto}", f"model.weights={weights}", "model.input_size=[300,300]",
                 *ZOO_PREPROCESS)
     assert "data: input 3x300x300 (model.input_size); preprocessing: resize 300x300" in p.stdout, p.stdout
     rows = {ln.split()[0]: ln for ln in p.stdout.splitlines() if ln.startswith("    ") and "<-" in ln}
-    assert "256 x 8 x 8" in rows["pool5"] and "fc6" not in rows, p.stdout
+    assert "256 x 9 x 9" in rows["pool5"] and "fc6" not in rows, p.stdout
     assert "from fc6 on Caffe does not build the net at 3x300x300: Check failed: K_ == new_K" in p.stdout
     # the chosen blob does not take it: the run's own refusal
     p = run_cli("inspect", f"model.prototxt={proto}", f"model.weights={weights}", "model.input_size=[300,300]",
