@@ -341,11 +341,13 @@ def expand_sweep(overrides: List[str]) -> List[List[str]]:
 
 def preset_model_paths(name: str) -> Dict[str, str]:
     """Where preset `name` keeps its model files ({prototxt, weights}); {} when it is no preset."""
+    if name == OWN_MODEL:  # your own files: no preset's
+        return {}
     try:
         model = compose([f"model={name}"], require_output=False).model
+        return {k: str(model[k]) for k in ("prototxt", "weights")}
     except Exception:  # not a preset (model.name=mine): no preset paths
         return {}
-    return {k: str(model[k]) for k in ("prototxt", "weights")}
 
 
 def override_lines(point: List[str]) -> List[str]:
