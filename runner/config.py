@@ -130,7 +130,8 @@ def _override_error(e: Exception, overrides: List[str]) -> "ConfigError":
     if m and m.group(1) in groups:
         g, opt = m.group(1), m.group(2)
         return ConfigError(f"{g}={opt}: no such {g}{did_you_mean(opt, groups[g])}; choose one of "
-                           f"{', '.join(groups[g])}" + (f" or give model.prototxt=... model.weights=..." if g == "model" else ""))
+                           f"{', '.join(groups[g])}" + (f" or give model.prototxt=... model.weights=... (a preset of your own: "
+                                                          f"${USER_CONFIG_ENV}/model/{opt}.yaml)" if g == "model" else ""))
     m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
     if m:
         key = m.group(1)
