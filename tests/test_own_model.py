@@ -198,6 +198,23 @@ def test_the_run_geometry_is_the_batch_a_task_feeds(tiny_net):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("declared", [
+    'input: "data" input_dim: 1 input_dim: 3 input_dim: 20 input_dim: 24',
+    'input: "data" input_shape { dim: 1 dim: 3 dim: 20 dim: 24 }',
+    'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 20 dim: 24 } } }',
+])
+def test_your_own_nets_input_size_is_read_from_each_way_a_prototxt_declares_it(declared, tmp_path):
+    from runner.modelcheck import run_geometry
+
+    proto = tmp_path / "deploy.prototxt"
+    proto.write_text(f'name: "n"\n{declared}\nlayer {{ name: "c" type: "Convolution" bottom: "data" top: "c" '
+                     "convolution_param { num_output: 2 kernel_size: 3 } }\n")
+    cfg = _compose(f"model.prototxt={proto}", f"model.weights={tmp_path}/w", *ZOO_PREPROCESS, "output.blobs=[c]",
+                   "batch_size=3")
+    assert run_geometry(cfg)["shape"] == [3, 3, 20, 24]
+
+
+@pytest.mark.unit
 def test_a_shape_failure_names_caffes_line_and_the_nets_own_size():
     from runner.modelcheck import describe_shape_failure
 
