@@ -833,7 +833,7 @@ def rss_ratio(work: Path, threads: int, n: int = 200) -> Dict:
     for label, count in (("N", n), ("10N", 10 * n)):
         lst = work / f"list-{label}.txt"
         lst.write_text("\n".join(listing[:count]) + "\n")
-        cfg_yaml = _prepare(work / f"rss-{label}", [f"input.list={lst}", f"model.prototxt={proto}",
+        cfg_yaml = _prepare(work / f"rss-{label}", [f"input.list={lst}", "model=res10_ssd", f"model.prototxt={proto}",
                                                    f"model.weights={weights}", "model.name=tiny_big_blob",
                                                    "model.input_size=[112,112]", "model.default_blobs=[conv1]",
                                                    "batch_size=16", f"decode.workers={threads}"])
@@ -1046,7 +1046,7 @@ def straggler_bench(work: Path, tasks: int = 6, nodes: int = 3, slow: float = 3.
                             "launcher.cpus_per_task=1", "launcher.mem_gb=0.5", "launcher.gpus_per_task=0",
                             "launcher.timeout_min=30", "device=cpu", "backend=simulated",
                             f"simulated_batch_s={batch_s}", f"batch_size={batch}", "decode.workers=1",
-                            f"model.prototxt={proto}", f"model.weights={proto}", "model.name=sim",
+                            "model=res10_ssd", f"model.prototxt={proto}", f"model.weights={proto}", "model.name=sim",
                             "model.default_blobs=[pool]", "heartbeat_s=1", *extra]
                     t0 = time.time()
                     p = subprocess.run(args, capture_output=True, text=True,

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from . import __version__, log
-from .config import (compose, compose_base, conf_dir, config_groups, expand_sweep, override_dirname,
-                     override_lines, sweep_dirname)
+from .config import (USER_CONFIG_ENV, compose, compose_base, config_groups, expand_sweep, override_dirname,
+                     override_lines, sweep_dirname, user_presets)
 from .errors import (ConfigError, FailureShareError, RunBusyError, RunnerError, ShardFailedError, Terminated,
                      UsageError, did_you_mean)
 from .overrides import normalize_overrides
@@ -147,10 +147,25 @@ def help_page() -> str:
             continue
         lines += key_lines(key, default(key), docs.get(doc, ""), choices(key), columns)
     groups = config_groups()
+    try:
+        mine = user_presets()
+    except ConfigError as e:  # $CAFFE_RUNNER_CONFIG is no folder: said here, the page still shows
+        mine, bad = {}, str(e)
+    else:
+        bad = ""
     lines += ["", "config groups (key=option):"]
     for g, opts in groups.items():
         d = default(f"{g}.name") if g in ("model", "launcher") else ""
         lines.append(f"  {g:<10} {', '.join(opts)}" + (f"   (default {d})" if d else ""))
+        if mine.get(g):
+            lines.append(f"  {'':<10} yours, in ${USER_CONFIG_ENV}/{g}: {', '.join(mine[g])}")
+    lines += textwrap.wrap(
+        f"your own net: model.prototxt=FILE model.weights=FILE without model= (its input size from the prototxt; "
+        f"give model.preprocess.mean, channel_order, raw_scale and scale); your own presets: "
+        f"${USER_CONFIG_ENV}/model/NAME.yaml, then model=NAME" + (f" ({bad})" if bad else
+                                                                  "" if os.environ.get(USER_CONFIG_ENV) else
+                                                                  f" (${USER_CONFIG_ENV} is not set)"),
+        max(30, columns - 3), initial_indent="  ", subsequent_indent="  ")
     lines += ["  (launcher.* keys marked 'slurm' apply with launcher=slurm)", "",
               "subcommands (each has --help):",
               "  status RUN     per-shard state, failures, ETA",
@@ -474,7 +489,7 @@ def _cmd_fetch(args) -> int:
     overrides = [a for a in args.items if "=" in a]
     if not names:
         raise ConfigError("name a model preset: caffe-runner fetch NAME (e.g. open_nsfw)")
-    presets = sorted(p.stem for p in Path(conf_dir(), "model").glob("*.yaml"))
+    presets = config_groups().get("model", [])
     for name in names:
         if name not in presets:
             raise ConfigError(f"no model preset {name!r}{did_you_mean(name, presets, cutoff=0.6)}: "
@@ -598,9 +613,13 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from .inspect import inspect_model
+    from .inspect import InspectedBlobError, inspect_model
 
-    print(inspect_model(args.overrides))
+    try:
+        print(inspect_model(args.overrides))
+    except InspectedBlobError as e:  # an unknown blob: the blobs to choose from, then the error line
+        print(e.listing, flush=True)
+        raise
     return EXIT_OK
 
 
@@ -675,7 +694,10 @@ def _subcommand(argv) -> int:
     i = command("inspect", "A model's blobs with shapes, its preprocessing and the bytes per image of the chosen "
                 "blobs (to size the disk before a run).",
                 "example: caffe-runner inspect model=res10_ssd output.blobs=[fc7] output.pooling=avg\n"
-                "exit codes: 0 OK, 2 configuration error (unknown model, blob or key)", run_dir=False)
+                "         caffe-runner inspect model.prototxt=deploy.prototxt model.weights=w.caffemodel   "
+                "(every blob, to choose from)\n"
+                "exit codes: 0 OK, 2 configuration error (unknown model, blob or key; an unknown blob after the "
+                "listing of every blob)", run_dir=False)
     i.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=res10_ssd output.pooling=avg")
     cm = command("compare", "Linear CKA (Kornblith et al., 2019) between every pair of a sweep's points (each blob "
                  "of each point), on the images they share, streaming over rows: a table here, and compare.json and "

@@ -4,11 +4,13 @@ the one source of defaults) is schema.py.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+import os
+from typing import Dict, List, Optional
 
+from .errors import ConfigError, UsageError, did_you_mean
 from .inputs import path_keys
-from .overrides import first_unreadable, normalize_overrides
-from .schema import register_configs
+from .overrides import first_unreadable, hydra_quote, normalize_overrides
+from .schema import OWN_MODEL, OWN_PREPROCESS_KEYS, register_configs
 
 # Slurm jobs queued (or requeued) by a version before the schema moved to schema.py carry their
 # config pickled with these classes under their old home, runner.config.<name>: they must stay
@@ -61,13 +63,44 @@ def conf_dir() -> str:
     return os.path.dirname(importlib.import_module("runner.conf").__file__)
 
 
-def config_groups() -> Dict[str, List[str]]:
-    """The user-facing options of each config group (the YAML presets, not schema nodes)."""
-    import os
+# a folder of your own presets (model/NAME.yaml, as conf/model/): on Hydra's search path, after
+# the package's conf/, so model=NAME finds them
+USER_CONFIG_ENV = "CAFFE_RUNNER_CONFIG"
 
-    d = conf_dir()
+
+def user_config_dir() -> Optional[str]:
+    """$CAFFE_RUNNER_CONFIG, absolute; None when unset. A value that is no folder is refused."""
+    d = os.environ.get(USER_CONFIG_ENV, "").strip()
+    if not d:
+        return None
+    d = os.path.abspath(os.path.expanduser(d))
+    if not os.path.isdir(d):
+        raise ConfigError(f"{USER_CONFIG_ENV}={d} is not a folder: make it and put your presets in "
+                          f"{os.path.join(d, 'model', 'NAME.yaml')} (README: Your own model), or unset it")
+    return d
+
+
+def _group_options(d: str) -> Dict[str, List[str]]:
+    if not os.path.isdir(d):
+        return {}
     return {g: sorted(f[:-5] for f in os.listdir(os.path.join(d, g)) if f.endswith(".yaml"))
             for g in sorted(os.listdir(d)) if os.path.isdir(os.path.join(d, g)) and not g.startswith("_")}
+
+
+def user_presets() -> Dict[str, List[str]]:
+    """The options of each group in $CAFFE_RUNNER_CONFIG ({} when unset)."""
+    d = user_config_dir()
+    return _group_options(d) if d else {}
+
+
+def config_groups() -> Dict[str, List[str]]:
+    """The user-facing options of each config group (the YAML presets, not schema nodes): the
+    package's conf/ and $CAFFE_RUNNER_CONFIG's."""
+    groups = _group_options(conf_dir())
+    for g, opts in user_presets().items():
+        if g in groups:
+            groups[g] = sorted(set(groups[g]) | set(opts))
+    return groups
 
 
 def _known_keys(cfg, prefix: str = "") -> List[str]:
@@ -85,17 +118,20 @@ def _known_keys(cfg, prefix: str = "") -> List[str]:
 
 def _override_error(e: Exception, overrides: List[str]) -> "ConfigError":
     """Hydra's composition errors, as one line naming the key or option and the closest valid one."""
-    from .errors import ConfigError, did_you_mean
-
     msg = str(e).strip()
     groups = config_groups()
     import re
+
+    bad = _bad_user_preset(e, overrides)
+    if bad:
+        return bad
 
     m = re.search(r"Could not find '(\w+)/([^']*)'", msg)
     if m and m.group(1) in groups:
         g, opt = m.group(1), m.group(2)
         return ConfigError(f"{g}={opt}: no such {g}{did_you_mean(opt, groups[g])}; choose one of "
-                           f"{', '.join(groups[g])}" + (f" or give model.prototxt=... model.weights=..." if g == "model" else ""))
+                           f"{', '.join(groups[g])}" + (f" or give model.prototxt=... model.weights=... (a preset of your own: "
+                                                          f"${USER_CONFIG_ENV}/model/{opt}.yaml)" if g == "model" else ""))
     m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
     if m:
         key = m.group(1)
@@ -123,35 +159,153 @@ def _override_error(e: Exception, overrides: List[str]) -> "ConfigError":
     return ConfigError(f"bad override ({first}): write key=value, e.g. output.dir=/scratch/run1")
 
 
+def _chosen(overrides: List[str], group: str) -> Optional[str]:
+    """The option `group=OPTION` chooses in the overrides, or None."""
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if sep and key.lstrip("+") == group:
+            return value.strip().strip("'\"")
+    return None
+
+
+def _given(overrides: List[str]) -> List[str]:
+    return [o.partition("=")[0].lstrip("+") for o in overrides if "=" in o and not o.startswith("~")]
+
+
+def with_own_model(overrides: List[str]) -> List[str]:
+    """model.prototxt / model.weights given without model=PRESET: the net is the user's own
+    (model=own), so no preset's input size or preprocessing applies to it."""
+    keys = _given(overrides)
+    if "model" not in keys and ("model.prototxt" in keys or "model.weights" in keys):
+        return list(overrides) + [f"model={OWN_MODEL}"]
+    return list(overrides)
+
+
+def _user_preset_file(name: Optional[str]) -> Optional[str]:
+    d = user_config_dir()
+    if not d or not name:
+        return None
+    p = os.path.join(d, "model", f"{name}.yaml")
+    return p if os.path.isfile(p) else None
+
+
+def _bad_user_preset(e: Exception, overrides: List[str]) -> Optional[ConfigError]:
+    """A preset of $CAFFE_RUNNER_CONFIG that Hydra cannot merge: one line naming its file."""
+    path = _user_preset_file(_chosen(overrides, "model"))
+    if not path:
+        return None
+    import re
+
+    text = "\n".join(str(x).strip() for x in (e, e.__cause__) if x is not None and str(x).strip())
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    m = re.search(r"Key '([^']+)' not in '(\w+)'", text)
+    k = re.search(r"full_key: (\S+)", text)
+    if m:
+        why = f"it sets {m.group(1)!r}, which is no key of a model preset"
+    elif k:  # a value of the wrong type: the key and OmegaConf's words
+        said = next((ln for ln in lines if not ln.startswith("In '")), lines[0])
+        why = f"{k.group(1)}: {said}"
+    else:  # YAML that does not parse: the parser's words and where
+        why = "; ".join(lines[:3])
+    why = re.sub(r"\s+", " ", why)[:300]
+    return ConfigError(f"model={_chosen(overrides, 'model')}: your preset {path} is not valid: {why} (fix: a preset "
+                       "holds the keys of `caffe-runner --cfg job model=res10_ssd` under model:, without the "
+                       "`model.` prefix; conf/model/*.yaml and the README (Your own model) show examples)")
+
+
+def _user_searchpath(overrides: List[str]) -> List[str]:
+    """Hydra's search path extended with $CAFFE_RUNNER_CONFIG, and a preset there that shadows
+    one of the package's refused (model=NAME would silently take the package's)."""
+    d = user_config_dir()
+    if not d:
+        return []
+    name = _chosen(overrides, "model")
+    if name and _user_preset_file(name) and os.path.isfile(os.path.join(conf_dir(), "model", f"{name}.yaml")):
+        raise ConfigError(f"model={name}: your preset {_user_preset_file(name)} has the name of a preset that comes "
+                          f"with caffe-runner (conf/model/{name}.yaml), which would be used instead: rename yours "
+                          f"(e.g. {name}_mine.yaml) and choose it with model=NEWNAME")
+    return [f"hydra.searchpath=[{hydra_quote('file://' + d)}]"]
+
+
+def own_preprocess_missing(overrides: List[str]) -> List[str]:
+    """For model=own: the preprocessing keys (OWN_PREPROCESS_KEYS) the overrides do not give
+    (model.preprocess.mean_file gives the mean)."""
+    given = set(_given(normalize_overrides(overrides)))
+    if "model.preprocess" in given:  # the whole group given at once
+        return []
+    return [k for k in OWN_PREPROCESS_KEYS if f"model.preprocess.{k}" not in given
+            and not (k == "mean" and "model.preprocess.mean_file" in given)]
+
+
+def is_own_model(cfg, overrides: List[str]) -> bool:
+    """The config's model is model=own (chosen by with_own_model, or by name)."""
+    from omegaconf import OmegaConf
+
+    return not OmegaConf.is_missing(cfg.model, "name") and cfg.model.name == OWN_MODEL and \
+        _chosen(with_own_model(normalize_overrides(overrides)), "model") == OWN_MODEL
+
+
+def check_own_model(cfg, overrides: List[str]) -> None:
+    """model=own (model.prototxt= without a preset): both files given, and the preprocessing the
+    prototxt cannot tell given too (own_preprocess_missing); else one line naming what is
+    missing, with values to copy."""
+    from omegaconf import OmegaConf
+
+    if not is_own_model(cfg, overrides):
+        return
+    files = [k for k in ("prototxt", "weights") if OmegaConf.is_missing(cfg.model, k)]
+    if files:
+        have = "model.prototxt" if "weights" in files else "model.weights"
+        raise ConfigError(f"{have} is given without a preset, so the net is your own, and {have} alone does not "
+                          f"make one: give model.{files[0]}=... too, or choose a preset whose "
+                          f"{files[0]} to use (model=PRESET {have}=...; `caffe-runner --help` lists them)")
+    missing = own_preprocess_missing(overrides)
+    if missing:
+        keys = ", ".join(f"model.preprocess.{k}" + (" (or mean_file)" if k == "mean" else "") for k in missing)
+        raise ConfigError(
+            f"model.prototxt is your own net (no model=PRESET), and how its images were preprocessed in training is "
+            f"not in the prototxt: give {keys} (e.g. the BVLC zoo nets' model.preprocess.mean=[104,117,123] "
+            "model.preprocess.channel_order=BGR model.preprocess.raw_scale=255 model.preprocess.scale=1), or keep "
+            f"them in a preset of your own, ${USER_CONFIG_ENV}/model/NAME.yaml, used as model=NAME (README: Your "
+            "own model)")
+
+
 def compose_base():
     """The defaults alone (no overrides): the set of valid keys."""
     return compose([], require_output=False, resolve=False)
 
 
-def compose(overrides, require_output: bool = True, resolve: bool = True):
+def compose(overrides, require_output: bool = True, resolve: bool = True, require_preprocess: Optional[bool] = None):
     """conf/config.yaml + overrides -> the run's config, with resolvers evaluated (tasks get
-    plain values). Raises ConfigError for unknown keys or options, UsageError without output.dir."""
+    plain values). Raises ConfigError for unknown keys or options, UsageError without output.dir.
+    model.prototxt / model.weights without model=PRESET compose model=own (with_own_model), whose
+    preprocessing must be given (check_own_model) unless require_preprocess is false (default:
+    when require_output: a run's config, not `--cfg job`'s)."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from .errors import ConfigError, UsageError
-
     register_resolvers()
     register_configs()
     overrides = normalize_overrides(overrides)  # paths quoted for Hydra, fc7 -> [fc7], --key=value
+    overrides = with_own_model(overrides)
+    search = _user_searchpath(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=overrides)
+            cfg = hydra_compose(config_name="config", overrides=overrides + search)
     except ConfigError:
         raise
     except Exception as e:  # hydra's own: unknown key, missing option, parse error
         raise _override_error(e, overrides) from None
     finally:
         GlobalHydra.instance().clear()
+    if OmegaConf.is_missing(cfg.model, "name") and _user_preset_file(_chosen(overrides, "model")):
+        cfg.model.name = _chosen(overrides, "model")  # a preset of your own named by its file
     if require_output and OmegaConf.is_missing(cfg.output, "dir"):
         raise UsageError("output.dir is required: the run directory, e.g. output.dir=/scratch/run1")
+    if require_output if require_preprocess is None else require_preprocess:
+        check_own_model(cfg, overrides)
     if resolve:
         try:
             OmegaConf.resolve(cfg)
@@ -162,8 +316,6 @@ def compose(overrides, require_output: bool = True, resolve: bool = True):
 
 def _parse_overrides(overrides: List[str]):
     from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from .errors import ConfigError
 
     try:
         return OverridesParser.create().parse_overrides(list(overrides))
@@ -190,11 +342,13 @@ def expand_sweep(overrides: List[str]) -> List[List[str]]:
 
 def preset_model_paths(name: str) -> Dict[str, str]:
     """Where preset `name` keeps its model files ({prototxt, weights}); {} when it is no preset."""
+    if name == OWN_MODEL:  # your own files: no preset's
+        return {}
     try:
         model = compose([f"model={name}"], require_output=False).model
+        return {k: str(model[k]) for k in ("prototxt", "weights")}
     except Exception:  # not a preset (model.name=mine): no preset paths
         return {}
-    return {k: str(model[k]) for k in ("prototxt", "weights")}
 
 
 def override_lines(point: List[str]) -> List[str]:

@@ -1,42 +1,50 @@
-"""`caffe-runner inspect [overrides]`: what a run would produce, before running it: the
-net's blobs with shapes, the preprocessing, and the bytes per image for the chosen blobs,
-pooling and dtype (to size the disk for a run of millions)."""
+"""`caffe-runner inspect [overrides]`: what a run would produce, before running it: the input
+the net is really fed, the net's blobs with their shapes at that input, the layer writing each,
+the GFLOP of a forward to it, its bytes per image and the engine backend=auto would run, the
+preprocessing, and the bytes per image for the chosen blobs, pooling and dtype (to size the disk
+for a run of millions).
+
+It works on any prototxt: with no blob chosen (a net of your own has no default_blobs) or an
+unknown one, it lists every blob to choose from (an unknown blob still exits 2, after the
+listing). The shapes come from Caffe's own shape inference, in a child process
+(modelcheck.shapes_in_child), at the input size the run uses: a layer that does not take that
+input would abort the process."""
 from __future__ import annotations
 
 import json
-import os
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from omegaconf import OmegaConf
 
+from .config import compose, is_own_model, own_preprocess_missing, preset_model_paths
+from .errors import ConfigError
+from .features import pooled_shape
+from .flops import forward_flops
+from .gpu import cudnn_summary
+from .model import check_fixed_shape, check_model_files, chosen_blobs, input_hw, parse_prototxt
+from .modelcheck import describe_shape_failure, shapes_in_child
+from .onnxport import unsupported
+from .plan import describe_input, size_source
+
+
+class InspectedBlobError(ConfigError):
+    """output.blobs names a blob the net does not have: the listing is printed, then this line."""
+
+    def __init__(self, message: str, listing: str):
+        super().__init__(message)
+        self.listing = listing
+
 
 def compose_config(overrides: List[str]):
-    from .config import compose
-
-    return compose(list(overrides) + ["output.dir=/nonexistent"])
-
-
-def blob_shapes(spec, end_index: int, weights=None):
-    """(per-image shape of every blob up to layer end_index, from Caffe's own shape inference;
-    the shape of each layer's first parameter blob, for the FLOP count)."""
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    import caffe
-
-    from .fold import net_from_text
-    from .model import set_caffe_cpu_mode, truncated_prototxt
-
-    set_caffe_cpu_mode(caffe)
-    net = net_from_text(caffe, truncated_prototxt(spec, end_index))
-    return ({name: tuple(b.data.shape[1:]) for name, b in net.blobs.items()},
-            {name: tuple(p[0].data.shape) for name, p in net.params.items()})
+    """The run's config for these overrides; the preprocessing of a net of your own may be left
+    out (inspect shows what is missing instead of refusing)."""
+    return compose(list(overrides) + ["output.dir=/nonexistent"], require_preprocess=False)
 
 
 def _cpu_engine(layers, shapes) -> str:
     """What backend=auto will run on the CPU, from the prototxt alone (each task still checks
     its first batch against Caffe)."""
-    from .onnxport import unsupported
-
     why = unsupported(layers, {name: (1,) + tuple(s) for name, s in shapes.items()})
     if not why:
         return "ONNX Runtime (every layer up to the chosen blobs converts)"
@@ -44,56 +52,125 @@ def _cpu_engine(layers, shapes) -> str:
     return f"Caffe ({'; '.join(why[:3])}{more})"
 
 
-def inspect_model(overrides: List[str]) -> str:
-    from .config import preset_model_paths
-    from .model import check_fixed_shape, check_model_files, chosen_blobs, input_hw, parse_prototxt
-    from .features import pooled_shape
+def net_shapes(spec, prototxt: str, shape: List[int], chosen: List[str]) -> Tuple[Dict, Dict, int, str]:
+    """(per-image blob shapes, first-parameter shapes, index of the last layer they cover, why
+    the net was cut there or "") at input `shape`: the whole net when Caffe takes it, else the net
+    cut after the chosen blobs, else (no blob chosen) the longest head of the net that does.
+    Raises ConfigError (the run's own refusal) when the chosen blobs do not take that input."""
+    last = len(spec.layers) - 1
+    got, said = shapes_in_child(prototxt, shape, last)
+    if got is not None:
+        return got["blobs"], got["params"], last, ""
+    if chosen:
+        end = spec.end_layer(chosen)
+        got, said_cut = shapes_in_child(prototxt, shape, end)
+        if got is None:
+            own = spec.input_shape
+            raise ConfigError(describe_shape_failure(
+                prototxt, {"shape": shape, "blobs": chosen,
+                           "net_hw": [int(own[2]), int(own[3])] if own and len(own) == 4 else None}, said_cut, 1))
+        return got["blobs"], got["params"], end, said
+    lo, hi, best = 0, last - 1, None  # the longest head that Caffe takes (bisection: one child each)
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        got, _ = shapes_in_child(prototxt, shape, mid)
+        if got is not None:
+            best, lo = (got, mid), mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        return {}, {}, -1, said
+    return best[0]["blobs"], best[0]["params"], best[1], said
 
+
+def _blob_table(spec, shapes, weight_shapes, upto: int, chosen: List[str], cfg, itemsize: int) -> List[str]:
+    """One line per blob: name, the layer that writes it, its shape per image, the GFLOP of a
+    forward to it, its bytes per image (output.pooling, output.dtype) and backend=auto's engine."""
+    layers = spec.layers[:upto + 1]
+    flops = forward_flops(layers, {k: tuple(v) for k, v in shapes.items()},
+                          {k: tuple(v) for k, v in weight_shapes.items()})
+    params = {lp.name: lp for lp in spec.param.layer}
+    batched = {name: (1,) + tuple(s) for name, s in shapes.items()}
+    auto = str(cfg.backend) == "auto"
+    verdict: Dict[int, str] = {}
+    listed = [n for n in spec.blobs if n != spec.input_name and n in shapes and spec.producer(n) <= upto]
+    bw = max([28] + [len(n) for n in listed])
+    lw = max([24] + [len(spec.layers[spec.producer(n)].name) for n in listed])
+    lines = [f"    {'blob':<{bw}} {'<- layer writing it':<{lw + 3}} {'shape per image':<16} {'GFLOP':>7} "
+             f"{'bytes/image':>12}" + ("  engine (backend=auto, CPU)" if auto else "")]
+    for name in listed:
+        i = spec.producer(name)
+        gflop = sum(f for n, f in flops.items() if n in {layer.name for layer in spec.layers[:i + 1]}) / 1e9
+        nbytes = int(np.prod(pooled_shape(tuple(shapes[name]), cfg.output.pooling))) * itemsize
+        engine = ""
+        if auto:
+            if i not in verdict:
+                used = {layer.name for layer in spec.layers[:i + 1]}
+                why = unsupported([params[n] for n in params if n in used], batched)
+                verdict[i] = "onnxruntime" if not why else f"caffe ({why[0].split(':')[0]})"
+            engine = "  " + verdict[i]
+        mark = "  *" if name in chosen else "   "
+        lines.append(f"{mark} {name:<{bw}} <- {spec.layers[i].name:<{lw}} {' x '.join(map(str, shapes[name])):<16} "
+                     f"{gflop:>7.2f} {nbytes:>12,d}{engine}")
+    return lines
+
+
+def inspect_model(overrides: List[str]) -> str:
     cfg = compose_config(overrides)
     check_model_files(cfg.model, lambda: preset_model_paths(cfg.model.name))
     spec = parse_prototxt(cfg.model.prototxt)
-    chosen = chosen_blobs(cfg)
-    for b in chosen:
-        spec.producer(b)
-    check_fixed_shape(chosen, spec)
-    end = spec.end_layer(chosen)
-    try:  # every blob of the net when this Caffe knows all its layers
-        shapes, weight_shapes = blob_shapes(spec, len(spec.layers) - 1)
-        partial = False
-    except Exception:
-        shapes, weight_shapes = blob_shapes(spec, end)
-        partial = True
+    problem: Optional[str] = None
+    try:
+        chosen = chosen_blobs(cfg)
+        for b in chosen:
+            spec.producer(b)
+        check_fixed_shape(chosen, spec)
+    except ConfigError as e:
+        chosen, problem = [], str(e)
     h, w = input_hw(cfg.model, spec)
+    channels = int(spec.input_shape[1]) if spec.input_shape and len(spec.input_shape) == 4 else 3
+    shapes, weight_shapes, upto, cut = net_shapes(spec, str(cfg.model.prototxt), [1, channels, h, w], chosen)
     itemsize = np.dtype(str(cfg.output.dtype)).itemsize
+    pp = cfg.model.preprocess
+    missing = own_preprocess_missing(overrides) if is_own_model(cfg, overrides) else []
+    if missing:
+        fed = (f"input {channels}x{h}x{w} ({size_source(cfg.model)}); preprocessing: not given, a run refuses "
+               f"until it is: {', '.join('model.preprocess.' + k for k in missing)}")
+    else:
+        fed = describe_input(pp, (h, w), channels, size_source(cfg.model))
     lines = [f"model {cfg.model.name}", f"  prototxt {cfg.model.prototxt}", f"  weights  {cfg.model.weights}",
-             f"  input    {spec.input_name}: 3 x {h} x {w}", "", "blobs (name <- last layer writing it: shape per image):"]
-    for name in spec.blobs:
-        if name == spec.input_name or name not in shapes:
-            continue
-        layer = spec.layers[spec.producer(name)]
-        mark = "  *" if name in chosen else "   "
-        lines.append(f"{mark} {name:<28} <- {layer.name:<24} {' x '.join(map(str, shapes[name]))}")
-    if partial:
-        lines.append("   (the net was cut after the last chosen blob: later layers are unknown to this Caffe)")
-    from .gpu import cudnn_summary
-
+             f"  {spec.input_name}: {fed}", "",
+             f"blobs at {channels}x{h}x{w} (* chosen; GFLOP: a forward to the blob, per image; bytes: stored per "
+             f"image, {cfg.output.dtype}, pooling {cfg.output.pooling}):"]
+    lines += _blob_table(spec, shapes, weight_shapes, upto, chosen, cfg, itemsize)
+    if cut:
+        after = spec.layers[upto + 1].name if upto + 1 < len(spec.layers) else "the end"
+        lines.append(f"   (listed up to layer {spec.layers[upto].name if upto >= 0 else 'none'}: from {after} on "
+                     f"Caffe does not build the net at {channels}x{h}x{w}: {cut})")
+    if not chosen:
+        listing = "\n".join(lines)
+        if problem and "no blobs to extract" not in problem:
+            raise InspectedBlobError(problem, listing)
+        return (f"{listing}\n\nno blob chosen (model {cfg.model.name} has no default_blobs): name the ones to "
+                "extract with output.blobs=[name,...]")
+    end = spec.end_layer(chosen)
     used = {layer.name for layer in spec.layers[:end + 1]}
     lines += ["", "convolutions: " + cudnn_summary([lp for lp in spec.param.layer if lp.name in used], str(cfg.device))]
     # what a forward to the chosen blobs costs (the net runs every layer up to the last of them)
-    from .flops import forward_flops
-
-    flops = forward_flops(spec.layers[:end + 1], shapes, weight_shapes)
+    flops = forward_flops(spec.layers[:end + 1], {k: tuple(v) for k, v in shapes.items()},
+                          {k: tuple(v) for k, v in weight_shapes.items()})
     lines.append(f"forward to {', '.join(chosen)}: {sum(flops.values()) / 1e9:.2f} GFLOP per image "
                  f"({len(flops)} convolution and inner-product layers up to {spec.layers[end].name})")
     if cfg.backend == "auto":
         lines.append("engine on the CPU (backend=auto): " + _cpu_engine([lp for lp in spec.param.layer if lp.name in used],
                                                                        shapes))
-    pp = OmegaConf.to_container(cfg.model.preprocess)
-    lines += ["", "preprocessing: " + json.dumps(pp), "",
+    said = (f"not given: a run refuses until {', '.join('model.preprocess.' + k for k in missing)} are" if missing
+            else json.dumps(OmegaConf.to_container(pp)))
+    lines += ["", "preprocessing: " + said, "",
               f"output ({cfg.output.dtype}, pooling {cfg.output.pooling}, l2_normalize {cfg.output.l2_normalize}):"]
     total = 0
     for b in chosen:
-        shp = pooled_shape(shapes[b], cfg.output.pooling)
+        shp = pooled_shape(tuple(shapes[b]), cfg.output.pooling)
         nbytes = int(np.prod(shp)) * itemsize
         total += nbytes
         lines.append(f"  {b:<28} {' x '.join(map(str, shp)):<16} {nbytes:>10,d} bytes per image")

@@ -194,7 +194,7 @@ def chosen_blobs(cfg) -> List[str]:
     blobs = list(cfg.output.blobs) if cfg.output.blobs else list(cfg.model.default_blobs)
     if not blobs:
         raise ConfigError(f"no blobs to extract: set output.blobs=[name,...] (model {cfg.model.name} "
-                          "has no default_blobs)")
+                          "has no default_blobs; `caffe-runner inspect` with the same model keys lists every blob)")
     if len(set(blobs)) != len(blobs):
         raise ConfigError(f"output.blobs names a blob twice: {blobs}")
     return blobs

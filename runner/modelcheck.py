@@ -8,6 +8,12 @@ run waiting for a shard that never reports. The child dies instead, and its last
 (runner/lastwords.py) becomes the one-line error. It is bounded in time and runs in CPU mode
 (a GPU build loads the same way there).
 
+It also proves the shapes: the child cuts the net after the run's last blob (as the run does),
+reshapes it to the exact batch a task will feed (batch_size x channels x H x W after resizing
+and cropping: run_geometry) and runs one forward. A net whose layers do not take that input
+(AlexNet's fc6 at 300x300: "Input size incompatible with inner product parameters") is refused
+at plan time with Caffe's line and the fix, instead of aborting every shard of the run.
+
 The plan runs the check (exit 2, nothing created); each task runs it again first, because the
 files may have changed since: there it is cheap, since a pair that loaded is remembered by both
 files' sha256 (and the Caffe build) in the cache folder's model-checks.json (cache_path), and a
@@ -25,13 +31,14 @@ import sys
 import time
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from . import log
 from .errors import ConfigError
 from .lastwords import caffe_last_words
 from .digest import file_hash
-from .model import set_caffe_cpu_mode
+from .fold import net_from_text
+from .model import chosen_blobs, input_hw, parse_prototxt, set_caffe_cpu_mode, truncated_prototxt
 from .schema import CAFFE_LOADED
 
 CACHE_NAME = "model-checks.json"
@@ -40,6 +47,7 @@ MAX_ENTRIES = 256  # files and pairs remembered (the oldest are dropped)
 DEFAULT_TIMEOUT_S = 300.0
 OK = "caffe-runner-model-loads"
 NO_WEIGHTS = "caffe-runner-no-layer-weighted"  # the child's word: the file weighs none of the net's layers
+LOADED = "caffe-runner-weights-load"  # the child's word: the pair loaded; the shape check comes next
 PAIR_CHECK = "weights-cover-1"  # in the pair key: pairs proven before this check are checked again
 
 
@@ -130,8 +138,47 @@ def caffe_build_id() -> str:
     return ";".join(parts) or str(d)
 
 
-def _pair_key(shas: Dict[str, str], build: str) -> str:
-    return hashlib.sha256(f"{shas['prototxt']}:{shas['weights']}:{build}:{PAIR_CHECK}".encode()).hexdigest()
+def _pair_key(shas: Dict[str, str], build: str, geometry: Optional[Dict] = None) -> str:
+    """The cache's key of a proven pair: both files, the Caffe build and, when the shapes were
+    proven too, the batch shape and the blobs the net was cut after (another geometry is checked)."""
+    key = f"{shas['prototxt']}:{shas['weights']}:{build}:{PAIR_CHECK}"
+    if geometry:
+        key += ":shape-1:" + json.dumps([list(geometry["shape"]), list(geometry["blobs"])])
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def run_geometry(cfg, spec=None) -> Dict:
+    """The exact input a task feeds the net (pure but for parsing the prototxt): shape
+    [batch, channels, H, W] (10 crops per image with oversample), the blobs the net is cut after,
+    and for the messages the net's own input size and model.input_size as given."""
+    spec = spec or parse_prototxt(str(cfg.model.prototxt))
+    h, w = input_hw(cfg.model, spec)
+    own = spec.input_shape
+    channels = int(own[1]) if own and len(own) == 4 else 3
+    batch = int(cfg.batch_size) * (10 if cfg.model.preprocess.get("oversample") else 1)
+    return {"shape": [batch, channels, h, w], "blobs": chosen_blobs(cfg),
+            "net_hw": [int(own[2]), int(own[3])] if own and len(own) == 4 else None,
+            "input_size": [int(x) for x in cfg.model.input_size] if cfg.model.input_size else None}
+
+
+def describe_shape_failure(prototxt: str, geometry: Dict, said: Optional[str], returncode: int) -> str:
+    """The one line for a net Caffe loaded but cannot run at the run's input (pure)."""
+    shape = "x".join(map(str, geometry["shape"]))
+    if said is None:
+        said = f"the check process died ({'signal ' + str(-returncode) if returncode < 0 else 'exit code ' + str(returncode)}) without a message"
+    h, w = geometry["shape"][2:]
+    own = geometry.get("net_hw")
+    if own and [h, w] != list(own):
+        fix = (f"model.input_size=[{own[0]},{own[1]}], the net's own input size (model.input_size=[{h},{w}] "
+               "does not fit its layers)")
+    elif own:
+        fix = ("the prototxt does not run at its own input size: check its layers (a deploy prototxt made for "
+               "these weights), or set model.input_size=[H,W] to the size the net was trained at")
+    else:
+        fix = "set model.input_size=[H,W] to the size the net was trained at"
+    return (f"model.prototxt {prototxt} does not take the run's input: Caffe, reshaping the net (cut after "
+            f"{', '.join(geometry['blobs'])}) to the batch {shape} (batch_size x channels x H x W) and running "
+            f"it once: {said} (fix: {fix})")
 
 
 def describe_load_failure(prototxt: str, weights: str, said: Optional[str], returncode: int) -> str:
@@ -164,23 +211,35 @@ _CHILD = ("import sys, runpy; sys.path[0] = sys.argv.pop(1); "
           "runpy.run_module('runner.modelcheck', run_name='__main__', alter_sys=True)")
 
 
-def _child_command(prototxt: str, weights: str) -> list:
-    return [sys.executable, "-c", _CHILD, _ROOT, os.path.abspath(prototxt), os.path.abspath(weights)]
+def _child_command(prototxt: str, weights: str, geometry: Optional[Dict] = None) -> list:
+    cmd = [sys.executable, "-c", _CHILD, _ROOT, os.path.abspath(prototxt), os.path.abspath(weights)]
+    return cmd + ([json.dumps({"shape": list(geometry["shape"]), "blobs": list(geometry["blobs"])})]
+                  if geometry else [])
 
 
-def load_in_child(prototxt: str, weights: str, timeout_s: float) -> Tuple[bool, str]:
-    """(loaded, the line for the user when not) from a child process that builds the net."""
+def load_in_child(prototxt: str, weights: str, timeout_s: float, geometry: Optional[Dict] = None) -> Tuple[bool, str]:
+    """(loaded, the line for the user when not) from a child process that builds the net and,
+    with `geometry` (run_geometry), runs it once at the run's batch shape."""
     env = dict(os.environ, GLOG_minloglevel="2", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
                MKL_NUM_THREADS="1")
     try:
-        p = subprocess.run(_child_command(prototxt, weights), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, errors="replace", env=env, timeout=timeout_s)
+        p = subprocess.run(_child_command(prototxt, weights, geometry), stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", env=env,
+                           timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return False, (f"loading model.weights {weights} into model.prototxt {prototxt} took more than "
+        what = " and running it once at the run's batch shape" if geometry else ""
+        return False, (f"loading model.weights {weights} into model.prototxt {prototxt}{what} took more than "
                        f"{timeout_s:g} s in a check process and was stopped: a file on a slow or hung file "
-                       "system? (fix: copy the model files to a faster disk, or raise model.load_check_timeout_s)")
+                       "system, or a batch too large for this machine? (fix: copy the model files to a faster "
+                       "disk, or raise model.load_check_timeout_s)")
     if p.returncode == 0 and OK in p.stdout:
         return True, ""
+    if geometry and LOADED in p.stdout and NO_WEIGHTS not in p.stdout:  # the pair loaded; the shapes did not fit
+        said = caffe_last_words(p.stderr)
+        if said is None and p.returncode > 0:
+            tail = [ln.strip() for ln in p.stderr.splitlines() if ln.strip()]
+            said = tail[-1] if tail else None
+        return False, describe_shape_failure(prototxt, geometry, said, p.returncode)
     if NO_WEIGHTS in p.stdout:
         layers = json.loads(p.stdout.split(NO_WEIGHTS, 1)[1].splitlines()[0])
         return False, (f"model.weights {weights} holds weights for none of the {len(layers)} layers with parameters "
@@ -195,38 +254,99 @@ def load_in_child(prototxt: str, weights: str, timeout_s: float) -> Tuple[bool, 
     return False, describe_load_failure(prototxt, weights, said, p.returncode)
 
 
-def ensure_loadable(prototxt: str, weights: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Dict[str, str]:
-    """Raise ModelLoadError (one line, Caffe's words) unless Caffe loads the pair; a pair proven
-    before (same sha256s, same Caffe build) is not loaded again. Returns the two sha256s."""
+def ensure_loadable(prototxt: str, weights: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+                    geometry: Optional[Dict] = None) -> Dict[str, str]:
+    """Raise ModelLoadError (one line, Caffe's words) unless Caffe loads the pair (and, with
+    `geometry`, runs it at that batch shape); a pair proven before (same sha256s, same Caffe
+    build, same geometry) is not loaded again. Returns the two sha256s."""
     path = cache_path()
     cache = _read_cache(path)
     shas = {"prototxt": file_sha256(prototxt, cache), "weights": file_sha256(weights, cache)}
-    key = _pair_key(shas, caffe_build_id())
+    key = _pair_key(shas, caffe_build_id(), geometry)
     if key in cache["pairs"]:
         _write_cache(path, cache)  # newly hashed files (a copy elsewhere) are remembered too
         return shas
     t0 = time.time()
-    ok, line = load_in_child(prototxt, weights, float(timeout_s))
+    ok, line = load_in_child(prototxt, weights, float(timeout_s), geometry)
     if not ok:
         raise ModelLoadError(line)
-    log.info("model files load in Caffe (checked in %.1f s; remembered in %s)", time.time() - t0, path)
+    log.info("model files load in Caffe%s (checked in %.1f s; remembered in %s)",
+             f" and run at {'x'.join(map(str, geometry['shape']))}" if geometry else "", time.time() - t0, path)
     cache["pairs"][key] = {"prototxt": shas["prototxt"], "weights": shas["weights"], "t": time.time()}
     _write_cache(path, cache)
     return shas
 
 
-def check_model_loads(cfg) -> None:
-    """Plan- and task-time: prove cfg.model's pair loads in this environment's Caffe (raises
-    ModelLoadError). The other backends do not load the net with Caffe: nothing to prove."""
+def check_model_loads(cfg, geometry: Optional[Dict] = None) -> None:
+    """Plan- and task-time: prove cfg.model's pair loads in this environment's Caffe and runs at
+    the run's batch shape (raises ModelLoadError). The other backends do not load the net with
+    Caffe: nothing to prove."""
     if cfg.backend not in CAFFE_LOADED:
         return
     ensure_loadable(str(cfg.model.prototxt), str(cfg.model.weights),
-                    float(cfg.model.get("load_check_timeout_s", DEFAULT_TIMEOUT_S) or DEFAULT_TIMEOUT_S))
+                    float(cfg.model.get("load_check_timeout_s", DEFAULT_TIMEOUT_S) or DEFAULT_TIMEOUT_S),
+                    geometry or run_geometry(cfg))
+
+
+def _run_at(caffe, prototxt: str, shape: List[int], blobs: List[str]) -> None:
+    """The net cut after `blobs` (as a task cuts it), reshaped to `shape` and run once. Its
+    weights are the fillers' (the shapes do not depend on them; the pair's load was proven)."""
+    spec = parse_prototxt(prototxt)
+    net = net_from_text(caffe, truncated_prototxt(spec, spec.end_layer(blobs)))
+    net.blobs[net.inputs[0]].reshape(*shape)
+    net.reshape()
+    net.forward()
+
+
+SHAPES = "caffe-runner-shapes"  # the shapes child's word, then its JSON
+
+
+def shapes_in_child(prototxt: str, shape: List[int], end_index: int,
+                    timeout_s: float = DEFAULT_TIMEOUT_S) -> Tuple[Optional[Dict], str]:
+    """Caffe's own shape inference for the net cut after layer end_index, reshaped to `shape`
+    (N, C, H, W), in a child (a layer that does not take that input aborts the process):
+    ({"blobs": {blob: per-image shape}, "params": {layer: its first parameter's shape}}, "") or
+    (None, Caffe's line). No weights are read: shapes do not depend on them."""
+    env = dict(os.environ, GLOG_minloglevel="2", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", _CHILD, _ROOT, "--shapes", os.path.abspath(prototxt),
+           json.dumps({"shape": list(shape), "end": int(end_index)})]
+    try:
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           errors="replace", env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None, f"Caffe took more than {timeout_s:g} s to build the net (stopped)"
+    if p.returncode == 0 and SHAPES in p.stdout:
+        return json.loads(p.stdout.split(SHAPES, 1)[1].splitlines()[0]), ""
+    said = caffe_last_words(p.stderr)
+    if said is None:
+        tail = [ln.strip() for ln in p.stderr.splitlines() if ln.strip()]
+        said = tail[-1] if tail else f"the process ended with code {p.returncode}"
+    return None, said
+
+
+def _shapes_child(prototxt: str, geometry: Dict) -> None:
+    import caffe
+
+    set_caffe_cpu_mode(caffe)
+    spec = parse_prototxt(prototxt)
+    net = net_from_text(caffe, truncated_prototxt(spec, geometry["end"]))
+    net.blobs[net.inputs[0]].reshape(*geometry["shape"])
+    net.reshape()
+    out = {"blobs": {name: list(b.data.shape[1:]) for name, b in net.blobs.items()},
+           "params": {name: list(p[0].data.shape) for name, p in net.params.items()}}
+    sys.stdout.write(SHAPES + json.dumps(out) + "\n")
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _child(argv) -> int:
-    """The check itself: build the net in TEST phase, CPU mode, copying the weights in."""
-    prototxt, weights = argv
+    """The check itself: build the net in TEST phase, CPU mode, copying the weights in; with a
+    geometry (JSON), then run it once at that batch shape."""
+    if argv[0] == "--shapes":
+        os.environ.setdefault("GLOG_minloglevel", "2")
+        _shapes_child(argv[1], json.loads(argv[2]))
+    prototxt, weights = argv[:2]
+    geometry = json.loads(argv[2]) if len(argv) > 2 else None
     os.environ.setdefault("GLOG_minloglevel", "2")
     import caffe
 
@@ -248,6 +368,11 @@ def _child(argv) -> int:
         sys.stdout.write(NO_WEIGHTS + json.dumps(unweighted) + "\n")
         sys.stdout.flush()
         os._exit(0)
+    if geometry:
+        sys.stdout.write(LOADED + "\n")
+        sys.stdout.flush()
+        del net, initial
+        _run_at(caffe, prototxt, geometry["shape"], geometry["blobs"])  # Caffe aborts here when a shape does not fit
     sys.stdout.write(OK + "\n")
     sys.stdout.flush()
     os._exit(0)  # the net's memory is the OS's to free: a 500 MB model's teardown is time for nothing

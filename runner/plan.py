@@ -34,7 +34,7 @@ from .rundir import (RUN_JSON, DamagedPlanError, RunDir, partial_of, probe_writa
 from .runtimes import check_container
 from .runtimes.identity import task_container
 from .shard import shard_bounds
-from .schema import CAFFE_LOADED, CPU_ONLY, identity_backend
+from .schema import CAFFE_LOADED, CPU_ONLY, OWN_MODEL, identity_backend
 
 
 
@@ -428,7 +428,9 @@ def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
         "channels": channels,
         "model": {"name": cfg.model.name, "prototxt": os.path.abspath(cfg.model.prototxt),
                   "weights": os.path.abspath(cfg.model.weights) if cfg.model.weights else "",
-                  "prototxt_sha256": model_sha.get("prototxt", ""), "weights_sha256": model_sha["weights"]},
+                  "prototxt_sha256": model_sha.get("prototxt", ""), "weights_sha256": model_sha["weights"],
+                  # what the net is fed: its input and the preprocessing (the log's and inspect's words)
+                  "input": describe_input(cfg.model.preprocess, hw, channels, size_source(cfg.model))},
         "config_yaml": OmegaConf.to_yaml(cfg, resolve=True),
     }
     rd.write_plan(plan)
@@ -467,11 +469,39 @@ def load_run_dir(path, fingerprint: Optional[str] = None) -> Run:
     return Run(cfg, rd, plan)
 
 
+def describe_input(pp, hw, channels: int, size_from: str) -> str:
+    """What the net is fed, in one phrase (pure): its input shape, where that size comes from,
+    and the preprocessing (the numbers a run uses, for its log, run.json and inspect)."""
+    pp = OmegaConf.to_container(pp, resolve=True) if OmegaConf.is_config(pp) else dict(pp)
+    h, w = hw
+    if pp.get("resize") == "shorter_side":
+        resize = f"shorter side to {pp.get('resize_size')}, centre crop {h}x{w}"
+    elif pp.get("resize_size"):
+        resize = f"{pp['resize_size']}x{pp['resize_size']}, centre crop {h}x{w}"
+    else:
+        resize = f"{h}x{w}"
+    mean = (f"mean image {pp['mean_file']}" if pp.get("mean_file") else
+            f"mean {pp.get('mean')}" if pp.get("mean") is not None else "no mean")
+    return (f"input {channels}x{h}x{w} ({size_from}); preprocessing: resize {resize} ({pp.get('interpolation')}), "
+            f"{pp.get('channel_order')}, raw_scale {pp.get('raw_scale'):g}, {mean}, scale {pp.get('scale'):g}"
+            + (", 10 crops averaged" if pp.get("oversample") else "") + f", mode {pp.get('mode')}")
+
+
+def size_source(model_cfg) -> str:
+    """Where the input size comes from: model.input_size as configured, or the prototxt."""
+    if model_cfg.input_size:
+        return (f"model.input_size of preset {model_cfg.name}" if model_cfg.name != OWN_MODEL
+                else "model.input_size")
+    return "the prototxt's own size"
+
+
 def plan_summary(run: Run) -> str:
     p = run.plan
     done = len(run.done_shards())
     listing = p.get("listing") or {}
     skipped = f" (input: {describe_listing(listing)})" if listing.get("skipped") else ""
+    fed = p["model"].get("input")
     return (f"run {run.rundir.path}: {p['count']} images{skipped}, {run.num_shards} shards ({done} done), "
-            f"model {p['model']['name']}, blobs {','.join(p['blobs'])}, input {p['input_hw'][0]}x{p['input_hw'][1]}")
+            f"model {p['model']['name']}, blobs {','.join(p['blobs'])}, "
+            + (fed if fed else f"input {p['input_hw'][0]}x{p['input_hw'][1]}"))
 

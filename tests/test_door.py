@@ -222,7 +222,8 @@ def test_a_new_run_directory_in_a_group_writable_folder_is_refused(photos, tmp_p
     shared.mkdir()
     shared.chmod(0o2775)  # a project folder the whole group writes: not a run directory of one user
     for sweep in ([], ["-m", "batch_size=4,8"]):  # a run there, or a sweep's points there
-        p = run_cli(*sweep, f"input.dir={photos}", f"output.dir={shared}", "model.prototxt=/nonexistent.prototxt",
+        p = run_cli(*sweep, f"input.dir={photos}", f"output.dir={shared}", "model=res10_ssd",
+                    "model.prototxt=/nonexistent.prototxt",
                     check=False)
         lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
         assert p.returncode == 2 and len(lines) == 1 and "can be written by others" in lines[0], p.stderr

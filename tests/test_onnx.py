@@ -161,7 +161,8 @@ def test_auto_runs_caffe_for_a_net_that_does_not_convert(tmp_path, photos):
     weights = tmp_path / "pow.caffemodel"
     net.save(str(weights))
     model = [f"model.prototxt={proto}", f"model.weights={weights}", "model.name=pow",
-             "model.preprocess.mean=[100,110,120]", "model.input_size=[24,30]"]
+             "model.preprocess.mean=[100,110,120]", "model.preprocess.channel_order=BGR",
+             "model.preprocess.raw_scale=255", "model.preprocess.scale=1", "model.input_size=[24,30]"]
     common = (f"input.dir={photos}", "launcher=local", "launcher.workers=1", "num_shards=1", "output.blobs=[fc]",
               *model)
     run_cli(*common, f"output.dir={tmp_path / 'auto'}")

@@ -143,3 +143,39 @@ def test_a_worker_that_cannot_start_fails_the_run_at_once(repo_like, tmp_path):
     err = [ln for ln in p.stderr.splitlines() if ln.startswith("caffe-runner: error:")]
     assert len(err) == 1 and "failed while starting: TypeError" in err[0], p.stderr[-3000:]
     assert took < 60 and "Traceback" not in p.stderr, (took, p.stderr[-3000:])
+
+
+def test_readme_preset_of_your_own_runs_as_written(zoo, photos, tmp_path):
+    """The README's preset for a fine-tuned net (the zoo's Flickr style, random weights here) is
+    written where its first line says, its files put where it names them, and the block after it
+    runs as one script (its `export` holds for the lines after it), with HOME a fresh folder."""
+    text = (REPO / "README.md").read_text()
+    preset = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "name: flickr_style" in b]
+    script = [b for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S) if "model=flickr_style" in b]
+    assert len(preset) == 1 and len(script) == 1
+    home = tmp_path / "home"
+    where = Path(preset[0].splitlines()[0].lstrip("# ").strip().replace("~", str(home)))
+    where.parent.mkdir(parents=True)
+    where.write_text(preset[0])
+    proto, weights = zoo("flickr_style")
+    models = home / "lab" / "models" / "finetune_flickr_style"
+    models.mkdir(parents=True)
+    shutil.copyfile(proto, models / "deploy.prototxt")
+    shutil.copyfile(weights, models / "finetune_flickr_style.caffemodel")
+    (home / "lab" / "photos").mkdir()
+    for f in sorted(photos.rglob("*.jpg"))[:3]:  # a few (the machine is shared)
+        shutil.copyfile(f, home / "lab" / "photos" / f.name)
+    env = dict(os.environ, HOME=str(home), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               PYTHONPATH=str(REPO))
+    env.pop("CAFFE_RUNNER_CACHE", None)
+    env.pop("XDG_CACHE_HOME", None)
+    p = subprocess.run(["bash", "-e", "-c", script[0]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, f"{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    assert "Traceback" not in p.stderr
+    assert "yours, in $CAFFE_RUNNER_CONFIG/model: flickr_style" in p.stdout  # --help lists it
+    assert "data: input 3x227x227 (model.input_size of preset flickr_style)" in p.stdout  # inspect
+    import h5py
+
+    with h5py.File(home / "lab" / "runs" / "flickr" / "features.h5", "r") as f:
+        assert f["features/fc7"].shape == (3, 4096) and f.attrs["model_name"] == "flickr_style"

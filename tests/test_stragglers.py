@@ -145,7 +145,8 @@ def _inputs(tmp_path: Path, n: int) -> list:
     lst.write_text("\n".join(sorted(map(str, pics))) + "\n")
     proto = tmp_path / "sim.prototxt"
     proto.write_text(SIM_NET)
-    return [f"input.list={lst}", f"model.prototxt={proto}", f"model.weights={proto}"]
+    # the preset's preprocessing (a net of your own must name its own: model.preprocess.*)
+    return [f"input.list={lst}", "model=res10_ssd", f"model.prototxt={proto}", f"model.weights={proto}"]
 
 
 def _status(run: Path) -> dict:
