@@ -421,10 +421,13 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
             heart = Heart(lambda beat: run.write_heartbeat(index, beat), cfg.heartbeat_s,
                           dict(state="running", phase="loading", shard=index, job_id=ident.job_id,
                                started=t_lock, log=log_path, image=image_label(), **taken)).start()
-            # the files may have changed since the plan proved them: a pair Caffe cannot load would
-            # abort this process inside load_engine; the check's child dies instead, and its line
-            # is this shard's error (cheap when this pair was proven: runner/modelcheck.py).
-            # A task that keeps the net it loaded for an earlier shard loads nothing here
+            # the files may have changed since the plan hashed them: before every shard, a task
+            # keeping its net included, the prototxt, weights and mean file must be the plan's
+            # (refused by name; a stat per file while unchanged: runner/modelcheck.py)
+            run.check_model_files()
+            # a pair Caffe cannot load would abort this process inside load_engine; the check's
+            # child dies instead, and its line is this shard's error (cheap when this pair was
+            # proven). A task that keeps the net it loaded for an earlier shard loads nothing here
             if keep is None or keep.get("engine") is None:
                 check_model_loads(cfg)
             # once per shard (once per task with `keep`): the prototxt parsed, the mean file loaded
