@@ -340,7 +340,9 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, par
     if len(seen) == 2:
         (ta, ca, na), (tb, cb, nb) = seen
         stats.update(steady_s=tb - ta, steady_cpu_s=cb - ca, steady_images=nb - na)
-    stats.update(op.engine.attrs())
+    # what computed the rows, beside the backend configured for them (a resumed shard's other
+    # attributes are its first task's: these two are always the finishing task's)
+    stats.update(op.engine.attrs(), backend=str(cfg.backend))
     return dict(stats, **check.attrs()) if check is not None else stats
 
 
