@@ -327,3 +327,18 @@ def test_weights_replaced_after_the_plan_are_refused_by_every_array_task(cluster
         beat = json.loads((run / "status" / f"shard-{i:05d}-of-00002.json").read_text())
         assert beat["state"] == "failed" and CHANGED in beat["error"], beat
     assert not list((run / "shards").glob("*.h5"))
+
+
+@pytest.mark.unit
+def test_a_run_planned_before_the_mean_files_content_was_recorded_still_resumes():
+    """Its identity has the mean file's path but not its sha256: the same config resumes it
+    (with a warning); any other difference, or another recorded content, is refused as before."""
+    from runner.plan import _same_identity
+
+    new = {"model": {"prototxt_sha256": "p", "mean_file_sha256": "m", "preprocess": {"mean_file": "/m.npy"}},
+           "blobs": ["emb"]}
+    old = {"model": {"prototxt_sha256": "p", "preprocess": {"mean_file": "/m.npy"}}, "blobs": ["emb"]}
+    assert _same_identity(new, new) and _same_identity(old, new)
+    assert not _same_identity(dict(old, blobs=["fc7"]), new)
+    assert not _same_identity({"model": dict(new["model"], mean_file_sha256="other"), "blobs": ["emb"]}, new)
+    assert not _same_identity(None, new)
