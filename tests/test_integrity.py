@@ -342,3 +342,26 @@ def test_a_run_planned_before_the_mean_files_content_was_recorded_still_resumes(
     assert not _same_identity(dict(old, blobs=["fc7"]), new)
     assert not _same_identity({"model": dict(new["model"], mean_file_sha256="other"), "blobs": ["emb"]}, new)
     assert not _same_identity(None, new)
+
+
+@pytest.mark.slow
+def test_retry_refuses_weights_changed_since_the_plan(model, photos, tmp_path):
+    """`retry` adds rows to the run's shards: it loads the plan's files or nothing (one line,
+    exit 2, the run untouched)."""
+    import shutil
+
+    d = tmp_path / "in"
+    shutil.copytree(photos, d)
+    names = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{d / n} 0\n" for n in names) + f"{d / 'late.jpg'} 0\n")  # not there yet
+    run = tmp_path / "run"
+    run_cli(f"input.list={listing}", f"output.dir={run}", "launcher.workers=1", "num_shards=1",
+            "run.max_failure_fraction=null", *model["args"], env=model["env"])
+    shutil.copyfile(d / names[0], d / "late.jpg")  # the missing image is there now: retry would recover it
+    model["weights"].write_bytes(model["resaved"].read_bytes())
+    before = {p: p.read_bytes() for p in (run / "shards").glob("*.h5")}
+    p = run_cli("retry", run, env=model["env"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stdout + p.stderr[-3000:]
+    assert f"model.weights {model['weights']} {CHANGED}" in p.stderr, p.stderr[-3000:]
+    assert {p: p.read_bytes() for p in (run / "shards").glob("*.h5")} == before
