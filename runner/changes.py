@@ -9,7 +9,8 @@ from typing import Dict, List, Optional, Tuple
 
 # identity paths -> the config key a user writes (the rest are the same dotted path)
 _IDENTITY_KEYS = {"blobs": "output.blobs", "input": "input", "model.prototxt_sha256": "model.prototxt (sha256)",
-                  "model.weights_sha256": "model.weights (sha256)"}
+                  "model.weights_sha256": "model.weights (sha256)",
+                  "model.mean_file_sha256": "model.preprocess.mean_file (sha256)"}
 
 
 def _flat(d, prefix: str = "") -> Dict[str, object]:

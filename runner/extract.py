@@ -344,7 +344,9 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, par
     if len(seen) == 2:
         (ta, ca, na), (tb, cb, nb) = seen
         stats.update(steady_s=tb - ta, steady_cpu_s=cb - ca, steady_images=nb - na)
-    stats.update(op.engine.attrs())
+    # what computed the rows, beside the backend configured for them (a resumed shard's other
+    # attributes are its first task's: these two are always the finishing task's)
+    stats.update(op.engine.attrs(), backend=str(cfg.backend))
     return dict(stats, **check.attrs()) if check is not None else stats
 
 
@@ -425,10 +427,13 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
             heart = Heart(lambda beat: run.write_heartbeat(index, beat), cfg.heartbeat_s,
                           dict(state="running", phase="loading", shard=index, job_id=ident.job_id,
                                started=t_lock, log=log_path, image=image_label(), **taken)).start()
-            # the files may have changed since the plan proved them: a pair Caffe cannot load would
-            # abort this process inside load_engine; the check's child dies instead, and its line
-            # is this shard's error (cheap when this pair was proven: runner/modelcheck.py).
-            # A task that keeps the net it loaded for an earlier shard loads nothing here
+            # the files may have changed since the plan hashed them: before every shard, a task
+            # keeping its net included, the prototxt, weights and mean file must be the plan's
+            # (refused by name; a stat per file while unchanged: runner/modelcheck.py)
+            run.check_model_files()
+            # a pair Caffe cannot load would abort this process inside load_engine; the check's
+            # child dies instead, and its line is this shard's error (cheap when this pair was
+            # proven). A task that keeps the net it loaded for an earlier shard loads nothing here
             if keep is None or keep.get("engine") is None:
                 check_model_loads(cfg)
             # once per shard (once per task with `keep`): the prototxt parsed, the mean file loaded

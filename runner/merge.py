@@ -38,7 +38,7 @@ from .errors import RunBusyError, RunnerError, ShardFailedError, unwritable
 from .locks import FileLock, LockHeld
 from .rundir import MERGE_LOCK, probe_writable
 from .runtimes.identity import image_label
-from .write import dataset_name
+from .write import blobs_attr, dataset_name
 
 ROW_DATASETS = ("names", "names_raw", "index")
 # per-row datasets carried when the shards have them (labels from a labelled input list)
@@ -47,9 +47,9 @@ FAILURE_DATASETS = ("index", "names", "names_raw", "reason")
 # run-level attributes copied from the first shard (an allow list: a shard's own statistics,
 # host, pid, range or progress never pass for the run's)
 RUN_ATTRS = ("caffe_runner_version", "model_name", "prototxt", "prototxt_sha256", "weights", "weights_sha256",
-             "blobs", "preprocess", "backend", "input_source", "manifest_count", "config", "container",
+             "blobs", "preprocess", "backend", "engine", "input_source", "manifest_count", "config", "container",
              "container_runtime", "container_image", "container_image_id",
-             "fingerprint", "format_version", "blob_shapes")
+             "fingerprint", "format_version", "blob_shapes", "mean_file", "mean_file_sha256")
 CHUNK_BYTES = 16 << 20
 NAME_CHUNK_ROWS = 65536
 # bytes of a JSON attribute before it is written compactly (HDF5's limit is 64 KB)
@@ -87,12 +87,16 @@ def _scan(paths: Sequence[Path]) -> Tuple[List[_Source], _Layout]:
     sources = []
     layout = None
     images: Dict[str, List[int]] = {}  # which image each shard ran in; more than one key: mixed
+    ran: Dict[str, Dict[str, List[int]]] = {"backend": {}, "engine": {}}  # the same, per backend and engine
     for p in paths:
         with _open(p) as f:
             rows, nf = len(f["index"]), len(f["failures/index"])
-            images.setdefault(image_label(f.attrs), []).append(int(f.attrs.get("shard", len(sources))))
+            shard = int(f.attrs.get("shard", len(sources)))
+            images.setdefault(image_label(f.attrs), []).append(shard)
+            for k, by in ran.items():
+                by.setdefault(str(f.attrs.get(k, "")), []).append(shard)
             if layout is None:
-                blobs = json.loads(f.attrs["blobs"])
+                blobs = blobs_attr(f.attrs)
                 shapes = {dataset_name(b): f[f"features/{dataset_name(b)}"].shape[1:] for b in blobs}
                 rowds = ROW_DATASETS + tuple(d for d in OPTIONAL_ROW_DATASETS if d in f)
                 dtypes = {f"features/{d}": f[f"features/{d}"].dtype for d in shapes}
@@ -110,7 +114,27 @@ def _scan(paths: Sequence[Path]) -> Tuple[List[_Source], _Layout]:
     if len(text) > ATTR_BUDGET:  # an HDF5 attribute holds at most 64 KB: ranges, "0-19999,20005"
         text = json.dumps({k: _ranges(v) for k, v in images.items()})
     layout.attrs["container_images"] = text
+    layout.attrs["blobs"] = list(layout.blobs)  # an array of strings, whatever the shards wrote
+    for k, by in ran.items():
+        said = agreed(by)
+        if said:
+            layout.attrs[k] = said
+        else:
+            layout.attrs.pop(k, None)
     return sources, layout
+
+
+def agreed(by_value: Dict[str, List[int]]) -> str:
+    """One attribute over the shards, truthfully (pure): {value: shards} -> the value when they
+    all agree, else "mixed: A (shards 0-3); B (shard 4)"; "" when no shard recorded one (a run
+    made before the attribute existed)."""
+    if set(by_value) <= {""}:
+        return ""
+    if len(by_value) == 1:
+        return next(iter(by_value))
+    parts = [f"{v or 'not recorded'} (shard{'s' if len(ix) > 1 else ''} {_ranges(ix)})"
+             for v, ix in sorted(by_value.items(), key=lambda kv: min(kv[1]))]
+    return "mixed: " + "; ".join(parts)
 
 
 def _ranges(ix: Sequence[int]) -> str:

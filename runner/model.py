@@ -584,8 +584,12 @@ class OpenCVEngine(Engine):
         # OpenCV names outputs by layer; a blob is read at its last producer
         self.layer_of = {b: spec.layers[spec.producer(b)].name for b in self.blobs}
         self.device_desc = "cpu"
+        self.engine = f"opencv {cv2.__version__}"
         out = self.forward(np.zeros((1,) + tuple(in_shape), np.float32))
         self.blob_shapes = {b: tuple(v.shape[1:]) for b, v in out.items()}
+
+    def attrs(self) -> Dict[str, object]:
+        return {"engine": self.engine}
 
     def forward(self, x):
         self.net.setInput(np.ascontiguousarray(x, dtype=np.float32))
@@ -627,6 +631,9 @@ class SimulatedEngine(Engine):
         self.batches = 0
         self.blob_shapes = {b: (int(in_shape[0]),) for b in self.blobs}
         self.device_desc = f"simulated-{device}" + (f":{gpu_device}" if device == "gpu" else "")
+
+    def attrs(self) -> Dict[str, object]:
+        return {"engine": "simulated"}
 
     def forward(self, x):
         if self.gate:

@@ -19,6 +19,11 @@ files may have changed since: there it is cheap, since a pair that loaded is rem
 files' sha256 (and the Caffe build) in the cache folder's model-checks.json (cache_path), and a
 file's sha256 by its stat (size, mtime, ctime, inode), so a 500 MB model is neither hashed nor
 loaded twice. The cache is a convenience: when it cannot be read or written the check runs.
+
+The plan's files are the files that run: the plan records the sha256 of the prototxt, the
+weights and the mean file, and each task compares the files it is about to load with them
+before every shard (check_planned_files), a task keeping its net included. Through the same
+cache (and this process's memory of it) that costs a stat per file while they are unchanged.
 """
 from __future__ import annotations
 
@@ -98,27 +103,85 @@ def _stat_key(st: os.stat_result) -> list:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
+# this process's own copy of the cache's file entries: a task verifying its files before each
+# shard stats them and reads nothing (not even the cache file) while they are unchanged
+_SEEN: Dict[str, Dict] = {}
+
+
 def file_sha256(path: str, cache: Optional[Dict] = None) -> str:
-    """sha256 of a file, taken from `cache` (the loaded cache file) when its stat is unchanged;
-    a fresh hash is recorded there."""
+    """sha256 of a file, taken from `cache` (the loaded cache file) or this process's memory
+    when its stat is unchanged; a fresh hash is recorded in both."""
     real = os.path.realpath(path)
     key = _stat_key(os.stat(real))
     files = cache["files"] if cache is not None else {}
-    hit = files.get(real)
-    if hit and hit.get("stat") == key:
-        return hit["sha256"]
+    for hit in (_SEEN.get(real), files.get(real)):
+        if hit and hit.get("stat") == key:
+            files[real] = _SEEN[real] = hit
+            return hit["sha256"]
     sha = file_hash(real)
-    files[real] = {"stat": key, "sha256": sha, "t": time.time()}
+    files[real] = _SEEN[real] = {"stat": key, "sha256": sha, "t": time.time()}
     return sha
 
 
-def model_sha256(prototxt: str, weights: str) -> Dict[str, str]:
-    """Both files' sha256 (stat-cached; what the plan records)."""
+def _seen_sha256(path: str) -> Optional[str]:
+    """The sha256 this process took of the file, if its stat has not changed since (else None)."""
+    real = os.path.realpath(path)
+    hit = _SEEN.get(real)
+    return hit["sha256"] if hit and hit.get("stat") == _stat_key(os.stat(real)) else None
+
+
+def files_sha256(paths: Dict[str, str]) -> Dict[str, str]:
+    """{name: sha256} of {name: path} (stat-cached: a file is hashed once per change, per node
+    through the cache file and per process through memory; the cache file is read and written
+    only when this process has not seen a file with its current stat)."""
+    known = {k: _seen_sha256(p) for k, p in paths.items()}
+    if all(known.values()):
+        return known
     path = cache_path()
     cache = _read_cache(path)
-    shas = {"prototxt": file_sha256(prototxt, cache), "weights": file_sha256(weights, cache)}
+    shas = {k: file_sha256(p, cache) for k, p in paths.items()}
     _write_cache(path, cache)
     return shas
+
+
+def model_sha256(prototxt: str, weights: str, mean_file: Optional[str] = None) -> Dict[str, str]:
+    """The model files' sha256 (stat-cached; what the plan records): prototxt, weights and,
+    when given, the mean file."""
+    paths = {"prototxt": prototxt, "weights": weights}
+    if mean_file:
+        paths["mean_file"] = mean_file
+    return files_sha256(paths)
+
+
+class ModelFileChangedError(ConfigError):
+    """A model file differs from the one the run's plan hashed (or is gone)."""
+
+
+# the plan's model files: its key -> the config key a user writes
+PLANNED_FILES = {"prototxt": "model.prototxt", "weights": "model.weights", "mean_file": "model.preprocess.mean_file"}
+
+
+def describe_changed_file(key: str, path: str, planned: str, now: Optional[str]) -> str:
+    """The one line for a model file that is not the one the plan hashed (pure)."""
+    what = (f"is gone since this run was planned (sha256 {planned[:12]}...)" if now is None else
+            f"changed since this run was planned (sha256 {planned[:12]}... then, {now[:12]}... now)")
+    return (f"{PLANNED_FILES[key]} {path} {what}: this task computes nothing with it (fix: put the planned file "
+            "back, or plan the run again with the new one: rerun with output.overwrite=true, or with a new "
+            "output.dir)")
+
+
+def check_planned_files(planned: Dict[str, Tuple[str, str]]) -> None:
+    """Raise ModelFileChangedError, naming the file, unless every file of {key: (path, the
+    plan's sha256)} still has that sha256. Stat-cached (files_sha256): cheap before each shard."""
+    paths = {k: p for k, (p, sha) in planned.items() if p and sha}
+    gone = [k for k, p in paths.items() if not os.path.isfile(p)]
+    if gone:
+        k = gone[0]
+        raise ModelFileChangedError(describe_changed_file(k, paths[k], planned[k][1], None))
+    now = files_sha256(paths)
+    for k, p in paths.items():
+        if now[k] != planned[k][1]:
+            raise ModelFileChangedError(describe_changed_file(k, p, planned[k][1], now[k]))
 
 
 def caffe_build_id() -> str:

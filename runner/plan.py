@@ -26,9 +26,8 @@ from .inputs import build_manifest, input_source, input_stamp, list_input, refus
 from .manifest import extend_manifest, load_manifest
 from .inputs.listing import describe as describe_listing
 from .locks import probe_flock
-from .digest import file_hash
 from .model import check_fixed_shape, check_model_files, chosen_blobs, input_hw, parse_prototxt
-from .modelcheck import check_model_loads, model_sha256
+from .modelcheck import check_model_loads, check_planned_files, files_sha256
 from .rundir import (RUN_JSON, DamagedPlanError, RunDir, partial_of, probe_writable, remove_old_run,
                      shard_file_of_run)
 from .runtimes import check_container
@@ -134,10 +133,13 @@ def _check_model_loads(cfg) -> None:
 
 
 def _model_sha(cfg) -> Dict[str, str]:
-    """The model files' sha256 (stat-cached: a 500 MB model is hashed once per change)."""
-    if cfg.model.weights and os.path.isfile(cfg.model.weights):
-        return model_sha256(cfg.model.prototxt, cfg.model.weights)
-    sha = {k: file_hash(cfg.model[k]) for k in ("prototxt",) if os.path.isfile(cfg.model[k])}
+    """The model files' sha256: prototxt, weights and the mean file when one is given
+    (stat-cached: a 500 MB model is hashed once per change)."""
+    paths = {k: str(cfg.model[k]) for k in ("prototxt", "weights") if cfg.model[k] and os.path.isfile(cfg.model[k])}
+    mean_file = cfg.model.preprocess.get("mean_file")
+    if mean_file and os.path.isfile(mean_file):
+        paths["mean_file"] = str(mean_file)
+    sha = files_sha256(paths)
     sha.setdefault("weights", "")
     return sha
 
@@ -173,16 +175,34 @@ def validate(cfg, launcher) -> Checked:
 def identity(cfg, blobs: List[str], model_sha: Dict[str, str], input_source: str) -> Dict:
     """What determines the output files: a run dir holding another identity is refused."""
     pp = OmegaConf.to_container(cfg.model.preprocess, resolve=True)
+    model = {"prototxt_sha256": model_sha["prototxt"], "weights_sha256": model_sha["weights"],
+             "input_size": OmegaConf.to_container(cfg.model.input_size) if cfg.model.input_size else None,
+             "preprocess": pp}
+    if model_sha.get("mean_file"):  # its content, not only its path (absent without one: older runs resume)
+        model["mean_file_sha256"] = model_sha["mean_file"]
     return {
-        "model": {"prototxt_sha256": model_sha["prototxt"], "weights_sha256": model_sha["weights"],
-                  "input_size": OmegaConf.to_container(cfg.model.input_size) if cfg.model.input_size else None,
-                  "preprocess": pp},
+        "model": model,
         "blobs": blobs,
         "output": {k: cfg.output[k] for k in ("pooling", "gem_p", "l2_normalize", "dtype")},
         "decode": {k: cfg.decode[k] for k in ("exif_orientation", "max_pixels", "reduced_jpeg")},
         "backend": identity_backend(cfg.backend),
         "input": input_source,
     }
+
+
+def _same_identity(old: Optional[Dict], new: Dict) -> bool:
+    """Whether a run directory's identity is this config's. A run planned before the mean
+    file's content was part of it (its path was) resumes, with a warning."""
+    if old == new:
+        return True
+    model = dict(new.get("model", {}))
+    if old and "mean_file_sha256" in model and "mean_file_sha256" not in old.get("model", {}):
+        model.pop("mean_file_sha256")
+        if old == dict(new, model=model):
+            log.warning("this run was planned before the mean file's content was recorded: its tasks check "
+                        "model.preprocess.mean_file by path only (a new output.dir records and checks its content)")
+            return True
+    return False
 
 
 def _check_writable(path: Path) -> None:
@@ -294,16 +314,28 @@ class Run:
         channels = int(self.plan["channels"])
         return PipelineParts(spec, blobs, decoder, make_transform(pp, geom, channels), (channels, h, w))
 
+    def check_model_files(self) -> None:
+        """Before each shard (a task keeping its net too): the prototxt, weights and mean file
+        this task loads are the ones the plan hashed, else ModelFileChangedError naming the file
+        (stat-cached: runner/modelcheck.py)."""
+        m, cfg = self.plan["model"], self.cfg.model
+        check_planned_files({"prototxt": (cfg.prototxt, m.get("prototxt_sha256")),
+                             "weights": (cfg.weights, m.get("weights_sha256")),
+                             "mean_file": (cfg.preprocess.get("mean_file"), m.get("mean_file_sha256"))})
+
     def shard_attrs(self) -> Dict[str, object]:
         p = self.plan
+        mean = {k: p["model"][k] for k in ("mean_file", "mean_file_sha256") if p["model"].get(k)}
         return {
             "caffe_runner_version": __version__,
             "model_name": p["model"]["name"],
             "prototxt": p["model"]["prototxt"], "prototxt_sha256": p["model"]["prototxt_sha256"],
             "weights": p["model"]["weights"], "weights_sha256": p["model"]["weights_sha256"],
-            "blobs": json.dumps(p["blobs"]),
+            **mean,
+            "blobs": list(p["blobs"]),  # an array of strings (runs before 35 wrote a JSON string: blobs_attr)
             "preprocess": json.dumps(p["identity"]["model"]["preprocess"]),
-            "backend": p["identity"]["backend"],
+            # as configured (auto, caffe, onnxruntime ...); what computed the rows is `engine`
+            "backend": str(self.cfg.get("backend", p["identity"]["backend"])),
             "input_source": p["identity"]["input"],
             "manifest_count": p["count"],
             "config": p["config_yaml"],
@@ -373,7 +405,7 @@ def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
             old = {}  # nothing of it can be trusted: replaced below like a run of another config
     num_shards = explicit_shards
     if old is not None:
-        same_ident = old.get("identity") == ident
+        same_ident = _same_identity(old.get("identity"), ident)
         old_shards = segments(old)[0]["num_shards"] if old else None
         same_shards = num_shards is None or num_shards == old_shards
         if same_ident and same_shards:
@@ -430,7 +462,9 @@ def prepare_run(cfg, launcher, explicit_shards: Optional[int] = None) -> Run:
                   "weights": os.path.abspath(cfg.model.weights) if cfg.model.weights else "",
                   "prototxt_sha256": model_sha.get("prototxt", ""), "weights_sha256": model_sha["weights"],
                   # what the net is fed: its input and the preprocessing (the log's and inspect's words)
-                  "input": describe_input(cfg.model.preprocess, hw, channels, size_source(cfg.model))},
+                  "input": describe_input(cfg.model.preprocess, hw, channels, size_source(cfg.model)),
+                  **({"mean_file": os.path.abspath(cfg.model.preprocess.mean_file),
+                      "mean_file_sha256": model_sha["mean_file"]} if model_sha.get("mean_file") else {})},
         "config_yaml": OmegaConf.to_yaml(cfg, resolve=True),
     }
     rd.write_plan(plan)

@@ -84,14 +84,18 @@ def _shard_attempts(run, i: int, now: float, st: Dict) -> List[Dict]:
     return att
 
 
-def _shard_file_facts(path: Path, reasons: Counter, examples: Dict[str, List[str]]) -> Dict[str, float]:
-    """Numeric attributes of a complete shard file (its quality and speed figures), and its
-    failures folded into `reasons` / `examples`."""
+def _shard_file_facts(path: Path, reasons: Counter, examples: Dict[str, List[str]],
+                      ran: Optional[Dict[str, Dict[str, List[int]]]] = None, shard: int = 0) -> Dict[str, float]:
+    """Numeric attributes of a complete shard file (its quality and speed figures), its
+    failures folded into `reasons` / `examples`, and its backend (as configured) and engine (as
+    run) into `ran` ({attr: {value: shards}})."""
     import h5py
 
     figures: Dict[str, float] = {}
     with h5py.File(path, "r", locking=False) as f:
         figures["_rows"], figures["_failures"] = len(f["index"]), len(f["failures/index"])
+        for k, by in (ran or {}).items():
+            by.setdefault(str(f.attrs.get(k, "")), []).append(shard)
         for k, v in f.attrs.items():
             if k in _NOT_FIGURES:
                 continue
@@ -110,6 +114,7 @@ def _shard_file_facts(path: Path, reasons: Counter, examples: Dict[str, List[str
 
 def collect(run_dir: Path) -> Dict:
     """Everything the report shows, as plain data (no drawing)."""
+    from .merge import agreed
     from .plan import load_run_dir
     from .status import run_status
 
@@ -121,11 +126,12 @@ def collect(run_dir: Path) -> Dict:
     reasons: Counter = Counter()
     examples: Dict[str, List[str]] = {}
     figures: Dict[int, Dict[str, float]] = {}
+    ran: Dict[str, Dict[str, List[int]]] = {"backend": {}, "engine": {}}
     for s in st["shards"]:
         i = s["shard"]
         attempts += _shard_attempts(run, i, now, s)
         if s["state"] == "done":
-            figures[i] = _shard_file_facts(run.shard_path(i), reasons, examples)
+            figures[i] = _shard_file_facts(run.shard_path(i), reasons, examples, ran, i)
             # a complete shard's file is the truth (a heartbeat may be missing or older than a retry)
             s["rows"], s["failures"] = int(figures[i].pop("_rows")), int(figures[i].pop("_failures"))
     st["rows"], st["failures"] = sum(s["rows"] for s in st["shards"]), sum(s["failures"] for s in st["shards"])
@@ -137,6 +143,10 @@ def collect(run_dir: Path) -> Dict:
         "submissions": _read_json(rd / "submissions.json") or [],
         "overrides": _read_text(rd / ".hydra" / "overrides.yaml"),
         "merged_attrs": _merged_attrs(run.rundir.merged),
+        # as the complete shards recorded them ("mixed: ..." when they differ); the backend as
+        # configured before any shard is complete
+        "ran": {"backend": agreed(ran["backend"]) or str(run.cfg.get("backend") or ""),
+                "engine": agreed(ran["engine"])},
     }
 
 
@@ -486,10 +496,12 @@ def render(data: Dict) -> str:
     m = plan.get("model", {})
     ident = [("model", m.get("name")), ("prototxt", f"{m.get('prototxt')} (sha256 {m.get('prototxt_sha256')})"),
              ("weights", f"{m.get('weights')} (sha256 {m.get('weights_sha256')})"),
+             ("mean file", m.get("mean_file") and f"{m['mean_file']} (sha256 {m.get('mean_file_sha256')})"),
              ("blobs", ", ".join(plan.get("blobs", []))),
              ("blob shapes", data["merged_attrs"].get("blob_shapes", "")),
              ("input", plan.get("identity", {}).get("input")), ("input size", "x".join(map(str, plan.get("input_hw", [])))),
-             ("backend", plan.get("identity", {}).get("backend")),
+             ("backend", data.get("ran", {}).get("backend") or plan.get("identity", {}).get("backend")),
+             ("engine", data.get("ran", {}).get("engine") or "not recorded (no complete shard says)"),
              ("devices", ", ".join(sorted({str(a.get("device")) for a in attempts if a.get("device")}))),
              ("hosts", ", ".join(sorted({str(a.get("host")) for a in attempts if a.get("host")}))),
              ("container images", "none (the host)" if set(st.get("container_images") or {"": 0}) == {""} else

@@ -29,7 +29,7 @@ from .errors import ConfigError, RunBusyError, RunnerError
 from .atomic import atomic_write_text, commit as commit_file
 from .private import check_private
 from .stats import TRANSIENT, is_transient, reason_kind, write_stats  # noqa: F401 (TRANSIENT: re-exported)
-from .write import ShardWriter, dataset_name
+from .write import ShardWriter, blobs_attr, dataset_name
 
 RETRY_DIR = "retry"
 COMMIT = "commit.json"
@@ -96,6 +96,7 @@ class _Extractor:
         configure_threads(threads)
         self.threads = int(threads)
         cfg = run.cfg
+        run.check_model_files()  # the rows it adds are the plan's net's (refused by name if a file changed)
         spec, self.blobs, decoder, self.transform, in_shape = run.pipeline_parts()
         self.oversample = tuple(in_shape[1:]) if bool(cfg.model.preprocess.oversample) else None
         self.engine = load_engine(cfg, spec, self.blobs, in_shape, threads, gpu_device=0)
@@ -140,7 +141,7 @@ def stage_shard(run, i: int, cands: List[Tuple[int, bytes, str]], ex: _Extractor
     feats, still = ex.run([j for j, _, _ in cands])
     with h5py.File(src_path, "r", locking=False) as src:
         a = dict(src.attrs)
-        blobs = json.loads(a["blobs"])
+        blobs = blobs_attr(a)
         shapes = {b: tuple(src[f"features/{dataset_name(b)}"].shape[1:]) for b in blobs}
         dtype = src[f"features/{dataset_name(blobs[0])}"].dtype
         labels = "labels" in src

@@ -29,7 +29,9 @@ def expected_label(j):
 
 
 def make_run(run_dir: Path, n_items: int, num_shards: int, dim: int = 16, fail_every: int = 0,
-             view_max_shards: int = 128, batch: int = 50_000, labels: bool = False) -> Path:
+             view_max_shards: int = 128, batch: int = 50_000, labels: bool = False,
+             legacy_blobs: bool = False) -> Path:
+    """legacy_blobs: shards record attrs["blobs"] as a JSON string, as runs before issue 35 did."""
     run_dir = Path(run_dir)
     names = [f"d{i // 1000:05d}/img{i:09d}.jpg".encode() for i in range(n_items)]
     write_manifest(run_dir, b"/synthetic-input", names, "synthetic",
@@ -49,7 +51,7 @@ def make_run(run_dir: Path, n_items: int, num_shards: int, dim: int = 16, fail_e
     rd.write_plan(plan)
     for i in range(num_shards):
         start, stop = shard_bounds(n_items, num_shards, i)
-        attrs = {"blobs": json.dumps([BLOB]), "model_name": "synthetic", "config": plan["config_yaml"],
+        attrs = {"blobs": json.dumps([BLOB]) if legacy_blobs else [BLOB], "model_name": "synthetic", "config": plan["config_yaml"],
                  "shard": i, "num_shards": num_shards, "start": start, "stop": stop, "host": "synthetic",
                  "pid": 0, "device": "none"}
         w = ShardWriter(rd.shard_path(i, num_shards), {BLOB: (dim,)}, "float32", attrs, plan["fingerprint"], 16,

@@ -9,7 +9,9 @@ Shard file (shards/shard-IIIII-of-NNNNN.h5):
   labels            int64 [rows]      the image's label (list "path label", Datum, tar .cls; -1: none),
                                       only when the input has labels; also failures/labels
   failures/{index,names,names_raw,reason}   images that could not be used, and why
-  attrs             model files + sha256, blobs, preprocessing, resolved config, progress
+  attrs             model files + sha256, blobs (an array of strings; a JSON string before issue
+                    35: blobs_attr reads both), preprocessing, resolved config, backend (as
+                    configured) and engine (what computed the rows), progress
 
 While it is written the file is named *.h5.partial; each batch is flushed and the attrs
 `next`, `rows`, `n_failures` say how far it got, so a rerun resumes from the last flushed
@@ -47,6 +49,17 @@ RAW = h5py.string_dtype("ascii")  # stored as the exact bytes; HDF5 does not che
 FORMAT_VERSION = 1
 # a resume copies ~64 MB of features a slice; strings (a 16-byte handle each) 256k at a time
 COPY_SLICE_BYTES, COPY_SLICE_ROWS = 64 << 20, 1 << 18
+
+
+def blobs_attr(attrs) -> List[str]:
+    """The blob names a shard (or features.h5) records in attrs["blobs"]: an array of strings,
+    or, in files written before issue 35, a JSON string (iterating it gave characters)."""
+    v = attrs["blobs"]
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str):
+        return [str(b) for b in json.loads(v)]
+    return [b.decode() if isinstance(b, bytes) else str(b) for b in np.atleast_1d(v)]
 
 
 def dataset_name(blob: str) -> str:

@@ -62,7 +62,7 @@ def test_shard_files_keep_the_classic_layout(res10_runs, res10):
             assert len(feats) == len(names) > 0
             total += len(names)
             a = f.attrs
-            assert a["complete"] and a["weights_sha256"] and a["blobs"] == '["fc7"]'
+            assert a["complete"] and a["weights_sha256"] and list(a["blobs"]) == ["fc7"]
             assert a["weights"] == str(res10[1]) and "mean" in a["preprocess"] and "model:" in a["config"]
     assert total == _read(par / "features.h5")["feats"].shape[0]
 

@@ -3,7 +3,6 @@ pycaffe, no cluster): bounded open files, no NaN for a row that exists, lost sou
 impossible to miss, an allow list of run attributes."""
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -140,7 +139,7 @@ def test_merge_copies_only_run_attributes(tmp_path):
     assert keys <= set(RUN_ATTRS) | {"rows", "n_failures", "num_shards", "layout", "container_images"}
     with h5py.File(run / "features.h5", "r") as f:
         assert f.attrs["rows"] == 32 and f.attrs["n_failures"] == 8 and f.attrs["num_shards"] == 4
-        assert json.loads(f.attrs["blobs"]) == ["emb"]
+        assert list(f.attrs["blobs"]) == ["emb"]
 
 
 @pytest.mark.parametrize("limit,kind", [(128, "view"), (0, "copy")])
