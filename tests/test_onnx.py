@@ -286,7 +286,8 @@ def test_the_fact_5_net_runs_under_auto_as_under_caffe(tmp_path, photos):
     net.save(str(weights))
     common = (f"input.dir={photos}", "launcher=local", "launcher.workers=1", "num_shards=2", "output.blobs=[pool,flat]",
               f"model.prototxt={proto}", f"model.weights={weights}", "model.name=fact5",
-              "model.preprocess.mean=[100,110,120]", "model.input_size=[30,31]")
+              "model.preprocess.mean=[100,110,120]", "model.preprocess.channel_order=BGR",
+              "model.preprocess.raw_scale=255", "model.preprocess.scale=1", "model.input_size=[30,31]")
     run_cli(*common, f"output.dir={tmp_path / 'caffe'}", "backend=caffe")
     run_cli(*common, f"output.dir={tmp_path / 'auto'}", "backend=auto")
     for i in range(2):
@@ -398,7 +399,8 @@ def test_a_fallback_writes_rows_in_caffes_shapes(tmp_path, photos):
     (site / "sitecustomize.py").write_text(DRIFT)
     common = (f"input.dir={photos}", "launcher=local", "launcher.workers=1", "num_shards=1", "output.blobs=[pool,flat]",
               f"model.prototxt={proto}", f"model.weights={weights}", "model.name=fact5",
-              "model.preprocess.mean=[100,110,120]", "model.input_size=[30,31]")
+              "model.preprocess.mean=[100,110,120]", "model.preprocess.channel_order=BGR",
+              "model.preprocess.raw_scale=255", "model.preprocess.scale=1", "model.input_size=[30,31]")
     run_cli(*common, f"output.dir={tmp_path / 'caffe'}", "backend=caffe")
     p = run_cli(*common, f"output.dir={tmp_path / 'auto'}", "backend=auto", env={"PYTHONPATH": str(site)})
     assert "goes on with Caffe" in p.stderr, p.stderr
