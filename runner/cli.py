@@ -285,18 +285,22 @@ def _sweep(overrides: List[str]) -> int:
     """Every combination (Hydra's sweep syntax: key=a,b), one run directory each under
     output.dir; a failed point does not stop the others; the failed ones are listed at the end."""
     from .private import check_private, private_files
-    from .sweep import name_points, record_sweep, varying
+    from .sweep import check_sweep_root, name_points, record_sweep, varying
 
     points = expand_sweep(overrides)
     root = None
+    nowait = []  # a Slurm point that does not wait is submitted, not done, when its command returns
     for point in points:  # every point composes before any runs: typos stop the sweep
         cfg = compose(point)
         root = root or cfg.output.dir
+        nowait.append(cfg.launcher.name == "slurm" and not cfg.launcher.get("wait", False))
     root = os.path.abspath(os.path.expanduser(root))
     keys = [override_dirname(p) for p in points]
     lines = [override_lines(p) for p in points]
-    names = name_points(Path(root), lines, keys, [sweep_dirname(n, k) for n, k in enumerate(keys)])
+    legacy = [sweep_dirname(n, k) for n, k in enumerate(keys)]
     check_private(Path(root))  # the sweep folder holds the points' run directories
+    check_sweep_root(Path(root), keys, legacy)
+    names = name_points(Path(root), lines, keys, legacy)
     cfgs = []
     shown = {name: " ".join(ln) for name, ln in zip(names, varying(lines))}
     for name, point in zip(names, points):
@@ -309,6 +313,8 @@ def _sweep(overrides: List[str]) -> int:
         record_sweep(Path(root), names, keys, lines)  # the name -> overrides mapping: `status SWEEP_DIR` reads it
     print(f"sweep: {len(points)} point(s) under {root}", flush=True)
     failed = []
+    submitted = all(nowait)
+    others = "submitted: `caffe-runner status` follows them" if submitted else "done"
     for n, (name, point) in enumerate(cfgs):
         print(f"[{n + 1}/{len(cfgs)}] {name}", flush=True)
         try:
@@ -318,10 +324,12 @@ def _sweep(overrides: List[str]) -> int:
             _error(f"sweep point {name}: {e}", EXIT_FAILED)
     if failed:
         listed = "\n".join(f"  {name}  ({shown[name]})" for name, _ in failed)  # each error was printed already
-        print(f"caffe-runner: error: {len(failed)} of {len(cfgs)} sweep points failed (the others are done):\n"
+        rest = "" if len(failed) == len(cfgs) else f" (the others are {others})"
+        print(f"caffe-runner: error: {len(failed)} of {len(cfgs)} sweep points failed{rest}:\n"
               f"{listed}\n`caffe-runner status {root}` lists every point and its state", file=sys.stderr)
         return EXIT_FAILED
-    print(f"sweep: all {len(cfgs)} point(s) done under {root}")
+    print(f"sweep: all {len(cfgs)} point(s) {'submitted' if submitted else 'done'} under {root}"
+          + (f": caffe-runner status {root}" if submitted else ""))
     return EXIT_OK
 
 

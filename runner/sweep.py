@@ -84,6 +84,39 @@ def name_points(root: Path, points: List[List[str]], keys: List[str], legacy_nam
     return names
 
 
+def check_sweep_root(root: Path, keys: List[str], legacy_names: List[str]) -> None:
+    """A sweep's output.dir is new or empty, or holds this very sweep (the same points: it
+    resumes), or is refused in one line before anything is written: a run directory (the points
+    would hide inside it), another sweep (two definitions would mix in one sweep.json), or a
+    folder holding anything else."""
+    from .errors import ConfigError
+
+    root = Path(root)
+    if not root.is_dir():
+        return
+    entries = sorted(p.name for p in root.iterdir())
+    if not entries:
+        return
+    fix = "give the sweep a new or empty output.dir"
+    if (root / "run.json").exists():
+        raise ConfigError(f"output.dir {root} is a run directory, not a sweep folder: {fix}")
+    data = read_sweep(root)
+    if data is not None:
+        theirs = {p.get("key") for p in data["points"] if isinstance(p, dict)}
+        if theirs != set(keys):
+            raise ConfigError(f"output.dir {root} holds another sweep ({len(theirs)} point(s), not these "
+                              f"{len(keys)}; its sweep.json lists them): {fix}, or run that sweep's own command "
+                              f"to resume it")
+        return
+    if (root / SWEEP_JSON).exists():
+        raise ConfigError(f"output.dir {root} holds a sweep.json that cannot be read: {fix} (or restore the file)")
+    # a sweep started before sweep.json existed: only its old point folders
+    if set(entries) <= set(legacy_names) and all((root / e / "run.json").exists() for e in entries):
+        return
+    shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+    raise ConfigError(f"output.dir {root} is not empty and holds no sweep ({shown}): {fix}")
+
+
 def record_sweep(root: Path, names: List[str], keys: List[str], points: List[List[str]]) -> None:
     """sweep.json: every point this sweep folder has held (name, overrides), newest last."""
     root = Path(root)

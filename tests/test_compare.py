@@ -131,3 +131,52 @@ def test_rows_shared_by_every_point_are_found_window_by_window(chunk):
             got[k].extend(files[k]["index"][pos].tolist())
     shared = [i for i in range(count) if not any(i in f for f in failed.values())]
     assert got == {k: shared for k in files}
+
+
+# ---- issue 36: a sweep's output.dir is checked before the first point -----------------------------
+
+def _sweep_refusal(capsys, root, photos):
+    from runner import cli
+
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    code = cli.run(["-m", f"input.dir={photos}", f"output.dir={root}", "batch_size=4,8"])
+    out, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, (out, err)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before, "nothing written"
+    return lines[0]
+
+
+@pytest.mark.unit
+def test_a_sweep_refuses_a_folder_holding_other_things(capsys, photos, tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    (root / "todo.txt").write_text("mine\n")
+    line = _sweep_refusal(capsys, root, photos)
+    assert "is not empty and holds no sweep (todo.txt)" in line and "new or empty output.dir" in line
+
+
+@pytest.mark.unit
+def test_a_sweep_refuses_a_run_directory(capsys, photos, tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "run.json").write_text("{}")
+    assert "is a run directory, not a sweep folder" in _sweep_refusal(capsys, root, photos)
+
+
+@pytest.mark.unit
+def test_a_sweep_refuses_another_sweeps_folder_and_takes_its_own(capsys, photos, tmp_path):
+    from runner.config import override_dirname
+    from runner.sweep import check_sweep_root, record_sweep
+
+    root = tmp_path / "s"
+    other = [["batch_size=2"], ["batch_size=3"], ["batch_size=5"]]
+    record_sweep(root, ["0", "1", "2"], [override_dirname(p) for p in other], other)
+    line = _sweep_refusal(capsys, root, photos)
+    assert "holds another sweep (3 point(s), not these 2" in line, line
+    # the same definition resumes (checked here; a real resume is in test_local_e2e)
+    mine = [["batch_size=4"], ["batch_size=8"]]
+    keys = [override_dirname(p) for p in mine]
+    record_sweep(tmp_path / "t", ["0", "1"], keys, mine)
+    check_sweep_root(tmp_path / "t", keys, [])
+    check_sweep_root(tmp_path / "new", keys, [])  # not there yet

@@ -182,6 +182,8 @@ def test_sweep_submits_one_array_per_point(cluster, tiny_net, photos, tmp_path):
     p = run_cli("-m", f"input.dir={photos}", f"output.dir={out}", "num_shards=2", *SLURM,
                 *tiny_model_args(tiny_net), "output.blobs=[emb],[prob]")
     assert p.stdout.count("submitted array job") == 2
+    # issue 36: submitted, not "done", when the command returns
+    assert f"sweep: all 2 point(s) submitted under {out}" in p.stdout and "done under" not in p.stdout, p.stdout
     runs = sorted(d for d in out.iterdir() if (d / "submissions.json").exists())
     assert len(runs) == 2
     ids = {_submissions(r)[0]["array_job_id"] for r in runs}
