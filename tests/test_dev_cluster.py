@@ -105,3 +105,12 @@ def test_unusable_state_dir_is_named(home, tmp_path):
     assert p.returncode == 2 and "cannot use" in p.stderr and "--state-dir" in p.stderr
     p = _dev(home, "up", "--state-dir", str(tmp_path / ("long" * 20)))
     assert p.returncode == 2 and "too long for its sockets" in p.stderr
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("flag", ["--help", "-h", "help"])
+def test_help_prints_the_usage(flag):
+    """Issue 36: `slurm/dev-cluster --help` printed an error instead of its usage. Needs no Slurm."""
+    p = subprocess.run(["bash", str(DEV), flag], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert "slurm/dev-cluster up" in p.stdout and "kill-node" in p.stdout and "set -euo" not in p.stdout
