@@ -479,8 +479,10 @@ def _cmd_retry(args) -> int:
     if res.get("dry_run"):
         print(f"{res['run_dir']}: {res['retried']} image(s) would be retried:")
         for i, cs in res["candidates"].items():
-            for j, r in cs[:20]:
-                print(f"  shard {i} entry {j}: {r}")
+            for _, name, r in cs[:20]:
+                print(f"  {name}: {r} (shard {i})")
+            if len(cs) > 20:
+                print(f"  ... and {len(cs) - 20} more in shard {i}")
         return EXIT_OK
     print(f"{res['run_dir']}: retried {res['retried']} image(s): {res['recovered']} now feature rows, "
           f"{res['still_failing']} still failing"

@@ -27,6 +27,7 @@ import numpy as np
 from . import log
 from .errors import ConfigError, RunBusyError, RunnerError
 from .atomic import atomic_write_text, commit as commit_file
+from .manifest import display_name
 from .private import check_private
 from .stats import TRANSIENT, is_transient, reason_kind, write_stats  # noqa: F401 (TRANSIENT: re-exported)
 from .write import ShardWriter, blobs_attr, dataset_name
@@ -368,7 +369,7 @@ def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = 
                   "resumed_commit": resumed}
         if not n or dry_run:
             result["dry_run"] = dry_run
-            result["candidates"] = {i: [(j, r) for j, _, r in v] for i, v in cands.items()}
+            result["candidates"] = {i: [(j, display_name(raw), r) for j, raw, r in v] for i, v in cands.items()}
             return result
         d = rd / RETRY_DIR
         d.mkdir(exist_ok=True)

@@ -103,6 +103,7 @@ def test_retry_folds_recovered_images_into_the_run(runs, tmp_path):
     assert sorted(fnames0) == sorted([f"in/{n}" for n in MISSING] + ["in/notes.jpg"])
     dry = run_cli("retry", run, "--dry-run")
     assert "3 image(s) would be retried" in dry.stdout
+    assert all(f"  in/{n}: " in dry.stdout for n in MISSING), dry.stdout  # by name (issue 36), not "entry N"
     p = run_cli("retry", run)
     assert "retried 3 image(s): 3 now feature rows, 0 still failing" in p.stdout, p.stdout
     names, feats, labels, fnames, reasons = _rows(run)
