@@ -284,6 +284,7 @@ def _extract_one(overrides: List[str], cfg=None) -> int:
 def _sweep(overrides: List[str]) -> int:
     """Every combination (Hydra's sweep syntax: key=a,b), one run directory each under
     output.dir; a failed point does not stop the others; the failed ones are listed at the end."""
+    from .launch.registry import launcher_for
     from .private import check_private, private_files
     from .sweep import check_sweep_root, name_points, record_sweep, varying
 
@@ -293,7 +294,7 @@ def _sweep(overrides: List[str]) -> int:
     for point in points:  # every point composes before any runs: typos stop the sweep
         cfg = compose(point)
         root = root or cfg.output.dir
-        nowait.append(cfg.launcher.name == "slurm" and not cfg.launcher.get("wait", False))
+        nowait.append(launcher_for(cfg).returns_before_done(cfg))
     root = os.path.abspath(os.path.expanduser(root))
     keys = [override_dirname(p) for p in points]
     lines = [override_lines(p) for p in points]

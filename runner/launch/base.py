@@ -43,6 +43,11 @@ class Launcher(ABC):
         so the caller runs it there (`retry` of a local run)."""
         return False
 
+    def returns_before_done(self, cfg) -> bool:
+        """True when a launch returns once its work is submitted, before it is done (what a
+        sweep tells the user when its points' commands return)."""
+        return False
+
     @abstractmethod
     def execute(self, cfg, accepted: Callable) -> Dict:
         """Prepare the run (plan.prepare_run with this launcher), call accepted(run) once the

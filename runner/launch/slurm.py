@@ -356,6 +356,9 @@ class SlurmLauncher(Launcher):
         # shards as it frees up, so the tail is a fraction of one task's work
         return int(cfg.num_shards) * int(cfg.launcher.get("shards_per_task", 1) or 1)
 
+    def returns_before_done(self, cfg) -> bool:
+        return not cfg.launcher.get("wait", False)
+
     def execute(self, cfg, accepted: Callable) -> Dict:
         return launch_slurm(cfg, accepted, self)
 
