@@ -537,6 +537,8 @@ def _cmd_status(args) -> int:
 
 
 def _status_code(st) -> int:
+    if st.get("too_many_failures"):  # complete, but the launch exited 1 for it: so does status
+        return EXIT_FAILED
     return EXIT_OK if st["state"] in ("done", "merged") else (EXIT_FAILED if st["counts"].get("failed") else EXIT_INCOMPLETE)
 
 

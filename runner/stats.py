@@ -109,6 +109,8 @@ def collect_stats(run, elapsed_s: Optional[float] = None) -> Dict:
         "failures": failures,
         "failure_share": round(failure_share(done, failures), 6),
         "failures_by_reason": dict(reasons.most_common()),
+        # the limit of the command that merged the run (a rerun may raise it): what status judges by
+        "max_failure_fraction": failure_limit(getattr(run, "cfg", None)),
         "shards_complete": sum(1 for s in shards if s["complete"]),
         "num_shards": n,
         # wall-clock of the launch that finished the run (null when the shards ran elsewhere)
@@ -171,9 +173,13 @@ def format_summary(summary: Dict) -> str:
     return "\n".join(lines)
 
 
+def failure_limit(cfg) -> Optional[float]:
+    return cfg.run.max_failure_fraction if cfg is not None and "run" in cfg else None
+
+
 def check_failure_share(cfg, stats: Optional[Dict]) -> None:
     """run.max_failure_fraction: a run where more images failed than that is a failed run."""
-    limit = cfg.run.max_failure_fraction if "run" in cfg else None
+    limit = failure_limit(cfg)
     if stats and stats["failures"] and not stats["rows"]:  # whatever the limit: nothing to show for the run
         top = ", ".join(f"{k} {why}" for why, k in list(stats["failures_by_reason"].items())[:3])
         raise FailureShareError(f"none of the {stats['failures']} images could be extracted ({top}): check the "

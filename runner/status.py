@@ -11,13 +11,16 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from omegaconf import OmegaConf
+
 from .inputs.listing import describe as describe_listing
 from .plan import load_run_dir
 from .rundir import launch_holder, pid_alive, shard_file_counts
 from .lastwords import caffe_last_words
 from .liveness import beat_age_s, judge, lost, pid_namespace
 from .slurmjobs import JobWord, query_jobs
-from .stats import top_reasons
+from .errors import FailureShareError
+from .stats import check_failure_share, top_reasons
 
 # less free space than this where the run is: a shard stopped there ran out of it (a shard that
 # stops on a full disk cannot write the heartbeat that would say so)
@@ -397,11 +400,24 @@ def run_status(run_dir: Path, use_sacct: bool = True, use_slurm: bool = True) ->
             images.setdefault(s["image"], []).append(s["shard"])
     result["container_images"] = images
     stats_path = run.rundir.path / "stats.json"
+    merged_stats = {}
     if stats_path.exists():  # written at merge: the failure reasons, grouped
         try:
-            result["failures_by_reason"] = json.loads(stats_path.read_text()).get("failures_by_reason", {})
+            merged_stats = json.loads(stats_path.read_text())
+            result["failures_by_reason"] = merged_stats.get("failures_by_reason", {})
         except (OSError, ValueError):
             pass
+    if state in ("done", "merged"):  # complete, but a failed run when too many images failed (the launch's exit 1)
+        # judged by the limit of the command that merged it (stats.json), else the plan's
+        cfg = run.cfg
+        if "max_failure_fraction" in merged_stats:
+            cfg = OmegaConf.merge(cfg, {"run": {"max_failure_fraction": merged_stats["max_failure_fraction"]}})
+        try:
+            check_failure_share(cfg, {"rows": result["rows"], "failures": result["failures"],
+                                          "failures_by_reason": result.get("failures_by_reason") or {},
+                                          "run_dir": result["run_dir"]})
+        except FailureShareError as e:
+            result["too_many_failures"] = str(e)
     return result
 
 
@@ -413,6 +429,8 @@ def format_status(st: Dict) -> str:
         lines.append(f"  input: {describe_listing(st['listing'])}")
     for k, why in top_reasons(st.get("failures_by_reason") or {}):
         lines.append(f"  failed: {k:>6} {why}")
+    if st.get("too_many_failures"):
+        lines.append(f"  a failed run: {st['too_many_failures']}")
     lines.append("shards: " + ", ".join(f"{k} {v}" for k, v in sorted(st["counts"].items())))
     for s in st["shards"]:
         line = f"  {s['shard']:5d} {s['state']:<11} {s['done']}/{s['total']}" + (

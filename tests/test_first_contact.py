@@ -149,7 +149,12 @@ def test_max_failure_fraction_fails_the_run_but_keeps_it(tiny_net, broken, tmp_p
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.count("caffe-runner: error:") == 1 and "run.max_failure_fraction=0.05" in p.stderr
     assert (run / "features.h5").exists()
+    # issue 36: status says so too (it said "merged", exit 0)
+    st = run_cli("status", run, check=False)
+    assert st.returncode == 1 and "a failed run:" in st.stdout and "run.max_failure_fraction=0.05" in st.stdout, st.stdout
     assert run_cli(*args, "run.max_failure_fraction=0.5").returncode == 0
+    st = run_cli("status", run, check=False)  # judged by the limit of the command that accepted it
+    assert st.returncode == 0 and "a failed run" not in st.stdout, st.stdout
 
 
 # ---- Ctrl-C, and two runs at once --------------------------------------------------------
