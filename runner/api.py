@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Union
 
-from .errors import RunnerError, ShardFailedError
+from .errors import RunnerError, ShardFailedError, shell_quote
 
 
 class Run:
@@ -74,7 +74,7 @@ class Run:
             if settled and st["state"] == "done" and not merge.get("alive"):
                 raise RunnerError(f"every shard of {self.path} is complete but nothing merges them"
                                   + (f" (merge job {merge['job_id']}: {merge.get('state') or 'gone'})" if merge else "")
-                                  + f": `caffe-runner merge {self.path}` merges them")
+                                  + f": `caffe-runner merge {shell_quote(self.path)}` merges them")
             if settled and st["state"] == "incomplete":
                 raise RunnerError(f"{self.path} is not finished and nothing runs it any more ({st['done']}/"
                                   f"{st['images']} images, shards: " + ", ".join(

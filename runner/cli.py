@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple
 from . import __version__, log
 from .config import (USER_CONFIG_ENV, compose, compose_base, config_groups, expand_sweep, override_dirname,
                      override_lines, sweep_dirname, user_presets)
-from .errors import (ConfigError, FailureShareError, RunBusyError, RunnerError, ShardFailedError, Terminated,
+from .errors import (ConfigError, shell_quote, FailureShareError, RunBusyError, RunnerError, ShardFailedError, Terminated,
                      UsageError, did_you_mean)
 from .overrides import normalize_overrides
 
@@ -327,10 +327,10 @@ def _sweep(overrides: List[str]) -> int:
         listed = "\n".join(f"  {name}  ({shown[name]})" for name, _ in failed)  # each error was printed already
         rest = "" if len(failed) == len(cfgs) else f" (the others are {others})"
         print(f"caffe-runner: error: {len(failed)} of {len(cfgs)} sweep points failed{rest}:\n"
-              f"{listed}\n`caffe-runner status {root}` lists every point and its state", file=sys.stderr)
+              f"{listed}\n`caffe-runner status {shell_quote(root)}` lists every point and its state", file=sys.stderr)
         return EXIT_FAILED
     print(f"sweep: all {len(cfgs)} point(s) {'submitted' if submitted else 'done'} under {root}"
-          + (f": caffe-runner status {root}" if submitted else ""))
+          + (f": caffe-runner status {shell_quote(root)}" if submitted else ""))
     return EXIT_OK
 
 

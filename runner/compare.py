@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 
 from .atomic import atomic_write_text
-from .errors import ConfigError
+from .errors import ConfigError, shell_quote
 from .sweep import read_sweep
 
 COMPARE_JSON = "compare.json"
@@ -94,7 +94,7 @@ def representations(root: Path) -> List[Representation]:
         merged = d / "features.h5"
         if not merged.exists():
             raise ConfigError(f"sweep point {name} has no features.h5 yet: finish it first "
-                              f"(caffe-runner status {root}), then compare")
+                              f"(caffe-runner status {shell_quote(root)}), then compare")
         plan = json.loads((d / "run.json").read_text())
         mine = (plan.get("identity", {}).get("input"), plan.get("input_stamp", {}).get("names"), plan.get("count"))
         if stamp is None:

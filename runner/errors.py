@@ -3,6 +3,13 @@ import difflib
 import errno
 
 
+def shell_quote(path) -> str:
+    """A path as a command to paste should hold it: quoted when a shell would split or expand it."""
+    import shlex
+
+    return shlex.quote(str(path))
+
+
 def did_you_mean(word: str, choices, n: int = 1, cutoff: float = 0.5) -> str:
     """' (did you mean X?)' for the closest of choices, or '' when none is close."""
     m = difflib.get_close_matches(str(word), list(choices), n=n, cutoff=cutoff)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from .errors import ConfigError
+from .errors import ConfigError, shell_quote
 from .slurmjobs import JobWord, ask_squeue
 
 SUBMISSIONS = "submissions.json"
@@ -142,7 +142,7 @@ def refuse_if_live(run_dir: Path, what: str) -> None:
     if fl:
         ids = " ".join(sorted({j.split("_")[0] for j in fl.job_ids()}, key=_job_key))
         raise ConfigError(f"{what}: the run in {run_dir} still has Slurm jobs that would write into it "
-                          f"({describe(fl)}): wait for them (caffe-runner status {run_dir}) or cancel them "
+                          f"({describe(fl)}): wait for them (caffe-runner status {shell_quote(run_dir)}) or cancel them "
                           f"(scancel {ids}), then run the command again")
 
 

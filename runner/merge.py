@@ -34,7 +34,7 @@ import numpy as np
 
 from . import log
 from .atomic import atomic_path, remove_stale_temps
-from .errors import RunBusyError, RunnerError, ShardFailedError, unwritable
+from .errors import RunBusyError, RunnerError, ShardFailedError, shell_quote, unwritable
 from .locks import FileLock, LockHeld
 from .rundir import MERGE_LOCK, probe_writable
 from .runtimes.identity import image_label
@@ -239,7 +239,7 @@ def merge_run(run, out: Optional[Path] = None) -> Path:
         lock.acquire()
     except LockHeld as e:
         raise RunBusyError(f"{run.rundir.path} is being merged by {e.holder}: wait for it to finish (it writes "
-                           f"{run.rundir.merged}; caffe-runner status {run.rundir.path}); nothing was changed",
+                           f"{run.rundir.merged}; caffe-runner status {shell_quote(run.rundir.path)}); nothing was changed",
                            holder=e.holder) from None
     except OSError as e:
         raise unwritable("the run directory", run.rundir.path, e, "merge as a user who can write there, or "
@@ -269,7 +269,7 @@ def _merge_locked(run, out: Optional[Path]) -> Path:
         raise ShardFailedError(
             f"{len(missing)} of {run.num_shards} shards are not complete ({', '.join(map(str, missing[:10]))}"
             f"{'...' if len(missing) > 10 else ''}): {finish_advice(run)}, then merge; "
-            f"`caffe-runner status {run.rundir.path}` says why")
+            f"`caffe-runner status {shell_quote(run.rundir.path)}` says why")
     limit = int(run.cfg.output.get("view_max_shards", 128)) if "output" in run.cfg else 128
     kind = "view" if run.num_shards <= limit else "copy"
     out = write_merged(out or run.rundir.merged, run.shard_paths(), kind)

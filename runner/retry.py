@@ -25,7 +25,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import log
-from .errors import ConfigError, RunBusyError, RunnerError
+from .errors import ConfigError, RunBusyError, RunnerError, shell_quote
 from .atomic import atomic_write_text, commit as commit_file
 from .manifest import display_name, load_manifest
 from .private import check_private
@@ -320,7 +320,7 @@ def check_ready(run) -> None:
     running = st["counts"].get("running", 0)
     if running:
         raise ConfigError(f"{run.rundir.path} is still running ({running} shard(s) running): wait until it ends "
-                          f"(caffe-runner status --watch {run.rundir.path}), then retry; nothing was changed")
+                          f"(caffe-runner status --watch {shell_quote(run.rundir.path)}), then retry; nothing was changed")
     missing = run.missing_shards()
     if missing:
         raise ConfigError(f"{run.rundir.path} is not finished ({len(missing)} of {run.num_shards} shards not "

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .errors import FailureShareError
+from .errors import FailureShareError, shell_quote
 from .atomic import atomic_write_text
 
 STATS_JSON = "stats.json"
@@ -53,7 +53,7 @@ def one_reason_note(stats: Dict, run_dir: str) -> Optional[str]:
     why, k = max(stats["failures_by_reason"].items(), key=lambda kv: kv[1])
     if k < 2 or k < ONE_REASON_SHARE * done:
         return None
-    what = (f"the storage, not the images: fix it, then `caffe-runner retry {run_dir}` reads them again"
+    what = (f"the storage, not the images: fix it, then `caffe-runner retry {shell_quote(run_dir)}` reads them again"
             if is_transient(why) else "check a few of them (failures/names in features.h5)")
     return f"WARNING: {k} of {done} images ({failure_share(done, k):.0%}) failed for one reason, {why!r}: {what}"
 

@@ -19,7 +19,7 @@ from .rundir import launch_holder, pid_alive, shard_file_counts
 from .lastwords import caffe_last_words
 from .liveness import beat_age_s, judge, lost, pid_namespace
 from .slurmjobs import JobWord, query_jobs
-from .errors import FailureShareError
+from .errors import FailureShareError, shell_quote
 from .stats import check_failure_share, top_reasons
 
 # less free space than this where the run is: a shard stopped there ran out of it (a shard that
@@ -113,7 +113,7 @@ def finish_advice(run) -> str:
     if holder or running:
         who = f"held by {holder}" if holder else f"{len(running)} shard(s) running"
         return (f"the run is still in progress ({who}): wait for it to finish "
-                f"(`caffe-runner status {run.rundir.path}`)")
+                f"(`caffe-runner status {shell_quote(run.rundir.path)}`)")
     return "rerun the extraction (same command) to finish them"
 
 

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 
 from .changes import describe_change, input_change_advice, stamp_changed
+from .errors import shell_quote
 from .inputs import input_stamp
 from .manifest import display_name, load_manifest
 from .plan import load_run_dir
@@ -92,7 +93,7 @@ def _check_merged(run, problems: List[str]) -> None:
     try:
         f = h5py.File(path, "r", locking=False)
     except Exception as e:
-        problems.append(f"features.h5 cannot be opened ({e}): run `caffe-runner merge {run.rundir.path}`")
+        problems.append(f"features.h5 cannot be opened ({e}): run `caffe-runner merge {shell_quote(run.rundir.path)}`")
         return
     with f:
         try:
@@ -116,13 +117,13 @@ def _check_merged(run, problems: List[str]) -> None:
                     n = len(s[name])
                     if off + n > total:
                         problems.append(f"features.h5: holds fewer {name} entries than the shards "
-                                        f"(stale merge?): rerun `caffe-runner merge {run.rundir.path}`")
+                                        f"(stale merge?): rerun `caffe-runner merge {shell_quote(run.rundir.path)}`")
                         return
                     for a in range(0, n, NAME_CHUNK_ROWS):
                         b = min(n, a + NAME_CHUNK_ROWS)
                         if not np.array_equal(s[name][a:b], f[name][off + a:off + b]):
                             problems.append(f"features.h5: its {name} differs from shard {i}'s (stale merge?): "
-                                            f"rerun `caffe-runner merge {run.rundir.path}`")
+                                            f"rerun `caffe-runner merge {shell_quote(run.rundir.path)}`")
                             return
                 rows = len(s["index"])
                 if rows:
@@ -132,14 +133,14 @@ def _check_merged(run, problems: List[str]) -> None:
                 fpos += len(s["failures/index"])
         if (pos, fpos) != (n_rows, n_fail):
             problems.append(f"features.h5: holds {n_rows} rows and {n_fail} failures, the shards {pos} and {fpos} "
-                            f"(stale merge?): rerun `caffe-runner merge {run.rundir.path}`")
+                            f"(stale merge?): rerun `caffe-runner merge {shell_quote(run.rundir.path)}`")
             return
         # pass 2: the merged file shows each shard's data (a view with a lost source shows NaN)
         for i, row, want in digests:
             for ds in blobs:
                 if _row_digest(f[f"features/{ds}"][row]) != want[ds]:
                     problems.append(f"features.h5: blob {ds} does not show shard {i}'s data "
-                                    f"(source missing or changed?): rerun `caffe-runner merge {run.rundir.path}`")
+                                    f"(source missing or changed?): rerun `caffe-runner merge {shell_quote(run.rundir.path)}`")
                     return
 
 

@@ -180,3 +180,25 @@ def test_a_sweep_refuses_another_sweeps_folder_and_takes_its_own(capsys, photos,
     record_sweep(tmp_path / "t", ["0", "1"], keys, mine)
     check_sweep_root(tmp_path / "t", keys, [])
     check_sweep_root(tmp_path / "new", keys, [])  # not there yet
+
+
+@pytest.mark.unit
+def test_a_suggested_command_pastes_as_is_for_a_path_with_a_space(tmp_path):
+    """Issue 36: suggested commands were not quoted (`unrecognized arguments: space/slurm run`)."""
+    import re
+    import subprocess
+    import sys
+
+    from runner.compare import compare
+    from runner.errors import ConfigError
+    from runner.sweep import record_sweep
+
+    root = tmp_path / "my space" / "sweep"
+    record_sweep(root, ["0"], ["k"], [["batch_size=4"]])
+    with pytest.raises(ConfigError) as e:
+        compare(root)
+    cmd = re.search(r"\((caffe-runner status .*?)\)", str(e.value)).group(1)
+    assert f"'{root}'" in cmd, cmd
+    p = subprocess.run(["bash", "-c", cmd.replace("caffe-runner", f"{sys.executable} -m runner", 1)],
+                       capture_output=True, text=True, timeout=120)
+    assert "unrecognized arguments" not in p.stderr and "sweep of 1 point(s)" in p.stdout, (p.stdout, p.stderr)

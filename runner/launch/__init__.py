@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from .. import log
 from ..atomic import is_temp_of
-from ..errors import ConfigError, RunBusyError, unwritable
+from ..errors import ConfigError, RunBusyError, shell_quote, unwritable
 from ..locks import FileLock, LockHeld
 from ..private import check_private, private_files
 from .base import Launcher
@@ -63,7 +63,7 @@ def launch_lock(path: Path):
         lock.acquire()
     except LockHeld as e:
         raise RunBusyError(f"output.dir {path} is in use by {e.holder}: wait for it to finish "
-                           f"(caffe-runner status {path}) or use another output.dir", holder=e.holder) from None
+                           f"(caffe-runner status {shell_quote(path)}) or use another output.dir", holder=e.holder) from None
     except OSError as e:
         raise unwritable("output.dir", path, e, "choose another output.dir (a folder you can write)") from None
     try:

@@ -26,7 +26,7 @@ from .. import log
 from ..atomic import atomic_write_text
 from ..inputs import configured, node_read_paths
 from ..device import resolve_slurm_device
-from ..errors import ConfigError, RunnerError, ShardFailedError, did_you_mean
+from ..errors import ConfigError, RunnerError, ShardFailedError, did_you_mean, shell_quote
 from ..extract import run_shard
 from ..steal import take_shards
 from ..gpu import require_gpu_caffe
@@ -467,7 +467,7 @@ def _submit(cfg, run: Run, launcher: "SlurmLauncher", max_size: int) -> Dict:
         submissions = [{"array_job_id": "", "submitted": time.time(), "tasks": []}]
     if submissions:
         _record_submissions(rd.path, submissions, merge_id)
-    print(f"follow it:  caffe-runner status {rd.path}   (or squeue -u $USER; logs in {rd.logs_dir})\n"
+    print(f"follow it:  caffe-runner status {shell_quote(rd.path)}   (or squeue -u $USER; logs in {rd.logs_dir})\n"
           f"output:     {rd.merged} when the merge job ends", flush=True)
     result = {"submitted": True, "run_dir": str(rd.path), "jobs": [j.job_id for _, j in all_jobs],
               "merge_job": merge_id, "in_flight": flight.job_ids()}
@@ -560,13 +560,13 @@ def interrupted_message(run_dir: Path) -> str:
         jobs = recorded_jobs(read_submissions(run_dir))
         ids = " ".join(dict.fromkeys([j.split("_")[0] for j in jobs[0].values()] + jobs[1]))
         return (f"interrupted; the run's Slurm jobs ({ids}) may still be queued or running ({e}): they go on "
-                f"without this command; `scancel {ids}` cancels them, `caffe-runner status {run_dir}` follows them")
+                f"without this command; `scancel {ids}` cancels them, `caffe-runner status {shell_quote(run_dir)}` follows them")
     if not fl:
         return (f"interrupted; no job of this run is left in Slurm's queue: rerun the same command to submit the "
-                f"shards that are not complete (`caffe-runner status {run_dir}` says which)")
+                f"shards that are not complete (`caffe-runner status {shell_quote(run_dir)}` says which)")
     ids = " ".join(fl.arrays + list(fl.merges))
     return (f"interrupted; Slurm jobs of this run are still queued or running and go on without this command "
-            f"({describe(fl)}): `scancel {ids}` cancels them; `caffe-runner status {run_dir}` follows them")
+            f"({describe(fl)}): `scancel {ids}` cancels them; `caffe-runner status {shell_quote(run_dir)}` follows them")
 
 
 def progress_line(st: Dict) -> str:
@@ -623,7 +623,7 @@ def wait_for(run: Run, jobs, merge_job=None, poll_s: float = 2.0, merge_wait_s: 
     rd = run.rundir
     if merge_job is None:
         print(f"all {run.num_shards} shards are complete in {rd.shards_dir}; no merge job was submitted "
-              f"(launcher.merge_job=false): `caffe-runner merge {rd.path}` writes {rd.merged}", flush=True)
+              f"(launcher.merge_job=false): `caffe-runner merge {shell_quote(rd.path)}` writes {rd.merged}", flush=True)
         return
     # the merge job follows the array; wait for its file so `wait` returns a finished run
     deadline = time.time() + merge_wait_s
