@@ -36,7 +36,7 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from . import log
 from .atomic import atomic_path, atomic_write_text, commit, fsync_dir
@@ -335,11 +335,16 @@ def fetch_model(model_cfg, progress: bool = True, only_missing: bool = False) ->
     return out
 
 
-def ensure_model_files(model_cfg) -> None:
+def ensure_model_files(model_cfg, preset_paths: Optional[Callable[[], Dict[str, str]]] = None) -> None:
     """Plan time (on the submitting node): fetch the files of a preset that are missing, or
-    stop with the exact command to run where the network is reachable."""
+    stop with the exact command to run where the network is reachable. preset_paths() says where
+    the preset keeps its files: a missing file the user pointed elsewhere is theirs (a typo), not
+    the preset's to fetch (check_model_files names it)."""
     files = model_cfg.get("files") or {}
     missing = [k for k in MODEL_KEYS if k in files and model_cfg.get(k) and not os.path.isfile(model_cfg[k])]
+    if missing and preset_paths is not None:
+        own = preset_paths() or {}
+        missing = [k for k in missing if own.get(k) == model_cfg[k]]
     if not missing or not model_cfg.get("auto_fetch", True):
         return
     try:

