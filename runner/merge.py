@@ -229,6 +229,24 @@ def write_merged(out: Path, paths: Sequence[Path], layout_kind: str, extra_attrs
     return out
 
 
+def merged_is_current(run) -> bool:
+    """features.h5 already merges this run's complete shards as they are: written after the last
+    of them, of this run (fingerprint), every planned image in it once. A rerun of a complete run
+    then leaves it alone (readers holding it open keep reading the same file)."""
+    import h5py
+
+    merged = Path(run.rundir.merged)
+    try:
+        m = merged.stat().st_mtime_ns
+        if any(os.stat(run.shard_path(i)).st_mtime_ns > m for i in range(run.num_shards)):
+            return False
+        with h5py.File(merged, "r", locking=False) as f:
+            counted = f["index"].shape[0] + f["failures/index"].shape[0]
+            return counted == int(run.plan["count"]) and f.attrs.get("fingerprint") == run.plan.get("fingerprint")
+    except (OSError, KeyError):
+        return False
+
+
 def merge_run(run, out: Optional[Path] = None) -> Path:
     """Merge every shard of `run` into run_dir/features.h5 (a view up to view_max_shards shards,
     else a copy). Refuses, naming them, while shards are missing. Single-writer: the run's merge

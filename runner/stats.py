@@ -141,6 +141,21 @@ def write_stats(run, elapsed_s: Optional[float] = None) -> Dict:
     return stats
 
 
+def current_stats(run) -> Dict:
+    """stats.json of a run that is already merged and complete, as it is (its launch's elapsed
+    time kept), with this command's failure limit; written anew when unreadable."""
+    path = Path(run.rundir.path) / STATS_JSON
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return write_stats(run)
+    limit = failure_limit(getattr(run, "cfg", None))
+    if stats.get("max_failure_fraction", "unset") != limit:
+        stats["max_failure_fraction"] = limit
+        atomic_write_text(path, json.dumps(stats, indent=1))
+    return stats
+
+
 def format_summary(summary: Dict) -> str:
     """The end-of-run lines: where the result is, every image counted, the top failure reasons."""
     st = summary.get("stats") or {}

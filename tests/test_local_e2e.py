@@ -111,8 +111,11 @@ def test_merged_view_is_virtual_and_movable(res10_runs, tmp_path):
 def test_rerun_same_command_does_nothing_new(res10_runs, photos):
     par, _, _ = res10_runs
     before = {p: p.stat().st_mtime_ns for p in (par / "shards").glob("*.h5")}
+    # features.h5 and stats.json too: the same file for readers holding it open (issue 36)
+    kept = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (par / "features.h5", par / "stats.json")}
     p = run_cli(f"input.dir={photos}", f"output.dir={par}", "launcher.workers=2", "num_shards=3", "batch_size=4")
     assert {p: p.stat().st_mtime_ns for p in (par / "shards").glob("*.h5")} == before
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept} == kept
     assert "3 of 3 shards done" in p.stdout + p.stderr
     assert "shards:        3 (0 run now, 3 already complete)" in p.stdout
 

@@ -34,10 +34,10 @@ from ..extract import run_shard
 from ..events import EventLog, events_path
 from ..gpu import require_cuda_device, require_gpu_caffe
 from ..lastwords import caffe_last_words, describe_exit, signal_hint
-from ..merge import merge_run, open_merged
+from ..merge import merge_run, merged_is_current, open_merged
 from ..plan import Run, plan_summary, prepare_run
 from ..runtimes import Placement, container_spec, wrap
-from ..stats import write_stats
+from ..stats import current_stats, write_stats
 from ..status import shard_state
 from ..task import die_with_parent, setup_task_logging
 from .base import Launcher
@@ -467,6 +467,11 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
     summary = {"run_dir": str(run.rundir.path), "elapsed_s": elapsed, "shards": results,
                "num_shards": run.num_shards, "already_complete": run.num_shards - len(todo)}
     if cfg.output.merge:
+        if not todo and merged_is_current(run):  # nothing ran and nothing changed: keep the file readers hold
+            summary["merged"] = str(run.rundir.merged)
+            summary["blob_shapes"] = _blob_shapes(summary["merged"])
+            summary["stats"] = current_stats(run)
+            return summary
         summary["merged"] = str(merge_run(run))
         summary["blob_shapes"] = _blob_shapes(summary["merged"])
     summary["stats"] = write_stats(run, elapsed if todo else None)
