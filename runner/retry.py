@@ -27,6 +27,7 @@ import numpy as np
 from . import log
 from .errors import ConfigError, RunBusyError, RunnerError, shell_quote
 from .atomic import atomic_write_text, commit as commit_file
+from .inputs import input_stamp
 from .manifest import display_name, load_manifest
 from .private import check_private
 from .stats import TRANSIENT, is_transient, reason_kind, write_stats  # noqa: F401 (TRANSIENT: re-exported)
@@ -376,6 +377,8 @@ def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = 
             stale.unlink()
         _test_hold("started")
         t0 = time.time()
+        # the input as this retry reads it: a file fixed for the retry is no "change since listing" (verify)
+        stamp = input_stamp(run.cfg.input)
         staged_info = {i: info for i in cands for info in [_staged(run, i, cands[i])] if info}
         todo = {i: cs for i, cs in cands.items() if i not in staged_info}
         shards = sorted(todo)
@@ -400,7 +403,7 @@ def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = 
         record = {"id": f"{time.time():.6f}-{os.getpid()}", "t": time.time(), "host": socket.gethostname(),
                   "reasons": list(reasons_text), "retried": n, "recovered": sum(x["recovered"] for x in staged_info),
                   "still_failing": sum(still.values()), "still_failing_by_reason": still,
-                  "elapsed_s": round(time.time() - t0, 3),
+                  "elapsed_s": round(time.time() - t0, 3), "input_stamp": stamp,
                   "shards": {str(x["shard"]): {"retried": x["retried"], "recovered": x["recovered"]}
                              for x in staged_info}}
         atomic_write_text(d / COMMIT, json.dumps({"shards": [x["stem"] for x in staged_info], "record": record,

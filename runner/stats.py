@@ -124,10 +124,18 @@ def collect_stats(run, elapsed_s: Optional[float] = None) -> Dict:
     }
 
 
-def _retries_summary(run_dir: Path) -> Optional[Dict]:
+def read_retries(run_dir: Path) -> Optional[List[Dict]]:
+    """retries.json: each `retry` of the run, oldest first; None when there is none (or unreadable)."""
     try:
-        history = json.loads((run_dir / "retries.json").read_text())
+        history = json.loads((Path(run_dir) / "retries.json").read_text())
     except (OSError, ValueError):
+        return None
+    return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else None
+
+
+def _retries_summary(run_dir: Path) -> Optional[Dict]:
+    history = read_retries(run_dir)
+    if history is None:
         return None
     return {"count": len(history), "retried": sum(h.get("retried", 0) for h in history),
             "recovered": sum(h.get("recovered", 0) for h in history),

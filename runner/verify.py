@@ -19,6 +19,7 @@ from .errors import shell_quote
 from .inputs import input_stamp
 from .manifest import display_name, load_manifest
 from .plan import load_run_dir
+from .stats import read_retries
 from .merge import NAME_CHUNK_ROWS, check_sources
 from .write import dataset_name
 
@@ -149,6 +150,9 @@ def _check_input(run, problems: List[str], notes: List[str]) -> None:
     old = run.plan.get("input_stamp")
     if old is None:
         return
+    # a retry read the input again (files fixed for it): its stamp is what the run covers now
+    retried = [h.get("input_stamp") for h in read_retries(run.rundir.path) or [] if h.get("input_stamp") and h.get("recovered")]
+    old = retried[-1] if retried else old
     now = input_stamp(run.cfg.input)
     if now is None:
         notes.append("the input is not reachable from here: not checked for images added since listing")
