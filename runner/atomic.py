@@ -96,6 +96,24 @@ def commit(tmp: PathLike, final: PathLike, durable: bool = True) -> Path:
     return final
 
 
+def commit_first(tmp: PathLike, final: PathLike) -> bool:
+    """Like commit(), but the first writer stands: `tmp` is fsync'd and linked to `final`, which
+    fails (False, `tmp` left as it is) when `final` exists, whoever put it there. link() failing
+    with EEXIST is atomic on every file system (NFS's classic "create if absent"), so of two
+    writers racing for one name exactly one wins and the other learns it. True: `final` is
+    `tmp`'s file, durable, and the name `tmp` is gone."""
+    tmp, final = Path(tmp), Path(final)
+    fsync_path(tmp)
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        return False
+    fsync_dir(final.parent)
+    os.unlink(tmp)
+    fsync_dir(final.parent)
+    return True
+
+
 def _remove(path: Path) -> None:
     try:
         if path.is_dir() and not path.is_symlink():
