@@ -451,8 +451,6 @@ class ShardWriter:
         self._commit_progress()
 
     def finish(self, extra_attrs: Optional[Dict[str, object]] = None) -> Path:
-        if self.guard is not None:
-            self.guard()
         f = self.f
         for k, v in (extra_attrs or {}).items():
             f.attrs[k] = v
@@ -466,7 +464,7 @@ class ShardWriter:
         if not self.first_wins:
             return commit(self.partial, self.final)
         if self.guard is not None:
-            self.guard()
+            self.guard()  # the last look before the commit: another attempt took the shard since
         return self._commit_first()
 
     def _committed_by(self, path: Path) -> Optional[str]:

@@ -62,6 +62,20 @@ def test_two_attempts_write_their_own_files_and_the_first_commit_stands(tmp_path
         assert f["index"][:].tolist() == list(range(8))
 
 
+def test_a_commit_after_the_shard_file_exists_never_replaces_it(tmp_path):
+    """The link fails on the existing name: an attempt whose file is intact (it started after the
+    winner's clean-up) still loses, and the winner's file is untouched."""
+    final = tmp_path / "s.h5"
+    _shard(final, "node1.11.aaaa0001").finish()
+    before = final.read_bytes()
+    late = _writer(final, "node2.22.bbbb0002", resume=False)
+    for s in range(0, 8, 4):
+        _batch(late, s, 4, value=99.0)  # different values: a replaced file would show them
+    with pytest.raises(ShardLostError, match=r"committed first by attempt node1\.11\.aaaa0001"):
+        late.finish()
+    assert final.read_bytes() == before and partials_of(final) == []
+
+
 def test_a_file_of_another_config_at_the_final_name_is_replaced_at_the_commit(tmp_path):
     final = tmp_path / "s.h5"
     with h5py.File(final, "w") as f:
