@@ -74,13 +74,17 @@ class NoFlockError(ConfigError):
             "ask the admins to enable flock there; nothing was written")
 
 
+def attempt_host() -> str:
+    """This host as attempt ids name it: the short host name, in [A-Za-z0-9_-]."""
+    host = socket.gethostname().split(".")[0] or "host"
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in host)
+
+
 def attempt_id() -> str:
     """A fresh id for one attempt at a shard: short host name, pid and a random part (unique
     across nodes and across the pids a node reuses). Names the attempt's partial file and is in
     its holder line."""
-    host = socket.gethostname().split(".")[0] or "host"
-    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in host)
-    return f"{host}.{os.getpid()}.{secrets.token_hex(4)}"
+    return f"{attempt_host()}.{os.getpid()}.{secrets.token_hex(4)}"
 
 
 def holder_line(what: str, attempt: Optional[str] = None) -> str:

@@ -52,8 +52,8 @@ from . import log
 from .atomic import commit, commit_first, fsync_path
 from .errors import RunnerError, ShardBusyError, ShardLostError
 from .features import pooled_shape, postprocess  # noqa: F401  (moved to features.py; old import path)
-from .locks import FileLock, LockHeld, attempt_id
-from .rundir import partial_of, partials_of
+from .locks import FileLock, LockHeld, attempt_host, attempt_id
+from .rundir import partial_of, partials_of, pid_alive
 
 STR = h5py.string_dtype("utf-8")
 RAW = h5py.string_dtype("ascii")  # stored as the exact bytes; HDF5 does not check them
@@ -188,6 +188,18 @@ def content_digests(f: h5py.File, names: Iterable[str]) -> Dict[str, str]:
     return out
 
 
+def attempt_over(path: Path) -> bool:
+    """Whether the attempt that wrote the partial file `path` has surely ended: a file of the one
+    name every attempt used before each had its own, or an attempt of this host whose process is
+    gone. Another host's attempt may still be writing (where the lock did not exclude it): its
+    file is never removed or moved by another attempt that has not committed the shard."""
+    suffix = path.name.split(".partial", 1)[-1]
+    if not suffix:
+        return True
+    host, pid, _token = suffix[1:].rsplit(".", 2)
+    return host == attempt_host() and int(pid) != os.getpid() and not pid_alive(int(pid))
+
+
 def _stat_key(path: Path):
     try:
         st = os.stat(path)
@@ -232,9 +244,10 @@ class ShardWriter:
 
     def _try_resume(self) -> bool:
         """Resume from the most advanced usable partial file of an earlier attempt: its committed
-        rows are copied into this attempt's own file. The others' files are then removed (their
-        attempts are over; one still running elsewhere, where the lock did not exclude it, loses
-        the race at its next batch or its commit, never corrupts this file)."""
+        rows are copied into this attempt's own file. The files of attempts surely over (this
+        host's, their process gone) are then removed; another host's stays until the shard is
+        committed (its attempt may still run where the lock did not exclude it: removing its file
+        could make both attempts lose). Until then a resumed shard's rows are on disk twice."""
         others = [p for p in partials_of(self.final) if p != self.partial]
         ranked = sorted(((nxt, str(p)) for p in others for nxt in [self._resumable(p)] if nxt is not None),
                         reverse=True)
@@ -242,7 +255,8 @@ class ShardWriter:
             if self._resume_from(Path(src)):
                 fsync_path(self.partial)  # the committed rows, durable before the old files go
                 for p in others:
-                    p.unlink(missing_ok=True)
+                    if attempt_over(p):
+                        p.unlink(missing_ok=True)
                 return True
         return False
 
@@ -320,6 +334,9 @@ class ShardWriter:
                            "the same command; the partial file is kept")
 
     def _start_over(self, path: Path, why: str) -> bool:
+        if not attempt_over(path):  # its attempt may be writing it now: left alone
+            log.warning("partial shard %s %s; not resumed from (its attempt may still be writing it)", path, why)
+            return False
         bad = path.with_name(path.name + ".corrupt")
         log.warning("partial shard %s %s; moved to %s, starting the shard over", path, why, bad.name)
         try:

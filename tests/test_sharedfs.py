@@ -87,15 +87,22 @@ def test_a_file_of_another_config_at_the_final_name_is_replaced_at_the_commit(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
 
 
-def test_an_attempt_resumes_from_anothers_file_into_its_own(tmp_path):
+def _dead_here(token: str) -> str:
+    """An attempt id of this host whose process is gone (no pid is above pid_max, 2**22)."""
+    from runner.locks import attempt_host
+
+    return f"{attempt_host()}.{2 ** 22 + 12345}.{token}"
+
+
+def test_an_attempt_resumes_from_a_dead_attempts_file_into_its_own(tmp_path):
     final = tmp_path / "s.h5"
-    a = _writer(final, "node1.11.aaaa0001")
+    a = _writer(final, _dead_here("aaaa0001"))
     _batch(a, 0, 4)
     a.close()  # killed
     b = _writer(final, "node2.22.bbbb0002")
     assert (b.next, b.rows) == (4, 4)
-    # the committed rows are in b's own file; a's is gone (its attempt is over)
-    assert [p.name for p in partials_of(final)] == ["s.h5.partial.node2.22.bbbb0002"]
+    # the committed rows are in b's own file; a's is gone (its process on this host is gone)
+    assert partials_of(final) == [b.partial]
     _batch(b, 4, 4)
     b.finish()
     with h5py.File(final, "r") as f:
@@ -103,18 +110,35 @@ def test_an_attempt_resumes_from_anothers_file_into_its_own(tmp_path):
         assert f.attrs["attempt"] == "node2.22.bbbb0002"
 
 
+def test_another_hosts_file_is_resumed_from_but_left_until_the_commit(tmp_path):
+    """Its attempt may still be writing it (a lock that did not exclude it): removing it could
+    make both attempts lose. The file that commits the shard removes every other attempt's."""
+    final = tmp_path / "s.h5"
+    a = _writer(final, "node1.11.aaaa0001")
+    _batch(a, 0, 4)
+    b = _writer(final, "node2.22.bbbb0002")
+    assert (b.next, b.rows) == (4, 4)
+    assert partials_of(final) == [a.partial, b.partial]
+    _batch(b, 4, 4)
+    b.finish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
+    with pytest.raises(ShardLostError, match="committed first by attempt node2.22.bbbb0002"):
+        _batch(a, 4, 4)
+        a.finish()
+
+
 def test_the_most_advanced_partial_is_resumed_and_the_legacy_name_still_counts(tmp_path):
     final = tmp_path / "s.h5"
     old = _writer(final, None)
     old.close()
     os.replace(old.partial, partial_of(final))  # a run interrupted before attempts had their own files
-    w = _writer(final, "node1.11.aaaa0001")
+    w = _writer(final, _dead_here("aaaa0001"))
     _batch(w, 0, 4)
     _batch(w, 4, 4)
     w.close()
     w = _writer(final, "node3.33.cccc0003")
     assert w.next == 8
-    assert [p.name for p in partials_of(final)] == ["s.h5.partial.node3.33.cccc0003"]
+    assert partials_of(final) == [w.partial]  # both were over: removed
     w.close()
 
 
@@ -141,6 +165,33 @@ def test_an_attempt_checks_its_holder_line_before_the_commit(tmp_path):
         with pytest.raises(ShardLostError, match="node2"):
             w.finish()
     assert not final.exists()
+
+
+def test_an_attempt_that_opens_its_file_late_never_removes_the_newer_attempts_file(tmp_path, monkeypatch):
+    """Seen on the dev cluster: node1 takes the lock, loads the net slowly; node2 takes the shard
+    (its line now in the lock file) and opens its file; node1 then opens its own, resuming from
+    node2's. Had node1 removed node2's file, node1 would stop at its first batch (node2's line)
+    and node2 would find its file gone at the commit: a shard left to nobody."""
+    monkeypatch.setenv(FAULT_NODE_LOCAL_LOCKS, "1")
+    final, lock = tmp_path / "s.h5", tmp_path / "s.lock"
+    monkeypatch.setattr(socket, "gethostname", lambda: "node1")
+    first = ShardLock(lock, "node1.11.aaaa0001").__enter__()
+    monkeypatch.setattr(socket, "gethostname", lambda: "node2")
+    second = ShardLock(lock, "node2.22.bbbb0002").__enter__()
+    try:
+        b = _writer(final, second.attempt, guard=second.check)
+        a = _writer(final, first.attempt, guard=first.check)
+        with pytest.raises(ShardLostError, match="node2.22.bbbb0002"):
+            _batch(a, 0, 4)
+        a.discard()
+        for s in range(0, 8, 4):
+            _batch(b, s, 4)
+        assert b.finish() == final
+    finally:
+        second.lock.release()
+        first.lock.release()
+    with h5py.File(final, "r") as f:
+        assert f.attrs["attempt"] == "node2.22.bbbb0002" and f["index"][:].tolist() == list(range(8))
 
 
 # ---- the node-local fault switch ----------------------------------------------------------
