@@ -235,6 +235,7 @@ class ShardWriter:
         _quiet_failed_dealloc_flushes()
         if resume and self._try_resume():
             return
+        self._sums = self._new_sums()  # a resume given up after its copy leaves that copy's sums
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         self.f = self._create(self.partial, dict(attrs, attempt=self.attempt))
 

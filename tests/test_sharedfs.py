@@ -9,6 +9,7 @@ NFS local_lock=flock do. Real HDF5 files written by the real ShardWriter, real f
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 import threading
@@ -140,6 +141,32 @@ def test_the_most_advanced_partial_is_resumed_and_the_legacy_name_still_counts(t
     assert w.next == 8
     assert partials_of(final) == [w.partial]  # both were over: removed
     w.close()
+
+
+def test_a_file_that_changes_while_it_is_copied_is_left_and_the_shard_starts_over(tmp_path, monkeypatch):
+    """Another host's attempt still writing its file: the copy is tried twice, then given up;
+    the fresh file's checksums hold none of the copied rows (seen on the dev cluster: a shard
+    whose recorded checksums counted a given-up copy's rows)."""
+    import itertools
+
+    import runner.write as write
+    from runner.write import content_digests
+
+    final = tmp_path / "s.h5"
+    a = _writer(final, "node1.11.aaaa0001")
+    _batch(a, 0, 4)
+    a.close()
+    ticks = itertools.count()
+    monkeypatch.setattr(write, "_stat_key", lambda path: next(ticks))  # a new size/mtime at every look
+    b = _writer(final, "node2.22.bbbb0002")
+    assert (b.next, b.rows) == (0, 0)
+    assert partials_of(final) == [a.partial, b.partial]  # a's left alone
+    for s in range(0, 8, 4):
+        _batch(b, s, 4, value=1.0)
+    b.finish()
+    with h5py.File(final, "r") as f:
+        want = json.loads(f.attrs["content_sha256"])
+        assert content_digests(f, sorted(want)) == want
 
 
 # ---- the lock saves work; the holder line decides who goes on ----------------------------
