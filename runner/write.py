@@ -190,14 +190,15 @@ def content_digests(f: h5py.File, names: Iterable[str]) -> Dict[str, str]:
 
 def attempt_over(path: Path) -> bool:
     """Whether the attempt that wrote the partial file `path` has surely ended: a file of the one
-    name every attempt used before each had its own, or an attempt of this host whose process is
-    gone. Another host's attempt may still be writing (where the lock did not exclude it): its
-    file is never removed or moved by another attempt that has not committed the shard."""
+    name every attempt used before each had its own, an attempt of this host whose process is
+    gone, or an earlier attempt of this process (a process makes one attempt at a time). Another
+    host's attempt may still be writing (where the lock did not exclude it): its file is never
+    removed or moved by another attempt that has not committed the shard."""
     suffix = path.name.split(".partial", 1)[-1]
     if not suffix:
         return True
     host, pid, _token = suffix[1:].rsplit(".", 2)
-    return host == attempt_host() and int(pid) != os.getpid() and not pid_alive(int(pid))
+    return host == attempt_host() and (int(pid) == os.getpid() or not pid_alive(int(pid)))
 
 
 def _stat_key(path: Path):

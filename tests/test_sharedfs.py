@@ -207,6 +207,7 @@ def test_an_attempt_that_opens_its_file_late_never_removes_the_newer_attempts_fi
     second = ShardLock(lock, "node2.22.bbbb0002").__enter__()
     try:
         b = _writer(final, second.attempt, guard=second.check)
+        monkeypatch.setattr(socket, "gethostname", lambda: "node1")  # node1 opens its file now
         a = _writer(final, first.attempt, guard=first.check)
         with pytest.raises(ShardLostError, match="node2.22.bbbb0002"):
             _batch(a, 0, 4)
