@@ -77,6 +77,22 @@ def test_a_commit_after_the_shard_file_exists_never_replaces_it(tmp_path):
     assert final.read_bytes() == before and partials_of(final) == []
 
 
+def test_without_hard_links_the_commit_renames_unless_the_shard_file_exists(tmp_path, monkeypatch):
+    import errno
+
+    def no_links(src, dst):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)  # what some FUSE and SMB mounts answer
+    final = tmp_path / "s.h5"
+    assert _shard(final, "node1.11.aaaa0001").finish() == final
+    late = _shard(final, "node2.22.bbbb0002", resume=False)
+    with pytest.raises(ShardLostError, match="committed first by attempt node1.11.aaaa0001"):
+        late.finish()
+    with h5py.File(final, "r") as f:
+        assert f.attrs["attempt"] == "node1.11.aaaa0001"
+
+
 def test_a_file_of_another_config_at_the_final_name_is_replaced_at_the_commit(tmp_path):
     final = tmp_path / "s.h5"
     with h5py.File(final, "w") as f:
