@@ -16,6 +16,7 @@ and which are written often (heartbeats, see rundir.write_heartbeat).
 """
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -26,6 +27,8 @@ from typing import Iterator, Union
 
 PathLike = Union[str, os.PathLike]
 _SUFFIX = ".tmp"
+# what link() gives where the file system has no hard links
+_NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
 
 
 def temp_name(final: PathLike) -> Path:
@@ -94,6 +97,34 @@ def commit(tmp: PathLike, final: PathLike, durable: bool = True) -> Path:
     if durable:
         fsync_dir(final.parent)
     return final
+
+
+def commit_first(tmp: PathLike, final: PathLike) -> bool:
+    """Like commit(), but the first writer stands: `tmp` is fsync'd and linked to `final`, which
+    fails (False, `tmp` left as it is) when `final` exists, whoever put it there. link() failing
+    with EEXIST is atomic on every file system (NFS's classic "create if absent"), so of two
+    writers racing for one name exactly one wins and the other learns it. True: `final` is
+    `tmp`'s file, durable, and the name `tmp` is gone."""
+    tmp, final = Path(tmp), Path(final)
+    fsync_path(tmp)
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+        # a file system without hard links (some FUSE and SMB mounts): a rename unless the name
+        # exists, which two writers in the same instant could both pass (the later one's file wins)
+        if os.path.lexists(final):
+            return False
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+        return True
+    fsync_dir(final.parent)
+    os.unlink(tmp)
+    fsync_dir(final.parent)
+    return True
 
 
 def _remove(path: Path) -> None:

@@ -607,14 +607,15 @@ def _cmd_verify(args) -> int:
     from .verify import verify
 
     notes = []
-    problems = verify(Path(args.run_dir), notes)
+    problems = verify(Path(args.run_dir), notes, content=args.content)
     for n in notes:
         print(f"note: {n}")
     if problems:
         for p in problems:
             print(f"FAIL: {p}")
         return _error(f"verify: {len(problems)} problem(s) in {args.run_dir}", EXIT_FAILED)
-    print(f"OK: {args.run_dir}: every manifest entry appears exactly once")
+    print(f"OK: {args.run_dir}: every manifest entry appears exactly once"
+          + (", every shard's content matches its checksums" if args.content else ""))
     return EXIT_OK
 
 
@@ -665,9 +666,11 @@ def _subcommand(argv) -> int:
     s.add_argument("--no-sacct", action="store_true", help="do not ask Slurm accounting")
     s.add_argument("--watch", action="store_true", help="refresh in place until the run ends (Ctrl-C stops)")
     s.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch (2)")
-    command("verify", "Check that every manifest entry appears exactly once (a feature row or a recorded failure), "
-            "shard files are complete and of this run, and the merged view agrees.",
-            "exit codes: 0 OK, 1 problems found (listed as FAIL: lines), 2 not a run directory")
+    v = command("verify", "Check that every manifest entry appears exactly once (a feature row or a recorded "
+                "failure), shard files are complete and of this run, and the merged view agrees.",
+                "exit codes: 0 OK, 1 problems found (listed as FAIL: lines), 2 not a run directory")
+    v.add_argument("--content", action="store_true",
+                   help="also read every shard whole and check it against the checksums recorded at its commit")
     x = command("export", "A self-contained copy of the run's features (features.h5 is a view over shards/ up to "
                 "output.view_max_shards shards).",
                 "exit codes: 0 written, 1 shards missing, 2 not a run directory or bad arguments")

@@ -28,6 +28,15 @@ class ShardBusyError(RunnerError):
     """Another process holds the shard (a requeue race): this one stops."""
 
 
+class ShardLostError(ShardBusyError):
+    """Another attempt at the shard committed it first, or took it over (a lock that did not
+    exclude it: node-local flock): this attempt discarded its own file. `other` names it."""
+
+    def __init__(self, message: str, other: str):
+        self.other = other
+        super().__init__(message)
+
+
 class ShardFailedError(RunnerError):
     """One or more shards failed; completed shards are kept."""
 

@@ -6,7 +6,8 @@
 
 Each attempt at a shard (a process, a requeue, a resume) begins with "started" (or "resumed"
 when the shard file already held committed rows) and ends with "finished", "failed" or
-"requeued" (submitit requeued the task on timeout or preemption: not a failure); an
+"requeued" (submitit requeued the task on timeout or preemption: not a failure), or "lost"
+(another attempt committed the shard first or took it over; `other` names it: write.py); an
 attempt killed without a word (scancel, kill -9, a node lost) simply stops, and readers end it
 at its last line. "progress" lines give images/s over time.
 

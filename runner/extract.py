@@ -29,10 +29,11 @@ from .model import load_engine
 from .modelcheck import check_model_loads
 from .plan import load_run
 from .preprocess import oversample as oversample_crops
-from .errors import ShardBusyError
+from .errors import ShardBusyError, ShardLostError
 from .events import EventLog, events_path, task_fields
 from .features import FeaturePost, pooled_shape
 from .liveness import Heart
+from .locks import attempt_id
 from .runtimes.identity import image_label
 from .task import TaskIdentity, configure_threads, default_threads, task_identity
 from .testgate import gate
@@ -238,7 +239,7 @@ class _Opened:
 
 
 def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest, parts, numerics: Dict,
-                keep: Optional[Dict] = None) -> _Opened:
+                keep: Optional[Dict] = None, lock: Optional[ShardLock] = None) -> _Opened:
     """Load the engine (or reuse the one `keep` holds: a task taking shard after shard loads
     the net once) and open (or resume) the shard's writer."""
     cfg, plan = run.cfg, run.plan
@@ -270,7 +271,8 @@ def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest, pa
                  net_loaded=int(loaded),  # 0: the net this task loaded for an earlier shard
                  blob_shapes=str({b: list(s) for b, s in shapes.items()}), **gpu_attrs)
     writer = ShardWriter(run.shard_path(index), shapes, str(cfg.output.dtype), attrs, plan["fingerprint"],
-                         cfg.batch_size, labels=manifest.labels)
+                         cfg.batch_size, labels=manifest.labels, attempt=lock.attempt if lock else None,
+                         guard=lock.check if lock else None)
     if writer.next:
         log.info("shard %d/%d resumes at %d/%d (rows %d, failures %d)", index, run.num_shards,
                  writer.next, stop - start, writer.rows, writer.n_failures)
@@ -413,8 +415,9 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
     log_path = os.environ.get("CAFFE_RUNNER_LOG")
     progress = heart = None
     events = EventLog(events_path(run.rundir.path, final.stem), task_fields(ident))
+    attempt = attempt_id()  # this attempt's own partial file and holder line (write.py)
     try:
-        with ShardLock(run.lock_path(index)):
+        with ShardLock(run.lock_path(index), attempt) as lock:
             if run.shard_done(index):  # finished by the lock's previous holder
                 return {"shard": index, "skipped": True}
             taken = {"own_shard": own} if own is not None and own != index else {}
@@ -442,7 +445,7 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
                 parts = run.pipeline_parts()
                 if keep is not None:
                     keep["parts"] = parts
-            op = _open_shard(run, index, ident, threads, manifest, parts, numerics, keep)
+            op = _open_shard(run, index, ident, threads, manifest, parts, numerics, keep, lock)
             events.write("resumed" if op.writer.next else "started", t=round(t_lock, 3), done=op.writer.next,
                          rows=op.writer.rows, failures=op.writer.n_failures, total=op.stop - op.start,
                          device=op.engine.device_desc, **taken)
@@ -457,6 +460,13 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
                 stats = _forward_loop(run, index, op, reader, progress, parts)
                 gate(f"finish-{index}")
                 op.writer.finish(dict(stats, input_read=json.dumps(reader.stats)) if reader.stats else stats)
+            except ShardLostError as e:
+                # another attempt committed the shard first, or took it over: ours is discarded
+                op.writer.discard()
+                heart.stop()
+                log.warning("shard %d/%d: %s", index, num_shards, e)
+                events.write("lost", attempt=attempt, other=e.other[:300], done=op.writer.next)
+                return {"shard": index, "skipped": True, "lost_to": e.other, "attempt": attempt}
             finally:
                 reader.close()
                 op.writer.close()

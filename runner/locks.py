@@ -14,25 +14,44 @@ flock must work across the nodes that share the run directory. Where it fails ou
 mounted with noflock: ENOSYS; NFS without a lock manager: ENOLCK) every lock here raises
 NoFlockError, a one-line ConfigError naming the fix, and plan time probes it (probe_flock)
 before anything is written. Where flock is node-local (Lustre localflock, NFS local_lock=all)
-it succeeds and excludes nothing across nodes: no call on one host can tell, so the README
-says the run directory must be on a file system with cluster-wide flock.
+it succeeds and excludes nothing across nodes: no call on one host can tell. So no lock is what
+keeps a shard correct: each attempt at a shard writes its own file and the first commit stands
+(write.py); a shard's lock only saves the work of a second attempt. Its holder line carries the
+taker's attempt id, which the holder reads back before each batch and before its commit
+(FileLock.still_held): a line naming another attempt means a second one took the shard (the
+lock did not exclude it) and this one stops early.
+
+Fault injection: CAFFE_RUNNER_FAULT_NODE_LOCAL_LOCKS=1 (read in _node_local_locks only) makes
+every flock private to its host, as Lustre localflock or NFS local_lock=flock do: the flock is
+taken on a per-host shadow file (.node-local-flock/<host>/<name> beside the lock), while the
+holder line is written to and read from the shared lock file. The dev cluster's nodes have their
+own hostnames, so its tasks then see each other's holder lines but never each other's locks.
+
+A probe (lock_holder) takes a shared flock for an instant; a taker that finds only shared locks
+(probes) on the file tries again instead of reporting it held (_PROBE_PATIENCE_S).
 """
 from __future__ import annotations
 
 import errno
 import fcntl
 import os
+import random
+import secrets
 import socket
 import time
 from pathlib import Path
 from typing import Optional, Union
 
 from .errors import ConfigError, RunnerError
+from .testgate import gate
 
 PathLike = Union[str, os.PathLike]
 # what flock gives where the file system does not do it (noflock, no lock manager, some FUSE)
 _NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
 _HOLDER_BYTES = 512
+FAULT_NODE_LOCAL_LOCKS = "CAFFE_RUNNER_FAULT_NODE_LOCAL_LOCKS"
+# how long a taker keeps trying while only probes (shared flocks, held for an instant) are on the file
+_PROBE_PATIENCE_S = 5.0
 
 
 class LockHeld(RunnerError):
@@ -55,12 +74,40 @@ class NoFlockError(ConfigError):
             "ask the admins to enable flock there; nothing was written")
 
 
-def holder_line(what: str) -> str:
+def attempt_host() -> str:
+    """This host as attempt ids name it: the short host name, in [A-Za-z0-9_-]."""
+    host = socket.gethostname().split(".")[0] or "host"
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in host)
+
+
+def attempt_id() -> str:
+    """A fresh id for one attempt at a shard: short host name, pid and a random part (unique
+    across nodes and across the pids a node reuses). Names the attempt's partial file and is in
+    its holder line."""
+    return f"{attempt_host()}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
+def holder_line(what: str, attempt: Optional[str] = None) -> str:
     """Who takes a lock now, as its file names them (one line)."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID")
     job = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job else os.environ.get("SLURM_JOB_ID")
     return (f"{what} pid {os.getpid()} on {socket.gethostname()}{' Slurm job ' + job if job else ''} "
-            f"since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            f"since {time.strftime('%Y-%m-%d %H:%M:%S')}{' attempt ' + attempt if attempt else ''}")
+
+
+def _node_local_locks() -> bool:
+    """The fault-injection switch (the one place it is read): flock private to each host."""
+    return os.environ.get(FAULT_NODE_LOCAL_LOCKS, "") not in ("", "0")
+
+
+def _flock_path(path: Path) -> Path:
+    """The file whose flock stands for `path`'s: itself, or under the fault switch a shadow of
+    it private to this host (made if missing)."""
+    if not _node_local_locks():
+        return path
+    shadow = path.parent / ".node-local-flock" / (socket.gethostname() or "host")
+    shadow.mkdir(parents=True, exist_ok=True)
+    return shadow / path.name
 
 
 def _flock(fd: int, op: int, path: Path) -> bool:
@@ -80,6 +127,38 @@ def _read_holder(fd: int) -> str:
     return os.pread(fd, _HOLDER_BYTES, 0).decode(errors="replace").strip() or "another process"
 
 
+def read_holder_line(path: PathLike) -> str:
+    """The holder line in the lock file as it is now ("" when empty or missing): opened afresh,
+    so that an NFS client revalidates what another node wrote (close-to-open consistency)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return ""
+    try:
+        return os.pread(fd, _HOLDER_BYTES, 0).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+
+
+def _take(fd: int, path: Path) -> bool:
+    """LOCK_EX on fd, without blocking on a holder; True when taken. A probe (lock_holder) holds a
+    shared lock for an instant: while nothing but shared locks are on the file this keeps
+    trying (bounded), so a probe never makes a free lock look held."""
+    deadline = time.monotonic() + _PROBE_PATIENCE_S
+    pause = 0.0001
+    while True:
+        if _flock(fd, fcntl.LOCK_EX, path):
+            return True
+        if not _flock(fd, fcntl.LOCK_SH, path):
+            return False  # an exclusive holder: taken
+        fcntl.flock(fd, fcntl.LOCK_UN)  # only probes are on it
+        gate("lock-probed")
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(pause * (0.5 + random.random()))  # two takers meeting here do not stay in step
+        pause = min(pause * 2, 0.01)
+
+
 class FileLock:
     """An exclusive, non-blocking flock on `path` (made if missing) that names its holder.
 
@@ -87,25 +166,40 @@ class FileLock:
             ...            # raises LockHeld(path, holder) when another process holds it
     """
 
-    def __init__(self, path: PathLike, what: str, clear: bool = True):
+    def __init__(self, path: PathLike, what: str, clear: bool = True, attempt: Optional[str] = None):
         """clear: empty the file on release, so a free lock names nobody (launch, merge). A
         shard's lock keeps its last line instead: shards are many, and on a disk filled by
-        the run, emptying them frees blocks that let a rerun pass the plan's write probe."""
-        self.path, self.what, self.clear = Path(path), what, clear
+        the run, emptying them frees blocks that let a rerun pass the plan's write probe.
+        attempt: the taker's attempt id (attempt_id()), written into its holder line."""
+        self.path, self.what, self.clear, self.attempt = Path(path), what, clear, attempt
         self.fd: Optional[int] = None
+        self.flock_fd: Optional[int] = None  # the shadow's, under the node-local fault switch
 
     def acquire(self) -> "FileLock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        target = _flock_path(self.path)
+        lfd = fd if target == self.path else os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if not _flock(fd, fcntl.LOCK_EX, self.path):
+            if not _take(lfd, self.path):
                 raise LockHeld(self.path, _read_holder(fd))
             os.ftruncate(fd, 0)
-            os.pwrite(fd, (holder_line(self.what) + "\n").encode(), 0)
+            os.pwrite(fd, (holder_line(self.what, self.attempt) + "\n").encode(), 0)
         except BaseException:
             os.close(fd)
+            if lfd != fd:
+                os.close(lfd)
             raise
-        self.fd = fd
+        self.fd, self.flock_fd = fd, (lfd if lfd != fd else None)
         return self
+
+    def still_held(self) -> Optional[str]:
+        """None while the lock file still names this attempt; else the line that names who took
+        the shard since (a lock that did not exclude them: node-local flock). Only for a lock
+        taken with an attempt id."""
+        line = read_holder_line(self.path)
+        if self.attempt and f" attempt {self.attempt}" in f"{line} ":
+            return None
+        return line or "nobody (the lock file was emptied or removed)"
 
     def release(self) -> None:
         if self.fd is None:
@@ -117,7 +211,9 @@ class FileLock:
             pass  # a full or read-only disk must not turn a release into a failure
         finally:
             os.close(self.fd)  # closing the last descriptor drops the flock
-            self.fd = None
+            if self.flock_fd is not None:
+                os.close(self.flock_fd)
+            self.fd = self.flock_fd = None
 
     def __enter__(self) -> "FileLock":
         return self.acquire()
@@ -135,10 +231,22 @@ def lock_holder(path: PathLike) -> Optional[str]:
     except OSError:
         return None
     try:
-        if not _flock(fd, fcntl.LOCK_SH, path):
-            return _read_holder(fd)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
+        target = _flock_path(path)
+        if target != path:
+            try:
+                lfd = os.open(target, os.O_RDONLY)
+            except OSError:
+                return None  # never taken on this host
+        else:
+            lfd = fd
+        try:
+            if not _flock(lfd, fcntl.LOCK_SH, path):
+                return _read_holder(fd)
+            fcntl.flock(lfd, fcntl.LOCK_UN)
+            return None
+        finally:
+            if lfd != fd:
+                os.close(lfd)
     except NoFlockError:  # nobody can hold a lock there (a launch would have been refused)
         return None
     finally:

@@ -28,7 +28,7 @@ from .inputs.listing import describe as describe_listing
 from .locks import probe_flock
 from .model import check_fixed_shape, check_model_files, chosen_blobs, input_hw, parse_prototxt
 from .modelcheck import check_model_loads, check_planned_files, files_sha256
-from .rundir import (RUN_JSON, DamagedPlanError, RunDir, partial_of, probe_writable, remove_old_run,
+from .rundir import (RUN_JSON, DamagedPlanError, RunDir, partials_of, probe_writable, remove_old_run,
                      shard_file_of_run)
 from .runtimes import check_container
 from .runtimes.identity import task_container
@@ -265,8 +265,9 @@ class Run:
     def shard_path(self, i: int) -> Path:
         return self.rundir.shard_path(i, self.name_total(i))
 
-    def partial_path(self, i: int) -> Path:
-        return partial_of(self.shard_path(i))
+    def partial_paths(self, i: int) -> List[Path]:
+        """Shard i's partial files, one per attempt that left one (rundir.partials_of)."""
+        return partials_of(self.shard_path(i))
 
     def lock_path(self, i: int) -> Path:
         return self.rundir.lock_path(i, self.name_total(i))

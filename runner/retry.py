@@ -31,6 +31,7 @@ from .inputs import input_stamp
 from .manifest import display_name, load_manifest
 from .private import check_private
 from .stats import TRANSIENT, is_transient, reason_kind, write_stats  # noqa: F401 (TRANSIENT: re-exported)
+from .rundir import partials_of
 from .write import ShardWriter, blobs_attr, dataset_name
 
 RETRY_DIR = "retry"
@@ -157,10 +158,11 @@ def stage_shard(run, i: int, cands: List[Tuple[int, bytes, str]], ex: _Extractor
         tried = {j for j, _, _ in cands}
         a.update(retried=int(a.get("retried", 0)) + len(tried), retry_recovered=len(new),
                  retry_source=_source_stamp(src_path), retry_blas_threads=ex.threads)
-        partial = staged.with_name(staged.name + ".partial")
-        partial.unlink(missing_ok=True)
+        for partial in partials_of(staged):
+            partial.unlink(missing_ok=True)
+        # a fresh file, put in place over any older staged one (the launch lock guards a retry)
         w = ShardWriter(staged, {b: s for b, s in shapes.items()}, str(dtype), a, str(a["fingerprint"]),
-                        int(run.cfg.batch_size), labels=labels)
+                        int(run.cfg.batch_size), labels=labels, resume=False, first_wins=False)
         try:
             idx = src["index"]
             n = len(idx)
@@ -373,7 +375,7 @@ def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = 
             return result
         d = rd / RETRY_DIR
         d.mkdir(exist_ok=True)
-        for stale in d.glob("*.partial"):
+        for stale in d.glob("*.partial*"):
             stale.unlink()
         _test_hold("started")
         t0 = time.time()

@@ -4,7 +4,7 @@ so status, resume and verify work without Slurm accounting and after any crash.
   run.json                 plan: fingerprint, shard count, model files and sha256, config
   manifest/                the input, listed once (manifest.py; each kind lists itself, inputs/)
   shards/<name>.h5         complete shard files (the completion marker)
-  shards/<name>.h5.partial a shard in progress (resumable)
+  shards/<name>.h5.partial.<attempt>  a shard in progress, one file per attempt (resumable)
   status/<name>.json       heartbeat: state, progress, rate, host, job, log path
   features.h5              merged view of all shards
   launch.lock, merge.lock  who launches the run, who writes features.h5 (locks.py)
@@ -14,8 +14,9 @@ the folder): after a host crash each is either the old one or the complete new o
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +67,30 @@ class DamagedPlanError(ConfigError):
                          "output.overwrite=true (or a new output.dir)")
 
 
-def partial_of(final: Path) -> Path:
-    """The name a shard file has while it is written (the one place that spells it)."""
+def partial_of(final: Path, attempt: Optional[str] = None) -> Path:
+    """The name a shard file has while one attempt writes it (the one place that spells it):
+    shard-IIIII-of-NNNNN.h5.partial.<attempt> (locks.attempt_id: host.pid.random). Without
+    an attempt: the one name every attempt shared before attempts had their own files (a
+    run interrupted then still resumes from it)."""
     final = Path(final)
-    return final.with_name(final.name + ".partial")
+    return final.with_name(final.name + ".partial" + (f".{attempt}" if attempt else ""))
+
+
+_ATTEMPT = re.compile(r"\.partial(\.[A-Za-z0-9_-]+\.[0-9]+\.[0-9a-f]+)?")
+
+
+def partials_of(final: Path, names: Optional[List[str]] = None) -> List[Path]:
+    """Every attempt's partial file of the shard file `final` (oldest name first); `names`: the
+    folder's entries when the caller has listed it already (one listing for many shards)."""
+    final = Path(final)
+    if names is None:
+        try:
+            names = os.listdir(final.parent)
+        except FileNotFoundError:
+            return []
+    n = len(final.name)
+    return [final.parent / e for e in sorted(names)
+            if e.startswith(final.name) and _ATTEMPT.fullmatch(e, n)]
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def shard_state(run, i: int, now: float, here: Optional[Tuple[str, str]] = None)
         alive = beat in ("alive", "fresh") or (beat == "stale" and not lost(hb, age, host))
         st.update(state="running" if alive else "interrupted", age_s=round(age, 1), beat=beat,
                   phase=hb.get("phase"))
-    elif run.partial_path(i).exists():
+    elif run.partial_paths(i):
         st.update(state="interrupted")
     else:
         st.update(state="pending")
@@ -81,7 +81,9 @@ def shard_state(run, i: int, now: float, here: Optional[Tuple[str, str]] = None)
         return st  # its heartbeat is the news; its partial file is being written
     # no process writes this shard: its files hold the truth, not a heartbeat written up to
     # heartbeat_s before a Ctrl-C, or one left by a shard file since deleted
-    partial = shard_file_counts(run.partial_path(i), run.plan["fingerprint"])
+    # the most advanced attempt's file (the one a rerun resumes from)
+    partial = max((c for c in (shard_file_counts(p, run.plan["fingerprint"]) for p in run.partial_paths(i)) if c),
+                  key=lambda c: c["next"], default=None)
     if partial:
         st.update(done=min(partial["next"], stop - start), rows=partial["rows"], failures=partial["failures"])
     else:

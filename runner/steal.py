@@ -74,10 +74,11 @@ def take_shards(cfg, own: int, run_one: Callable, threads: Optional[int] = None)
     results: List[Dict] = []
     taken: List[int] = []
     tried_busy: set = set()
+    lost: set = set()  # shards another attempt committed or took over from this task: never again
     my_rate = 0.0  # images/s of this task's last shard
     while True:
         free = [i for i in free_shards(order, run.shard_done, lambda i: lock_holder(run.lock_path(i)))
-                if i not in tried_busy]
+                if i not in tried_busy and i not in lost]
         if not free:
             break
         i = free[0]
@@ -94,6 +95,9 @@ def take_shards(cfg, own: int, run_one: Callable, threads: Optional[int] = None)
             continue
         tried_busy.clear()  # a holder seen before may have died since: look at every shard again
         results.append(r)
+        if r.get("lost_to"):
+            lost.add(i)
+            continue
         if r.get("images_per_s"):
             my_rate = float(r["images_per_s"])
         if i != own and not r.get("skipped"):

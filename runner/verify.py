@@ -3,13 +3,16 @@
 Every manifest entry must appear exactly once, as a feature row or a recorded failure,
 under its own name; every shard file must be complete and of this run's config; the
 merged file, when present, must agree with the shards (a view's sources all readable);
-and the input must not hold images the run never listed. One shard file open at a time;
+and the input must not hold images the run never listed. With content=True (`verify --content`)
+every dataset of every shard is read and hashed against the checksums recorded when the shard
+was committed (write.py: content_sha256): a file changed or damaged since fails. One shard file open at a time;
 memory bounded by the largest shard's index, not by the run.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import h5py
 import numpy as np
@@ -21,10 +24,31 @@ from .manifest import display_name, load_manifest
 from .plan import load_run_dir
 from .stats import read_retries
 from .merge import NAME_CHUNK_ROWS, check_sources
-from .write import dataset_name
+from .write import content_digests, dataset_name
 
 
-def _check_shard(path: Path, i: int, run, manifest, problems: List[str]) -> None:
+def _check_content(f, path: Path, i: int, problems: List[str]) -> bool:
+    """The shard's datasets against the checksums recorded at its commit; False when it has
+    none (written by a version before they were recorded)."""
+    rec = f.attrs.get("content_sha256")
+    if rec is None:
+        return False
+    try:
+        want = json.loads(rec)
+        got = content_digests(f, sorted(want))
+    except Exception as e:
+        problems.append(f"shard {i}: content cannot be checked ({type(e).__name__}: {e}): delete {path.name} and "
+                        "rerun the extraction")
+        return True
+    bad = [k for k in sorted(want) if got[k] != want[k]]
+    if bad:
+        problems.append(f"shard {i}: {path.name} differs from the checksums recorded when it was committed "
+                        f"({', '.join(bad)}): delete it and rerun the extraction")
+    return True
+
+
+def _check_shard(path: Path, i: int, run, manifest, problems: List[str],
+                 unchecked: Optional[List[int]] = None) -> None:
     start, stop = run.shard_range(i)
     try:
         f = h5py.File(path, "r", locking=False)
@@ -39,6 +63,8 @@ def _check_shard(path: Path, i: int, run, manifest, problems: List[str]) -> None
             problems.append(f"shard {i}: written with another config (fingerprint differs from run.json)")
         if (int(a.get("start", -1)), int(a.get("stop", -1))) != (start, stop):
             problems.append(f"shard {i}: covers [{a.get('start')}, {a.get('stop')}) but the plan says [{start}, {stop})")
+        if unchecked is not None and not _check_content(f, path, i, problems):
+            unchecked.append(i)
         try:
             idx = f["index"][:]
             fidx = f["failures/index"][:]
@@ -165,8 +191,9 @@ def _check_input(run, problems: List[str], notes: List[str]) -> None:
             notes.append(f"the input changed since it was listed ({describe_change(old, now)}): {advice}")
 
 
-def verify(run_dir: Path, notes: List[str] = None) -> List[str]:
+def verify(run_dir: Path, notes: List[str] = None, content: bool = False) -> List[str]:
     problems: List[str] = []
+    unchecked: Optional[List[int]] = [] if content else None  # shards without recorded checksums
     notes = notes if notes is not None else []
     run = load_run_dir(run_dir)
     manifest = load_manifest(run.rundir.path)
@@ -181,10 +208,13 @@ def verify(run_dir: Path, notes: List[str] = None) -> List[str]:
                 from .status import finish_advice
 
                 advice = finish_advice(run)
-            state = "in progress or interrupted" if run.partial_path(i).exists() else "missing"
+            state = "in progress or interrupted" if run.partial_paths(i) else "missing"
             problems.append(f"shard {i}: {p.name} is {state}: {advice}")
             continue
-        _check_shard(p, i, run, manifest, problems)
+        _check_shard(p, i, run, manifest, problems, unchecked)
+    if unchecked:
+        notes.append(f"{len(unchecked)} shard(s) (e.g. {unchecked[0]}) hold no checksums (written before caffe-runner "
+                     "recorded them): their content was not checked")
     if not problems and run.rundir.merged.exists():
         _check_merged(run, problems)
     _check_input(run, problems, notes)

@@ -17,6 +17,18 @@ REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "runner"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--node-local-locks", action="store_true",
+                     help="every caffe-runner process these tests start runs with CAFFE_RUNNER_FAULT_NODE_LOCAL_LOCKS=1: "
+                          "each host's flock private (Lustre localflock, NFS local_lock=flock); with -m slurm, the "
+                          "dev cluster's tasks on different nodes never see each other's locks")
+
+
+def pytest_configure(config):
+    if config.getoption("--node-local-locks", default=False):
+        os.environ["CAFFE_RUNNER_FAULT_NODE_LOCAL_LOCKS"] = "1"
+
+
 def run_cli(*args, check=True, env=None, timeout=600, cwd=None):
     """Run `caffe-runner ARGS` as a user would; returns the CompletedProcess."""
     e = dict(os.environ)
@@ -58,7 +70,7 @@ def assert_same_run(run: Path, reference):
     assert names == reference[1]
     assert index.tolist() == reference[2].tolist() == sorted(set(index.tolist()))
     np.testing.assert_array_equal(feats, reference[0])
-    assert run_cli("verify", run).returncode == 0
+    assert run_cli("verify", "--content", run).returncode == 0
 
 
 def input_conf(**kw):

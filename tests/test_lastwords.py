@@ -147,7 +147,7 @@ def test_a_file_whose_counters_disagree_starts_over_instead_of_doubling_a_batch(
     assert torn_counters({"rows": 3, "n_failures": 1, "next": 4}) is None
     again = ShardWriter(path, {"emb": (4,)}, "float32", {}, "fp", 2)
     assert (again.next, again.rows) == (0, 0)
-    assert (tmp_path / "s.h5.partial.corrupt").exists()
+    assert w.partial.with_name(w.partial.name + ".corrupt").exists()
     again.close()
 
 

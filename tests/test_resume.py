@@ -187,7 +187,7 @@ def test_resume_without_room_for_the_copy_keeps_the_partial(small_disk):
         idx = list(range(start, min(start + 64, 3000)))
         w.write_batch(len(idx), idx, [b"img%d" % i for i in idx], {"emb": np.full((len(idx), 64), 1.0, np.float32)}, [])
     w.close()  # killed: never finished
-    partial = small_disk / "s.h5.partial"
+    partial = w.partial
     kept = partial.read_bytes()
     filler = small_disk / "filler"
     with open(filler, "wb") as f:  # leave ~100 KB: less than the copy needs
@@ -197,7 +197,7 @@ def test_resume_without_room_for_the_copy_keeps_the_partial(small_disk):
                                           r"the partial file is kept"):
         writer()
     assert partial.read_bytes() == kept
-    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "s.h5.partial"]
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", partial.name]
     filler.unlink()
     w = writer()
     assert (w.next, w.rows) == (3000, 3000)
@@ -217,12 +217,12 @@ def test_full_disk_stops_the_shard_with_a_clear_error(tiny_net, photos, small_di
     assert p.returncode == 1  # a runtime failure (2 is for usage and config errors)
     assert "no space left on device" in p.stderr and "rerun the same command" in p.stderr
     assert "Traceback" not in p.stderr, p.stderr  # h5py's failed flushes when objects are freed
-    partials = {x: x.read_bytes() for x in (run / "shards").glob("*.partial")}
+    partials = {x: x.read_bytes() for x in (run / "shards").glob("*.partial*")}
     # a rerun on the still-full disk is refused before any work, naming the fix; nothing is lost
     p = run_cli(f"input.dir={big}", f"output.dir={run}", "num_shards=2", "launcher.workers=1",
                 *tiny_model_args(tiny_net), "output.blobs=[stage1/conv]", check=False)
     assert p.returncode == 2 and "no space left on device: free space there, then rerun" in p.stderr, p.stderr
-    assert {x: x.read_bytes() for x in (run / "shards").glob("*.partial")} == partials
+    assert {x: x.read_bytes() for x in (run / "shards").glob("*.partial*")} == partials
     done = list((run / "shards").glob("*.h5"))
     for d in done:  # whatever completed is valid
         with h5py.File(d, "r") as f:

@@ -261,7 +261,7 @@ def test_top_reasons_add_up_and_name_a_single_remaining_reason():
 
 
 def test_progress_counts_follow_the_files_not_stale_heartbeats(tmp_path):
-    from runner.rundir import partial_of
+    from runner.rundir import partials_of
     from runner.write import ShardWriter
 
     run_dir = make_run(tmp_path / "run", 40, 2, dim=2)
@@ -277,7 +277,7 @@ def test_progress_counts_follow_the_files_not_stale_heartbeats(tmp_path):
     w.write_batch(8, list(range(20, 27)), [b"n%d" % i for i in range(7)], {"emb": np.zeros((7, 2), np.float32)},
                   [(27, b"n7", "broken")])
     w.close()
-    assert partial_of(run.shard_path(1)).exists()
+    assert partials_of(run.shard_path(1))
     run.write_heartbeat(1, {"state": "running", "pid": 2 ** 22 + 4321, "host": os.uname().nodename, "done": 0})
     st = shard_state(run, 1, time.time())
     assert st["state"] == "interrupted" and (st["done"], st["rows"], st["failures"]) == (8, 7, 1)

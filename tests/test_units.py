@@ -18,7 +18,7 @@ from runner.device import resolve_local_device, resolve_slurm_device
 from runner.inputs import build_manifest, input_stamp
 from runner.manifest import extend_manifest, load_manifest
 from runner.plan import Run, _check_preprocess, load_run_dir
-from runner.rundir import RunDir, partial_of
+from runner.rundir import RunDir, partial_of, partials_of
 from runner.status import shard_state
 from runner.synthetic import make_run, shard_file
 from runner.write import ShardWriter
@@ -158,7 +158,7 @@ def test_writer_resumes_after_the_last_flushed_batch(tmp_path):
     _batch(w, 0, 4, fail=(2,))
     _batch(w, 4, 4)
     w.close()  # killed: never finished
-    assert partial_of(final).exists() and not final.exists()
+    assert partials_of(final) == [w.partial] and not final.exists()
     w = _writer(final)
     assert (w.next, w.rows, w.n_failures) == (8, 7, 1)
     _batch(w, 8, 2)
@@ -216,11 +216,12 @@ def test_writer_moves_a_truncated_partial_aside_and_starts_over(tmp_path):
     w = _writer(final)
     _batch(w, 0, 4)
     w.close()
-    data = partial_of(final).read_bytes()
-    partial_of(final).write_bytes(data[: len(data) // 3])
+    data = w.partial.read_bytes()
+    w.partial.write_bytes(data[: len(data) // 3])
+    old = w.partial
     w = _writer(final)
     assert (w.next, w.rows) == (0, 0)
-    assert (tmp_path / "s.h5.partial.corrupt").exists()
+    assert old.with_name(old.name + ".corrupt").exists() and partials_of(final) == [w.partial]
     w.close()
 
 
