@@ -29,6 +29,23 @@ def pytest_configure(config):
         os.environ["CAFFE_RUNNER_FAULT_NODE_LOCAL_LOCKS"] = "1"
 
 
+# the command line, with the model files replaced right after the plan proved (and hashed) them (before any
+# worker or array task starts): what a user who overwrites a file during a run meets
+SWAP_AFTER_PLAN = """
+import shutil, sys
+import runner.launch.local as local, runner.launch.slurm as slurm
+from runner.cli import main
+src, dst = sys.argv[1], sys.argv[2]
+planned = local.prepare_run
+def planned_then_swapped(*a, **k):
+    run = planned(*a, **k)
+    shutil.copyfile(src, dst)
+    return run
+local.prepare_run = slurm.prepare_run = planned_then_swapped
+main(sys.argv[3:])
+"""
+
+
 def run_cli(*args, check=True, env=None, timeout=600, cwd=None):
     """Run `caffe-runner ARGS` as a user would; returns the CompletedProcess."""
     e = dict(os.environ)

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import CLI, REPO, copy_tiny_net, run_cli, tiny_model_args, wait_until
+from conftest import CLI, REPO, SWAP_AFTER_PLAN, copy_tiny_net, run_cli, tiny_model_args, wait_until
 
 CHANGED = "changed since this run was planned"
 
@@ -152,21 +152,6 @@ def test_features_h5_says_when_shards_ran_on_different_engines(tmp_path):
 
 # ---- end to end: real Caffe, real HDF5, the sample photos ----------------------------------
 
-# the command line, with one file replaced right after the plan hashed it (before any worker or
-# array task starts): what a user who re-saves a net during a run meets
-REPLACE_AFTER_PLAN = """
-import shutil, sys
-import runner.launch.local as local, runner.launch.slurm as slurm
-from runner.cli import main
-src, dst = sys.argv[1], sys.argv[2]
-planned = local.prepare_run
-def planned_then_replaced(*a, **k):
-    run = planned(*a, **k)
-    shutil.copyfile(src, dst)
-    return run
-local.prepare_run = slurm.prepare_run = planned_then_replaced
-main(sys.argv[3:])
-"""
 
 
 def _resaved(proto, out, seed: int):
@@ -196,7 +181,7 @@ def model(tiny_net, tmp_path):
 
 
 def _replaced_run(model, src, dst, *args, timeout=300):
-    return subprocess.run([CLI[0], "-c", REPLACE_AFTER_PLAN, str(src), str(dst), *map(str, args), *model["args"]],
+    return subprocess.run([CLI[0], "-c", SWAP_AFTER_PLAN, str(src), str(dst), *map(str, args), *model["args"]],
                           capture_output=True, text=True, cwd=REPO, timeout=timeout, env={**os.environ, **model["env"]})
 
 

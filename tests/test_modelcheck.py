@@ -14,28 +14,13 @@ import time
 
 import pytest
 
-from conftest import CLI, REPO, copy_tiny_net, run_cli, tiny_model_args
+from conftest import CLI, REPO, SWAP_AFTER_PLAN, copy_tiny_net, run_cli, tiny_model_args
 
 pytestmark = pytest.mark.slow
 
 MISMATCH = "model.prototxt and model.weights do not match: Cannot copy param 0 weights from layer 'conv one'; shape mismatch"
 PARSE = "Check failed: ReadProtoFromBinaryFile(param_file, param) Failed to parse NetParameter file"
 
-# the command line, with the model files replaced right after the plan proved them (before any
-# worker or array task starts): what a user who overwrites a file during a run meets
-SWAP_AFTER_PLAN = """
-import shutil, sys
-import runner.launch.local as local, runner.launch.slurm as slurm
-from runner.cli import main
-src, dst = sys.argv[1], sys.argv[2]
-planned = local.prepare_run
-def planned_then_swapped(*a, **k):
-    run = planned(*a, **k)
-    shutil.copyfile(src, dst)
-    return run
-local.prepare_run = slurm.prepare_run = planned_then_swapped
-main(sys.argv[3:])
-"""
 
 
 @pytest.fixture
