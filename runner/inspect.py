@@ -24,6 +24,7 @@ from .flops import forward_flops
 from .gpu import cudnn_summary
 from .model import check_fixed_shape, check_model_files, chosen_blobs, input_hw, parse_prototxt
 from .modelcheck import describe_shape_failure, shapes_in_child
+from .netstate import running_layers
 from .onnxport import unsupported
 from .plan import describe_input, size_source
 
@@ -155,15 +156,16 @@ def inspect_model(overrides: List[str]) -> str:
                 "extract with output.blobs=[name,...]")
     end = spec.end_layer(chosen)
     used = {layer.name for layer in spec.layers[:end + 1]}
-    lines += ["", "convolutions: " + cudnn_summary([lp for lp in spec.param.layer if lp.name in used], str(cfg.device))]
+    # the layers that run (Caffe's include/exclude rules): a TRAIN twin of the same name does not
+    ran = [lp for lp in running_layers(spec.param) if lp.name in used]
+    lines += ["", "convolutions: " + cudnn_summary(ran, str(cfg.device))]
     # what a forward to the chosen blobs costs (the net runs every layer up to the last of them)
     flops = forward_flops(spec.layers[:end + 1], {k: tuple(v) for k, v in shapes.items()},
                           {k: tuple(v) for k, v in weight_shapes.items()})
     lines.append(f"forward to {', '.join(chosen)}: {sum(flops.values()) / 1e9:.2f} GFLOP per image "
                  f"({len(flops)} convolution and inner-product layers up to {spec.layers[end].name})")
     if cfg.backend == "auto":
-        lines.append("engine on the CPU (backend=auto): " + _cpu_engine([lp for lp in spec.param.layer if lp.name in used],
-                                                                       shapes))
+        lines.append("engine on the CPU (backend=auto): " + _cpu_engine(ran, shapes))
     said = (f"not given: a run refuses until {', '.join('model.preprocess.' + k for k in missing)} are" if missing
             else json.dumps(OmegaConf.to_container(pp)))
     lines += ["", "preprocessing: " + said, "",

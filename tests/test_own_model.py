@@ -319,3 +319,20 @@ def test_inspect_lists_every_blob_of_any_prototxt_at_the_input_it_uses(zoo):
     p = run_cli("inspect", f"model.prototxt={proto}", f"model.weights={weights}", "model.input_size=[300,300]",
                 "output.blobs=[fc7]", check=False)
     assert p.returncode == 2 and "(fix: model.input_size=[227,227]" in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_inspect_judges_the_engine_by_the_layers_that_run(tiny_net, tmp_path):
+    """A TRAIN-phase twin with the same name as a TEST layer (a layer the converter does not
+    take) does not run in the deployed net: inspect says ONNX Runtime, as the task would."""
+    from conftest import TINY_PROTOTXT
+
+    proto = tmp_path / "twin.prototxt"
+    twin = ('layer { name: "act" type: "Power" bottom: "emb" top: "emb_t" include { phase: TRAIN } }\n'
+            'layer { name: "act" type: "TanH" bottom: "emb" top: "emb_t" include { phase: TEST } }')
+    proto.write_text(TINY_PROTOTXT.replace('layer { name: "act" type: "TanH" bottom: "emb" top: "emb_t" }', twin))
+    assert "Power" in proto.read_text()
+    p = run_cli("inspect", f"model.prototxt={proto}", f"model.weights={tiny_net[1]}", "output.blobs=[emb_t]",
+                *ZOO_PREPROCESS)
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("engine on the CPU"))
+    assert "ONNX Runtime" in line and "Power" not in line, line
