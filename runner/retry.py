@@ -27,7 +27,7 @@ import numpy as np
 from . import log
 from .errors import ConfigError, RunBusyError, RunnerError, shell_quote
 from .atomic import atomic_write_text, commit as commit_file
-from .inputs import input_stamp
+from .inputs import input_stamp, open_reader
 from .manifest import display_name, load_manifest
 from .private import check_private
 from .stats import TRANSIENT, is_transient, reason_kind, write_stats  # noqa: F401 (TRANSIENT: re-exported)
@@ -91,7 +91,6 @@ class _Extractor:
 
     def __init__(self, run, threads: int):
         from .features import FeaturePost
-        from .inputs import open_reader
         from .model import load_engine
         from .task import configure_threads
 
