@@ -604,8 +604,25 @@ def _launch_held(run_dir: Path) -> bool:
 
 
 def _cmd_verify(args) -> int:
+    from .sweep import is_sweep_dir, read_sweep
     from .verify import verify
 
+    if is_sweep_dir(Path(args.run_dir)):  # every point of the sweep, each as its own run
+        names = [str(p.get("name")) for p in read_sweep(Path(args.run_dir))["points"] if isinstance(p, dict)]
+        bad = 0
+        for name in names:
+            point = Path(args.run_dir) / name
+            if not (point / "run.json").exists():
+                print(f"FAIL: {name}: not started")
+                bad += 1
+                continue
+            problems = verify(point, [])
+            bad += bool(problems)
+            print(f"{'FAIL' if problems else 'OK'}: {name}" + "".join(f"\n  {p}" for p in problems))
+        if bad:
+            return _error(f"verify: {bad} of {len(names)} sweep point(s) with problems in {args.run_dir}", EXIT_FAILED)
+        print(f"OK: {args.run_dir}: every point of the sweep has every manifest entry exactly once")
+        return EXIT_OK
     notes = []
     problems = verify(Path(args.run_dir), notes, content=args.content)
     for n in notes:

@@ -128,8 +128,34 @@ def record_sweep(root: Path, names: List[str], keys: List[str], points: List[Lis
     atomic_write_text(root / SWEEP_JSON, json.dumps({"updated": time.time(), "points": pts}, indent=1))
 
 
+def _point_facts(d: Path) -> Dict:
+    """What a point's run directory says of it (model, blobs and their dimensions, pooling,
+    images/s), for the sweep's table; what cannot be read is left out."""
+    facts: Dict = {}
+    try:
+        plan = json.loads((d / "run.json").read_text())
+        facts.update(model=plan.get("model", {}).get("name"), blobs=list(plan.get("blobs") or []),
+                     pooling=plan.get("identity", {}).get("output", {}).get("pooling"))
+    except (OSError, ValueError, AttributeError):
+        return facts
+    try:
+        import h5py
+
+        with h5py.File(d / "features.h5", "r", locking=False) as f:
+            facts["dims"] = {b: "x".join(map(str, f["features"][b.replace("/", "__")].shape[1:]))
+                             for b in facts["blobs"]}
+    except (OSError, KeyError):
+        pass
+    try:
+        facts["rate"] = json.loads((d / "stats.json").read_text()).get("images_per_s")
+    except (OSError, ValueError):
+        pass
+    return facts
+
+
 def sweep_status(root: Path) -> List[Dict]:
-    """Each point of the sweep folder with its run's state (status of each run directory)."""
+    """Each point of the sweep folder with its run's state (status of each run directory) and
+    what tells it apart (model, blobs, dimensions, pooling), with its images/s."""
     from .errors import RunnerError
     from .status import run_status
 
@@ -145,20 +171,35 @@ def sweep_status(root: Path) -> List[Dict]:
                 row.update(state=st["state"], done=st["done"], images=st["images"], failures=st["failures"])
             except RunnerError as e:
                 row.update(state="unreadable", error=str(e))
+            row.update(_point_facts(d))
         rows.append(row)
     return rows
 
 
 def format_sweep_status(root: Path, rows: List[Dict]) -> str:
-    lines = [f"{root}: sweep of {len(rows)} point(s) ({SWEEP_JSON})"]
-    counts = [f"{r['done']}/{r['images']} images" if r.get("images") is not None else "" for r in rows]
-    # columns as wide as their longest entry: point names grow with the overrides they vary
-    wn = max([len(str(r["name"])) for r in rows] + [4])
-    ws = max([len(str(r["state"])) for r in rows] + [5])
-    wc = max([len(c) for c in counts] + [0])
-    for r, count in zip(rows, counts):
-        lines.append(f"  {str(r['name']):<{wn}}  {str(r['state']):<{ws}}  {count:<{wc}}  "
-                     f"{' '.join(r.get('overrides') or [])}".rstrip())
+    """One table: a row per point, a column for each fact that is known for some point; the
+    overrides column shows only those that differ between the points."""
+    differ = varying([list(r.get("overrides") or []) for r in rows]) if rows else []
+
+    def blobs(r):
+        dims = r.get("dims") or {}
+        return ", ".join(f"{b} {dims[b]}" if b in dims else b for b in r.get("blobs") or [])
+
+    cols = [("point", [str(r["name"]) for r in rows]),
+            ("state", [str(r["state"]) for r in rows]),
+            ("images", [f"{r['done']}/{r['images']} images" if r.get("images") is not None else "" for r in rows]),
+            ("failed", [str(r["failures"]) if r.get("failures") is not None else "" for r in rows]),
+            ("img/s", [f"{r['rate']:.1f}" if r.get("rate") else "" for r in rows]),
+            ("model", [str(r.get("model") or "") for r in rows]),
+            ("blobs", [blobs(r) for r in rows]),
+            ("pooling", [str(r.get("pooling") or "") for r in rows]),
+            ("differs", [" ".join(d) for d in differ])]
+    cols = [(h, v) for h, v in cols if h in ("point", "state") or any(v)]
+    widths = [max([len(h)] + [len(x) for x in v]) for h, v in cols]
+    lines = [f"{root}: sweep of {len(rows)} point(s) ({SWEEP_JSON})",
+             "  " + "  ".join(h.ljust(w) for (h, _), w in zip(cols, widths)).rstrip()]
+    for i in range(len(rows)):
+        lines.append("  " + "  ".join(v[i].ljust(w) for (_, v), w in zip(cols, widths)).rstrip())
     return "\n".join(lines)
 
 

@@ -106,6 +106,14 @@ def test_compare_a_real_sweep_against_numpy(tiny_net, photos, tmp_path):
     svg = (sweep / "compare.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<rect") == 9
 
+    # one table: what differs (the blobs and their dimensions), not every constant override
+    st = run_cli("status", sweep)
+    assert f"emb_t {emb_t.shape[1]}" in st.stdout and f"p1 {'x'.join(map(str, p1.shape[1:]))}" in st.stdout, st.stdout
+    assert "output.blobs=[p1,emb_t]" in st.stdout and "model.preprocess.mean" not in st.stdout, st.stdout
+    assert "img/s" in st.stdout.splitlines()[1] and "blobs" in st.stdout.splitlines()[1], st.stdout
+    # verify on the whole sweep
+    v = run_cli("verify", sweep)
+    assert v.stdout.count("OK: ") == 3 and "every point of the sweep" in v.stdout, v.stdout
     # a run directory, not a sweep: one line, exit 2
     bad = run_cli("compare", sweep / points[0]["name"], check=False)
     lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]

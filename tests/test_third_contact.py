@@ -280,7 +280,7 @@ def test_sweep_status_columns_line_up_for_long_names():
             {"name": "1_output.blobs-conv6_2_h__output.pooling-avg__model.preprocess.resize_size-320__x-" + "y" * 20,
              "state": "not started", "done": 0, "images": None, "overrides": ["a=2"]},
             {"name": "2_b", "state": "running", "done": 3, "images": 1000, "overrides": ["a=3"]}]
-    lines = format_sweep_status(Path("/s"), rows).splitlines()[1:]
+    lines = format_sweep_status(Path("/s"), rows).splitlines()[2:]  # the title, the header
     starts = [[ln.index(r["state"]), ln.index(r["overrides"][0])] for ln, r in zip(lines, rows)]
     assert len({s[0] for s in starts}) == 1 and len({s[1] for s in starts}) == 1, "\n".join(lines)
     assert all(ln.split()[0] == r["name"] for ln, r in zip(lines, rows))
