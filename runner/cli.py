@@ -684,7 +684,8 @@ def _subcommand(argv) -> int:
     s.add_argument("--watch", action="store_true", help="refresh in place until the run ends (Ctrl-C stops)")
     s.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch (2)")
     v = command("verify", "Check that every manifest entry appears exactly once (a feature row or a recorded "
-                "failure), shard files are complete and of this run, and the merged view agrees.",
+                "failure), shard files are complete and of this run, and the merged view agrees. A sweep's folder "
+                "(-m): every point.",
                 "exit codes: 0 OK, 1 problems found (listed as FAIL: lines), 2 not a run directory")
     v.add_argument("--content", action="store_true",
                    help="also read every shard whole and check it against the checksums recorded at its commit")
