@@ -616,7 +616,7 @@ def _cmd_verify(args) -> int:
                 print(f"FAIL: {name}: not started")
                 bad += 1
                 continue
-            problems = verify(point, [])
+            problems = verify(point, [], content=args.content)
             bad += bool(problems)
             print(f"{'FAIL' if problems else 'OK'}: {name}" + "".join(f"\n  {p}" for p in problems))
         if bad:
