@@ -306,7 +306,9 @@ def _refused(tmp_path, photos, tiny_net, image, user=None, launcher="slurm"):
     run = tmp_path / "run"
     args = [f"input.dir={photos}", f"output.dir={run}", *tiny_model_args(tiny_net), f"launcher={launcher}",
             "num_shards=2", "container.runtime=charliecloud", f"container.image={image}"]
-    pre = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
+    # root without the capabilities that let it read anything (a real denial; still root, so the
+    # venv is reachable wherever it lives, e.g. under a fresh machine's 0700 /root)
+    pre = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if user else []
     p = subprocess.run(pre + CLI + args, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert p.returncode == 2, (p.stdout[-2000:], p.stderr[-3000:])
     errors = [line for line in p.stderr.splitlines() if line.startswith("caffe-runner: error:")]
@@ -327,21 +329,21 @@ def test_bad_images_refused_before_anything_is_submitted(cluster, tmp_path, phot
 
 
 def test_unreadable_image_refused(tmp_path, photos, tiny_net):
-    """As root every file is readable: the check runs as an ordinary user (nobody)."""
+    """As root every file is readable: the check runs without root's capability to read anything."""
     if os.getuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root and setpriv to run the check as another user")
     d = Path("/var/tmp") / f"cr-unreadable-{os.getpid()}"  # a folder nobody can enter
     d.mkdir(mode=0o755)
     img = d / "image.sqfs"
     img.write_bytes(b"hsqs" + b"\0" * 96)
-    img.chmod(0o600)
+    img.chmod(0o000)
     try:
         for p in (tmp_path, photos, tiny_net[0].parent):  # pytest's folders are root's: let nobody reach them
             for q in [p, *p.parents]:
                 if str(q).startswith("/tmp/"):
                     q.chmod(q.stat().st_mode | 0o755)
         tmp_path.chmod(0o777)  # the output folder is nobody's to write
-        line = _refused(tmp_path, photos, tiny_net, img, user=65534, launcher="local")
+        line = _refused(tmp_path, photos, tiny_net, img, user="nocaps", launcher="local")
         assert "is not readable by you" in line
     finally:
         shutil.rmtree(d)
