@@ -14,6 +14,7 @@ invariant to orthogonal transforms and isotropic scaling of either side.
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Sequence, Tuple
@@ -147,7 +148,8 @@ def compare(root: Path, max_gb: float = 4.0, chunk: int = CHUNK_ROWS) -> Dict:
                           f"(output.pooling=avg) or raise --max-gb")
     moments = Moments([r.dim for r in reps])
     points = sorted({r.point: r.run_dir for r in reps}.items())
-    with _open_all(points) as files:
+    with ExitStack() as stack:
+        files = {name: stack.enter_context(h5py.File(d / "features.h5", "r")) for name, d in points}
         count = int(json.loads((points[0][1] / "run.json").read_text())["count"])
         for rows in _chunks(files, count, chunk):
             blocks = []
@@ -163,27 +165,6 @@ def compare(root: Path, max_gb: float = 4.0, chunk: int = CHUNK_ROWS) -> Dict:
     atomic_write_text(root / COMPARE_JSON, json.dumps(result, indent=1))
     atomic_write_text(root / COMPARE_SVG, heatmap_svg(result["labels"], m))
     return result
-
-
-class _open_all:
-    def __init__(self, points):
-        self.points = points
-
-    def __enter__(self):
-        import h5py
-
-        self.files = {}
-        try:
-            for name, d in self.points:
-                self.files[name] = h5py.File(d / "features.h5", "r")
-        except BaseException:
-            self.__exit__()
-            raise
-        return self.files
-
-    def __exit__(self, *exc):
-        for f in self.files.values():
-            f.close()
 
 
 def format_table(result: Dict) -> str:
