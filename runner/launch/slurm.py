@@ -391,23 +391,31 @@ def launch_slurm(cfg, accepted: Callable, launcher: SlurmLauncher) -> Dict:
     run = prepare_run(cfg, launcher, explicit_shards=None if int(cfg.launcher.get("shards_per_task", 1) or 1) > 1
                       else cfg.num_shards)
     accepted(run)
-    try:
-        return _submit(cfg, run, launcher, max_size)
-    except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM) while submitting or waiting
-        with _second_ctrl_c_ignored():  # a second Ctrl-C must not lose the answer to the first
+    with _ctrl_c_once():  # a second Ctrl-C must not lose the answer to the first
+        try:
+            return _submit(cfg, run, launcher, max_size)
+        except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM) while submitting or waiting
             msg = interrupted_message(run.rundir.path)
-        raise type(e)(msg) from None
+            raise type(e)(msg) from None
 
 
 @contextmanager
-def _second_ctrl_c_ignored():
+def _ctrl_c_once():
+    """The first Ctrl-C raises KeyboardInterrupt and, in the same breath, makes later ones
+    ignored until the block ends: an impatient second one cannot land between the raise and the
+    handler that answers the first (it did, at random, when the handler turned them off itself)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield  # signals go to the main thread only: nothing to hold back here
         return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def first(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, first)
     try:
         yield
     finally:
