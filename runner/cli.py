@@ -23,8 +23,8 @@ from typing import List, Optional, Tuple
 from . import __version__, log
 from .config import (USER_CONFIG_ENV, compose, compose_base, config_groups, expand_sweep, override_dirname,
                      override_lines, sweep_dirname, user_presets)
-from .errors import (ConfigError, shell_quote, FailureShareError, RunBusyError, RunnerError, ShardFailedError, Terminated,
-                     UsageError, did_you_mean)
+from .errors import (ConfigError, FailureShareError, RunBusyError, RunnerError, ShardFailedError, Terminated,
+                     UsageError, did_you_mean, shell_quote)
 from .overrides import normalize_overrides
 
 SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch", "report", "retry", "compare")
@@ -604,14 +604,13 @@ def _launch_held(run_dir: Path) -> bool:
 
 
 def _cmd_verify(args) -> int:
-    from .sweep import is_sweep_dir, read_sweep
+    from .sweep import is_sweep_dir, sweep_points
     from .verify import verify
 
     if is_sweep_dir(Path(args.run_dir)):  # every point of the sweep, each as its own run
-        names = [str(p.get("name")) for p in read_sweep(Path(args.run_dir))["points"] if isinstance(p, dict)]
+        points = sweep_points(Path(args.run_dir))
         bad = 0
-        for name in names:
-            point = Path(args.run_dir) / name
+        for name, point in points:
             if not (point / "run.json").exists():
                 print(f"FAIL: {name}: not started")
                 bad += 1
@@ -620,7 +619,7 @@ def _cmd_verify(args) -> int:
             bad += bool(problems)
             print(f"{'FAIL' if problems else 'OK'}: {name}" + "".join(f"\n  {p}" for p in problems))
         if bad:
-            return _error(f"verify: {bad} of {len(names)} sweep point(s) with problems in {args.run_dir}", EXIT_FAILED)
+            return _error(f"verify: {bad} of {len(points)} sweep point(s) with problems in {args.run_dir}", EXIT_FAILED)
         print(f"OK: {args.run_dir}: every point of the sweep has every manifest entry exactly once")
         return EXIT_OK
     notes = []

@@ -23,7 +23,7 @@ import numpy as np
 
 from .atomic import atomic_write_text
 from .errors import ConfigError, shell_quote
-from .sweep import read_sweep
+from .sweep import read_sweep, sweep_points
 
 COMPARE_JSON = "compare.json"
 COMPARE_SVG = "compare.svg"
@@ -78,11 +78,10 @@ class Representation:
 
 
 def _points(root: Path) -> List[Tuple[str, Path]]:
-    data = read_sweep(root)
-    if data is None:
+    if read_sweep(root) is None:
         raise ConfigError(f"{root} is not a sweep folder (no sweep.json): compare takes the folder a "
                           f"`caffe-runner -m ...` sweep wrote")
-    return [(str(p["name"]), root / str(p["name"])) for p in data["points"] if isinstance(p, dict)]
+    return sweep_points(root)
 
 
 def representations(root: Path) -> List[Representation]:

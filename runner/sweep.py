@@ -11,7 +11,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from .atomic import atomic_write_text
 
@@ -82,6 +82,12 @@ def name_points(root: Path, points: List[List[str]], keys: List[str], legacy_nam
         names.append(name)
         taken.add(name)
     return names
+
+
+def sweep_points(root: Path) -> List[Tuple[str, Path]]:
+    """(name, run directory) of every point sweep.json records, in its order; [] when none."""
+    return [(str(p.get("name")), Path(root) / str(p.get("name")))
+            for p in (read_sweep(root) or {}).get("points", []) if isinstance(p, dict)]
 
 
 def check_sweep_root(root: Path, keys: List[str], legacy_names: List[str]) -> None:
