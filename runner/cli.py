@@ -226,13 +226,17 @@ def setup_cli_logging(level=logging.INFO) -> None:
 # ---- extraction ------------------------------------------------------------------------
 
 def _parse_flags(argv: List[str]) -> Tuple[dict, List[str]]:
-    flags = {"multirun": False, "cfg": None}
+    flags = {"multirun": False, "cfg": None, "sweep": None}
     overrides: List[str] = []
-    known = ["-m", "--multirun", "--cfg", "-c", "--resolve", "-h", "--help", "--version"]
+    known = ["-m", "--multirun", "--sweep", "--cfg", "-c", "--resolve", "-h", "--help", "--version"]
     it = iter(argv)
     for a in it:
         if a in ("-m", "--multirun"):
             flags["multirun"] = True
+        elif a == "--sweep" or a.startswith("--sweep="):
+            flags["sweep"] = a.split("=", 1)[1] if "=" in a else next(it, None)
+            if not flags["sweep"]:
+                raise UsageError("--sweep takes a file: caffe-runner --sweep SWEEP.yaml input.dir=... output.dir=SWEEP")
         elif a in ("--cfg", "-c"):
             flags["cfg"] = next(it, None)
             if flags["cfg"] not in ("job", "all"):
@@ -281,20 +285,47 @@ def _extract_one(overrides: List[str], cfg=None) -> int:
     return EXIT_OK
 
 
-def _sweep(overrides: List[str]) -> int:
-    """Every combination (Hydra's sweep syntax: key=a,b), one run directory each under
-    output.dir; a failed point does not stop the others; the failed ones are listed at the end."""
+def _sweep_file_points(path: str, overrides: List[str]) -> List[List[str]]:
+    """A sweep file's points (sweep.file_points), each after the command line's overrides
+    (whose comma values cross them, as -m does)."""
+    import yaml
+
+    from .sweep import file_points
+
+    try:
+        data = yaml.safe_load(Path(path).expanduser().read_text())
+    except OSError as e:
+        raise ConfigError(f"sweep file {path}: {e.strerror or e}: give the path of a YAML sweep file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"sweep file {path} is not YAML ({str(e).splitlines()[0]}): fix it") from None
+    try:
+        points = file_points(data)
+    except ValueError as e:
+        raise ConfigError(f"sweep file {path}: {e}") from None
+    keys = lambda p: {o.split("=", 1)[0].lstrip("+~") for o in p}  # noqa: E731
+    both = sorted(keys(overrides) & set().union(*map(keys, points)))
+    if both:
+        raise ConfigError(f"{', '.join(both)} set both on the command line and in sweep file {path}: set it in one place")
+    return [cli + p for cli in (expand_sweep(overrides) if overrides else [[]]) for p in points]
+
+
+def _sweep(points: List[List[str]]) -> int:
+    """Every point (-m: every combination of Hydra's sweep syntax key=a,b; --sweep FILE: the
+    file's points), one run directory each under output.dir; points that differ only in what
+    they keep of the net's output share one pass (sharedpass.py); a failed point does not stop
+    the others; the failed ones are listed at the end."""
     from .launch.registry import launcher_for
     from .private import check_private, private_files
     from .sweep import check_sweep_root, name_points, record_sweep, varying
 
-    points = expand_sweep(overrides)
     root = None
     nowait = []  # a Slurm point that does not wait is submitted, not done, when its command returns
+    composed = []
     for point in points:  # every point composes before any runs: typos stop the sweep
         cfg = compose(point)
         root = root or cfg.output.dir
         nowait.append(launcher_for(cfg).returns_before_done(cfg))
+        composed.append(cfg)
     root = os.path.abspath(os.path.expanduser(root))
     keys = [override_dirname(p) for p in points]
     lines = [override_lines(p) for p in points]
@@ -312,17 +343,16 @@ def _sweep(overrides: List[str]) -> int:
     _check_points(cfgs, shown)  # a bad value in the last point stops the sweep before the first runs
     with private_files():
         record_sweep(Path(root), names, keys, lines)  # the name -> overrides mapping: `status SWEEP_DIR` reads it
-    print(f"sweep: {len(points)} point(s) under {root}", flush=True)
+    groups = pass_groups(composed)
+    passes = sum(len(g) > 1 for g in groups)
+    print(f"sweep: {len(points)} point(s) under {root}"
+          + (f"; {sum(len(g) for g in groups if len(g) > 1)} of them in {passes} shared pass(es) (one extraction "
+             "each: sweep.shared_pass)" if passes else ""), flush=True)
     failed = []
     submitted = all(nowait)
     others = "submitted: `caffe-runner status` follows them" if submitted else "done"
-    for n, (name, point) in enumerate(cfgs):
-        print(f"[{n + 1}/{len(cfgs)}] {name}", flush=True)
-        try:
-            _extract_one(point)
-        except RunnerError as e:
-            failed.append((name, str(e)))
-            _error(f"sweep point {name}: {e}", EXIT_FAILED)
+    for group in groups:
+        failed += _sweep_pass(group, cfgs, nowait)
     if failed:
         listed = "\n".join(f"  {name}  ({shown[name]})" for name, _ in failed)  # each error was printed already
         rest = "" if len(failed) == len(cfgs) else f" (the others are {others})"
@@ -332,6 +362,67 @@ def _sweep(overrides: List[str]) -> int:
     print(f"sweep: all {len(cfgs)} point(s) {'submitted' if submitted else 'done'} under {root}"
           + (f": caffe-runner status {shell_quote(root)}" if submitted else ""))
     return EXIT_OK
+
+
+def pass_groups(composed) -> List[List[int]]:
+    """The sweep's points grouped by the extraction they need (sharedpass.pass_key), in the
+    order of each group's first point; a point with sweep.shared_pass=false is a group of its own."""
+    from omegaconf import OmegaConf
+
+    from .sharedpass import pass_key
+
+    groups: dict = {}
+    for n, cfg in enumerate(composed):
+        key = pass_key(OmegaConf.to_container(cfg, resolve=True)) if cfg.sweep.shared_pass else f"alone-{n}"
+        groups.setdefault(key, []).append(n)
+    return list(groups.values())
+
+
+def _sweep_pass(group: List[int], cfgs: List[Tuple[str, List[str]]], nowait: List[bool]) -> List[Tuple[str, str]]:
+    """Run one group of sweep points: alone, or as one shared pass. The first point's launch
+    writes the others' files too (their plans made first: launch.prepare); each other point is
+    then launched as itself, which finds its shards done (or extracts what the pass left) and
+    merges. A Slurm pass that returns once submitted leaves the merging to its merge job.
+    Returns the failed points (name, error), each already printed."""
+    from .launch import prepare
+
+    failed = []
+    total = len(cfgs)
+
+    def one(n: int, cfg=None, note: str = "") -> bool:
+        name, point = cfgs[n]
+        print(f"[{n + 1}/{total}] {name}{note}", flush=True)
+        try:
+            _extract_one(point, cfg)
+            return True
+        except RunnerError as e:
+            failed.append((name, str(e)))
+            _error(f"sweep point {name}: {e}", EXIT_FAILED)
+            return False
+
+    lead, rest = group[0], group[1:]
+    if not rest:
+        one(lead)
+        return failed
+    prepared = []  # the points whose plans the pass writes to
+    for n in rest:
+        name, point = cfgs[n]
+        try:
+            prepared.append((n, str(prepare(compose(point), point).rundir.path)))
+        except RunnerError as e:
+            failed.append((name, str(e)))
+            _error(f"sweep point {name}: {e}", EXIT_FAILED)
+    cfg = compose(cfgs[lead][1])
+    cfg.sweep.companions = [d for _, d in prepared]
+    also = ", ".join(cfgs[n][0] for n, _ in prepared)
+    one(lead, cfg, f" (one pass, also writing {also})" if also else "")
+    for n, _ in prepared:
+        if nowait[lead]:
+            print(f"[{n + 1}/{total}] {cfgs[n][0]}: written by the tasks of {cfgs[lead][0]}, merged by its merge job",
+                  flush=True)
+        else:
+            one(n)  # finds its shards done (or extracts what the pass left), merges, sums up
+    return failed
 
 
 def _check_points(cfgs: List[Tuple[str, List[str]]], shown: dict) -> None:
@@ -366,8 +457,10 @@ def _extract_main(argv: List[str]) -> int:
         print(OmegaConf.to_yaml(compose(_first_values(overrides), require_output=False)), end="")
         return EXIT_OK
     setup_cli_logging()
+    if flags["sweep"]:
+        return _sweep(_sweep_file_points(flags["sweep"], overrides))
     if flags["multirun"]:
-        return _sweep(overrides)
+        return _sweep(expand_sweep(overrides))
     if any(_is_sweep(o) for o in overrides):
         raise UsageError("comma-separated values make a sweep: add -m to run every combination "
                          "(or quote a list as key=[a,b])")

@@ -15,6 +15,7 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from itertools import islice
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -26,6 +27,7 @@ from .device import resolve_local_device
 from .manifest import display_name, load_manifest
 from .inputs import open_reader
 from .model import load_engine
+from .sharedpass import companions, pass_blobs
 from .modelcheck import check_model_loads
 from .plan import load_run
 from .preprocess import oversample as oversample_crops
@@ -166,13 +168,24 @@ class _Feeder(threading.Thread):
             yield item[1:]
 
 
+@dataclass
+class _Sink:
+    """One shard file a forward pass writes: its run's own, or a sweep companion's
+    (sharedpass.py), with that run's blobs and post-processing. `first`: the first manifest entry
+    the file still needs (a resumed file may be further on than the others of the pass)."""
+    writer: ShardWriter
+    post: FeaturePost
+    blobs: List[str]
+    first: int
+    progress: Optional[_Progress] = None
+
+
 class _Writer(threading.Thread):
     """Drains forward results to HDF5 so the net never waits on the disk."""
 
-    def __init__(self, writer: ShardWriter, progress: _Progress, post: "FeaturePost", maxsize: int = 1,
-                 shard: int = 0):
+    def __init__(self, sinks: List[_Sink], maxsize: int = 1, shard: int = 0):
         super().__init__(name="h5writer", daemon=True)
-        self.writer, self.progress, self.post = writer, progress, post
+        self.sinks = sinks
         self.shard = shard
         self.q: "queue.Queue" = queue.Queue(maxsize=maxsize)
         self.error: Optional[BaseException] = None
@@ -194,14 +207,19 @@ class _Writer(threading.Thread):
                 item = self.q.get()
                 if item is None:
                     return
-                n_items, indices, names, feats, failures, labels = item
-                feats = {b: self.post(v) for b, v in feats.items()}
-                self.writer.write_batch(n_items, indices, names, feats, failures, labels)
-                p = self.progress
-                p.done += n_items
-                p.rows += len(indices)
-                p.failures += len(failures)
-                p.beat("running")
+                start, n_items, indices, names, feats, failures, labels = item
+                for sink in self.sinks:
+                    if start + n_items <= sink.first:
+                        continue  # this file holds the batch already (it resumed further on)
+                    if start < sink.first:  # batches start where every file of the pass resumes
+                        raise RuntimeError(f"batch at {start} overlaps a file that resumes at {sink.first}")
+                    sink.writer.write_batch(n_items, indices, names, {b: sink.post(feats[b]) for b in sink.blobs},
+                                            failures, labels)
+                    p = sink.progress
+                    p.done += n_items
+                    p.rows += len(indices)
+                    p.failures += len(failures)
+                    p.beat("running")
                 self.written += 1
                 gate(f"written-{self.shard}-{self.written}")
         except BaseException as e:  # surfaced in the forward thread
@@ -236,13 +254,33 @@ class _Opened:
     start: int
     stop: int
     load_s: float
+    gpu_attrs: Dict  # what every writer of the shard records of the GPU (a companion's too)
+    loaded: bool  # False: the net this task loaded for an earlier shard
+
+
+def _shard_writer(run, index: int, ident: TaskIdentity, threads: int, manifest, engine, gpu_attrs: Dict,
+                  loaded: bool, lock: Optional[ShardLock]) -> ShardWriter:
+    """Shard `index`'s writer for `run` (resumed or new): the run's own blobs, pooled as it asks,
+    from an engine that may compute more blobs (a sweep's shared pass)."""
+    cfg = run.cfg
+    start, stop = run.shard_range(index)
+    shapes = {b: pooled_shape(engine.blob_shapes[b], cfg.output.pooling) for b in run.plan["blobs"]}
+    attrs = dict(run.shard_attrs(), shard=index, num_shards=run.num_shards, start=start, stop=stop,
+                 host=ident.host, pid=ident.pid, job_id=ident.job_id or "",
+                 visible_gpus=ident.visible_gpus or "", device=engine.device_desc,
+                 blas_threads=threads,  # what `retry` runs with, to stay bit-identical
+                 net_loaded=int(loaded),  # 0: the net this task loaded for an earlier shard
+                 blob_shapes=str({b: list(s) for b, s in shapes.items()}), **gpu_attrs)
+    return ShardWriter(run.shard_path(index), shapes, str(cfg.output.dtype), attrs, run.plan["fingerprint"],
+                       cfg.batch_size, labels=manifest.labels, attempt=lock.attempt if lock else None,
+                       guard=lock.check if lock else None)
 
 
 def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest, parts, numerics: Dict,
                 keep: Optional[Dict] = None, lock: Optional[ShardLock] = None) -> _Opened:
     """Load the engine (or reuse the one `keep` holds: a task taking shard after shard loads
     the net once) and open (or resume) the shard's writer."""
-    cfg, plan = run.cfg, run.plan
+    cfg = run.cfg
     start, stop = run.shard_range(index)
     blobs = parts.blobs
     t_load = time.time()
@@ -258,25 +296,16 @@ def _open_shard(run, index: int, ident: TaskIdentity, threads: int, manifest, pa
     # an engine this task kept from an earlier shard
     engine.start_shard()
     load_s = time.time() - t_load
-    shapes = {b: pooled_shape(engine.blob_shapes[b], cfg.output.pooling) for b in blobs}
     gpu_attrs = _gpu_attrs(parts.spec, blobs, engine, numerics)
     if gpu_attrs:
         log.info("shard %d/%d on %s: %s, %s, cuDNN workspace <= %s MB per layer", index, run.num_shards,
                  gpu_attrs["gpu"], gpu_attrs["cudnn"], "TF32 allowed (model.tf32=true)" if gpu_attrs.get("tf32")
                  else "full FP32 (TF32 off)", gpu_attrs.get("cudnn_workspace_mb", "?"))
-    attrs = dict(run.shard_attrs(), shard=index, num_shards=run.num_shards, start=start, stop=stop,
-                 host=ident.host, pid=ident.pid, job_id=ident.job_id or "",
-                 visible_gpus=ident.visible_gpus or "", device=engine.device_desc,
-                 blas_threads=threads,  # what `retry` runs with, to stay bit-identical
-                 net_loaded=int(loaded),  # 0: the net this task loaded for an earlier shard
-                 blob_shapes=str({b: list(s) for b, s in shapes.items()}), **gpu_attrs)
-    writer = ShardWriter(run.shard_path(index), shapes, str(cfg.output.dtype), attrs, plan["fingerprint"],
-                         cfg.batch_size, labels=manifest.labels, attempt=lock.attempt if lock else None,
-                         guard=lock.check if lock else None)
+    writer = _shard_writer(run, index, ident, threads, manifest, engine, gpu_attrs, loaded, lock)
     if writer.next:
         log.info("shard %d/%d resumes at %d/%d (rows %d, failures %d)", index, run.num_shards,
                  writer.next, stop - start, writer.rows, writer.n_failures)
-    return _Opened(writer, engine, start + writer.next, start, stop, load_s)
+    return _Opened(writer, engine, start + writer.next, start, stop, load_s, gpu_attrs, loaded)
 
 
 def _gpu_attrs(spec, blobs, engine, numerics: Dict) -> Dict[str, object]:
@@ -292,22 +321,27 @@ def _gpu_attrs(spec, blobs, engine, numerics: Dict) -> Dict[str, object]:
                 cudnn=describe_cudnn("gpu", has, cuda_probe().cudnn_version, n_cudnn, n_conv))
 
 
-def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, parts) -> Dict[str, float]:
-    """Decode -> forward -> write every item left; returns the timing statistics."""
+def _post(cfg) -> FeaturePost:
+    return FeaturePost(str(cfg.output.pooling), float(cfg.output.gem_p), bool(cfg.output.l2_normalize))
+
+
+def _forward_loop(run, index: int, op: _Opened, reader, sinks: List[_Sink], parts) -> Dict[str, float]:
+    """Decode -> forward -> write every item left, into every file of the pass (`sinks`: the
+    run's own first); returns the timing statistics."""
     cfg = run.cfg
     transform, in_shape = parts.transform, parts.in_shape
     oversample = bool(cfg.model.preprocess.oversample)
-    post = FeaturePost(str(cfg.output.pooling), float(cfg.output.gem_p), bool(cfg.output.l2_normalize))
-    wthread = _Writer(op.writer, progress, post, shard=index)
+    first = min(s.first for s in sinks)
+    wthread = _Writer(sinks, shard=index)
     busy = 0.0
     t0, c0 = time.time(), time.process_time()
     t_first = None  # pipeline fill: until the first batch is ready
     # steady state: between two batches at which the decode window is equally full, so that
     # neither the pipeline fill and Caffe's first allocations nor images decoded ahead count
-    marks = steady_marks(op.stop - op.first, cfg.batch_size, int(cfg.decode.prefetch_batches))
+    marks = steady_marks(op.stop - first, cfg.batch_size, int(cfg.decode.prefetch_batches))
     seen: List[Tuple[float, float, int]] = []  # (time, CPU time, images done) at the marks
     n_batches = done = 0
-    window = decode_window(reader.items(op.first, op.stop), cfg.batch_size, int(cfg.decode.workers),
+    window = decode_window(reader.items(first, op.stop), cfg.batch_size, int(cfg.decode.workers),
                             int(cfg.decode.prefetch_batches))
     feeder = _Feeder(window, transform, tuple(in_shape[1:]) if oversample else None, maxsize=2)
     check = None  # the GPU self-check's result, once the first batch is done
@@ -331,7 +365,8 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, par
             for i, n, why in failures:
                 log.warning("shard %d: image %d %s failed: %s", index, i, display_name(n), why)
             labels = {it.index: it.label for it in batch}
-            wthread.put((len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures, labels))
+            wthread.put((batch[0].index, len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures,
+                         labels))
             n_batches, done = n_batches + 1, done + len(batch)
             if marks and n_batches in marks:
                 seen.append((time.time(), time.process_time(), done))
@@ -342,7 +377,7 @@ def _forward_loop(run, index: int, op: _Opened, reader, progress: _Progress, par
         feeder.stop.set()
     wthread.close()
     t_end, c_end = time.time(), time.process_time()
-    stats = shard_statistics(t_end - t0, op.stop - op.first, busy, t_first, op.load_s, cpu_s=c_end - c0)
+    stats = shard_statistics(t_end - t0, op.stop - first, busy, t_first, op.load_s, cpu_s=c_end - c0)
     if len(seen) == 2:
         (ta, ca, na), (tb, cb, nb) = seen
         stats.update(steady_s=tb - ta, steady_cpu_s=cb - ca, steady_images=nb - na)
@@ -385,12 +420,86 @@ def shard_statistics(elapsed: float, done_now: int, busy: float, t_first: Option
                 first_batch_s=t_first or 0.0, load_s=load_s)
 
 
+class _Companion:
+    """A sweep companion's shard in this task's pass (sharedpass.py): its own lock, heartbeat,
+    events and writer, fed the pass's rows (its own blobs and post-processing)."""
+
+    def __init__(self, run, index: int, ident: TaskIdentity, attempt: str, log_path: Optional[str]):
+        self.run, self.index, self.ident, self.log_path = run, index, ident, log_path
+        self.lock = ShardLock(run.lock_path(index), attempt)
+        self.events = EventLog(events_path(run.rundir.path, run.shard_path(index).stem), task_fields(ident))
+        self.heart: Optional[Heart] = None
+        self.progress: Optional[_Progress] = None
+        self.writer: Optional[ShardWriter] = None
+        self.sink: Optional[_Sink] = None
+
+    def take(self, stack: ExitStack) -> bool:
+        """Its lock, unless another process writes that shard (it is left to that one)."""
+        if self.run.shard_done(self.index):
+            return False
+        self.run.rundir.shards_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            stack.enter_context(self.lock)
+        except ShardBusyError as e:
+            log.info("shared pass: %s", e)
+            return False
+        return not self.run.shard_done(self.index)
+
+    def open(self, op: _Opened, manifest, threads: int, t_lock: float, lead_dir: str) -> _Sink:
+        run, index = self.run, self.index
+        self.heart = Heart(lambda beat: run.write_heartbeat(index, beat), run.cfg.heartbeat_s,
+                           dict(state="running", phase="loading", shard=index, job_id=self.ident.job_id,
+                                started=t_lock, log=self.log_path, image=image_label())).start()
+        self.writer = w = _shard_writer(run, index, self.ident, threads, manifest, op.engine, op.gpu_attrs,
+                                        op.loaded, self.lock)
+        start, stop = run.shard_range(index)
+        self.events.write("resumed" if w.next else "started", t=round(t_lock, 3), done=w.next, rows=w.rows,
+                          failures=w.n_failures, total=stop - start, device=op.engine.device_desc, shared_pass=lead_dir)
+        self.sink = _Sink(w, _post(run.cfg), list(run.plan["blobs"]), start + w.next)
+        return self.sink
+
+    def start(self, log_interval_s: float) -> None:
+        start, stop = self.run.shard_range(self.index)
+        w = self.writer
+        self.progress = _Progress(self.run, self.index, stop - start, w.next, self.ident, self.run.cfg.heartbeat_s,
+                                  log_interval_s, self.log_path, self.events, self.heart)
+        self.progress.rows, self.progress.failures = w.rows, w.n_failures
+        self.sink.progress = self.progress
+
+    def finish(self, stats: Dict) -> None:
+        p = self.progress
+        try:
+            self.writer.finish(stats)
+        except ShardLostError as e:
+            self.writer.discard()
+            self.heart.stop()
+            log.warning("shard %d of %s: %s", self.index, self.run.rundir.path, e)
+            self.events.write("lost", attempt=self.lock.attempt, other=e.other[:300], done=self.writer.next)
+            return
+        p.beat("done", force=True, **stats)
+        self.events.write("finished", done=p.done, rows=p.rows, failures=p.failures, elapsed_s=round(stats["elapsed_s"], 3))
+        log.info("shard %d/%d of %s done: %d rows, %d failures", self.index, self.run.num_shards, self.run.rundir.path,
+                 p.rows, p.failures)
+
+    def fail(self, e: BaseException) -> None:
+        if self.heart is not None:
+            self.heart.stop()
+            _last_word(self.run, self.index, e, self.ident, self.log_path, self.progress, self.heart, self.events)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.heart is not None:
+            self.heart.stop()
+
+
 def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int] = None,
               keep: Optional[Dict] = None) -> Dict:
     """Extract shard `index` of the run in cfg.output.dir. Idempotent: a complete shard is
     skipped, a partial one resumes from its last flushed batch. `own`: the shard this task was
     started for, when `index` is another one it took (steal.py); `keep`: what the task keeps
-    between its shards (the loaded engine and pipeline)."""
+    between its shards (the loaded engine and pipeline). A sweep's shared pass
+    (cfg.sweep.companions) writes the same shard of each companion run too (sharedpass.py)."""
     if threads is None:
         threads = default_threads()
     configure_threads(threads)
@@ -402,6 +511,13 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
     if cfg.device == "auto":  # launchers resolve it; a direct caller gets this task's view
         cfg.device = resolve_local_device(cfg)
     run = load_run(cfg)
+    group = [run] + companions(run)
+    blobs = pass_blobs(group)  # the net computes every blob of the pass, whichever files are left
+    if run.shard_done(index) and len(group) > 1:
+        # this run's file is complete: the first companion still missing the shard leads the pass
+        run = next((r for r in group[1:] if not r.shard_done(index)), run)
+        cfg = run.cfg
+    others = [r for r in group if r is not run]
     num_shards = run.num_shards
     final = run.shard_path(index)
     if run.shard_done(index):
@@ -416,10 +532,12 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
     progress = heart = None
     events = EventLog(events_path(run.rundir.path, final.stem), task_fields(ident))
     attempt = attempt_id()  # this attempt's own partial file and holder line (write.py)
+    comps: List[_Companion] = []
     try:
-        with ShardLock(run.lock_path(index), attempt) as lock:
+        with ShardLock(run.lock_path(index), attempt) as lock, ExitStack() as held:
             if run.shard_done(index):  # finished by the lock's previous holder
                 return {"shard": index, "skipped": True}
+            comps = [c for c in (_Companion(r, index, ident, attempt, log_path) for r in others) if c.take(held)]
             taken = {"own_shard": own} if own is not None and own != index else {}
             if taken:
                 log.info("shard %d/%d taken by this task (its own shard %d is done or held by another)", index,
@@ -442,24 +560,34 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
             # once per shard (once per task with `keep`): the prototxt parsed, the mean file loaded
             parts = keep.get("parts") if keep is not None else None
             if parts is None:
-                parts = run.pipeline_parts()
+                parts = run.pipeline_parts()._replace(blobs=blobs)
                 if keep is not None:
                     keep["parts"] = parts
             op = _open_shard(run, index, ident, threads, manifest, parts, numerics, keep, lock)
             events.write("resumed" if op.writer.next else "started", t=round(t_lock, 3), done=op.writer.next,
                          rows=op.writer.rows, failures=op.writer.n_failures, total=op.stop - op.start,
-                         device=op.engine.device_desc, **taken)
+                         device=op.engine.device_desc, **taken,
+                         **({"shared_pass": [str(c.run.rundir.path) for c in comps]} if comps else {}))
+            sinks = [_Sink(op.writer, _post(cfg), list(run.plan["blobs"]), op.first)]
+            sinks += [c.open(op, manifest, threads, t_lock, str(run.rundir.path)) for c in comps]
             # the reader turns manifest entries into the decoder's jobs
             reader = open_reader(manifest, parts.decoder)
             try:
                 slurm = bool(ident.job_id)
+                log_every = float(cfg.launcher.get("log_interval_s", 30)) if slurm else 0.0
                 progress = _Progress(run, index, op.stop - op.start, op.writer.next, ident, cfg.heartbeat_s,
-                                     float(cfg.launcher.get("log_interval_s", 30)) if slurm else 0.0, log_path,
-                                     events, heart, taken)
+                                     log_every, log_path, events, heart, taken)
                 progress.rows, progress.failures = op.writer.rows, op.writer.n_failures
-                stats = _forward_loop(run, index, op, reader, progress, parts)
+                sinks[0].progress = progress
+                for c in comps:
+                    c.start(log_every)
+                stats = _forward_loop(run, index, op, reader, sinks, parts)
                 gate(f"finish-{index}")
-                op.writer.finish(dict(stats, input_read=json.dumps(reader.stats)) if reader.stats else stats)
+                if reader.stats:
+                    stats = dict(stats, input_read=json.dumps(reader.stats))
+                for c in comps:  # before this run's own commit: its file is what says the pass is done
+                    c.finish(stats)
+                op.writer.finish(stats)
             except ShardLostError as e:
                 # another attempt committed the shard first, or took it over: ours is discarded
                 op.writer.discard()
@@ -470,6 +598,8 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
             finally:
                 reader.close()
                 op.writer.close()
+                for c in comps:
+                    c.close()
             progress.beat("done", force=True, **stats)
             events.write("finished", done=progress.done, rows=progress.rows, failures=progress.failures,
                          elapsed_s=round(stats["elapsed_s"], 3))
@@ -481,6 +611,8 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
             heart.stop()
         if not isinstance(e, (KeyboardInterrupt, ShardBusyError)):
             _last_word(run, index, e, ident, log_path, progress, heart, events)
+            for c in comps:
+                c.fail(e)
         raise
     finally:
         if heart is not None:

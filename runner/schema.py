@@ -357,6 +357,17 @@ class RunOptsConf:
 
 
 @dataclass
+class SweepConf:
+    # a sweep's points that differ only in output.blobs, pooling, gem_p, l2_normalize or dtype
+    # share one extraction (decode once, forward once, each point's own files); false: one
+    # whole run per point
+    shared_pass: bool = True
+    # set by the sweep for its shared pass: the run directories of the points this run's tasks
+    # write too (runner/sharedpass.py); not a key to set by hand
+    companions: List[str] = field(default_factory=list)
+
+
+@dataclass
 class RunConf:
     # a preset (model=res10_ssd) or model.prototxt=... model.weights=...
     model: ModelConf = MISSING
@@ -393,6 +404,8 @@ class RunConf:
     stall_batches: int = 20
     # what makes a run fail (run.max_failure_fraction)
     run: RunOptsConf = field(default_factory=RunOptsConf)
+    # sweeps (-m, --sweep FILE): sweep.shared_pass
+    sweep: SweepConf = field(default_factory=SweepConf)
     # device=gpu: each task computes its first batch on the GPU and on the CPU and stops before
     # writing a row when they differ beyond the tolerance (runner/selfcheck.py); false: off
     gpu_selfcheck: bool = True

@@ -211,3 +211,96 @@ def format_sweep_status(root: Path, rows: List[Dict]) -> str:
 
 def is_sweep_dir(path: Path) -> bool:
     return not (Path(path) / "run.json").exists() and os.path.isfile(Path(path) / SWEEP_JSON)
+
+
+# ---- sweep files (caffe-runner --sweep FILE) ---------------------------------------------
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_./+-]+$")
+SWEEP_FILE_KEYS = ("points", "models", "pooling", "overrides")
+
+
+def override_value(v) -> str:
+    """A YAML value as the override grammar reads it back (pure): lists as [a,b], strings
+    quoted unless plain (blob names with ':', ' ', ',' or quotes stay one value)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(override_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{override_value(x)}" for k, x in v.items()) + "}"
+    s = str(v)
+    if _PLAIN.match(s) and s not in ("true", "false", "null"):
+        return s
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _overrides_of(entry, where: str) -> List[str]:
+    """A point's overrides from a mapping {key: value}, a list of 'key=value' or one string of them."""
+    import shlex
+
+    if isinstance(entry, dict):
+        return [f"{k}={override_value(v)}" for k, v in entry.items()]
+    if isinstance(entry, str):
+        entry = shlex.split(entry)
+    if isinstance(entry, list) and all(isinstance(o, str) and "=" in o for o in entry):
+        return list(entry)
+    raise ValueError(f"{where}: a mapping of key: value, or a list of key=value overrides, not {entry!r}")
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def file_points(data) -> List[List[str]]:
+    """The points of a sweep file (pure; raises ValueError naming what is wrong). Either
+      points: [ {model: googlenet, output.blobs: [inception_3a/output]}, "model=caffenet ...", ...]
+    or models crossed with their own blobs (one point per blob) and, optionally, poolings:
+      models: {googlenet: [inception_3a/output, inception_4a/output],
+               caffenet: {blobs: [conv5, fc7], overrides: {...}}}
+      pooling: [avg, max]
+    `overrides` (a mapping or list) applies to every point."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a sweep file is a mapping with {' or '.join(SWEEP_FILE_KEYS[:2])}, not {type(data).__name__}")
+    unknown = [k for k in data if k not in SWEEP_FILE_KEYS]
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(map(str, unknown))}: a sweep file has {', '.join(SWEEP_FILE_KEYS)}")
+    if ("points" in data) == ("models" in data):
+        raise ValueError("a sweep file has either `points` (a list) or `models` (each with its blobs), one of them")
+    common = _overrides_of(data.get("overrides") or {}, "overrides")
+    points: List[List[str]] = []
+    if "points" in data:
+        if not isinstance(data["points"], list) or not data["points"]:
+            raise ValueError("`points` is a list of points, each a mapping of key: value")
+        points = [_overrides_of(p, f"point {n}") for n, p in enumerate(data["points"])]
+        if "pooling" in data:
+            raise ValueError("`pooling` crosses `models` and their blobs: in `points`, give output.pooling per point")
+    else:
+        models = data["models"]
+        if not isinstance(models, dict) or not models:
+            raise ValueError("`models` maps a model preset (or a name of yours) to its blobs: "
+                             "{googlenet: [inception_3a/output], caffenet: {blobs: [conv5], overrides: {...}}}")
+        poolings = data.get("pooling")
+        if poolings is not None and not isinstance(poolings, list):
+            poolings = [poolings]
+        for name, spec in models.items():
+            if isinstance(spec, list):
+                spec = {"blobs": spec}
+            if not isinstance(spec, dict) or not isinstance(spec.get("blobs"), list) or not spec["blobs"]:
+                raise ValueError(f"model {name}: a list of blobs, or a mapping with `blobs` (a list) and `overrides`")
+            extra = [k for k in spec if k not in ("blobs", "overrides")]
+            if extra:
+                raise ValueError(f"model {name}: unknown key(s) {', '.join(map(str, extra))} (it has blobs, overrides)")
+            own = _overrides_of(spec.get("overrides") or {}, f"model {name}'s overrides")
+            head = [] if any(_key(o) == "model" for o in own) else [f"model={name}"]
+            for blob in spec["blobs"]:
+                for pool in poolings or [None]:
+                    p = head + own + [f"output.blobs={override_value([str(blob)])}"]
+                    points.append(p + ([f"output.pooling={override_value(pool)}"] if pool is not None else []))
+    clash = sorted({_key(o) for o in common} & {_key(o) for p in points for o in p})
+    if clash:
+        raise ValueError(f"{', '.join(clash)} set both in `overrides` and in a point: set it in one place")
+    return [common + p for p in points]

@@ -13,7 +13,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
@@ -115,9 +115,9 @@ def _remove_leftovers(path: Path, existed: bool, before: List[str]) -> None:
             shutil.rmtree(e, ignore_errors=True) if e.is_dir() else e.unlink(missing_ok=True)
 
 
-def launch(cfg, overrides: Sequence[str] = (), launcher: Optional[Launcher] = None) -> Dict:
-    """Run (launcher=local) or submit (launcher=slurm) the run cfg describes. `launcher`
-    replaces the one the config names (tests give one with a fake executor)."""
+def _in_run_dir(cfg, overrides: Sequence[str], launcher: Optional[Launcher], work: Callable):
+    """work(launcher, record) in the run directory cfg names: checked (a run's folder, private),
+    held (launch.lock), and left as it was found when work fails before its plan is accepted."""
     launcher = launcher or launcher_for(cfg)
     path = Path(os.path.abspath(os.path.expanduser(cfg.output.dir)))
     check_run_dir(path)
@@ -128,9 +128,29 @@ def launch(cfg, overrides: Sequence[str] = (), launcher: Optional[Launcher] = No
     try:
         with private_files(), launch_lock(path):
             try:
-                return launcher.execute(cfg, record.accepted)
+                return work(launcher, record)
             except BaseException:
                 _remove_leftovers(path, existed, before)
                 raise
     finally:
         record.close()
+
+
+def launch(cfg, overrides: Sequence[str] = (), launcher: Optional[Launcher] = None) -> Dict:
+    """Run (launcher=local) or submit (launcher=slurm) the run cfg describes. `launcher`
+    replaces the one the config names (tests give one with a fake executor)."""
+    return _in_run_dir(cfg, overrides, launcher, lambda la, record: la.execute(cfg, record.accepted))
+
+
+def prepare(cfg, overrides: Sequence[str] = (), launcher: Optional[Launcher] = None):
+    """Plan the run cfg describes (its input listed, run.json written; an existing run of the
+    same config is resumed as it is) without running anything: a sweep plans the points a shared
+    pass writes before the pass starts (sharedpass.py)."""
+    from ..plan import prepare_run
+
+    def plan(la: Launcher, record: CommandRecord):
+        run = prepare_run(cfg, la, explicit_shards=la.explicit_shards(cfg))
+        record.accepted(run)
+        return run
+
+    return _in_run_dir(cfg, overrides, launcher, plan)

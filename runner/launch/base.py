@@ -8,7 +8,7 @@ module (local.py, slurm.py) subclasses Launcher; launch/registry.py picks one fr
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..runtimes import Placement
 
@@ -42,6 +42,10 @@ class Launcher(ABC):
         for all; raises when one failed. False: this launcher runs work in the calling process,
         so the caller runs it there (`retry` of a local run)."""
         return False
+
+    def explicit_shards(self, cfg) -> Optional[int]:
+        """The shard count the plan must have; None: default_shards decides."""
+        return cfg.num_shards
 
     def returns_before_done(self, cfg) -> bool:
         """True when a launch returns once its work is submitted, before it is done (what a

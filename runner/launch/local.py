@@ -36,6 +36,7 @@ from ..gpu import require_cuda_device, require_gpu_caffe
 from ..lastwords import caffe_last_words, describe_exit, signal_hint
 from ..merge import merge_run, merged_is_current, open_merged
 from ..plan import Run, plan_summary, prepare_run
+from ..sharedpass import pass_missing
 from ..runtimes import Placement, container_spec, wrap
 from ..stats import current_stats, write_stats
 from ..status import shard_state
@@ -380,12 +381,12 @@ class LocalLauncher(Launcher):
 
 
 def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
-    run = prepare_run(cfg, launcher, explicit_shards=cfg.num_shards)
+    run = prepare_run(cfg, launcher, explicit_shards=launcher.explicit_shards(cfg))
     wp = worker_plan(cfg)  # after prepare_run: cfg.device is resolved there
     if oversubscription(wp):
         log.warning("%s", oversubscription(wp))
     accepted(run)
-    todo = run.missing_shards()
+    todo = pass_missing(run)  # this run's shards, and a sweep companion's (sharedpass.py)
     log.info("%s; local: %d worker(s) x %d thread(s)%s", plan_summary(run), wp["workers"], wp["threads"],
              f", GPUs {','.join(wp['gpus'])}" if wp["gpus"] else "")
     t0 = time.time()

@@ -31,6 +31,7 @@ from ..extract import run_shard
 from ..steal import take_shards
 from ..gpu import require_gpu_caffe
 from ..merge import merge_run
+from ..sharedpass import companions, pass_missing
 from ..inflight import InFlight, describe, in_flight, merge_dependency, read_submissions, recorded_jobs
 from ..plan import Run, load_run, load_run_dir, plan_summary, prepare_run
 from ..rundir import RunDir
@@ -206,9 +207,18 @@ def merge_job(run_dir: str, fingerprint: Optional[str] = None) -> str:
     (Submitted merge jobs unpickle it by this name: runner.launch.slurm.merge_job.)"""
     setup_task_logging()
     run = load_run_dir(run_dir, fingerprint)
+    comps = companions(run)
     out = merge_run(run)
     st = write_stats(run)
     log.info("%d images: %d extracted, %d failed", st["rows"] + st["failures"], st["rows"], st["failures"])
+    for c in comps:  # a sweep's shared pass: its other points' files came from the same tasks
+        if c.missing_shards():
+            log.warning("%s: %d shard(s) missing, not merged: its own launch (the sweep's command) extracts them",
+                        c.rundir.path, len(c.missing_shards()))
+            continue
+        merge_run(c)
+        write_stats(c)
+        log.info("merged %s", c.rundir.merged)
     return str(out)
 
 
@@ -356,6 +366,10 @@ class SlurmLauncher(Launcher):
         # shards as it frees up, so the tail is a fraction of one task's work
         return int(cfg.num_shards) * int(cfg.launcher.get("shards_per_task", 1) or 1)
 
+    def explicit_shards(self, cfg) -> Optional[int]:
+        # num_shards tasks x launcher.shards_per_task shards (default_shards), else one per task
+        return None if int(cfg.launcher.get("shards_per_task", 1) or 1) > 1 else cfg.num_shards
+
     def returns_before_done(self, cfg) -> bool:
         return not cfg.launcher.get("wait", False)
 
@@ -388,8 +402,7 @@ class SlurmLauncher(Launcher):
 def launch_slurm(cfg, accepted: Callable, launcher: SlurmLauncher) -> Dict:
     max_size = max_array_size()  # also: is the controller there?
     # the run's shards: num_shards tasks x launcher.shards_per_task (at most one per image)
-    run = prepare_run(cfg, launcher, explicit_shards=None if int(cfg.launcher.get("shards_per_task", 1) or 1) > 1
-                      else cfg.num_shards)
+    run = prepare_run(cfg, launcher, explicit_shards=launcher.explicit_shards(cfg))
     accepted(run)
     with _ctrl_c_once():  # a second Ctrl-C must not lose the answer to the first
         try:
@@ -429,7 +442,8 @@ def _submit(cfg, run: Run, launcher: "SlurmLauncher", max_size: int) -> Dict:
     # a shard whose job Slurm still has queued or running is not submitted again: the twins
     # would collide on its file (the same command run twice, a resubmit while tasks wait)
     flight = in_flight(rd.path)
-    missing = [s for s in run.missing_shards() if s not in flight.shards]
+    # this run's shards, and a sweep companion's (sharedpass.py: the same tasks write both)
+    missing = [s for s in pass_missing(run) if s not in flight.shards]
     # one task per GPU asked for (num_shards), each started on a missing shard; the tasks still
     # in flight take missing shards too
     todo = missing[:max(0, int(cfg.num_shards) - len(flight.shards))]
@@ -449,7 +463,7 @@ def _submit(cfg, run: Run, launcher: "SlurmLauncher", max_size: int) -> Dict:
             print(f"all {run.num_shards} shards are complete; merge job {', '.join(flight.merges)} writes "
                   f"{rd.merged}", flush=True)
         else:
-            if not rd.merged.exists():
+            if not rd.merged.exists() or any(not c.rundir.merged.exists() for c in companions(run)):
                 merge_job(str(rd.path))
             print(f"all {run.num_shards} shards are complete: {rd.merged}")
         return {"submitted": True, "run_dir": str(rd.path), "jobs": [], "in_flight": flight.job_ids()}
@@ -475,6 +489,8 @@ def _submit(cfg, run: Run, launcher: "SlurmLauncher", max_size: int) -> Dict:
         submissions = [{"array_job_id": "", "submitted": time.time(), "tasks": []}]
     if submissions:
         _record_submissions(rd.path, submissions, merge_id)
+        for c in companions(run):  # the same tasks write their shards: status follows them there too
+            _record_submissions(c.rundir.path, [dict(s) for s in submissions], merge_id)
     print(f"follow it:  caffe-runner status {shell_quote(rd.path)}   (or squeue -u $USER; logs in {rd.logs_dir})\n"
           f"output:     {rd.merged} when the merge job ends", flush=True)
     result = {"submitted": True, "run_dir": str(rd.path), "jobs": [j.job_id for _, j in all_jobs],
