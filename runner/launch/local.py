@@ -386,6 +386,7 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
     if oversubscription(wp):
         log.warning("%s", oversubscription(wp))
     accepted(run)
+    own_todo = run.missing_shards()
     todo = pass_missing(run)  # this run's shards, and a sweep companion's (sharedpass.py)
     log.info("%s; local: %d worker(s) x %d thread(s)%s", plan_summary(run), wp["workers"], wp["threads"],
              f", GPUs {','.join(wp['gpus'])}" if wp["gpus"] else "")
@@ -468,7 +469,7 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
     summary = {"run_dir": str(run.rundir.path), "elapsed_s": elapsed, "shards": results,
                "num_shards": run.num_shards, "already_complete": run.num_shards - len(todo)}
     if cfg.output.merge:
-        if not todo and merged_is_current(run):  # nothing ran and nothing changed: keep the file readers hold
+        if not own_todo and merged_is_current(run):  # nothing of it ran or changed: keep the file readers hold
             summary["merged"] = str(run.rundir.merged)
             summary["blob_shapes"] = _blob_shapes(summary["merged"])
             summary["stats"] = current_stats(run)

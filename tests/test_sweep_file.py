@@ -1,0 +1,228 @@
+"""Issue 36: sweeps the way researchers run them. A sweep file (models x their own blobs x
+poolings, or a list of points) and one shared pass per model: points that differ only in what
+they keep of the output are written by one extraction, each point still its own run, bit for bit
+the point run alone. Pure parts first, then real runs of the tiny net on the sample photos."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import run_cli, tiny_model_args
+from runner.sharedpass import pass_key, why_not_shared
+from runner.sweep import file_points, override_value
+
+
+@pytest.mark.unit
+def test_models_cross_their_own_blobs_and_the_poolings():
+    pts = file_points(yaml.safe_load("""
+models:
+  googlenet: [inception_3a/output, inception_4a/output]
+  mine: {blobs: ["fc:a"], overrides: {model.prototxt: /m/d.prototxt, model: own}}
+pooling: [avg, max]
+overrides: {batch_size: 8}
+"""))
+    assert pts == [
+        ["batch_size=8", "model=googlenet", "output.blobs=[inception_3a/output]", "output.pooling=avg"],
+        ["batch_size=8", "model=googlenet", "output.blobs=[inception_3a/output]", "output.pooling=max"],
+        ["batch_size=8", "model=googlenet", "output.blobs=[inception_4a/output]", "output.pooling=avg"],
+        ["batch_size=8", "model=googlenet", "output.blobs=[inception_4a/output]", "output.pooling=max"],
+        # a model of one's own names itself in its overrides: no model=mine
+        ["batch_size=8", "model.prototxt=/m/d.prototxt", "model=own", "output.blobs=['fc:a']", "output.pooling=avg"],
+        ["batch_size=8", "model.prototxt=/m/d.prototxt", "model=own", "output.blobs=['fc:a']", "output.pooling=max"],
+    ]
+
+
+@pytest.mark.unit
+def test_points_as_mappings_lists_or_strings():
+    pts = file_points({"points": [{"model": "caffenet", "output.blobs": ["conv5", "fc7"]},
+                                  ["model=googlenet", "output.blobs=[pool5/7x7_s1]"],
+                                  "model=vgg16 output.pooling=avg"]})
+    assert pts == [["model=caffenet", "output.blobs=[conv5,fc7]"], ["model=googlenet", "output.blobs=[pool5/7x7_s1]"],
+                   ["model=vgg16", "output.pooling=avg"]]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("data, words", [
+    ({"models": {"a": ["x"]}, "poolings": ["avg"]}, "unknown key(s) poolings"),
+    ({"models": {"a": ["x"]}, "points": [{"model": "a"}]}, "either `points`"),
+    ({}, "either `points`"),
+    ({"models": {"a": []}}, "model a: a list of blobs"),
+    ({"models": {"a": {"blob": ["x"]}}}, "model a: a list of blobs"),
+    ({"models": {"a": {"blobs": ["x"], "pooling": "avg"}}}, "unknown key(s) pooling"),
+    ({"points": [{"model": "a"}], "pooling": ["avg"]}, "give output.pooling per point"),
+    ({"points": [["model"]]}, "point 0: a mapping"),
+    ({"models": {"a": ["x"]}, "overrides": {"output.blobs": "[y]"}}, "output.blobs set both"),
+    (["model=a"], "a sweep file is a mapping"),
+])
+def test_a_bad_sweep_file_names_what_is_wrong(data, words):
+    with pytest.raises(ValueError) as e:
+        file_points(data)
+    assert words in str(e.value)
+
+
+@pytest.mark.unit
+def test_values_read_back_by_the_override_grammar_as_written():
+    from runner.config import _parse_overrides
+
+    for value in ["inception_3a/output", "fc:a", "conv one", "it's", "a,b", "true", 3, 0.5, True, None,
+                  ["stage1/conv", "fc:a", "x y"]]:
+        o = _parse_overrides([f"output.blobs={override_value(value)}"])[0]
+        assert o.value() == value, (value, override_value(value))
+
+
+@pytest.mark.unit
+def test_points_share_a_pass_only_when_they_differ_in_what_they_keep():
+    base = {"model": {"name": "g", "prototxt": "p", "default_blobs": ["a"]}, "batch_size": 16,
+            "output": {"dir": "/s/0", "blobs": ["a"], "pooling": "none", "dtype": "float32", "merge": True},
+            "sweep": {"shared_pass": True, "companions": []}}
+    other_out = json.loads(json.dumps(base))
+    other_out["output"].update(dir="/s/1", blobs=["b", "c"], pooling="avg", dtype="float16")
+    other_out["model"]["default_blobs"] = ["z"]
+    other_out["sweep"]["companions"] = ["/s/2"]
+    assert pass_key(base) == pass_key(other_out)
+    for key, value in [("batch_size", 8), ("model", {"name": "h", "prototxt": "p"})]:
+        changed = dict(base, **{key: value})
+        assert pass_key(changed) != pass_key(base), key
+    merged_off = json.loads(json.dumps(base))
+    merged_off["output"]["merge"] = False
+    assert pass_key(merged_off) != pass_key(base)
+
+
+@pytest.mark.unit
+def test_a_companion_planned_for_another_extraction_is_left_out():
+    plan = {"identity": {"model": {"weights_sha256": "w"}, "blobs": ["a"], "output": {"pooling": "none"},
+                         "backend": "auto", "input": "dir"},
+            "count": 10, "segments": [{"first": 0, "num_shards": 2}], "input_stamp": {"names": "n1"},
+            "input_hw": [32, 40]}
+    same = json.loads(json.dumps(plan))
+    same["identity"].update(blobs=["b"], output={"pooling": "avg"})
+    assert why_not_shared(plan, same) is None
+    for change, words in [(("identity", "model", {"weights_sha256": "v"}), "model, backend or decoding"),
+                          (("count", None, 11), "image count"), (("input_stamp", None, {"names": "n2"}), "input listing"),
+                          (("segments", None, [{"first": 0, "num_shards": 3}]), "shards")]:
+        other = json.loads(json.dumps(plan))
+        top, sub, value = change
+        if sub:
+            other[top][sub] = value
+        else:
+            other[top] = value
+        assert words in why_not_shared(plan, other)
+
+
+# ---- real runs ------------------------------------------------------------------------------
+
+def _as_yaml(overrides):
+    """key=value overrides as a sweep file's mapping (values as YAML reads them)."""
+    return {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)}
+
+
+def _sweep_file(tmp_path: Path, tiny_net) -> Path:
+    """The tiny net twice: as `tiny` (three blobs, one of them a conv map pooled) and as `tinier`
+    (its own preprocessing, two blobs): two passes of five points."""
+    args = _as_yaml(tiny_model_args(tiny_net))
+    tinier = dict(args, **{"model.preprocess.scale": 0.03, "model.name": "tinier"})
+    data = {"models": {"tiny": {"blobs": ["stage1/conv", "emb", "emb_t"], "overrides": dict(args, model="own")},
+                       "tinier": {"blobs": ["p1", "emb"], "overrides": dict(tinier, model="own")}},
+            "pooling": ["avg"]}
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(data))
+    return f
+
+
+def read_features(path: Path):
+    """({dataset: rows} of every blob, names as bytes, index) of a features.h5."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return ({k: f["features"][k][:] for k in f["features"]}, [bytes(n) for n in f["names_raw"][:]],
+                f["index"][:])
+
+
+def _points(sweep: Path):
+    return [(p["name"], p["overrides"]) for p in json.loads((sweep / "sweep.json").read_text())["points"]]
+
+
+def test_a_sweep_file_runs_one_pass_per_model_and_each_point_is_the_point_run_alone(tiny_net, photos, tmp_path):
+    f = _sweep_file(tmp_path, tiny_net)
+    sweep = tmp_path / "sweep"
+    common = [f"input.dir={photos}", f"output.dir={sweep}", "launcher.workers=1", "num_shards=3", "batch_size=4"]
+    out = run_cli("--sweep", f, *common)
+    assert "5 point(s)" in out.stdout and "5 of them in 2 shared pass(es)" in out.stdout, out.stdout
+    points = _points(sweep)
+    assert len(points) == 5
+    assert sum("one pass, also writing" in ln for ln in out.stdout.splitlines()) == 2, out.stdout
+    # readable folder names, blob names with '/' included
+    assert any("stage1_conv" in n for n, _ in points), points
+    # the companions were written by their lead's tasks: their shards' events name the pass
+    # (the file's models in YAML's order: tinier's 2 points, then tiny's 3)
+    for k, lead in ((1, 0), (3, 2), (4, 2)):
+        started = [json.loads(ln) for e in sorted((sweep / points[k][0] / "events").glob("*.jsonl"))
+                   for ln in e.read_text().splitlines() if '"started"' in ln]
+        assert len(started) == 3 and all(s.get("shared_pass") == str(sweep / points[lead][0]) for s in started), started
+    lead = sweep / points[2][0]
+    # each point is bit for bit the same point run alone
+    for k in (1, 3):  # a companion of each pass
+        name, overrides = points[k]
+        alone = tmp_path / f"alone-{k}"
+        run_cli(*[o for o in overrides if not o.startswith("output.dir=")], f"input.dir={photos}",
+                f"output.dir={alone}", "launcher.workers=1", "num_shards=3", "batch_size=4")
+        a, b = read_features(alone / "features.h5"), read_features(sweep / name / "features.h5")
+        assert set(a[0]) == set(b[0]) and len(a[0]) == 1
+        for blob in a[0]:
+            assert np.array_equal(a[0][blob], b[0][blob]), (name, blob)
+        assert a[1] == b[1] and np.array_equal(a[2], b[2])
+    # one table, verify and compare on the whole sweep
+    st = run_cli("status", sweep)
+    assert len([ln for ln in st.stdout.splitlines() if "merged" in ln]) == 5, st.stdout
+    assert "OK" in run_cli("verify", sweep).stdout
+    run_cli("compare", sweep)
+    assert len(json.loads((sweep / "compare.json").read_text())["labels"]) == 5
+
+    # a companion's shard lost: the same command extracts only that one, and leaves the lead's
+    # merged file as it was (nothing of the lead changed)
+    name = points[4][0]
+    before = read_features(sweep / name / "features.h5")
+    lead_merged = (lead / "features.h5").stat().st_mtime_ns
+    shard = sorted((sweep / name / "shards").glob("shard-00001-*.h5"))[0]
+    shard.unlink()
+    again = run_cli("--sweep", f, *common)
+    assert shard.exists(), again.stdout
+    after = read_features(sweep / name / "features.h5")
+    assert all(np.array_equal(before[0][b], after[0][b]) for b in before[0])
+    assert (lead / "features.h5").stat().st_mtime_ns == lead_merged
+    resumed = [json.loads(ln) for ln in (sweep / name / "events" / f"{shard.stem}.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in resumed if e["event"] in ("started", "finished")][-2:] == ["started", "finished"]
+
+
+def test_shared_pass_off_runs_each_point_alone(tiny_net, photos, tmp_path):
+    f = tmp_path / "s.yaml"
+    args = _as_yaml(tiny_model_args(tiny_net))
+    f.write_text(yaml.safe_dump({"models": {"tiny": {"blobs": ["emb", "emb_t"], "overrides": dict(args, model="own")}}}))
+    sweep = tmp_path / "sweep"
+    out = run_cli("--sweep", f, f"input.dir={photos}", f"output.dir={sweep}", "launcher.workers=1", "num_shards=2",
+                  "sweep.shared_pass=false")
+    assert "shared pass" not in out.stdout and "one pass" not in out.stdout, out.stdout
+    for name, _ in _points(sweep):
+        started = [json.loads(ln) for e in (sweep / name / "events").glob("*.jsonl")
+                   for ln in e.read_text().splitlines() if '"started"' in ln]
+        assert started and not any("shared_pass" in s for s in started)
+
+
+def test_a_bad_sweep_file_is_refused_in_one_line_before_anything_runs(photos, tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("models:\n  caffenet: {blobs: [fc7], pooling: avg}\n")
+    sweep = tmp_path / "sweep"
+    p = run_cli("--sweep", f, f"input.dir={photos}", f"output.dir={sweep}", check=False)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "unknown key(s) pooling" in lines[0] and str(f) in lines[0], p.stderr
+    assert not sweep.exists()
+    f.write_text("models: {caffenet: [fc7]}\n")
+    p = run_cli("--sweep", f, f"input.dir={photos}", f"output.dir={sweep}", "output.blobs=[conv5]", check=False)
+    assert p.returncode == 2 and "output.blobs set both on the command line and in sweep file" in p.stderr, p.stderr
+    p = run_cli("--sweep", tmp_path / "nope.yaml", f"input.dir={photos}", f"output.dir={sweep}", check=False)
+    assert p.returncode == 2 and "nope.yaml" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not sweep.exists()
