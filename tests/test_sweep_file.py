@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import run_cli, tiny_model_args
+from conftest import run_cli, tiny_model_args, wait_until
 from runner.sharedpass import pass_key, why_not_shared
 from runner.sweep import file_points, override_value
 
@@ -226,3 +226,44 @@ def test_a_bad_sweep_file_is_refused_in_one_line_before_anything_runs(photos, tm
     p = run_cli("--sweep", tmp_path / "nope.yaml", f"input.dir={photos}", f"output.dir={sweep}", check=False)
     assert p.returncode == 2 and "nope.yaml" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not sweep.exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_sweep_file_on_the_dev_cluster_submits_one_array_per_model_and_equals_local(cluster, tiny_net, photos,
+                                                                                    tmp_path):
+    f = _sweep_file(tmp_path, tiny_net)
+    common = [f"input.dir={photos}", "num_shards=3", "batch_size=4"]
+    local, slurm = tmp_path / "local", tmp_path / "slurm"
+    run_cli("--sweep", f, *common, f"output.dir={local}", "launcher.workers=1")
+    out = run_cli("--sweep", f, *common, f"output.dir={slurm}", "launcher=slurm", "launcher.wait=true",
+                  "launcher.shards_per_task=1", "launcher.cpus_per_task=1", "launcher.mem_gb=0.5",
+                  "launcher.timeout_min=10", "launcher.gpus_per_task=0")
+    points = _points(slurm)
+    assert [n for n, _ in points] == [n for n, _ in _points(local)]
+    # one array per model: each pass's lead submitted one array, and its companions name the same
+    arrays = {}
+    for name, _ in points:
+        subs = json.loads((slurm / name / "submissions.json").read_text())
+        arrays[name] = {s["array_job_id"] for s in subs if s["array_job_id"]}
+    assert all(len(a) == 1 for a in arrays.values()), arrays
+    assert len(set().union(*arrays.values())) == 2, arrays
+    assert arrays[points[0][0]] == arrays[points[1][0]] and arrays[points[2][0]] == arrays[points[3][0]] \
+        == arrays[points[4][0]], arrays
+    for name, _ in points:  # the same rows as the local sweep, bit for bit
+        a, b = read_features(local / name / "features.h5"), read_features(slurm / name / "features.h5")
+        assert a[1] == b[1] and all(np.array_equal(a[0][k], b[0][k]) for k in a[0]), name
+    st = run_cli("status", slurm)
+    assert len([ln for ln in st.stdout.splitlines() if "merged" in ln]) == 5, st.stdout + out.stdout
+    # launcher.wait=false: the command returns once submitted, says so, and each pass's merge job
+    # merges its companions too
+    nowait = tmp_path / "nowait"
+    out = run_cli("--sweep", f, *common, f"output.dir={nowait}", "launcher=slurm", "launcher.shards_per_task=1",
+                  "launcher.cpus_per_task=1", "launcher.mem_gb=0.5", "launcher.timeout_min=10",
+                  "launcher.gpus_per_task=0")
+    assert "merged by its merge job" in out.stdout and "submitted" in out.stdout.splitlines()[-1], out.stdout
+    wait_until(lambda: all((nowait / n / "features.h5").exists() and (nowait / n / "stats.json").exists()
+                           for n, _ in points), timeout=600, what="the merge jobs")
+    for name, _ in points:
+        a, b = read_features(local / name / "features.h5"), read_features(nowait / name / "features.h5")
+        assert a[1] == b[1] and all(np.array_equal(a[0][k], b[0][k]) for k in a[0]), name
