@@ -54,6 +54,8 @@ import numpy as np
 from runner.capacity import decode_threads_per_gpu
 from runner.peakmem import peak_rss_mb as own_peak_rss_mb
 
+REPO = Path(__file__).resolve().parent.parent
+
 TINY_BIG_BLOB = """
 name: "tiny_big_blob"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 112 dim: 112 } } }
@@ -1102,6 +1104,45 @@ def print_straggler_row(r: Dict) -> None:
              if "wall_bound_ratio" in r else ""))
 
 
+SWEEP_BLOBS = ["layer_128_1_sum", "layer_256_1_sum", "fc7"]  # res10's, shallow to deep
+
+
+def sweep_bench(imgs: Path, work: Path, repeats: int) -> Dict:
+    """Row 14 (issue 36): a sweep of 3 blobs of one model (one shared pass) against the run of
+    its deepest blob alone on the same input, and the same sweep with sweep.shared_pass=false
+    (one whole run per blob, as before), side by side in each round; whole commands' wall time."""
+    import shutil
+    import subprocess
+
+    base = [sys.executable, "-m", "runner", f"input.dir={imgs}", "output.pooling=avg", "launcher.progress=false"]
+    blobs = ",".join(f"[{b}]" for b in SWEEP_BLOBS)
+    cases = {"one_blob": base + [f"output.blobs=[{SWEEP_BLOBS[-1]}]"],
+             "sweep_shared": base + ["-m", f"output.blobs={blobs}"],
+             "sweep_alone": base + ["-m", f"output.blobs={blobs}", "sweep.shared_pass=false"]}
+    walls: Dict[str, List[float]] = {k: [] for k in cases}
+    for r in range(repeats):
+        order = list(cases) if r % 2 == 0 else list(reversed(cases))  # no case always first
+        for k in order:
+            out = work / f"sweep-{k}"
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            subprocess.run(cases[k] + [f"output.dir={out}"], check=True, capture_output=True, cwd=REPO)
+            walls[k].append(time.perf_counter() - t0)
+        print(f"  sweep round {r + 1}/{repeats}: " + ", ".join(f"{k} {walls[k][-1]:.1f} s" for k in cases), flush=True)
+    ratios = {k: [a / b for a, b in zip(walls[k], walls["one_blob"])] for k in ("sweep_shared", "sweep_alone")}
+    return {"blobs": SWEEP_BLOBS, "walls_s": walls, "ratio_shared_median": _median(ratios["sweep_shared"]),
+            "ratio_alone_median": _median(ratios["sweep_alone"]), "goal_ratio": 1.2}
+
+
+def print_sweep_row(r: Dict) -> None:
+    w = r["walls_s"]
+    print(f"\n14. sweep of {len(r['blobs'])} blobs of res10 ({', '.join(r['blobs'])}, avg-pooled) vs its deepest "
+          f"blob alone, wall time of the whole command (median of {len(w['one_blob'])} rounds):\n"
+          f"    one blob {_median(w['one_blob']):.1f} s; sweep, one shared pass {_median(w['sweep_shared']):.1f} s "
+          f"= {r['ratio_shared_median']:.2f}x (goal <= {r['goal_ratio']}x); sweep, one run per blob "
+          f"(sweep.shared_pass=false) {_median(w['sweep_alone']):.1f} s = {r['ratio_alone_median']:.2f}x")
+
+
 def print_merge_table(m: Dict) -> None:
     print(f"\n{'#':2} {'scale':<34} {'layout':<6} " + " ".join(f"{w:>16}" for w in STEPS))
     for label, r in m.items():
@@ -1221,10 +1262,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="for development: 48 photo-sized and 24 camera JPEGs, 1 round (ratios are rough)")
     ap.add_argument("--gpu-feeding-only", action="store_true", help="rows 7-8 only (decode vs a GPU)")
-    ap.add_argument("--only", choices=("all", "extract", "merge", "limits", "forward", "stragglers"), default="all",
+    ap.add_argument("--only", choices=("all", "extract", "merge", "limits", "forward", "stragglers", "sweep"),
+                    default="all",
                     help="merge: row 9 only; limits: rows 2 and 10 only (under key limits_only); forward: row 12 "
                          "only; stragglers: row 13 only (starts a 3-node dev cluster at DEV_CLUSTER_PORT_BASE); "
-                         "each kept beside the other rows already in --out")
+                         "sweep: row 14 only; each kept beside the other rows already in --out")
     a = ap.parse_args()
     if a.quick:
         a.images, a.camera_images, a.repeats = min(a.images, 48), min(a.camera_images, 24), 1
@@ -1244,6 +1286,14 @@ def main() -> None:
         r["merge_scale"] = merge_bench(work)
     if a.only in ("all", "stragglers") and not a.gpu_feeding_only:
         r["stragglers"] = straggler_bench(work, repeats=a.repeats)
+    if a.only in ("all", "sweep") and not a.gpu_feeding_only:
+        imgs = work / "images"
+        if not (work / "images.done").exists():
+            from runner.samples import write_corpus
+
+            write_corpus(imgs, a.images, seed=1)
+            (work / "images.done").write_text(str(a.images))
+        r["sweep"] = sweep_bench(imgs, work, a.repeats)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=1))
     if a.gpu_feeding_only:
@@ -1258,6 +1308,8 @@ def main() -> None:
         print_forward_row(r["forward_vs_sgemm"])
     if "stragglers" in r:
         print_straggler_row(r["stragglers"])
+    if "sweep" in r and a.only in ("all", "sweep"):
+        print_sweep_row(r["sweep"])
     print(f"\nwritten: {a.out}")
     sys.stdout.flush()
 

@@ -519,6 +519,15 @@ def _cmd_export(args) -> int:
     from .merge import export_run
     from .plan import load_run_dir
 
+    from .sweep import export_sweep, is_sweep_dir
+
+    if is_sweep_dir(Path(args.run_dir)):  # each point into OUT/POINT.h5 (npy: OUT/POINT/)
+        if args.format == "embeddings":
+            raise UsageError("--format embeddings exports one point: caffe-runner export SWEEP/POINT OUT "
+                             "--format embeddings")
+        for path in export_sweep(Path(args.run_dir), Path(args.out), args.format, _refuse_running):
+            print(path)
+        return 0
     run = load_run_dir(args.run_dir)
     if args.format != "embeddings" and (args.blob or args.part_rows):
         raise UsageError("--blob and --part-rows go with --format embeddings")
@@ -541,6 +550,12 @@ def _cmd_report(args) -> int:
     from .plan import load_run_dir
     from .report import write_report
 
+    from .sweep import is_sweep_dir, write_sweep_report
+
+    if is_sweep_dir(Path(args.run_dir)):  # one page: the table, each point's report, the CKA matrix
+        path = write_sweep_report(Path(args.run_dir), Path(args.out) if args.out else None)
+        print(f"{path} ({path.stat().st_size / 1024:.0f} KB)")
+        return EXIT_OK
     run = load_run_dir(args.run_dir)
     out = Path(os.path.abspath(os.path.expanduser(args.out))) if args.out else run.rundir.path / "report.html"
     if out.is_dir():

@@ -267,3 +267,41 @@ def test_a_sweep_file_on_the_dev_cluster_submits_one_array_per_model_and_equals_
     for name, _ in points:
         a, b = read_features(local / name / "features.h5"), read_features(nowait / name / "features.h5")
         assert a[1] == b[1] and all(np.array_equal(a[0][k], b[0][k]) for k in a[0]), name
+
+
+def test_report_and_export_of_a_whole_sweep(tiny_net, photos, tmp_path):
+    """`report SWEEP`: one page (the table, a link to each point's own report, the CKA heatmap),
+    seen in a real Chromium; `export SWEEP OUT`: every point's self-contained file."""
+    from report_check import coloured_share, need_chromium
+
+    need_chromium()
+    from browser import Browser
+
+    sweep = tmp_path / "sweep"
+    run_cli("-m", f"input.dir={photos}", f"output.dir={sweep}", *tiny_model_args(tiny_net),
+            "output.blobs=[emb],[p1],[emb_t]", "output.pooling=avg", "launcher.workers=1", "num_shards=2")
+    points = _points(sweep)
+    out = run_cli("report", sweep)
+    page = sweep / "report.html"
+    assert str(page) in out.stdout and (sweep / "compare.json").exists()
+    text = page.read_text()
+    for name, _ in points:
+        assert f'href="{name}/report.html"' in text and (sweep / name / "report.html").exists()
+    with Browser() as b:
+        b.open(page)
+        assert b.problems() == [], b.problems()
+        assert [u for u in b.requests() if not u.startswith("data:")] == [page.resolve().as_uri()]
+        m = b.evaluate("""(() => { const s = document.querySelector('svg').getBoundingClientRect();
+            return {rows: document.querySelectorAll('table tr').length, x: s.x, y: s.y + window.scrollY,
+                    width: s.width, height: s.height, rects: document.querySelectorAll('svg rect').length}; })()""")
+        assert m["rows"] == 1 + len(points) and m["rects"] == len(points) ** 2, m
+        png = b.screenshot(clip={"x": m["x"], "y": m["y"], "width": m["width"], "height": m["height"]})
+        assert coloured_share(png) > 0.05, "the heatmap has no colour"
+    # export: each point's self-contained file, equal to its run's rows
+    exported = tmp_path / "exported"
+    run_cli("export", sweep, exported)
+    for name, _ in points:
+        a, b2 = read_features(sweep / name / "features.h5"), read_features(exported / f"{name}.h5")
+        assert a[1] == b2[1] and all(np.array_equal(a[0][k], b2[0][k]) for k in a[0])
+    bad = run_cli("export", sweep, tmp_path / "e2", "--format", "embeddings", check=False)
+    assert bad.returncode == 2 and "one point" in bad.stderr, bad.stderr
