@@ -84,6 +84,41 @@ def _shard_attempts(run, i: int, now: float, st: Dict) -> List[Dict]:
     return att
 
 
+def attempt_word(att: Dict, word) -> Optional[Tuple[str, str]]:
+    """(outcome, error) of an attempt that stopped without a word of its own, from Slurm's word on
+    its job (a slurmjobs.JobWord; pure): the run it was (sacct -D keeps one record per run of a
+    requeued job), e.g. ("killed", "killed by Slurm: CANCELLED (scancel)"); None when Slurm does
+    not say how it ended."""
+    runs = list(word.runs) or [word.state]
+    r = int(att.get("restart") or 0)
+    state = runs[r] if r < len(runs) else word.state
+    if state in ("RUNNING", "PENDING", "COMPLETING", "CONFIGURING", "SUSPENDED", "COMPLETED", ""):
+        return None
+    if state in ("REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
+        return "requeued", f"requeued by Slurm ({state})"
+    why = {"CANCELLED": "CANCELLED (scancel)", "NODE_FAIL": "NODE_FAIL (its node was lost)",
+           "OUT_OF_MEMORY": "OUT_OF_MEMORY", "TIMEOUT": "TIMEOUT", "PREEMPTED": "PREEMPTED",
+           "FAILED": f"FAILED, exit code {word.exit_code or '?'}"}.get(state, state)
+    return "killed", f"killed by Slurm: {why}" + (f" on {word.node}" if word.node else "")
+
+
+def _slurms_word_on_silent_attempts(attempts: List[Dict]) -> None:
+    """Earlier attempts that stopped without a word (a scancel, a node lost) under a shard that has
+    since moved on: how they ended, in Slurm's words (one batched query; left as they are where
+    Slurm cannot say)."""
+    from .slurmjobs import query_jobs
+
+    silent = [a for a in attempts if a["outcome"] == "ended" and a.get("job_id")]
+    if not silent:
+        return
+    word = query_jobs(str(a["job_id"]) for a in silent)
+    for a in silent:
+        w = word.jobs.get(str(a["job_id"]))
+        said = attempt_word(a, w) if w is not None else None
+        if said:
+            a["outcome"], a["error"] = said
+
+
 def _shard_file_facts(path: Path, reasons: Counter, examples: Dict[str, List[str]],
                       ran: Optional[Dict[str, Dict[str, List[int]]]] = None, shard: int = 0) -> Dict[str, float]:
     """Numeric attributes of a complete shard file (its quality and speed figures), its
@@ -135,6 +170,8 @@ def collect(run_dir: Path) -> Dict:
             # a complete shard's file is the truth (a heartbeat may be missing or older than a retry)
             s["rows"], s["failures"] = int(figures[i].pop("_rows")), int(figures[i].pop("_failures"))
     st["rows"], st["failures"] = sum(s["rows"] for s in st["shards"]), sum(s["failures"] for s in st["shards"])
+    if (rd / "submissions.json").exists():
+        _slurms_word_on_silent_attempts(attempts)
     stats = _read_json(rd / "stats.json") or {}
     return {
         "run_dir": str(rd), "generated": now, "plan": run.plan, "status": st, "attempts": attempts,

@@ -74,8 +74,10 @@ def test_report_of_a_requeued_slurm_run(cluster, tiny_net, photos, tmp_path):
     seen = check_report(run / "report.html", screenshot=tmp_path / "slurm-report.png")
     assert seen["state"] == "merged"
     assert "task attempts\t3 (0 failed, 1 resumed, 0 taken by a task started for another shard)" in seen["text"], seen["text"][:1500]
-    # the attempts table: shard 0 killed by the requeue then resumed by the same array task
-    assert html.count("stopped (killed, requeued or preempted)</td>") == 1
+    # the attempts table: shard 0 killed by the requeue then resumed by the same array task; how
+    # the first attempt ended is Slurm's word on that run of the job (sacct -D), not a guess
+    assert html.count("stopped (killed, requeued or preempted)</td>") == 0
+    assert html.count("requeued (resumes when Slurm restarts it)</td>") == 1, html
     assert html.count("<td>resumed</td>") == 1 and html.count(f"<td>{job}</td>") == 2
     events = [json.loads(x) for x in (run / "events" / "shard-00000-of-00002.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events if e["event"] != "progress"]
@@ -128,3 +130,25 @@ def test_retry_of_a_slurm_run_runs_as_an_array(cluster, tiny_net, photos, tmp_pa
     assert run_cli("verify", tmp_path / "run").returncode == 0
     history = json.loads((tmp_path / "run" / "retries.json").read_text())
     assert history[0]["recovered"] == 2 and sorted(history[0]["shards"]) == ["0", "1"]
+
+
+def test_report_names_a_scancelled_attempt_with_slurms_cause(cluster, tiny_net, photos, tmp_path):
+    """A task scancelled mid-shard, then the same command finishing the run: the report's attempts
+    table says CANCELLED for the stopped attempt, as `status` did while it was the last one."""
+    run, gate = tmp_path / "run", tmp_path / "gate"
+    gate.write_text("2")
+    args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", *SLURM, *tiny_model_args(tiny_net),
+            "backend=simulated", "simulated_batch_s=0.01", "batch_size=1", f"simulated_gate={gate}"]
+    run_cli(*args)
+    wait_until(lambda: _done(run, 0, 2) >= 2, timeout=180, interval=0.5, what="progress")
+    job = json.loads((run / "submissions.json").read_text())[0]["tasks"][0]["job_id"]
+    subprocess.run(["scancel", job], check=True)
+    wait_until(lambda: "CANCELLED" in run_cli("status", run, check=False).stdout, timeout=180, interval=1,
+               what="status naming the scancel")
+    gate.write_text("open")
+    run_cli(*args, "launcher.wait=true")
+    wait_until(lambda: (run / "features.h5").exists(), timeout=300, interval=0.5, what="merged output")
+    run_cli("report", run)
+    html = (run / "report.html").read_text()
+    assert html.count("killed by Slurm: CANCELLED (scancel)") == 1, html
+    assert "stopped (killed, requeued or preempted)</td>" not in html

@@ -305,3 +305,18 @@ def test_report_and_export_of_a_whole_sweep(tiny_net, photos, tmp_path):
         assert a[1] == b2[1] and all(np.array_equal(a[0][k], b2[0][k]) for k in a[0])
     bad = run_cli("export", sweep, tmp_path / "e2", "--format", "embeddings", check=False)
     assert bad.returncode == 2 and "one point" in bad.stderr, bad.stderr
+
+
+@pytest.mark.unit
+def test_how_a_silent_attempt_ended_is_slurms_word_on_that_run_of_its_job():
+    from runner.report import attempt_word
+    from runner.slurmjobs import JobWord
+
+    requeued_then_done = JobWord("5_0", "COMPLETED", "sacct", runs=("REQUEUED", "COMPLETED"), node="node2")
+    assert attempt_word({"restart": 0}, requeued_then_done) == ("requeued", "requeued by Slurm (REQUEUED)")
+    assert attempt_word({"restart": 1}, requeued_then_done) is None  # it finished: its own words say so
+    cancelled = JobWord("6_1", "CANCELLED", "sacct", runs=("CANCELLED",), node="node1")
+    assert attempt_word({"restart": 0}, cancelled) == ("killed", "killed by Slurm: CANCELLED (scancel) on node1")
+    failed = JobWord("7_0", "FAILED", "scontrol", exit_code="3:0")
+    assert attempt_word({}, failed) == ("killed", "killed by Slurm: FAILED, exit code 3:0")
+    assert attempt_word({}, JobWord("8", "RUNNING", "squeue")) is None
