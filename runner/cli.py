@@ -2,6 +2,7 @@
 
   caffe-runner input.dir=IMAGES output.dir=RUN [key=value ...]   extract
   caffe-runner -m key=a,b ... output.dir=SWEEP                   sweep: one run dir per combination
+  caffe-runner --sweep FILE.yaml ... output.dir=SWEEP            sweep: the points of a sweep file
   caffe-runner status|verify|merge RUN | inspect [key=value ...]
   caffe-runner export RUN OUT.h5 [--format npy] | fetch NAME
 
@@ -48,6 +49,7 @@ EXIT_CODES_TEXT = """exit codes:
 
 USAGE = """usage: caffe-runner input.dir=IMAGES output.dir=RUN [key=value ...]   extract features
        caffe-runner -m key=a,b [key=x,y ...] output.dir=SWEEP          sweep (every combination)
+       caffe-runner --sweep FILE.yaml [key=value ...] output.dir=SWEEP  sweep (models x their blobs)
        caffe-runner status|verify|merge RUN                           inspect a run directory
        caffe-runner export RUN OUT.h5 [--format npy|embeddings]       a self-contained copy / search-ready
        caffe-runner report RUN | retry RUN | status --watch RUN       after the run: draw, retry, follow
@@ -178,6 +180,7 @@ def help_page() -> str:
               "  fetch NAME     download a model preset's files (checksum-verified) into $CAFFE_MODELS", "",
               "other options:",
               "  -m, --multirun     run every combination of comma-separated values, one run dir each",
+              "  --sweep FILE       run the points of a YAML sweep file (models x their blobs x poolings)",
               "  --cfg job          print the resolved config and exit (add overrides to see their effect)",
               "  --version          print the version", "",
               EXIT_CODES_TEXT, "",
@@ -519,7 +522,8 @@ def _cmd_export(args) -> int:
     from .merge import export_run
     from .plan import load_run_dir
 
-    from .sweep import export_sweep, is_sweep_dir
+    from .sweep import is_sweep_dir
+    from .sweeppage import export_sweep
 
     if is_sweep_dir(Path(args.run_dir)):  # each point into OUT/POINT.h5 (npy: OUT/POINT/)
         if args.format == "embeddings":
@@ -550,7 +554,8 @@ def _cmd_report(args) -> int:
     from .plan import load_run_dir
     from .report import write_report
 
-    from .sweep import is_sweep_dir, write_sweep_report
+    from .sweep import is_sweep_dir
+    from .sweeppage import write_sweep_report
 
     if is_sweep_dir(Path(args.run_dir)):  # one page: the table, each point's report, the CKA matrix
         path = write_sweep_report(Path(args.run_dir), Path(args.out) if args.out else None)

@@ -18,7 +18,7 @@ from .schema import OWN_MODEL, OWN_PREPROCESS_KEYS, register_configs
 from .schema import (Backend, ChannelOrder, ContainerConf, ContainerRuntime, DecodeConf, Device,  # noqa: F401
                      DType, InputConf, Interpolation, LauncherConf, LocalLauncherConf, ModelConf, ModelFileConf,
                      OutputConf, Pooling, PreprocessConf, PreprocessMode, Resize, RunConf, RunOptsConf,
-                     SlurmLauncherConf, StrEnum)
+                     SlurmLauncherConf, StrEnum, SweepConf)
 
 # keys left out of a sweep point's folder name (paths, and keys that do not change the output)
 SWEEP_NAME_EXCLUDE = ("output.dir", *path_keys(), "launcher", "launcher.wait", "output.overwrite", "output.merge")

@@ -87,7 +87,7 @@ def test_a_pool_whose_idle_worker_was_killed_is_stopped_and_the_death_seen():
 
 def _batch(first: int, n: int = 2):
     idx = list(range(first, first + n))
-    return (n, idx, [b"img%d.jpg" % i for i in idx], {"emb": np.full((n, 4), first, np.float32)}, [], {})
+    return (first, n, idx, [b"img%d.jpg" % i for i in idx], {"emb": np.full((n, 4), first, np.float32)}, [], {})
 
 
 def test_an_abandoned_writer_is_joined_before_the_file_closes(tmp_path, monkeypatch):
@@ -95,7 +95,7 @@ def test_an_abandoned_writer_is_joined_before_the_file_closes(tmp_path, monkeypa
     gate): abandon() returns only once the writer has ended, after the batches already queued,
     so the file the caller closes next holds whole batches and resumes exactly."""
     from runner.events import EventLog
-    from runner.extract import _Progress, _Writer
+    from runner.extract import _Progress, _Sink, _Writer
     from runner.features import FeaturePost
     from runner.liveness import Heart
     from runner.plan import load_run_dir
@@ -112,7 +112,7 @@ def test_an_abandoned_writer_is_joined_before_the_file_closes(tmp_path, monkeypa
     w = ShardWriter(path, {"emb": (4,)}, "float32", {}, "fp", 2)
     heart = Heart(lambda beat: run.write_heartbeat(0, beat), 2.0, {})  # not started: beats only when told
     progress = _Progress(run, 0, 8, 0, task_identity(), 0.0, 0.0, None, EventLog(tmp_path / "ev.jsonl", {}), heart)
-    writer = _Writer(w, progress, FeaturePost(), shard=0)
+    writer = _Writer([_Sink(w, FeaturePost(), ["emb"], 0, progress)], shard=0)
     writer.start()
     writer.put(_batch(0))
     writer.put(_batch(2))  # queued while the writer is held after the first
@@ -138,9 +138,9 @@ def test_a_file_whose_counters_disagree_starts_over_instead_of_doubling_a_batch(
 
     path = tmp_path / "s.h5"
     w = ShardWriter(path, {"emb": (4,)}, "float32", {}, "fp", 2)
-    w.write_batch(*_batch(0))
-    w.write_batch(*_batch(2))
-    w.write_batch(*_batch(4))
+    w.write_batch(*_batch(0)[1:])
+    w.write_batch(*_batch(2)[1:])
+    w.write_batch(*_batch(4)[1:])
     w.f.attrs["next"] = 4  # the third batch's rows recorded, its `next` not
     w.close()
     assert torn_counters({"rows": 6, "n_failures": 0, "next": 4})

@@ -27,7 +27,8 @@ LAYERS: List[Tuple[str, List[str]]] = [
                                  "runner.runtimes.*"]),
     ("config and plan", ["runner.config", "runner.overrides", "runner.plan"]),
     ("stages", ["runner.extract", "runner.steal", "runner.merge", "runner.stats", "runner.status", "runner.verify",
-                "runner.synthetic", "runner.sweep", "runner.compare", "runner.report", "runner.embeddings"]),
+                "runner.synthetic", "runner.sweep", "runner.compare", "runner.report", "runner.embeddings",
+                "runner.sharedpass", "runner.sweeppage"]),
     ("launchers", ["runner.launch", "runner.launch.*", "runner.retry"]),
     ("front doors", ["runner.inspect", "runner.api", "runner.cli", "runner.__main__"]),
 ]

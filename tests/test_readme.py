@@ -62,6 +62,11 @@ def test_readme_shell_blocks_run_as_written(repo_like):
             if cmd.startswith("caffe-runner -m ") and "runs/sweep" in cmd:
                 runs = [d for d in (cwd / "runs" / "sweep").iterdir() if (d / "features.h5").exists()]
                 assert len(runs) == 4, "every combination of the sweep"
+            if cmd.startswith("caffe-runner --sweep "):
+                runs = [d for d in (cwd / "runs" / "by-file").iterdir() if (d / "features.h5").exists()]
+                assert len(runs) == 4 and "4 of them in 1 shared pass" in p.stdout, p.stdout
+            if cmd.startswith("caffe-runner report ") and "by-file" in cmd:
+                assert (cwd / "runs" / "by-file" / "report.html").exists()
             if cmd.startswith("caffe-runner compare "):
                 assert "linear CKA on" in p.stdout and (cwd / cmd.split()[-1] / "compare.svg").exists()
             ran += 1
