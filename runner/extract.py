@@ -32,6 +32,7 @@ from .preprocess import oversample as oversample_crops
 from .errors import ShardBusyError, ShardLostError
 from .events import EventLog, events_path, task_fields
 from .features import FeaturePost, pooled_shape
+from .isolate import POISON_AFTER_DEATHS, IsolatedDecoder, shard_deaths
 from .liveness import Heart
 from .locks import attempt_id
 from .runtimes.identity import image_label
@@ -446,11 +447,21 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
                 if keep is not None:
                     keep["parts"] = parts
             op = _open_shard(run, index, ident, threads, manifest, parts, numerics, keep, lock)
+            # a shard whose process died twice: its images are decoded one by one in child
+            # processes, so the one that kills its process is found and recorded (isolate.py)
+            died = shard_deaths(events.path)
+            isolated = died >= POISON_AFTER_DEATHS
             events.write("resumed" if op.writer.next else "started", t=round(t_lock, 3), done=op.writer.next,
                          rows=op.writer.rows, failures=op.writer.n_failures, total=op.stop - op.start,
-                         device=op.engine.device_desc, **taken)
+                         device=op.engine.device_desc, **taken, **({"isolated": died} if isolated else {}))
+            decoder = parts.decoder
+            if isolated:
+                log.warning("shard %d/%d: %d earlier attempts at it died; this one decodes its images one by one "
+                            "in child processes, to find and record the image(s) that kill the process", index,
+                            num_shards, died)
+                decoder = IsolatedDecoder(parts.decoder)
             # the reader turns manifest entries into the decoder's jobs
-            reader = open_reader(manifest, parts.decoder)
+            reader = open_reader(manifest, decoder)
             try:
                 slurm = bool(ident.job_id)
                 progress = _Progress(run, index, op.stop - op.start, op.writer.next, ident, cfg.heartbeat_s,
@@ -469,6 +480,8 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
                 return {"shard": index, "skipped": True, "lost_to": e.other, "attempt": attempt}
             finally:
                 reader.close()
+                if isolated:
+                    decoder.close()
                 op.writer.close()
             progress.beat("done", force=True, **stats)
             events.write("finished", done=progress.done, rows=progress.rows, failures=progress.failures,
