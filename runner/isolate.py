@@ -75,21 +75,39 @@ def shard_deaths(events_file: Path) -> int:
     return died_attempts(read_events(events_file))
 
 
-def oom_kills() -> Optional[int]:
-    """The kernel's count of OOM kills in this process's cgroup (cgroup v2 memory.events,
-    hierarchical), or None where it cannot be read."""
+def _cgroup_counter(path: str, key: str) -> Optional[int]:
     try:
-        with open("/proc/self/cgroup") as f:
-            path = next((ln.split("::", 1)[1].strip() for ln in f if ln.startswith("0::")), None)
-        if path is None:
-            return None
-        with open(os.path.join("/sys/fs/cgroup", path.lstrip("/"), "memory.events")) as f:
+        with open(path) as f:
             for ln in f:
                 k, _, v = ln.partition(" ")
-                if k == "oom_kill":
+                if k == key:
                     return int(v)
     except (OSError, ValueError):
         return None
+    return None
+
+
+def oom_kills() -> Optional[int]:
+    """The kernel's count of OOM kills in this process's memory cgroup (cgroup v2 memory.events,
+    v1 memory.oom_control; both count the cgroup's descendants), or None where neither can be
+    read. Inside a cgroup namespace the process's own cgroup is the mount's root."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for ln in lines:
+        hid, ctrls, path = (ln.split(":", 2) + ["", ""])[:3]
+        if "memory" in ctrls.split(","):
+            base, name, key = "/sys/fs/cgroup/memory", "memory.oom_control", "oom_kill"
+        elif hid == "0" and not ctrls:
+            base, name, key = "/sys/fs/cgroup", "memory.events", "oom_kill"
+        else:
+            continue
+        for folder in (os.path.join(base, path.lstrip("/")), base):
+            n = _cgroup_counter(os.path.join(folder, name), key)
+            if n is not None:
+                return n
     return None
 
 

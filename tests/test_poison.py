@@ -194,3 +194,75 @@ def test_not_regular_names_the_kind(mode, what):
 
 def test_the_threshold_is_two_deaths():
     assert POISON_AFTER_DEATHS == 2
+
+
+# ---- out of memory: a real OOM kill in a memory cgroup of its own --------------------------
+
+OOM_SCRIPT = """
+import os, sys
+with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
+    f.write(str(os.getpid()))  # this process and the children it starts: under the cgroup's limit
+from runner.decode import Decoder, Geometry
+from runner.isolate import IsolatedDecoder
+iso = IsolatedDecoder(Decoder(Geometry((48, 64)), max_pixels=10 ** 9))
+for path in sys.argv[2:]:
+    img, why = iso.load(os.fsencode(path))
+    print(repr(why if img is None else "ok"), flush=True)
+iso.close()
+"""
+
+
+def _flat_png(path, w: int, h: int) -> None:
+    """A grey PNG of w x h pixels written row by row (small on disk, w*h*3 bytes decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    z = zlib.compressobj(9)
+    row = b"\0" + b"\x80" * w
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) +
+                     chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _memory_cgroup(limit_bytes: int):
+    """A memory cgroup of this machine's hierarchy (v1 or v2) limited to limit_bytes, or a skip."""
+    import uuid
+
+    for base, limit in (("/sys/fs/cgroup/memory", "memory.limit_in_bytes"), ("/sys/fs/cgroup", "memory.max")):
+        if not os.path.exists(os.path.join(base, limit)) and not os.path.exists(os.path.join(base, "cgroup.procs")):
+            continue
+        cg = os.path.join(base, f"caffe-runner-oom-{uuid.uuid4().hex[:8]}")
+        try:
+            os.mkdir(cg)
+        except OSError:
+            continue
+        try:
+            with open(os.path.join(cg, limit), "w") as f:
+                f.write(str(limit_bytes))
+            return cg
+        except OSError:
+            os.rmdir(cg)
+    pytest.skip("no memory cgroup can be made here (needs root and a writable cgroup file system)")
+
+
+def test_an_image_the_oom_killer_ends_is_a_failure_saying_out_of_memory(photos, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    big = tmp_path / "huge.png"
+    _flat_png(big, 12000, 12000)  # 432 MB decoded, over the cgroup's 200 MB
+    cg = _memory_cgroup(200 << 20)
+    try:
+        p = subprocess.run([sys.executable, "-c", OOM_SCRIPT, cg, str(big), str(next(photos.rglob("*.jpg")))],
+                           cwd=REPO, capture_output=True, text=True, timeout=SAFETY_S * 3)
+    finally:
+        os.rmdir(cg)
+    assert p.returncode == 0, p.stderr[-3000:]
+    first, second = p.stdout.splitlines()
+    assert "killed by SIGKILL from the out-of-memory killer (out of memory" in first, p.stdout
+    assert second == "'ok'"  # a fresh child decodes the next image
