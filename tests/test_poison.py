@@ -266,3 +266,28 @@ def test_an_image_the_oom_killer_ends_is_a_failure_saying_out_of_memory(photos, 
     first, second = p.stdout.splitlines()
     assert "killed by SIGKILL from the out-of-memory killer (out of memory" in first, p.stdout
     assert second == "'ok'"  # a fresh child decodes the next image
+
+
+# ---- the new key ---------------------------------------------------------------------------
+
+def test_max_file_mb_is_in_the_identity_only_when_set(tmp_path):
+    """A run planned before the key existed keeps its fingerprint (the default adds nothing); a
+    cap of its own is part of what decides the output, as decode.max_pixels is."""
+    from omegaconf import OmegaConf
+
+    from runner.plan import decode_identity
+    from runner.schema import DecodeConf
+
+    assert "max_file_mb" not in decode_identity(OmegaConf.structured(DecodeConf()))
+    assert decode_identity(OmegaConf.structured(DecodeConf(max_file_mb=2)))["max_file_mb"] == 2.0
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_a_cap_that_is_not_positive_is_refused_with_the_fix(value, tmp_path):
+    from runner.config import compose
+    from runner.errors import ConfigError
+    from runner.plan import _check_ranges
+
+    cfg = compose([f"output.dir={tmp_path}", f"decode.max_file_mb={value}"])
+    with pytest.raises(ConfigError, match=r"decode\.max_file_mb=-?\d+(\.\d+)?: use a positive number of MB"):
+        _check_ranges(cfg)
