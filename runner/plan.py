@@ -321,12 +321,14 @@ class Run:
         geom = Geometry((h, w), pp.resize, pp.resize_size, pp.interpolation)
         # oversample: decode to the full resize size; the 10 crops are cut per batch
         dgeom = Geometry((pp.resize_size,) * 2, "stretch", pp.resize_size, pp.interpolation) if pp.oversample else geom
+        # a run planned before decode.max_file_mb (retry reads run.json's config) has the default
+        max_file_mb = float(cfg.decode.get("max_file_mb", DecodeConf.max_file_mb))
+        follow = bool(cfg.input.get("follow_symlinks", True))
         if pp.mode == "caffe_io":
-            decoder = CaffeIODecoder(dgeom, max_file_mb=cfg.decode.max_file_mb,
-                                     follow_symlinks=cfg.input.get("follow_symlinks", True))
+            decoder = CaffeIODecoder(dgeom, max_file_mb=max_file_mb, follow_symlinks=follow)
         else:
             decoder = Decoder(dgeom, cfg.decode.exif_orientation, cfg.decode.max_pixels, cfg.decode.reduced_jpeg,
-                              cfg.decode.max_file_mb, cfg.input.get("follow_symlinks", True))
+                              max_file_mb, follow)
         channels = int(self.plan["channels"])
         return PipelineParts(spec, blobs, decoder, make_transform(pp, geom, channels), (channels, h, w))
 

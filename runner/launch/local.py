@@ -506,16 +506,21 @@ def _died(run, deaths: Sequence[Death], stderr: _WorkerStderr) -> ShardFailedErr
         if shard is not None:
             _record_death(run, shard, death_message([(shard, d, words, path)], run.num_shards), path, d.how)
     done = len(run.done_shards())
-    poison = sorted(s for s, _, _, _ in found if s is not None and shard_deaths(_events_of(run, s)) >= POISON_AFTER_DEATHS)
-    isolate = ""
-    if poison:
-        which = f"shard {poison[0]} has" if len(poison) == 1 else f"shards {', '.join(map(str, poison))} have"
-        isolate = (f"; {which} died {POISON_AFTER_DEATHS} times or more: the rerun decodes {'its' if len(poison) == 1 else 'their'} images "
-                   "one by one in child processes and records the image that kills the process as a failure")
     return ShardFailedError(
         f"{death_message(found, run.num_shards)}; the run stopped: {done} of {run.num_shards} shards are complete "
         f"and the others keep their last flushed batch in {run.rundir.shards_dir}: rerun the same command to resume"
-        f"{isolate}")
+        f"{_isolation_note(run, [s for s, _, _, _ in found if s is not None])}")
+
+
+def _isolation_note(run, shards: Sequence[int]) -> str:
+    """What the rerun does with the shards among these whose process died twice (isolate.py)."""
+    poison = sorted(s for s in shards if shard_deaths(_events_of(run, s)) >= POISON_AFTER_DEATHS)
+    if not poison:
+        return ""
+    which, its = ((f"shard {poison[0]} has", "its") if len(poison) == 1 else
+                  (f"shards {', '.join(map(str, poison))} have", "their"))
+    return (f"; {which} died {POISON_AFTER_DEATHS} times or more: the rerun decodes {its} images one by one in "
+            "child processes and records the image that kills the process as a failure")
 
 
 def _blob_shapes(merged: str) -> Dict:
