@@ -31,6 +31,9 @@ import threading
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
+import cv2
+
+from .decode import reuse_large_buffers
 from .errors import RunnerError
 from .events import ATTEMPT_EVENTS, read_events
 from .lastwords import describe_exit, signal_hint
@@ -162,10 +165,6 @@ def _child_main() -> int:
     inp = os.fdopen(os.dup(0), "rb")
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a stray print must not corrupt the protocol
-    import cv2
-
-    from .decode import reuse_large_buffers
-
     cv2.setNumThreads(1)  # as configure_threads does in the task: the same pixels
     reuse_large_buffers()
     decoder = _recv(inp)
