@@ -7,8 +7,9 @@ stopped (another worker died) is not taken for a poison shard. A list naming /de
 pipe and a file over decode.max_file_mb completes with each a failure with its reason.
 
 Real pycaffe, the tiny net, the sample photos; one BLAS thread per worker in every run. Gates
-(runner/testgate.py) hold the other shard's worker so that it is in flight when the poison worker
-dies, whatever the machine's speed."""
+(runner/testgate.py) hold the other shard's worker at its first batch, and the poison shard's
+until then, so that the other is in flight when the poison worker dies, whatever the machine's
+speed."""
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import CLI, REPO, read_features, run_cli, tiny_model_args
+from conftest import CLI, REPO, read_features, run_cli, tiny_model_args, wait_until
 from runner.decode import FAULT_CRASH_ON
 from runner.events import read_events
 
@@ -53,10 +54,23 @@ def test_a_poison_image_stops_the_run_twice_then_is_a_failure_naming_the_signal(
 
     gates.mkdir()
     hold = gates / "first-batch-0.hold"  # shard 0's worker stays in flight while shard 1's dies
-    env = {FAULT_CRASH_ON: POISON, "CAFFE_RUNNER_TEST_GATES": str(gates)}
+    env = dict(os.environ, **{FAULT_CRASH_ON: POISON, "CAFFE_RUNNER_TEST_GATES": str(gates)})
     for attempt in (1, 2):
+        for old in gates.glob("*.reached*"):
+            old.unlink()
         hold.touch()
-        p = _run(_args(tiny_net, photos, run), env)
+        (gates / "load-1.hold").touch()  # shard 1 waits until shard 0 has begun (its "started" line)
+        proc = subprocess.Popen(CLI + [str(a) for a in _args(tiny_net, photos, run)], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: (gates / "first-batch-0.reached").exists() or proc.poll() is not None,
+                       timeout=SAFETY_S, what="shard 0 at its first batch")
+            (gates / "load-1.hold").unlink()
+            _, err = proc.communicate(timeout=SAFETY_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        p = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
         assert p.returncode == 1, p.stderr[-3000:]
         last = p.stderr.strip().splitlines()[-1]
         assert last.startswith("caffe-runner: error: shard 1 of 2: its worker (pid ") and \
