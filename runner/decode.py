@@ -10,8 +10,11 @@ which the shard records as a failure before going on.
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
+import signal
+import stat
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -61,6 +64,31 @@ def reuse_large_buffers() -> bool:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, REUSE_BUFFERS_UP_TO_BYTES)) and bool(
         mallopt(_M_TRIM_THRESHOLD, 2 * REUSE_BUFFERS_UP_TO_BYTES)) and bool(mallopt(_M_ARENA_MAX, 1))
+
+
+MB = 1 << 20
+FAULT_CRASH_ON = "CAFFE_RUNNER_FAULT_CRASH_ON"
+
+
+def _crash_on() -> Optional[bytes]:
+    """The fault-injection switch (the one place it is read): CAFFE_RUNNER_FAULT_CRASH_ON=TEXT makes
+    a decoder kill its own process with SIGSEGV on a file whose path holds TEXT, as a decoder
+    crashing on a crafted file does (tests of the poison-shard recovery, runner/isolate.py).
+    Unset or empty: nothing."""
+    return os.fsencode(os.environ.get(FAULT_CRASH_ON, "")) or None
+
+
+# what a listed path that is not a regular file is (fstat's type bits)
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISSOCK, "a socket"))
+
+
+def not_regular(mode: int) -> Optional[str]:
+    """What a file of this st_mode is when it is not a regular file (pure), else None."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _NOT_REGULAR if test(mode)), "not a regular file")
 
 
 class DecodeFailure(Exception):
@@ -189,33 +217,77 @@ class Decoder:
     """Turns a path into a uint8 BGR image of the geometry's output size, or a failure."""
 
     def __init__(self, geometry: Geometry, exif_orientation: bool = True,
-                 max_pixels: int = 178956970, reduced_jpeg: bool = False):
+                 max_pixels: int = 178956970, reduced_jpeg: bool = False, max_file_mb: float = 256.0,
+                 follow_symlinks: bool = True):
         self.geometry = geometry
         self.exif_orientation = exif_orientation
         self.max_pixels = int(max_pixels)
         self.reduced_jpeg = reduced_jpeg
+        self.max_file_mb = float(max_file_mb)
+        self.max_file_bytes = int(self.max_file_mb * MB)
+        # input.follow_symlinks=false holds at read time too: a symlink swapped in after the
+        # listing is not opened (O_NOFOLLOW on the file itself)
+        self.open_flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
+        self.crash_on = _crash_on()
         self.interp = _INTERP[geometry.interpolation]
         # the reason recorded for a missing file: a listed name that was never there reads
         # "listed but not found" (set by the reader for list input)
         self.missing_reason = "file not found (deleted after listing?)"
 
     def read(self, path: bytes) -> bytes:
+        """The file's bytes, when it is a regular file of at most decode.max_file_mb: a listed
+        /dev/zero, a named pipe or a folder is a failure with its reason, never a read without
+        end or a hang (O_NONBLOCK: opening a FIFO does not wait for a writer)."""
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            fd = os.open(path, self.open_flags)
         except FileNotFoundError:
             if os.path.islink(path):
                 raise DecodeFailure("broken symlink (its target does not exist)")
             raise DecodeFailure(self.missing_reason)
         except PermissionError:
             raise DecodeFailure("permission denied")
-        except IsADirectoryError:
-            raise DecodeFailure("is a directory")
+        except OSError as e:
+            if e.errno == errno.ELOOP and self.open_flags & os.O_NOFOLLOW:
+                raise DecodeFailure("a symlink, not followed (input.follow_symlinks=false; it was swapped in "
+                                    "after the listing?)")
+            raise DecodeFailure(f"read error: {e.strerror or e}")
+        try:
+            st = os.fstat(fd)
+            what = not_regular(st.st_mode)
+            if what == "a directory":
+                raise DecodeFailure("is a directory")
+            if what:
+                raise DecodeFailure(f"not a regular file: {what}")
+            if st.st_size > self.max_file_bytes:
+                raise DecodeFailure(self._too_many_bytes(st.st_size))
+            data = self._read_at_most(fd, st.st_size)
         except OSError as e:
             raise DecodeFailure(f"read error: {e.strerror or e}")
+        finally:
+            os.close(fd)
         if not data:
             raise DecodeFailure("empty file (0 bytes)")
         return data
+
+    def _read_at_most(self, fd: int, size: int) -> bytes:
+        """The file's bytes, one read when its size is right; a file that grew past the cap
+        since fstat is refused rather than read on."""
+        chunks, n = [], 0
+        want = size + 1  # one byte more: EOF is seen in the same call
+        while True:
+            chunk = os.read(fd, want)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n += len(chunk)
+            if n > self.max_file_bytes:
+                raise DecodeFailure(self._too_many_bytes(n, growing=True))
+            want = max(1 << 16, min(self.max_file_bytes + 1 - n, 1 << 24))
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _too_many_bytes(self, n: int, growing: bool = False) -> str:
+        return (f"too large: {'more than ' if growing else ''}{n} bytes > decode.max_file_mb={self.max_file_mb:g} "
+                f"({self.max_file_bytes} bytes; raise it for larger files)")
 
     def _check_pixels(self, w: int, h: int) -> None:
         if w * h > self.max_pixels:
@@ -276,6 +348,8 @@ class Decoder:
         return center_crop(img, self.geometry.input_hw)
 
     def load(self, path: bytes) -> Tuple[Optional[np.ndarray], Optional[str]]:
+        if self.crash_on is not None and self.crash_on in path:
+            os.kill(os.getpid(), signal.SIGSEGV)  # the fault switch (_crash_on): a decoder crashing on this file
         return self._guard(lambda: self.fit(self.decode(self.read(path))))
 
     def load_bytes(self, data: bytes) -> Tuple[Optional[np.ndarray], Optional[str]]:
@@ -283,6 +357,8 @@ class Decoder:
         def run():
             if not data:
                 raise DecodeFailure("empty image (0 bytes)")
+            if len(data) > self.max_file_bytes:
+                raise DecodeFailure(self._too_many_bytes(len(data)))
             return self.fit(self.decode(data))
         return self._guard(run)
 

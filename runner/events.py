@@ -9,7 +9,10 @@ when the shard file already held committed rows) and ends with "finished", "fail
 "requeued" (submitit requeued the task on timeout or preemption: not a failure), or "lost"
 (another attempt committed the shard first or took it over; `other` names it: write.py); an
 attempt killed without a word (scancel, kill -9, a node lost) simply stops, and readers end it
-at its last line. "progress" lines give images/s over time.
+at its last line. "progress" lines give images/s over time. The local launcher ends an attempt
+whose worker it saw die with "failed" carrying `died` (how), and one whose worker it stopped
+itself (another worker died, Ctrl-C) with "stopped"; an attempt that decodes image by image
+because earlier ones died (isolate.py) says so in its "started" line (`isolated`: how many died).
 
 Bounded: progress lines come at most every PROGRESS_S seconds, the interval doubling after every
 PROGRESS_STEP of them, and a file stops taking progress lines at MAX_LINES (attempt lines are

@@ -34,6 +34,7 @@ from .preprocess import oversample as oversample_crops
 from .errors import ShardBusyError, ShardLostError
 from .events import EventLog, events_path, task_fields
 from .features import FeaturePost, pooled_shape
+from .isolate import POISON_AFTER_DEATHS, IsolatedDecoder, shard_deaths
 from .liveness import Heart
 from .locks import attempt_id
 from .runtimes.identity import image_label
@@ -564,14 +565,24 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
                 if keep is not None:
                     keep["parts"] = parts
             op = _open_shard(run, index, ident, threads, manifest, parts, numerics, keep, lock)
+            # a shard whose process died twice: its images are decoded one by one in child
+            # processes, so the one that kills its process is found and recorded (isolate.py)
+            died = shard_deaths(events.path)
+            isolated = died >= POISON_AFTER_DEATHS
             events.write("resumed" if op.writer.next else "started", t=round(t_lock, 3), done=op.writer.next,
                          rows=op.writer.rows, failures=op.writer.n_failures, total=op.stop - op.start,
-                         device=op.engine.device_desc, **taken,
+                         device=op.engine.device_desc, **taken, **({"isolated": died} if isolated else {}),
                          **({"shared_pass": [str(c.run.rundir.path) for c in comps]} if comps else {}))
             sinks = [_Sink(op.writer, _post(cfg), list(run.plan["blobs"]), op.first)]
             sinks += [c.open(op, manifest, threads, t_lock, str(run.rundir.path)) for c in comps]
+            decoder = parts.decoder
+            if isolated:
+                log.warning("shard %d/%d: %d earlier attempts at it died; this one decodes its images one by one "
+                            "in child processes, to find and record the image(s) that kill the process", index,
+                            num_shards, died)
+                decoder = IsolatedDecoder(parts.decoder)
             # the reader turns manifest entries into the decoder's jobs
-            reader = open_reader(manifest, parts.decoder)
+            reader = open_reader(manifest, decoder)
             try:
                 slurm = bool(ident.job_id)
                 log_every = float(cfg.launcher.get("log_interval_s", 30)) if slurm else 0.0
@@ -597,6 +608,8 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
                 return {"shard": index, "skipped": True, "lost_to": e.other, "attempt": attempt}
             finally:
                 reader.close()
+                if isolated:
+                    decoder.close()
                 op.writer.close()
                 for c in comps:
                     c.close()

@@ -33,7 +33,7 @@ from .rundir import (RUN_JSON, DamagedPlanError, RunDir, partials_of, probe_writ
 from .runtimes import check_container
 from .runtimes.identity import task_container
 from .shard import shard_bounds
-from .schema import CAFFE_LOADED, CPU_ONLY, OWN_MODEL, identity_backend
+from .schema import CAFFE_LOADED, CPU_ONLY, OWN_MODEL, DecodeConf, identity_backend
 
 
 
@@ -55,6 +55,9 @@ def _check_ranges(cfg) -> None:
                           "(one per GPU is typical)")
     if cfg.decode.workers < 0 or cfg.decode.prefetch_batches < 1:
         raise ConfigError("decode.workers must be >= 0 and decode.prefetch_batches >= 1")
+    if not float(cfg.decode.get("max_file_mb", 1)) > 0:
+        raise ConfigError(f"decode.max_file_mb={cfg.decode.max_file_mb}: use a positive number of MB (files larger "
+                          "are recorded as failures; 256 is the default)")
     if cfg.output.gem_p <= 0:
         raise ConfigError(f"output.gem_p={cfg.output.gem_p}: use a positive exponent (3 is typical)")
     if cfg.output.get("view_max_shards", 0) < 0:
@@ -185,10 +188,19 @@ def identity(cfg, blobs: List[str], model_sha: Dict[str, str], input_source: str
         "model": model,
         "blobs": blobs,
         "output": {k: cfg.output[k] for k in ("pooling", "gem_p", "l2_normalize", "dtype")},
-        "decode": {k: cfg.decode[k] for k in ("exif_orientation", "max_pixels", "reduced_jpeg")},
+        "decode": decode_identity(cfg.decode),
         "backend": identity_backend(cfg.backend),
         "input": input_source,
     }
+
+
+def decode_identity(dc) -> Dict:
+    """The decode settings that decide which images become rows. decode.max_file_mb counts only
+    when it is not its default, so runs planned before it existed keep their fingerprint."""
+    out = {k: dc[k] for k in ("exif_orientation", "max_pixels", "reduced_jpeg")}
+    if float(dc.get("max_file_mb", DecodeConf.max_file_mb)) != DecodeConf.max_file_mb:
+        out["max_file_mb"] = float(dc.max_file_mb)
+    return out
 
 
 def _same_identity(old: Optional[Dict], new: Dict) -> bool:
@@ -309,10 +321,14 @@ class Run:
         geom = Geometry((h, w), pp.resize, pp.resize_size, pp.interpolation)
         # oversample: decode to the full resize size; the 10 crops are cut per batch
         dgeom = Geometry((pp.resize_size,) * 2, "stretch", pp.resize_size, pp.interpolation) if pp.oversample else geom
+        # a run planned before decode.max_file_mb (retry reads run.json's config) has the default
+        max_file_mb = float(cfg.decode.get("max_file_mb", DecodeConf.max_file_mb))
+        follow = bool(cfg.input.get("follow_symlinks", True))
         if pp.mode == "caffe_io":
-            decoder = CaffeIODecoder(dgeom)
+            decoder = CaffeIODecoder(dgeom, max_file_mb=max_file_mb, follow_symlinks=follow)
         else:
-            decoder = Decoder(dgeom, cfg.decode.exif_orientation, cfg.decode.max_pixels, cfg.decode.reduced_jpeg)
+            decoder = Decoder(dgeom, cfg.decode.exif_orientation, cfg.decode.max_pixels, cfg.decode.reduced_jpeg,
+                              max_file_mb, follow)
         channels = int(self.plan["channels"])
         return PipelineParts(spec, blobs, decoder, make_transform(pp, geom, channels), (channels, h, w))
 

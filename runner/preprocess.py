@@ -11,12 +11,13 @@ input scale, NCHW.
 """
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
 
-from .decode import Geometry, center_crop
+from .decode import MB, Geometry, center_crop, not_regular
 
 
 def load_mean_file(path: str) -> np.ndarray:
@@ -103,15 +104,41 @@ class CaffeIODecoder:
     resize size and a centre crop (caffe.io.Transformer resizes straight to the input size
     when no resize_size is set)."""
 
-    def __init__(self, geometry: Geometry, crop: bool = True):
+    def __init__(self, geometry: Geometry, crop: bool = True, max_file_mb: float = 256.0,
+                 follow_symlinks: bool = True):
         self.geometry = geometry
         self.crop = crop
+        self.max_file_bytes = int(float(max_file_mb) * MB)
+        self.max_file_mb = float(max_file_mb)
+        self.follow_symlinks = follow_symlinks
+
+    def _unreadable(self, path: bytes) -> Optional[str]:
+        """caffe.io opens the path itself: what decode.max_file_mb, a file that is not a regular
+        one or input.follow_symlinks=false refuse, checked first (by stat)."""
+        import os
+
+        try:
+            st = os.stat(path, follow_symlinks=self.follow_symlinks)
+        except OSError:
+            return None  # caffe.io says why
+        if stat.S_ISLNK(st.st_mode):
+            return "a symlink, not followed (input.follow_symlinks=false; it was swapped in after the listing?)"
+        what = not_regular(st.st_mode)
+        if what:
+            return "is a directory" if what == "a directory" else f"not a regular file: {what}"
+        if st.st_size > self.max_file_bytes:
+            return (f"too large: {st.st_size} bytes > decode.max_file_mb={self.max_file_mb:g} "
+                    f"({self.max_file_bytes} bytes; raise it for larger files)")
+        return None
 
     def load(self, path: bytes) -> Tuple[Optional[np.ndarray], Optional[str]]:
         import os
 
         import caffe.io
 
+        why = self._unreadable(path)
+        if why:
+            return None, why
         try:
             img = caffe.io.load_image(os.fsdecode(path))
         except FileNotFoundError:

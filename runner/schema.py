@@ -253,6 +253,9 @@ class DecodeConf:
     # that still covers the net input in both sides, so images under 2x the input decode in
     # full; 1.7x faster on 12-MP photos, features not bit-identical to the default (README)
     reduced_jpeg: bool = False
+    # refuse files larger than this many MB (2**20 bytes) before reading them; a listed path
+    # that is not a regular file (/dev/zero, a named pipe, a folder) is refused whatever its size
+    max_file_mb: float = 256.0
 
 
 @dataclass

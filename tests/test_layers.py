@@ -26,9 +26,9 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("model, inputs, runtimes", ["runner.model", "runner.fold", "runner.onnxport", "runner.modelcheck", "runner.inputs", "runner.inputs.*", "runner.runtimes",
                                  "runner.runtimes.*"]),
     ("config and plan", ["runner.config", "runner.overrides", "runner.plan"]),
-    ("stages", ["runner.extract", "runner.steal", "runner.merge", "runner.stats", "runner.status", "runner.verify",
-                "runner.synthetic", "runner.sweep", "runner.compare", "runner.report", "runner.embeddings",
-                "runner.sharedpass", "runner.sweeppage"]),
+    ("stages", ["runner.extract", "runner.isolate", "runner.steal", "runner.merge", "runner.stats", "runner.status",
+                "runner.verify", "runner.synthetic", "runner.sweep", "runner.compare", "runner.report",
+                "runner.embeddings", "runner.sharedpass", "runner.sweeppage"]),
     ("launchers", ["runner.launch", "runner.launch.*", "runner.retry"]),
     ("front doors", ["runner.inspect", "runner.api", "runner.cli", "runner.__main__"]),
 ]

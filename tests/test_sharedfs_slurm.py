@@ -107,3 +107,42 @@ def test_a_six_task_run_with_node_local_locks_equals_a_local_run(cluster, tmp_pa
     assert run_cli("verify", "--content", run).returncode == 0
     _same_as_local(run, common, ref, 48)
     print(json.dumps({"lost": lost}))
+
+
+def test_a_poison_image_in_a_six_task_array_is_a_failure_and_the_run_completes(cluster, tmp_path):
+    """The issue's 6-task array (48 shards, 144 images) with one image whose decoding kills its task
+    (the fault switch CAFFE_RUNNER_FAULT_CRASH_ON: SIGSEGV), in shard 0, the shard every task that
+    finishes looks at first: two tasks die on it, the third attempt decodes it image by image in
+    child processes; the run completes, that image is a failure naming SIGSEGV and every other
+    image a row equal to a local run without the switch."""
+    from runner.decode import FAULT_CRASH_ON
+
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    common = _inputs(tmp_path, 144) + COMMON
+    poison = Path(Path(tmp_path / "list.txt").read_text().splitlines()[0])  # image 0: shard 0
+    name = str(poison.relative_to(tmp_path))  # as the run names it: relative to the list's folder
+    p = subprocess.run(CLI + [*common, *SLURM, "launcher.cpus_per_task=1", f"output.dir={run}", "num_shards=6",
+                              "launcher.shards_per_task=8", "simulated_batch_s=0.02", "launcher.wait=true",
+                              "run.max_failure_fraction=null"],
+                       cwd=REPO, capture_output=True, text=True, env=dict(os.environ, **{FAULT_CRASH_ON: poison.name}),
+                       timeout=900)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    assert _status(run)["counts"] == {"done": 48}
+    _one_file_per_shard(run, 48)
+    evs = _events(run)["shard-00000-of-00048"]
+    starts = [e for e in evs if e["event"] in ("started", "resumed")]
+    assert [e.get("isolated") for e in starts] == [None, None, 2], evs  # two died, the third isolated
+    assert len({e["job_id"] for e in starts}) == 3, starts  # three tasks
+    with h5py.File(run / "features.h5", "r") as f:
+        fails = dict(zip(f["failures/names"].asstr()[:], f["failures/reason"].asstr()[:]))
+        names, feats = list(f["names"].asstr()[:]), f["feats"][:]
+    assert list(fails) == [name], fails
+    assert fails[name].startswith("crashed the decoder: its process was killed by SIGSEGV"), fails
+    run_cli(*common, f"output.dir={ref}", "launcher=local", "launcher.workers=2", "num_shards=48",
+            "launcher.threads_per_worker=1", "simulated_batch_s=0.0")
+    with h5py.File(ref / "features.h5", "r") as b:
+        ref_names = list(b["names"].asstr()[:])
+        keep = [k for k, n in enumerate(ref_names) if n != name]
+        assert names == [ref_names[k] for k in keep]
+        assert np.array_equal(feats, b["feats"][:][keep])
+    assert run_cli("verify", "--content", run).returncode == 0

@@ -31,8 +31,9 @@ from ..atomic import atomic_write_text
 from ..device import resolve_gpus, resolve_local_device
 from ..errors import ConfigError, ShardFailedError, Terminated
 from ..extract import run_shard
-from ..events import EventLog, events_path
+from ..events import EventLog, events_path, read_events
 from ..gpu import require_cuda_device, require_gpu_caffe
+from ..isolate import POISON_AFTER_DEATHS, attempt_open, shard_deaths
 from ..lastwords import caffe_last_words, describe_exit, signal_hint
 from ..merge import merge_run, merged_is_current, open_merged
 from ..plan import Run, plan_summary, prepare_run
@@ -331,15 +332,30 @@ def _stop_listener(listener, log_queue, wait_s: float = 2.0) -> None:
         log.debug("the log listener cannot be stopped: a dead worker holds its queue's write lock")
 
 
-def _record_death(run, shard: int, error: str, log_path: str) -> None:
+def _events_of(run, shard: int):
+    return events_path(run.rundir.path, run.shard_path(shard).stem)
+
+
+def _record_death(run, shard: int, error: str, log_path: str, died: str = "") -> None:
     """The shard's heartbeat and event log say how it ended (`caffe-runner status` shows it);
-    the dead worker could not write them itself."""
+    the dead worker could not write them itself. `died`: how (the attempt counts as one that
+    died: isolate.py)."""
     beat = dict(run.read_heartbeat(shard) or {}, state="failed", shard=shard, error=error, log=log_path)
     try:
         run.write_heartbeat(shard, beat)
     except OSError:
         pass
-    EventLog(events_path(run.rundir.path, run.shard_path(shard).stem), {}).write("failed", error=error[:300])
+    EventLog(_events_of(run, shard), {}).write("failed", error=error[:300], died=died)
+
+
+def _mark_stopped(run, shards) -> None:
+    """The launcher stopped these shards' workers (another worker died, Ctrl-C, SIGTERM): an
+    attempt still open in a shard's event log ends with "stopped", so that it does not count as
+    one that died (isolate.py)."""
+    for i in shards:
+        path = _events_of(run, i)
+        if attempt_open(read_events(path)):
+            EventLog(path, {}).write("stopped")
 
 
 def _spawn_pool(ctx, processes: int, initializer, initargs):
@@ -443,6 +459,7 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
                             sum(s["state"] == "done" for s in states.values()))
         except KeyboardInterrupt as e:
             _stop_pool(pool, ctx)
+            _mark_stopped(run, pending)
             view.close()
             done = len(run.done_shards())
             what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
@@ -451,6 +468,7 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
                 f"flushed batch in {run.rundir.shards_dir}; rerun the same command to resume") from None
         except BaseException:
             _stop_pool(pool, ctx)
+            _mark_stopped(run, pending)
             raise
         else:
             # every shard has finished, so the workers are idle: let them exit on the close sentinel
@@ -488,11 +506,23 @@ def _died(run, deaths: Sequence[Death], stderr: _WorkerStderr) -> ShardFailedErr
               stderr.path(d.pid)) for d in deaths]
     for shard, d, words, path in found:
         if shard is not None:
-            _record_death(run, shard, death_message([(shard, d, words, path)], run.num_shards), path)
+            _record_death(run, shard, death_message([(shard, d, words, path)], run.num_shards), path, d.how)
     done = len(run.done_shards())
     return ShardFailedError(
         f"{death_message(found, run.num_shards)}; the run stopped: {done} of {run.num_shards} shards are complete "
-        f"and the others keep their last flushed batch in {run.rundir.shards_dir}: rerun the same command to resume")
+        f"and the others keep their last flushed batch in {run.rundir.shards_dir}: rerun the same command to resume"
+        f"{_isolation_note(run, [s for s, _, _, _ in found if s is not None])}")
+
+
+def _isolation_note(run, shards: Sequence[int]) -> str:
+    """What the rerun does with the shards among these whose process died twice (isolate.py)."""
+    poison = sorted(s for s in shards if shard_deaths(_events_of(run, s)) >= POISON_AFTER_DEATHS)
+    if not poison:
+        return ""
+    which, its = ((f"shard {poison[0]} has", "its") if len(poison) == 1 else
+                  (f"shards {', '.join(map(str, poison))} have", "their"))
+    return (f"; {which} died {POISON_AFTER_DEATHS} times or more: the rerun decodes {its} images one by one in "
+            "child processes and records the image that kills the process as a failure")
 
 
 def _blob_shapes(merged: str) -> Dict:
