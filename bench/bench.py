@@ -1287,12 +1287,12 @@ def main() -> None:
     if a.only in ("all", "stragglers") and not a.gpu_feeding_only:
         r["stragglers"] = straggler_bench(work, repeats=a.repeats)
     if a.only in ("all", "sweep") and not a.gpu_feeding_only:
-        imgs = work / "images"
-        if not (work / "images.done").exists():
+        imgs, done = work / "images", work / "images.done"  # as bench() writes them
+        if not done.exists() or not done.read_text().isdigit() or int(done.read_text()) < a.images:
             from runner.samples import write_corpus
 
             write_corpus(imgs, a.images, seed=1)
-            (work / "images.done").write_text(str(a.images))
+            done.write_text(str(a.images))
         r["sweep"] = sweep_bench(imgs, work, a.repeats)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=1))
