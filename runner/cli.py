@@ -521,6 +521,7 @@ def _refuse_running(run, what: str) -> None:
 def _cmd_export(args) -> int:
     from .merge import export_run
     from .plan import load_run_dir
+    from .private import check_private
 
     from .sweep import is_sweep_dir
     from .sweeppage import export_sweep
@@ -533,6 +534,7 @@ def _cmd_export(args) -> int:
             print(path)
         return 0
     run = load_run_dir(args.run_dir)
+    check_private(Path(run.rundir.path), "the run directory")  # what export reads, others must not have planted
     if args.format != "embeddings" and (args.blob or args.part_rows):
         raise UsageError("--blob and --part-rows go with --format embeddings")
     _refuse_running(run, "export")  # every format: a run in progress is refused (exit 2), an incomplete one fails (1)
@@ -552,6 +554,7 @@ def _cmd_export(args) -> int:
 
 def _cmd_report(args) -> int:
     from .plan import load_run_dir
+    from .private import check_private
     from .report import write_report
 
     from .sweep import is_sweep_dir
@@ -565,6 +568,8 @@ def _cmd_report(args) -> int:
     out = Path(os.path.abspath(os.path.expanduser(args.out))) if args.out else run.rundir.path / "report.html"
     if out.is_dir():
         out = out / "report.html"
+    if Path(os.path.abspath(out)).parent == Path(run.rundir.path):  # written into the run directory
+        check_private(Path(run.rundir.path), "the run directory")
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK) or (
             out.exists() and not os.access(out, os.W_OK)):
         raise ConfigError(f"cannot write the report to {out} (its folder is missing or not writable): give "

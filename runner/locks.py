@@ -38,6 +38,7 @@ import os
 import random
 import secrets
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -60,6 +61,45 @@ class LockHeld(RunnerError):
     def __init__(self, path: Path, holder: str):
         self.path, self.holder = path, holder
         super().__init__(f"{path} is held by {holder}")
+
+
+class PlantedLockError(ConfigError):
+    """The lock's name is taken by something that is not a plain file of its own (a symlink, a
+    hard link to another file, a pipe): refused before anything is written through it."""
+
+    def __init__(self, path: Path, what: str):
+        super().__init__(f"{path} is {what}, not a lock file caffe-runner made (it makes them as plain files): "
+                         f"someone planted it there; check what it is, remove it (rm {path}) and run again; "
+                         "nothing was written")
+
+
+# no symlink followed (a planted merge.lock -> ~/.bashrc), no hang on a planted pipe
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_lock_file(path: PathLike) -> int:
+    """The lock file at `path` opened read-write (made if missing, mode 0644 less the umask),
+    never through a symlink, never truncated here: PlantedLockError for anything but a plain
+    file with one name."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            raise PlantedLockError(path, f"a symlink (to {target})") from None
+        raise
+    st = os.fstat(fd)
+    why = None if st.st_nlink == 1 and stat.S_ISREG(st.st_mode) else (
+        f"a hard link to a file with {st.st_nlink} names" if stat.S_ISREG(st.st_mode) else
+        f"not a regular file ({stat.filemode(st.st_mode)})")
+    if why:
+        os.close(fd)
+        raise PlantedLockError(path, why)
+    return fd
 
 
 class NoFlockError(ConfigError):
@@ -131,7 +171,7 @@ def read_holder_line(path: PathLike) -> str:
     """The holder line in the lock file as it is now ("" when empty or missing): opened afresh,
     so that an NFS client revalidates what another node wrote (close-to-open consistency)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
     except OSError:
         return ""
     try:
@@ -176,9 +216,13 @@ class FileLock:
         self.flock_fd: Optional[int] = None  # the shadow's, under the node-local fault switch
 
     def acquire(self) -> "FileLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(self.path)
         target = _flock_path(self.path)
-        lfd = fd if target == self.path else os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            lfd = fd if target == self.path else open_lock_file(target)
+        except BaseException:
+            os.close(fd)
+            raise
         try:
             if not _take(lfd, self.path):
                 raise LockHeld(self.path, _read_holder(fd))
@@ -227,14 +271,14 @@ def lock_holder(path: PathLike) -> Optional[str]:
     shared lock is tried and dropped at once: it never blocks the holder or a later taker."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
     except OSError:
         return None
     try:
         target = _flock_path(path)
         if target != path:
             try:
-                lfd = os.open(target, os.O_RDONLY)
+                lfd = os.open(target, os.O_RDONLY | _OPEN_FLAGS)
             except OSError:
                 return None  # never taken on this host
         else:
@@ -259,7 +303,7 @@ def probe_flock(folder: PathLike) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     probe = folder / f".flock-test-{socket.gethostname()}-{os.getpid()}"
-    fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o644)
     try:
         _flock(fd, fcntl.LOCK_EX, probe)
     finally:

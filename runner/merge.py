@@ -21,9 +21,11 @@ first, and readers see the old file or the whole new one.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +36,9 @@ import numpy as np
 
 from . import log
 from .atomic import atomic_path, remove_stale_temps
-from .errors import RunBusyError, RunnerError, ShardFailedError, shell_quote, unwritable
+from .errors import ConfigError, RunBusyError, RunnerError, ShardFailedError, UsageError, shell_quote, unwritable
 from .locks import FileLock, LockHeld
+from .private import check_private
 from .rundir import MERGE_LOCK, probe_writable
 from .runtimes.identity import image_label
 from .write import blobs_attr, dataset_name
@@ -176,7 +179,8 @@ def write_merged(out: Path, paths: Sequence[Path], layout_kind: str, extra_attrs
     total = sum(s.rows for s in sources)
     total_f = sum(s.n_failures for s in sources)
     # the HDF5 file is closed (inner) before atomic_path commits it (outer)
-    with atomic_path(out) as tmp, _open(tmp, "w") as o:
+    # "x": made new (O_EXCL), so never written through a symlink planted at the temporary name
+    with atomic_path(out) as tmp, _open(tmp, "x") as o:
         g = o.create_group("features")
         for ds, shape in lay.shapes.items():
             dt = lay.dtypes[f"features/{ds}"]
@@ -251,7 +255,10 @@ def merge_run(run, out: Optional[Path] = None) -> Path:
     """Merge every shard of `run` into run_dir/features.h5 (a view up to view_max_shards shards,
     else a copy). Refuses, naming them, while shards are missing. Single-writer: the run's merge
     lock is held throughout; a second merge (a hand-run `merge`, a second merge job) is refused
-    naming the first (RunBusyError, exit 2) and changes nothing."""
+    naming the first (RunBusyError, exit 2) and changes nothing. A run directory others can write
+    (or whose parents they can) is refused first (private.py): the command, a local run's last
+    step and the Slurm merge job alike."""
+    check_private(Path(run.rundir.path), "the run directory")
     lock = FileLock(Path(run.rundir.path) / MERGE_LOCK, "caffe-runner merge")
     try:
         lock.acquire()
@@ -362,6 +369,8 @@ def export_run(run, out: Path, fmt: str = "h5") -> Path:
     paths = export_sources(run)
     if fmt not in ("h5", "npy"):
         raise RunnerError(f"--format {fmt}: use h5 or npy")
+    if fmt == "npy":
+        _check_npy_target(out)
     _check_export_target(out if fmt == "npy" else out.parent)
     if fmt == "h5":
         return write_merged(out, paths, "copy")
@@ -377,14 +386,87 @@ def _check_export_target(folder: Path) -> None:
         raise unwritable("the export target", folder, e, "give an OUT in a folder you can write") from None
 
 
+NPY_FIXED = ("index.npy", "labels.npy", "names.txt", "failures.tsv", "blobs.json")
+
+
+def _planted(path: Path, st: os.stat_result) -> Optional[str]:
+    """What makes an entry at an export file's name one we must not write through, or None."""
+    if stat.S_ISLNK(st.st_mode):
+        return f"a symlink (to {os.readlink(path)})"
+    if not stat.S_ISREG(st.st_mode):
+        return f"not a regular file ({stat.filemode(st.st_mode)})"
+    if st.st_nlink > 1:
+        return f"a hard link to a file with {st.st_nlink} names"
+    return None
+
+
+def _refuse_planted(path: Path, why: str):
+    return ConfigError(f"export target {path} is {why}: export writes plain files of its own and never through "
+                       f"a link someone planted; remove it (rm {shell_quote(path)}) or give another OUT; nothing "
+                       "was written")
+
+
+def _check_npy_target(out: Path) -> None:
+    """--format npy writes into the folder OUT: refused, before anything is written, when OUT is a
+    symlink or holds, under a name export writes, anything but a plain file of its own."""
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise _refuse_planted(out, f"a symlink (to {os.readlink(out)})")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"export --format npy writes a folder, and {out} is a file: give a new folder")
+    for e in os.scandir(out):
+        if e.name in NPY_FIXED or e.name.endswith(".npy"):
+            why = _planted(Path(e.path), e.stat(follow_symlinks=False))
+            if why:
+                raise _refuse_planted(Path(e.path), why)
+
+
+class _Folder:
+    """The export folder, opened once without following a symlink: every file is made in it
+    through its descriptor (a folder swapped meanwhile is not written into), none through a link."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise _refuse_planted(path, "a symlink") from None
+            raise
+
+    def open(self, name: str, text: bool = False):
+        """`name` in the folder for writing from its start (made, or a plain file of ours emptied)."""
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644,
+                         dir_fd=self.fd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise _refuse_planted(self.path / name, "a symlink") from None
+            raise
+        why = _planted(self.path / name, os.fstat(fd))
+        if why:
+            os.close(fd)
+            raise _refuse_planted(self.path / name, why)
+        os.ftruncate(fd, 0)  # only now: a plain file with one name, ours
+        os.set_blocking(fd, True)
+        return open(fd, "w", encoding="utf-8") if text else open(fd, "wb")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def _escape(name: str) -> str:
     return name.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
 
 
-def _npy_writer(path: Path, dtype, shape):
+def _npy_writer(folder: _Folder, name: str, dtype, shape):
     """An open .npy file with its header written; rows are appended in order (no memory map:
     resident memory stays one chunk, whatever the matrix size)."""
-    f = open(path, "wb")
+    f = folder.open(name)
     np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                                              "fortran_order": False, "shape": tuple(shape)})
     return f
@@ -393,17 +475,24 @@ def _npy_writer(path: Path, dtype, shape):
 def _export_npy(out: Path, paths: Sequence[Path]) -> Path:
     sources, lay = _scan(paths)
     total = sum(s.rows for s in sources)
-    out.mkdir(parents=True, exist_ok=True)
-    mats = {ds: _npy_writer(out / f"{ds}.npy", lay.dtypes[f"features/{ds}"], (total, int(np.prod(shape))))
+    folder = _Folder(out)
+    try:
+        _write_npy(folder, sources, lay, total)
+    finally:
+        folder.close()
+    return out
+
+
+def _write_npy(folder: _Folder, sources: Sequence[_Source], lay: _Layout, total: int) -> None:
+    mats = {ds: _npy_writer(folder, f"{ds}.npy", lay.dtypes[f"features/{ds}"], (total, int(np.prod(shape))))
             for ds, shape in lay.shapes.items()}
-    index = _npy_writer(out / "index.npy", np.int64, (total,))
+    index = _npy_writer(folder, "index.npy", np.int64, (total,))
     # a labelled input (list "path label", Datum, tar .cls): labels.npy beside index.npy, and
     # a label column in failures.tsv, as the h5 export keeps labels and failures/labels
     labelled = "labels" in lay.row_datasets
-    labels = _npy_writer(out / "labels.npy", np.int64, (total,)) if labelled else None
+    labels = _npy_writer(folder, "labels.npy", np.int64, (total,)) if labelled else None
     try:
-        with open(out / "names.txt", "w", encoding="utf-8") as names, \
-                open(out / "failures.tsv", "w", encoding="utf-8") as fails:
+        with folder.open("names.txt", text=True) as names, folder.open("failures.tsv", text=True) as fails:
             fails.write("index\tname\treason" + ("\tlabel" if labelled else "") + "\n")
             for s in sources:
                 with _open(s.path) as f:
@@ -428,6 +517,6 @@ def _export_npy(out: Path, paths: Sequence[Path]) -> Path:
     finally:
         for m in list(mats.values()) + [index] + ([labels] if labels is not None else []):
             m.close()
-    (out / "blobs.json").write_text(json.dumps({dataset_name(b): {"blob": b, "shape": list(lay.shapes[dataset_name(b)])}
-                                                for b in lay.blobs}, indent=1))
-    return out
+    with folder.open("blobs.json", text=True) as f:
+        f.write(json.dumps({dataset_name(b): {"blob": b, "shape": list(lay.shapes[dataset_name(b)])}
+                            for b in lay.blobs}, indent=1))

@@ -31,7 +31,7 @@ from .inputs import input_stamp, open_reader
 from .manifest import display_name, load_manifest
 from .private import check_private
 from .stats import TRANSIENT, is_transient, reason_kind, write_stats  # noqa: F401 (TRANSIENT: re-exported)
-from .rundir import partials_of
+from .rundir import partials_of, probe_writable
 from .write import ShardWriter, blobs_attr, dataset_name
 
 RETRY_DIR = "retry"
@@ -331,10 +331,8 @@ def check_ready(run) -> None:
 
 
 def check_writable(path: Path) -> None:
-    probe = Path(path) / f".write-test-{os.getpid()}"
     try:
-        probe.write_bytes(b"x")
-        probe.unlink()
+        probe_writable(Path(path))
     except OSError as e:
         raise ConfigError(f"{path} is not writable ({e.strerror}): retry rewrites shard files there; fix the "
                           "permissions or run as the run's owner; nothing was changed") from e
@@ -351,8 +349,8 @@ def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = 
 
     run = load_run_dir(run_dir)
     rd = Path(run.rundir.path)
+    check_private(rd, "the run directory")  # before anything is written: its retry tasks' pickles are read back from logs/
     check_writable(rd)
-    check_private(rd, "the run directory")  # its retry tasks' pickles are read back from logs/
     try:
         lock = launch_lock(rd)
         lock.__enter__()

@@ -267,5 +267,11 @@ def probe_writable(folder: Path) -> None:
     a real write there would meet (read-only, immutable, full, no permission)."""
     folder.mkdir(parents=True, exist_ok=True)
     probe = folder / f".write-test-{os.getpid()}"
-    probe.write_bytes(b"x")
-    probe.unlink()
+    # never through a planted symlink, never truncating what is there (a stale probe: removed)
+    probe.unlink(missing_ok=True)
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    try:
+        os.write(fd, b"x")
+    finally:
+        os.close(fd)
+        probe.unlink()
