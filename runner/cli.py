@@ -25,7 +25,7 @@ from . import __version__, log
 from .config import (USER_CONFIG_ENV, compose, compose_base, config_groups, expand_sweep, override_dirname,
                      override_lines, sweep_dirname, user_presets)
 from .errors import (ConfigError, FailureShareError, RunBusyError, RunnerError, ShardFailedError, Terminated,
-                     UsageError, did_you_mean, shell_quote)
+                     UsageError, did_you_mean, shell_quote, shown)
 from .overrides import normalize_overrides
 
 SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch", "report", "retry", "compare")
@@ -196,8 +196,13 @@ def _readme_path() -> str:
 def _error(msg: str, code: int = EXIT_USAGE, usage: bool = False) -> int:
     if usage:
         print(USAGE, file=sys.stderr)
-    print(f"caffe-runner: error: {msg}", file=sys.stderr)
+    print(f"caffe-runner: error: {_shown(msg)}", file=sys.stderr)
     return code
+
+
+def _shown(text: str) -> str:
+    """Text bound for the terminal, its lines kept, any control character in a line escaped."""
+    return "\n".join(shown(ln) for ln in str(text).split("\n"))
 
 
 # ---- logging: one handler, writing above the progress bar ----------------------------
@@ -493,7 +498,7 @@ def _cmd_merge(args) -> int:
     run = load_run_dir(args.run_dir)
     _refuse_running(run, "merge")  # in progress: refused (exit 2); incomplete and stopped: failed (1)
     try:
-        out = merge_run(run)
+        out = merge_run(run, copy=args.copy)
     except ShardFailedError as e:
         return _error(f"merge: {e}", EXIT_FAILED)
     write_stats(run)
@@ -599,7 +604,7 @@ def _cmd_retry(args) -> int:
         print(f"{res['run_dir']}: {res['retried']} image(s) would be retried:")
         for i, cs in res["candidates"].items():
             for _, name, r in cs[:20]:
-                print(f"  {name}: {r} (shard {i})")
+                print(shown(f"  {name}: {r} (shard {i})"))
             if len(cs) > 20:
                 print(f"  ... and {len(cs) - 20} more in shard {i}")
         return EXIT_OK
@@ -735,7 +740,7 @@ def _cmd_verify(args) -> int:
                 continue
             problems = verify(point, [], content=args.content)
             bad += bool(problems)
-            print(f"{'FAIL' if problems else 'OK'}: {name}" + "".join(f"\n  {p}" for p in problems))
+            print(_shown(f"{'FAIL' if problems else 'OK'}: {name}" + "".join(f"\n  {shown(p)}" for p in problems)))
         if bad:
             return _error(f"verify: {bad} of {len(points)} sweep point(s) with problems in {args.run_dir}", EXIT_FAILED)
         print(f"OK: {args.run_dir}: every point of the sweep has every manifest entry exactly once")
@@ -743,10 +748,10 @@ def _cmd_verify(args) -> int:
     notes = []
     problems = verify(Path(args.run_dir), notes, content=args.content)
     for n in notes:
-        print(f"note: {n}")
+        print(shown(f"note: {n}"))
     if problems:
         for p in problems:
-            print(f"FAIL: {p}")
+            print(shown(f"FAIL: {p}"))
         return _error(f"verify: {len(problems)} problem(s) in {args.run_dir}", EXIT_FAILED)
     print(f"OK: {args.run_dir}: every manifest entry appears exactly once"
           + (", every shard's content matches its checksums" if args.content else ""))
@@ -791,8 +796,10 @@ def _subcommand(argv) -> int:
             c.add_argument("run_dir", help="a run's output.dir")
         return c
 
-    command("merge", "Merge the complete shard files of RUN_DIR into RUN_DIR/features.h5 (and stats.json).",
-            "exit codes: 0 merged, 1 shards missing (rerun the extraction), 2 not a run directory")
+    mg = command("merge", "Merge the complete shard files of RUN_DIR into RUN_DIR/features.h5 (and stats.json).",
+                 "exit codes: 0 merged, 1 shards missing (rerun the extraction), 2 not a run directory")
+    mg.add_argument("--copy", action="store_true", help="features.h5 a self-contained copy (every feature written "
+                    "again), not a view over shards/")
     s = command("status", "Per-shard state of RUN_DIR, failed images, totals and ETA, read from the run directory "
                 "(works without Slurm accounting). A sweep's folder (-m): each point's run and its state.",
                 "exit codes: 0 done, 1 a shard failed, 2 not a run directory, 3 not finished yet")

@@ -1,6 +1,7 @@
 """Errors that say what is wrong and what to do."""
 import difflib
 import errno
+import re
 
 
 def shell_quote(path) -> str:
@@ -8,6 +9,27 @@ def shell_quote(path) -> str:
     import shlex
 
     return shlex.quote(str(path))
+
+
+# what a terminal acts on rather than shows: C0 controls (ESC starts colour, cursor and title
+# sequences; CR and BS overwrite what was shown), DEL, C1 controls (CSI 0x9b), and the Unicode
+# bidirectional overrides and isolates (a name shown reversed)
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(text) -> str:
+    """Text from outside (a file name, a failure reason, a path) as it may reach a terminal or a
+    log: each control character written out (\\n, \\t, \\x1b, \\u202e), everything else unchanged
+    (pure). The name itself is kept as it is in the files (names, names_raw)."""
+    text = str(text)
+    if not _CONTROLS.search(text):
+        return text
+
+    def one(m):
+        c = m.group(0)
+        return {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c) or (
+            f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+    return _CONTROLS.sub(one, text)
 
 
 def did_you_mean(word: str, choices, n: int = 1, cutoff: float = 0.5) -> str:

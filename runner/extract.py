@@ -31,7 +31,7 @@ from .sharedpass import companions, pass_blobs
 from .modelcheck import check_model_loads
 from .plan import load_run
 from .preprocess import oversample as oversample_crops
-from .errors import ShardBusyError, ShardLostError
+from .errors import ShardBusyError, ShardLostError, shown
 from .events import EventLog, events_path, task_fields
 from .features import FeaturePost, pooled_shape
 from .isolate import POISON_AFTER_DEATHS, IsolatedDecoder, shard_deaths
@@ -364,7 +364,7 @@ def _forward_loop(run, index: int, op: _Opened, reader, sinks: List[_Sink], part
                 if oversample:  # the 10 crops of an image are averaged
                     feats = {b: v.reshape((len(ok), 10) + v.shape[1:]).mean(axis=1) for b, v in feats.items()}
             for i, n, why in failures:
-                log.warning("shard %d: image %d %s failed: %s", index, i, display_name(n), why)
+                log.warning("shard %d: image %d %s failed: %s", index, i, shown(display_name(n)), shown(why))
             labels = {it.index: it.label for it in batch}
             wthread.put((batch[0].index, len(batch), [i for i, _, _ in ok], [n for _, n, _ in ok], feats, failures,
                          labels))

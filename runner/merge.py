@@ -2,13 +2,21 @@
 view from lying.
 
 Layouts of features.h5 (attrs["layout"]):
-  view  the features are HDF5 virtual datasets over shards/ (no copy). HDF5 opens every source
-        file a read touches and keeps it open; a source it cannot open (file gone, copied
-        without shards/, open-file limit) silently reads as the fill value (NaN). So a view
-        is made only up to output.view_max_shards shards (default 128, well inside the common
-        1,024 open-file limit and the 256 some nodes have), and every reader in this project
-        opens it through open_merged(), which checks the sources first.
-  copy  the features are copied: the file is self-contained (more shards than view_max_shards).
+  view  the features are HDF5 virtual datasets over shards/ (no copy), the default at any shard
+        count. HDF5 opens every source file a read touches and holds it open until the dataset
+        is closed (measured, HDF5 2.0: a whole read of a view over 300 files holds 300 more
+        descriptors; a view over views holds as many; a dataset reopened per slice holds one),
+        and a source it cannot open (file gone, copied without shards/, open-file limit)
+        silently reads as the fill value (NaN). Up to output.view_max_shards shards (128) a
+        whole read fits any common limit (1,024; 256 on some nodes); above it the merge names
+        the `ulimit -n` a plain reader needs. Every reader in this project opens it through
+        open_merged(), which checks the sources and raises its own soft limit to what the view
+        needs (up to the hard limit), else refuses.
+        Sources are named through the run's own link to shards/ (view_link): HDF5 looks for a
+        relative source beside the view, then in the current folder, where another run's
+        shards/ of the same shard count would match a plain `shards/...` name.
+  copy  the features are copied: the file is self-contained (output.merge_copy=true,
+        `merge --copy`, view_max_shards=0; export).
 names, names_raw, index (and labels when the shards have them) and failures/ are always copied.
 
 Memory and open files stay bounded whatever the run's size: one shard file is open at a
@@ -24,7 +32,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
+import secrets
 import stat
 import time
 from dataclasses import dataclass
@@ -35,7 +45,7 @@ import h5py
 import numpy as np
 
 from . import log
-from .atomic import atomic_path, remove_stale_temps
+from .atomic import atomic_path, commit, remove_stale_temps, temp_name
 from .errors import ConfigError, RunBusyError, RunnerError, ShardFailedError, UsageError, shell_quote, unwritable
 from .locks import FileLock, LockHeld
 from .private import check_private
@@ -169,11 +179,34 @@ def _dataset_chunks(total: int, shape, dtype):
     return (int(max(1, min(total, 4096, (1 << 20) // row))),) + tuple(shape)
 
 
-def write_merged(out: Path, paths: Sequence[Path], layout_kind: str, extra_attrs: Optional[Dict] = None) -> Path:
+VIEW_LINK = re.compile(r"shards\.[0-9a-f]{12}")
+
+
+def view_link(run_dir: Path) -> str:
+    """The name of the run's own link to shards/ (shards.<12 hex>, made once, then kept), through
+    which a view names its sources. HDF5 looks for a relative source beside the view and then in
+    the process's current folder; shard file names are the same in every run with the same shard
+    count, so a view naming `shards/shard-...` read another run's shards from there when its own
+    were gone (HDF5 1.14 and 2.0, tests/test_door_closed.py). A name only this run has cannot
+    resolve anywhere else. Only for the merge's one writer (merge.lock held)."""
+    run_dir = Path(run_dir)
+    for e in os.scandir(run_dir):
+        if VIEW_LINK.fullmatch(e.name) and e.is_symlink() and os.readlink(e.path) == "shards":
+            return e.name
+    name = f"shards.{secrets.token_hex(6)}"
+    tmp = temp_name(run_dir / name)
+    os.symlink("shards", tmp)  # relative: the run directory can be moved or mounted elsewhere
+    commit(tmp, run_dir / name)
+    return name
+
+
+def write_merged(out: Path, paths: Sequence[Path], layout_kind: str, extra_attrs: Optional[Dict] = None,
+                 via: Optional[str] = None) -> Path:
     """Write `out` from shard files `paths` in their order, by atomic.py's protocol (a unique
     temporary name beside it, fsync'd, renamed, the folder fsync'd): a reader, a crash or a
     second writer never sees half a file under `out`.
-    layout_kind: "view" (virtual features, relative source paths) or "copy"."""
+    layout_kind: "view" (virtual features, relative source paths) or "copy"; via: for a view, the
+    name of the run's own link to shards/ (view_link) to name the sources through."""
     out = Path(out)
     sources, lay = _scan(paths)
     total = sum(s.rows for s in sources)
@@ -191,6 +224,8 @@ def write_merged(out: Path, paths: Sequence[Path], layout_kind: str, extra_attrs
                     if s.rows:
                         # relative: the run directory can be moved or mounted elsewhere
                         rel = os.path.relpath(s.path, out.parent)
+                        if via and rel.startswith("shards" + os.sep):
+                            rel = via + rel[len("shards"):]
                         vl[pos:pos + s.rows] = h5py.VirtualSource(rel, f"features/{ds}", shape=(s.rows,) + shape)
                     pos += s.rows
                 g.create_virtual_dataset(ds, vl, fillvalue=np.nan)
@@ -251,7 +286,7 @@ def merged_is_current(run) -> bool:
         return False
 
 
-def merge_run(run, out: Optional[Path] = None) -> Path:
+def merge_run(run, out: Optional[Path] = None, copy: bool = False) -> Path:
     """Merge every shard of `run` into run_dir/features.h5 (a view up to view_max_shards shards,
     else a copy). Refuses, naming them, while shards are missing. Single-writer: the run's merge
     lock is held throughout; a second merge (a hand-run `merge`, a second merge job) is refused
@@ -271,7 +306,7 @@ def merge_run(run, out: Optional[Path] = None) -> Path:
                          "write a self-contained copy elsewhere: caffe-runner export RUN_DIR OUT.h5") from None
     try:
         _test_gate()
-        return _merge_locked(run, out)
+        return _merge_locked(run, out, copy)
     finally:
         lock.release()
 
@@ -284,7 +319,7 @@ def _test_gate() -> None:
         time.sleep(0.05)
 
 
-def _merge_locked(run, out: Optional[Path]) -> Path:
+def _merge_locked(run, out: Optional[Path], copy: bool = False) -> Path:
     # temporaries of merges killed mid-write (kill -9, a lost node): this is the one writer now
     remove_stale_temps(run.rundir.merged)
     missing = run.missing_shards()
@@ -295,12 +330,26 @@ def _merge_locked(run, out: Optional[Path]) -> Path:
             f"{len(missing)} of {run.num_shards} shards are not complete ({', '.join(map(str, missing[:10]))}"
             f"{'...' if len(missing) > 10 else ''}): {finish_advice(run)}, then merge; "
             f"`caffe-runner status {shell_quote(run.rundir.path)}` says why")
-    limit = int(run.cfg.output.get("view_max_shards", 128)) if "output" in run.cfg else 128
-    kind = "view" if run.num_shards <= limit else "copy"
-    out = write_merged(out or run.rundir.merged, run.shard_paths(), kind)
+    output = run.cfg.output if "output" in run.cfg else {}
+    limit = int(output.get("view_max_shards", 128))
+    kind = "copy" if copy or output.get("merge_copy", False) or limit == 0 else "view"
+    via = view_link(run.rundir.path) if kind == "view" else None
+    out = write_merged(out or run.rundir.merged, run.shard_paths(), kind, via=via)
     log.info("merged %d shards into %s (%s)", run.num_shards, out,
              "a view over shards/" if kind == "view" else "a self-contained copy")
+    if kind == "view" and run.num_shards > limit:
+        log.warning("%s is a view over %d shard files (more than output.view_max_shards=%d): a read of all its rows "
+                    "holds them all open at once, so plain h5py needs `ulimit -n %d` or more (caffe-runner's own "
+                    "readers and Run.features() raise their limit themselves); a self-contained copy: caffe-runner "
+                    "merge --copy %s", out, run.num_shards, limit, view_open_files(run.num_shards),
+                    shell_quote(run.rundir.path))
     return out
+
+
+def view_open_files(n_sources: int) -> int:
+    """File descriptors a whole read of a view over n_sources files needs (measured with HDF5 2.0:
+    one per source touched by one read, held until the dataset is closed, plus the reader's own)."""
+    return n_sources + FD_MARGIN
 
 
 def view_sources(f: h5py.File) -> List[str]:
@@ -318,18 +367,28 @@ def check_sources(path: Path, f: h5py.File) -> None:
     if not sources:
         return
     base = Path(path).resolve().parent
+    outside = [s for s in sources if os.path.isabs(s) or not os.path.realpath(base / s).startswith(str(base) + os.sep)]
+    if outside:
+        raise RunnerError(
+            f"{path} is a view that reads {len(outside)} source(s) from outside its own folder (e.g. {outside[0]}): "
+            f"it is not a file caffe-runner's merge wrote for that folder; merge the run again (caffe-runner merge "
+            f"RUN_DIR) or read a self-contained copy (caffe-runner export RUN_DIR OUT.h5)")
     missing = [s for s in sources if not os.access(base / s, os.R_OK)]
     if missing:
         raise RunnerError(
             f"{path} is a view over {len(sources)} shard files and {len(missing)} of them cannot be read "
             f"(e.g. {missing[0]}): their rows would read as NaN. Keep shards/ next to features.h5, or make a "
             f"self-contained file where the shards are: caffe-runner export RUN_DIR OUT.h5")
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and len(sources) + FD_MARGIN > soft:
+    need = view_open_files(len(sources))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and need > soft:
+        if hard == resource.RLIM_INFINITY or need <= hard:  # ours to raise, up to the hard limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+            return
         raise RunnerError(
             f"{path} is a view over {len(sources)} shard files, more than this process may open at once "
-            f"(ulimit -n {soft}): rows past the limit would read as NaN. Raise the limit (ulimit -n "
-            f"{len(sources) + FD_MARGIN}) or read a self-contained copy: caffe-runner export RUN_DIR OUT.h5")
+            f"(ulimit -Hn {hard}): rows past the limit would read as NaN. Read it where the limit allows "
+            f"(ulimit -n {need}) or read a self-contained copy: caffe-runner export RUN_DIR OUT.h5")
 
 
 def open_merged(path: Path) -> h5py.File:

@@ -25,6 +25,7 @@ import numpy as np
 
 from .atomic import atomic_write_text
 from .events import attempts as group_attempts, events_path, read_commands, read_events, read_jsonl
+from .errors import shown
 from .stats import reason_kind
 
 RASTER_ABOVE = 300       # timeline bars drawn as an image above this many attempts
@@ -143,7 +144,7 @@ def _shard_file_facts(path: Path, reasons: Counter, examples: Dict[str, List[str
                 reasons[kind] += 1
                 ex = examples.setdefault(kind, [])
                 if len(ex) < EXAMPLES:
-                    ex.append(f"{name} ({why})" if why != kind else name)
+                    ex.append(shown(f"{name} ({why})" if why != kind else name))
     return figures
 
 

@@ -113,6 +113,21 @@ class RunDir:
     def merged(self) -> Path:
         return self.path / "features.h5"
 
+    def merged_done(self, plan: Dict) -> bool:
+        """features.h5 is the merge of this run (the plan's fingerprint) and holds every planned
+        image once, as a row or a failure: what "merged" means, not that a file of that name exists
+        (a merge killed before its rename leaves none; one of an older plan, a relisted run's,
+        counts fewer). Read from its attributes: one small open."""
+        import h5py
+
+        try:
+            with h5py.File(self.merged, "r", locking=False) as f:
+                a = f.attrs
+                return (int(a.get("rows", -1)) + int(a.get("n_failures", 0)) == int(plan["count"])
+                        and a.get("fingerprint") == plan.get("fingerprint"))
+        except (OSError, KeyError, ValueError, TypeError):
+            return False
+
     def shard_path(self, index: int, num_shards: int) -> Path:
         return self.shards_dir / f"{shard_name(index, num_shards)}.h5"
 

@@ -233,10 +233,15 @@ class OutputConf:
     overwrite: bool = False
     # merge shards into features.h5 when a local run ends
     merge: bool = True
-    # features.h5 is a virtual view over shards/ (no copy) up to this many shards, and a real,
-    # self-contained copy above it: HDF5 opens every source of a view while reading, and a
-    # source it cannot open (open-file limit, file gone) reads as NaN. 0: always copy
+    # features.h5 is a virtual view over shards/ (no copy). Reading a view whole, HDF5 holds every
+    # shard file open at once, and a source it cannot open (open-file limit, file gone) reads as NaN:
+    # up to this many shards that fits any common open-file limit (ulimit -n); above it the merge
+    # says what limit a plain h5py reader needs (caffe-runner's readers raise their own). 0: a copy
     view_max_shards: int = 128
+    # features.h5 a self-contained copy, whatever the shard count (every feature written again:
+    # a million 4096-float rows are 16 GB more); false: a view over shards/ (`merge --copy` and
+    # `export` make a copy when asked)
+    merge_copy: bool = False
 
 
 @dataclass
@@ -334,6 +339,12 @@ class SlurmLauncherConf(LauncherConf):
     log_interval_s: float = 30.0
     # submit the merge job (afterany on the array)
     merge_job: bool = True
+    # the merge job's CPUs, memory and wall time. It keeps one shard file open at a time and copies
+    # in 16 MB chunks, so 1 CPU and 2 GB merge any run; a view writes names and failures only, a
+    # copy (output.merge_copy=true) writes every feature again: give a big run's copy more time
+    merge_cpus_per_task: int = 1
+    merge_mem_gb: float = 2.0
+    merge_timeout_min: int = 60
     # how many times a task may be requeued after a timeout or preemption
     max_num_timeout: int = 10
 

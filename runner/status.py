@@ -19,7 +19,7 @@ from .rundir import launch_holder, pid_alive, shard_file_counts
 from .lastwords import caffe_last_words
 from .liveness import beat_age_s, judge, lost, pid_namespace
 from .slurmjobs import JobWord, query_jobs
-from .errors import FailureShareError, shell_quote
+from .errors import FailureShareError, shell_quote, shown
 from .stats import check_failure_share, top_reasons
 
 # less free space than this where the run is: a shard stopped there ran out of it (a shard that
@@ -386,7 +386,7 @@ def run_status(run_dir: Path, use_sacct: bool = True, use_slurm: bool = True) ->
     in_flight = any(s.get("alive") for s in shards)
     state = "done" if counts.get("done", 0) == run.num_shards else (
         "failed" if counts.get("failed") else "running" if in_flight else "incomplete")
-    if state == "done" and run.rundir.merged.exists():
+    if state == "done" and run.rundir.merged_done(run.plan):
         state = "merged"
     result = {"run_dir": str(run.rundir.path), "state": state, "images": total, "done": done,
               "listing": run.plan.get("listing"),
@@ -468,4 +468,4 @@ def format_status(st: Dict) -> str:
         lines.append(f"merge job {m['job_id']}: {m['state'] or 'not known to Slurm'}")
     if word.get("problems"):
         lines.append(f"Slurm: {'; '.join(word['problems'])} (states from {', '.join(word['sources']) or 'the files'})")
-    return "\n".join(lines)
+    return "\n".join(shown(ln) for ln in lines)  # names, reasons and errors come from outside

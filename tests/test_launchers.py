@@ -163,3 +163,20 @@ def test_a_refused_plan_hands_out_nothing(name, world):
     with pytest.raises(ConfigError, match="nope"):
         launch(cfg, launcher=_fake(name, ran))
     assert ran == [] and not world[2].exists()  # nothing left behind either
+
+
+def test_the_merge_job_asks_for_the_launcher_merge_resources(world):
+    """launcher.merge_cpus_per_task, merge_mem_gb and merge_timeout_min reach the merge job's
+    sbatch parameters (they were 1 CPU, 2 GB and 60 min whatever the run)."""
+    cfg = _cfg("slurm", world)
+    cfg.launcher.merge_cpus_per_task, cfg.launcher.merge_mem_gb, cfg.launcher.merge_timeout_min = 3, 12.5, 240
+    seen = []
+
+    class Recording(FakeSlurmExecutor):
+        def submit(self, fn, *args):
+            seen.append(dict(self.parameters))
+            return super().submit(fn, *args)
+
+    launch(cfg, launcher=SlurmLauncher(executor=lambda **kw: Recording([], **kw)))
+    assert len(seen) == 1 and seen[0]["job_name"].endswith("-merge"), seen
+    assert (seen[0]["cpus_per_task"], seen[0]["mem"], seen[0]["time"]) == (3, "12800M", 240), seen

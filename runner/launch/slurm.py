@@ -115,10 +115,11 @@ def check_partition(lc) -> None:
                           "for the default")
     info = parse_scontrol_config(p.stdout.replace(" ", "\n"))
     limit = parse_slurm_minutes(info.get("MaxTime", ""))
-    if limit is not None and int(lc.timeout_min) > limit:
-        raise ConfigError(f"launcher.timeout_min={lc.timeout_min} is above partition {lc.partition}'s MaxTime "
-                          f"({info.get('MaxTime')} = {limit} min): use launcher.timeout_min<={limit} "
-                          "(a requeued task resumes where it stopped)")
+    for key in ("timeout_min", "merge_timeout_min"):
+        if limit is not None and int(lc.get(key, 0)) > limit:
+            raise ConfigError(f"launcher.{key}={lc[key]} is above partition {lc.partition}'s MaxTime "
+                              f"({info.get('MaxTime')} = {limit} min): use launcher.{key}<={limit}"
+                              + (" (a requeued task resumes where it stopped)" if key == "timeout_min" else ""))
 
 
 def most_cpus(sinfo_out: str) -> Optional[int]:
@@ -322,11 +323,13 @@ def check_slurm(cfg) -> None:
     if not shutil.which("scontrol"):
         raise ConfigError("launcher=slurm but `scontrol` is not on PATH: run on a Slurm login node "
                           "(or `eval $(slurm/dev-cluster env)` for the dev cluster), or use launcher=local")
-    for key in ("timeout_min", "cpus_per_task", "array_parallelism", "shards_per_task"):
+    for key in ("timeout_min", "cpus_per_task", "array_parallelism", "shards_per_task", "merge_cpus_per_task",
+                "merge_timeout_min"):
         if int(lc[key]) < 1:
             raise ConfigError(f"launcher.{key}={lc[key]}: use 1 or more")
-    if float(lc.mem_gb) <= 0:
-        raise ConfigError(f"launcher.mem_gb={lc.mem_gb}: use a positive number of GB")
+    for key in ("mem_gb", "merge_mem_gb"):
+        if float(lc[key]) <= 0:
+            raise ConfigError(f"launcher.{key}={lc[key]}: use a positive number of GB")
     max_array_size()  # is a controller there? (before the partition is asked of it)
     if lc.partition and _sinfo_has_partition(str(lc.partition)) is False:
         check_partition(lc)  # raises, naming the closest partition and listing them
@@ -463,7 +466,7 @@ def _submit(cfg, run: Run, launcher: "SlurmLauncher", max_size: int) -> Dict:
             print(f"all {run.num_shards} shards are complete; merge job {', '.join(flight.merges)} writes "
                   f"{rd.merged}", flush=True)
         else:
-            if not rd.merged.exists() or any(not c.rundir.merged.exists() for c in companions(run)):
+            if not rd.merged_done(run.plan) or any(not c.rundir.merged_done(c.plan) for c in companions(run)):
                 merge_job(str(rd.path))
             print(f"all {run.num_shards} shards are complete: {rd.merged}")
         return {"submitted": True, "run_dir": str(rd.path), "jobs": [], "in_flight": flight.job_ids()}
@@ -528,7 +531,8 @@ def _one_merge_job(cfg, launcher: SlurmLauncher, logs: Path, python: str, run_di
     running = [m for m in flight.merges if m not in pending]
     mex = launcher.executor(folder=logs, python=python)
     params = executor_parameters(lc, gres=False)
-    params.update(job_name=f"{lc.job_name}-merge", cpus_per_task=1, mem="2048M", time=60,
+    params.update(job_name=f"{lc.job_name}-merge", cpus_per_task=int(lc.merge_cpus_per_task),
+                  mem=f"{int(round(float(lc.merge_mem_gb) * 1024))}M", time=int(lc.merge_timeout_min),
                   dependency=merge_dependency(arrays, running[-1] if running else None))
     if srun_args(cfg):  # the merge runs in the same image as the tasks
         params["srun_args"] = srun_args(cfg)
@@ -660,10 +664,10 @@ def wait_for(run: Run, jobs, merge_job=None, poll_s: float = 2.0, merge_wait_s: 
         return not merge_job.done(), merge_job.state
 
     alive, state = merge_word()
-    while not rd.merged.exists() and alive and time.time() < deadline:
+    while not rd.merged_done(run.plan) and alive and time.time() < deadline:
         time.sleep(poll_s)
         alive, state = merge_word()
-    if rd.merged.exists():
+    if rd.merged_done(run.plan):
         print(f"done: {rd.merged}", flush=True)
         return
     what = (f"has not written it after {merge_wait_s:.0f} s (state {state}; it may still run)" if alive
