@@ -191,6 +191,27 @@ def test_export_npy_never_writes_through_planted_links(shared_run, tmp_path):
     assert not (out / "names.txt").is_symlink() and victim.read_text() == "keep me\n"
 
 
+def test_export_files_are_opened_without_following_a_link_planted_after_the_check(tmp_path):
+    """The up-front check and the writes are apart in time: each file is opened O_NOFOLLOW in
+    the folder's own descriptor, and emptied only once it is known to be a plain file of ours."""
+    from runner.merge import _Folder
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    out = tmp_path / "npy"
+    folder = _Folder(out)
+    try:
+        (out / "names.txt").symlink_to(victim)  # planted between the check and the write
+        with pytest.raises(ConfigError, match="is a symlink"):
+            folder.open("names.txt", text=True)
+        (out / "mine.txt").write_text("old content, longer than the new\n")
+        with folder.open("mine.txt", text=True) as f:
+            f.write("new\n")
+    finally:
+        folder.close()
+    assert victim.read_text() == "keep me\n" and (out / "mine.txt").read_text() == "new\n"
+
+
 # ---- control characters on the terminal ---------------------------------------------------------
 
 @pytest.mark.parametrize("text, expected", [
