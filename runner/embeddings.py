@@ -57,6 +57,9 @@ def pick_blob(blobs: Sequence[str], blob: Optional[str]) -> str:
 
 def check_target(out: Path) -> None:
     """OUT must be new (or an empty folder) and its parent writable: checked before any work."""
+    if out.is_symlink():
+        raise ConfigError(f"export target {out} is a symlink (to {os.readlink(out)}): export writes a folder of its "
+                          "own and never through a link someone planted; give a new folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"export target {out} already exists and is not an empty folder: give a new folder")
     parent = out.parent

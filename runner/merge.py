@@ -32,7 +32,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import resource
 import secrets
 import stat
@@ -49,7 +48,7 @@ from .atomic import atomic_path, commit, remove_stale_temps, temp_name
 from .errors import ConfigError, RunBusyError, RunnerError, ShardFailedError, UsageError, shell_quote, unwritable
 from .locks import FileLock, LockHeld
 from .private import check_private
-from .rundir import MERGE_LOCK, probe_writable
+from .rundir import MERGE_LOCK, VIEW_LINK, probe_writable
 from .runtimes.identity import image_label
 from .write import blobs_attr, dataset_name
 
@@ -177,9 +176,6 @@ def _copy(dst, pos: int, src, n: int, step: int) -> None:
 def _dataset_chunks(total: int, shape, dtype):
     row = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
     return (int(max(1, min(total, 4096, (1 << 20) // row))),) + tuple(shape)
-
-
-VIEW_LINK = re.compile(r"shards\.[0-9a-f]{12}")
 
 
 def view_link(run_dir: Path) -> str:
@@ -377,7 +373,8 @@ def check_sources(path: Path, f: h5py.File) -> None:
     if missing:
         raise RunnerError(
             f"{path} is a view over {len(sources)} shard files and {len(missing)} of them cannot be read "
-            f"(e.g. {missing[0]}): their rows would read as NaN. Keep shards/ next to features.h5, or make a "
+            f"(e.g. {missing[0]}): their rows would read as NaN. Keep features.h5 in its run directory (with "
+            f"shards/ and its link {Path(missing[0]).parts[0]}), or make a "
             f"self-contained file where the shards are: caffe-runner export RUN_DIR OUT.h5")
     need = view_open_files(len(sources))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -62,12 +62,18 @@ def run1000(tmp_path_factory):
 
 @pytest.mark.slow  # about a minute: 1,000 files written, merged, read and verified
 def test_1000_shards_merge_and_read_back_under_ulimit_256(run1000):
+    """1,000 shards: by default a view (no copy) whose merge names the open-file limit a plain
+    reader needs; `merge --copy`, asked for, a self-contained file any reader reads under 256."""
     p = _limited_cli("merge", run1000)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0 and "ulimit -n 1064" in p.stderr, p.stderr[-3000:]
     merged = run1000 / "features.h5"
     with h5py.File(merged, "r") as f:
+        assert f.attrs["layout"] == "view" and f["features/emb"].is_virtual
+    p = _limited_cli("merge", "--copy", run1000)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with h5py.File(merged, "r") as f:
         rows = len(f["index"])
-        assert f.attrs["layout"] == "copy" and not f["features/emb"].is_virtual  # 1000 > view_max_shards
+        assert f.attrs["layout"] == "copy" and not f["features/emb"].is_virtual
         assert len(f["failures/index"]) == 2217 - rows and rows == 2016
     out = _limited(READ_ALL.format(path=str(merged), rows=rows))
     assert out.stdout.split() == ["ok", "2016"]
