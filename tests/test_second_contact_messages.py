@@ -18,6 +18,7 @@ import pytest
 
 from runner import cli
 from runner.errors import ConfigError, RunnerError
+from runner.merge import merge_run
 from runner.plan import load_run_dir
 from runner.stats import format_summary
 from runner.status import format_status, run_status, shard_state
@@ -164,8 +165,12 @@ def test_wait_says_what_happened_to_the_merge(tmp_path, capsys):
     with pytest.raises(RunnerError, match=r"merge job 9 has not written it after 0 s \(state PENDING"):
         wait_for(run, jobs, _FakeJob("9", "PENDING", done=False), poll_s=0.01, merge_wait_s=0.2)
     assert time.time() - t0 < 30
+    # a file of that name is not a merge (issue 37: "merged" is every planned image in it)
     (run.rundir.merged).write_bytes(b"")
-    wait_for(run, jobs, _FakeJob("10"), poll_s=0.01)
+    with pytest.raises(RunnerError, match=r"merge job 10 ended \(COMPLETED\) without writing it.*does not hold every"):
+        wait_for(run, jobs, _FakeJob("10"), poll_s=0.01)
+    merge_run(run)
+    wait_for(run, jobs, _FakeJob("11"), poll_s=0.01)
     assert f"done: {run.rundir.merged}" in capsys.readouterr().out
 
 

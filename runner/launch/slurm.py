@@ -673,5 +673,5 @@ def wait_for(run: Run, jobs, merge_job=None, poll_s: float = 2.0, merge_wait_s: 
     what = (f"has not written it after {merge_wait_s:.0f} s (state {state}; it may still run)" if alive
             else f"ended ({state}) without writing it")
     raise RunnerError(f"all {run.num_shards} shards are complete, but merge job {merge_job.job_id} {what}: "
-                      f"{rd.merged} is missing; its log: {merge_job.paths.stderr}; `caffe-runner merge "
+                      f"{rd.merged} is missing or does not hold every planned image; its log: {merge_job.paths.stderr}; `caffe-runner merge "
                       f"{rd.path}` merges by hand")
