@@ -25,7 +25,8 @@ from . import __version__, log
 from .config import (USER_CONFIG_ENV, compose, compose_base, config_groups, expand_sweep, override_dirname,
                      override_lines, sweep_dirname, user_presets)
 from .errors import (ConfigError, FailureShareError, RunBusyError, RunnerError, ShardFailedError, Terminated,
-                     UsageError, did_you_mean, shell_quote, shown)
+                     UsageError, did_you_mean, shell_quote)
+from .errors import shown as terminal_text
 from .overrides import normalize_overrides
 
 SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch", "report", "retry", "compare")
@@ -202,7 +203,7 @@ def _error(msg: str, code: int = EXIT_USAGE, usage: bool = False) -> int:
 
 def _shown(text: str) -> str:
     """Text bound for the terminal, its lines kept, any control character in a line escaped."""
-    return "\n".join(shown(ln) for ln in str(text).split("\n"))
+    return "\n".join(terminal_text(ln) for ln in str(text).split("\n"))
 
 
 # ---- logging: one handler, writing above the progress bar ----------------------------
@@ -604,7 +605,7 @@ def _cmd_retry(args) -> int:
         print(f"{res['run_dir']}: {res['retried']} image(s) would be retried:")
         for i, cs in res["candidates"].items():
             for _, name, r in cs[:20]:
-                print(shown(f"  {name}: {r} (shard {i})"))
+                print(terminal_text(f"  {name}: {r} (shard {i})"))
             if len(cs) > 20:
                 print(f"  ... and {len(cs) - 20} more in shard {i}")
         return EXIT_OK
@@ -740,7 +741,7 @@ def _cmd_verify(args) -> int:
                 continue
             problems = verify(point, [], content=args.content)
             bad += bool(problems)
-            print(_shown(f"{'FAIL' if problems else 'OK'}: {name}" + "".join(f"\n  {shown(p)}" for p in problems)))
+            print(_shown(f"{'FAIL' if problems else 'OK'}: {name}" + "".join(f"\n  {terminal_text(p)}" for p in problems)))
         if bad:
             return _error(f"verify: {bad} of {len(points)} sweep point(s) with problems in {args.run_dir}", EXIT_FAILED)
         print(f"OK: {args.run_dir}: every point of the sweep has every manifest entry exactly once")
@@ -748,10 +749,10 @@ def _cmd_verify(args) -> int:
     notes = []
     problems = verify(Path(args.run_dir), notes, content=args.content)
     for n in notes:
-        print(shown(f"note: {n}"))
+        print(terminal_text(f"note: {n}"))
     if problems:
         for p in problems:
-            print(shown(f"FAIL: {p}"))
+            print(terminal_text(f"FAIL: {p}"))
         return _error(f"verify: {len(problems)} problem(s) in {args.run_dir}", EXIT_FAILED)
     print(f"OK: {args.run_dir}: every manifest entry appears exactly once"
           + (", every shard's content matches its checksums" if args.content else ""))
