@@ -494,6 +494,7 @@ def _first_values(overrides: List[str]) -> List[str]:
 def _cmd_merge(args) -> int:
     from .merge import merge_run
     from .plan import load_run_dir
+    from .private import private_files
     from .stats import write_stats
 
     run = load_run_dir(args.run_dir)
@@ -502,7 +503,8 @@ def _cmd_merge(args) -> int:
         out = merge_run(run, copy=args.copy)
     except ShardFailedError as e:
         return _error(f"merge: {e}", EXIT_FAILED)
-    write_stats(run)
+    with private_files():  # stats.json: the user's alone whatever the umask (the next command checks)
+        write_stats(run)
     print(out)
     return EXIT_OK
 
@@ -560,14 +562,16 @@ def _cmd_export(args) -> int:
 
 def _cmd_report(args) -> int:
     from .plan import load_run_dir
-    from .private import check_private
+    from .private import check_private, private_files
     from .report import write_report
 
     from .sweep import is_sweep_dir
     from .sweeppage import write_sweep_report
 
     if is_sweep_dir(Path(args.run_dir)):  # one page: the table, each point's report, the CKA matrix
-        path = write_sweep_report(Path(args.run_dir), Path(args.out) if args.out else None)
+        check_private(Path(os.path.abspath(args.run_dir)), "the sweep folder")  # its points' reports are written there
+        with private_files():
+            path = write_sweep_report(Path(args.run_dir), Path(args.out) if args.out else None)
         print(f"{path} ({path.stat().st_size / 1024:.0f} KB)")
         return EXIT_OK
     run = load_run_dir(args.run_dir)
@@ -580,7 +584,8 @@ def _cmd_report(args) -> int:
             out.exists() and not os.access(out, os.W_OK)):
         raise ConfigError(f"cannot write the report to {out} (its folder is missing or not writable): give "
                           "-o PATH in a writable folder")
-    path = write_report(run.rundir.path, out)
+    with private_files():  # report.html in the run directory must not make it refused next time (umask 002)
+        path = write_report(run.rundir.path, out)
     print(f"{path} ({path.stat().st_size / 1024:.0f} KB)")
     return EXIT_OK
 

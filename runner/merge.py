@@ -12,7 +12,7 @@ Layouts of features.h5 (attrs["layout"]):
         the `ulimit -n` a plain reader needs. Every reader in this project opens it through
         open_merged(), which checks the sources and raises its own soft limit to what the view
         needs (up to the hard limit), else refuses.
-        Sources are named through the run's own link to shards/ (view_link): HDF5 looks for a
+        Sources are named through the run's own folder (view_dir, view.<id>/../shards/...): HDF5 looks for a
         relative source beside the view, then in the current folder, where another run's
         shards/ of the same shard count would match a plain `shards/...` name.
   copy  the features are copied: the file is self-contained (output.merge_copy=true,
@@ -47,8 +47,8 @@ from . import log
 from .atomic import atomic_path, commit, remove_stale_temps, temp_name
 from .errors import ConfigError, RunBusyError, RunnerError, ShardFailedError, UsageError, shell_quote, unwritable
 from .locks import FileLock, LockHeld
-from .private import check_private
-from .rundir import MERGE_LOCK, VIEW_LINK, probe_writable
+from .private import check_private, private_files
+from .rundir import MERGE_LOCK, VIEW_DIR, probe_writable
 from .runtimes.identity import image_label
 from .write import blobs_attr, dataset_name
 
@@ -178,20 +178,23 @@ def _dataset_chunks(total: int, shape, dtype):
     return (int(max(1, min(total, 4096, (1 << 20) // row))),) + tuple(shape)
 
 
-def view_link(run_dir: Path) -> str:
-    """The name of the run's own link to shards/ (shards.<12 hex>, made once, then kept), through
-    which a view names its sources. HDF5 looks for a relative source beside the view and then in
-    the process's current folder; shard file names are the same in every run with the same shard
-    count, so a view naming `shards/shard-...` read another run's shards from there when its own
-    were gone (HDF5 1.14 and 2.0, tests/test_door_closed.py). A name only this run has cannot
-    resolve anywhere else. Only for the merge's one writer (merge.lock held)."""
+def view_dir(run_dir: Path) -> str:
+    """The name of the run's own empty folder view.<12 hex> (made once, then kept), through which
+    a view names its sources: `view.<id>/../shards/shard-...`. HDF5 looks for a relative source
+    beside the view and then in the process's current folder; shard file names are the same in
+    every run with the same shard count, so a view naming `shards/shard-...` read another run's
+    shards from there when its own were gone (HDF5 1.14 and 2.0, tests/test_door_closed.py). A
+    path through a folder only this run has resolves nowhere else (the kernel needs the folder to
+    take its `..`). A folder, not a symlink: audits of a run directory (`find RUN -perm /022`) see
+    no rwxrwxrwx link. Only for the merge's one writer (merge.lock held)."""
     run_dir = Path(run_dir)
     for e in os.scandir(run_dir):
-        if VIEW_LINK.fullmatch(e.name) and e.is_symlink() and os.readlink(e.path) == "shards":
+        if VIEW_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False):
             return e.name
-    name = f"shards.{secrets.token_hex(6)}"
+    name = f"view.{secrets.token_hex(6)}"
     tmp = temp_name(run_dir / name)
-    os.symlink("shards", tmp)  # relative: the run directory can be moved or mounted elsewhere
+    os.mkdir(tmp, 0o755)
+    os.chmod(tmp, 0o755)  # whatever the umask: check_private would refuse a group-writable one
     commit(tmp, run_dir / name)
     return name
 
@@ -202,7 +205,7 @@ def write_merged(out: Path, paths: Sequence[Path], layout_kind: str, extra_attrs
     temporary name beside it, fsync'd, renamed, the folder fsync'd): a reader, a crash or a
     second writer never sees half a file under `out`.
     layout_kind: "view" (virtual features, relative source paths) or "copy"; via: for a view, the
-    name of the run's own link to shards/ (view_link) to name the sources through."""
+    name of the run's own folder (view_dir) to name the sources through (view.<id>/../shards/...)."""
     out = Path(out)
     sources, lay = _scan(paths)
     total = sum(s.rows for s in sources)
@@ -220,8 +223,8 @@ def write_merged(out: Path, paths: Sequence[Path], layout_kind: str, extra_attrs
                     if s.rows:
                         # relative: the run directory can be moved or mounted elsewhere
                         rel = os.path.relpath(s.path, out.parent)
-                        if via and rel.startswith("shards" + os.sep):
-                            rel = via + rel[len("shards"):]
+                        if via:
+                            rel = os.path.join(via, os.pardir, rel)
                         vl[pos:pos + s.rows] = h5py.VirtualSource(rel, f"features/{ds}", shape=(s.rows,) + shape)
                     pos += s.rows
                 g.create_virtual_dataset(ds, vl, fillvalue=np.nan)
@@ -290,6 +293,11 @@ def merge_run(run, out: Optional[Path] = None, copy: bool = False) -> Path:
     (or whose parents they can) is refused first (private.py): the command, a local run's last
     step and the Slurm merge job alike."""
     check_private(Path(run.rundir.path), "the run directory")
+    with private_files():  # features.h5, its folder, stats: the user's alone, whatever the umask
+        return _merge_run(run, out, copy)
+
+
+def _merge_run(run, out: Optional[Path], copy: bool) -> Path:
     lock = FileLock(Path(run.rundir.path) / MERGE_LOCK, "caffe-runner merge")
     try:
         lock.acquire()
@@ -329,7 +337,7 @@ def _merge_locked(run, out: Optional[Path], copy: bool = False) -> Path:
     output = run.cfg.output if "output" in run.cfg else {}
     limit = int(output.get("view_max_shards", 128))
     kind = "copy" if copy or output.get("merge_copy", False) or limit == 0 else "view"
-    via = view_link(run.rundir.path) if kind == "view" else None
+    via = view_dir(run.rundir.path) if kind == "view" else None
     out = write_merged(out or run.rundir.merged, run.shard_paths(), kind, via=via)
     log.info("merged %d shards into %s (%s)", run.num_shards, out,
              "a view over shards/" if kind == "view" else "a self-contained copy")
@@ -374,7 +382,7 @@ def check_sources(path: Path, f: h5py.File) -> None:
         raise RunnerError(
             f"{path} is a view over {len(sources)} shard files and {len(missing)} of them cannot be read "
             f"(e.g. {missing[0]}): their rows would read as NaN. Keep features.h5 in its run directory (with "
-            f"shards/ and its link {Path(missing[0]).parts[0]}), or make a "
+            f"shards/ and {Path(missing[0]).parts[0]}/), or make a "
             f"self-contained file where the shards are: caffe-runner export RUN_DIR OUT.h5")
     need = view_open_files(len(sources))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

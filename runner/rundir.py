@@ -7,8 +7,8 @@ so status, resume and verify work without Slurm accounting and after any crash.
   shards/<name>.h5.partial.<attempt>  a shard in progress, one file per attempt (resumable)
   status/<name>.json       heartbeat: state, progress, rate, host, job, log path
   features.h5              merged view of all shards
-  shards.<12 hex>          a link to shards/, this run's own name for it: features.h5 names its
-                           sources through it, so it never reads another run's shards (merge.py)
+  view.<12 hex>/           an empty folder only this run has: features.h5 names its sources
+                           view.<id>/../shards/..., so it never reads another run's (merge.py)
   launch.lock, merge.lock  who launches the run, who writes features.h5 (locks.py)
 Files are put in place by atomic.py's protocol (unique temporary name, fsync, rename, fsync
 the folder): after a host crash each is either the old one or the complete new one.
@@ -227,8 +227,8 @@ def launch_holder(run_dir: Path) -> Optional[str]:
 # What a run directory holds besides run.json and the launch lock (held by whoever replaces
 # the run): everything output.overwrite=true removes. Old attempts, job ids, retries and logs
 # left behind would be read as the new run's (report, status, the next retry).
-# the run's own link to shards/ through which features.h5 (a view) names its sources (merge.view_link)
-VIEW_LINK = re.compile(r"shards\.[0-9a-f]{12}")
+# the run's own folder through which features.h5 (a view) names its sources (merge.view_dir)
+VIEW_DIR = re.compile(r"view\.[0-9a-f]{12}")
 OLD_RUN_ENTRIES = ("shards", "status", "manifest", "events", "retry", "logs", ".hydra", "features.h5",
                    "features.h5.tmp", "stats.json", "submissions.json", "retries.json", "report.html")
 
@@ -249,7 +249,7 @@ def remove_old_run(run_dir: Path) -> None:
     # while anything of its run is, so a rerun still asks Slurm about those jobs; run.json last
     temps = tuple(e.name for e in run_dir.iterdir()
                   if any(is_temp_of(e.name, n) for n in OLD_RUN_ENTRIES + (RUN_JSON,))
-                  or (VIEW_LINK.fullmatch(e.name) and e.is_symlink()))  # the new run's view gets its own
+                  or (VIEW_DIR.fullmatch(e.name) and e.is_dir()))  # the new run's view gets its own
     for name in temps + OLD_RUN_ENTRIES + (RUN_JSON,):
         if failed:
             break

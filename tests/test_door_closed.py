@@ -277,6 +277,23 @@ def test_open_merged_refuses_a_view_whose_sources_lie_outside_its_folder(tmp_pat
         open_merged(a / "features.h5")
 
 
+def test_merge_and_report_under_umask_002_leave_the_run_private(shared_run):
+    """merge (its view folder, features.h5, stats.json) and report write the user's files alone
+    whatever the umask: else the next command would refuse the run they just wrote in."""
+    _, run = shared_run
+
+    def umask_002():
+        os.umask(0o002)
+
+    for args in (["merge", run], ["report", run], ["merge", run]):
+        p = subprocess.run([sys.executable, "-m", "runner", *map(str, args)], capture_output=True, text=True,
+                           cwd=REPO, preexec_fn=umask_002, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+    find = subprocess.run(["find", str(run), "-perm", "/022"], capture_output=True, text=True, check=True)
+    assert find.stdout == "", find.stdout
+    assert [p.name for p in run.iterdir() if p.name.startswith("view.")] and (run / "report.html").exists()
+
+
 # ---- "merged" is every planned image in features.h5 ---------------------------------------------
 
 def test_merged_means_the_counts_match_the_plan(shared_run):

@@ -40,9 +40,9 @@ def test_the_merge_job_asks_for_the_merge_keys_and_views_its_own_shards(cluster,
     assert _sacct(merge, "ReqCPUS,ReqMem,Timelimit") == ["2", "768M", "00:07:00"]
     with h5py.File(run / "features.h5", "r") as f:
         sources = {m.file_name for m in f["features"][next(iter(f["features"]))].virtual_sources()}
-    links = [p.name for p in run.iterdir() if p.is_symlink() and p.name.startswith("shards.")]
-    assert len(links) == 1 and os.readlink(run / links[0]) == "shards"
-    assert sources == {f"{links[0]}/shard-{i:05d}-of-00002.h5" for i in range(2)}, sources
+    views = [p.name for p in run.iterdir() if p.is_dir() and p.name.startswith("view.")]
+    assert len(views) == 1 and list((run / views[0]).iterdir()) == []
+    assert sources == {f"{views[0]}/../shards/shard-{i:05d}-of-00002.h5" for i in range(2)}, sources
     st = run_cli("status", run)
     assert st.stdout.splitlines()[0].split(": ")[1].startswith("merged,"), st.stdout
 
