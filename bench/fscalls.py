@@ -51,9 +51,10 @@ def linked_images(work: Path, n: int, tag: str = "fscalls") -> Path:
     files = sorted(pics.rglob("*.jpg"))
     links = work / f"{tag}-links"
     lst = work / f"{tag}-list-{n}.txt"
-    have = len(os.listdir(links)) // 1000 * 1000 if links.exists() else 0
+    # the folders of 1,000 made before (the last one perhaps not full)
+    have = max(0, len(os.listdir(links)) - 1) * 1000 if links.exists() else 0
     folders = set()
-    for k in range(max(0, have - 1000), n):
+    for k in range(min(have, n), n):
         d = links / f"{k // 1000:05d}"
         if d not in folders:
             d.mkdir(parents=True, exist_ok=True)
