@@ -1,7 +1,8 @@
 """`make bench`: speed and memory, measured side by side in one run, as ratios and medians.
 
   python bench/bench.py [--images 240] [--camera-images 96] [--repeats 3] [--quick]
-                        [--only extract|merge|limits|stragglers] [--out bench/results.json]
+                        [--only extract|merge|limits|stragglers|fscalls|million] [--million]
+                        [--out bench/results.json]
 
 (Kept out of the installed package: it needs the repository and writes bench/results.json.
 bench/README.md has the figures, the machine and its load.)
@@ -30,7 +31,13 @@ Rows:
     in GFLOP/s as a fraction of one core's numpy SGEMM (2048^3) measured in the same round: the
     upstream path (one GEMM per image, BN/Scale as layers), the batched convolution, and
     Caffe's default (batched + BN folded...), with OpenCV DNN and ONNX Runtime (backend=auto's
-    engine on the CPU) beside them (--only forward: this row only).
+    engine on the CPU) beside them (--only forward: this row only);
+13. stragglers on the 3-node dev cluster (--only stragglers);
+14. file-system calls per array task at 16, 64 and 256 simulated tasks, counted with strace
+    (bench/fscalls.py; --only fscalls): flat within 1.5x as the task count grows;
+15. with --million (or --only million): a simulated run through plan, run, merge, verify,
+    status and export at 100,000 and 1,000,000 images, each step's time and peak memory, and
+    its time against 10x the smaller (bench/million.py; minutes).
 Each measurement runs in fresh spawned processes (BLAS threads set before Caffe loads); peak
 memory is each process's own high-water mark (VmHWM), never ru_maxrss, which a spawned child
 inherits from its parent.
@@ -1108,7 +1115,7 @@ SWEEP_BLOBS = ["layer_128_1_sum", "layer_256_1_sum", "fc7"]  # res10's, shallow 
 
 
 def sweep_bench(imgs: Path, work: Path, repeats: int) -> Dict:
-    """Row 14 (issue 36): a sweep of 3 blobs of one model (one shared pass) against the run of
+    """Row 16 (issue 36): a sweep of 3 blobs of one model (one shared pass) against the run of
     its deepest blob alone on the same input, and the same sweep with sweep.shared_pass=false
     (one whole run per blob, as before), side by side in each round; whole commands' wall time."""
     import shutil
@@ -1136,7 +1143,7 @@ def sweep_bench(imgs: Path, work: Path, repeats: int) -> Dict:
 
 def print_sweep_row(r: Dict) -> None:
     w = r["walls_s"]
-    print(f"\n14. sweep of {len(r['blobs'])} blobs of res10 ({', '.join(r['blobs'])}, avg-pooled) vs its deepest "
+    print(f"\n16. sweep of {len(r['blobs'])} blobs of res10 ({', '.join(r['blobs'])}, avg-pooled) vs its deepest "
           f"blob alone, wall time of the whole command (median of {len(w['one_blob'])} rounds):\n"
           f"    one blob {_median(w['one_blob']):.1f} s; sweep, one shared pass {_median(w['sweep_shared']):.1f} s "
           f"= {r['ratio_shared_median']:.2f}x (goal <= {r['goal_ratio']}x); sweep, one run per blob "
@@ -1262,11 +1269,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="for development: 48 photo-sized and 24 camera JPEGs, 1 round (ratios are rough)")
     ap.add_argument("--gpu-feeding-only", action="store_true", help="rows 7-8 only (decode vs a GPU)")
-    ap.add_argument("--only", choices=("all", "extract", "merge", "limits", "forward", "stragglers", "sweep"),
-                    default="all",
+    ap.add_argument("--million", action="store_true",
+                    help="also row 15: a simulated run through plan, run, merge, verify, status and export at "
+                         "--million-sizes images (minutes: 1,000,000 images take about 7-10 min on 2 quiet cores)")
+    ap.add_argument("--million-sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--only", choices=("all", "extract", "merge", "limits", "forward", "stragglers", "fscalls",
+                                       "million", "sweep"), default="all",
                     help="merge: row 9 only; limits: rows 2 and 10 only (under key limits_only); forward: row 12 "
                          "only; stragglers: row 13 only (starts a 3-node dev cluster at DEV_CLUSTER_PORT_BASE); "
-                         "sweep: row 14 only; each kept beside the other rows already in --out")
+                         "fscalls: row 14 only (file-system calls per task, strace); million: row 15 only; "
+                         "sweep: row 16 only; each kept beside the other rows already in --out")
     a = ap.parse_args()
     if a.quick:
         a.images, a.camera_images, a.repeats = min(a.images, 48), min(a.camera_images, 24), 1
@@ -1286,6 +1298,14 @@ def main() -> None:
         r["merge_scale"] = merge_bench(work)
     if a.only in ("all", "stragglers") and not a.gpu_feeding_only:
         r["stragglers"] = straggler_bench(work, repeats=a.repeats)
+    if a.only in ("all", "fscalls") and not a.gpu_feeding_only:
+        from fscalls import fscalls_bench
+
+        r["fscalls_per_task"] = fscalls_bench(work)
+    if (a.only == "million" or (a.only == "all" and a.million)) and not a.gpu_feeding_only:
+        from million import million_bench
+
+        r["million"] = million_bench(work, tuple(a.million_sizes))
     if a.only in ("all", "sweep") and not a.gpu_feeding_only:
         imgs, done = work / "images", work / "images.done"  # as bench() writes them
         if not done.exists() or not done.read_text().isdigit() or int(done.read_text()) < a.images:
@@ -1300,14 +1320,22 @@ def main() -> None:
         print_gpu_rows(r["gpu_feeding"])
     elif a.only == "limits":
         print_limits(r["limits_only"])
-    elif "images_per_s_median" in r and a.only not in ("forward", "stragglers"):
+    elif "images_per_s_median" in r and a.only not in ("forward", "stragglers", "fscalls", "million"):
         print_table(r)
-    if "merge_scale" in r and a.only != "stragglers":
+    if "merge_scale" in r and a.only not in ("stragglers", "fscalls", "million"):
         print_merge_table(r["merge_scale"])
     if "forward_vs_sgemm" in r:
         print_forward_row(r["forward_vs_sgemm"])
     if "stragglers" in r:
         print_straggler_row(r["stragglers"])
+    if "fscalls_per_task" in r:
+        from fscalls import print_fscalls_row
+
+        print_fscalls_row(r["fscalls_per_task"])
+    if "million" in r:
+        from million import print_million_row
+
+        print_million_row(r["million"])
     if "sweep" in r and a.only in ("all", "sweep"):
         print_sweep_row(r["sweep"])
     print(f"\nwritten: {a.out}")

@@ -78,7 +78,9 @@ class _Progress:
                       failures=self.failures, rate=round(self.rate, 3), job_id=self.ident.job_id, started=self.t0,
                       log=self.log_path, image=image_label(), moved_t=round(self.moved_t, 3),
                       batch_size=self.run.cfg.get("batch_size"), **self.taken, **extra)
-        if force or now - self.last_beat >= self.heartbeat_s:
+        if self.rate > 0:  # the shard's length is known: beats at a rate that scales with it
+            self.heart.pace((self.total - self.start_done) / self.rate)
+        if force or now - self.last_beat >= self.heart.interval_s:
             self.last_beat = now
             if state != "running":
                 self.heart.stop()  # the last word: no "running" beat from the thread after it
@@ -495,12 +497,14 @@ class _Companion:
 
 
 def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int] = None,
-              keep: Optional[Dict] = None) -> Dict:
+              keep: Optional[Dict] = None, break_lock: bool = False) -> Dict:
     """Extract shard `index` of the run in cfg.output.dir. Idempotent: a complete shard is
     skipped, a partial one resumes from its last flushed batch. `own`: the shard this task was
     started for, when `index` is another one it took (steal.py); `keep`: what the task keeps
-    between its shards (the loaded engine and pipeline). A sweep's shared pass
-    (cfg.sweep.companions) writes the same shard of each companion run too (sharedpass.py)."""
+    between its shards (the loaded engine and pipeline); `break_lock`: write the shard although
+    its lock is held (a dead holder the file server still keeps: steal.py; first-commit-wins
+    keeps the shard correct). A sweep's shared pass (cfg.sweep.companions) writes the same shard
+    of each companion run too (sharedpass.py)."""
     if threads is None:
         threads = default_threads()
     configure_threads(threads)
@@ -511,11 +515,12 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
     ident = task_identity()
     if cfg.device == "auto":  # launchers resolve it; a direct caller gets this task's view
         cfg.device = resolve_local_device(cfg)
-    run = load_run(cfg)
+    run, manifest = _task_run(cfg, keep)
     group = [run] + companions(run)
     blobs = pass_blobs(group)  # the net computes every blob of the pass, whichever files are left
     if run.shard_done(index) and len(group) > 1:
         # this run's file is complete: the first companion still missing the shard leads the pass
+        # (the same listing: sharedpass.why_not_shared checked it)
         run = next((r for r in group[1:] if not r.shard_done(index)), run)
         cfg = run.cfg
     others = [r for r in group if r is not run]
@@ -527,17 +532,21 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
     if final.exists():
         log.warning("shard %d/%d: %s is not a complete shard of this run (another config's, or damaged): "
                     "it is extracted again and replaced", index, num_shards, final)
-    run.rundir.shards_dir.mkdir(parents=True, exist_ok=True)
-    manifest = load_manifest(run.rundir.path)
+    if keep is None or not keep.get("shards_dir"):
+        run.rundir.shards_dir.mkdir(parents=True, exist_ok=True)
+        if keep is not None:
+            keep["shards_dir"] = True
     log_path = os.environ.get("CAFFE_RUNNER_LOG")
-    progress = heart = None
-    events = EventLog(events_path(run.rundir.path, final.stem), task_fields(ident))
+    progress = heart = events = None
     attempt = attempt_id()  # this attempt's own partial file and holder line (write.py)
     comps: List[_Companion] = []
     try:
-        with ShardLock(run.lock_path(index), attempt) as lock, ExitStack() as held:
+        with ShardLock(run.lock_path(index), attempt, force=break_lock) as lock, ExitStack() as held:
             if run.shard_done(index):  # finished by the lock's previous holder
                 return {"shard": index, "skipped": True}
+            # opened once the shard is this attempt's (it reads the log's length: a task that
+            # finds a shard held reads nothing of it)
+            events = EventLog(events_path(run.rundir.path, final.stem), task_fields(ident))
             comps = [c for c in (_Companion(r, index, ident, attempt, log_path) for r in others) if c.take(held)]
             taken = {"own_shard": own} if own is not None and own != index else {}
             if taken:
@@ -623,6 +632,8 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
         if heart is not None:
             heart.stop()
         if not isinstance(e, (KeyboardInterrupt, ShardBusyError)):
+            if events is None:
+                events = EventLog(events_path(run.rundir.path, final.stem), task_fields(ident))
             _last_word(run, index, e, ident, log_path, progress, heart, events)
             for c in comps:
                 c.fail(e)
@@ -630,6 +641,27 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
     finally:
         if heart is not None:
             heart.stop()
+
+
+def _task_run(cfg, keep: Optional[Dict]):
+    """The run and its manifest for a shard: read afresh, or, for a task taking shard after shard
+    (`keep`), reused while run.json is the same file (one stat instead of reading run.json and
+    the manifest for every shard it tries: on a shared file system each is a metadata call).
+    A run.json replaced meanwhile (output.overwrite=true, input.relist) is read again, and a
+    replaced plan is refused by load_run as before."""
+    path = os.path.join(os.path.abspath(os.path.expanduser(cfg.output.dir)), "run.json")
+    try:
+        st = os.stat(path)
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    if keep is not None and key is not None and keep.get("run_key") == key:
+        return keep["run"], keep["manifest"]
+    run = load_run(cfg)
+    manifest = load_manifest(run.rundir.path)
+    if keep is not None and key is not None:
+        keep.update(run_key=key, run=run, manifest=manifest)
+    return run, manifest
 
 
 def _last_word(run, index: int, e: BaseException, ident: TaskIdentity, log_path: Optional[str],

@@ -206,12 +206,19 @@ class FileLock:
             ...            # raises LockHeld(path, holder) when another process holds it
     """
 
-    def __init__(self, path: PathLike, what: str, clear: bool = True, attempt: Optional[str] = None):
+    def __init__(self, path: PathLike, what: str, clear: bool = True, attempt: Optional[str] = None,
+                 force: bool = False):
         """clear: empty the file on release, so a free lock names nobody (launch, merge). A
         shard's lock keeps its last line instead: shards are many, and on a disk filled by
         the run, emptying them frees blocks that let a rerun pass the plan's write probe.
-        attempt: the taker's attempt id (attempt_id()), written into its holder line."""
+        attempt: the taker's attempt id (attempt_id()), written into its holder line.
+        force: a held lock is broken instead of refused (its holder is known to be dead while the
+        file server still keeps its lock: an NFSv4 lease, a Lustre eviction): the holder line is
+        written all the same, and the flock is taken as soon as the server lets it go
+        (still_held). Only where duplicate work is harmless (a shard: first-commit-wins)."""
         self.path, self.what, self.clear, self.attempt = Path(path), what, clear, attempt
+        self.force = force
+        self.broken = False  # holds the holder line but not (yet) the flock
         self.fd: Optional[int] = None
         self.flock_fd: Optional[int] = None  # the shadow's, under the node-local fault switch
 
@@ -225,7 +232,9 @@ class FileLock:
             raise
         try:
             if not _take(lfd, self.path):
-                raise LockHeld(self.path, _read_holder(fd))
+                if not self.force:
+                    raise LockHeld(self.path, _read_holder(fd))
+                self.broken = True
             os.ftruncate(fd, 0)
             os.pwrite(fd, (holder_line(self.what, self.attempt) + "\n").encode(), 0)
         except BaseException:
@@ -240,6 +249,12 @@ class FileLock:
         """None while the lock file still names this attempt; else the line that names who took
         the shard since (a lock that did not exclude them: node-local flock). Only for a lock
         taken with an attempt id."""
+        if self.broken and self.fd is not None:  # the dead holder's lock may have been let go since
+            try:
+                self.broken = not _flock(self.flock_fd if self.flock_fd is not None else self.fd, fcntl.LOCK_EX,
+                                         self.path)
+            except NoFlockError:
+                pass
         line = read_holder_line(self.path)
         if self.attempt and f" attempt {self.attempt}" in f"{line} ":
             return None

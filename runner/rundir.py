@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 from .atomic import atomic_write_text, is_temp_of
 from .errors import ConfigError
 from .inflight import refuse_if_live
+from .liveness import pid_start
 from .locks import lock_holder
 from .shard import shard_name
 
@@ -168,13 +169,18 @@ class RunDir:
             return None
 
     def write_heartbeat(self, index: int, num_shards: int, beat: Dict) -> None:
-        self.status_dir.mkdir(parents=True, exist_ok=True)
         beat = dict(beat, updated=time.time())
         # atomic but not fsync'd: beats come every heartbeat_s (2 s) from each task's forward
         # loop, and an fsync there costs about 10 ms on this ext4 and more on a busy Lustre or NFS
         # server; a beat lost to a host crash is harmless (read_heartbeat reads an empty or
         # missing file as no beat, status then asks about the task), unlike run.json or a shard
-        atomic_write_text(self.heartbeat_path(index, num_shards), json.dumps(beat), durable=False)
+        # the folder is made on the first beat that finds it missing, not looked up at every beat
+        # (a mkdir per beat is one more call on a shared metadata server)
+        try:
+            atomic_write_text(self.heartbeat_path(index, num_shards), json.dumps(beat), durable=False)
+        except FileNotFoundError:
+            self.status_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.heartbeat_path(index, num_shards), json.dumps(beat), durable=False)
 
 
 _FILE_INFO_CACHE: Dict[tuple, Optional[Dict]] = {}
@@ -267,7 +273,13 @@ def remove_old_run(run_dir: Path) -> None:
                           f"{run_dir} by hand (check its permissions), or choose another output.dir")
 
 
-def pid_alive(pid: int) -> bool:
+def pid_alive(pid: int, start: Optional[int] = None) -> bool:
+    """Whether process `pid` runs here (a zombie does not); with `start` (liveness.pid_start of
+    the process meant) only that process: a reused pid with another start time is not alive."""
+    if start is not None:
+        now = pid_start(pid)
+        if now is not None and now != int(start):
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

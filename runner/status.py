@@ -17,7 +17,7 @@ from .inputs.listing import describe as describe_listing
 from .plan import load_run_dir
 from .rundir import launch_holder, pid_alive, shard_file_counts
 from .lastwords import caffe_last_words
-from .liveness import beat_age_s, judge, lost, pid_namespace
+from .liveness import WATCH, beat_age_s, judge, lost, pid_namespace
 from .slurmjobs import JobWord, query_jobs
 from .errors import FailureShareError, shell_quote, shown
 from .stats import check_failure_share, top_reasons
@@ -60,7 +60,8 @@ def shard_state(run, i: int, now: float, here: Optional[Tuple[str, str]] = None)
             mtime: Optional[float] = os.stat(run.rundir.heartbeat_path(i, run.name_total(i))).st_mtime
         except OSError:
             mtime = None
-        age = beat_age_s(hb, mtime, now)
+        # a beat dated ahead (a writer clock ahead) ages from when this process first saw it
+        age = WATCH.age((str(run.rundir.path), i), hb, mtime, now)
         beat = judge(hb, age, host, pidns, pid_alive)
         # a stale beat is not a death certificate: Slurm is asked (run_status); where no one can
         # be asked it is dead only past the clock-skew allowance (liveness.py)
@@ -74,8 +75,8 @@ def shard_state(run, i: int, now: float, here: Optional[Tuple[str, str]] = None)
     if hb.get("own_shard") is not None:
         st["own_shard"] = hb["own_shard"]  # taken by the task started for that shard (steal.py)
     if st["state"] == "running" and hb.get("phase") != "loading":
-        stalled = stalled_for(hb, now, int(run.cfg.get("stall_batches", 20)), float(hb.get("interval_s")
-                                                                                     or run.cfg.get("heartbeat_s", 2)))
+        stalled = stalled_for(hb, now, int(run.cfg.get("stall_batches", 20)),
+                              float(hb.get("interval_s") or run.cfg.get("heartbeat_s", 2)), st.get("age_s"))
         if stalled is not None:
             st["stalled_s"] = round(stalled, 1)
         return st  # its heartbeat is the news; its partial file is being written
@@ -93,16 +94,28 @@ def shard_state(run, i: int, now: float, here: Optional[Tuple[str, str]] = None)
     return st
 
 
-def stalled_for(hb: Dict, now: float, stall_batches: int, heartbeat_s: float) -> Optional[float]:
+def stalled_for(hb: Dict, now: float, stall_batches: int, heartbeat_s: float,
+                age_s: Optional[float] = None) -> Optional[float]:
     """Seconds a beating task's count has not moved, when that is more than `stall_batches` of
-    its own batch times and 3 heartbeats (pure); None while it moves. A task that has not done a
-    batch yet has no batch time of its own: it is judged on the heartbeats alone."""
-    moved = hb.get("moved_t")
-    if moved is None or hb.get("state") != "running" or int(hb.get("done") or 0) >= int(hb.get("total") or 1):
+    its own batch times and 3 heartbeats (pure); None while it moves. Measured on one clock: the
+    writer's own (`quiet_s`, how long its count had not moved when it beat, a difference of two
+    of its own times) plus the beat's age as this reader judges it (`age_s`; a beat dated
+    ahead counts as written now at most). Never before this attempt's first batch is done (no
+    rate yet): its batch time is not known, and a first batch (a model's first forward, a
+    cold cache) is not a stall. Beats written before quiet_s: the writer's moved_t against `now`."""
+    if hb.get("state") != "running" or int(hb.get("done") or 0) >= int(hb.get("total") or 1):
         return None
     rate = float(hb.get("rate") or 0)
-    batch_s = int(hb.get("batch_size") or 1) / rate if rate > 0 else 0.0
-    quiet = now - float(moved)
+    if rate <= 0:
+        return None
+    if hb.get("quiet_s") is not None:
+        age = age_s if age_s is not None else beat_age_s(hb, None, now)
+        quiet = float(hb["quiet_s"]) + max(0.0, float(age))
+    elif hb.get("moved_t") is not None:
+        quiet = now - float(hb["moved_t"])
+    else:
+        return None
+    batch_s = int(hb.get("batch_size") or 1) / rate
     return quiet if quiet > max(stall_batches * batch_s, 3 * heartbeat_s) else None
 
 

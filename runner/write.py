@@ -85,10 +85,11 @@ class ShardLock:
     shard): the loser stops with a message naming the holder. Only saves work: where flock does
     not exclude across nodes, `check` (the writer's guard) finds another attempt's line."""
 
-    def __init__(self, path: Path, attempt: Optional[str] = None):
+    def __init__(self, path: Path, attempt: Optional[str] = None, force: bool = False):
+        """force: break the lock of a holder known to be dead (FileLock)."""
         self.path = Path(path)
         self.attempt = attempt or attempt_id()
-        self.lock = FileLock(self.path, "shard task", clear=False, attempt=self.attempt)
+        self.lock = FileLock(self.path, "shard task", clear=False, attempt=self.attempt, force=force)
 
     def check(self) -> None:
         """Raise ShardLostError when the lock file names another attempt than this one."""
