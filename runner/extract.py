@@ -216,8 +216,8 @@ class _Writer(threading.Thread):
                         continue  # this file holds the batch already (it resumed further on)
                     if start < sink.first:  # batches start where every file of the pass resumes
                         raise RuntimeError(f"batch at {start} overlaps a file that resumes at {sink.first}")
-                    sink.writer.write_batch(n_items, indices, names, {b: sink.post(feats[b]) for b in sink.blobs},
-                                            failures, labels)
+                    rows = {b: sink.post(feats[b]) for b in sink.blobs if b in feats}  # none: every image failed
+                    sink.writer.write_batch(n_items, indices, names, rows, failures, labels)
                     p = sink.progress
                     p.done += n_items
                     p.rows += len(indices)
