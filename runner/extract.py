@@ -34,7 +34,7 @@ from .preprocess import oversample as oversample_crops
 from .errors import ShardBusyError, ShardLostError, shown
 from .events import EventLog, events_path, task_fields
 from .features import FeaturePost, pooled_shape
-from .isolate import POISON_AFTER_DEATHS, IsolatedDecoder, shard_deaths
+from .isolate import IsolatedDecoder, isolate_attempt, shard_deaths
 from .liveness import Heart
 from .locks import attempt_id
 from .runtimes.identity import image_label
@@ -577,7 +577,7 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
             # a shard whose process died twice: its images are decoded one by one in child
             # processes, so the one that kills its process is found and recorded (isolate.py)
             died = shard_deaths(events.path)
-            isolated = died >= POISON_AFTER_DEATHS
+            isolated = isolate_attempt(died, bool(taken))
             events.write("resumed" if op.writer.next else "started", t=round(t_lock, 3), done=op.writer.next,
                          rows=op.writer.rows, failures=op.writer.n_failures, total=op.stop - op.start,
                          device=op.engine.device_desc, **taken, **({"isolated": died} if isolated else {}),

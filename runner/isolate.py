@@ -10,7 +10,8 @@ end line is the launcher's "failed" record of a worker it saw die (`died`: the s
 that ended in words ("finished", a Python "failed", "requeued", "lost"), or that the local
 launcher stopped itself after another worker's death or a Ctrl-C ("stopped"), do not count.
 
-Once POISON_AFTER_DEATHS attempts died, the next one runs with an IsolatedDecoder: every image
+Once POISON_AFTER_DEATHS attempts died (one, for a task that took the shard from another:
+isolate_attempt), the next one runs with an IsolatedDecoder: every image
 is decoded (read, checked, decoded, resized) by the same decoder in a child process, one image
 at a time per decode thread. A child that dies takes only its image with it: that image is
 recorded as a failure naming the signal (and "out of memory" when the OOM killer of the task's
@@ -39,6 +40,16 @@ from .events import ATTEMPT_EVENTS, read_events
 from .lastwords import describe_exit, signal_hint
 
 POISON_AFTER_DEATHS = 2
+# a shard a task takes from another (steal.py) after one death: a task reaches another's stretch
+# last (tasks claim their own stretch first), so at the run's tail no third task may be left to
+# take it after a second death; isolating the second attempt costs only speed
+POISON_AFTER_DEATHS_TAKEN = 1
+
+
+def isolate_attempt(died: int, taken: bool) -> bool:
+    """Whether this attempt decodes image by image (pure): its shard died twice, or once when
+    this task took it from another."""
+    return died >= (POISON_AFTER_DEATHS_TAKEN if taken else POISON_AFTER_DEATHS)
 # end lines of an attempt that did not die ("stopped": the local launcher stopped its worker)
 ENDED_IN_WORDS = ("finished", "failed", "requeued", "lost", "stopped")
 REASON = "crashed the decoder"  # what a failure's reason starts with (stats.reason_kind groups by it)

@@ -291,3 +291,12 @@ def test_a_cap_that_is_not_positive_is_refused_with_the_fix(value, tmp_path):
     cfg = compose([f"output.dir={tmp_path}", f"decode.max_file_mb={value}"])
     with pytest.raises(ConfigError, match=r"decode\.max_file_mb=-?\d+(\.\d+)?: use a positive number of MB"):
         _check_ranges(cfg)
+
+
+@pytest.mark.unit
+def test_a_shard_taken_from_another_task_is_isolated_after_one_death():
+    from runner.isolate import isolate_attempt
+
+    assert not isolate_attempt(0, taken=True) and not isolate_attempt(0, taken=False)
+    assert isolate_attempt(1, taken=True)  # at the tail no third task may be left after a second death
+    assert not isolate_attempt(1, taken=False) and isolate_attempt(2, taken=False)
