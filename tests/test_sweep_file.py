@@ -5,6 +5,7 @@ the point run alone. Pure parts first, then real runs of the tiny net on the sam
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -320,3 +321,37 @@ def test_how_a_silent_attempt_ended_is_slurms_word_on_that_run_of_its_job():
     failed = JobWord("7_0", "FAILED", "scontrol", exit_code="3:0")
     assert attempt_word({}, failed) == ("killed", "killed by Slurm: FAILED, exit code 3:0")
     assert attempt_word({}, JobWord("8", "RUNNING", "squeue")) is None
+
+
+def test_retry_of_a_point_written_by_a_shared_pass_stays_that_points_own(tiny_net, photos, tmp_path):
+    """A companion point (written by its lead's pass) is retried as itself: the image fixed since
+    becomes its row, and the point then holds the rows of the same point run alone on the fixed
+    input; the lead is not touched."""
+    import shutil
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = sorted(photos.glob("*.jpg"))[:4]
+    for p in good:
+        shutil.copyfile(p, folder / p.name)
+    (folder / "zz-broken.jpg").write_bytes(b"")
+    sweep = tmp_path / "sweep"
+    common = [f"input.dir={folder}", *tiny_model_args(tiny_net), "launcher.workers=1", "num_shards=1",
+              "run.max_failure_fraction=null"]
+    out = run_cli("-m", *common, f"output.dir={sweep}", "output.blobs=[emb],[emb_t]")
+    assert "2 of them in 1 shared pass" in out.stdout, out.stdout
+    (lead, _), (comp, overrides) = _points(sweep)
+    lead_before = read_features(sweep / lead / "features.h5")
+    shutil.copyfile(good[0], folder / "zz-broken.tmp")
+    os.replace(folder / "zz-broken.tmp", folder / "zz-broken.jpg")
+    st = os.stat(folder / "zz-broken.jpg")
+    os.utime(folder / "zz-broken.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    p = run_cli("retry", sweep / comp, "--reason", "empty file")
+    assert "1 now feature rows" in p.stdout, p.stdout
+    assert run_cli("verify", sweep / comp).returncode == 0
+    alone = tmp_path / "alone"
+    run_cli(*common, f"output.dir={alone}", "output.blobs=[emb_t]")
+    a, b = read_features(alone / "features.h5"), read_features(sweep / comp / "features.h5")
+    assert a[1] == b[1] and len(a[1]) == 5 and np.array_equal(a[0]["emb_t"], b[0]["emb_t"])
+    after = read_features(sweep / lead / "features.h5")
+    assert after[1] == lead_before[1] and np.array_equal(after[0]["emb"], lead_before[0]["emb"])
