@@ -103,7 +103,7 @@ def test_a_six_task_run_with_node_local_locks_equals_a_local_run(cluster, tmp_pa
     print(f"attempts that lost their shard to another: {lost}")
     for name, es in evs.items():
         assert sum(1 for e in es if e["event"] == "finished") == 1, (name, es)
-        assert not [e for e in es if e["event"] == "failed"], (name, es)
+        assert not [e for e in es if e["event"] == "failed"], (name, [(e.get("host"), e.get("error")) for e in es if e["event"] == "failed"])
     assert run_cli("verify", "--content", run).returncode == 0
     _same_as_local(run, common, ref, 48)
     print(json.dumps({"lost": lost}))
