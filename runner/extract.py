@@ -532,10 +532,11 @@ def run_shard(cfg, index: int, threads: Optional[int] = None, own: Optional[int]
     if final.exists():
         log.warning("shard %d/%d: %s is not a complete shard of this run (another config's, or damaged): "
                     "it is extracted again and replaced", index, num_shards, final)
-    if keep is None or not keep.get("shards_dir"):
+    # made once per task and folder (a sweep companion leading a shard has its own)
+    if keep is None or keep.get("shards_dir") != str(run.rundir.shards_dir):
         run.rundir.shards_dir.mkdir(parents=True, exist_ok=True)
         if keep is not None:
-            keep["shards_dir"] = True
+            keep["shards_dir"] = str(run.rundir.shards_dir)
     log_path = os.environ.get("CAFFE_RUNNER_LOG")
     progress = heart = events = None
     attempt = attempt_id()  # this attempt's own partial file and holder line (write.py)
