@@ -33,6 +33,7 @@ from .errors import ShardBusyError
 from .liveness import beat_age_s, stale_after_s
 from .plan import load_run
 from .rundir import pid_alive
+from .sharedpass import companions
 from .task import task_identity
 
 MAX_BUSY_TRIES = 8   # held shards a task tries per decision before it ends (or re-looks)
@@ -165,6 +166,9 @@ def take_shards(cfg, own: int, run_one: Callable, threads: Optional[int] = None,
     threads, own=, keep=)` (extract.run_shard). Returns what it did: {"shard": own, "shards":
     [results], "taken": [indices of others' shards it extracted]}."""
     run = load_run(cfg)
+    # a sweep's shared pass: a shard is free while any run of the pass lacks it (sharedpass.py);
+    # one listing per run of the pass and decision
+    group = [run] + companions(run)
     tasks = cfg.get("num_shards")
     tasks = int(tasks) if isinstance(tasks, int) else None
     order = take_order(own, run.num_shards, tasks)
@@ -176,7 +180,8 @@ def take_shards(cfg, own: int, run_one: Callable, threads: Optional[int] = None,
     my_rate = 0.0  # images/s of this task's last shard
     # its own shard checked in full (the one shard file a task opens besides those it writes): a
     # task whose own shard is done runs nothing for it (and loads no model for it)
-    r0 = {} if run.shard_done(own) else _own_shard(cfg, run, own, run_one, threads, keep, wait_s, poll_s)
+    r0 = {} if all(r.shard_done(own) for r in group) else _own_shard(cfg, run, own, run_one, threads, keep, wait_s,
+                                                                      poll_s)
     if r0 is None:
         busy.append(own)
     elif r0:
@@ -187,12 +192,17 @@ def take_shards(cfg, own: int, run_one: Callable, threads: Optional[int] = None,
             my_rate = float(r0["images_per_s"])
     relooked = False
     while True:
-        names = done_names(run)
+        listings = [(r, done_names(r)) for r in group]
+        names = listings[0][1]
+
+        def left(i: int) -> bool:
+            return any(r.shard_path(i).name not in n for r, n in listings)
+
         tried = set(busy) | lost
-        free = [i for i in order if run.shard_path(i).name not in names and i not in tried]
+        free = [i for i in order if left(i) and i not in tried]
         if not free and busy and not relooked:
             # the end: the held shards once more (a holder may have died since), a bounded few
-            relooked, free = True, [i for i in busy[:MAX_BUSY_TRIES] if run.shard_path(i).name not in names]
+            relooked, free = True, [i for i in busy[:MAX_BUSY_TRIES] if left(i)]
             busy = busy[MAX_BUSY_TRIES:]
         if not free:
             break

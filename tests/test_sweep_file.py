@@ -355,3 +355,30 @@ def test_retry_of_a_point_written_by_a_shared_pass_stays_that_points_own(tiny_ne
     assert a[1] == b[1] and len(a[1]) == 5 and np.array_equal(a[0]["emb_t"], b[0]["emb_t"])
     after = read_features(sweep / lead / "features.h5")
     assert after[1] == lead_before[1] and np.array_equal(after[0]["emb"], lead_before[0]["emb"])
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_task_taking_free_shards_takes_those_only_a_companion_lacks(cluster, tiny_net, photos, tmp_path):
+    """One task for three shards (launcher.shards_per_task=3): after two of a companion's shards are
+    lost, the same command's one task redoes its own and takes the other (free while any point of
+    the pass lacks it): the companion needs no array of its own."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", f"input.dir={photos}", f"output.dir={sweep}", *tiny_model_args(tiny_net),
+            "output.blobs=[emb],[emb_t]", "launcher=slurm", "launcher.wait=true", "num_shards=1",
+            "launcher.shards_per_task=3", "launcher.cpus_per_task=1", "launcher.mem_gb=0.5",
+            "launcher.timeout_min=10", "launcher.gpus_per_task=0"]
+    run_cli(*args)
+    (lead, _), (comp, _) = _points(sweep)
+    before = read_features(sweep / comp / "features.h5")
+    shards = sorted((sweep / comp / "shards").glob("shard-*.h5"))
+    assert len(shards) == 3
+    for s in shards[1:]:
+        s.unlink()
+    run_cli(*args)
+    assert all(s.exists() for s in shards)
+    arrays = lambda name: {s["array_job_id"] for s in json.loads(  # noqa: E731
+        (sweep / name / "submissions.json").read_text()) if s["array_job_id"]}
+    assert len(arrays(lead)) == 2 and arrays(comp) <= arrays(lead), (arrays(lead), arrays(comp))
+    after = read_features(sweep / comp / "features.h5")
+    assert before[1] == after[1] and all(np.array_equal(before[0][k], after[0][k]) for k in before[0])
