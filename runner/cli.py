@@ -424,9 +424,9 @@ def _sweep_pass(group: List[int], cfgs: List[Tuple[str, List[str]]], nowait: Lis
     cfg = compose(cfgs[lead][1])
     cfg.sweep.companions = [d for _, d in prepared]
     also = ", ".join(cfgs[n][0] for n, _ in prepared)
-    one(lead, cfg, f" (one pass, also writing {also})" if also else "")
+    lead_ok = one(lead, cfg, f" (one pass, also writing {also})" if also else "")
     for n, _ in prepared:
-        if nowait[lead]:
+        if nowait[lead] and lead_ok:
             print(f"[{n + 1}/{total}] {cfgs[n][0]}: written by the tasks of {cfgs[lead][0]}, merged by its merge job",
                   flush=True)
         else:
