@@ -159,9 +159,16 @@ def test_max_failure_fraction_fails_the_run_but_keeps_it(tiny_net, broken, tmp_p
 
 # ---- Ctrl-C, and two runs at once --------------------------------------------------------
 
+def _terminal_sigint() -> None:
+    # as a command typed at a terminal starts: Ctrl-C not ignored, whatever the test runner
+    # inherited (a background job of a script starts with SIGINT ignored, and Python then keeps
+    # it ignored: seen when `make test` ran as one, in tests/fresh-machine)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args):
     return subprocess.Popen(CLI + [str(a) for a in args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=_terminal_sigint)
 
 
 def test_ctrl_c_stops_with_one_line_and_the_rerun_equals_an_uninterrupted_run(tiny_net, photos, tmp_path):
