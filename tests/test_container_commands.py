@@ -342,7 +342,9 @@ def test_unreadable_image_refused(tmp_path, photos, tiny_net):
             for q in [p, *p.parents]:
                 if str(q).startswith("/tmp/"):
                     q.chmod(q.stat().st_mode | 0o755)
-        tmp_path.chmod(0o777)  # the output folder is nobody's to write
+        # the output folder is nobody's to write; sticky, as /tmp is: a folder above a run that
+        # others may write without it is refused first (private.unsafe_parent, OpenSSH StrictModes)
+        tmp_path.chmod(0o1777)
         line = _refused(tmp_path, photos, tiny_net, img, user="nocaps", launcher="local")
         assert "is not readable by you" in line
     finally:
