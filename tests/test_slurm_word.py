@@ -3,14 +3,18 @@ memory), requeued (scontrol requeue, submitit's own requeue on SIGUSR2), and slu
 `status`, `launcher.wait=true` and the report name what happened; a requeue never reads
 "failed"; the wait ends once nothing is alive; a rerun completes.
 
-Tasks are held mid-shard by gates the test opens: an image of the list is a named pipe that the
-test holds open for writing, so the task's read of it waits until the test writes the photo
-(and replaces the pipe by the photo for every later reader). No sleeps."""
+Tasks are held mid-shard by gates the test opens: before reading an image of the list the task
+waits at a test gate named after it (runner/testgate.py: CAFFE_RUNNER_TEST_GATES, which the Slurm
+tasks inherit) until the test removes its .hold file; every later reader (a requeued task, a
+rerun) then reads it at once. No sleeps. (Named pipes held the tasks before: the decoder now
+refuses anything but a regular file.)"""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -22,6 +26,14 @@ from conftest import CLI, DEV, MAX_ARRAY, REPO, run_cli, tiny_model_args, wait_u
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
+# the gates' folder, set for every process of this module's tests (the CLI and its Slurm tasks)
+GATES = Path(tempfile.mkdtemp(prefix="cr-gates-", dir="/tmp"))
+
+
+@pytest.fixture(autouse=True)
+def _gates_env(monkeypatch):
+    monkeypatch.setenv("CAFFE_RUNNER_TEST_GATES", str(GATES))
+
 SLURM = ["launcher=slurm", "launcher.shards_per_task=1", "launcher.take_free_shards=false", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10", "device=cpu",
          "launcher.gpus_per_task=1", "launcher.allow_cpu_on_gpu=true", "heartbeat_s=0.5", "batch_size=2",
          "decode.workers=1"]
@@ -31,23 +43,14 @@ class Gate:
     """A list entry that holds the task reading it until open() (see the module's docstring)."""
 
     def __init__(self, path: Path, photo: Path):
-        self.path, self.data = path, photo.read_bytes()
-        os.mkfifo(path)
-        # held read-write: a reader's open() returns at once and its read() waits for data
-        self.fd = os.open(path, os.O_RDWR)
+        shutil.copyfile(photo, path)
+        GATES.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.hold = GATES / f"read-{path.name}.hold"  # runner/testgate.py: the decoder waits before reading it
+        self.hold.touch()
 
     def open(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_bytes(self.data)
-        os.replace(tmp, self.path)  # every later reader (a requeued task, a rerun) reads the photo
-
-        def feed(fd=self.fd):  # the reader held now, if it still lives, gets the photo and EOF
-            try:
-                os.write(fd, self.data)
-            finally:
-                os.close(fd)
-
-        threading.Thread(target=feed, daemon=True).start()
+        self.hold.unlink(missing_ok=True)
 
 
 def _gated_list(tmp_path: Path, photos: Path, n_shards: int, gated) -> tuple:
@@ -151,8 +154,7 @@ def test_kill_requeue_and_submitit_requeue_are_named_and_wait_ends(cluster, tiny
         if waiter.poll() is None:
             waiter.kill()
         for g in gates.values():
-            if g.path.is_fifo():
-                g.open()
+            g.open()
     st = _by_shard(_status(run))
     assert [st[i]["state"] for i in range(4)] == ["failed", "done", "done", "done"]
     # the rerun submits only shard 0 and completes; features equal a local run's
@@ -277,8 +279,7 @@ def test_a_node_lost_mid_shard_is_requeued_and_the_run_completes_on_the_others(c
         wait_until(lambda: (run / "features.h5").exists(), timeout=300, interval=0.5, what="the run merged")
     finally:
         for g in gates.values():
-            if g.path.is_fifo():
-                g.open()
+            g.open()
         if lost:  # the node back, for the tests after this one
             subprocess.run(["bash", str(DEV), "up", "--nodes", str(NODES), "--state-dir", str(state)], env=env,
                            capture_output=True, timeout=180)

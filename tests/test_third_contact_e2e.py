@@ -1,8 +1,8 @@
 """Issue 29, items 1-15, end to end with the real command line on the sample photos and the
 tiny net: a run directory inside its input, progress in a log, a kill -9 of the launcher, a
 sweep with one bad point, a run where many reads failed. A run that must still be running is
-held by a FIFO in its input list: its decode thread blocks opening it until the test writes
-an image into it."""
+held by a test gate at the last image of its list (runner/testgate.py): its decode thread
+waits before reading it until the test releases it."""
 from __future__ import annotations
 
 import json
@@ -25,46 +25,36 @@ def _photo_names(photos: Path):
 
 
 class _Gated:
-    """`caffe-runner` on a list of the photos whose last entry is a FIFO: the run cannot end
-    before release() writes a photo into it. stderr is read by a thread (lines so far: .err)."""
+    """`caffe-runner` on a list of the photos whose last entry is held by a test gate (runner/
+    testgate.py: the decoder waits before reading it until release() removes the .hold file).
+    stderr is read by a thread (lines so far: .err)."""
 
     def __init__(self, photos: Path, tmp: Path, *args):
-        self.gate = tmp / "gate.jpg"
-        os.mkfifo(self.gate)
         self.photo = next(p for p in sorted(photos.rglob("*.jpg")))
+        self.gate = tmp / "gate.jpg"
+        shutil.copyfile(self.photo, self.gate)
+        self.gates = tmp / "gates"
+        self.gates.mkdir()
+        self.hold = self.gates / "read-gate.jpg.hold"
+        self.hold.touch()
         lst = tmp / "list.txt"
         lst.write_text("".join(f"{photos / n}\n" for n in _photo_names(photos)) + f"{self.gate}\n")
         self.proc = subprocess.Popen(CLI + [f"input.list={lst}", *map(str, args)], cwd=REPO, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=dict(os.environ, CAFFE_RUNNER_TEST_GATES=str(self.gates)))
         self.err = []
-        self.fd = None
         self.reader = threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True)
         self.reader.start()
 
     def gate_opened(self) -> bool:
-        """The task is in open() of the FIFO (a reader is there): open our end now and keep it,
-        so the task goes on to block in read() until release() (a probe that closed it at once
-        would hand the task an empty file)."""
-        if self.fd is None:
-            try:
-                self.fd = os.open(self.gate, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:  # ENXIO: no reader yet
-                return False
-            os.set_blocking(self.fd, True)  # the photo is larger than the pipe's buffer
-        return True
+        """A task waits at the gate (before reading the last image)."""
+        return (self.gates / "read-gate.jpg.reached").exists()
 
     def release(self):
-        assert self.fd is not None
-        try:
-            os.write(self.fd, self.photo.read_bytes())
-        finally:
-            os.close(self.fd)
-            self.fd = None
+        self.hold.unlink(missing_ok=True)
 
     def stop(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        self.release()
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=60)
