@@ -107,6 +107,31 @@ def placeholder_images(folder: Path, names):
         (folder / n).write_bytes(b"\xff\xd8 not decoded here")
 
 
+BROKEN = "zz-broken.jpg"  # sorts last: the listing's order of the others does not move
+
+
+def folder_with_a_broken_file(photos: Path, folder: Path):
+    """folder (made here) with 4 of the photos and an empty BROKEN file; returns the 4 photos."""
+    import shutil
+
+    folder.mkdir()
+    good = sorted(photos.glob("*.jpg"))[:4]
+    for p in good:
+        shutil.copyfile(p, folder / p.name)
+    (folder / BROKEN).write_bytes(b"")
+    return good
+
+
+def fix_broken_file(folder: Path, photo: Path) -> None:
+    """BROKEN replaced by a photo, as an editor or `cp` over it would, and dated newer than every image."""
+    import shutil
+
+    shutil.copyfile(photo, folder / "zz-broken.tmp")
+    os.replace(folder / "zz-broken.tmp", folder / BROKEN)
+    st = os.stat(folder / BROKEN)
+    os.utime(folder / BROKEN, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
 def mount_tmpfs(path: Path, options: str):
     """A tmpfs mounted on `path` (made here) for a test that needs a real file system state
     (full, read-only); skips where mounting is not allowed. Returns the umount to call."""

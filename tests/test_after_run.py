@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import CLI, REPO, run_cli, tiny_model_args, wait_until
+from conftest import CLI, REPO, fix_broken_file, folder_with_a_broken_file, run_cli, tiny_model_args, wait_until
 from report_check import check_report
 
 pytestmark = pytest.mark.slow
@@ -420,20 +420,13 @@ def test_verify_stays_ok_after_a_file_fixed_for_a_retry(photos, tiny_net, tmp_pa
     """Issue 36: a broken file fixed in the input folder, then `retry --reason 'empty file'`: the
     retry read the input as it is now, so verify says OK (it said the input changed since listing)."""
     folder = tmp_path / "in"
-    folder.mkdir()
-    good = sorted(photos.glob("*.jpg"))[:4]
-    for p in good:
-        shutil.copyfile(p, folder / p.name)
-    (folder / "zz-broken.jpg").write_bytes(b"")
+    good = folder_with_a_broken_file(photos, folder)
     run = tmp_path / "run"
     args = [f"input.dir={folder}", f"output.dir={run}", *_model(tiny_net), "launcher.workers=1", "num_shards=1",
             "run.max_failure_fraction=null"]
     run_cli(*args)
     assert run_cli("verify", run).returncode == 0
-    shutil.copyfile(good[0], folder / "zz-broken.tmp")
-    os.replace(folder / "zz-broken.tmp", folder / "zz-broken.jpg")  # as an editor or `cp` over it would
-    st = os.stat(folder / "zz-broken.jpg")
-    os.utime(folder / "zz-broken.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # newer than every image
+    fix_broken_file(folder, good[0])
     p = run_cli("retry", run, "--reason", "empty file")
     assert "1 now feature rows" in p.stdout, p.stdout
     v = run_cli("verify", run, check=False)

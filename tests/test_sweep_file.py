@@ -5,14 +5,13 @@ the point run alone. Pure parts first, then real runs of the tiny net on the sam
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import run_cli, tiny_model_args, wait_until
+from conftest import fix_broken_file, folder_with_a_broken_file, run_cli, tiny_model_args, wait_until
 from runner.sharedpass import pass_key, why_not_shared
 from runner.sweep import file_points, override_value
 
@@ -327,14 +326,8 @@ def test_retry_of_a_point_written_by_a_shared_pass_stays_that_points_own(tiny_ne
     """A companion point (written by its lead's pass) is retried as itself: the image fixed since
     becomes its row, and the point then holds the rows of the same point run alone on the fixed
     input; the lead is not touched."""
-    import shutil
-
     folder = tmp_path / "in"
-    folder.mkdir()
-    good = sorted(photos.glob("*.jpg"))[:4]
-    for p in good:
-        shutil.copyfile(p, folder / p.name)
-    (folder / "zz-broken.jpg").write_bytes(b"")
+    good = folder_with_a_broken_file(photos, folder)
     sweep = tmp_path / "sweep"
     common = [f"input.dir={folder}", *tiny_model_args(tiny_net), "launcher.workers=1", "num_shards=1",
               "run.max_failure_fraction=null"]
@@ -342,10 +335,7 @@ def test_retry_of_a_point_written_by_a_shared_pass_stays_that_points_own(tiny_ne
     assert "2 of them in 1 shared pass" in out.stdout, out.stdout
     (lead, _), (comp, overrides) = _points(sweep)
     lead_before = read_features(sweep / lead / "features.h5")
-    shutil.copyfile(good[0], folder / "zz-broken.tmp")
-    os.replace(folder / "zz-broken.tmp", folder / "zz-broken.jpg")
-    st = os.stat(folder / "zz-broken.jpg")
-    os.utime(folder / "zz-broken.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    fix_broken_file(folder, good[0])
     p = run_cli("retry", sweep / comp, "--reason", "empty file")
     assert "1 now feature rows" in p.stdout, p.stdout
     assert run_cli("verify", sweep / comp).returncode == 0
