@@ -15,6 +15,7 @@ import io
 import os
 import signal
 import stat
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -70,14 +71,16 @@ def reuse_large_buffers() -> bool:
 
 MB = 1 << 20
 FAULT_CRASH_ON = "CAFFE_RUNNER_FAULT_CRASH_ON"
+FAULT_HANG_ON = "CAFFE_RUNNER_FAULT_HANG_ON"
 
 
-def _crash_on() -> Optional[bytes]:
-    """The fault-injection switch (the one place it is read): CAFFE_RUNNER_FAULT_CRASH_ON=TEXT makes
-    a decoder kill its own process with SIGSEGV on a file whose path holds TEXT, as a decoder
-    crashing on a crafted file does (tests of the poison-shard recovery, runner/isolate.py).
-    Unset or empty: nothing."""
-    return os.fsencode(os.environ.get(FAULT_CRASH_ON, "")) or None
+def _fault_on(var: str) -> Optional[bytes]:
+    """The fault-injection switches (the one place they are read), for the tests of a decoder
+    that fails on one crafted file: CAFFE_RUNNER_FAULT_CRASH_ON=TEXT makes a decoder kill its own
+    process with SIGSEGV on a file whose path holds TEXT (the poison-shard recovery,
+    runner/isolate.py); CAFFE_RUNNER_FAULT_HANG_ON=TEXT makes it block for ever on such a file
+    (decode.max_image_s, runner/decodepool.py). Unset or empty: nothing."""
+    return os.fsencode(os.environ.get(var, "")) or None
 
 
 # what a listed path that is not a regular file is (fstat's type bits)
@@ -230,7 +233,8 @@ class Decoder:
         # input.follow_symlinks=false holds at read time too: a symlink swapped in after the
         # listing is not opened (O_NOFOLLOW on the file itself)
         self.open_flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
-        self.crash_on = _crash_on()
+        self.crash_on = _fault_on(FAULT_CRASH_ON)
+        self.hang_on = _fault_on(FAULT_HANG_ON)
         self.interp = _INTERP[geometry.interpolation]
         # the reason recorded for a missing file: a listed name that was never there reads
         # "listed but not found" (set by the reader for list input)
@@ -353,7 +357,9 @@ class Decoder:
 
     def load(self, path: bytes) -> Tuple[Optional[np.ndarray], Optional[str]]:
         if self.crash_on is not None and self.crash_on in path:
-            os.kill(os.getpid(), signal.SIGSEGV)  # the fault switch (_crash_on): a decoder crashing on this file
+            os.kill(os.getpid(), signal.SIGSEGV)  # the fault switch (_fault_on): a decoder crashing on this file
+        if self.hang_on is not None and self.hang_on in path:
+            threading.Event().wait()  # the fault switch (_fault_on): a decoder that never returns on this file
         return self._guard(lambda: self.fit(self.decode(self.read(path))))
 
     def load_bytes(self, data: bytes) -> Tuple[Optional[np.ndarray], Optional[str]]:

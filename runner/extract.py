@@ -13,16 +13,14 @@ import queue
 import threading
 import time
 import traceback
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from itertools import islice
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from . import log
+from .decodepool import decode_window
 from .device import resolve_local_device
 from .manifest import display_name, load_manifest
 from .inputs import open_reader
@@ -94,35 +92,6 @@ class _Progress:
             eta = (self.total - self.done) / self.rate if self.rate > 0 else float("nan")
             log.info("shard %d/%d %s: %d/%d images (%d failed), %.1f img/s, ETA %.0f s", self.index,
                      self.num_shards, state, self.done, self.total, self.failures, self.rate, eta)
-
-
-def _batches(items, batch_size: int):
-    it = iter(items)
-    while True:
-        b = list(islice(it, batch_size))
-        if not b:
-            return
-        yield b
-
-
-def decode_window(items, batch_size: int, workers: int, prefetch: int):
-    """Yield (batch of readers.Item, [(image|None, reason)]) per batch, decoding up to `prefetch`
-    batches ahead in `workers` threads (bounded: memory does not grow with the input)."""
-    batches = _batches(items, batch_size)
-    if workers <= 0:
-        for b in batches:
-            yield b, [it.job() for it in b]
-        return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        window: deque = deque()
-        for b in batches:
-            window.append((b, [pool.submit(it.job) for it in b]))
-            if len(window) > prefetch:
-                b0, futs = window.popleft()
-                yield b0, [f.result() for f in futs]
-        while window:
-            b0, futs = window.popleft()
-            yield b0, [f.result() for f in futs]
 
 
 class _Feeder(threading.Thread):
@@ -345,7 +314,7 @@ def _forward_loop(run, index: int, op: _Opened, reader, sinks: List[_Sink], part
     seen: List[Tuple[float, float, int]] = []  # (time, CPU time, images done) at the marks
     n_batches = done = 0
     window = decode_window(reader.items(first, op.stop), cfg.batch_size, int(cfg.decode.workers),
-                            int(cfg.decode.prefetch_batches))
+                            int(cfg.decode.prefetch_batches), float(cfg.decode.get("max_image_s", 0) or 0))
     feeder = _Feeder(window, transform, tuple(in_shape[1:]) if oversample else None, maxsize=2)
     check = None  # the GPU self-check's result, once the first batch is done
     # started last, just before the block whose every exit joins it

@@ -58,6 +58,9 @@ def _check_ranges(cfg) -> None:
     if not float(cfg.decode.get("max_file_mb", 1)) > 0:
         raise ConfigError(f"decode.max_file_mb={cfg.decode.max_file_mb}: use a positive number of MB (files larger "
                           "are recorded as failures; 256 is the default)")
+    if not float(cfg.decode.get("max_image_s", 0)) >= 0:
+        raise ConfigError(f"decode.max_image_s={cfg.decode.max_image_s}: use a number of seconds >= 0 (an image "
+                          "whose decoding takes longer is recorded as a failure; 0: no bound; 300 is the default)")
     if cfg.output.gem_p <= 0:
         raise ConfigError(f"output.gem_p={cfg.output.gem_p}: use a positive exponent (3 is typical)")
     if cfg.output.get("view_max_shards", 0) < 0:
@@ -196,7 +199,9 @@ def identity(cfg, blobs: List[str], model_sha: Dict[str, str], input_source: str
 
 def decode_identity(dc) -> Dict:
     """The decode settings that decide which images become rows. decode.max_file_mb counts only
-    when it is not its default, so runs planned before it existed keep their fingerprint."""
+    when it is not its default, so runs planned before it existed keep their fingerprint.
+    decode.max_image_s does not count: a time bound is the machine's, not the data's (a retry
+    with a larger one re-decodes the images it gave up on)."""
     out = {k: dc[k] for k in ("exif_orientation", "max_pixels", "reduced_jpeg")}
     if float(dc.get("max_file_mb", DecodeConf.max_file_mb)) != DecodeConf.max_file_mb:
         out["max_file_mb"] = float(dc.max_file_mb)

@@ -261,6 +261,9 @@ class DecodeConf:
     # refuse files larger than this many MB (2**20 bytes) before reading them; a listed path
     # that is not a regular file (/dev/zero, a named pipe, a folder) is refused whatever its size
     max_file_mb: float = 256.0
+    # an image whose read and decode take longer than this many seconds is recorded as a failure
+    # and its decode thread left behind (runner/decodepool.py); 0: no bound (nor with workers=0)
+    max_image_s: float = 300.0
 
 
 @dataclass

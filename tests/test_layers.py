@@ -16,7 +16,7 @@ RUNNER = Path(__file__).resolve().parent.parent / "runner"
 
 # lowest first; a module may import from its own layer and the ones before it
 LAYERS: List[Tuple[str, List[str]]] = [
-    ("leaves", ["runner", "runner.errors", "runner.shard", "runner.features", "runner.decode", "runner.samples",
+    ("leaves", ["runner", "runner.errors", "runner.shard", "runner.features", "runner.decode", "runner.decodepool", "runner.samples",
                 "runner.capacity", "runner.peakmem", "runner.flops", "runner.lastwords", "runner.slurmjobs",
                 "runner.liveness", "runner.schema", "runner.task", "runner.changes", "runner.atomic", "runner.locks",
                 "runner.testgate", "runner.digest", "runner.netstate"]),
