@@ -42,6 +42,12 @@ MAX_PEERS = 16       # other tasks' heartbeats read to decide whether to leave a
 # yet over: the file server still holds a lost node's lock) waits for it this long, then breaks it
 DEAD_HOLDER_WAIT_S = 150.0
 DEAD_HOLDER_POLL_S = 5.0
+# a task that leaves the last free shards to faster tasks does not end: it waits until one of
+# them should have freed up and looks again (a faster task that died meanwhile no longer counts,
+# its beat gone stale), at most MAX_LEAVES times, then takes a shard itself
+MAX_LEAVES = 3
+LEAVE_WAIT_MIN_S = 5.0
+LEAVE_WAIT_MAX_S = 600.0
 
 
 def take_order(own: int, num_shards: int, tasks: Optional[int] = None) -> List[int]:
@@ -93,6 +99,17 @@ def worth_taking(my_rate: float, sizes: Sequence[int], others: Sequence[Tuple[fl
     return False
 
 
+def leave_wait_s(others: Sequence[Tuple[float, float, float]]) -> float:
+    """How long a task that left the free shards to faster tasks waits before it looks again
+    (pure): until the soonest of them should be free, plus the time its beat takes to go stale
+    (so a task that died instead is known dead by then). `others`: (seconds until free,
+    images/s, seconds until stale)."""
+    if not others:
+        return LEAVE_WAIT_MIN_S
+    t = min(free + stale for free, _, stale in others)
+    return min(LEAVE_WAIT_MAX_S, max(LEAVE_WAIT_MIN_S, t))
+
+
 def done_names(run) -> Set[str]:
     """The entries of the shards folder, in one listing (a committed shard's final name among them)."""
     try:
@@ -101,9 +118,10 @@ def done_names(run) -> Set[str]:
         return set()
 
 
-def _others(run, shards: Iterable[int], now: float) -> List[Tuple[float, float]]:
-    """(seconds until free, images/s) of the tasks writing `shards` (at most MAX_PEERS of them
-    read), from their beats; a beat that is not fresh (its task may be dead) does not count."""
+def _others(run, shards: Iterable[int], now: float) -> List[Tuple[float, float, float]]:
+    """(seconds until free, images/s, seconds until its beat goes stale) of the tasks writing
+    `shards` (at most MAX_PEERS of them read), from their beats; a beat that is not fresh (its
+    task may be dead) does not count."""
     out = []
     for n, i in enumerate(shards):
         if n >= MAX_PEERS:
@@ -111,7 +129,8 @@ def _others(run, shards: Iterable[int], now: float) -> List[Tuple[float, float]]
         hb = run.read_heartbeat(i) or {}
         rate = float(hb.get("rate") or 0)
         if hb.get("state") == "running" and rate > 0 and beat_age_s(hb, None, now) <= stale_after_s(hb):
-            out.append((max(0, int(hb.get("total") or 0) - int(hb.get("done") or 0)) / rate, rate))
+            out.append((max(0, int(hb.get("total") or 0) - int(hb.get("done") or 0)) / rate, rate,
+                        stale_after_s(hb)))
     return out
 
 
@@ -161,7 +180,8 @@ def _own_shard(cfg, run, own: int, run_one: Callable, threads, keep: Dict, wait_
 
 
 def take_shards(cfg, own: int, run_one: Callable, threads: Optional[int] = None,
-                wait_s: float = DEAD_HOLDER_WAIT_S, poll_s: float = DEAD_HOLDER_POLL_S) -> Dict:
+                wait_s: float = DEAD_HOLDER_WAIT_S, poll_s: float = DEAD_HOLDER_POLL_S,
+                sleep: Callable[[float], None] = time.sleep) -> Dict:
     """Extract shard `own`, then every free shard, one at a time, with `run_one(cfg, index,
     threads, own=, keep=)` (extract.run_shard). Returns what it did: {"shard": own, "shards":
     [results], "taken": [indices of others' shards it extracted]}."""
@@ -191,6 +211,7 @@ def take_shards(cfg, own: int, run_one: Callable, threads: Optional[int] = None,
         elif r0.get("images_per_s"):
             my_rate = float(r0["images_per_s"])
     relooked = False
+    leaves = 0  # times this task left the free shards to faster tasks and waited
     while True:
         listings = [(r, done_names(r)) for r in group]
         names = listings[0][1]
@@ -207,12 +228,18 @@ def take_shards(cfg, own: int, run_one: Callable, threads: Optional[int] = None,
         if not free:
             break
         # the other tasks' beats matter only when there are fewer shards left than tasks (the tail)
-        if results and (not tasks or len(free) <= int(tasks)) and not worth_taking(
-                my_rate, [len(range(*run.shard_range(k))) for k in free],
-                _others(run, [b for b in busy if run.shard_path(b).name not in names], time.time())):
-            log.info("leaving the %d free shard(s) to faster tasks that free up sooner (this task: %.1f img/s)",
-                     len(free), my_rate)
-            break
+        others = (_others(run, [b for b in busy if run.shard_path(b).name not in names], time.time())
+                  if results and leaves < MAX_LEAVES and (not tasks or len(free) <= int(tasks)) else None)
+        if others is not None and not worth_taking(my_rate, [len(range(*run.shard_range(k))) for k in free],
+                                                   [(t, r) for t, r, _ in others]):
+            # not an end: if the faster tasks die before they free up, nobody else may be left
+            leaves += 1
+            pause = leave_wait_s(others)
+            log.info("leaving the %d free shard(s) to faster tasks that free up sooner (this task: %.1f img/s); "
+                     "looking again in %.0f s", len(free), my_rate, pause)
+            sleep(pause)
+            relooked = False  # the held shards may be looked at once more after this wait
+            continue
         r = None
         for i in free[:MAX_BUSY_TRIES]:
             try:

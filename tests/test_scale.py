@@ -150,6 +150,51 @@ def test_a_task_at_the_tail_tries_a_bounded_few_held_shards(tmp_path):
     assert out["taken"] == [] and 0 < len(tried) <= 2 * MAX_BUSY_TRIES, tried
 
 
+@pytest.mark.unit
+def test_a_slow_task_that_left_a_shard_to_a_faster_one_takes_it_when_that_one_dies(tmp_path):
+    """Fact 5: a slow task leaves the last free shard to a faster task that frees up sooner; it
+    waits (instead of ending) and looks again. The faster task dies meanwhile (its beat goes
+    stale): the slow task takes the shard. Had it ended, nobody would have been left to take it."""
+    from runner.errors import ShardBusyError
+    from runner.plan import load_run_dir
+    from runner.steal import take_shards
+    from runner.synthetic import shard_file
+
+    shards = 5
+    run_dir, keep, cfg = _synthetic(tmp_path, shards, tasks=5)
+    run = load_run_dir(run_dir)
+    for i in (0, 1, 2, 3):  # shard 4 is done; shard 1 is held by the fast task
+        shard_file(run_dir, i, shards).unlink()
+    now = time.time()
+
+    def beat(updated):
+        # shard 1's writer: fast (100 img/s), one image left; its beat fresh, then stale
+        hb = run.rundir.heartbeat_path(1, shards)
+        hb.parent.mkdir(parents=True, exist_ok=True)
+        hb.write_text(json.dumps({"state": "running", "shard": 1, "done": 1, "total": 2, "rate": 100.0,
+                                  "interval_s": 2.0, "seq": 1, "updated": updated, "host": "elsewhere",
+                                  "pid": 1, "pidns": "pid:[0]"}))
+    beat(now + 3600)  # fresh whatever the test's speed
+    ran, pauses = [], []
+
+    def run_one(cfg, i, threads, own=None, keep=None, **kw):
+        if i == 1:
+            raise ShardBusyError("shard 1 is held")
+        ran.append(i)
+        shutil.copy(keep_dir / f"{i}.h5", shard_file(run_dir, i, shards))
+        return {"shard": i, "images_per_s": 1.0}  # this task is slow
+
+    def sleep(s):
+        pauses.append(s)
+        beat(0.0)  # the fast task died while this one waited: its beat is stale from now on
+
+    keep_dir = keep
+    out = take_shards(cfg, 0, run_one, sleep=sleep)
+    # own shard 0, then shard 2 (1 is held); then shard 3 is left to the fast task, once
+    assert len(pauses) == 1 and pauses[0] >= 5.0, pauses
+    assert ran == [0, 2, 3] and out["taken"] == [2, 3], (ran, out)
+
+
 # ---- liveness across skewed clocks ---------------------------------------------------------
 
 class _Clock:
