@@ -13,7 +13,8 @@ it decides. Elsewhere the beat's age decides, measured against the beat's own in
 Clock skew. The age is `now - max(beat's own timestamp, the file's mtime)`: on a shared file
 system the mtime comes from the file server (NFS) or the writer, and taking the newer of the two
 makes a writer whose clock runs behind look no older than the server saw it. A beat "from the
-future" (writer ahead) counts as fresh. What remains of a skew (up to MAX_SKEW_S) can only make a
+future" (writer ahead) is aged by its mtime when the server stamped it, else counts as fresh.
+What remains of a skew (up to MAX_SKEW_S) can only make a
 beat look stale early, and a stale beat is not a verdict: for a Slurm run it means "ask Slurm",
 whose word decides; only where no one can be asked is a beat declared dead, and then only past
 STALE_BEATS intervals plus MAX_SKEW_S. So a modest skew changes no state, only (for runs Slurm
@@ -86,11 +87,26 @@ def beat_interval_for_shard(heartbeat_s: float, shard_s: Optional[float]) -> flo
 
 
 def beat_age_s(beat: Dict, mtime: Optional[float], now: float) -> float:
-    """How old a beat is (pure): by the newer of its own timestamp and its file's mtime; a beat
-    stamped ahead of `now` (a writer clock ahead) is 0 s old: written now at most (BeatWatch
-    then ages it on the reader's clock)."""
-    t = max(float(beat.get("updated") or 0.0), float(mtime or 0.0))
+    """How old a beat is (pure): by the newer of its own timestamp and its file's mtime. A beat
+    stamped ahead of `now` by more than MAX_SKEW_S (a writer clock ahead) whose mtime is not
+    (a file server that stamps the time, as NFS does) is aged by its mtime alone, so even a
+    reader that looks once names a dead task on such a node. Both ahead (a client-stamped
+    mtime, as on Lustre): 0 s old, written now at most (BeatWatch then ages it on the reader's
+    clock; clock_ahead_s says by how much a one-shot reader cannot tell)."""
+    updated = float(beat.get("updated") or 0.0)
+    if mtime is not None and updated > now + MAX_SKEW_S and float(mtime) <= now + MAX_SKEW_S:
+        return max(0.0, now - float(mtime))
+    t = max(updated, float(mtime or 0.0))
     return max(0.0, now - t)
+
+
+def clock_ahead_s(beat: Dict, mtime: Optional[float], now: float) -> float:
+    """By how much a beat (and its file's mtime) is dated ahead of `now`, past MAX_SKEW_S
+    (pure); 0 when beat_age_s can age it."""
+    updated = float(beat.get("updated") or 0.0)
+    if mtime is not None and float(mtime) <= now + MAX_SKEW_S:
+        return 0.0
+    return updated - now if updated > now + MAX_SKEW_S else 0.0
 
 
 class BeatWatch:

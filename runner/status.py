@@ -17,7 +17,7 @@ from .inputs.listing import describe as describe_listing
 from .plan import load_run_dir
 from .rundir import launch_holder, pid_alive, shard_file_counts
 from .lastwords import caffe_last_words
-from .liveness import WATCH, beat_age_s, judge, lost, pid_namespace
+from .liveness import WATCH, beat_age_s, clock_ahead_s, judge, lost, pid_namespace
 from .slurmjobs import JobWord, query_jobs
 from .errors import FailureShareError, shell_quote, shown
 from .stats import check_failure_share, top_reasons
@@ -68,6 +68,9 @@ def shard_state(run, i: int, now: float, here: Optional[Tuple[str, str]] = None)
         alive = beat in ("alive", "fresh") or (beat == "stale" and not lost(hb, age, host))
         st.update(state="running" if alive else "interrupted", age_s=round(age, 1), beat=beat,
                   phase=hb.get("phase"))
+        ahead = clock_ahead_s(hb, mtime, now) if beat != "alive" else 0.0
+        if ahead and not age:
+            st["clock_ahead_s"] = round(ahead)
     elif run.partial_paths(i):
         st.update(state="interrupted")
     else:
@@ -454,6 +457,9 @@ def format_status(st: Dict) -> str:
             line += f"  {s['rate']:.1f} img/s on {s.get('host')}"
         if s.get("own_shard") is not None:
             line += f"  (taken by the task of shard {s['own_shard']})"
+        if s.get("clock_ahead_s"):
+            line += (f"  (its beat is dated {s['clock_ahead_s']} s ahead of this clock: one look cannot age it; "
+                     "`status --watch` and `wait` do)")
         if s.get("note"):  # Slurm's word: pending and why, requeued, running on which node
             line += f"  {s['note']}"
         if s["state"] == "failed":

@@ -262,6 +262,37 @@ def test_status_names_a_dead_task_on_a_node_whose_clock_runs_ahead(tmp_path, mon
 
 
 @pytest.mark.unit
+def test_one_look_names_a_dead_task_whose_clock_runs_ahead_when_the_server_stamps_the_mtime(tmp_path, monkeypatch):
+    """A one-shot `status` (no memory of earlier looks): a beat dated 10 min ahead by its
+    writer, in a file whose mtime the file server stamped (NFS) 5 min ago: the task is named
+    dead at the first look. Where the mtime is ahead too (Lustre), the line says by how much one
+    look cannot age it, instead of a silent "running"."""
+    import runner.liveness
+    import runner.status
+    from runner.liveness import BeatWatch
+    from runner.plan import load_run_dir
+    from runner.status import format_status, run_status
+
+    run_dir, _, _ = _synthetic(tmp_path, 4)
+    run = load_run_dir(run_dir)
+    run.shard_path(1).unlink()
+    monkeypatch.setattr(runner.status, "WATCH", BeatWatch(_Clock()))  # a reader that never looks again
+    now = time.time()
+    beat = {"state": "running", "shard": 1, "done": 1, "total": 2, "rate": 1.0, "host": "node9", "pid": 4242,
+            "pidns": "pid:[1]", "interval_s": 2.0, "seq": 3, "batch_size": 1, "started": now + 590}
+    run.write_heartbeat(1, beat)
+    hb_path = run.rundir.heartbeat_path(1, 4)
+    hb_path.write_text(json.dumps(dict(json.loads(hb_path.read_text()), updated=now + 600)))
+    os.utime(hb_path, (now - 300, now - 300))
+    st = run_status(run_dir, use_slurm=False)
+    assert st["shards"][1]["state"] == "interrupted", st["shards"][1]
+    os.utime(hb_path, (now + 600, now + 600))
+    st = run_status(run_dir, use_slurm=False)
+    assert st["shards"][1]["state"] == "running" and 590 <= st["shards"][1]["clock_ahead_s"] <= 610, st["shards"][1]
+    assert "s ahead of this clock: one look cannot age it; `status --watch` and `wait` do" in format_status(st)
+
+
+@pytest.mark.unit
 def test_no_stall_before_the_first_batch_and_stalls_on_one_clock():
     from runner.status import stalled_for
 
