@@ -1,6 +1,7 @@
-"""The documentation holds together: every relative link of README.md and docs/*.md (and every
-image) names a file that exists, every #anchor a heading of its page (GitHub's anchors), and
-every page under docs/ is linked from the README. Plain text, no network."""
+"""The documentation holds together: every relative link of README.md and docs/*.md (and of
+bench/ and slurm/'s READMEs, which link into them; images too) names a file that exists, every
+#anchor a heading of its page (GitHub's anchors), and every page under docs/ is linked from the
+README. Plain text, no network."""
 from __future__ import annotations
 
 import re
@@ -92,7 +93,8 @@ def test_there_are_pages_and_links_to_check():
     assert any("#" in t for p in pages for _, t in links(p))
 
 
-@pytest.mark.parametrize("page", doc_pages(), ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize("page", doc_pages() + [REPO / "bench" / "README.md", REPO / "slurm" / "README.md"],
+                         ids=lambda p: str(p.relative_to(REPO)))
 def test_every_relative_link_and_anchor_resolves(page):
     bad = broken_links(page)
     assert not bad, "\n".join(bad)
