@@ -32,7 +32,7 @@ from .overrides import normalize_overrides
 SUBCOMMANDS = ("status", "verify", "merge", "inspect", "export", "fetch", "report", "retry", "compare")
 COMMANDS = SUBCOMMANDS + ("help", "version")
 
-# exit codes (also in the README and in --help)
+# exit codes (also in docs/troubleshooting.md and in --help)
 EXIT_OK = 0
 EXIT_FAILED = 1        # the run (or a check) failed: shards failed, too many failed images, verify found problems
 EXIT_USAGE = 2         # the command line or the config is wrong; nothing was started
@@ -185,7 +185,7 @@ def help_page() -> str:
               "  --cfg job          print the resolved config and exit (add overrides to see their effect)",
               "  --version          print the version", "",
               EXIT_CODES_TEXT, "",
-              "docs: README.md (" + _readme_path() + "); all keys: caffe-runner --cfg job"]
+              "docs: README.md, then the pages under docs/ (" + _readme_path() + "); all keys: caffe-runner --cfg job"]
     return "\n".join(lines)
 
 
@@ -885,7 +885,7 @@ def run(argv: List[str]) -> int:
     """The whole command line, returning the exit code (main() exits with it)."""
     if not argv:
         print(USAGE, file=sys.stderr)
-        print("\n`caffe-runner --help` explains the keys; the README has examples.", file=sys.stderr)
+        print("\n`caffe-runner --help` explains the keys; README.md and docs/ have examples.", file=sys.stderr)
         return EXIT_USAGE
     try:
         if argv[0] == "help":  # `caffe-runner help [COMMAND]`, as `--help`

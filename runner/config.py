@@ -76,7 +76,8 @@ def user_config_dir() -> Optional[str]:
     d = os.path.abspath(os.path.expanduser(d))
     if not os.path.isdir(d):
         raise ConfigError(f"{USER_CONFIG_ENV}={d} is not a folder: make it and put your presets in "
-                          f"{os.path.join(d, 'model', 'NAME.yaml')} (README: Your own model), or unset it")
+                          f"{os.path.join(d, 'model', 'NAME.yaml')} (docs/configuration.md, section Your own model), "
+                          "or unset it")
     return d
 
 
@@ -210,7 +211,8 @@ def _bad_user_preset(e: Exception, overrides: List[str]) -> Optional[ConfigError
     why = re.sub(r"\s+", " ", why)[:300]
     return ConfigError(f"model={_chosen(overrides, 'model')}: your preset {path} is not valid: {why} (fix: a preset "
                        "holds the keys of `caffe-runner --cfg job model=res10_ssd` under model:, without the "
-                       "`model.` prefix; conf/model/*.yaml and the README (Your own model) show examples)")
+                       "`model.` prefix; conf/model/*.yaml and docs/configuration.md (section Your own model) show "
+                       "examples)")
 
 
 def _user_searchpath(overrides: List[str]) -> List[str]:
@@ -266,8 +268,8 @@ def check_own_model(cfg, overrides: List[str]) -> None:
             f"model.prototxt is your own net (no model=PRESET), and how its images were preprocessed in training is "
             f"not in the prototxt: give {keys} (e.g. the BVLC zoo nets' model.preprocess.mean=[104,117,123] "
             "model.preprocess.channel_order=BGR model.preprocess.raw_scale=255 model.preprocess.scale=1), or keep "
-            f"them in a preset of your own, ${USER_CONFIG_ENV}/model/NAME.yaml, used as model=NAME (README: Your "
-            "own model)")
+            f"them in a preset of your own, ${USER_CONFIG_ENV}/model/NAME.yaml, used as model=NAME "
+            "(docs/configuration.md, section Your own model)")
 
 
 def compose_base():

@@ -256,7 +256,7 @@ class DecodeConf:
     max_pixels: int = 178956970
     # decode JPEGs at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling, which averages pixels) when
     # that still covers the net input in both sides, so images under 2x the input decode in
-    # full; 1.7x faster on 12-MP photos, features not bit-identical to the default (README)
+    # full; 1.7x faster on 12-MP photos, features not bit-identical to the default (docs/speed.md)
     reduced_jpeg: bool = False
     # refuse files larger than this many MB (2**20 bytes) before reading them; a listed path
     # that is not a regular file (/dev/zero, a named pipe, a folder) is refused whatever its size
@@ -278,7 +278,7 @@ class LocalLauncherConf(LauncherConf):
     # the implementation (runner/launch/registry.py imports it)
     _target_: str = "runner.launch.local.LocalLauncher"
     # worker processes for device=cpu; null: one per core, each with one BLAS thread (fewer
-    # workers with more threads each use less memory and more CPU per image: README, bench row 10)
+    # workers with more threads each use less memory and more CPU per image: docs/speed.md, bench row 10)
     workers: Optional[int] = None
     # device=gpu: "auto" (the GPUs in CUDA_VISIBLE_DEVICES / nvidia-smi) or a list of ids
     gpus: Any = "auto"

@@ -8,13 +8,34 @@ import subprocess
 import tempfile
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import pytest
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "runner"]
+
+
+def doc_pages() -> List[Path]:
+    """The user documentation: README.md, then the pages under docs/ by name (the order in which
+    the tests run their examples: a block may use what an earlier block of the README made)."""
+    return [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
+
+
+def docs_text(*names: str) -> str:
+    """The text of the named pages ("README.md", "docs/slurm.md": paths from the repository),
+    or of every page of doc_pages() when none is named. One place that knows where the
+    documentation lives: a test that checks a fact is documented names the page holding it."""
+    paths = [REPO / n for n in names] if names else doc_pages()
+    return "\n".join(p.read_text() for p in paths)
+
+
+def doc_blocks(lang: str) -> List[Tuple[str, str]]:
+    """Every fenced ```LANG block of the documentation, in doc_pages() order, as (page, block)
+    with the page's path from the repository."""
+    return [(str(p.relative_to(REPO)), b) for p in doc_pages()
+            for b in re.findall(rf"^```{lang}\n(.*?)^```", p.read_text(), flags=re.S | re.M)]
 
 
 def pytest_addoption(parser):

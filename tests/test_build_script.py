@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, docs_text
 
 pytestmark = pytest.mark.unit
 
@@ -185,14 +185,14 @@ def test_the_cuda_pins_include_a_cudnn9_wheel():
 
 
 def test_the_script_run_by_hand_finds_the_wheel_make_setup_cached(tmp_path):
-    """The README's cache folder is the one `make setup` fills and the one the script, run by
+    """The documented cache folder (docs/install.md) is the one `make setup` fills and the one the script, run by
     hand without --cache, looks in (a cached wheel is found at once; a miss would start a build,
     made to fail fast here: no package index)."""
     import re
 
     make_cache = re.search(r"^CACHE \?= (.+)$", (REPO / "Makefile").read_text(), re.M).group(1)
     assert make_cache == "$(HOME)/.cache/caffe-runner"
-    assert "`~/.cache/caffe-runner/<key>/`" in (REPO / "README.md").read_text()
+    assert "`~/.cache/caffe-runner/<key>/`" in docs_text("docs/install.md")
     key = _key(cache=tmp_path / "any")
     wheel = tmp_path / ".cache" / "caffe-runner" / key / "caffe-1.0.0-cp3-none-any.whl"
     wheel.parent.mkdir(parents=True)

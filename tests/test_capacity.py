@@ -100,7 +100,7 @@ def test_shared_cores_limit_refuses_nonsense(bad):
 
 
 @pytest.mark.parametrize("gpu,per_thread,threads", [
-    (2000, 157, 13),   # photo-sized JPEGs (README, issue 10)
+    (2000, 157, 13),   # photo-sized JPEGs (docs/gpus.md, issue 10)
     (2000, 20, 100),   # camera photos, full decoding: 49 ms a photo
     (2000, 55, 37),    # camera photos, reduced decoding
     (2000, 2000, 1),   # exactly one

@@ -13,7 +13,7 @@ from conftest import run_cli, tiny_model_args
 
 @pytest.fixture
 def cli_error(capsys):
-    """caffe-runner ARGS in this process -> its stderr; it must exit 2 (a config error, README)
+    """caffe-runner ARGS in this process -> its stderr; it must exit 2 (a config error: docs/troubleshooting.md, exit codes)
     without a traceback. The package logger is left as it was found."""
     from runner import cli, log
 

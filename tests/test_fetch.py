@@ -118,7 +118,7 @@ def test_offline_fetch_names_url_and_cache(tmp_path):
     cache = tmp_path / "models"
     p = run_cli("fetch", "googlenet", f"model.files.weights.url={url}", "--quiet", check=False,
                 env={"CAFFE_MODELS": str(cache)})
-    assert p.returncode == 1, p.stderr  # a runtime failure (README: exit codes)
+    assert p.returncode == 1, p.stderr  # a runtime failure (docs/troubleshooting.md: exit codes)
     assert f"cannot download {url}" in p.stderr and str(cache) in p.stderr
     assert "Traceback" not in p.stderr
     assert not (cache / "bvlc_googlenet" / "bvlc_googlenet.caffemodel").exists()

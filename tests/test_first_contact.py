@@ -209,7 +209,7 @@ def test_a_second_concurrent_run_is_told_once_who_holds_it(tiny_net, photos, tmp
                    what="the first run's shards, held")
         assert first.poll() is None, first.communicate()
         p = run_cli(*args, check=False)
-        assert p.returncode == 2 and "Traceback" not in p.stderr  # a refused run directory (README's table)
+        assert p.returncode == 2 and "Traceback" not in p.stderr  # a refused run directory (the exit codes in docs/troubleshooting.md)
         assert p.stderr.count("caffe-runner: error:") == 1
         assert f"in use by caffe-runner pid {first.pid}" in p.stderr and "another output.dir" in p.stderr
         assert "rerun" not in p.stderr

@@ -1,6 +1,6 @@
 """The house, read from the code's own imports (an AST walk over runner/, nothing is imported):
 every module sits in a layer, imports only from its own layer or below, no import circle, and
-no function-level import of what the module already imports at its top. README: Layout."""
+no function-level import of what the module already imports at its top. docs/layout.md: Layout."""
 from __future__ import annotations
 
 import ast
@@ -81,7 +81,7 @@ def layer_of(module: str) -> int:
     for i, (_, patterns) in enumerate(LAYERS):
         if any(fnmatch.fnmatchcase(module, p) for p in patterns):
             return i
-    raise AssertionError(f"{module} is in no layer: add it to LAYERS here and to the README's layout section")
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS here and to the layout section of docs/layout.md")
 
 
 def edges() -> Set[Tuple[str, str]]:

@@ -202,7 +202,7 @@ def test_export_of_an_incomplete_run_names_the_missing_shards(tmp_path):
     run = make_run(tmp_path / "run", 30, 3, dim=2)
     os.unlink(shard_file(run, 1, 3))
     p = run_cli("export", run, tmp_path / "o.h5", check=False)
-    assert p.returncode == 1 and "1 of 3 shards are missing" in p.stderr and "Traceback" not in p.stderr  # incomplete run: 1, as merge (README: exit codes)
+    assert p.returncode == 1 and "1 of 3 shards are missing" in p.stderr and "Traceback" not in p.stderr  # incomplete run: 1, as merge (docs/troubleshooting.md: exit codes)
 
 
 def test_exit_codes(tmp_path):

@@ -1,6 +1,7 @@
-"""The README's examples run as written: every fenced block that uses the sample photos
-(`samples/`, what `make demo` writes) is extracted and run, line by line, from a folder laid
-out like the repository after `make demo`."""
+"""The documentation's examples run as written: every fenced block of README.md and docs/*.md
+that uses the sample photos (`samples/`, what `make demo` writes) is extracted and run, line by
+line, from a folder laid out like the repository after `make demo` (the README's blocks first,
+then each page's, in conftest.doc_pages() order)."""
 from __future__ import annotations
 
 import os
@@ -13,14 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, doc_blocks
 
 pytestmark = pytest.mark.slow
 
 
 def readme_blocks(lang: str):
-    text = (REPO / "README.md").read_text()
-    return [b for b in re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S) if "samples" in b]
+    return [b for _, b in sample_blocks(lang)]
+
+
+def sample_blocks(lang: str):
+    """(page, block) of the documentation's blocks that use the sample photos."""
+    return [(page, b) for page, b in doc_blocks(lang) if "samples" in b]
 
 
 def commands(block: str):
@@ -44,6 +49,10 @@ def repo_like(photos, tmp_path):
 
 def test_the_readme_has_sample_blocks():
     assert len(readme_blocks("bash")) >= 1 and len(readme_blocks("python")) >= 1
+    # the README's first run, then the pages that took the rest of it: all run, none dropped
+    pages = {page for lang in ("bash", "python") for page, _ in sample_blocks(lang)}
+    assert {"README.md", "docs/configuration.md", "docs/run-directory.md", "docs/python.md"} <= pages, pages
+    assert len(readme_blocks("bash")) >= 3 and len(readme_blocks("python")) >= 1
     cmds = [c for b in readme_blocks("bash") for c in commands(b)]
     assert any(c.startswith("caffe-runner -m ") for c in cmds), "the sweep example is among them"
     assert any(c.startswith("caffe-runner status ") for c in cmds)
@@ -55,7 +64,7 @@ def test_readme_shell_blocks_run_as_written(repo_like):
     for block in readme_blocks("bash"):
         for cmd in commands(block):
             p = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-            assert p.returncode == 0, f"README command failed: {cmd}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+            assert p.returncode == 0, f"documented command failed: {cmd}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
             assert "Traceback" not in p.stderr, cmd
             if cmd.startswith("caffe-runner status "):
                 assert "merged" in p.stdout
@@ -78,12 +87,12 @@ def test_readme_python_blocks_run_as_written(repo_like):
     for block in readme_blocks("python"):
         p = subprocess.run([sys.executable, "-c", block], cwd=cwd, env=env, capture_output=True, text=True,
                            timeout=900)
-        assert p.returncode == 0, f"README block failed:\n{block}\n{p.stderr[-3000:]}"
+        assert p.returncode == 0, f"documented block failed:\n{block}\n{p.stderr[-3000:]}"
 
 
 def _python_block():
     blocks = [b for b in readme_blocks("python") if "extract(" in b]
-    assert len(blocks) == 1, "the README's Python API example"
+    assert len(blocks) == 1, "the Python API example (docs/python.md)"
     return blocks[0]
 
 
@@ -151,12 +160,11 @@ def test_a_worker_that_cannot_start_fails_the_run_at_once(repo_like, tmp_path):
 
 
 def test_readme_preset_of_your_own_runs_as_written(zoo, photos, tmp_path):
-    """The README's preset for a fine-tuned net (the zoo's Flickr style, random weights here) is
+    """The documented preset for a fine-tuned net (the zoo's Flickr style, random weights here) is
     written where its first line says, its files put where it names them, and the block after it
     runs as one script (its `export` holds for the lines after it), with HOME a fresh folder."""
-    text = (REPO / "README.md").read_text()
-    preset = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "name: flickr_style" in b]
-    script = [b for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S) if "model=flickr_style" in b]
+    preset = [b for _, b in doc_blocks("yaml") if "name: flickr_style" in b]
+    script = [b for _, b in doc_blocks("bash") if "model=flickr_style" in b]
     assert len(preset) == 1 and len(script) == 1
     home = tmp_path / "home"
     where = Path(preset[0].splitlines()[0].lstrip("# ").strip().replace("~", str(home)))

@@ -24,6 +24,8 @@ from runner.stats import format_summary
 from runner.status import format_status, run_status, shard_state
 from runner.synthetic import make_run, shard_file
 
+from conftest import docs_text
+
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parent.parent
 
@@ -305,15 +307,14 @@ def test_a_config_change_names_each_key_and_both_values():
     assert changes[0] == "model.prototxt (sha256): aaaaaaaaaaaa... -> bbbbbbbbbbbb..." and changes[-1] == "and 2 more"
 
 
-def test_a_busy_run_directory_exits_2_as_the_readme_says(tmp_path, capsys):
+def test_a_busy_run_directory_exits_2_as_the_docs_say(tmp_path, capsys):
     from runner.launch import launch_lock
 
     run = tmp_path / "run"
     with launch_lock(run):
         code, out, err = _cli(capsys, f"input.dir={tmp_path}", f"output.dir={run}")
     assert code == cli.EXIT_USAGE == 2 and "is in use by caffe-runner pid" in err
-    readme = (REPO / "README.md").read_text()
-    row = next(ln for ln in readme.splitlines() if ln.startswith("| 2 |"))
+    row = next(ln for ln in docs_text("docs/troubleshooting.md").splitlines() if ln.startswith("| 2 |"))
     assert "refused run directory" in row and "in use" in row
 
 

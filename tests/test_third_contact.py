@@ -48,7 +48,7 @@ def test_the_input_stamp_ignores_what_a_run_inside_it_writes(tmp_path):
 
 
 def test_a_run_made_inside_the_input_later_does_not_change_another_runs_stamp(tmp_path):
-    """README: `output.dir` inside `input.dir` works. Creating that run folder changes the input
+    """docs/run-directory.md: `output.dir` inside `input.dir` works. Creating that run folder changes the input
     folder's own mtime; a run listed before (its output elsewhere) must not take that for a
     changed input (its rerun was refused and `verify` failed), while a renamed image still counts."""
     import time
