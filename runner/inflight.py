@@ -18,13 +18,10 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from .errors import ConfigError, shell_quote
-from .slurmjobs import JobWord, ask_squeue
+from .slurmjobs import JobWord, ask_squeue, state_alive
 
 SUBMISSIONS = "submissions.json"
 SQUEUE_TIMEOUT_S = 60  # a submission waits this long for the controller before it is refused
-# squeue states after which a job runs nothing more (anything else may still start or write)
-ENDED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
-                   "BOOT_FAIL", "DEADLINE", "REVOKED"})
 
 
 def read_submissions(run_dir: Path) -> List[Dict]:
@@ -68,7 +65,7 @@ def squeue_jobs(job_ids: Iterable[str]) -> Dict[str, Tuple[str, str]]:
         raise ConfigError(f"this run has Slurm jobs ({', '.join(ids[:4])}{' ...' if len(ids) > 4 else ''}) and "
                           "`squeue` is not on PATH to tell whether they still run: run the command on the "
                           "cluster's login node")
-    # every state: a job that ended reads as ended (ENDED), not as absent
+    # every state: a job that ended reads as ended (slurmjobs.state_alive), not as absent
     words, why = ask_squeue(ids, all_states=True, timeout_s=SQUEUE_TIMEOUT_S)
     if words is None:
         raise ConfigError(f"squeue could not say whether this run's jobs still run ({why}): retry when "
@@ -102,11 +99,11 @@ def live_of(tasks: Dict[int, str], merges: List[str], known: Dict[str, Tuple[str
     fl = InFlight()
     for shard, jid in tasks.items():
         state, where = known.get(jid, ("", ""))
-        if state and state not in ENDED:
+        if state_alive(state):
             fl.shards[shard] = (jid, state, where)
     for m in merges:
         state, where = known.get(m, ("", ""))
-        if state and state not in ENDED:
+        if state_alive(state):
             fl.merges[m] = (state, where)
     return fl
 

@@ -26,6 +26,7 @@ import numpy as np
 from .atomic import atomic_write_text
 from .events import attempts as group_attempts, events_path, read_commands, read_events, read_jsonl
 from .errors import shown
+from .slurmjobs import query_jobs, state_alive
 from .stats import reason_kind
 
 RASTER_ABOVE = 300       # timeline bars drawn as an image above this many attempts
@@ -93,10 +94,10 @@ def attempt_word(att: Dict, word) -> Optional[Tuple[str, str]]:
     runs = list(word.runs) or [word.state]
     r = int(att.get("restart") or 0)
     state = runs[r] if r < len(runs) else word.state
-    if state in ("RUNNING", "PENDING", "COMPLETING", "CONFIGURING", "SUSPENDED", "COMPLETED", ""):
-        return None
-    if state in ("REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
+    if state in ("REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SPECIAL_EXIT"):
         return "requeued", f"requeued by Slurm ({state})"
+    if state == "COMPLETED" or state_alive(state):
+        return None
     why = {"CANCELLED": "CANCELLED (scancel)", "NODE_FAIL": "NODE_FAIL (its node was lost)",
            "OUT_OF_MEMORY": "OUT_OF_MEMORY", "TIMEOUT": "TIMEOUT", "PREEMPTED": "PREEMPTED",
            "FAILED": f"FAILED, exit code {word.exit_code or '?'}"}.get(state, state)
@@ -107,8 +108,6 @@ def _slurms_word_on_silent_attempts(attempts: List[Dict]) -> None:
     """Earlier attempts that stopped without a word (a scancel, a node lost) under a shard that has
     since moved on: how they ended, in Slurm's words (one batched query; left as they are where
     Slurm cannot say)."""
-    from .slurmjobs import query_jobs
-
     silent = [a for a in attempts if a["outcome"] == "ended" and a.get("job_id")]
     if not silent:
         return

@@ -25,9 +25,25 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 SQUEUE_FORMAT = "%i|%T|%r|%N|%M"
 SACCT_FIELDS = "JobID,State,ExitCode,NodeList,ElapsedRaw,Reason"
-# a task in these states may still write its shard (COMPLETING: its processes are being ended)
+# The one list of Slurm's job states, for every reader (a resubmission's in-flight check, wait,
+# status, report). Ended: the job runs nothing more, ever. Anything else (pending, running, held,
+# stopped, requeued, or a state this list does not know) may still start or write its shard: a
+# twin must not be submitted beside it, and `wait` must not call it dead.
+ENDED_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+                          "BOOT_FAIL", "DEADLINE", "REVOKED"})
+# the states Slurm documents that are not ends (COMPLETING: its processes are being ended; STOPPED:
+# SIGSTOPped, it keeps its nodes; SPECIAL_EXIT, RESV_DEL_HOLD: requeued and held)
 ALIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
-                          "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT"})
+                          "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",
+                          "SPECIAL_EXIT", "RESV_DEL_HOLD", "POWER_UP_NODE", "UPDATE_DB"})
+
+
+def state_alive(state: str) -> bool:
+    """Whether a job in this base state may still run (pure): every state but the ends, an
+    unknown one included (a newer Slurm's: assuming it ended could start a twin)."""
+    return bool(state) and state not in ENDED_STATES
+
+
 # how a run ended that Slurm restarts by itself when the job may be requeued
 REQUEUE_CAUSES = ("NODE_FAIL", "PREEMPTED", "REQUEUED", "BOOT_FAIL")
 TIMEOUT_S = 30  # one query; a controller that does not answer in this long is "not known"
@@ -49,7 +65,7 @@ class JobWord:
 
     @property
     def alive(self) -> bool:
-        return self.state in ALIVE_STATES
+        return state_alive(self.state)
 
     @property
     def requeued(self) -> bool:
@@ -259,7 +275,7 @@ def query_jobs(job_ids: Iterable[str], accounting: bool = True) -> SlurmWord:
             word.jobs.update({k: v for k, v in found.items() if k in rest})
             for j in pending:
                 if j in found:
-                    ended = tuple(st for st in found[j].runs if st not in ALIVE_STATES)
+                    ended = tuple(st for st in found[j].runs if not state_alive(st))
                     word.jobs[j] = replace(word.jobs[j], earlier=ended, restarts=len(ended))
             rest = [j for j in rest if j not in word.jobs]
     if rest and ("sacct" not in word.sources or not accounting):

@@ -273,3 +273,23 @@ def test_a_watcher_asks_slurm_about_the_same_jobs_at_most_once_per_floor(monkeyp
     clock[0] += status.SLURM_ASK_FLOOR_S
     assert status._ask_slurm(tmp_path, ["7_0", "7_1"], True) == 4  # the floor passed: asked again
     assert len(asked) == 4
+
+
+@pytest.mark.unit
+def test_one_list_of_slurm_states_for_every_reader():
+    """A resubmission's in-flight check, wait/status (JobWord.alive) and the report read the same
+    list: a STOPPED or SPECIAL_EXIT job (held, requeued) and a state this Slurm release adds are
+    alive to all of them (no twin submitted, no death reported); the ends are ended to all."""
+    from runner.inflight import live_of
+    from runner.report import attempt_word
+    from runner.slurmjobs import ENDED_STATES, JobWord, state_alive
+
+    for state in ("STOPPED", "SPECIAL_EXIT", "RESV_DEL_HOLD", "PENDING", "RUNNING", "SOME_NEW_STATE"):
+        assert state_alive(state) and JobWord("7_0", state, "squeue").alive, state
+        assert 0 in live_of({0: "7_0"}, [], {"7_0": (state, "")}).shards, state
+    for state in ENDED_STATES:
+        assert not state_alive(state) and not JobWord("7_0", state, "sacct").alive, state
+        assert not live_of({0: "7_0"}, [], {"7_0": (state, "")}), state
+    assert attempt_word({}, JobWord("7_0", "STOPPED", "sacct")) is None
+    assert attempt_word({}, JobWord("7_0", "SPECIAL_EXIT", "sacct"))[0] == "requeued"
+    assert attempt_word({}, JobWord("7_0", "CANCELLED", "sacct"))[0] == "killed"
