@@ -36,17 +36,24 @@ def read_submissions(run_dir: Path) -> List[Dict]:
     return subs if isinstance(subs, list) else []
 
 
-def recorded_jobs(subs: List[Dict]) -> Tuple[Dict[int, str], List[str]]:
-    """(shard -> the job id of its latest submission, merge job ids in submission order) (pure)."""
-    tasks: Dict[int, str] = {}
+def latest_tasks(subs: List[Dict]) -> Tuple[Dict[int, Dict], List[str]]:
+    """(shard -> the task record of its latest submission, merge job ids in submission order)
+    (pure)."""
+    tasks: Dict[int, Dict] = {}
     merges: List[str] = []
     for s in subs:
         for t in s.get("tasks", []):
-            tasks[int(t["shard"])] = str(t["job_id"])
+            tasks[int(t["shard"])] = t
         m = s.get("merge_job_id")
         if m and str(m) not in merges:
             merges.append(str(m))
     return tasks, merges
+
+
+def recorded_jobs(subs: List[Dict]) -> Tuple[Dict[int, str], List[str]]:
+    """(shard -> the job id of its latest submission, merge job ids in submission order) (pure)."""
+    tasks, merges = latest_tasks(subs)
+    return {i: str(t["job_id"]) for i, t in tasks.items()}, merges
 
 
 def state_where(words: Dict[str, JobWord]) -> Dict[str, Tuple[str, str]]:

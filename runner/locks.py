@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .errors import ConfigError, RunnerError
+from .slurmjobs import job_id_from_env
 from .testgate import gate
 
 PathLike = Union[str, os.PathLike]
@@ -129,8 +130,7 @@ def attempt_id() -> str:
 
 def holder_line(what: str, attempt: Optional[str] = None) -> str:
     """Who takes a lock now, as its file names them (one line)."""
-    job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job else os.environ.get("SLURM_JOB_ID")
+    job = job_id_from_env(os.environ)
     return (f"{what} pid {os.getpid()} on {socket.gethostname()}{' Slurm job ' + job if job else ''} "
             f"since {time.strftime('%Y-%m-%d %H:%M:%S')}{' attempt ' + attempt if attempt else ''}")
 

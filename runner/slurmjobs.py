@@ -21,7 +21,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field, replace
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 SQUEUE_FORMAT = "%i|%T|%r|%N|%M"
 SACCT_FIELDS = "JobID,State,ExitCode,NodeList,ElapsedRaw,Reason"
@@ -70,6 +70,16 @@ class JobWord:
     @property
     def requeued(self) -> bool:
         return self.restarts > 0 or bool(self.earlier) or self.state.startswith("REQUEUE")
+
+
+def job_id_from_env(environ: Mapping[str, str]) -> Optional[str]:
+    """This process's Slurm job as Slurm names it (pure): "A_I" for array task I of array A,
+    else the plain job id; None outside Slurm. The one place a job id is built from the
+    environment (task identity, lock holder lines)."""
+    job, task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+    if job and task:
+        return f"{job}_{task}"
+    return environ.get("SLURM_JOB_ID") or None
 
 
 def base_state(text: str) -> str:

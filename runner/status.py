@@ -13,13 +13,14 @@ from typing import Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
+from .inflight import latest_tasks, read_submissions
 from .inputs.listing import describe as describe_listing
 from .plan import load_run_dir
 from .rundir import launch_holder, pid_alive, shard_file_counts
 from .lastwords import caffe_last_words
 from .liveness import WATCH, beat_age_s, clock_ahead_s, judge, lost, pid_namespace
 from .slurmjobs import JobWord, query_jobs
-from .errors import FailureShareError, shell_quote, shown
+from .errors import ConfigError, FailureShareError, shell_quote, shown
 from .stats import check_failure_share, top_reasons
 
 # less free space than this where the run is: a shard stopped there ran out of it (a shard that
@@ -264,22 +265,6 @@ def apply_slurm_word(st: Dict, word: Optional[JobWord], log_tail: str = "", mem_
     return st
 
 
-def _latest_jobs(run_dir: Path) -> Tuple[Dict[int, Dict], List[str]]:
-    """{shard: its latest submission's task record}, and the merge job ids, from submissions.json."""
-    try:
-        subs = json.loads((Path(run_dir) / "submissions.json").read_text())
-    except (OSError, ValueError):
-        return {}, []
-    tasks: Dict[int, Dict] = {}
-    merges: List[str] = []
-    for sub in subs if isinstance(subs, list) else []:
-        for t in sub.get("tasks", []):
-            tasks[int(t["shard"])] = t
-        if sub.get("merge_job_id"):
-            merges.append(str(sub["merge_job_id"]))
-    return tasks, merges
-
-
 def _log_tail(path: Optional[str], limit: int = 64 * 1024) -> str:
     if not path:
         return ""
@@ -322,7 +307,11 @@ def _ask_slurm(run_dir, job_ids: List[str], accounting: bool):
 def slurm_view(run, states: List[Dict], accounting: bool = True) -> Tuple[List[Dict], Dict]:
     """The states with Slurm's word applied (one batched query), and the run's Slurm summary:
     {sources, problems, merge: {job_id, state} or None}."""
-    tasks, merges = _latest_jobs(run.rundir.path)
+    try:
+        tasks, merges = latest_tasks(read_submissions(run.rundir.path))
+    except ConfigError as e:  # a damaged submissions.json: said, and the files speak alone
+        return [dict(s, alive=s["state"] == "running") for s in states], {"sources": [], "problems": [str(e)],
+                                                                            "merge": None}
     if not tasks:
         return [dict(s, alive=s["state"] == "running") for s in states], {}
     # the job that last wrote a shard is its heartbeat's (a task may take others' shards:

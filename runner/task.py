@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from . import log
+from .slurmjobs import job_id_from_env
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,11 @@ class TaskIdentity:
 
 
 def task_identity(environ: Mapping[str, str] = os.environ) -> TaskIdentity:
-    job = environ.get("SLURM_ARRAY_JOB_ID")
     task = environ.get("SLURM_ARRAY_TASK_ID")
-    if job and task:
-        job_id: Optional[str] = f"{job}_{task}"
-    else:
-        job_id = environ.get("SLURM_JOB_ID")
     return TaskIdentity(
         host=socket.gethostname(),
         pid=os.getpid(),
-        job_id=job_id,
+        job_id=job_id_from_env(environ),
         array_task_id=int(task) if task and task.isdigit() else None,
         restart_count=int(environ.get("SLURM_RESTART_COUNT", "0") or 0),
         visible_gpus=environ.get("CUDA_VISIBLE_DEVICES"),

@@ -293,3 +293,21 @@ def test_one_list_of_slurm_states_for_every_reader():
     assert attempt_word({}, JobWord("7_0", "STOPPED", "sacct")) is None
     assert attempt_word({}, JobWord("7_0", "SPECIAL_EXIT", "sacct"))[0] == "requeued"
     assert attempt_word({}, JobWord("7_0", "CANCELLED", "sacct"))[0] == "killed"
+
+
+@pytest.mark.unit
+def test_a_damaged_submissions_file_reads_the_same_to_status_as_to_a_resubmission(tmp_path):
+    """One reader of submissions.json: the resubmission's in-flight check refuses a damaged file
+    with the fix; status says the same line (and reads the files alone) instead of ignoring it."""
+    from runner.errors import ConfigError
+    from runner.inflight import in_flight
+    from runner.status import format_status, run_status
+    from runner.synthetic import make_run
+
+    run_dir = make_run(tmp_path / "run", 8, 2, dim=2)
+    (run_dir / "submissions.json").write_text('[{"array_job_id": "12", "tasks": [')
+    with pytest.raises(ConfigError, match="submissions.json is damaged") as e:
+        in_flight(run_dir)
+    st = run_status(run_dir)
+    assert st["slurm_word"]["problems"] == [str(e.value)]
+    assert f"Slurm: {e.value}" in format_status(st)
