@@ -24,6 +24,7 @@ import numpy as np
 from .atomic import atomic_write_text
 from .errors import ConfigError, shell_quote
 from .sweep import read_sweep, sweep_points
+from .h5 import open_h5
 
 COMPARE_JSON = "compare.json"
 COMPARE_SVG = "compare.svg"
@@ -86,7 +87,6 @@ def _points(root: Path) -> List[Tuple[str, Path]]:
 
 def representations(root: Path) -> List[Representation]:
     """Every blob of every finished point, with a check that the points saw the same input."""
-    import h5py
 
     reps: List[Representation] = []
     stamp = None
@@ -103,7 +103,7 @@ def representations(root: Path) -> List[Representation]:
             raise ConfigError(f"sweep points {first} and {name} were run on different inputs: compare needs "
                               f"the same images in every point")
         blobs = [str(b) for b in plan.get("blobs") or []]
-        with h5py.File(merged, "r") as f:
+        with open_h5(merged, "r") as f:
             for b in blobs:  # in the run's own order; '/' in a blob name is '__' in the file
                 shape = f["features"][b.replace("/", "__")].shape
                 reps.append(Representation(name if len(blobs) == 1 else f"{name}:{b}", name, d,
@@ -135,7 +135,6 @@ def _chunks(files: Dict[str, "object"], count: int, chunk: int) -> Iterator[Dict
 
 def compare(root: Path, max_gb: float = 4.0, chunk: int = CHUNK_ROWS) -> Dict:
     """The CKA matrix of a sweep's representations; writes compare.json and compare.svg."""
-    import h5py
 
     root = Path(root)
     reps = representations(root)
@@ -148,7 +147,7 @@ def compare(root: Path, max_gb: float = 4.0, chunk: int = CHUNK_ROWS) -> Dict:
     moments = Moments([r.dim for r in reps])
     points = sorted({r.point: r.run_dir for r in reps}.items())
     with ExitStack() as stack:
-        files = {name: stack.enter_context(h5py.File(d / "features.h5", "r")) for name, d in points}
+        files = {name: stack.enter_context(open_h5(d / "features.h5", "r")) for name, d in points}
         count = int(json.loads((points[0][1] / "run.json").read_text())["count"])
         for rows in _chunks(files, count, chunk):
             blocks = []

@@ -28,6 +28,7 @@ import numpy as np
 from .atomic import commit
 from .errors import ConfigError, did_you_mean
 from .write import dataset_name
+from .h5 import open_h5
 
 PART_BYTES = 512 << 20
 CHUNK_BYTES = 32 << 20
@@ -72,7 +73,6 @@ def check_target(out: Path) -> None:
 
 def export_embeddings(paths: Sequence[Path], out: Path, blob: Optional[str], blobs: Sequence[str],
                       part_rows: Optional[int] = None) -> Path:
-    import h5py
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -82,7 +82,7 @@ def export_embeddings(paths: Sequence[Path], out: Path, blob: Optional[str], blo
     total, dim = 0, None
     has_labels = True
     for p in paths:
-        with h5py.File(p, "r", locking=False) as f:
+        with open_h5(p, "r") as f:
             total += len(f["index"])
             dim = int(np.prod(f[ds].shape[1:])) if dim is None else dim
             has_labels = has_labels and "labels" in f
@@ -115,7 +115,7 @@ def export_embeddings(paths: Sequence[Path], out: Path, blob: Optional[str], blo
 
         npy, meta = open_part(0)
         for p in paths:
-            with h5py.File(p, "r", locking=False) as f:
+            with open_h5(p, "r") as f:
                 n = len(f["index"])
                 a = 0
                 while a < n:

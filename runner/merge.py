@@ -51,6 +51,7 @@ from .private import check_private, private_files
 from .rundir import MERGE_LOCK, VIEW_DIR, probe_writable
 from .runtimes.identity import image_label
 from .write import blobs_attr, dataset_name
+from .h5 import open_h5
 
 ROW_DATASETS = ("names", "names_raw", "index")
 # per-row datasets carried when the shards have them (labels from a labelled input list)
@@ -72,7 +73,7 @@ TEST_MERGE_GATE = "CAFFE_RUNNER_TEST_MERGE_GATE"
 
 
 def _open(path, mode="r"):
-    return h5py.File(path, mode, locking=False)
+    return open_h5(path, mode)
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,7 @@ def merged_is_current(run) -> bool:
         m = merged.stat().st_mtime_ns
         if any(os.stat(run.shard_path(i)).st_mtime_ns > m for i in range(run.num_shards)):
             return False
-        with h5py.File(merged, "r", locking=False) as f:
+        with open_h5(merged, "r") as f:
             counted = f["index"].shape[0] + f["failures/index"].shape[0]
             return counted == int(run.plan["count"]) and f.attrs.get("fingerprint") == run.plan.get("fingerprint")
     except (OSError, KeyError):

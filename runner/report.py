@@ -28,6 +28,7 @@ from .events import attempts as group_attempts, events_path, read_commands, read
 from .errors import shown
 from .slurmjobs import query_jobs, state_alive
 from .stats import reason_kind
+from .h5 import open_h5
 
 RASTER_ABOVE = 300       # timeline bars drawn as an image above this many attempts
 LINES_UP_TO = 12         # per-task rate: one line per task up to this many, a map above
@@ -69,9 +70,8 @@ def _shard_attempts(run, i: int, now: float, st: Dict) -> List[Dict]:
         else:
             att[-1]["outcome"], att[-1]["error"] = "killed", st.get("error")
     if not att and final.exists():
-        import h5py
 
-        with h5py.File(final, "r", locking=False) as f:
+        with open_h5(final, "r") as f:
             a = f.attrs
             end = final.stat().st_mtime
             el = float(a.get("elapsed_s", 0.0)) + float(a.get("load_s", 0.0))
@@ -124,10 +124,9 @@ def _shard_file_facts(path: Path, reasons: Counter, examples: Dict[str, List[str
     """Numeric attributes of a complete shard file (its quality and speed figures), its
     failures folded into `reasons` / `examples`, and its backend (as configured) and engine (as
     run) into `ran` ({attr: {value: shards}})."""
-    import h5py
 
     figures: Dict[str, float] = {}
-    with h5py.File(path, "r", locking=False) as f:
+    with open_h5(path, "r") as f:
         figures["_rows"], figures["_failures"] = len(f["index"]), len(f["failures/index"])
         for k, by in (ran or {}).items():
             by.setdefault(str(f.attrs.get(k, "")), []).append(shard)
@@ -204,10 +203,9 @@ def _read_text(path: Path) -> str:
 def _merged_attrs(path: Path) -> Dict[str, str]:
     if not path.exists():
         return {}
-    import h5py
 
     try:
-        with h5py.File(path, "r", locking=False) as f:
+        with open_h5(path, "r") as f:
             return {k: str(f.attrs[k]) for k in ("blob_shapes", "container_images", "layout", "device")
                     if k in f.attrs}
     except OSError:

@@ -33,6 +33,7 @@ from .private import check_private
 from .stats import TRANSIENT, is_transient, reason_kind, write_stats  # noqa: F401 (TRANSIENT: re-exported)
 from .rundir import partials_of, probe_writable
 from .write import ShardWriter, blobs_attr, dataset_name
+from .h5 import open_h5
 
 RETRY_DIR = "retry"
 COMMIT = "commit.json"
@@ -73,11 +74,10 @@ def _source_stamp(path: Path) -> str:
 
 def candidates(run, select) -> Dict[int, List[Tuple[int, bytes, str]]]:
     """Per shard: its recorded failures (index, raw name, reason) that `select` picks."""
-    import h5py
 
     out: Dict[int, List[Tuple[int, bytes, str]]] = {}
     for i in range(run.num_shards):
-        with h5py.File(run.shard_path(i), "r", locking=False) as f:
+        with open_h5(run.shard_path(i), "r") as f:
             why = f["failures/reason"].asstr()[:]
             pick = [k for k, r in enumerate(why) if select(r)]
             if pick:
@@ -136,11 +136,10 @@ class _Extractor:
 
 def stage_shard(run, i: int, cands: List[Tuple[int, bytes, str]], ex: _Extractor, staged: Path) -> Dict:
     """Write shard i with its recovered images as feature rows to `staged` (via .partial)."""
-    import h5py
 
     src_path = run.shard_path(i)
     feats, still = ex.run([j for j, _, _ in cands])
-    with h5py.File(src_path, "r", locking=False) as src:
+    with open_h5(src_path, "r") as src:
         a = dict(src.attrs)
         blobs = blobs_attr(a)
         shapes = {b: tuple(src[f"features/{dataset_name(b)}"].shape[1:]) for b in blobs}
@@ -205,11 +204,10 @@ def shard_threads(run, i: int) -> int:
     """The BLAS threads shard i was extracted with (run_shard records them): BLAS sums in another
     order with another thread count, so a retry that is to be bit-identical runs with these.
     A shard made before they were recorded: this task's default (cores, or the Slurm allocation)."""
-    import h5py
 
     from .task import default_threads
 
-    with h5py.File(run.shard_path(i), "r", locking=False) as f:
+    with open_h5(run.shard_path(i), "r") as f:
         t = f.attrs.get("blas_threads")
     if t is not None:
         return int(t)

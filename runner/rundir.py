@@ -30,6 +30,7 @@ from .inflight import refuse_if_live
 from .liveness import pid_start
 from .locks import lock_holder
 from .shard import shard_name
+from .h5 import open_h5
 
 RUN_JSON = "run.json"
 LAUNCH_LOCK = "launch.lock"  # held (flock) by the process launching the run
@@ -121,10 +122,9 @@ class RunDir:
         image once, as a row or a failure: what "merged" means, not that a file of that name exists
         (a merge killed before its rename leaves none; one of an older plan, a relisted run's,
         counts fewer). Read from its attributes: one small open."""
-        import h5py
 
         try:
-            with h5py.File(self.merged, "r", locking=False) as f:
+            with open_h5(self.merged, "r") as f:
                 a = f.attrs
                 return (int(a.get("rows", -1)) + int(a.get("n_failures", 0)) == int(plan["count"])
                         and a.get("fingerprint") == plan.get("fingerprint"))
@@ -198,10 +198,9 @@ def shard_file_counts(path: Path, fingerprint: str) -> Optional[Dict[str, object
     key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, fingerprint)
     if key in _FILE_INFO_CACHE:
         return _FILE_INFO_CACHE[key]
-    import h5py
 
     try:
-        with h5py.File(path, "r", locking=False) as f:
+        with open_h5(path, "r") as f:
             a = f.attrs
             fp = a.get("fingerprint")
             fp = fp.decode() if isinstance(fp, bytes) else fp

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .errors import FailureShareError, shell_quote
 from .atomic import atomic_write_text
+from .h5 import open_h5
 
 STATS_JSON = "stats.json"
 TOP_REASONS = 5
@@ -78,7 +79,6 @@ def _gpu_figures(attrs) -> Dict:
 
 def collect_stats(run, elapsed_s: Optional[float] = None) -> Dict:
     """Totals and per-shard figures from the run's complete shard files."""
-    import h5py
 
     rd, n = run.rundir, run.num_shards
     shards: List[Dict] = []
@@ -89,7 +89,7 @@ def collect_stats(run, elapsed_s: Optional[float] = None) -> Dict:
         if not run.shard_done(i):
             shards.append({"shard": i, "complete": False})
             continue
-        with h5py.File(path, "r", locking=False) as f:
+        with open_h5(path, "r") as f:
             a = f.attrs
             r, fl = int(a["rows"]), int(a["n_failures"])
             reasons.update(reason_kind(x) for x in f["failures/reason"].asstr()[:])

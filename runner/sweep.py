@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .atomic import atomic_write_text
+from .h5 import open_h5
 
 SWEEP_JSON = "sweep.json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -145,9 +146,8 @@ def _point_facts(d: Path) -> Dict:
     except (OSError, ValueError, AttributeError):
         return facts
     try:
-        import h5py
 
-        with h5py.File(d / "features.h5", "r", locking=False) as f:
+        with open_h5(d / "features.h5", "r") as f:
             facts["dims"] = {b: "x".join(map(str, f["features"][b.replace("/", "__")].shape[1:]))
                              for b in facts["blobs"]}
     except (OSError, KeyError):

@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import h5py
 import numpy as np
 
 from .changes import describe_change, input_change_advice, stamp_changed
@@ -25,6 +24,7 @@ from .plan import load_run_dir
 from .stats import read_retries
 from .merge import NAME_CHUNK_ROWS, check_sources
 from .write import content_digests, dataset_name
+from .h5 import open_h5
 
 
 def _check_content(f, path: Path, i: int, problems: List[str]) -> bool:
@@ -51,7 +51,7 @@ def _check_shard(path: Path, i: int, run, manifest, problems: List[str],
                  unchecked: Optional[List[int]] = None) -> None:
     start, stop = run.shard_range(i)
     try:
-        f = h5py.File(path, "r", locking=False)
+        f = open_h5(path, "r")
     except Exception as e:
         problems.append(f"shard {i}: {path.name} cannot be opened ({e}): delete it and rerun the extraction")
         return
@@ -118,7 +118,7 @@ def _row_digest(x: np.ndarray) -> bytes:
 def _check_merged(run, problems: List[str]) -> None:
     path = run.rundir.merged
     try:
-        f = h5py.File(path, "r", locking=False)
+        f = open_h5(path, "r")
     except Exception as e:
         problems.append(f"features.h5 cannot be opened ({e}): run `caffe-runner merge {shell_quote(run.rundir.path)}`")
         return
@@ -139,7 +139,7 @@ def _check_merged(run, problems: List[str]) -> None:
         digests = []
         pos = fpos = 0
         for i in range(run.num_shards):
-            with h5py.File(run.shard_path(i), "r", locking=False) as s:
+            with open_h5(run.shard_path(i), "r") as s:
                 for name, off, total in (("index", pos, n_rows), ("failures/index", fpos, n_fail)):
                     n = len(s[name])
                     if off + n > total:

@@ -56,6 +56,7 @@ from .errors import RunnerError, ShardBusyError, ShardLostError
 from .features import pooled_shape, postprocess  # noqa: F401  (moved to features.py; old import path)
 from .locks import FileLock, LockHeld, attempt_host, attempt_id
 from .rundir import partial_of, partials_of, pid_alive
+from .h5 import open_h5
 
 STR = h5py.string_dtype("utf-8")
 RAW = h5py.string_dtype("ascii")  # stored as the exact bytes; HDF5 does not check them
@@ -171,8 +172,7 @@ def torn_counters(attrs) -> Optional[str]:
 
 
 def _open(path, mode):
-    # each attempt writes its own file; HDF5's file locking fails on many cluster file systems
-    return h5py.File(path, mode, locking=False)
+    return open_h5(path, mode)
 
 
 def _digest_update(h, values) -> None:

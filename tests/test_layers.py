@@ -16,7 +16,7 @@ RUNNER = Path(__file__).resolve().parent.parent / "runner"
 
 # lowest first; a module may import from its own layer and the ones before it
 LAYERS: List[Tuple[str, List[str]]] = [
-    ("leaves", ["runner", "runner.errors", "runner.shard", "runner.features", "runner.decode", "runner.decodepool", "runner.samples",
+    ("leaves", ["runner", "runner.errors", "runner.shard", "runner.features", "runner.decode", "runner.decodepool", "runner.h5", "runner.samples",
                 "runner.capacity", "runner.peakmem", "runner.flops", "runner.lastwords", "runner.slurmjobs",
                 "runner.liveness", "runner.schema", "runner.task", "runner.changes", "runner.atomic", "runner.locks",
                 "runner.testgate", "runner.digest", "runner.netstate"]),
@@ -207,3 +207,12 @@ def test_no_private_name_imported_across_modules():
                 bad += [f"{module}:{node.lineno} {a.name}" for a in node.names
                         if a.name.startswith("_") and not a.name.startswith("__")]
     assert not bad, bad
+
+
+def test_every_hdf5_file_is_opened_through_one_opener():
+    """Each protocol once (issue 38): an HDF5 file is opened only by runner/h5.py's open_h5 (no
+    HDF5 file locking, which fails on many cluster file systems); an h5py.File elsewhere would
+    bring back the one spot that forgot locking=False."""
+    offenders = [f"{p.relative_to(RUNNER.parent)}:{n}" for p in RUNNER.rglob("*.py") if p.name != "h5.py"
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if "h5py.File(" in line]
+    assert offenders == []
