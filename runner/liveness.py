@@ -5,7 +5,7 @@ The writing side (Heart): a task beats from a thread of its own every `interval_
 model load or a long batch never looks like death; each beat records its interval, a sequence
 number, the host, the pid and the pid namespace (/proc/self/ns/pid) it was written from.
 
-The reading side (judge): a pid means something only on the beat's own host AND in its own pid
+The reading side (judge_beat): a pid means something only on the beat's own host AND in its own pid
 namespace (a container, or a node's namespace on the dev cluster, has pids of its own): there
 it decides. Elsewhere the beat's age decides, measured against the beat's own interval
 (STALE_BEATS of them), not a fixed figure.
@@ -143,7 +143,7 @@ def stale_after_s(beat: Dict) -> float:
     return STALE_BEATS * float(beat.get("interval_s") or LEGACY_INTERVAL_S)
 
 
-def judge(beat: Dict, age_s: float, host: str, pidns: str, pid_alive: Callable[..., bool]) -> str:
+def judge_beat(beat: Dict, age_s: float, host: str, pidns: str, pid_alive: Callable[..., bool]) -> str:
     """A running beat's verdict (pure but for pid_alive(pid, start): start is the beat's
     pid_start, None in beats written before it was recorded):
       "alive"  its pid runs (the same process: its start time), checked on its own host and pid namespace

@@ -507,7 +507,7 @@ class OnnxEngine(Engine):
         rows of x): a selfcheck.SelfCheck under the per-channel metric."""
         import caffe
 
-        from .selfcheck import SELFCHECK_IMAGES, judge
+        from .selfcheck import SELFCHECK_IMAGES, check_verdict
 
         if self._reference is None:  # a later shard's check: Caffe's net from the files again
             self._reference = fold.net_from_text(caffe, self._text, self.model_cfg.weights)
@@ -520,7 +520,7 @@ class OnnxEngine(Engine):
         net.blobs[self._input].data[...] = x[:n]
         net.forward()
         per = {b: channel_difference(out[b][:n], net.blobs[b].data) for b in self.blobs}
-        return judge(per, ONNX_CHECK_TOLERANCE, n, time.process_time() - t0)
+        return check_verdict(per, ONNX_CHECK_TOLERANCE, n, time.process_time() - t0)
 
     def start_shard(self) -> None:
         """A shard begins: its first batch is checked against Caffe."""

@@ -95,7 +95,7 @@ class SelfCheck:
                 "selfcheck_cpu_s": round(self.cpu_s, 4)}
 
 
-def judge(per_blob: Mapping[str, float], tol: float, images: int, cpu_s: float) -> SelfCheck:
+def check_verdict(per_blob: Mapping[str, float], tol: float, images: int, cpu_s: float) -> SelfCheck:
     blob = max(per_blob, key=lambda b: per_blob[b])
     return SelfCheck(blob, per_blob[blob], dict(per_blob), tol, images, cpu_s)
 
@@ -118,7 +118,7 @@ def run_selfcheck(engine, x: np.ndarray, gpu_out: Mapping[str, np.ndarray], tol:
     t0 = time.perf_counter()
     cpu_out = engine.forward_cpu(x[:k])
     cpu_s = time.perf_counter() - t0
-    chk = judge(compare({b: v[:k] for b, v in gpu_out.items()}, cpu_out), tol, k, cpu_s)
+    chk = check_verdict(compare({b: v[:k] for b, v in gpu_out.items()}, cpu_out), tol, k, cpu_s)
     if not chk.passed:
         raise SelfCheckError(failure_line(chk, engine.gpu_label, tf32))
     return chk

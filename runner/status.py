@@ -18,7 +18,7 @@ from .inputs.listing import describe as describe_listing
 from .plan import load_run_dir
 from .rundir import launch_holder, pid_alive, shard_file_counts
 from .lastwords import caffe_last_words
-from .liveness import WATCH, beat_age_s, clock_ahead_s, judge, lost, pid_namespace
+from .liveness import WATCH, beat_age_s, clock_ahead_s, judge_beat, lost, pid_namespace
 from .slurmjobs import JobWord, query_jobs
 from .errors import ConfigError, FailureShareError, shell_quote, shown
 from .stats import check_failure_share, top_reasons
@@ -39,7 +39,7 @@ def out_of_space(path: Path) -> bool:
 
 def shard_state(run, i: int, now: float, here: Optional[Tuple[str, str]] = None) -> Dict:
     """Shard i's state from the run directory's files alone: done, failed, requeued, running,
-    interrupted or pending; `beat` says what its heartbeat proves (liveness.judge). `here`:
+    interrupted or pending; `beat` says what its heartbeat proves (liveness.judge_beat). `here`:
     (host, pid namespace) of this process, where pids can be checked."""
     host, pidns = here or (socket.gethostname(), pid_namespace())
     start, stop = run.shard_range(i)
@@ -63,7 +63,7 @@ def shard_state(run, i: int, now: float, here: Optional[Tuple[str, str]] = None)
             mtime = None
         # a beat dated ahead (a writer clock ahead) ages from when this process first saw it
         age = WATCH.age((str(run.rundir.path), i), hb, mtime, now)
-        beat = judge(hb, age, host, pidns, pid_alive)
+        beat = judge_beat(hb, age, host, pidns, pid_alive)
         # a stale beat is not a death certificate: Slurm is asked (run_status); where no one can
         # be asked it is dead only past the clock-skew allowance (liveness.py)
         alive = beat in ("alive", "fresh") or (beat == "stale" and not lost(hb, age, host))

@@ -207,7 +207,7 @@ class _Clock:
 
 @pytest.mark.unit
 def test_a_beat_dated_ahead_ages_on_the_readers_clock():
-    from runner.liveness import MAX_SKEW_S, BeatWatch, judge, lost, stale_after_s
+    from runner.liveness import MAX_SKEW_S, BeatWatch, judge_beat, lost, stale_after_s
 
     clock = _Clock()
     w = BeatWatch(clock)
@@ -218,7 +218,7 @@ def test_a_beat_dated_ahead_ages_on_the_readers_clock():
     bound = stale_after_s(beat) + MAX_SKEW_S
     clock.t += bound + 1  # the task died: its beat never changes again
     age = w.age("s0", beat, now + 600.0, now + bound + 1)
-    assert age >= bound + 1 and judge(beat, age, "login", "pid:[2]", lambda p, s=None: True) == "stale"
+    assert age >= bound + 1 and judge_beat(beat, age, "login", "pid:[2]", lambda p, s=None: True) == "stale"
     assert lost(beat, age, "login")
     # a beat that goes on changing stays fresh, whatever its clock says
     clock.t += 1
@@ -315,7 +315,7 @@ def test_no_stall_before_the_first_batch_and_stalls_on_one_clock():
 
 @pytest.mark.unit
 def test_a_reused_pid_is_not_alive():
-    from runner.liveness import Heart, judge, pid_namespace, pid_start
+    from runner.liveness import Heart, judge_beat, pid_namespace, pid_start
     from runner.rundir import pid_alive
 
     me = os.getpid()
@@ -324,8 +324,8 @@ def test_a_reused_pid_is_not_alive():
     assert not pid_alive(me, start + 1)  # the same pid, another process (started at another time)
     beat = {"pid": me, "pid_start": start + 1, "host": socket.gethostname(), "pidns": pid_namespace(),
             "interval_s": 1.0}
-    assert judge(beat, 0.1, socket.gethostname(), pid_namespace(), pid_alive) == "dead"
-    assert judge(dict(beat, pid_start=start), 0.1, socket.gethostname(), pid_namespace(), pid_alive) == "alive"
+    assert judge_beat(beat, 0.1, socket.gethostname(), pid_namespace(), pid_alive) == "dead"
+    assert judge_beat(dict(beat, pid_start=start), 0.1, socket.gethostname(), pid_namespace(), pid_alive) == "alive"
     written = []
     Heart(written.append, 1.0, {"state": "running"}).beat({"state": "running"})
     assert written[0]["pid_start"] == start

@@ -38,9 +38,9 @@ def test_relative_difference(gpu, cpu, want):
 
 @pytest.mark.unit
 def test_judge_takes_the_worst_blob_and_tolerance_depends_on_tf32():
-    chk = sc.judge({"a": 1e-6, "b": 3e-3}, sc.tolerance(None, tf32=False), 4, 0.5)
+    chk = sc.check_verdict({"a": 1e-6, "b": 3e-3}, sc.tolerance(None, tf32=False), 4, 0.5)
     assert (chk.blob, chk.max_rel_diff, chk.passed) == ("b", 3e-3, False)
-    assert sc.judge({"a": 1e-6, "b": 3e-3}, sc.tolerance(None, tf32=True), 4, 0.5).passed
+    assert sc.check_verdict({"a": 1e-6, "b": 3e-3}, sc.tolerance(None, tf32=True), 4, 0.5).passed
     assert sc.tolerance(None, False) == sc.FP32_TOLERANCE < sc.tolerance(None, True) == sc.TF32_TOLERANCE
     assert sc.tolerance(0.5, False) == 0.5
     assert chk.attrs()["selfcheck_blob"] == "b" and chk.attrs()["selfcheck_max_rel_diff"] == 3e-3
@@ -48,7 +48,7 @@ def test_judge_takes_the_worst_blob_and_tolerance_depends_on_tf32():
 
 @pytest.mark.unit
 def test_failure_line_names_difference_blob_gpu_and_fixes():
-    chk = sc.judge({"fc7": 0.031}, 1e-4, 4, 0.2)
+    chk = sc.check_verdict({"fc7": 0.031}, 1e-4, 4, 0.2)
     line = sc.failure_line(chk, "NVIDIA A100 (device 0, CUDA_VISIBLE_DEVICES=3)", tf32=False)
     assert "\n" not in line
     for part in ("0.031", "'fc7'", "NVIDIA A100 (device 0, CUDA_VISIBLE_DEVICES=3)", "0.0001", "device=cpu",

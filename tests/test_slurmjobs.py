@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from runner.lastwords import caffe_last_words
-from runner.liveness import Heart, beat_age_s, beat_interval_s, judge, lost, pid_namespace
+from runner.liveness import Heart, beat_age_s, beat_interval_s, judge_beat, lost, pid_namespace
 from runner.slurmjobs import (JobWord, expand_job_ids, expand_ranges, parse_duration_s, parse_sacct,
                               parse_scontrol_jobs, parse_squeue, squeue_command)
 from runner.status import apply_slurm_word, death_message, slurm_cause
@@ -174,29 +174,29 @@ def test_judge_checks_pids_only_on_the_beats_own_host_and_namespace():
     ns = pid_namespace()
     beat = {"pid": 12345, "host": "node1", "pidns": ns, "interval_s": 1.0}
     dead = lambda pid: False  # noqa: E731
-    assert judge(beat, 0.5, "node1", ns, dead) == "dead"
+    assert judge_beat(beat, 0.5, "node1", ns, dead) == "dead"
     # another host, or the same hostname in another pid namespace: its pid means nothing here
-    assert judge(beat, 0.5, "login", ns, dead) == "fresh"
-    assert judge(beat, 0.5, "node1", "pid:[1]", dead) == "fresh"
-    assert judge(beat, 3.5, "node1", "pid:[1]", dead) == "stale"
-    assert judge(dict(beat, pid=os.getpid()), 999, "node1", ns, os.path.exists) in ("alive", "dead")
+    assert judge_beat(beat, 0.5, "login", ns, dead) == "fresh"
+    assert judge_beat(beat, 0.5, "node1", "pid:[1]", dead) == "fresh"
+    assert judge_beat(beat, 3.5, "node1", "pid:[1]", dead) == "stale"
+    assert judge_beat(dict(beat, pid=os.getpid()), 999, "node1", ns, os.path.exists) in ("alive", "dead")
 
 
 def test_stale_by_its_own_interval_and_skew_changes_no_verdict():
     now = 10_000.0
     beat = {"updated": now - 20, "interval_s": 10.0}
-    assert beat_age_s(beat, None, now) == 20 and judge(beat, 20, "h", "", lambda p: True) == "fresh"
+    assert beat_age_s(beat, None, now) == 20 and judge_beat(beat, 20, "h", "", lambda p: True) == "fresh"
     # a writer whose clock is 60 s behind: the file's mtime (the file server's clock) says how old
     behind = {"updated": now - 65, "interval_s": 10.0}
     assert beat_age_s(behind, now - 5, now) == 5
     # a writer 60 s ahead: fresh, never negative
     assert beat_age_s({"updated": now + 60}, None, now) == 0
     # stale, but dead only past the skew allowance when no one else can say
-    assert judge(beat, 31, "h", "", lambda p: True) == "stale" and not lost(beat, 31) and lost(beat, 91)
+    assert judge_beat(beat, 31, "h", "", lambda p: True) == "stale" and not lost(beat, 31) and lost(beat, 91)
     # from this very host (a container's pid namespace): one clock, no allowance
     assert lost(dict(beat, host="h"), 31, "h") and not lost(dict(beat, host="n2"), 31, "h")
     # old beats (no interval recorded): stale after 120 s as before
-    assert judge({}, 119, "h", "", lambda p: True) == "fresh" and judge({}, 121, "h", "", lambda p: True) == "stale"
+    assert judge_beat({}, 119, "h", "", lambda p: True) == "fresh" and judge_beat({}, 121, "h", "", lambda p: True) == "stale"
     assert beat_interval_s(3600) == 30 and beat_interval_s(0.2) == 0.2
 
 

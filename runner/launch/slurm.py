@@ -597,7 +597,7 @@ def interrupted_message(run_dir: Path) -> str:
             f"({describe(fl)}): `scancel {ids}` cancels them; `caffe-runner status {shell_quote(run_dir)}` follows them")
 
 
-def progress_line(st: Dict) -> str:
+def waiting_line(st: Dict) -> str:
     """One line of progress for logs (no terminal for a bar)."""
     pct = 100.0 * st["done"] / st["images"] if st["images"] else 100.0
     counts = ", ".join(f"{v} {k}" for k, v in sorted(st["counts"].items()))
@@ -627,7 +627,7 @@ def wait_for(run: Run, jobs, merge_job=None, poll_s: float = 2.0, merge_wait_s: 
                 last = st["done"]
             elif time.time() - last_log > 30:
                 last_log = time.time()
-                log.info("%s", progress_line(st))
+                log.info("%s", waiting_line(st))
             if not st["alive"]:
                 break
             time.sleep(poll_s)
