@@ -158,8 +158,8 @@ class _Worker:
 
 
 class WorkerPool:
-    """`processes` workers, each started with `initializer(*initargs[k])` (one tuple per
-    worker: what differs between them, as a GPU, is handed out here). apply_async() queues a
+    """One worker per tuple of `initargs`, each started with `initializer(*initargs[k])` (what
+    differs between the workers, as a GPU, is handed out here). apply_async() queues a
     task; wait() hands tasks to free workers and returns the workers that died since the last
     call, with the task each held, or raises WorkerStartError when one died before it was ready.
     Log records the workers send (log_handler) go to `on_log`."""
@@ -197,7 +197,10 @@ class WorkerPool:
                 except Exception as e:  # noqa: BLE001  a value this process cannot unpickle
                     kind, value = "failed", f"the launcher could not read the task's value: {_error(e)}"
                 if kind == "log":
-                    self.on_log(value)
+                    try:
+                        self.on_log(value)
+                    except Exception:  # noqa: BLE001  a log line lost, never the worker's death
+                        pass
                 else:
                     self._events.put((w, kind, value))
         except (EOFError, OSError, ValueError):
