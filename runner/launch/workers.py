@@ -249,7 +249,8 @@ class WorkerPool:
             if kind == "ready":
                 w.ready = True
             elif kind == "error":
-                self._start_error = self._start_error or f"a worker process (pid {w.pid}) failed while starting: {value}"
+                if self._start_error is None:
+                    self._start_error = f"a worker process (pid {w.pid}) failed while starting: {value}"
             elif kind in ("done", "failed") and w.task is not None:
                 r, w.task = w.task, None
                 r._done = True
