@@ -13,6 +13,7 @@ it, and the messages are length-prefixed pickles on two pipes, one child per pip
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import struct
@@ -22,10 +23,13 @@ from typing import BinaryIO, Dict, Optional, Tuple
 
 _HEADER = struct.Struct("<Q")
 # the child imports this same runner, never a folder named `runner` in the user's working
-# directory (sys.path[0] of `python -c` is the working directory), then runs one function
+# directory (sys.path[0] of `python -c` is the working directory); the parent's own sys.path
+# follows its own (a notebook's `sys.path.insert(0, CAFFE_ROOT + "/python")` holds there too, as
+# it did in spawn's children); then it runs one function
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BOOT = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-         "import sys, importlib; sys.path[0] = sys.argv.pop(1); "
+         "import sys, json, importlib; sys.path[0] = sys.argv.pop(1); "
+         "sys.path += [p for p in json.loads(sys.argv.pop(1)) if p not in sys.path]; "
          "sys.exit(getattr(importlib.import_module(sys.argv[1]), sys.argv[2])())")
 
 
@@ -33,8 +37,8 @@ def start(module: str, function: str, env: Optional[Dict[str, str]] = None) -> s
     """A child running `module.function()` (its return value is the exit code), its stdin and
     stdout the message pipes. SIGINT is ignored from its first line: Ctrl-C reaches the whole
     process group, and the parent alone handles it (one line instead of a traceback per child)."""
-    return subprocess.Popen([sys.executable, "-c", _BOOT, _ROOT, module, function], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=env, close_fds=True)
+    return subprocess.Popen([sys.executable, "-c", _BOOT, _ROOT, json.dumps(sys.path), module, function],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
 
 
 def pipes() -> Tuple[BinaryIO, BinaryIO]:

@@ -282,3 +282,39 @@ def test_the_child_runs_our_function_only(tmp_path):
     p.stdin.close()
     assert p.wait(60) == 0
     p.stdout.close()
+
+
+def test_the_launchers_sys_path_reaches_the_workers(tmp_path):
+    """A script that makes a module importable through sys.path (as Caffe users do for pycaffe:
+    `sys.path.insert(0, CAFFE_ROOT + "/python")`) has it in the workers too; a task the worker
+    cannot import fails alone, the worker serves on."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "extra_mod.py").write_text("def answer():\n    return 42\n")
+    script = tmp_path / "user_script.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(tmp_path / "lib")!r})
+        import extra_mod
+        from runner.launch.workers import TaskError, WorkerPool
+        pool = WorkerPool(os.getcwd, [()])
+        r = pool.apply_async(extra_mod.answer)
+        while not r.ready():
+            assert pool.wait(60) == []
+        print("ANSWER", r.get(), flush=True)
+        sys.path.remove({str(tmp_path / "lib")!r})
+        pool.terminate()  # a fresh pool: its workers start without that folder
+        pool = WorkerPool(os.getcwd, [()])
+        r, after = pool.apply_async(extra_mod.answer), pool.apply_async(os.getpid)
+        while not after.ready():
+            assert pool.wait(60) == []
+        try:
+            r.get()
+        except TaskError as e:
+            print("FAILED", e, flush=True)
+        print("AFTER", after.get() == pool.pids[0], flush=True)
+        pool.close()
+    """))
+    p = _run([str(script)], env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert "ANSWER 42" in p.stdout, p.stdout + p.stderr
+    assert "FAILED ModuleNotFoundError: No module named 'extra_mod'" in p.stdout, p.stdout + p.stderr
+    assert "AFTER True" in p.stdout, p.stdout + p.stderr

@@ -102,10 +102,11 @@ def worker_main() -> int:
     launcher.say("ready", None)
     while True:
         try:
-            fn, args = child.recv(inp)
+            task = child.recv_bytes(inp)
         except EOFError:
             return 0
         try:
+            fn, args = pickle.loads(task)  # (a function this process cannot import fails its task)
             reply = ("done", fn(*args))
             child.dumps(reply)  # a value that cannot be pickled fails the task, not the worker
         except Exception as e:  # noqa: BLE001  handed back to the launcher, as Pool did
