@@ -25,15 +25,13 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import struct
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import cv2
 
+from . import child
 from .decode import reuse_large_buffers
 from .errors import RunnerError
 from .events import ATTEMPT_EVENTS, read_events
@@ -136,53 +134,26 @@ def death_reason(returncode: int, oom: bool) -> str:
 
 # ---- the child ---------------------------------------------------------------------------
 
-_HEADER = struct.Struct("<Q")
 _READY = "ready"
-# the child imports this same runner, never a folder named `runner` in the user's working
-# directory (as runner/modelcheck.py's check process)
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CHILD = ("import sys, runpy; sys.path[0] = sys.argv.pop(1); "
-          "runpy.run_module('runner.isolate', run_name='__main__', alter_sys=True)")
 
 
-def _send(f, obj) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    f.write(_HEADER.pack(len(data)))
-    f.write(data)
-    f.flush()
-
-
-def _recv(f):
-    """The next message, or EOFError when the other side is gone."""
-    head = f.read(_HEADER.size)
-    if len(head) < _HEADER.size:
-        raise EOFError
-    n = _HEADER.unpack(head)[0]
-    data = f.read(n)
-    if len(data) < n:
-        raise EOFError
-    return pickle.loads(data)
-
-
-def _child_main() -> int:
+def child_main() -> int:
     """One decoder, one image at a time: (kind, argument) in, (image, reason) out. Dies with
-    its parent (PR_SET_PDEATHSIG); writes nothing else to the parent's pipe (fd 1 is stderr)."""
+    its parent (PR_SET_PDEATHSIG); writes nothing else to the parent's pipe (child.pipes)."""
     import ctypes
 
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    inp = os.fdopen(os.dup(0), "rb")
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # a stray print must not corrupt the protocol
+    inp, out = child.pipes()
     cv2.setNumThreads(1)  # as configure_threads does in the task: the same pixels
     reuse_large_buffers()
-    decoder = _recv(inp)
-    _send(out, _READY)
+    decoder = child.recv(inp)
+    child.send(out, _READY)
     while True:
         try:
-            kind, arg = _recv(inp)
+            kind, arg = child.recv(inp)
         except EOFError:
             return 0
         if kind == "load":
@@ -191,7 +162,7 @@ def _child_main() -> int:
             res = decoder.load_bytes(arg)
         else:
             res = decoder.load_pixels(arg)
-        _send(out, res)
+        child.send(out, res)
 
 
 class _Died(Exception):
@@ -204,11 +175,10 @@ class _Child:
 
     def __init__(self, decoder):
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        self.p = subprocess.Popen([sys.executable, "-c", _CHILD, _ROOT], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, env=env, close_fds=True)
+        self.p = child.start(__name__, child_main.__name__, env)
         try:
-            _send(self.p.stdin, decoder)
-            ready = _recv(self.p.stdout)
+            child.send(self.p.stdin, decoder)
+            ready = child.recv(self.p.stdout)
         except (OSError, EOFError):
             ready = None
         if ready != _READY:
@@ -219,8 +189,8 @@ class _Child:
 
     def call(self, msg) -> Tuple:
         try:
-            _send(self.p.stdin, msg)
-            return _recv(self.p.stdout)
+            child.send(self.p.stdin, msg)
+            return child.recv(self.p.stdout)
         except (OSError, EOFError):
             raise _Died(self.p.wait()) from None
 
@@ -268,22 +238,22 @@ class IsolatedDecoder:
         return self._call(("pixels", get_pixels))
 
     def _call(self, msg):
-        child = getattr(self._local, "child", None)
-        if child is None:
-            child = _Child(self.inner)
+        proc = getattr(self._local, "child", None)
+        if proc is None:
+            proc = _Child(self.inner)
             with self._lock:
-                self._children.append(child)
-            self._local.child = child
+                self._children.append(proc)
+            self._local.child = proc
             self._local.oom0 = oom_kills()
         try:
-            return child.call(msg)
+            return proc.call(msg)
         except _Died as d:
             oom0, oom1 = self._local.oom0, oom_kills()
             self._local.child = None
             with self._lock:
-                self._children.remove(child)
+                self._children.remove(proc)
                 self.deaths += 1
-            child.close()
+            proc.close()
             return None, death_reason(d.returncode, oom0 is not None and oom1 is not None and oom1 > oom0)
 
     def close(self) -> None:
@@ -302,6 +272,3 @@ class _Pixels:
     def __call__(self):
         return self.pixels
 
-
-if __name__ == "__main__":
-    sys.exit(_child_main())

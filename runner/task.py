@@ -78,9 +78,9 @@ def setup_task_logging(level=logging.INFO) -> None:
 
 
 def die_with_parent(poll_s: float = 0.5) -> None:
-    """A worker whose launcher was killed must not go on writing. (PR_SET_PDEATHSIG is tied
-    to the creating *thread*, and Pool creates replacement workers from a helper thread
-    that exits on close: it would kill idle workers holding Pool's queue lock.)"""
+    """A worker whose launcher was killed must not go on writing. (PR_SET_PDEATHSIG would
+    fire when the *thread* that started the worker ends, not the launcher: the parent process
+    is watched instead.)"""
     parent = os.getppid()
 
     def watch():

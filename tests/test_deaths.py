@@ -115,10 +115,10 @@ def test_a_worker_killed_at_any_moment_stops_the_run_naming_shard_and_signal(tin
 
 
 def test_an_idle_worker_killed_stops_the_run(tiny_net, photos, tmp_path, reference):
-    """Shard 1 done, its worker waits for a task that will not come (holding Pool's queue lock)
-    while shard 0 is held mid-shard: that worker's death is seen too, and the run still ends.
-    (Killed a moment earlier, between the shard's rename and its report, it is as idle: the
-    bare-pool case of the lock is tests/test_lastwords.py's.)"""
+    """Shard 1 done, its worker waits idle for a task that will not come while shard 0 is held
+    mid-shard: that worker's death is seen too, and the run still ends. (Killed a moment
+    earlier, between the shard's rename and its report, it is as idle; the bare pool's case is
+    tests/test_workers.py's.)"""
     run, gates = tmp_path / "run", tmp_path / "gates"
     args = _args(tiny_net, photos, run)
     _hold(gates, "written-0-2")
@@ -171,8 +171,9 @@ def test_caffe_abort_ends_the_run_with_caffes_line(tiny_net, photos, tmp_path, r
 
 
 def test_a_dead_gpu_worker_is_named_not_its_replacements_empty_queue(tiny_net, photos, tmp_path):
-    """device=gpu with two (fake) GPU ids and the simulated engine: Pool replaces the killed
-    worker, and the replacement finds no GPU left; the error is the death, not "Empty"."""
+    """device=gpu with two (fake) GPU ids and the simulated engine: the killed worker is named,
+    and not replaced by one that would find no GPU left (as multiprocessing.Pool did: the
+    error was its replacement's "Empty")."""
     run, gates = tmp_path / "run", tmp_path / "gates"
     args = [f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "batch_size=2", "heartbeat_s=0.1",
             *tiny_model_args(tiny_net), "backend=simulated", "device=gpu", "launcher.gpus=[0,1]"]

@@ -1,9 +1,9 @@
 """Every death seen and named, the fast layer (Caffe's last words: test_modelcheck_units.py): exit
-codes in words, the launcher's one line, a pool whose idle worker died still stops, a dead
-shard's writer joined before its file closes, and a file whose counters disagree is not resumed."""
+codes in words, the launcher's one line, a dead shard's writer joined before its file closes, and
+a file whose counters disagree is not resumed. (The local pool's own deaths, an idle worker's
+included: test_workers.py.)"""
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -40,49 +40,6 @@ def test_the_death_line_names_shards_signal_and_caffe():
                     "/r/logs)"), both
     idle = death_message([(None, Death(9, 3, None), None, "/r/logs/local-worker-9.err")], 2)
     assert idle == "an idle worker (pid 9) ended with exit code 3", idle
-
-
-def test_a_pool_whose_idle_worker_was_killed_is_stopped_and_the_death_seen():
-    """An idle worker waits for a task holding the task queue's read lock: killed there, it
-    leaves Pool.terminate() blocked for ever (bpo-22393); the launcher's stop is bounded."""
-    from runner.launch.local import _stop_pool
-    from runner.launch.workers import WorkerContext, WorkerWatch
-
-    ctx = WorkerContext()
-    watch = WorkerWatch(ctx)
-    init, args = watch.initializer(os.getcwd, ())
-    pool = ctx.Pool(processes=1, initializer=init, initargs=args)
-    try:
-        worker = pool.apply_async(os.getpid).get(timeout=60)
-        assert watch.check() == [] and worker in watch.ready
-        os.kill(worker, signal.SIGKILL)
-        watch.wait(60)  # returns at the death
-        deaths = watch.check()
-        for _ in range(600):  # a loaded machine: Pool's thread may reap it first; seen at a later check
-            if deaths:
-                break
-            watch.wait(0.1)
-            deaths = watch.check()
-        assert [(d.pid, d.exitcode, d.task) for d in deaths] == [(worker, -signal.SIGKILL, None)]
-        stopper = threading.Thread(target=_stop_pool, args=(pool, ctx), daemon=True)
-        stopper.start()
-        stopper.join(60)
-        assert not stopper.is_alive(), "stopping the pool hung on the dead worker's lock"
-        # none left, the replacement Pool may have started for the dead one included
-        assert all(p.exitcode is not None for p in ctx.started if p.pid is not None)
-    finally:
-        # this test's own cleanup, whatever failed above: no worker left, then the dead worker's
-        # lock released by hand (a Lock may be released by another process), so that Pool's
-        # finalizer, if the garbage collector runs it later in this session, cannot block a
-        # later test for ever
-        for p in list(ctx.started):
-            if p.pid is not None and p.exitcode is None:
-                p.kill()
-                p.join(10)
-        try:
-            pool._inqueue._rlock.release()
-        except ValueError:  # not held (the worker died before taking it again)
-            pass
 
 
 def _batch(first: int, n: int = 2):
@@ -149,32 +106,3 @@ def test_a_file_whose_counters_disagree_starts_over_instead_of_doubling_a_batch(
     assert (again.next, again.rows) == (0, 0)
     assert w.partial.with_name(w.partial.name + ".corrupt").exists()
     again.close()
-
-
-def test_the_log_listener_stops_when_a_worker_died_in_the_middle_of_a_log_line():
-    """A worker killed while writing a log record to the launcher's log queue holds the queue's
-    write lock for ever (and leaves half a record in the pipe): QueueListener.stop() would
-    wait for ever; the launcher's stop is bounded, and the command can still exit."""
-    import logging
-    import logging.handlers
-
-    from runner.launch.local import _stop_listener
-    from runner.launch.workers import WorkerContext
-
-    ctx = WorkerContext()
-    q = ctx.Queue()
-    # a record larger than the pipe, with nobody reading yet: the worker stays inside the write
-    p = ctx.Process(target=q.put, args=("x" * (4 << 20),), daemon=True)
-    p.start()
-    deadline = time.time() + 60
-    while q.empty() and time.time() < deadline:  # part of the record is in the pipe: it is writing
-        time.sleep(0.02)
-    assert not q.empty()
-    os.kill(p.pid, signal.SIGKILL)
-    p.join(60)
-    listener = logging.handlers.QueueListener(q, logging.NullHandler())
-    listener.start()
-    stopper = threading.Thread(target=_stop_listener, args=(listener, q), daemon=True)
-    stopper.start()
-    stopper.join(60)
-    assert not stopper.is_alive(), "stopping the log listener hung on the dead worker's half-written record"

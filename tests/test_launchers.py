@@ -21,6 +21,7 @@ from runner.errors import ConfigError
 from runner.extract import run_shard
 from runner.launch import launch
 from runner.launch.local import LocalLauncher
+from runner.launch.workers import TaskError
 from runner.launch.registry import LAUNCHERS, launcher_for
 from runner.launch.slurm import SlurmLauncher
 
@@ -30,23 +31,27 @@ N_IMAGES, N_SHARDS = 7, 3
 
 
 class FakePool:
-    """multiprocessing.Pool's part the local launcher uses, run in this process."""
+    """The part of workers.WorkerPool the local launcher uses, run in this process."""
+    pids = []
 
     def __init__(self, ran):
         self.ran = ran
 
-    def apply_async(self, fn, args):
-        self.ran.append(args[1])
+    def apply_async(self, fn, args, label=None):
+        self.ran.append(label)
         try:
             value, error = fn(*args), None
-        except Exception as e:  # noqa: BLE001  handed back through get(), as Pool does
-            value, error = None, e
+        except Exception as e:  # noqa: BLE001  handed back through get(), as the pool does
+            value, error = None, TaskError(f"{type(e).__name__}: {e}")
         return SimpleNamespace(ready=lambda: True, get=lambda: _raise(error) if error else value)
+
+    def wait(self, timeout):
+        return []  # no worker dies here
 
     def close(self):
         pass
 
-    join = terminate = close
+    terminate = close
 
 
 def _raise(e):
@@ -85,7 +90,7 @@ class FakeSlurmExecutor:
 
 def _fake(name, ran):
     if name == "local":
-        return LocalLauncher(pool=lambda ctx, processes, initializer, initargs: FakePool(ran))
+        return LocalLauncher(pool=lambda initializer, initargs, on_log: FakePool(ran))
     return SlurmLauncher(executor=lambda **kw: FakeSlurmExecutor(ran, **kw))
 
 

@@ -1,4 +1,4 @@
-"""Local launcher: run_shard over the shards in a multiprocessing.Pool (spawn).
+"""Local launcher: run_shard over the shards in a pool of worker processes (workers.py).
 
 device=gpu: one worker per GPU, each binding its GPU (CUDA_VISIBLE_DEVICES) before Caffe
 initialises. device=cpu: `workers` processes splitting the cores between them.
@@ -41,10 +41,10 @@ from ..sharedpass import pass_missing
 from ..runtimes import Placement, container_spec, wrap
 from ..stats import current_stats, write_stats
 from ..status import shard_state
-from ..task import die_with_parent, setup_task_logging
+from ..task import die_with_parent
 from .base import Launcher
 from .container_task import RESULT_PREFIX
-from .workers import Death, WorkerContext, WorkerStartError, WorkerWatch, running, start_quiet_resource_tracker
+from .workers import Death, TaskError, WorkerPool, log_handler
 from ..schema import CAFFE_LOADED
 
 
@@ -81,10 +81,8 @@ def oversubscription(wp: Dict) -> Optional[str]:
 _stderr_path: Optional[str] = None  # in a worker: the file its fd 2 writes to
 
 
-def _init_worker(gpu_queue, level: int, log_queue=None, stderr_dir: Optional[str] = None) -> None:
-    # Ctrl-C reaches the whole process group: the launcher alone handles it (and stops us),
-    # so one line is printed instead of a traceback per worker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _init_worker(gpu: Optional[str], level: int, stderr_dir: Optional[str] = None) -> None:
+    """A worker's initializer (WorkerPool): its stderr file, its GPU, its log lines to the launcher."""
     global _stderr_path
     if stderr_dir is not None:
         # fd 2 itself, so that Caffe's glog (C++) writes there too: a line written before an
@@ -94,31 +92,23 @@ def _init_worker(gpu_queue, level: int, log_queue=None, stderr_dir: Optional[str
         os.dup2(fd, 2)
         os.close(fd)
     die_with_parent()
-    if gpu_queue is not None:
-        # bind the GPU before anything can initialise CUDA in this process
-        try:
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpu_queue.get(timeout=30)
-        except queue.Empty:
-            raise WorkerStartError("no GPU left for this worker: each GPU of launcher.gpus has had its worker "
-                                   "(Pool replaces one that died: its death is the error to read)") from None
-    if log_queue is not None:
-        # log lines go to the launcher, which prints them above its progress bar
-        log.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
-        log.setLevel(level)
-        log.propagate = False
-        return
-    setup_task_logging(level)
+    if gpu is not None:
+        # bound before anything can initialise CUDA in this process: one GPU per worker
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    # log lines go to the launcher, which prints them above its progress bar
+    log.handlers[:] = [log_handler()]
+    log.setLevel(level)
+    log.propagate = False
 
 
 _keep: Dict = {}  # in a worker: the engine and pipeline it loaded, kept for its next shards
 
 
 def _shard_entry(cfg, index: int, threads: int):
-    with running(index):  # the launcher knows which shard a death in here belongs to
-        if cfg.container.runtime != "none":  # the shard runs as a process inside the image
-            return run_shard_in_container(cfg, index, threads)
-        # a pool serves one run: the net is loaded once per worker, however many shards it takes
-        return run_shard(cfg, index, threads=threads, keep=_keep)
+    if cfg.container.runtime != "none":  # the shard runs as a process inside the image
+        return run_shard_in_container(cfg, index, threads)
+    # a pool serves one run: the net is loaded once per worker, however many shards it takes
+    return run_shard(cfg, index, threads=threads, keep=_keep)
 
 
 def run_shard_in_container(cfg, index: int, threads: int) -> Dict:
@@ -292,46 +282,6 @@ def death_message(deaths: Sequence[Tuple[Optional[int], Death, Optional[str], st
     return "; ".join(parts)
 
 
-def _stop_pool(pool, ctx: WorkerContext, wait_s: float = 2.0) -> None:
-    """Pool.terminate(), bounded. It cannot finish when a worker died while waiting for a task:
-    that worker held the task queue's read lock, which Pool's cleanup acquires first and which
-    nobody will release now (Pool offers no public way around it). The workers are then stopped
-    here (Process.terminate, public) and Pool's cleanup is left to itself in a daemon thread:
-    the launch ends, and Pool's exit-time finalizer, already run, is not run again."""
-    t = threading.Thread(target=pool.terminate, name="pool-terminate", daemon=True)
-    t.start()
-    t.join(wait_s)
-    if t.is_alive():
-        # until no worker is left: Pool's own thread may still replace the dead worker (it stops
-        # doing so only once terminate() got far enough, later on a loaded machine)
-        for _ in range(20):
-            seen = len(ctx.started)
-            for p in list(ctx.started):
-                if p.exitcode is None and p.pid is not None:
-                    p.terminate()
-            for p in list(ctx.started):
-                if p.pid is not None:
-                    p.join(wait_s)
-            # a worker made but not started yet (no pid) is about to start: another round
-            if len(ctx.started) == seen and all(p.pid is not None and p.exitcode is not None for p in ctx.started):
-                break
-            time.sleep(0.1)
-        log.debug("Pool.terminate() is blocked by a dead worker's queue lock; its workers were stopped directly")
-
-
-def _stop_listener(listener, log_queue, wait_s: float = 2.0) -> None:
-    """QueueListener.stop(), bounded. It sends its stop sentinel through the queue the workers
-    log to, whose write lock a worker killed in the middle of a log line holds for ever; this
-    process's feeder thread would then block on that lock, and be joined at exit
-    (cancel_join_thread: not joined; when stop() returns, the sentinel went through anyway)."""
-    log_queue.cancel_join_thread()
-    t = threading.Thread(target=listener.stop, name="log-listener-stop", daemon=True)
-    t.start()
-    t.join(wait_s)
-    if t.is_alive():
-        log.debug("the log listener cannot be stopped: a dead worker holds its queue's write lock")
-
-
 def _events_of(run, shard: int):
     return events_path(run.rundir.path, run.shard_path(shard).stem)
 
@@ -358,17 +308,17 @@ def _mark_stopped(run, shards) -> None:
             EventLog(path, {}).write("stopped")
 
 
-def _spawn_pool(ctx, processes: int, initializer, initargs):
-    return ctx.Pool(processes=processes, initializer=initializer, initargs=initargs)
+def _start_pool(initializer, initargs, on_log):
+    return WorkerPool(initializer, initargs, on_log)
 
 
 class LocalLauncher(Launcher):
-    """The shards on this machine, in a multiprocessing.Pool (spawn)."""
+    """The shards on this machine, in a pool of worker processes (workers.py)."""
     name = "local"
     placement = Placement(srun=False, other_nodes=False)
 
-    def __init__(self, pool: Callable = _spawn_pool):
-        # pool(ctx, processes, initializer, initargs) -> a multiprocessing.Pool (tests: a fake)
+    def __init__(self, pool: Callable = _start_pool):
+        # pool(initializer, [initargs of each worker], on_log) -> a WorkerPool (tests: a fake)
         self.pool = pool
 
     def resolve_device(self, cfg) -> Tuple[str, int]:
@@ -410,39 +360,31 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
     failed: Dict[int, str] = {}
     results: Dict[int, Dict] = {}
     if todo:
-        # spawn, without the user's main module (a script, stdin, a notebook): workers.py
-        start_quiet_resource_tracker()  # no "leaked semaphore" warning after a kill -9 of this process
-        ctx = WorkerContext()
-        watch = WorkerWatch(ctx)
-        gpu_queue = None
-        if wp["gpus"]:
-            gpu_queue = ctx.Queue()
-            for g in wp["gpus"]:
-                gpu_queue.put(g)
         procs = min(wp["workers"], len(todo))
+        gpus = wp["gpus"][:procs] or [None] * procs  # one GPU per worker, for all its shards
         tty = sys.stderr.isatty()
         view = _ProgressView(run, todo, bool(cfg.launcher.progress) and tty,
                              0.0 if tty or not cfg.launcher.progress else float(cfg.launcher.log_interval_s))
         stderr = _WorkerStderr(str(run.rundir.logs_dir))
         os.makedirs(stderr.folder, exist_ok=True)
-        log_queue = ctx.Queue()
+        # the workers' log records, logged here by one thread (in order, above the progress bar)
+        log_queue: "queue.Queue" = queue.Queue()
         listener = logging.handlers.QueueListener(log_queue, *log.handlers, respect_handler_level=True)
         listener.start()
-        init, initargs = watch.initializer(_init_worker, (gpu_queue, log.getEffectiveLevel() or logging.INFO,
-                                                          log_queue, stderr.folder))
-        pool = launcher.pool(ctx, procs, init, initargs)
-        pids = lambda: [p.pid for p in ctx.started if p.pid is not None]  # noqa: E731
+        level = log.getEffectiveLevel() or logging.INFO
+        pool = None
+        pending: Dict = {}
         try:
-            pending = {i: pool.apply_async(_shard_entry, (cfg, i, wp["threads"])) for i in todo}
+            pool = launcher.pool(_init_worker, [(g, level, stderr.folder) for g in gpus], log_queue.put)
+            pending = {i: pool.apply_async(_shard_entry, (cfg, i, wp["threads"]), i) for i in todo}
             while pending:
-                watch.wait(0.25)  # wakes at once when a worker dies
-                # a worker that cannot start fails the run instead of being replaced (raises)
-                deaths = watch.check()
-                stderr.pump(pids(), view.write)
+                # wakes at once when a worker dies; a worker that cannot start fails the run (raises)
+                deaths = pool.wait(0.25)
+                stderr.pump(pool.pids, view.write)
                 if deaths:
                     # one bad file kills every worker within a few ms: one line names them all
                     threading.Event().wait(0.3)
-                    deaths += watch.check()
+                    deaths += pool.wait(0)
                     raise _died(run, deaths, stderr)
                 # the same per-shard states `caffe-runner status` shows, read once per poll
                 states = {i: shard_state(run, i, time.time()) for i in todo}
@@ -452,13 +394,14 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
                         del pending[i]
                         try:
                             results[i] = ar.get()
-                        except Exception as e:
+                        except TaskError as e:
                             # reported once, in the error that ends the launch
-                            failed[i] = f"{type(e).__name__}: {e}"
+                            failed[i] = str(e)
                 view.update(sum(s["done"] for s in states.values()),
                             sum(s["state"] == "done" for s in states.values()))
         except KeyboardInterrupt as e:
-            _stop_pool(pool, ctx)
+            if pool is not None:
+                pool.terminate()
             _mark_stopped(run, pending)
             view.close()
             done = len(run.done_shards())
@@ -467,18 +410,19 @@ def launch_local(cfg, accepted: Callable, launcher: LocalLauncher) -> Dict:
                 f"{what}: {done} of {run.num_shards} shards are complete and the others keep their last "
                 f"flushed batch in {run.rundir.shards_dir}; rerun the same command to resume") from None
         except BaseException:
-            _stop_pool(pool, ctx)
+            if pool is not None:
+                pool.terminate()
             _mark_stopped(run, pending)
             raise
         else:
-            # every shard has finished, so the workers are idle: let them exit on the close sentinel
+            # every shard has finished, so the workers are idle: they end when told
             pool.close()
-            pool.join()
         finally:
             view.close()
-            _stop_listener(listener, log_queue)
-            stderr.pump(pids(), view.write, whole=True)
-            stderr.tidy(pids())
+            listener.stop()
+            pids = pool.pids if pool is not None else []
+            stderr.pump(pids, view.write, whole=True)
+            stderr.tidy(pids)
     elapsed = time.time() - t0
     if failed:
         raise ShardFailedError(
