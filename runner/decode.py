@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import cv2
 import numpy as np
 
-from .testgate import gate
+from .faults import FAULT_CRASH_ON, FAULT_HANG_ON, gate, switch
 
 _INTERP = {
     "linear": cv2.INTER_LINEAR,
@@ -70,17 +70,11 @@ def reuse_large_buffers() -> bool:
 
 
 MB = 1 << 20
-FAULT_CRASH_ON = "CAFFE_RUNNER_FAULT_CRASH_ON"
-FAULT_HANG_ON = "CAFFE_RUNNER_FAULT_HANG_ON"
 
 
 def _fault_on(var: str) -> Optional[bytes]:
-    """The fault-injection switches (the one place they are read), for the tests of a decoder
-    that fails on one crafted file: CAFFE_RUNNER_FAULT_CRASH_ON=TEXT makes a decoder kill its own
-    process with SIGSEGV on a file whose path holds TEXT (the poison-shard recovery,
-    runner/isolate.py); CAFFE_RUNNER_FAULT_HANG_ON=TEXT makes it block for ever on such a file
-    (decode.max_image_s, runner/decodepool.py). Unset or empty: nothing."""
-    return os.fsencode(os.environ.get(var, "")) or None
+    """A decoder fault switch's text (runner/faults.py: CRASH_ON, HANG_ON), or None when off."""
+    return os.fsencode(switch(var)) or None
 
 
 # what a listed path that is not a regular file is (fstat's type bits)
@@ -244,7 +238,7 @@ class Decoder:
         """The file's bytes, when it is a regular file of at most decode.max_file_mb: a listed
         /dev/zero, a named pipe or a folder is a failure with its reason, never a read without
         end or a hang (O_NONBLOCK: opening a FIFO does not wait for a writer)."""
-        # tests hold a task mid-shard here, at a file they name (runner/testgate.py; inert unset)
+        # tests hold a task mid-shard here, at a file they name (runner/faults.py; inert unset)
         gate("read-" + os.path.basename(os.fsdecode(path)))
         try:
             fd = os.open(path, self.open_flags)
@@ -357,9 +351,9 @@ class Decoder:
 
     def load(self, path: bytes) -> Tuple[Optional[np.ndarray], Optional[str]]:
         if self.crash_on is not None and self.crash_on in path:
-            os.kill(os.getpid(), signal.SIGSEGV)  # the fault switch (_fault_on): a decoder crashing on this file
+            os.kill(os.getpid(), signal.SIGSEGV)  # fault injection (runner/faults.py): a decoder crashing on this file
         if self.hang_on is not None and self.hang_on in path:
-            threading.Event().wait()  # the fault switch (_fault_on): a decoder that never returns on this file
+            threading.Event().wait()  # fault injection (runner/faults.py): a decoder that never returns on this file
         return self._guard(lambda: self.fit(self.decode(self.read(path))))
 
     def load_bytes(self, data: bytes) -> Tuple[Optional[np.ndarray], Optional[str]]:

@@ -37,7 +37,7 @@ from .liveness import Heart
 from .locks import attempt_id
 from .runtimes.identity import image_label
 from .task import TaskIdentity, configure_threads, default_threads, task_identity
-from .testgate import gate
+from .faults import gate
 from .write import ShardLock, ShardWriter
 
 

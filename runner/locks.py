@@ -45,13 +45,12 @@ from typing import Optional, Union
 
 from .errors import ConfigError, RunnerError
 from .slurmjobs import job_id_from_env
-from .testgate import gate
+from .faults import FAULT_NODE_LOCAL_LOCKS, gate, switch
 
 PathLike = Union[str, os.PathLike]
 # what flock gives where the file system does not do it (noflock, no lock manager, some FUSE)
 _NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
 _HOLDER_BYTES = 512
-FAULT_NODE_LOCAL_LOCKS = "CAFFE_RUNNER_FAULT_NODE_LOCAL_LOCKS"
 # how long a taker keeps trying while only probes (shared flocks, held for an instant) are on the file
 _PROBE_PATIENCE_S = 5.0
 
@@ -136,8 +135,8 @@ def holder_line(what: str, attempt: Optional[str] = None) -> str:
 
 
 def _node_local_locks() -> bool:
-    """The fault-injection switch (the one place it is read): flock private to each host."""
-    return os.environ.get(FAULT_NODE_LOCAL_LOCKS, "") not in ("", "0")
+    """The fault switch NODE_LOCAL_LOCKS (runner/faults.py; read here only): flock private to each host."""
+    return switch(FAULT_NODE_LOCAL_LOCKS) not in ("", "0")
 
 
 def _flock_path(path: Path) -> Path:

@@ -35,7 +35,6 @@ import os
 import resource
 import secrets
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -52,6 +51,7 @@ from .rundir import MERGE_LOCK, VIEW_DIR, probe_writable
 from .runtimes.identity import image_label
 from .write import blobs_attr, dataset_name
 from .h5 import open_h5
+from .faults import gate
 
 ROW_DATASETS = ("names", "names_raw", "index")
 # per-row datasets carried when the shards have them (labels from a labelled input list)
@@ -69,7 +69,6 @@ NAME_CHUNK_ROWS = 65536
 ATTR_BUDGET = 32 << 10
 # file descriptors a reader needs beyond the view's sources (Python, h5py, the merged file)
 FD_MARGIN = 64
-TEST_MERGE_GATE = "CAFFE_RUNNER_TEST_MERGE_GATE"
 
 
 def _open(path, mode="r"):
@@ -272,8 +271,6 @@ def merged_is_current(run) -> bool:
     """features.h5 already merges this run's complete shards as they are: written after the last
     of them, of this run (fingerprint), every planned image in it once. A rerun of a complete run
     then leaves it alone (readers holding it open keep reading the same file)."""
-    import h5py
-
     merged = Path(run.rundir.merged)
     try:
         m = merged.stat().st_mtime_ns
@@ -310,18 +307,10 @@ def _merge_run(run, out: Optional[Path], copy: bool) -> Path:
         raise unwritable("the run directory", run.rundir.path, e, "merge as a user who can write there, or "
                          "write a self-contained copy elsewhere: caffe-runner export RUN_DIR OUT.h5") from None
     try:
-        _test_gate()
+        gate("merge-locked")  # tests hold a merge here, its lock taken (runner/faults.py)
         return _merge_locked(run, out, copy)
     finally:
         lock.release()
-
-
-def _test_gate() -> None:
-    """Tests hold a merge here, its lock taken, until the file $CAFFE_RUNNER_TEST_MERGE_GATE
-    names exists (a second merge meanwhile must be refused). Unset, as in any real run: nothing."""
-    gate = os.environ.get(TEST_MERGE_GATE)
-    while gate and not os.path.exists(gate):
-        time.sleep(0.05)
 
 
 def _merge_locked(run, out: Optional[Path], copy: bool = False) -> Path:

@@ -34,28 +34,12 @@ from .stats import TRANSIENT, is_transient, reason_kind, write_stats  # noqa: F4
 from .rundir import partials_of, probe_writable
 from .write import ShardWriter, blobs_attr, dataset_name
 from .h5 import open_h5
+from .faults import step
 
 RETRY_DIR = "retry"
 COMMIT = "commit.json"
 RETRIES_JSON = "retries.json"
 COPY_ROWS = 4096
-TEST_HOLD = "CAFFE_RUNNER_TEST_RETRY_HOLD"
-_held_steps = 0
-
-
-def _test_hold(step: str) -> None:
-    """Tests kill a retry at each of its steps in turn, not at a moment a clock picks: with
-    $CAFFE_RUNNER_TEST_RETRY_HOLD=FILE holding N, the N-th step (from 0) writes FILE.at naming
-    itself and waits there to be killed. Unset, as in any real retry: nothing."""
-    global _held_steps
-    gate = os.environ.get(TEST_HOLD)
-    if not gate:
-        return
-    if _held_steps == int(Path(gate).read_text()):
-        atomic_write_text(Path(gate + ".at"), step)
-        while True:
-            time.sleep(1)
-    _held_steps += 1
 
 
 def selector(all_reasons: bool, reasons: Sequence[str]):
@@ -184,7 +168,7 @@ def stage_shard(run, i: int, cands: List[Tuple[int, bytes, str]], ex: _Extractor
                     olab = lab_ds[s:e]
                     lab = {j: (int(olab[k]) if o == 0 else new_lab[new[k]]) for j, o, k in merged}
                 w.write_batch(0, rows_ix, names, out, [], lab)
-                _test_hold(f"shard {i} half-staged")
+                step(f"shard {i} half-staged")
             keep = [k for k, j in enumerate(fail["index"]) if int(j) not in feats]
             failures = [(int(fail["index"][k]), bytes(fail["names_raw"][k]),
                          still.get(int(fail["index"][k]), reasons[k])) for k in keep]
@@ -249,12 +233,12 @@ def _stage_and_describe(run, i: int, cands, ex) -> Dict:
     d = _retry_dir(run)
     stem = run.shard_path(i).stem
     info = stage_shard(run, i, cands, ex, d / f"{stem}.h5")
-    _test_hold(f"shard {i} staged, undescribed")
+    step(f"shard {i} staged, undescribed")
     info.update(stem=stem, source=_source_stamp(run.shard_path(i)))
     atomic_write_text(d / f"{stem}.json", json.dumps(info))
     log.info("retry: shard %d: %d of %d recovered (%d BLAS thread(s))", i, info["recovered"], info["retried"],
              ex.threads)
-    _test_hold(f"shard {i} staged")
+    step(f"shard {i} staged")
     return info
 
 
@@ -290,23 +274,23 @@ def apply_commit(run) -> bool:
         staged = d / f"{stem}.h5"
         if staged.exists():
             commit_file(staged, run.rundir.shards_dir / f"{stem}.h5")
-            _test_hold(f"{stem} applied")
+            step(f"{stem} applied")
     if commit.get("merge"):
         merge_run(run)
-        _test_hold("merged")
+        step("merged")
     path = Path(run.rundir.path) / RETRIES_JSON
     history = json.loads(path.read_text()) if path.exists() else []
     if not any(h.get("id") == commit["record"]["id"] for h in history):
         history.append(commit["record"])
         atomic_write_text(path, json.dumps(history, indent=1))
-        _test_hold("recorded")
+        step("recorded")
     old = {}
     try:
         old = json.loads((Path(run.rundir.path) / "stats.json").read_text())
     except (OSError, ValueError):
         pass
     write_stats(run, old.get("elapsed_s"))
-    _test_hold("stats written")
+    step("stats written")
     commit_path.unlink()
     shutil.rmtree(d, ignore_errors=True)
     return True
@@ -372,7 +356,7 @@ def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = 
         d.mkdir(exist_ok=True)
         for stale in d.glob("*.partial*"):
             stale.unlink()
-        _test_hold("started")
+        step("started")
         t0 = time.time()
         # the input as this retry reads it: a file fixed for the retry is no "change since listing" (verify)
         stamp = input_stamp(run.cfg.input)
@@ -405,7 +389,7 @@ def retry_run(run_dir: Path, select=is_transient, reasons_text: Iterable[str] = 
                              for x in staged_info}}
         atomic_write_text(d / COMMIT, json.dumps({"shards": [x["stem"] for x in staged_info], "record": record,
                                                   "merge": run.rundir.merged.exists()}))
-        _test_hold("committed")
+        step("committed")
         apply_commit(run)
         record_command(rd, "retry", list(args))
         result.update(recovered=record["recovered"], still_failing=record["still_failing"],

@@ -140,7 +140,7 @@ def test_retry_killed_at_any_moment_resumes_exactly(runs, tmp_path):
     pristine = runs["failed"]
     before = _tree_state(pristine)
     ref = _rows(runs["ref"])
-    # the retry is killed at each of its steps in turn (runner.retry._test_hold: step N waits to
+    # the retry is killed at each of its steps in turn (runner.faults.step: step N waits to
     # be killed once it is reached), from staging to its last write: no clock decides where
     outcomes = {}
     for n in range(64):
@@ -150,7 +150,7 @@ def test_retry_killed_at_any_moment_resumes_exactly(runs, tmp_path):
         at = Path(f"{hold}.at")
         p = subprocess.Popen(CLI + ["retry", str(run)], cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True,
-                             env=dict(os.environ, CAFFE_RUNNER_TEST_RETRY_HOLD=str(hold)))
+                             env=dict(os.environ, CAFFE_RUNNER_TEST_STEP_HOLD=str(hold)))
         wait_until(lambda: at.exists() or p.poll() is not None, timeout=300, what=f"the retry at step {n}")
         if not at.exists():  # past its last step: it ran to the end
             assert p.wait() == 0, p.stderr.read()

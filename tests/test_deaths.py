@@ -3,7 +3,7 @@ of its life, or whose Caffe aborts, ends at once with one line naming the shard,
 Caffe's own fatal line; a rerun completes, bit-identical to an uninterrupted run.
 
 Real pycaffe, the tiny net, the sample photos. The moments are held by gates the test opens
-(runner/testgate.py), so nothing here depends on the machine's speed: the other shard's worker
+(runner/faults.py), so nothing here depends on the machine's speed: the other shard's worker
 stays held at its gate, and the command must end while it is still held."""
 from __future__ import annotations
 

@@ -244,12 +244,15 @@ def test_merge_and_status_on_a_file_system_without_flock(tmp_path, monkeypatch, 
 
 def test_a_second_merge_is_refused_naming_the_first_which_then_completes(tmp_path):
     """Two real `caffe-runner merge` processes: the first is held, after it took the merge lock,
-    by a gate file the test creates (CAFFE_RUNNER_TEST_MERGE_GATE); the second is refused with
+    at the point merge-locked (runner/faults.py), after it took the merge lock; the second is refused with
     the first's host and pid, exit 2, and changes nothing; then the first completes and verify
     is OK."""
     run = make_run(tmp_path / "run", 60, 3, dim=4, fail_every=7)
-    gate = tmp_path / "gate"
-    env = dict(os.environ, CAFFE_RUNNER_TEST_MERGE_GATE=str(gate))
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    hold = gates / "merge-locked.hold"
+    hold.touch()
+    env = dict(os.environ, CAFFE_RUNNER_TEST_GATES=str(gates))
     first = subprocess.Popen(CLI + ["merge", str(run)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
@@ -262,7 +265,7 @@ def test_a_second_merge_is_refused_naming_the_first_which_then_completes(tmp_pat
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert f"is being merged by caffe-runner merge pid {first.pid} on {socket.gethostname()}" in err, err
         assert not (run / "features.h5").exists() and not _temps(run, "features.h5")
-        gate.touch()
+        hold.unlink()
         out, errs = first.communicate(timeout=600)
     finally:
         first.kill()

@@ -58,7 +58,7 @@ def test_an_abandoned_writer_is_joined_before_the_file_closes(tmp_path, monkeypa
     from runner.plan import load_run_dir
     from runner.synthetic import make_run
     from runner.task import task_identity
-    from runner.testgate import ENV
+    from runner.faults import ENV
 
     run = load_run_dir(make_run(tmp_path / "run", 8, 1))
     gates = tmp_path / "gates"

@@ -19,7 +19,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("leaves", ["runner", "runner.errors", "runner.shard", "runner.features", "runner.decode", "runner.decodepool", "runner.h5", "runner.samples",
                 "runner.capacity", "runner.peakmem", "runner.flops", "runner.lastwords", "runner.slurmjobs",
                 "runner.liveness", "runner.schema", "runner.task", "runner.changes", "runner.atomic", "runner.locks",
-                "runner.testgate", "runner.digest", "runner.netstate", "runner.child"]),
+                "runner.faults", "runner.digest", "runner.netstate", "runner.child"]),
     ("storage and devices", ["runner.manifest", "runner.rundir", "runner.inflight", "runner.write", "runner.gpu",
                              "runner.device", "runner.selfcheck", "runner.preprocess", "runner.fetch", "runner.events",
                              "runner.private"]),

@@ -7,7 +7,7 @@ stopped (another worker died) is not taken for a poison shard. A list naming /de
 pipe and a file over decode.max_file_mb completes with each a failure with its reason.
 
 Real pycaffe, the tiny net, the sample photos; one BLAS thread per worker in every run. Gates
-(runner/testgate.py) hold the other shard's worker at its first batch, and the poison shard's
+(runner/faults.py) hold the other shard's worker at its first batch, and the poison shard's
 until then, so that the other is in flight when the poison worker dies, whatever the machine's
 speed."""
 from __future__ import annotations

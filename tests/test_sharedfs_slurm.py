@@ -3,7 +3,7 @@ CAFFE_RUNNER_FAULT_NODE_LOCAL_LOCKS=1 makes each node's locks private (Lustre lo
 local_lock=flock), so tasks on two nodes both take one shard. Every shard must still be written
 once, and every run equal a local run (simulated engine, real Slurm, real HDF5).
 
-The moment two nodes hold one shard is made by the test's gates (runner/testgate.py), not by
+The moment two nodes hold one shard is made by the test's gates (runner/faults.py), not by
 timing: each task reaching the gate names its node, and the test opens it once both are there."""
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ memory), requeued (scontrol requeue, submitit's own requeue on SIGUSR2), and slu
 "failed"; the wait ends once nothing is alive; a rerun completes.
 
 Tasks are held mid-shard by gates the test opens: before reading an image of the list the task
-waits at a test gate named after it (runner/testgate.py: CAFFE_RUNNER_TEST_GATES, which the Slurm
+waits at a test gate named after it (runner/faults.py: CAFFE_RUNNER_TEST_GATES, which the Slurm
 tasks inherit) until the test removes its .hold file; every later reader (a requeued task, a
 rerun) then reads it at once. No sleeps. (Named pipes held the tasks before: the decoder now
 refuses anything but a regular file.)"""
@@ -46,7 +46,7 @@ class Gate:
         shutil.copyfile(photo, path)
         GATES.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.hold = GATES / f"read-{path.name}.hold"  # runner/testgate.py: the decoder waits before reading it
+        self.hold = GATES / f"read-{path.name}.hold"  # runner/faults.py: the decoder waits before reading it
         self.hold.touch()
 
     def open(self) -> None:

@@ -1,7 +1,7 @@
 """Issue 29, items 1-15, end to end with the real command line on the sample photos and the
 tiny net: a run directory inside its input, progress in a log, a kill -9 of the launcher, a
 sweep with one bad point, a run where many reads failed. A run that must still be running is
-held by a test gate at the last image of its list (runner/testgate.py): its decode thread
+held by a test gate at the last image of its list (runner/faults.py): its decode thread
 waits before reading it until the test releases it."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _photo_names(photos: Path):
 
 class _Gated:
     """`caffe-runner` on a list of the photos whose last entry is held by a test gate (runner/
-    testgate.py: the decoder waits before reading it until release() removes the .hold file).
+    faults.py: the decoder waits before reading it until release() removes the .hold file).
     stderr is read by a thread (lines so far: .err)."""
 
     def __init__(self, photos: Path, tmp: Path, *args):
