@@ -24,6 +24,8 @@ from . import fold, log
 from .errors import ConfigError, RunnerError
 from .netstate import RuleError, running_layers, test_state
 from .schema import CPU_ONLY
+from .engine import Engine
+from .simulated import SimulatedEngine, host_value
 
 
 @dataclass(frozen=True)
@@ -228,31 +230,6 @@ def input_hw(model_cfg, spec: NetSpec) -> Tuple[int, int]:
     if spec.input_shape and len(spec.input_shape) == 4:
         return int(spec.input_shape[2]), int(spec.input_shape[3])
     raise ConfigError(f"cannot tell the input size of {model_cfg.prototxt}: set model.input_size=[H,W]")
-
-
-class Engine:
-    """A loaded net: forward(x NCHW float32) -> {blob: array N x ...}."""
-    blobs: List[str]
-    blob_shapes: Dict[str, Tuple[int, ...]]
-    device_desc: str
-    # computes on a GPU: a task checks its first batch against forward_cpu (runner/selfcheck.py)
-    on_gpu: bool = False
-    # the GPU, for messages ("NVIDIA H100 ... (device 0, CUDA_VISIBLE_DEVICES=3)")
-    gpu_label: str = ""
-
-    def forward(self, x: np.ndarray) -> Dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def forward_cpu(self, x: np.ndarray) -> Dict[str, np.ndarray]:
-        """The same net and weights on the CPU (the GPU self-check's reference)."""
-        raise NotImplementedError
-
-    def attrs(self) -> Dict[str, object]:
-        """What computed the rows, for the shard file (engine=...)."""
-        return {}
-
-    def start_shard(self) -> None:
-        """A shard begins (OnnxEngine checks its first batch again)."""
 
 
 # What a CUDA build of Caffe logs, on a machine without a usable GPU, when it makes its per-thread
@@ -596,66 +573,6 @@ class OpenCVEngine(Engine):
         names = [self.layer_of[b] for b in self.blobs]
         outs = self.net.forward(names)
         return {b: np.array(o, dtype=np.float32, copy=True) for b, o in zip(self.blobs, outs)}
-
-
-def gate_allows(text: Optional[str], batch: int) -> bool:
-    """Whether a simulated gate file holding `text` (None: no file yet) lets batch `batch`
-    (counted from 0) start: "open", or a number greater than it."""
-    if text is None:
-        return False
-    t = text.strip()
-    if t == "open":
-        return True
-    return t.isdigit() and int(t) > batch
-
-
-def _read_gate(path: str) -> Optional[str]:
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-
-
-class SimulatedEngine(Engine):
-    """Stands in for an accelerator: each batch takes `batch_s` of wall time and no CPU
-    (sleep), so benchmarks can tell whether decoding keeps a fast device fed. With a gate file,
-    each batch first waits until the gate lets it start (gate_allows): a test holds the task
-    there for as long as it needs, on a fast or a loaded machine alike."""
-
-    def __init__(self, blobs: Sequence[str], in_shape, batch_s: float, device: str = "cpu",
-                 gpu_device: int = 0, gate: Optional[str] = None):
-        self.blobs = list(blobs)
-        self.batch_s = float(batch_s)
-        self.gate = gate
-        self.batches = 0
-        self.blob_shapes = {b: (int(in_shape[0]),) for b in self.blobs}
-        self.device_desc = f"simulated-{device}" + (f":{gpu_device}" if device == "gpu" else "")
-
-    def attrs(self) -> Dict[str, object]:
-        return {"engine": "simulated"}
-
-    def forward(self, x):
-        if self.gate:
-            while not gate_allows(_read_gate(self.gate), self.batches):
-                time.sleep(0.02)  # polls a file the test writes: the test decides, not the clock
-        self.batches += 1
-        t0 = time.perf_counter()
-        out = x.mean(axis=(2, 3), dtype=np.float32)
-        left = self.batch_s - (time.perf_counter() - t0)
-        if left > 0:
-            time.sleep(left)
-        return {b: out.copy() for b in self.blobs}
-
-
-def host_value(spec: str, host: str) -> Optional[str]:
-    """'node2:3,node3:1.5' -> '3' for host node2 (pure): the simulated engine's per-host slow
-    factor (CAFFE_RUNNER_SIM_SLOW_HOSTS) or gate file (CAFFE_RUNNER_SIM_HANG_HOSTS: gate_allows)."""
-    for item in spec.split(","):
-        name, sep, value = item.strip().partition(":")
-        if sep and name == host:
-            return value
-    return None
 
 
 def load_engine(cfg, spec: NetSpec, blobs: Sequence[str], in_shape, threads: int, gpu_device: int = 0,

@@ -275,7 +275,7 @@ def test_export_embeddings_autofaiss_finds_each_image(runs, tmp_path, autofaiss_
 
 
 def _held_run(inputs, tiny_net, out: Path, gate: Path, batch_s: float = 0.0, source: str = ""):
-    """A live run the test holds with a gate file (runner.model.gate_allows): each shard's k-th
+    """A live run the test holds with a gate file (runner.simulated.gate_allows): each shard's k-th
     image that decodes (batches of 1, each taking at least batch_s) is done once the gate holds a
     number >= k, or "open" (an image that fails to decode needs no forward: it passes the gate)."""
     args = [source or f"input.list={inputs / 'list.txt'}", f"output.dir={out}", "num_shards=2", "launcher.workers=2",

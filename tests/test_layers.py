@@ -16,14 +16,14 @@ RUNNER = Path(__file__).resolve().parent.parent / "runner"
 
 # lowest first; a module may import from its own layer and the ones before it
 LAYERS: List[Tuple[str, List[str]]] = [
-    ("leaves", ["runner", "runner.errors", "runner.shard", "runner.features", "runner.decode", "runner.decodepool", "runner.h5", "runner.samples",
+    ("leaves", ["runner", "runner.errors", "runner.shard", "runner.features", "runner.decode", "runner.decodepool", "runner.h5", "runner.engine", "runner.samples",
                 "runner.capacity", "runner.peakmem", "runner.flops", "runner.lastwords", "runner.slurmjobs",
                 "runner.liveness", "runner.schema", "runner.task", "runner.changes", "runner.atomic", "runner.locks",
                 "runner.faults", "runner.digest", "runner.netstate", "runner.child"]),
     ("storage and devices", ["runner.manifest", "runner.rundir", "runner.inflight", "runner.write", "runner.gpu",
                              "runner.device", "runner.selfcheck", "runner.preprocess", "runner.fetch", "runner.events",
                              "runner.private"]),
-    ("model, inputs, runtimes", ["runner.model", "runner.fold", "runner.onnxport", "runner.modelcheck", "runner.inputs", "runner.inputs.*", "runner.runtimes",
+    ("model, inputs, runtimes", ["runner.model", "runner.simulated", "runner.fold", "runner.onnxport", "runner.modelcheck", "runner.inputs", "runner.inputs.*", "runner.runtimes",
                                  "runner.runtimes.*"]),
     ("config and plan", ["runner.config", "runner.overrides", "runner.plan"]),
     ("stages", ["runner.extract", "runner.isolate", "runner.steal", "runner.merge", "runner.stats", "runner.status",

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from runner.lastwords import caffe_last_words
-from runner.model import gate_allows
+from runner.simulated import gate_allows
 from runner.modelcheck import (_pair_key, _read_cache, cache_path, describe_load_failure, ensure_loadable,
                                file_sha256, model_sha256)
 

@@ -79,7 +79,7 @@ def test_a_beating_task_whose_count_does_not_move_is_stalled():
 
 @pytest.mark.unit
 def test_the_simulated_engine_reads_its_hosts_factor():
-    from runner.model import host_value
+    from runner.simulated import host_value
 
     assert host_value("node2:3", "node2") == "3"
     assert host_value("node1:1.5, node2:3", "node2") == "3"
