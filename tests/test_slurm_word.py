@@ -276,7 +276,11 @@ def test_a_node_lost_mid_shard_is_requeued_and_the_run_completes_on_the_others(c
             g.open()
         for i in on_lost:
             _release(jobs[i])
-        wait_until(lambda: (run / "features.h5").exists(), timeout=300, interval=0.5, what="the run merged")
+        try:
+            wait_until(lambda: (run / "features.h5").exists(), timeout=300, interval=0.5, what="the run merged")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {run_cli('status', run, check=False).stdout}\n"
+                                 f"{run_cli('report', run, check=False).stdout[-3000:]}") from None
     finally:
         for g in gates.values():
             g.open()
