@@ -33,7 +33,7 @@ from .errors import ShardBusyError, ShardLostError, shown
 from .events import EventLog, events_path, task_fields
 from .features import FeaturePost, pooled_shape
 from .isolate import IsolatedDecoder, isolate_attempt, shard_deaths
-from .liveness import Heart
+from .liveness import Heart, last_beat
 from .locks import attempt_id
 from .runtimes.identity import image_label
 from .task import TaskIdentity, configure_threads, default_threads, task_identity
@@ -644,7 +644,7 @@ def _last_word(run, index: int, e: BaseException, ident: TaskIdentity, log_path:
     beat = dict(state="requeued" if requeued else "failed", shard=index, host=ident.host, pid=ident.pid,
                 job_id=ident.job_id, log=log_path, restart=ident.restart_count)
     if heart is not None:
-        beat.update(heart.where, seq=heart.seq + 1, interval_s=heart.interval_s)
+        beat.update(heart.where, interval_s=heart.interval_s)
     if not requeued:
         beat.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
     if progress is not None:
@@ -655,6 +655,6 @@ def _last_word(run, index: int, e: BaseException, ident: TaskIdentity, log_path:
     else:
         events.write("failed", error=beat["error"][:300], **counts)
     try:
-        run.write_heartbeat(index, beat)
-    except Exception:
+        last_beat(lambda b: run.write_heartbeat(index, b), {"seq": heart.seq if heart is not None else 0}, **beat)
+    except Exception:  # the task is dying of another error already: that one is the news
         pass

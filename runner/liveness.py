@@ -169,6 +169,21 @@ def lost(beat: Dict, age_s: float, host: str = "") -> bool:
     return age_s > stale_after_s(beat) + (0.0 if host and beat.get("host") == host else MAX_SKEW_S)
 
 
+def last_beat(write: Callable[[Dict], None], base: Dict, **fields) -> Dict:
+    """Write a shard's last beat, the one no Heart writes: a task's last word (failed, requeued)
+    or a launcher's record of a worker that died without one. The base beat's fields (the
+    shard's previous beat) with `fields` over them and the next sequence number, so a watcher
+    sees it change. A disk error is ignored: a last word must not fail anything else."""
+    beat = dict(base, **fields)
+    beat["seq"] = int(base.get("seq") or 0) + 1
+    beat["updated"] = time.time()
+    try:
+        write(beat)
+    except OSError:
+        pass
+    return beat
+
+
 class Heart:
     """A task's heartbeat: beat(fields) writes now; a thread rewrites the latest fields every
     interval (with a new sequence number) until stop(). One lock: the forward loop's writer

@@ -311,3 +311,21 @@ def test_a_damaged_submissions_file_reads_the_same_to_status_as_to_a_resubmissio
     st = run_status(run_dir)
     assert st["slurm_word"]["problems"] == [str(e.value)]
     assert f"Slurm: {e.value}" in format_status(st)
+
+
+@pytest.mark.unit
+def test_a_last_beat_keeps_the_previous_fields_and_moves_the_sequence_on(tmp_path):
+    """One writer for the beats no Heart writes (a task's last word, a launcher's record of a dead
+    worker): the previous beat's fields stay, the new ones go over them, and the sequence number
+    moves on, so a watcher sees the change; a full disk is not an error there."""
+    from runner.liveness import last_beat
+
+    written = []
+    prev = {"state": "running", "seq": 41, "host": "node1", "pid": 7, "done": 3}
+    beat = last_beat(written.append, prev, state="failed", error="died")
+    assert written == [beat] and beat["seq"] == 42 and beat["state"] == "failed" and beat["done"] == 3
+    assert prev["state"] == "running"  # the caller's dict is not changed
+
+    def full(_):
+        raise OSError(28, "No space left on device")
+    assert last_beat(full, {}, state="failed")["seq"] == 1

@@ -35,6 +35,7 @@ from ..events import EventLog, events_path, read_events
 from ..gpu import require_cuda_device, require_gpu_caffe
 from ..isolate import POISON_AFTER_DEATHS, attempt_open, shard_deaths
 from ..lastwords import caffe_last_words, describe_exit, signal_hint
+from ..liveness import last_beat
 from ..merge import merge_run, merged_is_current, open_merged
 from ..plan import Run, plan_summary, prepare_run
 from ..sharedpass import pass_missing
@@ -290,11 +291,8 @@ def _record_death(run, shard: int, error: str, log_path: str, died: str = "") ->
     """The shard's heartbeat and event log say how it ended (`caffe-runner status` shows it);
     the dead worker could not write them itself. `died`: how (the attempt counts as one that
     died: isolate.py)."""
-    beat = dict(run.read_heartbeat(shard) or {}, state="failed", shard=shard, error=error, log=log_path)
-    try:
-        run.write_heartbeat(shard, beat)
-    except OSError:
-        pass
+    last_beat(lambda b: run.write_heartbeat(shard, b), run.read_heartbeat(shard) or {}, state="failed", shard=shard,
+              error=error, log=log_path)
     EventLog(_events_of(run, shard), {}).write("failed", error=error[:300], died=died)
 
 
