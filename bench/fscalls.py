@@ -42,7 +42,7 @@ IMAGES_PER_SHARD = 2
 
 def linked_images(work: Path, n: int, tag: str = "fscalls") -> Path:
     """A list of n distinct paths: hard links to 32 tiny JPEGs (made once, kept in `work`)."""
-    from runner.samples import write_corpus
+    from runner.ui.samples import write_corpus
 
     pics = work / f"{tag}-pics"
     if not (work / f"{tag}-pics.done").exists():
@@ -69,9 +69,9 @@ def linked_images(work: Path, n: int, tag: str = "fscalls") -> Path:
 
 
 def _plan(work: Path, tasks: int):
-    from runner.config import compose
+    from runner.run.config import compose
     from runner.launch.registry import launcher_for
-    from runner.plan import prepare_run
+    from runner.run.plan import prepare_run
 
     shards = tasks * SHARDS_PER_TASK
     run = work / f"fscalls-run-{tasks}"
@@ -89,8 +89,8 @@ def _plan(work: Path, tasks: int):
 
 
 def _task(cfg, own: int) -> None:
-    from runner.extract import run_shard
-    from runner.steal import take_shards
+    from runner.task.extract import run_shard
+    from runner.task.steal import take_shards
 
     os.environ["SLURM_ARRAY_JOB_ID"], os.environ["SLURM_ARRAY_TASK_ID"] = "1", str(own)
     take_shards(cfg, own, run_shard, threads=1)
@@ -140,9 +140,9 @@ def count_calls(log: Path, run_dir: Path) -> Dict[str, int]:
 def measure(work: Path, tasks: int, concurrency: int) -> Dict:
     """One T: plan, then the T tasks under strace; calls per task, by kind."""
     os.environ.setdefault("GLOG_minloglevel", "2")
-    from runner import extract, steal  # noqa: F401  (imported before strace attaches)
-    from runner.plan import load_run_dir
-    from runner.task import configure_threads
+    from runner.task import extract, steal  # noqa: F401  (imported before strace attaches)
+    from runner.run.plan import load_run_dir
+    from runner.task.identity import configure_threads
 
     configure_threads(1)  # cv2 and the BLAS env, imported now rather than in every child
     cfg, run = _plan(work, tasks)

@@ -1,7 +1,7 @@
 """Row 15: a million-image simulated run, step by step (issue 37, fact 11).
 
 Each size N (default 100,000 and 1,000,000) is run through the steps a user runs, each as the
-CLI runs it, in a process of its own: plan (runner.plan.prepare_run, as the CLI calls it: the
+CLI runs it, in a process of its own: plan (runner.run.plan.prepare_run, as the CLI calls it: the
 listing, the manifest, run.json), run (the local launcher, output.merge=false),
 merge, verify, status, export (--format h5). For each: wall time and the peak memory of the
 largest process (ru_maxrss of the step's process tree). Then for each step the ratio of its
@@ -37,9 +37,9 @@ STEPS = ("plan", "run", "merge", "verify", "status", "export")
 
 PLAN = """
 import sys
-from runner.config import compose
+from runner.run.config import compose
 from runner.launch.registry import launcher_for
-from runner.plan import prepare_run
+from runner.run.plan import prepare_run
 cfg = compose(sys.argv[1:])
 prepare_run(cfg, launcher_for(cfg))
 """

@@ -1,4 +1,4 @@
-"""Where the GPU self-check's tolerances come from (runner/selfcheck.py), measured without a GPU.
+"""Where the GPU self-check's tolerances come from (runner/engine/selfcheck.py), measured without a GPU.
 
 On the sample photos, with the self-check's metric (max |a - b| / max |b| per blob):
 1. fp32_vs_independent_fp32: Caffe on the CPU against OpenCV DNN, a second FP32 implementation
@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-from runner.selfcheck import compare  # noqa: E402
+from runner.engine.selfcheck import compare  # noqa: E402
 
 MODELS = {  # name: blobs, input H W, mean (BGR)
     "res10_ssd": (["fc7"], (300, 300), (104.0, 177.0, 123.0)),
@@ -86,14 +86,14 @@ def main():
     import caffe
     import cv2
 
-    from runner.config import compose
-    from runner.model import parse_prototxt, truncated_prototxt
+    from runner.run.config import compose
+    from runner.engine.model import parse_prototxt, truncated_prototxt
 
     photos = Path(a.photos) if a.photos else None
     if photos is None:
         import tempfile
 
-        from runner.samples import write_samples
+        from runner.ui.samples import write_samples
 
         photos = Path(tempfile.mkdtemp(prefix="selfcheck-evidence-"))
         write_samples(photos)

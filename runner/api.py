@@ -36,7 +36,7 @@ class Run:
 
     @classmethod
     def from_dir(cls, path: Union[str, Path]) -> "Run":
-        from .rundir import RunDir
+        from .store.rundir import RunDir
 
         RunDir(Path(path)).read_plan()  # a clear error when it is not a run directory
         return cls(path)
@@ -44,7 +44,7 @@ class Run:
     def status(self) -> Dict:
         """What `caffe-runner status --json` prints: state, counts, per-shard progress, and for
         a Slurm run Slurm's word on every shard whose files fell silent."""
-        from .status import run_status
+        from .run.status import run_status
 
         return run_status(self.path)
 
@@ -56,7 +56,7 @@ class Run:
         no task of the run is alive (Slurm says pending/running/requeued, or a fresh heartbeat):
         ShardFailedError when a shard failed or was killed (its cause and next step in the
         message), RunnerError when the run stopped unfinished; TimeoutError after timeout_s."""
-        from .rundir import launch_holder
+        from .store.rundir import launch_holder
 
         t0 = time.time()
         while True:
@@ -96,7 +96,7 @@ class Run:
         arrays=True a dict of numpy arrays (feats, features/<blob>, names, index, failures); a blob
         whose name holds '/' is there under the file's dataset name (features/a__b) and its own
         (features/a/b), one array."""
-        from .merge import open_merged
+        from .results.merge import open_merged
 
         merged = self.path / "features.h5"
         if not merged.exists():
@@ -118,10 +118,10 @@ def extract(*overrides: Union[str, Iterable[str]]) -> Run:
     """Run (or, with launcher=slurm, submit) an extraction: overrides as on the command line,
     e.g. extract("input.dir=/data/images", "output.dir=/scratch/run1", "model=res10_ssd")."""
     from . import log
-    from .cli import setup_cli_logging
-    from .config import compose
+    from .ui.cli import setup_cli_logging
+    from .run.config import compose
     from .launch import launch
-    from .stats import check_failure_share
+    from .store.stats import check_failure_share
 
     flat = []
     for o in overrides:

@@ -27,7 +27,7 @@ import os
 import socket
 import threading
 
-from .atomic import atomic_write_text
+from .store.atomic import atomic_write_text
 
 ENV = "CAFFE_RUNNER_TEST_GATES"
 STEP_HOLD = "CAFFE_RUNNER_TEST_STEP_HOLD"

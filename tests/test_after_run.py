@@ -183,8 +183,8 @@ def test_retry_killed_at_any_moment_resumes_exactly(runs, tmp_path):
 def test_retry_killed_while_applying_is_finished_by_the_next(runs, tmp_path, monkeypatch):
     """The narrow window between the first staged shard replacing its original and the
     merge: a rerun finds commit.json and completes it."""
-    import runner.merge
-    from runner.retry import retry_run
+    import runner.results.merge
+    from runner.ui.retry import retry_run
 
     run = tmp_path / "run"
     shutil.copytree(runs["failed"], run)
@@ -192,7 +192,7 @@ def test_retry_killed_while_applying_is_finished_by_the_next(runs, tmp_path, mon
     def killed(*a, **k):
         raise SystemExit("killed while applying")
 
-    monkeypatch.setattr(runner.merge, "merge_run", killed)
+    monkeypatch.setattr(runner.results.merge, "merge_run", killed)
     with pytest.raises(SystemExit):
         retry_run(run)
     monkeypatch.undo()
@@ -275,7 +275,7 @@ def test_export_embeddings_autofaiss_finds_each_image(runs, tmp_path, autofaiss_
 
 
 def _held_run(inputs, tiny_net, out: Path, gate: Path, batch_s: float = 0.0, source: str = ""):
-    """A live run the test holds with a gate file (runner.simulated.gate_allows): each shard's k-th
+    """A live run the test holds with a gate file (runner.engine.simulated.gate_allows): each shard's k-th
     image that decodes (batches of 1, each taking at least batch_s) is done once the gate holds a
     number >= k, or "open" (an image that fails to decode needs no forward: it passes the gate)."""
     args = [source or f"input.list={inputs / 'list.txt'}", f"output.dir={out}", "num_shards=2", "launcher.workers=2",

@@ -77,7 +77,7 @@ def test_unreadable_file(photos, tmp_path):
         locked = base / "locked.jpg"
         shutil.copy(photos / "astronaut.jpg", locked)
         os.chmod(locked, 0)
-        code = ("import sys; from runner.decode import Decoder, Geometry; "
+        code = ("import sys; from runner.engine.decode import Decoder, Geometry; "
                 "print(Decoder(Geometry((32, 32))).load(sys.argv[1].encode())[1])")
         cmd = [sys.executable, "-c", code, str(locked)]
         if os.geteuid() == 0:

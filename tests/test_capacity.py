@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from runner.capacity import cost_s_per_image, decode_threads_per_gpu, gpu_busy_fraction, shared_cores_limit
-from runner.peakmem import peak_rss_mb, status_field_kb
+from capacity import cost_s_per_image, decode_threads_per_gpu, gpu_busy_fraction, shared_cores_limit
+from peakmem import peak_rss_mb, status_field_kb
 
 pytestmark = pytest.mark.unit
 
@@ -120,7 +120,7 @@ def test_gpu_busy_fraction():
 def _decode_faults(reuse: bool, threads: int, q) -> None:
     import cv2
 
-    from runner.decode import reuse_large_buffers
+    from runner.engine.decode import reuse_large_buffers
 
     applied = reuse_large_buffers() if reuse else False
     img = np.zeros((3000, 4000, 3), np.uint8)

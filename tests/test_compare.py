@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli, tiny_model_args
-from runner.compare import Moments, cka_from_moments
+from runner.ui.compare import Moments, cka_from_moments
 
 
 def direct_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -99,7 +99,7 @@ def test_compare_a_real_sweep_against_numpy(tiny_net, photos, tmp_path):
     assert m[1, 2] == pytest.approx(direct_cka(p1, emb_t), abs=2e-6)
     assert m[0, 2] > 0.8  # tanh of the same embedding: close, not equal
     # streamed in windows of 3 manifest positions: the same matrix
-    from runner.compare import compare
+    from runner.ui.compare import compare
 
     assert np.allclose(compare(sweep, chunk=3)["matrix"], m, atol=2e-6)
     assert "linear CKA on" in p.stdout and points[0]["name"] in p.stdout
@@ -128,7 +128,7 @@ def test_compare_a_real_sweep_against_numpy(tiny_net, photos, tmp_path):
 def test_rows_shared_by_every_point_are_found_window_by_window(chunk):
     """Points on the same input whose failures differ: only the images every point has as a row
     count, and each point's row positions are where those images are in its own file."""
-    from runner.compare import _chunks
+    from runner.ui.compare import _chunks
 
     count = 23
     failed = {"a": {3, 4, 17}, "b": {0, 4, 22}, "c": set()}
@@ -144,7 +144,7 @@ def test_rows_shared_by_every_point_are_found_window_by_window(chunk):
 # ---- issue 36: a sweep's output.dir is checked before the first point -----------------------------
 
 def _sweep_refusal(capsys, root, photos):
-    from runner import cli
+    from runner.ui import cli
 
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     code = cli.run(["-m", f"input.dir={photos}", f"output.dir={root}", "batch_size=4,8"])
@@ -174,8 +174,8 @@ def test_a_sweep_refuses_a_run_directory(capsys, photos, tmp_path):
 
 @pytest.mark.unit
 def test_a_sweep_refuses_another_sweeps_folder_and_takes_its_own(capsys, photos, tmp_path):
-    from runner.config import override_dirname
-    from runner.sweep import check_sweep_root, record_sweep
+    from runner.run.config import override_dirname
+    from runner.run.sweep import check_sweep_root, record_sweep
 
     root = tmp_path / "s"
     other = [["batch_size=2"], ["batch_size=3"], ["batch_size=5"]]
@@ -197,9 +197,9 @@ def test_a_suggested_command_pastes_as_is_for_a_path_with_a_space(tmp_path):
     import subprocess
     import sys
 
-    from runner.compare import compare
+    from runner.ui.compare import compare
     from runner.errors import ConfigError
-    from runner.sweep import record_sweep
+    from runner.run.sweep import record_sweep
 
     root = tmp_path / "my space" / "sweep"
     record_sweep(root, ["0"], ["k"], [["batch_size=4"]])

@@ -1,7 +1,7 @@
 """Bad configuration is refused before any work starts, with a message naming the problem and
 the fix; nothing already done is lost.
 
-The checks of single values run the command line in this process (runner.cli.run, what
+The checks of single values run the command line in this process (runner.ui.cli.run, what
 `caffe-runner` calls): the fast layer, one pytest process instead of one CLI process per case.
 They parse the tiny net's prototxt with pycaffe's protobuf (installed by `make setup`). The
 tests that run an extraction start the real command (slow)."""
@@ -15,7 +15,8 @@ from conftest import run_cli, tiny_model_args
 def cli_error(capsys):
     """caffe-runner ARGS in this process -> its stderr; it must exit 2 (a config error: docs/troubleshooting.md, exit codes)
     without a traceback. The package logger is left as it was found."""
-    from runner import cli, log
+    from runner.ui import cli
+    from runner import log
 
     def run(*args):
         handlers, level, propagate = list(log.handlers), log.level, log.propagate
@@ -126,7 +127,7 @@ def test_unknown_key_is_hydras_error(photos, tmp_path, cli_error):
 
 
 @pytest.mark.unit
-@pytest.mark.skipif(__import__("runner.gpu").gpu.caffe_has_gpu(),
+@pytest.mark.skipif(__import__("runner.engine.gpu").engine.gpu.caffe_has_gpu(),
                     reason="the CUDA build: tests/test_cuda_build.py checks its device=gpu error")
 def test_gpu_on_cpu_only_caffe_is_refused_clearly(tiny_net, photos, tmp_path, cli_error):
     msg = cli_error(f"input.dir={photos}", f"output.dir={tmp_path / 'r'}", *tiny_model_args(tiny_net), "device=gpu",

@@ -85,7 +85,7 @@ def squashfs():
 def _shard_files(run, at_least: int):
     """The run's shard files, as its plan names them (a Slurm run has launcher.shards_per_task
     shards per task), each complete."""
-    from runner.plan import load_run_dir
+    from runner.run.plan import load_run_dir
 
     r = load_run_dir(run)
     assert r.num_shards >= at_least and r.done_shards() == list(range(r.num_shards))

@@ -1,4 +1,4 @@
-"""The converter (runner/onnxport.py) against Caffe itself, layer by layer over a grid of
+"""The converter (runner/engine/onnxport.py) against Caffe itself, layer by layer over a grid of
 parameters (issue 35): every case either equals Caffe's forward within the fidelity bound, per
 channel (runner/model.channel_difference), with Caffe's shape, or is refused by name; the test
 says which, per case. Also: a field nobody mapped refuses its layer by name; Caffe's layer rules
@@ -24,7 +24,7 @@ def _net_text(shape, body: str) -> str:
 def _caffe_net(tmp_path, text: str, seed: int = 7):
     import caffe
 
-    from runner.model import set_caffe_cpu_mode
+    from runner.engine.model import set_caffe_cpu_mode
 
     set_caffe_cpu_mode(caffe)
     caffe.set_random_seed(seed)
@@ -49,9 +49,9 @@ def convert_and_compare(tmp_path, text: str, blobs, x=None, seed: int = 7):
     forward of the net `text` on x (default: uniform noise)."""
     from google.protobuf import text_format
 
-    from runner.model import caffe_pb2, channel_difference
-    from runner.netstate import test_state
-    from runner.onnxport import session, to_onnx, unsupported
+    from runner.engine.model import caffe_pb2, channel_difference
+    from runner.engine.netstate import test_state
+    from runner.engine.onnxport import session, to_onnx, unsupported
 
     net = _caffe_net(tmp_path, text, seed)
     param = caffe_pb2().NetParameter()
@@ -235,8 +235,8 @@ def test_a_field_not_mapped_refuses_its_layer_by_name(monkeypatch):
 
     from google.protobuf import text_format
 
-    import runner.onnxport as op
-    from runner.model import caffe_pb2
+    import runner.engine.onnxport as op
+    from runner.engine.model import caffe_pb2
 
     kind = op.REGISTRY["Pooling"]
     monkeypatch.setitem(op.REGISTRY, "Pooling", replace(kind, mapped=kind.mapped - {"ceil_mode"}))
@@ -253,8 +253,8 @@ def test_every_field_of_every_converted_layer_is_mapped_or_harmless():
     """This Caffe's proto, read now: each field of each registered layer's parameter message is
     in the registry, either mapped or listed harmless. A field added to caffe.proto (a new fork)
     then refuses its layer until someone decides what it means; this test names it."""
-    from runner.model import caffe_pb2
-    from runner.onnxport import LAYER_HARMLESS, LAYER_MAPPED, REGISTRY
+    from runner.engine.model import caffe_pb2
+    from runner.engine.onnxport import LAYER_HARMLESS, LAYER_MAPPED, REGISTRY
 
     pb = caffe_pb2()
     unlisted = []
@@ -296,9 +296,9 @@ def test_layer_rules_are_caffes_for_parser_fold_and_converter(tmp_path):
     import caffe
     from google.protobuf import text_format
 
-    from runner.fold import fold_plan
-    from runner.model import caffe_pb2, parse_prototxt, truncated_param
-    from runner.netstate import running_layers
+    from runner.engine.fold import fold_plan
+    from runner.engine.model import caffe_pb2, parse_prototxt, truncated_param
+    from runner.engine.netstate import running_layers
 
     proto = tmp_path / "rules.prototxt"
     proto.write_text(RULES)
@@ -319,7 +319,7 @@ def test_layer_rules_are_caffes_for_parser_fold_and_converter(tmp_path):
 
 def test_include_and_exclude_on_one_layer_is_refused_at_parse(tmp_path):
     from runner.errors import ConfigError
-    from runner.model import parse_prototxt
+    from runner.engine.model import parse_prototxt
 
     proto = tmp_path / "both.prototxt"
     proto.write_text(RULES.replace('include { stage: "train" }', 'include { stage: "train" } exclude { phase: TRAIN }'))
@@ -343,7 +343,7 @@ def edge_replicating_pad(monkeypatch):
     (ONNX Pad, mode=edge) instead of Caffe's zeros."""
     from dataclasses import replace
 
-    import runner.onnxport as op
+    import runner.engine.onnxport as op
 
     def bad_conv(g, lp, ins, w, shapes):
         cp, geo, name = lp.convolution_param, op.conv_geometry(lp.convolution_param), lp.name
@@ -370,7 +370,7 @@ def test_the_noise_probe_catches_a_border_only_error(tmp_path, edge_replicating_
     is zero too); the engine's noise probe at load does not."""
     from omegaconf import OmegaConf
 
-    from runner.model import NotConvertible, OnnxEngine, parse_prototxt
+    from runner.engine.model import NotConvertible, OnnxEngine, parse_prototxt
 
     text = _net_text((1, 3, 12, 14), BORDER)
     why, diffs = convert_and_compare(tmp_path, text, ["c", "p"], x=_dark_bordered_images(2, (3, 12, 14)))
@@ -390,8 +390,8 @@ def test_the_error_is_measured_per_channel():
     """An error of 2e-5 of a small channel's own values hides below 1e-5 of the blob's largest
     value (another channel's): measured per channel, it does not. An all-zero channel divides by
     the floor, not by zero; equal blobs differ by 0; another shape or NaN differs by inf."""
-    from runner.model import CHANNEL_FLOOR, channel_difference
-    from runner.selfcheck import relative_difference
+    from runner.engine.model import CHANNEL_FLOOR, channel_difference
+    from runner.engine.selfcheck import relative_difference
 
     rng = np.random.default_rng(0)
     ref = rng.uniform(-1, 1, (2, 3, 4, 5))
@@ -445,8 +445,8 @@ def test_bvlc_zoo_nets_stay_on_onnx_runtime(zoo_deploys, tmp_path, name, blobs):
     import caffe
     from omegaconf import OmegaConf
 
-    from runner.model import CaffeEngine, OnnxEngine, channel_difference, parse_prototxt
-    from runner.selfcheck import relative_difference
+    from runner.engine.model import CaffeEngine, OnnxEngine, channel_difference, parse_prototxt
+    from runner.engine.selfcheck import relative_difference
 
     proto = zoo_deploys / f"{name}.prototxt"
     net = caffe.Net(str(proto), caffe.TEST)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_cli
-from runner.gpu import caffe_has_gpu, fatbin_archs
+from runner.engine.gpu import caffe_has_gpu, fatbin_archs
 
 pytestmark = pytest.mark.cuda_build
 
@@ -110,7 +110,7 @@ def test_import_without_ld_library_path_loads_the_wheels_runtime(gpu_caffe):
 
 def test_the_probe_asks_the_venvs_runtime(gpu_caffe):
     _, site, _ = gpu_caffe
-    p = json.loads(_gpu_py("import json; from runner.gpu import cuda_probe; print(json.dumps(cuda_probe().__dict__))")
+    p = json.loads(_gpu_py("import json; from runner.engine.gpu import cuda_probe; print(json.dumps(cuda_probe().__dict__))")
                    .stdout)
     assert p["runtime_cuda"] >= 11000 and p["code"] != -1, p
     assert Path(p["library"]).resolve().is_relative_to(site.resolve()), p
@@ -152,7 +152,7 @@ def test_python_m_runner_gpu_reports_the_cudnn_the_wheel_loads(gpu_caffe):
     """cudnnGetVersion() of the libcudnn _caffe.so resolves, asked without a GPU."""
     _, site, info = gpu_caffe
     _needs_cudnn(info)
-    p = subprocess.run([str(GPU_VENV / "bin" / "python"), "-m", "runner.gpu"], capture_output=True, text=True,
+    p = subprocess.run([str(GPU_VENV / "bin" / "python"), "-m", "runner.engine.gpu"], capture_output=True, text=True,
                        env=_clean_env(), cwd=REPO, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout)
@@ -203,7 +203,7 @@ def test_inspect_with_the_cuda_build_prints_no_caffe_noise(gpu_caffe):
 def test_device_gpu_without_a_driver_is_one_clear_error(gpu_caffe, photos, tmp_path):
     """The real CUDA wheel and the real probe on this driverless machine: exit 2 with one line
     naming what is missing and what to do, before any work (no shard, no Caffe abort)."""
-    probe = json.loads(_gpu_py("import json; from runner.gpu import cuda_probe; print(json.dumps(cuda_probe().__dict__))")
+    probe = json.loads(_gpu_py("import json; from runner.engine.gpu import cuda_probe; print(json.dumps(cuda_probe().__dict__))")
                        .stdout)
     if probe["driver_lib"]:
         pytest.skip(f"this machine has an NVIDIA driver (probe: {probe})")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from corpus import make_corpus
-from runner.decode import Decoder, Geometry
+from runner.engine.decode import Decoder, Geometry
 
 pytestmark = pytest.mark.unit
 

@@ -7,8 +7,8 @@ from omegaconf import OmegaConf
 
 from runner.schema import LocalLauncherConf, ModelConf, RunConf, SlurmLauncherConf
 from runner.errors import ConfigError
-from runner.gpu import caffe_has_gpu
-from runner.device import resolve_local_device, resolve_slurm_device
+from runner.engine.gpu import caffe_has_gpu
+from runner.engine.device import resolve_local_device, resolve_slurm_device
 
 
 def _cfg(launcher, **top):
@@ -46,7 +46,7 @@ def test_device_gpu_with_a_cpu_only_caffe_names_the_build_first(monkeypatch):
     """It used to say 'no GPU is visible: set launcher.gpus=[0,...]'; following that advice then
     revealed the real blocker. The CPU-only build is what to fix, whatever GPUs are listed."""
     from runner.launch.registry import launcher_for
-    from runner.plan import _check_device
+    from runner.run.plan import _check_device
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi either

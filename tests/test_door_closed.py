@@ -19,9 +19,9 @@ import pytest
 
 from conftest import REPO, run_cli
 from runner.errors import ConfigError, shown
-from runner.merge import merge_run, open_merged
-from runner.plan import load_run_dir
-from runner.synthetic import expected_row, make_run, shard_file
+from runner.results.merge import merge_run, open_merged
+from runner.run.plan import load_run_dir
+from synthetic import expected_row, make_run, shard_file
 
 pytestmark = pytest.mark.unit
 
@@ -43,7 +43,7 @@ def _tree(d: Path):
 # ---- StrictModes: the folders above the run directory -------------------------------------------
 
 def test_unsafe_folder_table():
-    from runner.private import unsafe_folder
+    from runner.store.private import unsafe_folder
 
     def st(mode, uid=1000):
         return os.stat_result((mode, 0, 0, 1, uid, 1000, 0, 0, 0, 0))
@@ -60,7 +60,7 @@ def test_unsafe_folder_table():
 
 
 def test_every_folder_on_the_way_is_checked_through_symlinks(tmp_path):
-    from runner.private import unsafe_parent
+    from runner.store.private import unsafe_parent
 
     ok, shared, sticky = tmp_path / "ok", tmp_path / "shared", tmp_path / "sticky"
     for d in (ok, shared, sticky):
@@ -194,7 +194,7 @@ def test_export_npy_never_writes_through_planted_links(shared_run, tmp_path):
 def test_export_files_are_opened_without_following_a_link_planted_after_the_check(tmp_path):
     """The up-front check and the writes are apart in time: each file is opened O_NOFOLLOW in
     the folder's own descriptor, and emptied only once it is known to be a plain file of ours."""
-    from runner.merge import _Folder
+    from runner.results.merge import _Folder
 
     victim = tmp_path / "victim"
     victim.write_text("keep me\n")
@@ -270,7 +270,7 @@ def test_open_merged_refuses_a_view_whose_sources_lie_outside_its_folder(tmp_pat
     a = make_run(tmp_path / "A", 20, 2, dim=2)
     b = make_run(tmp_path / "B", 20, 2, dim=2)
     merge_run(load_run_dir(b))
-    from runner.merge import write_merged
+    from runner.results.merge import write_merged
 
     write_merged(a / "features.h5", [shard_file(b, i, 2) for i in range(2)], "view")  # ../B/shards/...
     with pytest.raises(Exception, match="outside its own folder"):
@@ -320,8 +320,8 @@ def test_merged_means_the_counts_match_the_plan(shared_run):
 
 READ = """
 import sys, resource, numpy as np
-from runner.merge import open_merged
-from runner.synthetic import expected_row
+from runner.results.merge import open_merged
+from synthetic import expected_row
 with open_merged(sys.argv[1]) as f:
     x, idx = f["feats"][:], f["index"][:]
 assert not np.isnan(x).any(), int(np.isnan(x).any(axis=1).sum())

@@ -1,7 +1,7 @@
 """Durable files and locks (issue 27): one atomic-write protocol (unique temporary name, fsync
 the file, rename, fsync the folder) behind every file the run trusts, one flock helper that
 names its holder, a file system without flock refused in one line, and a single-writer merge
-(two real processes). No pycaffe, no cluster: runs are synthetic (runner.synthetic)."""
+(two real processes). No pycaffe, no cluster: runs are synthetic (tests/synthetic.py)."""
 from __future__ import annotations
 
 import errno
@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 
 from conftest import CLI, REPO, run_cli, wait_until
-from runner import cli
-from runner.atomic import atomic_path, atomic_write_text, is_temp_of
+from runner.ui import cli
+from runner.store.atomic import atomic_path, atomic_write_text, is_temp_of
 from runner.errors import ConfigError
-from runner.locks import FileLock, LockHeld, NoFlockError, lock_holder, probe_flock
-from runner.plan import load_run_dir
-from runner.rundir import MERGE_LOCK, RunDir
-from runner.synthetic import BLOB, make_run
+from runner.store.locks import FileLock, LockHeld, NoFlockError, lock_holder, probe_flock
+from runner.run.plan import load_run_dir
+from runner.store.rundir import MERGE_LOCK, RunDir
+from synthetic import BLOB, make_run
 
 pytestmark = pytest.mark.unit
 
@@ -66,13 +66,13 @@ def _shard(tmp_path):
 
 
 def _merged(tmp_path):
-    from runner.merge import merge_run
+    from runner.results.merge import merge_run
 
     return merge_run(load_run_dir(make_run(tmp_path / "run", 10, 2, dim=2)))
 
 
 def _stats(tmp_path):
-    from runner.stats import write_stats
+    from runner.store.stats import write_stats
 
     run = load_run_dir(make_run(tmp_path / "run", 10, 2, dim=2))
     write_stats(run)
@@ -87,7 +87,7 @@ def _submissions(tmp_path):
 
 
 def _manifest(tmp_path):
-    from runner.manifest import write_manifest
+    from runner.store.manifest import write_manifest
 
     write_manifest(tmp_path / "run", b"/in", [b"a.jpg", b"b.jpg"], "synthetic")
     return tmp_path / "run" / "manifest" / "meta.json"
@@ -136,7 +136,7 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_removes_its_temporary(tmp_
 
 
 def test_a_merge_that_fails_midway_keeps_the_old_features_and_leaves_no_temporary(tmp_path, monkeypatch):
-    from runner import merge
+    from runner.results import merge
 
     run = load_run_dir(make_run(tmp_path / "run", 40, 4, dim=2))
     merge.merge_run(run)
@@ -153,8 +153,8 @@ def test_a_merge_that_fails_midway_keeps_the_old_features_and_leaves_no_temporar
 
 
 def test_a_merge_removes_the_temporary_a_killed_merge_left(tmp_path):
-    from runner.atomic import temp_name
-    from runner.merge import merge_run
+    from runner.store.atomic import temp_name
+    from runner.results.merge import merge_run
 
     run = load_run_dir(make_run(tmp_path / "run", 20, 2, dim=2))
     left = temp_name(run.rundir.merged)
@@ -179,7 +179,7 @@ def test_a_held_lock_names_its_holder_and_a_released_one_nobody(tmp_path):
 def test_a_lock_whose_holder_was_killed_is_free(tmp_path):
     """The kernel drops a dead holder's flock: kill -9 never blocks the next taker."""
     path = tmp_path / "x.lock"
-    code = ("import sys; from runner.locks import FileLock; FileLock(sys.argv[1], 'holder').acquire(); "
+    code = ("import sys; from runner.store.locks import FileLock; FileLock(sys.argv[1], 'holder').acquire(); "
             "print('held', flush=True); sys.stdin.read()")
     p = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=REPO, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
@@ -208,7 +208,7 @@ def _no_flock(monkeypatch, code):
 
 @pytest.mark.parametrize("code", [errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK])
 def test_the_plan_probe_names_the_file_system_without_flock(tmp_path, monkeypatch, code):
-    from runner.plan import _check_writable
+    from runner.run.plan import _check_writable
 
     _no_flock(monkeypatch, code)
     with pytest.raises(NoFlockError) as e:
@@ -285,9 +285,9 @@ def test_a_second_merge_is_refused_naming_the_first_which_then_completes(tmp_pat
 def test_a_listing_killed_mid_write_is_not_taken_for_someones_data(tmp_path):
     """kill -9 while the manifest is written leaves its temporary folder in a new output.dir:
     the rerun must not refuse the folder as foreign, and the listing removes the leftover."""
-    from runner.atomic import temp_name
+    from runner.store.atomic import temp_name
     from runner.launch import check_run_dir
-    from runner.manifest import write_manifest
+    from runner.store.manifest import write_manifest
 
     run = tmp_path / "run"
     left = temp_name(run / "manifest")

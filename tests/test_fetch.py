@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from runner.fetch import FetchError, download
+from runner.engine.fetch import FetchError, download
 
 
 class _Server:
@@ -184,7 +184,7 @@ def test_archive_member_source(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from runner.fetch import fetch_file
+    from runner.engine.fetch import fetch_file
 
     buf = io.BytesIO()
     member = os.urandom(50_000)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def _held(tiny_net, gate: Path):
-    """The simulated backend held by a gate file the test writes (runner.simulated.gate_allows):
+    """The simulated backend held by a gate file the test writes (runner.engine.simulated.gate_allows):
     batch k of each shard starts once the file holds a number > k, or "open"; absent: none
     starts. The run stops where the test says, on a fast or a loaded machine alike. Every batch
     writes its heartbeat (heartbeat_s far below the time a batch takes to write)."""

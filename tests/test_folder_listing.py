@@ -79,7 +79,7 @@ def test_broken_symlinks_with_an_image_extension_are_listed(tmp_path):
 
 def test_listing_is_recorded_in_the_manifest_and_the_input_stamp_counts_alike(tmp_path):
     from runner.inputs import build_manifest, input_stamp
-    from runner.manifest import load_manifest
+    from runner.store.manifest import load_manifest
 
     root = tmp_path / "in"
     _touch(root / "a.jpg")
@@ -132,7 +132,7 @@ def test_heic_heif_avif_are_default_extensions():
 
 @pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
 def test_heif_and_avif_decode_like_the_jpeg_they_were_made_from(photos, fmt):
-    from runner.decode import Decoder, Geometry
+    from runner.engine.decode import Decoder, Geometry
 
     d = Decoder(Geometry((64, 64)))
     ref = d.decode(_encoded(photos, "JPEG"))
@@ -147,7 +147,7 @@ def test_heif_and_avif_decode_like_the_jpeg_they_were_made_from(photos, fmt):
 
 
 def test_heic_decodes_in_a_fresh_process(photos, tmp_path):
-    """runner.decode registers pillow-heif itself: in a task process nothing else may have
+    """runner.engine.decode registers pillow-heif itself: in a task process nothing else may have
     (scikit-image's imageio registers it as a side effect, which hid this in-process)."""
     import subprocess
     import sys
@@ -156,7 +156,7 @@ def test_heic_decodes_in_a_fresh_process(photos, tmp_path):
 
     heic = tmp_path / "photo.heic"
     heic.write_bytes(_encoded(photos, "HEIF"))
-    code = ("import sys; from runner.decode import Decoder, Geometry; "
+    code = ("import sys; from runner.engine.decode import Decoder, Geometry; "
             "img, why = Decoder(Geometry((32, 32))).load(sys.argv[1].encode()); print(why or img.shape)")
     p = subprocess.run([sys.executable, "-c", code, str(heic)], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert p.stdout.strip() == "(32, 32, 3)", p.stdout + p.stderr
@@ -171,7 +171,7 @@ def test_jpegs_decode_without_pillow_heif(photos):
     from conftest import REPO
 
     jpg = next(photos.rglob("*.jpg"))
-    code = ("import sys; sys.modules['pillow_heif'] = None; from runner.decode import Decoder, Geometry; "
+    code = ("import sys; sys.modules['pillow_heif'] = None; from runner.engine.decode import Decoder, Geometry; "
             "img, why = Decoder(Geometry((32, 32))).load(sys.argv[1].encode()); print(why or img.shape)")
     p = subprocess.run([sys.executable, "-c", code, str(jpg)], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert p.stdout.strip() == "(32, 32, 3)", p.stdout + p.stderr

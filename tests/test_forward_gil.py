@@ -13,7 +13,7 @@ import numpy as np
 def test_forward_lets_other_threads_run(res10):
     import caffe
 
-    from runner.model import set_caffe_cpu_mode
+    from runner.engine.model import set_caffe_cpu_mode
 
     set_caffe_cpu_mode(caffe)
     net = caffe.Net(str(res10[0]), caffe.TEST, weights=str(res10[1]))

@@ -1,5 +1,5 @@
 """The fast CPU forward (issue 30): BatchNorm + Scale folded into the convolution before them
-(runner/fold.py) and Caffe's convolution running im2col + one GEMM for several images at once
+(runner/engine/fold.py) and Caffe's convolution running im2col + one GEMM for several images at once
 (docker/pycaffe-convbatch.patch). Its features equal the upstream path's (model.conv_batch_mb=0
 model.fold_batchnorm=false, the same process, the same build) within the fidelity bound, run to
 run bit-identical; `inspect` prints a forward's GFLOP per image."""
@@ -27,7 +27,7 @@ def rel(new, old) -> float:
 def test_folded_weights_equal_conv_then_bn_then_scale():
     """conv(x) -> BN (Caffe's scale factor, a large eps) -> Scale, in float64, against the folded
     convolution's single affine map."""
-    from runner.fold import folded_weights
+    from runner.engine.fold import folded_weights
 
     rng = np.random.default_rng(3)
     c, k = 5, 12
@@ -63,8 +63,8 @@ layer { name: "sum" type: "Eltwise" bottom: "c3" bottom: "s2" top: "sum" }
 def _plan(keep, bn=""):
     from google.protobuf import text_format
 
-    from runner.fold import fold_plan
-    from runner.model import caffe_pb2
+    from runner.engine.fold import fold_plan
+    from runner.engine.model import caffe_pb2
 
     param = caffe_pb2().NetParameter()
     text_format.Merge(CHAIN % {"bn": bn}, param)
@@ -97,8 +97,8 @@ def test_fold_plan_keeps_a_convolution_read_twice():
     text = CHAIN.replace('bottom: "c3" bottom: "s2"', 'bottom: "c3" bottom: "c2"') % {"bn": ""}
     from google.protobuf import text_format
 
-    from runner.fold import fold_plan
-    from runner.model import caffe_pb2
+    from runner.engine.fold import fold_plan
+    from runner.engine.model import caffe_pb2
 
     param = caffe_pb2().NetParameter()
     text_format.Merge(text, param)
@@ -110,7 +110,7 @@ def test_fold_plan_keeps_a_convolution_read_twice():
 def test_affine_weights_equal_bn_then_scale():
     """BN (scale factor 2, a large eps) then Scale with and without a bias, in float64, against the
     one Scale layer's gamma' * x + beta'."""
-    from runner.fold import affine_weights
+    from runner.engine.fold import affine_weights
 
     rng = np.random.default_rng(4)
     c = 6
@@ -163,8 +163,8 @@ BN1 = 'layer { name: "bn1" type: "BatchNorm" bottom: "sum" top: "b1" }'
 def test_fold_plan_makes_one_scale_of_a_bn_scale_pair(keep, edits, folds):
     from google.protobuf import text_format
 
-    from runner.fold import fold_plan
-    from runner.model import caffe_pb2
+    from runner.engine.fold import fold_plan
+    from runner.engine.model import caffe_pb2
 
     text = PREACT
     for old, new in edits:
@@ -194,7 +194,7 @@ def test_fold_plan_makes_one_scale_of_a_bn_scale_pair(keep, edits, folds):
     ("ReLU", (4, 5, 5), (4, 5, 5), (), 0),
 ])
 def test_layer_flops(kind, bottom, top, weight, flop):
-    from runner.flops import layer_flops
+    from runner.engine.flops import layer_flops
 
     assert layer_flops(kind, bottom, top, weight) == flop
 
@@ -264,7 +264,7 @@ def odd_net(tmp_path_factory):
 def _engine(proto, weights, blobs, **model):
     from omegaconf import OmegaConf
 
-    from runner.model import CaffeEngine, parse_prototxt
+    from runner.engine.model import CaffeEngine, parse_prototxt
 
     m = OmegaConf.create({"weights": str(weights), **model})
     return CaffeEngine(m, parse_prototxt(str(proto)), blobs, (3, 24, 30))

@@ -57,7 +57,7 @@ def test_help_page_is_written_for_this_tool():
         assert s in out, s
     for s in ("powered by Hydra", "base_local", "base_slurm", "base_model", "Hydra"):
         assert s not in out, s
-    # the key lines come from the schema's comments (runner/config.py), not a copy
+    # the key lines come from the schema's comments (runner/run/config.py), not a copy
     from runner.schema import field_docs
 
     docs = field_docs()

@@ -36,12 +36,12 @@ def _label(image, key):
 
 
 def test_its_pycaffe_is_the_cuda_build_with_cudnn_for_its_architectures(image):
-    p = _podman("--entrypoint", "python", image, "-m", "runner.gpu")
+    p = _podman("--entrypoint", "python", image, "-m", "runner.engine.gpu")
     assert p.returncode == 0, p.stderr[-2000:]
     seen = json.loads(p.stdout)
     assert seen["caffe_has_gpu"] and seen["caffe_has_cudnn"], seen
     assert seen["cudnn"] and seen["cudnn"].startswith("9."), seen  # the pinned cuDNN wheel loads
-    code = ("from runner.gpu import caffe_so_path, fatbin_archs; import json; f = fatbin_archs(caffe_so_path()); "
+    code = ("from runner.engine.gpu import caffe_so_path, fatbin_archs; import json; f = fatbin_archs(caffe_so_path()); "
             "print(json.dumps([list(f.sm), list(f.ptx)]))")
     p = _podman("--entrypoint", "python", image, "-c", code)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -1,11 +1,11 @@
-"""runner/gpu.py without a GPU: what device=gpu is told on each kind of machine (a table over
+"""runner/engine/gpu.py without a GPU: what device=gpu is told on each kind of machine (a table over
 the pure explain_probe), and the real probe against the pycaffe installed in this venv."""
 from __future__ import annotations
 
 import pytest
 
 from runner.errors import ConfigError
-from runner.gpu import CudaProbe, caffe_has_gpu, cuda_probe, explain_probe, require_cuda_device
+from runner.engine.gpu import CudaProbe, caffe_has_gpu, cuda_probe, explain_probe, require_cuda_device
 
 NO_DRIVER = CudaProbe(35, "CUDA driver version is insufficient for CUDA runtime version", runtime_cuda=13000)
 OLD_DRIVER = CudaProbe(35, "CUDA driver version is insufficient for CUDA runtime version", driver_cuda=12040,

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from runner.gpu import caffe_has_cudnn, caffe_has_gpu, cuda_probe, explain_probe
-from runner.selfcheck import FP32_TOLERANCE, TF32_TOLERANCE
+from runner.engine.gpu import caffe_has_cudnn, caffe_has_gpu, cuda_probe, explain_probe
+from runner.engine.selfcheck import FP32_TOLERANCE, TF32_TOLERANCE
 
 pytestmark = pytest.mark.gpu
 
@@ -138,7 +138,7 @@ def test_python_m_runner_gpu_reports_the_cudnn_it_loads():
     import subprocess
     import sys
 
-    out = json.loads(subprocess.run([sys.executable, "-m", "runner.gpu"], capture_output=True, text=True,
+    out = json.loads(subprocess.run([sys.executable, "-m", "runner.engine.gpu"], capture_output=True, text=True,
                                     check=True).stdout)
     assert out["caffe_has_cudnn"] == caffe_has_cudnn()
     if out["caffe_has_cudnn"]:

@@ -1,4 +1,4 @@
-"""An image that hangs the decoder (decode.max_image_s, runner/decodepool.py, issue 37): it is
+"""An image that hangs the decoder (decode.max_image_s, runner/engine/decodepool.py, issue 37): it is
 recorded as a failure naming the bound, its thread left behind, and the shard goes on at full width.
 
 The unit tests drive the pool with a clock of their own (a job is "late" only when the test says
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import read_features, run_cli, tiny_model_args
-from runner.decode import FAULT_HANG_ON
+from runner.engine.decode import FAULT_HANG_ON
 from runner.errors import RunnerError
 
 
@@ -42,7 +42,7 @@ def _hanging(started: threading.Event, release: threading.Event):
 
 @pytest.mark.unit
 def test_a_job_past_the_bound_is_a_failure_and_a_fresh_thread_takes_its_place():
-    import runner.decodepool as dp
+    import runner.engine.decodepool as dp
 
     clock, started, release = _Clock(), threading.Event(), threading.Event()
     pool = dp.DecodePool(2, max_image_s=5, clock=clock)
@@ -79,7 +79,7 @@ def test_a_job_past_the_bound_is_a_failure_and_a_fresh_thread_takes_its_place():
 
 @pytest.mark.unit
 def test_errors_reach_the_caller_and_no_bound_waits_for_ever():
-    import runner.decodepool as dp
+    import runner.engine.decodepool as dp
 
     pool = dp.DecodePool(1, max_image_s=0)
     try:
@@ -95,7 +95,7 @@ def test_errors_reach_the_caller_and_no_bound_waits_for_ever():
 
 @pytest.mark.unit
 def test_too_many_hangs_stop_the_shard_with_one_error(monkeypatch):
-    import runner.decodepool as dp
+    import runner.engine.decodepool as dp
 
     monkeypatch.setattr(dp, "MAX_ABANDONED", 1)
     clock, release = _Clock(), threading.Event()

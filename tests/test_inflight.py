@@ -1,4 +1,4 @@
-"""A run's jobs still in flight (runner/inflight.py) and what output.overwrite=true removes:
+"""A run's jobs still in flight (runner/jobs/inflight.py) and what output.overwrite=true removes:
 the pure parts, without a cluster."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import pytest
 
 from runner.errors import ConfigError
-from runner.inflight import (InFlight, describe, in_flight, live_of, merge_dependency, read_submissions,
+from runner.jobs.inflight import (InFlight, describe, in_flight, live_of, merge_dependency, read_submissions,
                              recorded_jobs, state_where)
-from runner.slurmjobs import parse_squeue
-from runner.rundir import OLD_RUN_ENTRIES, RUN_JSON, remove_old_run
+from runner.jobs.slurm import parse_squeue
+from runner.store.rundir import OLD_RUN_ENTRIES, RUN_JSON, remove_old_run
 
 pytestmark = pytest.mark.unit
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from runner import inputs
 from runner.errors import ConfigError
 from runner.inputs import lmdb as lmdb_kind
-from runner.manifest import load_manifest
+from runner.store.manifest import load_manifest
 from runner.schema import InputConf
 
 pytestmark = pytest.mark.unit

@@ -25,7 +25,7 @@ CHANGED = "changed since this run was planned"
 @pytest.fixture
 def files(tmp_path, monkeypatch):
     """Three model files, a fresh cache folder and a fresh process memory of hashes."""
-    import runner.modelcheck as mc
+    import runner.engine.modelcheck as mc
 
     monkeypatch.setenv("CAFFE_RUNNER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(mc, "_SEEN", {})
@@ -39,7 +39,7 @@ def files(tmp_path, monkeypatch):
 
 
 def _planned(files):
-    from runner.modelcheck import files_sha256
+    from runner.engine.modelcheck import files_sha256
 
     shas = files_sha256(files)
     return {k: (p, shas[k]) for k, p in files.items()}
@@ -47,7 +47,7 @@ def _planned(files):
 
 @pytest.mark.unit
 def test_a_file_changed_since_the_plan_is_refused_by_name(files):
-    from runner.modelcheck import ModelFileChangedError, check_planned_files
+    from runner.engine.modelcheck import ModelFileChangedError, check_planned_files
 
     planned = _planned(files)
     check_planned_files(planned)  # unchanged: nothing to say
@@ -71,7 +71,7 @@ def test_a_file_changed_since_the_plan_is_refused_by_name(files):
 def test_each_file_is_hashed_once_per_change_not_per_shard(files, monkeypatch):
     """A task checks before every shard: a stat per file while unchanged, a hash when the stat
     changed; the node's cache file serves a new process (a fresh memory) without a hash."""
-    import runner.modelcheck as mc
+    import runner.engine.modelcheck as mc
 
     hashed = []
     real = mc.file_hash
@@ -91,7 +91,7 @@ def test_each_file_is_hashed_once_per_change_not_per_shard(files, monkeypatch):
 
 @pytest.mark.unit
 def test_blobs_attr_reads_the_array_and_the_old_json_string(tmp_path):
-    from runner.write import blobs_attr
+    from runner.results.write import blobs_attr
 
     with h5py.File(tmp_path / "a.h5", "w") as f:
         f.attrs["new"], f.attrs["old"], f.attrs["one"] = ["pool5/7x7_s1", "fc7"], '["pool5/7x7_s1", "fc7"]', ["emb"]
@@ -102,7 +102,7 @@ def test_blobs_attr_reads_the_array_and_the_old_json_string(tmp_path):
 
 @pytest.mark.unit
 def test_agreed_says_one_value_or_which_shards_differ():
-    from runner.merge import agreed
+    from runner.results.merge import agreed
 
     assert agreed({"onnxruntime 1.32.0": [0, 1, 2]}) == "onnxruntime 1.32.0"
     assert agreed({"": [0, 1]}) == ""  # nothing recorded (an old run): no attribute rather than a guess
@@ -115,9 +115,9 @@ def test_agreed_says_one_value_or_which_shards_differ():
 def test_old_format_shards_merge_verify_and_export(tmp_path):
     """Shards that record blobs as a JSON string (every run before issue 35) still merge,
     verify and export; features.h5 records an array."""
-    from runner.merge import merge_run
-    from runner.plan import load_run_dir
-    from runner.synthetic import BLOB, make_run, shard_file
+    from runner.results.merge import merge_run
+    from runner.run.plan import load_run_dir
+    from synthetic import BLOB, make_run, shard_file
 
     run = make_run(tmp_path / "run", 30, 3, dim=4, legacy_blobs=True)
     with h5py.File(shard_file(run, 0, 3), "r") as f:
@@ -134,9 +134,9 @@ def test_old_format_shards_merge_verify_and_export(tmp_path):
 
 @pytest.mark.unit
 def test_features_h5_says_when_shards_ran_on_different_engines(tmp_path):
-    from runner.merge import merge_run
-    from runner.plan import load_run_dir
-    from runner.synthetic import make_run, shard_file
+    from runner.results.merge import merge_run
+    from runner.run.plan import load_run_dir
+    from synthetic import make_run, shard_file
 
     run = make_run(tmp_path / "run", 40, 4, dim=2)
     for i in range(4):
@@ -318,7 +318,7 @@ def test_weights_replaced_after_the_plan_are_refused_by_every_array_task(cluster
 def test_a_run_planned_before_the_mean_files_content_was_recorded_still_resumes():
     """Its identity has the mean file's path but not its sha256: the same config resumes it
     (with a warning); any other difference, or another recorded content, is refused as before."""
-    from runner.plan import _same_identity
+    from runner.run.plan import _same_identity
 
     new = {"model": {"prototxt_sha256": "p", "mean_file_sha256": "m", "preprocess": {"mean_file": "/m.npy"}},
            "blobs": ["emb"]}

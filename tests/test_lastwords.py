@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from runner.lastwords import describe_exit
-from runner.write import ShardWriter
+from runner.store.lastwords import describe_exit
+from runner.results.write import ShardWriter
 
 pytestmark = pytest.mark.unit
 
@@ -51,13 +51,13 @@ def test_an_abandoned_writer_is_joined_before_the_file_closes(tmp_path, monkeypa
     """The forward thread fails while the writer thread is inside a batch (held there by a
     gate): abandon() returns only once the writer has ended, after the batches already queued,
     so the file the caller closes next holds whole batches and resumes exactly."""
-    from runner.events import EventLog
-    from runner.extract import _Progress, _Sink, _Writer
-    from runner.features import FeaturePost
-    from runner.liveness import Heart
-    from runner.plan import load_run_dir
-    from runner.synthetic import make_run
-    from runner.task import task_identity
+    from runner.store.events import EventLog
+    from runner.task.extract import _Progress, _Sink, _Writer
+    from runner.engine.features import FeaturePost
+    from runner.store.liveness import Heart
+    from runner.run.plan import load_run_dir
+    from synthetic import make_run
+    from runner.task.identity import task_identity
     from runner.faults import ENV
 
     run = load_run_dir(make_run(tmp_path / "run", 8, 1))
@@ -91,7 +91,7 @@ def test_an_abandoned_writer_is_joined_before_the_file_closes(tmp_path, monkeypa
 def test_a_file_whose_counters_disagree_starts_over_instead_of_doubling_a_batch(tmp_path):
     """A file closed (or a process killed) inside a batch's counter update: rows already count
     the batch, next does not. Resuming at next would write the batch's rows twice."""
-    from runner.write import torn_counters
+    from runner.results.write import torn_counters
 
     path = tmp_path / "s.h5"
     w = ShardWriter(path, {"emb": (4,)}, "float32", {}, "fp", 2)

@@ -5,10 +5,10 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from runner.config import sweep_dirname
+from runner.run.config import sweep_dirname
 from runner.schema import ContainerConf, InputConf, ModelConf, OutputConf, RunConf, SlurmLauncherConf
 from runner.errors import ConfigError
-from runner.device import resolve_gpus
+from runner.engine.device import resolve_gpus
 from runner.runtimes import bind_dirs, container_command, wrap_python
 from runner.launch.slurm import executor_parameters, parse_scontrol_config
 

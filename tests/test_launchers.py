@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from conftest import TINY_PROTOTXT
 from runner.schema import InputConf, LocalLauncherConf, ModelConf, OutputConf, RunConf, SlurmLauncherConf
 from runner.errors import ConfigError
-from runner.extract import run_shard
+from runner.task.extract import run_shard
 from runner.launch import launch
 from runner.launch.local import LocalLauncher
 from runner.launch.workers import TaskError

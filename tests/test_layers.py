@@ -16,21 +16,17 @@ RUNNER = Path(__file__).resolve().parent.parent / "runner"
 
 # lowest first; a module may import from its own layer and the ones before it
 LAYERS: List[Tuple[str, List[str]]] = [
-    ("leaves", ["runner", "runner.errors", "runner.shard", "runner.features", "runner.decode", "runner.decodepool", "runner.h5", "runner.engine", "runner.samples",
-                "runner.capacity", "runner.peakmem", "runner.flops", "runner.lastwords", "runner.slurmjobs",
-                "runner.liveness", "runner.schema", "runner.task", "runner.changes", "runner.atomic", "runner.locks",
-                "runner.faults", "runner.digest", "runner.netstate", "runner.child"]),
-    ("storage and devices", ["runner.manifest", "runner.rundir", "runner.inflight", "runner.write", "runner.gpu",
-                             "runner.device", "runner.selfcheck", "runner.preprocess", "runner.fetch", "runner.events",
-                             "runner.private"]),
-    ("model, inputs, runtimes", ["runner.model", "runner.simulated", "runner.fold", "runner.onnxport", "runner.modelcheck", "runner.inputs", "runner.inputs.*", "runner.runtimes",
-                                 "runner.runtimes.*"]),
-    ("config and plan", ["runner.config", "runner.overrides", "runner.plan"]),
-    ("stages", ["runner.extract", "runner.isolate", "runner.steal", "runner.merge", "runner.stats", "runner.status",
-                "runner.verify", "runner.synthetic", "runner.sweep", "runner.compare", "runner.report",
-                "runner.embeddings", "runner.sharedpass", "runner.sweeppage"]),
-    ("launchers", ["runner.launch", "runner.launch.*", "runner.retry"]),
-    ("front doors", ["runner.inspect", "runner.api", "runner.cli", "runner.__main__"]),
+    ("base", ["runner", "runner.errors", "runner.schema", "runner.config"]),
+    ("jobs", ["runner.jobs", "runner.jobs.*"]),
+    ("store", ["runner.store", "runner.store.*", "runner.faults"]),
+    ("engine", ["runner.engine", "runner.engine.*"]),
+    ("inputs", ["runner.inputs", "runner.inputs.*"]),
+    ("runtimes", ["runner.runtimes", "runner.runtimes.*"]),
+    ("run", ["runner.run", "runner.run.*"]),
+    ("results", ["runner.results", "runner.results.*"]),
+    ("task", ["runner.task", "runner.task.*"]),
+    ("launch", ["runner.launch", "runner.launch.*"]),
+    ("ui", ["runner.ui", "runner.ui.*", "runner.api", "runner.__main__"]),
 ]
 
 def _name(path: Path) -> str:
@@ -152,10 +148,10 @@ def test_no_function_level_reimport():
 def test_the_walk_sees_what_it_must():
     """The checks above would pass on an empty graph: the walk finds real edges, both kinds."""
     got = imports()
-    assert "runner.inputs" in got["runner.plan"]["top"]
+    assert "runner.inputs" in got["runner.run.plan"]["top"]
     assert "runner.inputs.base" in got["runner.inputs.files"]["top"]
-    assert "runner.model" in got["runner.inputs.lmdb"]["fn"]
-    assert upward({("runner.manifest", "runner.plan")}) and cycles({("a", "b"), ("b", "a")}) == [["a", "b"]]
+    assert "runner.engine.model" in got["runner.inputs.lmdb"]["fn"]
+    assert upward({("runner.store.manifest", "runner.run.plan")}) and cycles({("a", "b"), ("b", "a")}) == [["a", "b"]]
 
 
 # ---- launchers and container runtimes: each choice is made in one place ---------------------
@@ -195,7 +191,7 @@ def test_the_plan_and_the_tasks_import_no_launcher_and_the_registry_no_implement
     # launch/registry.py imports the implementations by name (importlib), when a launch starts
     assert not {"runner.launch.local", "runner.launch.slurm"} & (got["runner.launch.registry"]["top"]
                                                                  | got["runner.launch.registry"]["fn"])
-    assert "runner.launch.base" in got["runner.launch.local"]["top"] and "runner.runtimes" in got["runner.plan"]["top"]
+    assert "runner.launch.base" in got["runner.launch.local"]["top"] and "runner.runtimes" in got["runner.run.plan"]["top"]
 
 
 def test_no_private_name_imported_across_modules():
@@ -210,7 +206,7 @@ def test_no_private_name_imported_across_modules():
 
 
 def test_every_hdf5_file_is_opened_through_one_opener():
-    """Each protocol once (issue 38): an HDF5 file is opened only by runner/h5.py's open_h5 (no
+    """Each protocol once (issue 38): an HDF5 file is opened only by runner/store/h5.py's open_h5 (no
     HDF5 file locking, which fails on many cluster file systems); an h5py.File elsewhere would
     bring back the one spot that forgot locking=False."""
     offenders = [f"{p.relative_to(RUNNER.parent)}:{n}" for p in RUNNER.rglob("*.py") if p.name != "h5.py"

@@ -204,8 +204,8 @@ def test_local_gpu_workers_bind_one_gpu_each(tiny_net, photos, tmp_path):
 def test_shards_record_their_steady_state_apart_from_one_time_costs(photos, tmp_path):
     """A shard's first batches pay the pipeline fill and Caffe's first allocations once, and its
     last ones drain the decode window; the steady figures (make bench rows 2 and 10) count only
-    the batches between (runner.extract.steady_marks)."""
-    from runner.extract import steady_marks
+    the batches between (runner.task.extract.steady_marks)."""
+    from runner.task.extract import steady_marks
 
     out = tmp_path / "run"
     run_cli(f"input.dir={photos}", f"output.dir={out}", "launcher.workers=1", "num_shards=1", "batch_size=1",

@@ -9,7 +9,7 @@ from runner.schema import InputConf
 from runner.errors import ConfigError
 from runner.inputs import build_manifest
 from runner.inputs.files import list_dir, read_list
-from runner.manifest import iter_names, load_manifest
+from runner.store.manifest import iter_names, load_manifest
 
 pytestmark = pytest.mark.unit
 

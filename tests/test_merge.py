@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import CLI, REPO, run_cli
-from runner.merge import RUN_ATTRS, export_run, merge_run, open_merged
-from runner.plan import load_run_dir
-from runner.synthetic import expected_label, expected_row, make_run, shard_file
+from runner.results.merge import RUN_ATTRS, export_run, merge_run, open_merged
+from runner.run.plan import load_run_dir
+from synthetic import expected_label, expected_row, make_run, shard_file
 
 pytestmark = pytest.mark.unit
 
@@ -43,7 +43,7 @@ def _limited_cli(*args, nofile=256):
 
 READ_ALL = """
 import sys, h5py, numpy as np
-from runner.synthetic import expected_row
+from synthetic import expected_row
 with h5py.File(sys.argv[1] if len(sys.argv) > 1 else {path!r}, "r") as f:
     feats, idx = f["feats"][:], f["index"][:]
     assert len(feats) == len(idx) == {rows}, (len(feats), len(idx))
@@ -95,7 +95,7 @@ def test_a_view_past_the_open_file_limit_is_refused_by_our_readers(tmp_path):
     """HDF5 itself would return NaN for sources past the limit; open_merged refuses first."""
     run = make_run(tmp_path / "run", 400, 300, dim=4, view_max_shards=1000)
     merge_run(load_run_dir(run))
-    code = (f"from runner.merge import open_merged\nopen_merged({str(run / 'features.h5')!r})")
+    code = (f"from runner.results.merge import open_merged\nopen_merged({str(run / 'features.h5')!r})")
     p = _limited(code, check=False)
     assert p.returncode != 0 and "ulimit -n" in p.stderr and "caffe-runner export" in p.stderr
     # the same read straight through h5py shows the failure mode this guards against
@@ -230,7 +230,7 @@ def test_exit_codes(tmp_path):
 
 def test_run_attributes_stay_small_at_any_shard_count():
     """Per-shard facts kept as run attributes must fit HDF5's 64 KB attribute limit."""
-    from runner.merge import ATTR_BUDGET, _ranges
+    from runner.results.merge import ATTR_BUDGET, _ranges
 
     assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and _ranges([3]) == "3" and _ranges([]) == ""
     assert len(_ranges(range(50_000))) < ATTR_BUDGET

@@ -126,10 +126,10 @@ def test_files_swapped_after_the_plan_fail_the_task_in_seconds_on_slurm(cluster,
 
 def test_the_check_child_imports_this_runner_not_a_folder_named_runner_in_the_working_directory(
         tiny_net, tmp_path, monkeypatch):
-    """`python -m runner.modelcheck` would import a `runner` package from the user's working
+    """`python -m runner.engine.modelcheck` would import a `runner` package from the user's working
     directory (python -m puts it first on sys.path): the check would then say whatever that
     package does, for every model."""
-    from runner.modelcheck import load_in_child
+    from runner.engine.modelcheck import load_in_child
 
     fake = tmp_path / "runner"
     fake.mkdir()

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from runner.lastwords import caffe_last_words
-from runner.simulated import gate_allows
-from runner.modelcheck import (_pair_key, _read_cache, cache_path, describe_load_failure, ensure_loadable,
+from runner.store.lastwords import caffe_last_words
+from runner.engine.simulated import gate_allows
+from runner.engine.modelcheck import (_pair_key, _read_cache, cache_path, describe_load_failure, ensure_loadable,
                                file_sha256, model_sha256)
 
 pytestmark = pytest.mark.unit
@@ -84,7 +84,7 @@ def test_sha_cache_is_keyed_by_stat_and_survives_an_unwritable_folder(tmp_path, 
 def test_a_proven_pair_is_not_loaded_again(tmp_path, monkeypatch):
     """A pair the cache says loaded is not given to Caffe again: here 1,000 random bytes, which
     Caffe would refuse (or could not even be asked, without pycaffe), pass on the cache's word."""
-    import runner.modelcheck as mc
+    import runner.engine.modelcheck as mc
 
     monkeypatch.setenv("CAFFE_RUNNER_CACHE", str(tmp_path / "cache"))
     proto, weights = tmp_path / "p.prototxt", tmp_path / "w.caffemodel"
@@ -114,7 +114,7 @@ def test_set_done_records_how_far_a_rewritten_shard_reaches(tmp_path):
     import h5py
     import numpy as np
 
-    from runner.write import ShardWriter
+    from runner.results.write import ShardWriter
 
     w = ShardWriter(tmp_path / "s.h5", {"emb": (2,)}, "float32", {"start": 0, "stop": 5}, "fp", 4)
     w.write_batch(0, [3, 1], [b"a", b"b"], {"emb": np.ones((2, 2), np.float32)}, [(0, b"c", "gone")])

@@ -1,5 +1,5 @@
 """backend=auto (the CPU default) and backend=onnxruntime (issue 30): the net Caffe loaded, as
-an ONNX graph run by ONNX Runtime (runner/onnxport.py). Its features equal Caffe's within the
+an ONNX graph run by ONNX Runtime (runner/engine/onnxport.py). Its features equal Caffe's within the
 fidelity bound on tiny nets of unusual shapes and on the real models, run to run bit-identical;
 a net that does not convert exactly, or whose first batch differs from Caffe's, runs on Caffe
 (auto) or is refused (onnxruntime); the shard file says which engine computed its rows."""
@@ -69,13 +69,13 @@ def _model(weights):
 
 
 def _caffe(proto, weights, blobs, shape):
-    from runner.model import CaffeEngine, parse_prototxt
+    from runner.engine.model import CaffeEngine, parse_prototxt
 
     return CaffeEngine(_model(weights), parse_prototxt(str(proto)), blobs, shape)
 
 
 def _onnx(proto, weights, blobs, shape, required=False, threads=1):
-    from runner.model import OnnxEngine, parse_prototxt
+    from runner.engine.model import OnnxEngine, parse_prototxt
 
     return OnnxEngine(_model(weights), parse_prototxt(str(proto)), blobs, shape, threads, required=required)
 
@@ -131,8 +131,8 @@ def test_zoo_net_onnx_equals_caffe(zoo_net, blobs):
 def test_what_does_not_map_exactly_is_named(layer, shape, why):
     from google.protobuf import text_format
 
-    from runner.model import caffe_pb2
-    from runner.onnxport import unsupported
+    from runner.engine.model import caffe_pb2
+    from runner.engine.onnxport import unsupported
 
     param = caffe_pb2().NetParameter()
     text_format.Merge(layer, param)
@@ -144,7 +144,7 @@ def test_what_does_not_map_exactly_is_named(layer, shape, why):
 @pytest.mark.parametrize("size, kernel, pad, stride, out", [
     (8, 3, 0, 2, 4), (7, 3, 0, 2, 3), (8, 2, 1, 2, 5), (9, 2, 1, 2, 5), (5, 3, 1, 2, 3), (10, 3, 1, 3, 4)])
 def test_caffes_pooled_size(size, kernel, pad, stride, out):
-    from runner.onnxport import caffe_pool_out
+    from runner.engine.onnxport import caffe_pool_out
 
     assert caffe_pool_out(size, kernel, pad, stride) == out
 
@@ -196,7 +196,7 @@ def test_a_net_that_differs_on_the_noise_probe_runs_on_caffe(odd_net, wrong_epsi
     """The load's probe batch of noise catches the wrong conversion before any image: auto runs
     Caffe, onnxruntime refuses in one line."""
     from runner.errors import ConfigError
-    from runner.model import NotConvertible, load_engine, parse_prototxt
+    from runner.engine.model import NotConvertible, load_engine, parse_prototxt
 
     with pytest.raises(NotConvertible, match=r"random noise .*on blob 'fc'"):
         _onnx(*odd_net, ["fc"], (3, 24, 30))
@@ -211,10 +211,10 @@ def test_a_net_that_differs_on_the_noise_probe_runs_on_caffe(odd_net, wrong_epsi
 def test_a_first_batch_that_differs_goes_on_with_caffe(odd_net, wrong_epsilon, monkeypatch):
     """Without the probe (here switched off), the first batch's check: auto: the task goes on
     with Caffe's rows (the difference recorded); onnxruntime: stops before a row is returned."""
-    import runner.model
-    from runner.model import OnnxCheckError
+    import runner.engine.model
+    from runner.engine.model import OnnxCheckError
 
-    monkeypatch.setattr(runner.model, "PROBE_IMAGES", 0)
+    monkeypatch.setattr(runner.engine.model, "PROBE_IMAGES", 0)
 
     x = np.random.default_rng(3).uniform(-100, 100, (5, 3, 24, 30)).astype(np.float32)
     old = _caffe(*odd_net, ["fc"], (3, 24, 30)).forward(x)
@@ -247,14 +247,14 @@ def test_a_run_planned_with_caffe_resumes_with_auto(photos, tmp_path, tiny_net):
 def test_an_onnx_runtime_error_runs_the_net_on_caffe(odd_net, monkeypatch):
     """Whatever ONNX Runtime itself refuses (here: making the session) is no error of the
     user's model, which Caffe loaded: auto runs Caffe, onnxruntime refuses in one line."""
-    import runner.onnxport
+    import runner.engine.onnxport
     from runner.errors import ConfigError
-    from runner.model import load_engine, parse_prototxt
+    from runner.engine.model import load_engine, parse_prototxt
 
     def broken(model, threads):
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : a kernel this build lacks")
 
-    monkeypatch.setattr(runner.onnxport, "session", broken)
+    monkeypatch.setattr(runner.engine.onnxport, "session", broken)
     proto, weights = odd_net
     spec = parse_prototxt(str(proto))
     cfg = OmegaConf.create({"backend": "auto", "device": "cpu", "model": {"weights": str(weights)}})
@@ -307,7 +307,7 @@ def old_flatten(monkeypatch):
     only ((N*C, H*W) for axis 2, against Caffe's (N, C, H*W))."""
     from dataclasses import replace
 
-    import runner.onnxport as op
+    import runner.engine.onnxport as op
 
     def flatten(g, lp, ins, w, shapes):
         g.node("Flatten", ins, [g.new(lp.top[0])], lp.name, axis=int(lp.flatten_param.axis))
@@ -320,7 +320,7 @@ def test_onnx_shapes_are_compared_with_caffes_at_load(tmp_path, old_flatten):
     """A conversion whose output shape is not Caffe's is refused when the net loads, before any
     image (auto: Caffe computes the task, its rows in Caffe's shapes); the engine's row shapes
     are Caffe's in any case."""
-    from runner.model import NotConvertible, load_engine, parse_prototxt
+    from runner.engine.model import NotConvertible, load_engine, parse_prototxt
 
     proto = tmp_path / "fact5.prototxt"
     net, _ = _seeded_net(proto, FACT5, 4)
@@ -367,11 +367,11 @@ def test_every_shard_first_batch_is_checked_again(odd_net, monkeypatch):
 DRIFT = """
 # loaded by every Python process of the run (PYTHONPATH): ONNX Runtime made wrong by 0.1% after
 # the load's probe (switched off), so that each shard's first batch falls back to Caffe
-import runner.model
-import runner.onnxport
+import runner.engine.model
+import runner.engine.onnxport
 
-runner.model.PROBE_IMAGES = 0
-_real = runner.onnxport.session
+runner.engine.model.PROBE_IMAGES = 0
+_real = runner.engine.onnxport.session
 
 
 class _Drifted:
@@ -382,7 +382,7 @@ class _Drifted:
         return [o * 1.001 for o in self.s.run(names, feeds)]
 
 
-runner.onnxport.session = lambda model, threads: _Drifted(_real(model, threads))
+runner.engine.onnxport.session = lambda model, threads: _Drifted(_real(model, threads))
 """
 
 

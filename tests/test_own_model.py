@@ -33,7 +33,7 @@ default_blobs: [fc7]
 
 
 def _compose(*overrides, **kw):
-    from runner.config import compose
+    from runner.run.config import compose
 
     return compose(list(overrides) + ["output.dir=/tmp/never-made"], **kw)
 
@@ -137,7 +137,7 @@ def test_a_preset_of_your_own_is_found_by_name(user_presets):
 def test_help_lists_your_presets(user_presets):
     p = run_cli("--help", env={"CAFFE_RUNNER_CONFIG": str(user_presets)})
     assert "yours, in $CAFFE_RUNNER_CONFIG/model: lab_net" in p.stdout, p.stdout
-    from runner.config import config_groups
+    from runner.run.config import config_groups
 
     assert "lab_net" in config_groups()["model"] and "res10_ssd" in config_groups()["model"]
 
@@ -183,7 +183,7 @@ def test_a_preset_folder_that_is_not_there_is_refused(tmp_path, monkeypatch):
 @pytest.mark.unit
 def test_the_run_geometry_is_the_batch_a_task_feeds(tiny_net):
     from conftest import tiny_model_args
-    from runner.modelcheck import _pair_key, run_geometry
+    from runner.engine.modelcheck import _pair_key, run_geometry
 
     cfg = _compose(*tiny_model_args(tiny_net), "batch_size=5")
     g = run_geometry(cfg)
@@ -204,7 +204,7 @@ def test_the_run_geometry_is_the_batch_a_task_feeds(tiny_net):
     'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 20 dim: 24 } } }',
 ])
 def test_your_own_nets_input_size_is_read_from_each_way_a_prototxt_declares_it(declared, tmp_path):
-    from runner.modelcheck import run_geometry
+    from runner.engine.modelcheck import run_geometry
 
     proto = tmp_path / "deploy.prototxt"
     proto.write_text(f'name: "n"\n{declared}\nlayer {{ name: "c" type: "Convolution" bottom: "data" top: "c" '
@@ -216,7 +216,7 @@ def test_your_own_nets_input_size_is_read_from_each_way_a_prototxt_declares_it(d
 
 @pytest.mark.unit
 def test_a_shape_failure_names_caffes_line_and_the_nets_own_size():
-    from runner.modelcheck import describe_shape_failure
+    from runner.engine.modelcheck import describe_shape_failure
 
     said = "Check failed: K_ == new_K (9216 vs. 20736) Input size incompatible with inner product parameters."
     msg = describe_shape_failure("/m/deploy.prototxt", {"shape": [16, 3, 300, 300], "blobs": ["fc7"],
@@ -296,7 +296,7 @@ def test_inspect_lists_every_blob_of_any_prototxt_at_the_input_it_uses(zoo):
     p = run_cli("inspect", *own)  # no blob, no preprocessing: it lists, and says what a run needs
     assert "data: input 3x224x224 (the prototxt's own size); preprocessing: not given" in p.stdout, p.stdout
     rows = {ln.split()[0]: ln for ln in p.stdout.splitlines() if ln.startswith("    ") and "<-" in ln}
-    from runner.model import parse_prototxt
+    from runner.engine.model import parse_prototxt
 
     assert rows.pop("blob").split()[:4] == ["blob", "<-", "layer", "writing"]  # the header
     assert sorted(rows) == sorted(parse_prototxt(str(proto)).blobs[1:]), p.stdout  # every blob of the net

@@ -17,8 +17,8 @@ import threading
 import numpy as np
 import pytest
 
-from runner.decode import FAULT_CRASH_ON, MB, Decoder, Geometry, not_regular
-from runner.isolate import (POISON_AFTER_DEATHS, IsolatedDecoder, attempt_open, death_reason, died_attempts,
+from runner.engine.decode import FAULT_CRASH_ON, MB, Decoder, Geometry, not_regular
+from runner.task.isolate import (POISON_AFTER_DEATHS, IsolatedDecoder, attempt_open, death_reason, died_attempts,
                             oom_kills)
 
 pytestmark = pytest.mark.unit
@@ -202,8 +202,8 @@ OOM_SCRIPT = """
 import os, sys
 with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
     f.write(str(os.getpid()))  # this process and the children it starts: under the cgroup's limit
-from runner.decode import Decoder, Geometry
-from runner.isolate import IsolatedDecoder
+from runner.engine.decode import Decoder, Geometry
+from runner.task.isolate import IsolatedDecoder
 iso = IsolatedDecoder(Decoder(Geometry((48, 64)), max_pixels=10 ** 9))
 for path in sys.argv[2:]:
     img, why = iso.load(os.fsencode(path))
@@ -275,7 +275,7 @@ def test_max_file_mb_is_in_the_identity_only_when_set(tmp_path):
     cap of its own is part of what decides the output, as decode.max_pixels is."""
     from omegaconf import OmegaConf
 
-    from runner.plan import decode_identity
+    from runner.run.plan import decode_identity
     from runner.schema import DecodeConf
 
     assert "max_file_mb" not in decode_identity(OmegaConf.structured(DecodeConf()))
@@ -284,9 +284,9 @@ def test_max_file_mb_is_in_the_identity_only_when_set(tmp_path):
 
 @pytest.mark.parametrize("value", [0, -1])
 def test_a_cap_that_is_not_positive_is_refused_with_the_fix(value, tmp_path):
-    from runner.config import compose
+    from runner.run.config import compose
     from runner.errors import ConfigError
-    from runner.plan import _check_ranges
+    from runner.run.plan import _check_ranges
 
     cfg = compose([f"output.dir={tmp_path}", f"decode.max_file_mb={value}"])
     with pytest.raises(ConfigError, match=r"decode\.max_file_mb=-?\d+(\.\d+)?: use a positive number of MB"):
@@ -295,7 +295,7 @@ def test_a_cap_that_is_not_positive_is_refused_with_the_fix(value, tmp_path):
 
 @pytest.mark.unit
 def test_a_shard_taken_from_another_task_is_isolated_after_one_death():
-    from runner.isolate import isolate_attempt
+    from runner.task.isolate import isolate_attempt
 
     assert not isolate_attempt(0, taken=True) and not isolate_attempt(0, taken=False)
     assert isolate_attempt(1, taken=True)  # at the tail no third task may be left after a second death

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from conftest import CLI, REPO, read_features, run_cli, tiny_model_args, wait_until
-from runner.decode import FAULT_CRASH_ON
-from runner.events import read_events
+from runner.engine.decode import FAULT_CRASH_ON
+from runner.store.events import read_events
 
 pytestmark = pytest.mark.slow
 

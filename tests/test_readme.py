@@ -147,7 +147,7 @@ def test_a_worker_that_cannot_start_fails_the_run_at_once(repo_like, tmp_path):
     cwd, env = repo_like
     wrapper = ("import sys, runner.launch.local as L, posix\n"
                "L._init_worker = posix.chdir  # children get posix.chdir(4 arguments): TypeError\n"
-               "from runner.cli import main\nmain()\n")
+               "from runner.ui.cli import main\nmain()\n")
     t0 = time.time()
     p = subprocess.run([sys.executable, "-c", wrapper, "input.dir=samples", "output.dir=runs/nostart",
                         "backend=simulated", "launcher.workers=2"], cwd=cwd, env=env, capture_output=True,

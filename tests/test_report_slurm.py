@@ -26,7 +26,7 @@ def _done(run: Path, shard: int, n: int) -> int:
 
 def test_report_of_a_requeued_slurm_run(cluster, tiny_net, photos, tmp_path):
     run, gate = tmp_path / "run", tmp_path / "gate"
-    # simulated net held by a gate file (runner.simulated.gate_allows): each task holds after 2 images
+    # simulated net held by a gate file (runner.engine.simulated.gate_allows): each task holds after 2 images
     # until the test opens it, so the requeue lands mid-shard on a fast or a loaded machine alike
     # (1 s per image only gives the report's rate chart a slope; the gate does the holding)
     gate.write_text("2")

@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from runner import events as ev
-from runner.embeddings import plan_parts
-from runner.report import binned_rate, rate_segments, shard_rates
-from runner.retry import is_transient
+from runner.store import events as ev
+from runner.results.embeddings import plan_parts
+from runner.ui.report import binned_rate, rate_segments, shard_rates
+from runner.ui.retry import is_transient
 
 pytestmark = pytest.mark.unit
 
@@ -120,8 +120,8 @@ def synthetic_events(run_dir, num_shards: int, progress_lines: int = 30, requeue
 
 def test_report_of_1000_shards_is_small(tmp_path, capsys):
     """The weight of a report for a 1,000-shard run (synthetic shards and event logs)."""
-    from runner.report import write_report
-    from runner.synthetic import make_run
+    from runner.ui.report import write_report
+    from synthetic import make_run
 
     run = make_run(tmp_path / "big", 100_000, 1000, dim=8, fail_every=997)
     synthetic_events(run, 1000)

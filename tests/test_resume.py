@@ -93,7 +93,7 @@ def test_kill9_whole_run_at_several_points(tiny_net, photos, tmp_path, reference
 _WRITER = r"""
 import sys
 import numpy as np
-from runner.write import ShardWriter
+from runner.results.write import ShardWriter
 path, total = sys.argv[1], int(sys.argv[2])
 w = ShardWriter(path, {"emb": (64,)}, "float32", {"blobs": '["emb"]'}, "fp", 4)
 i = w.next
@@ -150,7 +150,7 @@ def test_writer_killed_at_random_moments_resumes_to_the_exact_file(tmp_path):
 
 
 def test_second_process_on_a_held_shard_stops(tiny_net, photos, tmp_path):
-    from runner.write import ShardLock
+    from runner.results.write import ShardLock
 
     run = tmp_path / "run"
     run_cli(f"input.dir={photos}", f"output.dir={run}", "num_shards=2", "launcher.workers=1",
@@ -177,7 +177,7 @@ def test_resume_without_room_for_the_copy_keeps_the_partial(small_disk):
     """A resume copies the committed rows into a fresh file beside the partial: when that copy
     does not fit, the partial is kept as it was (it is sound) and the error says to free space."""
     from runner.errors import RunnerError
-    from runner.write import ShardWriter
+    from runner.results.write import ShardWriter
 
     def writer():
         return ShardWriter(small_disk / "s.h5", {"emb": (64,)}, "float32", {"blobs": '["emb"]'}, "fp", 64)

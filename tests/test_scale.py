@@ -31,7 +31,7 @@ from conftest import REPO, run_cli, tiny_model_args
 
 @pytest.mark.unit
 def test_tasks_that_finish_together_take_different_shards():
-    from runner.steal import take_order
+    from runner.task.steal import take_order
 
     tasks, shards = 16, 128
     orders = [take_order(k, shards, tasks) for k in range(tasks)]
@@ -49,8 +49,8 @@ def test_tasks_that_finish_together_take_different_shards():
 def _synthetic(tmp_path, shards=32, tasks=4):
     from omegaconf import OmegaConf
 
-    from runner.plan import load_run_dir
-    from runner.synthetic import make_run, shard_file
+    from runner.run.plan import load_run_dir
+    from synthetic import make_run, shard_file
 
     run_dir = make_run(tmp_path / "run", shards * 2, shards, dim=2)
     keep = tmp_path / "complete"
@@ -68,10 +68,10 @@ def test_a_decision_lists_the_shards_folder_once_and_opens_no_other_shard(tmp_pa
     """Facts 3 and 4: each decision reads one listing; no stat and no HDF5 open of the other
     shards, no lock probe. The task's own run_one here puts a complete shard in place (what
     run_shard does, checked in full elsewhere); every call the decisions make is counted."""
-    import runner.locks
+    import runner.store.locks
     from runner.errors import ShardBusyError
-    from runner.steal import take_shards
-    from runner.synthetic import shard_file
+    from runner.task.steal import take_shards
+    from synthetic import shard_file
 
     shards = 32
     run_dir, keep, cfg = _synthetic(tmp_path, shards)
@@ -91,7 +91,7 @@ def test_a_decision_lists_the_shards_folder_once_and_opens_no_other_shard(tmp_pa
         inside.pop()
         return {"shard": i, "rows": 2, "images_per_s": 100.0}
 
-    real_listdir, real_stat, real_file, real_probe = os.listdir, os.stat, h5py.File, runner.locks.lock_holder
+    real_listdir, real_stat, real_file, real_probe = os.listdir, os.stat, h5py.File, runner.store.locks.lock_holder
 
     def listdir(p="."):
         calls["listdir"] += 1
@@ -113,10 +113,10 @@ def test_a_decision_lists_the_shards_folder_once_and_opens_no_other_shard(tmp_pa
     monkeypatch.setattr(os, "listdir", listdir)
     monkeypatch.setattr(os, "stat", stat)
     monkeypatch.setattr(h5py, "File", h5file)
-    monkeypatch.setattr(runner.locks, "lock_holder", probe)
-    import runner.steal
-    if hasattr(runner.steal, "lock_holder"):  # the name as the decision path imported it
-        monkeypatch.setattr(runner.steal, "lock_holder", probe)
+    monkeypatch.setattr(runner.store.locks, "lock_holder", probe)
+    import runner.task.steal
+    if hasattr(runner.task.steal, "lock_holder"):  # the name as the decision path imported it
+        monkeypatch.setattr(runner.task.steal, "lock_holder", probe)
     out = take_shards(cfg, 2, run_one)
     # shard 2, its own, was done (one look at that file, in full), then every free shard
     assert sorted(set(ran)) == sorted(set(range(4, shards)) - held), ran
@@ -131,8 +131,8 @@ def test_a_task_at_the_tail_tries_a_bounded_few_held_shards(tmp_path):
     """When every shard left is held, a task tries at most MAX_BUSY_TRIES of them and ends: it
     does not try the lock of every unfinished shard (T tasks x T locks at every run's tail)."""
     from runner.errors import ShardBusyError
-    from runner.steal import MAX_BUSY_TRIES, take_shards
-    from runner.synthetic import shard_file
+    from runner.task.steal import MAX_BUSY_TRIES, take_shards
+    from synthetic import shard_file
 
     shards = 32
     run_dir, keep, cfg = _synthetic(tmp_path, shards)
@@ -156,9 +156,9 @@ def test_a_slow_task_that_left_a_shard_to_a_faster_one_takes_it_when_that_one_di
     waits (instead of ending) and looks again. The faster task dies meanwhile (its beat goes
     stale): the slow task takes the shard. Had it ended, nobody would have been left to take it."""
     from runner.errors import ShardBusyError
-    from runner.plan import load_run_dir
-    from runner.steal import take_shards
-    from runner.synthetic import shard_file
+    from runner.run.plan import load_run_dir
+    from runner.task.steal import take_shards
+    from synthetic import shard_file
 
     shards = 5
     run_dir, keep, cfg = _synthetic(tmp_path, shards, tasks=5)
@@ -207,7 +207,7 @@ class _Clock:
 
 @pytest.mark.unit
 def test_a_beat_dated_ahead_ages_on_the_readers_clock():
-    from runner.liveness import MAX_SKEW_S, BeatWatch, judge_beat, lost, stale_after_s
+    from runner.store.liveness import MAX_SKEW_S, BeatWatch, judge_beat, lost, stale_after_s
 
     clock = _Clock()
     w = BeatWatch(clock)
@@ -230,20 +230,20 @@ def test_status_names_a_dead_task_on_a_node_whose_clock_runs_ahead(tmp_path, mon
     """The skewed-clock test: a node's beats (and, as on Lustre, the file's mtime) dated 10 min
     ahead; its task dies. Status names it within the usual bound of first seeing the beat
     (STALE_BEATS intervals + MAX_SKEW_S), not after the skew."""
-    import runner.liveness
-    from runner.liveness import MAX_SKEW_S, BeatWatch, stale_after_s
-    from runner.plan import load_run_dir
-    from runner.status import run_status
+    import runner.store.liveness
+    from runner.store.liveness import MAX_SKEW_S, BeatWatch, stale_after_s
+    from runner.run.plan import load_run_dir
+    from runner.run.status import run_status
 
     run_dir, _, _ = _synthetic(tmp_path, 4)
     run = load_run_dir(run_dir)
     run.shard_path(1).unlink()
     clock = _Clock()
     watch = BeatWatch(clock)
-    monkeypatch.setattr(runner.liveness, "WATCH", watch)
-    import runner.status
-    if hasattr(runner.status, "WATCH"):
-        monkeypatch.setattr(runner.status, "WATCH", watch)
+    monkeypatch.setattr(runner.store.liveness, "WATCH", watch)
+    import runner.run.status
+    if hasattr(runner.run.status, "WATCH"):
+        monkeypatch.setattr(runner.run.status, "WATCH", watch)
     ahead = time.time() + 600
     beat = {"state": "running", "shard": 1, "done": 1, "total": 2, "rate": 1.0, "host": "node9", "pid": 4242,
             "pidns": "pid:[1]", "interval_s": 2.0, "seq": 3, "batch_size": 1, "started": ahead - 5}
@@ -267,16 +267,16 @@ def test_one_look_names_a_dead_task_whose_clock_runs_ahead_when_the_server_stamp
     writer, in a file whose mtime the file server stamped (NFS) 5 min ago: the task is named
     dead at the first look. Where the mtime is ahead too (Lustre), the line says by how much one
     look cannot age it, instead of a silent "running"."""
-    import runner.liveness
-    import runner.status
-    from runner.liveness import BeatWatch
-    from runner.plan import load_run_dir
-    from runner.status import format_status, run_status
+    import runner.store.liveness
+    import runner.run.status
+    from runner.store.liveness import BeatWatch
+    from runner.run.plan import load_run_dir
+    from runner.run.status import format_status, run_status
 
     run_dir, _, _ = _synthetic(tmp_path, 4)
     run = load_run_dir(run_dir)
     run.shard_path(1).unlink()
-    monkeypatch.setattr(runner.status, "WATCH", BeatWatch(_Clock()))  # a reader that never looks again
+    monkeypatch.setattr(runner.run.status, "WATCH", BeatWatch(_Clock()))  # a reader that never looks again
     now = time.time()
     beat = {"state": "running", "shard": 1, "done": 1, "total": 2, "rate": 1.0, "host": "node9", "pid": 4242,
             "pidns": "pid:[1]", "interval_s": 2.0, "seq": 3, "batch_size": 1, "started": now + 590}
@@ -294,7 +294,7 @@ def test_one_look_names_a_dead_task_whose_clock_runs_ahead_when_the_server_stamp
 
 @pytest.mark.unit
 def test_no_stall_before_the_first_batch_and_stalls_on_one_clock():
-    from runner.status import stalled_for
+    from runner.run.status import stalled_for
 
     now = 10_000.0
     # the first batch is running (no rate yet): never stalled, however long
@@ -315,8 +315,8 @@ def test_no_stall_before_the_first_batch_and_stalls_on_one_clock():
 
 @pytest.mark.unit
 def test_a_reused_pid_is_not_alive():
-    from runner.liveness import Heart, judge_beat, pid_namespace, pid_start
-    from runner.rundir import pid_alive
+    from runner.store.liveness import Heart, judge_beat, pid_namespace, pid_start
+    from runner.store.rundir import pid_alive
 
     me = os.getpid()
     start = pid_start(me)
@@ -333,7 +333,7 @@ def test_a_reused_pid_is_not_alive():
 
 @pytest.mark.unit
 def test_beats_slow_down_for_long_shards_within_bounds():
-    from runner.liveness import MAX_BEAT_S, Heart, beat_interval_for_shard
+    from runner.store.liveness import MAX_BEAT_S, Heart, beat_interval_for_shard
 
     assert beat_interval_for_shard(2.0, None) == 2.0
     assert beat_interval_for_shard(2.0, 30.0) == 2.0  # a short shard: heartbeat_s
@@ -348,10 +348,10 @@ def test_beats_slow_down_for_long_shards_within_bounds():
 
 TASK = """
 import sys
-from runner.extract import run_shard
-from runner.plan import load_run_dir
-from runner.steal import take_shards
-from runner.task import setup_task_logging
+from runner.task.extract import run_shard
+from runner.run.plan import load_run_dir
+from runner.task.steal import take_shards
+from runner.task.identity import setup_task_logging
 setup_task_logging()
 cfg = load_run_dir(sys.argv[1]).cfg
 out = take_shards(cfg, 0, run_shard, threads=1, wait_s=float(sys.argv[2]), poll_s=0.05)
@@ -377,7 +377,7 @@ def test_a_restarted_task_breaks_its_dead_predecessors_lock(photos, tiny_net, tm
     must not skip its own shard: it recognises its predecessor (the beat names its own Slurm
     job) and breaks the lock at once, or, with no beat to tell (beat_job None), waits its
     bounded time and breaks it then. The shard is written, bit-equal to the reference."""
-    from runner.plan import load_run_dir
+    from runner.run.plan import load_run_dir
 
     run = tmp_path / "run"
     _sim_run(photos, tiny_net, run)
@@ -410,7 +410,7 @@ def test_a_restarted_task_breaks_its_dead_predecessors_lock(photos, tiny_net, tm
 def test_a_task_leaves_its_own_shard_to_a_live_task_that_took_it(photos, tiny_net, tmp_path):
     """Its own shard held by another task that is alive (fresh beats, another job): the task
     does not wait or break it, and goes on to the other shards."""
-    from runner.plan import load_run_dir
+    from runner.run.plan import load_run_dir
 
     run = tmp_path / "run"
     _sim_run(photos, tiny_net, run)

@@ -6,23 +6,23 @@ import pytest
 
 from conftest import input_conf, placeholder_images
 from runner.errors import ConfigError
-from runner.model import LayerInfo, NetSpec
+from runner.engine.model import LayerInfo, NetSpec
 
 
 def check_fixed_shape(*a):
-    from runner.model import check_fixed_shape
+    from runner.engine.model import check_fixed_shape
 
     return check_fixed_shape(*a)
 
 
 def unknown_blob_message(*a):
-    from runner.model import unknown_blob_message
+    from runner.engine.model import unknown_blob_message
 
     return unknown_blob_message(*a)
 
 
 def variable_shape_blobs(*a):
-    from runner.model import variable_shape_blobs
+    from runner.engine.model import variable_shape_blobs
 
     return variable_shape_blobs(*a)
 
@@ -158,7 +158,7 @@ def test_a_run_that_extracts_nothing_fails():
     from omegaconf import OmegaConf
 
     from runner.errors import FailureShareError
-    from runner.stats import check_failure_share
+    from runner.store.stats import check_failure_share
 
     cfg = OmegaConf.create({"run": {"max_failure_fraction": None}})
     stats = {"rows": 0, "failures": 20, "failures_by_reason": {"listed but not found": 20}, "run_dir": "/r"}
@@ -176,7 +176,7 @@ def test_offline_preset_is_one_line_naming_both_files_and_the_fix_once(tmp_path)
 
     from omegaconf import OmegaConf
 
-    from runner.fetch import ensure_model_files
+    from runner.engine.fetch import ensure_model_files
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -196,7 +196,7 @@ def test_offline_preset_is_one_line_naming_both_files_and_the_fix_once(tmp_path)
 
 
 def test_network_reason_is_the_root_cause_in_a_few_words():
-    from runner.fetch import network_reason
+    from runner.engine.fetch import network_reason
 
     nested = ("HTTPConnectionPool(host='dl.caffe.berkeleyvision.org', port=80): Max retries exceeded with url: "
               "/x.caffemodel (Caused by NameResolutionError(\"<urllib3.connection.HTTPConnection object at 0x7f>: "
@@ -226,7 +226,7 @@ def test_no_slurm_cluster_is_one_line():
 # ---- item 6: values Hydra's grammar rejects although they are ordinary paths or lists -------
 
 def _compose(*overrides):
-    from runner.config import compose
+    from runner.run.config import compose
 
     return compose(list(overrides) + ["output.dir=/tmp/x"])
 
@@ -257,8 +257,8 @@ def test_double_dash_key_value():
 
 
 def test_sweep_keeps_commas_in_paths_as_sweeps_and_quoted_ones_as_paths():
-    from runner.config import expand_sweep
-    from runner.overrides import normalize_overrides
+    from runner.run.config import expand_sweep
+    from runner.run.overrides import normalize_overrides
 
     points = expand_sweep(normalize_overrides(["input.dir=a,b", "output.blobs=fc7"], multirun=True))
     assert [p[0] for p in points] == ["input.dir=a", "input.dir=b"]
@@ -270,8 +270,8 @@ def test_what_still_cannot_be_read_says_how_to_write_it():
     with pytest.raises(ConfigError) as e:
         _compose("model.preprocess.mean=[1,2")
     assert "\"model.preprocess.mean=['a b',c]\"" in str(e.value) or "model.preprocess.mean=[a,b]" in str(e.value)
-    from runner.config import expand_sweep
-    from runner.overrides import normalize_overrides
+    from runner.run.config import expand_sweep
+    from runner.run.overrides import normalize_overrides
 
     with pytest.raises(ConfigError) as e:
         expand_sweep(normalize_overrides(["input.dir=a,b'c"], multirun=True))

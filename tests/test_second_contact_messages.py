@@ -16,13 +16,13 @@ import h5py
 import numpy as np
 import pytest
 
-from runner import cli
+from runner.ui import cli
 from runner.errors import ConfigError, RunnerError
-from runner.merge import merge_run
-from runner.plan import load_run_dir
-from runner.stats import format_summary
-from runner.status import format_status, run_status, shard_state
-from runner.synthetic import make_run, shard_file
+from runner.results.merge import merge_run
+from runner.run.plan import load_run_dir
+from runner.store.stats import format_summary
+from runner.run.status import format_status, run_status, shard_state
+from synthetic import make_run, shard_file
 
 from conftest import docs_text
 
@@ -91,7 +91,7 @@ def test_damaged_run_json_is_one_line_in_every_command(tmp_path, capsys, damage)
 
 def test_damaged_run_json_in_the_python_api(tmp_path):
     from runner.api import Run
-    from runner.rundir import DamagedPlanError
+    from runner.store.rundir import DamagedPlanError
 
     run_dir = make_run(tmp_path / "run", 20, 2, dim=2)
     (run_dir / "run.json").write_text("{")
@@ -102,7 +102,7 @@ def test_damaged_run_json_in_the_python_api(tmp_path):
 # ---- 15: output.overwrite that cannot remove, and another run's shard file ----------------
 
 def test_a_failed_removal_stops_overwrite(tmp_path):
-    from runner.rundir import remove_old_run
+    from runner.store.rundir import remove_old_run
 
     if os.geteuid() == 0:
         # root ignores directory permissions: an immutable file (chattr +i) stands in
@@ -136,7 +136,7 @@ def test_a_shard_file_of_another_run_is_never_done(tmp_path):
     st = shard_state(run, 2, time.time())
     assert st["state"] == "pending" and st["done"] == 0 and st.get("foreign_file")
     from runner.errors import ShardFailedError
-    from runner.merge import merge_run
+    from runner.results.merge import merge_run
 
     with pytest.raises(ShardFailedError):
         merge_run(run)  # never merged into this run
@@ -227,7 +227,7 @@ def test_pillow_global_is_left_alone_and_the_limit_always_applies(monkeypatch):
     import cv2
     from PIL import Image
 
-    from runner.decode import Decoder, DecodeFailure, Geometry, header_size
+    from runner.engine.decode import Decoder, DecodeFailure, Geometry, header_size
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1234567)
     dec = Decoder(Geometry((8, 8), "stretch", None, "linear"), max_pixels=2000)
@@ -249,7 +249,7 @@ def test_pillow_global_is_left_alone_and_the_limit_always_applies(monkeypatch):
 # ---- 19: counts that add up, and progress that follows the files ---------------------------
 
 def test_top_reasons_add_up_and_name_a_single_remaining_reason():
-    from runner.stats import top_reasons
+    from runner.store.stats import top_reasons
 
     six = {f"r{i}": 10 - i for i in range(6)}
     lines = top_reasons(six)
@@ -268,8 +268,8 @@ def test_top_reasons_add_up_and_name_a_single_remaining_reason():
 
 
 def test_progress_counts_follow_the_files_not_stale_heartbeats(tmp_path):
-    from runner.rundir import partials_of
-    from runner.write import ShardWriter
+    from runner.store.rundir import partials_of
+    from runner.results.write import ShardWriter
 
     run_dir = make_run(tmp_path / "run", 40, 2, dim=2)
     run = load_run_dir(run_dir)
@@ -294,7 +294,7 @@ def test_progress_counts_follow_the_files_not_stale_heartbeats(tmp_path):
 # ---- 20: messages that tell the truth -------------------------------------------------------
 
 def test_a_config_change_names_each_key_and_both_values():
-    from runner.changes import identity_changes
+    from runner.run.changes import identity_changes
 
     old = {"model": {"prototxt_sha256": "a" * 64, "preprocess": {"mean": [1, 2, 3]}}, "blobs": ["fc7"],
            "output": {"pooling": "none", "dtype": "float32"}, "input": "dir:/a"}
@@ -336,7 +336,7 @@ def test_verify_merge_export_during_a_run_say_wait(tmp_path, capsys):
 
 
 def test_verify_after_an_input_image_was_deleted_does_not_suggest_relist(tmp_path):
-    from runner.verify import _check_input
+    from runner.results.verify import _check_input
 
     run = load_run_dir(make_run(tmp_path / "run", 20, 2, dim=2))
     imgs = tmp_path / "imgs"
@@ -377,10 +377,10 @@ def test_list_messages(tmp_path):
 
 
 def test_a_users_own_missing_model_file_is_not_told_to_pip_install(tmp_path, monkeypatch):
-    from runner import model
-    from runner.config import compose
+    from runner.engine import model
+    from runner.run.config import compose
 
-    from runner.config import preset_model_paths
+    from runner.run.config import preset_model_paths
 
     m = compose([f"model.prototxt={tmp_path}/mine.prototxt"], require_output=False).model
     with pytest.raises(ConfigError) as e:
@@ -451,7 +451,7 @@ def test_help_and_version_commands(capsys):
 # ---- 22: sweep folder names a shell takes as they are ------------------------------------------
 
 def test_sweep_point_names_are_shell_safe():
-    from runner.sweep import point_name, safe_value
+    from runner.run.sweep import point_name, safe_value
 
     assert safe_value("[fc7,conv6_2_h]") == "fc7+conv6_2_h" and safe_value("a b(c)") == "a_b_c"
     name = point_name(0, ["output.blobs=[fc7,conv6_2_h]", "output.pooling=none", "model.prototxt=/a/b"])
@@ -467,8 +467,8 @@ def test_sweep_point_names_are_shell_safe():
 
 
 def test_a_sweep_keeps_its_mapping_resumes_its_folders_and_status_lists_it(tmp_path, capsys):
-    from runner.config import override_dirname
-    from runner.sweep import SWEEP_JSON, name_points, record_sweep
+    from runner.run.config import override_dirname
+    from runner.run.sweep import SWEEP_JSON, name_points, record_sweep
 
     root = tmp_path / "sweep"
     points = [["output.blobs=[emb]", "output.pooling=none", "model.name=tiny"],
@@ -503,9 +503,9 @@ def test_a_sweep_keeps_its_mapping_resumes_its_folders_and_status_lists_it(tmp_p
                         "output.blobs unset for the model's default_blobs (fc7)"),
 ])
 def test_values_that_mean_nothing_are_refused(override, message):
-    from runner.config import compose
-    from runner.model import chosen_blobs as _blobs
-    from runner.plan import _check_ranges
+    from runner.run.config import compose
+    from runner.engine.model import chosen_blobs as _blobs
+    from runner.run.plan import _check_ranges
 
     cfg = compose([override], require_output=False)
     with pytest.raises(ConfigError) as e:
@@ -519,7 +519,7 @@ def test_values_that_mean_nothing_are_refused(override, message):
 
 
 def test_more_workers_than_cores_is_warned(monkeypatch):
-    from runner.config import compose
+    from runner.run.config import compose
     from runner.launch.local import oversubscription, worker_plan
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})

@@ -1,4 +1,4 @@
-"""The GPU self-check (runner/selfcheck.py) and what a GPU task says and sets (runner/gpu.py).
+"""The GPU self-check (runner/engine/selfcheck.py) and what a GPU task says and sets (runner/engine/gpu.py).
 
 The comparison and its messages are pure and tested without pycaffe. The task-level tests run
 a real shard in this process with the tiny net on pycaffe's CPU on both sides, the "GPU" side
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model_args
-from runner import selfcheck as sc
-from runner.gpu import cudnn_conv_layers, describe_cudnn, gpu_numerics_env
+from runner.engine import selfcheck as sc
+from runner.engine.gpu import cudnn_conv_layers, describe_cudnn, gpu_numerics_env
 
 
 # ---- pure parts --------------------------------------------------------------------------
@@ -88,9 +88,9 @@ def test_describe_cudnn(args, want):
 # ---- a real shard, the GPU side substituted -----------------------------------------------
 
 def _prepare(tiny_net, photos, out):
-    from runner.config import compose
+    from runner.run.config import compose
     from runner.launch.registry import launcher_for
-    from runner.plan import prepare_run
+    from runner.run.plan import prepare_run
 
     cfg = compose([f"input.dir={photos}", f"output.dir={out}", "num_shards=1", "batch_size=4", "device=cpu",
                    *tiny_model_args(tiny_net)])
@@ -101,7 +101,7 @@ def _prepare(tiny_net, photos, out):
 def _fake_gpu(monkeypatch, perturb):
     """load_engine returns the real pycaffe CPU engine posing as a GPU one; its forward (the
     'GPU') adds perturb(blob) to every output, forward_cpu is the untouched CPU forward."""
-    import runner.extract as extract
+    import runner.task.extract as extract
 
     real = extract.load_engine
 
@@ -121,7 +121,7 @@ def _fake_gpu(monkeypatch, perturb):
 
 @pytest.mark.slow
 def test_perturbed_gpu_stops_the_task_before_any_row(tiny_net, photos, tmp_path, monkeypatch):
-    from runner.extract import run_shard
+    from runner.task.extract import run_shard
 
     cfg = _prepare(tiny_net, photos, tmp_path / "run")
     # 1e-3 of each blob's scale: what TF32 would do, ten times the FP32 tolerance
@@ -141,9 +141,9 @@ def test_perturbed_gpu_stops_the_task_before_any_row(tiny_net, photos, tmp_path,
 
 @pytest.mark.slow
 def test_exact_gpu_passes_and_records_its_difference(tiny_net, photos, tmp_path, monkeypatch):
-    from runner.extract import run_shard
-    from runner.plan import load_run
-    from runner.stats import write_stats
+    from runner.task.extract import run_shard
+    from runner.run.plan import load_run
+    from runner.store.stats import write_stats
 
     cfg = _prepare(tiny_net, photos, tmp_path / "run")
     _fake_gpu(monkeypatch, lambda v: np.zeros_like(v))
@@ -164,7 +164,7 @@ def test_exact_gpu_passes_and_records_its_difference(tiny_net, photos, tmp_path,
 
 @pytest.mark.slow
 def test_small_difference_passes_and_the_switch_turns_the_check_off(tiny_net, photos, tmp_path, monkeypatch):
-    from runner.extract import run_shard
+    from runner.task.extract import run_shard
 
     # 1e-6 of the scale: FP32 summation-order noise passes, and is measured
     cfg = _prepare(tiny_net, photos, tmp_path / "a")
@@ -187,7 +187,7 @@ def test_bench_gpu_switch_takes_every_layer_off_cudnn(tiny_net):
     from google.protobuf import text_format
 
     from conftest import REPO
-    from runner.model import caffe_pb2
+    from runner.engine.model import caffe_pb2
 
     sys.path.insert(0, str(REPO / "bench"))
     from bench_gpu import without_cudnn
@@ -205,7 +205,7 @@ def test_bench_gpu_without_a_gpu_stops_with_the_reason(tmp_path):
     import sys
 
     from conftest import REPO
-    from runner.gpu import caffe_has_gpu, cuda_probe
+    from runner.engine.gpu import caffe_has_gpu, cuda_probe
 
     if caffe_has_gpu() and cuda_probe().usable:
         pytest.skip("a usable GPU is here: make bench-gpu measures it")
@@ -222,9 +222,9 @@ def test_bench_gpu_without_a_gpu_stops_with_the_reason(tmp_path):
     ("gpu_selfcheck_tolerance=0", "gpu_selfcheck_tolerance=0.0: use a positive bound"),
 ])
 def test_bad_gpu_numbers_are_refused_before_any_work(override, message):
-    from runner.config import compose
+    from runner.run.config import compose
     from runner.errors import ConfigError
-    from runner.plan import _check_ranges
+    from runner.run.plan import _check_ranges
 
     _check_ranges(compose(["output.dir=/nonexistent"]))
     with pytest.raises(ConfigError, match=message):
@@ -233,7 +233,7 @@ def test_bad_gpu_numbers_are_refused_before_any_work(override, message):
 
 @pytest.mark.unit
 def test_the_end_of_run_summary_shows_the_self_checks():
-    from runner.stats import format_summary
+    from runner.store.stats import format_summary
 
     st = {"rows": 10, "failures": 0, "failures_by_reason": {},
           "shards": [{"shard": 0, "selfcheck_max_rel_diff": 2.5e-7}, {"shard": 1, "selfcheck_max_rel_diff": 1.2e-6}]}

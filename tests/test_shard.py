@@ -1,8 +1,8 @@
 """Pure arithmetic: shard bounds, array chunks, task identity."""
 import pytest
 
-from runner.shard import array_chunks, shard_bounds, shard_name
-from runner.task import task_identity
+from runner.store.shard import array_chunks, shard_bounds, shard_name
+from runner.task.identity import task_identity
 
 pytestmark = pytest.mark.unit
 

@@ -20,9 +20,9 @@ import pytest
 
 from conftest import wait_until
 from runner.errors import ShardLostError
-from runner.locks import FAULT_NODE_LOCAL_LOCKS, FileLock, LockHeld, lock_holder
-from runner.rundir import partial_of, partials_of
-from runner.write import ShardLock, ShardWriter
+from runner.store.locks import FAULT_NODE_LOCAL_LOCKS, FileLock, LockHeld, lock_holder
+from runner.store.rundir import partial_of, partials_of
+from runner.results.write import ShardLock, ShardWriter
 
 pytestmark = pytest.mark.unit
 
@@ -106,7 +106,7 @@ def test_a_file_of_another_config_at_the_final_name_is_replaced_at_the_commit(tm
 
 def _dead_here(token: str) -> str:
     """An attempt id of this host whose process is gone (no pid is above pid_max, 2**22)."""
-    from runner.locks import attempt_host
+    from runner.store.locks import attempt_host
 
     return f"{attempt_host()}.{2 ** 22 + 12345}.{token}"
 
@@ -165,8 +165,8 @@ def test_a_file_that_changes_while_it_is_copied_is_left_and_the_shard_starts_ove
     whose recorded checksums counted a given-up copy's rows)."""
     import itertools
 
-    import runner.write as write
-    from runner.write import content_digests
+    import runner.results.write as write
+    from runner.results.write import content_digests
 
     final = tmp_path / "s.h5"
     a = _writer(final, "node1.11.aaaa0001")
@@ -316,8 +316,8 @@ def test_a_taker_still_reads_a_real_holder_as_held(tmp_path):
 # ---- verify --content ----------------------------------------------------------------------
 
 def test_verify_content_finds_a_changed_value_that_the_plain_verify_passes(tmp_path):
-    from runner.synthetic import make_run, shard_file
-    from runner.verify import verify
+    from synthetic import make_run, shard_file
+    from runner.results.verify import verify
 
     run = make_run(tmp_path / "run", 40, 4, dim=3, fail_every=7)
     notes = []

@@ -116,7 +116,7 @@ def test_a_poison_image_in_a_six_task_array_is_a_failure_and_the_run_completes(c
     the task that takes it next (at the tail: tasks claim their own stretch first) decodes it
     image by image in child processes; the run completes, that image is a failure naming SIGSEGV
     and every other image a row equal to a local run without the switch."""
-    from runner.decode import FAULT_CRASH_ON
+    from runner.engine.decode import FAULT_CRASH_ON
 
     run, ref = tmp_path / "run", tmp_path / "ref"
     common = _inputs(tmp_path, 144) + COMMON

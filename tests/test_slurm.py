@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import MAX_ARRAY, run_cli, tiny_model_args, wait_until
-from runner.gpu import caffe_has_gpu
+from runner.engine.gpu import caffe_has_gpu
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -107,7 +107,7 @@ def test_failing_task_is_reported_and_resubmission_runs_only_it(cluster, tiny_ne
 
 
 def _held(tiny_net, gate: Path):
-    # simulated backend held by a gate file the test writes (runner.simulated.gate_allows): batch k of
+    # simulated backend held by a gate file the test writes (runner.engine.simulated.gate_allows): batch k of
     # each task starts once the file holds a number > k, or "open". A kill (scancel, requeue: after
     # KillWait, as submitit lets a task ignore SIGTERM) lands mid-shard on a fast or a loaded
     # machine alike. Every batch writes its heartbeat.

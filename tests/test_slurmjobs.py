@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from runner.lastwords import caffe_last_words
-from runner.liveness import Heart, beat_age_s, beat_interval_s, judge_beat, lost, pid_namespace
-from runner.slurmjobs import (JobWord, expand_job_ids, expand_ranges, parse_duration_s, parse_sacct,
+from runner.store.lastwords import caffe_last_words
+from runner.store.liveness import Heart, beat_age_s, beat_interval_s, judge_beat, lost, pid_namespace
+from runner.jobs.slurm import (JobWord, expand_job_ids, expand_ranges, parse_duration_s, parse_sacct,
                               parse_scontrol_jobs, parse_squeue, squeue_command)
-from runner.status import apply_slurm_word, death_message, slurm_cause
+from runner.run.status import apply_slurm_word, death_message, slurm_cause
 
 pytestmark = pytest.mark.unit
 
@@ -229,8 +229,8 @@ def test_run_wait_ends_once_nothing_is_alive(tmp_path):
 
     from runner.api import Run
     from runner.errors import RunnerError, ShardFailedError
-    from runner.plan import load_run_dir
-    from runner.synthetic import make_run, shard_file
+    from runner.run.plan import load_run_dir
+    from synthetic import make_run, shard_file
 
     run_dir = make_run(tmp_path / "run", 20, 2, dim=2)
     run = load_run_dir(run_dir)
@@ -258,7 +258,7 @@ def test_a_watcher_asks_slurm_about_the_same_jobs_at_most_once_per_floor(monkeyp
     """status --watch / wait / Run.wait poll every 2 s: squeue and sacct (the controller's and
     the accounting database's load, shared by every user) are asked at most once per
     SLURM_ASK_FLOOR_S about the same jobs of the same run; other jobs or runs are asked at once."""
-    from runner import status
+    from runner.run import status
 
     asked = []
     monkeypatch.setattr(status, "query_jobs", lambda ids, accounting=True: asked.append(list(ids)) or len(asked))
@@ -280,9 +280,9 @@ def test_one_list_of_slurm_states_for_every_reader():
     """A resubmission's in-flight check, wait/status (JobWord.alive) and the report read the same
     list: a STOPPED or SPECIAL_EXIT job (held, requeued) and a state this Slurm release adds are
     alive to all of them (no twin submitted, no death reported); the ends are ended to all."""
-    from runner.inflight import live_of
-    from runner.report import attempt_word
-    from runner.slurmjobs import ENDED_STATES, JobWord, state_alive
+    from runner.jobs.inflight import live_of
+    from runner.ui.report import attempt_word
+    from runner.jobs.slurm import ENDED_STATES, JobWord, state_alive
 
     for state in ("STOPPED", "SPECIAL_EXIT", "RESV_DEL_HOLD", "PENDING", "RUNNING", "SOME_NEW_STATE"):
         assert state_alive(state) and JobWord("7_0", state, "squeue").alive, state
@@ -300,9 +300,9 @@ def test_a_damaged_submissions_file_reads_the_same_to_status_as_to_a_resubmissio
     """One reader of submissions.json: the resubmission's in-flight check refuses a damaged file
     with the fix; status says the same line (and reads the files alone) instead of ignoring it."""
     from runner.errors import ConfigError
-    from runner.inflight import in_flight
-    from runner.status import format_status, run_status
-    from runner.synthetic import make_run
+    from runner.jobs.inflight import in_flight
+    from runner.run.status import format_status, run_status
+    from synthetic import make_run
 
     run_dir = make_run(tmp_path / "run", 8, 2, dim=2)
     (run_dir / "submissions.json").write_text('[{"array_job_id": "12", "tasks": [')
@@ -318,7 +318,7 @@ def test_a_last_beat_keeps_the_previous_fields_and_moves_the_sequence_on(tmp_pat
     """One writer for the beats no Heart writes (a task's last word, a launcher's record of a dead
     worker): the previous beat's fields stay, the new ones go over them, and the sequence number
     moves on, so a watcher sees the change; a full disk is not an error there."""
-    from runner.liveness import last_beat
+    from runner.store.liveness import last_beat
 
     written = []
     prev = {"state": "running", "seq": 41, "host": "node1", "pid": 7, "done": 3}

@@ -34,7 +34,7 @@ layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" pooling_param { 
 
 @pytest.mark.unit
 def test_a_task_looks_at_its_own_shard_first_then_the_others_from_just_above_it():
-    from runner.steal import free_shards, take_order
+    from runner.task.steal import free_shards, take_order
 
     # up from just above its own shard, cyclically (issue 37: not all on the lowest free one;
     # with the task count, tests/test_scale.py)
@@ -47,7 +47,7 @@ def test_a_task_looks_at_its_own_shard_first_then_the_others_from_just_above_it(
 
 @pytest.mark.unit
 def test_a_slow_task_leaves_the_last_shards_to_faster_ones_that_free_up_sooner():
-    from runner.steal import worth_taking
+    from runner.task.steal import worth_taking
 
     fast = [(1.0, 10.0), (1.0, 10.0)]  # two others, free in 1 s, 10 images/s
     # one shard of 30 left: they would finish it at 4 s, this task (1/3 as fast) at 9 s
@@ -62,7 +62,7 @@ def test_a_slow_task_leaves_the_last_shards_to_faster_ones_that_free_up_sooner()
 
 @pytest.mark.unit
 def test_a_beating_task_whose_count_does_not_move_is_stalled():
-    from runner.status import stalled_for
+    from runner.run.status import stalled_for
 
     hb = dict(state="running", done=40, total=100, rate=20.0, batch_size=4, moved_t=1000.0)
     # a batch takes 0.2 s: 20 batch-times are 4 s, 3 heartbeats of 0.5 s are 1.5 s
@@ -79,7 +79,7 @@ def test_a_beating_task_whose_count_does_not_move_is_stalled():
 
 @pytest.mark.unit
 def test_the_simulated_engine_reads_its_hosts_factor():
-    from runner.simulated import host_value
+    from runner.engine.simulated import host_value
 
     assert host_value("node2:3", "node2") == "3"
     assert host_value("node1:1.5, node2:3", "node2") == "3"
@@ -90,7 +90,7 @@ def test_the_simulated_engine_reads_its_hosts_factor():
 
 @pytest.mark.unit
 def test_slurm_asks_for_num_shards_tasks_and_shards_per_task_shards_each():
-    from runner.config import compose
+    from runner.run.config import compose
     from runner.launch.slurm import SlurmLauncher
 
     cfg = compose(["input.dir=/data/x", "output.dir=/scratch/r", "launcher=slurm", "num_shards=16"])
@@ -108,8 +108,8 @@ def test_num_shards_tasks_are_submitted_and_take_every_shard_of_the_run(world):
 
     from runner.launch.slurm import SlurmLauncher
     from runner.launch import launch
-    from runner.extract import run_shard
-    from runner.steal import take_shards
+    from runner.task.extract import run_shard
+    from runner.task.steal import take_shards
 
     class Tasks(FakeSlurmExecutor):
         def map_array(self, task, cfgs, indices, *more):
@@ -143,7 +143,7 @@ SLURM = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=0.5", "l
 
 
 def _inputs(tmp_path: Path, n: int) -> list:
-    from runner.samples import write_corpus
+    from runner.ui.samples import write_corpus
 
     pics = write_corpus(tmp_path / "pics", n, seed=3, min_wh=(40, 40), max_wh=(64, 64))
     lst = tmp_path / "list.txt"
@@ -303,7 +303,7 @@ def test_a_run_planned_before_shards_per_task_resumes_with_its_own_shards(cluste
     """A run planned with one shard per task (the design before launcher.shards_per_task), one of
     its shards lost, then the same command with today's defaults: it resumes as planned (no
     "different config"), one task for the one missing shard, features as before."""
-    from runner.plan import load_run_dir
+    from runner.run.plan import load_run_dir
 
     run = tmp_path / "run"
     args = _inputs(tmp_path, 24) + COMMON + SLURM + [f"output.dir={run}", "num_shards=2", "launcher.wait=true",

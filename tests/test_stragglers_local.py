@@ -27,7 +27,7 @@ def _args(tiny_net, photos, run, extra=()):
 
 
 def _run(path: Path):
-    from runner.plan import load_run_dir
+    from runner.run.plan import load_run_dir
 
     return load_run_dir(path)
 

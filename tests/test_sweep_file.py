@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from conftest import fix_broken_file, folder_with_a_broken_file, run_cli, tiny_model_args, wait_until
-from runner.sharedpass import pass_key, why_not_shared
-from runner.sweep import file_points, override_value
+from runner.run.sharedpass import pass_key, why_not_shared
+from runner.run.sweep import file_points, override_value
 
 
 @pytest.mark.unit
@@ -66,7 +66,7 @@ def test_a_bad_sweep_file_names_what_is_wrong(data, words):
 
 @pytest.mark.unit
 def test_values_read_back_by_the_override_grammar_as_written():
-    from runner.config import _parse_overrides
+    from runner.run.config import _parse_overrides
 
     for value in ["inception_3a/output", "fc:a", "conv one", "it's", "a,b", "true", 3, 0.5, True, None,
                   ["stage1/conv", "fc:a", "x y"]]:
@@ -309,8 +309,8 @@ def test_report_and_export_of_a_whole_sweep(tiny_net, photos, tmp_path):
 
 @pytest.mark.unit
 def test_how_a_silent_attempt_ended_is_slurms_word_on_that_run_of_its_job():
-    from runner.report import attempt_word
-    from runner.slurmjobs import JobWord
+    from runner.ui.report import attempt_word
+    from runner.jobs.slurm import JobWord
 
     requeued_then_done = JobWord("5_0", "COMPLETED", "sacct", runs=("REQUEUED", "COMPLETED"), node="node2")
     assert attempt_word({"restart": 0}, requeued_then_done) == ("requeued", "requeued by Slurm (REQUEUED)")

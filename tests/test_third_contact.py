@@ -53,7 +53,7 @@ def test_a_run_made_inside_the_input_later_does_not_change_another_runs_stamp(tm
     changed input (its rerun was refused and `verify` failed), while a renamed image still counts."""
     import time
 
-    from runner.changes import stamp_changed
+    from runner.run.changes import stamp_changed
     from runner.inputs import input_stamp
 
     placeholder_images(tmp_path / "in", ["a.jpg", "sub/b.jpg"])
@@ -70,7 +70,7 @@ def test_a_run_made_inside_the_input_later_does_not_change_another_runs_stamp(tm
 
 def test_a_stamp_recorded_before_names_were_stamped_still_compares(tmp_path):
     """Runs listed by an earlier version recorded {count, mtime_ns} with folders' mtimes in it."""
-    from runner.changes import stamp_changed
+    from runner.run.changes import stamp_changed
     from runner.inputs import input_stamp
 
     placeholder_images(tmp_path / "in", ["a.jpg", "b.jpg"])
@@ -172,17 +172,17 @@ def test_a_symlinked_folder_whose_stat_fails_is_counted_as_skipped(tmp_path, mon
     assert out.skipped == 1
 
 
-# ---- runs made without a net (runner.synthetic): status, export, watch, features ------------
+# ---- runs made without a net (tests/synthetic.py): status, export, watch, features ------------
 
 def _run(tmp_path, n=20, shards=2, name="run"):
-    from runner.synthetic import make_run
+    from synthetic import make_run
 
     return make_run(tmp_path / name, n, shards, dim=3)
 
 
 def _merged(run_dir):
-    from runner.merge import merge_run
-    from runner.plan import load_run_dir
+    from runner.results.merge import merge_run
+    from runner.run.plan import load_run_dir
 
     return merge_run(load_run_dir(run_dir))
 
@@ -191,8 +191,8 @@ def _hold_shard(run_dir, i, n):
     """Shard i is running now (this test process is its worker): its file gone, its heartbeat live."""
     import socket
 
-    from runner.rundir import RunDir
-    from runner.synthetic import shard_file
+    from runner.store.rundir import RunDir
+    from synthetic import shard_file
 
     shard_file(run_dir, i, n).unlink()
     RunDir(run_dir).write_heartbeat(i, n, {"state": "running", "shard": i, "done": 3, "total": 10, "rows": 3,
@@ -205,7 +205,7 @@ def _hold_shard(run_dir, i, n):
 def test_run_features_refuses_a_view_with_a_missing_shard_file(tmp_path):
     from runner.api import Run
     from runner.errors import RunnerError
-    from runner.synthetic import shard_file
+    from synthetic import shard_file
 
     run = _run(tmp_path)
     _merged(run)
@@ -248,7 +248,7 @@ def test_export_while_a_launch_holds_the_run_exits_2(tmp_path):
 
 def test_export_of_an_incomplete_run_not_running_exits_1(tmp_path):
     from conftest import run_cli
-    from runner.synthetic import shard_file
+    from synthetic import shard_file
 
     run = _run(tmp_path)
     shard_file(run, 1, 2).unlink()
@@ -274,7 +274,7 @@ def test_watch_on_a_finished_run_says_it_has_ended(tmp_path):
 def test_sweep_status_columns_line_up_for_long_names():
     from pathlib import Path
 
-    from runner.sweep import format_sweep_status
+    from runner.run.sweep import format_sweep_status
 
     rows = [{"name": "0_output.blobs-fc7", "state": "merged", "done": 20, "images": 20, "overrides": ["a=1"]},
             {"name": "1_output.blobs-conv6_2_h__output.pooling-avg__model.preprocess.resize_size-320__x-" + "y" * 20,
@@ -296,8 +296,8 @@ def test_sweep_status_columns_line_up_for_long_names():
 def test_report_command_lines_are_what_the_user_typed(typed, shown):
     import shlex
 
-    from runner.overrides import normalize_overrides
-    from runner.report import _command_line
+    from runner.run.overrides import normalize_overrides
+    from runner.ui.report import _command_line
 
     line = _command_line({"what": "extract", "args": normalize_overrides(typed)})
     assert line == shown
@@ -307,9 +307,9 @@ def test_report_command_lines_are_what_the_user_typed(typed, shown):
 # ---- item 14: a default failure limit, and the summary names a mass failure ---------------
 
 def test_the_default_failure_limit_fails_a_run_where_half_the_reads_failed():
-    from runner.config import compose
+    from runner.run.config import compose
     from runner.errors import FailureShareError
-    from runner.stats import check_failure_share
+    from runner.store.stats import check_failure_share
 
     cfg = compose(["input.dir=/x", "output.dir=/y"])
     assert cfg.run.max_failure_fraction == 0.05
@@ -320,7 +320,7 @@ def test_the_default_failure_limit_fails_a_run_where_half_the_reads_failed():
 
 
 def test_the_summary_warns_when_many_images_failed_for_one_reason():
-    from runner.stats import format_summary
+    from runner.store.stats import format_summary
 
     st = {"rows": 60, "failures": 40, "failures_by_reason": {"read error": 38, "empty file (0 bytes)": 2},
           "shards": []}
@@ -371,7 +371,7 @@ def test_status_names_a_full_disk_for_an_interrupted_shard(tmp_path):
 def test_verify_offers_input_extensions_only_for_files_skipped_by_extension():
     """A run folder inside the input is left out by design: input.extensions cannot include it."""
     from runner.inputs.listing import KIND_RUN_FOLDER
-    from runner.verify import skipped_note
+    from runner.results.verify import skipped_note
 
     run_folder = {"seen": 21, "listed": 20, "skipped": 1, "skipped_by_extension": {},
                   "skipped_by_kind": {KIND_RUN_FOLDER: 1}}

@@ -13,15 +13,15 @@ from omegaconf import OmegaConf
 
 from runner.schema import InputConf, LocalLauncherConf, ModelConf, RunConf, SlurmLauncherConf
 from runner.errors import ConfigError
-from runner.features import FeaturePost, pooled_shape, postprocess
-from runner.device import resolve_local_device, resolve_slurm_device
+from runner.engine.features import FeaturePost, pooled_shape, postprocess
+from runner.engine.device import resolve_local_device, resolve_slurm_device
 from runner.inputs import build_manifest, input_stamp
-from runner.manifest import extend_manifest, load_manifest
-from runner.plan import Run, _check_preprocess, load_run_dir
-from runner.rundir import RunDir, partial_of, partials_of
-from runner.status import shard_state
-from runner.synthetic import make_run, shard_file
-from runner.write import ShardWriter
+from runner.store.manifest import extend_manifest, load_manifest
+from runner.run.plan import Run, _check_preprocess, load_run_dir
+from runner.store.rundir import RunDir, partial_of, partials_of
+from runner.run.status import shard_state
+from synthetic import make_run, shard_file
+from runner.results.write import ShardWriter
 
 pytestmark = pytest.mark.unit
 
@@ -117,7 +117,7 @@ def test_preprocess_cross_checks_pass_good_values():
 def test_yaml_holds_no_second_copy_of_the_defaults():
     import yaml
 
-    from runner.config import conf_dir
+    from runner.run.config import conf_dir
 
     for name in ("config.yaml", "launcher/local.yaml", "launcher/slurm.yaml"):
         data = yaml.safe_load(open(os.path.join(conf_dir(), name)))
@@ -169,7 +169,7 @@ def test_writer_resumes_after_the_last_flushed_batch(tmp_path):
 
 
 def test_writer_resume_copies_the_committed_rows_slice_by_slice(tmp_path, monkeypatch):
-    import runner.write as write
+    import runner.results.write as write
 
     monkeypatch.setattr(write, "COPY_SLICE_ROWS", 3)  # 23 rows, 2 failures: several slices each
     final = tmp_path / "s.h5"
@@ -327,7 +327,7 @@ def test_extend_manifest_keeps_listed_entries(tmp_path):
 
 def test_cpu_mode_noise_is_dropped_and_other_fd2_lines_kept(capfd):
     """glog writes from C++ straight to fd 2: only Caffe's harmless cuBLAS/cuRAND lines go."""
-    from runner.model import _drop_cuda_noise_on_fd2
+    from runner.engine.model import _drop_cuda_noise_on_fd2
 
     with _drop_cuda_noise_on_fd2():
         os.write(2, b"WARNING: Logging before InitGoogleLogging() is written to STDERR\n"
@@ -340,12 +340,12 @@ def test_cpu_mode_noise_is_dropped_and_other_fd2_lines_kept(capfd):
 
 def test_configs_pickled_before_the_schema_moved_still_unpickle():
     """A Slurm job queued by an earlier version holds its config pickled with the schema's classes
-    under runner.config (the schema moved to runner.schema): it must still unpickle, equal."""
+    under runner.run.config (the schema moved to runner.schema): it must still unpickle, equal."""
     import pickle
 
     import cloudpickle
 
-    from runner.config import compose
+    from runner.run.config import compose
 
     cfg = compose(["input.dir=/data/x", "output.dir=/scratch/r", "launcher=slurm", "output.pooling=avg"])
     new = cloudpickle.dumps(cfg)
@@ -371,6 +371,6 @@ def test_names_queued_jobs_and_images_use_stay_importable():
     (20, 1, 1, (4, 16)),
 ])
 def test_steady_marks(images, batch, prefetch, marks):
-    from runner.extract import steady_marks
+    from runner.task.extract import steady_marks
 
     assert steady_marks(images, batch, prefetch) == marks

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import mount_tmpfs, run_cli
-from runner.synthetic import make_run
+from synthetic import make_run
 
 pytestmark = pytest.mark.unit
 

@@ -161,7 +161,7 @@ def test_worker_log_records_reach_the_launcher():
 
 
 def test_a_message_cut_short_by_a_death_is_the_end_of_the_pipe():
-    from runner import child
+    from runner.task import child
 
     r, w = os.pipe()
     frame = child.dumps(("log", "x" * 1000))
@@ -262,12 +262,12 @@ def test_runner_patches_no_python_internals():
     bad = {str(p.relative_to(REPO)): internals_used(p.read_text()) for p in sorted(RUNNER.rglob("*.py"))}
     bad = {p: b for p, b in bad.items() if b}
     assert not bad, ("runner/ reaches into the standard library's implementation (use only documented "
-                     f"interfaces: runner/child.py, runner/launch/workers.py): {bad}")
+                     f"interfaces: runner/task/child.py, runner/launch/workers.py): {bad}")
 
 
 def test_the_child_runs_our_function_only(tmp_path):
     """A folder named `runner` in the working directory is not what the child imports."""
-    from runner import child
+    from runner.task import child
 
     (tmp_path / "runner").mkdir()
     (tmp_path / "runner" / "__init__.py").write_text("raise SystemExit('the wrong runner')\n")

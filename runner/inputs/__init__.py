@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import ConfigError
-from ..manifest import Manifest
+from ..store.manifest import Manifest
 from . import files, lmdb, tar
 from .base import NO_LABEL, InputKind, Item, Reader, caffe_io_refusal
 

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 import numpy as np
 
 from ..errors import ConfigError
-from ..manifest import Manifest, display_name
+from ..store.manifest import Manifest, display_name
 from .listing import describe
 
 NO_LABEL = -1  # a sample without a label (labels dataset)

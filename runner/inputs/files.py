@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError
-from ..manifest import Manifest, display_name, write_manifest
+from ..store.manifest import Manifest, display_name, write_manifest
 from .base import NO_LABEL, InputKind, Item, Reader, check_names, expand, first_duplicates
 from .listing import describe, walk_images
 from .. import log

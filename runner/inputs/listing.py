@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from ..errors import ConfigError
-from ..rundir import LAUNCH_LOCK, RUN_JSON
+from ..store.rundir import LAUNCH_LOCK, RUN_JSON
 
 NO_EXTENSION = "(no extension)"
 # skip reasons by kind (the extension ones are the extension itself, e.g. ".heic")

@@ -25,7 +25,7 @@ from typing import Dict, Iterator, List, Tuple
 import numpy as np
 
 from ..errors import ConfigError
-from ..manifest import Manifest, write_manifest
+from ..store.manifest import Manifest, write_manifest
 from .base import NO_LABEL, InputKind, Item, Reader, check_names, expand
 
 
@@ -46,7 +46,7 @@ def open_env(path):
 
 
 def _datum_class():
-    from ..model import caffe_pb2
+    from ..engine.model import caffe_pb2
 
     return caffe_pb2().Datum
 
@@ -75,7 +75,7 @@ def list_lmdb(path) -> Tuple[bytes, List[bytes]]:
 
 def raw_pixels(data: bytes, c: int, h: int, w: int) -> np.ndarray:
     """A raw Datum's C x H x W uint8 pixels (BGR, as convert_imageset stores them) -> H x W x 3 BGR."""
-    from ..decode import DecodeFailure
+    from ..engine.decode import DecodeFailure
 
     if c not in (1, 3):
         raise DecodeFailure(f"raw Datum with {c} channels (1 or 3 are supported)")

@@ -24,7 +24,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 
 from ..errors import ConfigError
-from ..manifest import Manifest, write_manifest
+from ..store.manifest import Manifest, write_manifest
 from .base import NO_LABEL, InputKind, Item, Reader, check_names, expand
 
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext

@@ -18,14 +18,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 
 from .. import log
-from ..atomic import is_temp_of
+from ..store.atomic import is_temp_of
 from ..errors import ConfigError, RunBusyError, shell_quote, unwritable
-from ..locks import FileLock, LockHeld
-from ..private import check_private, private_files
+from ..store.locks import FileLock, LockHeld
+from ..store.private import check_private, private_files
 from .base import Launcher
 from .registry import launcher_for
 
-from ..rundir import LAUNCH_LOCK as LOCK_NAME, MERGE_LOCK
+from ..store.rundir import LAUNCH_LOCK as LOCK_NAME, MERGE_LOCK
 # what a run directory may hold; anything else in a folder without run.json is someone's data
 # (features.h5.tmp: the fixed temporary name merges used before atomic.py)
 _RUN_ENTRIES = {"run.json", "manifest", "shards", "status", "logs", "features.h5", "features.h5.tmp", "stats.json",
@@ -86,7 +86,7 @@ class CommandRecord:
         hydra_dir.mkdir(exist_ok=True)
         (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))
         (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(self.overrides)))
-        from ..events import record_command
+        from ..store.events import record_command
 
         record_command(d, "extract", self.overrides)  # every launch; .hydra/ keeps only the last
         run.rundir.logs_dir.mkdir(exist_ok=True)
@@ -146,7 +146,7 @@ def prepare(cfg, overrides: Sequence[str] = (), launcher: Optional[Launcher] = N
     """Plan the run cfg describes (its input listed, run.json written; an existing run of the
     same config is resumed as it is) without running anything: a sweep plans the points a shared
     pass writes before the pass starts (sharedpass.py)."""
-    from ..plan import prepare_run
+    from ..run.plan import prepare_run
 
     def plan(la: Launcher, record: CommandRecord):
         run = prepare_run(cfg, la, explicit_shards=la.explicit_shards(cfg))

@@ -10,8 +10,8 @@ import sys
 
 from omegaconf import OmegaConf
 
-from ..extract import run_shard
-from ..task import die_with_parent, setup_task_logging
+from ..task.extract import run_shard
+from ..task.identity import die_with_parent, setup_task_logging
 
 RESULT_PREFIX = "CAFFE_RUNNER_RESULT "
 

@@ -27,22 +27,22 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from omegaconf import OmegaConf
 
 from .. import log
-from ..atomic import atomic_write_text
-from ..device import resolve_gpus, resolve_local_device
+from ..store.atomic import atomic_write_text
+from ..engine.device import resolve_gpus, resolve_local_device
 from ..errors import ConfigError, ShardFailedError, Terminated
-from ..extract import run_shard
-from ..events import EventLog, events_path, read_events
-from ..gpu import require_cuda_device, require_gpu_caffe
-from ..isolate import POISON_AFTER_DEATHS, attempt_open, shard_deaths
-from ..lastwords import caffe_last_words, describe_exit, signal_hint
-from ..liveness import last_beat
-from ..merge import merge_run, merged_is_current, open_merged
-from ..plan import Run, plan_summary, prepare_run
-from ..sharedpass import pass_missing
+from ..task.extract import run_shard
+from ..store.events import EventLog, events_path, read_events
+from ..engine.gpu import require_cuda_device, require_gpu_caffe
+from ..task.isolate import POISON_AFTER_DEATHS, attempt_open, shard_deaths
+from ..store.lastwords import caffe_last_words, describe_exit, signal_hint
+from ..store.liveness import last_beat
+from ..results.merge import merge_run, merged_is_current, open_merged
+from ..run.plan import Run, plan_summary, prepare_run
+from ..run.sharedpass import pass_missing
 from ..runtimes import Placement, container_spec, wrap
-from ..stats import current_stats, write_stats
-from ..status import shard_state
-from ..task import die_with_parent
+from ..store.stats import current_stats, write_stats
+from ..run.status import shard_state
+from ..task.identity import die_with_parent
 from .base import Launcher
 from .container_task import RESULT_PREFIX
 from .workers import Death, TaskError, WorkerPool, log_handler

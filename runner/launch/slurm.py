@@ -23,23 +23,23 @@ import submitit
 from submitit.core.utils import JobPaths
 
 from .. import log
-from ..atomic import atomic_write_text
+from ..store.atomic import atomic_write_text
 from ..inputs import configured, node_read_paths
-from ..device import resolve_slurm_device
+from ..engine.device import resolve_slurm_device
 from ..errors import ConfigError, RunnerError, ShardFailedError, did_you_mean, shell_quote
-from ..extract import run_shard
-from ..steal import take_shards
-from ..gpu import require_gpu_caffe
-from ..merge import merge_run
-from ..sharedpass import companions, pass_missing
-from ..inflight import InFlight, describe, in_flight, merge_dependency, read_submissions, recorded_jobs
-from ..plan import Run, load_run, load_run_dir, plan_summary, prepare_run
-from ..rundir import RunDir
+from ..task.extract import run_shard
+from ..task.steal import take_shards
+from ..engine.gpu import require_gpu_caffe
+from ..results.merge import merge_run
+from ..run.sharedpass import companions, pass_missing
+from ..jobs.inflight import InFlight, describe, in_flight, merge_dependency, read_submissions, recorded_jobs
+from ..run.plan import Run, load_run, load_run_dir, plan_summary, prepare_run
+from ..store.rundir import RunDir
 from ..runtimes import Placement, srun_args, wrap_python
-from ..shard import array_chunks
-from ..stats import collect_stats, write_stats
-from ..status import run_status
-from ..task import setup_task_logging
+from ..store.shard import array_chunks
+from ..store.stats import collect_stats, write_stats
+from ..run.status import run_status
+from ..task.identity import setup_task_logging
 from .base import Launcher
 
 DEFAULT_MAX_ARRAY_SIZE = 1001

@@ -10,7 +10,7 @@ that dies (bpo-22393): it starts a replacement and the task the dead one held st
 for ever, while the dead worker may hold the lock of the queue every worker shares, so that
 Pool.terminate() and a log queue's listener can block for ever too.
 
-So each worker is a child process of ours (runner/child.py): `python -c` importing this module
+So each worker is a child process of ours (runner/task/child.py): `python -c` importing this module
 and running worker_main, never the user's main module, whatever it is. It speaks pickled
 messages on its own two pipes, shared with no other process: the pool hands a task to a worker
 that is free (the next shard to whichever worker frees up first, as Pool's apply_async did),
@@ -30,9 +30,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence
 
-from .. import child
+from ..task import child
 from ..errors import RunnerError
-from ..lastwords import describe_exit
+from ..store.lastwords import describe_exit
 
 
 class WorkerStartError(RunnerError):
@@ -270,7 +270,7 @@ class WorkerPool:
                         f"a worker process (pid {w.pid}) "
                         f"{'was ' + describe_exit(value) if value < 0 else f'exited with code {value}'}"
                         " while starting, before it ran any shard (its Python error, if any, is printed above): "
-                        "check that `python -c 'import runner.extract'` works in this environment, then rerun "
+                        "check that `python -c 'import runner.task.extract'` works in this environment, then rerun "
                         "the same command")
         self._hand_out()
         # a death after the start comes first: it is the news

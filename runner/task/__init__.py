@@ -1,0 +1,6 @@
+"""What runs inside one array task or local worker: the shard function (extract.py),
+taking free shards (steal.py), a poison shard decoded image by image in child processes
+(isolate.py), the task's identity, threads, logging and death with its parent (identity.py).
+
+May import: runner.results and everything below it; never a launcher.
+"""
