@@ -321,6 +321,7 @@ def test_merged_means_the_counts_match_the_plan(shared_run):
 READ = """
 import sys, resource, numpy as np
 from runner.results.merge import open_merged
+sys.path.insert(0, "tests")  # tests/synthetic.py (cwd: the repo)
 from synthetic import expected_row
 with open_merged(sys.argv[1]) as f:
     x, idx = f["feats"][:], f["index"][:]

@@ -43,6 +43,7 @@ def _limited_cli(*args, nofile=256):
 
 READ_ALL = """
 import sys, h5py, numpy as np
+sys.path.insert(0, "tests")  # tests/synthetic.py (cwd: the repo)
 from synthetic import expected_row
 with h5py.File(sys.argv[1] if len(sys.argv) > 1 else {path!r}, "r") as f:
     feats, idx = f["feats"][:], f["index"][:]

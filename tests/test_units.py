@@ -340,7 +340,8 @@ def test_cpu_mode_noise_is_dropped_and_other_fd2_lines_kept(capfd):
 
 def test_configs_pickled_before_the_schema_moved_still_unpickle():
     """A Slurm job queued by an earlier version holds its config pickled with the schema's classes
-    under runner.run.config (the schema moved to runner.schema): it must still unpickle, equal."""
+    under runner.config (the schema moved to runner.schema; the name is kept by the shim
+    runner/config.py since the composition moved to runner/run/config.py): it must still unpickle, equal."""
     import pickle
 
     import cloudpickle
