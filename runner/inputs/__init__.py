@@ -3,6 +3,8 @@ input.list), lmdb.py (input.lmdb), tar.py (input.tar). This registry is the one 
 knows them all; the rest of the runner asks it, never a kind's config field.
 
 A new kind: a module with an InputKind subclass, its field in schema.InputConf, a line in KINDS.
+
+May import: runner (log, errors, schema), runner.store, runner.engine (lmdb's Datum decoding).
 """
 from __future__ import annotations
 

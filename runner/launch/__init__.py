@@ -5,6 +5,9 @@ run directory clean: a non-empty folder that is not a run is refused, one launch
 holds the directory (launch.lock), a command that fails before its plan is accepted leaves
 nothing behind, and the record of the command (.hydra/) is written only once the plan is
 accepted, so a refused command changes nothing in an existing run.
+
+May import: everything but runner.ui and runner.api (nothing below imports a launcher:
+registry.py imports the implementations by name when a launch starts).
 """
 from __future__ import annotations
 

@@ -18,6 +18,8 @@ starts (Slurm's array ids, the GPU Slurm bound, submitit's), so they are passed 
 PYTHONPATH or LD_LIBRARY_PATH would break the image's Python). Values known at submission
 (which runtime and image, the image's identity: runtimes/identity.py) are set explicitly, and
 every shard file records them (shard attrs container_*).
+
+May import: runner (log, errors, schema), runner.store, runner.inputs (the paths a node must read).
 """
 from __future__ import annotations
 
