@@ -9,6 +9,7 @@ from typing import Dict, List
 
 import numpy as np
 
+
 def reduced_agreement(paths: List[str], proto: str, weights: str) -> Dict:
     """fc7 of each camera photo three ways: full decode + bilinear resize (the default), reduced
     JPEG decoding, and full decode + area resize (an anti-aliased reference neither of the others

@@ -28,6 +28,7 @@ from .limits import (PIPELINES, cpu_efficiency, decode_one_thread, forward_only,
 from .manifest import manifest_bench
 from .rss import rss_ratio
 
+
 def classic_loop(paths: List[str], proto: str, weights: str, layer: str, blob: str) -> Dict:
     """The classic recipe: one image at a time through caffe.io, every feature kept in memory."""
     import caffe

@@ -14,6 +14,7 @@ import numpy as np
 
 from .common import in_child, median
 
+
 def sgemm_rate(n: int = 2048, reps: int = 5) -> Dict:
     """One core's float32 matrix multiply (numpy's OpenBLAS, n^3; the caller starts this child
     with OPENBLAS_NUM_THREADS=1): the practical peak a CPU forward is compared with."""

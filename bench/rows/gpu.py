@@ -18,6 +18,7 @@ from capacity import decode_threads_per_gpu, gpu_busy_fraction
 from .common import in_child, median
 from .limits import decode_one_thread
 
+
 ASSUMED_GPU_IMAGES_PER_S = 2000.0  # res10 to fc7, 300x300, batch 16 on one current GPU (assumed)
 
 

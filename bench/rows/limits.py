@@ -22,6 +22,7 @@ from capacity import cost_s_per_image, shared_cores_limit
 from peakmem import peak_rss_mb as own_peak_rss_mb
 from .common import collect, median, prepare_local, print_rows, sync
 
+
 def forward_only(proto: str, weights: str, blobs: List[str], batch: int, n_batches: int, hw=(300, 300),
                  backend: str = "auto") -> Dict:
     """The net alone on pre-decoded batches, cut at the same layer as caffe-runner, with the

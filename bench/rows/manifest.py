@@ -9,6 +9,7 @@ from typing import Dict
 
 import numpy as np
 
+
 def manifest_bench(work: Path) -> Dict:
     """Row 5: the manifest of a 1M-line list and of a 100k-file tree, timed; what one task of 1,000 reads."""
     from omegaconf import OmegaConf

@@ -13,6 +13,7 @@ from typing import Dict
 
 from .common import REPO, in_child
 
+
 def scale_step(run_dir: str, what: str, out: str = "") -> Dict:
     """One of merge / verify / export on a synthetic run, in a fresh process (clean peak RSS)."""
     from runner.results.merge import export_run, merge_run

@@ -8,6 +8,7 @@ from typing import Dict
 
 from .common import in_child, prepare, shard_run
 
+
 TINY_BIG_BLOB = """
 name: "tiny_big_blob"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 112 dim: 112 } } }

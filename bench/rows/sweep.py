@@ -13,6 +13,7 @@ from typing import Dict, List
 
 from .common import REPO, median
 
+
 SWEEP_BLOBS = ["layer_128_1_sum", "layer_256_1_sum", "fc7"]  # res10's, shallow to deep
 
 
