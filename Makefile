@@ -73,6 +73,8 @@ test: setup
 	command -v tmux >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; }
 	@# chromium: the report tests open the HTML report in a real headless browser
 	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@# strace: the file-system-calls test counts every call a task makes on the run directory
+	command -v strace >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null; }
 	$(PY) -m pytest -ra -m "not ($(UNIT)) and not container and not gpu_image and not cuda_build" $(PYTEST_ARGS)
 
 # the CUDA wheel only (cached; prints its path)
