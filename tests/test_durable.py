@@ -300,3 +300,25 @@ def test_a_listing_killed_mid_write_is_not_taken_for_someones_data(tmp_path):
     (run / "photos.txt").unlink()
     write_manifest(run, b"/in", [b"a.jpg"], "synthetic")
     assert sorted(os.listdir(run)) == ["manifest"]
+
+
+@pytest.mark.unit
+def test_verify_names_a_shard_or_merged_file_that_is_not_hdf5_and_the_fix(tmp_path):
+    """A shard file or features.h5 that HDF5 cannot open (overwritten, truncated to garbage) is one
+    problem each, naming the file and what to do, not a traceback."""
+    from runner.results.verify import verify
+    from synthetic import shard_file
+
+    run = make_run(tmp_path / "run", 12, 2, dim=4)
+    shard_file(run, 1, 2).write_bytes(b"not an HDF5 file")
+    problems = verify(run)
+    assert any(p.startswith("shard 1: shard-00001-of-00002.h5 cannot be opened (") and
+               p.endswith("): delete it and rerun the extraction") for p in problems), problems
+    run = make_run(tmp_path / "run2", 12, 2, dim=4)
+    merged = run / "features.h5"
+    if merged.exists():
+        merged.unlink()
+    merged.write_bytes(b"not an HDF5 file either")
+    problems = verify(run)
+    assert any(p.startswith("features.h5 cannot be opened (") and "run `caffe-runner merge " in p
+               for p in problems), problems

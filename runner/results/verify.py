@@ -47,13 +47,21 @@ def _check_content(f, path: Path, i: int, problems: List[str]) -> bool:
     return True
 
 
+def _opened(path: Path, problems: List[str], what: str, fix: str):
+    """The HDF5 file open for reading, or None with a problem recorded (not HDF5, truncated,
+    unreadable: h5py raises several kinds)."""
+    try:
+        return open_h5(path, "r")
+    except Exception as e:
+        problems.append(f"{what} cannot be opened ({e}): {fix}")
+        return None
+
+
 def _check_shard(path: Path, i: int, run, manifest, problems: List[str],
                  unchecked: Optional[List[int]] = None) -> None:
     start, stop = run.shard_range(i)
-    try:
-        f = open_h5(path, "r")
-    except Exception as e:
-        problems.append(f"shard {i}: {path.name} cannot be opened ({e}): delete it and rerun the extraction")
+    f = _opened(path, problems, f"shard {i}: {path.name}", "delete it and rerun the extraction")
+    if f is None:
         return
     with f:
         a = f.attrs
@@ -117,10 +125,8 @@ def _row_digest(x: np.ndarray) -> bytes:
 
 def _check_merged(run, problems: List[str]) -> None:
     path = run.rundir.merged
-    try:
-        f = open_h5(path, "r")
-    except Exception as e:
-        problems.append(f"features.h5 cannot be opened ({e}): run `caffe-runner merge {shell_quote(run.rundir.path)}`")
+    f = _opened(path, problems, "features.h5", f"run `caffe-runner merge {shell_quote(run.rundir.path)}`")
+    if f is None:
         return
     with f:
         try:
