@@ -36,7 +36,10 @@ def test_the_merge_job_asks_for_the_merge_keys_and_views_its_own_shards(cluster,
             "launcher.merge_cpus_per_task=2", "launcher.merge_mem_gb=0.75", "launcher.merge_timeout_min=7",
             "launcher.wait=true")
     merge = _merge_id(run)
-    wait_until(lambda: _sacct(merge, "State")[:1] == ["COMPLETED"], timeout=60, what="sacct to record the merge job")
+    # slurmdbd records a job's end and its request in separate updates: a COMPLETED record can
+    # still read ReqCPUS 0, ReqMem "16?" and no time limit for a moment (seen in a fresh run)
+    wait_until(lambda: (lambda r: r[:1] == ["COMPLETED"] and r[1:2] != ["0"] and r[3:4] not in ([""], []))(
+        _sacct(merge, "State,ReqCPUS,ReqMem,Timelimit")), timeout=120, what="sacct to record the merge job")
     assert _sacct(merge, "ReqCPUS,ReqMem,Timelimit") == ["2", "768M", "00:07:00"]
     with h5py.File(run / "features.h5", "r") as f:
         sources = {m.file_name for m in f["features"][next(iter(f["features"]))].virtual_sources()}

@@ -219,7 +219,10 @@ def test_without_slurmdbd_status_asks_squeue_and_scontrol(cluster, tiny_net, pho
             return (s[0]["state"] in ("running", "stalled") and s[1]["state"] == "failed" and s[1].get("cause") == "CANCELLED"
                     and s[2]["state"] in ("pending", "running") and st.get("slurm_word", {}).get("problems"))
 
-        wait_until(told, timeout=60, interval=0.3, what="status from squeue/scontrol")
+        try:
+            wait_until(told, timeout=60, interval=0.3, what="status from squeue/scontrol")
+        except AssertionError as e:  # what status said last, to tell which condition did not come
+            raise AssertionError(f"{e}: {json.dumps(_status(run), default=str)[-4000:]}") from None
         s = _by_shard(_status(run))
         assert s[1]["slurm"]["source"] == "scontrol", s[1]
         text = run_cli("status", run, check=False).stdout
