@@ -31,16 +31,13 @@ SACCT_FIELDS = "JobID,State,ExitCode,NodeList,ElapsedRaw,Reason"
 # twin must not be submitted beside it, and `wait` must not call it dead.
 ENDED_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
                           "BOOT_FAIL", "DEADLINE", "REVOKED"})
-# the states Slurm documents that are not ends (COMPLETING: its processes are being ended; STOPPED:
-# SIGSTOPped, it keeps its nodes; SPECIAL_EXIT, RESV_DEL_HOLD: requeued and held)
-ALIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
-                          "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",
-                          "SPECIAL_EXIT", "RESV_DEL_HOLD", "POWER_UP_NODE", "UPDATE_DB"})
 
 
 def state_alive(state: str) -> bool:
-    """Whether a job in this base state may still run (pure): every state but the ends, an
-    unknown one included (a newer Slurm's: assuming it ended could start a twin)."""
+    """Whether a job in this base state may still run (pure): every state but the ends (PENDING,
+    RUNNING, COMPLETING: its processes are being ended; STOPPED: SIGSTOPped, it keeps its nodes;
+    SPECIAL_EXIT, RESV_DEL_HOLD: requeued and held; ...), an unknown one included (a newer
+    Slurm's: assuming it ended could start a twin)."""
     return bool(state) and state not in ENDED_STATES
 
 

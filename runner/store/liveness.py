@@ -86,27 +86,30 @@ def beat_interval_for_shard(heartbeat_s: float, shard_s: Optional[float]) -> flo
     return max(base, min(MAX_BEAT_S, float(shard_s) / BEATS_PER_SHARD))
 
 
-def beat_age_s(beat: Dict, mtime: Optional[float], now: float) -> float:
-    """How old a beat is (pure): by the newer of its own timestamp and its file's mtime. A beat
-    stamped ahead of `now` by more than MAX_SKEW_S (a writer clock ahead) whose mtime is not
-    (a file server that stamps the time, as NFS does) is aged by its mtime alone, so even a
-    reader that looks once names a dead task on such a node. Both ahead (a client-stamped
-    mtime, as on Lustre): 0 s old, written now at most (BeatWatch then ages it on the reader's
-    clock; clock_ahead_s says by how much a one-shot reader cannot tell)."""
+def _written_at(beat: Dict, mtime: Optional[float], now: float) -> float:
+    """When a beat was written, as well as this reader can tell (pure): the newer of its own
+    timestamp and its file's mtime; but a beat stamped ahead of `now` by more than MAX_SKEW_S
+    (a writer clock ahead) whose mtime is not (a file server that stamps the time, as NFS does)
+    was written at its mtime."""
     updated = float(beat.get("updated") or 0.0)
     if mtime is not None and updated > now + MAX_SKEW_S and float(mtime) <= now + MAX_SKEW_S:
-        return max(0.0, now - float(mtime))
-    t = max(updated, float(mtime or 0.0))
-    return max(0.0, now - t)
+        return float(mtime)
+    return max(updated, float(mtime or 0.0))
+
+
+def beat_age_s(beat: Dict, mtime: Optional[float], now: float) -> float:
+    """How old a beat is (pure), from _written_at: so even a reader that looks once names a
+    dead task on a node whose clock runs ahead where the server stamps the mtime. Both ahead (a
+    client-stamped mtime, as on Lustre): 0 s old, written now at most (BeatWatch then ages it
+    on the reader's clock; clock_ahead_s says by how much a one-shot reader cannot tell)."""
+    return max(0.0, now - _written_at(beat, mtime, now))
 
 
 def clock_ahead_s(beat: Dict, mtime: Optional[float], now: float) -> float:
-    """By how much a beat (and its file's mtime) is dated ahead of `now`, past MAX_SKEW_S
-    (pure); 0 when beat_age_s can age it."""
-    updated = float(beat.get("updated") or 0.0)
-    if mtime is not None and float(mtime) <= now + MAX_SKEW_S:
-        return 0.0
-    return updated - now if updated > now + MAX_SKEW_S else 0.0
+    """By how much a beat is dated ahead of `now`, past MAX_SKEW_S (pure); 0 when beat_age_s
+    can age it."""
+    ahead = _written_at(beat, mtime, now) - now
+    return ahead if ahead > MAX_SKEW_S else 0.0
 
 
 class BeatWatch:
